@@ -1,0 +1,23 @@
+# Two entry points of the README's Quick start. Each installs what it needs into .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+$(BIN)/ddpm: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+.PHONY: serve test lint
+serve: $(BIN)/ddpm
+	$(BIN)/ddpm serve --host $(HOST) --port $(PORT)
+
+test: $(BIN)/ddpm
+	$(BIN)/ruff check .
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: $(BIN)/ddpm
+	$(BIN)/ruff check .

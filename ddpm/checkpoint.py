@@ -1,0 +1,141 @@
+"""Model files: weights in safetensors plus a JSON config, validated on load.
+
+A model directory holds ``model.safetensors`` (the EMA weights) and ``config.json``::
+
+    {"format": "ddpm-serve/1", "unet": {...UNetConfig...},
+     "schedule": {"kind": "linear", "num_timesteps": 1000, "params": {...}},
+     "variance_type": "fixed_small", "clip_denoised": true, "image_shape": [C, H, W],
+     "training": {...command, data, steps, seed...}, "quality": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
+from ddpm.unet import UNet, UNetConfig
+
+FORMAT = "ddpm-serve/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, truncated, or does not match its config."""
+
+
+@dataclass
+class ModelCard:
+    unet: UNetConfig
+    schedule_kind: str = "linear"
+    num_timesteps: int = 1000
+    schedule_params: dict[str, float] = field(default_factory=dict)
+    variance_type: VarianceType = VarianceType.FIXED_SMALL
+    clip_denoised: bool = True
+    training: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    def schedule(self) -> NoiseSchedule:
+        return make_schedule(self.schedule_kind, self.num_timesteps, **self.schedule_params)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "unet": self.unet.to_dict(),
+            "schedule": {"kind": self.schedule_kind, "num_timesteps": self.num_timesteps, "params": self.schedule_params},
+            "variance_type": VarianceType(self.variance_type).value,
+            "clip_denoised": self.clip_denoised,
+            "image_shape": list(self.image_shape),
+            "training": self.training,
+            "quality": self.quality,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        if d.get("format") != FORMAT:
+            raise CheckpointError(f"unsupported config format {d.get('format')!r}, expected {FORMAT!r}")
+        try:
+            sched = d["schedule"]
+            return cls(
+                unet=UNetConfig.from_dict(d["unet"]),
+                schedule_kind=sched["kind"],
+                num_timesteps=int(sched["num_timesteps"]),
+                schedule_params=dict(sched.get("params", {})),
+                variance_type=VarianceType(d.get("variance_type", "fixed_small")),
+                clip_denoised=bool(d.get("clip_denoised", True)),
+                training=dict(d.get("training", {})),
+                quality=dict(d.get("quality", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"invalid model config: {exc}") from exc
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    text = json.dumps(card.to_dict(), indent=2) + "\n"
+    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))
+    return directory
+
+
+def read_card(directory: str | Path) -> ModelCard:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG} in model directory {Path(directory)}")
+    try:
+        return ModelCard.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, ModelCard]:
+    """Load and validate a model directory; raises CheckpointError with the reason."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory not found: {directory}")
+    card = read_card(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS} in model directory {directory}")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is unreadable or truncated: {exc}") from exc
+    model = UNet(card.unet)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+    return model.to(device).eval(), card

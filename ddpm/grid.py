@@ -1,0 +1,45 @@
+"""Images in [-1, 1] to PNG: one image, or a grid of a batch."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding to nearest."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def make_grid(x: torch.Tensor, ncols: int | None = None, padding: int = 2) -> Image.Image:
+    """A batch (B, C, H, W) laid out in a grid with ``padding`` pixels of black between images."""
+    images = to_uint8(x)
+    b, h, w, c = images.shape
+    ncols = ncols or math.ceil(math.sqrt(b))
+    nrows = math.ceil(b / ncols)
+    canvas = np.zeros((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, col = divmod(i, ncols)
+        y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
+        canvas[y0 : y0 + h, x0 : x0 + w] = im
+    return _pil(canvas)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_pngs(x: torch.Tensor) -> list[bytes]:
+    """One PNG per image of the batch."""
+    return [png_bytes(_pil(a)) for a in to_uint8(x)]

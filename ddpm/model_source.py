@@ -1,0 +1,68 @@
+"""Where an eps_theta comes from: a ddpm-serve model directory or a local diffusers DDPM directory.
+
+Both give a :class:`LoadedModel`, which is all the sampler and the server need.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.checkpoint import CONFIG, CheckpointError, load_model
+from ddpm.sampler import EpsModel
+from ddpm.schedule import NoiseSchedule, VarianceType
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    eps_model: EpsModel
+    module: torch.nn.Module
+    schedule: NoiseSchedule
+    variance_type: VarianceType
+    clip_denoised: bool
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    source: str  # "ddpm-serve" or "diffusers"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+
+def _is_diffusers_dir(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file() or (path / "scheduler").is_dir()
+
+
+def load_model_source(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load either format; raises CheckpointError with the reason when the directory is unusable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory not found: {path}")
+    if (path / CONFIG).is_file() and not _is_diffusers_dir(path):
+        try:
+            fmt = json.loads((path / CONFIG).read_text()).get("format")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise CheckpointError(f"{path / CONFIG} is not valid JSON: {exc}") from exc
+        if fmt is not None:
+            module, card = load_model(path, device)
+            return LoadedModel(
+                name=path.name,
+                eps_model=module,
+                module=module,
+                schedule=card.schedule(),
+                variance_type=card.variance_type,
+                clip_denoised=card.clip_denoised,
+                image_shape=card.image_shape,
+                source="ddpm-serve",
+                info={"training": card.training, "quality": card.quality},
+            )
+    if _is_diffusers_dir(path):
+        from ddpm.diffusers_source import load_diffusers_ddpm
+
+        return load_diffusers_ddpm(path, device)
+    raise CheckpointError(f"{path} is neither a ddpm-serve model (config.json + model.safetensors) nor a diffusers DDPM directory")

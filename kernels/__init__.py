@@ -1,0 +1,1 @@
+"""Triton kernels of ddpm-serve, each beside a plain-PyTorch twin with the same signature."""

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.checkpoint import CONFIG, WEIGHTS, CheckpointError, ModelCard, load_model, save_model
+from ddpm.model_source import load_model_source
+from ddpm.unet import UNet
+from tests.conftest import TINY
+
+
+def _saved(tmp_path: Path, model: UNet) -> Path:
+    return save_model(tmp_path / "m", model, ModelCard(unet=TINY, training={"steps": 3}))
+
+
+def test_round_trip(tmp_path: Path, tiny_unet: UNet) -> None:
+    directory = _saved(tmp_path, tiny_unet)
+    loaded, card = load_model(directory)
+    assert card.unet == TINY and card.training == {"steps": 3} and card.image_shape == (1, 8, 8)
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), tiny_unet(x, t))
+    source = load_model_source(directory)
+    assert source.source == "ddpm-serve" and source.schedule.num_timesteps == 1000
+
+
+def test_missing(tmp_path: Path, tiny_unet: UNet) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "absent")
+    directory = _saved(tmp_path, tiny_unet)
+    (directory / WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match=WEIGHTS):
+        load_model(directory)
+
+
+def test_truncated_weights(tmp_path: Path, tiny_unet: UNet) -> None:
+    directory = _saved(tmp_path, tiny_unet)
+    data = (directory / WEIGHTS).read_bytes()
+    (directory / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(directory)
+
+
+def test_config_mismatch(tmp_path: Path, tiny_unet: UNet) -> None:
+    directory = _saved(tmp_path, tiny_unet)
+    cfg = json.loads((directory / CONFIG).read_text())
+    cfg["unet"]["base_channels"] = 16
+    (directory / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(directory)
+    cfg["unet"]["num_res_blocks"] = 2
+    cfg["unet"]["base_channels"] = 8
+    (directory / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"format": "other/9"}', '{"format": "ddpm-serve/1", "unet": {}}'])
+def test_bad_config(tmp_path: Path, tiny_unet: UNet, text: str) -> None:
+    directory = _saved(tmp_path, tiny_unet)
+    (directory / CONFIG).write_text(text)
+    with pytest.raises(CheckpointError):
+        load_model(directory)

@@ -1,0 +1,168 @@
+"""The fused reverse-step kernel (Triton, in interpreter mode on CPU) against its PyTorch twin."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.sampler import ChainTables, StepCoefficients, reverse_step
+from ddpm.schedule import VarianceType, make_schedule
+from kernels.philox import philox_randn, sample_noise, seeds_to_tensor
+from kernels.reverse_step import fused_reverse_step, fused_reverse_step_torch, fused_reverse_step_triton
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TABLES = ChainTables(make_schedule("linear", 1000), VarianceType.FIXED_LARGE)
+SEEDS = [0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 7, 2**63 - 1, 2**63 + 5, 2**64 - 1]
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, positions: list[int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    eps = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    pos = torch.tensor(positions)
+    return x, eps, pos
+
+
+def _unit_noise_coefs(b: int) -> StepCoefficients:
+    """Coefficients that make the step output z itself: mean = 0, sigma = 1."""
+    zeros, ones = torch.zeros(b), torch.ones(b)
+    return StepCoefficients(zeros, zeros, ones, zeros, zeros, zeros, zeros)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("counter", [0, 1, 500, 1000])
+def test_kernel_noise_equals_twin(seed: int, counter: int) -> None:
+    shape = (2, 3, 9, 11)
+    seeds = seeds_to_tensor([seed, seed ^ 0x5555])
+    zero = torch.zeros(shape, device=DEVICE)
+    z_kernel = fused_reverse_step_triton(zero, zero, _unit_noise_coefs(2), seeds, torch.tensor([counter, counter]))
+    z_twin = sample_noise(seeds, counter, shape[1:])
+    assert (z_kernel.cpu() - z_twin).abs().max().item() <= 1e-6
+
+
+def test_twin_equals_tl_randn_directly() -> None:
+    """A bare tl.randn kernel, with no project code in it, against the twin."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def randn_kernel(out_ptr, seed, offset_base, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.randn(seed, offset_base + offs.to(tl.int64)))
+
+    for seed in [7, 2**35 + 1]:
+        out = torch.empty(256, device=DEVICE)
+        randn_kernel[(1,)](out, seed, 3 << 32, BLOCK=256)
+        twin = philox_randn(seeds_to_tensor([seed]), (3 << 32) + torch.arange(256))
+        assert (out.cpu() - twin).abs().max().item() <= 1e-6
+
+
+SHAPES = [(1, 1, 8, 8), (4, 3, 32, 32), (3, 1, 28, 28), (5, 3, 33, 17), (2, 2, 1, 1)]
+DTYPES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 1e-2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("clip", [False, True])
+def test_kernel_equals_twin(shape: tuple[int, ...], dtype: torch.dtype, atol: float, rtol: float, clip: bool) -> None:
+    b = shape[0]
+    x, eps, pos = _inputs(shape, dtype, [int(p) for p in np.linspace(999, 0, b)])
+    coefs = TABLES.coefficients(pos)
+    seeds = seeds_to_tensor(SEEDS[:b])
+    out_kernel = fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1, clip)
+    out_twin = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1, clip)
+    assert out_kernel.dtype == dtype and out_kernel.shape == shape
+    torch.testing.assert_close(out_kernel.cpu().float(), out_twin.float(), atol=atol, rtol=rtol)
+
+
+def test_kernel_on_odd_large_shape() -> None:
+    x, eps, pos = _inputs((2, 3, 123, 123), torch.float32, [700, 3])
+    coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([11, 12])
+    torch.testing.assert_close(
+        fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1).cpu(), fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1),
+        atol=1e-6, rtol=1e-6,
+    )  # fmt: skip
+
+
+def test_textbook_formula() -> None:
+    """x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps) + sigma_t z, in float64 numpy."""
+    s = make_schedule("linear", 1000)
+    x, eps, pos = _inputs((3, 2, 5, 5), torch.float32, [999, 400, 0])
+    seeds = seeds_to_tensor([5, 6, 7])
+    out = fused_reverse_step_triton(x, eps, TABLES.coefficients(pos), seeds, pos + 1).cpu().double().numpy()
+    z = sample_noise(seeds, pos + 1, (2, 5, 5)).double().numpy()
+    xn, en = x.cpu().double().numpy(), eps.cpu().double().numpy()
+    for i, t in enumerate(pos.tolist()):
+        sigma = 0.0 if t == 0 else np.sqrt(s.betas[t])
+        expected = (xn[i] - s.betas[t] / np.sqrt(1 - s.alphas_cumprod[t]) * en[i]) / np.sqrt(s.alphas[t]) + sigma * z[i]
+        np.testing.assert_allclose(out[i], expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("step_fn", [fused_reverse_step_triton, fused_reverse_step_torch], ids=["triton", "torch"])
+def test_channels_last_gives_the_same_values(step_fn) -> None:  # type: ignore[no-untyped-def]
+    x, eps, pos = _inputs((3, 4, 6, 5), torch.float32, [10, 20, 30])
+    coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2, 3])
+    plain = step_fn(x, eps, coefs, seeds, pos + 1)
+    cl = step_fn(x.to(memory_format=torch.channels_last), eps.to(memory_format=torch.channels_last), coefs, seeds, pos + 1)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain.contiguous(), cl.contiguous())
+
+
+@pytest.mark.parametrize("step_fn", [fused_reverse_step_triton, fused_reverse_step_torch], ids=["triton", "torch"])
+def test_batch_invariance(step_fn) -> None:  # type: ignore[no-untyped-def]
+    """Sample 0 gives the same output alone, at another position, and beside other timesteps."""
+    x, eps, pos = _inputs((4, 1, 12, 12), torch.float32, [600, 999, 3, 0])
+    seeds = seeds_to_tensor([42, 43, 44, 45])
+    full = step_fn(x, eps, TABLES.coefficients(pos), seeds, pos + 1)
+    alone = step_fn(x[:1], eps[:1], TABLES.coefficients(pos[:1]), seeds[:1], pos[:1] + 1)
+    perm = torch.tensor([2, 3, 0, 1])
+    shuffled = step_fn(x[perm], eps[perm], TABLES.coefficients(pos[perm]), seeds[perm], pos[perm] + 1)
+    assert torch.equal(full[0], alone[0])
+    assert torch.equal(full[0], shuffled[2])
+    assert torch.equal(full, shuffled[torch.argsort(perm)])
+
+
+def test_noise_statistics() -> None:
+    n = 64 * 64
+    seeds = seeds_to_tensor(list(range(100, 164)))
+    z = sample_noise(seeds, 7, (1, 64, 64)).reshape(64, n).double()
+    assert abs(z.mean().item()) < 0.005 and abs(z.std().item() - 1) < 0.005
+    # fourth moment of a standard normal is 3
+    assert abs((z**4).mean().item() - 3) < 0.05
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+    limit = 4 / np.sqrt(n)  # ~4 standard errors of a correlation over n pairs
+    assert abs(corr(z[:-1], z[1:])) < limit / 8  # neighbouring seeds (n*63 pairs)
+    other_step = sample_noise(seeds, 8, (1, 64, 64)).reshape(64, n).double()
+    assert abs(corr(z, other_step)) < limit / 8  # neighbouring steps
+    assert abs(corr(z[:, :-1], z[:, 1:])) < limit / 8  # neighbouring elements
+    # the hardest case for a counter-based generator: seeds differing in one bit
+    one_bit = sample_noise(seeds_to_tensor([2**40, 2**40 + 1]), 7, (1, 64, 64)).reshape(2, n).double()
+    assert abs(corr(one_bit[0], one_bit[1])) < limit
+
+
+def test_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, eps, pos = _inputs((2, 1, 4, 4), torch.float32, [5, 6])
+    coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2])
+    expected = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1)
+    for backend in ["auto", "torch", "triton"]:
+        monkeypatch.setenv("DDPM_STEP_BACKEND", backend)
+        torch.testing.assert_close(fused_reverse_step(x, eps, coefs, seeds, pos + 1).cpu(), expected, atol=1e-6, rtol=1e-6)
+    monkeypatch.setenv("DDPM_STEP_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="DDPM_STEP_BACKEND"):
+        fused_reverse_step(x, eps, coefs, seeds, pos + 1)
+
+
+def test_reference_is_reverse_step() -> None:
+    x, eps, pos = _inputs((2, 1, 4, 4), torch.float32, [5, 900])
+    coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2])
+    z = sample_noise(seeds, pos + 1, (1, 4, 4))
+    assert torch.equal(fused_reverse_step_torch(x, eps, coefs, seeds, pos + 1), reverse_step(x, eps, coefs, z))

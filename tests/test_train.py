@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.checkpoint import load_model
+from ddpm.data import fit_to_size, load_dataset, mnist_digits
+from ddpm.train import TrainConfig, Trainer
+from tests.conftest import TINY
+
+
+def _config(**kw: object) -> TrainConfig:
+    base = dict(steps=20, batch_size=16, lr=2e-3, warmup_steps=5, checkpoint_every=10, sample_every=10, sample_steps=3, unet=TINY)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_mnist_source() -> None:
+    images, labels = mnist_digits()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10
+    x = load_dataset("mnist", 1, 32)
+    assert x.shape == (5000, 1, 32, 32) and x.min() == -1 and x.max() == 1
+    assert (x[:, :, :2] == -1).all()  # padded with background
+
+
+def test_fit_to_size_resizes_down() -> None:
+    assert fit_to_size(torch.zeros(2, 1, 28, 28), 8).shape == (2, 1, 8, 8)
+
+
+def test_folder_source(tmp_path: Path) -> None:
+    for i in range(3):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    x = load_dataset(str(tmp_path), 3, 8)
+    assert x.shape == (3, 3, 8, 8)
+    assert x[0].max().item() == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="no image files"):
+        load_dataset(str(_empty(tmp_path)), 3, 8)
+    with pytest.raises(FileNotFoundError):
+        load_dataset(str(tmp_path / "absent"), 3, 8)
+
+
+def _empty(tmp_path: Path) -> Path:
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_training_lowers_the_loss(tmp_path: Path) -> None:
+    trainer = Trainer(_config(steps=120, checkpoint_every=1000, sample_every=1000), tmp_path / "run", device="cpu")
+    trainer.train(progress=False)
+    first, last = np.mean(trainer.losses[:15]), np.mean(trainer.losses[-15:])
+    assert last < 0.6 * first, (first, last)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    _model, card = load_model(tmp_path / "run" / "model")
+    assert card.training["steps"] == 120 and card.training["data"] == "mnist"
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    straight = Trainer(_config(), tmp_path / "a", device="cpu")
+    straight.train(progress=False)
+
+    half = Trainer(_config(steps=10), tmp_path / "b", device="cpu")
+    half.train(progress=False)
+    resumed = Trainer(_config(), tmp_path / "b", device="cpu")
+    assert resumed.step == 10
+    resumed.train(progress=False)
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "b" / "samples").iterdir()) == ["step_000010.png", "step_000020.png"]
+
+
+def test_resume_refuses_another_model(tmp_path: Path) -> None:
+    Trainer(_config(steps=1), tmp_path / "r", device="cpu").train(progress=False)
+    other = TINY.__class__(**{**TINY.__dict__, "base_channels": 16})
+    with pytest.raises(ValueError, match="another model"):
+        Trainer(_config(unet=other), tmp_path / "r", device="cpu")
