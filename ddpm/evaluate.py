@@ -1,0 +1,96 @@
+"""Sample quality against real digits, in the feature space of our own digit classifier.
+
+- FD: the Frechet distance between Gaussians fitted to classifier features (as FID does with
+  Inception features): ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)).
+- confident share: the fraction of images the classifier labels with probability >= 0.9.
+- class entropy: the entropy (nats) of the histogram of predicted classes; log(10) = 2.303 is uniform.
+The same numbers for two disjoint halves of held-out real digits give the scale (real vs real).
+FD is biased upwards at small N, so compare figures at equal N only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from ddpm.classifier import INPUT_SIZE, DigitClassifier, mnist_split
+from ddpm.data import fit_to_size
+
+
+@dataclass
+class Quality:
+    n: int
+    fd: float
+    confident_share: float
+    class_entropy: float
+    class_histogram: list[int]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
+    if not np.isfinite(covmean).all():  # singular product: nudge the diagonals, as FID implementations do
+        offset = np.eye(len(cov1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+@torch.no_grad()
+def classify(classifier: DigitClassifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, 64) and class probabilities (N, 10) of images in [-1, 1], any size."""
+    x = fit_to_size(images.float().cpu(), INPUT_SIZE)
+    feats, probs = [], []
+    for chunk in x.split(500):
+        f = classifier.features(chunk)
+        feats.append(f.numpy().astype(np.float64))
+        probs.append(torch.softmax(classifier.logits_head(f), 1).numpy())
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def quality(classifier: DigitClassifier, images: torch.Tensor, reference: torch.Tensor) -> Quality:
+    feats, probs = classify(classifier, images)
+    ref_feats, _ = classify(classifier, reference)
+    hist = np.bincount(probs.argmax(1), minlength=10)
+    p = hist / hist.sum()
+    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    return Quality(
+        n=len(images),
+        fd=frechet_distance(*_stats(feats), *_stats(ref_feats)),
+        confident_share=float((probs.max(1) >= 0.9).mean()),
+        class_entropy=entropy,
+        class_histogram=hist.tolist(),
+    )
+
+
+def real_reference(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint sets of n held-out real digits (n <= 500), class-balanced in expectation."""
+    test_x = mnist_split().test_x
+    if not 2 <= n <= len(test_x) // 2:
+        raise ValueError(f"n must be in 2..{len(test_x) // 2} (two disjoint halves of the held-out digits)")
+    perm = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed))
+    return test_x[perm[:n]], test_x[perm[n : 2 * n]]
+
+
+def evaluate(classifier: DigitClassifier, samples: torch.Tensor, seed: int = 0) -> dict[str, object]:
+    """Quality of samples vs n held-out real digits, and real vs real at the same n."""
+    n = len(samples)
+    real_a, real_b = real_reference(n, seed)
+    ours = quality(classifier, samples, real_a)
+    ref = quality(classifier, real_b, real_a)
+    return {
+        "samples": ours.to_dict(),
+        "real_vs_real": ref.to_dict(),
+        "fd_ratio": ours.fd / ref.fd if ref.fd > 0 else math.inf,
+        "confident_share_gap": ref.confident_share - ours.confident_share,
+    }

@@ -1,0 +1,58 @@
+"""The FastAPI application: ``create_app(settings)``; the model loads in the background at startup."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.routes import router
+from service.runtime import ServerState
+from service.settings import Settings, get_settings
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def create_app(settings: Settings | None = None, state: ServerState | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    state = state or ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.engine is None and state.load_error is None:
+            state.start_loading()
+        yield
+        state.shutdown()
+
+    app = FastAPI(
+        title="ddpm-serve",
+        version="0.1.0",
+        description="DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # 422 with a one-line message naming the field, plus FastAPI's structured list
+        if request.url.path.startswith("/generate"):
+            state.metrics.on_response(422, "invalid", 0.0)
+        return JSONResponse({"detail": _validation_message(exc), "errors": jsonable(exc.errors())}, status_code=422)
+
+    return app
+
+
+def jsonable(errors: object) -> object:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(errors, custom_encoder={Exception: str})

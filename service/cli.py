@@ -1,0 +1,77 @@
+"""``ddpm serve``: uvicorn with one worker (one process owns the device) and a draining shutdown.
+
+On SIGTERM or SIGINT the server stops admitting (readyz 503, new requests 503), lets in-flight
+requests finish for up to DDPM_DRAIN_TIMEOUT_S, then exits. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ddpm.server")
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the HTTP server (settings from DDPM_* environment variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="overrides DDPM_MODEL")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.runtime import ServerState
+    from service.settings import Settings
+
+    settings = Settings(**({"model": Path(args.model)} if args.model else {}))
+    if not Path(settings.model).is_dir():
+        raise SystemExit(f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model)")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    state = ServerState(settings)
+    app = create_app(settings, state)
+    config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level=args.log_level, timeout_graceful_shutdown=None)
+    server = DrainingServer(config, state, settings.drain_timeout_s)
+    server.run()
+    return 0
+
+
+class DrainingServer:
+    """A uvicorn Server whose first exit signal drains the engine before uvicorn's own shutdown."""
+
+    def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
+        import uvicorn
+
+        state_ref, timeout = state, drain_timeout_s
+
+        class _Server(uvicorn.Server):
+            draining = False
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if self.draining:  # second signal: leave now
+                    self.force_exit = True
+                    super().handle_exit(sig, frame)
+                    return
+                self.draining = True
+                log.info("signal %s: draining (up to %.0f s for in-flight requests)", sig, timeout)
+                state_ref.drain()
+
+                def finish() -> None:
+                    engine = state_ref.engine
+                    if engine is not None and not engine.wait_idle(timeout):
+                        log.warning("drain timeout: %d images still in flight", engine.running + engine.queue_depth)
+                    self.should_exit = True
+
+                threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
+
+        self._server = _Server(config)
+
+    def run(self) -> None:
+        self._server.run()

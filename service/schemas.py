@@ -1,0 +1,50 @@
+"""Request and response bodies of the HTTP API (the OpenAPI contract)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ddpm.seeding import MAX_SEED
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(..., ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
+    batch_size: int = Field(1, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
+    steps: int | None = Field(None, ge=1, description="Chain length S (1..T); default T, the paper's full chain. S < T respaces.")
+    clip_denoised: bool | None = Field(None, description="Clip the predicted x0 to [-1, 1] at every step; default: the model's setting.")
+
+
+class Timings(BaseModel):
+    queue_wait_s: float = Field(..., description="Arrival to the first denoising iteration.")
+    generation_s: float = Field(..., description="First iteration to the last image done.")
+    total_s: float = Field(..., description="Arrival to answer.")
+
+
+class GenerateResponse(BaseModel):
+    seed: int
+    batch_size: int
+    steps: int
+    model: str
+    images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
+    timings: Timings
+
+
+class ScheduleResponse(BaseModel):
+    num_timesteps: int
+    kind: str
+    params: dict[str, float]
+    variance_type: str
+    clip_denoised: bool
+    betas: list[float]
+    alphas_cumprod: list[float]
+    sqrt_alphas_cumprod: list[float]
+    sqrt_one_minus_alphas_cumprod: list[float]
+    posterior_variance: list[float]
+    posterior_mean_coef1: list[float]
+    posterior_mean_coef2: list[float]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

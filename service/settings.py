@@ -1,0 +1,36 @@
+"""All server configuration: one typed object read from ``DDPM_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
+
+    model: Path = Field(DEFAULT_MODEL, description="ddpm-serve model directory or local diffusers DDPM directory")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
+    max_batch: int = Field(64, ge=1, le=4096, description="samples per denoising iteration (the running batch)")
+    max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
+    max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
+    request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; past it: 504 and its samples leave")
+    step_backend: Literal["auto", "triton", "torch"] = Field("auto", description="the fused step: Triton on CUDA, PyTorch twin on CPU")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")
+    warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")
+    drain_timeout_s: float = Field(600.0, ge=0, description="on SIGTERM: how long in-flight requests may still run")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
+    scheduling: Literal["continuous", "request"] = Field(
+        "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
+    )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
