@@ -89,9 +89,12 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             seeds = seeds_to_tensor(image_seeds(args.seed, min(args.batch_size, args.n - first), first=first), device)
             chain = sample_chain(model.eps_model, model.schedule, seeds, model.image_shape, steps=steps,
                                  variance_type=model.variance_type, clip_denoised=clip, device=device)  # fmt: skip
-            for progress in chain:
+            x = None
+            for step in chain:
                 bar.update(1)
-            out.append(progress.x.float().cpu())
+                x = step.x
+            assert x is not None
+            out.append(x.float().cpu())
     bar.close()
     return torch.cat(out), model
 
@@ -156,9 +159,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ddpm.unet import UNet, count_flops_per_image
 
     model = load_model_source(args.model)
-    report: dict[str, object] = {"source": model.source, "image_shape": list(model.image_shape), "num_timesteps": model.schedule.num_timesteps,
-                                 "schedule": model.schedule.kind, "variance_type": model.variance_type.value,
-                                 "params": sum(p.numel() for p in model.module.parameters())}  # fmt: skip
+    report: dict[str, object] = {
+        "source": model.source,
+        "image_shape": list(model.image_shape),
+        "num_timesteps": model.schedule.num_timesteps,
+        "schedule": model.schedule.kind,
+        "variance_type": model.variance_type.value,
+        "params": sum(p.numel() for p in model.module.parameters()),
+    }
     if isinstance(model.module, UNet):
         gflop = count_flops_per_image(model.module, model.module.config) / 1e9
         report["gflop_per_image_step"] = round(gflop, 4)

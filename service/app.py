@@ -36,7 +36,9 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app = FastAPI(
         title="ddpm-serve",
         version="0.1.0",
-        description="DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only.",
+        description=(
+            "DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only."
+        ),
         lifespan=lifespan,
     )
     app.state.server = state

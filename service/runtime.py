@@ -71,7 +71,7 @@ class ServerState:
                     "image_shape": "x".join(map(str, model.image_shape)),
                     "num_timesteps": str(model.schedule.num_timesteps),
                     "step_backend": s.step_backend,
-                }  # fmt: skip
+                }
             )
             self.model, self.engine = model, engine
             self.ready = True
