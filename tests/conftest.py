@@ -23,3 +23,20 @@ def tiny_unet() -> UNet:
             if p.abs().sum() == 0 and p.dim() > 1:
                 p.normal_(0, 0.05)
     return model
+
+
+def tiny_loaded_model(unet: UNet, num_timesteps: int = 1000):  # type: ignore[no-untyped-def]
+    """A LoadedModel around a tiny U-Net, as the server would hold it."""
+    from ddpm.model_source import LoadedModel
+    from ddpm.schedule import VarianceType, make_schedule
+
+    return LoadedModel(
+        name="tiny",
+        eps_model=unet,
+        module=unet,
+        schedule=make_schedule("linear", num_timesteps),
+        variance_type=VarianceType.FIXED_SMALL,
+        clip_denoised=True,
+        image_shape=(TINY.in_channels, TINY.image_size, TINY.image_size),
+        source="test",
+    )

@@ -1,0 +1,288 @@
+"""The HTTP API on a tiny model: contract, errors, reproducibility, batching, backpressure, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ddpm.checkpoint import ModelCard, save_model
+from ddpm.schedule import make_schedule
+from ddpm.unet import UNet
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    unet = UNet(TINY)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return save_model(tmp_path_factory.mktemp("models") / "tiny", unet, ModelCard(unet=TINY, num_timesteps=200))
+
+
+def _client(model_dir: Path, **overrides: object) -> TestClient:
+    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
+    return TestClient(create_app(settings))
+
+
+def _wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < end, client.get("/readyz").json()
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    with _client(model_dir, max_images_per_request=16) as c:
+        _wait_ready(c)
+        yield c
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def _metric(client: TestClient, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# --- contract ---------------------------------------------------------------------------------------
+
+
+def test_generate_json(client: TestClient) -> None:
+    r = client.post("/generate", json={"seed": 7, "batch_size": 3, "steps": 20})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {k: body[k] for k in ("seed", "batch_size", "steps", "model")} == {"seed": 7, "batch_size": 3, "steps": 20, "model": "tiny"}
+    assert len(body["images"]) == 3
+    assert all(_pixels(b).shape == (8, 8) for b in body["images"])
+    assert set(body["timings"]) == {"queue_wait_s", "generation_s", "total_s"}
+    assert body["timings"]["total_s"] >= body["timings"]["generation_s"] > 0
+
+
+def test_default_steps_is_T(client: TestClient) -> None:
+    assert client.post("/generate", json={"seed": 1}).json()["steps"] == 200
+
+
+def test_png_and_npy(client: TestClient) -> None:
+    r = client.post("/generate", json={"seed": 7, "batch_size": 4, "steps": 20}, headers={"Accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    grid = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert grid.shape == (2 + 2 * 10, 2 + 2 * 10)  # 2x2 grid of 8x8 images, 2 px padding
+    r = client.post("/generate", json={"seed": 7, "batch_size": 4, "steps": 20}, headers={"Accept": "application/x-npy"})
+    arr = np.load(io.BytesIO(r.content))
+    assert arr.shape == (4, 1, 8, 8) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    # the grid, the npy and the JSON images are the same pixels
+    js = client.post("/generate", json={"seed": 7, "batch_size": 4, "steps": 20}).json()
+    assert np.array_equal(_pixels(js["images"][3]), grid[12:20, 12:20])
+    assert np.abs(np.round(arr[3, 0] * 255) - _pixels(js["images"][3])).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"batch_size": 2}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": "abc"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": 1, "batch_size": 0}, "batch_size"),
+        ({"seed": 1, "batch_size": 17}, "batch_size"),
+        ({"seed": 1, "batch_size": 10**30}, "batch_size"),
+        ({"seed": 1, "steps": 0}, "steps"),
+        ({"seed": 1, "steps": 201}, "steps"),
+        ({"seed": 1, "clip_denoised": "maybe"}, "clip_denoised"),
+        ({"seed": 1, "model": "/etc/passwd"}, "model"),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(client: TestClient, body: dict, field: str) -> None:
+    r = client.post("/generate", json=body)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["detail"]
+
+
+def test_malformed_json(client: TestClient) -> None:
+    r = client.post("/generate", content=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "detail" in r.json()
+
+
+def test_schedule_matches_formulas(client: TestClient) -> None:
+    body = client.get("/schedule").json()
+    ref = make_schedule("linear", 200)
+    assert body["num_timesteps"] == 200 and body["kind"] == "linear" and body["variance_type"] == "fixed_small"
+    for name in ["betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_variance",
+                 "posterior_mean_coef1", "posterior_mean_coef2"]:  # fmt: skip
+        assert len(body[name]) == 200
+        np.testing.assert_allclose(body[name], getattr(ref, name), rtol=1e-6, atol=1e-12)
+    abar = np.cumprod(1 - np.array(body["betas"], dtype=np.float64))
+    np.testing.assert_allclose(body["alphas_cumprod"], abar, rtol=1e-5)
+
+
+def test_openapi_documents_the_contract(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/generate", "/generate/stream", "/schedule", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["seed"]["exclusiveMaximum"] == 2**63 and props["seed"]["minimum"] == 0
+
+
+def test_web_page(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and "/generate/stream" in r.text and "<progress" in r.text
+
+
+def test_stream_progress_then_result(client: TestClient) -> None:
+    with client.stream("POST", "/generate/stream", json={"seed": 3, "batch_size": 2, "steps": 150}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    events = [block.split("\n")[0].removeprefix("event: ") for block in text.strip().split("\n\n")]
+    assert events[0] == "queued" and events[-1] == "result"
+    assert "progress" in events
+    same = client.post("/generate", json={"seed": 3, "batch_size": 2, "steps": 150}).json()["images"]
+    assert same[0] in text and same[1] in text
+
+
+# --- reproducibility ----------------------------------------------------------------------------------
+
+
+def test_image_k_does_not_depend_on_batch_size(client: TestClient) -> None:
+    one = client.post("/generate", json={"seed": 7, "batch_size": 1, "steps": 30}).json()["images"]
+    eight = client.post("/generate", json={"seed": 7, "batch_size": 8, "steps": 30}).json()["images"]
+    again = client.post("/generate", json={"seed": 7, "batch_size": 1, "steps": 30}).json()["images"]
+    assert one[0] == again[0]  # identical PNG bytes when run twice alone
+    assert np.abs(_pixels(one[0]).astype(int) - _pixels(eight[0])).max() <= 1
+    assert len({*eight}) == 8
+
+
+def test_reproducible_under_concurrent_mixed_load(client: TestClient) -> None:
+    alone = {s: client.post("/generate", json={"seed": s, "batch_size": 2, "steps": 40}).json()["images"] for s in (5, 6)}
+    results: dict[int, list[str]] = {}
+
+    def call(seed: int, steps: int, n: int) -> None:
+        results[seed] = client.post("/generate", json={"seed": seed, "batch_size": n, "steps": steps}).json()["images"]
+
+    threads = [threading.Thread(target=call, args=a) for a in [(100, 150, 3), (5, 40, 2), (101, 7, 4), (6, 40, 2), (102, 90, 1)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in (5, 6):
+        for a, b in zip(alone[s], results[s], strict=True):
+            assert np.abs(_pixels(a).astype(int) - _pixels(b)).max() <= 1
+
+
+# --- batching, backpressure, deadlines -------------------------------------------------------------------
+
+
+def test_short_request_finishes_long_before_a_long_one(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    long_model = save_model(tmp_path / "t1000", UNet(TINY), ModelCard(unet=TINY, num_timesteps=1000))
+    with _client(long_model) as c:
+        _wait_ready(c)
+        done: dict[str, float] = {}
+        start = time.monotonic()
+
+        def call(name: str, steps: int) -> None:
+            assert c.post("/generate", json={"seed": 1, "steps": steps}).status_code == 200
+            done[name] = time.monotonic() - start
+
+        long = threading.Thread(target=call, args=("long", 1000))
+        long.start()
+        while _metric(c, "ddpm_running_samples") < 1:
+            time.sleep(0.005)
+        call("short", 10)
+        long.join()
+    assert done["short"] < 0.5 * done["long"], done
+
+
+def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
+    with _client(model_dir, max_batch=1, max_queue=2, retry_after_s=7) as c:
+        _wait_ready(c)
+        first = threading.Thread(target=lambda: c.post("/generate", json={"seed": 1, "batch_size": 2}))
+        first.start()
+        while _metric(c, "ddpm_running_samples") < 1:
+            time.sleep(0.005)
+        r = c.post("/generate", json={"seed": 2, "batch_size": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "7" and "queue full" in r.json()["detail"]
+        first.join()
+        assert 'ddpm_requests_total{code="503"} 1.0' in c.get("/metrics").text
+
+
+def test_deadline_is_504_and_frees_the_batch(model_dir: Path) -> None:
+    with _client(model_dir, request_timeout_s=0.15) as c:
+        _wait_ready(c)
+        r = c.post("/generate", json={"seed": 1, "batch_size": 4})
+        assert r.status_code == 504 and "deadline" in r.json()["detail"]
+        time.sleep(0.1)
+        assert _metric(c, "ddpm_running_samples") == 0 and _metric(c, "ddpm_queue_depth") == 0
+
+
+def test_readiness_during_startup_and_drain(model_dir: Path) -> None:
+    from service.runtime import ServerState
+
+    settings = Settings(model=model_dir, warmup_steps=1)
+    state = ServerState(settings)
+    app = create_app(settings, state)
+    with TestClient(app) as c:
+        state.wait_loaded()
+        assert c.get("/readyz").status_code == 200
+        state.drain()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["detail"] == "draining"
+        assert c.get("/healthz").status_code == 200
+        r = c.post("/generate", json={"seed": 1, "steps": 2})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+
+
+def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:
+    settings = Settings(model=tmp_path / "missing", warmup_steps=0)
+    with TestClient(create_app(settings)) as c:
+        end = time.monotonic() + 10
+        while "failed" not in c.get("/readyz").json()["detail"]:
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "model directory not found" in r.json()["detail"]
+        assert c.post("/generate", json={"seed": 1}).status_code == 503
+        assert c.get("/schedule").status_code == 503
+        assert c.get("/healthz").status_code == 200
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+def test_metrics_move_with_served_requests(model_dir: Path) -> None:
+    with _client(model_dir) as c:
+        _wait_ready(c)
+        assert _metric(c, "ddpm_images_generated_total") == 0  # warm-up is not counted
+        for seed, n in [(1, 2), (2, 3)]:
+            assert c.post("/generate", json={"seed": seed, "batch_size": n, "steps": 10}).status_code == 200
+        assert c.post("/generate", json={"seed": -5}).status_code == 422
+        text = c.get("/metrics").text
+    assert 'ddpm_requests_total{code="200"} 2.0' in text
+    assert 'ddpm_requests_total{code="422"} 1.0' in text
+    assert "ddpm_images_generated_total 5.0" in text
+    assert 'ddpm_request_duration_seconds_count{outcome="ok"} 2.0' in text
+    assert "ddpm_queue_wait_seconds_count 2.0" in text
+    # sequential requests: 10 iterations each, with 2 and 3 samples in the batch
+    assert "ddpm_iteration_duration_seconds_count 20.0" in text
+    assert "ddpm_batch_occupancy_sum 50.0" in text
+    assert "ddpm_queue_depth 0.0" in text and "ddpm_running_samples 0.0" in text
+    assert 'ddpm_model_info{device="cpu"' in text and "ddpm_ready 1.0" in text
