@@ -1,0 +1,59 @@
+"""A `ddpm serve` child process on a free loopback port, for tests that need a real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
+        cmd = [sys.executable, "-m", "ddpm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server did not become ready")
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
+            if line.split(" ")[0] == name:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def wait_metric(self, name: str, predicate, timeout: float = 20.0) -> float:  # type: ignore[no-untyped-def]
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = self.metric(name)
+            if predicate(value):
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"{name} stayed at {self.metric(name)}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)

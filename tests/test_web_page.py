@@ -1,0 +1,101 @@
+"""The web page in a real headless Chromium: set seed, batch size and steps, see progress and images."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.checkpoint import ModelCard, save_model
+from ddpm.unet import UNet
+from tests.conftest import TINY
+from tests.server_process import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+REQUIRED = os.environ.get("DDPM_REQUIRE_BROWSER") == "1"  # .ci/run installs Chromium and sets this
+
+if not (CHROMIUM and CHROMEDRIVER) and not REQUIRED:
+    pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver") if not REQUIRED else __import__("selenium.webdriver").webdriver
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    torch.manual_seed(0)
+    unet = UNet(TINY)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    model = save_model(tmp_path_factory.mktemp("m") / "tiny", unet, ModelCard(unet=TINY, num_timesteps=1000))
+    s = ServerProcess(model)
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=900,700",
+                 f"--user-data-dir={profile}"]:  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_generates_images(server: ServerProcess, browser: object, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")  # type: ignore[attr-defined]
+    for field, value in [("seed", "5"), ("batch_size", "3"), ("steps", "300")]:
+        box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
+        box.clear()
+        box.send_keys(value)
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    wait = WebDriverWait(d, 60, poll_frequency=0.02)
+    # progress moves before the result arrives
+    wait.until(lambda drv: 0 < float(drv.find_element(By.ID, "progress").get_attribute("value")) < 1)
+    wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#images img")) == 3)
+    wait.until(lambda drv: all(drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 8
+                               for i in drv.find_elements(By.CSS_SELECTOR, "#images img")))  # fmt: skip
+    assert "done: 3 images, 300 steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+
+    # the screenshot shows the images: their area is not blank
+    shot = Image.open(io.BytesIO(d.get_screenshot_as_png())).convert("L")  # type: ignore[attr-defined]
+    shot.save(tmp_path / "page.png")
+    img = d.find_elements(By.CSS_SELECTOR, "#images img")[0]  # type: ignore[attr-defined]
+    ratio = d.execute_script("return window.devicePixelRatio")  # type: ignore[attr-defined]
+    r = {k: int(v * ratio) for k, v in img.rect.items()}
+    region = np.asarray(shot)[r["y"] + 2 : r["y"] + r["height"] - 2, r["x"] + 2 : r["x"] + r["width"] - 2]
+    assert region.size > 0 and region.std() > 10, region.std()
+
+
+def test_page_shows_errors(server: ServerProcess, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")  # type: ignore[attr-defined]
+    box = d.find_element(By.ID, "steps")  # type: ignore[attr-defined]
+    box.clear()
+    box.send_keys("5000")
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    WebDriverWait(d, 30).until(lambda drv: "422" in drv.find_element(By.ID, "status").text)
+    assert "steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
