@@ -68,9 +68,8 @@ def cpu(args: argparse.Namespace) -> None:
             lambda: None,
             rounds=args.rounds,
         )
-        print(
-            f"| {b} | {c}x{hw}x{hw} | {t['twin'] * 1e3:.3f} | {t['eager'] * 1e3:.3f} | {t['twin'] / t['eager']:.1f} | {t['twin'] / x.numel() * 1e9:.1f} |"
-        )
+        ratio, per_elem = t["twin"] / t["eager"], t["twin"] / x.numel() * 1e9
+        print(f"| {b} | {c}x{hw}x{hw} | {t['twin'] * 1e3:.3f} | {t['eager'] * 1e3:.3f} | {ratio:.1f} | {per_elem:.1f} |")
 
 
 def gpu(args: argparse.Namespace) -> None:
