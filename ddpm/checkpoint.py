@@ -87,8 +87,11 @@ def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a non-root server
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,57 @@
+"""Smoke tests on the model that ships in models/mnist-28 (few steps: the full chain is for `ddpm eval`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm.cli import DEFAULT_CLASSIFIER, DEFAULT_MODEL
+from ddpm.model_source import load_model_source
+
+pytestmark = pytest.mark.slow
+
+
+def _sample(tmp_path: Path, name: str, *args: str) -> Path:
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "ddpm.cli", "sample", "--quiet", "-o", str(out), *args]
+    subprocess.run(cmd, check=True, timeout=300)
+    return out
+
+
+def test_shipped_model_loads() -> None:
+    model = load_model_source(DEFAULT_MODEL)
+    assert model.source == "ddpm-serve" and model.image_shape == (1, 28, 28)
+    assert model.schedule.num_timesteps == 1000 and model.schedule.kind == "linear"
+    assert model.info["training"]["data"] == "mnist" and model.info["training"]["steps"] > 0
+    assert (DEFAULT_MODEL / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_sample_cli_is_reproducible(tmp_path: Path) -> None:
+    a = np.load(_sample(tmp_path, "a.npy", "--seed", "3", "-n", "4", "--steps", "20"))
+    b = np.load(_sample(tmp_path, "b.npy", "--seed", "3", "-n", "4", "--steps", "20", "--batch-size", "1"))
+    c = np.load(_sample(tmp_path, "c.npy", "--seed", "4", "-n", "4", "--steps", "20"))
+    assert a.shape == (4, 1, 28, 28) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert np.abs(a - b).max() < 1e-5  # batch size does not change image k
+    assert np.abs(a - c).max() > 0.1
+    grid = Image.open(_sample(tmp_path, "g.png", "--seed", "3", "-n", "4", "--steps", "20"))
+    assert grid.size == (2 + 2 * 30, 2 + 2 * 30)
+    pixels = np.asarray(grid)[2:30, 2:30].astype(np.float32) / 255
+    assert np.abs(pixels - a[0, 0]).max() <= 1 / 255 + 1e-6
+
+
+def test_shipped_samples_look_like_digits(tmp_path: Path) -> None:
+    """With a 50-step respaced chain the classifier already finds most samples confidently digits."""
+    from ddpm.classifier import load_classifier
+    from ddpm.evaluate import classify
+
+    import torch
+
+    x = np.load(_sample(tmp_path, "d.npy", "--seed", "0", "-n", "32", "--steps", "50"))
+    _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
+    assert (probs.max(1) >= 0.9).mean() >= 0.5
+    assert len(set(probs.argmax(1).tolist())) >= 6
