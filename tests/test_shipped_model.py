@@ -46,10 +46,10 @@ def test_sample_cli_is_reproducible(tmp_path: Path) -> None:
 
 def test_shipped_samples_look_like_digits(tmp_path: Path) -> None:
     """With a 50-step respaced chain the classifier already finds most samples confidently digits."""
+    import torch
+
     from ddpm.classifier import load_classifier
     from ddpm.evaluate import classify
-
-    import torch
 
     x = np.load(_sample(tmp_path, "d.npy", "--seed", "0", "-n", "32", "--steps", "50"))
     _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
