@@ -1,12 +1,15 @@
 """``ddpm serve``: uvicorn with one worker (one process owns the device) and a draining shutdown.
 
-On SIGTERM or SIGINT the server stops admitting (readyz 503, new requests 503), lets in-flight
-requests finish for up to DDPM_DRAIN_TIMEOUT_S, then exits. A second signal exits at once.
+On SIGTERM or SIGINT the server stops accepting connections (a load balancer's next connection
+fails over to another replica; the request never reached this one), answers 503 to new requests on
+connections already open (readyz too), lets in-flight requests finish for up to
+DDPM_DRAIN_TIMEOUT_S, then exits. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -62,6 +65,10 @@ class DrainingServer:
                 self.draining = True
                 log.info("signal %s: draining (up to %.0f s for in-flight requests)", sig, timeout)
                 state_ref.drain()
+                try:
+                    asyncio.get_running_loop().call_soon_threadsafe(self._close_listeners)
+                except RuntimeError:  # no loop in this thread: uvicorn's own shutdown closes them
+                    pass
 
                 def finish() -> None:
                     engine = state_ref.engine
@@ -70,6 +77,10 @@ class DrainingServer:
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
+
+            def _close_listeners(self) -> None:
+                for listener in getattr(self, "servers", []):
+                    listener.close()  # stop accepting; open connections stay
 
         self._server = _Server(config)
 

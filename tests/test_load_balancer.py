@@ -1,0 +1,168 @@
+"""The project's own nginx config, run by Debian's nginx in front of real `ddpm serve` replicas."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from ddpm.checkpoint import ModelCard, save_model
+from ddpm.unet import UNet
+from tests.conftest import TINY
+from tests.server_process import ServerProcess, free_port
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nginx.conf"
+if NGINX is None:
+    if os.environ.get("DDPM_REQUIRE_SYSTEM_TOOLS") == "1":
+        pytest.fail("nginx is required in CI but not installed", pytrace=False)
+    pytest.skip("nginx is not installed (apt-get install nginx-light)", allow_module_level=True)
+
+
+def render_config(ports: list[int], listen: int, tmp: Path) -> Path:
+    """deploy/nginx/nginx.conf with the replicas' loopback addresses and the test's own paths."""
+    lines = []
+    for line in CONF.read_text().splitlines():
+        if "# @upstreams" in line:
+            indent = line[: len(line) - len(line.lstrip())]
+            lines += [f"{indent}server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;" for p in ports]
+        elif "# @listen" in line:
+            lines.append(line.replace("listen 8080;", f"listen 127.0.0.1:{listen};"))
+        else:
+            lines.append(line.replace("/tmp/nginx", str(tmp / "nginx")))
+    path = tmp / "nginx.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Balancer:
+    def __init__(self, ports: list[int], tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = render_config(ports, self.port, tmp)
+        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        self.proc = subprocess.Popen(
+            [NGINX, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        end = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(self.url + "/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                assert time.monotonic() < end, "nginx did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("m") / "tiny", UNet(TINY), ModelCard(unet=TINY, num_timesteps=1000))
+
+
+@pytest.fixture
+def cluster(model: Path, tmp_path: Path) -> Iterator[tuple[list[ServerProcess], Balancer]]:
+    replicas = [ServerProcess(model), ServerProcess(model)]
+    for r in replicas:
+        r.wait_ready()
+    lb = Balancer([r.port for r in replicas], tmp_path)
+    yield replicas, lb
+    lb.stop()
+    for r in replicas:
+        r.stop()
+
+
+def _ok(replica: ServerProcess) -> float:
+    return replica.metric('ddpm_requests_total{code="200"}')
+
+
+def _post(lb: Balancer, steps: int = 60, seed: int = 1) -> int:
+    try:
+        return httpx.post(lb.url + "/generate", json={"seed": seed, "steps": steps}, timeout=60).status_code
+    except httpx.HTTPError:
+        return -1
+
+
+def _concurrently(n: int, fn) -> list[int]:  # type: ignore[no-untyped-def]
+    results: list[int] = [0] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_requests_spread_across_replicas(cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    replicas, lb = cluster
+    codes = _concurrently(12, lambda i: _post(lb, steps=100, seed=i))
+    assert codes == [200] * 12
+    served = [_ok(r) for r in replicas]
+    assert sum(served) == 12 and min(served) >= 2, served
+
+
+def test_draining_replica_gets_no_new_work(cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    (a, b), lb = cluster
+    long: dict[str, int] = {}
+
+    def long_request() -> None:
+        long["code"] = httpx.post(a.url + "/generate", json={"seed": 9, "steps": 1000}, timeout=120).status_code
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    a.wait_metric("ddpm_running_samples", lambda v: v == 1)
+    a.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    before_b = _ok(b)
+    codes = _concurrently(6, lambda i: _post(lb, steps=20, seed=i))
+    assert codes == [200] * 6
+    assert _ok(b) - before_b == 6  # all of them went to the replica that is not draining
+    t.join(120)
+    assert long["code"] == 200  # the draining replica finished what it had
+    assert a.proc.wait(30) == 0
+
+
+def test_killed_replica_loses_only_what_it_held(cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    (a, b), lb = cluster
+    results: list[int] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+    after_kill: list[int] = []
+
+    def client(i: int) -> int:
+        for j in range(6):
+            sent_after_kill = killed.is_set()
+            code = _post(lb, steps=80, seed=100 * i + j)
+            with lock:
+                results.append(code)
+                if sent_after_kill:
+                    after_kill.append(code)
+        return 0
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    a.wait_metric("ddpm_running_samples", lambda v: v >= 1)
+    a.proc.kill()
+    killed.set()
+    for t in threads:
+        t.join()
+    failures = [c for c in results if c != 200]
+    assert len(results) == 24
+    assert len(failures) <= 4  # at most the requests the killed replica held (4 clients, one request each)
+    assert after_kill and all(c == 200 for c in after_kill)  # nothing sent after the kill was lost
+    assert _ok(b) >= len(after_kill)  # the survivor served everything sent after the kill
