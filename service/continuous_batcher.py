@@ -258,7 +258,7 @@ class Engine:
             log.exception("model call failed")
             self.healthy = False
             with self._lock:
-                self._fail_jobs({job.id: job for job, _ in running.owners}.values(), ModelFailure(f"model call failed: {exc}"))
+                self._fail_jobs(list({job.id: job for job, _ in running.owners}.values()), ModelFailure(f"model call failed: {exc}"))
             return
         self.healthy = True
         self.iterations += 1
@@ -300,12 +300,12 @@ class Engine:
                 job.images_done += 1
         keep = [row for row, done in enumerate(finished) if not done]
         self._running = self._select(_Running(new_x, positions, running.seeds, running.owners), keep)
+        self.observer.on_load(self._queued_images, self.running)  # before anyone is told: gauges are current
         for job in touched.values():
             if job.images_done == job.n:
                 self._finish(job)
             elif job.on_progress is not None:
                 job.on_progress(job)
-        self.observer.on_load(self._queued_images, self.running)
 
     def _admit(self) -> None:
         free = self.max_batch - self.running
@@ -374,9 +374,9 @@ class Engine:
             jobs.update({job.id: job for job, _ in self._running.owners})
         return list(jobs.values())
 
-    def _fail_jobs(self, jobs: object, error: EngineError) -> None:
+    def _fail_jobs(self, jobs: list[Job], error: EngineError) -> None:
         ids = set()
-        for job in jobs:  # type: ignore[attr-defined]
+        for job in jobs:
             ids.add(job.id)
             self._queued_images -= len(job._pending)
             job._pending.clear()
@@ -385,9 +385,9 @@ class Engine:
         if self._running is not None:
             keep = [row for row, (job, _) in enumerate(self._running.owners) if job.id not in ids]
             self._running = self._select(self._running, keep)
-        for job in jobs:  # type: ignore[attr-defined]
-            self._finish(job)
         self.observer.on_load(self._queued_images, self.running)
+        for job in jobs:
+            self._finish(job)
 
     def _fail_all(self, error: EngineError) -> None:
         with self._lock:
