@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.auth import load_token
+from service.request_log import RequestContextMiddleware
 from service.routes import router
 from service.runtime import ServerState
 from service.settings import Settings, get_settings
@@ -42,7 +44,9 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         lifespan=lifespan,
     )
     app.state.server = state
+    app.state.api_token = load_token(settings)  # a bad token file fails here, at startup
     app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,16 +31,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.request_log import configure_logging
     from service.runtime import ServerState
     from service.settings import Settings
 
     settings = Settings(**({"model": Path(args.model)} if args.model else {}))
     if not Path(settings.model).is_dir():
         raise SystemExit(f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model)")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format, args.log_level)
     state = ServerState(settings)
-    app = create_app(settings, state)
-    config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_level=args.log_level, timeout_graceful_shutdown=None)
+    try:
+        app = create_app(settings, state)
+    except ValueError as exc:
+        raise SystemExit(f"ddpm serve: {exc}") from exc
+    # uvicorn's own access log is replaced by ddpm.access (one structured line per request)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        workers=1,
+        log_level=args.log_level,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=None,
+    )
     server = DrainingServer(config, state, settings.drain_timeout_s)
     server.run()
     return 0

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ddpm.grid import image_pngs, make_grid, png_bytes
+from service.auth import Authorized, MetricsAuthorized
 from service.continuous_batcher import Cancelled, DeadlineExceeded, Draining, Job, ModelFailure, QueueFull
 from service.runtime import JobHandle, ServerState
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, ScheduleResponse, Timings
@@ -34,7 +35,10 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 router = APIRouter()
 
 ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when DDPM_API_TOKEN is set)"},
+    413: {"model": ErrorResponse, "description": "Request body over DDPM_MAX_BODY_BYTES"},
     422: {"description": "Invalid input; the message names the field"},
+    429: {"model": ErrorResponse, "description": "This client has DDPM_MAX_IMAGES_PER_CLIENT images in flight (with Retry-After)"},
     503: {"model": ErrorResponse, "description": "Not ready, draining, or queue full (with Retry-After)"},
     504: {"model": ErrorResponse, "description": "The request's deadline passed; its samples left the batch"},
     500: {"model": ErrorResponse, "description": "The model call failed for this request"},
@@ -64,14 +68,26 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request) -> JobH
         raise _field_error("batch_size", f"batch_size must be <= {state.settings.max_images_per_request}", body.batch_size)
     clip = state.model.clip_denoised if body.clip_denoised is None else body.clip_denoised
     job = Job(seed=body.seed, n=body.batch_size, steps=body.steps or t, clip_denoised=clip, timeout_s=state.settings.request_timeout_s)
-    handle = JobHandle(job, _loop())
+    request.state.log_fields = {"seed": body.seed, "batch_size": body.batch_size, "steps": job.steps}
+    client = client_key(request, state.settings.trust_forwarded_for)
+    if not state.clients.acquire(client, job.n):
+        limit = state.settings.max_images_per_client
+        raise ApiError(429, f"too many images in flight for this client (limit {limit})", "rejected", retry)
+    handle = JobHandle(job, _loop(), on_release=lambda: state.clients.release(client, job.n))
     try:
         state.engine.submit(job)
-    except QueueFull as exc:
-        raise ApiError(503, str(exc), "rejected", retry) from exc
-    except Draining as exc:
-        raise ApiError(503, str(exc), "unavailable", retry) from exc
+    except (QueueFull, Draining) as exc:
+        state.clients.release(client, job.n)
+        raise ApiError(503, str(exc), "rejected" if isinstance(exc, QueueFull) else "unavailable", retry) from exc
     return handle
+
+
+def client_key(request: Request, trust_forwarded_for: bool) -> str:
+    """Who a request counts against: the peer address, or behind our nginx the last X-Forwarded-For hop."""
+    forwarded = request.headers.get("x-forwarded-for")
+    if trust_forwarded_for and forwarded:
+        return forwarded.split(",")[-1].strip()
+    return request.client.host if request.client else "unknown"
 
 
 def _loop():  # type: ignore[no-untyped-def]
@@ -124,7 +140,9 @@ def _npy(images: object) -> bytes:
     },
     summary="Sample images by DDPM's Algorithm 2",
 )
-async def generate(body: GenerateRequest, request: Request, state: StateDep, accept: Annotated[str | None, Header()] = None) -> Response:
+async def generate(
+    body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
+) -> Response:
     arrived = time.monotonic()
     outcome, code = "error", 500
     try:
@@ -149,6 +167,7 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep, acc
     finally:
         if code != 422:
             state.metrics.on_response(code, outcome, time.monotonic() - arrived)
+        getattr(request.state, "log_fields", {})["outcome"] = outcome
 
 
 def _sse(event: str, data: object) -> str:
@@ -160,7 +179,7 @@ def _sse(event: str, data: object) -> str:
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "progress events, then result (or error)"}},
     summary="Like /generate, with Server-Sent Events: progress {steps_done, total}, then result or error",
 )
-async def generate_stream(body: GenerateRequest, request: Request, state: StateDep) -> StreamingResponse:
+async def generate_stream(body: GenerateRequest, request: Request, state: StateDep, _: Authorized) -> StreamingResponse:
     arrived = time.monotonic()
     try:
         handle = _submit(state, body, request)
@@ -192,7 +211,7 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
 
 
 @router.get("/schedule", response_model=ScheduleResponse, responses={503: ERRORS[503]}, summary="The noise schedule of the loaded model")
-async def schedule(state: StateDep) -> ScheduleResponse:
+async def schedule(state: StateDep, _: Authorized) -> ScheduleResponse:
     if state.model is None:
         raise HTTPException(503, f"not ready: {state.not_ready_reason()}", {"Retry-After": str(state.settings.retry_after_s)})
     m = state.model
@@ -213,7 +232,7 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def metrics(state: StateDep) -> Response:
+async def metrics(state: StateDep, _: MetricsAuthorized) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +26,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class ClientQuota:
+    """Images each client has queued or running, bounded by DDPM_MAX_IMAGES_PER_CLIENT."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, client: str, n: int) -> bool:
+        with self._lock:
+            held = self._held.get(client, 0)
+            if held + n > self.limit:
+                return False
+            self._held[client] = held + n
+            return True
+
+    def release(self, client: str, n: int) -> None:
+        with self._lock:
+            left = self._held.get(client, 0) - n
+            if left > 0:
+                self._held[client] = left
+            else:
+                self._held.pop(client, None)
+
+    def held(self, client: str) -> int:
+        return self._held.get(client, 0)
+
+
 class ServerState:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.clients = ClientQuota(settings.max_images_per_client)
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.ready = False
@@ -113,9 +142,10 @@ class ProgressEvent:
 class JobHandle:
     """A submitted job seen from the event loop: an awaitable result and a stream of progress."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None) -> None:
         self.job = job
         self.done = loop.create_future()
+        self._on_release = on_release
         self.progress: asyncio.Queue[ProgressEvent] = asyncio.Queue()
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
         job.on_progress = lambda j: loop.call_soon_threadsafe(self.progress.put_nowait, ProgressEvent(j.steps_done, j.n * j.steps))
@@ -123,6 +153,8 @@ class JobHandle:
     def _set_done(self) -> None:
         if not self.done.done():
             self.done.set_result(self.job)
+            if self._on_release is not None:
+                self._on_release()
 
     async def wait(self, is_disconnected: object, poll_s: float = 0.25) -> Job:
         """The finished job; cancels it when the client goes away (polled every poll_s)."""

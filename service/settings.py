@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")
     drain_timeout_s: float = Field(600.0, ge=0, description="on SIGTERM: how long in-flight requests may still run")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
+    api_token: SecretStr | None = Field(None, description="bearer token required on /generate and /schedule (unset: open)")
+    api_token_file: Path | None = Field(None, description="file holding the bearer token (wins over DDPM_API_TOKEN)")
+    metrics_require_token: bool = Field(False, description="also require the token on /metrics")
+    max_body_bytes: int = Field(16384, ge=256, description="larger request bodies get 413")
+    max_images_per_client: int = Field(256, ge=1, description="images one client may have queued or running; more gets 429")
+    trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     scheduling: Literal["continuous", "request"] = Field(
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )

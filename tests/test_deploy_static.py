@@ -61,6 +61,7 @@ def test_compose_services(compose: dict) -> None:
         assert str(svc["deploy"]["replicas"]).startswith("${DDPM_REPLICAS")
         assert "ddpm" in svc["networks"]["backend"]["aliases"]
         assert svc["read_only"] is True and "/tmp" in svc["tmpfs"]
+        assert svc["environment"]["DDPM_API_TOKEN"].startswith("${DDPM_API_TOKEN:?")  # auth on by default
         assert "/healthz" in " ".join(svc["healthcheck"]["test"])
         # the stop grace period covers the server's drain
         grace = int(svc["stop_grace_period"].rstrip("s"))
@@ -110,6 +111,8 @@ def test_kubernetes_deployment_matches_the_server() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert pod["terminationGracePeriodSeconds"] > float(env["DDPM_DRAIN_TIMEOUT_S"]) + 10
+    token_dir = str(Path(env["DDPM_API_TOKEN_FILE"]).parent)
+    assert any(m["mountPath"] == token_dir for m in container["volumeMounts"])  # auth on, token from a Secret
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8000"

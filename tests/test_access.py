@@ -1,0 +1,135 @@
+"""Bearer-token access, request ids, body-size and per-client limits, structured request logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from ddpm.checkpoint import ModelCard, save_model
+from ddpm.unet import UNet
+from service.app import create_app
+from service.request_log import JsonFormatter
+from service.settings import Settings
+from tests.conftest import TINY
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("m") / "tiny", UNet(TINY), ModelCard(unet=TINY, num_timesteps=200))
+
+
+def _client(model_dir: Path, **overrides: object) -> TestClient:
+    return TestClient(create_app(Settings(**{"model": model_dir, "warmup_steps": 1, **overrides})))  # type: ignore[arg-type]
+
+
+def _ready(c: TestClient) -> TestClient:
+    end = time.monotonic() + 30
+    while c.get("/readyz").status_code != 200:
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    return c
+
+
+@pytest.fixture
+def secured(model_dir: Path) -> Iterator[TestClient]:
+    with _client(model_dir, api_token=TOKEN) as c:
+        yield _ready(c)
+
+
+def test_token_required_on_work_routes(secured: TestClient) -> None:
+    body = {"seed": 1, "steps": 3}
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}]:
+        r = secured.post("/generate", json=body, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
+    assert secured.get("/schedule").status_code == 401
+    assert secured.post("/generate/stream", json=body).status_code == 401
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    assert secured.post("/generate", json=body, headers=ok).status_code == 200
+    assert secured.get("/schedule", headers=ok).status_code == 200
+    # probes, metrics (by default) and the page stay open
+    for path in ["/healthz", "/readyz", "/metrics", "/"]:
+        assert secured.get(path).status_code == 200, path
+
+
+def test_metrics_can_be_restricted_and_token_read_from_a_file(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    with _client(model_dir, api_token_file=tmp_path / "token", metrics_require_token=True) as c:
+        _ready(c)
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_bad_token_file_fails_at_startup(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        create_app(Settings(model=model_dir, api_token_file=tmp_path / "empty"))
+    with pytest.raises(ValueError, match="cannot read"):
+        create_app(Settings(model=model_dir, api_token_file=tmp_path / "absent"))
+
+
+@pytest.fixture
+def open_client(model_dir: Path) -> Iterator[TestClient]:
+    with _client(model_dir, max_body_bytes=512, max_images_per_client=3, max_batch=1) as c:
+        yield _ready(c)
+
+
+def test_request_id_echoed_or_generated(open_client: TestClient) -> None:
+    r = open_client.post("/generate", json={"seed": 1, "steps": 2}, headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = open_client.get("/healthz").headers["x-request-id"]
+    assert len(generated) == 32 and generated != open_client.get("/healthz").headers["x-request-id"]
+    hostile = open_client.get("/healthz", headers={"X-Request-ID": "x" * 500}).headers["x-request-id"]
+    assert hostile != "x" * 500 and len(hostile) == 32
+
+
+def test_oversized_bodies_get_413(open_client: TestClient) -> None:
+    big = json.dumps({"seed": 1, "pad": "x" * 2000})
+    r = open_client.post("/generate", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "512" in r.json()["detail"] and r.headers["x-request-id"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"seed": 1, "pad": "'
+        for _ in range(10):
+            yield b"x" * 100
+        yield b'"}'
+
+    r = open_client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_images_per_client_are_bounded(open_client: TestClient) -> None:
+    held = threading.Thread(target=lambda: open_client.post("/generate", json={"seed": 1, "batch_size": 3, "steps": 200}))
+    held.start()
+    end = time.monotonic() + 10
+    while open_client.app.state.server.clients.held("testclient") < 3:  # type: ignore[attr-defined]
+        assert time.monotonic() < end
+        time.sleep(0.005)
+    r = open_client.post("/generate", json={"seed": 2, "steps": 2})
+    assert r.status_code == 429 and "Retry-After" in r.headers and "limit 3" in r.json()["detail"]
+    held.join()
+    assert open_client.post("/generate", json={"seed": 2, "steps": 2}).status_code == 200  # released
+
+
+def test_one_structured_log_line_per_request(open_client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="ddpm.access"):
+        open_client.post("/generate", json={"seed": 42, "batch_size": 2, "steps": 5}, headers={"X-Request-ID": "req-1"})
+        open_client.post("/generate", json={"seed": -1})
+        open_client.get("/healthz")
+    records = [r for r in caplog.records if r.name == "ddpm.access"]
+    assert len(records) == 2  # probes are not logged
+    ok = json.loads(JsonFormatter().format(records[0]))
+    assert ok["msg"] == "request" and ok["request_id"] == "req-1" and ok["status"] == 200
+    assert (ok["seed"], ok["batch_size"], ok["steps"], ok["outcome"]) == (42, 2, 5, "ok")
+    assert ok["path"] == "/generate" and ok["duration_s"] > 0
+    assert json.loads(JsonFormatter().format(records[1]))["status"] == 422
