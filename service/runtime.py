@@ -26,6 +26,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class FaultInjector:
+    """Testing aid (DDPM_FAULT_EVERY_N_ITERATIONS): every Nth call of the wrapped eps model raises."""
+
+    def __init__(self, eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], every: int) -> None:
+        self.eps_model = eps_model
+        self.every = every
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % self.every == 0:
+            raise RuntimeError(f"injected fault (call {self.calls})")
+        return self.eps_model(x, t)
+
+
 class ClientQuota:
     """Images each client has queued or running, bounded by DDPM_MAX_IMAGES_PER_CLIENT."""
 
@@ -81,6 +96,8 @@ class ServerState:
                 torch.set_num_threads(s.threads)
             device = resolve_device(s.device)
             model = load_model_source(s.model, device)
+            if s.fault_every_n_iterations:
+                model.eps_model = FaultInjector(model.eps_model, s.fault_every_n_iterations)
             engine = Engine(
                 model,
                 max_batch=s.max_batch,

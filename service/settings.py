@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_images_per_client: int = Field(256, ge=1, description="images one client may have queued or running; more gets 429")
     trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
+    fault_every_n_iterations: int = Field(0, ge=0, description="testing only: every Nth model call raises (0: never)")
     scheduling: Literal["continuous", "request"] = Field(
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )
