@@ -30,10 +30,12 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.engine is None and state.load_error is None:
+        owned = state.engine is None and state.load_error is None  # a state loaded by the caller is the caller's to stop
+        if owned:
             state.start_loading()
         yield
-        state.shutdown()
+        if owned:
+            state.shutdown()
 
     app = FastAPI(
         title="ddpm-serve",
@@ -50,9 +52,15 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # 422 with a one-line message naming the field, plus FastAPI's structured list
+        # 422 with a one-line message naming the field, plus FastAPI's structured list; a body that
+        # was not sent as JSON at all is 415
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        not_json = request.method == "POST" and content_type != "application/json"
+        code = 415 if not_json else 422
         if request.url.path.startswith("/generate"):
-            state.metrics.on_response(422, "invalid", 0.0)
+            state.metrics.on_response(code, "invalid", 0.0)
+        if not_json:
+            return JSONResponse({"detail": f"Content-Type must be application/json, got {content_type or 'none'!r}"}, status_code=415)
         return JSONResponse({"detail": _validation_message(exc), "errors": jsonable(exc.errors())}, status_code=422)
 
     return app

@@ -14,14 +14,14 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ddpm.grid import image_pngs, make_grid, png_bytes
 from service.auth import Authorized, MetricsAuthorized
 from service.continuous_batcher import Cancelled, DeadlineExceeded, Draining, Job, ModelFailure, QueueFull
 from service.runtime import JobHandle, ServerState
-from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, ScheduleResponse, Timings
+from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, ScheduleResponse, Timings, ValidationErrorResponse
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 NPY = "application/x-npy"
@@ -35,9 +35,11 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 router = APIRouter()
 
 ERRORS = {
+    400: {"model": ErrorResponse, "description": "The body could not be read as JSON (e.g. not UTF-8)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when DDPM_API_TOKEN is set)"},
     413: {"model": ErrorResponse, "description": "Request body over DDPM_MAX_BODY_BYTES"},
-    422: {"description": "Invalid input; the message names the field"},
+    415: {"model": ErrorResponse, "description": "The body was not sent as application/json"},
+    422: {"model": ValidationErrorResponse, "description": "Invalid input; the message names the field"},
     429: {"model": ErrorResponse, "description": "This client has DDPM_MAX_IMAGES_PER_CLIENT images in flight (with Retry-After)"},
     503: {"model": ErrorResponse, "description": "Not ready, draining, or queue full (with Retry-After)"},
     504: {"model": ErrorResponse, "description": "The request's deadline passed; its samples left the batch"},
@@ -210,7 +212,12 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/schedule", response_model=ScheduleResponse, responses={503: ERRORS[503]}, summary="The noise schedule of the loaded model")
+@router.get(
+    "/schedule",
+    response_model=ScheduleResponse,
+    responses={401: ERRORS[401], 503: ERRORS[503]},
+    summary="The noise schedule of the loaded model",
+)
 async def schedule(state: StateDep, _: Authorized) -> ScheduleResponse:
     if state.model is None:
         raise HTTPException(503, f"not ready: {state.not_ready_reason()}", {"Retry-After": str(state.settings.retry_after_s)})
@@ -231,7 +238,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "not ready", "detail": reason or "starting"}, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={401: ERRORS[401]}, summary="Prometheus metrics (text format)")
 async def metrics(state: StateDep, _: MetricsAuthorized) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

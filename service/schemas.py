@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ddpm.seeding import MAX_SEED
 
 
 class GenerateRequest(BaseModel):
+    """Strict types: 0 is not false, "5" is not 5, 5.0 is not 5; unknown fields are rejected."""
+
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(..., ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
-    batch_size: int = Field(1, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
-    steps: int | None = Field(None, ge=1, description="Chain length S (1..T); default T, the paper's full chain. S < T respaces.")
-    clip_denoised: bool | None = Field(None, description="Clip the predicted x0 to [-1, 1] at every step; default: the model's setting.")
+    seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
+    batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
+    steps: int | None = Field(
+        None, strict=True, ge=1, description="Chain length S (1..T); default T, the paper's full chain. S < T respaces."
+    )
+    clip_denoised: bool | None = Field(
+        None, strict=True, description="Clip the predicted x0 to [-1, 1] at every step; default: the model's setting."
+    )
 
 
 class Timings(BaseModel):
@@ -48,3 +56,8 @@ class ScheduleResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: str = Field(..., description="One line naming each bad field, e.g. 'batch_size: Input should be greater than or equal to 1'")
+    errors: list[dict[str, Any]] = Field(..., description="pydantic's structured errors (type, loc, msg, input)")
