@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +25,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
         cmd = [sys.executable, "-m", "ddpm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # a file, not a pipe: nobody reads a pipe while the test runs, and a full one would block the server's logging
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="ddpm-serve-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
+            assert self.proc.poll() is None, self.output()
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return
@@ -53,7 +56,12 @@ class ServerProcess:
             time.sleep(0.02)
         raise AssertionError(f"{name} stayed at {self.metric(name)}")
 
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        self.log.close()
