@@ -23,17 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.server_process import ServerProcess
-
-
-def tiny_model(directory: Path) -> Path:
-    import torch
-
-    from ddpm.checkpoint import ModelCard, save_model
-    from ddpm.unet import UNet
-    from tests.conftest import TINY
-
-    torch.manual_seed(0)
-    return save_model(directory / "tiny", UNet(TINY), ModelCard(unet=TINY, num_timesteps=1000))
+from tests.tiny_model import save_tiny_model
 
 
 def rss_kb(pid: int) -> tuple[int, int]:
@@ -137,7 +127,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(args.model) if args.model else tiny_model(Path(tmp))
+        model = Path(args.model) if args.model else save_tiny_model(Path(tmp) / "tiny")
         env = {"DDPM_MAX_QUEUE": str(args.max_queue), "DDPM_MAX_BATCH": str(args.max_batch), "DDPM_MAX_IMAGES_PER_CLIENT": "100000",
                "DDPM_LOG_FORMAT": "json"}  # fmt: skip
         server = ServerProcess(model, **env)

@@ -10,23 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from ddpm.checkpoint import ModelCard, save_model
-from ddpm.unet import UNet
 from service.app import create_app
 from service.request_log import JsonFormatter
 from service.settings import Settings
-from tests.conftest import TINY
+from tests.tiny_model import save_tiny_model
 
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(tmp_path_factory.mktemp("m") / "tiny", UNet(TINY), ModelCard(unet=TINY, num_timesteps=200))
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=200)
 
 
 def _client(model_dir: Path, **overrides: object) -> TestClient:

@@ -9,7 +9,7 @@ import torch
 from ddpm.checkpoint import CONFIG, WEIGHTS, CheckpointError, ModelCard, load_model, save_model
 from ddpm.model_source import load_model_source
 from ddpm.unet import UNet
-from tests.conftest import TINY
+from tests.tiny_model import TINY
 
 
 def _saved(tmp_path: Path, model: UNet) -> Path:

@@ -12,7 +12,7 @@ from ddpm.sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.continuous_batcher import Cancelled, DeadlineExceeded, Draining, Engine, Job, ModelFailure, QueueFull
-from tests.conftest import tiny_loaded_model
+from tests.tiny_model import tiny_loaded_model
 
 
 def _job(seed: int = 0, n: int = 1, steps: int = 10, timeout_s: float = 60.0, clip: bool = True) -> Job:

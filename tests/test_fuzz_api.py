@@ -6,24 +6,20 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from ddpm.checkpoint import ModelCard, save_model  # noqa: E402
-from ddpm.unet import UNet  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.runtime import ServerState  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
+from tests.tiny_model import save_tiny_model  # noqa: E402
 
 EXAMPLES = int(os.environ.get("DDPM_FUZZ_EXAMPLES", "1000"))  # per operation
 
 
 def _app(tmp: Path):  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    model = save_model(tmp / "tiny", UNet(TINY), ModelCard(unet=TINY, num_timesteps=20))
+    model = save_tiny_model(tmp / "tiny", num_timesteps=20)
     cfg = Settings(model=model, warmup_steps=1, max_batch=8, max_queue=64, max_images_per_request=2, request_timeout_s=30)
     state = ServerState(cfg)
     state.start_loading()

@@ -13,12 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from ddpm.checkpoint import ModelCard, save_model
-from ddpm.unet import UNet
-from tests.conftest import TINY
 from tests.server_process import ServerProcess, free_port
+from tests.tiny_model import save_tiny_model
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nginx.conf"
@@ -70,8 +67,7 @@ class Balancer:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(tmp_path_factory.mktemp("m") / "tiny", UNet(TINY), ModelCard(unet=TINY, num_timesteps=1000))
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
 
 
 @pytest.fixture

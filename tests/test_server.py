@@ -11,27 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ddpm.checkpoint import ModelCard, save_model
 from ddpm.schedule import make_schedule
-from ddpm.unet import UNet
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import TINY
+from tests.tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    unet = UNet(TINY)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.dim() > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return save_model(tmp_path_factory.mktemp("models") / "tiny", unet, ModelCard(unet=TINY, num_timesteps=200))
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
 
 
 def _client(model_dir: Path, **overrides: object) -> TestClient:
@@ -192,8 +183,7 @@ def test_reproducible_under_concurrent_mixed_load(client: TestClient) -> None:
 
 
 def test_short_request_finishes_long_before_a_long_one(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    long_model = save_model(tmp_path / "t1000", UNet(TINY), ModelCard(unet=TINY, num_timesteps=1000))
+    long_model = save_tiny_model(tmp_path / "t1000")
     with _client(long_model) as c:
         _wait_ready(c)
         done: dict[str, float] = {}

@@ -14,18 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from ddpm.checkpoint import ModelCard, save_model
-from ddpm.unet import UNet
-from tests.conftest import TINY
 from tests.server_process import ServerProcess
+from tests.tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_1000(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return save_model(tmp_path_factory.mktemp("m") / "tiny1000", UNet(TINY), ModelCard(unet=TINY, num_timesteps=1000))
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny1000")
 
 
 @pytest.fixture

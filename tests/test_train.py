@@ -10,7 +10,7 @@ from PIL import Image
 from ddpm.checkpoint import load_model
 from ddpm.data import fit_to_size, load_dataset, mnist_digits
 from ddpm.train import TrainConfig, Trainer
-from tests.conftest import TINY
+from tests.tiny_model import TINY
 
 
 def _config(**kw: object) -> TrainConfig:

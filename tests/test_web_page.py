@@ -10,13 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ddpm.checkpoint import ModelCard, save_model
-from ddpm.unet import UNet
-from tests.conftest import TINY
 from tests.server_process import ServerProcess
+from tests.tiny_model import save_tiny_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -29,13 +26,7 @@ webdriver = pytest.importorskip("selenium.webdriver") if not REQUIRED else __imp
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    torch.manual_seed(0)
-    unet = UNet(TINY)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.dim() > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    model = save_model(tmp_path_factory.mktemp("m") / "tiny", unet, ModelCard(unet=TINY, num_timesteps=1000))
+    model = save_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
     s = ServerProcess(model)
     s.wait_ready()
     yield s

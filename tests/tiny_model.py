@@ -1,0 +1,46 @@
+"""The tiny U-Net most tests and the load test run on (no side effects on import, unlike conftest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ddpm.unet import UNet, UNetConfig
+
+TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4)
+
+
+def random_tiny_unet() -> UNet:
+    """The tiny U-Net, seeded, with its zero-initialised output layers randomised so eps is not 0."""
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.05)
+    return model
+
+
+def save_tiny_model(directory: Path, num_timesteps: int = 1000) -> Path:
+    """A ddpm-serve model directory holding ``random_tiny_unet()``, for servers in tests."""
+    from ddpm.checkpoint import ModelCard, save_model
+
+    return save_model(directory, random_tiny_unet(), ModelCard(unet=TINY, num_timesteps=num_timesteps))
+
+
+def tiny_loaded_model(unet: UNet, num_timesteps: int = 1000):  # type: ignore[no-untyped-def]
+    """A LoadedModel around a tiny U-Net, as the server would hold it."""
+    from ddpm.model_source import LoadedModel
+    from ddpm.schedule import VarianceType, make_schedule
+
+    return LoadedModel(
+        name="tiny",
+        eps_model=unet,
+        module=unet,
+        schedule=make_schedule("linear", num_timesteps),
+        variance_type=VarianceType.FIXED_SMALL,
+        clip_denoised=True,
+        image_shape=(TINY.in_channels, TINY.image_size, TINY.image_size),
+        source="test",
+    )
