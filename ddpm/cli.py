@@ -131,6 +131,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(text)
     if args.report:
         Path(args.report).write_text(text + "\n")
+    if args.grid:
+        from ddpm.grid import make_grid
+
+        make_grid(images[:100], ncols=10).save(args.grid)
     return 0
 
 
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(e)
     e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     e.add_argument("--report", default=None, help="also write the JSON report here")
+    e.add_argument("--grid", default=None, help="also write the first 100 samples as a PNG grid here")
     e.set_defaults(func=cmd_eval, n=250)
 
     c = sub.add_parser("train-classifier", help="train the digit classifier whose features the evaluation uses")
