@@ -172,9 +172,13 @@ def fused_reverse_step(
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
     clip_denoised: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Dispatch: Triton on CUDA tensors, the PyTorch twin on CPU; ``DDPM_STEP_BACKEND`` overrides."""
-    backend = step_backend()
+    """Dispatch: Triton on CUDA tensors, the PyTorch twin on CPU; ``backend`` (default: the
+    ``DDPM_STEP_BACKEND`` environment variable) overrides."""
+    backend = step_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"step backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not x_t.is_cuda):
         return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, clip_denoised)
     if not _triton_runs_on(x_t):

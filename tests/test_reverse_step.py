@@ -159,6 +159,11 @@ def test_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DDPM_STEP_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="DDPM_STEP_BACKEND"):
         fused_reverse_step(x, eps, coefs, seeds, pos + 1)
+    # an explicit backend (the server's DDPM_STEP_BACKEND setting) wins over the environment
+    explicit = fused_reverse_step(x, eps, coefs, seeds, pos + 1, backend="torch")
+    torch.testing.assert_close(explicit.cpu(), expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="step backend"):
+        fused_reverse_step(x, eps, coefs, seeds, pos + 1, backend="gpu")
 
 
 def test_reference_is_reverse_step() -> None:
