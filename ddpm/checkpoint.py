@@ -142,3 +142,12 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
             raise CheckpointError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     return model.to(device).eval(), card
+
+
+def record_quality(directory: str | Path, quality: dict[str, Any]) -> None:
+    """Write a measured quality report into a model directory's config.json (the model card's numbers)."""
+    directory = Path(directory)
+    card = read_card(directory)
+    card.quality = quality
+    text = json.dumps(card.to_dict(), indent=2) + "\n"
+    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))

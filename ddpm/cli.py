@@ -131,6 +131,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(text)
     if args.report:
         Path(args.report).write_text(text + "\n")
+    if args.record:
+        from ddpm.checkpoint import record_quality
+
+        record_quality(args.model, {"command": "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]), **report})
     if args.grid:
         from ddpm.grid import make_grid
 
@@ -234,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     e.add_argument("--report", default=None, help="also write the JSON report here")
     e.add_argument("--grid", default=None, help="also write the first 100 samples as a PNG grid here")
+    e.add_argument("--record", action="store_true", help="store the report as 'quality' in the model's config.json")
     e.set_defaults(func=cmd_eval, n=250)
 
     c = sub.add_parser("train-classifier", help="train the digit classifier whose features the evaluation uses")

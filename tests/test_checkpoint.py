@@ -65,3 +65,13 @@ def test_bad_config(tmp_path: Path, tiny_unet: UNet, text: str) -> None:
     (directory / CONFIG).write_text(text)
     with pytest.raises(CheckpointError):
         load_model(directory)
+
+
+def test_record_quality(tmp_path: Path, tiny_unet: UNet) -> None:
+    from ddpm.checkpoint import read_card, record_quality
+
+    directory = _saved(tmp_path, tiny_unet)
+    record_quality(directory, {"fd": 12.5, "n": 250})
+    card = read_card(directory)
+    assert card.quality == {"fd": 12.5, "n": 250} and card.training == {"steps": 3}
+    load_model(directory)  # still a valid model
