@@ -36,7 +36,9 @@ def test_sample_cli_is_reproducible(tmp_path: Path) -> None:
     b = np.load(_sample(tmp_path, "b.npy", "--seed", "3", "-n", "4", "--steps", "20", "--batch-size", "1"))
     c = np.load(_sample(tmp_path, "c.npy", "--seed", "4", "-n", "4", "--steps", "20"))
     assert a.shape == (4, 1, 28, 28) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
-    assert np.abs(a - b).max() < 1e-5  # batch size does not change image k
+    # batch size does not change image k beyond float rounding in the batched convolutions
+    # (measured 3.4e-5 in [0, 1] over 20 steps of the shipped model): under half a PNG level
+    assert np.abs(a - b).max() < 1e-4
     assert np.abs(a - c).max() > 0.1
     grid = Image.open(_sample(tmp_path, "g.png", "--seed", "3", "-n", "4", "--steps", "20"))
     assert grid.size == (2 + 2 * 30, 2 + 2 * 30)
