@@ -38,9 +38,6 @@ class StepCoefficients:
         """All coefficients as one (7, B) tensor, in field order."""
         return torch.stack([getattr(self, n) for n in self.names()])
 
-    def index(self, idx: torch.Tensor | slice) -> StepCoefficients:
-        return StepCoefficients(**{n: getattr(self, n)[idx] for n in self.names()})
-
     @staticmethod
     def cat(parts: list[StepCoefficients]) -> StepCoefficients:
         return StepCoefficients(**{n: torch.cat([getattr(p, n) for p in parts]) for n in StepCoefficients.names()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -75,7 +76,7 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request) -> JobH
     if not state.clients.acquire(client, job.n):
         limit = state.settings.max_images_per_client
         raise ApiError(429, f"too many images in flight for this client (limit {limit})", "rejected", retry)
-    handle = JobHandle(job, _loop(), on_release=lambda: state.clients.release(client, job.n))
+    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n))
     try:
         state.engine.submit(job)
     except (QueueFull, Draining) as exc:
@@ -90,12 +91,6 @@ def client_key(request: Request, trust_forwarded_for: bool) -> str:
     if trust_forwarded_for and forwarded:
         return forwarded.split(",")[-1].strip()
     return request.client.host if request.client else "unknown"
-
-
-def _loop():  # type: ignore[no-untyped-def]
-    import asyncio
-
-    return asyncio.get_running_loop()
 
 
 def _job_error(job: Job) -> ApiError | None:
