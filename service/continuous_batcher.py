@@ -357,16 +357,11 @@ class Engine:
 
     def _drop_dead_jobs(self) -> None:
         now = time.monotonic()
-        dead: dict[int, EngineError] = {}
         for job in self._jobs_in_flight():
             if job._cancelled:
-                dead[job.id] = Cancelled("the client went away")
+                self._fail_jobs([job], Cancelled("the client went away"))
             elif now > job.deadline:
-                dead[job.id] = DeadlineExceeded(f"deadline of {job.timeout_s:g} s exceeded")
-        if dead:
-            jobs = {job.id: job for job in self._jobs_in_flight() if job.id in dead}
-            for job_id, job in jobs.items():
-                self._fail_jobs([job], dead[job_id])
+                self._fail_jobs([job], DeadlineExceeded(f"deadline of {job.timeout_s:g} s exceeded"))
 
     def _jobs_in_flight(self) -> list[Job]:
         jobs = {job.id: job for job in self._waiting}
