@@ -27,7 +27,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DDPM_MODEL=/app/models/mnist-28 \
     MPLCONFIGDIR=/tmp/matplotlib \
-    TRITON_CACHE_DIR=/tmp/triton
+    TRITON_CACHE_DIR=/tmp/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
+# g++: torch.compile's CPU backend builds the compiled U-Net with it (DDPM_COMPILE=auto, the default;
+# without a compiler the server falls back to eager mode, ~1.1-1.4x slower on CPU).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY models ./models

@@ -1,10 +1,19 @@
-"""Bounded load against a real `ddpm serve` on loopback: burst (overload) and soak modes.
+"""Bounded load against a real `ddpm serve` on loopback: burst (overload), soak and sweep modes.
 
     python benchmarks/load_test.py burst --requests 300 --max-queue 32      # fast 503s, nothing lost, bounded memory
     python benchmarks/load_test.py soak --seconds 120 --concurrency 8        # steady mixed load: flat memory and latency
+    python benchmarks/load_test.py sweep --model models/mnist-28            # concurrency 1/4/16/64, continuous vs request
+    python benchmarks/load_test.py memory --model models/mnist-28 --steps 5 # RSS at start-up and per extra sample
 
 Starts its own server on a tiny random U-Net (or --model DIR) on 127.0.0.1, sends a fixed number of
-requests (burst) or runs for a fixed time (soak), then stops. Prints one JSON report.
+requests (burst, sweep) or runs for a fixed time (soak), then stops. Prints one JSON report (sweep:
+also a Markdown table).
+
+sweep: closed-loop clients (each sends its next request when the last is answered) with a 50/50 mix
+of short (10-step) and long (100-step) one-image requests, at each concurrency, once per scheduling
+mode (``DDPM_SCHEDULING=continuous|request``, one server each). Throughput is counted in image-steps
+(U-Net sample evaluations) per second so mixed chain lengths compare; the offline sampler at batch 16
+with the same model, threads and compile setting, measured first in this process, is the reference.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -71,6 +81,13 @@ async def burst(server: ServerProcess, args: argparse.Namespace) -> dict[str, ob
         "server_requests_200": server.metric('ddpm_requests_total{code="200"}'),
         "server_requests_503": server.metric('ddpm_requests_total{code="503"}'),
         "server_peak_rss_mib": round(peak / 1024, 1),
+        # inside the route (after the body is read and parsed): what the server itself spends on a 503
+        "server_reject_handler_mean_ms": round(
+            1e3
+            * server.metric('ddpm_request_duration_seconds_sum{outcome="rejected"}')
+            / max(1.0, server.metric('ddpm_request_duration_seconds_count{outcome="rejected"}')),
+            3,
+        ),
     }
 
 
@@ -114,9 +131,149 @@ async def soak(server: ServerProcess, args: argparse.Namespace) -> dict[str, obj
     }
 
 
+SHORT_STEPS, LONG_STEPS = 10, 100
+
+
+def histogram_mean(server: ServerProcess, name: str) -> tuple[float, float]:
+    """(sum, count) of a Prometheus histogram, for per-cell means by difference."""
+    return server.metric(f"{name}_sum"), server.metric(f"{name}_count")
+
+
+async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, timeout: float) -> dict[str, object]:
+    results: list[tuple[int, int, float]] = []  # (steps, status, latency)
+
+    async def client_loop(w: int, client: httpx.AsyncClient) -> None:
+        for i in range(per_client):
+            steps = (SHORT_STEPS, LONG_STEPS)[(w + i) % 2]
+            code, dt = await one(client, 10_000 * w + i, steps)
+            results.append((steps, code, dt))
+
+    wait0 = histogram_mean(server, "ddpm_queue_wait_seconds")
+    occ0 = histogram_mean(server, "ddpm_batch_occupancy")
+    it0 = histogram_mean(server, "ddpm_iteration_duration_seconds")
+    limits = httpx.Limits(max_connections=concurrency)
+    start = time.monotonic()
+    async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
+        await asyncio.gather(*(client_loop(w, client) for w in range(concurrency)))
+    wall = time.monotonic() - start
+    wait1 = histogram_mean(server, "ddpm_queue_wait_seconds")
+    occ1 = histogram_mean(server, "ddpm_batch_occupancy")
+    it1 = histogram_mean(server, "ddpm_iteration_duration_seconds")
+    ok = [(steps, dt) for steps, code, dt in results if code == 200]
+    latencies = [dt for _, dt in ok]
+    short = [dt for steps, dt in ok if steps == SHORT_STEPS]
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "ok": len(ok),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(ok) / wall, 3),
+        "image_steps_per_s": round(sum(steps for steps, _ in ok) / wall, 1),
+        "latency_p50_s": round(percentile(latencies, 0.5), 3),
+        "latency_p95_s": round(percentile(latencies, 0.95), 3),
+        "latency_p99_s": round(percentile(latencies, 0.99), 3),
+        "short_latency_p50_s": round(percentile(short, 0.5), 3),
+        "queue_wait_mean_s": round((wait1[0] - wait0[0]) / max(1.0, wait1[1] - wait0[1]), 3),
+        "batch_occupancy_mean": round((occ1[0] - occ0[0]) / max(1.0, occ1[1] - occ0[1]), 2),
+        # time inside iterations (U-Net + step) vs wall time: the rest is the engine loop, HTTP and the client
+        "iteration_mean_ms": round(1e3 * (it1[0] - it0[0]) / max(1.0, it1[1] - it0[1]), 2),
+        "busy_share": round((it1[0] - it0[0]) / wall, 3),
+    }
+
+
+def offline_image_steps_per_s(model_dir: Path, batch: int, steps: int, compile_setting: str) -> float:
+    """The offline sampler's rate at one batch size, with the server's hot path (after a warm-up run)."""
+    import torch
+
+    from ddpm.inference_compile import hot_path
+    from ddpm.model_source import load_model_source
+    from ddpm.sampler import sample
+    from ddpm.seeding import image_seeds
+    from kernels.philox import seeds_to_tensor
+
+    torch.set_num_threads(1)  # as the server (ServerProcess sets DDPM_THREADS=1)
+    model = load_model_source(model_dir)
+    fast = hot_path(model.eps_model, model.module, "cpu", compile_setting)
+    seeds = seeds_to_tensor(image_seeds(0, batch))
+    with torch.inference_mode():
+        for _warm_then_timed in range(2):
+            start = time.monotonic()
+            sample(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, step_fn=fast.step_fn,
+                   variance_type=model.variance_type, clip_denoised=model.clip_denoised)  # fmt: skip
+    return batch * steps / (time.monotonic() - start)
+
+
+def sweep(model: Path, args: argparse.Namespace) -> dict[str, object]:
+    offline = offline_image_steps_per_s(model, 16, (SHORT_STEPS + LONG_STEPS) // 2, args.compile)
+    cells: dict[str, list[dict[str, object]]] = {}
+    for mode in ("continuous", "request"):
+        server = ServerProcess(model, DDPM_MAX_QUEUE="100000", DDPM_MAX_BATCH=str(args.max_batch), DDPM_MAX_IMAGES_PER_CLIENT="100000",
+                               DDPM_SCHEDULING=mode, DDPM_COMPILE=args.compile, DDPM_LOG_FORMAT="json")  # fmt: skip
+        try:
+            server.wait_ready(timeout=600)
+            cells[mode] = []
+            for c in [int(x) for x in args.concurrencies.split(",")]:
+                per_client = max(2, args.requests // c)
+                cells[mode].append(asyncio.run(closed_loop(server, c, per_client, args.timeout)))
+                print(json.dumps({"mode": mode, **cells[mode][-1]}), file=sys.stderr, flush=True)
+            _, peak = rss_kb(server.proc.pid)
+        finally:
+            server.stop()
+        cells[mode + "_peak_rss_mib"] = round(peak / 1024, 1)  # type: ignore[assignment]
+    return {"mode": "sweep", "offline_batch16_image_steps_per_s": round(offline, 1), "cells": cells}
+
+
+def sweep_table(report: dict[str, object]) -> str:
+    cells = report["cells"]
+    offline = report["offline_batch16_image_steps_per_s"]
+    lines = ["| mode | concurrency | images/s | image-steps/s | p50 s | p95 s | p99 s | short p50 s | queue wait s | occupancy "
+             "| iteration ms | busy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for mode in ("continuous", "request"):
+        for r in cells[mode]:  # type: ignore[index]
+            lines.append(f"| {mode} | {r['concurrency']} | {r['images_per_s']} | {r['image_steps_per_s']} | {r['latency_p50_s']} | "
+                         f"{r['latency_p95_s']} | {r['latency_p99_s']} | {r['short_latency_p50_s']} | {r['queue_wait_mean_s']} | "
+                         f"{r['batch_occupancy_mean']} | {r['iteration_mean_ms']} | {r['busy_share']:.0%} |")  # fmt: skip
+    cont = {r["concurrency"]: r for r in cells["continuous"]}  # type: ignore[index]
+    req = {r["concurrency"]: r for r in cells["request"]}  # type: ignore[index]
+    if 16 in cont:
+        lines.append(f"\nserved image-steps/s at concurrency 16 / offline sampler at batch 16 ({offline}): "
+                     f"{cont[16]['image_steps_per_s'] / offline:.2f}")  # fmt: skip
+    for c in sorted(set(cont) & set(req)):
+        lines.append(f"concurrency {c}: short-request p50 request-level / continuous = "
+                     f"{req[c]['short_latency_p50_s'] / max(1e-9, cont[c]['short_latency_p50_s']):.2f}x, "
+                     f"throughput continuous / request-level = "
+                     f"{cont[c]['image_steps_per_s'] / max(1e-9, req[c]['image_steps_per_s']):.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def memory(model: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Server RSS: after start-up, then peak RSS while one request of each batch size runs alone."""
+    server = ServerProcess(model, DDPM_MAX_BATCH="256", DDPM_MAX_IMAGES_PER_REQUEST="256", DDPM_COMPILE=args.compile)
+    try:
+        server.wait_ready(timeout=600)
+        idle, _ = rss_kb(server.proc.pid)
+        peaks = {}
+        for n in [int(b) for b in args.batches.split(",")]:
+            r = httpx.post(server.url + "/generate", json={"seed": n, "batch_size": n, "steps": args.steps}, timeout=args.timeout)
+            assert r.status_code == 200, r.text
+            peaks[n] = rss_kb(server.proc.pid)[1]  # VmHWM only grows: batches go in increasing order
+    finally:
+        server.stop()
+    sizes = sorted(peaks)
+    per_sample = (peaks[sizes[-1]] - peaks[sizes[0]]) / max(1, sizes[-1] - sizes[0])
+    return {
+        "mode": "memory",
+        "compile": args.compile,
+        "rss_after_startup_mib": round(idle / 1024, 1),
+        "peak_rss_mib_by_batch": {n: round(kb / 1024, 1) for n, kb in peaks.items()},
+        "per_extra_sample_kib": round(per_sample, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["burst", "soak"])
+    parser.add_argument("mode", choices=["burst", "soak", "sweep", "memory"])
     parser.add_argument("--model", default=None)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=120)
@@ -125,12 +282,26 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--concurrencies", default="1,4,16,64", help="sweep: client concurrencies")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="sweep, memory: the server's DDPM_COMPILE")
+    parser.add_argument("--batches", default="1,16,64,256", help="memory: batch sizes, increasing")
+    parser.add_argument("--server-cpus", default="", help="burst, soak: pin the server to these CPUs (client: taskset)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else save_tiny_model(Path(tmp) / "tiny")
+        if args.mode == "sweep":
+            report = sweep(model, args)
+            print(json.dumps(report, indent=2))
+            print(sweep_table(report))
+            return
+        if args.mode == "memory":
+            print(json.dumps(memory(model, args), indent=2))
+            return
         env = {"DDPM_MAX_QUEUE": str(args.max_queue), "DDPM_MAX_BATCH": str(args.max_batch), "DDPM_MAX_IMAGES_PER_CLIENT": "100000",
                "DDPM_LOG_FORMAT": "json"}  # fmt: skip
         server = ServerProcess(model, **env)
+        if args.server_cpus:  # keep the load generator off the server's cores (set before the server starts its threads)
+            os.sched_setaffinity(server.proc.pid, {int(c) for c in args.server_cpus.split(",")})
         try:
             server.wait_ready()
             report = asyncio.run(burst(server, args) if args.mode == "burst" else soak(server, args))

@@ -173,14 +173,17 @@ class Engine:
                 raise Draining("the server is draining and accepts no new work")
             if self._queued_images + job.n > self.max_queue:
                 raise QueueFull(f"queue full: {self._queued_images} images waiting, capacity {self.max_queue}")
-            job.images = torch.zeros((job.n, *self.shape), dtype=torch.float32)
-            job._pending.extend(range(job.n))
-            self._waiting.append(job)
-            self._queued_images += job.n
-            self._live.add(job.id)
-            self.observer.on_load(self._queued_images, self.running)
-            self._lock.notify_all()
+            self._enqueue(job)
         return job
+
+    def _enqueue(self, job: Job) -> None:
+        job.images = torch.zeros((job.n, *self.shape), dtype=torch.float32)
+        job._pending.extend(range(job.n))
+        self._waiting.append(job)
+        self._queued_images += job.n
+        self._live.add(job.id)
+        self.observer.on_load(self._queued_images, self.running)
+        self._lock.notify_all()
 
     @property
     def running(self) -> int:
@@ -218,19 +221,24 @@ class Engine:
         return self.idle
 
     def warmup(self, steps: int) -> None:
-        """Run a short chain through the engine's own iteration code (before start)."""
+        """Run short chains through the engine's own iteration code (before start) at batch 1, 2 and
+        max_batch, clipped and not, so a compiled hot path has built its graphs before the first request
+        (dynamo makes batch 1 its own graph, and may split the dynamic batch range once more)."""
         if steps <= 0:
             return
-        job = Job(seed=0, n=1, steps=min(steps, self.model.schedule.num_timesteps), clip_denoised=True, timeout_s=3600)
         observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
         try:
-            self.submit(job)
-            while not job.done:
-                self._iterate()
+            for n in sorted({1, min(2, self.max_batch), self.max_batch}):
+                for clip in (True, False):
+                    job = Job(seed=0, n=n, steps=min(steps, self.model.schedule.num_timesteps), clip_denoised=clip, timeout_s=3600)
+                    with self._lock:
+                        self._enqueue(job)  # not submit(): warm-up ignores the queue limit
+                    while not job.done:
+                        self._iterate()
+                    if job.error is not None:
+                        raise job.error
         finally:
             self.observer = observer
-        if job.error is not None:
-            raise job.error
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -243,6 +251,7 @@ class Engine:
             self._iterate()
         self._fail_all(Cancelled("the engine stopped"))
 
+    @torch.inference_mode()  # every tensor of the running batch is an inference tensor (compiled graphs guard on it)
     def _iterate(self) -> None:
         with self._lock:
             self._drop_dead_jobs()
@@ -252,8 +261,7 @@ class Engine:
             return
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
-                new_x = self._denoise(running)
+            new_x = self._denoise(running)
         except Exception as exc:  # a broken model fails the jobs in the batch, not the engine
             log.exception("model call failed")
             self.healthy = False

@@ -58,7 +58,7 @@ def _field_error(field: str, message: str, value: object) -> RequestValidationEr
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
-def _submit(state: ServerState, body: GenerateRequest, request: Request) -> JobHandle:
+def _submit(state: ServerState, body: GenerateRequest, request: Request, stream: bool = False) -> JobHandle:
     """Validate against the loaded model and hand the job to the engine (errors as ApiError)."""
     reason = state.not_ready_reason()
     retry = {"Retry-After": str(state.settings.retry_after_s)}
@@ -76,7 +76,7 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request) -> JobH
     if not state.clients.acquire(client, job.n):
         limit = state.settings.max_images_per_client
         raise ApiError(429, f"too many images in flight for this client (limit {limit})", "rejected", retry)
-    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n))
+    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n), stream=stream)
     try:
         state.engine.submit(job)
     except (QueueFull, Draining) as exc:
@@ -179,7 +179,7 @@ def _sse(event: str, data: object) -> str:
 async def generate_stream(body: GenerateRequest, request: Request, state: StateDep, _: Authorized) -> StreamingResponse:
     arrived = time.monotonic()
     try:
-        handle = _submit(state, body, request)
+        handle = _submit(state, body, request, stream=True)
     except ApiError as exc:
         state.metrics.on_response(exc.status_code, exc.outcome, time.monotonic() - arrived)
         raise

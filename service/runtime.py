@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.inference_compile import hot_path
 from ddpm.model_source import LoadedModel, load_model_source
 from kernels.reverse_step import fused_reverse_step
 from service.continuous_batcher import Engine, Job
@@ -96,13 +98,20 @@ class ServerState:
                 torch.set_num_threads(s.threads)
             device = resolve_device(s.device)
             model = load_model_source(s.model, device)
+            fast = hot_path(model.eps_model, model.module, device, s.compile)
+            model.eps_model = fast.eps_model
+            if fast.step_fn is not None and s.step_backend == "auto":
+                step_fn, backend = fast.step_fn, "torch_compiled"
+            else:
+                step_fn = functools.partial(fused_reverse_step, backend=s.step_backend)
+                backend = s.step_backend if s.step_backend != "auto" else ("triton" if device.type == "cuda" else "torch")
             if s.fault_every_n_iterations:
                 model.eps_model = FaultInjector(model.eps_model, s.fault_every_n_iterations)
             engine = Engine(
                 model,
                 max_batch=s.max_batch,
                 max_queue=s.max_queue,
-                step_fn=fused_reverse_step,
+                step_fn=step_fn,
                 observer=self.metrics,
                 scheduling=s.scheduling,
             )
@@ -116,7 +125,8 @@ class ServerState:
                     "device": str(device),
                     "image_shape": "x".join(map(str, model.image_shape)),
                     "num_timesteps": str(model.schedule.num_timesteps),
-                    "step_backend": s.step_backend,
+                    "step_backend": backend,
+                    "compiled": str(fast.compiled).lower(),
                 }
             )
             self.model, self.engine = model, engine
@@ -159,13 +169,16 @@ class ProgressEvent:
 class JobHandle:
     """A submitted job seen from the event loop: an awaitable result and a stream of progress."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None, stream: bool = False
+    ) -> None:
         self.job = job
         self.done = loop.create_future()
         self._on_release = on_release
         self.progress: asyncio.Queue[ProgressEvent] = asyncio.Queue()
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
-        job.on_progress = lambda j: loop.call_soon_threadsafe(self.progress.put_nowait, ProgressEvent(j.steps_done, j.n * j.steps))
+        if stream:  # only a stream reads progress: other jobs must not wake the event loop every iteration
+            job.on_progress = lambda j: loop.call_soon_threadsafe(self.progress.put_nowait, ProgressEvent(j.steps_done, j.n * j.steps))
 
     def _set_done(self) -> None:
         if not self.done.done():

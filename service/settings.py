@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; past it: 504 and its samples leave")
     step_backend: Literal["auto", "triton", "torch"] = Field("auto", description="the fused step: Triton on CUDA, PyTorch twin on CPU")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the U-Net (channels-last) and the CPU step: auto = where a compiler exists"
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")
     warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")
     drain_timeout_s: float = Field(600.0, ge=0, description="on SIGTERM: how long in-flight requests may still run")

@@ -4,6 +4,8 @@ import os
 
 # Triton kernels run on CPU tensors in the interpreter; must be set before triton.jit decorates them.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests run eager (compiling every tiny model would cost minutes); test_inference_compile.py turns it on.
+os.environ.setdefault("DDPM_COMPILE", "off")
 
 import pytest
 

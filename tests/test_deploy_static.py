@@ -44,6 +44,8 @@ def test_dockerfile_contract() -> None:
     assert re.search(r'^CMD \["ddpm", "serve"', text, re.M)
     assert "TORCH_INDEX" in text  # the CPU-only variant
     assert "COPY models" in text  # the shipped model is inside
+    # the default hot path (DDPM_COMPILE=auto) needs a C++ compiler and a writable cache on the read-only root
+    assert re.search(r"apt-get install .*g\+\+", text) and "TORCHINDUCTOR_CACHE_DIR=/tmp/" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
 

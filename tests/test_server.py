@@ -275,18 +275,19 @@ def test_metrics_move_with_served_requests(model_dir: Path) -> None:
     assert "ddpm_iteration_duration_seconds_count 20.0" in text
     assert "ddpm_batch_occupancy_sum 50.0" in text
     assert "ddpm_queue_depth 0.0" in text and "ddpm_running_samples 0.0" in text
-    assert 'ddpm_model_info{device="cpu"' in text and "ddpm_ready 1.0" in text
+    info = next(line for line in text.splitlines() if line.startswith("ddpm_model_info{"))
+    assert 'compiled="false"' in info and 'device="cpu"' in info and 'step_backend="torch"' in info and "ddpm_ready 1.0" in text
 
 
 def test_model_fault_fails_only_the_affected_requests(model_dir: Path) -> None:
-    # warm-up uses call 1; with every=25 the 25th call fails: inside the first 30-step request
+    # warm-up uses calls 1-6 (batch 1, 2, 8 x clip on/off); with every=25 call 25 fails: inside the 30-step request (7..36)
     with _client(model_dir, fault_every_n_iterations=25, warmup_steps=1) as c:
         _wait_ready(c)
         r = c.post("/generate", json={"seed": 1, "steps": 30})
         assert r.status_code == 500 and "model call failed: injected fault" in r.json()["detail"]
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "model call failed" in ready.json()["detail"]
-        ok = c.post("/generate", json={"seed": 2, "steps": 10})  # calls 31..40: no fault
+        ok = c.post("/generate", json={"seed": 2, "steps": 10})  # calls 37..46: no fault
         assert ok.status_code == 200
         assert c.get("/readyz").status_code == 200  # a good call makes it ready again
         text = c.get("/metrics").text

@@ -1,0 +1,141 @@
+"""Everything issue 6 wants measured on a GPU, in one short run (~5 minutes on an H200).
+
+    pip install -e '.[test]'            # with a CUDA build of torch==2.13.0 (PyPI's default wheel)
+    python benchmarks/gpu_suite.py > gpu.md
+
+1. Sampler images/s, ours vs a diffusers DDPMScheduler.step loop, same U-Net weights, 50 steps,
+   batch 1/16/64/256: ours eager fp32, ours compiled fp32 (the server's default hot path on CUDA:
+   compiled U-Net + the fused Triton step), ours compiled under bf16 and fp16 autocast.
+2. CUDA-graph gain per batch bucket: the U-Net call under torch.compile(mode="reduce-overhead")
+   (CUDA graphs) vs torch.compile's default mode.
+3. Low-precision drift: the same seeds through the whole 1000-step chain in fp32 and in bf16/fp16
+   autocast; max and mean |difference| in [0, 1] pixel units and the share of 8-bit pixels that change.
+The fused kernel's own bandwidth is `python benchmarks/bench_reverse_step.py --gpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_sampler import diffusers_loop
+from ddpm.cli import DEFAULT_MODEL
+from ddpm.inference_compile import hot_path
+from ddpm.model_source import LoadedModel, load_model_source
+from ddpm.sampler import EpsModel, sample
+from ddpm.seeding import image_seeds
+from kernels.philox import seeds_to_tensor
+
+
+def cuda_time(fn: Callable[[], object], rounds: int = 3) -> float:
+    samples = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def autocast(eps_model: EpsModel, dtype: torch.dtype | None) -> EpsModel:
+    if dtype is None:
+        return eps_model
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=dtype):
+            return eps_model(x, t).float()
+
+    return run
+
+
+def chain(model: LoadedModel, eps_model: EpsModel, batch: int, steps: int) -> torch.Tensor:
+    seeds = seeds_to_tensor(image_seeds(0, batch), "cuda")
+    return sample(eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
+                  clip_denoised=model.clip_denoised, device="cuda")  # fmt: skip
+
+
+def sampler_table(model_dir: str, steps: int, batches: list[int]) -> None:
+    import diffusers
+
+    eager = load_model_source(model_dir, "cuda")
+    compiled_model = load_model_source(model_dir, "cuda")
+    compiled = hot_path(compiled_model.eps_model, compiled_model.module, "cuda", "on").eps_model
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=eager.schedule.num_timesteps, variance_type=eager.variance_type.value,
+                                        clip_sample=eager.clip_denoised)  # fmt: skip
+    variants: dict[str, Callable[[int], object]] = {
+        "diffusers": lambda b: diffusers_loop(eager, scheduler, steps, b, device="cuda"),
+        "ours eager fp32": lambda b: chain(eager, eager.eps_model, b, steps),
+        "ours compiled fp32": lambda b: chain(compiled_model, compiled, b, steps),
+        "ours compiled bf16": lambda b: chain(compiled_model, autocast(compiled, torch.bfloat16), b, steps),
+        "ours compiled fp16": lambda b: chain(compiled_model, autocast(compiled, torch.float16), b, steps),
+    }
+    print(f"\n## Sampler, {steps} steps, images/s (ratio to diffusers)\n")
+    print("| batch | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants))
+    with torch.inference_mode():
+        for b in batches:
+            for fn in variants.values():
+                fn(b)  # compile / warm up
+            rate = {name: b / cuda_time(lambda fn=fn: fn(b)) for name, fn in variants.items()}
+            cells = [f"{r:.0f} ({r / rate['diffusers']:.2f}x)" for r in rate.values()]
+            print(f"| {b} | " + " | ".join(cells) + " |", flush=True)
+
+
+def cuda_graph_table(model_dir: str, batches: list[int]) -> None:
+    model = load_model_source(model_dir, "cuda")
+    module = model.module.to(memory_format=torch.channels_last)
+    default = torch.compile(module)
+    graphs = torch.compile(module, mode="reduce-overhead")
+    print("\n## U-Net call: CUDA graphs (reduce-overhead) vs torch.compile default, ms per call\n")
+    print("| batch | default ms | cuda graphs ms | gain |\n|---|---|---|---|")
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, *model.image_shape, device="cuda").contiguous(memory_format=torch.channels_last)
+            t = torch.randint(0, 1000, (b,), device="cuda")
+            ms = {}
+            for name, fn in (("default", default), ("graphs", graphs)):
+                for _ in range(3):
+                    fn(x, t)
+                ms[name] = 1e3 * cuda_time(lambda fn=fn: [fn(x, t) for _ in range(20)]) / 20
+            print(f"| {b} | {ms['default']:.3f} | {ms['graphs']:.3f} | {ms['default'] / ms['graphs']:.2f}x |", flush=True)
+
+
+def drift_table(model_dir: str, batch: int) -> None:
+    model = load_model_source(model_dir, "cuda")
+    print(f"\n## Low-precision drift, full chain ({model.schedule.num_timesteps} steps), {batch} images, vs fp32\n")
+    print("| dtype | max abs | mean abs | 8-bit pixels changed |\n|---|---|---|---|")
+    with torch.inference_mode():
+        ref = (chain(model, model.eps_model, batch, model.schedule.num_timesteps).clamp(-1, 1) + 1) / 2
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            out = (chain(model, autocast(model.eps_model, dtype), batch, model.schedule.num_timesteps).clamp(-1, 1) + 1) / 2
+            diff = (out - ref).abs()
+            changed = ((out * 255).round() != (ref * 255).round()).float().mean().item()
+            print(f"| {name} | {diff.max().item():.4f} | {diff.mean().item():.5f} | {changed:.2%} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--drift-batch", type=int, default=64)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this script is for a GPU machine")
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"# GPU suite: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    sampler_table(args.model, args.steps, batches)
+    cuda_graph_table(args.model, batches)
+    drift_table(args.model, args.drift_batch)
+
+
+if __name__ == "__main__":
+    main()

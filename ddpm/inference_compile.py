@@ -1,0 +1,120 @@
+"""The compiled inference hot path: the U-Net in channels-last memory under ``torch.compile``, and the
+compiled PyTorch twin of the fused step on CPU.
+
+Measured on the 2-core CPU (BENCHMARKS.md, ``benchmarks/bench_sampler.py``): the compiled
+channels-last U-Net is 1.1-1.4x the eager one, and the compiled Philox twin ~10x the eager twin.
+Compiling costs ~10-60 s once per process (per input rank/dtype; batch 1 and batch >= 2 compile
+separately), so the server pays it during warm-up, before /readyz turns 200.
+
+``DDPM_COMPILE`` (server setting, and the CLI's default): ``auto`` compiles where inductor can run
+(CUDA, or a CPU with a C++ compiler), ``on`` insists (fails when it cannot), ``off`` keeps eager mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ddpm.sampler import EpsModel, StepCoefficients, StepFn
+
+log = logging.getLogger("ddpm.compile")
+
+CompileSetting = Literal["auto", "on", "off"]
+COMPILE_SETTINGS: tuple[str, ...] = ("auto", "on", "off")
+
+
+def cpu_compiler_available() -> bool:
+    """Inductor's CPU backend writes C++ and builds it with the system compiler."""
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def should_compile(setting: str, device: torch.device | str) -> bool:
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"compile setting must be one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
+    if setting == "off":
+        return False
+    usable = torch.device(device).type == "cuda" or cpu_compiler_available()
+    if setting == "on" and not usable:
+        raise RuntimeError("compile=on needs CUDA or a C++ compiler (g++) for torch.compile on CPU; use compile=off")
+    return usable
+
+
+class CompiledEps:
+    """eps_theta(x_t, t) through ``torch.compile`` of the module in channels-last memory.
+
+    The batch dimension is marked dynamic (for batches >= 2), so the server's running batch, whose
+    size changes every iteration, reuses one graph instead of recompiling per size.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module.to(memory_format=torch.channels_last)
+        self._compiled = torch.compile(self.module)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x, t = as_inference(x.contiguous(memory_format=torch.channels_last)), as_inference(t)
+            if x.shape[0] >= 2:
+                torch._dynamo.mark_dynamic(x, 0)
+                torch._dynamo.mark_dynamic(t, 0)
+            return self._compiled(x, t).contiguous()  # NCHW for the step (a no-op for one channel)
+
+
+def as_inference(x: torch.Tensor) -> torch.Tensor:
+    """The tensor as an inference tensor (a copy when it is not one; call inside inference mode).
+
+    Dynamo guards on a tensor's dispatch keys: an inference tensor and a normal one fail each other's
+    guards, and a caller that mixes them (the engine's running batch is built from both) would
+    recompile every few iterations until dynamo's cache limit silently falls back to eager mode.
+    """
+    return x if x.is_inference() else x.clone(memory_format=torch.preserve_format)
+
+
+_COMPILED_TWIN: StepFn | None = None
+
+
+def compiled_step_twin() -> StepFn:
+    """``torch.compile`` of the PyTorch twin (Philox rounds + Eq. 11/7 fused into one C++ loop)."""
+    global _COMPILED_TWIN
+    if _COMPILED_TWIN is None:
+        from kernels.reverse_step import fused_reverse_step_torch
+
+        compiled = torch.compile(fused_reverse_step_torch, dynamic=True)
+
+        def step(x_t, eps, coefs, seeds, noise_counter, clip_denoised=False):  # type: ignore[no-untyped-def]
+            with torch.inference_mode():
+                coefs = StepCoefficients(*(as_inference(getattr(coefs, n)) for n in StepCoefficients.names()))
+                counter = as_inference(torch.as_tensor(noise_counter, dtype=torch.int64, device=x_t.device).expand(x_t.shape[0]))
+                return compiled(as_inference(x_t), as_inference(eps), coefs, as_inference(seeds), counter, bool(clip_denoised))
+
+        _COMPILED_TWIN = step
+    return _COMPILED_TWIN
+
+
+@dataclass(frozen=True)
+class HotPath:
+    """What to sample with. ``step_fn`` None: the default dispatcher (eager twin on CPU, Triton on CUDA)."""
+
+    eps_model: EpsModel
+    step_fn: StepFn | None
+    compiled: bool
+
+
+def hot_path(eps_model: EpsModel, module: torch.nn.Module, device: torch.device | str, setting: str) -> HotPath:
+    """The eps model and step function to sample with: compiled where ``setting`` allows, else as given."""
+    if not should_compile(setting, device):
+        return HotPath(eps_model, None, compiled=False)
+    if eps_model is not module:  # a wrapped model (e.g. diffusers' UNet2DModel adapter): compile as given
+        compiled: EpsModel = torch.compile(eps_model)
+    else:
+        compiled = CompiledEps(module)
+    from kernels.reverse_step import step_backend
+
+    # on CPU the compiled twin replaces the dispatcher, unless DDPM_STEP_BACKEND names a backend explicitly
+    step = compiled_step_twin() if torch.device(device).type == "cpu" and step_backend() == "auto" else None
+    log.info("torch.compile on %s: the first calls per batch shape compile (seconds to a minute)", device)
+    return HotPath(compiled, step, compiled=True)

@@ -1,0 +1,129 @@
+"""The compiled hot path (what `ddpm serve` runs by default on a machine with a C++ compiler) against
+the eager reference: the channels-last compiled U-Net, the compiled Philox twin, and a server on it."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch._dynamo.utils import counters
+
+from ddpm.inference_compile import CompiledEps, HotPath, compiled_step_twin, cpu_compiler_available, hot_path, should_compile
+from ddpm.respace import respace_steps
+from ddpm.sampler import ChainTables, sample
+from ddpm.schedule import VarianceType, make_schedule
+from ddpm.seeding import image_seeds
+from kernels.philox import seeds_to_tensor
+from kernels.reverse_step import fused_reverse_step_torch
+from service.app import create_app
+from service.settings import Settings
+from tests.tiny_model import TINY, random_tiny_unet, save_tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_compiler_available(), reason="torch.compile on CPU needs a C++ compiler")
+SHAPE = (TINY.in_channels, TINY.image_size, TINY.image_size)
+
+
+def test_settings() -> None:
+    assert should_compile("off", "cpu") is False
+    assert should_compile("auto", "cpu") is True  # a compiler is present (module skip otherwise)
+    assert should_compile("on", "cpu") is True
+    with pytest.raises(ValueError, match="compile setting"):
+        should_compile("fast", "cpu")
+
+
+def test_compiled_unet_matches_eager_over_changing_batch_sizes() -> None:
+    eager = random_tiny_unet()
+    compiled = CompiledEps(random_tiny_unet())
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode():
+        for b in (1, 2, 5, 3, 8):  # the server's running batch changes size every iteration
+            x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(b))
+            t = torch.randint(0, 1000, (b,), generator=torch.Generator().manual_seed(b))
+            out = compiled(x, t)
+            assert out.shape == x.shape and out.is_contiguous()
+            torch.testing.assert_close(out, eager(x, t), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # batch 1, and one graph with a dynamic batch for 2, 5, 3, 8
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_compiled_twin_matches_the_twin(clip: bool) -> None:
+    tables = ChainTables(respace_steps(make_schedule("linear", 1000), 50), VarianceType.FIXED_SMALL)
+    step = compiled_step_twin()
+    for b in (1, 4, 7):
+        g = torch.Generator().manual_seed(b)
+        x, eps = torch.randn(b, 3, 9, 7, generator=g), torch.randn(b, 3, 9, 7, generator=g)
+        positions = torch.randint(0, 50, (b,), generator=g)
+        seeds = seeds_to_tensor(image_seeds(b, b))
+        counter = tables.timesteps[positions] + 1
+        coefs = tables.coefficients(positions)
+        want = fused_reverse_step_torch(x, eps, coefs, seeds, counter, clip)
+        torch.testing.assert_close(step(x, eps, coefs, seeds, counter, clip), want, rtol=1e-5, atol=2e-6)
+
+
+def test_compiled_chain_matches_the_eager_chain() -> None:
+    unet = random_tiny_unet()
+    schedule = make_schedule("linear", 1000)
+    seeds = seeds_to_tensor(image_seeds(3, 4))
+    with torch.inference_mode():
+        want = sample(unet, schedule, seeds, SHAPE, steps=20)
+        fast = hot_path(unet, unet, "cpu", "on")
+        got = sample(fast.eps_model, schedule, seeds, SHAPE, steps=20, step_fn=fast.step_fn)
+    assert isinstance(fast.eps_model, CompiledEps) and fast.step_fn is compiled_step_twin() and fast.compiled
+    assert hot_path(unet, unet, "cpu", "off") == HotPath(unet, None, compiled=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_server_runs_the_compiled_path_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DDPM_COMPILE")  # the suite's eager default off: the server's own default (auto)
+    model_dir = save_tiny_model(tmp_path / "tiny", num_timesteps=200)
+    settings = Settings(model=model_dir, warmup_steps=1, max_batch=8)
+    assert settings.compile == "auto"
+    with TestClient(create_app(settings)) as c:
+        end = time.monotonic() + 300
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < end, c.get("/readyz").json()
+            time.sleep(0.05)
+        metrics = c.get("/metrics").text
+        assert 'compiled="true"' in metrics and 'step_backend="torch_compiled"' in metrics
+        r = c.post("/generate", json={"seed": 7, "batch_size": 3, "steps": 20}, headers={"Accept": "application/x-npy"})
+        assert r.status_code == 200
+        got = np.load(io.BytesIO(r.content))
+    # the eager offline sampler on the same weights: the same images
+    with torch.inference_mode():
+        want = sample(random_tiny_unet(), make_schedule("linear", 200), seeds_to_tensor(image_seeds(7, 3)), SHAPE, steps=20)
+    np.testing.assert_allclose(got, (want.clamp(-1, 1).numpy() + 1) / 2, atol=1e-4)
+
+
+def test_engine_never_recompiles_after_warm_up() -> None:
+    """The running batch changes size, mixes chain lengths and clip settings, and is built from fresh
+    and carried-over tensors: after warm-up no new graph may be compiled (a recompile storm ends in
+    dynamo's silent fallback to eager mode, which the load benchmark once caught at -25% throughput)."""
+    from service.continuous_batcher import Engine, Job
+    from tests.tiny_model import tiny_loaded_model
+
+    model = tiny_loaded_model(random_tiny_unet(), num_timesteps=100)
+    fast = hot_path(model.eps_model, model.module, "cpu", "on")
+    model.eps_model = fast.eps_model
+    engine = Engine(model, max_batch=8, max_queue=1000, step_fn=fast.step_fn)
+    engine.warmup(1)
+    graphs = counters["stats"]["unique_graphs"]
+    jobs = [Job(seed=i, n=1 + i % 3, steps=(3, 7, 12)[i % 3], clip_denoised=bool(i % 2), timeout_s=600) for i in range(10)]
+    sizes = set()
+    for job in jobs[:4]:
+        engine.submit(job)
+    for i in range(200):
+        if i % 4 == 0 and i // 4 + 4 < len(jobs):
+            engine.submit(jobs[i // 4 + 4])
+        sizes.add(engine.running)
+        engine._iterate()
+        if all(job.done for job in jobs):
+            break
+    assert all(job.done and job.error is None for job in jobs)
+    assert len(sizes) >= 5  # the batch really did change size
+    assert counters["stats"]["unique_graphs"] == graphs
