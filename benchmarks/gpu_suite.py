@@ -2,6 +2,7 @@
 
     pip install -e '.[test]'            # with a CUDA build of torch==2.13.0 (PyPI's default wheel)
     python benchmarks/gpu_suite.py > gpu.md
+    python benchmarks/gpu_suite.py --device cpu --steps 2 --batches 1,2 --drift-batch 2 --drift-steps 3   # dry run
 
 1. Sampler images/s, ours vs a diffusers DDPMScheduler.step loop, same U-Net weights, 50 steps,
    batch 1/16/64/256: ours eager fp32, ours compiled fp32 (the server's default hot path on CUDA:
@@ -34,14 +35,21 @@ from ddpm.sampler import EpsModel, sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
 
 def cuda_time(fn: Callable[[], object], rounds: int = 3) -> float:
     samples = []
     for _ in range(rounds):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -51,28 +59,28 @@ def autocast(eps_model: EpsModel, dtype: torch.dtype | None) -> EpsModel:
         return eps_model
 
     def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(DEVICE, dtype=dtype):
             return eps_model(x, t).float()
 
     return run
 
 
 def chain(model: LoadedModel, eps_model: EpsModel, batch: int, steps: int) -> torch.Tensor:
-    seeds = seeds_to_tensor(image_seeds(0, batch), "cuda")
+    seeds = seeds_to_tensor(image_seeds(0, batch), DEVICE)
     return sample(eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
-                  clip_denoised=model.clip_denoised, device="cuda")  # fmt: skip
+                  clip_denoised=model.clip_denoised, device=DEVICE)  # fmt: skip
 
 
 def sampler_table(model_dir: str, steps: int, batches: list[int]) -> None:
     import diffusers
 
-    eager = load_model_source(model_dir, "cuda")
-    compiled_model = load_model_source(model_dir, "cuda")
-    compiled = hot_path(compiled_model.eps_model, compiled_model.module, "cuda", "on").eps_model
+    eager = load_model_source(model_dir, DEVICE)
+    compiled_model = load_model_source(model_dir, DEVICE)
+    compiled = hot_path(compiled_model.eps_model, compiled_model.module, DEVICE, "on").eps_model
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=eager.schedule.num_timesteps, variance_type=eager.variance_type.value,
                                         clip_sample=eager.clip_denoised)  # fmt: skip
     variants: dict[str, Callable[[int], object]] = {
-        "diffusers": lambda b: diffusers_loop(eager, scheduler, steps, b, device="cuda"),
+        "diffusers": lambda b: diffusers_loop(eager, scheduler, steps, b, device=DEVICE),
         "ours eager fp32": lambda b: chain(eager, eager.eps_model, b, steps),
         "ours compiled fp32": lambda b: chain(compiled_model, compiled, b, steps),
         "ours compiled bf16": lambda b: chain(compiled_model, autocast(compiled, torch.bfloat16), b, steps),
@@ -90,7 +98,7 @@ def sampler_table(model_dir: str, steps: int, batches: list[int]) -> None:
 
 
 def cuda_graph_table(model_dir: str, batches: list[int]) -> None:
-    model = load_model_source(model_dir, "cuda")
+    model = load_model_source(model_dir, DEVICE)
     module = model.module.to(memory_format=torch.channels_last)
     default = torch.compile(module)
     graphs = torch.compile(module, mode="reduce-overhead")
@@ -98,8 +106,8 @@ def cuda_graph_table(model_dir: str, batches: list[int]) -> None:
     print("| batch | default ms | cuda graphs ms | gain |\n|---|---|---|---|")
     with torch.inference_mode():
         for b in batches:
-            x = torch.randn(b, *model.image_shape, device="cuda").contiguous(memory_format=torch.channels_last)
-            t = torch.randint(0, 1000, (b,), device="cuda")
+            x = torch.randn(b, *model.image_shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
+            t = torch.randint(0, 1000, (b,), device=DEVICE)
             ms = {}
             for name, fn in (("default", default), ("graphs", graphs)):
                 for _ in range(3):
@@ -108,14 +116,15 @@ def cuda_graph_table(model_dir: str, batches: list[int]) -> None:
             print(f"| {b} | {ms['default']:.3f} | {ms['graphs']:.3f} | {ms['default'] / ms['graphs']:.2f}x |", flush=True)
 
 
-def drift_table(model_dir: str, batch: int) -> None:
-    model = load_model_source(model_dir, "cuda")
-    print(f"\n## Low-precision drift, full chain ({model.schedule.num_timesteps} steps), {batch} images, vs fp32\n")
+def drift_table(model_dir: str, batch: int, steps: int | None) -> None:
+    model = load_model_source(model_dir, DEVICE)
+    steps = steps or model.schedule.num_timesteps
+    print(f"\n## Low-precision drift, {steps}-step chain, {batch} images, vs fp32\n")
     print("| dtype | max abs | mean abs | 8-bit pixels changed |\n|---|---|---|---|")
     with torch.inference_mode():
-        ref = (chain(model, model.eps_model, batch, model.schedule.num_timesteps).clamp(-1, 1) + 1) / 2
+        ref = (chain(model, model.eps_model, batch, steps).clamp(-1, 1) + 1) / 2
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            out = (chain(model, autocast(model.eps_model, dtype), batch, model.schedule.num_timesteps).clamp(-1, 1) + 1) / 2
+            out = (chain(model, autocast(model.eps_model, dtype), batch, steps).clamp(-1, 1) + 1) / 2
             diff = (out - ref).abs()
             changed = ((out * 255).round() != (ref * 255).round()).float().mean().item()
             print(f"| {name} | {diff.max().item():.4f} | {diff.mean().item():.5f} | {changed:.2%} |", flush=True)
@@ -127,14 +136,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--drift-batch", type=int, default=64)
+    parser.add_argument("--drift-steps", type=int, default=None, help="default: the full chain (T)")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this script is for a GPU machine")
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this script is for a GPU machine (--device cpu for a dry run)")
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"# GPU suite: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    print(f"# GPU suite: {name}, torch {torch.__version__}")
     sampler_table(args.model, args.steps, batches)
     cuda_graph_table(args.model, batches)
-    drift_table(args.model, args.drift_batch)
+    drift_table(args.model, args.drift_batch, args.drift_steps)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python benchmarks/load_test.py burst --requests 300 --max-queue 32      # fast 503s, nothing lost, bounded memory
     python benchmarks/load_test.py soak --seconds 120 --concurrency 8        # steady mixed load: flat memory and latency
     python benchmarks/load_test.py sweep --model models/mnist-28            # concurrency 1/4/16/64, continuous vs request
-    python benchmarks/load_test.py memory --model models/mnist-28 --steps 5 # RSS at start-up and per extra sample
+    python benchmarks/load_test.py memory --model models/mnist-28 --steps 3 # peak RSS by batch size, per extra sample
 
 Starts its own server on a tiny random U-Net (or --model DIR) on 127.0.0.1, sends a fixed number of
 requests (burst, sweep) or runs for a fixed time (soak), then stops. Prints one JSON report (sweep:
@@ -58,10 +58,18 @@ async def one(client: httpx.AsyncClient, seed: int, steps: int, n: int = 1) -> t
         return -1, time.monotonic() - start
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (default: this one), from /proc."""
+    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def burst(server: ServerProcess, args: argparse.Namespace) -> dict[str, object]:
     limits = httpx.Limits(max_connections=args.requests)
+    server_cpu, client_cpu = cpu_seconds(server.proc.pid), cpu_seconds()
     async with httpx.AsyncClient(base_url=server.url, timeout=args.timeout, limits=limits) as client:
         results = await asyncio.gather(*(one(client, i, args.steps) for i in range(args.requests)))
+    server_cpu, client_cpu = cpu_seconds(server.proc.pid) - server_cpu, cpu_seconds() - client_cpu
     codes = [c for c, _ in results]
     rejected = [t for c, t in results if c == 503]
     served = [t for c, t in results if c == 200]
@@ -81,6 +89,10 @@ async def burst(server: ServerProcess, args: argparse.Namespace) -> dict[str, ob
         "server_requests_200": server.metric('ddpm_requests_total{code="200"}'),
         "server_requests_503": server.metric('ddpm_requests_total{code="503"}'),
         "server_peak_rss_mib": round(peak / 1024, 1),
+        # who is busy: with the server on its own core, a 300-connection burst costs the httpx client ~10x
+        # the server's CPU, so the client sets the rejection latency seen here
+        "server_cpu_s": round(server_cpu, 2),
+        "client_cpu_s": round(client_cpu, 2),
         # inside the route (after the body is read and parsed): what the server itself spends on a 503
         "server_reject_handler_mean_ms": round(
             1e3
@@ -248,26 +260,27 @@ def sweep_table(report: dict[str, object]) -> str:
 
 
 def memory(model: Path, args: argparse.Namespace) -> dict[str, object]:
-    """Server RSS: after start-up, then peak RSS while one request of each batch size runs alone."""
-    server = ServerProcess(model, DDPM_MAX_BATCH="256", DDPM_MAX_IMAGES_PER_REQUEST="256", DDPM_COMPILE=args.compile)
-    try:
-        server.wait_ready(timeout=600)
-        idle, _ = rss_kb(server.proc.pid)
-        peaks = {}
-        for n in [int(b) for b in args.batches.split(",")]:
+    """Server RSS per batch size: one server per size n (DDPM_MAX_BATCH=n, so warm-up runs at n too):
+    RSS once ready, then peak RSS (VmHWM) after one request of n images."""
+    rows = {}
+    for n in [int(b) for b in args.batches.split(",")]:
+        server = ServerProcess(model, DDPM_MAX_BATCH=str(n), DDPM_MAX_IMAGES_PER_REQUEST=str(n), DDPM_COMPILE=args.compile)
+        try:
+            server.wait_ready(timeout=600)
+            ready, _ = rss_kb(server.proc.pid)
             r = httpx.post(server.url + "/generate", json={"seed": n, "batch_size": n, "steps": args.steps}, timeout=args.timeout)
             assert r.status_code == 200, r.text
-            peaks[n] = rss_kb(server.proc.pid)[1]  # VmHWM only grows: batches go in increasing order
-    finally:
-        server.stop()
-    sizes = sorted(peaks)
-    per_sample = (peaks[sizes[-1]] - peaks[sizes[0]]) / max(1, sizes[-1] - sizes[0])
+            rows[n] = (ready, rss_kb(server.proc.pid)[1])
+        finally:
+            server.stop()
+    sizes = sorted(rows)
+    per_sample = (rows[sizes[-1]][1] - rows[sizes[0]][1]) / max(1, sizes[-1] - sizes[0])
     return {
         "mode": "memory",
         "compile": args.compile,
-        "rss_after_startup_mib": round(idle / 1024, 1),
-        "peak_rss_mib_by_batch": {n: round(kb / 1024, 1) for n, kb in peaks.items()},
-        "per_extra_sample_kib": round(per_sample, 1),
+        "rss_when_ready_mib_by_batch": {n: round(ready / 1024, 1) for n, (ready, _) in rows.items()},
+        "peak_rss_mib_by_batch": {n: round(peak / 1024, 1) for n, (_, peak) in rows.items()},
+        "peak_per_extra_sample_kib": round(per_sample, 1),
     }
 
 
@@ -284,7 +297,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--concurrencies", default="1,4,16,64", help="sweep: client concurrencies")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="sweep, memory: the server's DDPM_COMPILE")
-    parser.add_argument("--batches", default="1,16,64,256", help="memory: batch sizes, increasing")
+    parser.add_argument("--batches", default="1,16,64,256", help="memory: batch sizes (one server each)")
     parser.add_argument("--server-cpus", default="", help="burst, soak: pin the server to these CPUs (client: taskset)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
