@@ -20,11 +20,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, **env: str) -> None:
+    def __init__(self, model: Path, prefix: list[str] | None = None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
         cmd = [sys.executable, "-m", "ddpm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
+        cmd = [*(prefix or []), *cmd]  # e.g. a sandbox the server runs inside
         # a file, not a pipe: nobody reads a pipe while the test runs, and a full one would block the server's logging
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ddpm-serve-", suffix=".log")
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
