@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm.inference_compile import hot_path
+from ddpm.inference_compile import HotPath, hot_path
 from ddpm.model_source import LoadedModel, load_model_source
 from kernels.reverse_step import fused_reverse_step
 from service.continuous_batcher import Engine, Job
@@ -98,25 +98,18 @@ class ServerState:
                 torch.set_num_threads(s.threads)
             device = resolve_device(s.device)
             model = load_model_source(s.model, device)
-            fast = hot_path(model.eps_model, model.module, device, s.compile)
-            model.eps_model = fast.eps_model
-            if fast.step_fn is not None and s.step_backend == "auto":
-                step_fn, backend = fast.step_fn, "torch_compiled"
-            else:
-                step_fn = functools.partial(fused_reverse_step, backend=s.step_backend)
-                backend = s.step_backend if s.step_backend != "auto" else ("triton" if device.type == "cuda" else "torch")
-            if s.fault_every_n_iterations:
-                model.eps_model = FaultInjector(model.eps_model, s.fault_every_n_iterations)
-            engine = Engine(
-                model,
-                max_batch=s.max_batch,
-                max_queue=s.max_queue,
-                step_fn=step_fn,
-                observer=self.metrics,
-                scheduling=s.scheduling,
-            )
+            eager_eps = model.eps_model
             start = time.perf_counter()
-            engine.warmup(s.warmup_steps)
+            fast = hot_path(eager_eps, model.module, device, s.compile)
+            try:
+                engine, backend = self._warm_engine(model, fast, device)
+            except Exception as exc:
+                if not (fast.compiled and s.compile == "auto"):
+                    raise
+                # auto must never cost the service: a model inductor cannot compile is served eagerly
+                log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
+                fast = hot_path(eager_eps, model.module, device, "off")
+                engine, backend = self._warm_engine(model, fast, device)
             engine.start()
             self.metrics.model_info.info(
                 {
@@ -132,10 +125,27 @@ class ServerState:
             self.model, self.engine = model, engine
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("model %s ready on %s (warm-up %.2f s)", model.name, device, time.perf_counter() - start)
+            log.info("model %s ready on %s (compile and warm-up %.2f s)", model.name, device, time.perf_counter() - start)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.load_error)
+
+    def _warm_engine(self, model: LoadedModel, fast: HotPath, device: torch.device) -> tuple[Engine, str]:
+        """An engine on the given hot path, warmed up (not started); and the step backend's name."""
+        s = self.settings
+        if fast.step_fn is not None and s.step_backend == "auto":
+            step_fn, backend = fast.step_fn, "torch_compiled"
+        else:
+            step_fn = functools.partial(fused_reverse_step, backend=s.step_backend)
+            backend = s.step_backend if s.step_backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        model.eps_model = fast.eps_model
+        if s.fault_every_n_iterations:
+            model.eps_model = FaultInjector(model.eps_model, s.fault_every_n_iterations)
+        engine = Engine(
+            model, max_batch=s.max_batch, max_queue=s.max_queue, step_fn=step_fn, observer=self.metrics, scheduling=s.scheduling
+        )
+        engine.warmup(s.warmup_steps)
+        return engine, backend
 
     def drain(self) -> None:
         self.ready = False

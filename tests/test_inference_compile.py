@@ -127,3 +127,27 @@ def test_engine_never_recompiles_after_warm_up() -> None:
     assert all(job.done and job.error is None for job in jobs)
     assert len(sizes) >= 5  # the batch really did change size
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDPM_COMPILE=auto must never cost the service: a model inductor cannot compile is served eagerly;
+    compile=on fails loudly instead."""
+
+    def broken(self: CompiledEps, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("inductor cannot build this model")
+
+    monkeypatch.setattr(CompiledEps, "__call__", broken)
+    model_dir = save_tiny_model(tmp_path / "tiny", num_timesteps=100)
+    with TestClient(create_app(Settings(model=model_dir, warmup_steps=1, max_batch=4, compile="auto"))) as c:
+        end = time.monotonic() + 120
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < end, c.get("/readyz").json()
+            time.sleep(0.05)
+        assert 'compiled="false"' in c.get("/metrics").text
+        assert c.post("/generate", json={"seed": 1, "steps": 3}).status_code == 200
+    with TestClient(create_app(Settings(model=model_dir, warmup_steps=1, max_batch=4, compile="on"))) as c:
+        end = time.monotonic() + 120
+        while "inductor cannot build" not in c.get("/readyz").json().get("detail", ""):
+            assert time.monotonic() < end, c.get("/readyz").json()
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 503
