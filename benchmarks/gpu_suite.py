@@ -54,10 +54,7 @@ def cuda_time(fn: Callable[[], object], rounds: int = 3) -> float:
     return statistics.median(samples)
 
 
-def autocast(eps_model: EpsModel, dtype: torch.dtype | None) -> EpsModel:
-    if dtype is None:
-        return eps_model
-
+def autocast(eps_model: EpsModel, dtype: torch.dtype) -> EpsModel:
     def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(DEVICE, dtype=dtype):
             return eps_model(x, t).float()

@@ -170,9 +170,16 @@ async def soak(server: ServerProcess, args: argparse.Namespace) -> dict[str, obj
 SHORT_STEPS, LONG_STEPS = 10, 100
 
 
-def histogram_mean(server: ServerProcess, name: str) -> tuple[float, float]:
-    """(sum, count) of a Prometheus histogram, for per-cell means by difference."""
-    return server.metric(f"{name}_sum"), server.metric(f"{name}_count")
+HISTOGRAMS = ("ddpm_queue_wait_seconds", "ddpm_batch_occupancy", "ddpm_iteration_duration_seconds")
+
+
+def histogram_totals(server: ServerProcess) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each server histogram in HISTOGRAMS, for per-cell figures by difference."""
+    return {name: (server.metric(f"{name}_sum"), server.metric(f"{name}_count")) for name in HISTOGRAMS}
+
+
+def mean_between(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], name: str) -> float:
+    return (after[name][0] - before[name][0]) / max(1.0, after[name][1] - before[name][1])
 
 
 async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, timeout: float) -> dict[str, object]:
@@ -184,17 +191,14 @@ async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, 
             code, dt = await one(client, 10_000 * w + i, steps)
             results.append((steps, code, dt))
 
-    wait0 = histogram_mean(server, "ddpm_queue_wait_seconds")
-    occ0 = histogram_mean(server, "ddpm_batch_occupancy")
-    it0 = histogram_mean(server, "ddpm_iteration_duration_seconds")
+    before = histogram_totals(server)
     limits = httpx.Limits(max_connections=concurrency)
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
         await asyncio.gather(*(client_loop(w, client) for w in range(concurrency)))
     wall = time.monotonic() - start
-    wait1 = histogram_mean(server, "ddpm_queue_wait_seconds")
-    occ1 = histogram_mean(server, "ddpm_batch_occupancy")
-    it1 = histogram_mean(server, "ddpm_iteration_duration_seconds")
+    after = histogram_totals(server)
+    iteration = "ddpm_iteration_duration_seconds"
     ok = [(steps, dt) for steps, code, dt in results if code == 200]
     latencies = [dt for _, dt in ok]
     short = [dt for steps, dt in ok if steps == SHORT_STEPS]
@@ -209,11 +213,11 @@ async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, 
         "latency_p95_s": round(percentile(latencies, 0.95), 3),
         "latency_p99_s": round(percentile(latencies, 0.99), 3),
         "short_latency_p50_s": round(percentile(short, 0.5), 3),
-        "queue_wait_mean_s": round((wait1[0] - wait0[0]) / max(1.0, wait1[1] - wait0[1]), 3),
-        "batch_occupancy_mean": round((occ1[0] - occ0[0]) / max(1.0, occ1[1] - occ0[1]), 2),
+        "queue_wait_mean_s": round(mean_between(before, after, "ddpm_queue_wait_seconds"), 3),
+        "batch_occupancy_mean": round(mean_between(before, after, "ddpm_batch_occupancy"), 2),
         # time inside iterations (U-Net + step) vs wall time: the rest is the engine loop, HTTP and the client
-        "iteration_mean_ms": round(1e3 * (it1[0] - it0[0]) / max(1.0, it1[1] - it0[1]), 2),
-        "busy_share": round((it1[0] - it0[0]) / wall, 3),
+        "iteration_mean_ms": round(1e3 * mean_between(before, after, iteration), 2),
+        "busy_share": round((after[iteration][0] - before[iteration][0]) / wall, 3),
     }
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -25,7 +25,7 @@ from ddpm.sampler import EpsModel, StepCoefficients, StepFn
 log = logging.getLogger("ddpm.compile")
 
 CompileSetting = Literal["auto", "on", "off"]
-COMPILE_SETTINGS: tuple[str, ...] = ("auto", "on", "off")
+COMPILE_SETTINGS: tuple[str, ...] = get_args(CompileSetting)
 
 
 def cpu_compiler_available() -> bool:
@@ -98,24 +98,33 @@ def compiled_step_twin() -> StepFn:
 
 @dataclass(frozen=True)
 class HotPath:
-    """What to sample with. ``step_fn`` None: the default dispatcher (eager twin on CPU, Triton on CUDA)."""
+    """What to sample with. ``step_fn`` None: the dispatcher ``fused_reverse_step`` with ``step_backend``."""
 
     eps_model: EpsModel
     step_fn: StepFn | None
     compiled: bool
+    step_backend: str  # the step's concrete backend: triton, torch or torch_compiled
 
 
-def hot_path(eps_model: EpsModel, module: torch.nn.Module, device: torch.device | str, setting: str) -> HotPath:
-    """The eps model and step function to sample with: compiled where ``setting`` allows, else as given."""
+def hot_path(
+    eps_model: EpsModel, module: torch.nn.Module, device: torch.device | str, setting: str, step_backend: str | None = None
+) -> HotPath:
+    """The eps model and step function to sample with: compiled where ``setting`` allows, else as given.
+
+    ``step_backend`` (default: ``DDPM_STEP_BACKEND``): on CPU, ``auto`` becomes the compiled twin when
+    compiling; a backend named explicitly is kept."""
+    from kernels.reverse_step import resolve_backend
+    from kernels.reverse_step import step_backend as env_step_backend
+
+    requested = env_step_backend() if step_backend is None else step_backend
+    backend = resolve_backend(requested, device)
     if not should_compile(setting, device):
-        return HotPath(eps_model, None, compiled=False)
+        return HotPath(eps_model, None, compiled=False, step_backend=backend)
     if eps_model is not module:  # a wrapped model (e.g. diffusers' UNet2DModel adapter): compile as given
         compiled: EpsModel = torch.compile(eps_model)
     else:
         compiled = CompiledEps(module)
-    from kernels.reverse_step import step_backend
-
-    # on CPU the compiled twin replaces the dispatcher, unless DDPM_STEP_BACKEND names a backend explicitly
-    step = compiled_step_twin() if torch.device(device).type == "cpu" and step_backend() == "auto" else None
     log.info("torch.compile on %s: the first calls per batch shape compile (seconds to a minute)", device)
-    return HotPath(compiled, step, compiled=True)
+    if requested == "auto" and backend == "torch":
+        return HotPath(compiled, compiled_step_twin(), compiled=True, step_backend="torch_compiled")
+    return HotPath(compiled, None, compiled=True, step_backend=backend)

@@ -165,6 +165,15 @@ def step_backend() -> str:
     return backend
 
 
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``auto`` made concrete for tensors on ``device``: Triton on CUDA, the PyTorch twin elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"step backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
 def fused_reverse_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
@@ -176,10 +185,7 @@ def fused_reverse_step(
 ) -> torch.Tensor:
     """Dispatch: Triton on CUDA tensors, the PyTorch twin on CPU; ``backend`` (default: the
     ``DDPM_STEP_BACKEND`` environment variable) overrides."""
-    backend = step_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"step backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and not x_t.is_cuda):
+    if resolve_backend(step_backend() if backend is None else backend, x_t.device) == "torch":
         return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, clip_denoised)
     if not _triton_runs_on(x_t):
         raise RuntimeError("DDPM_STEP_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")

@@ -100,16 +100,16 @@ class ServerState:
             model = load_model_source(s.model, device)
             eager_eps = model.eps_model
             start = time.perf_counter()
-            fast = hot_path(eager_eps, model.module, device, s.compile)
+            fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend)
             try:
-                engine, backend = self._warm_engine(model, fast, device)
+                engine = self._warm_engine(model, fast)
             except Exception as exc:
                 if not (fast.compiled and s.compile == "auto"):
                     raise
                 # auto must never cost the service: a model inductor cannot compile is served eagerly
                 log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
-                fast = hot_path(eager_eps, model.module, device, "off")
-                engine, backend = self._warm_engine(model, fast, device)
+                fast = hot_path(eager_eps, model.module, device, "off", s.step_backend)
+                engine = self._warm_engine(model, fast)
             engine.start()
             self.metrics.model_info.info(
                 {
@@ -118,7 +118,7 @@ class ServerState:
                     "device": str(device),
                     "image_shape": "x".join(map(str, model.image_shape)),
                     "num_timesteps": str(model.schedule.num_timesteps),
-                    "step_backend": backend,
+                    "step_backend": fast.step_backend,
                     "compiled": str(fast.compiled).lower(),
                 }
             )
@@ -130,14 +130,10 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.load_error)
 
-    def _warm_engine(self, model: LoadedModel, fast: HotPath, device: torch.device) -> tuple[Engine, str]:
-        """An engine on the given hot path, warmed up (not started); and the step backend's name."""
+    def _warm_engine(self, model: LoadedModel, fast: HotPath) -> Engine:
+        """An engine on the given hot path, warmed up (not started)."""
         s = self.settings
-        if fast.step_fn is not None and s.step_backend == "auto":
-            step_fn, backend = fast.step_fn, "torch_compiled"
-        else:
-            step_fn = functools.partial(fused_reverse_step, backend=s.step_backend)
-            backend = s.step_backend if s.step_backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        step_fn = fast.step_fn or functools.partial(fused_reverse_step, backend=fast.step_backend)
         model.eps_model = fast.eps_model
         if s.fault_every_n_iterations:
             model.eps_model = FaultInjector(model.eps_model, s.fault_every_n_iterations)
@@ -145,7 +141,7 @@ class ServerState:
             model, max_batch=s.max_batch, max_queue=s.max_queue, step_fn=step_fn, observer=self.metrics, scheduling=s.scheduling
         )
         engine.warmup(s.warmup_steps)
-        return engine, backend
+        return engine
 
     def drain(self) -> None:
         self.ready = False

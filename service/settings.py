@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ddpm.inference_compile import CompileSetting
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
 
 
@@ -22,7 +24,7 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; past it: 504 and its samples leave")
     step_backend: Literal["auto", "triton", "torch"] = Field("auto", description="the fused step: Triton on CUDA, PyTorch twin on CPU")
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: CompileSetting = Field(
         "auto", description="torch.compile the U-Net (channels-last) and the CPU step: auto = where a compiler exists"
     )
     threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")

@@ -79,7 +79,8 @@ def test_compiled_chain_matches_the_eager_chain() -> None:
         fast = hot_path(unet, unet, "cpu", "on")
         got = sample(fast.eps_model, schedule, seeds, SHAPE, steps=20, step_fn=fast.step_fn)
     assert isinstance(fast.eps_model, CompiledEps) and fast.step_fn is compiled_step_twin() and fast.compiled
-    assert hot_path(unet, unet, "cpu", "off") == HotPath(unet, None, compiled=False)
+    assert hot_path(unet, unet, "cpu", "off") == HotPath(unet, None, compiled=False, step_backend="torch")
+    assert hot_path(unet, unet, "cpu", "on", "torch").step_fn is None  # a backend named explicitly is kept
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
