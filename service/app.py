@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -14,6 +15,7 @@ from service.request_log import RequestContextMiddleware
 from service.routes import router
 from service.runtime import ServerState
 from service.settings import Settings, get_settings
+from service.strict_json import finite_jsonable
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -48,7 +50,13 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app.state.server = state
     app.state.api_token = load_token(settings)  # a bad token file fails here, at startup
     app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        read_timeout_s=settings.request_read_timeout_s,
+        trust_forwarded_for=settings.trust_forwarded_for,
+        observe=state.metrics.on_response,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -56,9 +64,6 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # was not sent as JSON at all is 415
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = request.method == "POST" and content_type != "application/json"
-        code = 415 if not_json else 422
-        if request.url.path.startswith("/generate"):
-            state.metrics.on_response(code, "invalid", 0.0)
         if not_json:
             return JSONResponse({"detail": f"Content-Type must be application/json, got {content_type or 'none'!r}"}, status_code=415)
         return JSONResponse({"detail": _validation_message(exc), "errors": jsonable(exc.errors())}, status_code=422)
@@ -67,6 +72,5 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
 
 def jsonable(errors: object) -> object:
-    from fastapi.encoders import jsonable_encoder
-
-    return jsonable_encoder(errors, custom_encoder={Exception: str})
+    """pydantic's errors as JSON; the echoed inputs may hold NaN or inf, which JSON cannot carry."""
+    return finite_jsonable(jsonable_encoder(errors, custom_encoder={Exception: str}))

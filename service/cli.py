@@ -3,7 +3,15 @@
 On SIGTERM or SIGINT the server stops accepting connections (a load balancer's next connection
 fails over to another replica; the request never reached this one), answers 503 to new requests on
 connections already open (readyz too), lets in-flight requests finish for up to
-DDPM_DRAIN_TIMEOUT_S, then exits. A second signal exits at once.
+DDPM_DRAIN_TIMEOUT_S, answers whatever is still running at that deadline with 503 + Retry-After,
+then exits 0. A second signal exits at once.
+
+A server that can never serve exits non-zero with the reason, so that the orchestrator restarts it:
+when the model fails to load, or when the engine thread dies.
+
+Connections: uvicorn's proxy-header rewriting is off (the client identity policy is the project's,
+``DDPM_TRUST_FORWARDED_FOR``), connections are bounded (``DDPM_MAX_CONNECTIONS``; more get 503), and
+a request's headers and body must each arrive within ``DDPM_REQUEST_READ_TIMEOUT_S`` (408).
 """
 
 from __future__ import annotations
@@ -11,11 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from service.http_protocol import header_deadline_protocol
+
 log = logging.getLogger("ddpm.server")
+GRACEFUL_CLOSE_S = 5.0  # after the drain: time for answered connections to close
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -53,20 +66,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=None,
+        proxy_headers=False,  # X-Forwarded-For is the project's policy (service.request_log.client_key), not uvicorn's
+        limit_concurrency=settings.max_connections,
+        http=header_deadline_protocol(settings.request_read_timeout_s),
+        # by the time uvicorn shuts down, the drain has answered every job: this bounds only idle sockets
+        timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
     )
     server = DrainingServer(config, state, settings.drain_timeout_s)
     server.run()
+    if server.fatal is not None:
+        print(f"ddpm serve: {server.fatal}", file=sys.stderr)
+        return 1
     return 0
 
 
 class DrainingServer:
-    """A uvicorn Server whose first exit signal drains the engine before uvicorn's own shutdown."""
+    """A uvicorn Server whose first exit signal drains the engine before uvicorn's own shutdown, and
+    which stops with ``fatal`` set when the server can never serve (``state.on_fatal``)."""
 
     def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
         import uvicorn
 
-        state_ref, timeout = state, drain_timeout_s
+        from service.continuous_batcher import DrainTimeout
+
+        state_ref, timeout, outer = state, drain_timeout_s, self
+        self.fatal: str | None = None
 
         class _Server(uvicorn.Server):
             draining = False
@@ -87,7 +111,9 @@ class DrainingServer:
                 def finish() -> None:
                     engine = state_ref.engine
                     if engine is not None and not engine.wait_idle(timeout):
-                        log.warning("drain timeout: %d images still in flight", engine.running + engine.queue_depth)
+                        n = engine.abort(DrainTimeout(f"the server is shutting down (drain deadline {timeout:g} s passed); retry"))
+                        log.warning("drain deadline: answered %d unfinished request(s) with 503", n)
+                        engine.wait_idle(GRACEFUL_CLOSE_S)
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
@@ -97,6 +123,15 @@ class DrainingServer:
                     listener.close()  # stop accepting; open connections stay
 
         self._server = _Server(config)
+
+        def on_fatal(reason: str) -> None:
+            outer.fatal = reason
+            log.critical("cannot serve, exiting: %s", reason)
+            state_ref.drain()
+            time.sleep(0.2)  # let the answers to the failed requests go out
+            self._server.should_exit = True
+
+        state.on_fatal = on_fatal
 
     def run(self) -> None:
         self._server.run()

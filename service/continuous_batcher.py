@@ -1,10 +1,19 @@
 """Step-level (continuous) batching of DDPM chains: the engine that owns the model.
 
 One running set of samples, each at its own position in its own (possibly respaced) chain. Every
-iteration: admit waiting samples up to ``max_batch`` (round robin over waiting jobs in arrival
-order, so a large job cannot starve the small ones behind it), run ONE eps_theta call over the whole
-set with per-sample t, apply ONE fused step with per-sample coefficients and Philox seeds, and retire
-the samples that reached x_0. A job (one request) is answered when its last image is done.
+iteration: admit waiting samples up to ``max_batch`` (round robin over clients, then over each
+client's jobs, one image a turn: a client that floods the queue cannot make another client's single
+request wait behind its backlog, and a large job cannot starve the small ones behind it), run ONE
+eps_theta call over the whole set with per-sample t, apply ONE fused step with per-sample
+coefficients and Philox seeds, and retire the samples that reached x_0. A job (one request) is
+answered when its last image is done.
+
+Faults: an exception in any stage of an iteration (admit, U-Net, step, advance) fails exactly the
+jobs that stage touched, is logged with their request ids, and the engine goes on; it then reports
+itself unhealthy until an iteration succeeds, and when idle runs a one-sample self-test with
+exponential backoff, so readiness heals without traffic. A failing observer (metrics hook) or job
+callback is logged and isolated. If the engine thread ends anyway, every waiting job is answered
+(``EngineStopped``) and ``on_dead`` tells the owner, which exits so the orchestrator restarts it.
 
 Image k of a job with seed s always uses Philox key ``image_seed(s, k)`` for x_T and every z, so its
 pixels do not depend on which other samples shared its iterations (up to float rounding in the
@@ -55,8 +64,30 @@ class Cancelled(EngineError):
     pass
 
 
-class ModelFailure(EngineError):
-    pass
+class EngineFault(EngineError):
+    """An exception inside one stage of an iteration; fails the jobs that stage touched."""
+
+    def __init__(self, stage: str, exc: BaseException, what: str | None = None) -> None:
+        self.stage = stage
+        self.cause = f"{type(exc).__name__}: {exc}"
+        # the client sees the stage and the exception type; the message (paths, sizes) goes to the log only
+        what = what or f"the engine's {stage} stage"
+        super().__init__(f"{what} failed ({type(exc).__name__}); the server log has the details")
+
+
+class ModelFailure(EngineFault):
+    """The U-Net call or the fused step raised."""
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(stage, exc, "model call" if stage == "unet" else "denoising step")
+
+
+class EngineStopped(EngineError):
+    """The engine thread ended (a bug or a fatal fault): the job was not run; another replica can."""
+
+
+class DrainTimeout(EngineError):
+    """The server is shutting down and its drain deadline passed before the job finished."""
 
 
 @dataclass
@@ -68,6 +99,8 @@ class Job:
     steps: int
     clip_denoised: bool
     timeout_s: float
+    client: str = ""  # who the job counts against: admission is round robin over clients
+    request_id: str | None = None  # for the log lines of faults
     on_progress: Callable[[Job], None] | None = None
     on_done: Callable[[Job], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
@@ -113,6 +146,8 @@ class EngineObserver:
 
     def on_load(self, queue_depth: int, running: int) -> None: ...
 
+    def on_fault(self, stage: str, jobs: int) -> None: ...
+
 
 @dataclass
 class _Running:
@@ -135,6 +170,9 @@ class Engine:
         observer: EngineObserver | None = None,
         scheduling: Literal["continuous", "request"] = "continuous",
         idle_poll_s: float = 0.05,
+        self_test_backoff_s: tuple[float, float] = (1.0, 30.0),
+        faults: Callable[[str], None] | None = None,
+        on_dead: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
@@ -143,10 +181,13 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.scheduling = scheduling
         self.idle_poll_s = idle_poll_s
+        self.faults = faults  # testing aid (service.fault_injection): called with each stage's name
+        self.on_dead = on_dead
         self.device = model.device
         self.shape = model.image_shape
         self._chains: dict[int, ChainTables] = {}
-        self._waiting: collections.deque[Job] = collections.deque()  # jobs with images not yet admitted
+        # client -> its jobs with images not yet admitted (arrival order); clients in turn order
+        self._waiting: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
         self._queued_images = 0
         self._live: set[int] = set()  # ids of jobs submitted and not finished
         self._running: _Running | None = None
@@ -155,7 +196,12 @@ class Engine:
         self._stop = False
         self.draining = False
         self.healthy = True
+        self.dead: str | None = None  # why the engine thread ended, when it ended on a fault
         self.iterations = 0
+        self._backoff_first, self._backoff_max = self_test_backoff_s
+        self._backoff = self._backoff_first
+        self._next_self_test = 0.0
+        self.self_tests = 0
 
     # --- public, any thread -----------------------------------------------------------------------
     def chain(self, steps: int) -> ChainTables:
@@ -169,6 +215,8 @@ class Engine:
         if not 1 <= job.steps <= self.model.schedule.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.model.schedule.num_timesteps}")
         with self._lock:
+            if self.dead is not None or self._stop:
+                raise EngineStopped("the engine has stopped")
             if self.draining:
                 raise Draining("the server is draining and accepts no new work")
             if self._queued_images + job.n > self.max_queue:
@@ -179,11 +227,15 @@ class Engine:
     def _enqueue(self, job: Job) -> None:
         job.images = torch.zeros((job.n, *self.shape), dtype=torch.float32)
         job._pending.extend(range(job.n))
-        self._waiting.append(job)
+        self._waiting.setdefault(self._turn_key(job), collections.deque()).append(job)
         self._queued_images += job.n
         self._live.add(job.id)
-        self.observer.on_load(self._queued_images, self.running)
+        self._observe("on_load", self._queued_images, self.running)
         self._lock.notify_all()
+
+    def _turn_key(self, job: Job) -> str:
+        # request-level batching is first come, first served over everyone: one queue
+        return job.client if self.scheduling == "continuous" else ""
 
     @property
     def running(self) -> int:
@@ -197,6 +249,10 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self._live
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ddpm-engine", daemon=True)
@@ -213,6 +269,14 @@ class Engine:
         """Refuse new jobs from now on; the ones already submitted run to completion."""
         with self._lock:
             self.draining = True
+
+    def abort(self, error: EngineError) -> int:
+        """Answer every job in flight with ``error`` now (the drain deadline); returns how many.
+        Safe while an iteration runs: the engine drops rows of finished jobs when it advances."""
+        with self._lock:
+            jobs = self._jobs_in_flight()
+            self._fail_jobs(jobs, error)
+        return len(jobs)
 
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -235,58 +299,167 @@ class Engine:
                         self._enqueue(job)  # not submit(): warm-up ignores the queue limit
                     while not job.done:
                         self._iterate()
-                    if job.error is not None:
-                        raise job.error
+                    if job.error is not None:  # the cause, not the client-facing message: this goes to the log
+                        raise RuntimeError(f"warm-up failed: {getattr(job.error, 'cause', job.error)}") from job.error
         finally:
             self.observer = observer
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stop and not self._waiting and self._running is None:
-                    self._lock.wait(self.idle_poll_s)
-                if self._stop:
-                    break
-            self._iterate()
-        self._fail_all(Cancelled("the engine stopped"))
+        error: EngineError = Cancelled("the engine stopped")
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._has_work() and not self._self_test_due():
+                        self._lock.wait(self.idle_poll_s)
+                    if self._stop:
+                        break
+                    work = self._has_work()
+                self._fault("loop")
+                if work:
+                    self._iterate()
+                else:
+                    self._self_test()
+        except BaseException as exc:  # the last line of defence: nothing may end the engine silently
+            self.dead = f"{type(exc).__name__}: {exc}"
+            error = EngineStopped("the engine stopped after an internal error; retry (another replica can serve it)")
+            log.critical("engine thread died", exc_info=exc, extra={"fields": {"error": self.dead}})
+        finally:
+            self._fail_all(error)
+            if self.dead is not None and self.on_dead is not None:
+                self.on_dead(self.dead)
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or self._running is not None
+
+    def _self_test_due(self) -> bool:
+        return not self.healthy and time.monotonic() >= self._next_self_test
+
+    def _fault(self, stage: str) -> None:
+        if self.faults is not None:
+            self.faults(stage)
 
     @torch.inference_mode()  # every tensor of the running batch is an inference tensor (compiled graphs guard on it)
     def _iterate(self) -> None:
         with self._lock:
             self._drop_dead_jobs()
-            self._admit()
+            new = self._take_waiting()
+        if new:
+            try:
+                self._fault("admit")
+                self._start(new)
+            except Exception as exc:
+                self._on_fault("admit", exc, [job for job, _ in new])
+                return
+        with self._lock:
             running = self._running
         if running is None:
             return
         start = time.perf_counter()
+        jobs = [job for job, _ in running.owners]
         try:
-            new_x = self._denoise(running)
+            t, coefs = self._coefficients(running)
+            self._fault("unet")
+            eps = self.model.eps_model(running.x, t)
         except Exception as exc:  # a broken model fails the jobs in the batch, not the engine
-            log.exception("model call failed")
-            self.healthy = False
-            with self._lock:
-                self._fail_jobs(list({job.id: job for job, _ in running.owners}.values()), ModelFailure(f"model call failed: {exc}"))
+            self._on_fault("unet", exc, jobs)
             return
-        self.healthy = True
+        try:
+            self._fault("step")
+            new_x = self._step(running, eps, t, coefs)
+        except Exception as exc:
+            self._on_fault("step", exc, jobs)
+            return
+        seconds = time.perf_counter() - start
+        try:
+            with self._lock:
+                self._fault("advance")
+                self._advance(running, new_x)
+        except Exception as exc:
+            self._on_fault("advance", exc, jobs)
+            return
         self.iterations += 1
-        self.observer.on_iteration(len(running.owners), time.perf_counter() - start)
-        with self._lock:
-            self._advance(running, new_x)
+        self._healed("an iteration succeeded")
+        self._observe("on_iteration", len(running.owners), seconds)
 
-    def _denoise(self, running: _Running) -> torch.Tensor:
-        """One eps_theta call over the running batch, one fused step per clip setting."""
+    @torch.inference_mode()
+    def _self_test(self) -> None:
+        """One sample's last step through the U-Net and the fused step, off the books (no job, no
+        metrics): readiness heals when the model works again, without waiting for traffic."""
+        self.self_tests += 1
+        probe = Job(seed=0, n=1, steps=1, clip_denoised=True, timeout_s=60)
+        seeds = seeds_to_tensor([image_seeds(0, 1)[0]], self.device)
+        running = _Running(sample_noise(seeds, 0, self.shape), torch.zeros(1, dtype=torch.long, device=self.device), seeds, [(probe, 0)])
+        try:
+            t, coefs = self._coefficients(running)
+            self._fault("unet")
+            eps = self.model.eps_model(running.x, t)
+            self._fault("step")
+            out = self._step(running, eps, t, coefs)
+            if not bool(torch.isfinite(out).all()):
+                raise FloatingPointError("self-test produced non-finite values")
+        except Exception as exc:
+            self._backoff = min(self._backoff * 2, self._backoff_max)
+            self._next_self_test = time.monotonic() + self._backoff
+            log.warning("self-test failed; next in %.1f s", self._backoff, extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}})
+            return
+        self._healed("self-test passed")
+
+    def _healed(self, why: str) -> None:
+        if not self.healthy:
+            log.info("engine healthy again: %s", why)
+        self.healthy = True
+        self._backoff = self._backoff_first
+
+    def _on_fault(self, stage: str, exc: Exception, jobs: list[Job]) -> None:
+        """Fail exactly ``jobs`` (the ones the failed stage touched), log it, and go on."""
+        unique = list({job.id: job for job in jobs if not job.done}.values())
+        fields = {
+            "stage": stage,
+            "error": f"{type(exc).__name__}: {exc}",
+            "request_ids": [job.request_id for job in unique if job.request_id],
+            "jobs": len(unique),
+        }
+        log.error("engine fault in stage %s: %d job(s) failed", stage, len(unique), exc_info=exc, extra={"fields": fields})
+        if self.healthy:
+            self.healthy = False
+            self._backoff = self._backoff_first
+            self._next_self_test = time.monotonic() + self._backoff
+        error = ModelFailure(stage, exc) if stage in ("unet", "step") else EngineFault(stage, exc)
+        with self._lock:
+            self._fail_jobs(unique, error)
+        self._observe("on_fault", stage, len(unique))
+
+    def _observe(self, hook: str, *args: object) -> None:
+        """Call an observer hook; a failing one is logged and isolated (metrics are not the product)."""
+        try:
+            if hook != "on_fault":
+                self._fault("observer")
+            getattr(self.observer, hook)(*args)
+        except Exception as exc:
+            log.error("observer hook %s failed", hook, exc_info=exc, extra={"fields": {"stage": "observer", "hook": hook}})
+            if hook != "on_fault":
+                try:
+                    self.observer.on_fault("observer", 0)
+                except Exception:
+                    pass
+
+    def _coefficients(self, running: _Running) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample t (B,) and step coefficients (7, B) from each sample's own chain tables."""
         b = len(running.owners)
         t = torch.empty(b, dtype=torch.long, device=self.device)
         coefs = torch.empty((len(StepCoefficients.names()), b), dtype=torch.float32, device=self.device)
-        clip = torch.tensor([job.clip_denoised for job, _ in running.owners], device=self.device)
         steps = torch.tensor([job.steps for job, _ in running.owners], device=self.device)
         for s in steps.unique().tolist():
             rows = (steps == s).nonzero().flatten()
             tables = self.chain(int(s))
             t[rows] = tables.timesteps[running.positions[rows]]
             coefs[:, rows] = tables.table[:, running.positions[rows]]
-        eps = self.model.eps_model(running.x, t)
+        return t, coefs
+
+    def _step(self, running: _Running, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
+        """One fused step per clip setting over the running batch."""
+        clip = torch.tensor([job.clip_denoised for job, _ in running.owners], device=self.device)
         out = torch.empty_like(running.x)
         for flag in clip.unique().tolist():
             rows = (clip == flag).nonzero().flatten()
@@ -295,63 +468,79 @@ class Engine:
         return out
 
     def _advance(self, running: _Running, new_x: torch.Tensor) -> None:
-        """Move every sample one step on, retire those at x_0, and tell the jobs."""
+        """Move every sample one step on, retire those at x_0, and tell the jobs. Rows of jobs that
+        finished meanwhile (failed, cancelled, aborted from another thread) leave the batch."""
         positions = running.positions - 1
         finished = (positions < 0).tolist()
         touched: dict[int, Job] = {}
+        keep = []
         for row, (job, k) in enumerate(running.owners):
+            if job.done:
+                continue
             job.steps_done += 1
             touched[job.id] = job
             if finished[row]:
                 assert job.images is not None
                 job.images[k] = new_x[row].float().cpu()
                 job.images_done += 1
-        keep = [row for row, done in enumerate(finished) if not done]
+            else:
+                keep.append(row)
         self._running = self._select(_Running(new_x, positions, running.seeds, running.owners), keep)
-        self.observer.on_load(self._queued_images, self.running)  # before anyone is told: gauges are current
+        self._observe("on_load", self._queued_images, self.running)  # before anyone is told: gauges are current
         for job in touched.values():
             if job.images_done == job.n:
                 self._finish(job)
             elif job.on_progress is not None:
-                job.on_progress(job)
+                self._callback(job, job.on_progress)
 
-    def _admit(self) -> None:
+    def _take_waiting(self) -> list[tuple[Job, int]]:
+        """Pick the images that join the running batch this iteration (bookkeeping only)."""
         free = self.max_batch - self.running
         if self.scheduling == "request" and self._running is not None:
-            return  # request-level batching: the batch runs its whole chain before anything joins
+            return []  # request-level batching: the batch runs its whole chain before anything joins
         new: list[tuple[Job, int]] = []
         while free > 0 and self._waiting:
+            client, jobs = next(iter(self._waiting.items()))
             if self.scheduling == "continuous":
-                job = self._waiting.popleft()  # round robin: one image per waiting job per turn
+                job = jobs.popleft()  # round robin: one image per client per turn, and per job within a client
                 new.append((job, job._pending.popleft()))
                 free -= 1
                 if job._pending:
-                    self._waiting.append(job)
+                    jobs.append(job)
             else:
-                job = self._waiting[0]  # first come, first served, whole jobs while they fit
+                job = jobs[0]  # first come, first served, whole jobs while they fit
                 take = min(free, len(job._pending))
                 new.extend((job, job._pending.popleft()) for _ in range(take))
                 free -= take
                 if not job._pending:
-                    self._waiting.popleft()
-        if not new:
-            return
+                    jobs.popleft()
+            if not jobs:
+                del self._waiting[client]
+            else:
+                self._waiting.move_to_end(client)
         self._queued_images -= len(new)
-        now = time.monotonic()
-        for job, _ in new:
-            if job.first_admitted is None:
-                job.first_admitted = now
-                self.observer.on_admitted(job)
+        return new
+
+    def _start(self, new: list[tuple[Job, int]]) -> None:
+        """Draw x_T for the new images and add them to the running batch."""
         seeds = seeds_to_tensor([image_seeds(job.seed, 1, first=k)[0] for job, k in new], self.device)
         x_T = sample_noise(seeds, 0, self.shape)  # (N, C, H, W): x_T of each image from its own key
         positions = torch.tensor([job.steps - 1 for job, _ in new], dtype=torch.long, device=self.device)
-        if self._running is None:
-            self._running = _Running(x_T, positions, seeds, new)
-        else:
+        now = time.monotonic()
+        with self._lock:
+            live = [row for row, (job, _) in enumerate(new) if not job.done]
+            if not live:
+                return
+            part = self._select(_Running(x_T, positions, seeds, new), live)
+            assert part is not None
             r = self._running
-            self._running = _Running(
-                torch.cat([r.x, x_T]), torch.cat([r.positions, positions]), torch.cat([r.seeds, seeds]), r.owners + new
-            )
+            self._running = part if r is None else _Running(
+                torch.cat([r.x, part.x]), torch.cat([r.positions, part.positions]), torch.cat([r.seeds, part.seeds]), r.owners + part.owners
+            )  # fmt: skip
+            for job, _ in part.owners:
+                if job.first_admitted is None:
+                    job.first_admitted = now
+                    self._observe("on_admitted", job)
 
     # --- removing work -------------------------------------------------------------------------------
     @staticmethod
@@ -372,23 +561,28 @@ class Engine:
                 self._fail_jobs([job], DeadlineExceeded(f"deadline of {job.timeout_s:g} s exceeded"))
 
     def _jobs_in_flight(self) -> list[Job]:
-        jobs = {job.id: job for job in self._waiting}
+        jobs = {job.id: job for queue in self._waiting.values() for job in queue}
         if self._running is not None:
             jobs.update({job.id: job for job, _ in self._running.owners})
         return list(jobs.values())
 
     def _fail_jobs(self, jobs: list[Job], error: EngineError) -> None:
-        ids = set()
+        jobs = [job for job in jobs if not job.done]
+        ids = {job.id for job in jobs}
         for job in jobs:
-            ids.add(job.id)
             self._queued_images -= len(job._pending)
             job._pending.clear()
             job.error = error
-        self._waiting = collections.deque(j for j in self._waiting if j.id not in ids)
+        for client in list(self._waiting):
+            queue = collections.deque(j for j in self._waiting[client] if j.id not in ids)
+            if queue:
+                self._waiting[client] = queue
+            else:
+                del self._waiting[client]
         if self._running is not None:
             keep = [row for row, (job, _) in enumerate(self._running.owners) if job.id not in ids]
             self._running = self._select(self._running, keep)
-        self.observer.on_load(self._queued_images, self.running)
+        self._observe("on_load", self._queued_images, self.running)
         for job in jobs:
             self._finish(job)
 
@@ -401,6 +595,13 @@ class Engine:
             return
         job.finished = time.monotonic()
         self._live.discard(job.id)
-        self.observer.on_job_done(job)
+        self._observe("on_job_done", job)
         if job.on_done is not None:
-            job.on_done(job)
+            self._callback(job, job.on_done)
+
+    @staticmethod
+    def _callback(job: Job, fn: Callable[[Job], None]) -> None:
+        try:
+            fn(job)
+        except Exception as exc:  # e.g. the event loop that waits for it has closed
+            log.error("job callback failed", exc_info=exc, extra={"fields": {"stage": "callback", "request_id": job.request_id}})

@@ -11,6 +11,8 @@ from service.continuous_batcher import EngineObserver, Job
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 ITERATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 OCCUPANCY_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+GENERATION_ROUTES = ("/generate", "/generate/stream")
+ROUTES = (*GENERATION_ROUTES, "/schedule", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json")  # bounded label values
 
 
 class Metrics(EngineObserver):
@@ -34,7 +36,20 @@ class Metrics(EngineObserver):
             "ddpm_batch_occupancy", "Samples in the running batch per iteration", buckets=OCCUPANCY_BUCKETS, registry=r
         )
         self.images_generated = Counter("ddpm_images_generated", "Images completed and returned", registry=r)
-        self.requests = Counter("ddpm_requests", "Generation requests answered, by HTTP status code", ["code"], registry=r)
+        self.requests = Counter(
+            "ddpm_requests",
+            "Generation requests (POST /generate, /generate/stream) answered, by status code; a stream counts the status "
+            "its final event carried (499 when the client left)",
+            ["code"],
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "ddpm_http_responses", "Every HTTP response, by route (other: unknown paths) and status code", ["route", "code"], registry=r
+        )
+        self.engine_faults = Counter(
+            "ddpm_engine_faults", "Exceptions caught in a stage of the serving path (each fails only the requests it touched)",
+            ["stage"], registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge("ddpm_queue_depth", "Images waiting for a slot in the running batch", registry=r)
         self.running_samples = Gauge("ddpm_running_samples", "Samples in the running batch", registry=r)
         self.iterations = Counter("ddpm_iterations", "Denoising iterations run", registry=r)
@@ -59,7 +74,13 @@ class Metrics(EngineObserver):
         self.queue_depth.set(queue_depth)
         self.running_samples.set(running)
 
+    def on_fault(self, stage: str, jobs: int) -> None:
+        self.engine_faults.labels(stage=stage).inc()
+
     # --- the HTTP layer ----------------------------------------------------------------------------
-    def on_response(self, code: int, outcome: str, seconds: float) -> None:
-        self.requests.labels(code=str(code)).inc()
-        self.request_duration.labels(outcome=outcome).observe(seconds)
+    def on_response(self, method: str, path: str, code: int, outcome: str, seconds: float) -> None:
+        """Every response, from RequestContextMiddleware (so 400/401/413 floods are visible too)."""
+        self.http_responses.labels(route=path if path in ROUTES else "other", code=str(code)).inc()
+        if method == "POST" and path in GENERATION_ROUTES:
+            self.requests.labels(code=str(code)).inc()
+            self.request_duration.labels(outcome=outcome).observe(seconds)

@@ -1,18 +1,31 @@
-"""Request ids, one structured log line per request, and the request-body size limit (pure ASGI)."""
+"""The request context (pure ASGI): request id, client identity, body limits and read deadline, one
+structured log line and one metrics observation per response, and a JSON 500 for anything unhandled."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ddpm.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapes would drown the log
+
+# outcome of a response that no route labelled (rejected before reaching one, or unlabelled routes)
+_OUTCOME_BY_STATUS = {200: "ok", 401: "unauthorized", 429: "rejected", 499: "cancelled", 500: "error", 503: "unavailable", 504: "timeout"}
+
+ResponseObserver = Callable[[str, str, int, str, float], None]  # (method, path, status, outcome, seconds)
+
+
+def outcome_of(status: int) -> str:
+    return _OUTCOME_BY_STATUS.get(status, "invalid" if 400 <= status < 500 else "ok" if status < 400 else "error")
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,12 +44,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger message key=value ...``: the same fields as the JSON lines, for humans."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", {})
+        if not fields:
+            return line
+        pairs = " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, (int, float)) else v}" for k, v in fields.items())
+        head, newline, rest = line.partition("\n")  # a traceback stays below the fields
+        return f"{head} {pairs}{newline}{rest}"
+
+
 def configure_logging(fmt: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def client_key(scope: Scope, trust_forwarded_for: bool) -> str:
+    """Who a request counts against (quota, fairness) and who the log names: the TCP peer, or behind
+    our nginx (DDPM_TRUST_FORWARDED_FOR) the last X-Forwarded-For hop, which nginx itself appended.
+    The one policy: uvicorn's own proxy-header rewriting is off (``ddpm serve`` sets proxy_headers=False)."""
+    if trust_forwarded_for:
+        for name, value in scope.get("headers") or []:
+            if name == b"x-forwarded-for":
+                hop = value.decode("latin-1").split(",")[-1].strip()
+                if hop:
+                    return hop
+    client = scope.get("client")
+    return client[0] if client else "unknown"
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
@@ -47,12 +90,24 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
 
 
 class RequestContextMiddleware:
-    """X-Request-ID accepted (when well-formed) or generated, echoed on the response; bodies over
-    ``max_body_bytes`` answered 413 before the app sees them; one access-log line per request."""
+    """X-Request-ID accepted (when well-formed) or generated, echoed on the response; the client key
+    computed once; bodies over ``max_body_bytes`` answered 413 and bodies that do not arrive within
+    ``read_timeout_s`` 408 before the app sees them; any exception the app leaves unhandled answered
+    as a JSON 500 with the request id; one access-log line and one ``observe`` call per response."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        read_timeout_s: float = 10.0,
+        trust_forwarded_for: bool = False,
+        observe: ResponseObserver | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
+        self.trust_forwarded_for = trust_forwarded_for
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,52 +117,81 @@ class RequestContextMiddleware:
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, client=client_key(scope, self.trust_forwarded_for), log_fields={})
         id_header = (b"x-request-id", request_id.encode())
         status = {"code": 0}
-
-        too_large = {"sent": False}
+        refused = {"sent": False}  # a 413/408 went out; the app's own answer is dropped
 
         async def send_with_id(message: Message) -> None:
-            if too_large["sent"]:
-                return  # the 413 is out; whatever the app answers after it is dropped
+            if refused["sent"]:
+                return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
-        async def reject() -> None:
-            status["code"] = 413
-            await _send_json(send, 413, {"detail": f"request body over {self.max_body_bytes} bytes"}, [id_header])
+        async def refuse(code: int, detail: str) -> None:
+            status["code"] = code
+            refused["sent"] = True
+            await _send_json(send, code, {"detail": detail}, [id_header, (b"connection", b"close")])
 
         try:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await reject()
+                await refuse(413, f"request body over {self.max_body_bytes} bytes")
                 return
-            received = {"n": 0}
+            body = {"n": 0, "complete": scope.get("method") in ("GET", "HEAD")}
+            deadline = start + self.read_timeout_s
 
-            async def limited_receive() -> Message:
-                message = await receive()
-                if message["type"] == "http.request" and not too_large["sent"]:
-                    received["n"] += len(message.get("body", b""))
-                    if received["n"] > self.max_body_bytes:  # chunked bodies carry no length up front
-                        await reject()
-                        too_large["sent"] = True
-                        return {"type": "http.disconnect"}  # the app stops reading
+            async def guarded_receive() -> Message:
+                if body["complete"] or refused["sent"]:
+                    return await receive()  # after the body: disconnect polling, no deadline
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                except asyncio.TimeoutError:
+                    await refuse(408, f"request body not received within {self.read_timeout_s:g} s")
+                    return {"type": "http.disconnect"}  # the app stops reading
+                if message["type"] == "http.request":
+                    body["n"] += len(message.get("body", b""))
+                    if body["n"] > self.max_body_bytes:  # chunked bodies carry no length up front
+                        await refuse(413, f"request body over {self.max_body_bytes} bytes")
+                        return {"type": "http.disconnect"}
+                    body["complete"] = not message.get("more_body", False)
                 return message
 
-            await self.app(scope, limited_receive, send_with_id)
+            await self.app(scope, guarded_receive, send_with_id)
+        except Exception as exc:
+            log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id, "path": scope.get("path")}})
+            if status["code"] == 0:
+                status["code"] = 500
+                await _send_json(send, 500, {"detail": "internal server error", "request_id": request_id}, [id_header])
         finally:
-            path = scope.get("path", "")
-            if path not in ("/healthz", "/readyz", "/metrics"):  # probes and scrapes would drown the log
-                fields = {
-                    "request_id": request_id,
-                    "method": scope.get("method"),
-                    "path": path,
-                    "status": status["code"],
-                    "duration_s": round(time.monotonic() - start, 6),
-                    "client": (scope.get("client") or ("", 0))[0],
-                    **scope.get("state", {}).get("log_fields", {}),
-                }
-                log.info("request", extra={"fields": fields})
+            self._record(scope, state, request_id, status["code"], time.monotonic() - start)
+
+    def _record(self, scope: Scope, state: dict[str, Any], request_id: str, http_status: int, seconds: float) -> None:
+        # a stream's HTTP status is 200 from its first byte; what it ended with is the outcome code
+        code = state.get("outcome_code") or http_status
+        outcome = state.get("outcome") or outcome_of(code)
+        if code >= 400 and outcome == "ok":
+            outcome = outcome_of(code)  # a route that said "ok" before something after it failed
+        path = scope.get("path", "")
+        if self.observe is not None:
+            try:
+                self.observe(scope.get("method", ""), path, code, outcome, seconds)
+            except Exception as exc:
+                log.error("response observer failed", exc_info=exc)
+        if path in QUIET_PATHS:
+            return
+        fields = {
+            "request_id": request_id,
+            "method": scope.get("method"),
+            "path": path,
+            "status": code,
+            **({"http_status": http_status} if http_status != code else {}),
+            "outcome": outcome,
+            "duration_s": round(seconds, 6),
+            "client": state.get("client"),
+            **state.get("log_fields", {}),
+        }
+        log.info("request", extra={"fields": fields})

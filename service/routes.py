@@ -1,4 +1,9 @@
-"""HTTP routes: validate, translate to an engine job, translate the result back. No model work here."""
+"""HTTP routes: validate, translate to an engine job, translate the result back. No model work here.
+
+Responses are counted and logged by ``RequestContextMiddleware``; a route only says what the outcome
+was (``request.state.outcome``, and for a stream, whose HTTP status is always 200, the status its
+``error``/``result`` event carried: ``request.state.outcome_code``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,12 +26,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ddpm.grid import image_pngs, make_grid, png_bytes
 from service.auth import Authorized, MetricsAuthorized
-from service.continuous_batcher import Cancelled, DeadlineExceeded, Draining, Job, ModelFailure, QueueFull
+from service.content_negotiation import negotiate
+from service.continuous_batcher import (
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    DrainTimeout,
+    EngineFault,
+    EngineStopped,
+    Job,
+    QueueFull,
+)
 from service.runtime import JobHandle, ServerState
 from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, ScheduleResponse, Timings, ValidationErrorResponse
+from service.strict_json import StrictJSONRoute
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
+JSON = "application/json"
+PNG = "image/png"
 NPY = "application/x-npy"
+SSE = "text/event-stream"
+log = logging.getLogger("ddpm.server")
 
 
 def get_state(request: Request) -> ServerState:
@@ -33,18 +54,26 @@ def get_state(request: Request) -> ServerState:
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "The body could not be read as JSON (e.g. not UTF-8)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when DDPM_API_TOKEN is set)"},
     413: {"model": ErrorResponse, "description": "Request body over DDPM_MAX_BODY_BYTES"},
+    406: {"model": ErrorResponse, "description": "The Accept header accepts none of the media types this route answers with"},
+    408: {"model": ErrorResponse, "description": "The request body did not arrive within DDPM_REQUEST_READ_TIMEOUT_S"},
     415: {"model": ErrorResponse, "description": "The body was not sent as application/json"},
-    422: {"model": ValidationErrorResponse, "description": "Invalid input; the message names the field"},
+    422: {
+        "model": ValidationErrorResponse,
+        "description": "Invalid input, a duplicate key or a non-finite number; the message names the field",
+    },
     429: {"model": ErrorResponse, "description": "This client has DDPM_MAX_IMAGES_PER_CLIENT images in flight (with Retry-After)"},
-    503: {"model": ErrorResponse, "description": "Not ready, draining, or queue full (with Retry-After)"},
+    503: {
+        "model": ErrorResponse,
+        "description": "Not ready, draining, queue full, or the server stopped before running it (with Retry-After)",
+    },
     504: {"model": ErrorResponse, "description": "The request's deadline passed; its samples left the batch"},
-    500: {"model": ErrorResponse, "description": "The model call failed for this request"},
+    500: {"model": ErrorResponse, "description": "A stage of the denoising iteration (or encoding the result) failed for this request"},
 }
 
 
@@ -60,9 +89,9 @@ def _field_error(field: str, message: str, value: object) -> RequestValidationEr
 
 def _submit(state: ServerState, body: GenerateRequest, request: Request, stream: bool = False) -> JobHandle:
     """Validate against the loaded model and hand the job to the engine (errors as ApiError)."""
-    reason = state.not_ready_reason()
+    reason = state.refusal_reason()
     retry = {"Retry-After": str(state.settings.retry_after_s)}
-    if state.engine is None or state.model is None or (reason and reason != "the last model call failed"):
+    if state.engine is None or state.model is None or reason is not None:
         raise ApiError(503, f"not ready: {reason}", "unavailable", retry)
     t = state.model.schedule.num_timesteps
     if body.steps is not None and body.steps > t:
@@ -70,40 +99,64 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request, stream:
     if body.batch_size > state.settings.max_images_per_request:
         raise _field_error("batch_size", f"batch_size must be <= {state.settings.max_images_per_request}", body.batch_size)
     clip = state.model.clip_denoised if body.clip_denoised is None else body.clip_denoised
-    job = Job(seed=body.seed, n=body.batch_size, steps=body.steps or t, clip_denoised=clip, timeout_s=state.settings.request_timeout_s)
-    request.state.log_fields = {"seed": body.seed, "batch_size": body.batch_size, "steps": job.steps}
-    client = client_key(request, state.settings.trust_forwarded_for)
+    client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
+    job = Job(
+        seed=body.seed,
+        n=body.batch_size,
+        steps=body.steps or t,
+        clip_denoised=clip,
+        timeout_s=state.settings.request_timeout_s,
+        client=client,
+        request_id=request.state.request_id,
+    )
+    request.state.log_fields.update({"seed": body.seed, "batch_size": body.batch_size, "steps": job.steps})
     if not state.clients.acquire(client, job.n):
         limit = state.settings.max_images_per_client
         raise ApiError(429, f"too many images in flight for this client (limit {limit})", "rejected", retry)
     handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n), stream=stream)
     try:
         state.engine.submit(job)
-    except (QueueFull, Draining) as exc:
+    except (QueueFull, Draining, EngineStopped) as exc:
         state.clients.release(client, job.n)
         raise ApiError(503, str(exc), "rejected" if isinstance(exc, QueueFull) else "unavailable", retry) from exc
     return handle
 
 
-def client_key(request: Request, trust_forwarded_for: bool) -> str:
-    """Who a request counts against: the peer address, or behind our nginx the last X-Forwarded-For hop."""
-    forwarded = request.headers.get("x-forwarded-for")
-    if trust_forwarded_for and forwarded:
-        return forwarded.split(",")[-1].strip()
-    return request.client.host if request.client else "unknown"
-
-
-def _job_error(job: Job) -> ApiError | None:
+def _job_error(state: ServerState, job: Job) -> ApiError | None:
     err = job.error
     if err is None:
         return None
     if isinstance(err, DeadlineExceeded):
         return ApiError(504, str(err), "timeout")
-    if isinstance(err, ModelFailure):
-        return ApiError(500, str(err), "error")
+    if isinstance(err, (EngineStopped, DrainTimeout)):  # not run to the end: safe to send elsewhere
+        return ApiError(503, str(err), "unavailable", {"Retry-After": str(state.settings.retry_after_s)})
     if isinstance(err, Cancelled):
         return ApiError(499, str(err), "cancelled")
+    if isinstance(err, EngineFault):
+        return ApiError(500, str(err), "error")
     return ApiError(500, str(err), "error")
+
+
+def _negotiate(accept: str | None, offered: list[str]) -> str:
+    media = negotiate(accept, offered)
+    if media is None:
+        raise ApiError(406, f"Accept {accept!r} matches none of {', '.join(offered)}", "invalid")
+    return media
+
+
+async def _encode(state: ServerState, encode: object, request: Request) -> object:
+    """Run an encoder (PNG / npy / JSON body) off the event loop; a failure is a 500 that says so."""
+    try:
+        return await asyncio.to_thread(_encode_now, state, encode)
+    except Exception as exc:
+        log.error("encoding the result failed", exc_info=exc, extra={"fields": {"stage": "encode", "request_id": request.state.request_id}})
+        state.metrics.on_fault("encode", 1)
+        raise ApiError(500, f"encoding the result failed ({type(exc).__name__}); the server log has the details", "error") from exc
+
+
+def _encode_now(state: ServerState, encode: object) -> object:
+    state.faults("encode")
+    return encode()  # type: ignore[operator]
 
 
 def _result_body(state: ServerState, job: Job, arrived: float) -> GenerateResponse:
@@ -141,30 +194,27 @@ async def generate(
     body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
 ) -> Response:
     arrived = time.monotonic()
-    outcome, code = "error", 500
     try:
+        media = _negotiate(accept, [JSON, PNG, NPY])
         handle = _submit(state, body, request)
         job = await handle.wait(request.is_disconnected)
-        error = _job_error(job)
+        error = _job_error(state, job)
         if error is not None:
             raise error
-        outcome, code = "ok", 200
         assert job.images is not None
-        if accept and "image/png" in accept:
-            return Response(png_bytes(make_grid(job.images)), media_type="image/png")
-        if accept and NPY in accept:
-            return Response(_npy(job.images), media_type=NPY)
-        return JSONResponse(jsonable_encoder(_result_body(state, job, arrived)))
+        images = job.images
+        if media == PNG:
+            response: Response = Response(await _encode(state, lambda: png_bytes(make_grid(images)), request), media_type=PNG)
+        elif media == NPY:
+            response = Response(await _encode(state, lambda: _npy(images), request), media_type=NPY)
+        else:
+            content = await _encode(state, lambda: jsonable_encoder(_result_body(state, job, arrived)), request)
+            response = JSONResponse(content)
+        request.state.outcome = "ok"
+        return response
     except ApiError as exc:
-        outcome, code = exc.outcome, exc.status_code
+        request.state.outcome = exc.outcome
         raise
-    except RequestValidationError:
-        code = 422  # counted by the app's validation handler, like body errors caught before this route
-        raise
-    finally:
-        if code != 422:
-            state.metrics.on_response(code, outcome, time.monotonic() - arrived)
-        getattr(request.state, "log_fields", {})["outcome"] = outcome
 
 
 def _sse(event: str, data: object) -> str:
@@ -176,35 +226,42 @@ def _sse(event: str, data: object) -> str:
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "progress events, then result (or error)"}},
     summary="Like /generate, with Server-Sent Events: progress {steps_done, total}, then result or error",
 )
-async def generate_stream(body: GenerateRequest, request: Request, state: StateDep, _: Authorized) -> StreamingResponse:
+async def generate_stream(
+    body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
+) -> StreamingResponse:
     arrived = time.monotonic()
     try:
+        _negotiate(accept, [SSE])
         handle = _submit(state, body, request, stream=True)
     except ApiError as exc:
-        state.metrics.on_response(exc.status_code, exc.outcome, time.monotonic() - arrived)
+        request.state.outcome = exc.outcome
         raise
-    # (a RequestValidationError from _submit is counted by the app's validation handler)
+    # (a RequestValidationError from _submit is answered by the app's validation handler)
+    request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
     async def events() -> AsyncIterator[str]:
-        code, outcome = 499, "cancelled"
         try:
             yield _sse("queued", {"batch_size": handle.job.n, "steps": handle.job.steps})
             async for ev in handle.events():
                 yield _sse("progress", {"steps_done": ev.steps_done, "total": ev.total, "fraction": round(ev.steps_done / ev.total, 4)})
             job = await handle.done
-            error = _job_error(job)
+            error = _job_error(state, job)
+            if error is None:
+                try:
+                    result = await _encode(state, lambda: jsonable_encoder(_result_body(state, job, arrived)), request)
+                except ApiError as exc:
+                    error = exc
+                else:
+                    request.state.outcome, request.state.outcome_code = "ok", 200
+                    yield _sse("result", result)
             if error is not None:
-                code, outcome = error.status_code, error.outcome
+                request.state.outcome, request.state.outcome_code = error.outcome, error.status_code
                 yield _sse("error", {"status": error.status_code, "detail": error.detail})
-            else:
-                code, outcome = 200, "ok"
-                yield _sse("result", jsonable_encoder(_result_body(state, job, arrived)))
         finally:
             if not handle.done.done():  # the client went away mid-stream
                 handle.job.cancel()
-            state.metrics.on_response(code, outcome, time.monotonic() - arrived)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(events(), media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get(
@@ -220,9 +277,12 @@ async def schedule(state: StateDep, _: Authorized) -> ScheduleResponse:
     return ScheduleResponse(**m.schedule.to_dict(), variance_type=m.variance_type.value, clip_denoised=m.clip_denoised)  # type: ignore[arg-type]
 
 
-@router.get("/healthz", summary="The process is alive")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", responses={503: ERRORS[503]}, summary="The process can serve (or is still starting): 503 once it never can")
+async def healthz(state: StateDep) -> JSONResponse:
+    fatal = state.fatal_reason()
+    if fatal is not None:
+        return JSONResponse({"status": "failed", "detail": fatal}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz", responses={503: ERRORS[503]}, summary="Model loaded and warmed up, not draining")

@@ -15,32 +15,19 @@ import torch
 from ddpm.inference_compile import HotPath, hot_path
 from ddpm.model_source import LoadedModel, load_model_source
 from kernels.reverse_step import fused_reverse_step
-from service.continuous_batcher import Engine, Job
+from service.continuous_batcher import DeadlineExceeded, Engine, Job
+from service.fault_injection import FaultInjector
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("ddpm.server")
+RECOVERING = "recovering from a failed iteration (self-test pending)"
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-class FaultInjector:
-    """Testing aid (DDPM_FAULT_EVERY_N_ITERATIONS): every Nth call of the wrapped eps model raises."""
-
-    def __init__(self, eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], every: int) -> None:
-        self.eps_model = eps_model
-        self.every = every
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls % self.every == 0:
-            raise RuntimeError(f"injected fault (call {self.calls})")
-        return self.eps_model(x, t)
 
 
 class ClientQuota:
@@ -79,8 +66,20 @@ class ServerState:
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.ready = False
+        self.draining = False
         self.load_error: str | None = None
         self._loader: threading.Thread | None = None
+        self.faults = FaultInjector(
+            every_n=settings.fault_every_n_iterations,
+            rate=settings.fault_rate,
+            stages=settings.fault_stage_list,
+            seed=settings.fault_seed,
+            duration_s=settings.fault_duration_s,
+        )
+        # called (from any thread) when the server cannot go on: the model failed to load or the engine
+        # thread died; `ddpm serve` exits non-zero so that the orchestrator restarts the process
+        self.on_fatal: Callable[[str], None] | None = None
+        self.metrics.ready.set_function(lambda: 1.0 if self.not_ready_reason() is None else 0.0)  # always what /readyz says
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -110,6 +109,9 @@ class ServerState:
                 log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
                 fast = hot_path(eager_eps, model.module, device, "off", s.step_backend)
                 engine = self._warm_engine(model, fast)
+            if self.faults.enabled:
+                engine.faults = self.faults
+                self.faults.arm()  # after warm-up: start-up itself never fails on purpose
             engine.start()
             self.metrics.model_info.info(
                 {
@@ -124,28 +126,39 @@ class ServerState:
             )
             self.model, self.engine = model, engine
             self.ready = True
-            self.metrics.ready.set(1)
             log.info("model %s ready on %s (compile and warm-up %.2f s)", model.name, device, time.perf_counter() - start)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("model failed to load: %s", self.load_error)
+            log.error("model failed to load: %s", self.load_error, exc_info=exc)
+            self._fatal(f"model failed to load: {self.load_error}")
+
+    def _fatal(self, reason: str) -> None:
+        self.ready = False
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def _engine_died(self, reason: str) -> None:
+        self._fatal(f"engine stopped: {reason}")
 
     def _warm_engine(self, model: LoadedModel, fast: HotPath) -> Engine:
         """An engine on the given hot path, warmed up (not started)."""
         s = self.settings
         step_fn = fast.step_fn or functools.partial(fused_reverse_step, backend=fast.step_backend)
         model.eps_model = fast.eps_model
-        if s.fault_every_n_iterations:
-            model.eps_model = FaultInjector(model.eps_model, s.fault_every_n_iterations)
         engine = Engine(
-            model, max_batch=s.max_batch, max_queue=s.max_queue, step_fn=step_fn, observer=self.metrics, scheduling=s.scheduling
+            model,
+            max_batch=s.max_batch,
+            max_queue=s.max_queue,
+            step_fn=step_fn,
+            observer=self.metrics,
+            scheduling=s.scheduling,
+            on_dead=self._engine_died,
         )
         engine.warmup(s.warmup_steps)
         return engine
 
     def drain(self) -> None:
-        self.ready = False
-        self.metrics.ready.set(0)
+        self.draining = True
         if self.engine is not None:
             self.engine.drain()
 
@@ -154,16 +167,32 @@ class ServerState:
         if self.engine is not None:
             self.engine.stop()
 
-    def not_ready_reason(self) -> str | None:
+    def fatal_reason(self) -> str | None:
+        """Why this process can never serve (it exits; /healthz fails too), or None. The reason the
+        open probes give is generic: paths and exception text go to the log, not to anonymous callers."""
         if self.load_error is not None:
-            return f"model failed to load: {self.load_error}"
-        if self.engine is None:
-            return "model is loading"
-        if self.engine.draining:
-            return "draining"
-        if not self.engine.healthy:
-            return "the last model call failed"
+            return "model failed to load (see the server log)"
+        if self.engine is not None and self.engine.dead is not None:
+            return "engine stopped (see the server log)"
         return None
+
+    def not_ready_reason(self) -> str | None:
+        fatal = self.fatal_reason()
+        if fatal is not None:
+            return fatal
+        if self.draining or (self.engine is not None and self.engine.draining):
+            return "draining"
+        if self.engine is None or not self.ready:
+            return "model is loading"
+        if not self.engine.healthy:
+            return RECOVERING
+        return None
+
+    def refusal_reason(self) -> str | None:
+        """Why a new request is refused with 503, or None. A recovering engine still takes work:
+        the next good iteration is what heals it."""
+        reason = self.not_ready_reason()
+        return None if reason == RECOVERING else reason
 
 
 @dataclass
@@ -173,7 +202,14 @@ class ProgressEvent:
 
 
 class JobHandle:
-    """A submitted job seen from the event loop: an awaitable result and a stream of progress."""
+    """A submitted job seen from the event loop: an awaitable result and its latest progress.
+
+    Progress keeps only the newest event (a stalled stream reader costs O(1) memory, not one event
+    per iteration). ``wait`` and ``events`` never outlive the job's deadline by more than
+    ``BACKSTOP_S``: if the engine has not answered by then (a hung device call), the job is
+    cancelled and answered 504 here."""
+
+    BACKSTOP_S = 5.0
 
     def __init__(
         self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None, stream: bool = False
@@ -181,16 +217,38 @@ class JobHandle:
         self.job = job
         self.done = loop.create_future()
         self._on_release = on_release
-        self.progress: asyncio.Queue[ProgressEvent] = asyncio.Queue()
+        self._latest: ProgressEvent | None = None
+        self._progress = asyncio.Event()
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
         if stream:  # only a stream reads progress: other jobs must not wake the event loop every iteration
-            job.on_progress = lambda j: loop.call_soon_threadsafe(self.progress.put_nowait, ProgressEvent(j.steps_done, j.n * j.steps))
+            job.on_progress = lambda j: loop.call_soon_threadsafe(self._set_progress, ProgressEvent(j.steps_done, j.n * j.steps))
 
     def _set_done(self) -> None:
         if not self.done.done():
             self.done.set_result(self.job)
             if self._on_release is not None:
                 self._on_release()
+
+    def _set_progress(self, event: ProgressEvent) -> None:
+        self._latest = event
+        self._progress.set()
+
+    @property
+    def pending_progress(self) -> int:
+        """Progress events held for the reader (0 or 1)."""
+        return int(self._latest is not None)
+
+    def _backstop(self) -> float:
+        """Seconds until the engine is considered unresponsive for this job."""
+        return self.job.deadline + self.BACKSTOP_S - time.monotonic()
+
+    def _give_up(self) -> Job:
+        self.job.cancel()
+        if self.job.error is None and not self.job.done:
+            self.job.error = DeadlineExceeded(f"deadline of {self.job.timeout_s:g} s exceeded (the engine did not answer)")
+        log.error("engine did not answer job %s by its deadline", self.job.id, extra={"fields": {"request_id": self.job.request_id}})
+        self._set_done()
+        return self.job
 
     async def wait(self, is_disconnected: object, poll_s: float = 0.25) -> Job:
         """The finished job; cancels it when the client goes away (polled every poll_s)."""
@@ -200,21 +258,27 @@ class JobHandle:
             except asyncio.TimeoutError:
                 if await is_disconnected():  # type: ignore[operator]
                     self.job.cancel()
-                    return await self.done
+                    try:
+                        return await asyncio.wait_for(asyncio.shield(self.done), max(self._backstop(), poll_s))
+                    except asyncio.TimeoutError:
+                        return self._give_up()
+                if self._backstop() < 0:
+                    return self._give_up()
 
     async def events(self, min_interval_s: float = 0.1) -> AsyncIterator[ProgressEvent]:
         """Progress, at most one event per min_interval_s, until the job is done."""
         last = 0.0
         while not self.done.done():
-            getter = asyncio.ensure_future(self.progress.get())
-            finished, _ = await asyncio.wait({getter, self.done}, return_when=asyncio.FIRST_COMPLETED)
+            getter = asyncio.ensure_future(self._progress.wait())
+            finished, _ = await asyncio.wait({getter, self.done}, timeout=max(self._backstop(), 0.0), return_when=asyncio.FIRST_COMPLETED)
             if getter not in finished:
                 getter.cancel()
+                if not finished:  # neither progress nor an answer by the deadline
+                    self._give_up()
                 break
-            event = getter.result()
-            while not self.progress.empty():
-                event = self.progress.get_nowait()
+            self._progress.clear()
+            event, self._latest = self._latest, None
             now = time.monotonic()
-            if now - last >= min_interval_s:
+            if event is not None and now - last >= min_interval_s:
                 last = now
                 yield event

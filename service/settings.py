@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ddpm.inference_compile import CompileSetting
@@ -38,10 +38,37 @@ class Settings(BaseSettings):
     max_images_per_client: int = Field(256, ge=1, description="images one client may have queued or running; more gets 429")
     trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
+    max_connections: int = Field(
+        1024, ge=1, description="open connections (and requests in progress) before new requests get 503 (uvicorn limit_concurrency)"
+    )
+    request_read_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must deliver a request's headers, and then its body, within this many seconds (408)"
+    )
     fault_every_n_iterations: int = Field(0, ge=0, description="testing only: every Nth model call raises (0: never)")
+    fault_rate: float = Field(0.0, ge=0, le=1, description="testing only: probability that each listed stage raises")
+    fault_stages: str = Field(
+        "", description="testing only: comma-separated stages for fault_rate (admit,unet,step,advance,observer,encode,loop)"
+    )
+    fault_seed: int = Field(0, description="testing only: seed of the fault draws")
+    fault_duration_s: float = Field(0.0, ge=0, description="testing only: faults stop this long after the server is ready (0: never)")
     scheduling: Literal["continuous", "request"] = Field(
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )
+
+    @field_validator("fault_stages")
+    @classmethod
+    def _known_stages(cls, value: str) -> str:
+        from service.fault_injection import STAGES
+
+        stages = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown fault stages {unknown}; known: {', '.join(STAGES)}")
+        return ",".join(stages)
+
+    @property
+    def fault_stage_list(self) -> tuple[str, ...]:
+        return tuple(v for v in self.fault_stages.split(",") if v)
 
 
 @lru_cache

@@ -11,7 +11,19 @@ import torch
 from ddpm.sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
-from service.continuous_batcher import Cancelled, DeadlineExceeded, Draining, Engine, Job, ModelFailure, QueueFull
+from service.continuous_batcher import (
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    DrainTimeout,
+    Engine,
+    EngineFault,
+    EngineObserver,
+    EngineStopped,
+    Job,
+    ModelFailure,
+    QueueFull,
+)
 from tests.tiny_model import tiny_loaded_model
 
 
@@ -145,7 +157,8 @@ def test_model_failure_fails_only_that_batch(tiny_unet: torch.nn.Module) -> None
     try:
         bad = e.submit(_job(seed=1, steps=10))
         _wait(bad)
-        assert isinstance(bad.error, ModelFailure) and "injected fault" in str(bad.error)
+        assert isinstance(bad.error, ModelFailure) and bad.error.cause == "RuntimeError: injected fault"
+        assert str(bad.error) == "model call failed (RuntimeError); the server log has the details"  # no message text to clients
         assert not e.healthy
         good = e.submit(_job(seed=2, steps=10))
         _wait(good)
@@ -161,3 +174,161 @@ def test_progress_callbacks(engine: Engine) -> None:
     engine.submit(job)
     _wait(job)
     assert seen == sorted(seen) and seen[-1] < 12 and job.steps_done == 12 and job.progress == 1.0
+
+
+# --- faults: any stage of an iteration fails exactly the jobs it touched, and the engine goes on ----------
+
+
+class OneFault:
+    """Raises once at ``stage``, the first time ``when()`` holds there (a stand-in for FaultInjector)."""
+
+    def __init__(self, stage: str, when=lambda: True) -> None:  # type: ignore[no-untyped-def]
+        self.stage, self.when, self.fired = stage, when, False
+
+    def __call__(self, stage: str) -> None:
+        if stage == self.stage and not self.fired and self.when():
+            self.fired = True
+            raise MemoryError(f"injected at {stage}")
+
+
+@pytest.mark.parametrize("stage", ["unet", "step", "advance"])
+def test_a_fault_in_the_running_batch_fails_its_jobs_only(tiny_unet: torch.nn.Module, stage: str) -> None:
+    e = Engine(tiny_loaded_model(tiny_unet), max_batch=2, self_test_backoff_s=(0.05, 0.2))
+    running = e.submit(_job(seed=1, n=2, steps=300))  # fills the batch
+    e.start()
+    try:
+        while e.running < 2:
+            time.sleep(0.001)
+        waiting = e.submit(_job(seed=2, n=1, steps=5))  # not admitted until a slot frees
+        e.faults = OneFault(stage)
+        _wait(running, waiting)
+        assert isinstance(running.error, EngineFault) and running.error.stage == stage
+        assert "MemoryError" in str(running.error) and waiting.error is None
+        after = e.submit(_job(seed=3, n=2, steps=5))  # the engine goes on
+        _wait(after)
+        assert after.error is None and e.healthy and e.alive
+        assert e.running == 0 and e.queue_depth == 0 and e.idle
+    finally:
+        e.stop()
+
+
+def test_a_fault_while_admitting_fails_only_the_newcomers(tiny_unet: torch.nn.Module) -> None:
+    e = Engine(tiny_loaded_model(tiny_unet), max_batch=8)
+    first = e.submit(_job(seed=1, n=2, steps=300))
+    e.start()
+    try:
+        while e.running < 2:
+            time.sleep(0.001)
+        e.faults = OneFault("admit")  # x_T for the next newcomers cannot be drawn (e.g. out of memory)
+        late = e.submit(_job(seed=2, n=3, steps=5))
+        _wait(late)
+        assert isinstance(late.error, EngineFault) and late.error.stage == "admit"
+        _wait(first)
+        assert first.error is None and first.images_done == 2
+        assert e.running == 0 and e.queue_depth == 0
+    finally:
+        e.stop()
+
+
+def test_a_failing_observer_is_isolated(tiny_unet: torch.nn.Module) -> None:
+    class Broken(EngineObserver):
+        def __init__(self) -> None:
+            self.faults: list[str] = []
+
+        def on_iteration(self, batch_size: int, seconds: float) -> None:
+            raise ValueError("metrics backend down")
+
+        def on_fault(self, stage: str, jobs: int) -> None:
+            self.faults.append(stage)
+
+    observer = Broken()
+    e = Engine(tiny_loaded_model(tiny_unet), max_batch=4, observer=observer)
+    e.start()
+    try:
+        job = e.submit(_job(seed=1, n=2, steps=5))
+        _wait(job)
+        assert job.error is None and job.images_done == 2 and e.healthy
+        assert observer.faults == ["observer"] * 5
+    finally:
+        e.stop()
+
+
+def test_a_dead_engine_answers_everyone_and_says_so(tiny_unet: torch.nn.Module) -> None:
+    died: list[str] = []
+    e = Engine(tiny_loaded_model(tiny_unet), max_batch=2, on_dead=died.append)
+    jobs = [e.submit(_job(seed=s, n=2, steps=50)) for s in range(3)]  # one running, two waiting
+    e.faults = OneFault("loop", when=lambda: e.iterations >= 3)  # outside any iteration: a bug in the loop
+    e.start()
+    _wait(*jobs, timeout=10)
+    assert all(isinstance(j.error, EngineStopped) for j in jobs)
+    end = time.monotonic() + 5
+    while e.alive:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    assert e.dead is not None and "injected at loop" in e.dead and died == [e.dead]
+    with pytest.raises(EngineStopped):
+        e.submit(_job())
+    assert e.running == 0 and e.queue_depth == 0
+
+
+def test_readiness_heals_without_traffic(tiny_unet: torch.nn.Module) -> None:
+    failures = {"left": 3}  # the fault and then two failing self-tests: backoff 0.05, 0.1, 0.2 s
+
+    def faults(stage: str) -> None:
+        if stage == "unet" and failures["left"] > 0:
+            failures["left"] -= 1
+            raise RuntimeError("device fault")
+
+    e = Engine(tiny_loaded_model(tiny_unet), max_batch=2, self_test_backoff_s=(0.05, 1.0), faults=faults)
+    e.start()
+    try:
+        bad = e.submit(_job(seed=1, steps=5))
+        _wait(bad)
+        assert isinstance(bad.error, ModelFailure) and not e.healthy
+        end = time.monotonic() + 5
+        while not e.healthy:  # nobody sends a request: the self-test is what heals it
+            assert time.monotonic() < end, "readiness did not heal"
+            time.sleep(0.01)
+        assert e.self_tests == 3 and failures["left"] == 0
+        assert e.iterations == 0  # self-tests are off the books
+    finally:
+        e.stop()
+
+
+def test_abort_answers_everything_in_flight(engine: Engine) -> None:
+    jobs = [engine.submit(_job(seed=s, n=4, steps=1000)) for s in range(4)]  # 8 running, 8 waiting
+    while engine.running < 8:
+        time.sleep(0.001)
+    assert engine.abort(DrainTimeout("deadline")) == 4
+    assert all(j.done and isinstance(j.error, DrainTimeout) for j in jobs)
+    time.sleep(0.05)  # an iteration that was under way when abort ran must not bring their rows back
+    assert engine.running == 0 and engine.queue_depth == 0 and engine.idle
+    after = engine.submit(_job(seed=9, steps=5))
+    _wait(after)
+    assert after.error is None
+
+
+def test_admission_is_fair_per_client(tiny_unet: torch.nn.Module) -> None:
+    # client A floods: 5 jobs of 4 images (5-step chains) on a 4-slot batch. B's single image must take
+    # one of the first slots that free up (iteration 5), not wait behind A's backlog: round robin per
+    # job alone would put B behind A's five queued jobs (iteration 10)
+    class AdmittedAt(EngineObserver):
+        def __init__(self) -> None:
+            self.at: dict[str, int] = {}
+
+        def on_admitted(self, job: Job) -> None:
+            self.at.setdefault(job.client, e.iterations)
+
+    admitted = AdmittedAt()
+    e = Engine(tiny_loaded_model(tiny_unet), max_batch=4, observer=admitted)
+    flood = [e.submit(Job(seed=s, n=4, steps=5, clip_denoised=True, timeout_s=60, client="A")) for s in range(5)]
+    e.start()
+    try:
+        while e.iterations < 1:
+            time.sleep(0.001)
+        single = e.submit(Job(seed=99, n=1, steps=5, clip_denoised=True, timeout_s=60, client="B"))
+        _wait(single, *flood)
+        assert admitted.at == {"A": 0, "B": 5}
+        assert single.error is None and all(j.error is None for j in flood)
+    finally:
+        e.stop()

@@ -158,3 +158,36 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     for topic in ["latency", "images per second", "queue depth", "occupancy", "iteration"]:
         assert topic in titles
     assert any("histogram_quantile(0.99" in e for e in exprs)
+
+
+def _nginx_seconds(directive: str) -> float:
+    match = re.search(rf"^\s*{directive}\s+(\d+)s;", (DEPLOY / "nginx" / "nginx.conf").read_text(), re.M)
+    assert match, directive
+    return float(match.group(1))
+
+
+def test_deployment_timeouts_agree_with_each_other(compose: dict) -> None:
+    from service.cli import GRACEFUL_CLOSE_S
+
+    env = compose["x-ddpm"]["environment"]
+    drain, request = float(env["DDPM_DRAIN_TIMEOUT_S"]), float(env["DDPM_REQUEST_TIMEOUT_S"])
+    # compose: the drain deadline and the socket close fit in the stop grace period (then SIGKILL)
+    assert int(compose["x-ddpm"]["stop_grace_period"].rstrip("s")) >= drain + GRACEFUL_CLOSE_S + 5
+    # nginx waits longer than a replica's own deadline: the client gets the replica's 504, not nginx's
+    assert _nginx_seconds("proxy_read_timeout") > request
+    # nginx cuts slow clients off before the replicas would
+    assert _nginx_seconds("client_header_timeout") <= Settings().request_read_timeout_s
+    assert _nginx_seconds("client_body_timeout") <= Settings().request_read_timeout_s
+    # Kubernetes: preStop, then the drain, then the close, inside terminationGracePeriodSeconds
+    dep = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    k8s_env = {e["name"]: float(e["value"]) for e in container["env"] if e["name"].endswith("_S")}
+    pre_stop = float(re.search(r"sleep\((\d+)\)", " ".join(container["lifecycle"]["preStop"]["exec"]["command"])).group(1))  # type: ignore[union-attr]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + k8s_env["DDPM_DRAIN_TIMEOUT_S"] + GRACEFUL_CLOSE_S + 5
+
+
+def test_nginx_keeps_operator_endpoints_private() -> None:
+    conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert re.search(rf"location = {re.escape(path)} {{ return 404; }}", conf), path

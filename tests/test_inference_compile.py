@@ -22,6 +22,7 @@ from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from kernels.reverse_step import fused_reverse_step_torch
 from service.app import create_app
+from service.runtime import ServerState
 from service.settings import Settings
 from tests.tiny_model import TINY, random_tiny_unet, save_tiny_model
 
@@ -150,9 +151,12 @@ def test_auto_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkeypat
             time.sleep(0.05)
         assert 'compiled="false"' in c.get("/metrics").text
         assert c.post("/generate", json={"seed": 1, "steps": 3}).status_code == 200
-    with TestClient(create_app(Settings(model=model_dir, warmup_steps=1, max_batch=4, compile="on"))) as c:
+    on = Settings(model=model_dir, warmup_steps=1, max_batch=4, compile="on")
+    state = ServerState(on)
+    with TestClient(create_app(on, state)) as c:
         end = time.monotonic() + 120
-        while "inductor cannot build" not in c.get("/readyz").json().get("detail", ""):
+        while "model failed to load" not in c.get("/readyz").json().get("detail", ""):
             assert time.monotonic() < end, c.get("/readyz").json()
             time.sleep(0.05)
         assert c.get("/readyz").status_code == 503
+        assert state.load_error is not None and "inductor cannot build" in state.load_error  # the log has why

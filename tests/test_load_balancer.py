@@ -162,3 +162,11 @@ def test_killed_replica_loses_only_what_it_held(cluster: tuple[list[ServerProces
     assert len(failures) <= 4  # at most the requests the killed replica held (4 clients, one request each)
     assert after_kill and all(c == 200 for c in after_kill)  # nothing sent after the kill was lost
     assert _ok(b) >= len(after_kill)  # the survivor served everything sent after the kill
+
+
+def test_operator_endpoints_are_not_published(cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    (a, _), lb = cluster
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert httpx.get(lb.url + path, timeout=10).status_code == 404, path
+        assert httpx.get(a.url + path, timeout=10).status_code == 200, path  # still on the replica's own port
+    assert httpx.get(lb.url + "/healthz", timeout=10).status_code == 200

@@ -249,10 +249,13 @@ def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:
             assert time.monotonic() < end
             time.sleep(0.02)
         r = c.get("/readyz")
-        assert r.status_code == 503 and "model directory not found" in r.json()["detail"]
+        assert r.status_code == 503 and r.json()["detail"] == "model failed to load (see the server log)"
+        assert str(tmp_path) not in r.text  # no filesystem path or exception text for anonymous callers
         assert c.post("/generate", json={"seed": 1}).status_code == 503
         assert c.get("/schedule").status_code == 503
-        assert c.get("/healthz").status_code == 200
+        health = c.get("/healthz")  # it can never serve: a liveness probe must restart it
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "ddpm_ready 0.0" in c.get("/metrics").text
 
 
 # --- metrics -----------------------------------------------------------------------------------------------
@@ -280,15 +283,17 @@ def test_metrics_move_with_served_requests(model_dir: Path) -> None:
 
 
 def test_model_fault_fails_only_the_affected_requests(model_dir: Path) -> None:
-    # warm-up uses calls 1-6 (batch 1, 2, 8 x clip on/off); with every=25 call 25 fails: inside the 30-step request (7..36)
+    # faults are armed after warm-up: with every=25 the 25th U-Net call of the 30-step request fails
     with _client(model_dir, fault_every_n_iterations=25, warmup_steps=1) as c:
         _wait_ready(c)
         r = c.post("/generate", json={"seed": 1, "steps": 30})
-        assert r.status_code == 500 and "model call failed: injected fault" in r.json()["detail"]
+        assert r.status_code == 500 and r.json()["detail"].startswith("model call failed (InjectedFault)")
         ready = c.get("/readyz")
-        assert ready.status_code == 503 and "model call failed" in ready.json()["detail"]
-        ok = c.post("/generate", json={"seed": 2, "steps": 10})  # calls 37..46: no fault
+        assert ready.status_code == 503 and "recovering" in ready.json()["detail"]
+        assert "ddpm_ready 0.0" in c.get("/metrics").text  # the gauge agrees with /readyz
+        ok = c.post("/generate", json={"seed": 2, "steps": 10})  # no fault in these calls
         assert ok.status_code == 200
         assert c.get("/readyz").status_code == 200  # a good call makes it ready again
         text = c.get("/metrics").text
         assert 'ddpm_requests_total{code="500"} 1.0' in text and 'ddpm_request_duration_seconds_count{outcome="error"} 1.0' in text
+        assert 'ddpm_engine_faults_total{stage="unet"} 1.0' in text and "ddpm_ready 1.0" in text

@@ -77,3 +77,94 @@ def test_serve_refuses_a_missing_model(tmp_path: Path) -> None:
         [sys.executable, "-m", "ddpm.cli", "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0 and "model directory not found" in proc.stderr
+
+
+def test_forwarded_for_is_ignored_unless_trusted(model_1000: Path) -> None:
+    # uvicorn rewrites the client from X-Forwarded-For for loopback peers unless told not to: a local
+    # sidecar could then pick its own quota key. The project's policy (DDPM_TRUST_FORWARDED_FOR) rules.
+    s = ServerProcess(model_1000, DDPM_MAX_IMAGES_PER_CLIENT="1")
+    try:
+        s.wait_ready()
+        held: dict[str, int] = {}
+
+        def hold() -> None:
+            r = httpx.post(s.url + "/generate", json={"seed": 1, "steps": 1000}, headers={"X-Forwarded-For": "1.1.1.1"}, timeout=60)
+            held["code"] = r.status_code
+
+        t = threading.Thread(target=hold)
+        t.start()
+        s.wait_metric("ddpm_running_samples", lambda v: v == 1)
+        spoofed = httpx.post(s.url + "/generate", json={"seed": 2, "steps": 5}, headers={"X-Forwarded-For": "2.2.2.2"}, timeout=30)
+        assert spoofed.status_code == 429  # both count against 127.0.0.1
+        t.join(60)
+        assert held["code"] == 200
+        logged = [json.loads(line) for line in s.output().splitlines() if '"ddpm.access"' in line]
+        assert logged and all(entry["client"] == "127.0.0.1" for entry in logged)
+    finally:
+        s.stop()
+
+
+def test_drain_deadline_answers_what_is_left_and_exits_0(model_1000: Path) -> None:
+    s = ServerProcess(model_1000, DDPM_DRAIN_TIMEOUT_S="0.5", DDPM_RETRY_AFTER_S="3")
+    try:
+        s.wait_ready()
+        result: dict[str, httpx.Response] = {}
+        body = {"seed": 2, "batch_size": 8, "steps": 1000}
+        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/generate", json=body, timeout=60)))
+        t.start()
+        s.wait_metric("ddpm_running_samples", lambda v: v == 8)
+        signalled = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        r = result["r"]
+        assert r.status_code == 503 and r.headers["retry-after"] == "3" and "drain deadline" in r.json()["detail"]
+        assert s.proc.wait(15) == 0
+        assert time.monotonic() - signalled < 0.5 + 8  # the deadline plus the socket close grace, not the chain
+    finally:
+        s.stop()
+
+
+def test_a_dead_engine_exits_non_zero(model_1000: Path) -> None:
+    s = ServerProcess(model_1000, DDPM_FAULT_RATE="1", DDPM_FAULT_STAGES="loop")
+    try:
+        s.wait_ready()  # faults are armed after warm-up; the loop dies on its first turn with work
+        r = httpx.post(s.url + "/generate", json={"seed": 1, "steps": 5}, timeout=30)
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        assert s.proc.wait(15) == 1
+        assert "engine stopped: InjectedFault" in s.output()
+    finally:
+        s.stop()
+
+
+def test_a_model_that_fails_to_load_exits_non_zero(model_1000: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_1000.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm.cli", "serve", "--port", "0", "--model", str(broken)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "ddpm serve: model failed to load" in proc.stderr
+
+
+def test_a_dropped_stream_is_logged_as_499(server: ServerProcess) -> None:
+    body = json.dumps({"seed": 1, "batch_size": 2, "steps": 1000}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        b"POST /generate/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: dropped-1\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+    server.wait_metric("ddpm_running_samples", lambda v: v == 2)
+    sock.close()
+    server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == 1)
+    end = time.monotonic() + 5
+    while '"dropped-1"' not in server.output():
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    line = next(json.loads(x) for x in server.output().splitlines() if '"dropped-1"' in x and '"ddpm.access"' in x)
+    assert (line["status"], line["http_status"], line["outcome"]) == (499, 200, "cancelled")
