@@ -345,7 +345,7 @@ def main() -> None:
         if args.server_cpus:  # keep the load generator off the server's cores (set before the server starts its threads)
             os.sched_setaffinity(server.proc.pid, {int(c) for c in args.server_cpus.split(",")})
         try:
-            server.wait_ready()
+            server.wait_ready(timeout=600)  # a cold inductor cache compiles for minutes on one core
             report = asyncio.run(burst(server, args) if args.mode == "burst" else soak(server, args))
         finally:
             server.stop()

@@ -374,13 +374,11 @@ class Engine:
         try:
             with self._lock:
                 self._fault("advance")
-                self._advance(running, new_x)
+                self._advance(running, new_x, seconds)
         except Exception as exc:
             self._on_fault("advance", exc, jobs)
             return
-        self.iterations += 1
         self._healed("an iteration succeeded")
-        self._observe("on_iteration", len(running.owners), seconds)
 
     @torch.inference_mode()
     def _self_test(self) -> None:
@@ -426,9 +424,9 @@ class Engine:
             self._backoff = self._backoff_first
             self._next_self_test = time.monotonic() + self._backoff
         error = ModelFailure(stage, exc) if stage in ("unet", "step") else EngineFault(stage, exc)
+        self._observe("on_fault", stage, len(unique))  # counted before anyone is told
         with self._lock:
             self._fail_jobs(unique, error)
-        self._observe("on_fault", stage, len(unique))
 
     def _observe(self, hook: str, *args: object) -> None:
         """Call an observer hook; a failing one is logged and isolated (metrics are not the product)."""
@@ -467,7 +465,7 @@ class Engine:
             out[rows] = self.step_fn(running.x[rows], eps[rows], c, running.seeds[rows], t[rows] + 1, bool(flag))
         return out
 
-    def _advance(self, running: _Running, new_x: torch.Tensor) -> None:
+    def _advance(self, running: _Running, new_x: torch.Tensor, seconds: float) -> None:
         """Move every sample one step on, retire those at x_0, and tell the jobs. Rows of jobs that
         finished meanwhile (failed, cancelled, aborted from another thread) leave the batch."""
         positions = running.positions - 1
@@ -486,7 +484,9 @@ class Engine:
             else:
                 keep.append(row)
         self._running = self._select(_Running(new_x, positions, running.seeds, running.owners), keep)
-        self._observe("on_load", self._queued_images, self.running)  # before anyone is told: gauges are current
+        self.iterations += 1  # counters and gauges are current before anyone is told
+        self._observe("on_iteration", len(running.owners), seconds)
+        self._observe("on_load", self._queued_images, self.running)
         for job in touched.values():
             if job.images_done == job.n:
                 self._finish(job)
