@@ -3,7 +3,7 @@
 #   GPU (default): docker build -t ddpm-serve .
 #   CPU only:      docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t ddpm-serve:cpu .
 # Base: python:3.11-slim-bookworm. The GPU image needs no CUDA base image: PyPI's torch==2.13.0 wheel
-# (the version the project pins) carries the CUDA runtime in its nvidia-* wheels, so the host only
+# (the version constraints.txt pins) carries the CUDA runtime in its nvidia-* wheels, so the host only
 # needs the NVIDIA driver and the container toolkit. TORCH_INDEX swaps in the CPU wheel (~5x smaller).
 ARG BASE=python:3.11-slim-bookworm
 
@@ -12,13 +12,13 @@ FROM ${BASE} AS build
 ARG TORCH_INDEX=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY ddpm ./ddpm
 COPY kernels ./kernels
 COPY service ./service
 RUN python -m venv /opt/venv \
- && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install --index-url "$TORCH_INDEX" torch==2.13.0; fi \
- && /opt/venv/bin/pip install .
+ && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
+ && /opt/venv/bin/pip install -c constraints.txt .
 
 # --- runtime: the environment, the shipped model, a non-root user ---------------------------------
 FROM ${BASE} AS runtime

@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-$(BIN)/ddpm: pyproject.toml
+# constraints.txt pins every package to the versions this project is tested with (pyproject.toml
+# holds the supported ranges); torch==2.13.0 takes the CPU build that lies on the dev/CI disk.
+$(BIN)/ddpm: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 .PHONY: serve test lint

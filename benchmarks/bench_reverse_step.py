@@ -2,6 +2,7 @@
 
     python benchmarks/bench_reverse_step.py            # CPU: the PyTorch twin vs eager, per element
     python benchmarks/bench_reverse_step.py --gpu      # CUDA: Triton kernel bandwidth vs copy, vs eager, vs diffusers
+    TRITON_INTERPRET=1 python benchmarks/bench_reverse_step.py --gpu --dry-run   # the --gpu code on CPU, tiny sizes
 
 All variants of one row are timed side by side in the same run, alternating, and reported as ratios;
 absolute times on these machines drift.
@@ -76,17 +77,22 @@ def gpu(args: argparse.Namespace) -> None:
     import diffusers
     import diffusers.schedulers.scheduling_ddpm as ddpm_module
 
-    sync = torch.cuda.synchronize
+    device = "cpu" if args.dry_run else "cuda"
+    sync = (lambda: None) if args.dry_run else torch.cuda.synchronize
+    if args.dry_run:
+        dtypes, sizes, batches, reps = [torch.float32], [8], [1, 2], 2
+    else:
+        dtypes, sizes, batches, reps = [torch.float32, torch.bfloat16], [32, 256], [1, 4, 16, 64, 256], 50
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     print(
         "| dtype | batch | shape | fused us | GB/s | copy GB/s | % of copy | eager us | eager / fused | diffusers us | diffusers / fused |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype in [torch.float32, torch.bfloat16]:
-        for hw in [32, 256]:
-            for b in [1, 4, 16, 64, 256]:
-                x, eps, coefs, seeds, counter = inputs(b, 3, hw, "cuda", dtype)
-                src = torch.empty(3 * x.numel(), device="cuda", dtype=dtype)  # the bytes the fused step moves
+    for dtype in dtypes:
+        for hw in sizes:
+            for b in batches:
+                x, eps, coefs, seeds, counter = inputs(b, 3, hw, device, dtype)
+                src = torch.empty(3 * x.numel(), device=device, dtype=dtype)  # the bytes the fused step moves
                 dst = torch.empty_like(src)
                 z = torch.randn_like(x)
                 ddpm_module.randn_tensor = lambda *a, **k: z  # diffusers draws noise with randn; time its math only
@@ -99,11 +105,11 @@ def gpu(args: argparse.Namespace) -> None:
                     },
                     sync,
                     rounds=args.rounds,
-                    reps=50,
+                    reps=reps,
                 )
                 moved = 3 * x.numel() * x.element_size()  # read x, read eps, write x_prev
                 gbs = moved / t["fused"] / 1e9
-                copy_gbs = 2 * src.numel() * src.element_size() / t["copy"] / 1e9 / 2  # copy reads + writes the same count
+                copy_gbs = 2 * src.numel() * src.element_size() / t["copy"] / 1e9  # a copy reads and writes every byte
                 print(
                     f"| {str(dtype).removeprefix('torch.')} | {b} | 3x{hw}x{hw} | {t['fused'] * 1e6:.1f} | {gbs:.0f} | {copy_gbs:.0f} | "
                     f"{100 * gbs / copy_gbs:.0f}% | {t['eager'] * 1e6:.1f} | {t['eager'] / t['fused']:.1f} | "
@@ -115,9 +121,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: run its code on CPU tensors (TRITON_INTERPRET=1), tiny sizes")
     args = parser.parse_args()
     if args.gpu:
-        if not torch.cuda.is_available():
+        if not args.dry_run and not torch.cuda.is_available():
             raise SystemExit("--gpu needs CUDA")
         gpu(args)
     else:

@@ -1,6 +1,6 @@
 """Everything issue 6 wants measured on a GPU, in one short run (~5 minutes on an H200).
 
-    pip install -e '.[test]'            # with a CUDA build of torch==2.13.0 (PyPI's default wheel)
+    bash benchmarks/gpu/run.sh OUT_DIR   # on the GPU machine: this suite is one phase of the GPU check
     python benchmarks/gpu_suite.py > gpu.md
     python benchmarks/gpu_suite.py --device cpu --steps 2 --batches 1,2 --drift-batch 2 --drift-steps 3   # dry run
 
@@ -135,7 +135,9 @@ def main() -> None:
     parser.add_argument("--drift-batch", type=int, default=64)
     parser.add_argument("--drift-steps", type=int, default=None, help="default: the full chain (T)")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
+    parser.add_argument("--parts", default="sampler,graphs,drift", help="which tables (the GPU check runs each under its own time limit)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -143,9 +145,12 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
     print(f"# GPU suite: {name}, torch {torch.__version__}")
-    sampler_table(args.model, args.steps, batches)
-    cuda_graph_table(args.model, batches)
-    drift_table(args.model, args.drift_batch, args.drift_steps)
+    if "sampler" in parts:
+        sampler_table(args.model, args.steps, batches)
+    if "graphs" in parts:
+        cuda_graph_table(args.model, batches)
+    if "drift" in parts:
+        drift_table(args.model, args.drift_batch, args.drift_steps)
 
 
 if __name__ == "__main__":

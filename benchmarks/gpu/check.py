@@ -1,0 +1,213 @@
+"""The GPU check: every CUDA-relevant test and GPU benchmark in one bounded run, one report.
+
+    bash benchmarks/gpu/run.sh OUT_DIR              # on the GPU machine (installs the carried wheels first)
+    bash benchmarks/gpu/run.sh OUT_DIR --dry-run    # here: the same phases on CPU with tiny sizes
+
+Phases, each a subprocess under its own time limit (a phase that fails or times out is reported and
+the next one runs, so a short GPU lease always ends with a report):
+  env      versions, device, TF32 settings, carried wheels
+  tests    tests/test_reverse_step.py (Triton kernel vs PyTorch twin on CUDA tensors) and
+           tests/test_device.py (engine, compiled path, server and the CPU-vs-GPU reproducibility
+           contract on the device)
+  kernel   benchmarks/bench_reverse_step.py --gpu: the fused step's bandwidth against a copy
+  sampler  benchmarks/gpu_suite.py: sampler vs diffusers at batch 1/16/64/256 (eager, compiled, bf16, fp16)
+  graphs   CUDA-graph gain per batch bucket (torch.compile reduce-overhead vs default)
+  drift    bf16/fp16 drift over the whole 1000-step chain
+Writes OUT/gpu_report.md (the tables, verbatim), OUT/gpu_results.json (the same, parsed) and
+OUT/gpu_logs.txt (every phase's full output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Phase:
+    name: str
+    command: list[str]
+    timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)
+    status: str = "not run"  # ok, failed, timeout
+    returncode: int | None = None
+    seconds: float = 0.0
+    summary: str = ""
+    tables: list[dict[str, object]] = field(default_factory=list)
+    output: str = ""
+
+
+def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
+    """The phases and their time limits. On the GPU they sum to 540 s, so that the whole command
+    (wheels, start-up) stays under the device tool's 10 minutes per command."""
+    py = sys.executable
+    interpret = {"TRITON_INTERPRET": "1" if dry_run else "0"}
+    tests = [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rfEs", "tests/test_reverse_step.py", "tests/test_device.py"]
+    kernel = [py, "benchmarks/bench_reverse_step.py", "--gpu"] + (["--dry-run", "--rounds", "2"] if dry_run else [])
+    suite = [py, "benchmarks/gpu_suite.py"]
+    if dry_run:  # the same code on CPU: a tiny U-Net, 2-step chains, batches 1 and 2
+        suite += [
+            "--device",
+            "cpu",
+            "--model",
+            str(tiny_model),
+            "--steps",
+            "2",
+            "--batches",
+            "1,2",
+            "--drift-batch",
+            "2",
+            "--drift-steps",
+            "3",
+        ]
+    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50}
+    return [
+        Phase("tests", tests, limits["tests"] * (2 if dry_run else 1), {"DDPM_TEST_DEVICE": device, **interpret}),
+        Phase("kernel", kernel, limits["kernel"], interpret),
+        *(Phase(part, [*suite, "--parts", part], limits[part] * (2 if dry_run else 1)) for part in ("sampler", "graphs", "drift")),
+    ]
+
+
+def environment(wheels: Path | None) -> dict[str, object]:
+    import torch
+
+    info: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError as exc:
+        info["triton"] = f"missing ({exc})"
+    info["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {
+            "device": torch.cuda.get_device_name(0),
+            "device_memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "cuda_runtime": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        }
+    if wheels is not None and (wheels / "MANIFEST.txt").exists():
+        info["carried_wheels"] = (wheels / "MANIFEST.txt").read_text().split()
+    return info
+
+
+_TABLE_ROW = re.compile(r"^\|.*\|\s*$")
+_CROSS_DEVICE = re.compile(r"cross-device (\S+) vs cpu, (.*?): max ([0-9.e+-]+) mean ([0-9.e+-]+)")
+
+
+def markdown_tables(text: str) -> list[dict[str, object]]:
+    """Every Markdown table in ``text`` with the heading above it: {"title", "columns", "rows"}."""
+    tables: list[dict[str, object]] = []
+    title, lines = "", text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            title = line.lstrip("#").strip()
+        if _TABLE_ROW.match(line) and i + 1 < len(lines) and set(lines[i + 1].replace("|", "").strip()) <= {"-", ":", " "}:
+            columns = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows = []
+            i += 2
+            while i < len(lines) and _TABLE_ROW.match(lines[i]):
+                rows.append(dict(zip(columns, [c.strip() for c in lines[i].strip().strip("|").split("|")], strict=False)))
+                i += 1
+            tables.append({"title": title, "columns": columns, "rows": rows})
+            continue
+        i += 1
+    return tables
+
+
+def pytest_summary(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        if re.search(r"\d+ (passed|failed|error)", line):
+            return line.strip("= ").strip()
+    return ""
+
+
+def run_phase(phase: Phase) -> None:
+    env = {**os.environ, **phase.env}
+    start = time.monotonic()
+    try:
+        done = subprocess.run(phase.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=phase.timeout_s)
+        phase.returncode = done.returncode
+        phase.output = done.stdout + done.stderr
+        phase.status = "ok" if done.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        err = exc.stderr or b""
+        phase.output = (out.decode() if isinstance(out, bytes) else out) + (err.decode() if isinstance(err, bytes) else err)
+        phase.status = "timeout"
+    phase.seconds = round(time.monotonic() - start, 1)
+    phase.summary = pytest_summary(phase.output) if phase.name == "tests" else ""
+    phase.tables = markdown_tables(phase.output)
+    for m in _CROSS_DEVICE.finditer(phase.output):  # the reproducibility contract across devices, measured
+        phase.tables.append({"title": f"cross-device {m.group(1)} vs cpu, {m.group(2)}", "max_abs": float(m.group(3)),
+                             "mean_abs": float(m.group(4))})  # fmt: skip
+
+
+def report(env: dict[str, object], done: list[Phase], dry_run: bool) -> str:
+    title = "GPU check (dry run on CPU)" if dry_run else f"GPU check: {env.get('device', 'no CUDA device')}"
+    out = [f"# {title}", "", "| | |", "|---|---|"]
+    out += [f"| {k} | {v if not isinstance(v, list) else len(v)} |" for k, v in env.items()]
+    out += ["", "| phase | status | seconds | summary |", "|---|---|---|---|"]
+    out += [f"| {p.name} | {p.status} | {p.seconds} | {p.summary} |" for p in done]
+    for p in done:
+        out += ["", f"## {p.name}: {p.status} ({p.seconds} s)", "", "`" + " ".join(p.command[1:]) + "`", ""]
+        out += [m.group(0) for m in _CROSS_DEVICE.finditer(p.output)]
+        kept = [line for line in p.output.splitlines() if _TABLE_ROW.match(line) or line.startswith("#")]
+        out += ["##" + line if line.startswith("#") else line for line in kept]  # the phase's own headings, two levels down
+        if p.status != "ok":
+            out += ["", "```", *p.output.splitlines()[-40:], "```"]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: rehearse every phase without a GPU")
+    parser.add_argument("--wheels", type=Path, default=None, help="the carried wheels folder (for the report)")
+    parser.add_argument("--only", default=None, help="comma-separated phases to run (default: all)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(args.wheels)
+    if not args.dry_run and not env["cuda_available"]:
+        print("no CUDA device: use --dry-run on a machine without one", file=sys.stderr)
+        return 2
+    tiny_model = None
+    if args.dry_run:
+        from tests.tiny_model import save_tiny_model
+
+        tiny_model = save_tiny_model(Path(tempfile.mkdtemp(prefix="ddpm-gpu-dry-")) / "tiny", num_timesteps=100)
+    todo = phases(args.dry_run, "cpu" if args.dry_run else "cuda", tiny_model)
+    if args.only:
+        todo = [p for p in todo if p.name in args.only.split(",")]
+    for phase in todo:
+        print(f"[gpu-check] {phase.name}: {' '.join(phase.command[1:])} (limit {phase.timeout_s:.0f} s)", flush=True)
+        run_phase(phase)
+        print(f"[gpu-check] {phase.name}: {phase.status} in {phase.seconds} s {phase.summary}", flush=True)
+        # written after every phase: a lease that ends mid-run still leaves the phases done so far
+        (args.out / "gpu_report.md").write_text(report(env, todo, args.dry_run))
+        results = {"dry_run": args.dry_run, "env": env, "phases": [{k: v for k, v in asdict(p).items() if k != "output"} for p in todo]}
+        (args.out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
+        with (args.out / "gpu_logs.txt").open("a") as logs:
+            logs.write(f"\n===== {phase.name} ({phase.status}, {phase.seconds} s): {' '.join(phase.command)}\n{phase.output}")
+    return 0 if all(p.status == "ok" for p in todo) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The GPU check rehearsed without a GPU (issue 17): the wheels are prepared and installed into a
+throwaway target exactly as on the GPU machine, and every phase runs on CPU with tiny sizes, so the
+day a GPU is lent the only unknown is the GPU itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+
+import check  # noqa: E402
+import prepare_wheels  # noqa: E402
+
+
+def test_gpu_machine_wheels_fit_the_carry_budget(tmp_path: Path) -> None:
+    """The real thing: cp312 manylinux wheels of what the GPU machine lacks, under the budget."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/prepare_wheels.py"), "--dest", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    wheels = sorted(tmp_path.glob("*.whl"))
+    names = {prepare_wheels.wheel_project(w) for w in wheels}
+    assert {"fastapi", "uvicorn", "pydantic-settings", "pydantic-core", "diffusers", "starlette"} <= names
+    assert not names & prepare_wheels.PRESENT  # nothing the machine already has (torch, numpy, ...)
+    assert all("cp311" not in w.name for w in wheels)  # built for the GPU machine's Python 3.12
+    assert sum(w.stat().st_size for w in wheels) / 2**20 < 40
+    assert (tmp_path / "MANIFEST.txt").read_text().split() == [w.name for w in wheels]
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path: Path) -> None:
+    wheels, out = tmp_path / "wheels", tmp_path / "out"
+    prep = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/prepare_wheels.py"), "--local", "--dest", str(wheels)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DDPM_GPU_WHEELS": str(wheels), "PYTHON": sys.executable,
+           "HOME": str(tmp_path)}  # fmt: skip
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), str(out), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=1200)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "installed" in done.stdout and "into" in done.stdout  # the wheels went into a throwaway target
+    results = json.loads((out / "gpu_results.json").read_text())
+    phases = {p["name"]: p for p in results["phases"]}
+    assert list(phases) == ["tests", "kernel", "sampler", "graphs", "drift"]
+    assert all(p["status"] == "ok" for p in phases.values()), phases
+    assert "passed" in phases["tests"]["summary"] and "failed" not in phases["tests"]["summary"]
+    cross = [t for t in phases["tests"]["tables"] if str(t["title"]).startswith("cross-device")]
+    assert cross and cross[0]["max_abs"] == 0.0  # cpu vs cpu here; the GPU run records the real figure
+    for name in ("kernel", "sampler", "graphs", "drift"):
+        assert phases[name]["tables"] and phases[name]["tables"][0]["rows"], name
+    report = (out / "gpu_report.md").read_text()
+    assert report.startswith("# GPU check (dry run on CPU)") and "## sampler: ok" in report
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_logs.txt", "gpu_report.md", "gpu_results.json"]  # the device tool returns <= 8
+
+
+def test_a_phase_that_overruns_is_reported_and_the_rest_go_on(tmp_path: Path) -> None:
+    slow = check.Phase("slow", [sys.executable, "-c", "import time; print('| a |\\n|---|\\n| 1 |', flush=True); time.sleep(30)"], 1.0)
+    check.run_phase(slow)
+    assert slow.status == "timeout" and slow.seconds < 10
+    assert slow.tables and slow.tables[0]["rows"] == [{"a": "1"}]  # what it printed before the limit is kept
+    broken = check.Phase("broken", [sys.executable, "-c", "raise SystemExit(3)"], 10)
+    check.run_phase(broken)
+    assert broken.status == "failed" and broken.returncode == 3
+    text = check.report({"python": "3"}, [slow, broken], dry_run=True)
+    assert "| slow | timeout |" in text and "| broken | failed |" in text
+
+
+def test_markdown_tables_are_parsed() -> None:
+    text = "# t\n## Sampler\n\n| batch | ours |\n|---|---|\n| 1 | 2.0 |\n| 16 | 3.5 |\nrest\n"
+    rows = [{"batch": "1", "ours": "2.0"}, {"batch": "16", "ours": "3.5"}]
+    assert check.markdown_tables(text) == [{"title": "Sampler", "columns": ["batch", "ours"], "rows": rows}]
