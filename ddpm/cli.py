@@ -90,7 +90,10 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     batches = range(0, args.n, args.batch_size)
     # auto: compile only when the run is long enough to repay the one-time compilation (~10-60 s on CPU)
     setting = "off" if args.compile == "auto" and steps * len(batches) < AUTO_COMPILE_MIN_ITERATIONS else args.compile
-    fast = hot_path(model.eps_model, model.module, device, setting)
+    fast = hot_path(model.eps_model, model.module, device, setting, precision=args.precision)
+    args.precision_used = fast.precision
+    if fast.precision != "fp32":
+        print(f"U-Net in {fast.precision} (--precision {args.precision})", file=sys.stderr)
     bar = tqdm(total=len(batches) * steps, desc="sample", disable=args.quiet, unit="step", dynamic_ncols=True)
     with torch.inference_mode():
         for first in batches:
@@ -133,6 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "seed": args.seed,
         "steps": args.steps or model.schedule.num_timesteps,
+        "precision": args.precision_used,
         **evaluate(classifier, images),
     }
     text = json.dumps(report, indent=2)
@@ -202,6 +206,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", choices=["auto", "on", "off"], default=os.environ.get("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=os.environ.get("DDPM_PRECISION", "auto"),
+                   help="the U-Net precision; x_t and the step stay fp32 (default: $DDPM_PRECISION or auto: bf16 if native)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
 
 

@@ -104,27 +104,37 @@ class HotPath:
     step_fn: StepFn | None
     compiled: bool
     step_backend: str  # the step's concrete backend: triton, torch or torch_compiled
+    precision: str = "fp32"  # the U-Net's concrete precision: fp32, bf16 or fp16 (ddpm/precision.py)
 
 
 def hot_path(
-    eps_model: EpsModel, module: torch.nn.Module, device: torch.device | str, setting: str, step_backend: str | None = None
+    eps_model: EpsModel,
+    module: torch.nn.Module,
+    device: torch.device | str,
+    setting: str,
+    step_backend: str | None = None,
+    precision: str = "fp32",
 ) -> HotPath:
-    """The eps model and step function to sample with: compiled where ``setting`` allows, else as given.
+    """The eps model and step function to sample with: compiled where ``setting`` allows, else as given,
+    with the U-Net (only) under autocast at ``precision`` (a setting: auto, fp32, bf16, fp16).
 
     ``step_backend`` (default: ``DDPM_STEP_BACKEND``): on CPU, ``auto`` becomes the compiled twin when
     compiling; a backend named explicitly is kept."""
+    from ddpm.precision import resolve_precision, with_precision
     from kernels.reverse_step import resolve_backend
     from kernels.reverse_step import step_backend as env_step_backend
 
     requested = env_step_backend() if step_backend is None else step_backend
     backend = resolve_backend(requested, device)
+    concrete = resolve_precision(precision, device)
     if not should_compile(setting, device):
-        return HotPath(eps_model, None, compiled=False, step_backend=backend)
+        return HotPath(with_precision(eps_model, concrete, device), None, compiled=False, step_backend=backend, precision=concrete)
     if eps_model is not module:  # a wrapped model (e.g. diffusers' UNet2DModel adapter): compile as given
         compiled: EpsModel = torch.compile(eps_model)
     else:
         compiled = CompiledEps(module)
     log.info("torch.compile on %s: the first calls per batch shape compile (seconds to a minute)", device)
+    compiled = with_precision(compiled, concrete, device)  # autocast around the compiled call: dynamo guards on it
     if requested == "auto" and backend == "torch":
-        return HotPath(compiled, compiled_step_twin(), compiled=True, step_backend="torch_compiled")
-    return HotPath(compiled, None, compiled=True, step_backend=backend)
+        return HotPath(compiled, compiled_step_twin(), compiled=True, step_backend="torch_compiled", precision=concrete)
+    return HotPath(compiled, None, compiled=True, step_backend=backend, precision=concrete)

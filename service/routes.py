@@ -166,6 +166,7 @@ def _result_body(state: ServerState, job: Job, arrived: float) -> GenerateRespon
         batch_size=job.n,
         steps=job.steps,
         model=state.model.name if state.model else "",
+        precision=state.precision,
         images=[base64.b64encode(png).decode() for png in image_pngs(job.images)],
         timings=Timings(
             queue_wait_s=round(job.first_admitted - job.created, 6),

@@ -65,6 +65,7 @@ class ServerState:
         self.clients = ClientQuota(settings.max_images_per_client)
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
+        self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -99,7 +100,7 @@ class ServerState:
             model = load_model_source(s.model, device)
             eager_eps = model.eps_model
             start = time.perf_counter()
-            fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend)
+            fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
             try:
                 engine = self._warm_engine(model, fast)
             except Exception as exc:
@@ -107,7 +108,7 @@ class ServerState:
                     raise
                 # auto must never cost the service: a model inductor cannot compile is served eagerly
                 log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
-                fast = hot_path(eager_eps, model.module, device, "off", s.step_backend)
+                fast = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
                 engine = self._warm_engine(model, fast)
             if self.faults.enabled:
                 engine.faults = self.faults
@@ -122,11 +123,15 @@ class ServerState:
                     "num_timesteps": str(model.schedule.num_timesteps),
                     "step_backend": fast.step_backend,
                     "compiled": str(fast.compiled).lower(),
+                    "precision": fast.precision,
                 }
             )
-            self.model, self.engine = model, engine
+            self.model, self.engine, self.precision = model, engine, fast.precision
             self.ready = True
-            log.info("model %s ready on %s (compile and warm-up %.2f s)", model.name, device, time.perf_counter() - start)
+            log.info(
+                "model %s ready on %s, U-Net in %s (setting %s; compile and warm-up %.2f s)",
+                model.name, device, fast.precision, s.precision, time.perf_counter() - start,
+            )  # fmt: skip
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.load_error, exc_info=exc)

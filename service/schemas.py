@@ -35,6 +35,7 @@ class GenerateResponse(BaseModel):
     batch_size: int
     steps: int
     model: str
+    precision: str = Field(..., description="The U-Net's precision (fp32, bf16, fp16): part of what image k depends on.")
     images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
     timings: Timings
 

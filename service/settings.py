@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ddpm.inference_compile import CompileSetting
+from ddpm.precision import PrecisionSetting
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
 
@@ -26,6 +27,9 @@ class Settings(BaseSettings):
     step_backend: Literal["auto", "triton", "torch"] = Field("auto", description="the fused step: Triton on CUDA, PyTorch twin on CPU")
     compile: CompileSetting = Field(
         "auto", description="torch.compile the U-Net (channels-last) and the CPU step: auto = where a compiler exists"
+    )
+    precision: PrecisionSetting = Field(
+        "auto", description="the U-Net's precision: auto (bf16 where the device has it natively), fp32, bf16, fp16 (CUDA)"
     )
     threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")
     warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")

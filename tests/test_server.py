@@ -62,7 +62,9 @@ def test_generate_json(client: TestClient) -> None:
     r = client.post("/generate", json={"seed": 7, "batch_size": 3, "steps": 20})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert {k: body[k] for k in ("seed", "batch_size", "steps", "model")} == {"seed": 7, "batch_size": 3, "steps": 20, "model": "tiny"}
+    assert {k: body[k] for k in ("seed", "batch_size", "steps", "model", "precision")} == {
+        "seed": 7, "batch_size": 3, "steps": 20, "model": "tiny", "precision": "fp32"
+    }  # fmt: skip
     assert len(body["images"]) == 3
     assert all(_pixels(b).shape == (8, 8) for b in body["images"])
     assert set(body["timings"]) == {"queue_wait_s", "generation_s", "total_s"}

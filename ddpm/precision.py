@@ -1,0 +1,91 @@
+"""Low precision for the U-Net only: ``eps_theta`` under ``torch.autocast``, everything else fp32.
+
+The chain state x_t, the coefficient tables and the fused step's arithmetic stay float32, so
+rounding does not accumulate over 1000 steps: each step sees one eps rounded to bf16/fp16
+precision, the same as one noisy U-Net evaluation. ``DDPM_PRECISION`` (server) and ``--precision``
+(``ddpm sample``/``eval``):
+
+- ``fp32``: as trained.
+- ``bf16``: the U-Net's matmuls and convolutions in bfloat16 (CUDA with bf16, or a CPU whose oneDNN
+  has native bf16: AVX-512 BF16 / AMX; elsewhere it works but is far slower than fp32).
+- ``fp16``: CUDA only.
+- ``auto``: bf16 where the device does it natively AND ``AUTO_ALLOWS_BF16`` (set from the quality
+  table in BENCHMARKS.md: bf16 may be the default only where its samples are as good as fp32's),
+  fp32 elsewhere. What was picked is logged and exported (``ddpm_model_info{precision}``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+
+from ddpm.sampler import EpsModel
+
+log = logging.getLogger("ddpm.precision")
+
+PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISION_SETTINGS: tuple[str, ...] = get_args(PrecisionSetting)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Whether `auto` may pick bf16 on hardware that has it: decided by measured quality (BENCHMARKS.md,
+# "Low precision"), not assumed.
+AUTO_ALLOWS_BF16 = True
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Does this device run bf16 matmuls natively (not emulated through fp32)?"""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe()) if probe is not None else False
+    return False
+
+
+def cpu_capability() -> str:
+    """The CPU's name and the flags that decide low-precision speed, for every printed figure."""
+    name = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"]
+    have = [f for f in wanted if f in flags]
+    return f"{name} [{', '.join(have) or 'no AVX2'}; torch capability {torch.backends.cpu.get_cpu_capability()}]"
+
+
+def resolve_precision(setting: str, device: torch.device | str) -> str:
+    """The concrete precision (fp32, bf16, fp16) a setting means on a device."""
+    if setting not in PRECISION_SETTINGS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_SETTINGS)}, got {setting!r}")
+    device = torch.device(device)
+    if setting == "auto":
+        return "bf16" if AUTO_ALLOWS_BF16 and native_bf16(device) else "fp32"
+    if setting == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA (on CPU use bf16 or fp32)")
+    if setting == "bf16" and not native_bf16(device):
+        log.warning("bf16 on %s without native support: correct, but much slower than fp32", device)
+    return setting
+
+
+def with_precision(eps_model: EpsModel, precision: str, device: torch.device | str) -> EpsModel:
+    """eps_theta run under autocast at ``precision``, returning float32 (identity for fp32)."""
+    if precision == "fp32":
+        return eps_model
+    dtype, device_type = DTYPES[precision], torch.device(device).type
+
+    def low_precision_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            eps = eps_model(x, t)
+        return eps.float()  # the step and the chain state stay fp32
+
+    return low_precision_eps
