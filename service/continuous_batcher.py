@@ -198,6 +198,7 @@ class Engine:
         self.healthy = True
         self.dead: str | None = None  # why the engine thread ended, when it ended on a fault
         self.iterations = 0
+        self._last_progress = time.monotonic()  # the end of the last iteration attempt (or the last idle moment)
         self._backoff_first, self._backoff_max = self_test_backoff_s
         self._backoff = self._backoff_first
         self._next_self_test = 0.0
@@ -311,6 +312,7 @@ class Engine:
             while True:
                 with self._lock:
                     while not self._stop and not self._has_work() and not self._self_test_due():
+                        self._last_progress = time.monotonic()  # idle is not stalled
                         self._lock.wait(self.idle_poll_s)
                     if self._stop:
                         break
@@ -320,6 +322,7 @@ class Engine:
                     self._iterate()
                 else:
                     self._self_test()
+                self._last_progress = time.monotonic()
         except BaseException as exc:  # the last line of defence: nothing may end the engine silently
             self.dead = f"{type(exc).__name__}: {exc}"
             error = EngineStopped("the engine stopped after an internal error; retry (another replica can serve it)")
@@ -331,6 +334,13 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(self._waiting) or self._running is not None
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without finishing an iteration (0 when idle or moving):
+        a device call that never returns shows here, since it cannot raise."""
+        if not self._has_work():
+            return 0.0
+        return max(0.0, time.monotonic() - self._last_progress)
 
     def _self_test_due(self) -> bool:
         return not self.healthy and time.monotonic() >= self._next_self_test

@@ -69,6 +69,7 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        self.stalled: str | None = None  # set by the watchdog when the engine stops making progress
         self._loader: threading.Thread | None = None
         self.faults = FaultInjector(
             every_n=settings.fault_every_n_iterations,
@@ -114,6 +115,7 @@ class ServerState:
                 engine.faults = self.faults
                 self.faults.arm()  # after warm-up: start-up itself never fails on purpose
             engine.start()
+            threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
             self.metrics.model_info.info(
                 {
                     "name": model.name,
@@ -144,6 +146,18 @@ class ServerState:
 
     def _engine_died(self, reason: str) -> None:
         self._fatal(f"engine stopped: {reason}")
+
+    def _watch(self, engine: Engine) -> None:
+        """Watchdog: a device call that hangs never raises, so nothing else would notice."""
+        period = min(5.0, self.settings.stall_timeout_s / 4)
+        while engine.dead is None and not engine._stop:
+            stalled = engine.stalled_for()
+            if stalled > self.settings.stall_timeout_s:
+                self.stalled = f"no iteration finished for {stalled:.0f} s with work waiting"
+                log.critical("engine stalled: %s", self.stalled)
+                self._fatal(f"engine stalled: {self.stalled}")
+                return
+            time.sleep(period)
 
     def _warm_engine(self, model: LoadedModel, fast: HotPath) -> Engine:
         """An engine on the given hot path, warmed up (not started)."""
@@ -179,6 +193,8 @@ class ServerState:
             return "model failed to load (see the server log)"
         if self.engine is not None and self.engine.dead is not None:
             return "engine stopped (see the server log)"
+        if self.stalled is not None:
+            return "engine stalled (see the server log)"
         return None
 
     def not_ready_reason(self) -> str | None:

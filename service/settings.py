@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")
     warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")
     drain_timeout_s: float = Field(600.0, ge=0, description="on SIGTERM: how long in-flight requests may still run")
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="an engine with work that finishes no iteration for this long is stalled: /healthz 503, exit 1"
+    )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
     api_token: SecretStr | None = Field(None, description="bearer token required on /generate and /schedule (unset: open)")
     api_token_file: Path | None = Field(None, description="file holding the bearer token (wins over DDPM_API_TOKEN)")

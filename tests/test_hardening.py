@@ -310,3 +310,33 @@ def test_fault_injector_schedule() -> None:
         f("admit")  # past duration_s: quiet
     with pytest.raises(ValueError, match="unknown fault stages"):
         FaultInjector(stages=("nope",))
+
+
+def test_a_hung_device_call_is_detected_and_fatal(model_dir: Path) -> None:
+    # a device call that never returns cannot raise: the watchdog notices the engine making no progress
+    c, state = _start(model_dir, stall_timeout_s=0.5, request_timeout_s=1.0)
+    with c:
+        _ready(c)
+        fatal: list[str] = []
+        state.on_fatal = fatal.append
+        assert state.engine is not None
+        release = threading.Event()
+        real = state.engine.model.eps_model
+
+        def hung(x, t):  # type: ignore[no-untyped-def]
+            release.wait(30)
+            return real(x, t)
+
+        state.engine.model.eps_model = hung
+        try:
+            start = time.monotonic()
+            r = c.post("/generate", json={"seed": 1, "steps": 5})
+            assert r.status_code == 504 and time.monotonic() - start < 1.0 + JobHandle.BACKSTOP_S + 2  # the backstop answers
+            end = time.monotonic() + 5
+            while not fatal:
+                assert time.monotonic() < end, "the watchdog did not fire"
+                time.sleep(0.05)
+            assert "engine stalled" in fatal[0]
+            assert c.get("/healthz").status_code == 503 and c.get("/readyz").json()["detail"] == "engine stalled (see the server log)"
+        finally:
+            release.set()
