@@ -26,6 +26,8 @@ def schedule_from_scheduler_config(cfg: dict) -> tuple[NoiseSchedule, VarianceTy
         raise CheckpointError("trained_betas are not supported")
     if cfg.get("thresholding"):
         raise CheckpointError("dynamic thresholding is not supported")
+    if cfg.get("rescale_betas_zero_snr"):  # diffusers rescales the betas (up to ~0.98 at t = T); refused, not ignored
+        raise CheckpointError("rescale_betas_zero_snr is not supported (the betas would differ from diffusers')")
     t = int(cfg.get("num_train_timesteps", 1000))
     kind = cfg.get("beta_schedule", "linear")
     if kind == "linear":

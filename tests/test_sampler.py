@@ -173,6 +173,10 @@ def test_diffusers_dir_errors(tmp_path: Path) -> None:
         load_model_source(tmp_path)
     with pytest.raises(CheckpointError, match="not found"):
         load_model_source(tmp_path / "nope")
+    zero_snr = tmp_path / "zero-snr"
+    _save_diffusers_dir(zero_snr, {"num_train_timesteps": 1000, "rescale_betas_zero_snr": True})
+    with pytest.raises(CheckpointError, match="rescale_betas_zero_snr"):  # accepted silently before: wrong betas
+        load_model_source(zero_snr)
 
 
 def test_noise_for_x_T_is_standard_normal() -> None:
