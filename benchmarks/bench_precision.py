@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddpm.cli import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import LoadedModel, load_model_source
-from ddpm.precision import cpu_capability, native_bf16
+from ddpm.precision import cpu_capability, native_bf16, pixel_drift
 from ddpm.sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
@@ -72,14 +72,6 @@ def speed(args: argparse.Namespace) -> dict[str, object]:
     return {"cpu": cpu_capability(), "native_bf16": native_bf16("cpu"), "threads": torch.get_num_threads(), "rows": rows}
 
 
-def drift(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """Per-image difference of two sample sets in [0, 1] pixel units."""
-    ua, ub = (a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2
-    d = (ua - ub).abs()
-    changed = ((ua * 255).round() != (ub * 255).round()).float().mean().item()
-    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "share_8bit_changed": changed}
-
-
 def quality(args: argparse.Namespace) -> dict[str, object]:
     """ddpm eval's figures for fp32 and bf16 on the same seeds, the paired drift, and the noise scale."""
     from ddpm.classifier import load_classifier
@@ -98,7 +90,7 @@ def quality(args: argparse.Namespace) -> dict[str, object]:
         images[precision] = torch.cat(parts)
         out[precision] = {"seconds": round(time.perf_counter() - start, 1), **evaluate(classifier, images[precision])}
         print(f"{precision}: {json.dumps(out[precision]['samples'])} in {out[precision]['seconds']} s", flush=True)  # type: ignore[index]
-    out["drift"] = drift(images["bf16"], images["fp32"])
+    out["drift"] = pixel_drift(images["bf16"], images["fp32"])
     _, p32 = classify(classifier, images["fp32"])
     _, p16 = classify(classifier, images["bf16"])
     out["class_agreement"] = float((p32.argmax(1) == p16.argmax(1)).mean())
@@ -122,7 +114,7 @@ def batch_independence(args: argparse.Namespace) -> dict[str, object]:
     for precision in ("fp32", "bf16"):
         alone = chain(model, precision, "off", seeds_to_tensor(image_seeds(args.seed, 1)), args.steps)
         batch = chain(model, precision, "off", seeds_to_tensor(image_seeds(args.seed, 16)), args.steps)
-        result[precision] = drift(alone[0:1], batch[0:1])
+        result[precision] = pixel_drift(alone[0:1], batch[0:1])
     print(json.dumps({"cpu": cpu_capability(), "steps": args.steps, **result}, indent=2))
     return result
 

@@ -31,6 +31,7 @@ from benchmarks.bench_sampler import diffusers_loop
 from ddpm.cli import DEFAULT_MODEL
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import LoadedModel, load_model_source
+from ddpm.precision import pixel_drift, with_precision
 from ddpm.sampler import EpsModel, sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
@@ -54,14 +55,6 @@ def cuda_time(fn: Callable[[], object], rounds: int = 3) -> float:
     return statistics.median(samples)
 
 
-def autocast(eps_model: EpsModel, dtype: torch.dtype) -> EpsModel:
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(DEVICE, dtype=dtype):
-            return eps_model(x, t).float()
-
-    return run
-
-
 def chain(model: LoadedModel, eps_model: EpsModel, batch: int, steps: int) -> torch.Tensor:
     seeds = seeds_to_tensor(image_seeds(0, batch), DEVICE)
     return sample(eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
@@ -80,8 +73,8 @@ def sampler_table(model_dir: str, steps: int, batches: list[int]) -> None:
         "diffusers": lambda b: diffusers_loop(eager, scheduler, steps, b, device=DEVICE),
         "ours eager fp32": lambda b: chain(eager, eager.eps_model, b, steps),
         "ours compiled fp32": lambda b: chain(compiled_model, compiled, b, steps),
-        "ours compiled bf16": lambda b: chain(compiled_model, autocast(compiled, torch.bfloat16), b, steps),
-        "ours compiled fp16": lambda b: chain(compiled_model, autocast(compiled, torch.float16), b, steps),
+        "ours compiled bf16": lambda b: chain(compiled_model, with_precision(compiled, "bf16", DEVICE), b, steps),
+        "ours compiled fp16": lambda b: chain(compiled_model, with_precision(compiled, "fp16", DEVICE), b, steps),
     }
     print(f"\n## Sampler, {steps} steps, images/s (ratio to diffusers)\n")
     print("| batch | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants))
@@ -119,12 +112,10 @@ def drift_table(model_dir: str, batch: int, steps: int | None) -> None:
     print(f"\n## Low-precision drift, {steps}-step chain, {batch} images, vs fp32\n")
     print("| dtype | max abs | mean abs | 8-bit pixels changed |\n|---|---|---|---|")
     with torch.inference_mode():
-        ref = (chain(model, model.eps_model, batch, steps).clamp(-1, 1) + 1) / 2
-        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            out = (chain(model, autocast(model.eps_model, dtype), batch, steps).clamp(-1, 1) + 1) / 2
-            diff = (out - ref).abs()
-            changed = ((out * 255).round() != (ref * 255).round()).float().mean().item()
-            print(f"| {name} | {diff.max().item():.4f} | {diff.mean().item():.5f} | {changed:.2%} |", flush=True)
+        ref = chain(model, model.eps_model, batch, steps)
+        for name in ("bf16", "fp16"):
+            d = pixel_drift(chain(model, with_precision(model.eps_model, name, DEVICE), batch, steps), ref)
+            print(f"| {name} | {d['max_abs']:.4f} | {d['mean_abs']:.5f} | {d['share_8bit_changed']:.2%} |", flush=True)
 
 
 def main() -> None:

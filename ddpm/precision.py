@@ -89,3 +89,12 @@ def with_precision(eps_model: EpsModel, precision: str, device: torch.device | s
         return eps.float()  # the step and the chain state stay fp32
 
     return low_precision_eps
+
+
+def pixel_drift(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How far two sample sets of the same seeds lie apart, images in [-1, 1] compared in [0, 1]
+    pixel units: max and mean |difference|, and the share of 8-bit pixels that change."""
+    ua, ub = (a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2
+    d = (ua - ub).abs()
+    changed = ((ua * 255).round() != (ub * 255).round()).float().mean().item()
+    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "share_8bit_changed": changed}

@@ -368,14 +368,11 @@ class Engine:
         start = time.perf_counter()
         jobs = [job for job, _ in running.owners]
         try:
-            t, coefs = self._coefficients(running)
-            self._fault("unet")
-            eps = self.model.eps_model(running.x, t)
+            t, coefs, eps = self._eps(running)
         except Exception as exc:  # a broken model fails the jobs in the batch, not the engine
             self._on_fault("unet", exc, jobs)
             return
         try:
-            self._fault("step")
             new_x = self._step(running, eps, t, coefs)
         except Exception as exc:
             self._on_fault("step", exc, jobs)
@@ -399,10 +396,7 @@ class Engine:
         seeds = seeds_to_tensor([image_seeds(0, 1)[0]], self.device)
         running = _Running(sample_noise(seeds, 0, self.shape), torch.zeros(1, dtype=torch.long, device=self.device), seeds, [(probe, 0)])
         try:
-            t, coefs = self._coefficients(running)
-            self._fault("unet")
-            eps = self.model.eps_model(running.x, t)
-            self._fault("step")
+            t, coefs, eps = self._eps(running)
             out = self._step(running, eps, t, coefs)
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError("self-test produced non-finite values")
@@ -452,8 +446,9 @@ class Engine:
                 except Exception:
                     pass
 
-    def _coefficients(self, running: _Running) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample t (B,) and step coefficients (7, B) from each sample's own chain tables."""
+    def _eps(self, running: _Running) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample t (B,) and step coefficients (7, B) from each sample's own chain tables, and
+        ONE eps_theta call over the running batch."""
         b = len(running.owners)
         t = torch.empty(b, dtype=torch.long, device=self.device)
         coefs = torch.empty((len(StepCoefficients.names()), b), dtype=torch.float32, device=self.device)
@@ -463,10 +458,12 @@ class Engine:
             tables = self.chain(int(s))
             t[rows] = tables.timesteps[running.positions[rows]]
             coefs[:, rows] = tables.table[:, running.positions[rows]]
-        return t, coefs
+        self._fault("unet")
+        return t, coefs, self.model.eps_model(running.x, t)
 
     def _step(self, running: _Running, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
         """One fused step per clip setting over the running batch."""
+        self._fault("step")
         clip = torch.tensor([job.clip_denoised for job, _ in running.owners], device=self.device)
         out = torch.empty_like(running.x)
         for flag in clip.unique().tolist():

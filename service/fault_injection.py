@@ -20,6 +20,14 @@ import time
 STAGES = ("admit", "unet", "step", "advance", "observer", "encode", "loop")
 
 
+def check_stages(stages: tuple[str, ...]) -> tuple[str, ...]:
+    """``stages`` if every one is known, else ValueError naming the unknown ones."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown fault stages {sorted(unknown)}; known: {', '.join(STAGES)}")
+    return stages
+
+
 class InjectedFault(RuntimeError):
     """Raised by the injector; never raised in production (the injector is absent)."""
 
@@ -37,12 +45,9 @@ class FaultInjector:
         seed: int = 0,
         duration_s: float = 0.0,
     ) -> None:
-        unknown = set(stages) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown fault stages {sorted(unknown)}; known: {', '.join(STAGES)}")
         self.every_n = every_n
         self.rate = rate
-        self.stages = frozenset(stages)
+        self.stages = frozenset(check_stages(stages))
         self.duration_s = duration_s
         self._rng = random.Random(seed)
         self._lock = threading.Lock()

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +32,6 @@ from service.continuous_batcher import (
     DeadlineExceeded,
     Draining,
     DrainTimeout,
-    EngineFault,
     EngineStopped,
     Job,
     QueueFull,
@@ -132,9 +131,7 @@ def _job_error(state: ServerState, job: Job) -> ApiError | None:
         return ApiError(503, str(err), "unavailable", {"Retry-After": str(state.settings.retry_after_s)})
     if isinstance(err, Cancelled):
         return ApiError(499, str(err), "cancelled")
-    if isinstance(err, EngineFault):
-        return ApiError(500, str(err), "error")
-    return ApiError(500, str(err), "error")
+    return ApiError(500, str(err), "error")  # EngineFault: a stage of the iteration failed
 
 
 def _negotiate(accept: str | None, offered: list[str]) -> str:
@@ -144,7 +141,7 @@ def _negotiate(accept: str | None, offered: list[str]) -> str:
     return media
 
 
-async def _encode(state: ServerState, encode: object, request: Request) -> object:
+async def _encode(state: ServerState, encode: Callable[[], object], request: Request) -> object:
     """Run an encoder (PNG / npy / JSON body) off the event loop; a failure is a 500 that says so."""
     try:
         return await asyncio.to_thread(_encode_now, state, encode)
@@ -154,9 +151,9 @@ async def _encode(state: ServerState, encode: object, request: Request) -> objec
         raise ApiError(500, f"encoding the result failed ({type(exc).__name__}); the server log has the details", "error") from exc
 
 
-def _encode_now(state: ServerState, encode: object) -> object:
+def _encode_now(state: ServerState, encode: Callable[[], object]) -> object:
     state.faults("encode")
-    return encode()  # type: ignore[operator]
+    return encode()
 
 
 def _result_body(state: ServerState, job: Job, arrived: float) -> GenerateResponse:

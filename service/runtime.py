@@ -139,8 +139,7 @@ class ServerState:
             log.error("model failed to load: %s", self.load_error, exc_info=exc)
             self._fatal(f"model failed to load: {self.load_error}")
 
-    def _fatal(self, reason: str) -> None:
-        self.ready = False
+    def _fatal(self, reason: str) -> None:  # readiness follows from fatal_reason(); nothing to set here
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
@@ -150,7 +149,7 @@ class ServerState:
     def _watch(self, engine: Engine) -> None:
         """Watchdog: a device call that hangs never raises, so nothing else would notice."""
         period = min(5.0, self.settings.stall_timeout_s / 4)
-        while engine.dead is None and not engine._stop:
+        while engine.alive:
             stalled = engine.stalled_for()
             if stalled > self.settings.stall_timeout_s:
                 self.stalled = f"no iteration finished for {stalled:.0f} s with work waiting"

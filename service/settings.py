@@ -65,13 +65,9 @@ class Settings(BaseSettings):
     @field_validator("fault_stages")
     @classmethod
     def _known_stages(cls, value: str) -> str:
-        from service.fault_injection import STAGES
+        from service.fault_injection import check_stages
 
-        stages = [v.strip() for v in value.split(",") if v.strip()]
-        unknown = sorted(set(stages) - set(STAGES))
-        if unknown:
-            raise ValueError(f"unknown fault stages {unknown}; known: {', '.join(STAGES)}")
-        return ",".join(stages)
+        return ",".join(check_stages(tuple(v.strip() for v in value.split(",") if v.strip())))
 
     @property
     def fault_stage_list(self) -> tuple[str, ...]:
