@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.request_log import JsonFormatter
 from service.settings import Settings
+from tests.app_client import wait_ready as _ready
 from tests.tiny_model import save_tiny_model
 
 TOKEN = "s3cret-token"
@@ -27,14 +28,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _client(model_dir: Path, **overrides: object) -> TestClient:
     return TestClient(create_app(Settings(**{"model": model_dir, "warmup_steps": 1, **overrides})))  # type: ignore[arg-type]
-
-
-def _ready(c: TestClient) -> TestClient:
-    end = time.monotonic() + 30
-    while c.get("/readyz").status_code != 200:
-        assert time.monotonic() < end
-        time.sleep(0.02)
-    return c
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from kernels.philox import seeds_to_tensor
 from service.app import create_app
 from service.continuous_batcher import Engine, Job
 from service.settings import Settings
+from tests.app_client import wait_ready
 from tests.tiny_model import save_tiny_model
 
 DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cpu"))
@@ -105,10 +106,7 @@ def test_shipped_model_same_images_on_device_and_cpu() -> None:
 def test_server_serves_on_device(tiny_dir: Path) -> None:
     settings = Settings(model=tiny_dir, device=str(DEVICE), warmup_steps=1, max_batch=8, compile="auto")
     with TestClient(create_app(settings)) as c:
-        end = time.monotonic() + 300
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < end, c.get("/readyz").json()
-            time.sleep(0.05)
+        wait_ready(c, timeout=300)
         info = next(line for line in c.get("/metrics").text.splitlines() if line.startswith("ddpm_model_info{"))
         assert f'device="{DEVICE}"' in info
         if DEVICE.type == "cuda":

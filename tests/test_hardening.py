@@ -22,6 +22,8 @@ from service.fault_injection import FaultInjector
 from service.request_log import JsonFormatter, TextFormatter
 from service.runtime import JobHandle, ServerState
 from service.settings import Settings
+from tests.app_client import metric as _metric
+from tests.app_client import wait_ready as _ready
 from tests.tiny_model import save_tiny_model
 
 
@@ -34,20 +36,6 @@ def _start(model_dir: Path, **overrides: object) -> tuple[TestClient, ServerStat
     settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
     state = ServerState(settings)
     return TestClient(create_app(settings, state)), state
-
-
-def _ready(c: TestClient, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while c.get("/readyz").status_code != 200:
-        assert time.monotonic() < end, c.get("/readyz").json()
-        time.sleep(0.02)
-
-
-def _metric(c: TestClient, name: str) -> float:
-    for line in c.get("/metrics").text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +122,7 @@ def test_readiness_heals_without_traffic(model_dir: Path) -> None:
         state.engine._backoff_first = state.engine._backoff = 0.2  # heal fast in the test (default 1 s)
         assert c.post("/generate", json={"seed": 1, "steps": 5}).status_code == 500  # call 3 fails
         assert c.get("/readyz").status_code == 503 and _metric(c, "ddpm_ready") == 0
-        end = time.monotonic() + 10
-        while c.get("/readyz").status_code != 200:  # no request is sent: the idle self-test heals it
-            assert time.monotonic() < end, c.get("/readyz").json()
-            time.sleep(0.05)
+        _ready(c, timeout=10)  # no request is sent: the idle self-test heals it
         assert _metric(c, "ddpm_ready") == 1 and state.engine.self_tests >= 1
 
 

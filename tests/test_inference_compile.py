@@ -24,6 +24,7 @@ from kernels.reverse_step import fused_reverse_step_torch
 from service.app import create_app
 from service.runtime import ServerState
 from service.settings import Settings
+from tests.app_client import wait_ready
 from tests.tiny_model import TINY, random_tiny_unet, save_tiny_model
 
 # .ci/run installs g++ and sets DDPM_REQUIRE_COMPILER=1: there these tests run (and fail without one)
@@ -91,10 +92,7 @@ def test_server_runs_the_compiled_path_by_default(tmp_path: Path, monkeypatch: p
     settings = Settings(model=model_dir, warmup_steps=1, max_batch=8)
     assert settings.compile == "auto"
     with TestClient(create_app(settings)) as c:
-        end = time.monotonic() + 300
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < end, c.get("/readyz").json()
-            time.sleep(0.05)
+        wait_ready(c, timeout=300)
         metrics = c.get("/metrics").text
         assert 'compiled="true"' in metrics and 'step_backend="torch_compiled"' in metrics
         r = c.post("/generate", json={"seed": 7, "batch_size": 3, "steps": 20}, headers={"Accept": "application/x-npy"})
@@ -145,10 +143,7 @@ def test_auto_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkeypat
     monkeypatch.setattr(CompiledEps, "__call__", broken)
     model_dir = save_tiny_model(tmp_path / "tiny", num_timesteps=100)
     with TestClient(create_app(Settings(model=model_dir, warmup_steps=1, max_batch=4, compile="auto"))) as c:
-        end = time.monotonic() + 120
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < end, c.get("/readyz").json()
-            time.sleep(0.05)
+        wait_ready(c, timeout=120)
         assert 'compiled="false"' in c.get("/metrics").text
         assert c.post("/generate", json={"seed": 1, "steps": 3}).status_code == 200
     on = Settings(model=model_dir, warmup_steps=1, max_batch=4, compile="on")

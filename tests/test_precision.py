@@ -4,7 +4,6 @@ only: on a CPU without native bf16 these run (slowly) all the same."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.app import create_app
 from service.settings import Settings
+from tests.app_client import wait_ready
 from tests.tiny_model import random_tiny_unet, save_tiny_model, tiny_loaded_model
 
 BF16_BATCH_BOUND = 2 / 255  # image k alone vs in a batch under bf16, [0, 1] units; measured 0 (tiny U-Net, AMD EPYC with AVX-512 BF16)
@@ -81,17 +81,11 @@ def test_compiled_path_in_bf16() -> None:
 def test_server_precision_setting_and_label(tmp_path: Path) -> None:
     model_dir = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
     with TestClient(create_app(Settings(model=model_dir, warmup_steps=1, max_batch=4, precision="bf16"))) as c:
-        end = time.monotonic() + 60
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < end
-            time.sleep(0.02)
+        wait_ready(c, timeout=60)
         info = next(line for line in c.get("/metrics").text.splitlines() if line.startswith("ddpm_model_info{"))
         assert 'precision="bf16"' in info
         r = c.post("/generate", json={"seed": 1, "batch_size": 2, "steps": 10})
         assert r.status_code == 200 and r.json()["precision"] == "bf16"  # the client learns what its images depend on
     with TestClient(create_app(Settings(model=model_dir, warmup_steps=1, precision="fp32"))) as c:
-        end = time.monotonic() + 60
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < end
-            time.sleep(0.02)
+        wait_ready(c, timeout=60)
         assert 'precision="fp32"' in c.get("/metrics").text

@@ -17,6 +17,8 @@ from PIL import Image
 from ddpm.schedule import make_schedule
 from service.app import create_app
 from service.settings import Settings
+from tests.app_client import metric as _metric
+from tests.app_client import wait_ready as _wait_ready
 from tests.tiny_model import save_tiny_model
 
 
@@ -30,13 +32,6 @@ def _client(model_dir: Path, **overrides: object) -> TestClient:
     return TestClient(create_app(settings))
 
 
-def _wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < end, client.get("/readyz").json()
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def client(model_dir: Path) -> Iterator[TestClient]:
     with _client(model_dir, max_images_per_request=16) as c:
@@ -46,13 +41,6 @@ def client(model_dir: Path) -> Iterator[TestClient]:
 
 def _pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
-
-
-def _metric(client: TestClient, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 # --- contract ---------------------------------------------------------------------------------------
