@@ -27,7 +27,7 @@ def eager_step(x: torch.Tensor, eps: torch.Tensor, coefs: StepCoefficients) -> t
     """What a plain PyTorch loop does: randn_like, then the Eq. 11 elementwise ops one by one."""
     z = torch.randn_like(x)
     b = (-1, 1, 1, 1)
-    return coefs.recip_sqrt_alpha.view(b) * (x - coefs.eps_coef.view(b) * eps) + coefs.sigma.view(b) * z
+    return coefs.x.view(b) * x + coefs.eps.view(b) * eps + coefs.sigma.view(b) * z  # Eq. 11 (unclipped table)
 
 
 def timed(fn: Callable[[], object], sync: Callable[[], None], reps: int) -> float:
@@ -51,7 +51,7 @@ def compare(fns: dict[str, Callable[[], object]], sync: Callable[[], None], roun
 
 
 def inputs(b: int, c: int, hw: int, device: str, dtype: torch.dtype) -> tuple:  # type: ignore[type-arg]
-    tables = ChainTables(make_schedule(), VarianceType.FIXED_SMALL, device)
+    tables = ChainTables(make_schedule(), VarianceType.FIXED_SMALL, device, clip=False)
     pos = torch.randint(1, 1000, (b,), device=device)
     x = torch.randn(b, c, hw, hw, device=device, dtype=dtype)
     eps = torch.randn_like(x)
@@ -85,13 +85,15 @@ def gpu(args: argparse.Namespace) -> None:
         dtypes, sizes, batches, reps = [torch.float32, torch.bfloat16], [32, 256], [1, 4, 16, 64, 256], 50
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     print(
-        "| dtype | batch | shape | fused us | GB/s | copy GB/s | % of copy | eager us | eager / fused | diffusers us | diffusers / fused |"
+        "| dtype | batch | shape | fused us | GB/s | copy GB/s | % of copy | multistep us | multistep GB/s "
+        "| eager us | eager / fused | diffusers us | diffusers / fused |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         for hw in sizes:
             for b in batches:
                 x, eps, coefs, seeds, counter = inputs(b, 3, hw, device, dtype)
+                x0_prev = torch.randn_like(x, dtype=torch.float32)  # DPM-Solver++(2M) state: read it, write x0_hat too
                 src = torch.empty(3 * x.numel(), device=device, dtype=dtype)  # the bytes the fused step moves
                 dst = torch.empty_like(src)
                 z = torch.randn_like(x)
@@ -99,6 +101,7 @@ def gpu(args: argparse.Namespace) -> None:
                 t = compare(
                     {
                         "fused": lambda: fused_reverse_step_triton(x, eps, coefs, seeds, counter),
+                        "multistep": lambda: fused_reverse_step_triton(x, eps, coefs, seeds, counter, x0_prev),
                         "copy": lambda: dst.copy_(src),
                         "eager": lambda: eager_step(x, eps, coefs),
                         "diffusers": lambda: scheduler.step(eps, 500, x).prev_sample,
@@ -110,9 +113,11 @@ def gpu(args: argparse.Namespace) -> None:
                 moved = 3 * x.numel() * x.element_size()  # read x, read eps, write x_prev
                 gbs = moved / t["fused"] / 1e9
                 copy_gbs = 2 * src.numel() * src.element_size() / t["copy"] / 1e9  # a copy reads and writes every byte
+                multi_gbs = (moved + 2 * x.numel() * 4) / t["multistep"] / 1e9  # + read x0_prev, write x0_hat (fp32)
                 print(
                     f"| {str(dtype).removeprefix('torch.')} | {b} | 3x{hw}x{hw} | {t['fused'] * 1e6:.1f} | {gbs:.0f} | {copy_gbs:.0f} | "
-                    f"{100 * gbs / copy_gbs:.0f}% | {t['eager'] * 1e6:.1f} | {t['eager'] / t['fused']:.1f} | "
+                    f"{100 * gbs / copy_gbs:.0f}% | {t['multistep'] * 1e6:.1f} | {multi_gbs:.0f} | "
+                    f"{t['eager'] * 1e6:.1f} | {t['eager'] / t['fused']:.1f} | "
                     f"{t['diffusers'] * 1e6:.1f} | {t['diffusers'] / t['fused']:.1f} |"
                 )
 

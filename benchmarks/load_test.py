@@ -49,10 +49,10 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def one(client: httpx.AsyncClient, seed: int, steps: int, n: int = 1) -> tuple[int, float]:
+async def one(client: httpx.AsyncClient, seed: int, steps: int, n: int = 1, **fields: object) -> tuple[int, float]:
     start = time.monotonic()
     try:
-        r = await client.post("/generate", json={"seed": seed, "batch_size": n, "steps": steps})
+        r = await client.post("/generate", json={"seed": seed, "batch_size": n, "steps": steps, **fields})
         return r.status_code, time.monotonic() - start
     except httpx.HTTPError:
         return -1, time.monotonic() - start
@@ -168,6 +168,10 @@ async def soak(server: ServerProcess, args: argparse.Namespace) -> dict[str, obj
 
 
 SHORT_STEPS, LONG_STEPS = 10, 100
+MIXES: dict[str, list[dict[str, object]]] = {
+    "steps": [{"steps": SHORT_STEPS, "sampler": "ddpm"}, {"steps": LONG_STEPS, "sampler": "ddpm"}],
+    "samplers": [{"steps": 20, "sampler": "dpmsolver++"}, {"steps": 50, "sampler": "ddim"}, {"steps": 1000, "sampler": "ddpm"}],
+}
 
 
 HISTOGRAMS = ("ddpm_queue_wait_seconds", "ddpm_batch_occupancy", "ddpm_iteration_duration_seconds")
@@ -182,14 +186,15 @@ def mean_between(before: dict[str, tuple[float, float]], after: dict[str, tuple[
     return (after[name][0] - before[name][0]) / max(1.0, after[name][1] - before[name][1])
 
 
-async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, timeout: float) -> dict[str, object]:
+async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, timeout: float, mix: str = "steps") -> dict[str, object]:
     results: list[tuple[int, int, float]] = []  # (steps, status, latency)
+    kinds = MIXES[mix]
 
     async def client_loop(w: int, client: httpx.AsyncClient) -> None:
         for i in range(per_client):
-            steps = (SHORT_STEPS, LONG_STEPS)[(w + i) % 2]
-            code, dt = await one(client, 10_000 * w + i, steps)
-            results.append((steps, code, dt))
+            fields = kinds[(w + i) % len(kinds)]
+            code, dt = await one(client, 10_000 * w + i, **fields)  # type: ignore[arg-type]
+            results.append((int(fields["steps"]), code, dt))
 
     before = histogram_totals(server)
     limits = httpx.Limits(max_connections=concurrency)
@@ -201,7 +206,8 @@ async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, 
     iteration = "ddpm_iteration_duration_seconds"
     ok = [(steps, dt) for steps, code, dt in results if code == 200]
     latencies = [dt for _, dt in ok]
-    short = [dt for steps, dt in ok if steps == SHORT_STEPS]
+    short_steps = min(int(k["steps"]) for k in kinds)
+    short = [dt for steps, dt in ok if steps == short_steps]
     return {
         "concurrency": concurrency,
         "requests": len(results),
@@ -246,7 +252,7 @@ def offline_image_steps_per_s(model_dir: Path, batch: int, steps: int, compile_s
 def sweep(model: Path, args: argparse.Namespace) -> dict[str, object]:
     offline = offline_image_steps_per_s(model, 16, (SHORT_STEPS + LONG_STEPS) // 2, args.compile)
     cells: dict[str, list[dict[str, object]]] = {}
-    for mode in ("continuous", "request"):
+    for mode in args.modes.split(","):
         server = ServerProcess(model, DDPM_MAX_QUEUE="100000", DDPM_MAX_BATCH=str(args.max_batch), DDPM_MAX_IMAGES_PER_CLIENT="100000",
                                DDPM_SCHEDULING=mode, DDPM_COMPILE=args.compile, DDPM_LOG_FORMAT="json")  # fmt: skip
         try:
@@ -254,13 +260,13 @@ def sweep(model: Path, args: argparse.Namespace) -> dict[str, object]:
             cells[mode] = []
             for c in [int(x) for x in args.concurrencies.split(",")]:
                 per_client = max(2, args.requests // c)
-                cells[mode].append(asyncio.run(closed_loop(server, c, per_client, args.timeout)))
+                cells[mode].append(asyncio.run(closed_loop(server, c, per_client, args.timeout, args.mix)))
                 print(json.dumps({"mode": mode, **cells[mode][-1]}), file=sys.stderr, flush=True)
             _, peak = rss_kb(server.proc.pid)
         finally:
             server.stop()
         cells[mode + "_peak_rss_mib"] = round(peak / 1024, 1)  # type: ignore[assignment]
-    return {"mode": "sweep", "offline_batch16_image_steps_per_s": round(offline, 1), "cells": cells}
+    return {"mode": "sweep", "mix": MIXES[args.mix], "offline_batch16_image_steps_per_s": round(offline, 1), "cells": cells}
 
 
 def sweep_table(report: dict[str, object]) -> str:
@@ -270,12 +276,12 @@ def sweep_table(report: dict[str, object]) -> str:
              "| iteration ms | busy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode in ("continuous", "request"):
-        for r in cells[mode]:  # type: ignore[index]
+        for r in cells.get(mode, []):  # type: ignore[attr-defined]
             lines.append(f"| {mode} | {r['concurrency']} | {r['images_per_s']} | {r['image_steps_per_s']} | {r['latency_p50_s']} | "
                          f"{r['latency_p95_s']} | {r['latency_p99_s']} | {r['short_latency_p50_s']} | {r['queue_wait_mean_s']} | "
                          f"{r['batch_occupancy_mean']} | {r['iteration_mean_ms']} | {r['busy_share']:.0%} |")  # fmt: skip
-    cont = {r["concurrency"]: r for r in cells["continuous"]}  # type: ignore[index]
-    req = {r["concurrency"]: r for r in cells["request"]}  # type: ignore[index]
+    cont = {r["concurrency"]: r for r in cells.get("continuous", [])}  # type: ignore[attr-defined]
+    req = {r["concurrency"]: r for r in cells.get("request", [])}  # type: ignore[attr-defined]
     if 16 in cont:
         lines.append(f"\nserved image-steps/s at concurrency 16 / offline sampler at batch 16 ({offline}): "
                      f"{cont[16]['image_steps_per_s'] / offline:.2f}")  # fmt: skip
@@ -324,6 +330,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--concurrencies", default="1,4,16,64", help="sweep: client concurrencies")
+    parser.add_argument("--modes", default="continuous,request", help="sweep: scheduling modes, one server each")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="steps",
+                        help="sweep: steps (10/100-step ddpm) or samplers (20-step dpmsolver++, 50-step ddim, 1000-step ddpm)")  # fmt: skip
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="sweep, memory: the server's DDPM_COMPILE")
     parser.add_argument("--batches", default="1,16,64,256", help="memory: batch sizes (one server each)")
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw", help="burst: the HTTP client (raw: bare asyncio streams)")

@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")  # ddpm.samplers.Sampler, without importing torch for --help
+SPACINGS = ("linspace", "leading", "trailing")  # ddpm.respace.SPACINGS
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "mnist-28"
 DEFAULT_CLASSIFIER = MODELS_DIR / "digit-classifier"
@@ -86,6 +88,12 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if not 1 <= steps <= model.schedule.num_timesteps:
         raise SystemExit(f"--steps must be in 1..{model.schedule.num_timesteps}")
     clip = model.clip_denoised if args.clip is None else args.clip == "on"
+    if args.eta is not None and args.sampler != "ddim":
+        raise SystemExit("--eta applies to --sampler ddim only")
+    args.eta = args.eta or 0.0
+    spacing = args.spacing or model.timestep_spacing
+    offset = model.steps_offset if spacing == "leading" else 0
+    args.spacing_used = spacing
     out = []
     batches = range(0, args.n, args.batch_size)
     # auto: compile only when the run is long enough to repay the one-time compilation (~10-60 s on CPU)
@@ -99,7 +107,8 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         for first in batches:
             seeds = seeds_to_tensor(image_seeds(args.seed, min(args.batch_size, args.n - first), first=first), device)
             chain = sample_chain(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
-                                 clip_denoised=clip, device=device, step_fn=fast.step_fn)  # fmt: skip
+                                 clip_denoised=clip, sampler=args.sampler, eta=args.eta, spacing=spacing, steps_offset=offset,
+                                 device=device, step_fn=fast.step_fn)  # fmt: skip
             x = None
             for step in chain:
                 bar.update(1)
@@ -136,6 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "seed": args.seed,
         "steps": args.steps or model.schedule.num_timesteps,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "timestep_spacing": args.spacing_used,
         "precision": args.precision_used,
         **evaluate(classifier, images),
     }
@@ -199,7 +211,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="a ddpm-serve model directory or a local diffusers DDPM directory")
     p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
     p.add_argument("-n", type=int, default=16, help="number of images")
-    p.add_argument("--steps", type=int, default=None, help="chain length S (default: T, the paper's full chain)")
+    p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (Algorithm 2), ddim, or dpmsolver++ (DPM-Solver++(2M))")
+    p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
+    p.add_argument("--spacing", choices=SPACINGS, default=None, help="which S of the T timesteps (default: the model's; linspace for ours)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None)

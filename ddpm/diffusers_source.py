@@ -15,6 +15,7 @@ import torch
 
 from ddpm.checkpoint import CheckpointError
 from ddpm.model_source import LoadedModel
+from ddpm.respace import SPACINGS
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 
 
@@ -45,6 +46,18 @@ def schedule_from_scheduler_config(cfg: dict) -> tuple[NoiseSchedule, VarianceTy
     return schedule, VarianceType(variance), clip
 
 
+def spacing_from_scheduler_config(cfg: dict) -> tuple[str, int]:
+    """``timestep_spacing`` and ``steps_offset`` as DDPMPipeline(num_inference_steps=S) uses them (diffusers'
+    defaults: leading, 0), so ``steps=S`` visits the same timesteps."""
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        raise CheckpointError(f"timestep_spacing {spacing!r} is not supported ({', '.join(SPACINGS)})")
+    offset = cfg.get("steps_offset", 0)
+    if not isinstance(offset, int) or offset < 0:
+        raise CheckpointError(f"steps_offset must be a non-negative integer, got {offset!r}")
+    return spacing, offset
+
+
 def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     try:
         from diffusers import UNet2DModel
@@ -62,6 +75,7 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{sched_file} is not valid JSON: {exc}") from exc
     schedule, variance, clip = schedule_from_scheduler_config(sched_cfg)
+    spacing, offset = spacing_from_scheduler_config(sched_cfg)
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -83,4 +97,6 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
         image_shape=(int(unet.config.in_channels), int(size), int(size)),
         source="diffusers",
         info={"scheduler_config": sched_cfg},
+        timestep_spacing=spacing,
+        steps_offset=offset,
     )

@@ -79,18 +79,19 @@ _COMPILED_TWIN: StepFn | None = None
 
 
 def compiled_step_twin() -> StepFn:
-    """``torch.compile`` of the PyTorch twin (Philox rounds + Eq. 11/7 fused into one C++ loop)."""
+    """``torch.compile`` of the PyTorch twin (Philox rounds + the affine update fused into one C++ loop)."""
     global _COMPILED_TWIN
     if _COMPILED_TWIN is None:
         from kernels.reverse_step import fused_reverse_step_torch
 
         compiled = torch.compile(fused_reverse_step_torch, dynamic=True)
 
-        def step(x_t, eps, coefs, seeds, noise_counter, clip_denoised=False):  # type: ignore[no-untyped-def]
+        def step(x_t, eps, coefs, seeds, noise_counter, x0_prev=None):  # type: ignore[no-untyped-def]
             with torch.inference_mode():
                 coefs = StepCoefficients(*(as_inference(getattr(coefs, n)) for n in StepCoefficients.names()))
                 counter = as_inference(torch.as_tensor(noise_counter, dtype=torch.int64, device=x_t.device).expand(x_t.shape[0]))
-                return compiled(as_inference(x_t), as_inference(eps), coefs, as_inference(seeds), counter, bool(clip_denoised))
+                state = None if x0_prev is None else as_inference(x0_prev)
+                return compiled(as_inference(x_t), as_inference(eps), coefs, as_inference(seeds), counter, state)
 
         _COMPILED_TWIN = step
     return _COMPILED_TWIN

@@ -28,6 +28,8 @@ class LoadedModel:
     image_shape: tuple[int, int, int]  # (C, H, W)
     source: str  # "ddpm-serve" or "diffusers"
     info: dict[str, Any] = field(default_factory=dict)
+    timestep_spacing: str = "linspace"  # how `steps` picks timesteps by default (diffusers models: their config's)
+    steps_offset: int = 0
 
     @property
     def device(self) -> torch.device:

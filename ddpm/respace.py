@@ -1,8 +1,14 @@
 """Respaced chains (Nichol & Dhariwal 2021, Sec. 4): sample with S < T steps over a subsequence.
 
 For a kept subsequence tau_1 < ... < tau_S of the original timesteps, the new betas are
-beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}, so that the respaced chain has exactly the same
-marginals abar at its timesteps. With S = T the original betas come back unchanged.
+beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}} (abar_{tau_0} = 1: the last step lands on clean data),
+so that the respaced chain has exactly the same marginals abar at its timesteps. With S = T the
+original betas come back unchanged.
+
+Which subsequence: the three spacings of diffusers' schedulers (Lin et al. 2024, Table 2):
+``linspace`` (ours, diffusers' DDPM/DDIM ``linspace``: round(linspace(0, T-1, S)), both ends kept),
+``leading`` (diffusers' default: k * (T // S) + steps_offset) and ``trailing`` (round(T - k T/S) - 1:
+starts at T-1 and never visits t = 0, so no model call is spent on the nearly clean step).
 """
 
 from __future__ import annotations
@@ -11,15 +17,28 @@ import numpy as np
 
 from ddpm.schedule import NoiseSchedule
 
+SPACINGS = ("linspace", "leading", "trailing")
 
-def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-    """S evenly spaced original timesteps, always including the last one (T-1) so x_T is pure noise."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
-    if steps == 1:
-        return np.array([num_timesteps - 1], dtype=np.int64)
-    # A stride >= 1 keeps the rounded values strictly increasing.
-    return np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace", steps_offset: int = 0) -> np.ndarray:
+    """S original timesteps in increasing order, spaced as ``spacing`` says."""
+    t = num_timesteps
+    if not 1 <= steps <= t:
+        raise ValueError(f"steps must be in 1..{t}, got {steps}")
+    if spacing == "linspace":
+        if steps == 1:
+            return np.array([t - 1], dtype=np.int64)  # x_T is pure noise
+        out = np.round(np.linspace(0, t - 1, steps))  # a stride >= 1 keeps the rounded values increasing
+    elif spacing == "leading":
+        out = np.arange(steps) * (t // steps) + steps_offset
+    elif spacing == "trailing":
+        out = np.round(t - np.arange(steps) * (t / steps))[::-1] - 1  # computed per k: no float-arange overrun
+    else:
+        raise ValueError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    out = out.astype(np.int64)
+    if out[0] < 0 or out[-1] >= t:
+        raise ValueError(f"{spacing} spacing with steps_offset {steps_offset} leaves 0..{t - 1} at {steps} steps")
+    return out
 
 
 def respace(schedule: NoiseSchedule, timesteps: np.ndarray) -> NoiseSchedule:
@@ -35,8 +54,9 @@ def respace(schedule: NoiseSchedule, timesteps: np.ndarray) -> NoiseSchedule:
     return NoiseSchedule(betas=betas, kind=schedule.kind, params=dict(schedule.params), timesteps=schedule.timesteps[timesteps])
 
 
-def respace_steps(schedule: NoiseSchedule, steps: int) -> NoiseSchedule:
-    """The S-step chain that the API's ``steps`` means; S = T gives the paper's chain."""
-    if steps == schedule.num_timesteps:
+def respace_steps(schedule: NoiseSchedule, steps: int, spacing: str = "linspace", steps_offset: int = 0) -> NoiseSchedule:
+    """The S-step chain that the API's ``steps`` means; S = T (without an offset) is the paper's chain."""
+    timesteps = spaced_timesteps(schedule.num_timesteps, steps, spacing, steps_offset)
+    if steps == schedule.num_timesteps and (timesteps == np.arange(steps)).all():
         return schedule
-    return respace(schedule, spaced_timesteps(schedule.num_timesteps, steps))
+    return respace(schedule, timesteps)

@@ -28,7 +28,7 @@ class VarianceType(str, enum.Enum):
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
-    """Linear betas; the paper's constants are given for T = 1000 and are used as-is for other T."""
+    """Linear betas from beta_start to beta_end (``make_schedule`` scales the paper's endpoints for T != 1000)."""
     return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
@@ -143,11 +143,21 @@ class NoiseSchedule:
         return out
 
 
+def linear_endpoints(num_timesteps: int) -> dict[str, float]:
+    """Ho et al.'s beta_1 = 1e-4, beta_T = 0.02 are for T = 1000; for another T both scale by 1000/T
+    (improved-diffusion's ``get_named_beta_schedule``), so the chain still ends near pure noise
+    (abar_T ~ 4e-5 at any T; unscaled, T = 100 would leave abar_T = 0.36)."""
+    scale = 1000 / num_timesteps
+    if 0.02 * scale >= 1:
+        raise ValueError(f"the linear schedule needs T > 20 (at T = {num_timesteps} the scaled beta_T = {0.02 * scale:g} >= 1); use cosine")
+    return {"beta_start": 1e-4 * scale, "beta_end": 0.02 * scale}
+
+
 def make_schedule(kind: BetaSchedule | str = BetaSchedule.LINEAR, num_timesteps: int = 1000, **params: float) -> NoiseSchedule:
     """The named schedule with the paper's (or Nichol & Dhariwal's) default parameters."""
     kind = BetaSchedule(kind)
     if kind is BetaSchedule.LINEAR:
-        full = {"beta_start": 1e-4, "beta_end": 0.02, **params}
+        full = {**(linear_endpoints(num_timesteps) if not {"beta_start", "beta_end"} <= params.keys() else {}), **params}
         betas = linear_betas(num_timesteps, full["beta_start"], full["beta_end"])
     else:
         full = {"s": 0.008, "max_beta": 0.999, **params}

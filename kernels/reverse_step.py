@@ -1,28 +1,39 @@
-"""The fused DDPM reverse step with in-kernel noise (Algorithm 2, line 4, for a mixed batch).
+"""The fused reverse step with in-kernel noise: one affine update serves every sampler in a mixed batch.
 
-    x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1 - abar_t) eps) + sigma_t z          (Eq. 11)
-    clipped: x0 = clip(sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, -1, 1)
-             x_{t-1} = coef1_t x0 + coef2_t x_t + sigma_t z                               (Eq. 7)
+For each sample i, with its own per-step coefficients (``StepCoefficients``, one column per sample):
 
-Every sample i has its own coefficients (so samples at different timesteps and in different
-respaced chains share a launch), its own Philox key ``seeds[i]`` and its own noise counter
-``noise_counter[i]`` (the paper's t). z is drawn in registers by ``tl.randn`` at offset
-``(noise_counter[i] << 32) | e`` for the sample's logical NCHW element e: it never touches memory and
-depends on (seed, t, e) only, never on the batch.
+    x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps        (Ho et al. Eq. 15 solved for x_0),
+             clipped to [-1, 1] where the sample's ``clip`` is 1
+    x_prev = a x_t + d eps + b x0_hat + c x0_prev + sigma z
 
-Three functions with one signature:
+which is, with the coefficients ``ddpm.samplers`` derives from the papers' equations:
+- DDPM, Algorithm 2: Eq. 11 (a = 1/sqrt(alpha_t), d = -beta_t / (sqrt(alpha_t) sqrt(1 - abar_t))) or,
+  clipped, the posterior mean of Eq. 7 (a = coef2, b = coef1);
+- DDIM (Song et al. 2021, Eq. 12): b = sqrt(abar_prev), d = sqrt(1 - abar_prev - sigma^2);
+- DPM-Solver++(2M) (Lu et al. 2022): a = sigma_next/sigma_t, b and c the multistep weights of this
+  step's and the previous step's data predictions (x0_prev: the multistep state each sample carries).
+
+z is drawn in registers by ``tl.randn`` at offset ``(noise_counter[i] << 32) | e`` for the sample's
+logical NCHW element e, keyed by the sample's own Philox key ``seeds[i]``: it never touches memory and
+depends on (seed, counter, e) only, never on the batch.
+
+Multistep mode (``x0_prev`` given): the kernel also reads x0_prev and writes x0_hat, the state of the
+next step; without it, it reads x_t and eps and writes x_prev only (3 passes over the batch).
+
+Three functions with one signature, each returning ``(x_prev, x0_hat or None)``:
 - ``fused_reverse_step_triton``: the Triton kernel (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1);
-- ``fused_reverse_step_torch``: the plain-PyTorch twin (Philox twin + ``ddpm.sampler.reverse_step``);
+- ``fused_reverse_step_torch``: the plain-PyTorch twin (Philox twin + ``reverse_step``);
 - ``fused_reverse_step``: the dispatcher, ``DDPM_STEP_BACKEND=auto|triton|torch``.
+This module depends on nothing of ``ddpm``: the samplers build coefficients, the kernel applies them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ddpm.sampler import StepCoefficients, reverse_step
 from kernels.philox import sample_noise
 
 try:  # triton is a dependency, but keep the CPU path alive where it fails to import
@@ -34,6 +45,59 @@ except ImportError:  # pragma: no cover
     HAVE_TRITON = False
 
 BACKENDS = ("auto", "triton", "torch")
+StepOutput = tuple[torch.Tensor, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """Per-sample coefficients of one reverse step, each a float32 tensor of shape (B,)."""
+
+    x0_from_x: torch.Tensor  # sqrt(1/abar_t)
+    x0_from_eps: torch.Tensor  # sqrt(1/abar_t - 1)
+    clip: torch.Tensor  # 1.0: clip x0_hat to [-1, 1]; 0.0: do not
+    x: torch.Tensor  # a, the weight of x_t
+    eps: torch.Tensor  # d, the weight of eps
+    x0: torch.Tensor  # b, the weight of x0_hat
+    x0_prev: torch.Tensor  # c, the weight of the previous step's x0_hat (multistep samplers)
+    sigma: torch.Tensor  # the weight of z
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(StepCoefficients.__dataclass_fields__)
+
+    def stacked(self) -> torch.Tensor:
+        """All coefficients as one (8, B) tensor, in field order (the kernel's layout)."""
+        return torch.stack([getattr(self, n) for n in self.names()])
+
+    @staticmethod
+    def from_stacked(table: torch.Tensor) -> StepCoefficients:
+        return StepCoefficients(*table.unbind(0))
+
+    @staticmethod
+    def cat(parts: list[StepCoefficients]) -> StepCoefficients:
+        return StepCoefficients(**{n: torch.cat([getattr(p, n) for p in parts]) for n in StepCoefficients.names()})
+
+
+NUM_COEFFICIENTS = len(StepCoefficients.names())
+
+
+def _b(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * 3))  # (B,) -> (B, 1, 1, 1)
+
+
+def reverse_step(
+    x_t: torch.Tensor, eps: torch.Tensor, coefs: StepCoefficients, z: torch.Tensor, x0_prev: torch.Tensor | None = None
+) -> StepOutput:
+    """The update in float32 (the kernel's operation order), x_prev returned in x_t's dtype; x0_hat
+    (float32) too when ``x0_prev`` is given."""
+    x, e = x_t.float(), eps.float()
+    x0 = _b(coefs.x0_from_x) * x - _b(coefs.x0_from_eps) * e
+    x0 = torch.where(_b(coefs.clip) > 0, x0.clamp(-1.0, 1.0), x0)
+    out = _b(coefs.x) * x + _b(coefs.eps) * e + _b(coefs.x0) * x0
+    if x0_prev is not None:
+        out = out + _b(coefs.x0_prev) * x0_prev.float()
+    out = out + _b(coefs.sigma) * z.float()
+    return out.to(x_t.dtype), (x0 if x0_prev is not None else None)
 
 
 def fused_reverse_step_torch(
@@ -42,11 +106,11 @@ def fused_reverse_step_torch(
     coefs: StepCoefficients,
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
-    clip_denoised: bool = False,
-) -> torch.Tensor:
-    """Reference: z from the Philox twin keyed by (seeds[i], noise_counter[i], element), then Eq. 11 / Eq. 7."""
+    x0_prev: torch.Tensor | None = None,
+) -> StepOutput:
+    """Reference: z from the Philox twin keyed by (seeds[i], noise_counter[i], element), then ``reverse_step``."""
     z = sample_noise(seeds, noise_counter, tuple(x_t.shape[1:]))
-    return reverse_step(x_t, eps, coefs, z, clip_denoised)
+    return reverse_step(x_t, eps, coefs, z, x0_prev)
 
 
 if HAVE_TRITON:
@@ -56,14 +120,16 @@ if HAVE_TRITON:
         x_ptr,
         eps_ptr,
         out_ptr,
-        coef_ptr,  # (7, B) float32, rows in StepCoefficients field order
+        x0_prev_ptr,  # (B, C, H, W) float32, read only when MULTISTEP
+        x0_out_ptr,  # (B, C, H, W) float32, written only when MULTISTEP
+        coef_ptr,  # (8, B) float32, rows in StepCoefficients field order
         seed_ptr,  # (B,) int64: the bits of each sample's uint64 Philox key
-        counter_ptr,  # (B,) int64: the paper's t whose noise is drawn
+        counter_ptr,  # (B,) int64: the counter (the paper's t) whose noise is drawn
         B,
         N,  # elements per sample, C*H*W
         C,
         W,
-        CLIP: tl.constexpr,
+        MULTISTEP: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -72,7 +138,6 @@ if HAVE_TRITON:
         p = pid_blk * BLOCK + tl.arange(0, BLOCK)  # position within the sample, in memory order
         mask = p < N
         base = b.to(tl.int64) * N  # int64: B*N may pass 2^31
-        # read N of x and N of eps (input dtype), write N of out: 3 passes over the batch, nothing else
         x = tl.load(x_ptr + base + p, mask=mask, other=0.0).to(tl.float32)
         e = tl.load(eps_ptr + base + p, mask=mask, other=0.0).to(tl.float32)
 
@@ -88,20 +153,21 @@ if HAVE_TRITON:
         counter = tl.load(counter_ptr + b)
         z = tl.randn(seed, (counter << 32) | elem.to(tl.int64))  # Philox4x32-10 + Box-Muller, in registers
 
-        sigma = tl.load(coef_ptr + 2 * B + b)
-        if CLIP:
-            sqrt_recip_abar = tl.load(coef_ptr + 3 * B + b)
-            sqrt_recipm1_abar = tl.load(coef_ptr + 4 * B + b)
-            post_coef1 = tl.load(coef_ptr + 5 * B + b)
-            post_coef2 = tl.load(coef_ptr + 6 * B + b)
-            x0 = sqrt_recip_abar * x - sqrt_recipm1_abar * e
-            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-            mean = post_coef1 * x0 + post_coef2 * x
-        else:
-            recip_sqrt_alpha = tl.load(coef_ptr + b)
-            eps_coef = tl.load(coef_ptr + B + b)
-            mean = recip_sqrt_alpha * (x - eps_coef * e)
-        out = mean + sigma * z
+        x0_from_x = tl.load(coef_ptr + b)
+        x0_from_eps = tl.load(coef_ptr + B + b)
+        clip = tl.load(coef_ptr + 2 * B + b)
+        a_x = tl.load(coef_ptr + 3 * B + b)
+        a_eps = tl.load(coef_ptr + 4 * B + b)
+        a_x0 = tl.load(coef_ptr + 5 * B + b)
+        a_x0_prev = tl.load(coef_ptr + 6 * B + b)
+        sigma = tl.load(coef_ptr + 7 * B + b)
+        x0 = x0_from_x * x - x0_from_eps * e
+        x0 = tl.where(clip > 0, tl.minimum(tl.maximum(x0, -1.0), 1.0), x0)
+        out = a_x * x + a_eps * e + a_x0 * x0
+        if MULTISTEP:
+            out = out + a_x0_prev * tl.load(x0_prev_ptr + base + p, mask=mask, other=0.0)
+            tl.store(x0_out_ptr + base + p, x0, mask=mask)
+        out = out + sigma * z
         tl.store(out_ptr + base + p, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -120,9 +186,9 @@ def fused_reverse_step_triton(
     coefs: StepCoefficients,
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
-    clip_denoised: bool = False,
-) -> torch.Tensor:
-    """One launch for the whole mixed batch; returns x_{t-1} in x_t's dtype and memory layout."""
+    x0_prev: torch.Tensor | None = None,
+) -> StepOutput:
+    """One launch for the whole mixed batch; x_prev in x_t's dtype and memory layout, x0_hat float32."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     if x_t.shape != eps.shape:
@@ -133,25 +199,34 @@ def fused_reverse_step_triton(
         channels_last = False
     if eps.stride() != x_t.stride() or eps.dtype != x_t.dtype:
         eps = torch.empty_like(x_t).copy_(eps)  # same layout and dtype as x_t
+    multistep = x0_prev is not None
+    if multistep:
+        if x0_prev.shape != x_t.shape:
+            raise ValueError(f"x0_prev {tuple(x0_prev.shape)} and x_t {tuple(x_t.shape)} differ in shape")
+        if x0_prev.stride() != x_t.stride() or x0_prev.dtype != torch.float32:
+            x0_prev = torch.empty_like(x_t, dtype=torch.float32).copy_(x0_prev)
     b = x_t.shape[0]
     n = x_t[0].numel() if b else 0
     out = torch.empty_like(x_t)
+    x0_out = torch.empty_like(x_t, dtype=torch.float32) if multistep else None
     if b == 0 or n == 0:
-        return out
+        return out, x0_out
     if n >= 2**31 or b > 65535:
         raise ValueError("one sample must have < 2^31 elements and a batch <= 65535 samples")
-    coef = coefs.stacked().to(device=x_t.device, dtype=torch.float32).contiguous()  # (7, B)
+    coef = coefs.stacked().to(device=x_t.device, dtype=torch.float32).contiguous()  # (8, B)
     seeds = seeds.to(device=x_t.device, dtype=torch.int64).contiguous()
     counter = torch.as_tensor(noise_counter, device=x_t.device, dtype=torch.int64).expand(b).contiguous()
     channels = x_t.shape[1] if x_t.dim() > 1 else 1
     width = x_t.shape[-1] if x_t.dim() == 4 else 1
     block = min(1024, triton.next_power_of_2(n))
     grid = (triton.cdiv(n, block), b)
+    state_in = x0_prev if multistep else out  # placeholders never touched when not MULTISTEP
+    state_out = x0_out if multistep else out
     _reverse_step_kernel[grid](
-        x_t, eps, out, coef, seeds, counter, b, n, channels, width,
-        CLIP=bool(clip_denoised), CHANNELS_LAST=channels_last, BLOCK=block, num_warps=4 if block >= 512 else 2,
+        x_t, eps, out, state_in, state_out, coef, seeds, counter, b, n, channels, width,
+        MULTISTEP=multistep, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )  # fmt: skip
-    return out
+    return out, x0_out
 
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
@@ -180,13 +255,13 @@ def fused_reverse_step(
     coefs: StepCoefficients,
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
-    clip_denoised: bool = False,
+    x0_prev: torch.Tensor | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> StepOutput:
     """Dispatch: Triton on CUDA tensors, the PyTorch twin on CPU; ``backend`` (default: the
     ``DDPM_STEP_BACKEND`` environment variable) overrides."""
     if resolve_backend(step_backend() if backend is None else backend, x_t.device) == "torch":
-        return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, clip_denoised)
+        return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, x0_prev)
     if not _triton_runs_on(x_t):
         raise RuntimeError("DDPM_STEP_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    return fused_reverse_step_triton(x_t, eps, coefs, seeds, noise_counter, clip_denoised)
+    return fused_reverse_step_triton(x_t, eps, coefs, seeds, noise_counter, x0_prev)

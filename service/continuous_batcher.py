@@ -36,12 +36,14 @@ from typing import Literal
 import torch
 
 from ddpm.model_source import LoadedModel
-from ddpm.respace import respace_steps
-from ddpm.sampler import ChainTables, StepCoefficients, StepFn, default_step_fn
+from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients, StepFn, default_step_fn
+from ddpm.samplers import Sampler
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 
 log = logging.getLogger("ddpm.engine")
+
+CHAIN_CACHE = 256  # coefficient tables kept (8 x S float32 each; at most 32 KB at S = 1000)
 
 
 class EngineError(RuntimeError):
@@ -92,13 +94,17 @@ class DrainTimeout(EngineError):
 
 @dataclass
 class Job:
-    """One request: ``n`` images of seed ``seed`` over an S-step chain."""
+    """One request: ``n`` images of seed ``seed`` over an S-step chain of one sampler."""
 
     seed: int
     n: int
     steps: int
     clip_denoised: bool
     timeout_s: float
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    spacing: str = "linspace"
+    steps_offset: int = 0
     client: str = ""  # who the job counts against: admission is round robin over clients
     request_id: str | None = None  # for the log lines of faults
     on_progress: Callable[[Job], None] | None = None
@@ -117,6 +123,14 @@ class Job:
     @property
     def deadline(self) -> float:
         return self.created + self.timeout_s
+
+    @property
+    def chain(self) -> ChainSpec:
+        return ChainSpec(self.steps, self.sampler, self.eta, self.clip_denoised, self.spacing, self.steps_offset)
+
+    @property
+    def chain_tables_multistep(self) -> bool:
+        return Sampler(self.sampler).multistep
 
     @property
     def done(self) -> bool:
@@ -157,6 +171,9 @@ class _Running:
     positions: torch.Tensor  # (B,) chain position i; the sample is at timestep chain.timesteps[i]
     seeds: torch.Tensor  # (B,) int64 Philox keys
     owners: list[tuple[Job, int]]  # (job, image index k) of each row
+    # (B, C, H, W) float32: each row's previous x0_hat, while any row runs a multistep sampler (zeros
+    # for the others, whose x0_prev weight is 0); None otherwise, so single-step batches pay nothing
+    x0_prev: torch.Tensor | None = None
 
 
 class Engine:
@@ -185,7 +202,7 @@ class Engine:
         self.on_dead = on_dead
         self.device = model.device
         self.shape = model.image_shape
-        self._chains: dict[int, ChainTables] = {}
+        self._chains: collections.OrderedDict[ChainSpec, ChainTables] = collections.OrderedDict()  # LRU
         # client -> its jobs with images not yet admitted (arrival order); clients in turn order
         self._waiting: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
         self._queued_images = 0
@@ -205,16 +222,22 @@ class Engine:
         self.self_tests = 0
 
     # --- public, any thread -----------------------------------------------------------------------
-    def chain(self, steps: int) -> ChainTables:
-        tables = self._chains.get(steps)
+    def chain(self, spec: ChainSpec) -> ChainTables:
+        """The tables of one chain, built once and kept (the most recent CHAIN_CACHE of them; eta is a float)."""
+        tables = self._chains.get(spec)
         if tables is None:
-            tables = ChainTables(respace_steps(self.model.schedule, steps), self.model.variance_type, self.device)
-            self._chains[steps] = tables
+            tables = ChainTables.for_spec(self.model.schedule, self.model.variance_type, spec, self.device)
+            self._chains[spec] = tables
+            while len(self._chains) > CHAIN_CACHE:
+                self._chains.popitem(last=False)
+        else:
+            self._chains.move_to_end(spec)
         return tables
 
     def submit(self, job: Job) -> Job:
         if not 1 <= job.steps <= self.model.schedule.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.model.schedule.num_timesteps}")
+        self.chain(job.chain)  # a chain the schedule cannot make (e.g. spacing offset past T) fails here, not in the engine
         with self._lock:
             if self.dead is not None or self._stop:
                 raise EngineStopped("the engine has stopped")
@@ -294,8 +317,15 @@ class Engine:
         observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
         try:
             for n in sorted({1, min(2, self.max_batch), self.max_batch}):
-                for clip in (True, False):
-                    job = Job(seed=0, n=n, steps=min(steps, self.model.schedule.num_timesteps), clip_denoised=clip, timeout_s=3600)
+                for clip, sampler in ((True, "ddpm"), (False, "ddpm"), (True, "dpmsolver++")):  # with and without x0_prev
+                    job = Job(
+                        seed=0,
+                        n=n,
+                        steps=min(steps, self.model.schedule.num_timesteps),
+                        clip_denoised=clip,
+                        timeout_s=3600,
+                        sampler=sampler,
+                    )
                     with self._lock:
                         self._enqueue(job)  # not submit(): warm-up ignores the queue limit
                     while not job.done:
@@ -373,7 +403,7 @@ class Engine:
             self._on_fault("unet", exc, jobs)
             return
         try:
-            new_x = self._step(running, eps, t, coefs)
+            new_x, x0 = self._step(running, eps, t, coefs)
         except Exception as exc:
             self._on_fault("step", exc, jobs)
             return
@@ -381,7 +411,7 @@ class Engine:
         try:
             with self._lock:
                 self._fault("advance")
-                self._advance(running, new_x, seconds)
+                self._advance(running, new_x, x0, seconds)
         except Exception as exc:
             self._on_fault("advance", exc, jobs)
             return
@@ -397,7 +427,7 @@ class Engine:
         running = _Running(sample_noise(seeds, 0, self.shape), torch.zeros(1, dtype=torch.long, device=self.device), seeds, [(probe, 0)])
         try:
             t, coefs, eps = self._eps(running)
-            out = self._step(running, eps, t, coefs)
+            out, _ = self._step(running, eps, t, coefs)
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError("self-test produced non-finite values")
         except Exception as exc:
@@ -447,32 +477,29 @@ class Engine:
                     pass
 
     def _eps(self, running: _Running) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample t (B,) and step coefficients (7, B) from each sample's own chain tables, and
+        """Per-sample t (B,) and step coefficients (8, B) from each sample's own chain tables, and
         ONE eps_theta call over the running batch."""
         b = len(running.owners)
         t = torch.empty(b, dtype=torch.long, device=self.device)
         coefs = torch.empty((len(StepCoefficients.names()), b), dtype=torch.float32, device=self.device)
-        steps = torch.tensor([job.steps for job, _ in running.owners], device=self.device)
-        for s in steps.unique().tolist():
-            rows = (steps == s).nonzero().flatten()
-            tables = self.chain(int(s))
+        groups: dict[ChainSpec, list[int]] = {}
+        for row, (job, _) in enumerate(running.owners):
+            groups.setdefault(job.chain, []).append(row)
+        for spec, members in groups.items():
+            rows = torch.tensor(members, dtype=torch.long, device=self.device)
+            tables = self.chain(spec)
             t[rows] = tables.timesteps[running.positions[rows]]
             coefs[:, rows] = tables.table[:, running.positions[rows]]
         self._fault("unet")
         return t, coefs, self.model.eps_model(running.x, t)
 
-    def _step(self, running: _Running, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
-        """One fused step per clip setting over the running batch."""
+    def _step(self, running: _Running, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ONE fused step over the running batch, every sampler, clip setting and chain at once; returns
+        x_prev and (while any row runs a multistep sampler) every row's x0_hat."""
         self._fault("step")
-        clip = torch.tensor([job.clip_denoised for job, _ in running.owners], device=self.device)
-        out = torch.empty_like(running.x)
-        for flag in clip.unique().tolist():
-            rows = (clip == flag).nonzero().flatten()
-            c = StepCoefficients(*coefs[:, rows].unbind(0))
-            out[rows] = self.step_fn(running.x[rows], eps[rows], c, running.seeds[rows], t[rows] + 1, bool(flag))
-        return out
+        return self.step_fn(running.x, eps, StepCoefficients.from_stacked(coefs), running.seeds, t + 1, running.x0_prev)
 
-    def _advance(self, running: _Running, new_x: torch.Tensor, seconds: float) -> None:
+    def _advance(self, running: _Running, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
         """Move every sample one step on, retire those at x_0, and tell the jobs. Rows of jobs that
         finished meanwhile (failed, cancelled, aborted from another thread) leave the batch."""
         positions = running.positions - 1
@@ -490,7 +517,7 @@ class Engine:
                 job.images_done += 1
             else:
                 keep.append(row)
-        self._running = self._select(_Running(new_x, positions, running.seeds, running.owners), keep)
+        self._running = self._select(_Running(new_x, positions, running.seeds, running.owners, x0), keep)
         self.iterations += 1  # counters and gauges are current before anyone is told
         self._observe("on_iteration", len(running.owners), seconds)
         self._observe("on_load", self._queued_images, self.running)
@@ -541,9 +568,12 @@ class Engine:
             part = self._select(_Running(x_T, positions, seeds, new), live)
             assert part is not None
             r = self._running
-            self._running = part if r is None else _Running(
-                torch.cat([r.x, part.x]), torch.cat([r.positions, part.positions]), torch.cat([r.seeds, part.seeds]), r.owners + part.owners
-            )  # fmt: skip
+            if r is None:
+                self._running = part
+            else:
+                state = None if r.x0_prev is None else torch.cat([r.x0_prev, torch.zeros_like(part.x, dtype=torch.float32)])
+                x, at = torch.cat([r.x, part.x]), torch.cat([r.positions, part.positions])
+                self._running = self._with_state(_Running(x, at, torch.cat([r.seeds, part.seeds]), r.owners + part.owners, state))
             for job, _ in part.owners:
                 if job.first_admitted is None:
                     job.first_admitted = now
@@ -551,13 +581,26 @@ class Engine:
 
     # --- removing work -------------------------------------------------------------------------------
     @staticmethod
-    def _select(running: _Running, rows: list[int]) -> _Running | None:
+    def _with_state(running: _Running) -> _Running:
+        """x0_prev exactly while some row runs a multistep sampler (zeros for a row's first step)."""
+        multistep = any(job.chain_tables_multistep for job, _ in running.owners)
+        if multistep and running.x0_prev is None:
+            running.x0_prev = torch.zeros_like(running.x, dtype=torch.float32)
+        elif not multistep:
+            running.x0_prev = None
+        return running
+
+    @classmethod
+    def _select(cls, running: _Running, rows: list[int]) -> _Running | None:
         if not rows:
             return None
         if len(rows) == len(running.owners):
-            return running
+            return cls._with_state(running)
         idx = torch.tensor(rows, dtype=torch.long, device=running.x.device)
-        return _Running(running.x[idx], running.positions[idx], running.seeds[idx], [running.owners[r] for r in rows])
+        x0_prev = None if running.x0_prev is None else running.x0_prev[idx]
+        return cls._with_state(
+            _Running(running.x[idx], running.positions[idx], running.seeds[idx], [running.owners[r] for r in rows], x0_prev)
+        )
 
     def _drop_dead_jobs(self) -> None:
         now = time.monotonic()

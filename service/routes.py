@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ddpm.grid import image_pngs, make_grid, png_bytes
+from ddpm.respace import spaced_timesteps
+from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients
 from service.auth import Authorized, MetricsAuthorized
 from service.content_negotiation import negotiate
 from service.continuous_batcher import (
@@ -37,7 +39,17 @@ from service.continuous_batcher import (
     QueueFull,
 )
 from service.runtime import JobHandle, ServerState
-from service.schemas import ErrorResponse, GenerateRequest, GenerateResponse, ScheduleResponse, Timings, ValidationErrorResponse
+from service.schemas import (
+    ChainTable,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    SamplerName,
+    ScheduleResponse,
+    SpacingName,
+    Timings,
+    ValidationErrorResponse,
+)
 from service.strict_json import StrictJSONRoute
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
@@ -82,8 +94,8 @@ class ApiError(HTTPException):
         self.outcome = outcome
 
 
-def _field_error(field: str, message: str, value: object) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+def _field_error(field: str, message: str, value: object, where: str = "body") -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": (where, field), "msg": message, "input": value}])
 
 
 def _submit(state: ServerState, body: GenerateRequest, request: Request, stream: bool = False) -> JobHandle:
@@ -92,23 +104,24 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request, stream:
     retry = {"Retry-After": str(state.settings.retry_after_s)}
     if state.engine is None or state.model is None or reason is not None:
         raise ApiError(503, f"not ready: {reason}", "unavailable", retry)
-    t = state.model.schedule.num_timesteps
-    if body.steps is not None and body.steps > t:
-        raise _field_error("steps", f"steps must be <= {t} (the model's T)", body.steps)
     if body.batch_size > state.settings.max_images_per_request:
         raise _field_error("batch_size", f"batch_size must be <= {state.settings.max_images_per_request}", body.batch_size)
-    clip = state.model.clip_denoised if body.clip_denoised is None else body.clip_denoised
+    spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised)
     client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
     job = Job(
         seed=body.seed,
         n=body.batch_size,
-        steps=body.steps or t,
-        clip_denoised=clip,
+        steps=spec.steps,
+        clip_denoised=spec.clip,
         timeout_s=state.settings.request_timeout_s,
+        sampler=spec.sampler,
+        eta=spec.eta,
+        spacing=spec.spacing,
+        steps_offset=spec.steps_offset,
         client=client,
         request_id=request.state.request_id,
     )
-    request.state.log_fields.update({"seed": body.seed, "batch_size": body.batch_size, "steps": job.steps})
+    request.state.log_fields.update({"seed": body.seed, "batch_size": body.batch_size, "steps": job.steps, "sampler": job.sampler})
     if not state.clients.acquire(client, job.n):
         limit = state.settings.max_images_per_client
         raise ApiError(429, f"too many images in flight for this client (limit {limit})", "rejected", retry)
@@ -119,6 +132,35 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request, stream:
         state.clients.release(client, job.n)
         raise ApiError(503, str(exc), "rejected" if isinstance(exc, QueueFull) else "unavailable", retry) from exc
     return handle
+
+
+def resolve_chain(
+    state: ServerState,
+    sampler: str | None,
+    steps: int | None,
+    eta: float | None,
+    spacing: str | None,
+    clip: bool | None,
+    where: str = "body",
+) -> ChainSpec:
+    """A request's chain: its own fields, else the server's defaults, else the model's; 422 naming the field."""
+    assert state.model is not None
+    t = state.model.schedule.num_timesteps
+    settings = state.settings
+    sampler = sampler or settings.default_sampler
+    steps = steps or min(settings.default_steps or t, t)
+    if steps > t:
+        raise _field_error("steps", f"steps must be <= {t} (the model's T)", steps, where)
+    if eta is not None and sampler != "ddim":
+        raise _field_error("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})", eta, where)
+    spacing = spacing or settings.default_timestep_spacing or state.model.timestep_spacing
+    offset = state.model.steps_offset if spacing == "leading" else 0
+    try:
+        spaced_timesteps(t, steps, spacing, offset)
+    except ValueError as exc:
+        raise _field_error("timestep_spacing", str(exc), spacing, where) from exc
+    clip = state.model.clip_denoised if clip is None else clip
+    return ChainSpec(steps, sampler, eta or 0.0, clip, spacing, offset)
 
 
 def _job_error(state: ServerState, job: Job) -> ApiError | None:
@@ -162,6 +204,9 @@ def _result_body(state: ServerState, job: Job, arrived: float) -> GenerateRespon
         seed=job.seed,
         batch_size=job.n,
         steps=job.steps,
+        sampler=job.sampler,
+        eta=job.eta,
+        timestep_spacing=job.spacing,
         model=state.model.name if state.model else "",
         precision=state.precision,
         images=[base64.b64encode(png).decode() for png in image_pngs(job.images)],
@@ -265,14 +310,44 @@ async def generate_stream(
 @router.get(
     "/schedule",
     response_model=ScheduleResponse,
-    responses={401: ERRORS[401], 503: ERRORS[503]},
+    responses={401: ERRORS[401], 422: ERRORS[422], 503: ERRORS[503]},
     summary="The noise schedule of the loaded model",
 )
-async def schedule(state: StateDep, _: Authorized) -> ScheduleResponse:
+async def schedule(
+    state: StateDep,
+    _: Authorized,
+    sampler: Annotated[SamplerName | None, Query(description="with steps/eta/timestep_spacing: return that chain's table")] = None,
+    steps: Annotated[int | None, Query(ge=1)] = None,
+    eta: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
+    timestep_spacing: Annotated[SpacingName | None, Query()] = None,
+    clip_denoised: Annotated[bool | None, Query()] = None,
+) -> ScheduleResponse:
     if state.model is None:
         raise HTTPException(503, f"not ready: {state.not_ready_reason()}", {"Retry-After": str(state.settings.retry_after_s)})
     m = state.model
-    return ScheduleResponse(**m.schedule.to_dict(), variance_type=m.variance_type.value, clip_denoised=m.clip_denoised)  # type: ignore[arg-type]
+    chain = None
+    if any(v is not None for v in (sampler, steps, eta, timestep_spacing, clip_denoised)):
+        spec = resolve_chain(state, sampler, steps, eta, timestep_spacing, clip_denoised, where="query")
+        tables = state.engine.chain(spec) if state.engine is not None else ChainTables.for_spec(m.schedule, m.variance_type, spec)
+        chain = _chain_table(tables, spec)
+    return ScheduleResponse(**m.schedule.to_dict(), variance_type=m.variance_type.value, clip_denoised=m.clip_denoised, chain=chain)  # type: ignore[arg-type]
+
+
+def _chain_table(tables: ChainTables, spec: ChainSpec) -> ChainTable:
+    """The table in the order the steps run (position S-1 first), as the float32 values the engine uses."""
+    order = list(reversed(range(tables.num_steps)))
+    timesteps = [int(tables.timesteps[i]) for i in order]
+    return ChainTable(
+        sampler=spec.sampler,
+        steps=spec.steps,
+        eta=spec.eta,
+        timestep_spacing=spec.spacing,
+        steps_offset=spec.steps_offset,
+        clip_denoised=spec.clip,
+        timesteps=timesteps,
+        noise_counter=[t + 1 for t in timesteps],
+        coefficients={name: tables.table[row, order].tolist() for row, name in enumerate(StepCoefficients.names())},
+    )
 
 
 @router.get("/healthz", responses={503: ERRORS[503]}, summary="The process can serve (or is still starting): 503 once it never can")

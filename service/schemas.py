@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ddpm.seeding import MAX_SEED
+
+SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
+SpacingName = Literal["linspace", "leading", "trailing"]
 
 
 class GenerateRequest(BaseModel):
@@ -17,7 +20,18 @@ class GenerateRequest(BaseModel):
     seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
     batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
     steps: int | None = Field(
-        None, strict=True, ge=1, description="Chain length S (1..T); default T, the paper's full chain. S < T respaces."
+        None, strict=True, ge=1, description="U-Net calls per image, S (1..T); default DDPM_DEFAULT_STEPS. S < T respaces the chain."
+    )
+    sampler: SamplerName | None = Field(
+        None,
+        description="ddpm: Algorithm 2 (with steps=T, the paper's chain); ddim: DDIM (Song et al. 2021); "
+        "dpmsolver++: DPM-Solver++(2M) (Lu et al. 2022); sde-dpmsolver++: its stochastic variant. Default DDPM_DEFAULT_SAMPLER.",
+    )
+    eta: float | None = Field(
+        None, strict=True, ge=0, le=1, description="ddim only: 0 deterministic (default), 1 the DDPM posterior variance."
+    )
+    timestep_spacing: SpacingName | None = Field(
+        None, description="Which S of the T timesteps: linspace, leading or trailing (as diffusers); default DDPM_DEFAULT_TIMESTEP_SPACING."
     )
     clip_denoised: bool | None = Field(
         None, strict=True, description="Clip the predicted x0 to [-1, 1] at every step; default: the model's setting."
@@ -34,10 +48,33 @@ class GenerateResponse(BaseModel):
     seed: int
     batch_size: int
     steps: int
+    sampler: str
+    eta: float
+    timestep_spacing: str
     model: str
     precision: str = Field(..., description="The U-Net's precision (fp32, bf16, fp16): part of what image k depends on.")
     images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
     timings: Timings
+
+
+class ChainTable(BaseModel):
+    """Every step of one chain, in the order they run: for step j (0..S-1), with z ~ N(0, I) drawn
+    from Philox key image_seed(seed, k) at counter noise_counter[j],
+
+        x0_hat = x0_from_x[j] x - x0_from_eps[j] eps(x, timesteps[j]), clipped to [-1, 1] if clip[j] = 1
+        x      = x[j] x + eps[j] eps + x0[j] x0_hat + x0_prev[j] (x0_hat of step j-1) + sigma[j] z
+
+    starting from x_T drawn at counter 0. Values are the float32 numbers the server uses."""
+
+    sampler: str
+    steps: int
+    eta: float
+    timestep_spacing: str
+    steps_offset: int
+    clip_denoised: bool
+    timesteps: list[int]
+    noise_counter: list[int]
+    coefficients: dict[str, list[float]]
 
 
 class ScheduleResponse(BaseModel):
@@ -53,6 +90,7 @@ class ScheduleResponse(BaseModel):
     posterior_variance: list[float]
     posterior_mean_coef1: list[float]
     posterior_mean_coef2: list[float]
+    chain: ChainTable | None = Field(None, description="With ?sampler= or ?steps=: the exact per-step coefficients of that chain.")
 
 
 class ErrorResponse(BaseModel):

@@ -23,6 +23,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=4096, description="samples per denoising iteration (the running batch)")
     max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
+    default_sampler: Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"] = Field(
+        "ddpm", description="the sampler of a request that names none (BENCHMARKS.md: quality against U-Net calls)"
+    )
+    default_steps: int | None = Field(None, ge=1, description="U-Net calls per image of a request that names no steps (unset: T)")
+    default_timestep_spacing: Literal["linspace", "leading", "trailing"] | None = Field(
+        None, description="timestep spacing of a request that names none (unset: the model's; linspace for ddpm-serve models)"
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; past it: 504 and its samples leave")
     step_backend: Literal["auto", "triton", "torch"] = Field("auto", description="the fused step: Triton on CUDA, PyTorch twin on CPU")
     compile: CompileSetting = Field(

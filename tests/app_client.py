@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fastapi.testclient import TestClient
+
+
+def app_client(model_dir: Path, **overrides: object) -> TestClient:
+    """A TestClient of the app on ``model_dir`` with test-friendly settings (1 warm-up step, batch 8)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
+    return TestClient(create_app(settings))
 
 
 def wait_ready(client: TestClient, timeout: float = 30.0) -> TestClient:

@@ -66,6 +66,53 @@ def test_same_seed_alone_and_in_a_mixed_batch(engine: Engine) -> None:
     assert (alone.images - mixed.images).abs().max().item() < 1e-5  # type: ignore[operator]
 
 
+MIXED = [  # (seed, n, sampler, steps, eta, spacing, clip)
+    (21, 2, "dpmsolver++", 12, 0.0, "trailing", False),
+    (22, 2, "ddim", 17, 0.6, "leading", True),
+    (23, 1, "ddpm", 30, 0.0, "linspace", True),
+    (24, 2, "dpmsolver++", 5, 0.0, "linspace", True),
+    (25, 1, "ddim", 9, 0.0, "trailing", False),
+]
+
+
+def test_mixed_samplers_share_iterations_and_match_the_offline_sampler(tiny_unet: torch.nn.Module) -> None:
+    """Three samplers, their step counts, eta, spacing and clip in one running batch, joining at different
+    iterations: every image equals the offline chain of its own (seed, k, sampler, steps, eta, spacing)."""
+    calls: list[int] = []
+    model = tiny_loaded_model(tiny_unet)
+    inner = model.eps_model
+    model.eps_model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]  # type: ignore[method-assign]
+    e = Engine(model, max_batch=16, max_queue=64)
+    e.start()
+    try:
+        jobs = []
+        for seed, n, sampler, steps, eta, spacing, clip in MIXED:
+            job = Job(seed=seed, n=n, steps=steps, clip_denoised=clip, timeout_s=60, sampler=sampler, eta=eta, spacing=spacing)
+            jobs.append(e.submit(job))
+            time.sleep(0.01)  # later jobs join a batch already running
+        _wait(*jobs)
+    finally:
+        e.stop()
+    assert max(calls) >= 6  # samplers did share U-Net calls
+    with torch.inference_mode():
+        for job, (seed, n, sampler, steps, eta, spacing, clip) in zip(jobs, MIXED, strict=True):
+            assert job.error is None and job.images is not None
+            offline = sample(tiny_unet, model.schedule, seeds_to_tensor(image_seeds(seed, n)), (1, 8, 8), steps=steps,
+                             sampler=sampler, eta=eta, spacing=spacing, clip_denoised=clip)  # fmt: skip
+            # relative: the random tiny U-Net's unclipped chains grow to ~1e2 (batched-kernel rounding only)
+            assert (job.images - offline).abs().max().item() / max(1.0, offline.abs().max().item()) < 1e-5, (sampler, steps)
+    # the samplers differ from one another on the same seed (the field is not ignored)
+    assert len({tuple(j.images[0].flatten()[:8].tolist()) for j in jobs}) == len(jobs)  # type: ignore[index]
+
+
+def test_a_bad_chain_is_refused_at_submit(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="is not a valid Sampler"):
+        engine.submit(Job(seed=0, n=1, steps=10, clip_denoised=True, timeout_s=5, sampler="euler"))
+    with pytest.raises(ValueError, match="leaves"):
+        engine.submit(Job(seed=0, n=1, steps=1000, clip_denoised=True, timeout_s=5, spacing="leading", steps_offset=1))
+    assert engine.queue_depth == 0
+
+
 def test_short_request_overtakes_a_long_one(engine: Engine) -> None:
     long = engine.submit(_job(seed=1, steps=1000))
     while engine.iterations < 5:

@@ -19,7 +19,7 @@ EXAMPLES = int(os.environ.get("DDPM_FUZZ_EXAMPLES", "1000"))  # per operation
 
 
 def _app(tmp: Path):  # type: ignore[no-untyped-def]
-    model = save_tiny_model(tmp / "tiny", num_timesteps=20)
+    model = save_tiny_model(tmp / "tiny", num_timesteps=25)
     cfg = Settings(model=model, warmup_steps=1, max_batch=8, max_queue=64, max_images_per_request=2, request_timeout_s=30)
     state = ServerState(cfg)
     state.start_loading()
@@ -45,13 +45,17 @@ def test_api_conforms_to_its_schema(case) -> None:  # type: ignore[no-untyped-de
     case.validate_response(response, excluded_checks=[schemathesis.checks.positive_data_acceptance])
     if response.status_code == 422 and isinstance(case.body, dict):  # (a body not sent as JSON gets 415)
         body = case.body
+        eta = body.get("eta")
         valid = (
-            set(body) <= {"seed", "batch_size", "steps", "clip_denoised"}
+            set(body) <= {"seed", "batch_size", "steps", "clip_denoised", "sampler", "eta", "timestep_spacing"}
             and type(body.get("seed")) is int and 0 <= body["seed"] < 2**63
             and type(body.get("batch_size", 1)) is int and 1 <= body.get("batch_size", 1) <= 2
-            and (body.get("steps") is None or (type(body["steps"]) is int and 1 <= body["steps"] <= 20))
+            and (body.get("steps") is None or (type(body["steps"]) is int and 1 <= body["steps"] <= 25))
             and body.get("clip_denoised") in (None, True, False)
             and (type(body.get("clip_denoised")) is bool or body.get("clip_denoised") is None)
+            and body.get("sampler") in (None, "ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+            and body.get("timestep_spacing") in (None, "linspace", "leading", "trailing")
+            and (eta is None or (type(eta) in (int, float) and 0 <= eta <= 1 and body.get("sampler") == "ddim"))
         )  # fmt: skip
         assert not valid, f"a valid request was rejected: {body} {case.headers} -> {response.text[:200]}"
     if response.status_code >= 400:

@@ -57,19 +57,24 @@ def test_compiled_unet_matches_eager_over_changing_batch_sizes() -> None:
     assert counters["stats"]["unique_graphs"] == 2  # batch 1, and one graph with a dynamic batch for 2, 5, 3, 8
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_compiled_twin_matches_the_twin(clip: bool) -> None:
-    tables = ChainTables(respace_steps(make_schedule("linear", 1000), 50), VarianceType.FIXED_SMALL)
+@pytest.mark.parametrize(("sampler", "clip"), [("ddpm", False), ("ddpm", True), ("dpmsolver++", True), ("sde-dpmsolver++", False)])
+def test_compiled_twin_matches_the_twin(sampler: str, clip: bool) -> None:
+    tables = ChainTables(respace_steps(make_schedule("linear", 1000), 50), VarianceType.FIXED_SMALL, sampler=sampler, clip=clip)
     step = compiled_step_twin()
     for b in (1, 4, 7):
         g = torch.Generator().manual_seed(b)
         x, eps = torch.randn(b, 3, 9, 7, generator=g), torch.randn(b, 3, 9, 7, generator=g)
+        x0_prev = torch.randn(b, 3, 9, 7, generator=g) if tables.multistep else None
         positions = torch.randint(0, 50, (b,), generator=g)
         seeds = seeds_to_tensor(image_seeds(b, b))
         counter = tables.timesteps[positions] + 1
         coefs = tables.coefficients(positions)
-        want = fused_reverse_step_torch(x, eps, coefs, seeds, counter, clip)
-        torch.testing.assert_close(step(x, eps, coefs, seeds, counter, clip), want, rtol=1e-5, atol=2e-6)
+        want, want_x0 = fused_reverse_step_torch(x, eps, coefs, seeds, counter, x0_prev)
+        got, got_x0 = step(x, eps, coefs, seeds, counter, x0_prev)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+        assert (got_x0 is None) == (want_x0 is None) == (x0_prev is None)
+        if want_x0 is not None:
+            torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=2e-6)
 
 
 def test_compiled_chain_matches_the_eager_chain() -> None:

@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.sampler import ChainTables, StepCoefficients, reverse_step
+from ddpm.respace import respace_steps
+from ddpm.sampler import ChainTables
 from ddpm.schedule import VarianceType, make_schedule
 from kernels.philox import philox_randn, sample_noise, seeds_to_tensor
-from kernels.reverse_step import fused_reverse_step, fused_reverse_step_torch, fused_reverse_step_triton
+from kernels.reverse_step import StepCoefficients, fused_reverse_step, fused_reverse_step_torch, fused_reverse_step_triton, reverse_step
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TABLES = ChainTables(make_schedule("linear", 1000), VarianceType.FIXED_LARGE)
+SCHEDULE = make_schedule("linear", 1000)
+TABLES = ChainTables(SCHEDULE, VarianceType.FIXED_LARGE, clip=False)  # Eq. 11
+CLIPPED = ChainTables(SCHEDULE, VarianceType.FIXED_LARGE, clip=True)  # Eq. 7 with x0 clipped
 SEEDS = [0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 7, 2**63 - 1, 2**63 + 5, 2**64 - 1]
 
 
@@ -32,7 +35,7 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, positions: list[int], se
 def _unit_noise_coefs(b: int) -> StepCoefficients:
     """Coefficients that make the step output z itself: mean = 0, sigma = 1."""
     zeros, ones = torch.zeros(b), torch.ones(b)
-    return StepCoefficients(zeros, zeros, ones, zeros, zeros, zeros, zeros)
+    return StepCoefficients(zeros, zeros, zeros, zeros, zeros, zeros, zeros, ones)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -41,7 +44,7 @@ def test_kernel_noise_equals_twin(seed: int, counter: int) -> None:
     shape = (2, 3, 9, 11)
     seeds = seeds_to_tensor([seed, seed ^ 0x5555])
     zero = torch.zeros(shape, device=DEVICE)
-    z_kernel = fused_reverse_step_triton(zero, zero, _unit_noise_coefs(2), seeds, torch.tensor([counter, counter]))
+    z_kernel, _ = fused_reverse_step_triton(zero, zero, _unit_noise_coefs(2), seeds, torch.tensor([counter, counter]))
     z_twin = sample_noise(seeds, counter, shape[1:])
     assert (z_kernel.cpu() - z_twin).abs().max().item() <= 1e-6
 
@@ -73,21 +76,50 @@ DTYPES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 2e-3, 2e-3), (torch.bfloa
 def test_kernel_equals_twin(shape: tuple[int, ...], dtype: torch.dtype, atol: float, rtol: float, clip: bool) -> None:
     b = shape[0]
     x, eps, pos = _inputs(shape, dtype, [int(p) for p in np.linspace(999, 0, b)])
-    coefs = TABLES.coefficients(pos)
+    coefs = (CLIPPED if clip else TABLES).coefficients(pos)
     seeds = seeds_to_tensor(SEEDS[:b])
-    out_kernel = fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1, clip)
-    out_twin = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1, clip)
-    assert out_kernel.dtype == dtype and out_kernel.shape == shape
+    out_kernel, none = fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1)
+    out_twin, _ = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1)
+    assert out_kernel.dtype == dtype and out_kernel.shape == shape and none is None
     torch.testing.assert_close(out_kernel.cpu().float(), out_twin.float(), atol=atol, rtol=rtol)
+
+
+MIXED = {
+    "ddpm": ChainTables(respace_steps(SCHEDULE, 50), VarianceType.FIXED_SMALL, clip=True),
+    "ddim": ChainTables(respace_steps(SCHEDULE, 20, "trailing"), VarianceType.FIXED_SMALL, sampler="ddim", eta=0.5, clip=False),
+    "dpmsolver++": ChainTables(respace_steps(SCHEDULE, 10, "trailing"), VarianceType.FIXED_SMALL, sampler="dpmsolver++", clip=True),
+}
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 28, 28), (6, 3, 9, 11)], ids=str)
+@pytest.mark.parametrize(("dtype", "atol", "rtol"), DTYPES, ids=lambda v: str(v))
+def test_mixed_samplers_in_one_launch_equal_twin(shape: tuple[int, ...], dtype: torch.dtype, atol: float, rtol: float) -> None:
+    """Rows of three samplers (one multistep) at several positions: one launch, x_prev and x0_hat both checked."""
+    b = shape[0]
+    x, eps, _ = _inputs(shape, dtype, [0] * b, seed=4)
+    names = list(MIXED)
+    parts = [MIXED[names[i % 3]].coefficients(torch.tensor([(7 * i) % MIXED[names[i % 3]].num_steps])) for i in range(b)]
+    coefs = StepCoefficients.cat(parts)
+    x0_prev = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    counter = torch.arange(b) * 37 + 1
+    seeds = seeds_to_tensor(SEEDS[:b])
+    out_kernel, x0_kernel = fused_reverse_step_triton(x, eps, coefs, seeds, counter, x0_prev)
+    out_twin, x0_twin = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, counter, x0_prev.cpu())
+    assert x0_kernel is not None and x0_twin is not None and x0_kernel.dtype == torch.float32
+    torch.testing.assert_close(out_kernel.cpu().float(), out_twin.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(x0_kernel.cpu(), x0_twin, atol=atol, rtol=rtol)
+    # the rows of single-step samplers ignore x0_prev: the same values without the multistep state
+    single = [i for i in range(b) if names[i % 3] != "dpmsolver++"]
+    alone, _ = fused_reverse_step_triton(x, eps, coefs, seeds, counter)
+    assert torch.equal(alone[single], out_kernel[single])
 
 
 def test_kernel_on_odd_large_shape() -> None:
     x, eps, pos = _inputs((2, 3, 123, 123), torch.float32, [700, 3])
     coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([11, 12])
-    torch.testing.assert_close(
-        fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1).cpu(), fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1),
-        atol=1e-6, rtol=1e-6,
-    )  # fmt: skip
+    kernel, _ = fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1)
+    twin, _ = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1)
+    torch.testing.assert_close(kernel.cpu(), twin, atol=1e-6, rtol=1e-6)
 
 
 def test_textbook_formula() -> None:
@@ -95,7 +127,7 @@ def test_textbook_formula() -> None:
     s = make_schedule("linear", 1000)
     x, eps, pos = _inputs((3, 2, 5, 5), torch.float32, [999, 400, 0])
     seeds = seeds_to_tensor([5, 6, 7])
-    out = fused_reverse_step_triton(x, eps, TABLES.coefficients(pos), seeds, pos + 1).cpu().double().numpy()
+    out = fused_reverse_step_triton(x, eps, TABLES.coefficients(pos), seeds, pos + 1)[0].cpu().double().numpy()
     z = sample_noise(seeds, pos + 1, (2, 5, 5)).double().numpy()
     xn, en = x.cpu().double().numpy(), eps.cpu().double().numpy()
     for i, t in enumerate(pos.tolist()):
@@ -108,8 +140,8 @@ def test_textbook_formula() -> None:
 def test_channels_last_gives_the_same_values(step_fn) -> None:  # type: ignore[no-untyped-def]
     x, eps, pos = _inputs((3, 4, 6, 5), torch.float32, [10, 20, 30])
     coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2, 3])
-    plain = step_fn(x, eps, coefs, seeds, pos + 1)
-    cl = step_fn(x.to(memory_format=torch.channels_last), eps.to(memory_format=torch.channels_last), coefs, seeds, pos + 1)
+    plain, _ = step_fn(x, eps, coefs, seeds, pos + 1)
+    cl, _ = step_fn(x.to(memory_format=torch.channels_last), eps.to(memory_format=torch.channels_last), coefs, seeds, pos + 1)
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(plain.contiguous(), cl.contiguous())
 
@@ -119,10 +151,10 @@ def test_batch_invariance(step_fn) -> None:  # type: ignore[no-untyped-def]
     """Sample 0 gives the same output alone, at another position, and beside other timesteps."""
     x, eps, pos = _inputs((4, 1, 12, 12), torch.float32, [600, 999, 3, 0])
     seeds = seeds_to_tensor([42, 43, 44, 45])
-    full = step_fn(x, eps, TABLES.coefficients(pos), seeds, pos + 1)
-    alone = step_fn(x[:1], eps[:1], TABLES.coefficients(pos[:1]), seeds[:1], pos[:1] + 1)
+    full, _ = step_fn(x, eps, TABLES.coefficients(pos), seeds, pos + 1)
+    alone, _ = step_fn(x[:1], eps[:1], TABLES.coefficients(pos[:1]), seeds[:1], pos[:1] + 1)
     perm = torch.tensor([2, 3, 0, 1])
-    shuffled = step_fn(x[perm], eps[perm], TABLES.coefficients(pos[perm]), seeds[perm], pos[perm] + 1)
+    shuffled, _ = step_fn(x[perm], eps[perm], TABLES.coefficients(pos[perm]), seeds[perm], pos[perm] + 1)
     assert torch.equal(full[0], alone[0])
     assert torch.equal(full[0], shuffled[2])
     assert torch.equal(full, shuffled[torch.argsort(perm)])
@@ -152,15 +184,15 @@ def test_noise_statistics() -> None:
 def test_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
     x, eps, pos = _inputs((2, 1, 4, 4), torch.float32, [5, 6])
     coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2])
-    expected = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1)
+    expected, _ = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1)
     for backend in ["auto", "torch", "triton"]:
         monkeypatch.setenv("DDPM_STEP_BACKEND", backend)
-        torch.testing.assert_close(fused_reverse_step(x, eps, coefs, seeds, pos + 1).cpu(), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fused_reverse_step(x, eps, coefs, seeds, pos + 1)[0].cpu(), expected, atol=1e-6, rtol=1e-6)
     monkeypatch.setenv("DDPM_STEP_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="DDPM_STEP_BACKEND"):
         fused_reverse_step(x, eps, coefs, seeds, pos + 1)
     # an explicit backend (the server's DDPM_STEP_BACKEND setting) wins over the environment
-    explicit = fused_reverse_step(x, eps, coefs, seeds, pos + 1, backend="torch")
+    explicit, _ = fused_reverse_step(x, eps, coefs, seeds, pos + 1, backend="torch")
     torch.testing.assert_close(explicit.cpu(), expected, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="step backend"):
         fused_reverse_step(x, eps, coefs, seeds, pos + 1, backend="gpu")
@@ -170,7 +202,7 @@ def test_reference_is_reverse_step() -> None:
     x, eps, pos = _inputs((2, 1, 4, 4), torch.float32, [5, 900])
     coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2])
     z = sample_noise(seeds, pos + 1, (1, 4, 4))
-    assert torch.equal(fused_reverse_step_torch(x, eps, coefs, seeds, pos + 1), reverse_step(x, eps, coefs, z))
+    assert torch.equal(fused_reverse_step_torch(x, eps, coefs, seeds, pos + 1)[0], reverse_step(x, eps, coefs, z)[0])
 
 
 @pytest.mark.skipif(
@@ -183,8 +215,8 @@ def test_bf16_output_rounds_to_nearest_even() -> None:
     x, eps, pos = _inputs(shape, torch.bfloat16, [0, 10, 500, 999])
     coefs = TABLES.coefficients(pos)
     seeds = seeds_to_tensor(SEEDS[:4])
-    out = fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1).cpu().float()
-    twin = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1).float()  # fp32 math, .to(bf16) rounds RNE
+    out = fused_reverse_step_triton(x, eps, coefs, seeds, pos + 1)[0].cpu().float()
+    twin = fused_reverse_step_torch(x.cpu(), eps.cpu(), coefs, seeds, pos + 1)[0].float()  # fp32 math, .to(bf16) rounds RNE
     differ = (out != twin).float().mean().item()
     # fp32 results that differ in the last bit (operation order, ~4% of values) flip a bf16 rounding rarely;
     # truncation would make ~50% differ

@@ -37,17 +37,18 @@ def test_reverse_step_by_hand() -> None:
     sigma = math.sqrt(beta)
     x, e, z = 0.3, -1.2, 0.5
     expected = 1 / math.sqrt(alpha) * (x - beta / math.sqrt(1 - abar) * e) + sigma * z
-    tables = ChainTables(s, VarianceType.FIXED_LARGE)
+    tables = ChainTables(s, VarianceType.FIXED_LARGE, clip=False)
     coefs = tables.coefficients(torch.tensor([t]))
-    out = reverse_step(torch.full((1, 1, 1, 1), x), torch.full((1, 1, 1, 1), e), coefs, torch.full((1, 1, 1, 1), z))
+    out, _ = reverse_step(torch.full((1, 1, 1, 1), x), torch.full((1, 1, 1, 1), e), coefs, torch.full((1, 1, 1, 1), z))
     assert out.item() == pytest.approx(expected, rel=1e-6)
-    # fixed_small uses beta_tilde; the clipped form equals the plain one when x0 is inside [-1, 1]
-    small = ChainTables(s, VarianceType.FIXED_SMALL).coefficients(torch.tensor([t]))
+    # fixed_small uses beta_tilde; the clipped form (Eq. 7) equals the plain one (Eq. 11) when x0 is inside [-1, 1]
+    small = ChainTables(s, VarianceType.FIXED_SMALL, clip=False).coefficients(torch.tensor([t]))
+    small_clipped = ChainTables(s, VarianceType.FIXED_SMALL, clip=True).coefficients(torch.tensor([t]))
     assert small.sigma.item() == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-6)
     xt, eps = torch.full((1, 1, 1, 1), 0.2), torch.full((1, 1, 1, 1), 0.1)
     assert abs(predict_x0(xt, eps, small).item()) < 1
-    a = reverse_step(xt, eps, small, torch.zeros_like(xt), clip_denoised=False)
-    b = reverse_step(xt, eps, small, torch.zeros_like(xt), clip_denoised=True)
+    a, _ = reverse_step(xt, eps, small, torch.zeros_like(xt))
+    b, _ = reverse_step(xt, eps, small_clipped, torch.zeros_like(xt))
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
@@ -59,9 +60,9 @@ def test_last_step_adds_no_noise() -> None:
 
 def test_clipping_bounds_x0() -> None:
     s = make_schedule()
-    coefs = ChainTables(s, VarianceType.FIXED_SMALL).coefficients(torch.tensor([0]))
+    coefs = ChainTables(s, VarianceType.FIXED_SMALL, clip=True).coefficients(torch.tensor([0]))
     # at t = 1 with no noise, x_0 = posterior mean = clipped x0 (coef2 ~ 0 at t=1)
-    out = reverse_step(torch.full((1, 1, 2, 2), 5.0), torch.zeros(1, 1, 2, 2), coefs, torch.zeros(1, 1, 2, 2), clip_denoised=True)
+    out, _ = reverse_step(torch.full((1, 1, 2, 2), 5.0), torch.zeros(1, 1, 2, 2), coefs, torch.zeros(1, 1, 2, 2))
     assert out.max().item() <= 1.0 + 1e-6
 
 
@@ -193,15 +194,15 @@ def test_single_step_matches_diffusers(monkeypatch: pytest.MonkeyPatch, variance
 
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance_type, clip_sample=clip)
     scheduler.set_timesteps(1000)
-    tables = ChainTables(make_schedule("linear", 1000), VarianceType(variance_type))
+    tables = ChainTables(make_schedule("linear", 1000), VarianceType(variance_type), clip=clip)
     gen = torch.Generator().manual_seed(1)
     for t in [999, 600, 10, 1, 0]:
         x, eps, z = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3))
         monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *_, **__: z)  # noqa: B023
         theirs = scheduler.step(eps, t, x).prev_sample
         coefs = tables.coefficients(torch.tensor([t, t]))
-        ours = reverse_step(x, eps, coefs, z, clip_denoised=clip)
-        truth = reverse_step(x.double(), eps.double(), _float64(t, variance_type), z.double(), clip_denoised=clip)
+        ours, _ = reverse_step(x, eps, coefs, z)
+        truth, _ = reverse_step(x.double(), eps.double(), _float64(t, variance_type, clip), z.double())
         # ours is float32-exact against float64. diffusers derives 1 - abar_t in float32 from a float32
         # abar_t: at t = 1 (abar = 0.9997) that cancellation leaves ~3e-4 relative error in its
         # coefficients, measured here as up to 1.4e-4 in x_{t-1}; at large t it agrees to ~5e-7.
@@ -209,16 +210,14 @@ def test_single_step_matches_diffusers(monkeypatch: pytest.MonkeyPatch, variance
         assert (ours - theirs).abs().max().item() < (3e-4 if t < 20 else 2e-6)
 
 
-def _float64(t: int, variance_type: str) -> StepCoefficients:
+def _float64(t: int, variance_type: str, clip: bool) -> StepCoefficients:
+    """The coefficients of Eq. 11 (or Eq. 7 when clipping) at t, in float64 from the schedule's arrays."""
     s = make_schedule("linear", 1000)
     sigma = 0.0 if t == 0 else math.sqrt(s.variance(VarianceType(variance_type))[t])
-    values = [
-        1 / math.sqrt(s.alphas[t]),
-        s.betas[t] / math.sqrt(1 - s.alphas_cumprod[t]),
-        sigma,
-        math.sqrt(1 / s.alphas_cumprod[t]),
-        math.sqrt(1 / s.alphas_cumprod[t] - 1),
-        s.posterior_mean_coef1[t],
-        s.posterior_mean_coef2[t],
-    ]
+    p, q = math.sqrt(1 / s.alphas_cumprod[t]), math.sqrt(1 / s.alphas_cumprod[t] - 1)
+    if clip:
+        a, d, b = s.posterior_mean_coef2[t], 0.0, s.posterior_mean_coef1[t]
+    else:
+        a, d, b = 1 / math.sqrt(s.alphas[t]), -s.betas[t] / math.sqrt(1 - s.alphas_cumprod[t]) / math.sqrt(s.alphas[t]), 0.0
+    values = [p, q, float(clip), a, d, b, 0.0, sigma]
     return StepCoefficients(*(torch.tensor([v, v], dtype=torch.float64) for v in values))

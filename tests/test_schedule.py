@@ -112,3 +112,20 @@ def test_matches_diffusers_scheduler() -> None:
         d = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs)
         assert np.allclose(d.betas.numpy(), s.betas, rtol=1e-5, atol=1e-7)
         assert np.allclose(d.alphas_cumprod.numpy(), s.alphas_cumprod, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [21, 50, 100, 250, 1000, 4000])
+def test_linear_endpoints_scale_with_t(t: int) -> None:
+    """The paper's 1e-4..0.02 are for T = 1000; scaled by 1000/T the chain ends near pure noise at any T
+    (unscaled, T = 100 ends at abar_T = 0.36: x_T would carry a third of the image)."""
+    s = make_schedule("linear", t)
+    assert s.betas[0] == pytest.approx(1e-4 * 1000 / t) and s.betas[-1] == pytest.approx(0.02 * 1000 / t)
+    assert s.alphas_cumprod[-1] < 1e-4
+    unscaled = make_schedule("linear", 100, beta_start=1e-4, beta_end=0.02)  # explicit endpoints are kept
+    assert unscaled.alphas_cumprod[-1] == pytest.approx(0.364, abs=0.01)
+
+
+def test_linear_refuses_t_whose_scaled_betas_reach_1() -> None:
+    with pytest.raises(ValueError, match="T > 20"):
+        make_schedule("linear", 20)
+    assert make_schedule("cosine", 10).num_timesteps == 10

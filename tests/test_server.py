@@ -17,6 +17,7 @@ from PIL import Image
 from ddpm.schedule import make_schedule
 from service.app import create_app
 from service.settings import Settings
+from tests.app_client import app_client
 from tests.app_client import metric as _metric
 from tests.app_client import wait_ready as _wait_ready
 from tests.tiny_model import save_tiny_model
@@ -27,14 +28,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
 
 
-def _client(model_dir: Path, **overrides: object) -> TestClient:
-    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
-    return TestClient(create_app(settings))
-
-
 @pytest.fixture(scope="module")
 def client(model_dir: Path) -> Iterator[TestClient]:
-    with _client(model_dir, max_images_per_request=16) as c:
+    with app_client(model_dir, max_images_per_request=16) as c:
         _wait_ready(c)
         yield c
 
@@ -174,7 +170,7 @@ def test_reproducible_under_concurrent_mixed_load(client: TestClient) -> None:
 
 def test_short_request_finishes_long_before_a_long_one(tmp_path: Path) -> None:
     long_model = save_tiny_model(tmp_path / "t1000")
-    with _client(long_model) as c:
+    with app_client(long_model) as c:
         _wait_ready(c)
         done: dict[str, float] = {}
         start = time.monotonic()
@@ -193,7 +189,7 @@ def test_short_request_finishes_long_before_a_long_one(tmp_path: Path) -> None:
 
 
 def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
-    with _client(model_dir, max_batch=1, max_queue=2, retry_after_s=7) as c:
+    with app_client(model_dir, max_batch=1, max_queue=2, retry_after_s=7) as c:
         _wait_ready(c)
         first = threading.Thread(target=lambda: c.post("/generate", json={"seed": 1, "batch_size": 2}))
         first.start()
@@ -206,7 +202,7 @@ def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
 
 
 def test_deadline_is_504_and_frees_the_batch(model_dir: Path) -> None:
-    with _client(model_dir, request_timeout_s=0.15) as c:
+    with app_client(model_dir, request_timeout_s=0.15) as c:
         _wait_ready(c)
         r = c.post("/generate", json={"seed": 1, "batch_size": 4})
         assert r.status_code == 504 and "deadline" in r.json()["detail"]
@@ -252,7 +248,7 @@ def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:
 
 
 def test_metrics_move_with_served_requests(model_dir: Path) -> None:
-    with _client(model_dir) as c:
+    with app_client(model_dir) as c:
         _wait_ready(c)
         assert _metric(c, "ddpm_images_generated_total") == 0  # warm-up is not counted
         for seed, n in [(1, 2), (2, 3)]:
@@ -274,7 +270,7 @@ def test_metrics_move_with_served_requests(model_dir: Path) -> None:
 
 def test_model_fault_fails_only_the_affected_requests(model_dir: Path) -> None:
     # faults are armed after warm-up: with every=25 the 25th U-Net call of the 30-step request fails
-    with _client(model_dir, fault_every_n_iterations=25, warmup_steps=1) as c:
+    with app_client(model_dir, fault_every_n_iterations=25, warmup_steps=1) as c:
         _wait_ready(c)
         r = c.post("/generate", json={"seed": 1, "steps": 30})
         assert r.status_code == 500 and r.json()["detail"].startswith("model call failed (InjectedFault)")

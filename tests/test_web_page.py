@@ -55,10 +55,13 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
 
     d = browser
     d.get(server.url + "/")  # type: ignore[attr-defined]
-    for field, value in [("seed", "5"), ("batch_size", "3"), ("steps", "300")]:
+    from selenium.webdriver.support.ui import Select
+
+    for field, value in [("seed", "5"), ("batch_size", "3"), ("steps", "300"), ("eta", "0.5")]:
         box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
         box.clear()
         box.send_keys(value)
+    Select(d.find_element(By.ID, "sampler")).select_by_value("ddim")  # type: ignore[attr-defined]
     d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
     wait = WebDriverWait(d, 60, poll_frequency=0.02)
     # progress moves before the result arrives
@@ -66,7 +69,7 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
     wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#images img")) == 3)
     wait.until(lambda drv: all(drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 8
                                for i in drv.find_elements(By.CSS_SELECTOR, "#images img")))  # fmt: skip
-    assert "done: 3 images, 300 steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+    assert "done: 3 images, ddim, 300 steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
 
     # the screenshot shows the images: their area is not blank
     shot = Image.open(io.BytesIO(d.get_screenshot_as_png())).convert("L")  # type: ignore[attr-defined]

@@ -1,0 +1,129 @@
+"""Per-request samplers over HTTP: fields, defaults, errors, and a chain a client reproduces offline
+from GET /schedule's coefficient table alone."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ddpm.grid import image_pngs
+from ddpm.model_source import load_model_source
+from ddpm.sampler import sample
+from ddpm.seeding import image_seeds
+from kernels.philox import sample_noise, seeds_to_tensor
+from tests.app_client import app_client, wait_ready
+from tests.tiny_model import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    with app_client(model_dir) as c:
+        wait_ready(c)
+        yield c
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sampler": "ddim", "steps": 15, "eta": 0.3},
+        {"sampler": "dpmsolver++", "steps": 8, "timestep_spacing": "trailing"},
+        {"sampler": "ddpm", "steps": 20, "timestep_spacing": "leading", "clip_denoised": False},
+    ],
+    ids=lambda f: f["sampler"],
+)
+def test_each_sampler_gives_the_offline_images(client: TestClient, model_dir: Path, fields: dict) -> None:
+    r = client.post("/generate", json={"seed": 4, "batch_size": 2, **fields})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sampler"] == fields["sampler"] and body["steps"] == fields["steps"]
+    assert body["eta"] == fields.get("eta", 0.0)
+    assert body["timestep_spacing"] == fields.get("timestep_spacing", "linspace")
+    model = load_model_source(model_dir)
+    with torch.inference_mode():
+        offline = sample(model.eps_model, model.schedule, seeds_to_tensor(image_seeds(4, 2)), model.image_shape, steps=fields["steps"],
+                         sampler=fields["sampler"], eta=fields.get("eta", 0.0), spacing=fields.get("timestep_spacing", "linspace"),
+                         clip_denoised=fields.get("clip_denoised", True))  # fmt: skip
+    expected = [np.asarray(Image.open(io.BytesIO(png))) for png in image_pngs(offline)]
+    for got, want in zip(body["images"], expected, strict=True):
+        assert np.abs(_pixels(got).astype(int) - want.astype(int)).max() <= 1  # 8-bit rounding of float-rounding noise
+
+
+def test_the_schedule_table_reproduces_a_chain_offline(client: TestClient, model_dir: Path) -> None:
+    """A client with the U-Net, the Philox twin and GET /schedule's table alone gets the server's image."""
+    query = {"sampler": "dpmsolver++", "steps": 6, "timestep_spacing": "trailing"}
+    table = client.get("/schedule", params=query).json()["chain"]
+    assert table["timesteps"] == [199, 166, 132, 99, 66, 32] and table["noise_counter"] == [200, 167, 133, 100, 67, 33]
+    assert table["steps"] == 6 and table["clip_denoised"] is True
+    c = {k: torch.tensor(v) for k, v in table["coefficients"].items()}
+    model = load_model_source(model_dir)
+    seeds = seeds_to_tensor(image_seeds(9, 1))
+    x = sample_noise(seeds, 0, model.image_shape)
+    x0_prev = torch.zeros_like(x)
+    with torch.inference_mode():
+        for j, t in enumerate(table["timesteps"]):
+            eps = model.eps_model(x, torch.tensor([t]))
+            x0 = c["x0_from_x"][j] * x - c["x0_from_eps"][j] * eps
+            x0 = x0.clamp(-1, 1) if c["clip"][j] > 0 else x0
+            z = sample_noise(seeds, table["noise_counter"][j], model.image_shape)
+            x = c["x"][j] * x + c["eps"][j] * eps + c["x0"][j] * x0 + c["x0_prev"][j] * x0_prev + c["sigma"][j] * z
+            x0_prev = x0
+    served = client.post("/generate", json={"seed": 9, **query}).json()["images"][0]
+    mine = np.asarray(Image.open(io.BytesIO(image_pngs(x)[0])))
+    assert np.abs(_pixels(served).astype(int) - mine.astype(int)).max() <= 1
+
+
+def test_schedule_without_a_chain_query_has_no_table(client: TestClient) -> None:
+    assert client.get("/schedule").json()["chain"] is None
+    ddpm = client.get("/schedule", params={"steps": 200}).json()["chain"]  # the paper's chain, as the server runs it
+    assert ddpm["sampler"] == "ddpm" and ddpm["timesteps"] == list(range(199, -1, -1)) and ddpm["coefficients"]["sigma"][-1] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"sampler": "ddpm", "eta": 0.5}, "eta"),
+        ({"sampler": "dpmsolver++", "eta": 0.0}, "eta"),
+        ({"eta": 0.5}, "eta"),  # the default sampler is ddpm
+        ({"sampler": "ddim", "eta": 1.5}, "eta"),
+        ({"sampler": "ddim", "eta": "0.5"}, "eta"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"timestep_spacing": "random"}, "timestep_spacing"),
+        ({"sampler": "ddim", "steps": 201}, "steps"),
+    ],
+)
+def test_bad_sampler_fields_are_422_naming_the_field(client: TestClient, body: dict, field: str) -> None:
+    r = client.post("/generate", json={"seed": 1, **body})
+    assert r.status_code == 422, r.text
+    assert field in r.json()["detail"]
+    if not isinstance(body.get("eta"), str):  # a query string has no types: "0.5" is a number there
+        q = client.get("/schedule", params=body)
+        assert q.status_code == 422 and field in q.json()["detail"]
+
+
+def test_server_defaults(model_dir: Path) -> None:
+    with app_client(model_dir, default_sampler="dpmsolver++", default_steps=7, default_timestep_spacing="trailing") as c:
+        wait_ready(c)
+        body = c.post("/generate", json={"seed": 2}).json()
+        assert (body["sampler"], body["steps"], body["timestep_spacing"]) == ("dpmsolver++", 7, "trailing")
+        full = c.post("/generate", json={"seed": 2, "sampler": "ddpm", "steps": 200}).json()  # the paper's chain: one field away
+        assert (full["sampler"], full["steps"]) == ("ddpm", 200)
+    with app_client(model_dir, default_steps=5000) as c:  # more than this model's T: T
+        wait_ready(c)
+        assert c.post("/generate", json={"seed": 2}).json()["steps"] == 200
