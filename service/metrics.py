@@ -36,6 +36,12 @@ class Metrics(EngineObserver):
             "ddpm_batch_occupancy", "Samples in the running batch per iteration", buckets=OCCUPANCY_BUCKETS, registry=r
         )
         self.images_generated = Counter("ddpm_images_generated", "Images completed and returned", registry=r)
+        self.image_steps = Counter(
+            "ddpm_image_steps",
+            "U-Net evaluations (image-steps) of completed requests, by sampler: the cost of each",
+            ["sampler"],
+            registry=r,
+        )
         self.requests = Counter(
             "ddpm_requests",
             "Generation requests (POST /generate, /generate/stream) answered, by status code; a stream counts the status "
@@ -69,6 +75,7 @@ class Metrics(EngineObserver):
     def on_job_done(self, job: Job) -> None:
         if job.error is None:
             self.images_generated.inc(job.n)
+            self.image_steps.labels(sampler=job.sampler).inc(job.n * job.steps)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)

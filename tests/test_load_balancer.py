@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,20 @@ def test_requests_spread_across_replicas(cluster: tuple[list[ServerProcess], Bal
     assert codes == [200] * 12
     served = [_ok(r) for r in replicas]
     assert sum(served) == 12 and min(served) >= 2, served
+
+
+def test_request_ids_pass_through_nginx(cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    """The client's X-Request-ID comes back unchanged and is what the replica logs; without one, nginx's
+    id is the one the replica logs and answers with."""
+    replicas, lb = cluster
+    mine = "client-trace:42.abc"
+    r = httpx.post(lb.url + "/generate", json={"seed": 1, "steps": 5}, headers={"X-Request-ID": mine}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == mine
+    theirs = httpx.post(lb.url + "/generate", json={"seed": 2, "steps": 5}, timeout=60).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", theirs)  # nginx's $request_id
+    time.sleep(0.2)
+    logs = "".join(replica.output() for replica in replicas)
+    assert f'"request_id": "{mine}"' in logs and f'"request_id": "{theirs}"' in logs
 
 
 def test_draining_replica_gets_no_new_work(cluster: tuple[list[ServerProcess], Balancer]) -> None:

@@ -19,7 +19,7 @@ from ddpm.model_source import load_model_source
 from ddpm.sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
-from tests.app_client import app_client, wait_ready
+from tests.app_client import app_client, metric, wait_ready
 from tests.tiny_model import save_tiny_model
 
 
@@ -63,6 +63,15 @@ def test_each_sampler_gives_the_offline_images(client: TestClient, model_dir: Pa
     expected = [np.asarray(Image.open(io.BytesIO(png))) for png in image_pngs(offline)]
     for got, want in zip(body["images"], expected, strict=True):
         assert np.abs(_pixels(got).astype(int) - want.astype(int)).max() <= 1  # 8-bit rounding of float-rounding noise
+
+
+def test_image_steps_are_counted_by_sampler(client: TestClient) -> None:
+    name = 'ddpm_image_steps_total{sampler="%s"}'
+    before = {s: metric(client, name % s) for s in ("ddim", "sde-dpmsolver++")}
+    assert client.post("/generate", json={"seed": 3, "batch_size": 2, "sampler": "ddim", "steps": 15}).status_code == 200
+    assert client.post("/generate", json={"seed": 3, "sampler": "sde-dpmsolver++", "steps": 4}).status_code == 200
+    assert metric(client, name % "ddim") - before["ddim"] == 30
+    assert metric(client, name % "sde-dpmsolver++") - before["sde-dpmsolver++"] == 4
 
 
 def test_the_schedule_table_reproduces_a_chain_offline(client: TestClient, model_dir: Path) -> None:
