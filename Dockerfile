@@ -4,7 +4,10 @@
 #   CPU only:      docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t ddpm-serve:cpu .
 # Base: python:3.11-slim-bookworm. The GPU image needs no CUDA base image: PyPI's torch==2.13.0 wheel
 # (the version constraints.txt pins) carries the CUDA runtime in its nvidia-* wheels, so the host only
-# needs the NVIDIA driver and the container toolkit. TORCH_INDEX swaps in the CPU wheel (~5x smaller).
+# needs the NVIDIA driver and the container toolkit. TORCH_INDEX swaps in the CPU wheel (~5x smaller) and
+# leaves out triton (the CPU path is the PyTorch twin of the fused step). Serving dependencies only: the
+# training/evaluation extra (mlxtend, scipy, matplotlib) is not installed; diffusers is, so the image can
+# serve a mounted diffusers DDPM directory.
 ARG BASE=python:3.11-slim-bookworm
 
 # --- build: the project and its dependencies in a virtual environment ---------------------------------
@@ -18,7 +21,8 @@ COPY kernels ./kernels
 COPY service ./service
 RUN python -m venv /opt/venv \
  && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
- && /opt/venv/bin/pip install -c constraints.txt .
+ && if [ -n "$TORCH_INDEX" ]; then extras=diffusers; else extras=gpu,diffusers; fi \
+ && /opt/venv/bin/pip install -c constraints.txt ".[$extras]"
 
 # --- runtime: the environment, the shipped model, a non-root user ---------------------------------
 FROM ${BASE} AS runtime
@@ -26,7 +30,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     DDPM_MODEL=/app/models/mnist-28 \
-    MPLCONFIGDIR=/tmp/matplotlib \
     TRITON_CACHE_DIR=/tmp/triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
 # g++: torch.compile's CPU backend builds the compiled U-Net with it (DDPM_COMPILE=auto, the default;

@@ -10,7 +10,7 @@ PORT ?= 8000
 $(BIN)/ddpm: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'  # test pulls in the gpu, diffusers and train extras
 	touch $@
 
 .PHONY: serve test lint

@@ -20,7 +20,26 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
+TRAIN_EXTRA = ("mlxtend", "scipy", "matplotlib")  # pyproject's [train] extra: not installed in the serving image
+
+
+def require_train_extra(command: str) -> None:
+    """Fail with the fix, not an ImportError deep in the run, where the [train] extra is missing."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    missing = [m for m in TRAIN_EXTRA if absent(m)]
+    if missing:
+        raise SystemExit(f"ddpm {command} needs the training extra (missing: {', '.join(missing)}): pip install 'ddpm-serve[train]'")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    require_train_extra("train")
     from ddpm.train import TrainConfig, Trainer
     from ddpm.unet import UNetConfig
 
@@ -136,6 +155,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    require_train_extra("eval")
     from ddpm.classifier import load_classifier
     from ddpm.evaluate import evaluate
 
@@ -167,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    require_train_extra("train-classifier")
     import time
 
     from ddpm.classifier import save_classifier, train_classifier
