@@ -22,7 +22,11 @@ COPY service ./service
 RUN python -m venv /opt/venv \
  && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
  && if [ -n "$TORCH_INDEX" ]; then extras=diffusers; else extras=gpu,diffusers; fi \
- && /opt/venv/bin/pip install -c constraints.txt ".[$extras]"
+ && /opt/venv/bin/pip install -c constraints.txt ".[$extras]" \
+ && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
+ && rm -rf /opt/venv/lib/python3*/site-packages/torch/test /opt/venv/lib/python3*/site-packages/torch/bin/test_*
+# (nothing pip-installs at run time; torch's wheel carries ~120 MB of libtorch's own C++ unit-test
+# binaries in torch/test and torch/bin that nothing here runs)
 
 # --- runtime: the environment, the shipped model, a non-root user ---------------------------------
 FROM ${BASE} AS runtime
@@ -37,6 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
