@@ -11,6 +11,7 @@ from pathlib import Path
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")  # ddpm.samplers.Sampler, without importing torch for --help
 SPACINGS = ("linspace", "leading", "trailing")  # ddpm.respace.SPACINGS
+DEFAULT_SPACING = "trailing"  # ddpm.respace.DEFAULT_SPACING
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "mnist-28"
 DEFAULT_CLASSIFIER = MODELS_DIR / "digit-classifier"
@@ -110,7 +111,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.eta is not None and args.sampler != "ddim":
         raise SystemExit("--eta applies to --sampler ddim only")
     args.eta = args.eta or 0.0
-    spacing = args.spacing or model.timestep_spacing
+    spacing = args.spacing or model.timestep_spacing or DEFAULT_SPACING
     offset = model.steps_offset if spacing == "leading" else 0
     args.spacing_used = spacing
     out = []
@@ -235,7 +236,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (Algorithm 2), ddim, or dpmsolver++ (DPM-Solver++(2M))")
     p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
-    p.add_argument("--spacing", choices=SPACINGS, default=None, help="which S of the T timesteps (default: the model's; linspace for ours)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="which S of the T timesteps (default: a diffusers model's own, else trailing)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None)

@@ -28,7 +28,9 @@ class LoadedModel:
     image_shape: tuple[int, int, int]  # (C, H, W)
     source: str  # "ddpm-serve" or "diffusers"
     info: dict[str, Any] = field(default_factory=dict)
-    timestep_spacing: str = "linspace"  # how `steps` picks timesteps by default (diffusers models: their config's)
+    # how `steps` picks timesteps when a request does not say: a diffusers model's scheduler config says
+    # (DDPMPipeline parity); None for ddpm-serve models, which then use DEFAULT_SPACING (ddpm.respace)
+    timestep_spacing: str | None = None
     steps_offset: int = 0
 
     @property

@@ -147,13 +147,15 @@ def resolve_chain(
     assert state.model is not None
     t = state.model.schedule.num_timesteps
     settings = state.settings
+    if steps is None:
+        # Algorithm 2 named without steps is the paper's chain (T steps); otherwise the server's default
+        steps = t if sampler == "ddpm" else min(settings.default_steps or t, t)
     sampler = sampler or settings.default_sampler
-    steps = steps or min(settings.default_steps or t, t)
     if steps > t:
         raise _field_error("steps", f"steps must be <= {t} (the model's T)", steps, where)
     if eta is not None and sampler != "ddim":
         raise _field_error("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})", eta, where)
-    spacing = spacing or settings.default_timestep_spacing or state.model.timestep_spacing
+    spacing = spacing or state.model.timestep_spacing or settings.default_timestep_spacing
     offset = state.model.steps_offset if spacing == "leading" else 0
     try:
         spaced_timesteps(t, steps, spacing, offset)

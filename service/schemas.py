@@ -20,12 +20,17 @@ class GenerateRequest(BaseModel):
     seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
     batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
     steps: int | None = Field(
-        None, strict=True, ge=1, description="U-Net calls per image, S (1..T); default DDPM_DEFAULT_STEPS. S < T respaces the chain."
+        None,
+        strict=True,
+        ge=1,
+        description="U-Net calls per image, S (1..T); default T for sampler ddpm (the paper's chain), else DDPM_DEFAULT_STEPS (50). "
+        "S < T respaces the chain.",
     )
     sampler: SamplerName | None = Field(
         None,
         description="ddpm: Algorithm 2 (with steps=T, the paper's chain); ddim: DDIM (Song et al. 2021); "
-        "dpmsolver++: DPM-Solver++(2M) (Lu et al. 2022); sde-dpmsolver++: its stochastic variant. Default DDPM_DEFAULT_SAMPLER.",
+        "dpmsolver++: DPM-Solver++(2M) (Lu et al. 2022); sde-dpmsolver++: its stochastic variant. "
+        "Default DDPM_DEFAULT_SAMPLER (sde-dpmsolver++).",
     )
     eta: float | None = Field(
         None, strict=True, ge=0, le=1, description="ddim only: 0 deterministic (default), 1 the DDPM posterior variance."

@@ -24,11 +24,16 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
     default_sampler: Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"] = Field(
-        "ddpm", description="the sampler of a request that names none (BENCHMARKS.md: quality against U-Net calls)"
+        "sde-dpmsolver++",
+        description="the sampler of a request that names none: SDE-DPM-Solver++(2M) at 50 steps matches the 1000-step chain's "
+        "quality (BENCHMARKS.md, samplers)",
     )
-    default_steps: int | None = Field(None, ge=1, description="U-Net calls per image of a request that names no steps (unset: T)")
-    default_timestep_spacing: Literal["linspace", "leading", "trailing"] | None = Field(
-        None, description="timestep spacing of a request that names none (unset: the model's; linspace for ddpm-serve models)"
+    default_steps: int | None = Field(
+        50, ge=1, description="U-Net calls per image of a request that names no steps (unset: T); sampler ddpm named alone runs T"
+    )
+    default_timestep_spacing: Literal["linspace", "leading", "trailing"] = Field(
+        "trailing",
+        description="timestep spacing of a request that names none, where the model names none (a diffusers model's config does)",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; past it: 504 and its samples leave")
     step_backend: Literal["auto", "triton", "torch"] = Field("auto", description="the fused step: Triton on CUDA, PyTorch twin on CPU")

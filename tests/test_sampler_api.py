@@ -54,11 +54,11 @@ def test_each_sampler_gives_the_offline_images(client: TestClient, model_dir: Pa
     body = r.json()
     assert body["sampler"] == fields["sampler"] and body["steps"] == fields["steps"]
     assert body["eta"] == fields.get("eta", 0.0)
-    assert body["timestep_spacing"] == fields.get("timestep_spacing", "linspace")
+    assert body["timestep_spacing"] == fields.get("timestep_spacing", "trailing")  # the server's default
     model = load_model_source(model_dir)
     with torch.inference_mode():
         offline = sample(model.eps_model, model.schedule, seeds_to_tensor(image_seeds(4, 2)), model.image_shape, steps=fields["steps"],
-                         sampler=fields["sampler"], eta=fields.get("eta", 0.0), spacing=fields.get("timestep_spacing", "linspace"),
+                         sampler=fields["sampler"], eta=fields.get("eta", 0.0), spacing=fields.get("timestep_spacing", "trailing"),
                          clip_denoised=fields.get("clip_denoised", True))  # fmt: skip
     expected = [np.asarray(Image.open(io.BytesIO(png))) for png in image_pngs(offline)]
     for got, want in zip(body["images"], expected, strict=True):
@@ -100,8 +100,10 @@ def test_the_schedule_table_reproduces_a_chain_offline(client: TestClient, model
 
 def test_schedule_without_a_chain_query_has_no_table(client: TestClient) -> None:
     assert client.get("/schedule").json()["chain"] is None
-    ddpm = client.get("/schedule", params={"steps": 200}).json()["chain"]  # the paper's chain, as the server runs it
+    ddpm = client.get("/schedule", params={"sampler": "ddpm"}).json()["chain"]  # the paper's chain, as the server runs it
     assert ddpm["sampler"] == "ddpm" and ddpm["timesteps"] == list(range(199, -1, -1)) and ddpm["coefficients"]["sigma"][-1] == 0
+    default = client.get("/schedule", params={"steps": 50}).json()["chain"]
+    assert (default["sampler"], default["timestep_spacing"], default["timesteps"][0]) == ("sde-dpmsolver++", "trailing", 199)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,7 @@ def test_schedule_without_a_chain_query_has_no_table(client: TestClient) -> None
     [
         ({"sampler": "ddpm", "eta": 0.5}, "eta"),
         ({"sampler": "dpmsolver++", "eta": 0.0}, "eta"),
-        ({"eta": 0.5}, "eta"),  # the default sampler is ddpm
+        ({"eta": 0.5}, "eta"),  # the default sampler is sde-dpmsolver++
         ({"sampler": "ddim", "eta": 1.5}, "eta"),
         ({"sampler": "ddim", "eta": "0.5"}, "eta"),
         ({"sampler": "euler"}, "sampler"),

@@ -55,8 +55,11 @@ def test_generate_json(client: TestClient) -> None:
     assert body["timings"]["total_s"] >= body["timings"]["generation_s"] > 0
 
 
-def test_default_steps_is_T(client: TestClient) -> None:
-    assert client.post("/generate", json={"seed": 1}).json()["steps"] == 200
+def test_default_chain(client: TestClient) -> None:
+    """A request naming nothing gets the measured default (BENCHMARKS.md); naming ddpm alone, the paper's chain."""
+    body = client.post("/generate", json={"seed": 1}).json()
+    assert (body["sampler"], body["steps"], body["eta"]) == ("sde-dpmsolver++", 50, 0.0)
+    assert client.post("/generate", json={"seed": 1, "sampler": "ddpm"}).json()["steps"] == 200
 
 
 def test_png_and_npy(client: TestClient) -> None:
@@ -191,7 +194,7 @@ def test_short_request_finishes_long_before_a_long_one(tmp_path: Path) -> None:
 def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
     with app_client(model_dir, max_batch=1, max_queue=2, retry_after_s=7) as c:
         _wait_ready(c)
-        first = threading.Thread(target=lambda: c.post("/generate", json={"seed": 1, "batch_size": 2}))
+        first = threading.Thread(target=lambda: c.post("/generate", json={"seed": 1, "batch_size": 2, "sampler": "ddpm"}))
         first.start()
         while _metric(c, "ddpm_running_samples") < 1:
             time.sleep(0.005)
@@ -204,7 +207,7 @@ def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
 def test_deadline_is_504_and_frees_the_batch(model_dir: Path) -> None:
     with app_client(model_dir, request_timeout_s=0.15) as c:
         _wait_ready(c)
-        r = c.post("/generate", json={"seed": 1, "batch_size": 4})
+        r = c.post("/generate", json={"seed": 1, "batch_size": 4, "sampler": "ddpm"})  # T = 200 steps
         assert r.status_code == 504 and "deadline" in r.json()["detail"]
         time.sleep(0.1)
         assert _metric(c, "ddpm_running_samples") == 0 and _metric(c, "ddpm_queue_depth") == 0
