@@ -111,7 +111,7 @@ def test_server_serves_on_device(tiny_dir: Path) -> None:
         assert f'device="{DEVICE}"' in info
         if DEVICE.type == "cuda":
             assert 'step_backend="triton"' in info
-        r = c.post("/generate", json={"seed": 5, "batch_size": 2, "steps": 25})
+        r = c.post("/generate", json={"seed": 5, "batch_size": 2, "steps": 25, "sampler": "ddpm", "timestep_spacing": "linspace"})
         assert r.status_code == 200, r.text
         pixels = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in r.json()["images"]]) / 255
     ref = _to_unit(_reference(tiny_dir, 5, 2, 25))[:, 0].numpy()
