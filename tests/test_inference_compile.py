@@ -100,7 +100,8 @@ def test_server_runs_the_compiled_path_by_default(tmp_path: Path, monkeypatch: p
         wait_ready(c, timeout=300)
         metrics = c.get("/metrics").text
         assert 'compiled="true"' in metrics and 'step_backend="torch_compiled"' in metrics
-        r = c.post("/generate", json={"seed": 7, "batch_size": 3, "steps": 20}, headers={"Accept": "application/x-npy"})
+        body = {"seed": 7, "batch_size": 3, "steps": 20, "sampler": "ddpm", "timestep_spacing": "linspace"}  # the chain `want` runs
+        r = c.post("/generate", json=body, headers={"Accept": "application/x-npy"})
         assert r.status_code == 200
         got = np.load(io.BytesIO(r.content))
     # the eager offline sampler on the same weights: the same images
