@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddpm.classifier import load_classifier
 from ddpm.cli import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 from ddpm.evaluate import evaluate, quality, real_reference
-from ddpm.inference_compile import hot_path
+from ddpm.inference_compile import HotPath, hot_path
 from ddpm.model_source import load_model_source
 from ddpm.precision import cpu_capability
 from ddpm.sampler import sample
@@ -55,31 +56,39 @@ def key(cell: dict | tuple) -> tuple:  # type: ignore[type-arg]
     return tuple(cell)
 
 
-def run(args: argparse.Namespace) -> None:
+ChainFn = Callable[[str, int, float, str, torch.Tensor], torch.Tensor]
+
+
+def sampler_on_hot_path(args: argparse.Namespace, parts: list[torch.Tensor], samplers: set[str]) -> tuple[ChainFn, HotPath]:
+    """The shipped model on one hot path, and a function running one cell's chain over a batch of seeds;
+    every graph the cells need (batch sizes, with and without multistep state) is built before it returns."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    model = load_model_source(args.model, "cpu")
+    fast = hot_path(model.eps_model, model.module, "cpu", args.compile, precision=args.precision)
+
+    def chain(sampler: str, steps: int, eta: float, spacing: str, seeds: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return sample(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
+                          clip_denoised=model.clip_denoised, sampler=sampler, eta=eta, spacing=spacing, step_fn=fast.step_fn)  # fmt: skip
+
+    for sampler in samplers:
+        for part in {len(p): p for p in parts}.values():
+            chain(sampler, 2, 0.0, "trailing", part)
+    print(f"CPU: {cpu_capability()}; threads {torch.get_num_threads()}; precision {fast.precision}; step {fast.step_backend}",
+          file=sys.stderr)  # fmt: skip
+    return chain, fast
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
     cells = [parse_cell(c) for c in args.cells] if args.cells else DEFAULT_CELLS
     todo = [c for c in cells if key(c) not in done]
-    model = load_model_source(args.model, "cpu")
     classifier = load_classifier(args.classifier)
-    fast = hot_path(model.eps_model, model.module, "cpu", args.compile, precision=args.precision)
-    seeds = seeds_to_tensor(image_seeds(args.seed, args.n))
-    batches = seeds.split(args.batch_size)
-
-    def chain(sampler: str, steps: int, eta: float, spacing: str, part: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return sample(fast.eps_model, model.schedule, part, model.image_shape, steps=steps, variance_type=model.variance_type,
-                          clip_denoised=model.clip_denoised, sampler=sampler, eta=eta, spacing=spacing, step_fn=fast.step_fn)  # fmt: skip
-
-    for sampler in {c[0] for c in todo}:  # build every graph (batch sizes, with and without multistep state) before timing
-        for part in {len(b): b for b in batches}.values():
-            chain(sampler, 2, 0.0, "trailing", part)
-    print(
-        f"CPU: {cpu_capability()}; threads {torch.get_num_threads()}; precision {fast.precision}; step {fast.step_backend}", file=sys.stderr
-    )
+    batches = list(seeds_to_tensor(image_seeds(args.seed, args.n)).split(args.batch_size))
+    chain, fast = sampler_on_hot_path(args, batches, {c[0] for c in todo})
     for sampler, steps, eta, spacing in todo:
         start = time.perf_counter()
         images = torch.cat([chain(sampler, steps, eta, spacing, part) for part in batches])
@@ -100,26 +109,19 @@ def run(args: argparse.Namespace) -> None:
 
 def speed(args: argparse.Namespace) -> None:
     """Images per second per cell: one batch of --batch-size images, after a warm-up of every graph."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model_source(args.model, "cpu")
-    fast = hot_path(model.eps_model, model.module, "cpu", args.compile, precision=args.precision)
     seeds = seeds_to_tensor(image_seeds(args.seed, args.batch_size))
     cells = [parse_cell(c) for c in args.cells] if args.cells else DEFAULT_CELLS
-    with torch.inference_mode():
-        for sampler in {c[0] for c in cells}:
-            sample(fast.eps_model, model.schedule, seeds, model.image_shape, steps=2, sampler=sampler, step_fn=fast.step_fn)
-        for sampler, steps, eta, spacing in cells:
-            start = time.perf_counter()
-            sample(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
-                   clip_denoised=model.clip_denoised, sampler=sampler, eta=eta, spacing=spacing, step_fn=fast.step_fn)  # fmt: skip
-            seconds = time.perf_counter() - start
-            row = {"sampler": sampler, "steps": steps, "eta": eta, "spacing": spacing, "batch": args.batch_size,
-                   "images_per_s": round(args.batch_size / seconds, 3), "image_steps_per_s": round(args.batch_size * steps / seconds, 1),
-                   "precision": fast.precision, "cpu": cpu_capability(), "threads": torch.get_num_threads()}  # fmt: skip
-            print(json.dumps(row), file=sys.stderr)
-            with Path(args.out).open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    chain, fast = sampler_on_hot_path(args, [seeds], {c[0] for c in cells})
+    for sampler, steps, eta, spacing in cells:
+        start = time.perf_counter()
+        chain(sampler, steps, eta, spacing, seeds)
+        seconds = time.perf_counter() - start
+        row = {"sampler": sampler, "steps": steps, "eta": eta, "spacing": spacing, "batch": args.batch_size,
+               "images_per_s": round(args.batch_size / seconds, 3), "image_steps_per_s": round(args.batch_size * steps / seconds, 1),
+               "precision": fast.precision, "cpu": cpu_capability(), "threads": torch.get_num_threads()}  # fmt: skip
+        print(json.dumps(row), file=sys.stderr)
+        with Path(args.out).open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def spread(n: int, splits: int, classifier_dir: str) -> dict[str, float]:

@@ -95,7 +95,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from tqdm import tqdm
 
     from ddpm.inference_compile import hot_path
-    from ddpm.model_source import load_model_source
+    from ddpm.model_source import ChainError, load_model_source
     from ddpm.sampler import sample_chain
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
@@ -104,16 +104,13 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     model = load_model_source(args.model, device)
-    steps = args.steps or model.schedule.num_timesteps
-    if not 1 <= steps <= model.schedule.num_timesteps:
-        raise SystemExit(f"--steps must be in 1..{model.schedule.num_timesteps}")
-    clip = model.clip_denoised if args.clip is None else args.clip == "on"
-    if args.eta is not None and args.sampler != "ddim":
-        raise SystemExit("--eta applies to --sampler ddim only")
-    args.eta = args.eta or 0.0
-    spacing = args.spacing or model.timestep_spacing or DEFAULT_SPACING
-    offset = model.steps_offset if spacing == "leading" else 0
-    args.spacing_used = spacing
+    try:
+        chain = model.chain(args.sampler, args.steps or model.schedule.num_timesteps, args.eta, args.spacing,
+                            None if args.clip is None else args.clip == "on")  # fmt: skip
+    except ChainError as exc:
+        raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field) }: {exc}") from exc
+    args.eta, args.spacing_used = chain.eta, chain.spacing
+    steps = chain.steps
     out = []
     batches = range(0, args.n, args.batch_size)
     # auto: compile only when the run is long enough to repay the one-time compilation (~10-60 s on CPU)
@@ -126,11 +123,11 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     with torch.inference_mode():
         for first in batches:
             seeds = seeds_to_tensor(image_seeds(args.seed, min(args.batch_size, args.n - first), first=first), device)
-            chain = sample_chain(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
-                                 clip_denoised=clip, sampler=args.sampler, eta=args.eta, spacing=spacing, steps_offset=offset,
-                                 device=device, step_fn=fast.step_fn)  # fmt: skip
+            run = sample_chain(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
+                               clip_denoised=chain.clip, sampler=chain.sampler, eta=chain.eta, spacing=chain.spacing,
+                               steps_offset=chain.steps_offset, device=device, step_fn=fast.step_fn)  # fmt: skip
             x = None
-            for step in chain:
+            for step in run:
                 bar.update(1)
                 x = step.x
             assert x is not None
@@ -234,10 +231,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (Algorithm 2), ddim, or dpmsolver++ (DPM-Solver++(2M))")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm (Algorithm 2), ddim, dpmsolver++ or sde-dpmsolver++ (DPM-Solver++(2M), ODE or SDE)")  # fmt: skip
     p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
-                   help="which S of the T timesteps (default: a diffusers model's own, else trailing)")  # fmt: skip
+                   help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None)

@@ -13,8 +13,17 @@ from typing import Any
 import torch
 
 from ddpm.checkpoint import CONFIG, CheckpointError, load_model
-from ddpm.sampler import EpsModel
+from ddpm.respace import DEFAULT_SPACING, spaced_timesteps
+from ddpm.sampler import ChainSpec, EpsModel
 from ddpm.schedule import NoiseSchedule, VarianceType
+
+
+class ChainError(ValueError):
+    """A chain this model cannot run; ``field`` names the request field (or CLI option) at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 @dataclass
@@ -36,6 +45,30 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    def chain(
+        self,
+        sampler: str,
+        steps: int,
+        eta: float | None = None,
+        spacing: str | None = None,
+        clip: bool | None = None,
+        default_spacing: str = DEFAULT_SPACING,
+    ) -> ChainSpec:
+        """The chain a request (or ``ddpm sample``) asks for, with this model's defaults filled in: its
+        clip setting, its own spacing and offset (a diffusers config's) or ``default_spacing``."""
+        t = self.schedule.num_timesteps
+        if not 1 <= steps <= t:
+            raise ChainError("steps", f"steps must be in 1..{t} (the model's T)")
+        if eta is not None and sampler != "ddim":
+            raise ChainError("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})")
+        spacing = spacing or self.timestep_spacing or default_spacing
+        offset = self.steps_offset if spacing == "leading" else 0
+        try:
+            spaced_timesteps(t, steps, spacing, offset)
+        except ValueError as exc:
+            raise ChainError("timestep_spacing", str(exc)) from exc
+        return ChainSpec(steps, sampler, eta or 0.0, self.clip_denoised if clip is None else clip, spacing, offset)
 
 
 def _is_diffusers_dir(path: Path) -> bool:

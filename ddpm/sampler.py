@@ -38,6 +38,10 @@ class ChainSpec:
         object.__setattr__(self, "sampler", Sampler(self.sampler).value)
         object.__setattr__(self, "eta", float(self.eta))
 
+    @property
+    def multistep(self) -> bool:
+        return Sampler(self.sampler).multistep
+
 
 class ChainTables:
     """Float32 tables of one chain, indexed by chain position i = 0..S-1 (position i steps from tau_i)."""

@@ -27,6 +27,7 @@ import enum
 import numpy as np
 
 from ddpm.schedule import NoiseSchedule, VarianceType
+from kernels.reverse_step import StepCoefficients
 
 
 class Sampler(str, enum.Enum):
@@ -42,7 +43,7 @@ class Sampler(str, enum.Enum):
 
 
 SAMPLERS = tuple(s.value for s in Sampler)
-ROWS = ("x0_from_x", "x0_from_eps", "clip", "x", "eps", "x0", "x0_prev", "sigma")  # StepCoefficients order
+ROWS = StepCoefficients.names()  # the kernel's row order
 
 
 def _table(chain: NoiseSchedule, clip: bool, **rows: np.ndarray) -> np.ndarray:

@@ -78,9 +78,6 @@ class StepCoefficients:
         return StepCoefficients(**{n: torch.cat([getattr(p, n) for p in parts]) for n in StepCoefficients.names()})
 
 
-NUM_COEFFICIENTS = len(StepCoefficients.names())
-
-
 def _b(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * 3))  # (B,) -> (B, 1, 1, 1)
 

@@ -37,7 +37,6 @@ import torch
 
 from ddpm.model_source import LoadedModel
 from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients, StepFn, default_step_fn
-from ddpm.samplers import Sampler
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 
@@ -119,18 +118,15 @@ class Job:
     error: EngineError | None = None
     _pending: collections.deque[int] = field(default_factory=collections.deque)
     _cancelled: bool = False
+    # the chain's key (tables, grouping per iteration), built once: the engine reads it every iteration
+    chain: ChainSpec = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.chain = ChainSpec(self.steps, self.sampler, self.eta, self.clip_denoised, self.spacing, self.steps_offset)
 
     @property
     def deadline(self) -> float:
         return self.created + self.timeout_s
-
-    @property
-    def chain(self) -> ChainSpec:
-        return ChainSpec(self.steps, self.sampler, self.eta, self.clip_denoised, self.spacing, self.steps_offset)
-
-    @property
-    def chain_tables_multistep(self) -> bool:
-        return Sampler(self.sampler).multistep
 
     @property
     def done(self) -> bool:
@@ -235,9 +231,7 @@ class Engine:
         return tables
 
     def submit(self, job: Job) -> Job:
-        if not 1 <= job.steps <= self.model.schedule.num_timesteps:
-            raise ValueError(f"steps must be in 1..{self.model.schedule.num_timesteps}")
-        self.chain(job.chain)  # a chain the schedule cannot make (e.g. spacing offset past T) fails here, not in the engine
+        self.chain(job.chain)  # a chain the schedule cannot make (steps outside 1..T, an offset past T) fails here, not in the engine
         with self._lock:
             if self.dead is not None or self._stop:
                 raise EngineStopped("the engine has stopped")
@@ -583,7 +577,7 @@ class Engine:
     @staticmethod
     def _with_state(running: _Running) -> _Running:
         """x0_prev exactly while some row runs a multistep sampler (zeros for a row's first step)."""
-        multistep = any(job.chain_tables_multistep for job, _ in running.owners)
+        multistep = any(job.chain.multistep for job, _ in running.owners)
         if multistep and running.x0_prev is None:
             running.x0_prev = torch.zeros_like(running.x, dtype=torch.float32)
         elif not multistep:

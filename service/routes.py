@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ddpm.grid import image_pngs, make_grid, png_bytes
-from ddpm.respace import spaced_timesteps
+from ddpm.model_source import ChainError
 from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients
 from service.auth import Authorized, MetricsAuthorized
 from service.content_negotiation import negotiate
@@ -145,24 +145,17 @@ def resolve_chain(
 ) -> ChainSpec:
     """A request's chain: its own fields, else the server's defaults, else the model's; 422 naming the field."""
     assert state.model is not None
-    t = state.model.schedule.num_timesteps
     settings = state.settings
     if steps is None:
         # Algorithm 2 named without steps is the paper's chain (T steps); otherwise the server's default
+        t = state.model.schedule.num_timesteps
         steps = t if sampler == "ddpm" else min(settings.default_steps or t, t)
     sampler = sampler or settings.default_sampler
-    if steps > t:
-        raise _field_error("steps", f"steps must be <= {t} (the model's T)", steps, where)
-    if eta is not None and sampler != "ddim":
-        raise _field_error("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})", eta, where)
-    spacing = spacing or state.model.timestep_spacing or settings.default_timestep_spacing
-    offset = state.model.steps_offset if spacing == "leading" else 0
     try:
-        spaced_timesteps(t, steps, spacing, offset)
-    except ValueError as exc:
-        raise _field_error("timestep_spacing", str(exc), spacing, where) from exc
-    clip = state.model.clip_denoised if clip is None else clip
-    return ChainSpec(steps, sampler, eta or 0.0, clip, spacing, offset)
+        return state.model.chain(sampler, steps, eta, spacing, clip, default_spacing=settings.default_timestep_spacing)
+    except ChainError as exc:
+        value = {"steps": steps, "eta": eta, "timestep_spacing": spacing}[exc.field]
+        raise _field_error(exc.field, str(exc), value, where) from exc
 
 
 def _job_error(state: ServerState, job: Job) -> ApiError | None:

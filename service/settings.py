@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ddpm.inference_compile import CompileSetting
 from ddpm.precision import PrecisionSetting
+from ddpm.respace import DEFAULT_SPACING
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
 
@@ -32,7 +33,7 @@ class Settings(BaseSettings):
         50, ge=1, description="U-Net calls per image of a request that names no steps (unset: T); sampler ddpm named alone runs T"
     )
     default_timestep_spacing: Literal["linspace", "leading", "trailing"] = Field(
-        "trailing",
+        DEFAULT_SPACING,
         description="timestep spacing of a request that names none, where the model names none (a diffusers model's config does)",
     )
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; past it: 504 and its samples leave")
