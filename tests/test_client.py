@@ -1,0 +1,160 @@
+"""service.client (sync and async) and ``ddpm generate`` against a real server process; the retry
+policy (503 / 429 after Retry-After) against scripted answers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service import client as client_module
+from service.client import AsyncClient, Client, ServerError
+from tests.server_process import ServerProcess
+from tests.tiny_model import save_tiny_model
+
+TOKEN = "client-token"
+CHAIN = {"steps": 8, "sampler": "dpmsolver++"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    model = save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=100)
+    # settings as flags: they win over the environment (DDPM_MAX_BATCH=8 from ServerProcess)
+    s = ServerProcess(model, args=["--max-batch", "3", "--max-queue", "77", "--response-cache-mb", "0"], DDPM_API_TOKEN=TOKEN,
+                      DDPM_MAX_QUEUE="5")  # fmt: skip
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+def _direct(server: ServerProcess, body: dict, accept: str = "application/json") -> httpx.Response:
+    return httpx.post(server.url + "/generate", json=body, headers={"Authorization": f"Bearer {TOKEN}", "Accept": accept}, timeout=60)
+
+
+def test_serve_flags_win_over_the_environment(server: ServerProcess) -> None:
+    limits = httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()["limits"]
+    assert limits["max_batch"] == 3 and limits["max_queue"] == 77
+
+
+def test_sync_client(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DDPM_API_TOKEN", TOKEN)  # the token from the environment
+    expected = _direct(server, {"seed": 3, "batch_size": 4, **CHAIN}).json()
+    events: list[tuple[str, dict]] = []
+    with Client(server.url) as client:
+        plain = client.generate(3, 4, **CHAIN)
+        streamed = client.generate(3, 4, on_event=lambda name, data: events.append((name, data)), **CHAIN)
+        assert client.info()["model"]["name"] == "tiny"
+    assert plain.pngs == [base64.b64decode(i) for i in expected["images"]]
+    assert streamed.pngs == plain.pngs and streamed.meta["sampler"] == "dpmsolver++" and streamed.meta["steps"] == 8
+    assert events[0][0] == "queued" and events[-1] == ("progress", events[-1][1]) and events[-1][1]["total"] == 32
+    assert plain.array().shape == (4, 1, 8, 8) and plain.array().dtype == np.float32
+    with Client(server.url, token="wrong") as client, pytest.raises(ServerError) as denied:
+        client.generate(0, 1)
+    assert denied.value.status == 401
+    with Client(server.url) as client, pytest.raises(ServerError, match=r"steps must be in 1\.\.100"):
+        client.generate(0, 1, steps=101)
+
+
+def test_async_client(server: ServerProcess) -> None:
+    expected = _direct(server, {"seed": 5, "batch_size": 2, **CHAIN}).json()
+
+    async def run() -> tuple:
+        events: list[str] = []
+        async with AsyncClient(server.url, token=TOKEN) as client:
+            plain, streamed = await asyncio.gather(
+                client.generate(5, 2, **CHAIN), client.generate(5, 2, on_event=lambda name, _: events.append(name), **CHAIN)
+            )
+            return plain, streamed, events, await client.info()
+
+    plain, streamed, events, info = asyncio.run(run())
+    assert plain.pngs == streamed.pngs == [base64.b64decode(i) for i in expected["images"]]
+    assert events[0] == "queued" and "progress" in events and info["limits"]["max_batch"] == 3
+
+
+def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path: Path) -> None:
+    env = {**os.environ, "DDPM_API_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "ddpm.cli", "generate", "--url", server.url, "--seed", "7", "-n", "6", "--steps", "8",
+           "--sampler", "dpmsolver++"]  # fmt: skip
+    grid = subprocess.run([*cmd, "-o", str(tmp_path / "grid.png")], env=env, capture_output=True, text=True, timeout=120)
+    assert grid.returncode == 0, grid.stderr
+    assert "image-step" in grid.stderr  # the progress bar
+    assert json.loads(grid.stdout)["output"] == str(tmp_path / "grid.png") and json.loads(grid.stdout)["sampler"] == "dpmsolver++"
+    served_grid = _direct(server, {"seed": 7, "batch_size": 6, **CHAIN}, accept="image/png").content
+    assert (tmp_path / "grid.png").read_bytes() == served_grid  # the same grid, byte for byte
+    arrays = subprocess.run([*cmd, "-o", str(tmp_path / "x.npy"), "--quiet"], env=env, capture_output=True, text=True, timeout=120)
+    assert arrays.returncode == 0 and arrays.stderr == ""
+    served = np.load(io.BytesIO(_direct(server, {"seed": 7, "batch_size": 6, **CHAIN}, accept="application/x-npy").content))
+    got = np.load(tmp_path / "x.npy")
+    assert got.shape == served.shape == (6, 1, 8, 8) and np.abs(got - served).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG pixels
+    bad = subprocess.run([*cmd, "--steps", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "422" in bad.stderr and "steps" in bad.stderr
+    unreachable = subprocess.run([*cmd[:4], "--url", "http://127.0.0.1:9", "-o", str(tmp_path / "y.png")], capture_output=True,
+                                 text=True, timeout=60, env={**env, "DDPM_URL": ""})  # fmt: skip
+    assert unreachable.returncode != 0 and "cannot reach http://127.0.0.1:9" in unreachable.stderr
+
+
+def _scripted(answers: list[httpx.Response]) -> tuple[list[httpx.Request], object]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)
+
+    return seen, handler
+
+
+OK = {"seed": 0, "batch_size": 1, "images": [], "steps": 1}
+
+
+def test_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    answers = [httpx.Response(503, headers={"Retry-After": "3"}, json={"detail": "queue full"}),
+               httpx.Response(429, headers={"Retry-After": "1"}, json={"detail": "too many"}), httpx.Response(200, json=OK)]  # fmt: skip
+    seen, handler = _scripted(answers)
+    with Client("http://x", token="t", transport=httpx.MockTransport(handler)) as client:  # type: ignore[arg-type]
+        assert client.generate(0, 1).meta["seed"] == 0
+    assert slept == [3.0, 1.0] and len(seen) == 3 and seen[0].headers["authorization"] == "Bearer t"
+    # a stream whose error event is a 503 is retried too; then the retries run out
+    sse_503 = 'event: queued\ndata: {}\n\nevent: error\ndata: {"status": 503, "detail": "draining"}\n\n'
+    answers = [httpx.Response(200, text=sse_503, headers={"content-type": "text/event-stream"}) for _ in range(3)]
+    seen, handler = _scripted(answers)
+    with Client("http://x", max_retries=2, transport=httpx.MockTransport(handler)) as client, pytest.raises(ServerError) as gave_up:  # type: ignore[arg-type]
+        client.generate(0, 1, on_event=lambda *_: None)
+    assert gave_up.value.status == 503 and len(seen) == 3 and slept[2:] == [0.5, 1.0]
+
+
+def test_async_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(client_module.asyncio, "sleep", fake_sleep)
+    answers = [httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": "not ready"}), httpx.Response(200, json=OK)]
+    seen, handler = _scripted(answers)
+
+    async def run() -> dict:
+        async with AsyncClient("http://x", transport=httpx.MockTransport(handler)) as client:  # type: ignore[arg-type]
+            return (await client.generate(0, 1)).meta
+
+    assert asyncio.run(run())["seed"] == 0 and slept == [2.0] and len(seen) == 2
+    answers = [httpx.Response(400, json={"detail": "bad"})]
+    seen, handler = _scripted(answers)
+
+    async def bad() -> None:
+        async with AsyncClient("http://x", transport=httpx.MockTransport(handler)) as client:  # type: ignore[arg-type]
+            await client.generate(0, 1)
+
+    with pytest.raises(ServerError, match="400: bad"):
+        asyncio.run(bad())
