@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 import yaml
 
 from service.metrics import Metrics
@@ -132,15 +134,26 @@ def test_prometheus_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _exported_metrics() -> Metrics:
+    """A Metrics as a CUDA replica has it (the GPU gauges too, read from a stand-in allocator)."""
+    metrics = Metrics(model="m")
+    with mock.patch.object(torch.cuda, "current_device", return_value=0):
+        metrics.watch_gpu(torch.device("cuda"))
+    return metrics
+
+
 def _exported_metric_names() -> set[str]:
     """Every sample name the server exports (histogram _bucket/_sum/_count, counter _total, ...)."""
     names = set()
-    for family in Metrics().registry.collect():
+    readings = {f: mock.Mock(return_value=1) for f in ("memory_allocated", "memory_reserved", "max_memory_allocated")}
+    with mock.patch.multiple(torch.cuda, **readings, get_device_properties=mock.Mock(return_value=mock.Mock(total_memory=1))):
+        families = list(_exported_metrics().registry.collect())
+    for family in families:
         names.add(family.name)
         for sample in family.samples:
             names.add(sample.name)
     # labelled metrics without samples yet still have these suffixes
-    for family in Metrics().registry.collect():
+    for family in families:
         if family.type == "histogram":
             names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
         if family.type == "counter":
@@ -158,6 +171,27 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     for topic in ["latency", "images per second", "queue depth", "occupancy", "iteration"]:
         assert topic in titles
     assert any("histogram_quantile(0.99" in e for e in exprs)
+
+
+def test_grafana_dashboard_filters_by_instance_and_model() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "ddpm-serve.json").read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["instance"]["query"]["query"] == "label_values(ddpm_ready, instance)"
+    assert variables["model"]["query"]["query"] == "label_values(ddpm_model_info, name)"
+    assert all(v["includeAll"] and v["multi"] for v in variables.values())
+    metrics = _exported_metrics()
+    with_model = {c._name for c in metrics.registry._names_to_collectors.values() if "model" in getattr(c, "_labelnames", ())}
+    assert {"ddpm_requests", "ddpm_request_duration_seconds", "ddpm_images_generated", "ddpm_image_steps"} <= with_model
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for name, labels in re.findall(r"\b((?:ddpm|process)_[a-z_]+)\{([^}]*)\}", target["expr"]):
+                assert 'instance=~"$instance"' in labels, (panel["title"], target["expr"])
+                base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+                if base in with_model:
+                    assert 'model=~"$model"' in labels, (panel["title"], target["expr"])
+            assert re.search(r"\b(?:ddpm|process)_[a-z_]+\b(?!\{)", target["expr"]) is None, target["expr"]  # no unfiltered selector
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    assert "cache" in titles and "gpu memory" in titles and "process memory" in titles
 
 
 def _nginx_seconds(directive: str) -> float:
