@@ -7,10 +7,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
+from ddpm import __version__
 from service.auth import load_token
+from service.openai_images import error_body_for, openai_error_response
+from service.openai_images import router as openai_router
 from service.request_log import RequestContextMiddleware
 from service.routes import router
 from service.runtime import ServerState
@@ -41,7 +46,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     app = FastAPI(
         title="ddpm-serve",
-        version="0.1.0",
+        version=__version__,
         description=(
             "DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only."
         ),
@@ -49,26 +54,75 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     )
     app.state.server = state
     app.state.api_token = load_token(settings)  # a bad token file fails here, at startup
+    _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
     app.include_router(router)
+    app.include_router(openai_router)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         read_timeout_s=settings.request_read_timeout_s,
         trust_forwarded_for=settings.trust_forwarded_for,
         observe=state.metrics.on_response,
+        error_body=error_body_for,
     )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # 422 with a one-line message naming the field, plus FastAPI's structured list; a body that
-        # was not sent as JSON at all is 415
+        # was not sent as JSON at all is 415. Under /v1/ (OpenAI's API) in OpenAI's error shape.
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = request.method == "POST" and content_type != "application/json"
+        openai = _is_openai(request)
         if not_json:
-            return JSONResponse({"detail": f"Content-Type must be application/json, got {content_type or 'none'!r}"}, status_code=415)
+            message = f"Content-Type must be application/json, got {content_type or 'none'!r}"
+            return openai_error_response(415, message) if openai else JSONResponse({"detail": message}, status_code=415)
+        if openai:
+            return openai_error_response(422, _validation_message(exc), _first_field(exc))
         return JSONResponse({"detail": _validation_message(exc), "errors": jsonable(exc.errors())}, status_code=422)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if _is_openai(request):
+            return openai_error_response(
+                exc.status_code, str(exc.detail), getattr(exc, "param", None), exc.headers, getattr(exc, "code", None)
+            )
+        return await http_exception_handler(request, exc)
+
     return app
+
+
+def _document_access(app: FastAPI, token_required: bool, metrics_token: bool) -> None:
+    """The schema says what this server enforces: every guarded route declares the bearer scheme
+    (so /docs has an Authorize button), and where no token is configured, or /metrics is open, the
+    requirement is marked optional (an empty alternative), as it is."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                security = operation.get("security")
+                enforced = token_required and (path != "/metrics" or metrics_token)
+                if security and not enforced and {} not in security:
+                    security.append({})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _first_field(exc: RequestValidationError) -> str | None:
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        if loc:
+            return ".".join(loc)
+    return None
 
 
 def jsonable(errors: object) -> object:

@@ -6,6 +6,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.settings import Settings
 
@@ -37,11 +38,19 @@ def check_token(expected: bytes | None, authorization: str | None) -> None:
         raise HTTPException(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
 
 
-def require_token(request: Request) -> None:
+# Declares the bearer scheme in the OpenAPI schema (so /docs has an Authorize button); the check
+# itself is check_token's, which answers 401 in the server's own words.
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="DDPM_API_TOKEN (or DDPM_API_TOKEN_FILE); open when neither is set"
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def require_token(request: Request, _: Credentials) -> None:
     check_token(request.app.state.api_token, request.headers.get("authorization"))
 
 
-def require_metrics_token(request: Request) -> None:
+def require_metrics_token(request: Request, _: Credentials) -> None:
     if request.app.state.server.settings.metrics_require_token:
         check_token(request.app.state.api_token, request.headers.get("authorization"))
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -32,25 +34,113 @@ GRACEFUL_CLOSE_S = 5.0  # after the drain: time for answered connections to clos
 
 
 def add_serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the HTTP server (settings from DDPM_* environment variables)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default=None, help="overrides DDPM_MODEL")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_serve)
+    """``ddpm serve``: every setting (service.settings.Settings) is a flag too, generated from the one
+    definition by pydantic-settings' CLI source; a flag wins over its DDPM_* variable."""
+    from pydantic_settings import CliSettingsSource
+
+    from ddpm.cli_help import DefaultsHelpFormatter
+    from service.settings import Settings
+
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP server (every DDPM_* setting is also a flag; the flag wins)",
+        description="Run the HTTP server. Every setting is a flag and a DDPM_* environment variable; the flag wins.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    settings_flags = CliSettingsSource(
+        Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True, cli_show_env_vars=True
+    )
+    p.set_defaults(func=cmd_serve, settings_flags=settings_flags)
+
+
+def add_generate_parser(sub: Any) -> None:
+    from ddpm.cli_help import DefaultsHelpFormatter
+    from ddpm.respace import SPACINGS
+    from ddpm.samplers import Sampler
+
+    text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
+    p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--url", default=os.environ.get("DDPM_URL", "http://127.0.0.1:8000"), help="the server (default: $DDPM_URL or local)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k)")
+    p.add_argument("-n", type=int, default=16, help="number of images")
+    p.add_argument("--steps", type=int, default=None, help="U-Net calls per image (default: the server's)")
+    p.add_argument("--sampler", choices=[v.value for v in Sampler], default=None, help="default: the server's")
+    p.add_argument("--eta", type=float, default=None, help="ddim only (default: 0)")
+    p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
+    p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 (default: the model's)")
+    p.add_argument("-o", "--output", default="grid.png", help=".png: a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]")
+    p.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a 503 / 429 (after the server's Retry-After)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """The token comes from DDPM_API_TOKEN or DDPM_API_TOKEN_FILE (never a flag: a command line is public)."""
+    import httpx
+    from tqdm import tqdm
+
+    from service.client import Client, ServerError
+
+    bar = None if args.quiet else tqdm(total=args.n, unit="image-step", desc="queued", dynamic_ncols=True)
+
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        if bar is None:
+            return
+        if name == "queued":
+            bar.set_description(f"queued ({data.get('images_ahead', 0)} images ahead)")
+        elif name == "progress":
+            bar.set_description("denoising")
+            bar.total = data["total"]
+            bar.update(data["steps_done"] - bar.n)
+
+    clip = None if args.clip is None else args.clip == "on"
+    chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip}
+    try:
+        with Client(args.url, max_retries=args.retries) as client:
+            result = client.generate(args.seed, args.n, on_event=on_event, **chain)
+    except ServerError as exc:
+        raise SystemExit(f"ddpm generate: the server answered {exc.status}: {exc.detail}") from exc
+    except httpx.TransportError as exc:  # refused, reset, timed out: say where
+        raise SystemExit(f"ddpm generate: cannot reach {args.url}: {exc}") from exc
+    finally:
+        if bar is not None:
+            if bar.total:
+                bar.update(bar.total - bar.n)
+            bar.close()
+    path = result.save(args.output, args.ncols)
+    meta = {k: result.meta.get(k) for k in ("model", "seed", "batch_size", "sampler", "steps", "precision", "cached")}
+    print(json.dumps({"output": str(path), **meta}))
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The Settings of ``ddpm serve``: its flags over the DDPM_* environment over the defaults."""
+    from service.settings import Settings
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "settings_flags", "command", "host", "port", "log_level")}
+    return Settings(_cli_settings_source=args.settings_flags(parsed_args=flags))  # type: ignore[call-arg]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ddpm.model_hub import hub_reference
     from service.app import create_app
     from service.request_log import configure_logging
     from service.runtime import ServerState
-    from service.settings import Settings
 
-    settings = Settings(**({"model": Path(args.model)} if args.model else {}))
-    if not Path(settings.model).is_dir():
-        raise SystemExit(f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model)")
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"ddpm serve: {exc}") from exc
+    if hub_reference(settings.model) is None and not Path(settings.model).expanduser().is_dir():
+        raise SystemExit(
+            f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model: a directory or a hub org/name[@revision])"
+        )
     configure_logging(settings.log_format, args.log_level)
     state = ServerState(settings)
     try:

@@ -255,6 +255,14 @@ class Engine:
         # request-level batching is first come, first served over everyone: one queue
         return job.client if self.scheduling == "continuous" else ""
 
+    def images_ahead(self, job: Job) -> int | None:
+        """Images of earlier requests still waiting for a slot (the job's queue position, counted in
+        images), or None once the job's first image has joined the running batch."""
+        with self._lock:
+            if job.first_admitted is not None or job.done:
+                return None
+            return sum(len(other._pending) for jobs in self._waiting.values() for other in jobs if other.id < job.id)
+
     @property
     def running(self) -> int:
         running = self._running

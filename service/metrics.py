@@ -2,30 +2,47 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 from service.continuous_batcher import EngineObserver, Job
+
+if TYPE_CHECKING:
+    import torch
 
 # Sized for real latencies: a 10-step chain on a GPU is ~10 ms, the paper's 1000-step chain on a
 # 2-core CPU is minutes.
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 ITERATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 OCCUPANCY_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-GENERATION_ROUTES = ("/generate", "/generate/stream")
-ROUTES = (*GENERATION_ROUTES, "/schedule", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json")  # bounded label values
+GENERATION_ROUTES = ("/generate", "/generate/stream", "/v1/images/generations")
+ROUTES = (
+    *GENERATION_ROUTES, "/schedule", "/info", "/v1/models", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json",
+)  # bounded label values  # fmt: skip
 
 
 class Metrics(EngineObserver):
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """``model`` labels the serving metrics, as vLLM's ``model_name`` and Triton's ``model`` do, so that
+    one dashboard can tell the models of a fleet apart (one model per process: the label is constant)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, model: str = "") -> None:
         self.registry = registry or CollectorRegistry()
+        self.model = model
         r = self.registry
+        # process_* (resident memory, CPU seconds, open fds, start time) and python_info, as every
+        # Python exporter has them: fleet dashboards and alerts expect them beside the service's own
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.request_duration = Histogram(
-            "ddpm_request_duration_seconds", "Time from arrival to answer of POST /generate, by outcome",
-            ["outcome"], buckets=REQUEST_BUCKETS, registry=r,
+            "ddpm_request_duration_seconds", "Time from arrival to answer of a generation request, by outcome",
+            ["model", "outcome"], buckets=REQUEST_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "ddpm_queue_wait_seconds", "Time from arrival to a request's first denoising iteration", buckets=REQUEST_BUCKETS, registry=r
-        )
+            "ddpm_queue_wait_seconds", "Time from arrival to a request's first denoising iteration", ["model"],
+            buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
         self.iteration_duration = Histogram(
             "ddpm_iteration_duration_seconds",
             "One U-Net call plus fused step over the running batch",
@@ -35,18 +52,18 @@ class Metrics(EngineObserver):
         self.batch_occupancy = Histogram(
             "ddpm_batch_occupancy", "Samples in the running batch per iteration", buckets=OCCUPANCY_BUCKETS, registry=r
         )
-        self.images_generated = Counter("ddpm_images_generated", "Images completed and returned", registry=r)
+        self.images_generated = Counter("ddpm_images_generated", "Images completed and returned", ["model"], registry=r)
         self.image_steps = Counter(
             "ddpm_image_steps",
             "U-Net evaluations (image-steps) of completed requests, by sampler: the cost of each",
-            ["sampler"],
+            ["model", "sampler"],
             registry=r,
         )
         self.requests = Counter(
             "ddpm_requests",
             "Generation requests (POST /generate, /generate/stream) answered, by status code; a stream counts the status "
             "its final event carried (499 when the client left)",
-            ["code"],
+            ["model", "code"],
             registry=r,
         )
         self.http_responses = Counter(
@@ -61,6 +78,47 @@ class Metrics(EngineObserver):
         self.iterations = Counter("ddpm_iterations", "Denoising iterations run", registry=r)
         self.ready = Gauge("ddpm_ready", "1 when the model is loaded and warmed up and the server is not draining", registry=r)
         self.model_info = Info("ddpm_model", "The model being served", registry=r)
+        self.cache_lookups = Counter(
+            "ddpm_response_cache_lookups", "Response cache lookups of generation requests: hit (answered without a U-Net call) or miss",
+            ["model", "result"], registry=r,
+        )  # fmt: skip
+        self.not_modified = Counter(
+            "ddpm_response_not_modified",
+            "Generation requests answered 304 (If-None-Match matched the answer's ETag)",
+            ["model"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge("ddpm_response_cache_bytes", "Memory held by the response cache's images", registry=r)
+        for result in ("hit", "miss"):  # present from the start, at 0
+            self.cache_lookups.labels(model=model, result=result)
+
+    def watch_cache(self, size_bytes: Callable[[], int]) -> None:
+        self.cache_bytes.set_function(lambda: float(size_bytes()))
+
+    def watch_gpu(self, device: torch.device) -> None:
+        """GPU memory gauges (PyTorch's caching allocator and the device's total), read at each scrape."""
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        label = f"cuda:{index}"
+        gauges = {
+            "allocated": ("ddpm_gpu_memory_allocated_bytes", "Memory held by tensors (torch.cuda.memory_allocated)",
+                          lambda: torch.cuda.memory_allocated(index)),
+            "reserved": ("ddpm_gpu_memory_reserved_bytes", "Memory held by PyTorch's caching allocator (torch.cuda.memory_reserved)",
+                         lambda: torch.cuda.memory_reserved(index)),
+            "peak": ("ddpm_gpu_memory_peak_allocated_bytes", "Peak of memory_allocated since start (torch.cuda.max_memory_allocated)",
+                     lambda: torch.cuda.max_memory_allocated(index)),
+            "total": ("ddpm_gpu_memory_total_bytes", "The device's memory (torch.cuda.get_device_properties().total_memory)",
+                      lambda: torch.cuda.get_device_properties(index).total_memory),
+        }  # fmt: skip
+        for name, help_text, read in gauges.values():
+            Gauge(name, help_text, ["device"], registry=self.registry).labels(device=label).set_function(lambda read=read: float(read()))
+
+    def on_cache_lookup(self, hit: bool) -> None:
+        self.cache_lookups.labels(model=self.model, result="hit" if hit else "miss").inc()
+
+    def on_not_modified(self) -> None:
+        self.not_modified.labels(model=self.model).inc()
 
     # --- EngineObserver ---------------------------------------------------------------------------
     def on_iteration(self, batch_size: int, seconds: float) -> None:
@@ -70,12 +128,12 @@ class Metrics(EngineObserver):
 
     def on_admitted(self, job: Job) -> None:
         if job.queue_wait is not None:
-            self.queue_wait.observe(job.queue_wait)
+            self.queue_wait.labels(model=self.model).observe(job.queue_wait)
 
     def on_job_done(self, job: Job) -> None:
         if job.error is None:
-            self.images_generated.inc(job.n)
-            self.image_steps.labels(sampler=job.sampler).inc(job.n * job.steps)
+            self.images_generated.labels(model=self.model).inc(job.n)
+            self.image_steps.labels(model=self.model, sampler=job.sampler).inc(job.n * job.steps)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)
@@ -89,5 +147,5 @@ class Metrics(EngineObserver):
         """Every response, from RequestContextMiddleware (so 400/401/413 floods are visible too)."""
         self.http_responses.labels(route=path if path in ROUTES else "other", code=str(code)).inc()
         if method == "POST" and path in GENERATION_ROUTES:
-            self.requests.labels(code=str(code)).inc()
-            self.request_duration.labels(outcome=outcome).observe(seconds)
+            self.requests.labels(model=self.model, code=str(code)).inc()
+            self.request_duration.labels(model=self.model, outcome=outcome).observe(seconds)

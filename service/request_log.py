@@ -102,8 +102,11 @@ class RequestContextMiddleware:
         read_timeout_s: float = 10.0,
         trust_forwarded_for: bool = False,
         observe: ResponseObserver | None = None,
+        error_body: Callable[[str, int, str], dict[str, Any]] | None = None,
     ) -> None:
         self.app = app
+        # the body of an error this middleware answers itself, by path (OpenAI's shape under /v1/)
+        self.error_body = error_body or (lambda path, status, detail: {"detail": detail})
         self.max_body_bytes = max_body_bytes
         self.read_timeout_s = read_timeout_s
         self.trust_forwarded_for = trust_forwarded_for
@@ -134,7 +137,7 @@ class RequestContextMiddleware:
         async def refuse(code: int, detail: str) -> None:
             status["code"] = code
             refused["sent"] = True
-            await _send_json(send, code, {"detail": detail}, [id_header, (b"connection", b"close")])
+            await _send_json(send, code, self.error_body(scope.get("path", ""), code, detail), [id_header, (b"connection", b"close")])
 
         try:
             length = headers.get(b"content-length")
@@ -165,7 +168,8 @@ class RequestContextMiddleware:
             log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id, "path": scope.get("path")}})
             if status["code"] == 0:
                 status["code"] = 500
-                await _send_json(send, 500, {"detail": "internal server error", "request_id": request_id}, [id_header])
+                error = {**self.error_body(scope.get("path", ""), 500, "internal server error"), "request_id": request_id}
+                await _send_json(send, 500, error, [id_header])
         finally:
             self._record(scope, state, request_id, status["code"], time.monotonic() - start)
 

@@ -14,10 +14,12 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -38,12 +40,15 @@ from service.continuous_batcher import (
     Job,
     QueueFull,
 )
+from service.info import server_info
+from service.response_cache import ImageKey, etag_matches
 from service.runtime import JobHandle, ServerState
 from service.schemas import (
     ChainTable,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    InfoResponse,
     SamplerName,
     ScheduleResponse,
     SpacingName,
@@ -89,28 +94,44 @@ ERRORS = {
 
 
 class ApiError(HTTPException):
-    def __init__(self, status: int, detail: str, outcome: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        outcome: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(status, detail, headers)
         self.outcome = outcome
+        self.param = param  # the request field at fault, where one is
+        self.code = code  # a machine-readable reason (OpenAI's error.code), where the status alone does not say
 
 
 def _field_error(field: str, message: str, value: object, where: str = "body") -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": (where, field), "msg": message, "input": value}])
 
 
-def _submit(state: ServerState, body: GenerateRequest, request: Request, stream: bool = False) -> JobHandle:
-    """Validate against the loaded model and hand the job to the engine (errors as ApiError)."""
+def prepare(state: ServerState, seed: int, n: int, chain: dict[str, object], n_field: str = "batch_size") -> ImageKey:
+    """Check readiness and validate a request against the loaded model: the key of the images it asks
+    for (errors as ApiError / a 422 naming the field). ``chain``: sampler, steps, eta, timestep_spacing, clip_denoised."""
     reason = state.refusal_reason()
-    retry = {"Retry-After": str(state.settings.retry_after_s)}
-    if state.engine is None or state.model is None or reason is not None:
-        raise ApiError(503, f"not ready: {reason}", "unavailable", retry)
-    if body.batch_size > state.settings.max_images_per_request:
-        raise _field_error("batch_size", f"batch_size must be <= {state.settings.max_images_per_request}", body.batch_size)
-    spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised)
+    if state.engine is None or state.model is None or state.facts is None or reason is not None:
+        raise ApiError(503, f"not ready: {reason}", "unavailable", {"Retry-After": str(state.settings.retry_after_s)})
+    if n > state.settings.max_images_per_request:
+        raise _field_error(n_field, f"{n_field} must be <= {state.settings.max_images_per_request}", n)
+    spec = resolve_chain(state, chain["sampler"], chain["steps"], chain["eta"], chain["timestep_spacing"], chain["clip_denoised"])  # type: ignore[arg-type]
+    return ImageKey(state.facts.weights_sha256, state.precision, state.engine.device.type, seed, n, spec)
+
+
+def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = False) -> JobHandle:
+    """Hand the images of ``key`` to the engine, within the client's quota (errors as ApiError)."""
+    spec, retry = key.chain, {"Retry-After": str(state.settings.retry_after_s)}
     client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
     job = Job(
-        seed=body.seed,
-        n=body.batch_size,
+        seed=key.seed,
+        n=key.n,
         steps=spec.steps,
         clip_denoised=spec.clip,
         timeout_s=state.settings.request_timeout_s,
@@ -121,17 +142,61 @@ def _submit(state: ServerState, body: GenerateRequest, request: Request, stream:
         client=client,
         request_id=request.state.request_id,
     )
-    request.state.log_fields.update({"seed": body.seed, "batch_size": body.batch_size, "steps": job.steps, "sampler": job.sampler})
     if not state.clients.acquire(client, job.n):
         limit = state.settings.max_images_per_client
         raise ApiError(429, f"too many images in flight for this client (limit {limit})", "rejected", retry)
     handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n), stream=stream)
     try:
-        state.engine.submit(job)
+        state.engine.submit(job)  # type: ignore[union-attr]  # prepare() checked it
     except (QueueFull, Draining, EngineStopped) as exc:
         state.clients.release(client, job.n)
         raise ApiError(503, str(exc), "rejected" if isinstance(exc, QueueFull) else "unavailable", retry) from exc
     return handle
+
+
+@dataclass
+class Generated:
+    """Images of a request, computed now or found in the response cache."""
+
+    images: torch.Tensor
+    job: Job | None  # None: from the cache
+
+
+def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
+    """The images of ``key`` if the response cache holds them (counted as a hit or a miss)."""
+    request.state.log_fields.update({"seed": key.seed, "batch_size": key.n, "steps": key.chain.steps, "sampler": key.chain.sampler})
+    if not state.cache.enabled:
+        return None
+    images = state.cache.get(key)
+    state.metrics.on_cache_lookup(images is not None)
+    request.state.log_fields["cache"] = "miss" if images is None else "hit"
+    return images
+
+
+async def generate_images(state: ServerState, key: ImageKey, request: Request) -> Generated:
+    """The images of ``key``: from the response cache, else from the engine (then cached)."""
+    cached = cached_images(state, key, request)
+    if cached is not None:
+        return Generated(cached, None)
+    job = await submit(state, key, request).wait(request.is_disconnected)
+    error = _job_error(state, job)
+    if error is not None:
+        raise error
+    assert job.images is not None
+    state.cache.put(key, job.images)
+    return Generated(job.images, job)
+
+
+async def images_or_not_modified(state: ServerState, key: ImageKey, media: str, request: Request) -> Generated | Response:
+    """304 when the client already holds this answer (If-None-Match naming its ETag: no U-Net call, no
+    encoding), else the images (``generate_images``)."""
+    etag = key.etag(media)
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        state.metrics.on_not_modified()
+        request.state.log_fields["cache"] = "not_modified"
+        request.state.outcome = "ok"
+        return Response(status_code=304, headers={"ETag": etag})
+    return await generate_images(state, key, request)
 
 
 def resolve_chain(
@@ -193,23 +258,25 @@ def _encode_now(state: ServerState, encode: Callable[[], object]) -> object:
     return encode()
 
 
-def _result_body(state: ServerState, job: Job, arrived: float) -> GenerateResponse:
-    assert job.images is not None and job.finished is not None and job.first_admitted is not None
+def _result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float) -> GenerateResponse:
+    job, spec = generated.job, key.chain
+    if job is not None:
+        assert job.finished is not None and job.first_admitted is not None
+        queue_wait, generation = job.first_admitted - job.created, job.finished - job.first_admitted
+    else:
+        queue_wait = generation = 0.0
     return GenerateResponse(
-        seed=job.seed,
-        batch_size=job.n,
-        steps=job.steps,
-        sampler=job.sampler,
-        eta=job.eta,
-        timestep_spacing=job.spacing,
+        seed=key.seed,
+        batch_size=key.n,
+        steps=spec.steps,
+        sampler=spec.sampler,
+        eta=spec.eta,
+        timestep_spacing=spec.spacing,
         model=state.model.name if state.model else "",
         precision=state.precision,
-        images=[base64.b64encode(png).decode() for png in image_pngs(job.images)],
-        timings=Timings(
-            queue_wait_s=round(job.first_admitted - job.created, 6),
-            generation_s=round(job.finished - job.first_admitted, 6),
-            total_s=round(time.monotonic() - arrived, 6),
-        ),
+        cached=job is None,
+        images=[base64.b64encode(png).decode() for png in image_pngs(generated.images)],
+        timings=Timings(queue_wait_s=round(queue_wait, 6), generation_s=round(generation, 6), total_s=round(time.monotonic() - arrived, 6)),
     )
 
 
@@ -234,20 +301,20 @@ async def generate(
     arrived = time.monotonic()
     try:
         media = _negotiate(accept, [JSON, PNG, NPY])
-        handle = _submit(state, body, request)
-        job = await handle.wait(request.is_disconnected)
-        error = _job_error(state, job)
-        if error is not None:
-            raise error
-        assert job.images is not None
-        images = job.images
+        key = prepare(state, body.seed, body.batch_size, body.chain_fields())
+        generated = await images_or_not_modified(state, key, media, request)
+        if isinstance(generated, Response):
+            return generated
+        images = generated.images
         if media == PNG:
             response: Response = Response(await _encode(state, lambda: png_bytes(make_grid(images)), request), media_type=PNG)
         elif media == NPY:
             response = Response(await _encode(state, lambda: _npy(images), request), media_type=NPY)
         else:
-            content = await _encode(state, lambda: jsonable_encoder(_result_body(state, job, arrived)), request)
+            content = await _encode(state, lambda: jsonable_encoder(_result_body(state, key, generated, arrived)), request)
             response = JSONResponse(content)
+        response.headers["ETag"] = key.etag(media)
+        response.headers["X-Cache"] = "miss" if generated.job is not None else "hit"
         request.state.outcome = "ok"
         return response
     except ApiError as exc:
@@ -270,31 +337,64 @@ async def generate_stream(
     arrived = time.monotonic()
     try:
         _negotiate(accept, [SSE])
-        handle = _submit(state, body, request, stream=True)
+        key = prepare(state, body.seed, body.batch_size, body.chain_fields())
+        cached = cached_images(state, key, request)
+        handle = None if cached is not None else submit(state, key, request, stream=True)
     except ApiError as exc:
         request.state.outcome = exc.outcome
         raise
-    # (a RequestValidationError from _submit is answered by the app's validation handler)
+    # (a RequestValidationError from prepare is answered by the app's validation handler)
     request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
+    keepalive_s = state.settings.sse_keepalive_s
+
+    async def result(generated: Generated) -> AsyncIterator[str]:
+        try:
+            body = await _encode(state, lambda: jsonable_encoder(_result_body(state, key, generated, arrived)), request)
+        except ApiError as exc:
+            request.state.outcome, request.state.outcome_code = exc.outcome, exc.status_code
+            yield _sse("error", {"status": exc.status_code, "detail": exc.detail})
+        else:
+            request.state.outcome, request.state.outcome_code = "ok", 200
+            yield _sse("result", body)
 
     async def events() -> AsyncIterator[str]:
+        if handle is None:  # from the cache
+            assert cached is not None
+            yield _sse("queued", {"batch_size": key.n, "steps": key.chain.steps, "images_ahead": 0, "cached": True})
+            async for chunk in result(Generated(cached, None)):
+                yield chunk
+            return
+        engine, job = state.engine, handle.job
+        assert engine is not None
         try:
-            yield _sse("queued", {"batch_size": handle.job.n, "steps": handle.job.steps})
-            async for ev in handle.events():
-                yield _sse("progress", {"steps_done": ev.steps_done, "total": ev.total, "fraction": round(ev.steps_done / ev.total, 4)})
-            job = await handle.done
-            error = _job_error(state, job)
-            if error is None:
-                try:
-                    result = await _encode(state, lambda: jsonable_encoder(_result_body(state, job, arrived)), request)
-                except ApiError as exc:
-                    error = exc
+            ahead = engine.images_ahead(job)
+            yield _sse("queued", {"batch_size": job.n, "steps": job.steps, "images_ahead": ahead or 0, "cached": False})
+            last_write = time.monotonic()
+            async for ev in handle.events(tick_s=min(1.0, keepalive_s)):
+                if ev is not None:
+                    fraction = round(ev.steps_done / ev.total, 4)
+                    chunk = _sse("progress", {"steps_done": ev.steps_done, "total": ev.total, "fraction": fraction})
                 else:
-                    request.state.outcome, request.state.outcome_code = "ok", 200
-                    yield _sse("result", result)
+                    now_ahead = engine.images_ahead(job)
+                    if now_ahead is not None and now_ahead != ahead:  # moved up in the queue
+                        ahead = now_ahead
+                        chunk = _sse("queued", {"batch_size": job.n, "steps": job.steps, "images_ahead": ahead, "cached": False})
+                    elif time.monotonic() - last_write >= keepalive_s:
+                        chunk = ": keep-alive\n\n"  # a comment line: SSE clients ignore it, proxies see traffic
+                    else:
+                        continue
+                last_write = time.monotonic()
+                yield chunk
+            done = await handle.done
+            error = _job_error(state, done)
             if error is not None:
                 request.state.outcome, request.state.outcome_code = error.outcome, error.status_code
                 yield _sse("error", {"status": error.status_code, "detail": error.detail})
+                return
+            assert done.images is not None
+            state.cache.put(key, done.images)
+            async for chunk in result(Generated(done.images, done)):
+                yield chunk
         finally:
             if not handle.done.done():  # the client went away mid-stream
                 handle.job.cancel()
@@ -343,6 +443,18 @@ def _chain_table(tables: ChainTables, spec: ChainSpec) -> ChainTable:
         noise_counter=[t + 1 for t in timesteps],
         coefficients={name: tables.table[row, order].tolist() for row, name in enumerate(StepCoefficients.names())},
     )
+
+
+@router.get(
+    "/info",
+    response_model=InfoResponse,
+    responses={401: ERRORS[401], 503: ERRORS[503]},
+    summary="What this replica serves: model (name, weights SHA-256, size, cost per image-step), samplers, limits, device",
+)
+async def info(state: StateDep, _: Authorized) -> InfoResponse:
+    if state.model is None or state.facts is None:
+        raise HTTPException(503, f"not ready: {state.not_ready_reason()}", {"Retry-After": str(state.settings.retry_after_s)})
+    return await asyncio.to_thread(server_info, state)  # the first call counts the U-Net's FLOPs (a forward pass)
 
 
 @router.get("/healthz", responses={503: ERRORS[503]}, summary="The process can serve (or is still starting): 503 once it never can")

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from ddpm.inference_compile import HotPath, hot_path
+from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
+from ddpm.model_hub import model_name
 from ddpm.model_source import LoadedModel, load_model_source
 from kernels.reverse_step import fused_reverse_step
 from service.continuous_batcher import DeadlineExceeded, Engine, Job
 from service.fault_injection import FaultInjector
 from service.metrics import Metrics
+from service.response_cache import ResponseCache
 from service.settings import Settings
 
 log = logging.getLogger("ddpm.server")
@@ -61,10 +64,16 @@ class ClientQuota:
 class ServerState:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(model=model_name(settings.model))
         self.clients = ClientQuota(settings.max_images_per_client)
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
+        self.facts: ModelFacts | None = None
+        self._eager_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._gflop: float | None = None
+        self._gflop_lock = threading.Lock()
+        self.cache = ResponseCache(int(settings.response_cache_mb * 2**20))
+        self.metrics.watch_cache(lambda: self.cache.size_bytes)
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
         self.ready = False
         self.draining = False
@@ -100,6 +109,8 @@ class ServerState:
             device = resolve_device(s.device)
             model = load_model_source(s.model, device)
             eager_eps = model.eps_model
+            sha = weights_sha256(model.path) if model.path is not None else ""
+            self._eager_eps = eager_eps
             start = time.perf_counter()
             fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
             try:
@@ -126,8 +137,12 @@ class ServerState:
                     "step_backend": fast.step_backend,
                     "compiled": str(fast.compiled).lower(),
                     "precision": fast.precision,
+                    "weights_sha256": sha,
                 }
             )
+            if device.type == "cuda":
+                self.metrics.watch_gpu(device)
+            self.facts = ModelFacts(sha, parameter_count(model.module), str(device), fast.compiled, fast.step_backend)
             self.model, self.engine, self.precision = model, engine, fast.precision
             self.ready = True
             log.info(
@@ -175,6 +190,18 @@ class ServerState:
         engine.warmup(s.warmup_steps)
         return engine
 
+    def gflop_per_image_step(self) -> float | None:
+        """One U-Net call on one image, counted once on first use (FlopCounterMode imports the compiler
+        stack: ~1 s that no server start should pay); None where the model cannot be counted."""
+        with self._gflop_lock:
+            if self._gflop is None and self.model is not None and self._eager_eps is not None:
+                try:
+                    self._gflop = flops_per_image_step(self._eager_eps, self.model.image_shape, self.model.device) / 1e9
+                except Exception as exc:  # an op the counter cannot trace: /info says null, serving goes on
+                    log.warning("cannot count the U-Net's FLOPs: %s: %s", type(exc).__name__, exc)
+                    self._gflop = float("nan")
+            return None if self._gflop is None or self._gflop != self._gflop else self._gflop
+
     def drain(self) -> None:
         self.draining = True
         if self.engine is not None:
@@ -213,6 +240,17 @@ class ServerState:
         the next good iteration is what heals it."""
         reason = self.not_ready_reason()
         return None if reason == RECOVERING else reason
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Measured once at load (``GET /info``, the response cache's key)."""
+
+    weights_sha256: str
+    parameters: int
+    device: str
+    compiled: bool
+    step_backend: str
 
 
 @dataclass
@@ -285,17 +323,24 @@ class JobHandle:
                 if self._backstop() < 0:
                     return self._give_up()
 
-    async def events(self, min_interval_s: float = 0.1) -> AsyncIterator[ProgressEvent]:
-        """Progress, at most one event per min_interval_s, until the job is done."""
+    async def events(self, min_interval_s: float = 0.1, tick_s: float | None = None) -> AsyncIterator[ProgressEvent | None]:
+        """Progress, at most one event per min_interval_s, until the job is done; with ``tick_s``, also
+        None after each tick_s without progress (a stream's cue for queue positions and keep-alives)."""
         last = 0.0
         while not self.done.done():
             getter = asyncio.ensure_future(self._progress.wait())
-            finished, _ = await asyncio.wait({getter, self.done}, timeout=max(self._backstop(), 0.0), return_when=asyncio.FIRST_COMPLETED)
+            backstop = max(self._backstop(), 0.0)
+            timeout = backstop if tick_s is None else min(backstop, tick_s)
+            finished, _ = await asyncio.wait({getter, self.done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if getter not in finished:
                 getter.cancel()
-                if not finished:  # neither progress nor an answer by the deadline
+                if finished:  # the answer
+                    break
+                if self._backstop() <= 0:  # neither progress nor an answer by the deadline
                     self._give_up()
-                break
+                    break
+                yield None
+                continue
             self._progress.clear()
             event, self._latest = self._latest, None
             now = time.monotonic()

@@ -12,13 +12,12 @@ SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
 SpacingName = Literal["linspace", "leading", "trailing"]
 
 
-class GenerateRequest(BaseModel):
-    """Strict types: 0 is not false, "5" is not 5, 5.0 is not 5; unknown fields are rejected."""
+class ChainRequest(BaseModel):
+    """The chain fields every generation endpoint takes. Strict types: 0 is not false, "5" is not 5,
+    5.0 is not 5; unknown fields are rejected."""
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
-    batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
     steps: int | None = Field(
         None,
         strict=True,
@@ -42,6 +41,14 @@ class GenerateRequest(BaseModel):
         None, strict=True, description="Clip the predicted x0 to [-1, 1] at every step; default: the model's setting."
     )
 
+    def chain_fields(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in ("sampler", "steps", "eta", "timestep_spacing", "clip_denoised")}
+
+
+class GenerateRequest(ChainRequest):
+    seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
+    batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
+
 
 class Timings(BaseModel):
     queue_wait_s: float = Field(..., description="Arrival to the first denoising iteration.")
@@ -58,6 +65,7 @@ class GenerateResponse(BaseModel):
     timestep_spacing: str
     model: str
     precision: str = Field(..., description="The U-Net's precision (fp32, bf16, fp16): part of what image k depends on.")
+    cached: bool = Field(False, description="Answered from the response cache (the same images, no U-Net call).")
     images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
     timings: Timings
 
@@ -105,3 +113,119 @@ class ErrorResponse(BaseModel):
 class ValidationErrorResponse(BaseModel):
     detail: str = Field(..., description="One line naming each bad field, e.g. 'batch_size: Input should be greater than or equal to 1'")
     errors: list[dict[str, Any]] = Field(..., description="pydantic's structured errors (type, loc, msg, input)")
+
+
+class ModelDescription(BaseModel):
+    name: str = Field(..., description="The directory's name, or the hub repository id (org/name[@revision]).")
+    source: str = Field(..., description="ddpm-serve or diffusers")
+    weights_sha256: str = Field(..., description="sha256sum of the weights file (several files: of their '<sha256>  <path>' lines)")
+    parameters: int
+    gflop_per_image_step: float | None = Field(
+        ..., description="One U-Net call on one image (convolutions, matmuls, attention; 1 FMA = 2 FLOP); null if it cannot be counted"
+    )
+    image_shape: list[int] = Field(..., description="[channels, height, width]")
+    num_timesteps: int = Field(..., description="T")
+    schedule: str
+    schedule_params: dict[str, float]
+    variance_type: str
+    clip_denoised: bool
+    timestep_spacing: str | None = Field(..., description="The model's own spacing (a diffusers config's), else null")
+    steps_offset: int
+
+
+class Limits(BaseModel):
+    max_batch: int = Field(..., description="Samples per denoising iteration")
+    max_images_per_request: int
+    max_queue: int = Field(..., description="Images waiting before new requests get 503")
+    max_images_per_client: int
+    request_timeout_s: float
+    max_body_bytes: int
+
+
+class Defaults(BaseModel):
+    sampler: str
+    steps: int | None
+    timestep_spacing: str
+
+
+class InfoResponse(BaseModel):
+    """What this replica serves and how (as TGI's /info)."""
+
+    version: str = Field(..., description="ddpm-serve's version")
+    model: ModelDescription
+    samplers: list[str]
+    timestep_spacings: list[str]
+    defaults: Defaults
+    limits: Limits
+    device: str
+    precision: str
+    compiled: bool
+    step_backend: str
+    scheduling: str
+    response_cache_bytes: int = Field(..., description="DDPM_RESPONSE_CACHE_MB in bytes; 0: off")
+
+
+class ImageGenerationRequest(ChainRequest):
+    """OpenAI's images API (``POST /v1/images/generations``), plus this server's own fields (the
+    ``extra_body`` of the openai client): seed and the chain fields."""
+
+    prompt: str = Field(
+        ...,
+        max_length=4000,
+        description="Required by the OpenAI API. The served model is unconditional: the prompt does not change the images "
+        "(only its length is logged).",
+    )
+    model: str | None = Field(None, description="The served model's name (GET /v1/models); another name is 404.")
+    n: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size (GET /info), which is the default.")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (the default); url is refused: this server keeps no images to link to."
+    )
+    user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request.")
+    seed: int | None = Field(
+        None, strict=True, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned in the answer."
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(..., description="A base64-encoded PNG.")
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's ImagesResponse, with this server's fields beside (clients ignore what they do not know)."""
+
+    created: int = Field(..., description="Unix time of the answer.")
+    data: list[ImageData]
+    output_format: str = "png"
+    size: str
+    model: str
+    seed: int
+    steps: int
+    sampler: str
+    eta: float
+    timestep_spacing: str
+    precision: str
+    cached: bool
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(..., description="Unix time the weights file was last modified.")
+    owned_by: str = "ddpm-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail

@@ -13,13 +13,17 @@ from ddpm.inference_compile import CompileSetting
 from ddpm.precision import PrecisionSetting
 from ddpm.respace import DEFAULT_SPACING
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "mnist-28"
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "mnist-28")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
 
-    model: Path = Field(DEFAULT_MODEL, description="ddpm-serve model directory or local diffusers DDPM directory")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="a ddpm-serve model directory, a local diffusers DDPM directory, or a Hugging Face Hub repository "
+        "org/name[@revision] resolved through the hub cache (HF_HUB_OFFLINE=1 honoured)",
+    )
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
     max_batch: int = Field(64, ge=1, le=4096, description="samples per denoising iteration (the running batch)")
     max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
@@ -51,7 +55,11 @@ class Settings(BaseSettings):
         300.0, gt=0, description="an engine with work that finishes no iteration for this long is stalled: /healthz 503, exit 1"
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
-    api_token: SecretStr | None = Field(None, description="bearer token required on /generate and /schedule (unset: open)")
+    api_token: SecretStr | None = Field(
+        None,
+        description="bearer token required on /generate, /v1/*, /schedule and /info (unset: open); prefer the file: "
+        "a command line is visible to every user of the host",
+    )
     api_token_file: Path | None = Field(None, description="file holding the bearer token (wins over DDPM_API_TOKEN)")
     metrics_require_token: bool = Field(False, description="also require the token on /metrics")
     max_body_bytes: int = Field(16384, ge=256, description="larger request bodies get 413")
@@ -71,9 +79,20 @@ class Settings(BaseSettings):
     )
     fault_seed: int = Field(0, description="testing only: seed of the fault draws")
     fault_duration_s: float = Field(0.0, ge=0, description="testing only: faults stop this long after the server is ready (0: never)")
+    response_cache_mb: float = Field(
+        64.0, ge=0, description="memory for finished images answered again to identical requests (ETag, 304); 0: off"
+    )
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="a stream that has sent nothing for this long sends a comment line (proxies drop silent connections)"
+    )
     scheduling: Literal["continuous", "request"] = Field(
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
 
     @field_validator("fault_stages")
     @classmethod

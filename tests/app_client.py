@@ -7,6 +7,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from tests.prometheus_text import sample_value
+
 
 def app_client(model_dir: Path, **overrides: object) -> TestClient:
     """A TestClient of the app on ``model_dir`` with test-friendly settings (1 warm-up step, batch 8)."""
@@ -27,8 +29,5 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> TestClient:
 
 
 def metric(client: TestClient, name: str) -> float:
-    """One sample of /metrics by its full name (labels included), 0 when absent."""
-    for line in client.get("/metrics").text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """A value of /metrics by name and labels (``tests.prometheus_text.sample_value``), 0 when absent."""
+    return sample_value(client.get("/metrics").text, name)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.prometheus_text import sample_value
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,12 +22,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, prefix: list[str] | None = None, **env: str) -> None:
+    def __init__(self, model: Path | str, prefix: list[str] | None = None, args: list[str] | None = None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
         cmd = [sys.executable, "-m", "ddpm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
-        cmd = [*(prefix or []), *cmd]  # e.g. a sandbox the server runs inside
+        cmd = [*(prefix or []), *cmd, *(args or [])]  # prefix: e.g. a sandbox the server runs inside; args: more flags
         # a file, not a pipe: nobody reads a pipe while the test runs, and a full one would block the server's logging
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ddpm-serve-", suffix=".log")
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
@@ -43,10 +45,7 @@ class ServerProcess:
         raise AssertionError("server did not become ready")
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
-            if line.split(" ")[0] == name:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return sample_value(httpx.get(self.url + "/metrics", timeout=5).text, name)
 
     def wait_metric(self, name: str, predicate, timeout: float = 20.0) -> float:  # type: ignore[no-untyped-def]
         end = time.monotonic() + timeout

@@ -11,7 +11,10 @@ from pathlib import Path
 from tests.tiny_model import save_tiny_model
 
 # the [train] extra and what it pulls in, the [gpu] extra, and the test-only packages
-NOT_FOR_SERVING = ["mlxtend", "scipy", "matplotlib", "pandas", "sklearn", "sympy", "triton", "diffusers", "pytest", "selenium"]
+NOT_FOR_SERVING = [
+    "mlxtend", "scipy", "matplotlib", "pandas", "sklearn", "sympy", "triton", "diffusers", "huggingface_hub", "pytest", "selenium",
+    "openai",
+]  # fmt: skip
 
 BLOCKER = textwrap.dedent(
     """

@@ -43,7 +43,10 @@ def test_api_conforms_to_its_schema(case) -> None:  # type: ignore[no-untyped-de
     # (9223372036854775998 == 2.0**63 as a float) for valid; the server rightly answers 422. The
     # equivalent check, exact in integers, follows.
     case.validate_response(response, excluded_checks=[schemathesis.checks.positive_data_acceptance])
-    if response.status_code == 422 and isinstance(case.body, dict):  # (a body not sent as JSON gets 415)
+    openai = case.path.startswith("/v1/")
+    if response.status_code == 422 and isinstance(case.body, dict) and openai:
+        assert not _valid_openai_request(case.body), f"a valid request was rejected: {case.body} -> {response.text[:200]}"
+    elif response.status_code == 422 and isinstance(case.body, dict):  # (a body not sent as JSON gets 415)
         body = case.body
         eta = body.get("eta")
         valid = (
@@ -60,7 +63,38 @@ def test_api_conforms_to_its_schema(case) -> None:  # type: ignore[no-untyped-de
         assert not valid, f"a valid request was rejected: {body} {case.headers} -> {response.text[:200]}"
     if response.status_code >= 400:
         body = response.json()
-        assert isinstance(body.get("detail"), str) and body["detail"], body
+        if openai:  # OpenAI's error shape
+            assert isinstance(body["error"]["message"], str) and body["error"]["message"] and body["error"]["type"], body
+        else:
+            assert isinstance(body.get("detail"), str) and body["detail"], body
+
+
+def _valid_openai_request(body: dict) -> bool:
+    """What /v1/images/generations must accept (422 is for anything else; 400/404 are for a wrong size,
+    url format or model name, which are well-formed)."""
+
+    def is_int(v: object) -> bool:
+        return type(v) is int
+
+    chain_ok = (
+        (body.get("steps") is None or (is_int(body["steps"]) and 1 <= body["steps"] <= 25))
+        and body.get("sampler") in (None, "ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+        and body.get("timestep_spacing") in (None, "linspace", "leading", "trailing")
+        and (body.get("clip_denoised") is None or type(body["clip_denoised"]) is bool)
+        and (body.get("eta") is None or (type(body["eta"]) in (int, float) and 0 <= body["eta"] <= 1 and body.get("sampler") == "ddim"))
+    )  # fmt: skip
+    return (
+        set(body) <= {"prompt", "model", "n", "size", "response_format", "user", "seed", "steps", "sampler", "eta",
+                      "timestep_spacing", "clip_denoised"}
+        and isinstance(body.get("prompt"), str) and len(body["prompt"]) <= 4000
+        and (body.get("model") is None or isinstance(body["model"], str))
+        and (body.get("size") is None or isinstance(body["size"], str))
+        and body.get("response_format") in (None, "b64_json", "url")
+        and (body.get("user") is None or (isinstance(body["user"], str) and len(body["user"]) <= 256))
+        and is_int(body.get("n", 1)) and 1 <= body.get("n", 1) <= 2
+        and (body.get("seed") is None or (is_int(body["seed"]) and 0 <= body["seed"] < 2**63))
+        and chain_ok
+    )  # fmt: skip
 
 
 def test_fuzzing_sent_many_requests() -> None:

@@ -20,6 +20,7 @@ from service.settings import Settings
 from tests.app_client import app_client
 from tests.app_client import metric as _metric
 from tests.app_client import wait_ready as _wait_ready
+from tests.prometheus_text import sample_value
 from tests.tiny_model import save_tiny_model
 
 
@@ -201,7 +202,7 @@ def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
         r = c.post("/generate", json={"seed": 2, "batch_size": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "7" and "queue full" in r.json()["detail"]
         first.join()
-        assert 'ddpm_requests_total{code="503"} 1.0' in c.get("/metrics").text
+        assert _metric(c, 'ddpm_requests_total{code="503"}') == 1.0
 
 
 def test_deadline_is_504_and_frees_the_batch(model_dir: Path) -> None:
@@ -258,11 +259,11 @@ def test_metrics_move_with_served_requests(model_dir: Path) -> None:
             assert c.post("/generate", json={"seed": seed, "batch_size": n, "steps": 10}).status_code == 200
         assert c.post("/generate", json={"seed": -5}).status_code == 422
         text = c.get("/metrics").text
-    assert 'ddpm_requests_total{code="200"} 2.0' in text
-    assert 'ddpm_requests_total{code="422"} 1.0' in text
-    assert "ddpm_images_generated_total 5.0" in text
-    assert 'ddpm_request_duration_seconds_count{outcome="ok"} 2.0' in text
-    assert "ddpm_queue_wait_seconds_count 2.0" in text
+    assert sample_value(text, 'ddpm_requests_total{code="200",model="tiny"}') == 2.0
+    assert sample_value(text, 'ddpm_requests_total{code="422",model="tiny"}') == 1.0
+    assert sample_value(text, 'ddpm_images_generated_total{model="tiny"}') == 5.0
+    assert sample_value(text, 'ddpm_request_duration_seconds_count{outcome="ok",model="tiny"}') == 2.0
+    assert sample_value(text, 'ddpm_queue_wait_seconds_count{model="tiny"}') == 2.0
     # sequential requests: 10 iterations each, with 2 and 3 samples in the batch
     assert "ddpm_iteration_duration_seconds_count 20.0" in text
     assert "ddpm_batch_occupancy_sum 50.0" in text
@@ -284,5 +285,6 @@ def test_model_fault_fails_only_the_affected_requests(model_dir: Path) -> None:
         assert ok.status_code == 200
         assert c.get("/readyz").status_code == 200  # a good call makes it ready again
         text = c.get("/metrics").text
-        assert 'ddpm_requests_total{code="500"} 1.0' in text and 'ddpm_request_duration_seconds_count{outcome="error"} 1.0' in text
+        assert sample_value(text, 'ddpm_requests_total{code="500"}') == 1
+        assert sample_value(text, 'ddpm_request_duration_seconds_count{outcome="error"}') == 1
         assert 'ddpm_engine_faults_total{stage="unet"} 1.0' in text and "ddpm_ready 1.0" in text

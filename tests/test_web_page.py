@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,6 +57,13 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
     d = browser
     d.get(server.url + "/")  # type: ignore[attr-defined]
     from selenium.webdriver.support.ui import Select
+
+    # the served model, from GET /info, above the form
+    info = httpx.get(server.url + "/info").json()
+    WebDriverWait(d, 20).until(lambda drv: info["model"]["weights_sha256"] in drv.find_element(By.ID, "info-list").text)
+    shown = d.find_element(By.ID, "info-list").text  # type: ignore[attr-defined]
+    assert "tiny (ddpm-serve)" in shown and f"{info['model']['parameters']:,}" in shown and "sde-dpmsolver++" in shown
+    assert d.find_element(By.ID, "batch_size").get_attribute("max") == str(info["limits"]["max_images_per_request"])  # type: ignore[attr-defined]
 
     for field, value in [("seed", "5"), ("batch_size", "3"), ("steps", "300"), ("eta", "0.5")]:
         box = d.find_element(By.ID, field)  # type: ignore[attr-defined]

@@ -1,0 +1,67 @@
+"""The ``ddpm`` command's conventions: --version, help text and default on every flag of every
+subcommand, and ``ddpm serve`` taking every setting as a flag (generated from the one Settings)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from ddpm import __version__
+from ddpm.cli import build_parser
+from service.settings import Settings
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"ddpm-serve {__version__}"
+
+
+def test_every_flag_has_help_that_shows_its_default() -> None:
+    subcommands = _subcommands(build_parser())
+    assert {"train", "sample", "eval", "train-classifier", "info", "serve", "generate"} <= set(subcommands)
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            assert action.help and action.help.strip(), f"ddpm {name} {flag} has no help"
+            rendered = " ".join(sub._get_formatter()._format_action(action).split())
+            # serve's setting flags: pydantic-settings writes '(default: ...)'; elsewhere argparse's suffix or the help's words
+            if name == "serve" or action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in rendered.lower(), f"ddpm {name} {flag}: {rendered}"
+
+
+def test_serve_has_a_flag_for_every_setting() -> None:
+    serve = _subcommands(build_parser())["serve"]
+    flags = {s for a in serve._actions for s in a.option_strings}
+    for field in Settings.model_fields:
+        assert "--" + field.replace("_", "-") in flags, field
+
+
+@pytest.mark.parametrize(("argv", "env", "expect"), [
+    (["--max-batch", "3"], {"DDPM_MAX_BATCH": "5"}, {"max_batch": 3}),  # the flag wins
+    ([], {"DDPM_MAX_BATCH": "5"}, {"max_batch": 5}),  # the environment where no flag
+    (["--no-trust-forwarded-for", "--compile", "off"], {"DDPM_TRUST_FORWARDED_FOR": "1"}, {"trust_forwarded_for": False, "compile": "off"}),
+    (["--model", "org/name@v2", "--response-cache-mb", "0"], {}, {"model": "org/name@v2", "response_cache_mb": 0.0}),
+])  # fmt: skip
+def test_serve_flags_override_the_environment(argv: list[str], env: dict[str, str], expect: dict[str, object],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from service.cli import settings_from_args
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_from_args(build_parser().parse_args(["serve", *argv]))
+    assert {k: getattr(settings, k) for k in expect} == expect
+
+
+def test_serve_rejects_a_bad_flag_value_with_the_reason() -> None:
+    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "serve", "--max-batch", "0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "max_batch" in out.stderr and "greater than or equal to 1" in out.stderr

@@ -1,0 +1,121 @@
+"""POST /v1/images/generations and GET /v1/models, driven by the official ``openai`` package (PyPI)
+against a real server process: the answers parse as its types, and its error classes come out of
+our 401/404/400/422/429/503."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.app_client import app_client, metric, wait_ready
+from tests.server_process import ServerProcess
+from tests.tiny_model import save_tiny_model
+
+openai = pytest.importorskip("openai")
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=50)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[ServerProcess]:
+    s = ServerProcess(model_dir, DDPM_API_TOKEN=TOKEN, DDPM_MAX_IMAGES_PER_CLIENT="6", DDPM_MAX_IMAGES_PER_REQUEST="8")
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+def _client(server: ServerProcess, key: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_images_generate_with_the_openai_client(server: ServerProcess) -> None:
+    client = _client(server)
+    chain = {"seed": 11, "steps": 6, "sampler": "ddim"}
+    result = client.images.generate(prompt="a handwritten seven", model="tiny", n=3, size="8x8", response_format="b64_json",
+                                     user="end-user-42", extra_body=chain)  # fmt: skip
+    assert isinstance(result, openai.types.ImagesResponse) and len(result.data) == 3
+    assert abs(result.created - time.time()) < 120
+    extra = result.model_extra or {}
+    assert extra["seed"] == 11 and extra["steps"] == 6 and extra["sampler"] == "ddim" and extra["model"] == "tiny"
+    # the same engine as /generate: the same PNGs for the same seed and chain
+    same = httpx.post(server.url + "/generate", json={**chain, "batch_size": 3}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert [d.b64_json for d in result.data] == same.json()["images"]
+    assert _pixels(result.data[0].b64_json).shape == (8, 8)
+    # the prompt does not condition this model; the user is logged
+    other = client.images.generate(prompt="something else entirely", n=3, extra_body=chain)
+    assert [d.b64_json for d in other.data] == [d.b64_json for d in result.data]
+    assert '"user": "end-user-42"' in server.output()
+    # no seed: a random one, returned
+    drawn = client.images.generate(prompt="x", extra_body={"steps": 2})
+    assert isinstance((drawn.model_extra or {})["seed"], int) and len(drawn.data) == 1
+    assert server.metric('ddpm_requests_total{code="200"}') >= 3
+    assert server.metric('ddpm_http_responses_total{route="/v1/images/generations",code="200"}') == 3
+
+
+def test_models_list_and_retrieve(server: ServerProcess) -> None:
+    client = _client(server)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].owned_by == "ddpm-serve"
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("dall-e-3")
+
+
+def test_error_classes(server: ServerProcess) -> None:
+    client = _client(server)
+    with pytest.raises(openai.AuthenticationError) as auth:
+        _client(server, "wrong").images.generate(prompt="x")
+    assert auth.value.status_code == 401 and auth.value.code == "invalid_api_key"
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        client.images.generate(prompt="x", n=0)
+    assert invalid.value.param == "n" and "greater than or equal to 1" in invalid.value.message
+    with pytest.raises(openai.UnprocessableEntityError, match="n must be <= 8"):
+        client.images.generate(prompt="x", n=9)
+    with pytest.raises(openai.UnprocessableEntityError) as unknown:
+        client.images.generate(prompt="x", extra_body={"sampler": "euler"})
+    assert unknown.value.param == "sampler"
+    with pytest.raises(openai.BadRequestError) as size:
+        client.images.generate(prompt="x", size="1024x1024")
+    assert size.value.param == "size" and "'8x8'" in size.value.message
+    with pytest.raises(openai.BadRequestError, match="url' is not supported"):
+        client.images.generate(prompt="x", response_format="url")
+    with pytest.raises(openai.NotFoundError, match="model 'dall-e-2' is not served") as not_found:
+        client.images.generate(prompt="x", model="dall-e-2")
+    assert not_found.value.code == "model_not_found" and not_found.value.param == "model"
+    with pytest.raises(openai.RateLimitError) as limited:  # 7 images > DDPM_MAX_IMAGES_PER_CLIENT = 6
+        client.images.generate(prompt="x", n=7)
+    assert limited.value.response.headers["retry-after"] == "5" and limited.value.code == "rate_limit_exceeded"
+    assert server.metric('ddpm_requests_total{code="429"}') == 1
+
+
+def test_503_is_the_clients_internal_server_error_and_is_retried(model_dir: Path) -> None:
+    """A queue that takes nothing: every request is 503 + Retry-After; the client's own retry honours it."""
+    with app_client(model_dir, max_queue=0, retry_after_s=1) as c:
+        wait_ready(c)
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.images.generate(prompt="x")
+        assert unavailable.value.status_code == 503 and unavailable.value.code == "service_unavailable"
+        assert "queue full" in unavailable.value.message
+        retrying = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=1)
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError):
+            retrying.images.generate(prompt="x")
+        assert time.monotonic() - start >= 0.9  # waited the server's Retry-After: 1 once
+        assert metric(c, 'ddpm_requests_total{code="503"}') == 3  # one, then one plus its retry
