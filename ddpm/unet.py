@@ -25,6 +25,9 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (7,)
     dropout: float = 0.0
     num_groups: int = 8  # GroupNorm groups; the paper's 32 is too many for 32-channel layers
+    # 0: unconditional (the paper's model). n > 0: class-conditional on labels 0..n-1, plus the null
+    # label n ("no label"), which classifier-free guidance (Ho & Salimans 2022) trains by dropping labels
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the frozen config hashable and comparable.
@@ -36,6 +39,13 @@ class UNetConfig:
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.num_groups:
                 raise ValueError("every level's channel count must be divisible by num_groups")
+        if self.num_classes < 0:
+            raise ValueError("num_classes must be >= 0")
+
+    @property
+    def null_label(self) -> int:
+        """The label index that means "unconditional" (num_classes; only for num_classes > 0)."""
+        return self.num_classes
 
     def to_dict(self) -> dict[str, object]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -126,6 +136,11 @@ class UNet(nn.Module):
         ch, groups = cfg.base_channels, cfg.num_groups
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        # the class embedding is added to the time embedding; zero at start (training begins unconditional)
+        self.label_emb: nn.Embedding | None = None
+        if cfg.num_classes:
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_ch)
+            nn.init.zeros_(self.label_emb.weight)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # Down path: remember each output's channel count for the matching skip in the up path.
@@ -173,9 +188,16 @@ class UNet(nn.Module):
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy images; t: (B,) timesteps (one per sample). Returns eps, (B, C, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps (one per sample); y: (B,) class labels of a
+        class-conditional model (num_classes = the null label; None: all null). Returns eps, (B, C, H, W)."""
         temb = self.temb(timestep_embedding(t, self.config.base_channels))  # (B, 4*ch)
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.config.null_label)
+            temb = temb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this U-Net is unconditional (num_classes = 0): it takes no labels")
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:

@@ -80,3 +80,60 @@ def test_resume_refuses_another_model(tmp_path: Path) -> None:
     other = TINY.__class__(**{**TINY.__dict__, "base_channels": 16})
     with pytest.raises(ValueError, match="another model"):
         Trainer(_config(unet=other), tmp_path / "r", device="cpu")
+
+
+def _class_folders(root: Path) -> Path:
+    """Three classes in sub-folders (the folder's names are the class names, sorted)."""
+    for c, name in enumerate(["zebra", "apple", "mango"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 60 * c + 5 * i, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_folder_classes_and_labels(tmp_path: Path) -> None:
+    from ddpm.data import load_labelled
+
+    data = load_labelled(str(_class_folders(tmp_path / "d")), 1, 8)
+    assert data.class_names == ["apple", "mango", "zebra"] and data.labels is not None
+    assert data.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and data.images.shape == (12, 1, 8, 8)
+    assert load_labelled("mnist", 1, 28).class_names == [str(d) for d in range(10)]
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "d" / "loose.png")  # an image outside any class folder
+    assert load_labelled(str(tmp_path / "d"), 1, 8).labels is None
+    with pytest.raises(ValueError, match="needs labelled data"):
+        Trainer(_config(data=str(tmp_path / "d"), conditional=True), tmp_path / "run", device="cpu")
+
+
+def test_conditional_training_drops_labels_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = str(_class_folders(tmp_path / "d"))
+    seen: list[torch.Tensor] = []
+    original = Trainer.train_step
+
+    def spy(self: Trainer) -> float:
+        forward = self.model.forward
+        self.model.forward = lambda x, t, y=None: (seen.append(y.clone()), forward(x, t, y))[1]  # type: ignore[method-assign]
+        try:
+            return original(self)
+        finally:
+            del self.model.forward
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    cfg = _config(data=data, conditional=True, label_dropout=0.25, steps=20, sample_every=20)
+    straight = Trainer(cfg, tmp_path / "a", device="cpu")
+    assert straight.config.unet.num_classes == 3
+    straight.train(progress=False)
+    labels = torch.cat(seen)
+    null_share = (labels == 3).float().mean().item()
+    assert 0.15 < null_share < 0.35, null_share  # 320 labels, p = 0.25
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+    model, card = load_model(tmp_path / "a" / "model")
+    assert card.class_names == ["apple", "mango", "zebra"] and card.training["label_dropout"] == 0.25
+    assert model.label_emb is not None and model.label_emb.weight.abs().sum() > 0  # the labels were learnt from
+    monkeypatch.setattr(Trainer, "train_step", original)
+    half = Trainer(_config(data=data, conditional=True, label_dropout=0.25, steps=10, sample_every=20), tmp_path / "b", device="cpu")
+    half.train(progress=False)
+    resumed = Trainer(cfg, tmp_path / "b", device="cpu")
+    resumed.train(progress=False)
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
