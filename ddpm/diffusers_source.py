@@ -80,6 +80,13 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir}: {exc}") from exc
+    if getattr(unet.config, "num_class_embeds", None) or getattr(unet.config, "class_embed_type", None):
+        # diffusers stores no null label and no class names: which embedding means "unconditional" (and
+        # which digit is which) would be a guess, so the mapping is refused rather than invented
+        raise CheckpointError(
+            f"{unet_dir}: a class-conditional UNet2DModel (num_class_embeds / class_embed_type) is not supported: its config names "
+            "no null label for guidance and no class names; train one with `ddpm train --conditional` instead"
+        )
     unet = unet.to(device).eval()
 
     def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -56,13 +56,15 @@ class CompiledEps:
         self.module = module.to(memory_format=torch.channels_last)
         self._compiled = torch.compile(self.module)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``y``: the labels of a class-conditional U-Net (None: an unconditional call)."""
         with torch.inference_mode():
             x, t = as_inference(x.contiguous(memory_format=torch.channels_last)), as_inference(t)
+            args = (x, t) if y is None else (x, t, as_inference(y))
             if x.shape[0] >= 2:
-                torch._dynamo.mark_dynamic(x, 0)
-                torch._dynamo.mark_dynamic(t, 0)
-            return self._compiled(x, t).contiguous()  # NCHW for the step (a no-op for one channel)
+                for a in args:
+                    torch._dynamo.mark_dynamic(a, 0)
+            return self._compiled(*args).contiguous()  # NCHW for the step (a no-op for one channel)
 
 
 def as_inference(x: torch.Tensor) -> torch.Tensor:

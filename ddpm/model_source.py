@@ -43,6 +43,43 @@ class LoadedModel:
     timestep_spacing: str | None = None
     steps_offset: int = 0
     path: Path | None = None  # the directory it was loaded from (a hub model: its snapshot in the cache)
+    # a class-conditional model: eps_model(x, t, y) with labels 0..num_classes-1 and the null label
+    # num_classes; class_names[i] names label i; guidance_scale: the w its model card recommends
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    guidance_scale: float | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def labels(
+        self, class_label: int | str | list[int | str] | None, n: int, guidance_scale: float | None
+    ) -> tuple[tuple[int, ...] | None, float]:
+        """The label of each of n images and the guidance scale w a request asks for: ``class_label`` one
+        for all images or a list with one per image, by index or name; w defaults to the model card's
+        (0 without one). (None, 0.0) for an unconditional request. Raises ChainError naming the field."""
+        if class_label is None:
+            if guidance_scale:
+                raise ChainError("guidance_scale", "guidance_scale needs a class_label (guidance pulls towards a class)")
+            return None, 0.0
+        if not self.conditional:
+            raise ChainError("class_label", "this model is unconditional: it takes no class_label")
+        given = class_label if isinstance(class_label, list) else [class_label] * n
+        if len(given) != n:
+            raise ChainError("class_label", f"class_label has {len(given)} labels for {n} images (give one, or one per image)")
+        names = {name: i for i, name in enumerate(self.class_names)}
+        labels = []
+        for label in given:
+            if isinstance(label, str) and label in names:
+                labels.append(names[label])
+            elif isinstance(label, int) and 0 <= label < self.num_classes:
+                labels.append(label)
+            else:
+                known = ", ".join(self.class_names) if self.class_names else f"0..{self.num_classes - 1}"
+                raise ChainError("class_label", f"unknown class {label!r} (this model's classes: {known})")
+        w = (self.guidance_scale or 0.0) if guidance_scale is None else guidance_scale
+        return tuple(labels), float(w)
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +141,9 @@ def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
                 image_shape=card.image_shape,
                 source="ddpm-serve",
                 info={"training": card.training, "quality": card.quality},
+                num_classes=card.unet.num_classes,
+                class_names=card.class_names or [str(i) for i in range(card.unet.num_classes)],
+                guidance_scale=card.guidance_scale,
             )
     if _is_diffusers_dir(path):
         from ddpm.diffusers_source import load_diffusers_ddpm

@@ -83,9 +83,9 @@ def with_precision(eps_model: EpsModel, precision: str, device: torch.device | s
         return eps_model
     dtype, device_type = DTYPES[precision], torch.device(device).type
 
-    def low_precision_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def low_precision_eps(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=dtype):
-            eps = eps_model(x, t)
+            eps = eps_model(x, t, *labels)  # labels: a class-conditional model's y
         return eps.float()  # the step and the chain state stay fp32
 
     return low_precision_eps

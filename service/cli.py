@@ -71,6 +71,9 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--eta", type=float, default=None, help="ddim only (default: 0)")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 (default: the model's)")
+    p.add_argument("--class-label", default=None,
+                   help="a class-conditional model: the class (index or name; a comma-separated list: one per image)")  # fmt: skip
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance w (default: the model card's)")
     p.add_argument("-o", "--output", default="grid.png", help=".png: a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]")
     p.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
     p.add_argument("--retries", type=int, default=5, help="retries of a 503 / 429 (after the server's Retry-After)")
@@ -98,7 +101,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.update(data["steps_done"] - bar.n)
 
     clip = None if args.clip is None else args.clip == "on"
-    chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip}
+    from ddpm.cli import class_label_arg
+
+    chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
+             "class_label": class_label_arg(args.class_label), "guidance_scale": args.guidance_scale}  # fmt: skip
     try:
         with Client(args.url, max_retries=args.retries) as client:
             result = client.generate(args.seed, args.n, on_event=on_event, **chain)
@@ -112,7 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 bar.update(bar.total - bar.n)
             bar.close()
     path = result.save(args.output, args.ncols)
-    meta = {k: result.meta.get(k) for k in ("model", "seed", "batch_size", "sampler", "steps", "precision", "cached")}
+    meta = {k: result.meta.get(k) for k in ("model", "seed", "batch_size", "sampler", "steps", "precision", "cached", "class_labels",
+                                            "guidance_scale")}  # fmt: skip
     print(json.dumps({"output": str(path), **meta}))
     return 0
 

@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from ddpm.guidance import guided_eps
 from ddpm.model_source import LoadedModel
 from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients, StepFn, default_step_fn
 from ddpm.seeding import image_seeds
@@ -104,6 +105,10 @@ class Job:
     eta: float = 0.0
     spacing: str = "linspace"
     steps_offset: int = 0
+    # a class-conditional model's label per image (None: unconditional, the null label) and the
+    # classifier-free guidance scale w of every image (0: no guidance, one U-Net row per step)
+    class_labels: tuple[int, ...] | None = None
+    guidance_scale: float = 0.0
     client: str = ""  # who the job counts against: admission is round robin over clients
     request_id: str | None = None  # for the log lines of faults
     on_progress: Callable[[Job], None] | None = None
@@ -320,6 +325,7 @@ class Engine:
         try:
             for n in sorted({1, min(2, self.max_batch), self.max_batch}):
                 for clip, sampler in ((True, "ddpm"), (False, "ddpm"), (True, "dpmsolver++")):  # with and without x0_prev
+                    guided = self.model.conditional and sampler == "dpmsolver++"  # and a guided batch (2 rows per sample)
                     job = Job(
                         seed=0,
                         n=n,
@@ -327,6 +333,8 @@ class Engine:
                         clip_denoised=clip,
                         timeout_s=3600,
                         sampler=sampler,
+                        class_labels=(0,) * n if guided else None,
+                        guidance_scale=1.0 if guided else 0.0,
                     )
                     with self._lock:
                         self._enqueue(job)  # not submit(): warm-up ignores the queue limit
@@ -493,7 +501,13 @@ class Engine:
             t[rows] = tables.timesteps[running.positions[rows]]
             coefs[:, rows] = tables.table[:, running.positions[rows]]
         self._fault("unet")
-        return t, coefs, self.model.eps_model(running.x, t)
+        if not self.model.conditional:
+            return t, coefs, self.model.eps_model(running.x, t)
+        # classifier-free guidance in the same call: guided samples add a null-label row (ddpm/guidance.py)
+        null = self.model.num_classes
+        labels = torch.tensor([job.class_labels[k] if job.class_labels else null for job, k in running.owners], device=self.device)
+        scales = torch.tensor([job.guidance_scale for job, _ in running.owners], dtype=torch.float32, device=self.device)
+        return t, coefs, guided_eps(self.model.eps_model, running.x, t, labels, scales, null)
 
     def _step(self, running: _Running, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ONE fused step over the running batch, every sampler, clip setting and chain at once; returns

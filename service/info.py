@@ -47,4 +47,6 @@ def server_info(state: ServerState) -> InfoResponse:
         step_backend=facts.step_backend,
         scheduling=s.scheduling,
         response_cache_bytes=state.cache.max_bytes,
+        classes=list(model.class_names),
+        guidance_scale=model.guidance_scale,
     )

@@ -22,7 +22,7 @@ from ddpm.grid import image_pngs
 from ddpm.model_facts import weight_files
 from ddpm.seeding import MAX_SEED
 from service.auth import Authorized
-from service.routes import ERRORS, JSON, ApiError, StateDep, images_or_not_modified, prepare
+from service.routes import ERRORS, JSON, ApiError, StateDep, class_names, images_or_not_modified, prepare
 from service.runtime import ServerState
 from service.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, OpenAIError
 from service.strict_json import StrictJSONRoute
@@ -89,7 +89,7 @@ def _check_model(state: ServerState, requested: str | None) -> str:
 async def images_generations(body: ImageGenerationRequest, request: Request, state: StateDep, _: Authorized) -> Response:
     try:
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-        key = prepare(state, seed, body.n, body.chain_fields(), n_field="n")  # readiness first: 503 before any 4xx about the model
+        key = prepare(state, seed, body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
         name = _check_model(state, body.model)
         _, h, w = state.model.image_shape  # type: ignore[union-attr]
         size = f"{w}x{h}"
@@ -114,6 +114,8 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
             timestep_spacing=spec.spacing,
             precision=state.precision,
             cached=generated.job is None,
+            class_labels=class_names(state, key),
+            guidance_scale=key.guidance_scale,
         )
         response = JSONResponse(jsonable_encoder(answer), headers={"ETag": key.etag(JSON), "X-Cache": "hit" if answer.cached else "miss"})
         request.state.outcome = "ok"

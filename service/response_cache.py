@@ -1,7 +1,8 @@
 """A bounded in-memory cache of finished images, and the ETags that name them.
 
 Image k of a request is a pure function of (model weights, U-Net precision and device type, seed, k,
-and the chain: sampler, steps, eta, timestep spacing and offset, clip). A request is (seed, n, chain)
+the chain: sampler, steps, eta, timestep spacing and offset, clip; and for a class-conditional model
+its label and the guidance scale). A request is (seed, n, chain)
 and asks for images k = 0..n-1, so identical requests get identical images: the second one is
 answered from here without a U-Net call, and a client that sends the ETag it got back in
 ``If-None-Match`` gets 304 without even the encoding. (Triton Inference Server's response cache is
@@ -31,11 +32,13 @@ class ImageKey:
     seed: int
     n: int
     chain: ChainSpec
+    labels: tuple[int, ...] | None = None  # a class-conditional request's label per image
+    guidance_scale: float = 0.0
 
     def etag(self, media_type: str) -> str:
         c = self.chain
         parts = (self.weights_sha256, self.precision, self.device_type, self.seed, self.n, c.sampler, c.steps, repr(c.eta), c.clip,
-                 c.spacing, c.steps_offset, media_type)  # fmt: skip
+                 c.spacing, c.steps_offset, self.labels, repr(self.guidance_scale), media_type)  # fmt: skip
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
 
 

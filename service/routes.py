@@ -44,6 +44,7 @@ from service.info import server_info
 from service.response_cache import ImageKey, etag_matches
 from service.runtime import JobHandle, ServerState
 from service.schemas import (
+    ChainRequest,
     ChainTable,
     ErrorResponse,
     GenerateRequest,
@@ -113,16 +114,20 @@ def _field_error(field: str, message: str, value: object, where: str = "body") -
     return RequestValidationError([{"type": "value_error", "loc": (where, field), "msg": message, "input": value}])
 
 
-def prepare(state: ServerState, seed: int, n: int, chain: dict[str, object], n_field: str = "batch_size") -> ImageKey:
+def prepare(state: ServerState, seed: int, n: int, body: ChainRequest, n_field: str = "batch_size") -> ImageKey:
     """Check readiness and validate a request against the loaded model: the key of the images it asks
-    for (errors as ApiError / a 422 naming the field). ``chain``: sampler, steps, eta, timestep_spacing, clip_denoised."""
+    for (errors as ApiError / a 422 naming the field): its chain, and a conditional model's labels and guidance."""
     reason = state.refusal_reason()
     if state.engine is None or state.model is None or state.facts is None or reason is not None:
         raise ApiError(503, f"not ready: {reason}", "unavailable", {"Retry-After": str(state.settings.retry_after_s)})
     if n > state.settings.max_images_per_request:
         raise _field_error(n_field, f"{n_field} must be <= {state.settings.max_images_per_request}", n)
-    spec = resolve_chain(state, chain["sampler"], chain["steps"], chain["eta"], chain["timestep_spacing"], chain["clip_denoised"])  # type: ignore[arg-type]
-    return ImageKey(state.facts.weights_sha256, state.precision, state.engine.device.type, seed, n, spec)
+    spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised)
+    try:
+        labels, w = state.model.labels(body.class_label, n, body.guidance_scale)
+    except ChainError as exc:
+        raise _field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
+    return ImageKey(state.facts.weights_sha256, state.precision, state.engine.device.type, seed, n, spec, labels, w)
 
 
 def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = False) -> JobHandle:
@@ -139,6 +144,8 @@ def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = F
         eta=spec.eta,
         spacing=spec.spacing,
         steps_offset=spec.steps_offset,
+        class_labels=key.labels,
+        guidance_scale=key.guidance_scale,
         client=client,
         request_id=request.state.request_id,
     )
@@ -275,9 +282,18 @@ def _result_body(state: ServerState, key: ImageKey, generated: Generated, arrive
         model=state.model.name if state.model else "",
         precision=state.precision,
         cached=job is None,
+        class_labels=class_names(state, key),
+        guidance_scale=key.guidance_scale,
         images=[base64.b64encode(png).decode() for png in image_pngs(generated.images)],
         timings=Timings(queue_wait_s=round(queue_wait, 6), generation_s=round(generation, 6), total_s=round(time.monotonic() - arrived, 6)),
     )
+
+
+def class_names(state: ServerState, key: ImageKey) -> list[str] | None:
+    """The class name of each image of a class-conditional request (None for an unconditional one)."""
+    if key.labels is None or state.model is None:
+        return None
+    return [state.model.class_names[label] for label in key.labels]
 
 
 def _npy(images: object) -> bytes:
@@ -301,7 +317,7 @@ async def generate(
     arrived = time.monotonic()
     try:
         media = _negotiate(accept, [JSON, PNG, NPY])
-        key = prepare(state, body.seed, body.batch_size, body.chain_fields())
+        key = prepare(state, body.seed, body.batch_size, body)
         generated = await images_or_not_modified(state, key, media, request)
         if isinstance(generated, Response):
             return generated
@@ -337,7 +353,7 @@ async def generate_stream(
     arrived = time.monotonic()
     try:
         _negotiate(accept, [SSE])
-        key = prepare(state, body.seed, body.batch_size, body.chain_fields())
+        key = prepare(state, body.seed, body.batch_size, body)
         cached = cached_images(state, key, request)
         handle = None if cached is not None else submit(state, key, request, stream=True)
     except ApiError as exc:

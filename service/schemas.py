@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ddpm.seeding import MAX_SEED
 
+ClassLabel = StrictInt | Annotated[StrictStr, Field(max_length=256)]  # a class index or name
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
 SpacingName = Literal["linspace", "leading", "trailing"]
 
@@ -41,8 +42,20 @@ class ChainRequest(BaseModel):
         None, strict=True, description="Clip the predicted x0 to [-1, 1] at every step; default: the model's setting."
     )
 
-    def chain_fields(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("sampler", "steps", "eta", "timestep_spacing", "clip_denoised")}
+    class_label: ClassLabel | Annotated[list[ClassLabel], Field(max_length=4096)] | None = Field(
+        None,
+        description="A class-conditional model only (GET /info lists its classes): the class of every image, by index or "
+        "name, or a list with one per image. Default: unconditional (the null label).",
+    )
+    guidance_scale: float | None = Field(
+        None,
+        strict=True,
+        ge=0,
+        le=50,
+        allow_inf_nan=False,
+        description="Classifier-free guidance w, with class_label: eps = (1 + w) eps(x, t, y) - w eps(x, t, null); 0: plain "
+        "conditional sampling (one U-Net row per image-step instead of two). Default: the model card's.",
+    )
 
 
 class GenerateRequest(ChainRequest):
@@ -66,6 +79,8 @@ class GenerateResponse(BaseModel):
     model: str
     precision: str = Field(..., description="The U-Net's precision (fp32, bf16, fp16): part of what image k depends on.")
     cached: bool = Field(False, description="Answered from the response cache (the same images, no U-Net call).")
+    class_labels: list[str] | None = Field(None, description="The class name of each image (a class-conditional request).")
+    guidance_scale: float = Field(0.0, description="The classifier-free guidance scale w used (0: none).")
     images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
     timings: Timings
 
@@ -163,6 +178,8 @@ class InfoResponse(BaseModel):
     step_backend: str
     scheduling: str
     response_cache_bytes: int = Field(..., description="DDPM_RESPONSE_CACHE_MB in bytes; 0: off")
+    classes: list[str] = Field(..., description="A class-conditional model's class names, label i = classes[i] (empty: unconditional)")
+    guidance_scale: float | None = Field(..., description="The model card's recommended classifier-free guidance scale")
 
 
 class ImageGenerationRequest(ChainRequest):
@@ -206,6 +223,8 @@ class ImagesResponse(BaseModel):
     timestep_spacing: str
     precision: str
     cached: bool
+    class_labels: list[str] | None = None
+    guidance_scale: float = 0.0
 
 
 class ModelCard(BaseModel):

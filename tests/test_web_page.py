@@ -64,6 +64,7 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
     shown = d.find_element(By.ID, "info-list").text  # type: ignore[attr-defined]
     assert "tiny (ddpm-serve)" in shown and f"{info['model']['parameters']:,}" in shown and "sde-dpmsolver++" in shown
     assert d.find_element(By.ID, "batch_size").get_attribute("max") == str(info["limits"]["max_images_per_request"])  # type: ignore[attr-defined]
+    assert not d.find_element(By.ID, "conditional").is_displayed()  # type: ignore[attr-defined]  # an unconditional model
 
     for field, value in [("seed", "5"), ("batch_size", "3"), ("steps", "300"), ("eta", "0.5")]:
         box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
@@ -101,3 +102,32 @@ def test_page_shows_errors(server: ServerProcess, browser: object) -> None:
     d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
     WebDriverWait(d, 30).until(lambda drv: "422" in drv.find_element(By.ID, "status").text)
     assert "steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+
+
+def test_page_asks_a_class_conditional_model_for_a_class(browser: object, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from tests.tiny_model import TINY_CLASSES, save_tiny_conditional_model
+
+    cond = ServerProcess(save_tiny_conditional_model(tmp_path_factory.mktemp("c") / "tiny-cond", num_timesteps=50))
+    try:
+        cond.wait_ready()
+        d = browser
+        d.get(cond.url + "/")  # type: ignore[attr-defined]
+        wait = WebDriverWait(d, 30, poll_frequency=0.02)
+        wait.until(lambda drv: drv.find_element(By.ID, "conditional").is_displayed())
+        options = [o.get_attribute("value") for o in Select(d.find_element(By.ID, "class_label")).options]  # type: ignore[attr-defined]
+        assert options == ["", *TINY_CLASSES]
+        assert "model's: 1.5" in d.find_element(By.ID, "guidance_scale").get_attribute("placeholder")  # type: ignore[attr-defined]
+        Select(d.find_element(By.ID, "class_label")).select_by_value("dog")  # type: ignore[attr-defined]
+        for field, value in [("guidance_scale", "2.5"), ("steps", "10"), ("batch_size", "2")]:
+            box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
+            box.clear()
+            box.send_keys(value)
+        d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+        wait.until(lambda drv: "done: 2 images" in drv.find_element(By.ID, "status").text)
+        assert "class dog, guidance 2.5" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+        assert cond.metric('ddpm_requests_total{code="200"}') == 1
+    finally:
+        cond.stop()

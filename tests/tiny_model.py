@@ -44,3 +44,29 @@ def tiny_loaded_model(unet: UNet, num_timesteps: int = 1000):  # type: ignore[no
         image_shape=(TINY.in_channels, TINY.image_size, TINY.image_size),
         source="test",
     )
+
+
+TINY_CLASSES = ["cat", "dog", "fox"]
+
+
+def random_tiny_conditional_unet() -> UNet:
+    """A class-conditional tiny U-Net (3 classes + the null label), with label embeddings large enough
+    that every label, and the null label, gives a different eps."""
+    from dataclasses import replace
+
+    torch.manual_seed(1)
+    model = UNet(replace(TINY, num_classes=len(TINY_CLASSES))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() > 1:
+                p.normal_(0, 0.05)
+        model.label_emb.weight.normal_(0, 1.0)  # type: ignore[union-attr]
+    return model
+
+
+def save_tiny_conditional_model(directory: Path, num_timesteps: int = 1000, guidance_scale: float | None = 1.5) -> Path:
+    from ddpm.checkpoint import ModelCard, save_model
+
+    unet = random_tiny_conditional_unet()
+    card = ModelCard(unet=unet.config, num_timesteps=num_timesteps, class_names=list(TINY_CLASSES), guidance_scale=guidance_scale)
+    return save_model(directory, unet, card)

@@ -1,0 +1,189 @@
+"""Classifier-free guidance: the U-Net's labels, the guided eps against its formula, one U-Net call per
+iteration with 2 rows per guided sample, and the server's class-conditional requests against the
+offline sampler (the reproducibility contract extended to the label and the scale)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.checkpoint import CheckpointError, ModelCard, load_model
+from ddpm.guidance import fixed_guidance, guided_eps, rows_per_call
+from ddpm.model_source import ChainError, load_model_source
+from ddpm.sampler import sample
+from ddpm.seeding import image_seeds
+from ddpm.unet import UNet
+from kernels.philox import seeds_to_tensor
+from service.continuous_batcher import Engine, Job
+from tests.app_client import app_client, metric, wait_ready
+from tests.tiny_model import TINY, TINY_CLASSES, random_tiny_conditional_unet, save_tiny_conditional_model, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def cond_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_conditional_model(tmp_path_factory.mktemp("m") / "tiny-cond", num_timesteps=100)
+
+
+def test_conditional_unet_labels() -> None:
+    unet = random_tiny_conditional_unet()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 500, 900])
+    with torch.no_grad():
+        null = torch.full((4,), 3)
+        assert torch.equal(unet(x, t), unet(x, t, null))  # no labels = the null label
+        by_label = [unet(x, t, torch.full((4,), y)) for y in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert (by_label[a] - by_label[b]).abs().max() > 1e-3  # every label, and null, is its own
+    plain = UNet(TINY)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, t, null)
+    assert not any("label_emb" in k for k in plain.state_dict())  # unconditional checkpoints are unchanged
+
+
+def test_guided_eps_is_the_cfg_formula_in_one_call() -> None:
+    unet = random_tiny_conditional_unet()
+    calls: list[int] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return unet(x, t, y)
+
+    x, t = torch.randn(5, 1, 8, 8), torch.tensor([10, 20, 30, 40, 50])
+    labels = torch.tensor([0, 1, 2, 3, 1])  # 3: the null label
+    scales = torch.tensor([0.0, 2.0, 0.5, 0.0, 4.0])
+    with torch.no_grad():
+        eps = guided_eps(model, x, t, labels, scales, null_label=3)
+        cond, uncond = unet(x, t, labels), unet(x, t)
+    assert calls == [5 + 3] and rows_per_call(scales) == 8  # one call: 5 rows plus a null copy of the 3 guided ones
+    expected = (1 + scales.view(-1, 1, 1, 1)) * cond - scales.view(-1, 1, 1, 1) * uncond
+    assert (eps - expected).abs().max() < 1e-5
+    assert torch.equal(eps[0], cond[0]) or (eps[0] - cond[0]).abs().max() < 1e-6  # w = 0: the conditional eps
+    calls.clear()
+    with torch.no_grad():
+        guided_eps(model, x, t, labels, torch.zeros(5), null_label=3)
+    assert calls == [5]  # nothing guided: no extra rows
+
+
+def test_checkpoint_records_classes(tmp_path: Path, cond_dir: Path) -> None:
+    _module, card = load_model(cond_dir)
+    assert card.class_names == TINY_CLASSES and card.unet.num_classes == 3 and card.guidance_scale == 1.5
+    model = load_model_source(cond_dir)
+    assert model.conditional and model.class_names == TINY_CLASSES
+    assert model.labels("dog", 2, None) == ((1, 1), 1.5)  # the card's scale by default
+    assert model.labels(["fox", 0], 2, 0.0) == ((2, 0), 0.0)
+    assert model.labels(None, 2, None) == (None, 0.0)
+    for bad, field in [("wolf", "class_label"), (3, "class_label"), (["cat"], "class_label")]:
+        with pytest.raises(ChainError) as err:
+            model.labels(bad, 2, None)
+        assert err.value.field == field
+    with pytest.raises(ChainError, match="needs a class_label"):
+        model.labels(None, 1, 2.0)
+    with pytest.raises(CheckpointError, match="do not match"):
+        ModelCard(unet=card.unet, class_names=["a", "b"])
+    plain = load_model_source(save_tiny_model(tmp_path / "plain"))
+    with pytest.raises(ChainError, match="unconditional"):
+        plain.labels("cat", 1, None)
+
+
+def _offline(cond_dir: Path, seed: int, labels: list[int], w: float, steps: int, sampler: str) -> torch.Tensor:
+    model = load_model_source(cond_dir)
+    n = len(labels)
+    eps = fixed_guidance(model.eps_model, torch.tensor(labels), torch.full((n,), w), model.num_classes)
+    with torch.inference_mode():
+        return sample(eps, model.schedule, seeds_to_tensor(image_seeds(seed, n)), model.image_shape, steps=steps, sampler=sampler,
+                      variance_type=model.variance_type, clip_denoised=model.clip_denoised)  # fmt: skip
+
+
+def test_engine_mixes_guided_unguided_and_unconditional_samples(cond_dir: Path) -> None:
+    model = load_model_source(cond_dir)
+    inner, rows = model.eps_model, []
+    model.eps_model = lambda x, t, y: (rows.append(x.shape[0]), inner(x, t, y))[1]  # type: ignore[assignment, misc]
+    engine = Engine(model, max_batch=16, max_queue=64)
+    engine.start()
+    specs = [  # seed, labels, w, steps, sampler
+        (1, [0, 1], 2.0, 12, "ddim"),
+        (2, [2, 2, 0], 0.0, 10, "dpmsolver++"),  # conditional, unguided
+        (3, None, 0.0, 8, "ddpm"),  # unconditional (null label)
+        (4, [1], 4.0, 12, "sde-dpmsolver++"),
+    ]
+    try:
+        jobs = []
+        for seed, labels, w, steps, sampler in specs:
+            job = Job(seed=seed, n=len(labels or [0]), steps=steps, clip_denoised=True, timeout_s=60, sampler=sampler,
+                      class_labels=tuple(labels) if labels else None, guidance_scale=w)  # fmt: skip
+            jobs.append(engine.submit(job))
+            time.sleep(0.005)
+        deadline = time.monotonic() + 60
+        while not all(j.done for j in jobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert max(rows) >= 7 + 3  # at some iteration 7 samples shared one call, 3 of them guided (2 rows each)
+    for job, (seed, labels, w, steps, sampler) in zip(jobs, specs, strict=True):
+        assert job.error is None and job.images is not None
+        offline = _offline(cond_dir, seed, labels if labels else [3], w, steps, sampler)
+        # batched-kernel rounding (the batch differs from the offline one), amplified up to (1 + w) by guidance
+        assert (job.images - offline).abs().max() < 1e-4, (seed, labels, w)
+    # the label and the scale matter: the same seed with another label or scale is another image
+    a = _offline(cond_dir, 1, [0], 2.0, 12, "ddim")
+    assert (a - _offline(cond_dir, 1, [1], 2.0, 12, "ddim")).abs().max() > 1e-2
+    assert (a - _offline(cond_dir, 1, [0], 0.0, 12, "ddim")).abs().max() > 1e-2
+
+
+def test_http_class_conditional_requests(cond_dir: Path) -> None:
+    body = {"seed": 5, "batch_size": 3, "steps": 10, "sampler": "ddim", "timestep_spacing": "linspace", "class_label": ["fox", 0, "dog"],
+            "guidance_scale": 3.0}  # fmt: skip
+    with app_client(cond_dir, compile="off", precision="fp32") as c:
+        wait_ready(c)
+        info = c.get("/info").json()
+        assert info["classes"] == TINY_CLASSES and info["guidance_scale"] == 1.5
+        r = c.post("/generate", json=body, headers={"Accept": "application/x-npy"})
+        assert r.status_code == 200
+        meta = c.post("/generate", json=body).json()
+        assert meta["class_labels"] == ["fox", "cat", "dog"] and meta["guidance_scale"] == 3.0 and meta["cached"] is True
+        default_w = c.post("/generate", json={"seed": 5, "steps": 10, "class_label": "cat"}).json()
+        assert default_w["guidance_scale"] == 1.5 and default_w["class_labels"] == ["cat"]
+        for bad, field in [({"class_label": "wolf"}, "class_label"), ({"class_label": [0, 1]}, "class_label"),
+                           ({"guidance_scale": 2.0}, "guidance_scale"), ({"class_label": 0, "guidance_scale": -1.0}, "guidance_scale"),
+                           ({"class_label": True}, "class_label")]:  # fmt: skip
+            r422 = c.post("/generate", json={"seed": 1, "batch_size": 3, **bad})
+            assert r422.status_code == 422 and r422.json()["detail"].startswith(field), (bad, r422.text)
+        oa = c.post("/v1/images/generations", json={"prompt": "x", "n": 1, "class_label": "dog", "guidance_scale": 0.0, "steps": 4})
+        assert oa.status_code == 200 and oa.json()["class_labels"] == ["dog"]
+        assert metric(c, 'ddpm_requests_total{code="422"}') == 5
+    import io
+
+    import numpy as np
+
+    served = torch.from_numpy(np.load(io.BytesIO(r.content))) * 2 - 1
+    offline = _offline(cond_dir, 5, [2, 0, 1], 3.0, 10, "ddim").clamp(-1, 1)
+    assert (served - offline).abs().max() < 1e-4
+
+
+def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    base = [sys.executable, "-m", "ddpm.cli"]
+    common = ["--model", str(cond_dir), "--steps", "6", "--sampler", "ddim", "--spacing", "linspace", "--compile", "off",
+              "--precision", "fp32", "--quiet"]  # fmt: skip
+    out = subprocess.run([*base, "sample", *common, "-n", "3", "--class-label", "fox,0,dog", "--guidance-scale", "2",
+                          "-o", str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    offline = (_offline(cond_dir, 0, [2, 0, 1], 2.0, 6, "ddim").clamp(-1, 1) + 1) / 2
+    assert np.abs(np.load(tmp_path / "x.npy") - offline.numpy()).max() < 1e-5
+    bad = subprocess.run([*base, "sample", *common, "-n", "1", "--class-label", "wolf"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--class-label: unknown class 'wolf'" in bad.stderr
+    ev = subprocess.run([*base, "eval", *common, "-n", "30", "--class-label", "balanced", "--guidance-scale", "1"],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    report = json.loads(ev.stdout)
+    assert report["guidance_scale"] == 1.0 and 0 <= report["agreement"] <= 1 and set(report["per_class"]) == {"0", "1", "2"}
+    assert report["per_class"]["0"]["n"] == 10
