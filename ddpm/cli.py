@@ -73,6 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps,
         threads=args.threads,
         unet=unet,
+        conditional=args.conditional,
+        label_dropout=args.label_dropout,
     )
     command = "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     trainer = Trainer(config, args.run_dir, device=args.device, command=command)
@@ -97,6 +99,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import torch
     from tqdm import tqdm
 
+    from ddpm.guidance import fixed_guidance
     from ddpm.inference_compile import hot_path
     from ddpm.model_source import ChainError, load_model_source
     from ddpm.sampler import sample_chain
@@ -110,9 +113,10 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     try:
         chain = model.chain(args.sampler, args.steps or model.schedule.num_timesteps, args.eta, args.spacing,
                             None if args.clip is None else args.clip == "on")  # fmt: skip
+        labels, w = model.labels(_requested_labels(args.class_label, args.n, model.num_classes), args.n, args.guidance_scale)
     except ChainError as exc:
-        raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field) }: {exc}") from exc
-    args.eta, args.spacing_used = chain.eta, chain.spacing
+        raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field).replace('_', '-') }: {exc}") from exc
+    args.eta, args.spacing_used, args.guidance_used, args.labels_used = chain.eta, chain.spacing, w, labels
     steps = chain.steps
     out = []
     batches = range(0, args.n, args.batch_size)
@@ -126,7 +130,11 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     with torch.inference_mode():
         for first in batches:
             seeds = seeds_to_tensor(image_seeds(args.seed, min(args.batch_size, args.n - first), first=first), device)
-            run = sample_chain(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
+            eps_model = fast.eps_model
+            if labels is not None:  # classifier-free guidance over this batch's images (ddpm/guidance.py)
+                y = torch.tensor(labels[first : first + len(seeds)], device=device)
+                eps_model = fixed_guidance(fast.eps_model, y, torch.full((len(seeds),), w, device=device), model.num_classes)
+            run = sample_chain(eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
                                clip_denoised=chain.clip, sampler=chain.sampler, eta=chain.eta, spacing=chain.spacing,
                                steps_offset=chain.steps_offset, device=device, step_fn=fast.step_fn)  # fmt: skip
             x = None
@@ -157,11 +165,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     require_train_extra("eval")
+    import torch
+
     from ddpm.classifier import load_classifier
-    from ddpm.evaluate import evaluate
+    from ddpm.evaluate import evaluate, evaluate_conditional
 
     classifier = load_classifier(args.classifier)
     images, model = generate(args)
+    labels = getattr(args, "labels_used", None)
     report = {
         "model": str(args.model),
         "seed": args.seed,
@@ -170,7 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "eta": args.eta,
         "timestep_spacing": args.spacing_used,
         "precision": args.precision_used,
-        **evaluate(classifier, images),
+        **({"class_label": args.class_label, "guidance_scale": args.guidance_used} if labels is not None else {}),
+        **(evaluate_conditional(classifier, images, torch.tensor(labels)) if labels is not None else evaluate(classifier, images)),
     }
     text = json.dumps(report, indent=2)
     print(text)
@@ -229,6 +241,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _requested_labels(text: str | None, n: int, num_classes: int) -> int | str | list[int | str] | None:
+    """--class-label, where ``balanced`` means image k asks for class k mod (number of classes)."""
+    if text == "balanced" and num_classes:
+        return [k % num_classes for k in range(n)]
+    return class_label_arg(text)
+
+
+def class_label_arg(text: str | None) -> int | str | list[int | str] | None:
+    """--class-label: '7', 'seven', or '1,2,3' (one per image); digits are indices."""
+    if text is None:
+        return None
+    values: list[int | str] = [int(v) if v.strip().isdigit() else v.strip() for v in text.split(",")]
+    return values if "," in text else values[0]
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="a ddpm-serve or diffusers DDPM directory, or a hub repository org/name[@revision] (hub cache)")  # fmt: skip
@@ -241,6 +268,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="images per U-Net call")
+    p.add_argument("--class-label", default=None,
+                   help="a class-conditional model: the class of every image (index or name), a comma-separated list "
+                        "(one per image), or 'balanced' (image k: class k mod the number of classes); default: unconditional")  # fmt: skip
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance w with --class-label (default: the model card's)")  # fmt: skip
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
@@ -288,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids")
     t.add_argument("--sample-steps", type=int, default=100, help="U-Net calls per image of those grids")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    t.add_argument("--conditional", action="store_true",
+                   help="class-conditional U-Net on the data's labels (mnist: the digit; a folder: its sub-folders), "
+                        "trained for classifier-free guidance")  # fmt: skip
+    t.add_argument("--label-dropout", type=float, default=0.1, help="with --conditional: probability a label is replaced by the null label")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -94,3 +94,53 @@ def evaluate(classifier: DigitClassifier, samples: torch.Tensor, seed: int = 0) 
         "fd_ratio": ours.fd / ref.fd if ref.fd > 0 else math.inf,
         "confident_share_gap": ref.confident_share - ours.confident_share,
     }
+
+
+def _mean_pairwise_distance(features: np.ndarray) -> float:
+    """Mean Euclidean distance between distinct pairs: how spread out (diverse) a set is."""
+    if len(features) < 2:
+        return 0.0
+    sq = (features**2).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * features @ features.T, 0.0)
+    n = len(features)
+    return float(np.sqrt(d2)[~np.eye(n, dtype=bool)].mean())
+
+
+def evaluate_conditional(classifier: DigitClassifier, samples: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict[str, object]:
+    """Samples asked for classes ``labels`` (N,) against the held-out real digits of each class:
+
+    - agreement: the share of samples the classifier puts in the class asked for;
+    - per-class FD: FD between a class's samples and that class's real digits (first half), averaged over
+      classes, beside the same for the class's two real halves (real vs real, the scale at that n);
+    - diversity: mean pairwise feature distance within a class, samples / real (1: as varied as real;
+      guidance trades it for fidelity);
+    plus the unconditional figures (FD, confident share, class entropy) of ``evaluate``.
+    """
+    split = mnist_split()
+    perm = torch.Generator().manual_seed(seed)
+    feats, probs = classify(classifier, samples)
+    labels_np = labels.cpu().numpy()
+    per_class = {}
+    for c in sorted(set(labels_np.tolist())):
+        real = split.test_x[split.test_y == c]
+        real = real[torch.randperm(len(real), generator=perm)]
+        half = len(real) // 2
+        real_a, _ = classify(classifier, real[:half])
+        real_b, _ = classify(classifier, real[half : 2 * half])
+        mine = feats[labels_np == c]
+        per_class[str(c)] = {
+            "n": len(mine),
+            "agreement": float((probs[labels_np == c].argmax(1) == c).mean()),
+            "fd": frechet_distance(*_stats(mine), *_stats(real_a)),
+            "fd_real_vs_real": frechet_distance(*_stats(real_b), *_stats(real_a)),
+            "diversity": _mean_pairwise_distance(mine) / _mean_pairwise_distance(real_a),
+        }
+    classes = list(per_class.values())
+    return {
+        "agreement": float((probs.argmax(1) == labels_np).mean()),
+        "per_class_fd": float(np.mean([c["fd"] for c in classes])),
+        "per_class_fd_real_vs_real": float(np.mean([c["fd_real_vs_real"] for c in classes])),
+        "diversity": float(np.mean([c["diversity"] for c in classes])),
+        "per_class": per_class,
+        **evaluate(classifier, samples, seed),
+    }
