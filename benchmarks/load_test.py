@@ -171,6 +171,12 @@ SHORT_STEPS, LONG_STEPS = 10, 100
 MIXES: dict[str, list[dict[str, object]]] = {
     "steps": [{"steps": SHORT_STEPS, "sampler": "ddpm"}, {"steps": LONG_STEPS, "sampler": "ddpm"}],
     "samplers": [{"steps": 20, "sampler": "dpmsolver++"}, {"steps": 50, "sampler": "ddim"}, {"steps": 1000, "sampler": "ddpm"}],
+    # a class-conditional model (--model): guided (2 U-Net rows per image-step), conditional and unconditional requests
+    "guidance": [
+        {"steps": 20, "sampler": "sde-dpmsolver++", "class_label": 7, "guidance_scale": 2.0},
+        {"steps": 20, "sampler": "sde-dpmsolver++", "class_label": 3, "guidance_scale": 0.0},
+        {"steps": 20, "sampler": "sde-dpmsolver++"},
+    ],
 }
 
 
@@ -187,14 +193,14 @@ def mean_between(before: dict[str, tuple[float, float]], after: dict[str, tuple[
 
 
 async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, timeout: float, mix: str = "steps") -> dict[str, object]:
-    results: list[tuple[int, int, float]] = []  # (steps, status, latency)
+    results: list[tuple[int, int, float, int]] = []  # (steps, status, latency, U-Net rows per image-step)
     kinds = MIXES[mix]
 
     async def client_loop(w: int, client: httpx.AsyncClient) -> None:
         for i in range(per_client):
             fields = kinds[(w + i) % len(kinds)]
             code, dt = await one(client, 10_000 * w + i, **fields)  # type: ignore[arg-type]
-            results.append((int(fields["steps"]), code, dt))
+            results.append((int(fields["steps"]), code, dt, 2 if fields.get("guidance_scale") else 1))
 
     before = histogram_totals(server)
     limits = httpx.Limits(max_connections=concurrency)
@@ -204,7 +210,8 @@ async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, 
     wall = time.monotonic() - start
     after = histogram_totals(server)
     iteration = "ddpm_iteration_duration_seconds"
-    ok = [(steps, dt) for steps, code, dt in results if code == 200]
+    ok = [(steps, dt) for steps, code, dt, _ in results if code == 200]
+    rows = sum(steps * per_step for steps, code, _, per_step in results if code == 200)
     latencies = [dt for _, dt in ok]
     short_steps = min(int(k["steps"]) for k in kinds)
     short = [dt for steps, dt in ok if steps == short_steps]
@@ -215,6 +222,7 @@ async def closed_loop(server: ServerProcess, concurrency: int, per_client: int, 
         "wall_s": round(wall, 2),
         "images_per_s": round(len(ok) / wall, 3),
         "image_steps_per_s": round(sum(steps for steps, _ in ok) / wall, 1),
+        "unet_rows_per_s": round(rows / wall, 1),  # = image_steps_per_s unless requests are guided (2 rows each)
         "latency_p50_s": round(percentile(latencies, 0.5), 3),
         "latency_p95_s": round(percentile(latencies, 0.95), 3),
         "latency_p99_s": round(percentile(latencies, 0.99), 3),
@@ -284,7 +292,8 @@ def sweep_table(report: dict[str, object]) -> str:
     req = {r["concurrency"]: r for r in cells.get("request", [])}  # type: ignore[attr-defined]
     if 16 in cont:
         lines.append(f"\nserved image-steps/s at concurrency 16 / offline sampler at batch 16 ({offline}): "
-                     f"{cont[16]['image_steps_per_s'] / offline:.2f}")  # fmt: skip
+                     f"{cont[16]['image_steps_per_s'] / offline:.2f}; U-Net rows/s ({cont[16]['unet_rows_per_s']}) / offline: "
+                     f"{cont[16]['unet_rows_per_s'] / offline:.2f}")  # fmt: skip
     for c in sorted(set(cont) & set(req)):
         lines.append(f"concurrency {c}: short-request p50 request-level / continuous = "
                      f"{req[c]['short_latency_p50_s'] / max(1e-9, cont[c]['short_latency_p50_s']):.2f}x, "
@@ -332,7 +341,8 @@ def main() -> None:
     parser.add_argument("--concurrencies", default="1,4,16,64", help="sweep: client concurrencies")
     parser.add_argument("--modes", default="continuous,request", help="sweep: scheduling modes, one server each")
     parser.add_argument("--mix", choices=sorted(MIXES), default="steps",
-                        help="sweep: steps (10/100-step ddpm) or samplers (20-step dpmsolver++, 50-step ddim, 1000-step ddpm)")  # fmt: skip
+                        help="sweep: steps (10/100-step ddpm), samplers (20-step dpmsolver++, 50-step ddim, 1000-step ddpm) "
+                             "or guidance (guided, conditional, unconditional 20-step requests; a class-conditional --model)")  # fmt: skip
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="sweep, memory: the server's DDPM_COMPILE")
     parser.add_argument("--batches", default="1,16,64,256", help="memory: batch sizes (one server each)")
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw", help="burst: the HTTP client (raw: bare asyncio streams)")

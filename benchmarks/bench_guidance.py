@@ -1,0 +1,130 @@
+"""The cost of classifier-free guidance: a guided image-step is two U-Net rows (its label and the null
+label) in the same call, so a guided image should cost ~2x an unguided one; and the guidance
+combination itself, (1 + w) eps_y - w eps_null, next to the U-Net call it follows.
+
+    python benchmarks/bench_guidance.py --model training/mnist-28-cond/model --batch 32 --steps 20
+
+Offline sampler (ddpm.sampler, the server's hot path per --compile/--precision), same seeds and chain
+for each variant, variants alternating over rounds; images/s is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ddpm.guidance import fixed_guidance, guided_eps
+from ddpm.inference_compile import hot_path
+from ddpm.model_source import load_model_source
+from ddpm.sampler import sample
+from ddpm.seeding import image_seeds
+from kernels.philox import seeds_to_tensor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a class-conditional model directory")
+    parser.add_argument("--batch", type=int, default=32, help="images per batch")
+    parser.add_argument("--steps", type=int, default=20, help="U-Net calls per image")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    parser.add_argument("--compile", default="off", choices=["auto", "on", "off"], help="the hot path")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"], help="the U-Net's precision")
+    args = parser.parse_args()
+    model = load_model_source(args.model)
+    assert model.conditional, f"{args.model} is not class-conditional"
+    fast = hot_path(model.eps_model, model.module, "cpu", args.compile, precision=args.precision)
+    b, null = args.batch, model.num_classes
+    labels = torch.arange(b) % model.num_classes
+    variants = {
+        "unconditional (null label)": fast.eps_model,
+        "conditional, w = 0": fixed_guidance(fast.eps_model, labels, torch.zeros(b), null),
+        "guided, w = 2": fixed_guidance(fast.eps_model, labels, torch.full((b,), 2.0), null),
+        "half guided (w = 2 / 0)": fixed_guidance(fast.eps_model, labels, (torch.arange(b) % 2 * 2.0), null),
+    }
+    seeds = seeds_to_tensor(image_seeds(0, b))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for rnd in range(args.rounds + 1):  # round 0 warms up (and compiles)
+            for name, eps in variants.items():
+                start = time.perf_counter()
+                sample(eps, model.schedule, seeds, model.image_shape, steps=args.steps, sampler="sde-dpmsolver++",
+                       variance_type=model.variance_type, clip_denoised=model.clip_denoised, step_fn=fast.step_fn)  # fmt: skip
+                if rnd:
+                    times[name].append(time.perf_counter() - start)
+        # the combination alone vs the U-Net call it follows (one iteration of a fully guided batch)
+        x, t = torch.randn(b, *model.image_shape), torch.full((b,), 500)
+        eps_y, eps_null, w = torch.randn(b, *model.image_shape), torch.randn(b, *model.image_shape), torch.full((b,), 2.0)
+        guided = torch.arange(b)
+        combine, unet = [], []
+        for _ in range(50):
+            start = time.perf_counter()
+            wv = w.view(-1, 1, 1, 1)
+            eps_y.index_copy(0, guided, (1 + wv) * eps_y[guided] - wv * eps_null)
+            combine.append(time.perf_counter() - start)
+        for _ in range(5):
+            start = time.perf_counter()
+            guided_eps(fast.eps_model, x, t, labels, w, null)
+            unet.append(time.perf_counter() - start)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    print(f"CPU: {cpu}, torch threads {torch.get_num_threads()}, compile={args.compile}, precision {fast.precision}; "
+          f"batch {b}, {args.steps}-step sde-dpmsolver++, median of {args.rounds} rounds")  # fmt: skip
+    print("| variant | U-Net rows per image-step | images/s | cost per image vs conditional |\n|---|---|---|---|")
+    base = b / statistics.median(times["conditional, w = 0"])
+    rows = {"unconditional (null label)": 1, "conditional, w = 0": 1, "guided, w = 2": 2, "half guided (w = 2 / 0)": 1.5}
+    for name, ts in times.items():
+        rate = b / statistics.median(ts)
+        print(f"| {name} | {rows[name]} | {rate:.2f} | {base / rate:.2f}x |")
+    c, u = statistics.median(combine), statistics.median(unet)
+    print(f"guidance combination: {c * 1e6:.0f} us per iteration of {b} guided samples, {c / u:.2%} of that iteration's U-Net call "
+          f"({u * 1e3:.1f} ms for {2 * b} rows)")  # fmt: skip
+    mixed_engine(model, fast, args)
+
+
+def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """The engine (the server's batcher, no HTTP) on a mix of one-image requests, a third each guided (w = 2),
+    conditional (w = 0) and unconditional, all submitted at once, against the offline sampler running the
+    same images as three batches (one per kind): images/s of each, same chain."""
+    import functools
+
+    from kernels.reverse_step import fused_reverse_step
+    from service.continuous_batcher import Engine, Job
+
+    b, null = args.batch, model.num_classes
+    kinds = [((7,), 2.0), ((3,), 0.0), (None, 0.0)]
+    step_fn = fast.step_fn or functools.partial(fused_reverse_step, backend=fast.step_backend)
+    model.eps_model = fast.eps_model
+    engine = Engine(model, max_batch=b, max_queue=10_000, step_fn=step_fn)
+    engine.warmup(2)
+    engine.start()
+    spacing = "trailing"
+    try:
+        start = time.perf_counter()
+        jobs = [engine.submit(Job(seed=i, n=1, steps=args.steps, clip_denoised=True, timeout_s=3600, sampler="sde-dpmsolver++",
+                                  spacing=spacing, class_labels=kinds[i % 3][0], guidance_scale=kinds[i % 3][1]))
+                for i in range(3 * b)]  # fmt: skip
+        while not all(j.done for j in jobs):
+            time.sleep(0.005)
+        served = len(jobs) / (time.perf_counter() - start)
+    finally:
+        engine.stop()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for labels, w in kinds:
+            y = torch.full((b,), labels[0] if labels else null)
+            eps = fixed_guidance(fast.eps_model, y, torch.full((b,), w), null)
+            sample(eps, model.schedule, seeds_to_tensor(image_seeds(0, b)), model.image_shape, steps=args.steps, sampler="sde-dpmsolver++",
+                   spacing=spacing, variance_type=model.variance_type, clip_denoised=model.clip_denoised, step_fn=fast.step_fn)  # fmt: skip
+    offline = 3 * b / (time.perf_counter() - start)
+    print(f"mixed requests ({3 * b} one-image {args.steps}-step requests, 1/3 guided): engine {served:.2f} images/s (max batch {b}), "
+          f"offline sampler as three batches of {b} {offline:.2f} images/s: served / offline = {served / offline:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
