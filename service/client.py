@@ -178,7 +178,8 @@ class Client(_Connection):
         return self._call(lambda: self._http.get("/info"), lambda r: r.json())
 
     def generate(self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, **chain: Any) -> Generation:
-        """Images k = 0..n-1 of ``seed``; ``chain``: steps, sampler, eta, timestep_spacing, clip_denoised."""
+        """Images k = 0..n-1 of ``seed``; ``chain``: steps, sampler, eta, timestep_spacing, clip_denoised, and for a
+        class-conditional model class_label and guidance_scale (the request fields of POST /generate)."""
         body = request_body(seed, n, **chain)
         if on_event is None:
             return self._call(lambda: self._http.post("/generate", json=body), lambda r: _generation(r.json()))

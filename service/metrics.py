@@ -59,6 +59,12 @@ class Metrics(EngineObserver):
             ["model", "sampler"],
             registry=r,
         )
+        self.guided_image_steps = Counter(
+            "ddpm_guided_image_steps",
+            "Image-steps of completed classifier-free-guided requests: each cost a second (null-label) U-Net row",
+            ["model"],
+            registry=r,
+        )
         self.requests = Counter(
             "ddpm_requests",
             "Generation requests (POST /generate, /generate/stream) answered, by status code; a stream counts the status "
@@ -134,6 +140,8 @@ class Metrics(EngineObserver):
         if job.error is None:
             self.images_generated.labels(model=self.model).inc(job.n)
             self.image_steps.labels(model=self.model, sampler=job.sampler).inc(job.n * job.steps)
+            if job.guidance_scale:
+                self.guided_image_steps.labels(model=self.model).inc(job.n * job.steps)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)

@@ -155,6 +155,8 @@ def test_http_class_conditional_requests(cond_dir: Path) -> None:
         oa = c.post("/v1/images/generations", json={"prompt": "x", "n": 1, "class_label": "dog", "guidance_scale": 0.0, "steps": 4})
         assert oa.status_code == 200 and oa.json()["class_labels"] == ["dog"]
         assert metric(c, 'ddpm_requests_total{code="422"}') == 5
+        # guided image-steps (a second U-Net row each): 3 x 10 of the first request and 1 x 10 at the card's 1.5; not the w = 0 one
+        assert metric(c, "ddpm_guided_image_steps_total") == 40 and metric(c, "ddpm_image_steps_total") == 44
     import io
 
     import numpy as np
