@@ -80,17 +80,13 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir}: {exc}") from exc
-    if getattr(unet.config, "num_class_embeds", None) or getattr(unet.config, "class_embed_type", None):
-        # diffusers stores no null label and no class names: which embedding means "unconditional" (and
-        # which digit is which) would be a guess, so the mapping is refused rather than invented
-        raise CheckpointError(
-            f"{unet_dir}: a class-conditional UNet2DModel (num_class_embeds / class_embed_type) is not supported: its config names "
-            "no null label for guidance and no class names; train one with `ddpm train --conditional` instead"
-        )
+    class_names = _class_names(path, unet.config, unet_dir)
     unet = unet.to(device).eval()
 
-    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t).sample
+    def eps_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if class_names and y is None:
+            y = torch.full_like(t, len(class_names))  # the null label
+        return unet(x, t, class_labels=y).sample
 
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
@@ -106,4 +102,33 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
         info={"scheduler_config": sched_cfg},
         timestep_spacing=spacing,
         steps_offset=offset,
+        num_classes=len(class_names),
+        class_names=class_names,
     )
+
+
+def _class_names(path: Path, config: object, unet_dir: Path) -> list[str]:
+    """A class-conditional UNet2DModel's class names, where the mapping is unambiguous: ``num_class_embeds``
+    = K + 1 with ``model_index.json`` naming the K classes in ``id2label`` (as DiTPipeline does) and the
+    last embedding the null label (DiT's convention for classifier-free guidance). [] for an unconditional
+    U-Net. Anything else would be a guess, so it is refused."""
+    num, kind = getattr(config, "num_class_embeds", None), getattr(config, "class_embed_type", None)
+    if not num and not kind:
+        return []
+    index_file = path / "model_index.json"
+    try:
+        id2label = json.loads(index_file.read_text()).get("id2label") if index_file.is_file() else None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index_file} is not valid JSON: {exc}") from exc
+    try:
+        labels = sorted(int(k) for k in id2label) if isinstance(id2label, dict) else None
+    except (TypeError, ValueError):
+        labels = None
+    if kind is not None or labels is None or labels != list(range((num or 0) - 1)):
+        raise CheckpointError(
+            f"{unet_dir}: a class-conditional UNet2DModel is served only with num_class_embeds = K + 1 (the last one the null "
+            f"label) and model_index.json's id2label naming labels 0..K-1; this one has num_class_embeds={num}, "
+            f"class_embed_type={kind!r} and {'no' if not isinstance(id2label, dict) else len(id2label)} id2label entries"
+        )
+    names = {int(k): str(v) for k, v in id2label.items()}  # type: ignore[union-attr]
+    return [names[i] for i in range(num - 1)]

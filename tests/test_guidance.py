@@ -189,3 +189,53 @@ def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None
     report = json.loads(ev.stdout)
     assert report["guidance_scale"] == 1.0 and 0 <= report["agreement"] <= 1 and set(report["per_class"]) == {"0", "1", "2"}
     assert report["per_class"]["0"]["n"] == 10
+
+
+def _conditional_diffusers_dir(tmp_path: Path, num_class_embeds: int, id2label: dict | None) -> Path:
+    import json
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                                 norm_num_groups=4, num_class_embeds=num_class_embeds)  # fmt: skip
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_(0, 1.0)
+        unet.conv_out.weight.normal_(0, 0.05)
+    unet.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 100, "beta_schedule": "linear", "timestep_spacing": "linspace"}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    index = {"_class_name": "DDPMPipeline", **({"id2label": id2label} if id2label is not None else {})}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    return tmp_path
+
+
+def test_class_conditional_diffusers_unet_with_an_unambiguous_mapping(tmp_path: Path) -> None:
+    """num_class_embeds = K + 1 and id2label naming K classes (DiT's convention): served conditional, the
+    last embedding as the null label; anything else refused with the reason."""
+    d = _conditional_diffusers_dir(tmp_path / "ok", 4, {"0": "cat", "1": "dog", "2": "fox"})
+    model = load_model_source(d)
+    assert model.conditional and model.class_names == ["cat", "dog", "fox"] and model.num_classes == 3
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 60])
+    with torch.no_grad():
+        direct = model.module(x, t, class_labels=torch.tensor([1, 3])).sample
+        assert torch.equal(model.eps_model(x, t, torch.tensor([1, 3])), direct)
+        assert torch.equal(model.eps_model(x, t), model.module(x, t, class_labels=torch.tensor([3, 3])).sample)  # null by default
+    with app_client(d, compile="off", precision="fp32") as c:
+        wait_ready(c)
+        body = {"seed": 2, "batch_size": 2, "steps": 8, "sampler": "ddim", "class_label": ["fox", "cat"], "guidance_scale": 2.0}
+        r = c.post("/generate", json=body, headers={"Accept": "application/x-npy"})
+        assert r.status_code == 200 and c.get("/info").json()["classes"] == ["cat", "dog", "fox"]
+    import io
+
+    import numpy as np
+
+    eps = fixed_guidance(model.eps_model, torch.tensor([2, 0]), torch.full((2,), 2.0), 3)
+    with torch.inference_mode():
+        offline = sample(eps, model.schedule, seeds_to_tensor(image_seeds(2, 2)), model.image_shape, steps=8, sampler="ddim",
+                         spacing="linspace", variance_type=model.variance_type, clip_denoised=model.clip_denoised)  # fmt: skip
+    assert np.abs(np.load(io.BytesIO(r.content)) - ((offline.clamp(-1, 1) + 1) / 2).numpy()).max() < 1e-4
+    for name, embeds, id2label in [("none", 4, None), ("count", 4, {"0": "a", "1": "b"}), ("gap", 3, {"0": "a", "2": "b"})]:
+        with pytest.raises(CheckpointError, match=r"num_class_embeds = K \+ 1"):
+            load_model_source(_conditional_diffusers_dir(tmp_path / name, embeds, id2label))
