@@ -111,7 +111,7 @@ def evaluate_conditional(classifier: DigitClassifier, samples: torch.Tensor, lab
 
     - agreement: the share of samples the classifier puts in the class asked for;
     - per-class FD: FD between a class's samples and that class's real digits (first half), averaged over
-      classes, beside the same for the class's two real halves (real vs real, the scale at that n);
+      classes, beside the same for as many of the class's other real digits (real vs real, the scale at that n);
     - diversity: mean pairwise feature distance within a class, samples / real (1: as varied as real;
       guidance trades it for fidelity);
     plus the unconditional figures (FD, confident share, class entropy) of ``evaluate``.
@@ -124,10 +124,12 @@ def evaluate_conditional(classifier: DigitClassifier, samples: torch.Tensor, lab
     for c in sorted(set(labels_np.tolist())):
         real = split.test_x[split.test_y == c]
         real = real[torch.randperm(len(real), generator=perm)]
+        mine = feats[labels_np == c]
+        # the reference: the class's first half of held-out digits; the real-vs-real scale compares the second
+        # half with it at the samples' own count (FD is biased upwards at small n: compare equal n only)
         half = len(real) // 2
         real_a, _ = classify(classifier, real[:half])
-        real_b, _ = classify(classifier, real[half : 2 * half])
-        mine = feats[labels_np == c]
+        real_b, _ = classify(classifier, real[half : half + min(half, len(mine))])
         per_class[str(c)] = {
             "n": len(mine),
             "agreement": float((probs[labels_np == c].argmax(1) == c).mean()),
