@@ -20,15 +20,18 @@ ConditionalEps = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 def guided_eps(
     eps_model: ConditionalEps, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scales: torch.Tensor, null_label: int
 ) -> torch.Tensor:
-    """eps for every row: x (B, C, H, W), t and labels (B,) int64, scales (B,) float32 (w per row)."""
-    guided = torch.nonzero(scales != 0).squeeze(1)
+    """eps for every row: x (B, C, H, W), t and labels (B,) int64, scales (B,) float32 (w per row).
+
+    Which rows are guided decides the call's shape, so it is read on the host: scales given as a CPU
+    tensor (the engine's) cost no device synchronisation."""
+    guided = torch.nonzero(scales.cpu() != 0).squeeze(1).to(x.device)
     if guided.numel() == 0:
         return eps_model(x, t, labels)
     b = x.shape[0]
     null = torch.full((guided.numel(),), null_label, dtype=labels.dtype, device=labels.device)
     eps_all = eps_model(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([labels, null]))
     eps, eps_null = eps_all[:b], eps_all[b:]
-    w = scales[guided].to(eps.dtype).view(-1, *([1] * (x.dim() - 1)))
+    w = scales.to(x.device)[guided].to(eps.dtype).view(-1, *([1] * (x.dim() - 1)))
     return eps.index_copy(0, guided, (1 + w) * eps[guided] - w * eps_null)  # CFG Eq. 6
 
 

@@ -38,6 +38,11 @@ def weights_sha256(model_dir: Path) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def weights_mtime(model_dir: Path) -> int | None:
+    """When the newest weights file was written (Unix seconds), None when there is none."""
+    return max((int(p.stat().st_mtime) for p in weight_files(model_dir)), default=None)
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from ddpm import __version__
 from service.auth import load_token
-from service.openai_images import error_body_for, openai_error_response
+from service.openai_images import error_body_for, openai_error_response, speaks_openai
 from service.openai_images import router as openai_router
 from service.request_log import RequestContextMiddleware
 from service.routes import router
@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # was not sent as JSON at all is 415. Under /v1/ (OpenAI's API) in OpenAI's error shape.
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         not_json = request.method == "POST" and content_type != "application/json"
-        openai = _is_openai(request)
+        openai = speaks_openai(request.url.path)
         if not_json:
             message = f"Content-Type must be application/json, got {content_type or 'none'!r}"
             return openai_error_response(415, message) if openai else JSONResponse({"detail": message}, status_code=415)
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        if _is_openai(request):
+        if speaks_openai(request.url.path):
             return openai_error_response(
                 exc.status_code, str(exc.detail), getattr(exc, "param", None), exc.headers, getattr(exc, "code", None)
             )
@@ -111,10 +111,6 @@ def _document_access(app: FastAPI, token_required: bool, metrics_token: bool) ->
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
 
 
 def _first_field(exc: RequestValidationError) -> str | None:

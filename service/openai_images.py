@@ -19,7 +19,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 
 from ddpm.grid import image_pngs
-from ddpm.model_facts import weight_files
 from ddpm.seeding import MAX_SEED
 from service.auth import Authorized
 from service.routes import ERRORS, JSON, ApiError, StateDep, class_names, images_or_not_modified, prepare
@@ -59,9 +58,14 @@ def openai_error_response(
     return JSONResponse(openai_error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def speaks_openai(path: str) -> bool:
+    """Whether a request path is in OpenAI's dialect (its errors take OpenAI's shape)."""
+    return path.startswith("/v1/")
+
+
 def error_body_for(path: str, status: int, detail: str) -> dict[str, Any]:
     """The body of an error answered before routing (413, 408, an unhandled 500): OpenAI's shape under /v1/."""
-    return openai_error_body(status, detail) if path.startswith("/v1/") else {"detail": detail}
+    return openai_error_body(status, detail) if speaks_openai(path) else {"detail": detail}
 
 
 def _invalid(param: str, message: str, status: int = 400, code: str | None = None) -> ApiError:
@@ -126,10 +130,8 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
 
 
 def _model_card(state: ServerState) -> ModelCard:
-    assert state.model is not None
-    weights = weight_files(state.model.path) if state.model.path is not None else []
-    created = int(max((p.stat().st_mtime for p in weights), default=time.time()))
-    return ModelCard(id=state.model.name, created=created)
+    assert state.model is not None and state.facts is not None
+    return ModelCard(id=state.model.name, created=state.facts.created)
 
 
 def _require_model(state: ServerState) -> None:

@@ -186,6 +186,11 @@ async def generate_images(state: ServerState, key: ImageKey, request: Request) -
     if cached is not None:
         return Generated(cached, None)
     job = await submit(state, key, request).wait(request.is_disconnected)
+    return finished(state, key, job)
+
+
+def finished(state: ServerState, key: ImageKey, job: Job) -> Generated:
+    """A job the engine has finished: its images (now in the response cache), or its error as an ApiError."""
     error = _job_error(state, job)
     if error is not None:
         raise error
@@ -401,15 +406,13 @@ async def generate_stream(
                         continue
                 last_write = time.monotonic()
                 yield chunk
-            done = await handle.done
-            error = _job_error(state, done)
-            if error is not None:
+            try:
+                generated = finished(state, key, await handle.done)
+            except ApiError as error:
                 request.state.outcome, request.state.outcome_code = error.outcome, error.status_code
                 yield _sse("error", {"status": error.status_code, "detail": error.detail})
                 return
-            assert done.images is not None
-            state.cache.put(key, done.images)
-            async for chunk in result(Generated(done.images, done)):
+            async for chunk in result(generated):
                 yield chunk
         finally:
             if not handle.done.done():  # the client went away mid-stream

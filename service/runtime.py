@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm.inference_compile import HotPath, hot_path
-from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
+from ddpm.model_facts import flops_per_image_step, parameter_count, weights_mtime, weights_sha256
 from ddpm.model_hub import model_name
 from ddpm.model_source import LoadedModel, load_model_source
 from kernels.reverse_step import fused_reverse_step
@@ -110,6 +110,7 @@ class ServerState:
             model = load_model_source(s.model, device)
             eager_eps = model.eps_model
             sha = weights_sha256(model.path) if model.path is not None else ""
+            written = weights_mtime(model.path) if model.path is not None else None
             self._eager_eps = eager_eps
             start = time.perf_counter()
             fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
@@ -142,7 +143,8 @@ class ServerState:
             )
             if device.type == "cuda":
                 self.metrics.watch_gpu(device)
-            self.facts = ModelFacts(sha, parameter_count(model.module), str(device), fast.compiled, fast.step_backend)
+            created = written or int(time.time())
+            self.facts = ModelFacts(sha, parameter_count(model.module), str(device), fast.compiled, fast.step_backend, created)
             self.model, self.engine, self.precision = model, engine, fast.precision
             self.ready = True
             log.info(
@@ -251,6 +253,7 @@ class ModelFacts:
     device: str
     compiled: bool
     step_backend: str
+    created: int  # the weights' mtime (Unix seconds; the load time when there are no files): /v1/models' "created"
 
 
 @dataclass
