@@ -22,8 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "guidance_table.jsonl"
 SCALES = (0.0, 1.0, 2.0, 4.0)
 
 
-def cells(model: str, shipped: str) -> list[tuple[str, list[str]]]:
-    out = [(f"w={w:g}", ["--model", model, "--class-label", "balanced", "--guidance-scale", str(w)]) for w in SCALES]
+def cells(model: str, shipped: str, scales: tuple[float, ...] = SCALES) -> list[tuple[str, list[str]]]:
+    out = [(f"w={w:g}", ["--model", model, "--class-label", "balanced", "--guidance-scale", str(w)]) for w in scales]
     out.append(("null label", ["--model", model]))
     out.append(("shipped (unconditional)", ["--model", shipped]))
     return out
@@ -32,7 +32,7 @@ def cells(model: str, shipped: str) -> list[tuple[str, list[str]]]:
 def run(args: argparse.Namespace) -> None:
     done = {json.loads(line)["cell"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    for name, extra in cells(args.model, args.shipped):
+    for name, extra in cells(args.model, args.shipped, args.scales):
         if name in done:
             continue
         report = args.results.with_suffix(".tmp.json")
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    rows.sort(key=lambda r: (0, float(r["cell"][2:])) if r["cell"].startswith("w=") else (1, 0.0))  # scales in order, then the rest
     print("| cell | agreement | per-class FD (real vs real) | diversity | FD (real vs real) | confident share (real) | class entropy |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -71,6 +72,8 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=50, help="U-Net calls per image")
     r.add_argument("--batch-size", type=int, default=100, help="images per U-Net call")
     r.add_argument("--results", type=Path, default=RESULTS, help="JSON lines, one per cell")
+    r.add_argument("--scales", type=lambda s: tuple(float(w) for w in s.split(",")), default=SCALES,
+                   help="guidance scales, comma-separated (the issue's table: 0,1,2,4)")  # fmt: skip
     r.set_defaults(func=run)
     p = sub.add_parser("report", help="the markdown table of a results file")
     p.add_argument("results", nargs="?", default=str(RESULTS), help="the results file")
