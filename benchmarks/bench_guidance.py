@@ -90,7 +90,8 @@ def main() -> None:
 def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
     """The engine (the server's batcher, no HTTP) on a mix of one-image requests, a third each guided (w = 2),
     conditional (w = 0) and unconditional, all submitted at once, against the offline sampler running the
-    same images as three batches (one per kind): images/s of each, same chain."""
+    same images as three batches (one per kind): images/s of each, same chain, the two alternating over
+    ``args.rounds`` rounds (this machine's speed drifts by 20% between runs of a few seconds)."""
     import functools
 
     from kernels.reverse_step import fused_reverse_step
@@ -104,26 +105,40 @@ def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore
     engine.warmup(2)
     engine.start()
     spacing = "trailing"
-    try:
+
+    def served() -> float:
         start = time.perf_counter()
         jobs = [engine.submit(Job(seed=i, n=1, steps=args.steps, clip_denoised=True, timeout_s=3600, sampler="sde-dpmsolver++",
                                   spacing=spacing, class_labels=kinds[i % 3][0], guidance_scale=kinds[i % 3][1]))
                 for i in range(3 * b)]  # fmt: skip
         while not all(j.done for j in jobs):
             time.sleep(0.005)
-        served = len(jobs) / (time.perf_counter() - start)
+        return len(jobs) / (time.perf_counter() - start)
+
+    def offline() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for labels, w in kinds:
+                y = torch.full((b,), labels[0] if labels else null)
+                eps = fixed_guidance(fast.eps_model, y, torch.full((b,), w), null)
+                sample(eps, model.schedule, seeds_to_tensor(image_seeds(0, b)), model.image_shape, steps=args.steps,
+                       sampler="sde-dpmsolver++", spacing=spacing, variance_type=model.variance_type,
+                       clip_denoised=model.clip_denoised, step_fn=fast.step_fn)  # fmt: skip
+        return 3 * b / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {"engine": [], "offline": []}
+    try:
+        for rnd in range(args.rounds):
+            first, second = (served, offline) if rnd % 2 == 0 else (offline, served)  # neither always goes first
+            for fn in (first, second):
+                rates["engine" if fn is served else "offline"].append(fn())
     finally:
         engine.stop()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for labels, w in kinds:
-            y = torch.full((b,), labels[0] if labels else null)
-            eps = fixed_guidance(fast.eps_model, y, torch.full((b,), w), null)
-            sample(eps, model.schedule, seeds_to_tensor(image_seeds(0, b)), model.image_shape, steps=args.steps, sampler="sde-dpmsolver++",
-                   spacing=spacing, variance_type=model.variance_type, clip_denoised=model.clip_denoised, step_fn=fast.step_fn)  # fmt: skip
-    offline = 3 * b / (time.perf_counter() - start)
-    print(f"mixed requests ({3 * b} one-image {args.steps}-step requests, 1/3 guided): engine {served:.2f} images/s (max batch {b}), "
-          f"offline sampler as three batches of {b} {offline:.2f} images/s: served / offline = {served / offline:.2f}")  # fmt: skip
+    ratios = [e / o for e, o in zip(rates["engine"], rates["offline"], strict=True)]
+    print(f"mixed requests ({3 * b} one-image {args.steps}-step requests, 1/3 guided), median of {args.rounds} alternating rounds: "
+          f"engine {statistics.median(rates['engine']):.2f} images/s (max batch {b}), offline sampler as three batches of {b} "
+          f"{statistics.median(rates['offline']):.2f} images/s; served / offline per round "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":
