@@ -57,3 +57,30 @@ def test_shipped_samples_look_like_digits(tmp_path: Path) -> None:
     _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
     assert (probs.max(1) >= 0.9).mean() >= 0.5
     assert len(set(probs.argmax(1).tolist())) >= 6
+
+
+CONDITIONAL_MODEL = DEFAULT_MODEL.parent / "mnist-28-cond"
+
+
+def test_shipped_conditional_model_gives_the_asked_digit(tmp_path: Path) -> None:
+    """models/mnist-28-cond asked for digits 0..9 twice (its card's guidance scale, a 30-step chain):
+    the evaluation classifier reads back the asked digit, and another scale gives other images."""
+    import torch
+
+    from ddpm.classifier import load_classifier
+    from ddpm.evaluate import classify
+
+    model = load_model_source(CONDITIONAL_MODEL)
+    assert model.conditional and model.class_names == [str(d) for d in range(10)]
+    w = model.guidance_scale
+    assert w is not None and w >= 0
+    asked = list(range(10)) * 2
+    labels = ",".join(map(str, asked))
+    x = np.load(_sample(tmp_path, "c.npy", "--model", str(CONDITIONAL_MODEL), "-n", "20", "--steps", "30", "--sampler", "sde-dpmsolver++",
+                        "--class-label", labels))  # fmt: skip
+    _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
+    agreement = (probs.argmax(1) == torch.tensor(asked)).float().mean().item()
+    assert agreement >= 0.8, agreement  # N = 500 at 50 steps: see its model card
+    other = np.load(_sample(tmp_path, "o.npy", "--model", str(CONDITIONAL_MODEL), "-n", "20", "--steps", "30", "--sampler", "sde-dpmsolver++",
+                            "--class-label", labels, "--guidance-scale", str(w + 1)))  # fmt: skip
+    assert np.abs(other - x).max() > 0.1
