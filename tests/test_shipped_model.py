@@ -76,11 +76,10 @@ def test_shipped_conditional_model_gives_the_asked_digit(tmp_path: Path) -> None
     assert w is not None and w >= 0
     asked = list(range(10)) * 2
     labels = ",".join(map(str, asked))
-    x = np.load(_sample(tmp_path, "c.npy", "--model", str(CONDITIONAL_MODEL), "-n", "20", "--steps", "30", "--sampler", "sde-dpmsolver++",
-                        "--class-label", labels))  # fmt: skip
+    chain = ("--model", str(CONDITIONAL_MODEL), "-n", "20", "--steps", "30", "--sampler", "sde-dpmsolver++", "--class-label", labels)
+    x = np.load(_sample(tmp_path, "c.npy", *chain))
     _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
     agreement = (probs.argmax(1) == torch.tensor(asked)).float().mean().item()
     assert agreement >= 0.8, agreement  # N = 500 at 50 steps: see its model card
-    other = np.load(_sample(tmp_path, "o.npy", "--model", str(CONDITIONAL_MODEL), "-n", "20", "--steps", "30", "--sampler", "sde-dpmsolver++",
-                            "--class-label", labels, "--guidance-scale", str(w + 1)))  # fmt: skip
+    other = np.load(_sample(tmp_path, "o.npy", *chain, "--guidance-scale", str(w + 1)))
     assert np.abs(other - x).max() > 0.1
