@@ -506,10 +506,8 @@ class Engine:
         # classifier-free guidance in the same call: guided samples add a null-label row (ddpm/guidance.py)
         null = self.model.num_classes
         labels = torch.tensor([job.class_labels[k] if job.class_labels else null for job, k in running.owners], device=self.device)
-        scale_of_row = [job.guidance_scale for job, _ in running.owners]
-        if not any(scale_of_row):  # nobody guided: one row per sample
-            return t, coefs, self.model.eps_model(running.x, t, labels)
-        scales = torch.tensor(scale_of_row, dtype=torch.float32)  # on the host: the guided rows are known without a device sync
+        # on the host: guided_eps finds the guided rows (none: one plain call) without a device sync
+        scales = torch.tensor([job.guidance_scale for job, _ in running.owners], dtype=torch.float32)
         return t, coefs, guided_eps(self.model.eps_model, running.x, t, labels, scales, null)
 
     def _step(self, running: _Running, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
