@@ -10,8 +10,10 @@ A server that can never serve exits non-zero with the reason, so that the orches
 when the model fails to load, or when the engine thread dies.
 
 Connections: uvicorn's proxy-header rewriting is off (the client identity policy is the project's,
-``DDPM_TRUST_FORWARDED_FOR``), connections are bounded (``DDPM_MAX_CONNECTIONS``; more get 503), and
-a request's headers and body must each arrive within ``DDPM_REQUEST_READ_TIMEOUT_S`` (408).
+``DDPM_TRUST_FORWARDED_FOR``), connections are bounded (``DDPM_MAX_CONNECTIONS``; more get 503, except
+the probes and metrics, which a full server still answers), and a request's headers and body must
+each arrive within ``DDPM_REQUEST_READ_TIMEOUT_S`` (408; a connection that sends nothing is closed
+then too, and counted). ``service.http_protocol`` has the details.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.http_protocol import header_deadline_protocol
+from service.http_protocol import hardened_protocol
 
 log = logging.getLogger("ddpm.server")
 GRACEFUL_CLOSE_S = 5.0  # after the drain: time for answered connections to close
@@ -165,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         proxy_headers=False,  # X-Forwarded-For is the project's policy (service.request_log.client_key), not uvicorn's
         limit_concurrency=settings.max_connections,
-        http=header_deadline_protocol(settings.request_read_timeout_s),
+        http=hardened_protocol(settings.request_read_timeout_s, state.metrics.on_connection_deadline),
         # by the time uvicorn shuts down, the drain has answered every job: this bounds only idle sockets
         timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
     )
@@ -220,6 +222,7 @@ class DrainingServer:
                     listener.close()  # stop accepting; open connections stay
 
         self._server = _Server(config)
+        state.metrics.watch_connections(lambda: len(self._server.server_state.connections))
 
         def on_fatal(reason: str) -> None:
             outer.fatal = reason

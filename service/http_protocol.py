@@ -1,21 +1,38 @@
-"""uvicorn's h11 protocol with a deadline on request headers (slow-loris defence).
+"""uvicorn's h11 protocol, hardened: header deadlines, probes that a full server still answers, and
+answers that reach a client which half-closed its side.
 
-uvicorn closes idle keep-alive connections, but a connection that sends a request's headers one
-byte at a time is held open for ever: the ASGI app never sees it, so no middleware can time it out.
-This protocol gives every request ``header_timeout_s`` from its first byte (or from the connection's
-opening) to complete its headers, else answers 408 and closes. The body's deadline is the
-middleware's (``RequestContextMiddleware``), and the number of connections is bounded by uvicorn's
-``limit_concurrency`` (``DDPM_MAX_CONNECTIONS``). Built on uvicorn's H11Protocol internals
-(``cycle``, ``transport``, ``loop``); ``tests/test_slow_clients.py`` pins them.
+- **Header deadline** (slow loris): uvicorn closes idle keep-alive connections, but a connection that
+  never sends a request, or sends its headers one byte at a time, is held open for ever: the ASGI
+  app never sees it, so no middleware can time it out. Every request gets ``header_timeout_s`` from
+  its first byte (or from the connection's opening) to complete its headers, else 408 and close;
+  each such close is counted (``on_deadline("idle" | "headers")``: a connection that sent nothing at
+  all, or an incomplete request).
+- **Probes past the connection limit**: uvicorn's ``limit_concurrency`` (``DDPM_MAX_CONNECTIONS``)
+  answers 503 to every request once that many connections are open, idle ones included, so anyone
+  able to open sockets could fail a replica's liveness probe and have the orchestrator kill it with
+  its work. Requests for ``PROBE_PATHS`` (liveness, readiness, metrics) are exempt: the limit is
+  checked for every other path, exactly as uvicorn checks it.
+- **Half-closed clients**: a client that sends its request and then shuts down its write side
+  (``shutdown(SHUT_WR)``, ``curl --no-keepalive`` behind some proxies) still wants the answer; asyncio
+  closes such a transport unless ``eof_received`` says otherwise. Here a connection with a request in
+  progress stays open until that answer is written, and is closed after it.
+
+The body's deadline is the middleware's (``RequestContextMiddleware``). Built on uvicorn's
+H11Protocol internals (``cycle``, ``scope``, ``transport``, ``loop``, ``limit_concurrency``, checked
+by ``handle_events`` after ``scope`` is set); ``tests/test_slow_clients.py`` pins them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+DeadlineObserver = Callable[[str], None]  # "idle" (nothing received) or "headers" (an incomplete request)
 
 
 def _timeout_response(seconds: float) -> bytes:
@@ -24,22 +41,49 @@ def _timeout_response(seconds: float) -> bytes:
     return head.encode() + body
 
 
-def header_deadline_protocol(header_timeout_s: float) -> type[H11Protocol]:
-    """An H11Protocol class whose requests must complete their headers within ``header_timeout_s``."""
+def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | None = None) -> type[H11Protocol]:
+    """An H11Protocol class with the three defences of this module."""
 
-    class HeaderDeadlineH11Protocol(H11Protocol):
+    class HardenedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _received_any = False
+        _peer_eof = False
+        _limit: int | None = None
+
+        # uvicorn reads self.limit_concurrency after it has built the new request's scope
+        @property  # type: ignore[override]
+        def limit_concurrency(self) -> int | None:
+            scope = getattr(self, "scope", None)
+            if scope is not None and scope.get("path") in PROBE_PATHS:
+                return None
+            return self._limit
+
+        @limit_concurrency.setter
+        def limit_concurrency(self, value: int | None) -> None:
+            self._limit = value
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            self._received_any = True
             if self._between_requests():
                 self._arm()  # the first bytes of the next request on a kept-alive connection
             super().data_received(data)
             if not self._between_requests():
                 self._disarm()  # headers complete: the request is the app's now
+
+        def eof_received(self) -> bool | None:
+            if self._between_requests():
+                return None  # nothing to answer: let asyncio close the transport
+            self._peer_eof = True
+            return True  # keep our side open: the answer still goes out (then on_response_complete closes)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._peer_eof and not self.transport.is_closing():
+                self.transport.close()  # the client said it sends nothing more: no next request to wait for
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -62,5 +106,7 @@ def header_deadline_protocol(header_timeout_s: float) -> type[H11Protocol]:
             if self._between_requests() and not self.transport.is_closing():
                 self.transport.write(_timeout_response(header_timeout_s))
                 self.transport.close()
+                if on_deadline is not None:
+                    on_deadline("headers" if self._received_any else "idle")
 
-    return HeaderDeadlineH11Protocol
+    return HardenedH11Protocol

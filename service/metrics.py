@@ -97,9 +97,28 @@ class Metrics(EngineObserver):
         self.cache_bytes = Gauge("ddpm_response_cache_bytes", "Memory held by the response cache's images", registry=r)
         for result in ("hit", "miss"):  # present from the start, at 0
             self.cache_lookups.labels(model=model, result=result)
+        self.open_connections = Gauge(
+            "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
+            registry=r,
+        )  # fmt: skip
+        self.connection_deadlines = Counter(
+            "ddpm_http_connection_deadlines",
+            "Connections closed with 408 because no complete request headers arrived within DDPM_REQUEST_READ_TIMEOUT_S: "
+            "idle (nothing received) or headers (an incomplete request)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("idle", "headers"):
+            self.connection_deadlines.labels(reason=reason)
 
     def watch_cache(self, size_bytes: Callable[[], int]) -> None:
         self.cache_bytes.set_function(lambda: float(size_bytes()))
+
+    def watch_connections(self, open_connections: Callable[[], int]) -> None:
+        self.open_connections.set_function(lambda: float(open_connections()))
+
+    def on_connection_deadline(self, reason: str) -> None:
+        self.connection_deadlines.labels(reason=reason).inc()
 
     def watch_gpu(self, device: torch.device) -> None:
         """GPU memory gauges (PyTorch's caching allocator and the device's total), read at each scrape."""

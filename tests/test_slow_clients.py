@@ -1,5 +1,6 @@
-"""Slow clients against a real `ddpm serve`: trickled headers and bodies are cut off at
-DDPM_REQUEST_READ_TIMEOUT_S (408), and connections beyond DDPM_MAX_CONNECTIONS get 503."""
+"""Slow and idle clients against a real `ddpm serve`: trickled headers and bodies, and connections that
+send nothing, are cut off at DDPM_REQUEST_READ_TIMEOUT_S (408, counted); connections beyond
+DDPM_MAX_CONNECTIONS get 503 except the probes and /metrics; a half-closed client gets its answer."""
 
 from __future__ import annotations
 
@@ -63,14 +64,45 @@ def test_a_trickled_body_is_408(server: ServerProcess) -> None:
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request body not received within 1 s" in answer
 
 
-def test_connections_are_bounded(server: ServerProcess) -> None:
+def test_connections_are_bounded_but_probes_still_answer(server: ServerProcess) -> None:
+    """DDPM_MAX_CONNECTIONS idle sockets (no request sent) must not fail the liveness probe: the
+    orchestrator would restart the replica and lose its work. Generation is refused, probes are not."""
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(6)]
     time.sleep(0.1)
     try:
-        r = httpx.get(server.url + "/healthz", timeout=5)
-        assert r.status_code == 503  # uvicorn's limit_concurrency: over DDPM_MAX_CONNECTIONS
+        assert server.metric("ddpm_http_connections") >= 7  # the six and this scrape's own
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert httpx.get(server.url + path, timeout=5).status_code == 200, path
+        r = httpx.post(server.url + "/generate", json={"seed": 0, "steps": 2}, timeout=5)
+        assert r.status_code == 503  # over DDPM_MAX_CONNECTIONS (uvicorn's limit_concurrency)
+        assert httpx.get(server.url + "/schedule", timeout=5).status_code == 503
     finally:
         for s in idle:
             s.close()
     time.sleep(0.2)
-    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+    assert httpx.post(server.url + "/generate", json={"seed": 0, "steps": 2}, timeout=30).status_code == 200
+
+
+def test_idle_connections_are_closed_at_the_deadline_and_counted(server: ServerProcess) -> None:
+    before = server.metric('ddpm_http_connection_deadlines_total{reason="idle"}')
+    partial_before = server.metric('ddpm_http_connection_deadlines_total{reason="headers"}')
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    start = time.monotonic()
+    answers = [_read_all(s, timeout=5) for s in idle]
+    assert time.monotonic() - start < 4 and all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+    for s in idle:
+        s.close()
+    server.wait_metric('ddpm_http_connection_deadlines_total{reason="idle"}', lambda v: v >= before + 3, timeout=5)
+    assert server.metric('ddpm_http_connection_deadlines_total{reason="headers"}') == partial_before
+
+
+def test_a_half_closed_client_gets_its_answer(server: ServerProcess) -> None:
+    """A client that sends its request and shuts down its write side still reads the answer."""
+    body = b'{"seed": 1, "steps": 3, "sampler": "ddim"}'
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    s.shutdown(socket.SHUT_WR)
+    answer = _read_all(s, timeout=20)  # ends when the server closes after answering
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b'"images":["' in answer
