@@ -1,14 +1,21 @@
 """Facts about a loaded model that clients and operators ask for (``GET /info``): the weights'
-SHA-256, the parameter count and the cost of one U-Net call."""
+SHA-256, the model's fingerprint (what a cached image depends on), the parameter count and the cost
+of one U-Net call."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from ddpm.model_source import LoadedModel
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -36,6 +43,51 @@ def weights_sha256(model_dir: Path) -> str:
         return file_sha256(files[0])
     lines = "".join(f"{file_sha256(p)}  {p.relative_to(model_dir).as_posix()}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _canonical_json(path: Path) -> str:
+    """A config file as canonical JSON (key order and spacing do not change the fingerprint; values do)."""
+    raw = path.read_bytes()
+    try:
+        return json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
+    except (ValueError, UnicodeDecodeError):
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def model_fingerprint(model: LoadedModel, weights_sha: str, code_version: str) -> str:
+    """SHA-256 naming everything an image depends on besides the request: the weights, every JSON
+    config of the model directory (a ddpm-serve ``config.json``; a diffusers ``model_index.json``,
+    ``unet/config.json`` and ``scheduler/scheduler_config.json``), the maths the loader resolved from
+    them (betas in float64, variance type, clipping, image shape, spacing and offset, classes, the
+    recommended guidance scale: so a change of a default in the code changes it too) and the code's
+    version. Two replicas with the same fingerprint, precision and device type give the same image
+    for the same request; the response cache and the ETags are keyed on it."""
+    digest = hashlib.sha256()
+
+    def part(name: str, value: str | bytes) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        digest.update(f"{name}\x1f{len(data)}\x1f".encode())
+        digest.update(data)
+
+    part("code_version", code_version)
+    part("weights_sha256", weights_sha)
+    if model.path is not None:
+        for config in sorted(p for p in model.path.rglob("*.json") if p.is_file()):
+            part("config:" + config.relative_to(model.path).as_posix(), _canonical_json(config))
+    part("betas", np.ascontiguousarray(model.schedule.betas, dtype=np.float64).tobytes())
+    resolved = {
+        "variance_type": model.variance_type.value,
+        "clip_denoised": model.clip_denoised,
+        "image_shape": list(model.image_shape),
+        "timestep_spacing": model.timestep_spacing,
+        "steps_offset": model.steps_offset,
+        "num_classes": model.num_classes,
+        "class_names": list(model.class_names),
+        "guidance_scale": model.guidance_scale,
+        "source": model.source,
+    }
+    part("resolved", json.dumps(resolved, sort_keys=True))
+    return digest.hexdigest()
 
 
 def weights_mtime(model_dir: Path) -> int | None:

@@ -19,6 +19,7 @@ def server_info(state: ServerState) -> InfoResponse:
             name=model.name,
             source=model.source,
             weights_sha256=facts.weights_sha256,
+            fingerprint=facts.fingerprint,
             parameters=facts.parameters,
             gflop_per_image_step=None if gflop is None else float(f"{gflop:.6g}"),
             image_shape=list(model.image_shape),

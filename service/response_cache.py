@@ -1,6 +1,8 @@
 """A bounded in-memory cache of finished images, and the ETags that name them.
 
-Image k of a request is a pure function of (model weights, U-Net precision and device type, seed, k,
+Image k of a request is a pure function of (the model's fingerprint: weights, every config file, the
+maths resolved from them and the code version, ``ddpm.model_facts.model_fingerprint``; the U-Net's
+precision and device type; seed, k,
 the chain: sampler, steps, eta, timestep spacing and offset, clip; and for a class-conditional model
 its label and the guidance scale). A request is (seed, n, chain)
 and asks for images k = 0..n-1, so identical requests get identical images: the second one is
@@ -9,7 +11,9 @@ answered from here without a U-Net call, and a client that sends the ETag it got
 the same idea, keyed on the request's inputs.)
 
 The ETag depends only on the key and the media type, not on what is cached: a replica with the same
-weights, precision and device type names the same answer with the same ETag.
+fingerprint, precision and device type names the same answer with the same ETag, and a replica with
+another config, schedule or code version names it differently. ``If-None-Match: *`` is RFC 9110's
+"any current representation": it matches only an answer this replica holds in its cache.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ddpm.sampler import ChainSpec
 
 @dataclass(frozen=True)
 class ImageKey:
-    weights_sha256: str
+    model_fingerprint: str
     precision: str
     device_type: str
     seed: int
@@ -37,17 +41,19 @@ class ImageKey:
 
     def etag(self, media_type: str) -> str:
         c = self.chain
-        parts = (self.weights_sha256, self.precision, self.device_type, self.seed, self.n, c.sampler, c.steps, repr(c.eta), c.clip,
+        parts = (self.model_fingerprint, self.precision, self.device_type, self.seed, self.n, c.sampler, c.steps, repr(c.eta), c.clip,
                  c.spacing, c.steps_offset, self.labels, repr(self.guidance_scale), media_type)  # fmt: skip
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
 
 
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """RFC 9110 §13.1.2: weak comparison against each listed entity tag, or ``*``."""
+def etag_matches(if_none_match: str | None, etag: str, held: bool) -> bool:
+    """RFC 9110 §13.1.2: weak comparison against each listed entity tag; ``*`` matches when the server
+    has a current representation (``held``: this replica's cache has the answer), not merely because
+    the images could be computed."""
     if not if_none_match:
         return False
     tags = [t.strip() for t in if_none_match.split(",")]
-    return "*" in tags or etag in (t.removeprefix("W/") for t in tags)
+    return ("*" in tags and held) or etag in (t.removeprefix("W/") for t in tags)
 
 
 class ResponseCache:
@@ -69,6 +75,10 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
 
     def get(self, key: ImageKey) -> torch.Tensor | None:
         with self._lock:

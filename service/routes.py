@@ -127,7 +127,7 @@ def prepare(state: ServerState, seed: int, n: int, body: ChainRequest, n_field: 
         labels, w = state.model.labels(body.class_label, n, body.guidance_scale)
     except ChainError as exc:
         raise _field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
-    return ImageKey(state.facts.weights_sha256, state.precision, state.engine.device.type, seed, n, spec, labels, w)
+    return ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w)
 
 
 def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = False) -> JobHandle:
@@ -203,7 +203,7 @@ async def images_or_not_modified(state: ServerState, key: ImageKey, media: str, 
     """304 when the client already holds this answer (If-None-Match naming its ETag: no U-Net call, no
     encoding), else the images (``generate_images``)."""
     etag = key.etag(media)
-    if etag_matches(request.headers.get("if-none-match"), etag):
+    if etag_matches(request.headers.get("if-none-match"), etag, held=key in state.cache):
         state.metrics.on_not_modified()
         request.state.log_fields["cache"] = "not_modified"
         request.state.outcome = "ok"

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm import __version__
 from ddpm.inference_compile import HotPath, hot_path
-from ddpm.model_facts import flops_per_image_step, parameter_count, weights_mtime, weights_sha256
+from ddpm.model_facts import flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
 from ddpm.model_hub import model_name
 from ddpm.model_source import LoadedModel, load_model_source
 from kernels.reverse_step import fused_reverse_step
@@ -111,6 +112,7 @@ class ServerState:
             eager_eps = model.eps_model
             sha = weights_sha256(model.path) if model.path is not None else ""
             written = weights_mtime(model.path) if model.path is not None else None
+            fingerprint = model_fingerprint(model, sha, __version__)
             self._eager_eps = eager_eps
             start = time.perf_counter()
             fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
@@ -139,12 +141,13 @@ class ServerState:
                     "compiled": str(fast.compiled).lower(),
                     "precision": fast.precision,
                     "weights_sha256": sha,
+                    "fingerprint": fingerprint,
                 }
             )
             if device.type == "cuda":
                 self.metrics.watch_gpu(device)
             created = written or int(time.time())
-            self.facts = ModelFacts(sha, parameter_count(model.module), str(device), fast.compiled, fast.step_backend, created)
+            self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), fast.compiled, fast.step_backend, created)
             self.model, self.engine, self.precision = model, engine, fast.precision
             self.ready = True
             log.info(
@@ -246,9 +249,10 @@ class ServerState:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """Measured once at load (``GET /info``, the response cache's key)."""
+    """Measured once at load (``GET /info``; the fingerprint keys the response cache and the ETags)."""
 
     weights_sha256: str
+    fingerprint: str  # ddpm.model_facts.model_fingerprint: weights + every config + resolved maths + code version
     parameters: int
     device: str
     compiled: bool

@@ -134,6 +134,11 @@ class ModelDescription(BaseModel):
     name: str = Field(..., description="The directory's name, or the hub repository id (org/name[@revision]).")
     source: str = Field(..., description="ddpm-serve or diffusers")
     weights_sha256: str = Field(..., description="sha256sum of the weights file (several files: of their '<sha256>  <path>' lines)")
+    fingerprint: str = Field(
+        ...,
+        description="SHA-256 of the weights, every config file, the resolved schedule and variance, and the code version: "
+        "the response cache and ETags are keyed on it (with precision and device type)",
+    )
     parameters: int
     gflop_per_image_step: float | None = Field(
         ..., description="One U-Net call on one image (convolutions, matmuls, attention; 1 FMA = 2 FLOP); null if it cannot be counted"

@@ -1,8 +1,11 @@
 """The response cache: identical requests answered byte-identically without a U-Net call, ETag and
-If-None-Match (304), hit/miss counters, the bound, and off with 0."""
+If-None-Match (304; ``*`` only for what the cache holds), ETags scoped to the model's fingerprint (weights,
+config, code version), hit/miss counters, the bound, and off with 0."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from tests.app_client import app_client, metric, wait_ready
 from tests.tiny_model import save_tiny_model
 
 REQUEST = {"seed": 4, "batch_size": 3, "steps": 5, "sampler": "ddim", "eta": 0.5}
+FULL_CHAIN = {"seed": 4, "batch_size": 2, "sampler": "ddpm", "clip_denoised": False}  # every beta and variance counts
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +80,69 @@ def test_if_none_match_is_304_without_work(model_dir: Path) -> None:
         as_json = c.post("/generate", json=REQUEST, headers={"If-None-Match": etag})
         assert as_json.status_code == 200 and as_json.headers["etag"] != etag
         assert c.post("/generate", json={**REQUEST, "seed": 9}, headers={"If-None-Match": etag}).status_code == 200
-        assert c.post("/generate", json=REQUEST, headers={"If-None-Match": "*"}).status_code == 304
+        # "*" is "any current representation" (RFC 9110 §13.1.2): with the cache off this replica holds
+        # none, so the images are computed, not answered 304 for a chain never generated
+        assert c.post("/generate", json={**REQUEST, "seed": 11}, headers={"If-None-Match": "*"}).status_code == 200
         # invalid requests are still 422, whatever the header says
         assert c.post("/generate", json={**REQUEST, "steps": 0}, headers={"If-None-Match": "*"}).status_code == 422
+
+
+def test_if_none_match_star_matches_only_what_the_cache_holds(model_dir: Path) -> None:
+    with app_client(model_dir, compile="off") as c:
+        wait_ready(c)
+        never = c.post("/generate", json={**REQUEST, "seed": 21}, headers={"If-None-Match": "*"})
+        assert never.status_code == 200 and never.headers["x-cache"] == "miss"
+        again = c.post("/generate", json={**REQUEST, "seed": 21}, headers={"If-None-Match": "*"})
+        assert again.status_code == 304 and again.headers["etag"] == never.headers["etag"]
+
+
+def _copy_model(source: Path, target: Path, **config_changes: object) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    for dotted, value in config_changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    (target / "config.json").write_text(json.dumps(config, indent=1))
+    return target
+
+
+def test_an_etag_names_one_image(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same weights, another config (beta_end, variance type) or code version: another chain, so another
+    ETag, and neither replica answers 304 to the other's."""
+    variants = {
+        "same": _copy_model(model_dir, tmp_path / "same"),
+        "reformatted": model_dir,  # the same JSON values, written differently above: the same model
+        "beta_end": _copy_model(model_dir, tmp_path / "beta", schedule__params__beta_end=0.03),
+        "variance": _copy_model(model_dir, tmp_path / "variance", variance_type="fixed_large"),
+    }
+    answers = {}
+    for name, directory in variants.items():
+        with app_client(directory, compile="off") as c:
+            wait_ready(c)
+            r = c.post("/generate", json=FULL_CHAIN, headers={"Accept": "image/png"})
+            table = c.get("/schedule", params={"sampler": "ddpm"}).json()["chain"]["coefficients"]
+            answers[name] = (r.headers["etag"], table, c.get("/info").json()["model"])
+    assert answers["same"][0] == answers["reformatted"][0] and answers["same"][1] == answers["reformatted"][1]
+    for changed in ("beta_end", "variance"):
+        etag, png, info = answers[changed]
+        assert info["weights_sha256"] == answers["same"][2]["weights_sha256"]  # the same weights ...
+        assert png != answers["same"][1]  # ... and another chain (other images; this tiny model saturates them):
+        assert etag != answers["same"][0] and info["fingerprint"] != answers["same"][2]["fingerprint"]
+        with app_client(variants["same"], compile="off") as c:  # the other replica does not claim them
+            wait_ready(c)
+            assert c.post("/generate", json=FULL_CHAIN, headers={"Accept": "image/png", "If-None-Match": etag}).status_code == 200
+    import ddpm
+
+    monkeypatch.setattr(ddpm, "__version__", "999.0.0")  # a new release: its maths may differ
+    from service import runtime
+
+    monkeypatch.setattr(runtime, "__version__", "999.0.0")
+    with app_client(variants["same"], compile="off") as c:
+        wait_ready(c)
+        assert c.post("/generate", json=FULL_CHAIN, headers={"Accept": "image/png"}).headers["etag"] != answers["same"][0]
 
 
 def _key(seed: int) -> ImageKey:
@@ -103,5 +167,7 @@ def test_cache_is_bounded_lru_in_bytes() -> None:
 def test_etag_comparison() -> None:
     etag = _key(0).etag("image/png")
     assert etag.startswith('"') and etag != _key(0).etag("application/json") and etag != _key(1).etag("image/png")
-    assert etag_matches(etag, etag) and etag_matches(f"W/{etag}", etag) and etag_matches(f'"a", {etag}', etag)
-    assert etag_matches("*", etag) and not etag_matches('"a"', etag) and not etag_matches(None, etag)
+    assert etag_matches(etag, etag, held=False) and etag_matches(f"W/{etag}", etag, held=False)
+    assert etag_matches(f'"a", {etag}', etag, held=False) and etag_matches("*", etag, held=True)
+    assert not etag_matches("*", etag, held=False) and not etag_matches('"a"', etag, held=True)
+    assert not etag_matches(None, etag, held=True)
