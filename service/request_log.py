@@ -165,6 +165,8 @@ class RequestContextMiddleware:
 
             await self.app(scope, guarded_receive, send_with_id)
         except Exception as exc:
+            if refused["sent"]:  # the app stopped reading at our 413/408 (ClientDisconnect): a client error, in the access line
+                return
             log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id, "path": scope.get("path")}})
             if status["code"] == 0:
                 status["code"] = 500

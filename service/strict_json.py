@@ -1,9 +1,15 @@
-"""Strict JSON request bodies: duplicate keys and non-finite numbers are refused (422 naming the field).
+"""Strict JSON request bodies, read only after the token: the order in which a POST is judged.
 
 Python's ``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, RFC 8259 §6), turns
 ``1e400`` into ``inf``, and lets the last of two equal keys win (``{"seed": -1, "seed": 3}`` runs seed
-3). A strict API refuses all three. ``StrictJSONRoute`` parses the body this way before FastAPI does
-and hands FastAPI the parsed value.
+3). A strict API refuses all three (422 naming the field). It also raises what is not a
+``JSONDecodeError`` on hostile input: ``ValueError`` for an integer over Python's int-string limit
+(4300 digits) and ``RecursionError`` for deep nesting; both are 422 here, never a 500.
+
+``StrictJSONRoute`` judges a request in this order: the body's size (413, before any route:
+``RequestContextMiddleware``), then the bearer token where the route requires one (401, before the
+body is parsed at all: an anonymous caller learns nothing about the schema and costs no parsing, as
+with OpenAI's and Triton's servers), then the JSON (400 / 422), then the fields (422).
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from service.auth import check_token, require_token
+
+MAX_DEPTH = 32  # no request of this API nests more than three levels; deeper JSON is refused unparsed
 NON_FINITE_MSG = "must be a finite number (NaN, Infinity and numbers beyond the float range are not JSON)"
 
 
@@ -55,16 +65,51 @@ def _find_non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple
     return None
 
 
+def nesting_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def _body_error(kind: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("body",), "msg": message, "input": None}])
+
+
 def loads_strict(body: bytes) -> Any:
-    """``json.loads`` that raises RequestValidationError for duplicate keys and non-finite numbers
-    (other syntax errors stay ``json.JSONDecodeError``, which FastAPI reports itself)."""
+    """``json.loads`` that raises RequestValidationError for duplicate keys, non-finite numbers, integers
+    over Python's digit limit and nesting deeper than ``MAX_DEPTH`` (other syntax errors stay
+    ``json.JSONDecodeError``, which FastAPI reports itself)."""
+    if nesting_depth(body) > MAX_DEPTH:  # before parsing: deep values also overflow the validator and its error echo
+        raise _body_error("json_too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep")
     try:
         value = json.loads(body, object_pairs_hook=_object, parse_constant=_NonFinite, parse_float=_float)
+        found = _find_non_finite(value)
     except _DuplicateKey as exc:
         raise RequestValidationError(
             [{"type": "duplicate_key", "loc": ("body", exc.key), "msg": "appears more than once in the JSON object", "input": None}]
         ) from None
-    found = _find_non_finite(value)
+    except RecursionError:
+        raise _body_error("json_too_deep", "the JSON is nested too deeply to be a request of this API") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # int("9" * 5000): Python's int-string conversion limit
+        raise _body_error("number_too_long", f"a number in the JSON is too long ({exc})") from None
     if found is not None:
         loc, text = found
         raise RequestValidationError([{"type": "finite_number", "loc": ("body", *loc), "msg": NON_FINITE_MSG, "input": text}])
@@ -87,13 +132,21 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def _requires(dependant: Dependant, call: Callable[..., Any]) -> bool:
+    return any(d.call is call or _requires(d, call) for d in dependant.dependencies)
+
+
 class StrictJSONRoute(APIRoute):
-    """A route whose JSON body is parsed by ``loads_strict`` first."""
+    """A route that checks the bearer token (where it requires one) before reading its body, and whose
+    JSON body is parsed by ``loads_strict`` first."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        token_first = _requires(self.dependant, require_token)
 
         async def strict_handler(request: Request) -> Response:
+            if token_first:  # 401 before the body is read (require_token checks it again, for the schema's sake)
+                check_token(request.app.state.api_token, request.headers.get("authorization"))
             if _is_json(request.headers.get("content-type", "application/json")):
                 body = await request.body()
                 if body:

@@ -82,7 +82,8 @@ def test_request_id_echoed_or_generated(open_client: TestClient) -> None:
     assert hostile != "x" * 500 and len(hostile) == 32
 
 
-def test_oversized_bodies_get_413(open_client: TestClient) -> None:
+def test_oversized_bodies_get_413(open_client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     big = json.dumps({"seed": 1, "pad": "x" * 2000})
     r = open_client.post("/generate", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "512" in r.json()["detail"] and r.headers["x-request-id"]
@@ -95,6 +96,9 @@ def test_oversized_bodies_get_413(open_client: TestClient) -> None:
 
     r = open_client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
+    # a client error: the access line says 413; nothing is logged as a server error
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info], caplog.text[:2000]
+    assert [json.loads(JsonFormatter().format(rec))["status"] for rec in caplog.records if rec.name == "ddpm.access"] == [413, 413]
 
 
 def test_images_per_client_are_bounded(open_client: TestClient) -> None:
@@ -122,3 +126,33 @@ def test_one_structured_log_line_per_request(open_client: TestClient, caplog: py
     assert (ok["seed"], ok["batch_size"], ok["steps"], ok["outcome"]) == (42, 2, 5, "ok")
     assert ok["path"] == "/generate" and ok["duration_s"] > 0
     assert json.loads(JsonFormatter().format(records[1]))["status"] == 422
+
+
+HOSTILE_BODIES = {
+    "long integer": b'{"seed": ' + b"9" * 5000 + b"}",  # over Python's int-string limit (4300 digits)
+    "deep array": b"[" * 5000 + b"]" * 5000,
+    "deep field": b'{"seed": ' + b"[" * 900 + b"]" * 900 + b"}",  # parses, but would overflow the validator's echo
+    "not JSON": b'{"seed": ',
+    "duplicate key": b'{"seed": 1, "seed": 2}',
+    "NaN": b'{"seed": NaN}',
+}
+POST_ROUTES = ("/generate", "/generate/stream", "/v1/images/generations")
+
+
+@pytest.mark.parametrize("name", HOSTILE_BODIES)
+def test_the_token_is_checked_before_the_body_is_parsed(secured: TestClient, name: str) -> None:
+    for route in POST_ROUTES:
+        r = secured.post(route, content=HOSTILE_BODIES[name], headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (route, r.text[:200])
+
+
+@pytest.mark.parametrize("name", HOSTILE_BODIES)
+def test_hostile_bodies_are_4xx_without_a_traceback(secured: TestClient, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    with caplog.at_level(logging.INFO):
+        for route in POST_ROUTES:
+            r = secured.post(route, content=HOSTILE_BODIES[name], headers=headers)
+            assert r.status_code in (400, 422), (route, r.status_code, r.text[:200])
+            assert len(r.content) < 2000  # the echo of a 5000-digit or 900-deep input is not sent back
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info], caplog.text[:2000]
+    assert 'code="500"' not in secured.get("/metrics").text

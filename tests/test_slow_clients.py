@@ -62,6 +62,8 @@ def test_a_trickled_body_is_408(server: ServerProcess) -> None:
     answer = _read_all(s, timeout=5)
     s.close()
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request body not received within 1 s" in answer
+    time.sleep(0.2)
+    assert "unhandled error" not in server.output() and "Traceback" not in server.output()  # a client error, not the server's
 
 
 def test_connections_are_bounded_but_probes_still_answer(server: ServerProcess) -> None:
