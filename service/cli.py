@@ -79,16 +79,17 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", default="grid.png", help=".png: a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]")
     p.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
     p.add_argument("--retries", type=int, default=5, help="retries of a 503 / 429 (after the server's Retry-After)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds for the whole call (queue, denoising, retries): a stalled or trickling server is cut off")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """The token comes from DDPM_API_TOKEN or DDPM_API_TOKEN_FILE (never a flag: a command line is public)."""
-    import httpx
     from tqdm import tqdm
 
-    from service.client import Client, ServerError
+    from service.client import Client, ClientError, ServerError, Unreachable
 
     bar = None if args.quiet else tqdm(total=args.n, unit="image-step", desc="queued", dynamic_ncols=True)
 
@@ -107,13 +108,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
              "class_label": class_label_arg(args.class_label), "guidance_scale": args.guidance_scale}  # fmt: skip
+    if not args.timeout > 0:
+        raise SystemExit(f"ddpm generate: --timeout must be > 0, got {args.timeout}")
     try:
-        with Client(args.url, max_retries=args.retries) as client:
+        with Client(args.url, max_retries=args.retries, timeout_s=args.timeout) as client:
             result = client.generate(args.seed, args.n, on_event=on_event, **chain)
     except ServerError as exc:
         raise SystemExit(f"ddpm generate: the server answered {exc.status}: {exc.detail}") from exc
-    except httpx.TransportError as exc:  # refused, reset, timed out: say where
-        raise SystemExit(f"ddpm generate: cannot reach {args.url}: {exc}") from exc
+    except Unreachable as exc:  # refused, reset: say where
+        raise SystemExit(f"ddpm generate: {exc}") from exc
+    except ClientError as exc:  # timed out, or an answer this client cannot use
+        raise SystemExit(f"ddpm generate: {args.url}: {exc}") from exc
     finally:
         if bar is not None:
             if bar.total:

@@ -3,41 +3,86 @@
     from service.client import Client
     with Client("http://127.0.0.1:8000") as client:             # token: DDPM_API_TOKEN, if set
         result = client.generate(seed=0, n=16, on_event=print)  # events: queued, progress
-        result.save_grid("grid.png")                             # or result.array(): (N, C, H, W) in [0, 1]
+        result.save("grid.png")                                  # or result.array(): (N, C, H, W) in [0, 1]
 
 A 503 (not ready, draining, queue full) or 429 (this client's images in flight) is retried after
 the server's Retry-After, up to ``max_retries`` times; so is a refused connection (a replica
-restarting). Retrying is safe: an image is a pure function of the request. Other errors raise
-:class:`ServerError` with the server's status and message. ``on_event`` switches to the streaming
-endpoint and receives its events: ``queued`` ({images_ahead, ...}) and ``progress`` ({steps_done, total}).
+restarting). Retrying is safe: an image is a pure function of the request. ``on_event`` switches to
+the streaming endpoint and receives its events: ``queued`` ({images_ahead, ...}) and ``progress``
+({steps_done, total}).
+
+A client must not hang on, or be blown up by, a server that misbehaves:
+
+- ``timeout_s`` is the deadline of a whole call (connecting, waiting, reading, retries included),
+  not of each read: a server that stalls, trickles bytes or streams events for ever is cut off then.
+- ``max_response_bytes`` bounds what one answer may hold (a stream: all of its bytes), and
+  ``max_events`` the events of one stream: a huge or endless answer is refused while it arrives,
+  never buffered whole.
+- ``Retry-After`` is read as RFC 9110 §10.2.3 defines it (whole seconds or an HTTP-date); anything
+  else (``nan``, ``-1``, ``inf``) falls back to the client's own back-off, never an exception.
+- Everything that can go wrong is a :class:`ClientError` with a message: :class:`ServerError` (the
+  server answered an error status, or a stream's error event: ``status``, ``detail``),
+  :class:`BadAnswer` (an answer this client cannot read: not JSON, no images, bad base64, too
+  large), :class:`CallTimeout` (the deadline passed) and :class:`Unreachable` (no connection).
+
+One implementation serves both: :class:`Client` runs :class:`AsyncClient`'s calls on a private
+event loop (in a helper thread when the caller is itself inside a running loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import concurrent.futures
 import io
 import json
 import os
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 900.0  # above the server's default request deadline (600 s) plus a queue wait
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20  # 64 RGB 256x256 PNGs in base64 are ~20 MB
+DEFAULT_MAX_EVENTS = 100_000  # a stream sends at most ~10 progress events a second
 EventHandler = Callable[[str, dict[str, Any]], None]
 RETRY_STATUSES = (429, 503)
+T = TypeVar("T")
 
 
-class ServerError(RuntimeError):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"{status}: {detail}")
+class ClientError(RuntimeError):
+    """Anything a call can fail with. ``status`` is the HTTP status where the server gave one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
         self.status = status
+
+
+class ServerError(ClientError):
+    """The server answered with an error status (or a stream's error event) and this ``detail``."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}", status)
         self.detail = detail
+
+
+class BadAnswer(ClientError):
+    """The server answered something this client cannot use (malformed, incomplete or too large)."""
+
+
+class CallTimeout(ClientError):
+    """The call's deadline (``timeout_s``) passed before a full answer."""
+
+
+class Unreachable(ClientError):
+    """No connection to the server (refused, reset, name not resolved), after the retries."""
 
 
 @dataclass
@@ -82,36 +127,69 @@ def _token(token: str | None) -> str | None:
     return os.environ.get("DDPM_API_TOKEN") or None
 
 
-def _headers(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _error(response: httpx.Response) -> ServerError:
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait per RFC 9110 §10.2.3 (``delay-seconds`` = 1*DIGIT, or an HTTP-date); None when
+    absent or not of that form (``nan``, ``-1``, ``1.5``, ``inf``, garbage)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(int(value))
     try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text
-    return ServerError(response.status_code, str(detail))
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max((when - (now or datetime.now(timezone.utc))).total_seconds(), 0.0)
 
 
-def _retry_delay(response: httpx.Response | None, attempt: int, max_wait_s: float) -> float:
-    """Retry-After (seconds) when the server gave one, else exponential back-off from 0.5 s."""
-    value = response.headers.get("retry-after") if response is not None else None
+def _retry_delay(retry_after: str | None, attempt: int, max_wait_s: float) -> float:
+    """Retry-After when the server gave a valid one, else exponential back-off from 0.5 s; at most max_wait_s."""
+    delay = parse_retry_after(retry_after)
+    return min(0.5 * 2**attempt if delay is None else delay, max_wait_s)
+
+
+def _error_detail(status: int, body: bytes) -> ServerError:
+    """The server's message: ``detail`` (ours), ``error.message`` (OpenAI's shape), else the text."""
     try:
-        delay = float(value) if value is not None else 0.5 * 2**attempt
+        data = json.loads(body)
     except ValueError:
-        delay = 0.5 * 2**attempt
-    return min(max(delay, 0.0), max_wait_s)
+        data = None
+    detail: object = None
+    if isinstance(data, dict):
+        detail = data.get("detail")
+        if detail is None and isinstance(data.get("error"), dict):
+            detail = data["error"].get("message")
+    if detail is None:
+        detail = body.decode("utf-8", "replace").strip()[:500] or "(no message)"
+    return ServerError(status, str(detail))
 
 
-def _generation(body: dict[str, Any]) -> Generation:
-    images = body.pop("images")
-    return Generation([base64.b64decode(png) for png in images], body)
+def _json_object(body: bytes, what: str, status: int) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise BadAnswer(f"{what} is not JSON ({exc}): {body[:80]!r}", status) from None
+    if not isinstance(data, dict):
+        raise BadAnswer(f"{what} is not a JSON object: {body[:80]!r}", status)
+    return data
+
+
+def _generation(body: dict[str, Any], status: int = 200) -> Generation:
+    images = body.pop("images", None)
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise BadAnswer(f"the answer has no list of base64 images (keys: {sorted(body)[:10]})", status)
+    try:
+        pngs = [base64.b64decode(png, validate=True) for png in images]
+    except (binascii.Error, ValueError) as exc:
+        raise BadAnswer(f"an image of the answer is not valid base64 ({exc})", status) from None
+    return Generation(pngs, body)
 
 
 class SSEReader:
     """Server-Sent Events from lines: ``feed`` returns (event, data) at each blank line; comments
-    (the server's keep-alives) are skipped."""
+    (the server's keep-alives) are skipped. Data that is not a JSON object is a BadAnswer."""
 
     def __init__(self) -> None:
         self.event, self.data = "message", []  # type: ignore[var-annotated]
@@ -120,7 +198,7 @@ class SSEReader:
         if line == "":
             if not self.data:
                 return None
-            out = (self.event, json.loads("\n".join(self.data)))
+            out = (self.event, _json_object("\n".join(self.data).encode(), f"the data of a {self.event!r} event", 200))
             self.event, self.data = "message", []
             return out
         if line.startswith(":"):
@@ -134,104 +212,78 @@ class SSEReader:
         return None
 
 
-def _stream_result(events: Iterable[tuple[str, dict[str, Any]]], on_event: EventHandler) -> Generation:
-    for name, data in events:
-        if name == "result":
-            return _generation(data)
-        if name == "error":
-            raise ServerError(int(data.get("status", 500)), str(data.get("detail", "")))
-        on_event(name, data)
-    raise ServerError(502, "the stream ended without a result")
+class _Limits:
+    def __init__(self, max_response_bytes: int, max_events: int) -> None:
+        self.max_response_bytes, self.max_events = max_response_bytes, max_events
+
+    async def read(self, response: httpx.Response) -> bytes:
+        """The whole body, refused as it arrives once it passes ``max_response_bytes``."""
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_response_bytes:
+            message = f"the answer is {int(length)} bytes, over the client's limit of {self.max_response_bytes}"
+            raise BadAnswer(message, response.status_code)
+        chunks, total = [], 0
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > self.max_response_bytes:
+                raise BadAnswer(f"the answer passed the client's limit of {self.max_response_bytes} bytes", response.status_code)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def events(self, response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The stream's events; its bytes (one unfinished line included) and events are bounded."""
+        reader, buffer, total, count = SSEReader(), b"", 0, 0
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > self.max_response_bytes:
+                raise BadAnswer(f"the stream passed the client's limit of {self.max_response_bytes} bytes", response.status_code)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                event = reader.feed(raw.removesuffix(b"\r").decode("utf-8", "replace"))
+                if event is None:
+                    continue
+                count += 1
+                if count > self.max_events:
+                    raise BadAnswer(f"the stream sent over {self.max_events} events without a result", response.status_code)
+                yield event
 
 
-class _Connection:
-    """What both clients hold: the HTTP client (token, timeout, transport) and the retry policy."""
-
-    def __init__(self, http_class: type, url: str, token: str | None, timeout_s: float, max_retries: int, max_wait_s: float,
-                 transport: object) -> None:  # fmt: skip
-        self.max_retries, self.max_wait_s = max_retries, max_wait_s
-        self._http = http_class(base_url=url, headers=_headers(_token(token)), timeout=timeout_s, transport=transport)
+class _Retry(Exception):
+    def __init__(self, delay: float, cause: ClientError) -> None:
+        self.delay, self.cause = delay, cause
 
 
-class Client(_Connection):
+async def _pause(seconds: float) -> None:  # the retry wait (tests replace it)
+    await asyncio.sleep(seconds)
+
+
+class AsyncClient:
+    """The client for asyncio (``transport``: an httpx async transport, e.g. ``httpx.MockTransport``)."""
+
     def __init__(
         self,
         url: str = DEFAULT_URL,
         token: str | None = None,
-        timeout_s: float = 900.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         max_retries: int = 5,
         max_wait_s: float = 60.0,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        _persistent: bool = True,
     ) -> None:
-        super().__init__(httpx.Client, url, token, timeout_s, max_retries, max_wait_s, transport)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.url, self.timeout_s, self.max_retries, self.max_wait_s = url, timeout_s, max_retries, max_wait_s
+        self.limits = _Limits(max_response_bytes, max_events)
+        self._headers = {"Authorization": f"Bearer {t}"} if (t := _token(token)) else {}
+        self._transport = transport
+        self._http = self._new_http() if _persistent else None
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def info(self) -> dict[str, Any]:
-        return self._call(lambda: self._http.get("/info"), lambda r: r.json())
-
-    def generate(self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, **chain: Any) -> Generation:
-        """Images k = 0..n-1 of ``seed``; ``chain``: steps, sampler, eta, timestep_spacing, clip_denoised, and for a
-        class-conditional model class_label and guidance_scale (the request fields of POST /generate)."""
-        body = request_body(seed, n, **chain)
-        if on_event is None:
-            return self._call(lambda: self._http.post("/generate", json=body), lambda r: _generation(r.json()))
-        return self._call(lambda: self._http.stream("POST", "/generate/stream", json=body), lambda r: self._read_stream(r, on_event))
-
-    def _read_stream(self, response: httpx.Response, on_event: EventHandler) -> Generation:
-        reader = SSEReader()
-        return _stream_result((ev for line in response.iter_lines() if (ev := reader.feed(line)) is not None), on_event)
-
-    def _call(self, send: Callable[[], Any], read: Callable[[httpx.Response], Any]) -> Any:
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = send()
-                if isinstance(response, httpx.Response):
-                    response.read()
-                    return self._answer(response, read, attempt)
-                with response as streamed:  # a stream: read it while it is open
-                    if streamed.status_code >= 400:
-                        streamed.read()
-                    return self._answer(streamed, read, attempt)
-            except _Retry as retry:
-                time.sleep(retry.delay)
-            except httpx.ConnectError:
-                if attempt == self.max_retries:
-                    raise
-                time.sleep(_retry_delay(None, attempt, self.max_wait_s))
-        raise AssertionError("unreachable")
-
-    def _answer(self, response: httpx.Response, read: Callable[[httpx.Response], Any], attempt: int) -> Any:
-        if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
-            raise _Retry(_retry_delay(response, attempt, self.max_wait_s))
-        if response.status_code >= 400:
-            raise _error(response)
-        try:
-            return read(response)
-        except ServerError as exc:  # a stream's error event: 503 is as retryable as a 503 answer
-            if exc.status in RETRY_STATUSES and attempt < self.max_retries:
-                raise _Retry(_retry_delay(None, attempt, self.max_wait_s)) from exc
-            raise
-
-
-class _Retry(Exception):
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-
-
-class AsyncClient(_Connection):
-    """:class:`Client` for asyncio: the same methods, awaited (``transport``: an httpx.AsyncBaseTransport)."""
-
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout_s: float = 900.0, max_retries: int = 5,
-                 max_wait_s: float = 60.0, transport: httpx.AsyncBaseTransport | None = None) -> None:  # fmt: skip
-        super().__init__(httpx.AsyncClient, url, token, timeout_s, max_retries, max_wait_s, transport)
+    def _new_http(self) -> httpx.AsyncClient:
+        # per-phase timeouts no longer than the call's own deadline (which _call enforces as a whole)
+        return httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self.timeout_s, transport=self._transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -240,46 +292,129 @@ class AsyncClient(_Connection):
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
-    async def info(self) -> dict[str, Any]:
-        return await self._call("GET", "/info", None, None)
+    async def info(self, http: httpx.AsyncClient | None = None) -> dict[str, Any]:
+        return await self._call(http, "GET", "/info", None, None)
 
-    async def generate(self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, **chain: Any) -> Generation:
+    async def generate(
+        self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, http: httpx.AsyncClient | None = None, **chain: Any
+    ) -> Generation:
+        """Images k = 0..n-1 of ``seed``; ``chain``: steps, sampler, eta, timestep_spacing, clip_denoised, and for a
+        class-conditional model class_label and guidance_scale (the request fields of POST /generate)."""
         body = request_body(seed, n, **chain)
-        if on_event is None:
-            return _generation(await self._call("POST", "/generate", body, None))
-        return await self._call("POST", "/generate/stream", body, on_event)
+        path = "/generate" if on_event is None else "/generate/stream"
+        return await self._call(http, "POST", path, body, on_event)
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None, on_event: EventHandler | None) -> Any:
+    async def _call(
+        self, http: httpx.AsyncClient | None, method: str, path: str, body: dict[str, Any] | None, on_event: EventHandler | None
+    ) -> Any:
+        http = http or self._http
+        assert http is not None
+        try:
+            return await asyncio.wait_for(self._attempts(http, method, path, body, on_event), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"no complete answer from {self.url}{path} within {self.timeout_s:g} s") from None
+
+    async def _attempts(
+        self, http: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None, on_event: EventHandler | None
+    ) -> Any:
         for attempt in range(self.max_retries + 1):
-            retry_after: httpx.Response | None = None
+            last = attempt == self.max_retries
             try:
-                async with self._http.stream(method, path, json=body) as response:
-                    if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                        retry_after = response
-                    elif response.status_code >= 400:
-                        await response.aread()
-                        raise _error(response)
-                    elif on_event is None:
-                        return json.loads(await response.aread())
-                    else:
-                        reader, events = SSEReader(), []
-                        async for line in response.aiter_lines():
-                            event = reader.feed(line)
-                            if event is None:
-                                continue
-                            if event[0] in ("result", "error"):
-                                events.append(event)
-                                break
-                            on_event(*event)
-                        try:
-                            return _stream_result(events, on_event)
-                        except ServerError as exc:
-                            if exc.status not in RETRY_STATUSES or attempt == self.max_retries:
-                                raise
-            except httpx.ConnectError:
-                if attempt == self.max_retries:
-                    raise
-            await asyncio.sleep(_retry_delay(retry_after, attempt, self.max_wait_s))
+                return await self._attempt(http, method, path, body, on_event, retry_allowed=not last, attempt=attempt)
+            except _Retry as retry:
+                await _pause(retry.delay)
+            except httpx.TimeoutException as exc:
+                raise CallTimeout(f"no answer from {self.url}{path} within {self.timeout_s:g} s ({type(exc).__name__})") from None
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # refused: a replica restarting; a dropped or garbled connection: nothing was answered
+                if last:
+                    raise Unreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
+                await _pause(_retry_delay(None, attempt, self.max_wait_s))
+            except httpx.HTTPError as exc:
+                raise Unreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
         raise AssertionError("unreachable")
+
+    async def _attempt(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        on_event: EventHandler | None,
+        retry_allowed: bool,
+        attempt: int,
+    ) -> Any:
+        async with http.stream(method, path, json=body) as response:
+            status = response.status_code
+            if status >= 400:
+                error = _error_detail(status, await self.limits.read(response))
+                if status in RETRY_STATUSES and retry_allowed:
+                    raise _Retry(_retry_delay(response.headers.get("retry-after"), attempt, self.max_wait_s), error)
+                raise error
+            if on_event is None:
+                data = _json_object(await self.limits.read(response), "the answer", status)
+                return data if path == "/info" else _generation(data, status)
+            async for name, data in self.limits.events(response):
+                if name == "result":
+                    return _generation(data, status)
+                if name == "error":
+                    error = ServerError(_status_of(data), str(data.get("detail", "")))
+                    if error.status in RETRY_STATUSES and retry_allowed:  # a 503 event is as retryable as a 503 answer
+                        raise _Retry(_retry_delay(None, attempt, self.max_wait_s), error)
+                    raise error
+                on_event(name, data)
+            raise BadAnswer("the stream ended without a result", status)
+
+
+def _status_of(event: dict[str, Any]) -> int:
+    status = event.get("status")
+    return status if isinstance(status, int) and 100 <= status <= 599 else 500
+
+
+class Client:
+    """The synchronous client: :class:`AsyncClient`'s calls, each run to its end on a private loop."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = 5,
+        max_wait_s: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_events: int = DEFAULT_MAX_EVENTS,
+    ) -> None:
+        self._async = AsyncClient(url, token, timeout_s, max_retries, max_wait_s, transport, max_response_bytes, max_events,
+                                  _persistent=False)  # fmt: skip
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass  # each call opens and closes its own connections (an httpx pool belongs to one event loop)
+
+    def info(self) -> dict[str, Any]:
+        return self._run(lambda http: self._async.info(http))
+
+    def generate(self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, **chain: Any) -> Generation:
+        """As :meth:`AsyncClient.generate`."""
+        return self._run(lambda http: self._async.generate(seed, n, on_event=on_event, http=http, **chain))
+
+    def _run(self, call: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
+        async def once() -> T:
+            async with self._async._new_http() as http:
+                return await call(http)
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(once())
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # called from inside a running loop (a notebook)
+            return pool.submit(asyncio.run, once()).result()

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from ddpm.grid import image_pngs
 from ddpm.seeding import MAX_SEED
 from service.auth import Authorized
-from service.routes import ERRORS, JSON, ApiError, StateDep, class_names, images_or_not_modified, prepare
+from service.routes import ERRORS, JSON, ApiError, StateDep, class_names, encode_off_loop, images_or_not_modified, prepare
 from service.runtime import ServerState
 from service.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, OpenAIError
 from service.strict_json import StrictJSONRoute
@@ -72,6 +72,26 @@ def _invalid(param: str, message: str, status: int = 400, code: str | None = Non
     return ApiError(status, message, "invalid", param=param, code=code)
 
 
+# OpenAI's options with no effect on this server: the values accepted (None: the option must be absent)
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "quality": ("auto", "standard"),
+    "style": (),
+    "output_format": ("png",),
+    "output_compression": (),
+    "background": ("auto", "opaque"),
+    "moderation": ("auto", "low"),
+}
+
+
+def _check_options(body: ImageGenerationRequest) -> None:
+    for param, accepted in OPTIONS.items():
+        value = getattr(body, param)
+        if value is None or value in accepted:
+            continue
+        can = f"it takes {' or '.join(map(repr, accepted))}" if accepted else "leave it out"
+        raise _invalid(param, f"{param} {value!r} is not supported by this model ({can})", code="unsupported_value")
+
+
 def _check_model(state: ServerState, requested: str | None) -> str:
     assert state.model is not None
     if requested is not None and requested != state.model.name:
@@ -101,27 +121,34 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
             raise _invalid("size", f"size must be {size!r} (the model's own; it cannot generate {body.size!r})")
         if body.response_format == "url":
             raise _invalid("response_format", "response_format 'url' is not supported: this server keeps no images; use 'b64_json'")
+        _check_options(body)
         request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
         generated = await images_or_not_modified(state, key, JSON, request)
         if isinstance(generated, Response):
             return generated
-        spec = key.chain
-        answer = ImagesResponse(
-            created=int(time.time()),
-            data=[ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(generated.images)],
-            size=size,
-            model=name,
-            seed=seed,
-            steps=spec.steps,
-            sampler=spec.sampler,
-            eta=spec.eta,
-            timestep_spacing=spec.spacing,
-            precision=state.precision,
-            cached=generated.job is None,
-            class_labels=class_names(state, key),
-            guidance_scale=key.guidance_scale,
-        )
-        response = JSONResponse(jsonable_encoder(answer), headers={"ETag": key.etag(JSON), "X-Cache": "hit" if answer.cached else "miss"})
+        spec, images, cached = key.chain, generated.images, generated.job is None
+
+        def encode() -> object:  # PNG encoding off the event loop, as /generate's
+            return jsonable_encoder(
+                ImagesResponse(
+                    created=int(time.time()),
+                    data=[ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)],
+                    size=size,
+                    model=name,
+                    seed=seed,
+                    steps=spec.steps,
+                    sampler=spec.sampler,
+                    eta=spec.eta,
+                    timestep_spacing=spec.spacing,
+                    precision=state.precision,
+                    cached=cached,
+                    class_labels=class_names(state, key),
+                    guidance_scale=key.guidance_scale,
+                )
+            )
+
+        content = await encode_off_loop(state, encode, request)
+        response = JSONResponse(content, headers={"ETag": key.etag(JSON), "X-Cache": "hit" if cached else "miss"})
         request.state.outcome = "ok"
         return response
     except ApiError as exc:

@@ -255,7 +255,7 @@ def _negotiate(accept: str | None, offered: list[str]) -> str:
     return media
 
 
-async def _encode(state: ServerState, encode: Callable[[], object], request: Request) -> object:
+async def encode_off_loop(state: ServerState, encode: Callable[[], object], request: Request) -> object:
     """Run an encoder (PNG / npy / JSON body) off the event loop; a failure is a 500 that says so."""
     try:
         return await asyncio.to_thread(_encode_now, state, encode)
@@ -328,11 +328,11 @@ async def generate(
             return generated
         images = generated.images
         if media == PNG:
-            response: Response = Response(await _encode(state, lambda: png_bytes(make_grid(images)), request), media_type=PNG)
+            response: Response = Response(await encode_off_loop(state, lambda: png_bytes(make_grid(images)), request), media_type=PNG)
         elif media == NPY:
-            response = Response(await _encode(state, lambda: _npy(images), request), media_type=NPY)
+            response = Response(await encode_off_loop(state, lambda: _npy(images), request), media_type=NPY)
         else:
-            content = await _encode(state, lambda: jsonable_encoder(_result_body(state, key, generated, arrived)), request)
+            content = await encode_off_loop(state, lambda: jsonable_encoder(_result_body(state, key, generated, arrived)), request)
             response = JSONResponse(content)
         response.headers["ETag"] = key.etag(media)
         response.headers["X-Cache"] = "miss" if generated.job is not None else "hit"
@@ -370,7 +370,7 @@ async def generate_stream(
 
     async def result(generated: Generated) -> AsyncIterator[str]:
         try:
-            body = await _encode(state, lambda: jsonable_encoder(_result_body(state, key, generated, arrived)), request)
+            body = await encode_off_loop(state, lambda: jsonable_encoder(_result_body(state, key, generated, arrived)), request)
         except ApiError as exc:
             request.state.outcome, request.state.outcome_code = exc.outcome, exc.status_code
             yield _sse("error", {"status": exc.status_code, "detail": exc.detail})

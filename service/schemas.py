@@ -207,6 +207,14 @@ class ImageGenerationRequest(ChainRequest):
     seed: int | None = Field(
         None, strict=True, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned in the answer."
     )
+    # OpenAI's other options: what changes nothing here is accepted, what this model cannot do is a 400
+    # naming the parameter (service.openai_images.OPTIONS)
+    quality: str | None = Field(None, max_length=32, description="auto or standard (one quality; steps and sampler set the cost).")
+    style: str | None = Field(None, max_length=32, description="Refused when set: this model has no styles.")
+    output_format: str | None = Field(None, max_length=32, description="png (the only format).")
+    output_compression: int | None = Field(None, strict=True, description="Refused when set: it applies to jpeg and webp only.")
+    background: str | None = Field(None, max_length=32, description="auto or opaque (the images have no alpha channel).")
+    moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
 
 
 class ImageData(BaseModel):

@@ -118,7 +118,11 @@ OK = {"seed": 0, "batch_size": 1, "images": [], "steps": 1}
 
 def test_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+
+    async def fake_pause(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(client_module, "_pause", fake_pause)
     answers = [httpx.Response(503, headers={"Retry-After": "3"}, json={"detail": "queue full"}),
                httpx.Response(429, headers={"Retry-After": "1"}, json={"detail": "too many"}), httpx.Response(200, json=OK)]  # fmt: skip
     seen, handler = _scripted(answers)
@@ -140,7 +144,7 @@ def test_async_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> No
     async def fake_sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    monkeypatch.setattr(client_module.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(client_module, "_pause", fake_sleep)
     answers = [httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": "not ready"}), httpx.Response(200, json=OK)]
     seen, handler = _scripted(answers)
 

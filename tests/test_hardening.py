@@ -250,6 +250,21 @@ def test_encoding_runs_off_the_event_loop(client: TestClient, monkeypatch: pytes
     assert threads and threads[0] != "MainThread" and not threads[0].startswith("AnyIO")
 
 
+def test_openai_images_encode_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.openai_images as openai_images
+
+    threads: list[str] = []
+    real = openai_images.image_pngs
+
+    def spy(images):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return real(images)
+
+    monkeypatch.setattr(openai_images, "image_pngs", spy)
+    assert client.post("/v1/images/generations", json={"prompt": "x", "seed": 1, "steps": 2}).status_code == 200
+    assert threads and threads[0] != "MainThread" and not threads[0].startswith("AnyIO")
+
+
 def test_every_response_is_counted(model_dir: Path) -> None:
     c, _ = _start(model_dir, api_token="t0ken", max_body_bytes=256)
     with c:

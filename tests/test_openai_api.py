@@ -95,6 +95,15 @@ def test_error_classes(server: ServerProcess) -> None:
     assert size.value.param == "size" and "'8x8'" in size.value.message
     with pytest.raises(openai.BadRequestError, match="url' is not supported"):
         client.images.generate(prompt="x", response_format="url")
+    # OpenAI's other options: harmless values are accepted, what this model cannot do names its param
+    accepted = client.images.generate(prompt="x", quality="standard", output_format="png", background="opaque", moderation="low",
+                                      extra_body={"steps": 2})  # fmt: skip
+    assert len(accepted.data) == 1
+    for option, value in (("quality", "hd"), ("style", "vivid"), ("output_format", "jpeg"), ("background", "transparent"),
+                          ("output_compression", 50)):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as unsupported:
+            client.images.generate(prompt="x", **{option: value})  # type: ignore[arg-type]
+        assert unsupported.value.param == option and unsupported.value.code == "unsupported_value", option
     with pytest.raises(openai.NotFoundError, match="model 'dall-e-2' is not served") as not_found:
         client.images.generate(prompt="x", model="dall-e-2")
     assert not_found.value.code == "model_not_found" and not_found.value.param == "model"
