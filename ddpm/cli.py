@@ -105,10 +105,15 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ddpm.sampler import sample_chain
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
+    from kernels.reverse_step import check_backend, step_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
+    try:  # a forced DDPM_STEP_BACKEND that cannot run here: say so before loading anything
+        check_backend(step_backend(), device)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"ddpm: {exc}") from exc
     model = load_model_source(args.model, device)
     try:
         chain = model.chain(args.sampler, args.steps or model.schedule.num_timesteps, args.eta, args.spacing,

@@ -124,11 +124,11 @@ def hot_path(
     ``step_backend`` (default: ``DDPM_STEP_BACKEND``): on CPU, ``auto`` becomes the compiled twin when
     compiling; a backend named explicitly is kept."""
     from ddpm.precision import resolve_precision, with_precision
-    from kernels.reverse_step import resolve_backend
+    from kernels.reverse_step import check_backend
     from kernels.reverse_step import step_backend as env_step_backend
 
     requested = env_step_backend() if step_backend is None else step_backend
-    backend = resolve_backend(requested, device)
+    backend = check_backend(requested, device)  # a forced backend that cannot run here fails now, with the reason
     concrete = resolve_precision(precision, device)
     if not should_compile(setting, device):
         return HotPath(with_precision(eps_model, concrete, device), None, compiled=False, step_backend=backend, precision=concrete)

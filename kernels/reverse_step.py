@@ -187,7 +187,7 @@ def fused_reverse_step_triton(
 ) -> StepOutput:
     """One launch for the whole mixed batch; x_prev in x_t's dtype and memory layout, x0_hat float32."""
     if not HAVE_TRITON:
-        raise RuntimeError("triton is not installed")
+        raise RuntimeError(TRITON_MISSING)
     if x_t.shape != eps.shape:
         raise ValueError(f"x_t {tuple(x_t.shape)} and eps {tuple(eps.shape)} differ in shape")
     channels_last = _layout(x_t)
@@ -246,6 +246,21 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
+TRITON_MISSING = "triton is not installed: pip install 'ddpm-serve[gpu]' (PyPI's CUDA build of torch brings it too)"
+
+
+def check_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend for ``device``, or a RuntimeError saying why it cannot run there: checked
+    when a sampler or server starts, not at its first step."""
+    concrete = resolve_backend(backend, device)
+    if concrete == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError(f"DDPM_STEP_BACKEND=triton: {TRITON_MISSING}")
+        if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("DDPM_STEP_BACKEND=triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on CPU)")
+    return concrete
+
+
 def fused_reverse_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
@@ -259,6 +274,8 @@ def fused_reverse_step(
     ``DDPM_STEP_BACKEND`` environment variable) overrides."""
     if resolve_backend(step_backend() if backend is None else backend, x_t.device) == "torch":
         return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, x0_prev)
+    if not HAVE_TRITON:
+        raise RuntimeError(f"DDPM_STEP_BACKEND=triton: {TRITON_MISSING}")
     if not _triton_runs_on(x_t):
         raise RuntimeError("DDPM_STEP_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return fused_reverse_step_triton(x_t, eps, coefs, seeds, noise_counter, x0_prev)

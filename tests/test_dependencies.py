@@ -72,3 +72,35 @@ def test_training_commands_name_the_extra_they_need() -> None:
     )
     assert result.returncode != 0
     assert "pip install 'ddpm-serve[train]'" in result.stderr and "mlxtend" in result.stderr
+
+
+def test_a_forced_triton_backend_without_triton_says_what_to_install(tmp_path: Path) -> None:
+    """DDPM_STEP_BACKEND=triton where triton is missing fails when sampling or serving starts, naming the
+    extra that installs it (not at the first step with a message about CUDA tensors)."""
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=30)
+    sample = _run(
+        """
+        import os
+        os.environ.update(DDPM_STEP_BACKEND="triton", TRITON_INTERPRET="1")
+        from ddpm.cli import main
+        sys.argv = ["ddpm", "sample", "--model", sys.argv[2], "-n", "1", "--steps", "2", "-o", sys.argv[3], "--quiet"]
+        main()
+        """,
+        str(model),
+        str(tmp_path / "x.png"),
+    )
+    assert sample.returncode != 0 and "triton is not installed: pip install 'ddpm-serve[gpu]'" in sample.stderr, sample.stderr
+    assert "Traceback" not in sample.stderr and not (tmp_path / "x.png").exists()
+    serve = _run(
+        """
+        from service.runtime import ServerState
+        from service.settings import Settings
+
+        state = ServerState(Settings(model=sys.argv[2], step_backend="triton", compile="off"))
+        state.start_loading()
+        state.wait_loaded(120)
+        print(state.load_error)
+        """,
+        str(model),
+    )
+    assert serve.returncode == 0 and "triton is not installed: pip install 'ddpm-serve[gpu]'" in serve.stdout, serve.stdout + serve.stderr
