@@ -56,8 +56,20 @@ def etag_matches(if_none_match: str | None, etag: str, held: bool) -> bool:
     return ("*" in tags and held) or etag in (t.removeprefix("W/") for t in tags)
 
 
+# What one entry costs besides its pixels: the key (ImageKey, ChainSpec, strings), the tensor object and
+# the LRU's node, measured by benchmarks/bench_response_cache_memory.py (process RSS per entry with
+# 1-image entries, where this part dominates: ~1.26 KiB on CPython 3.11 + torch 2.13)
+ENTRY_OVERHEAD_BYTES = 1280
+
+
+def entry_bytes(images: torch.Tensor) -> int:
+    """The memory an entry holds: the images' whole storage (not only the view's elements) and the
+    bookkeeping around it."""
+    return images.untyped_storage().nbytes() + ENTRY_OVERHEAD_BYTES
+
+
 class ResponseCache:
-    """LRU over finished image tensors, bounded in bytes (0: off). Thread-safe."""
+    """LRU over finished image tensors, bounded in bytes (0: off; ``entry_bytes`` per entry). Thread-safe."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -88,15 +100,17 @@ class ResponseCache:
             return images
 
     def put(self, key: ImageKey, images: torch.Tensor) -> None:
-        size = images.numel() * images.element_size()
+        if images.untyped_storage().nbytes() != images.numel() * images.element_size():
+            images = images.clone()  # a view into something larger would hold all of it
+        size = entry_bytes(images)
         if size > self.max_bytes:
             return  # larger than the whole cache (or the cache is off)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= old.numel() * old.element_size()
+                self._bytes -= entry_bytes(old)
             self._items[key] = images
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.numel() * evicted.element_size()
+                self._bytes -= entry_bytes(evicted)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddpm.sampler import ChainSpec
-from service.response_cache import ImageKey, ResponseCache, etag_matches
+from service.response_cache import ENTRY_OVERHEAD_BYTES, ImageKey, ResponseCache, etag_matches
 from tests.app_client import app_client, metric, wait_ready
 from tests.tiny_model import save_tiny_model
 
@@ -63,8 +63,8 @@ def test_cached_answers_are_byte_identical_to_computed_ones(model_dir: Path) -> 
         assert '"cached": true' in text and computed.json()["images"][0] in text
         assert metric(c, 'ddpm_response_cache_lookups_total{result="hit"}') == 5
         assert metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 7
-        # 7 distinct answers, 20 images of 8 x 8 float32 (256 bytes each)
-        assert metric(c, "ddpm_response_cache_bytes") == 256 * (6 * 3 + 2)
+        # 7 distinct answers, 20 images of 8 x 8 float32 (256 bytes each), and each entry's bookkeeping
+        assert metric(c, "ddpm_response_cache_bytes") == 256 * (6 * 3 + 2) + 7 * ENTRY_OVERHEAD_BYTES
 
 
 def test_if_none_match_is_304_without_work(model_dir: Path) -> None:
@@ -151,17 +151,26 @@ def _key(seed: int) -> ImageKey:
 
 def test_cache_is_bounded_lru_in_bytes() -> None:
     image = torch.zeros(1, 1, 8, 8)  # 256 bytes
-    cache = ResponseCache(max_bytes=3 * 256)
+    entry = 256 + ENTRY_OVERHEAD_BYTES
+    cache = ResponseCache(max_bytes=3 * entry)
     for seed in range(3):
         cache.put(_key(seed), image)
     assert cache.get(_key(0)) is not None  # 0 is now the most recent
     cache.put(_key(3), image)
-    assert cache.get(_key(1)) is None and cache.get(_key(0)) is not None and len(cache) == 3 and cache.size_bytes == 768
-    cache.put(_key(4), torch.zeros(1, 1, 16, 16))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get(_key(1)) is None and cache.get(_key(0)) is not None and len(cache) == 3 and cache.size_bytes == 3 * entry
+    cache.put(_key(4), torch.zeros(1, 1, 64, 64))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get(_key(4)) is None and len(cache) == 3
     off = ResponseCache(0)
     off.put(_key(0), image)
     assert not off.enabled and off.get(_key(0)) is None
+
+
+def test_a_view_is_stored_compact_and_counted_whole() -> None:
+    batch = torch.zeros(64, 1, 8, 8)  # a view of one image would otherwise hold all 64
+    cache = ResponseCache(max_bytes=1 << 20)
+    cache.put(_key(0), batch[3:4])
+    held = cache.get(_key(0))
+    assert held is not None and held.untyped_storage().nbytes() == 256 and cache.size_bytes == 256 + ENTRY_OVERHEAD_BYTES
 
 
 def test_etag_comparison() -> None:
