@@ -1,5 +1,5 @@
-"""uvicorn's h11 protocol, hardened: header deadlines, probes that a full server still answers, and
-answers that reach a client which half-closed its side.
+"""uvicorn's h11 protocol, hardened: header deadlines, probes that a full server still answers, and an
+honest count of answers nobody received.
 
 - **Header deadline** (slow loris): uvicorn closes idle keep-alive connections, but a connection that
   never sends a request, or sends its headers one byte at a time, is held open for ever: the ASGI
@@ -12,10 +12,14 @@ answers that reach a client which half-closed its side.
   able to open sockets could fail a replica's liveness probe and have the orchestrator kill it with
   its work. Requests for ``PROBE_PATHS`` (liveness, readiness, metrics) are exempt: the limit is
   checked for every other path, exactly as uvicorn checks it.
-- **Half-closed clients**: a client that sends its request and then shuts down its write side
-  (``shutdown(SHUT_WR)``, ``curl --no-keepalive`` behind some proxies) still wants the answer; asyncio
-  closes such a transport unless ``eof_received`` says otherwise. Here a connection with a request in
-  progress stays open until that answer is written, and is closed after it.
+- **A client gone before its answer**: a FIN that arrives while a request is in progress ends the
+  connection, as uvicorn and nginx treat it (``proxy_ignore_client_abort off``): TCP cannot tell a
+  client that only shut down its write side from one that left, and keeping such connections open
+  would make every vanished client hold its images to the end of the chain (the engine cancels them
+  instead: ``tests/test_server_process.py``). What was missing is the count: an answer the route
+  produced after that (a cached one, a chain that finished in the same moment) went nowhere while
+  the access log and the metrics said 200. The request's state now carries ``client_gone``, and
+  ``RequestContextMiddleware`` records such a request as 499.
 
 The body's deadline is the middleware's (``RequestContextMiddleware``). Built on uvicorn's
 H11Protocol internals (``cycle``, ``scope``, ``transport``, ``loop``, ``limit_concurrency``, checked
@@ -47,7 +51,6 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
     class HardenedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _received_any = False
-        _peer_eof = False
         _limit: int | None = None
 
         # uvicorn reads self.limit_concurrency after it has built the new request's scope
@@ -74,19 +77,10 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
             if not self._between_requests():
                 self._disarm()  # headers complete: the request is the app's now
 
-        def eof_received(self) -> bool | None:
-            if self._between_requests():
-                return None  # nothing to answer: let asyncio close the transport
-            self._peer_eof = True
-            return True  # keep our side open: the answer still goes out (then on_response_complete closes)
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._peer_eof and not self.transport.is_closing():
-                self.transport.close()  # the client said it sends nothing more: no next request to wait for
-
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if not self._between_requests():  # the answer was not (completely) written: nobody receives it
+                self.scope["state"]["client_gone"] = True  # the same dict as the request's scope["state"]
             super().connection_lost(exc)
 
         def _between_requests(self) -> bool:

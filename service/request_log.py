@@ -179,6 +179,8 @@ class RequestContextMiddleware:
         # a stream's HTTP status is 200 from its first byte; what it ended with is the outcome code
         code = state.get("outcome_code") or http_status
         outcome = state.get("outcome") or outcome_of(code)
+        if state.get("client_gone") and code < 400:  # the connection ended before the answer was written
+            code, outcome = 499, "cancelled"
         if code >= 400 and outcome == "ok":
             outcome = outcome_of(code)  # a route that said "ok" before something after it failed
         path = scope.get("path", "")
