@@ -46,6 +46,16 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY models ./models
+# The shipped model's compiled graphs, built here at image build time for the build machine's CPU and
+# this image's torch (CPU image only: a GPU image is built without its GPU). A container on the same
+# kind of CPU loads them and reaches the compiled speed in seconds instead of minutes; on another CPU
+# it finds no file for its own key and compiles from scratch (ddpm/compile_cache.py). The server is
+# ready on the eager path either way. Mount a writable volume here to keep a mounted model's graphs.
+ARG TORCH_INDEX=""
+ENV DDPM_COMPILE_CACHE_DIR=/app/compile-cache
+RUN if [ -n "$TORCH_INDEX" ]; then \
+      ddpm compile-cache -o /app/compile-cache && rm -rf /tmp/ddpm-compile-cache-* /tmp/torchinductor; \
+    else mkdir -p /app/compile-cache; fi
 RUN groupadd --system --gid 10001 ddpm \
  && useradd --system --uid 10001 --gid ddpm --home-dir /app --shell /usr/sbin/nologin ddpm
 # Runs as non-root with a read-only root filesystem (compose/k8s mount /tmp as tmpfs).

@@ -358,12 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     try:
-        from service.cli import add_generate_parser, add_serve_parser
+        from service.cli import add_compile_cache_parser, add_generate_parser, add_serve_parser
     except ImportError:  # the service package is optional for offline use
         pass
     else:
         add_serve_parser(sub)
         add_generate_parser(sub)
+        add_compile_cache_parser(sub)
     return parser
 
 

@@ -78,13 +78,20 @@ def resolve_precision(setting: str, device: torch.device | str) -> str:
 
 
 def with_precision(eps_model: EpsModel, precision: str, device: torch.device | str) -> EpsModel:
-    """eps_theta run under autocast at ``precision``, returning float32 (identity for fp32)."""
+    """eps_theta run under autocast at ``precision``, returning float32 (identity for fp32).
+
+    Autocast's weight-cast cache is off: it would save re-casting a weight within one call, which one
+    forward never does twice, and its global mutex is taken around the cast itself, which under a
+    tracing fake-tensor mode calls back into Python: a thread compiling the U-Net in the background
+    (service/background_compile.py) then holds that mutex waiting for the GIL while the serving
+    thread holds the GIL waiting for the mutex (autocast's exit clears the cache). Seen as a deadlock
+    of both threads when the compile started from loaded artefacts; the values are the same either way."""
     if precision == "fp32":
         return eps_model
     dtype, device_type = DTYPES[precision], torch.device(device).type
 
     def low_precision_eps(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=dtype):
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
             eps = eps_model(x, t, *labels)  # labels: a class-conditional model's y
         return eps.float()  # the step and the chain state stay fp32
 

@@ -85,6 +85,48 @@ def add_generate_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def add_compile_cache_parser(sub: Any) -> None:
+    from ddpm.cli_help import DefaultsHelpFormatter
+
+    text = ("build the server's compiled graphs for a model on this machine and write them to a directory "
+            "(DDPM_COMPILE_CACHE_DIR), so that the next server there starts warm; the image build runs it")  # fmt: skip
+    p = sub.add_parser("compile-cache", help=text, description=text, formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="the model (default: DDPM_MODEL, else the shipped one)")
+    p.add_argument("-o", "--output", required=True, help="the directory to write to")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds the compile may take")
+    p.set_defaults(func=cmd_compile_cache)
+
+
+def cmd_compile_cache(args: argparse.Namespace) -> int:
+    """The server's own start (every DDPM_* setting applies: max batch, precision, device), its
+    background compile run to the end in a fresh inductor cache, and that cache copied to the output."""
+    import tempfile
+
+    from ddpm.compile_cache import size_bytes
+    from service.runtime import ServerState
+    from service.settings import Settings
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-compile-cache-")  # this model's graphs only
+    overrides: dict[str, Any] = {"compile": "auto", "compile_before_ready": False, "compile_cache_dir": Path(args.output)}
+    if args.model is not None:
+        overrides["model"] = args.model
+    state = ServerState(Settings(**overrides))
+    state.start_loading()
+    state.wait_loaded(args.timeout)
+    if state.load_error is not None or not state.ready:
+        raise SystemExit(f"ddpm compile-cache: {state.load_error or 'the model did not load in time'}")
+    if state.compile_thread is None:
+        raise SystemExit("ddpm compile-cache: nothing to compile here (torch.compile needs CUDA or a C++ compiler)")
+    state.compile_thread.join(args.timeout)  # the graphs, then the copy (runtime._save_compiled)
+    state.shutdown()
+    failed = [group for group, path in state.hot_path_states().items() if path != "compiled"]
+    if failed:
+        raise SystemExit(f"ddpm compile-cache: batch sizes {', '.join(failed)} did not compile (see the log)")
+    written = sorted(p for p in Path(args.output).glob("compiled-*") if p.is_dir() and ".tmp" not in p.name)
+    print(json.dumps({"output": args.output, "copies": [p.name for p in written], "bytes": sum(size_bytes(p) for p in written)}))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """The token comes from DDPM_API_TOKEN or DDPM_API_TOKEN_FILE (never a flag: a command line is public)."""
     from tqdm import tqdm

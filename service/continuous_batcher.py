@@ -29,7 +29,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -315,15 +315,15 @@ class Engine:
             time.sleep(0.05)
         return self.idle
 
-    def warmup(self, steps: int) -> None:
+    def warmup(self, steps: int, sizes: Iterable[int] | None = None) -> None:
         """Run short chains through the engine's own iteration code (before start) at batch 1, 2 and
-        max_batch, clipped and not, so a compiled hot path has built its graphs before the first request
-        (dynamo makes batch 1 its own graph, and may split the dynamic batch range once more)."""
+        max_batch (or ``sizes``), clipped and not, so a compiled hot path has built its graphs before it
+        serves (dynamo makes batch 1 its own graph, and may split the dynamic batch range once more)."""
         if steps <= 0:
             return
         observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
         try:
-            for n in sorted({1, min(2, self.max_batch), self.max_batch}):
+            for n in sorted(set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}):
                 for clip, sampler in ((True, "ddpm"), (False, "ddpm"), (True, "dpmsolver++")):  # with and without x0_prev
                     guided = self.model.conditional and sampler == "dpmsolver++"  # and a guided batch (2 rows per sample)
                     job = Job(

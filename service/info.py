@@ -13,6 +13,7 @@ def server_info(state: ServerState) -> InfoResponse:
     model, facts, s = state.model, state.facts, state.settings
     assert model is not None and facts is not None
     gflop = state.gflop_per_image_step()
+    hot_path = state.hot_path_states()
     return InfoResponse(
         version=__version__,
         model=ModelDescription(
@@ -44,8 +45,9 @@ def server_info(state: ServerState) -> InfoResponse:
         ),
         device=facts.device,
         precision=state.precision,
-        compiled=facts.compiled,
-        step_backend=facts.step_backend,
+        compiled=all(v == "compiled" for v in hot_path.values()),
+        hot_path=hot_path,
+        step_backend=state.step_backend(),
         scheduling=s.scheduling,
         response_cache_bytes=state.cache.max_bytes,
         classes=list(model.class_names),

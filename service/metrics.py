@@ -97,6 +97,13 @@ class Metrics(EngineObserver):
         self.cache_bytes = Gauge("ddpm_response_cache_bytes", "Memory held by the response cache's images", registry=r)
         for result in ("hit", "miss"):  # present from the start, at 0
             self.cache_lookups.labels(model=model, result=result)
+        self.hot_path_compiled = Gauge(
+            "ddpm_hot_path_compiled",
+            "1 when batches of this size group (1, 2+) run the compiled graphs; 0 while they run eagerly (compiling in the "
+            "background, or compile off or failed)",
+            ["batch"],
+            registry=r,
+        )
         self.open_connections = Gauge(
             "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
             registry=r,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -12,12 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm import __version__
-from ddpm.inference_compile import HotPath, hot_path
+from ddpm import __version__, compile_cache
+from ddpm.compile_cache import artefact_path, machine_key
+from ddpm.inference_compile import HotPath, hot_path, should_compile
 from ddpm.model_facts import flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
 from ddpm.model_hub import model_name
 from ddpm.model_source import LoadedModel, load_model_source
-from kernels.reverse_step import fused_reverse_step
+from ddpm.precision import resolve_precision
+from ddpm.sampler import EpsModel, StepFn
+from service.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, step_of
 from service.continuous_batcher import DeadlineExceeded, Engine, Job
 from service.fault_injection import FaultInjector
 from service.metrics import Metrics
@@ -76,6 +78,9 @@ class ServerState:
         self.cache = ResponseCache(int(settings.response_cache_mb * 2**20))
         self.metrics.watch_cache(lambda: self.cache.size_bytes)
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
+        self.hot_path: HotPath | None = None  # the path served when it is fixed (compiled before ready, or eager only)
+        self.switch: PathSwitch | None = None  # the eager -> compiled switch while compiling in the background
+        self.compile_thread: threading.Thread | None = None
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -115,49 +120,77 @@ class ServerState:
             fingerprint = model_fingerprint(model, sha, __version__)
             self._eager_eps = eager_eps
             start = time.perf_counter()
-            fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
-            try:
-                engine = self._warm_engine(model, fast)
-            except Exception as exc:
-                if not (fast.compiled and s.compile == "auto"):
-                    raise
-                # auto must never cost the service: a model inductor cannot compile is served eagerly
-                log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
-                fast = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
-                engine = self._warm_engine(model, fast)
+            # compile=auto where a compiler exists: ready on the eager path in seconds, compiled graphs built
+            # behind it (service/background_compile.py); compile=on or DDPM_COMPILE_BEFORE_READY: wait for them
+            compiling = should_compile(s.compile, device)
+            background = compiling and s.compile == "auto" and not s.compile_before_ready
+            cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
+            if compiling and s.compile_cache_dir is not None:
+                log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
+            if background:
+                self.switch = PathSwitch(hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision))
+                # eager needs no graphs: batch 1 and 2 prove the model runs (the compiling engine warms the rest)
+                engine = self._warm_engine(model, self.switch.eps, self.switch.step, sizes={1, min(2, s.max_batch)})
+                fast = self.switch.eager
+            else:
+                fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
+                try:
+                    engine = self._warm_engine(model, fast.eps_model, step_of(fast))
+                except Exception as exc:
+                    if not (fast.compiled and s.compile == "auto"):
+                        raise
+                    # auto must never cost the service: a model inductor cannot compile is served eagerly
+                    log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
+                    fast = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
+                    engine = self._warm_engine(model, fast.eps_model, step_of(fast))
+                self.hot_path = fast
+                if fast.compiled:
+                    self._save_compiled(cache_key)
             if self.faults.enabled:
                 engine.faults = self.faults
                 self.faults.arm()  # after warm-up: start-up itself never fails on purpose
             engine.start()
             threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
-            self.metrics.model_info.info(
-                {
-                    "name": model.name,
-                    "source": model.source,
-                    "device": str(device),
-                    "image_shape": "x".join(map(str, model.image_shape)),
-                    "num_timesteps": str(model.schedule.num_timesteps),
-                    "step_backend": fast.step_backend,
-                    "compiled": str(fast.compiled).lower(),
-                    "precision": fast.precision,
-                    "weights_sha256": sha,
-                    "fingerprint": fingerprint,
-                }
-            )
             if device.type == "cuda":
                 self.metrics.watch_gpu(device)
             created = written or int(time.time())
-            self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), fast.compiled, fast.step_backend, created)
+            self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), created)
             self.model, self.engine, self.precision = model, engine, fast.precision
+            self._publish_hot_path()
             self.ready = True
             log.info(
-                "model %s ready on %s, U-Net in %s (setting %s; compile and warm-up %.2f s)",
-                model.name, device, fast.precision, s.precision, time.perf_counter() - start,
+                "model %s ready on %s, U-Net in %s (setting %s; %s and warm-up %.2f s)",
+                model.name, device, fast.precision, s.precision, "compile" if fast.compiled else "eager", time.perf_counter() - start,
             )  # fmt: skip
+            if self.switch is not None:
+                self.switch.on_change = lambda _: self._publish_hot_path()
+                self.compile_thread = build_in_background(
+                    model,
+                    self.switch,
+                    make_compiled=lambda eps, module: hot_path(eps, module, device, s.compile, s.step_backend, s.precision),
+                    make_engine=lambda m, step: Engine(m, max_batch=s.max_batch, step_fn=step, scheduling=s.scheduling),
+                    warmup_steps=s.warmup_steps,
+                    max_batch=s.max_batch,
+                    on_failure=lambda exc: None,  # logged there; auto never costs the service
+                    on_done=lambda: self._save_compiled(cache_key),
+                )
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.load_error, exc_info=exc)
             self._fatal(f"model failed to load: {self.load_error}")
+
+    def _save_compiled(self, key: dict[str, object]) -> None:
+        """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""
+        directory = self.settings.compile_cache_dir
+        if directory is None or artefact_path(directory, key).exists():
+            return
+        try:
+            path = compile_cache.save(directory, key)
+        except Exception as exc:  # never the service's concern
+            log.warning("could not save the compiled graphs: %s: %s", type(exc).__name__, exc)
+            return
+        if path is not None:
+            log.info("compiled graphs written to %s", path)
 
     def _fatal(self, reason: str) -> None:  # readiness follows from fatal_reason(); nothing to set here
         if self.on_fatal is not None:
@@ -178,11 +211,10 @@ class ServerState:
                 return
             time.sleep(period)
 
-    def _warm_engine(self, model: LoadedModel, fast: HotPath) -> Engine:
+    def _warm_engine(self, model: LoadedModel, eps_model: EpsModel, step_fn: StepFn, sizes: set[int] | None = None) -> Engine:
         """An engine on the given hot path, warmed up (not started)."""
         s = self.settings
-        step_fn = fast.step_fn or functools.partial(fused_reverse_step, backend=fast.step_backend)
-        model.eps_model = fast.eps_model
+        model.eps_model = eps_model
         engine = Engine(
             model,
             max_batch=s.max_batch,
@@ -192,8 +224,41 @@ class ServerState:
             scheduling=s.scheduling,
             on_dead=self._engine_died,
         )
-        engine.warmup(s.warmup_steps)
+        engine.warmup(s.warmup_steps, sizes)
         return engine
+
+    def hot_path_states(self) -> dict[str, str]:
+        """Per batch-size group ("1", "2+"): eager, compiling, compiled or failed."""
+        if self.switch is not None:
+            return dict(self.switch.states)
+        compiled = self.hot_path is not None and self.hot_path.compiled
+        return dict.fromkeys(GROUPS, COMPILED if compiled else EAGER)
+
+    def step_backend(self) -> str:
+        """The step's concrete backend for a running batch (the 2+ group's)."""
+        path = self.switch.path("2+") if self.switch is not None else self.hot_path
+        return path.step_backend if path is not None else ""
+
+    def _publish_hot_path(self) -> None:
+        model, states = self.model, self.hot_path_states()
+        if model is None or self.facts is None:
+            return
+        for group, state in states.items():
+            self.metrics.hot_path_compiled.labels(batch=group).set(1.0 if state == COMPILED else 0.0)
+        self.metrics.model_info.info(
+            {
+                "name": model.name,
+                "source": model.source,
+                "device": self.facts.device,
+                "image_shape": "x".join(map(str, model.image_shape)),
+                "num_timesteps": str(model.schedule.num_timesteps),
+                "step_backend": self.step_backend(),
+                "compiled": str(all(v == COMPILED for v in states.values())).lower(),
+                "precision": self.precision,
+                "weights_sha256": self.facts.weights_sha256,
+                "fingerprint": self.facts.fingerprint,
+            }
+        )
 
     def gflop_per_image_step(self) -> float | None:
         """One U-Net call on one image, counted once on first use (FlopCounterMode imports the compiler
@@ -255,8 +320,6 @@ class ModelFacts:
     fingerprint: str  # ddpm.model_facts.model_fingerprint: weights + every config + resolved maths + code version
     parameters: int
     device: str
-    compiled: bool
-    step_backend: str
     created: int  # the weights' mtime (Unix seconds; the load time when there are no files): /v1/models' "created"
 
 

@@ -179,7 +179,11 @@ class InfoResponse(BaseModel):
     limits: Limits
     device: str
     precision: str
-    compiled: bool
+    compiled: bool = Field(..., description="every batch size runs the compiled graphs")
+    hot_path: dict[str, str] = Field(
+        ...,
+        description="per batch-size group (1, 2+): eager, compiling (served eagerly meanwhile), compiled or failed (stays eager)",
+    )
     step_backend: str
     scheduling: str
     response_cache_bytes: int = Field(..., description="DDPM_RESPONSE_CACHE_MB in bytes; 0: off")

@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     compile: CompileSetting = Field(
         "auto", description="torch.compile the U-Net (channels-last) and the CPU step: auto = where a compiler exists"
     )
+    compile_before_ready: bool = Field(
+        False,
+        description="with compile=auto: keep /readyz at 503 until the compiled graphs are built (minutes on a CPU); "
+        "false: ready on the eager path in seconds, each batch size switching to its compiled graph once built",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="a directory of torch.compile cache artefacts (ddpm compile-cache; the image ships the shipped model's): "
+        "loaded before compiling when built for this machine, written after compiling when it is writable",
+    )
     precision: PrecisionSetting = Field(
         "auto", description="the U-Net's precision: auto (bf16 where the device has it natively), fp32, bf16, fp16 (CUDA)"
     )

@@ -86,6 +86,27 @@ def container(image: dict[str, object]) -> Iterator[Container]:
     c.remove()
 
 
+def test_the_image_starts_warm(image: dict[str, object]) -> None:
+    """The image carries the shipped model's compiled graphs for this CPU: with the server's defaults
+    (compile auto, precision auto, batch 64) it loads them and reaches the compiled path by itself."""
+    defaults = {"DDPM_COMPILE": "auto", "DDPM_PRECISION": "auto", "DDPM_MAX_BATCH": "64", "DDPM_WARMUP_STEPS": "2", "DDPM_THREADS": "0"}
+    c = Container(str(image["image"]), env=defaults)
+    try:
+        start = time.monotonic()
+        c.wait_ready()
+        ready_s = time.monotonic() - start
+        end = time.monotonic() + 600
+        while not httpx.get(c.url + "/info", timeout=60).json()["compiled"]:
+            assert time.monotonic() < end, c.logs()[-3000:]
+            time.sleep(0.5)
+        compiled_s = time.monotonic() - start
+        logs = c.logs()
+    finally:
+        c.remove()
+    print(f"image start: ready {ready_s:.1f} s, compiled {compiled_s:.1f} s")
+    assert "loaded compiled graphs from /app/compile-cache" in logs, logs[-3000:]
+
+
 def test_the_cpu_image_holds_only_what_serving_needs(image: dict[str, object]) -> None:
     assert image["size_bytes"] <= CPU_IMAGE_GOAL_BYTES, image  # type: ignore[operator]
     absent = ("triton", "mlxtend", "scipy", "matplotlib", "pandas", "sklearn", "pip")

@@ -98,6 +98,10 @@ def test_server_runs_the_compiled_path_by_default(tmp_path: Path, monkeypatch: p
     assert settings.compile == "auto"
     with TestClient(create_app(settings)) as c:
         wait_ready(c, timeout=300)
+        end = time.monotonic() + 300
+        while not c.get("/info").json()["compiled"]:  # built in the background (test_background_compile.py)
+            assert time.monotonic() < end, c.get("/info").json()["hot_path"]
+            time.sleep(0.2)
         metrics = c.get("/metrics").text
         assert 'compiled="true"' in metrics and 'step_backend="torch_compiled"' in metrics
         body = {"seed": 7, "batch_size": 3, "steps": 20, "sampler": "ddpm", "timestep_spacing": "linspace"}  # the chain `want` runs

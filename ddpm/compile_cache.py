@@ -1,0 +1,118 @@
+"""Compiled graphs that travel: inductor's cache directory, copied where the graphs were built (an
+image build, ``ddpm compile-cache``, a first start with a writable ``DDPM_COMPILE_CACHE_DIR``) and
+copied back into the local cache by the next process before it compiles.
+
+What a later compile of the same graphs skips is in that directory: the FX graph and AOTAutograd
+caches (the generated code) and the C++ (or Triton) kernels built from it. Measured on the shipped
+model (BENCHMARKS.md, start-up): compiled 90 s after launch from an empty cache, 20 s from a copied
+one. (``torch.compiler.save_cache_artifacts`` was tried first: it carries the generated code but not
+the built CPU kernels, so g++ still ran and the start was no faster.)
+
+Built code is only valid where it was built: inductor's CPU kernels use the vector ISA of the build
+machine (AVX-512 code on an AVX2-only CPU dies with SIGILL), CUDA kernels the device's capability. So
+each copy is named by a key of everything the code depends on, and a ``key.json`` inside repeats it:
+a process on another CPU, GPU, torch or Python finds no copy of its own key and compiles from scratch
+(and writes its own copy where the directory is writable); a copy whose ``key.json`` does not match
+its name is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ddpm.compile")
+KEY_FILE = "key.json"
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")  # fmt: skip
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    present = set(line.partition(":")[2].split())
+    return [f for f in CPU_FLAGS if f in present]
+
+
+def machine_key(device: torch.device | str, precision: str, model_fingerprint: str) -> dict[str, object]:
+    """What compiled code depends on: this key names the artefact file."""
+    device = torch.device(device)
+    key: dict[str, object] = {
+        "torch": torch.__version__,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "machine": platform.machine(),
+        "device": device.type,
+        "precision": precision,
+        "model": model_fingerprint,
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key["gpu"] = torch.cuda.get_device_name(index)
+        key["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
+    else:
+        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        key["cpu_flags"] = _cpu_flags()
+    return key
+
+
+def artefact_path(directory: Path, key: dict[str, object]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(directory) / f"compiled-{digest}"
+
+
+def _inductor_cache() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
+
+
+def _ignore_locks(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n.endswith(".lock") or n.startswith("tmp")]
+
+
+def load(directory: Path, key: dict[str, object]) -> str:
+    """Copy this machine's compiled graphs from ``directory`` into the local inductor cache; says what happened."""
+    path = artefact_path(directory, key)
+    if not path.is_dir():
+        return f"no compiled graphs for this machine in {directory} (key {path.name}): compiling from scratch"
+    try:
+        if json.loads((path / KEY_FILE).read_text()) != json.loads(json.dumps(key)):
+            return f"{path} was built for another machine or version: ignored"
+        target = _inductor_cache()
+        shutil.copytree(path / "inductor", target, dirs_exist_ok=True, ignore=_ignore_locks)
+    except (OSError, ValueError) as exc:  # a damaged copy costs a compile, never the server
+        return f"{path} could not be loaded ({type(exc).__name__}: {exc}): compiling from scratch"
+    return f"loaded compiled graphs from {path} into {target}"
+
+
+def save(directory: Path, key: dict[str, object]) -> Path | None:
+    """Copy the local inductor cache (what this process compiled, and anything else already in it) to
+    ``directory`` under this machine's key, atomically; None when the directory is not writable (a
+    read-only image: its own copy is already there)."""
+    path = artefact_path(directory, key)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        shutil.copytree(_inductor_cache(), tmp / "inductor", ignore=_ignore_locks)
+        (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
+        tmp.rename(path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("compiled graphs not written to %s: %s", directory, exc)
+        return None
+    return path
+
+
+def size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,101 @@
+"""Compiled graphs that travel (ddpm/compile_cache.py): copied out by `ddpm compile-cache`, loaded by the
+next server on the same kind of machine, and never loaded where they were built for another CPU or version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from ddpm import compile_cache
+from ddpm.compile_cache import artefact_path, machine_key
+from ddpm.inference_compile import cpu_compiler_available
+from tests.server_process import ServerProcess
+from tests.tiny_model import save_tiny_model
+
+needs_compiler = pytest.mark.skipif(not cpu_compiler_available(), reason="torch.compile on CPU needs a C++ compiler")
+
+
+def test_the_key_names_what_compiled_code_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = machine_key("cpu", "bf16", "f" * 64)
+    assert key["torch"] == torch.__version__ and key["device"] == "cpu" and key["precision"] == "bf16"
+    assert key["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    path = artefact_path(Path("/x"), key)
+    assert path == artefact_path(Path("/x"), dict(reversed(list(key.items()))))  # order does not matter
+    for change in ({"precision": "fp32"}, {"model": "e" * 64}, {"cpu_flags": ["avx", "avx2"]}, {"torch": "0.0"}):
+        assert artefact_path(Path("/x"), {**key, **change}) != path, change
+    monkeypatch.setattr(compile_cache, "_cpu_flags", lambda: ["avx", "avx2", "fma"])  # an AVX2-only CPU
+    assert artefact_path(Path("/x"), machine_key("cpu", "bf16", "f" * 64)) != path
+
+
+def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = tmp_path / "inductor-local"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    key = machine_key("cpu", "fp32", "a" * 64)
+    assert "no compiled graphs for this machine" in compile_cache.load(tmp_path / "cc", key)
+    # this machine's copy: saved from the local cache, loaded back into an empty one
+    (local / "fxgraph").mkdir(parents=True)
+    (local / "fxgraph" / "entry").write_bytes(b"graph")
+    (local / "fxgraph" / "entry.lock").write_bytes(b"")
+    saved = compile_cache.save(tmp_path / "cc", key)
+    assert saved == artefact_path(tmp_path / "cc", key) and not (saved / "inductor" / "fxgraph" / "entry.lock").exists()
+    shutil.rmtree(local)
+    assert "loaded compiled graphs" in compile_cache.load(tmp_path / "cc", key)
+    assert (local / "fxgraph" / "entry").read_bytes() == b"graph"
+    # a copy built on another CPU, renamed to this machine's name: its key.json says otherwise
+    shutil.rmtree(local)
+    other = {**key, "cpu_flags": ["avx512f", "amx_tile"] if "amx_tile" not in key["cpu_flags"] else []}  # type: ignore[operator]
+    (saved / "key.json").write_text(json.dumps(other))
+    assert "built for another machine" in compile_cache.load(tmp_path / "cc", key) and not (local / "fxgraph").exists()
+    (saved / "key.json").write_text("{garbage")
+    assert "could not be loaded" in compile_cache.load(tmp_path / "cc", key)
+
+
+@needs_compiler
+def test_compile_cache_then_a_server_that_starts_warm(tmp_path: Path) -> None:
+    """`ddpm compile-cache` writes this machine's artefacts; a server with an empty inductor cache and
+    DDPM_COMPILE_CACHE_DIR loads them and compiles from them (the image's start)."""
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    # precision auto (bf16 where the CPU has it): the U-Net under autocast, as a server's default
+    serving = {"DDPM_COMPILE": "auto", "DDPM_PRECISION": "auto", "DDPM_MAX_BATCH": "2", "DDPM_WARMUP_STEPS": "1", "DDPM_THREADS": "1"}
+    env = {**os.environ, **serving, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-build")}
+    built = subprocess.run([sys.executable, "-m", "ddpm.cli", "compile-cache", "--model", str(model), "-o", str(tmp_path / "cc")],
+                           env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    report = json.loads(built.stdout.strip().splitlines()[-1])
+    assert len(report["copies"]) == 1 and report["bytes"] > 0
+    server = ServerProcess(model, DDPM_COMPILE_CACHE_DIR=str(tmp_path / "cc"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-run"),
+                           **serving)  # fmt: skip
+    stop, served = threading.Event(), []
+
+    def traffic() -> None:  # eager requests while the graphs compile: a lock-order deadlock between the two
+        while not stop.is_set():  # threads (ddpm/precision.py, autocast's cache) froze this very scenario once
+            try:
+                served.append(httpx.post(server.url + "/generate", json={"seed": len(served), "steps": 2}, timeout=30).status_code)
+            except httpx.HTTPError as exc:
+                served.append(type(exc).__name__)
+
+    try:
+        server.wait_ready(120)
+        sender = threading.Thread(target=traffic, daemon=True)
+        sender.start()
+        try:
+            server.wait_metric('ddpm_hot_path_compiled{batch="2+"}', lambda v: v == 1, timeout=600)
+        finally:
+            stop.set()
+            sender.join(60)
+        assert served and set(served) == {200}, served[-5:]
+        assert httpx.post(server.url + "/generate", json={"seed": 1, "batch_size": 2, "steps": 3}, timeout=60).status_code == 200
+        log = server.output()
+    finally:
+        server.stop()
+    assert "loaded compiled graphs from" in log and report["copies"][0] in log, log[-3000:]
+    assert "compiled graphs written" not in log  # its own file was there already
