@@ -10,6 +10,12 @@ batch-size group ("1", "2+": dynamo compiles batch 1 apart from the dynamic rest
 its compiled graphs exist, then compiled. The switch changes no image beyond the compiled path's own
 bound (1e-4 against eager, as always); ``tests/test_background_compile.py`` checks it across the switch.
 
+Priority: the compile runs at the serving threads' priority. Measured with 4 clients saturating a
+2-core CPU (BENCHMARKS.md, start-up burst): at nice 10 the compile never finished within 150 s (eager
+serving kept ~6.5 images/s, and would for ever under that load), at nice 5 half of it did; at nice 0
+eager serving drops to ~1.3 images/s for ~2 minutes and then runs compiled at ~13: ahead of nice 10
+after ~3.5 minutes, and the point of the compile is the long run.
+
 Threads: dynamo compiles under its own global lock, and the eval-frame hook that diverts Python frames
 into compiled code is per thread, so the serving thread's eager calls never enter dynamo; the
 background thread only ever touches its own copy of the module (compiling it converts the module to
@@ -22,7 +28,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable
 
@@ -94,18 +99,6 @@ def compile_copy(model: LoadedModel, eager_eps: Callable[..., torch.Tensor]) -> 
     return eager_eps, model.module
 
 
-COMPILE_NICENESS = 10
-
-
-def _lower_priority() -> None:
-    """Serving first: this thread (and the compiler processes it starts, which inherit it) yields the
-    CPU to the engine and the event loop (Linux: a thread has its own nice value)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
-    except (AttributeError, OSError):  # not Linux, or not allowed: compile at the same priority
-        pass
-
-
 def build_in_background(
     model: LoadedModel,
     switch: PathSwitch,
@@ -122,7 +115,6 @@ def build_in_background(
 
     def run() -> None:
         group = GROUPS[0]
-        _lower_priority()
         try:
             eps, module = compile_copy(model, eager_eps)
             compiled = make_compiled(eps, module)
