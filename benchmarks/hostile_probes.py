@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.server_process import ServerProcess
-from tests.tiny_model import save_tiny_model
+from tests.tiny_model import copy_model_with, save_tiny_model
 
 
 class IdleAttacker:
@@ -148,17 +147,7 @@ def etag(args: argparse.Namespace) -> dict[str, object]:
     base = save_tiny_model(root / "base", num_timesteps=100)
 
     def variant(name: str, **changes: object) -> Path:
-        target = root / name
-        shutil.copytree(base, target)
-        config = json.loads((target / "config.json").read_text())
-        for dotted, value in changes.items():
-            node = config
-            *parents, leaf = dotted.split("__")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-        (target / "config.json").write_text(json.dumps(config, indent=None if changes else 4))
-        return target
+        return copy_model_with(base, root / name, **changes)
 
     replicas = {
         "original": base,

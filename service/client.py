@@ -375,21 +375,12 @@ def _status_of(event: dict[str, Any]) -> int:
 
 
 class Client:
-    """The synchronous client: :class:`AsyncClient`'s calls, each run to its end on a private loop."""
+    """The synchronous client: :class:`AsyncClient`'s calls, each run to its end on a private loop.
+    Takes :class:`AsyncClient`'s arguments (``timeout_s``, ``max_retries``, ``max_wait_s``, ``transport``,
+    ``max_response_bytes``, ``max_events``)."""
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        token: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = 5,
-        max_wait_s: float = 60.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        max_events: int = DEFAULT_MAX_EVENTS,
-    ) -> None:
-        self._async = AsyncClient(url, token, timeout_s, max_retries, max_wait_s, transport, max_response_bytes, max_events,
-                                  _persistent=False)  # fmt: skip
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, **options: Any) -> None:
+        self._async = AsyncClient(url, token, **options, _persistent=False)
 
     def __enter__(self) -> Client:
         return self

@@ -4,8 +4,6 @@ config, code version), hit/miss counters, the bound, and off with 0."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from ddpm.sampler import ChainSpec
 from service.response_cache import ENTRY_OVERHEAD_BYTES, ImageKey, ResponseCache, etag_matches
 from tests.app_client import app_client, metric, wait_ready
-from tests.tiny_model import save_tiny_model
+from tests.tiny_model import copy_model_with, save_tiny_model
 
 REQUEST = {"seed": 4, "batch_size": 3, "steps": 5, "sampler": "ddim", "eta": 0.5}
 FULL_CHAIN = {"seed": 4, "batch_size": 2, "sampler": "ddpm", "clip_denoised": False}  # every beta and variance counts
@@ -96,27 +94,14 @@ def test_if_none_match_star_matches_only_what_the_cache_holds(model_dir: Path) -
         assert again.status_code == 304 and again.headers["etag"] == never.headers["etag"]
 
 
-def _copy_model(source: Path, target: Path, **config_changes: object) -> Path:
-    shutil.copytree(source, target)
-    config = json.loads((target / "config.json").read_text())
-    for dotted, value in config_changes.items():
-        node = config
-        *parents, leaf = dotted.split("__")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    (target / "config.json").write_text(json.dumps(config, indent=1))
-    return target
-
-
 def test_an_etag_names_one_image(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same weights, another config (beta_end, variance type) or code version: another chain, so another
     ETag, and neither replica answers 304 to the other's."""
     variants = {
-        "same": _copy_model(model_dir, tmp_path / "same"),
+        "same": copy_model_with(model_dir, tmp_path / "same"),
         "reformatted": model_dir,  # the same JSON values, written differently above: the same model
-        "beta_end": _copy_model(model_dir, tmp_path / "beta", schedule__params__beta_end=0.03),
-        "variance": _copy_model(model_dir, tmp_path / "variance", variance_type="fixed_large"),
+        "beta_end": copy_model_with(model_dir, tmp_path / "beta", schedule__params__beta_end=0.03),
+        "variance": copy_model_with(model_dir, tmp_path / "variance", variance_type="fixed_large"),
     }
     answers = {}
     for name, directory in variants.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -70,3 +72,18 @@ def save_tiny_conditional_model(directory: Path, num_timesteps: int = 1000, guid
     unet = random_tiny_conditional_unet()
     card = ModelCard(unet=unet.config, num_timesteps=num_timesteps, class_names=list(TINY_CLASSES), guidance_scale=guidance_scale)
     return save_model(directory, unet, card)
+
+
+def copy_model_with(source: Path, target: Path, **config_changes: object) -> Path:
+    """A copy of a ddpm-serve model directory whose config.json has ``config_changes`` applied
+    (``schedule__params__beta_end=0.03``: a double underscore walks into nested objects)."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    for dotted, value in config_changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    (target / "config.json").write_text(json.dumps(config, indent=1))
+    return target
