@@ -235,33 +235,28 @@ def test_a_stalled_stream_reader_holds_one_progress_event() -> None:
     assert asyncio.run(scenario()) == 1
 
 
-def test_encoding_runs_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.routes as routes
+@pytest.mark.parametrize(
+    ("module_name", "encoder", "path", "body", "headers"),
+    [
+        ("service.routes", "png_bytes", "/generate", {"seed": 1, "steps": 2}, {"Accept": "image/png"}),
+        ("service.openai_images", "image_pngs", "/v1/images/generations", {"prompt": "x", "seed": 1, "steps": 2}, {}),
+    ],
+)
+def test_encoding_runs_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, module_name: str, encoder: str, path: str, body: dict, headers: dict
+) -> None:
+    import importlib
 
+    module = importlib.import_module(module_name)
     threads: list[str] = []
-    real = routes.png_bytes
-
-    def spy(image):  # type: ignore[no-untyped-def]
-        threads.append(threading.current_thread().name)
-        return real(image)
-
-    monkeypatch.setattr(routes, "png_bytes", spy)
-    assert client.post("/generate", json={"seed": 1, "steps": 2}, headers={"Accept": "image/png"}).status_code == 200
-    assert threads and threads[0] != "MainThread" and not threads[0].startswith("AnyIO")
-
-
-def test_openai_images_encode_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.openai_images as openai_images
-
-    threads: list[str] = []
-    real = openai_images.image_pngs
+    real = getattr(module, encoder)
 
     def spy(images):  # type: ignore[no-untyped-def]
         threads.append(threading.current_thread().name)
         return real(images)
 
-    monkeypatch.setattr(openai_images, "image_pngs", spy)
-    assert client.post("/v1/images/generations", json={"prompt": "x", "seed": 1, "steps": 2}).status_code == 200
+    monkeypatch.setattr(module, encoder, spy)
+    assert client.post(path, json=body, headers=headers).status_code == 200
     assert threads and threads[0] != "MainThread" and not threads[0].startswith("AnyIO")
 
 
