@@ -23,10 +23,12 @@ RUN python -m venv /opt/venv \
  && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
  && if [ -n "$TORCH_INDEX" ]; then extras=diffusers; else extras=gpu,diffusers; fi \
  && /opt/venv/bin/pip install -c constraints.txt ".[$extras]" \
- && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
+ && /opt/venv/bin/pip uninstall --yes --quiet pip \
  && rm -rf /opt/venv/lib/python3*/site-packages/torch/test /opt/venv/lib/python3*/site-packages/torch/bin/test_*
-# (nothing pip-installs at run time; torch's wheel carries ~120 MB of libtorch's own C++ unit-test
-# binaries in torch/test and torch/bin that nothing here runs)
+# (nothing pip-installs at run time; setuptools stays: inductor's CPU backend imports it to build the
+# compiled U-Net, and without it DDPM_COMPILE=auto silently served eagerly in every image before;
+# torch's wheel carries ~120 MB of libtorch's own C++ unit-test binaries in torch/test and torch/bin
+# that nothing here runs)
 
 # --- runtime: the environment, the shipped model, a non-root user ---------------------------------
 FROM ${BASE} AS runtime
@@ -51,11 +53,14 @@ COPY models ./models
 # kind of CPU loads them and reaches the compiled speed in seconds instead of minutes; on another CPU
 # it finds no file for its own key and compiles from scratch (ddpm/compile_cache.py). The server is
 # ready on the eager path either way. Mount a writable volume here to keep a mounted model's graphs.
+# (/tmp is emptied after: inductor's precompiled headers alone are ~150 MB.)
 ARG TORCH_INDEX=""
 ENV DDPM_COMPILE_CACHE_DIR=/app/compile-cache
-RUN if [ -n "$TORCH_INDEX" ]; then \
-      ddpm compile-cache -o /app/compile-cache && rm -rf /tmp/ddpm-compile-cache-* /tmp/torchinductor; \
-    else mkdir -p /app/compile-cache; fi
+RUN mkdir -p /app/compile-cache \
+ && if [ -n "$TORCH_INDEX" ]; then \
+      ddpm compile-cache -o /app/compile-cache || echo "warning: no compiled graphs in the image (the server compiles at start)"; \
+      rm -rf /tmp/* /tmp/.[!.]*; \
+    fi
 RUN groupadd --system --gid 10001 ddpm \
  && useradd --system --uid 10001 --gid ddpm --home-dir /app --shell /usr/sbin/nologin ddpm
 # Runs as non-root with a read-only root filesystem (compose/k8s mount /tmp as tmpfs).

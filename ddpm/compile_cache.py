@@ -106,12 +106,19 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
         tmp.mkdir(parents=True)
         shutil.copytree(_inductor_cache(), tmp / "inductor", ignore=_ignore_locks)
         (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
+        _readable_by_all(tmp)  # built as one user (an image build's root), loaded as another (uid 10001)
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("compiled graphs not written to %s: %s", directory, exc)
         return None
     return path
+
+
+def _readable_by_all(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        mode = p.stat().st_mode
+        os.chmod(p, mode | 0o444 | (0o111 if p.is_dir() else 0))
 
 
 def size_bytes(path: Path) -> int:

@@ -28,7 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CACHE = Path(os.environ.get("DDPM_BASE_CACHE", "/var/cache/ddpm-base"))
-BASE_PACKAGES = ["python3", "python3-venv", "python-is-python3", "ca-certificates"]
+# libpython3.11-dev: the C headers, which python:3.11-slim-bookworm has too (torch.compile's CPU backend
+# builds the compiled U-Net against Python.h)
+BASE_PACKAGES = ["python3", "python3-venv", "python-is-python3", "ca-certificates", "libpython3.11-dev"]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 IMAGE = "localhost/ddpm-serve:test-cpu"
 CPU_IMAGE_GOAL_BYTES = 1.5e9

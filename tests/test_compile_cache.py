@@ -45,8 +45,10 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     (local / "fxgraph").mkdir(parents=True)
     (local / "fxgraph" / "entry").write_bytes(b"graph")
     (local / "fxgraph" / "entry.lock").write_bytes(b"")
+    (local / "fxgraph").chmod(0o700)  # as inductor and mkdtemp make them: a copy must be readable by other users
     saved = compile_cache.save(tmp_path / "cc", key)
     assert saved == artefact_path(tmp_path / "cc", key) and not (saved / "inductor" / "fxgraph" / "entry.lock").exists()
+    assert all(p.stat().st_mode & 0o004 for p in saved.rglob("*"))
     shutil.rmtree(local)
     assert "loaded compiled graphs" in compile_cache.load(tmp_path / "cc", key)
     assert (local / "fxgraph" / "entry").read_bytes() == b"graph"
