@@ -61,8 +61,7 @@ class PathSwitch:
         self.eager = eager
         self._paths: dict[str, HotPath] = dict.fromkeys(GROUPS, eager)
         self.states: dict[str, str] = dict.fromkeys(GROUPS, EAGER)
-        self._eager_step = step_of(eager)
-        self._steps: dict[str, StepFn] = dict.fromkeys(GROUPS, self._eager_step)
+        self._steps: dict[str, StepFn] = dict.fromkeys(GROUPS, step_of(eager))  # built once: step() is the hot path
         self.on_change: Callable[[PathSwitch], None] | None = None
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
@@ -84,9 +83,10 @@ class PathSwitch:
     def path(self, group: str) -> HotPath:
         return self._paths[group]
 
-    @property
-    def all_compiled(self) -> bool:
-        return all(state == COMPILED for state in self.states.values())
+
+def fully_compiled(states: dict[str, str]) -> bool:
+    """Every batch-size group runs the compiled graphs (``/info``'s and ``ddpm_model_info``'s ``compiled``)."""
+    return all(state == COMPILED for state in states.values())
 
 
 def compile_copy(model: LoadedModel, eager_eps: Callable[..., torch.Tensor]) -> tuple[Callable[..., torch.Tensor], torch.nn.Module]:
@@ -106,7 +106,6 @@ def build_in_background(
     make_engine: Callable[[LoadedModel, StepFn], object],
     warmup_steps: int,
     max_batch: int,
-    on_failure: Callable[[BaseException], None],
     on_done: Callable[[], None] = lambda: None,
 ) -> threading.Thread:
     """Start the thread that compiles the hot path group by group (batch 1 first: the load of a quiet
@@ -119,7 +118,7 @@ def build_in_background(
             eps, module = compile_copy(model, eager_eps)
             compiled = make_compiled(eps, module)
             engine = make_engine(dataclasses.replace(model, eps_model=compiled.eps_model, module=module), step_of(compiled))
-            for group, sizes in (("1", (1,)), ("2+", tuple(sorted({min(2, max_batch), max_batch} - {1})))):
+            for group, sizes in (("1", {1}), ("2+", {2, max_batch} if max_batch >= 2 else set())):
                 if not sizes:
                     switch.enable(group, compiled)  # max_batch 1: there is no such batch
                     continue
@@ -133,7 +132,6 @@ def build_in_background(
                 if switch.states[g] != COMPILED:
                     switch.mark(g, FAILED)
             log.warning("background compile failed at batch %s (%s: %s); those batches stay eager", group, type(exc).__name__, exc)
-            on_failure(exc)
 
     thread = threading.Thread(target=run, name="ddpm-compile", daemon=True)
     thread.start()

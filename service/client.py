@@ -250,8 +250,8 @@ class _Limits:
 
 
 class _Retry(Exception):
-    def __init__(self, delay: float, cause: ClientError) -> None:
-        self.delay, self.cause = delay, cause
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
 
 
 async def _pause(seconds: float) -> None:  # the retry wait (tests replace it)
@@ -352,7 +352,7 @@ class AsyncClient:
             if status >= 400:
                 error = _error_detail(status, await self.limits.read(response))
                 if status in RETRY_STATUSES and retry_allowed:
-                    raise _Retry(_retry_delay(response.headers.get("retry-after"), attempt, self.max_wait_s), error)
+                    raise _Retry(_retry_delay(response.headers.get("retry-after"), attempt, self.max_wait_s))
                 raise error
             if on_event is None:
                 data = _json_object(await self.limits.read(response), "the answer", status)
@@ -363,7 +363,7 @@ class AsyncClient:
                 if name == "error":
                     error = ServerError(_status_of(data), str(data.get("detail", "")))
                     if error.status in RETRY_STATUSES and retry_allowed:  # a 503 event is as retryable as a 503 answer
-                        raise _Retry(_retry_delay(None, attempt, self.max_wait_s), error)
+                        raise _Retry(_retry_delay(None, attempt, self.max_wait_s))
                     raise error
                 on_event(name, data)
             raise BadAnswer("the stream ended without a result", status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ddpm import __version__
 from ddpm.respace import SPACINGS
 from ddpm.samplers import Sampler
+from service.background_compile import fully_compiled
 from service.runtime import ServerState
 from service.schemas import Defaults, InfoResponse, Limits, ModelDescription
 
@@ -45,7 +46,7 @@ def server_info(state: ServerState) -> InfoResponse:
         ),
         device=facts.device,
         precision=state.precision,
-        compiled=all(v == "compiled" for v in hot_path.values()),
+        compiled=fully_compiled(hot_path),
         hot_path=hot_path,
         step_backend=state.step_backend(),
         scheduling=s.scheduling,

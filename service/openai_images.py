@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from ddpm.grid import image_pngs
 from ddpm.seeding import MAX_SEED
 from service.auth import Authorized
-from service.routes import ERRORS, JSON, ApiError, StateDep, class_names, encode_off_loop, images_or_not_modified, prepare
+from service.routes import ERRORS, JSON, ApiError, StateDep, chain_fields, encode_off_loop, images_or_not_modified, prepare
 from service.runtime import ServerState
 from service.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, OpenAIError
 from service.strict_json import StrictJSONRoute
@@ -92,7 +92,7 @@ def _check_options(body: ImageGenerationRequest) -> None:
         raise _invalid(param, f"{param} {value!r} is not supported by this model ({can})", code="unsupported_value")
 
 
-def _check_model(state: ServerState, requested: str | None) -> str:
+def _check_model(state: ServerState, requested: str | None) -> None:
     assert state.model is not None
     if requested is not None and requested != state.model.name:
         raise _invalid(
@@ -101,7 +101,6 @@ def _check_model(state: ServerState, requested: str | None) -> str:
             404,
             "model_not_found",
         )
-    return state.model.name
 
 
 @router.post(
@@ -114,7 +113,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     try:
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         key = prepare(state, seed, body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
-        name = _check_model(state, body.model)
+        _check_model(state, body.model)
         _, h, w = state.model.image_shape  # type: ignore[union-attr]
         size = f"{w}x{h}"
         if body.size is not None and body.size != size:
@@ -126,26 +125,12 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
         generated = await images_or_not_modified(state, key, JSON, request)
         if isinstance(generated, Response):
             return generated
-        spec, images, cached = key.chain, generated.images, generated.job is None
+        images, cached = generated.images, generated.job is None
 
         def encode() -> object:  # PNG encoding off the event loop, as /generate's
-            return jsonable_encoder(
-                ImagesResponse(
-                    created=int(time.time()),
-                    data=[ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)],
-                    size=size,
-                    model=name,
-                    seed=seed,
-                    steps=spec.steps,
-                    sampler=spec.sampler,
-                    eta=spec.eta,
-                    timestep_spacing=spec.spacing,
-                    precision=state.precision,
-                    cached=cached,
-                    class_labels=class_names(state, key),
-                    guidance_scale=key.guidance_scale,
-                )
-            )
+            data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)]
+            fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.seed
+            return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, **fields))
 
         content = await encode_off_loop(state, encode, request)
         response = JSONResponse(content, headers={"ETag": key.etag(JSON), "X-Cache": "hit" if cached else "miss"})

@@ -271,27 +271,35 @@ def _encode_now(state: ServerState, encode: Callable[[], object]) -> object:
 
 
 def _result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float) -> GenerateResponse:
-    job, spec = generated.job, key.chain
+    job = generated.job
     if job is not None:
         assert job.finished is not None and job.first_admitted is not None
         queue_wait, generation = job.first_admitted - job.created, job.finished - job.first_admitted
     else:
         queue_wait = generation = 0.0
     return GenerateResponse(
-        seed=key.seed,
+        **chain_fields(state, key, cached=job is None),
         batch_size=key.n,
-        steps=spec.steps,
-        sampler=spec.sampler,
-        eta=spec.eta,
-        timestep_spacing=spec.spacing,
-        model=state.model.name if state.model else "",
-        precision=state.precision,
-        cached=job is None,
-        class_labels=class_names(state, key),
-        guidance_scale=key.guidance_scale,
         images=[base64.b64encode(png).decode() for png in image_pngs(generated.images)],
         timings=Timings(queue_wait_s=round(queue_wait, 6), generation_s=round(generation, 6), total_s=round(time.monotonic() - arrived, 6)),
     )
+
+
+def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, object]:
+    """What every generation answer (ours and OpenAI's dialect) says of the chain that made its images."""
+    spec = key.chain
+    return {
+        "seed": key.seed,
+        "steps": spec.steps,
+        "sampler": spec.sampler,
+        "eta": spec.eta,
+        "timestep_spacing": spec.spacing,
+        "model": state.model.name if state.model else "",
+        "precision": state.precision,
+        "cached": cached,
+        "class_labels": class_names(state, key),
+        "guidance_scale": key.guidance_scale,
+    }
 
 
 def class_names(state: ServerState, key: ImageKey) -> list[str] | None:

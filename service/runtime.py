@@ -19,7 +19,7 @@ from ddpm.model_hub import model_name
 from ddpm.model_source import LoadedModel, load_model_source
 from ddpm.precision import resolve_precision
 from ddpm.sampler import EpsModel, StepFn
-from service.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, step_of
+from service.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, fully_compiled, step_of
 from service.continuous_batcher import DeadlineExceeded, Engine, Job
 from service.fault_injection import FaultInjector
 from service.metrics import Metrics
@@ -171,7 +171,6 @@ class ServerState:
                     make_engine=lambda m, step: Engine(m, max_batch=s.max_batch, step_fn=step, scheduling=s.scheduling),
                     warmup_steps=s.warmup_steps,
                     max_batch=s.max_batch,
-                    on_failure=lambda exc: None,  # logged there; auto never costs the service
                     on_done=lambda: self._save_compiled(cache_key),
                 )
         except Exception as exc:
@@ -253,7 +252,7 @@ class ServerState:
                 "image_shape": "x".join(map(str, model.image_shape)),
                 "num_timesteps": str(model.schedule.num_timesteps),
                 "step_backend": self.step_backend(),
-                "compiled": str(all(v == COMPILED for v in states.values())).lower(),
+                "compiled": str(fully_compiled(states)).lower(),
                 "precision": self.precision,
                 "weights_sha256": self.facts.weights_sha256,
                 "fingerprint": self.facts.fingerprint,
