@@ -16,6 +16,7 @@ ARG TORCH_INDEX=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
+COPY commands ./commands
 COPY ddpm ./ddpm
 COPY kernels ./kernels
 COPY service ./service

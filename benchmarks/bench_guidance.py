@@ -4,7 +4,7 @@ combination itself, (1 + w) eps_y - w eps_null, next to the U-Net call it follow
 
     python benchmarks/bench_guidance.py --model training/mnist-28-cond/model --batch 32 --steps 20
 
-Offline sampler (ddpm.sampler, the server's hot path per --compile/--precision), same seeds and chain
+Offline sampler (ddpm.chain, the server's hot path per --compile/--precision), same seeds and chain
 for each variant, variants alternating over rounds; images/s is the median over rounds.
 """
 
@@ -20,10 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ddpm.chain import sample
 from ddpm.guidance import fixed_guidance, guided_eps
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
-from ddpm.sampler import sample
+from ddpm.names import COMPILE_SETTINGS
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="images per batch")
     parser.add_argument("--steps", type=int, default=20, help="U-Net calls per image")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
-    parser.add_argument("--compile", default="off", choices=["auto", "on", "off"], help="the hot path")
+    parser.add_argument("--compile", default="off", choices=COMPILE_SETTINGS, help="the hot path")
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"], help="the U-Net's precision")
     args = parser.parse_args()
     model = load_model_source(args.model)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ddpm.names import COMPILE_SETTINGS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -39,10 +41,10 @@ def measure(model_spec: str, batches: list[int], steps: int, rounds: int, compil
     """Runs in its own process: one model, every batch size, ``rounds`` timings each."""
     import torch
 
+    from ddpm.chain import sample
     from ddpm.inference_compile import hot_path
     from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
     from ddpm.model_source import load_model_source
-    from ddpm.sampler import sample
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
 
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="U-Net calls per timing")
     parser.add_argument("--rounds", type=int, default=3, help="timings per batch size and model (median)")
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes per model, alternating")
-    parser.add_argument("--compile", default="off", choices=["auto", "on", "off"], help="the hot path (server default: auto)")
+    parser.add_argument("--compile", default="off", choices=COMPILE_SETTINGS, help="the hot path (server default: auto)")
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"], help="U-Net precision (server default: auto)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure this model in this process
     args = parser.parse_args()
@@ -89,7 +91,7 @@ def main() -> None:
         print(json.dumps(measure(args.one, batches, args.steps, args.rounds, args.compile, args.precision)))
         return
 
-    from ddpm.cli import DEFAULT_MODEL
+    from ddpm.shipped_models import DEFAULT_MODEL
     from tests.published_ddpm import REPO_ID, lay_out_hub_cache, save_cifar10_shaped_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ def rss_bytes() -> int:
 def measure(images: int, shape: tuple[int, ...], megabytes: float) -> str:
     import torch
 
-    from ddpm.sampler import ChainSpec
+    from ddpm.chain import ChainSpec
     from service.response_cache import ImageKey, ResponseCache
 
     per_entry = images * int(torch.tensor(shape).prod()) * 4

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ddpm.sampler import ChainTables, StepCoefficients
+from ddpm.chain import ChainTables, StepCoefficients
 from ddpm.schedule import VarianceType, make_schedule
 from kernels.philox import seeds_to_tensor
 from kernels.reverse_step import fused_reverse_step_torch, fused_reverse_step_triton

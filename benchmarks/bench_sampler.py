@@ -22,12 +22,14 @@ from collections.abc import Callable
 
 import torch
 
-from ddpm.cli import DEFAULT_MODEL
+from ddpm.chain import EpsModel, StepFn, sample
 from ddpm.inference_compile import hot_path
-from ddpm.model_source import LoadedModel, load_model_source
+from ddpm.loaded_model import LoadedModel
+from ddpm.model_source import load_model_source
+from ddpm.names import COMPILE_SETTINGS
 from ddpm.respace import respace_steps
-from ddpm.sampler import EpsModel, StepFn, sample
 from ddpm.seeding import image_seeds
+from ddpm.shipped_models import DEFAULT_MODEL
 from ddpm.unet import count_flops_per_image
 from kernels.philox import seeds_to_tensor
 
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="the hot path of 'ours'")
+    parser.add_argument("--compile", choices=COMPILE_SETTINGS, default="auto", help="the hot path of 'ours'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

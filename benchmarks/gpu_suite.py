@@ -28,12 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_sampler import diffusers_loop
-from ddpm.cli import DEFAULT_MODEL
+from ddpm.chain import EpsModel, sample
 from ddpm.inference_compile import hot_path
-from ddpm.model_source import LoadedModel, load_model_source
+from ddpm.loaded_model import LoadedModel
+from ddpm.model_source import load_model_source
 from ddpm.precision import pixel_drift, with_precision
-from ddpm.sampler import EpsModel, sample
 from ddpm.seeding import image_seeds
+from ddpm.shipped_models import DEFAULT_MODEL
 from kernels.philox import seeds_to_tensor
 
 DEVICE = "cuda"

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
         cmd = ["ddpm", "eval", *extra, "-n", str(args.n), "--seed", "0", "--sampler", args.sampler, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--precision", "fp32", "--quiet", "--report", str(report)]  # fmt: skip
         print(" ".join(cmd), file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "ddpm.cli", *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "commands.main", *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
         line = {"cell": name, "command": " ".join(cmd), **json.loads(report.read_text())}
         with args.results.open("a") as f:
             f.write(json.dumps(line) + "\n")

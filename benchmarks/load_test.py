@@ -32,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ddpm.names import COMPILE_SETTINGS
 from tests.server_process import ServerProcess
 from tests.tiny_model import save_tiny_model
 
@@ -239,9 +240,9 @@ def offline_image_steps_per_s(model_dir: Path, batch: int, steps: int, compile_s
     """The offline sampler's rate at one batch size, with the server's hot path (after a warm-up run)."""
     import torch
 
+    from ddpm.chain import sample
     from ddpm.inference_compile import hot_path
     from ddpm.model_source import load_model_source
-    from ddpm.sampler import sample
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
 
@@ -343,7 +344,7 @@ def main() -> None:
     parser.add_argument("--mix", choices=sorted(MIXES), default="steps",
                         help="sweep: steps (10/100-step ddpm), samplers (20-step dpmsolver++, 50-step ddim, 1000-step ddpm) "
                              "or guidance (guided, conditional, unconditional 20-step requests; a class-conditional --model)")  # fmt: skip
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="sweep, memory: the server's DDPM_COMPILE")
+    parser.add_argument("--compile", choices=COMPILE_SETTINGS, default="auto", help="sweep, memory: the server's DDPM_COMPILE")
     parser.add_argument("--batches", default="1,16,64,256", help="memory: batch sizes (one server each)")
     parser.add_argument("--client", choices=["raw", "httpx"], default="raw", help="burst: the HTTP client (raw: bare asyncio streams)")
     parser.add_argument("--server-cpus", default="", help="burst, soak: pin the server to these CPUs (client: taskset)")

@@ -51,7 +51,7 @@ def build_artefacts(model: Path, directory: Path, scratch: Path) -> dict[str, ob
     """`ddpm compile-cache` in its own process and inductor cache (what the image build runs)."""
     env = {**os.environ, **SERVER_ENV, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor-build"), "DDPM_MODEL": str(model)}
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "compile-cache", "-o", str(directory)], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "commands.main", "compile-cache", "-o", str(directory)], env=env, capture_output=True,
                          text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
     shutil.rmtree(scratch / "inductor-build", ignore_errors=True)
     return {**json.loads(out), "build_s": round(time.monotonic() - start, 1)}

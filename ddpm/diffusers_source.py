@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import CheckpointError
-from ddpm.model_source import LoadedModel
+from ddpm.loaded_model import LoadedModel
 from ddpm.respace import SPACINGS
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 

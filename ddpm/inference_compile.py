@@ -16,16 +16,14 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
-from ddpm.sampler import EpsModel, StepCoefficients, StepFn
+from ddpm.chain import EpsModel, StepCoefficients, StepFn
+from ddpm.names import COMPILE_SETTINGS
 
 log = logging.getLogger("ddpm.compile")
 
-CompileSetting = Literal["auto", "on", "off"]
-COMPILE_SETTINGS: tuple[str, ...] = get_args(CompileSetting)
 
 
 def cpu_compiler_available() -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
-    from ddpm.model_source import LoadedModel
+    from ddpm.loaded_model import LoadedModel
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
-from ddpm.sampler import EpsModel
+from ddpm.chain import EpsModel
+from ddpm.names import PRECISION_SETTINGS
 
 log = logging.getLogger("ddpm.precision")
 
-PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISION_SETTINGS: tuple[str, ...] = get_args(PrecisionSetting)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Whether `auto` may pick bf16 on hardware that has it: decided by measured quality (BENCHMARKS.md,
 # "Low precision"), not assumed.

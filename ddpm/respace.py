@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddpm.names import DEFAULT_SPACING, SPACINGS
 from ddpm.schedule import NoiseSchedule
 
-SPACINGS = ("linspace", "leading", "trailing")
-# the CLI's and the server's default where the model names none: measured best for the fast samplers
-# (BENCHMARKS.md, samplers: SDE-DPM-Solver++ at 50 steps FD 8.3 / confident 0.868 vs linspace 9.4 / 0.852)
-DEFAULT_SPACING = "trailing"
+__all__ = ["DEFAULT_SPACING", "SPACINGS", "respace", "respace_steps", "spaced_timesteps"]
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace", steps_offset: int = 0) -> np.ndarray:

@@ -22,27 +22,13 @@ from position i; rows follow ``kernels.reverse_step.StepCoefficients``.
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 
+from ddpm.names import SAMPLERS, Sampler
 from ddpm.schedule import NoiseSchedule, VarianceType
 from kernels.reverse_step import StepCoefficients
 
-
-class Sampler(str, enum.Enum):
-    DDPM = "ddpm"
-    DDIM = "ddim"
-    DPM_SOLVER = "dpmsolver++"
-    SDE_DPM_SOLVER = "sde-dpmsolver++"
-
-    @property
-    def multistep(self) -> bool:
-        """Whether a step reads the previous step's x0_hat (state that travels with the sample)."""
-        return self in (Sampler.DPM_SOLVER, Sampler.SDE_DPM_SOLVER)
-
-
-SAMPLERS = tuple(s.value for s in Sampler)
+__all__ = ["SAMPLERS", "Sampler", "coefficient_table"]
 ROWS = StepCoefficients.names()  # the kernel's row order
 
 

@@ -33,9 +33,9 @@ from collections.abc import Callable
 
 import torch
 
+from ddpm.chain import StepFn
 from ddpm.inference_compile import HotPath
-from ddpm.model_source import LoadedModel
-from ddpm.sampler import StepFn
+from ddpm.loaded_model import LoadedModel
 from kernels.reverse_step import fused_reverse_step
 
 log = logging.getLogger("ddpm.compile")

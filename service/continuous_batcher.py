@@ -35,9 +35,9 @@ from typing import Literal
 
 import torch
 
+from ddpm.chain import ChainSpec, ChainTables, StepCoefficients, StepFn, default_step_fn
 from ddpm.guidance import guided_eps
-from ddpm.model_source import LoadedModel
-from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients, StepFn, default_step_fn
+from ddpm.loaded_model import LoadedModel
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm.sampler import ChainSpec
+from ddpm.chain import ChainSpec
 
 
 @dataclass(frozen=True)

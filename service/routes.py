@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ddpm.chain import ChainSpec, ChainTables, StepCoefficients
 from ddpm.grid import image_pngs, make_grid, png_bytes
-from ddpm.model_source import ChainError
-from ddpm.sampler import ChainSpec, ChainTables, StepCoefficients
+from ddpm.loaded_model import ChainError
 from service.auth import Authorized, MetricsAuthorized
 from service.content_negotiation import negotiate
 from service.continuous_batcher import (

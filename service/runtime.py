@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from ddpm import __version__, compile_cache
+from ddpm.chain import EpsModel, StepFn
 from ddpm.compile_cache import artefact_path, machine_key
 from ddpm.inference_compile import HotPath, hot_path, should_compile
+from ddpm.loaded_model import LoadedModel
 from ddpm.model_facts import flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
 from ddpm.model_hub import model_name
-from ddpm.model_source import LoadedModel, load_model_source
+from ddpm.model_source import load_model_source
 from ddpm.precision import resolve_precision
-from ddpm.sampler import EpsModel, StepFn
 from service.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, fully_compiled, step_of
 from service.continuous_batcher import DeadlineExceeded, Engine, Job
 from service.fault_injection import FaultInjector

@@ -6,11 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from ddpm.names import SamplerName, SpacingName
 from ddpm.seeding import MAX_SEED
 
 ClassLabel = StrictInt | Annotated[StrictStr, Field(max_length=256)]  # a class index or name
-SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
-SpacingName = Literal["linspace", "leading", "trailing"]
 
 
 class ChainRequest(BaseModel):

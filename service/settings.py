@@ -9,18 +9,15 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ddpm.inference_compile import CompileSetting
-from ddpm.precision import PrecisionSetting
-from ddpm.respace import DEFAULT_SPACING
-
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "mnist-28")
+from ddpm.names import DEFAULT_SPACING, CompileSetting, PrecisionSetting, SamplerName, SpacingName
+from ddpm.shipped_models import DEFAULT_MODEL
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore")
 
     model: str = Field(
-        DEFAULT_MODEL,
+        str(DEFAULT_MODEL),
         description="a ddpm-serve model directory, a local diffusers DDPM directory, or a Hugging Face Hub repository "
         "org/name[@revision] resolved through the hub cache (HF_HUB_OFFLINE=1 honoured)",
     )
@@ -28,7 +25,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, le=4096, description="samples per denoising iteration (the running batch)")
     max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
-    default_sampler: Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"] = Field(
+    default_sampler: SamplerName = Field(
         "sde-dpmsolver++",
         description="the sampler of a request that names none: SDE-DPM-Solver++(2M) at 50 steps matches the 1000-step chain's "
         "quality (BENCHMARKS.md, samplers)",
@@ -36,7 +33,7 @@ class Settings(BaseSettings):
     default_steps: int | None = Field(
         50, ge=1, description="U-Net calls per image of a request that names no steps (unset: T); sampler ddpm named alone runs T"
     )
-    default_timestep_spacing: Literal["linspace", "leading", "trailing"] = Field(
+    default_timestep_spacing: SpacingName = Field(
         DEFAULT_SPACING,
         description="timestep spacing of a request that names none, where the model names none (a diffusers model's config does)",
     )

@@ -26,7 +26,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
-        cmd = [sys.executable, "-m", "ddpm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
+        cmd = [sys.executable, "-m", "commands.main", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
         cmd = [*(prefix or []), *cmd, *(args or [])]  # prefix: e.g. a sandbox the server runs inside; args: more flags
         # a file, not a pipe: nobody reads a pipe while the test runs, and a full one would block the server's logging
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ddpm-serve-", suffix=".log")

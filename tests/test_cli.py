@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from commands.main import build_parser
 from ddpm import __version__
-from ddpm.cli import build_parser
 from service.settings import Settings
 
 
@@ -20,7 +20,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def test_version() -> None:
-    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "commands.main", "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == f"ddpm-serve {__version__}"
 
 
@@ -54,7 +54,7 @@ def test_serve_has_a_flag_for_every_setting() -> None:
 ])  # fmt: skip
 def test_serve_flags_override_the_environment(argv: list[str], env: dict[str, str], expect: dict[str, object],
                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from service.cli import settings_from_args
+    from commands.serving_commands import settings_from_args
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -63,5 +63,5 @@ def test_serve_flags_override_the_environment(argv: list[str], env: dict[str, st
 
 
 def test_serve_rejects_a_bad_flag_value_with_the_reason() -> None:
-    out = subprocess.run([sys.executable, "-m", "ddpm.cli", "serve", "--max-batch", "0"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "commands.main", "serve", "--max-batch", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "max_batch" in out.stderr and "greater than or equal to 1" in out.stderr

@@ -83,7 +83,7 @@ def test_async_client(server: ServerProcess) -> None:
 
 def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path: Path) -> None:
     env = {**os.environ, "DDPM_API_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "ddpm.cli", "generate", "--url", server.url, "--seed", "7", "-n", "6", "--steps", "8",
+    cmd = [sys.executable, "-m", "commands.main", "generate", "--url", server.url, "--seed", "7", "-n", "6", "--steps", "8",
            "--sampler", "dpmsolver++"]  # fmt: skip
     grid = subprocess.run([*cmd, "-o", str(tmp_path / "grid.png")], env=env, capture_output=True, text=True, timeout=120)
     assert grid.returncode == 0, grid.stderr

@@ -256,7 +256,7 @@ def test_the_sync_client_works_inside_a_running_loop(bad_server: MisbehavingServ
 
 def test_ddpm_generate_has_a_timeout(bad_server: MisbehavingServer, tmp_path: object) -> None:
     bad_server.behaviour = _stall
-    cmd = [sys.executable, "-m", "ddpm.cli", "generate", "--url", bad_server.url, "--timeout", "1", "--retries", "0", "--quiet",
+    cmd = [sys.executable, "-m", "commands.main", "generate", "--url", bad_server.url, "--timeout", "1", "--retries", "0", "--quiet",
            "-o", str(tmp_path) + "/x.png"]  # fmt: skip
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "DDPM_API_TOKEN": ""})

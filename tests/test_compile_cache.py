@@ -69,7 +69,7 @@ def test_compile_cache_then_a_server_that_starts_warm(tmp_path: Path) -> None:
     # precision auto (bf16 where the CPU has it): the U-Net under autocast, as a server's default
     serving = {"DDPM_COMPILE": "auto", "DDPM_PRECISION": "auto", "DDPM_MAX_BATCH": "2", "DDPM_WARMUP_STEPS": "1", "DDPM_THREADS": "1"}
     env = {**os.environ, **serving, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-build")}
-    built = subprocess.run([sys.executable, "-m", "ddpm.cli", "compile-cache", "--model", str(model), "-o", str(tmp_path / "cc")],
+    built = subprocess.run([sys.executable, "-m", "commands.main", "compile-cache", "--model", str(model), "-o", str(tmp_path / "cc")],
                            env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     report = json.loads(built.stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ddpm.sampler import sample
+from ddpm.chain import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.continuous_batcher import (

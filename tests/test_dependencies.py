@@ -66,7 +66,7 @@ def test_the_server_serves_without_training_or_gpu_packages(tmp_path: Path) -> N
 def test_training_commands_name_the_extra_they_need() -> None:
     result = _run(
         """
-        from ddpm.cli import main
+        from commands.main import main
         main(["eval", "-n", "2"])
         """
     )
@@ -82,7 +82,7 @@ def test_a_forced_triton_backend_without_triton_says_what_to_install(tmp_path: P
         """
         import os
         os.environ.update(DDPM_STEP_BACKEND="triton", TRITON_INTERPRET="1")
-        from ddpm.cli import main
+        from commands.main import main
         sys.argv = ["ddpm", "sample", "--model", sys.argv[2], "-n", "1", "--steps", "2", "-o", sys.argv[3], "--quiet"]
         main()
         """,

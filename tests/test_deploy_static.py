@@ -201,7 +201,7 @@ def _nginx_seconds(directive: str) -> float:
 
 
 def test_deployment_timeouts_agree_with_each_other(compose: dict) -> None:
-    from service.cli import GRACEFUL_CLOSE_S
+    from service.draining_server import GRACEFUL_CLOSE_S
 
     env = compose["x-ddpm"]["environment"]
     drain, request = float(env["DDPM_DRAIN_TIMEOUT_S"]), float(env["DDPM_REQUEST_TIMEOUT_S"])

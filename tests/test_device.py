@@ -22,11 +22,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ddpm.cli import DEFAULT_MODEL
+from ddpm.chain import sample
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
-from ddpm.sampler import sample
 from ddpm.seeding import image_seeds
+from ddpm.shipped_models import DEFAULT_MODEL
 from kernels.philox import seeds_to_tensor
 from service.app import create_app
 from service.continuous_batcher import Engine, Job

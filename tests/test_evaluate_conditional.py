@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.cli import DEFAULT_CLASSIFIER
+from ddpm.shipped_models import DEFAULT_CLASSIFIER
 
 pytest.importorskip("scipy")
 

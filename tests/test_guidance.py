@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpm.chain import sample
 from ddpm.checkpoint import CheckpointError, ModelCard, load_model
 from ddpm.guidance import fixed_guidance, guided_eps, rows_per_call
-from ddpm.model_source import ChainError, load_model_source
-from ddpm.sampler import sample
+from ddpm.loaded_model import ChainError
+from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from ddpm.unet import UNet
 from kernels.philox import seeds_to_tensor
@@ -173,7 +174,7 @@ def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None
 
     import numpy as np
 
-    base = [sys.executable, "-m", "ddpm.cli"]
+    base = [sys.executable, "-m", "commands.main"]
     common = ["--model", str(cond_dir), "--steps", "6", "--sampler", "ddim", "--spacing", "linspace", "--compile", "off",
               "--precision", "fp32", "--quiet"]  # fmt: skip
     out = subprocess.run([*base, "sample", *common, "-n", "3", "--class-label", "fox,0,dog", "--guidance-scale", "2",

@@ -14,9 +14,9 @@ import torch
 from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
 
+from ddpm.chain import ChainTables, sample
 from ddpm.inference_compile import CompiledEps, HotPath, compiled_step_twin, cpu_compiler_available, hot_path, should_compile
 from ddpm.respace import respace_steps
-from ddpm.sampler import ChainTables, sample
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor

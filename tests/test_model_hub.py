@@ -62,7 +62,7 @@ def _offline_env(cache: Path) -> dict[str, str]:
 
 
 def _ddpm_info(cache: Path, model: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ddpm.cli", "info", "--model", model], env=_offline_env(cache),
+    return subprocess.run([sys.executable, "-m", "commands.main", "info", "--model", model], env=_offline_env(cache),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.sampler import ChainSpec
+from ddpm.chain import ChainSpec
 from service.response_cache import ENTRY_OVERHEAD_BYTES, ImageKey, ResponseCache, etag_matches
 from tests.app_client import app_client, metric, wait_ready
 from tests.tiny_model import copy_model_with, save_tiny_model

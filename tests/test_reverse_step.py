@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.chain import ChainTables
 from ddpm.respace import respace_steps
-from ddpm.sampler import ChainTables
 from ddpm.schedule import VarianceType, make_schedule
 from kernels.philox import philox_randn, sample_noise, seeds_to_tensor
 from kernels.reverse_step import StepCoefficients, fused_reverse_step, fused_reverse_step_torch, fused_reverse_step_triton, reverse_step

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.chain import ChainTables, sample
 from ddpm.model_source import load_model_source
 from ddpm.respace import respace_steps, spaced_timesteps
-from ddpm.sampler import ChainTables, sample
 from ddpm.samplers import coefficient_table, ddim_sigma
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds

@@ -74,7 +74,7 @@ def test_sigterm_drains_in_flight_work(server: ServerProcess) -> None:
 
 def test_serve_refuses_a_missing_model(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpm.cli", "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "commands.main", "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0 and "model directory not found" in proc.stderr
 
@@ -144,7 +144,7 @@ def test_a_model_that_fails_to_load_exits_non_zero(model_1000: Path, tmp_path: P
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpm.cli", "serve", "--port", "0", "--model", str(broken)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "commands.main", "serve", "--port", "0", "--model", str(broken)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "ddpm serve: model failed to load" in proc.stderr

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.cli import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 from ddpm.model_source import load_model_source
+from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
 
 def _sample(tmp_path: Path, name: str, *args: str) -> Path:
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "ddpm.cli", "sample", "--quiet", "-o", str(out), *args]
+    cmd = [sys.executable, "-m", "commands.main", "sample", "--quiet", "-o", str(out), *args]
     subprocess.run(cmd, check=True, timeout=300)
     return out
 

@@ -33,7 +33,7 @@ def save_tiny_model(directory: Path, num_timesteps: int = 1000) -> Path:
 
 def tiny_loaded_model(unet: UNet, num_timesteps: int = 1000):  # type: ignore[no-untyped-def]
     """A LoadedModel around a tiny U-Net, as the server would hold it."""
-    from ddpm.model_source import LoadedModel
+    from ddpm.loaded_model import LoadedModel
     from ddpm.schedule import VarianceType, make_schedule
 
     return LoadedModel(

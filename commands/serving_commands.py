@@ -1,38 +1,20 @@
-"""``ddpm serve``: uvicorn with one worker (one process owns the device) and a draining shutdown.
-
-On SIGTERM or SIGINT the server stops accepting connections (a load balancer's next connection
-fails over to another replica; the request never reached this one), answers 503 to new requests on
-connections already open (readyz too), lets in-flight requests finish for up to
-DDPM_DRAIN_TIMEOUT_S, answers whatever is still running at that deadline with 503 + Retry-After,
-then exits 0. A second signal exits at once.
-
-A server that can never serve exits non-zero with the reason, so that the orchestrator restarts it:
-when the model fails to load, or when the engine thread dies.
-
-Connections: uvicorn's proxy-header rewriting is off (the client identity policy is the project's,
-``DDPM_TRUST_FORWARDED_FOR``), connections are bounded (``DDPM_MAX_CONNECTIONS``; more get 503, except
-the probes and metrics, which a full server still answers), and a request's headers and body must
-each arrive within ``DDPM_REQUEST_READ_TIMEOUT_S`` (408; a connection that sends nothing is closed
-then too, and counted). ``service.http_protocol`` has the details.
-"""
+"""The ``ddpm`` commands of the service: serve (``service.draining_server``), generate (``service.client``)
+and compile-cache (the server's own background compile, written to a directory)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from service.http_protocol import hardened_protocol
 
-log = logging.getLogger("ddpm.server")
-GRACEFUL_CLOSE_S = 5.0  # after the drain: time for answered connections to close
+def add_serving_commands(sub: Any) -> None:
+    add_serve_parser(sub)
+    add_generate_parser(sub)
+    add_compile_cache_parser(sub)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -40,7 +22,7 @@ def add_serve_parser(sub: Any) -> None:
     definition by pydantic-settings' CLI source; a flag wins over its DDPM_* variable."""
     from pydantic_settings import CliSettingsSource
 
-    from ddpm.cli_help import DefaultsHelpFormatter
+    from commands.help_format import DefaultsHelpFormatter
     from service.settings import Settings
 
     p = sub.add_parser(
@@ -59,9 +41,8 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def add_generate_parser(sub: Any) -> None:
-    from ddpm.cli_help import DefaultsHelpFormatter
-    from ddpm.respace import SPACINGS
-    from ddpm.samplers import Sampler
+    from commands.help_format import DefaultsHelpFormatter
+    from ddpm.names import SAMPLERS, SPACINGS
 
     text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
@@ -69,7 +50,7 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k)")
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--steps", type=int, default=None, help="U-Net calls per image (default: the server's)")
-    p.add_argument("--sampler", choices=[v.value for v in Sampler], default=None, help="default: the server's")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the server's")
     p.add_argument("--eta", type=float, default=None, help="ddim only (default: 0)")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 (default: the model's)")
@@ -86,7 +67,7 @@ def add_generate_parser(sub: Any) -> None:
 
 
 def add_compile_cache_parser(sub: Any) -> None:
-    from ddpm.cli_help import DefaultsHelpFormatter
+    from commands.help_format import DefaultsHelpFormatter
 
     text = ("build the server's compiled graphs for a model on this machine and write them to a directory "
             "(DDPM_COMPILE_CACHE_DIR), so that the next server there starts warm; the image build runs it")  # fmt: skip
@@ -146,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.update(data["steps_done"] - bar.n)
 
     clip = None if args.clip is None else args.clip == "on"
-    from ddpm.cli import class_label_arg
+    from commands.model_commands import class_label_arg
 
     chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
              "class_label": class_label_arg(args.class_label), "guidance_scale": args.guidance_scale}  # fmt: skip
@@ -186,6 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ddpm.model_hub import hub_reference
     from service.app import create_app
+    from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
+    from service.http_protocol import hardened_protocol
     from service.request_log import configure_logging
     from service.runtime import ServerState
 
@@ -224,61 +207,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ddpm serve: {server.fatal}", file=sys.stderr)
         return 1
     return 0
-
-
-class DrainingServer:
-    """A uvicorn Server whose first exit signal drains the engine before uvicorn's own shutdown, and
-    which stops with ``fatal`` set when the server can never serve (``state.on_fatal``)."""
-
-    def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
-        import uvicorn
-
-        from service.continuous_batcher import DrainTimeout
-
-        state_ref, timeout, outer = state, drain_timeout_s, self
-        self.fatal: str | None = None
-
-        class _Server(uvicorn.Server):
-            draining = False
-
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                if self.draining:  # second signal: leave now
-                    self.force_exit = True
-                    super().handle_exit(sig, frame)
-                    return
-                self.draining = True
-                log.info("signal %s: draining (up to %.0f s for in-flight requests)", sig, timeout)
-                state_ref.drain()
-                try:
-                    asyncio.get_running_loop().call_soon_threadsafe(self._close_listeners)
-                except RuntimeError:  # no loop in this thread: uvicorn's own shutdown closes them
-                    pass
-
-                def finish() -> None:
-                    engine = state_ref.engine
-                    if engine is not None and not engine.wait_idle(timeout):
-                        n = engine.abort(DrainTimeout(f"the server is shutting down (drain deadline {timeout:g} s passed); retry"))
-                        log.warning("drain deadline: answered %d unfinished request(s) with 503", n)
-                        engine.wait_idle(GRACEFUL_CLOSE_S)
-                    self.should_exit = True
-
-                threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
-
-            def _close_listeners(self) -> None:
-                for listener in getattr(self, "servers", []):
-                    listener.close()  # stop accepting; open connections stay
-
-        self._server = _Server(config)
-        state.metrics.watch_connections(lambda: len(self._server.server_state.connections))
-
-        def on_fatal(reason: str) -> None:
-            outer.fatal = reason
-            log.critical("cannot serve, exiting: %s", reason)
-            state_ref.drain()
-            time.sleep(0.2)  # let the answers to the failed requests go out
-            self._server.should_exit = True
-
-        state.on_fatal = on_fatal
-
-    def run(self) -> None:
-        self._server.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -14,3 +15,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text.lower() or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
+
+def subcommand(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every flag's default."""
+    return sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)

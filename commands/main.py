@@ -1,0 +1,33 @@
+"""The ``ddpm`` command root: one parser over the core's commands (train, sample, eval,
+train-classifier, info) and the service's (serve, generate, compile-cache).
+
+It sits above both packages (the core imports nothing of the service); building the parser imports
+no torch, so ``ddpm --help`` and ``ddpm --version`` answer at once (tests/test_package_structure.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from commands.model_commands import add_model_commands
+from commands.serving_commands import add_serving_commands
+from ddpm import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="DDPM (Ho et al. 2020): train, sample, evaluate, serve")
+    parser.add_argument("--version", action="version", version=f"ddpm-serve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_model_commands(sub)
+    add_serving_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What every caller holds of a loaded model: :class:`LoadedModel` (its eps_theta, schedule, image
+shape, classes, and the chains it can run), whichever loader made it (``ddpm.model_source`` for a
+ddpm-serve directory, ``ddpm.diffusers_source`` for a diffusers one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.chain import ChainSpec, EpsModel
+from ddpm.names import DEFAULT_SPACING
+from ddpm.respace import spaced_timesteps
+from ddpm.schedule import NoiseSchedule, VarianceType
+
+
+class ChainError(ValueError):
+    """A chain this model cannot run; ``field`` names the request field (or CLI option) at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    eps_model: EpsModel
+    module: torch.nn.Module
+    schedule: NoiseSchedule
+    variance_type: VarianceType
+    clip_denoised: bool
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    source: str  # "ddpm-serve" or "diffusers"
+    info: dict[str, Any] = field(default_factory=dict)
+    # how `steps` picks timesteps when a request does not say: a diffusers model's scheduler config says
+    # (DDPMPipeline parity); None for ddpm-serve models, which then use DEFAULT_SPACING (ddpm.respace)
+    timestep_spacing: str | None = None
+    steps_offset: int = 0
+    path: Path | None = None  # the directory it was loaded from (a hub model: its snapshot in the cache)
+    # a class-conditional model: eps_model(x, t, y) with labels 0..num_classes-1 and the null label
+    # num_classes; class_names[i] names label i; guidance_scale: the w its model card recommends
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    guidance_scale: float | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def labels(
+        self, class_label: int | str | list[int | str] | None, n: int, guidance_scale: float | None
+    ) -> tuple[tuple[int, ...] | None, float]:
+        """The label of each of n images and the guidance scale w a request asks for: ``class_label`` one
+        for all images or a list with one per image, by index or name; w defaults to the model card's
+        (0 without one). (None, 0.0) for an unconditional request. Raises ChainError naming the field."""
+        if class_label is None:
+            if guidance_scale:
+                raise ChainError("guidance_scale", "guidance_scale needs a class_label (guidance pulls towards a class)")
+            return None, 0.0
+        if not self.conditional:
+            raise ChainError("class_label", "this model is unconditional: it takes no class_label")
+        given = class_label if isinstance(class_label, list) else [class_label] * n
+        if len(given) != n:
+            raise ChainError("class_label", f"class_label has {len(given)} labels for {n} images (give one, or one per image)")
+        names = {name: i for i, name in enumerate(self.class_names)}
+        labels = []
+        for label in given:
+            if isinstance(label, str) and label in names:
+                labels.append(names[label])
+            elif isinstance(label, int) and 0 <= label < self.num_classes:
+                labels.append(label)
+            else:
+                known = ", ".join(self.class_names) if self.class_names else f"0..{self.num_classes - 1}"
+                raise ChainError("class_label", f"unknown class {label!r} (this model's classes: {known})")
+        w = (self.guidance_scale or 0.0) if guidance_scale is None else guidance_scale
+        return tuple(labels), float(w)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def chain(
+        self,
+        sampler: str,
+        steps: int,
+        eta: float | None = None,
+        spacing: str | None = None,
+        clip: bool | None = None,
+        default_spacing: str = DEFAULT_SPACING,
+    ) -> ChainSpec:
+        """The chain a request (or ``ddpm sample``) asks for, with this model's defaults filled in: its
+        clip setting, its own spacing and offset (a diffusers config's) or ``default_spacing``."""
+        t = self.schedule.num_timesteps
+        if not 1 <= steps <= t:
+            raise ChainError("steps", f"steps must be in 1..{t} (the model's T)")
+        if eta is not None and sampler != "ddim":
+            raise ChainError("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})")
+        spacing = spacing or self.timestep_spacing or default_spacing
+        offset = self.steps_offset if spacing == "leading" else 0
+        try:
+            spaced_timesteps(t, steps, spacing, offset)
+        except ValueError as exc:
+            raise ChainError("timestep_spacing", str(exc)) from exc
+        return ChainSpec(steps, sampler, eta or 0.0, self.clip_denoised if clip is None else clip, spacing, offset)

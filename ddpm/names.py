@@ -1,0 +1,47 @@
+"""Every name a request, a setting or a command line can give: samplers, timestep spacings, U-Net
+precisions and compile settings.
+
+Defined once, here, and imported by the maths (``ddpm.samplers``, ``ddpm.respace``, ``ddpm.precision``,
+``ddpm.inference_compile``), the HTTP schema, the settings and the ``ddpm`` command; this module imports
+nothing heavy, so ``ddpm --help`` stays free of torch. ``tests/test_package_structure.py`` fails if a
+copy of these lists appears elsewhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, get_args
+
+
+class Sampler(str, enum.Enum):
+    """The samplers of ``ddpm.samplers`` (each a coefficient table of the one fused step)."""
+
+    DDPM = "ddpm"  # Algorithm 2 of Ho et al. 2020
+    DDIM = "ddim"  # Song, Meng & Ermon 2021
+    DPM_SOLVER = "dpmsolver++"  # DPM-Solver++(2M), Lu et al. 2022
+    SDE_DPM_SOLVER = "sde-dpmsolver++"  # SDE-DPM-Solver++(2M)
+
+    @property
+    def multistep(self) -> bool:
+        """Whether a step reads the previous step's x0_hat (state that travels with the sample)."""
+        return self in (Sampler.DPM_SOLVER, Sampler.SDE_DPM_SOLVER)
+
+
+SAMPLERS: tuple[str, ...] = tuple(s.value for s in Sampler)
+
+# which S of the T timesteps a respaced chain keeps (ddpm.respace: Lin et al. 2024, Table 2)
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
+# the CLI's and the server's default where the model names none: measured best for the fast samplers
+# (BENCHMARKS.md, samplers: SDE-DPM-Solver++ at 50 steps FD 8.3 / confident 0.868 vs linspace 9.4 / 0.852)
+DEFAULT_SPACING = "trailing"
+
+# the same names as types, for pydantic (the schema and the settings): Literal[tuple] is Literal[*tuple]
+SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]
+SpacingName = Literal[SPACINGS]  # type: ignore[valid-type]
+
+# the U-Net's precision (ddpm.precision: auto is bf16 where the device has it natively) and whether
+# the hot path is torch.compile'd (ddpm.inference_compile)
+PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISION_SETTINGS: tuple[str, ...] = get_args(PrecisionSetting)
+CompileSetting = Literal["auto", "on", "off"]
+COMPILE_SETTINGS: tuple[str, ...] = get_args(CompileSetting)

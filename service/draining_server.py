@@ -1,0 +1,86 @@
+"""``ddpm serve``'s uvicorn server: one worker (one process owns the device) and a draining shutdown.
+
+On SIGTERM or SIGINT the server stops accepting connections (a load balancer's next connection
+fails over to another replica; the request never reached this one), answers 503 to new requests on
+connections already open (readyz too), lets in-flight requests finish for up to
+DDPM_DRAIN_TIMEOUT_S, answers whatever is still running at that deadline with 503 + Retry-After,
+then exits 0. A second signal exits at once.
+
+A server that can never serve exits non-zero with the reason, so that the orchestrator restarts it:
+when the model fails to load, or when the engine thread dies.
+
+Connections: uvicorn's proxy-header rewriting is off (the client identity policy is the project's,
+``DDPM_TRUST_FORWARDED_FOR``), connections are bounded (``DDPM_MAX_CONNECTIONS``; more get 503, except
+the probes and metrics, which a full server still answers), and a request's headers and body must
+each arrive within ``DDPM_REQUEST_READ_TIMEOUT_S`` (408; a connection that sends nothing is closed
+then too, and counted). ``service.http_protocol`` has the details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("ddpm.server")
+GRACEFUL_CLOSE_S = 5.0  # after the drain: time for answered connections to close
+
+
+class DrainingServer:
+    """A uvicorn Server whose first exit signal drains the engine before uvicorn's own shutdown, and
+    which stops with ``fatal`` set when the server can never serve (``state.on_fatal``)."""
+
+    def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
+        import uvicorn
+
+        from service.continuous_batcher import DrainTimeout
+
+        state_ref, timeout, outer = state, drain_timeout_s, self
+        self.fatal: str | None = None
+
+        class _Server(uvicorn.Server):
+            draining = False
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if self.draining:  # second signal: leave now
+                    self.force_exit = True
+                    super().handle_exit(sig, frame)
+                    return
+                self.draining = True
+                log.info("signal %s: draining (up to %.0f s for in-flight requests)", sig, timeout)
+                state_ref.drain()
+                try:
+                    asyncio.get_running_loop().call_soon_threadsafe(self._close_listeners)
+                except RuntimeError:  # no loop in this thread: uvicorn's own shutdown closes them
+                    pass
+
+                def finish() -> None:
+                    engine = state_ref.engine
+                    if engine is not None and not engine.wait_idle(timeout):
+                        n = engine.abort(DrainTimeout(f"the server is shutting down (drain deadline {timeout:g} s passed); retry"))
+                        log.warning("drain deadline: answered %d unfinished request(s) with 503", n)
+                        engine.wait_idle(GRACEFUL_CLOSE_S)
+                    self.should_exit = True
+
+                threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
+
+            def _close_listeners(self) -> None:
+                for listener in getattr(self, "servers", []):
+                    listener.close()  # stop accepting; open connections stay
+
+        self._server = _Server(config)
+        state.metrics.watch_connections(lambda: len(self._server.server_state.connections))
+
+        def on_fatal(reason: str) -> None:
+            outer.fatal = reason
+            log.critical("cannot serve, exiting: %s", reason)
+            state_ref.drain()
+            time.sleep(0.2)  # let the answers to the failed requests go out
+            self._server.should_exit = True
+
+        state.on_fatal = on_fatal
+
+    def run(self) -> None:
+        self._server.run()
