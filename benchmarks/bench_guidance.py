@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm.chain import sample
+from ddpm.chain import ChainSpec, sample
 from ddpm.guidance import fixed_guidance, guided_eps
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
@@ -96,7 +96,8 @@ def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore
     import functools
 
     from kernels.reverse_step import fused_reverse_step
-    from service.continuous_batcher import Engine, Job
+    from service.engine.engine import Engine
+    from service.engine.job import Job
 
     b, null = args.batch, model.num_classes
     kinds = [((7,), 2.0), ((3,), 0.0), (None, 0.0)]
@@ -109,8 +110,8 @@ def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore
 
     def served() -> float:
         start = time.perf_counter()
-        jobs = [engine.submit(Job(seed=i, n=1, steps=args.steps, clip_denoised=True, timeout_s=3600, sampler="sde-dpmsolver++",
-                                  spacing=spacing, class_labels=kinds[i % 3][0], guidance_scale=kinds[i % 3][1]))
+        jobs = [engine.submit(Job(seed=i, n=1, chain=ChainSpec(args.steps, "sde-dpmsolver++", spacing=spacing),
+                                  timeout_s=3600, class_labels=kinds[i % 3][0], guidance_scale=kinds[i % 3][1]))
                 for i in range(3 * b)]  # fmt: skip
         while not all(j.done for j in jobs):
             time.sleep(0.005)

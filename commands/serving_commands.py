@@ -84,7 +84,7 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     import tempfile
 
     from ddpm.compile_cache import size_bytes
-    from service.runtime import ServerState
+    from service.server_state import ServerState
     from service.settings import Settings
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-compile-cache-")  # this model's graphs only
@@ -170,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
     from service.http_protocol import hardened_protocol
     from service.request_log import configure_logging
-    from service.runtime import ServerState
+    from service.server_state import ServerState
 
     try:
         settings = settings_from_args(args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,3 +111,14 @@ def flops_per_image_step(
     with FlopCounterMode(display=False) as counter:
         eps_model(x, t)
     return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Measured once at load (``GET /info``; the fingerprint keys the response cache and the ETags)."""
+
+    weights_sha256: str
+    fingerprint: str  # ddpm.model_facts.model_fingerprint: weights + every config + resolved maths + code version
+    parameters: int
+    device: str
+    created: int  # the weights' mtime (Unix seconds; the load time when there are no files): /v1/models' "created"

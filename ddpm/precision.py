@@ -81,7 +81,7 @@ def with_precision(eps_model: EpsModel, precision: str, device: torch.device | s
     Autocast's weight-cast cache is off: it would save re-casting a weight within one call, which one
     forward never does twice, and its global mutex is taken around the cast itself, which under a
     tracing fake-tensor mode calls back into Python: a thread compiling the U-Net in the background
-    (service/background_compile.py) then holds that mutex waiting for the GIL while the serving
+    (service/engine/background_compile.py) then holds that mutex waiting for the GIL while the serving
     thread holds the GIL waiting for the mutex (autocast's exit clears the cache). Seen as a deadlock
     of both threads when the compile started from loaded artefacts; the values are the same either way."""
     if precision == "fp32":

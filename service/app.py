@@ -18,7 +18,7 @@ from service.openai_images import error_body_for, openai_error_response, speaks_
 from service.openai_images import router as openai_router
 from service.request_log import RequestContextMiddleware
 from service.routes import router
-from service.runtime import ServerState
+from service.server_state import ServerState
 from service.settings import Settings, get_settings
 from service.strict_json import finite_jsonable
 

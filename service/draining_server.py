@@ -35,7 +35,7 @@ class DrainingServer:
     def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
         import uvicorn
 
-        from service.continuous_batcher import DrainTimeout
+        from service.engine.errors import DrainTimeout
 
         state_ref, timeout, outer = state, drain_timeout_s, self
         self.fatal: str | None = None

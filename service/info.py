@@ -5,9 +5,9 @@ from __future__ import annotations
 from ddpm import __version__
 from ddpm.respace import SPACINGS
 from ddpm.samplers import Sampler
-from service.background_compile import fully_compiled
-from service.runtime import ServerState
+from service.engine.background_compile import fully_compiled
 from service.schemas import Defaults, InfoResponse, Limits, ModelDescription
+from service.server_state import ServerState
 
 
 def server_info(state: ServerState) -> InfoResponse:

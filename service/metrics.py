@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
-from service.continuous_batcher import EngineObserver, Job
+from service.engine.job import Job
+from service.engine.observer import EngineObserver
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +166,7 @@ class Metrics(EngineObserver):
     def on_job_done(self, job: Job) -> None:
         if job.error is None:
             self.images_generated.labels(model=self.model).inc(job.n)
-            self.image_steps.labels(model=self.model, sampler=job.sampler).inc(job.n * job.steps)
+            self.image_steps.labels(model=self.model, sampler=job.chain.sampler).inc(job.n * job.steps)
             if job.guidance_scale:
                 self.guided_image_steps.labels(model=self.model).inc(job.n * job.steps)
 

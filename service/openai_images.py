@@ -22,8 +22,8 @@ from ddpm.grid import image_pngs
 from ddpm.seeding import MAX_SEED
 from service.auth import Authorized
 from service.routes import ERRORS, JSON, ApiError, StateDep, chain_fields, encode_off_loop, images_or_not_modified, prepare
-from service.runtime import ServerState
 from service.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, OpenAIError
+from service.server_state import ServerState
 from service.strict_json import StrictJSONRoute
 
 router = APIRouter(prefix="/v1", route_class=StrictJSONRoute, tags=["OpenAI-compatible"])

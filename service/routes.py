@@ -31,18 +31,11 @@ from ddpm.grid import image_pngs, make_grid, png_bytes
 from ddpm.loaded_model import ChainError
 from service.auth import Authorized, MetricsAuthorized
 from service.content_negotiation import negotiate
-from service.continuous_batcher import (
-    Cancelled,
-    DeadlineExceeded,
-    Draining,
-    DrainTimeout,
-    EngineStopped,
-    Job,
-    QueueFull,
-)
+from service.engine.errors import Cancelled, DeadlineExceeded, Draining, DrainTimeout, EngineStopped, QueueFull
+from service.engine.job import Job
+from service.engine.job_handle import JobHandle
 from service.info import server_info
 from service.response_cache import ImageKey, etag_matches
-from service.runtime import JobHandle, ServerState
 from service.schemas import (
     ChainRequest,
     ChainTable,
@@ -56,6 +49,7 @@ from service.schemas import (
     Timings,
     ValidationErrorResponse,
 )
+from service.server_state import ServerState
 from service.strict_json import StrictJSONRoute
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
@@ -137,13 +131,8 @@ def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = F
     job = Job(
         seed=key.seed,
         n=key.n,
-        steps=spec.steps,
-        clip_denoised=spec.clip,
+        chain=spec,
         timeout_s=state.settings.request_timeout_s,
-        sampler=spec.sampler,
-        eta=spec.eta,
-        spacing=spec.spacing,
-        steps_offset=spec.steps_offset,
         class_labels=key.labels,
         guidance_scale=key.guidance_scale,
         client=client,
@@ -450,7 +439,7 @@ async def schedule(
     chain = None
     if any(v is not None for v in (sampler, steps, eta, timestep_spacing, clip_denoised)):
         spec = resolve_chain(state, sampler, steps, eta, timestep_spacing, clip_denoised, where="query")
-        tables = state.engine.chain(spec) if state.engine is not None else ChainTables.for_spec(m.schedule, m.variance_type, spec)
+        tables = state.engine.chain_tables(spec) if state.engine is not None else ChainTables.for_spec(m.schedule, m.variance_type, spec)
         chain = _chain_table(tables, spec)
     return ScheduleResponse(**m.schedule.to_dict(), variance_type=m.variance_type.value, clip_denoised=m.clip_denoised, chain=chain)  # type: ignore[arg-type]
 

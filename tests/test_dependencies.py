@@ -93,7 +93,7 @@ def test_a_forced_triton_backend_without_triton_says_what_to_install(tmp_path: P
     assert "Traceback" not in sample.stderr and not (tmp_path / "x.png").exists()
     serve = _run(
         """
-        from service.runtime import ServerState
+        from service.server_state import ServerState
         from service.settings import Settings
 
         state = ServerState(Settings(model=sys.argv[2], step_backend="triton", compile="off"))

@@ -22,14 +22,15 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ddpm.chain import sample
+from ddpm.chain import ChainSpec, sample
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_MODEL
 from kernels.philox import seeds_to_tensor
 from service.app import create_app
-from service.continuous_batcher import Engine, Job
+from service.engine.engine import Engine
+from service.engine.job import Job
 from service.settings import Settings
 from tests.app_client import wait_ready
 from tests.tiny_model import save_tiny_model
@@ -62,7 +63,9 @@ def test_engine_on_device_matches_the_cpu_sampler(tiny_dir: Path) -> None:
     engine = Engine(model, max_batch=8)
     engine.start()
     try:
-        jobs = [engine.submit(Job(seed=s, n=3, steps=st, clip_denoised=True, timeout_s=120)) for s, st in [(7, 40), (8, 100), (9, 13)]]
+        jobs = [
+            engine.submit(Job(seed=s, n=3, chain=ChainSpec(st), timeout_s=120)) for s, st in [(7, 40), (8, 100), (9, 13)]
+        ]
         end = time.monotonic() + 120
         while not all(j.done for j in jobs):
             assert time.monotonic() < end

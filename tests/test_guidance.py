@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.chain import sample
+from ddpm.chain import ChainSpec, sample
 from ddpm.checkpoint import CheckpointError, ModelCard, load_model
 from ddpm.guidance import fixed_guidance, guided_eps, rows_per_call
 from ddpm.loaded_model import ChainError
@@ -18,7 +18,8 @@ from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from ddpm.unet import UNet
 from kernels.philox import seeds_to_tensor
-from service.continuous_batcher import Engine, Job
+from service.engine.engine import Engine
+from service.engine.job import Job
 from tests.app_client import app_client, metric, wait_ready
 from tests.tiny_model import TINY, TINY_CLASSES, random_tiny_conditional_unet, save_tiny_conditional_model, save_tiny_model
 
@@ -113,7 +114,7 @@ def test_engine_mixes_guided_unguided_and_unconditional_samples(cond_dir: Path) 
     try:
         jobs = []
         for seed, labels, w, steps, sampler in specs:
-            job = Job(seed=seed, n=len(labels or [0]), steps=steps, clip_denoised=True, timeout_s=60, sampler=sampler,
+            job = Job(seed=seed, n=len(labels or [0]), chain=ChainSpec(steps, sampler), timeout_s=60,
                       class_labels=tuple(labels) if labels else None, guidance_scale=w)  # fmt: skip
             jobs.append(engine.submit(job))
             time.sleep(0.005)

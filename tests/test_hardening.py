@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from ddpm.chain import ChainSpec
 from service.app import create_app
 from service.content_negotiation import negotiate
-from service.continuous_batcher import Job
+from service.engine.job import Job
+from service.engine.job_handle import JobHandle
 from service.fault_injection import FaultInjector
 from service.request_log import JsonFormatter, TextFormatter
-from service.runtime import JobHandle, ServerState
+from service.server_state import ServerState
 from service.settings import Settings
 from tests.app_client import metric as _metric
 from tests.app_client import wait_ready as _ready
@@ -119,7 +121,7 @@ def test_readiness_heals_without_traffic(model_dir: Path) -> None:
     with c:
         _ready(c)
         assert state.engine is not None
-        state.engine._backoff_first = state.engine._backoff = 0.2  # heal fast in the test (default 1 s)
+        state.engine.health._first = state.engine.health._backoff = 0.2  # heal fast in the test (default 1 s)
         assert c.post("/generate", json={"seed": 1, "steps": 5}).status_code == 500  # call 3 fails
         assert c.get("/readyz").status_code == 503 and _metric(c, "ddpm_ready") == 0
         _ready(c, timeout=10)  # no request is sent: the idle self-test heals it
@@ -223,7 +225,7 @@ def test_stream_outcome_in_the_access_log(model_dir: Path, caplog: pytest.LogCap
 
 def test_a_stalled_stream_reader_holds_one_progress_event() -> None:
     async def scenario() -> int:
-        job = Job(seed=0, n=1, steps=1000, clip_denoised=True, timeout_s=60)
+        job = Job(seed=0, n=1, chain=ChainSpec(steps=1000, clip=True), timeout_s=60)
         handle = JobHandle(job, asyncio.get_running_loop(), stream=True)
         worker = threading.Thread(target=lambda: [(setattr(job, "steps_done", i), job.on_progress(job)) for i in range(1000)])  # type: ignore[misc]
         worker.start()

@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
 
-from ddpm.chain import ChainTables, sample
+from ddpm.chain import ChainSpec, ChainTables, sample
 from ddpm.inference_compile import CompiledEps, HotPath, compiled_step_twin, cpu_compiler_available, hot_path, should_compile
 from ddpm.respace import respace_steps
 from ddpm.schedule import VarianceType, make_schedule
@@ -22,7 +22,7 @@ from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from kernels.reverse_step import fused_reverse_step_torch
 from service.app import create_app
-from service.runtime import ServerState
+from service.server_state import ServerState
 from service.settings import Settings
 from tests.app_client import wait_ready
 from tests.tiny_model import TINY, random_tiny_unet, save_tiny_model
@@ -118,7 +118,8 @@ def test_engine_never_recompiles_after_warm_up() -> None:
     """The running batch changes size, mixes chain lengths and clip settings, and is built from fresh
     and carried-over tensors: after warm-up no new graph may be compiled (a recompile storm ends in
     dynamo's silent fallback to eager mode, which the load benchmark once caught at -25% throughput)."""
-    from service.continuous_batcher import Engine, Job
+    from service.engine.engine import Engine
+    from service.engine.job import Job
     from tests.tiny_model import tiny_loaded_model
 
     model = tiny_loaded_model(random_tiny_unet(), num_timesteps=100)
@@ -127,7 +128,7 @@ def test_engine_never_recompiles_after_warm_up() -> None:
     engine = Engine(model, max_batch=8, max_queue=1000, step_fn=fast.step_fn)
     engine.warmup(1)
     graphs = counters["stats"]["unique_graphs"]
-    jobs = [Job(seed=i, n=1 + i % 3, steps=(3, 7, 12)[i % 3], clip_denoised=bool(i % 2), timeout_s=600) for i in range(10)]
+    jobs = [Job(seed=i, n=1 + i % 3, chain=ChainSpec(steps=(3, 7, 12)[i % 3], clip=bool(i % 2)), timeout_s=600) for i in range(10)]
     sizes = set()
     for job in jobs[:4]:
         engine.submit(job)

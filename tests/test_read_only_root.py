@@ -56,7 +56,7 @@ def test_serves_from_a_read_only_root_with_only_a_tmpfs_writable(tmp_path: Path)
         server.wait_ready(timeout=300)
         r = httpx.post(server.url + "/generate", json={"seed": 3, "batch_size": 2, "steps": 5}, timeout=60)
         assert r.status_code == 200 and len(r.json()["images"]) == 2
-        if cpu_compiler_available():  # built behind the eager path (service/background_compile.py), in the sandbox's cache
+        if cpu_compiler_available():  # built behind the eager path (service/engine/background_compile.py), in the sandbox's cache
             server.wait_metric('ddpm_hot_path_compiled{batch="2+"}', lambda v: v == 1, timeout=300)
         info = next(line for line in httpx.get(server.url + "/metrics").text.splitlines() if line.startswith("ddpm_model_info{"))
         assert f'compiled="{str(cpu_compiler_available()).lower()}"' in info  # .ci/run installs g++: true in CI

@@ -215,7 +215,7 @@ def test_deadline_is_504_and_frees_the_batch(model_dir: Path) -> None:
 
 
 def test_readiness_during_startup_and_drain(model_dir: Path) -> None:
-    from service.runtime import ServerState
+    from service.server_state import ServerState
 
     settings = Settings(model=model_dir, warmup_steps=1)
     state = ServerState(settings)

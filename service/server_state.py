@@ -1,13 +1,11 @@
-"""The server's state (model, engine, metrics, readiness) and the bridge from engine jobs to asyncio."""
+"""One replica's state: the model and its measured facts, the engine on its hot path, metrics, cache and readiness."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
@@ -16,12 +14,13 @@ from ddpm.chain import EpsModel, StepFn
 from ddpm.compile_cache import artefact_path, machine_key
 from ddpm.inference_compile import HotPath, hot_path, should_compile
 from ddpm.loaded_model import LoadedModel
-from ddpm.model_facts import flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
+from ddpm.model_facts import ModelFacts, flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
 from ddpm.model_hub import model_name
 from ddpm.model_source import load_model_source
 from ddpm.precision import resolve_precision
-from service.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, fully_compiled, step_of
-from service.continuous_batcher import DeadlineExceeded, Engine, Job
+from service.engine.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, fully_compiled, step_of
+from service.engine.client_quota import ClientQuota
+from service.engine.engine import Engine
 from service.fault_injection import FaultInjector
 from service.metrics import Metrics
 from service.response_cache import ResponseCache
@@ -35,34 +34,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-class ClientQuota:
-    """Images each client has queued or running, bounded by DDPM_MAX_IMAGES_PER_CLIENT."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, client: str, n: int) -> bool:
-        with self._lock:
-            held = self._held.get(client, 0)
-            if held + n > self.limit:
-                return False
-            self._held[client] = held + n
-            return True
-
-    def release(self, client: str, n: int) -> None:
-        with self._lock:
-            left = self._held.get(client, 0) - n
-            if left > 0:
-                self._held[client] = left
-            else:
-                self._held.pop(client, None)
-
-    def held(self, client: str) -> int:
-        return self._held.get(client, 0)
 
 
 class ServerState:
@@ -122,7 +93,7 @@ class ServerState:
             self._eager_eps = eager_eps
             start = time.perf_counter()
             # compile=auto where a compiler exists: ready on the eager path in seconds, compiled graphs built
-            # behind it (service/background_compile.py); compile=on or DDPM_COMPILE_BEFORE_READY: wait for them
+            # behind it (service/engine/background_compile.py); compile=on or DDPM_COMPILE_BEFORE_READY: wait for them
             compiling = should_compile(s.compile, device)
             background = compiling and s.compile == "auto" and not s.compile_before_ready
             cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
@@ -310,110 +281,3 @@ class ServerState:
         the next good iteration is what heals it."""
         reason = self.not_ready_reason()
         return None if reason == RECOVERING else reason
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """Measured once at load (``GET /info``; the fingerprint keys the response cache and the ETags)."""
-
-    weights_sha256: str
-    fingerprint: str  # ddpm.model_facts.model_fingerprint: weights + every config + resolved maths + code version
-    parameters: int
-    device: str
-    created: int  # the weights' mtime (Unix seconds; the load time when there are no files): /v1/models' "created"
-
-
-@dataclass
-class ProgressEvent:
-    steps_done: int
-    total: int
-
-
-class JobHandle:
-    """A submitted job seen from the event loop: an awaitable result and its latest progress.
-
-    Progress keeps only the newest event (a stalled stream reader costs O(1) memory, not one event
-    per iteration). ``wait`` and ``events`` never outlive the job's deadline by more than
-    ``BACKSTOP_S``: if the engine has not answered by then (a hung device call), the job is
-    cancelled and answered 504 here."""
-
-    BACKSTOP_S = 5.0
-
-    def __init__(
-        self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None, stream: bool = False
-    ) -> None:
-        self.job = job
-        self.done = loop.create_future()
-        self._on_release = on_release
-        self._latest: ProgressEvent | None = None
-        self._progress = asyncio.Event()
-        job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
-        if stream:  # only a stream reads progress: other jobs must not wake the event loop every iteration
-            job.on_progress = lambda j: loop.call_soon_threadsafe(self._set_progress, ProgressEvent(j.steps_done, j.n * j.steps))
-
-    def _set_done(self) -> None:
-        if not self.done.done():
-            self.done.set_result(self.job)
-            if self._on_release is not None:
-                self._on_release()
-
-    def _set_progress(self, event: ProgressEvent) -> None:
-        self._latest = event
-        self._progress.set()
-
-    @property
-    def pending_progress(self) -> int:
-        """Progress events held for the reader (0 or 1)."""
-        return int(self._latest is not None)
-
-    def _backstop(self) -> float:
-        """Seconds until the engine is considered unresponsive for this job."""
-        return self.job.deadline + self.BACKSTOP_S - time.monotonic()
-
-    def _give_up(self) -> Job:
-        self.job.cancel()
-        if self.job.error is None and not self.job.done:
-            self.job.error = DeadlineExceeded(f"deadline of {self.job.timeout_s:g} s exceeded (the engine did not answer)")
-        log.error("engine did not answer job %s by its deadline", self.job.id, extra={"fields": {"request_id": self.job.request_id}})
-        self._set_done()
-        return self.job
-
-    async def wait(self, is_disconnected: object, poll_s: float = 0.25) -> Job:
-        """The finished job; cancels it when the client goes away (polled every poll_s)."""
-        while True:
-            try:
-                return await asyncio.wait_for(asyncio.shield(self.done), poll_s)
-            except asyncio.TimeoutError:
-                if await is_disconnected():  # type: ignore[operator]
-                    self.job.cancel()
-                    try:
-                        return await asyncio.wait_for(asyncio.shield(self.done), max(self._backstop(), poll_s))
-                    except asyncio.TimeoutError:
-                        return self._give_up()
-                if self._backstop() < 0:
-                    return self._give_up()
-
-    async def events(self, min_interval_s: float = 0.1, tick_s: float | None = None) -> AsyncIterator[ProgressEvent | None]:
-        """Progress, at most one event per min_interval_s, until the job is done; with ``tick_s``, also
-        None after each tick_s without progress (a stream's cue for queue positions and keep-alives)."""
-        last = 0.0
-        while not self.done.done():
-            getter = asyncio.ensure_future(self._progress.wait())
-            backstop = max(self._backstop(), 0.0)
-            timeout = backstop if tick_s is None else min(backstop, tick_s)
-            finished, _ = await asyncio.wait({getter, self.done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in finished:
-                getter.cancel()
-                if finished:  # the answer
-                    break
-                if self._backstop() <= 0:  # neither progress nor an answer by the deadline
-                    self._give_up()
-                    break
-                yield None
-                continue
-            self._progress.clear()
-            event, self._latest = self._latest, None
-            now = time.monotonic()
-            if event is not None and now - last >= min_interval_s:
-                last = now
-                yield event

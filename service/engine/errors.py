@@ -1,0 +1,49 @@
+"""Why a job is refused or fails. The API maps each to a status (``service.api.errors``)."""
+
+from __future__ import annotations
+
+
+class EngineError(RuntimeError):
+    """Base class of the reasons a job is refused or fails."""
+
+
+class QueueFull(EngineError):
+    """More images waiting than DDPM_MAX_QUEUE: refused at submit."""
+
+
+class Draining(EngineError):
+    """The server is shutting down: refused at submit."""
+
+
+class DeadlineExceeded(EngineError):
+    """The job's deadline passed; its samples left the batch."""
+
+
+class Cancelled(EngineError):
+    """The client went away (or the engine stopped before the job began)."""
+
+
+class EngineFault(EngineError):
+    """An exception inside one stage of an iteration; fails the jobs that stage touched."""
+
+    def __init__(self, stage: str, exc: BaseException, what: str | None = None) -> None:
+        self.stage = stage
+        self.cause = f"{type(exc).__name__}: {exc}"
+        # the client sees the stage and the exception type; the message (paths, sizes) goes to the log only
+        what = what or f"the engine's {stage} stage"
+        super().__init__(f"{what} failed ({type(exc).__name__}); the server log has the details")
+
+
+class ModelFailure(EngineFault):
+    """The U-Net call or the fused step raised."""
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(stage, exc, "model call" if stage == "unet" else "denoising step")
+
+
+class EngineStopped(EngineError):
+    """The engine thread ended (a bug or a fatal fault): the job was not run; another replica can."""
+
+
+class DrainTimeout(EngineError):
+    """The server is shutting down and its drain deadline passed before the job finished."""

@@ -1,0 +1,69 @@
+"""One request as the engine sees it: ``n`` images of one seed over one chain, and what became of them."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ddpm.chain import ChainSpec
+from service.engine.errors import EngineError
+
+
+@dataclass
+class Job:
+    """``n`` images of seed ``seed`` over ``chain`` (sampler, steps, eta, spacing, clip: ``ddpm.chain.ChainSpec``).
+
+    A new per-request chain setting is a field of ``ChainSpec``; what is not a chain setting (a class
+    label, a guidance scale) is a field here."""
+
+    seed: int
+    n: int
+    chain: ChainSpec
+    timeout_s: float
+    # a class-conditional model's label per image (None: unconditional, the null label) and the
+    # classifier-free guidance scale w of every image (0: no guidance, one U-Net row per step)
+    class_labels: tuple[int, ...] | None = None
+    guidance_scale: float = 0.0
+    client: str = ""  # who the job counts against: admission is round robin over clients
+    request_id: str | None = None  # for the log lines of faults
+    on_progress: Callable[[Job], None] | None = None
+    on_done: Callable[[Job], None] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    created: float = field(default_factory=time.monotonic)
+    first_admitted: float | None = None
+    finished: float | None = None
+    images: torch.Tensor | None = None  # (n, C, H, W) float32 on CPU, filled as images finish
+    images_done: int = 0
+    steps_done: int = 0  # summed over images; progress = steps_done / (n * steps)
+    error: EngineError | None = None
+    pending: collections.deque[int] = field(default_factory=collections.deque)  # image indices not yet admitted
+    cancelled: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.chain.steps
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.timeout_s
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @property
+    def progress(self) -> float:
+        return self.steps_done / (self.n * self.steps)
+
+    @property
+    def queue_wait(self) -> float | None:
+        return None if self.first_admitted is None else self.first_admitted - self.created
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this job's samples at its next iteration (thread-safe)."""
+        self.cancelled = True
