@@ -139,8 +139,8 @@ def etag(args: argparse.Namespace) -> dict[str, object]:
     from fastapi.testclient import TestClient
 
     import ddpm
-    from service import runtime
-    from service.app import create_app
+    from service import server_state as runtime
+    from service.api.app import create_app
     from service.settings import Settings
 
     root = Path(tempfile.mkdtemp())

@@ -166,10 +166,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ddpm.model_hub import hub_reference
-    from service.app import create_app
+    from service.api.app import create_app
+    from service.api.http_protocol import hardened_protocol
+    from service.api.request_log import configure_logging
     from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
-    from service.http_protocol import hardened_protocol
-    from service.request_log import configure_logging
     from service.server_state import ServerState
 
     try:
@@ -195,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         log_config=None,
-        proxy_headers=False,  # X-Forwarded-For is the project's policy (service.request_log.client_key), not uvicorn's
+        proxy_headers=False,  # X-Forwarded-For is the project's policy (service.api.request_log.client_key), not uvicorn's
         limit_concurrency=settings.max_connections,
         http=hardened_protocol(settings.request_read_timeout_s, state.metrics.on_connection_deadline),
         # by the time uvicorn shuts down, the drain has answered every job: this bounds only idle sockets

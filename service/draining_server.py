@@ -13,7 +13,7 @@ Connections: uvicorn's proxy-header rewriting is off (the client identity policy
 ``DDPM_TRUST_FORWARDED_FOR``), connections are bounded (``DDPM_MAX_CONNECTIONS``; more get 503, except
 the probes and metrics, which a full server still answers), and a request's headers and body must
 each arrive within ``DDPM_REQUEST_READ_TIMEOUT_S`` (408; a connection that sends nothing is closed
-then too, and counted). ``service.http_protocol`` has the details.
+then too, and counted). ``service.api.http_protocol`` has the details.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from tests.prometheus_text import sample_value
 
 def app_client(model_dir: Path, **overrides: object) -> TestClient:
     """A TestClient of the app on ``model_dir`` with test-friendly settings (1 warm-up step, batch 8)."""
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]

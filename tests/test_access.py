@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.request_log import JsonFormatter
+from service.api.app import create_app
+from service.api.request_log import JsonFormatter
 from service.settings import Settings
 from tests.app_client import wait_ready as _ready
 from tests.tiny_model import save_tiny_model

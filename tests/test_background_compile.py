@@ -15,8 +15,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from ddpm.inference_compile import cpu_compiler_available
-from service import background_compile
-from service.app import create_app
+from service.api.app import create_app
+from service.engine import background_compile
 from service.engine.background_compile import COMPILED, PathSwitch, fully_compiled, group_of
 from service.settings import Settings
 from tests.app_client import metric, wait_ready

@@ -43,7 +43,7 @@ def test_the_server_serves_without_training_or_gpu_packages(tmp_path: Path) -> N
         """
         import time
         from fastapi.testclient import TestClient
-        from service.app import create_app
+        from service.api.app import create_app
         from service.settings import Settings
 
         with TestClient(create_app(Settings(model=sys.argv[2], warmup_steps=1, max_batch=4, compile="off"))) as c:

@@ -28,7 +28,7 @@ from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_MODEL
 from kernels.philox import seeds_to_tensor
-from service.app import create_app
+from service.api.app import create_app
 from service.engine.engine import Engine
 from service.engine.job import Job
 from service.settings import Settings

@@ -10,7 +10,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from service.app import create_app  # noqa: E402
+from service.api.app import create_app  # noqa: E402
 from service.server_state import ServerState  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.tiny_model import save_tiny_model  # noqa: E402

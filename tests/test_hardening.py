@@ -16,12 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ddpm.chain import ChainSpec
-from service.app import create_app
-from service.content_negotiation import negotiate
+from service.api.app import create_app
+from service.api.content_negotiation import negotiate
+from service.api.request_log import JsonFormatter, TextFormatter
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
 from service.fault_injection import FaultInjector
-from service.request_log import JsonFormatter, TextFormatter
 from service.server_state import ServerState
 from service.settings import Settings
 from tests.app_client import metric as _metric
@@ -240,8 +240,8 @@ def test_a_stalled_stream_reader_holds_one_progress_event() -> None:
 @pytest.mark.parametrize(
     ("module_name", "encoder", "path", "body", "headers"),
     [
-        ("service.routes", "png_bytes", "/generate", {"seed": 1, "steps": 2}, {"Accept": "image/png"}),
-        ("service.openai_images", "image_pngs", "/v1/images/generations", {"prompt": "x", "seed": 1, "steps": 2}, {}),
+        ("service.api.routes.generate", "png_bytes", "/generate", {"seed": 1, "steps": 2}, {"Accept": "image/png"}),
+        ("service.api.routes.openai_images", "image_pngs", "/v1/images/generations", {"prompt": "x", "seed": 1, "steps": 2}, {}),
     ],
 )
 def test_encoding_runs_off_the_event_loop(

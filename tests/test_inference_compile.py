@@ -21,7 +21,7 @@ from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from kernels.reverse_step import fused_reverse_step_torch
-from service.app import create_app
+from service.api.app import create_app
 from service.server_state import ServerState
 from service.settings import Settings
 from tests.app_client import wait_ready

@@ -16,7 +16,7 @@ from ddpm.inference_compile import cpu_compiler_available, hot_path
 from ddpm.precision import resolve_precision, with_precision
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from tests.app_client import wait_ready
 from tests.tiny_model import random_tiny_unet, save_tiny_model, tiny_loaded_model

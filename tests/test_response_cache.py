@@ -122,7 +122,7 @@ def test_an_etag_names_one_image(model_dir: Path, tmp_path: Path, monkeypatch: p
     import ddpm
 
     monkeypatch.setattr(ddpm, "__version__", "999.0.0")  # a new release: its maths may differ
-    from service import runtime
+    from service import server_state as runtime
 
     monkeypatch.setattr(runtime, "__version__", "999.0.0")
     with app_client(variants["same"], compile="off") as c:

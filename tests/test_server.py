@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ddpm.schedule import make_schedule
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from tests.app_client import app_client
 from tests.app_client import metric as _metric

@@ -211,7 +211,7 @@ class ImageGenerationRequest(ChainRequest):
         None, strict=True, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned in the answer."
     )
     # OpenAI's other options: what changes nothing here is accepted, what this model cannot do is a 400
-    # naming the parameter (service.openai_images.OPTIONS)
+    # naming the parameter (service.api.routes.openai_images.OPTIONS)
     quality: str | None = Field(None, max_length=32, description="auto or standard (one quality; steps and sampler set the cost).")
     style: str | None = Field(None, max_length=32, description="Refused when set: this model has no styles.")
     output_format: str | None = Field(None, max_length=32, description="png (the only format).")

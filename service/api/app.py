@@ -1,4 +1,7 @@
-"""The FastAPI application: ``create_app(settings)``; the model loads in the background at startup."""
+"""The FastAPI application: ``create_app(settings)``; the model loads in the background at startup.
+
+The routers are one per resource (``service/api/routes/``); errors are answered here, in the server's
+shape or, under /v1/, OpenAI's (``service/api/errors.py``)."""
 
 from __future__ import annotations
 
@@ -13,14 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ddpm import __version__
-from service.auth import load_token
-from service.openai_images import error_body_for, openai_error_response, speaks_openai
-from service.openai_images import router as openai_router
-from service.request_log import RequestContextMiddleware
-from service.routes import router
+from service.api.auth import load_token
+from service.api.errors import ApiError, error_body_for, openai_error_response, speaks_openai
+from service.api.request_log import RequestContextMiddleware
+from service.api.routes import generate, model, openai_images, operations
+from service.api.strict_json import finite_jsonable
 from service.server_state import ServerState
 from service.settings import Settings, get_settings
-from service.strict_json import finite_jsonable
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -55,8 +57,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app.state.server = state
     app.state.api_token = load_token(settings)  # a bad token file fails here, at startup
     _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
-    app.include_router(router)
-    app.include_router(openai_router)
+    for resource in (generate, openai_images, model, operations):
+        app.include_router(resource.router)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -82,6 +84,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        if isinstance(exc, ApiError):  # the outcome the access log and the request counter give it
+            request.state.outcome = exc.outcome
         if speaks_openai(request.url.path):
             return openai_error_response(
                 exc.status_code, str(exc.detail), getattr(exc, "param", None), exc.headers, getattr(exc, "code", None)
@@ -101,8 +105,8 @@ def _document_access(app: FastAPI, token_required: bool, metrics_token: bool) ->
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
+        for path, methods in schema.get("paths", {}).items():
+            for operation in methods.values():
                 security = operation.get("security")
                 enforced = token_required and (path != "/metrics" or metrics_token)
                 if security and not enforced and {} not in security:

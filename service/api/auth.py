@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import HTTPException
 
 from service.settings import Settings
 
@@ -36,24 +34,3 @@ def check_token(expected: bytes | None, authorization: str | None) -> None:
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
         raise HTTPException(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-
-
-# Declares the bearer scheme in the OpenAPI schema (so /docs has an Authorize button); the check
-# itself is check_token's, which answers 401 in the server's own words.
-bearer_scheme = HTTPBearer(
-    auto_error=False, scheme_name="bearer", description="DDPM_API_TOKEN (or DDPM_API_TOKEN_FILE); open when neither is set"
-)
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
-
-
-def require_token(request: Request, _: Credentials) -> None:
-    check_token(request.app.state.api_token, request.headers.get("authorization"))
-
-
-def require_metrics_token(request: Request, _: Credentials) -> None:
-    if request.app.state.server.settings.metrics_require_token:
-        check_token(request.app.state.api_token, request.headers.get("authorization"))
-
-
-Authorized = Annotated[None, Depends(require_token)]
-MetricsAuthorized = Annotated[None, Depends(require_metrics_token)]

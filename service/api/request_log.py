@@ -14,18 +14,14 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import outcome_of
+
 log = logging.getLogger("ddpm.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapes would drown the log
 
-# outcome of a response that no route labelled (rejected before reaching one, or unlabelled routes)
-_OUTCOME_BY_STATUS = {200: "ok", 401: "unauthorized", 429: "rejected", 499: "cancelled", 500: "error", 503: "unavailable", 504: "timeout"}
 
 ResponseObserver = Callable[[str, str, int, str, float], None]  # (method, path, status, outcome, seconds)
-
-
-def outcome_of(status: int) -> str:
-    return _OUTCOME_BY_STATUS.get(status, "invalid" if 400 <= status < 500 else "ok" if status < 400 else "error")
 
 
 class JsonFormatter(logging.Formatter):

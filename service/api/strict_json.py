@@ -24,7 +24,8 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from service.auth import check_token, require_token
+from service.api.auth import check_token
+from service.api.deps import require_token
 
 MAX_DEPTH = 32  # no request of this API nests more than three levels; deeper JSON is refused unparsed
 NON_FINITE_MSG = "must be a finite number (NaN, Infinity and numbers beyond the float range are not JSON)"

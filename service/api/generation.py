@@ -1,0 +1,216 @@
+"""What every generation route shares (ours and OpenAI's dialect): check a request against the loaded
+model (``prepare``), answer from the response cache or a 304, hand the rest to the engine (``submit``),
+turn the finished job into images or an error (``finished``), and encode off the event loop.
+
+A new per-request chain setting goes in ``ChainRequest`` (schemas.py) and ``ChainSpec`` (ddpm/chain.py);
+``resolve_chain`` carries it across and ``chain_fields`` echoes it in every answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request
+from fastapi.responses import Response
+
+from ddpm.chain import ChainSpec
+from ddpm.grid import image_pngs
+from ddpm.loaded_model import ChainError
+from service.api.content_negotiation import negotiate
+from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
+from service.api.schemas import ChainRequest, GenerateResponse, Timings
+from service.engine.errors import EngineError
+from service.engine.job import Job
+from service.engine.job_handle import JobHandle
+from service.response_cache import ImageKey, etag_matches
+from service.server_state import ServerState
+
+JSON = "application/json"
+PNG = "image/png"
+NPY = "application/x-npy"
+SSE = "text/event-stream"
+log = logging.getLogger("ddpm.server")
+
+
+def choose_media(accept: str | None, offered: list[str]) -> str:
+    """The media type of the answer (RFC 9110 negotiation), or 406."""
+    media = negotiate(accept, offered)
+    if media is None:
+        raise ApiError(406, f"Accept {accept!r} matches none of {', '.join(offered)}")
+    return media
+
+
+def prepare(state: ServerState, seed: int, n: int, body: ChainRequest, n_field: str = "batch_size") -> ImageKey:
+    """Check readiness and validate a request against the loaded model: the key of the images it asks
+    for (errors as ApiError / a 422 naming the field): its chain, and a conditional model's labels and guidance."""
+    reason = state.refusal_reason()
+    if state.engine is None or state.model is None or state.facts is None or reason is not None:
+        raise not_ready(state, reason)
+    if n > state.settings.max_images_per_request:
+        raise field_error(n_field, f"{n_field} must be <= {state.settings.max_images_per_request}", n)
+    spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised)
+    try:
+        labels, w = state.model.labels(body.class_label, n, body.guidance_scale)
+    except ChainError as exc:
+        raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
+    return ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w)
+
+
+def resolve_chain(
+    state: ServerState,
+    sampler: str | None,
+    steps: int | None,
+    eta: float | None,
+    spacing: str | None,
+    clip: bool | None,
+    where: str = "body",
+) -> ChainSpec:
+    """A request's chain: its own fields, else the server's defaults, else the model's; 422 naming the field."""
+    assert state.model is not None
+    settings = state.settings
+    if steps is None:
+        # Algorithm 2 named without steps is the paper's chain (T steps); otherwise the server's default
+        t = state.model.schedule.num_timesteps
+        steps = t if sampler == "ddpm" else min(settings.default_steps or t, t)
+    sampler = sampler or settings.default_sampler
+    try:
+        return state.model.chain(sampler, steps, eta, spacing, clip, default_spacing=settings.default_timestep_spacing)
+    except ChainError as exc:
+        value = {"steps": steps, "eta": eta, "timestep_spacing": spacing}[exc.field]
+        raise field_error(exc.field, str(exc), value, where) from exc
+
+
+def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = False) -> JobHandle:
+    """Hand the images of ``key`` to the engine, within the client's quota (errors as ApiError)."""
+    client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
+    job = Job(
+        seed=key.seed,
+        n=key.n,
+        chain=key.chain,
+        timeout_s=state.settings.request_timeout_s,
+        class_labels=key.labels,
+        guidance_scale=key.guidance_scale,
+        client=client,
+        request_id=request.state.request_id,
+    )
+    if not state.clients.acquire(client, job.n):
+        limit = state.settings.max_images_per_client
+        raise ApiError(429, f"too many images in flight for this client (limit {limit})", headers=retry_after(state))
+    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n), stream=stream)
+    try:
+        state.engine.submit(job)  # type: ignore[union-attr]  # prepare() checked it
+    except EngineError as exc:  # refused: queue full, draining, stopped
+        state.clients.release(client, job.n)
+        raise engine_error(state, exc) from exc
+    return handle
+
+
+@dataclass
+class Generated:
+    """Images of a request, computed now or found in the response cache."""
+
+    images: torch.Tensor
+    job: Job | None  # None: from the cache
+
+
+def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
+    """The images of ``key`` if the response cache holds them (counted as a hit or a miss)."""
+    request.state.log_fields.update({"seed": key.seed, "batch_size": key.n, "steps": key.chain.steps, "sampler": key.chain.sampler})
+    if not state.cache.enabled:
+        return None
+    images = state.cache.get(key)
+    state.metrics.on_cache_lookup(images is not None)
+    request.state.log_fields["cache"] = "miss" if images is None else "hit"
+    return images
+
+
+async def generate_images(state: ServerState, key: ImageKey, request: Request) -> Generated:
+    """The images of ``key``: from the response cache, else from the engine (then cached)."""
+    cached = cached_images(state, key, request)
+    if cached is not None:
+        return Generated(cached, None)
+    job = await submit(state, key, request).wait(request.is_disconnected)
+    return finished(state, key, job)
+
+
+def finished(state: ServerState, key: ImageKey, job: Job) -> Generated:
+    """A job the engine has finished: its images (now in the response cache), or its error as an ApiError."""
+    if job.error is not None:
+        raise engine_error(state, job.error)
+    assert job.images is not None
+    state.cache.put(key, job.images)
+    return Generated(job.images, job)
+
+
+async def images_or_not_modified(state: ServerState, key: ImageKey, media: str, request: Request) -> Generated | Response:
+    """304 when the client already holds this answer (If-None-Match naming its ETag: no U-Net call, no
+    encoding), else the images (``generate_images``)."""
+    etag = key.etag(media)
+    if etag_matches(request.headers.get("if-none-match"), etag, held=key in state.cache):
+        state.metrics.on_not_modified()
+        request.state.log_fields["cache"] = "not_modified"
+        request.state.outcome = "ok"
+        return Response(status_code=304, headers={"ETag": etag})
+    return await generate_images(state, key, request)
+
+
+async def encode_off_loop(state: ServerState, encode: Callable[[], object], request: Request) -> object:
+    """Run an encoder (PNG / npy / JSON body) off the event loop; a failure is a 500 that says so."""
+    try:
+        return await asyncio.to_thread(_encode_now, state, encode)
+    except Exception as exc:
+        log.error("encoding the result failed", exc_info=exc, extra={"fields": {"stage": "encode", "request_id": request.state.request_id}})
+        state.metrics.on_fault("encode", 1)
+        raise ApiError(500, f"encoding the result failed ({type(exc).__name__}); the server log has the details") from exc
+
+
+def _encode_now(state: ServerState, encode: Callable[[], object]) -> object:
+    state.faults("encode")
+    return encode()
+
+
+def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, object]:
+    """What every generation answer (ours and OpenAI's dialect) says of the chain that made its images."""
+    spec = key.chain
+    return {
+        "seed": key.seed,
+        "steps": spec.steps,
+        "sampler": spec.sampler,
+        "eta": spec.eta,
+        "timestep_spacing": spec.spacing,
+        "model": state.model.name if state.model else "",
+        "precision": state.precision,
+        "cached": cached,
+        "class_labels": class_names(state, key),
+        "guidance_scale": key.guidance_scale,
+    }
+
+
+def class_names(state: ServerState, key: ImageKey) -> list[str] | None:
+    """The class name of each image of a class-conditional request (None for an unconditional one)."""
+    if key.labels is None or state.model is None:
+        return None
+    return [state.model.class_names[label] for label in key.labels]
+
+
+def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float) -> GenerateResponse:
+    """/generate's JSON answer (and the stream's result event): the chain, the PNGs, the timings."""
+    job = generated.job
+    if job is not None:
+        assert job.finished is not None and job.first_admitted is not None
+        queue_wait, generation = job.first_admitted - job.created, job.finished - job.first_admitted
+    else:
+        queue_wait = generation = 0.0
+    return GenerateResponse(
+        **chain_fields(state, key, cached=job is None),
+        batch_size=key.n,
+        images=[base64.b64encode(png).decode() for png in image_pngs(generated.images)],
+        timings=Timings(queue_wait_s=round(queue_wait, 6), generation_s=round(generation, 6), total_s=round(time.monotonic() - arrived, 6)),
+    )
+

@@ -1,0 +1,96 @@
+"""The Server-Sent Events of ``POST /generate/stream``: ``queued`` (with the images ahead), ``progress``
+{steps_done, total, fraction}, keep-alive comments while nothing moves, then ``result`` or ``error``.
+
+The stream's HTTP status is 200 from its first byte; what it ended with is recorded as the request's
+outcome (``request.state.outcome`` and ``outcome_code``) for the access log and the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+
+from service.api.errors import ApiError
+from service.api.generation import Generated, encode_off_loop, finished, result_body
+from service.engine.job_handle import JobHandle
+from service.response_cache import ImageKey
+from service.server_state import ServerState
+
+
+def sse(event: str, data: object) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _queued(key: ImageKey, ahead: int, cached: bool) -> str:
+    return sse("queued", {"batch_size": key.n, "steps": key.chain.steps, "images_ahead": ahead, "cached": cached})
+
+
+class ProgressStream:
+    """The events of one request, from the response cache (``handle`` None) or from its engine job."""
+
+    def __init__(self, state: ServerState, key: ImageKey, request: Request, arrived: float, handle: JobHandle | None) -> None:
+        self.state, self.key, self.request, self.arrived, self.handle = state, key, request, arrived, handle
+        request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
+
+    def _ended(self, error: ApiError | None) -> None:
+        status = self.request.state
+        status.outcome, status.outcome_code = ("ok", 200) if error is None else (error.outcome, error.status_code)
+
+    async def _result(self, generated: Generated) -> AsyncIterator[str]:
+        state, key = self.state, self.key
+        try:
+            body = await encode_off_loop(state, lambda: jsonable_encoder(result_body(state, key, generated, self.arrived)), self.request)
+        except ApiError as exc:
+            self._ended(exc)
+            yield sse("error", {"status": exc.status_code, "detail": exc.detail})
+        else:
+            self._ended(None)
+            yield sse("result", body)
+
+    async def events(self, cached: Generated | None) -> AsyncIterator[str]:
+        if self.handle is None:  # from the cache
+            assert cached is not None
+            yield _queued(self.key, 0, True)
+            async for chunk in self._result(cached):
+                yield chunk
+            return
+        try:
+            async for chunk in self._while_running(self.handle):
+                yield chunk
+            try:
+                generated = finished(self.state, self.key, await self.handle.done)
+            except ApiError as error:
+                self._ended(error)
+                yield sse("error", {"status": error.status_code, "detail": error.detail})
+                return
+            async for chunk in self._result(generated):
+                yield chunk
+        finally:
+            if not self.handle.done.done():  # the client went away mid-stream
+                self.handle.job.cancel()
+
+    async def _while_running(self, handle: JobHandle) -> AsyncIterator[str]:
+        """queued, progress and keep-alives until the job is done."""
+        engine, job, keepalive_s = self.state.engine, handle.job, self.state.settings.sse_keepalive_s
+        assert engine is not None
+        ahead = engine.images_ahead(job)
+        yield _queued(self.key, ahead or 0, False)
+        last_write = time.monotonic()
+        async for ev in handle.events(tick_s=min(1.0, keepalive_s)):
+            if ev is not None:
+                chunk = sse("progress", {"steps_done": ev.steps_done, "total": ev.total, "fraction": round(ev.steps_done / ev.total, 4)})
+            else:
+                now_ahead = engine.images_ahead(job)
+                if now_ahead is not None and now_ahead != ahead:  # moved up in the queue
+                    ahead = now_ahead
+                    chunk = _queued(self.key, ahead, False)
+                elif time.monotonic() - last_write >= keepalive_s:
+                    chunk = ": keep-alive\n\n"  # a comment line: SSE clients ignore it, proxies see traffic
+                else:
+                    continue
+            last_write = time.monotonic()
+            yield chunk

@@ -1,0 +1,91 @@
+"""``POST /generate`` (JSON, one PNG grid, or a npy array) and ``POST /generate/stream`` (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ddpm.grid import make_grid, png_bytes
+from service.api.deps import Authorized, StateDep
+from service.api.errors import documented
+from service.api.generation import (
+    JSON,
+    NPY,
+    PNG,
+    SSE,
+    Generated,
+    cached_images,
+    choose_media,
+    encode_off_loop,
+    images_or_not_modified,
+    prepare,
+    result_body,
+    submit,
+)
+from service.api.progress_stream import ProgressStream
+from service.api.schemas import GenerateRequest, GenerateResponse
+from service.api.strict_json import StrictJSONRoute
+
+router = APIRouter(route_class=StrictJSONRoute)
+
+
+def _npy(images: object) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, ((images.clamp(-1, 1) + 1) / 2).numpy())  # type: ignore[attr-defined]  # (N, C, H, W) in [0, 1]
+    return buf.getvalue()
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        **documented(),
+        200: {"content": {"image/png": {}, NPY: {}}, "description": "JSON by default; Accept: image/png gives one PNG grid"},
+    },
+    summary="Sample images by DDPM's Algorithm 2",
+)
+async def generate(
+    body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
+) -> Response:
+    arrived = time.monotonic()
+    media = choose_media(accept, [JSON, PNG, NPY])
+    key = prepare(state, body.seed, body.batch_size, body)
+    generated = await images_or_not_modified(state, key, media, request)
+    if isinstance(generated, Response):
+        return generated
+    images = generated.images
+    if media == PNG:
+        response: Response = Response(await encode_off_loop(state, lambda: png_bytes(make_grid(images)), request), media_type=PNG)
+    elif media == NPY:
+        response = Response(await encode_off_loop(state, lambda: _npy(images), request), media_type=NPY)
+    else:
+        content = await encode_off_loop(state, lambda: jsonable_encoder(result_body(state, key, generated, arrived)), request)
+        response = JSONResponse(content)
+    response.headers["ETag"] = key.etag(media)
+    response.headers["X-Cache"] = "miss" if generated.job is not None else "hit"
+    request.state.outcome = "ok"
+    return response
+
+
+@router.post(
+    "/generate/stream",
+    responses={**documented(), 200: {"content": {"text/event-stream": {}}, "description": "progress events, then result (or error)"}},
+    summary="Like /generate, with Server-Sent Events: progress {steps_done, total}, then result or error",
+)
+async def generate_stream(
+    body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
+) -> StreamingResponse:
+    arrived = time.monotonic()
+    choose_media(accept, [SSE])
+    key = prepare(state, body.seed, body.batch_size, body)
+    cached = cached_images(state, key, request)
+    handle = None if cached is not None else submit(state, key, request, stream=True)
+    stream = ProgressStream(state, key, request, arrived, handle)
+    events = stream.events(None if cached is None else Generated(cached, None))
+    return StreamingResponse(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

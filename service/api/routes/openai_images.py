@@ -1,0 +1,130 @@
+"""OpenAI's images API on this server: ``POST /v1/images/generations`` and ``GET /v1/models``, so that
+the official ``openai`` client (and anything built on it) can call ddpm-serve unchanged. vLLM-Omni
+serves diffusion models behind the same endpoint.
+
+The same engine, limits, access control, response cache and metrics as ``/generate``; errors in
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}`` (``openai_error_response``), which
+the client turns into its ``AuthenticationError``, ``UnprocessableEntityError``, ``RateLimitError``...
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response
+
+from ddpm.grid import image_pngs
+from ddpm.seeding import MAX_SEED
+from service.api.deps import Authorized, StateDep
+from service.api.errors import ApiError, documented, not_ready
+from service.api.generation import JSON, chain_fields, encode_off_loop, images_or_not_modified, prepare
+from service.api.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, OpenAIError
+from service.api.strict_json import StrictJSONRoute
+from service.server_state import ServerState
+
+router = APIRouter(prefix="/v1", route_class=StrictJSONRoute, tags=["OpenAI-compatible"])
+OPENAI_ERRORS = documented(openai=True)
+OPENAI_ERRORS[400] = {"model": OpenAIError, "description": "A size other than the model's, response_format url, or unreadable JSON"}
+OPENAI_ERRORS[404] = {"model": OpenAIError, "description": "The model named is not the one served"}
+
+
+def _invalid(param: str, message: str, status: int = 400, code: str | None = None) -> ApiError:
+    return ApiError(status, message, param=param, code=code)
+
+
+# OpenAI's options with no effect on this server: the values accepted (None: the option must be absent)
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "quality": ("auto", "standard"),
+    "style": (),
+    "output_format": ("png",),
+    "output_compression": (),
+    "background": ("auto", "opaque"),
+    "moderation": ("auto", "low"),
+}
+
+
+def _check_options(body: ImageGenerationRequest) -> None:
+    for param, accepted in OPTIONS.items():
+        value = getattr(body, param)
+        if value is None or value in accepted:
+            continue
+        can = f"it takes {' or '.join(map(repr, accepted))}" if accepted else "leave it out"
+        raise _invalid(param, f"{param} {value!r} is not supported by this model ({can})", code="unsupported_value")
+
+
+def _check_model(state: ServerState, requested: str | None) -> None:
+    assert state.model is not None
+    if requested is not None and requested != state.model.name:
+        raise _invalid(
+            "model",
+            f"model {requested!r} is not served here; this server serves {state.model.name!r} (GET /v1/models)",
+            404,
+            "model_not_found",
+        )
+
+
+@router.post(
+    "/images/generations",
+    response_model=ImagesResponse,
+    responses=OPENAI_ERRORS,
+    summary="OpenAI-compatible image generation (the prompt does not condition this unconditional model)",
+)
+async def images_generations(body: ImageGenerationRequest, request: Request, state: StateDep, _: Authorized) -> Response:
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+    key = prepare(state, seed, body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
+    _check_model(state, body.model)
+    _, h, w = state.model.image_shape  # type: ignore[union-attr]
+    size = f"{w}x{h}"
+    if body.size is not None and body.size != size:
+        raise _invalid("size", f"size must be {size!r} (the model's own; it cannot generate {body.size!r})")
+    if body.response_format == "url":
+        raise _invalid("response_format", "response_format 'url' is not supported: this server keeps no images; use 'b64_json'")
+    _check_options(body)
+    request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
+    generated = await images_or_not_modified(state, key, JSON, request)
+    if isinstance(generated, Response):
+        return generated
+    images, cached = generated.images, generated.job is None
+
+    def encode() -> object:  # PNG encoding off the event loop, as /generate's
+        data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)]
+        fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.seed
+        return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, **fields))
+
+    content = await encode_off_loop(state, encode, request)
+    response = JSONResponse(content, headers={"ETag": key.etag(JSON), "X-Cache": "hit" if cached else "miss"})
+    request.state.outcome = "ok"
+    return response
+
+
+def _model_card(state: ServerState) -> ModelCard:
+    assert state.model is not None and state.facts is not None
+    return ModelCard(id=state.model.name, created=state.facts.created)
+
+
+def _require_model(state: ServerState) -> None:
+    if state.model is None:
+        raise not_ready(state)
+
+
+@router.get("/models", response_model=ModelList, responses={401: OPENAI_ERRORS[401], 503: OPENAI_ERRORS[503]}, summary="The served model")
+async def list_models(state: StateDep, _: Authorized) -> ModelList:
+    _require_model(state)
+    return ModelList(data=[_model_card(state)])
+
+
+@router.get(
+    "/models/{model:path}",
+    response_model=ModelCard,
+    responses={401: OPENAI_ERRORS[401], 404: OPENAI_ERRORS[404], 503: OPENAI_ERRORS[503]},
+    summary="One model by id",
+)
+async def retrieve_model(model: Annotated[str, Path()], state: StateDep, _: Authorized) -> ModelCard:
+    _require_model(state)
+    _check_model(state, model)
+    return _model_card(state)
