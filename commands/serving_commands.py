@@ -98,7 +98,7 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm compile-cache: {state.load_error or 'the model did not load in time'}")
     if state.compile_thread is None:
         raise SystemExit("ddpm compile-cache: nothing to compile here (torch.compile needs CUDA or a C++ compiler)")
-    state.compile_thread.join(args.timeout)  # the graphs, then the copy (runtime._save_compiled)
+    state.compile_thread.join(args.timeout)  # the graphs, then the copy (ServerState._save_compiled)
     state.shutdown()
     failed = [group for group, path in state.hot_path_states().items() if path != "compiled"]
     if failed:

@@ -1,3 +1,6 @@
+"""A model directory round-trips (weights, config), and a missing, truncated, mismatched or malformed one
+is refused with the reason; quality is recorded in its config."""
+
 from __future__ import annotations
 
 import json

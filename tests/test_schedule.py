@@ -1,3 +1,6 @@
+"""The noise schedule: the paper's linear betas, the cosine closed form, abar as a product, the posterior
+by Bayes' rule, the variance choices, immutability and the float32 view."""
+
 from __future__ import annotations
 
 import math

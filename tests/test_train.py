@@ -1,3 +1,6 @@
+"""Training by Algorithm 1: the data sources (MNIST, a folder, its classes), the loss goes down, resume is
+exact and refuses another model, conditional training drops labels."""
+
 from __future__ import annotations
 
 from pathlib import Path

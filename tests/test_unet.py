@@ -1,3 +1,5 @@
+"""The U-Net: output shape, time conditioning, the timestep embedding, config validation and round trip, and the FLOP count."""
+
 from __future__ import annotations
 
 import pytest

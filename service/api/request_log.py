@@ -108,6 +108,7 @@ class RequestContextMiddleware:
         self.trust_forwarded_for = trust_forwarded_for
         self.observe = observe
 
+    # long: one ASGI call whose closures (send, refuse, receive) share the request's status and body count
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)

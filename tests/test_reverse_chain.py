@@ -1,3 +1,6 @@
+"""The reverse chain of Algorithm 2: q(x_t | x_0) statistics, one step by hand, no noise at the last step,
+clipping, the per-image seed rule, batch invariance, and whole chains against diffusers' DDPMScheduler."""
+
 from __future__ import annotations
 
 import json

@@ -1,0 +1,169 @@
+"""The shape of the code: no import circles, the core never imports the service, one source for every
+name, a torch-free ``ddpm --help``, short functions in the engine and API packages, documented tests."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpm.names import COMPILE_SETTINGS, PRECISION_SETTINGS, SAMPLERS, SPACINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("commands", "ddpm", "kernels", "service")
+CORE = ("ddpm", "kernels")  # below the service: they import nothing of it (nor of the command line)
+MAX_FUNCTION_LINES = 60  # in the engine and API packages; longer needs "# long: <why>" above the def
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every project module ``path`` imports, at the top or inside a function (a lazy import still ties
+    the two modules together)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name in modules)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(path, modules) - {name} for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walker_finds_a_circle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_circles() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_the_core_imports_nothing_of_the_service_or_the_command_line() -> None:
+    upward = {(m, i) for m, imports in _graph().items() if m.split(".")[0] in CORE for i in imports if i.split(".")[0] not in CORE}
+    assert upward == set()
+
+
+def test_the_engine_knows_nothing_of_http() -> None:
+    engine = [p for name, p in _modules().items() if name.startswith("service.engine")]
+    assert engine
+    for path in engine:
+        tree = ast.parse(path.read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in roots if m.split(".")[0] in ("fastapi", "starlette", "uvicorn") or m.startswith("service.api")}, path
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["serve", "--help"]])
+def test_the_command_line_answers_without_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\nfrom commands.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'triton'))\n"
+        "print('HEAVY', heavy, file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "HEAVY []" in out.stderr, out.stderr[-2000:]
+    assert out.stdout.strip()  # it did answer
+
+
+NAME_LISTS = {"sampler": SAMPLERS, "spacing": SPACINGS, "precision": PRECISION_SETTINGS, "compile setting": COMPILE_SETTINGS}
+
+
+def _copies(tree: ast.AST) -> list[tuple[int, str]]:
+    """Literal collections (tuple, list, set, Literal[...]) that spell a list's names again (all of them,
+    or three or more: ``["on", "off"]`` for a flag is not a copy of the compile settings)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            strings = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            for what, names in NAME_LISTS.items():
+                if len(strings & set(names)) >= min(3, len(names)):
+                    found.append((node.lineno, what))
+    return found
+
+
+def test_the_copy_finder_finds_a_copy() -> None:
+    tree = ast.parse('X = Literal["ddpm", "ddim", "dpmsolver++"]\nY = ("auto", "on", "off")\nZ = ["on", "off"]')
+    assert sorted(_copies(tree)) == [(1, "sampler"), (2, "compile setting")]
+
+
+def test_every_name_list_is_defined_once() -> None:
+    copies = []
+    for name, path in _modules().items():
+        if name == "ddpm.names":
+            continue
+        copies += [f"{path.relative_to(ROOT)}:{line}: a copy of the {what} names" for line, what in _copies(ast.parse(path.read_text()))]
+    assert copies == []
+
+
+def _long_functions(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > MAX_FUNCTION_LINES and "# long:" not in lines[first - 2]:
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    return out
+
+
+def test_functions_in_the_engine_and_the_api_are_short() -> None:
+    long = [f for name, p in _modules().items() if name.startswith(("service.engine", "service.api")) for f in _long_functions(p)]
+    assert long == []
+
+
+def test_every_test_module_says_what_it_pins() -> None:
+    missing = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if ast.get_docstring(ast.parse(p.read_text())) is None]
+    assert missing == []

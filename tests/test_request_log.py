@@ -1,0 +1,87 @@
+"""Every response is logged and counted with its real outcome: text logs keep the fields, a stream's
+access line carries how it ended, refusals before routing are counted, an unhandled error is a JSON 500
+with the request id."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.api.request_log import JsonFormatter, TextFormatter
+from service.server_state import ServerState
+from service.settings import Settings
+from tests.app_client import metric as _metric
+from tests.app_client import wait_ready as _ready
+from tests.tiny_model import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=200)
+
+
+def _start(model_dir: Path, **overrides: object) -> tuple[TestClient, ServerState]:
+    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
+    state = ServerState(settings)
+    return TestClient(create_app(settings, state)), state
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    c, _ = _start(model_dir, max_images_per_request=4)
+    with c:
+        _ready(c)
+        yield c
+
+
+def test_text_log_format_keeps_every_field() -> None:
+    record = logging.LogRecord("ddpm.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"request_id": "abc", "status": 200, "path": "/generate", "duration_s": 0.5}  # type: ignore[attr-defined]
+    line = TextFormatter().format(record)
+    assert line.endswith('INFO ddpm.access request request_id="abc" status=200 path="/generate" duration_s=0.5'), line
+
+
+def test_stream_outcome_in_the_access_log(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c, _ = _start(model_dir, request_timeout_s=0.2)
+    with c, caplog.at_level(logging.INFO, logger="ddpm.access"):
+        _ready(c)
+        with c.stream("POST", "/generate/stream", json={"seed": 1, "batch_size": 4, "steps": 200}) as r:
+            text = "".join(r.iter_text())
+        assert r.status_code == 200 and "event: error" in text and '"status": 504' in text
+        line = next(json.loads(JsonFormatter().format(x)) for x in caplog.records if x.name == "ddpm.access")
+        assert (line["status"], line["http_status"], line["outcome"]) == (504, 200, "timeout")
+        assert _metric(c, 'ddpm_requests_total{code="504"}') == 1
+
+
+def test_every_response_is_counted(model_dir: Path) -> None:
+    c, _ = _start(model_dir, api_token="t0ken", max_body_bytes=256)
+    with c:
+        _ready(c)
+        assert c.post("/generate", json={"seed": 1}).status_code == 401
+        assert c.post("/generate", content=b"x" * 300, headers={"Content-Type": "application/json"}).status_code == 413
+        assert c.get("/nope").status_code == 404
+        assert _metric(c, 'ddpm_requests_total{code="401"}') == 1 and _metric(c, 'ddpm_requests_total{code="413"}') == 1
+        assert _metric(c, 'ddpm_http_responses_total{code="401",route="/generate"}') == 1
+        assert _metric(c, 'ddpm_http_responses_total{code="404",route="other"}') == 1
+        assert _metric(c, 'ddpm_request_duration_seconds_count{outcome="unauthorized"}') == 1
+
+
+def test_an_unhandled_error_is_a_json_500_with_the_request_id(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    state: ServerState = client.app.state.server  # type: ignore[attr-defined]
+
+    def broken(client_key: str, n: int) -> bool:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(state.clients, "acquire", broken)
+    before = _metric(client, 'ddpm_requests_total{code="500"}')
+    # a seed no other test asks for: a cached answer would need no quota (and not reach the bug)
+    r = client.post("/generate", json={"seed": 424242, "steps": 2}, headers={"X-Request-ID": "boom-1"})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"detail": "internal server error", "request_id": "boom-1"} and r.headers["x-request-id"] == "boom-1"
+    assert _metric(client, 'ddpm_requests_total{code="500"}') == before + 1
