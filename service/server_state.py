@@ -80,75 +80,85 @@ class ServerState:
             self._loader.join(timeout)
 
     def _load(self) -> None:
-        s = self.settings
         try:
-            if s.threads:
-                torch.set_num_threads(s.threads)
-            device = resolve_device(s.device)
-            model = load_model_source(s.model, device)
-            eager_eps = model.eps_model
-            sha = weights_sha256(model.path) if model.path is not None else ""
-            written = weights_mtime(model.path) if model.path is not None else None
-            fingerprint = model_fingerprint(model, sha, __version__)
-            self._eager_eps = eager_eps
-            start = time.perf_counter()
-            # compile=auto where a compiler exists: ready on the eager path in seconds, compiled graphs built
-            # behind it (service/engine/background_compile.py); compile=on or DDPM_COMPILE_BEFORE_READY: wait for them
-            compiling = should_compile(s.compile, device)
-            background = compiling and s.compile == "auto" and not s.compile_before_ready
-            cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
-            if compiling and s.compile_cache_dir is not None:
-                log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
-            if background:
-                self.switch = PathSwitch(hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision))
-                # eager needs no graphs: batch 1 and 2 prove the model runs (the compiling engine warms the rest)
-                engine = self._warm_engine(model, self.switch.eps, self.switch.step, sizes={1, min(2, s.max_batch)})
-                fast = self.switch.eager
-            else:
-                fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
-                try:
-                    engine = self._warm_engine(model, fast.eps_model, step_of(fast))
-                except Exception as exc:
-                    if not (fast.compiled and s.compile == "auto"):
-                        raise
-                    # auto must never cost the service: a model inductor cannot compile is served eagerly
-                    log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
-                    fast = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
-                    engine = self._warm_engine(model, fast.eps_model, step_of(fast))
-                self.hot_path = fast
-                if fast.compiled:
-                    self._save_compiled(cache_key)
-            if self.faults.enabled:
-                engine.faults = self.faults
-                self.faults.arm()  # after warm-up: start-up itself never fails on purpose
-            engine.start()
-            threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
-            if device.type == "cuda":
-                self.metrics.watch_gpu(device)
-            created = written or int(time.time())
-            self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), created)
-            self.model, self.engine, self.precision = model, engine, fast.precision
-            self._publish_hot_path()
-            self.ready = True
-            log.info(
-                "model %s ready on %s, U-Net in %s (setting %s; %s and warm-up %.2f s)",
-                model.name, device, fast.precision, s.precision, "compile" if fast.compiled else "eager", time.perf_counter() - start,
-            )  # fmt: skip
-            if self.switch is not None:
-                self.switch.on_change = lambda _: self._publish_hot_path()
-                self.compile_thread = build_in_background(
-                    model,
-                    self.switch,
-                    make_compiled=lambda eps, module: hot_path(eps, module, device, s.compile, s.step_backend, s.precision),
-                    make_engine=lambda m, step: Engine(m, max_batch=s.max_batch, step_fn=step, scheduling=s.scheduling),
-                    warmup_steps=s.warmup_steps,
-                    max_batch=s.max_batch,
-                    on_done=lambda: self._save_compiled(cache_key),
-                )
+            self._load_and_serve()
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model failed to load: %s", self.load_error, exc_info=exc)
             self._fatal(f"model failed to load: {self.load_error}")
+
+    def _load_and_serve(self) -> None:
+        """Load the model, measure its facts, warm an engine on its hot path, start it, turn ready."""
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        device = resolve_device(s.device)
+        model = load_model_source(s.model, device)
+        self._eager_eps = model.eps_model
+        sha = weights_sha256(model.path) if model.path is not None else ""
+        written = weights_mtime(model.path) if model.path is not None else None
+        fingerprint = model_fingerprint(model, sha, __version__)
+        start = time.perf_counter()
+        cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
+        engine, fast = self._engine_on_hot_path(model, device, cache_key)
+        if self.faults.enabled:
+            engine.faults = self.faults
+            self.faults.arm()  # after warm-up: start-up itself never fails on purpose
+        engine.start()
+        threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
+        if device.type == "cuda":
+            self.metrics.watch_gpu(device)
+        self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), written or int(time.time()))
+        self.model, self.engine, self.precision = model, engine, fast.precision
+        self._publish_hot_path()
+        self.ready = True
+        log.info(
+            "model %s ready on %s, U-Net in %s (setting %s; %s and warm-up %.2f s)",
+            model.name, device, fast.precision, s.precision, "compile" if fast.compiled else "eager", time.perf_counter() - start,
+        )  # fmt: skip
+        if self.switch is not None:
+            self._compile_in_background(model, device, cache_key)
+
+    def _engine_on_hot_path(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> tuple[Engine, HotPath]:
+        """A warmed engine and the path it serves. compile=auto where a compiler exists: ready on the eager
+        path in seconds, compiled graphs built behind it (service/engine/background_compile.py);
+        compile=on or DDPM_COMPILE_BEFORE_READY: wait for them."""
+        s, eager_eps = self.settings, model.eps_model
+        compiling = should_compile(s.compile, device)
+        if compiling and s.compile_cache_dir is not None:
+            log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
+        if compiling and s.compile == "auto" and not s.compile_before_ready:
+            self.switch = PathSwitch(hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision))
+            # eager needs no graphs: batch 1 and 2 prove the model runs (the compiling engine warms the rest)
+            return self._warm_engine(model, self.switch.eps, self.switch.step, sizes={1, min(2, s.max_batch)}), self.switch.eager
+        fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
+        try:
+            engine = self._warm_engine(model, fast.eps_model, step_of(fast))
+        except Exception as exc:
+            if not (fast.compiled and s.compile == "auto"):
+                raise
+            # auto must never cost the service: a model inductor cannot compile is served eagerly
+            log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
+            fast = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
+            engine = self._warm_engine(model, fast.eps_model, step_of(fast))
+        self.hot_path = fast
+        if fast.compiled:
+            self._save_compiled(cache_key)
+        return engine, fast
+
+    def _compile_in_background(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> None:
+        s, switch = self.settings, self.switch
+        assert switch is not None
+        switch.on_change = lambda _: self._publish_hot_path()
+        self.compile_thread = build_in_background(
+            model,
+            switch,
+            make_compiled=lambda eps, module: hot_path(eps, module, device, s.compile, s.step_backend, s.precision),
+            make_engine=lambda m, step: Engine(m, max_batch=s.max_batch, step_fn=step, scheduling=s.scheduling),
+            warmup_steps=s.warmup_steps,
+            max_batch=s.max_batch,
+            on_done=lambda: self._save_compiled(cache_key),
+        )
 
     def _save_compiled(self, key: dict[str, object]) -> None:
         """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""

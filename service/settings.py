@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ddpm.names import DEFAULT_SPACING, CompileSetting, PrecisionSetting, SamplerName, SpacingName
 from ddpm.shipped_models import DEFAULT_MODEL
+from service.engine.request_queue import SchedulingName
 
 
 class Settings(BaseSettings):
@@ -92,7 +93,7 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="a stream that has sent nothing for this long sends a comment line (proxies drop silent connections)"
     )
-    scheduling: Literal["continuous", "request"] = Field(
+    scheduling: SchedulingName = Field(
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )
 

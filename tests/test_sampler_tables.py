@@ -189,11 +189,14 @@ def test_one_table_column_is_what_the_step_applies() -> None:
 
 
 def test_the_cli_offers_every_sampler_and_spacing() -> None:
-    from ddpm import cli
-    from ddpm.respace import DEFAULT_SPACING, SPACINGS
+    from commands.main import build_parser
+    from ddpm.respace import SPACINGS
     from ddpm.samplers import SAMPLERS
 
-    assert cli.SAMPLERS == SAMPLERS and cli.SPACINGS == SPACINGS and cli.DEFAULT_SPACING == DEFAULT_SPACING
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in ("sample", "eval", "generate"):
+        choices = {a.dest: a.choices for a in commands[name]._actions}
+        assert tuple(choices["sampler"]) == SAMPLERS and tuple(choices["spacing"]) == SPACINGS, name
 
 
 def test_a_diffusers_model_samples_at_its_own_spacing_as_ddpm_pipeline_does(tmp_path: Path) -> None:

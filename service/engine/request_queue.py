@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import collections
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-from service.engine.job import Job
+if TYPE_CHECKING:  # torch-free at run time: the settings (and so `ddpm serve --help`) import the policy names
+    from service.engine.job import Job
 
 SchedulingName = Literal["continuous", "request"]
 SCHEDULING_NAMES: tuple[str, ...] = get_args(SchedulingName)
