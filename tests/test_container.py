@@ -200,7 +200,7 @@ def test_two_containers_behind_the_projects_nginx(image: dict[str, object], tmp_
 
 
 def test_a_mounted_diffusers_model_is_served(image: dict[str, object], tmp_path: Path) -> None:
-    from tests.test_sampler import _save_diffusers_dir
+    from tests.test_reverse_chain import _save_diffusers_dir
 
     model = _save_diffusers_dir(tmp_path / "ddpm-tiny", {"num_train_timesteps": 100, "clip_sample": True})
     os.chmod(tmp_path, 0o755)  # the image's uid 10001 reads the mount

@@ -18,7 +18,7 @@ from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 from kernels.reverse_step import reverse_step
-from tests.test_sampler import _save_diffusers_dir
+from tests.test_reverse_chain import _save_diffusers_dir
 
 SCHEDULE = make_schedule("linear", 1000)
 
