@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm.respace import respace_steps
+from ddpm.editing import edit_table, repaint_calls, sdedit_start
+from ddpm.respace import respace, respace_steps, spaced_timesteps
 from ddpm.samplers import Sampler, coefficient_table
 from ddpm.schedule import NoiseSchedule, VarianceType
 from kernels.reverse_step import StepCoefficients, reverse_step
@@ -25,7 +26,11 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W
 
 @dataclass(frozen=True)
 class ChainSpec:
-    """Everything that decides a chain's per-step coefficients, besides the model's schedule and variance."""
+    """Everything that decides a chain's per-step coefficients, besides the model's schedule and variance.
+
+    Editing (``ddpm.editing``): ``strength`` < 1 starts the chain from the input image noised to the level
+    of round(strength T) - 1 (SDEdit); ``repaint`` blends a known region in at every step and resamples
+    (RePaint: ``jump_length``, ``jump_n_sample``; 1 sample: no resampling)."""
 
     steps: int
     sampler: str = "ddpm"
@@ -33,18 +38,46 @@ class ChainSpec:
     clip: bool = True  # clip x0_hat to [-1, 1]
     spacing: str = "linspace"  # ddpm.respace.SPACINGS
     steps_offset: int = 0
+    strength: float = 1.0  # SDEdit: the share of the chain run from the noised input (1: from pure noise)
+    repaint: bool = False  # RePaint: a mask keeps the input's known pixels
+    jump_length: int = 10  # RePaint's j (positions jumped back up)
+    jump_n_sample: int = 1  # RePaint's r (times each jump point is resampled; 1: never)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", Sampler(self.sampler).value)
         object.__setattr__(self, "eta", float(self.eta))
+        object.__setattr__(self, "strength", float(self.strength))
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if not self.repaint:  # one spelling of "no resampling": the defaults
+            object.__setattr__(self, "jump_length", 10)
+            object.__setattr__(self, "jump_n_sample", 1)
+        elif self.multistep:
+            raise ValueError(f"inpainting runs with sampler ddpm or ddim (a jump back up breaks {self.sampler}'s multistep history)")
+        elif self.jump_length < 1 or self.jump_n_sample < 1:
+            raise ValueError("jump_length and jump_n_sample must be >= 1")
 
     @property
     def multistep(self) -> bool:
         return Sampler(self.sampler).multistep
 
+    @property
+    def edits(self) -> bool:
+        """Whether the chain starts from or keeps part of an input image."""
+        return self.strength < 1.0 or self.repaint
+
+    @property
+    def unet_calls(self) -> int:
+        """U-Net calls per image: the steps, plus RePaint's resampling."""
+        return len(repaint_calls(self.steps, self.jump_length, self.jump_n_sample)) if self.repaint else self.steps
+
 
 class ChainTables:
-    """Float32 tables of one chain, indexed by chain position i = 0..S-1 (position i steps from tau_i)."""
+    """Float32 tables of one chain, indexed by iteration i = 0..K-1, run from K-1 down (a plain chain:
+    K = S and i is the chain position, stepping from tau_i; a RePaint chain: one column per U-Net call).
+
+    ``counters``: the Philox counter of each iteration's noise: the paper's t + 1 (x_T takes 0); a RePaint
+    chain visits timesteps more than once, so its calls count on from T + 1 instead."""
 
     def __init__(
         self,
@@ -55,22 +88,44 @@ class ChainTables:
         sampler: Sampler | str = Sampler.DDPM,
         eta: float = 0.0,
         clip: bool = True,
+        calls: list[tuple[int, int]] | None = None,
+        counter_base: int = 0,
     ) -> None:
         self.schedule = schedule
         self.sampler = Sampler(sampler)
         self.multistep = self.sampler.multistep
-        self.num_steps = schedule.num_timesteps
         table = coefficient_table(schedule, self.sampler, variance_type=variance_type, eta=eta, clip=clip)  # (8, S) float64
+        timesteps = np.array(schedule.timesteps)  # original t of each position
+        abar_start = float(schedule.alphas_cumprod[-1])  # the level the chain starts from
+        self.edit_table64: np.ndarray | None = None
+        if calls is not None:  # RePaint: the columns of its calls, the last-run first (ddpm/editing.py)
+            order = [position for position, _ in reversed(calls)]
+            table, timesteps = table[:, order], timesteps[order]
+            self.edit_table64 = edit_table(schedule, calls)[:, ::-1].copy()
+            counters = counter_base + 1 + np.arange(len(calls))
+        else:
+            counters = timesteps + 1
+        self.num_steps = table.shape[1]
         self.table64 = table
         self.table = torch.from_numpy(table).to(device=device, dtype=torch.float32)
-        self.timesteps = torch.from_numpy(np.array(schedule.timesteps)).to(device)  # original t of each position
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.counters = torch.from_numpy(np.asarray(counters, dtype=np.int64)).to(device)
+        self.edit_table = None if self.edit_table64 is None else torch.from_numpy(self.edit_table64).to(device=device, dtype=torch.float32)
+        # SDEdit's start, x = start_x x_in + start_z z (Eq. 4 at the chain's first timestep)
+        self.start_x, self.start_z = float(np.sqrt(abar_start)), float(np.sqrt(1.0 - abar_start))
 
     @classmethod
     def for_spec(
         cls, schedule: NoiseSchedule, variance_type: VarianceType, spec: ChainSpec, device: torch.device | str = "cpu"
     ) -> ChainTables:
-        chain = respace_steps(schedule, spec.steps, spec.spacing, spec.steps_offset)
-        return cls(chain, variance_type, device, sampler=spec.sampler, eta=spec.eta, clip=spec.clip)
+        span = sdedit_start(schedule.num_timesteps, spec.strength)  # T at strength 1: the whole chain
+        if span == schedule.num_timesteps:
+            chain = respace_steps(schedule, spec.steps, spec.spacing, spec.steps_offset)
+        else:  # SDEdit: the S steps spaced over 0..t0
+            chain = respace(schedule, spaced_timesteps(span, spec.steps, spec.spacing, spec.steps_offset))
+        calls = repaint_calls(spec.steps, spec.jump_length, spec.jump_n_sample) if spec.repaint else None
+        return cls(chain, variance_type, device, sampler=spec.sampler, eta=spec.eta, clip=spec.clip, calls=calls,
+                   counter_base=schedule.num_timesteps)  # fmt: skip
 
     def coefficients(self, positions: torch.Tensor) -> StepCoefficients:
         return StepCoefficients.from_stacked(self.table[:, positions])  # (8, B)
@@ -114,27 +169,48 @@ def sample_chain(
     steps_offset: int = 0,
     device: torch.device | str = "cpu",
     step_fn: StepFn | None = None,
+    strength: float = 1.0,
+    init_image: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    jump_length: int = 10,
+    jump_n_sample: int = 1,
 ) -> Iterator[SampleProgress]:
     """Algorithm 2 (or DDIM, or DPM-Solver++(2M)) for a batch of images, one Philox seed each (int64
-    bits); yields after every step.
+    bits); yields after every step (every U-Net call).
 
     x_T ~ N(0, I) and every z are drawn from the image's own seed (counter 0 for x_T, the paper's t for z),
     so image i depends on seeds[i] alone. The last yield holds x_0 (in [-1, 1] if clip_denoised).
+
+    Editing (ddpm/editing.py): ``init_image`` ((C, H, W) or one per image, in [-1, 1]) with ``strength``
+    < 1 starts from it noised to the level of round(strength T) - 1 (SDEdit); with a ``mask`` (same shape,
+    1 where a pixel is kept) the chain inpaints the rest (RePaint, resampling by ``jump_length`` and
+    ``jump_n_sample``).
     """
     from kernels.philox import sample_noise
+    from kernels.reverse_step import EditTerms
 
     step_fn = step_fn or default_step_fn()
-    spec = ChainSpec(steps or schedule.num_timesteps, sampler, eta, clip_denoised, spacing, steps_offset)
+    spec = ChainSpec(steps or schedule.num_timesteps, sampler, eta, clip_denoised, spacing, steps_offset, strength,
+                     mask is not None, jump_length, jump_n_sample)  # fmt: skip
+    if spec.edits and init_image is None:
+        raise ValueError("strength < 1 or a mask needs an init_image")
     tables = ChainTables.for_spec(schedule, variance_type, spec, device)
     seeds = seeds.to(device)
     b = seeds.shape[0]
     x = sample_noise(seeds, 0, shape)  # x_T, (B, C, H, W)
+    known = None if init_image is None else init_image.to(device, torch.float32).expand(b, *shape)
+    if spec.strength < 1.0 and known is not None:
+        x = tables.start_x * known + tables.start_z * x  # SDEdit: Eq. 4 at the chain's first timestep
     x0_prev = torch.zeros(x.shape, dtype=torch.float32, device=device) if tables.multistep else None
     for i in reversed(range(tables.num_steps)):
         positions = torch.full((b,), i, dtype=torch.long, device=device)
         t = tables.timesteps[positions]  # original timesteps, (B,)
         eps = model(x, t)
-        x, x0 = step_fn(x, eps, tables.coefficients(positions), seeds, t + 1, x0_prev)
+        edit = []
+        if mask is not None and known is not None and tables.edit_table is not None:
+            rows = tables.edit_table[:, positions]
+            edit = [EditTerms(known, mask.to(device, torch.float32).expand(b, *shape), torch.ones(b, device=device), *rows.unbind(0))]
+        x, x0 = step_fn(x, eps, tables.coefficients(positions), seeds, tables.counters[positions], x0_prev, *edit)
         x0_prev = x0 if tables.multistep else None
         yield SampleProgress(step=tables.num_steps - i, total=tables.num_steps, x=x)
 

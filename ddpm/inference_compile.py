@@ -86,7 +86,9 @@ def compiled_step_twin() -> StepFn:
 
         compiled = torch.compile(fused_reverse_step_torch, dynamic=True)
 
-        def step(x_t, eps, coefs, seeds, noise_counter, x0_prev=None):  # type: ignore[no-untyped-def]
+        def step(x_t, eps, coefs, seeds, noise_counter, x0_prev=None, edit=None):  # type: ignore[no-untyped-def]
+            if edit is not None:  # editing batches are rare: the eager twin, and the compiled graph stays one
+                return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, x0_prev, edit)
             with torch.inference_mode():
                 coefs = StepCoefficients(*(as_inference(getattr(coefs, n)) for n in StepCoefficients.names()))
                 counter = as_inference(torch.as_tensor(noise_counter, dtype=torch.int64, device=x_t.device).expand(x_t.shape[0]))

@@ -20,6 +20,19 @@ depends on (seed, counter, e) only, never on the batch.
 Multistep mode (``x0_prev`` given): the kernel also reads x0_prev and writes x0_hat, the state of the
 next step; without it, it reads x_t and eps and writes x_prev only (3 passes over the batch).
 
+Editing (``edit``, an :class:`EditTerms`, given when some row of the batch edits an image): RePaint's
+known-region replacement (Lugmayr et al. 2022, Alg. 1 line 5-8 / Eq. 8a-8c) and the forward jump back
+up of its resampling (Alg. 1 line 10), folded into the same update. With m the mask (1: a known pixel),
+x_known the input image, and u = (jump_x, jump_z) the jump q(x_up | x_prev) = N(jump_x x_prev, jump_z^2):
+
+    x_prev = jump_x [ (1 - m) mean + m known_x x_known ] + sqrt( (jump_x ((1 - m) sigma + m known_z))^2 + jump_z^2 ) z
+
+where mean = a x_t + d eps + b x0_hat + c x0_prev. One z serves the step's noise and the known region's
+(as diffusers' RePaintScheduler reuses it); the jump's own Gaussian is independent of it, and a sum of
+independent Gaussians is one Gaussian whose variance is the sum: so one draw per element, no second
+launch. Rows that edit nothing (no mask, no jump) take the plain path, bit for bit, and read no edit
+tensors; a batch with no editing row passes ``edit=None`` and pays nothing.
+
 Three functions with one signature, each returning ``(x_prev, x0_hat or None)``:
 - ``fused_reverse_step_triton``: the Triton kernel (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1);
 - ``fused_reverse_step_torch``: the plain-PyTorch twin (Philox twin + ``reverse_step``);
@@ -78,22 +91,58 @@ class StepCoefficients:
         return StepCoefficients(**{n: torch.cat([getattr(p, n) for p in parts]) for n in StepCoefficients.names()})
 
 
+@dataclass(frozen=True)
+class EditTerms:
+    """Per-row editing inputs of one step (see the module docstring); rows that edit nothing have
+    masked = 0, jump_x = 1, jump_z = 0, and their ``known``/``mask`` values are never read."""
+
+    known: torch.Tensor  # (B, C, H, W) the input image x_known in [-1, 1]
+    mask: torch.Tensor  # (B, C, H, W) float32: 1 where a pixel is known (kept), 0 where it is repainted
+    masked: torch.Tensor  # (B,) 1.0 where the row has a mask
+    known_x: torch.Tensor  # (B,) sqrt(abar_prev): the known region noised to the step's level (RePaint Eq. 8a)
+    known_z: torch.Tensor  # (B,) sqrt(1 - abar_prev)
+    jump_x: torch.Tensor  # (B,) sqrt(abar_up / abar_prev): the jump back up after the step (1: none)
+    jump_z: torch.Tensor  # (B,) sqrt(1 - abar_up / abar_prev) (0: none)
+
+    ROWS = ("masked", "known_x", "known_z", "jump_x", "jump_z")
+
+    def stacked(self) -> torch.Tensor:
+        """The per-row coefficients as one (5, B) float32 tensor (the kernel's layout)."""
+        return torch.stack([getattr(self, n).to(torch.float32) for n in self.ROWS])
+
+    def edits(self) -> torch.Tensor:
+        """(B,) bool: the rows that take the editing path."""
+        return (self.masked > 0) | (self.jump_x != 1) | (self.jump_z != 0)
+
+
 def _b(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * 3))  # (B,) -> (B, 1, 1, 1)
 
 
 def reverse_step(
-    x_t: torch.Tensor, eps: torch.Tensor, coefs: StepCoefficients, z: torch.Tensor, x0_prev: torch.Tensor | None = None
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    coefs: StepCoefficients,
+    z: torch.Tensor,
+    x0_prev: torch.Tensor | None = None,
+    edit: EditTerms | None = None,
 ) -> StepOutput:
     """The update in float32 (the kernel's operation order), x_prev returned in x_t's dtype; x0_hat
     (float32) too when ``x0_prev`` is given."""
     x, e = x_t.float(), eps.float()
     x0 = _b(coefs.x0_from_x) * x - _b(coefs.x0_from_eps) * e
     x0 = torch.where(_b(coefs.clip) > 0, x0.clamp(-1.0, 1.0), x0)
-    out = _b(coefs.x) * x + _b(coefs.eps) * e + _b(coefs.x0) * x0
+    mean = _b(coefs.x) * x + _b(coefs.eps) * e + _b(coefs.x0) * x0
     if x0_prev is not None:
-        out = out + _b(coefs.x0_prev) * x0_prev.float()
-    out = out + _b(coefs.sigma) * z.float()
+        mean = mean + _b(coefs.x0_prev) * x0_prev.float()
+    out = mean + _b(coefs.sigma) * z.float()
+    if edit is not None:  # RePaint's blend and the jump back up, on the rows that edit
+        m = torch.where(_b(edit.masked) > 0, edit.mask.float(), torch.zeros_like(mean))
+        known = torch.where(_b(edit.masked) > 0, edit.known.float(), torch.zeros_like(mean))
+        ux = _b(edit.jump_x)
+        blended = ux * ((1.0 - m) * mean + m * (_b(edit.known_x) * known))
+        noise = torch.sqrt((ux * ((1.0 - m) * _b(coefs.sigma) + m * _b(edit.known_z))) ** 2 + _b(edit.jump_z) ** 2)
+        out = torch.where(_b(edit.edits()), blended + noise * z.float(), out)
     return out.to(x_t.dtype), (x0 if x0_prev is not None else None)
 
 
@@ -104,10 +153,11 @@ def fused_reverse_step_torch(
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
     x0_prev: torch.Tensor | None = None,
+    edit: EditTerms | None = None,
 ) -> StepOutput:
     """Reference: z from the Philox twin keyed by (seeds[i], noise_counter[i], element), then ``reverse_step``."""
     z = sample_noise(seeds, noise_counter, tuple(x_t.shape[1:]))
-    return reverse_step(x_t, eps, coefs, z, x0_prev)
+    return reverse_step(x_t, eps, coefs, z, x0_prev, edit)
 
 
 if HAVE_TRITON:
@@ -119,6 +169,9 @@ if HAVE_TRITON:
         out_ptr,
         x0_prev_ptr,  # (B, C, H, W) float32, read only when MULTISTEP
         x0_out_ptr,  # (B, C, H, W) float32, written only when MULTISTEP
+        known_ptr,  # (B, C, H, W) float32, read only when EDIT, on rows with a mask
+        mask_ptr,  # (B, C, H, W) float32, likewise
+        edit_ptr,  # (5, B) float32, EditTerms.ROWS, read only when EDIT
         coef_ptr,  # (8, B) float32, rows in StepCoefficients field order
         seed_ptr,  # (B,) int64: the bits of each sample's uint64 Philox key
         counter_ptr,  # (B,) int64: the counter (the paper's t) whose noise is drawn
@@ -127,6 +180,7 @@ if HAVE_TRITON:
         C,
         W,
         MULTISTEP: tl.constexpr,
+        EDIT: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -164,7 +218,23 @@ if HAVE_TRITON:
         if MULTISTEP:
             out = out + a_x0_prev * tl.load(x0_prev_ptr + base + p, mask=mask, other=0.0)
             tl.store(x0_out_ptr + base + p, x0, mask=mask)
-        out = out + sigma * z
+        if EDIT:
+            masked = tl.load(edit_ptr + b)
+            jump_x = tl.load(edit_ptr + 3 * B + b)
+            jump_z = tl.load(edit_ptr + 4 * B + b)
+            edits = (masked > 0).to(tl.int32) + (jump_x != 1.0).to(tl.int32) + (jump_z != 0.0).to(tl.int32)
+            if edits > 0:  # uniform per program (one row per program): rows that edit nothing read nothing more
+                m = tl.where(masked > 0, tl.load(mask_ptr + base + p, mask=mask, other=0.0), 0.0)
+                known = tl.where(masked > 0, tl.load(known_ptr + base + p, mask=mask, other=0.0), 0.0)
+                known_x = tl.load(edit_ptr + B + b)
+                known_z = tl.load(edit_ptr + 2 * B + b)
+                blended = jump_x * ((1.0 - m) * out + m * (known_x * known))
+                w = jump_x * ((1.0 - m) * sigma + m * known_z)
+                out = blended + tl.sqrt(w * w + jump_z * jump_z) * z  # two Gaussians make one
+            else:
+                out = out + sigma * z
+        else:
+            out = out + sigma * z
         tl.store(out_ptr + base + p, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -184,6 +254,7 @@ def fused_reverse_step_triton(
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
     x0_prev: torch.Tensor | None = None,
+    edit: EditTerms | None = None,
 ) -> StepOutput:
     """One launch for the whole mixed batch; x_prev in x_t's dtype and memory layout, x0_hat float32."""
     if not HAVE_TRITON:
@@ -202,6 +273,8 @@ def fused_reverse_step_triton(
             raise ValueError(f"x0_prev {tuple(x0_prev.shape)} and x_t {tuple(x_t.shape)} differ in shape")
         if x0_prev.stride() != x_t.stride() or x0_prev.dtype != torch.float32:
             x0_prev = torch.empty_like(x_t, dtype=torch.float32).copy_(x0_prev)
+    if edit is not None:
+        known, mask = (_like(edit.known, x_t, "known"), _like(edit.mask, x_t, "mask"))
     b = x_t.shape[0]
     n = x_t[0].numel() if b else 0
     out = torch.empty_like(x_t)
@@ -219,11 +292,26 @@ def fused_reverse_step_triton(
     grid = (triton.cdiv(n, block), b)
     state_in = x0_prev if multistep else out  # placeholders never touched when not MULTISTEP
     state_out = x0_out if multistep else out
+    if edit is not None:
+        edit_coef = edit.stacked().to(device=x_t.device).contiguous()  # (5, B)
+    else:
+        known = mask = edit_coef = coef  # placeholders never touched when not EDIT
     _reverse_step_kernel[grid](
-        x_t, eps, out, state_in, state_out, coef, seeds, counter, b, n, channels, width,
-        MULTISTEP=multistep, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=4 if block >= 512 else 2,
+        x_t, eps, out, state_in, state_out, known, mask, edit_coef, coef, seeds, counter, b, n, channels, width,
+        MULTISTEP=multistep, EDIT=edit is not None, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=4 if block >= 512 else 2,
     )  # fmt: skip
     return out, x0_out
+
+
+def _like(t: torch.Tensor, x_t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` as float32 in x_t's shape and memory layout (the kernel indexes both the same way)."""
+    if t.shape != x_t.shape:
+        t = t.expand_as(x_t) if t.dim() == x_t.dim() else t
+        if t.shape != x_t.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} and x_t {tuple(x_t.shape)} differ in shape")
+    if t.stride() != x_t.stride() or t.dtype != torch.float32:
+        t = torch.empty_like(x_t, dtype=torch.float32).copy_(t)
+    return t
 
 
 def _triton_runs_on(x: torch.Tensor) -> bool:
@@ -268,14 +356,15 @@ def fused_reverse_step(
     seeds: torch.Tensor,
     noise_counter: torch.Tensor,
     x0_prev: torch.Tensor | None = None,
+    edit: EditTerms | None = None,
     backend: str | None = None,
 ) -> StepOutput:
     """Dispatch: Triton on CUDA tensors, the PyTorch twin on CPU; ``backend`` (default: the
     ``DDPM_STEP_BACKEND`` environment variable) overrides."""
     if resolve_backend(step_backend() if backend is None else backend, x_t.device) == "torch":
-        return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, x0_prev)
+        return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, x0_prev, edit)
     if not HAVE_TRITON:
         raise RuntimeError(f"DDPM_STEP_BACKEND=triton: {TRITON_MISSING}")
     if not _triton_runs_on(x_t):
         raise RuntimeError("DDPM_STEP_BACKEND=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    return fused_reverse_step_triton(x_t, eps, coefs, seeds, noise_counter, x0_prev)
+    return fused_reverse_step_triton(x_t, eps, coefs, seeds, noise_counter, x0_prev, edit)

@@ -166,9 +166,9 @@ class Metrics(EngineObserver):
     def on_job_done(self, job: Job) -> None:
         if job.error is None:
             self.images_generated.labels(model=self.model).inc(job.n)
-            self.image_steps.labels(model=self.model, sampler=job.chain.sampler).inc(job.n * job.steps)
+            self.image_steps.labels(model=self.model, sampler=job.chain.sampler).inc(job.n * job.calls)
             if job.guidance_scale:
-                self.guided_image_steps.labels(model=self.model).inc(job.n * job.steps)
+                self.guided_image_steps.labels(model=self.model).inc(job.n * job.calls)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)

@@ -49,7 +49,7 @@ from service.engine.health import Health
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from service.engine.request_queue import SchedulingName, create_request_queue
-from service.engine.running_batch import RunningBatch
+from service.engine.running_batch import RunningBatch, StepInputs
 
 log = logging.getLogger("ddpm.engine")
 
@@ -100,6 +100,7 @@ class Engine:
     # --- public, any thread -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
         self.chain_tables(job.chain)  # a chain the schedule cannot make fails here, not in the engine
+        job.check_inputs(self.shape)
         with self._lock:
             if self.dead is not None or self._stop:
                 raise EngineStopped("the engine has stopped")
@@ -251,8 +252,8 @@ class Engine:
             if batch is None:
                 return
             start = time.perf_counter()
-            t, coefs, eps = self._stage("unet", batch, self._eps, batch)
-            new_x, x0 = self._stage("step", batch, self._step, batch, eps, t, coefs)
+            inputs, eps = self._stage("unet", batch, self._eps, batch)
+            new_x, x0 = self._stage("step", batch, self._step, batch, inputs, eps)
             self._stage("advance", batch, self._advance, batch, new_x, x0, time.perf_counter() - start)
         except _StageFailed:
             return
@@ -282,10 +283,15 @@ class Engine:
             return self._running
 
     def _start(self, new: list[tuple[Job, int]]) -> None:
-        """Draw x_T for the new images and add them to the running batch."""
+        """Draw x_T for the new images (or, for SDEdit, noise the input to the chain's first level) and
+        add them to the running batch."""
         seeds = seeds_to_tensor([image_seeds(job.seed, 1, first=k)[0] for job, k in new], self.device)
         x_T = sample_noise(seeds, 0, self.shape)  # (N, C, H, W): x_T of each image from its own key
-        positions = torch.tensor([job.steps - 1 for job, _ in new], dtype=torch.long, device=self.device)
+        for row, (job, _) in enumerate(new):
+            if job.chain.strength < 1.0 and job.init_image is not None:  # SDEdit: Eq. 4 at t0, with x_T's z
+                tables = self.chain_tables(job.chain)
+                x_T[row] = tables.start_x * job.init_image.to(self.device) + tables.start_z * x_T[row]
+        positions = torch.tensor([job.calls - 1 for job, _ in new], dtype=torch.long, device=self.device)
         now = time.monotonic()
         with self._lock:
             part = RunningBatch(x_T, positions, seeds, new).select([row for row, (job, _) in enumerate(new) if not job.done])
@@ -297,27 +303,29 @@ class Engine:
                     job.first_admitted = now
                     self._observe("on_admitted", job)
 
-    def _eps(self, batch: RunningBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample t (B,) and step coefficients (8, B) from each sample's own chain tables, and
+    def _eps(self, batch: RunningBatch) -> tuple[StepInputs, torch.Tensor]:
+        """Per-sample t, noise counter and step coefficients from each sample's own chain tables, and
         ONE eps_theta call over the running batch."""
-        t, coefs = batch.step_inputs(self.chain_tables)
+        inputs = batch.step_inputs(self.chain_tables)
+        t = inputs.t
         self._fault("unet")
         if not self.model.conditional:
-            return t, coefs, self.model.eps_model(batch.x, t)
+            return inputs, self.model.eps_model(batch.x, t)
         # classifier-free guidance in the same call: guided samples add a null-label row (ddpm/guidance.py)
         null = self.model.num_classes
         labels = torch.tensor([job.class_labels[k] if job.class_labels else null for job, k in batch.owners], device=self.device)
         # on the host: guided_eps finds the guided rows (none: one plain call) without a device sync
         scales = torch.tensor([job.guidance_scale for job, _ in batch.owners], dtype=torch.float32)
-        return t, coefs, guided_eps(self.model.eps_model, batch.x, t, labels, scales, null)
+        return inputs, guided_eps(self.model.eps_model, batch.x, t, labels, scales, null)
 
-    def _step(
-        self, batch: RunningBatch, eps: torch.Tensor, t: torch.Tensor, coefs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ONE fused step over the running batch, every sampler, clip setting and chain at once; returns
-        x_prev and (while any row runs a multistep sampler) every row's x0_hat."""
+    def _step(self, batch: RunningBatch, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ONE fused step over the running batch, every sampler, clip setting, chain and edit at once;
+        returns x_prev and (while any row runs a multistep sampler) every row's x0_hat."""
         self._fault("step")
-        return self.step_fn(batch.x, eps, StepCoefficients.from_stacked(coefs), batch.seeds, t + 1, batch.x0_prev)
+        coefs = StepCoefficients.from_stacked(inputs.coefs)
+        if inputs.edit is None:  # the signature every step function has
+            return self.step_fn(batch.x, eps, coefs, batch.seeds, inputs.counters, batch.x0_prev)
+        return self.step_fn(batch.x, eps, coefs, batch.seeds, inputs.counters, batch.x0_prev, inputs.edit)
 
     def _advance(self, batch: RunningBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
         """Move every sample one step on, retire those at x_0, and tell the jobs. Rows of jobs that
@@ -363,8 +371,8 @@ class Engine:
         seeds = seeds_to_tensor([image_seeds(0, 1)[0]], self.device)
         batch = RunningBatch(sample_noise(seeds, 0, self.shape), torch.zeros(1, dtype=torch.long, device=self.device), seeds, [(probe, 0)])
         try:
-            t, coefs, eps = self._eps(batch)
-            out, _ = self._step(batch, eps, t, coefs)
+            inputs, eps = self._eps(batch)
+            out, _ = self._step(batch, inputs, eps)
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError("self-test produced non-finite values")
         except Exception as exc:

@@ -29,6 +29,10 @@ class Job:
     # classifier-free guidance scale w of every image (0: no guidance, one U-Net row per step)
     class_labels: tuple[int, ...] | None = None
     guidance_scale: float = 0.0
+    # editing (ddpm/editing.py): the input image, (C, H, W) float32 in [-1, 1] (SDEdit starts from it, RePaint
+    # keeps its known pixels), and RePaint's mask, (C, H, W) float32, 1 where a pixel is known
+    init_image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     client: str = ""  # who the job counts against: admission is round robin over clients
     request_id: str | None = None  # for the log lines of faults
     on_progress: Callable[[Job], None] | None = None
@@ -39,7 +43,7 @@ class Job:
     finished: float | None = None
     images: torch.Tensor | None = None  # (n, C, H, W) float32 on CPU, filled as images finish
     images_done: int = 0
-    steps_done: int = 0  # summed over images; progress = steps_done / (n * steps)
+    steps_done: int = 0  # iterations summed over images; progress = steps_done / (n * calls)
     error: EngineError | None = None
     pending: collections.deque[int] = field(default_factory=collections.deque)  # image indices not yet admitted
     cancelled: bool = False
@@ -47,6 +51,11 @@ class Job:
     @property
     def steps(self) -> int:
         return self.chain.steps
+
+    @property
+    def calls(self) -> int:
+        """Iterations (U-Net calls) per image: the steps, plus RePaint's resampling."""
+        return self.chain.unet_calls
 
     @property
     def deadline(self) -> float:
@@ -58,11 +67,21 @@ class Job:
 
     @property
     def progress(self) -> float:
-        return self.steps_done / (self.n * self.steps)
+        return self.steps_done / (self.n * self.calls)
 
     @property
     def queue_wait(self) -> float | None:
         return None if self.first_admitted is None else self.first_admitted - self.created
+
+    def check_inputs(self, shape: tuple[int, ...]) -> None:
+        """The inputs the chain needs, of the model's image shape (ValueError otherwise)."""
+        if self.chain.edits and self.init_image is None:
+            raise ValueError("an editing chain (strength < 1 or a mask) needs an input image")
+        if self.chain.repaint != (self.mask is not None):
+            raise ValueError("a mask and a RePaint chain go together")
+        for name, t in (("input image", self.init_image), ("mask", self.mask)):
+            if t is not None and tuple(t.shape) != tuple(shape):
+                raise ValueError(f"the {name} is {tuple(t.shape)}, the model's images are {tuple(shape)}")
 
     def cancel(self) -> None:
         """Ask the engine to drop this job's samples at its next iteration (thread-safe)."""

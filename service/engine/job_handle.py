@@ -40,7 +40,7 @@ class JobHandle:
         self._progress = asyncio.Event()
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
         if stream:  # only a stream reads progress: other jobs must not wake the event loop every iteration
-            job.on_progress = lambda j: loop.call_soon_threadsafe(self._set_progress, ProgressEvent(j.steps_done, j.n * j.steps))
+            job.on_progress = lambda j: loop.call_soon_threadsafe(self._set_progress, ProgressEvent(j.steps_done, j.n * j.calls))
 
     def _set_done(self) -> None:
         if not self.done.done():
