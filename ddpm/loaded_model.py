@@ -90,18 +90,33 @@ class LoadedModel:
         spacing: str | None = None,
         clip: bool | None = None,
         default_spacing: str = DEFAULT_SPACING,
+        *,
+        strength: float = 1.0,
+        repaint: bool = False,
+        jump_length: int | None = None,
+        jump_n_sample: int | None = None,
     ) -> ChainSpec:
         """The chain a request (or ``ddpm sample``) asks for, with this model's defaults filled in: its
-        clip setting, its own spacing and offset (a diffusers config's) or ``default_spacing``."""
+        clip setting, its own spacing and offset (a diffusers config's) or ``default_spacing``; an edit's
+        strength (SDEdit) and resampling (RePaint, ``repaint``)."""
         t = self.schedule.num_timesteps
-        if not 1 <= steps <= t:
-            raise ChainError("steps", f"steps must be in 1..{t} (the model's T)")
+        span = max(1, round(strength * t)) if 0 < strength <= 1 else t  # ddpm.editing.sdedit_start
+        if not 1 <= steps <= span:
+            at = f" at strength {strength:g} (the model's T = {t})" if span < t else " (the model's T)"
+            raise ChainError("steps", f"steps must be in 1..{span}{at}")
         if eta is not None and sampler != "ddim":
             raise ChainError("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})")
+        if not repaint and (jump_length is not None or jump_n_sample is not None):
+            field = "jump_length" if jump_length is not None else "jump_n_sample"
+            raise ChainError(field, "jump_length and jump_n_sample apply to inpainting (a mask) only")
         spacing = spacing or self.timestep_spacing or default_spacing
         offset = self.steps_offset if spacing == "leading" else 0
         try:
-            spaced_timesteps(t, steps, spacing, offset)
+            spaced_timesteps(span, steps, spacing, offset)
         except ValueError as exc:
             raise ChainError("timestep_spacing", str(exc)) from exc
-        return ChainSpec(steps, sampler, eta or 0.0, self.clip_denoised if clip is None else clip, spacing, offset)
+        clip = self.clip_denoised if clip is None else clip
+        try:
+            return ChainSpec(steps, sampler, eta or 0.0, clip, spacing, offset, strength, repaint, jump_length or 10, jump_n_sample or 1)
+        except ValueError as exc:  # strength out of range, a multistep sampler asked to inpaint
+            raise ChainError("strength" if "strength" in str(exc) else "sampler", str(exc)) from exc

@@ -4,7 +4,7 @@ Image k of a request is a pure function of (the model's fingerprint: weights, ev
 maths resolved from them and the code version, ``ddpm.model_facts.model_fingerprint``; the U-Net's
 precision and device type; seed, k,
 the chain: sampler, steps, eta, timestep spacing and offset, clip; and for a class-conditional model
-its label and the guidance scale). A request is (seed, n, chain)
+its label and the guidance scale; for an edit, its input image and mask). A request is (seed, n, chain)
 and asks for images k = 0..n-1, so identical requests get identical images: the second one is
 answered from here without a U-Net call, and a client that sends the ETag it got back in
 ``If-None-Match`` gets 304 without even the encoding. (Triton Inference Server's response cache is
@@ -21,11 +21,21 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ddpm.chain import ChainSpec
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """An edit's input image and mask, named by the SHA-256 of their pixels (the tensors ride along,
+    outside equality and hashing)."""
+
+    sha256: str
+    image: torch.Tensor = field(compare=False, repr=False)  # (C, H, W) float32 in [-1, 1]
+    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (C, H, W) float32, 1: known
 
 
 @dataclass(frozen=True)
@@ -38,11 +48,14 @@ class ImageKey:
     chain: ChainSpec
     labels: tuple[int, ...] | None = None  # a class-conditional request's label per image
     guidance_scale: float = 0.0
+    edit: EditInput | None = None  # an edit's input image and mask
 
     def etag(self, media_type: str) -> str:
         c = self.chain
         parts = (self.model_fingerprint, self.precision, self.device_type, self.seed, self.n, c.sampler, c.steps, repr(c.eta), c.clip,
                  c.spacing, c.steps_offset, self.labels, repr(self.guidance_scale), media_type)  # fmt: skip
+        if self.edit is not None:  # an edit's chain and input (plain answers keep their ETags)
+            parts += (repr(c.strength), c.repaint, c.jump_length, c.jump_n_sample, self.edit.sha256)
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from fastapi import Request
@@ -23,18 +24,20 @@ from ddpm.chain import ChainSpec
 from ddpm.grid import image_pngs
 from ddpm.loaded_model import ChainError
 from service.api.content_negotiation import negotiate
+from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask, edit_input
 from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
-from service.api.schemas import ChainRequest, GenerateResponse, Timings
+from service.api.schemas import ChainRequest, EditFields, GenerateResponse, Timings
 from service.engine.errors import EngineError
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
-from service.response_cache import ImageKey, etag_matches
+from service.response_cache import EditInput, ImageKey, etag_matches
 from service.server_state import ServerState
 
 JSON = "application/json"
 PNG = "image/png"
 NPY = "application/x-npy"
 SSE = "text/event-stream"
+DEFAULT_VARIATION_STRENGTH = 0.75  # an input image without a mask: the last 3/4 of the chain (diffusers' img2img: 0.8)
 log = logging.getLogger("ddpm.server")
 
 
@@ -46,20 +49,48 @@ def choose_media(accept: str | None, offered: list[str]) -> str:
     return media
 
 
-def prepare(state: ServerState, seed: int, n: int, body: ChainRequest, n_field: str = "batch_size") -> ImageKey:
+def prepare(
+    state: ServerState, seed: int, n: int, body: ChainRequest, n_field: str = "batch_size", edit: EditFields | None = None
+) -> ImageKey:
     """Check readiness and validate a request against the loaded model: the key of the images it asks
-    for (errors as ApiError / a 422 naming the field): its chain, and a conditional model's labels and guidance."""
+    for (errors as ApiError / a 422 naming the field): its chain, a conditional model's labels and
+    guidance, and an edit's input image and mask (``edit``: the request's editing fields)."""
     reason = state.refusal_reason()
     if state.engine is None or state.model is None or state.facts is None or reason is not None:
         raise not_ready(state, reason)
     if n > state.settings.max_images_per_request:
         raise field_error(n_field, f"{n_field} must be <= {state.settings.max_images_per_request}", n)
-    spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised)
+    edit_input, options = _edit(state, edit)
+    spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised, **options)
     try:
         labels, w = state.model.labels(body.class_label, n, body.guidance_scale)
     except ChainError as exc:
         raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
-    return ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w)
+    return ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w, edit_input)
+
+
+def _edit(state: ServerState, fields: EditFields | None) -> tuple[EditInput | None, dict[str, Any]]:
+    """An edit's decoded input and its chain options (none without an image)."""
+    if fields is None or fields.image is None:
+        for name in ("mask", "strength", "jump_length", "jump_n_sample"):
+            if fields is not None and getattr(fields, name) is not None:
+                raise field_error(name, f"{name} needs an input image", getattr(fields, name) if name != "mask" else "<png>")
+        return None, {}
+    assert state.model is not None
+    shape = state.model.image_shape
+    try:
+        image, _ = decode_image("image", b64_png("image", fields.image), shape)
+        mask = None if fields.mask is None else decode_mask("mask", b64_png("mask", fields.mask), shape)
+    except InputError as exc:
+        raise field_error(exc.field, str(exc), f"<{len(getattr(fields, exc.field) or '')} base64 characters>") from exc
+    return edit_input(image, mask), edit_options(fields.strength, mask is not None, fields.jump_length, fields.jump_n_sample)
+
+
+def edit_options(strength: float | None, repaint: bool, jump_length: int | None, jump_n_sample: int | None) -> dict[str, Any]:
+    """The chain options of an edit: a variation runs the last 0.75 of the chain by default, an
+    inpainting the whole chain."""
+    strength = strength if strength is not None else (1.0 if repaint else DEFAULT_VARIATION_STRENGTH)
+    return {"strength": strength, "repaint": repaint, "jump_length": jump_length, "jump_n_sample": jump_n_sample}
 
 
 def resolve_chain(
@@ -70,20 +101,23 @@ def resolve_chain(
     spacing: str | None,
     clip: bool | None,
     where: str = "body",
+    **edit: Any,
 ) -> ChainSpec:
-    """A request's chain: its own fields, else the server's defaults, else the model's; 422 naming the field."""
+    """A request's chain: its own fields, else the server's defaults, else the model's; 422 naming the
+    field. ``edit``: an edit's options (``edit_options``), passed to ``LoadedModel.chain``."""
     assert state.model is not None
     settings = state.settings
     if steps is None:
-        # Algorithm 2 named without steps is the paper's chain (T steps); otherwise the server's default
-        t = state.model.schedule.num_timesteps
+        # Algorithm 2 named without steps is the paper's chain (T steps; an edit: over the part it runs);
+        # otherwise the server's default
+        t = max(1, round(edit.get("strength", 1.0) * state.model.schedule.num_timesteps))
         steps = t if sampler == "ddpm" else min(settings.default_steps or t, t)
-    sampler = sampler or settings.default_sampler
+    sampler = sampler or ("ddpm" if edit.get("repaint") else settings.default_sampler)  # inpainting: Algorithm 2's step
     try:
-        return state.model.chain(sampler, steps, eta, spacing, clip, default_spacing=settings.default_timestep_spacing)
+        return state.model.chain(sampler, steps, eta, spacing, clip, default_spacing=settings.default_timestep_spacing, **edit)
     except ChainError as exc:
-        value = {"steps": steps, "eta": eta, "timestep_spacing": spacing}[exc.field]
-        raise field_error(exc.field, str(exc), value, where) from exc
+        values = {"steps": steps, "eta": eta, "timestep_spacing": spacing, "sampler": sampler, **edit}
+        raise field_error(exc.field, str(exc), values.get(exc.field), where) from exc
 
 
 def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = False) -> JobHandle:
@@ -96,6 +130,8 @@ def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = F
         timeout_s=state.settings.request_timeout_s,
         class_labels=key.labels,
         guidance_scale=key.guidance_scale,
+        init_image=None if key.edit is None else key.edit.image,
+        mask=None if key.edit is None else key.edit.mask,
         client=client,
         request_id=request.state.request_id,
     )
@@ -189,6 +225,10 @@ def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, o
         "cached": cached,
         "class_labels": class_names(state, key),
         "guidance_scale": key.guidance_scale,
+        "strength": spec.strength,
+        "jump_length": spec.jump_length if spec.repaint else None,
+        "jump_n_sample": spec.jump_n_sample if spec.repaint else None,
+        "input_sha256": None if key.edit is None else key.edit.sha256,
     }
 
 

@@ -57,7 +57,46 @@ class ChainRequest(BaseModel):
     )
 
 
-class GenerateRequest(ChainRequest):
+class EditFields(BaseModel):
+    """Editing an input image (ddpm/editing.py): variations (SDEdit) and inpainting (RePaint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(
+        None,
+        max_length=2**24,
+        description="The input image, a base64 PNG of the model's size and mode (GET /info: image_shape; 1 channel: grey, "
+        "3: RGB). With strength < 1 the chain starts from it noised (SDEdit); with a mask its known pixels are kept.",
+    )
+    mask: str | None = Field(
+        None,
+        max_length=2**24,
+        description="Inpainting (RePaint): a base64 PNG of the image's size whose fully transparent pixels (alpha 0, as "
+        "OpenAI's edits) mark what to repaint; a mask without alpha marks them black (0). Needs image.",
+    )
+    strength: float | None = Field(
+        None,
+        strict=True,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="With image: the share of the chain run from the noised input (SDEdit; steps count the U-Net calls run). "
+        "Default 0.75 for a variation, 1 (from pure noise) with a mask.",
+    )
+    jump_length: int | None = Field(
+        None, strict=True, ge=1, le=1000, description="With mask: RePaint's resampling jump j, in steps (default 10)."
+    )
+    jump_n_sample: int | None = Field(
+        None,
+        strict=True,
+        ge=1,
+        le=20,
+        description="With mask: RePaint's resamplings r per jump point (default 1: none; each extra costs about steps more "
+        "U-Net calls).",
+    )
+
+
+class GenerateRequest(ChainRequest, EditFields):
     seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
     batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
 
@@ -68,9 +107,11 @@ class Timings(BaseModel):
     total_s: float = Field(..., description="Arrival to answer.")
 
 
-class GenerateResponse(BaseModel):
+class ChainAnswer(BaseModel):
+    """What every generation answer (ours and OpenAI's dialect) says of the chain that made its images:
+    with the model's fingerprint, all that image k depends on (``service.api.generation.chain_fields``)."""
+
     seed: int
-    batch_size: int
     steps: int
     sampler: str
     eta: float
@@ -80,6 +121,14 @@ class GenerateResponse(BaseModel):
     cached: bool = Field(False, description="Answered from the response cache (the same images, no U-Net call).")
     class_labels: list[str] | None = Field(None, description="The class name of each image (a class-conditional request).")
     guidance_scale: float = Field(0.0, description="The classifier-free guidance scale w used (0: none).")
+    strength: float = Field(1.0, description="The share of the chain run from the input (1: from pure noise).")
+    jump_length: int | None = Field(None, description="RePaint's jump j (inpainting only).")
+    jump_n_sample: int | None = Field(None, description="RePaint's resamplings r (inpainting only).")
+    input_sha256: str | None = Field(None, description="SHA-256 of the input image's and the mask's pixels (editing only).")
+
+
+class GenerateResponse(ChainAnswer):
+    batch_size: int
     images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
     timings: Timings
 
@@ -224,23 +273,13 @@ class ImageData(BaseModel):
     b64_json: str = Field(..., description="A base64-encoded PNG.")
 
 
-class ImagesResponse(BaseModel):
+class ImagesResponse(ChainAnswer):
     """OpenAI's ImagesResponse, with this server's fields beside (clients ignore what they do not know)."""
 
     created: int = Field(..., description="Unix time of the answer.")
     data: list[ImageData]
     output_format: str = "png"
     size: str
-    model: str
-    seed: int
-    steps: int
-    sampler: str
-    eta: float
-    timestep_spacing: str
-    precision: str
-    cached: bool
-    class_labels: list[str] | None = None
-    guidance_scale: float = 0.0
 
 
 class ModelCard(BaseModel):

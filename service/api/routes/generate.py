@@ -55,7 +55,7 @@ async def generate(
 ) -> Response:
     arrived = time.monotonic()
     media = choose_media(accept, [JSON, PNG, NPY])
-    key = prepare(state, body.seed, body.batch_size, body)
+    key = prepare(state, body.seed, body.batch_size, body, edit=body)
     generated = await images_or_not_modified(state, key, media, request)
     if isinstance(generated, Response):
         return generated
@@ -83,7 +83,7 @@ async def generate_stream(
 ) -> StreamingResponse:
     arrived = time.monotonic()
     choose_media(accept, [SSE])
-    key = prepare(state, body.seed, body.batch_size, body)
+    key = prepare(state, body.seed, body.batch_size, body, edit=body)
     cached = cached_images(state, key, request)
     handle = None if cached is not None else submit(state, key, request, stream=True)
     stream = ProgressStream(state, key, request, arrived, handle)

@@ -60,7 +60,7 @@ def _chain_table(tables: ChainTables, spec: ChainSpec) -> ChainTable:
         steps_offset=spec.steps_offset,
         clip_denoised=spec.clip,
         timesteps=timesteps,
-        noise_counter=[t + 1 for t in timesteps],
+        noise_counter=[int(tables.counters[i]) for i in order],
         coefficients={name: tables.table[row, order].tolist() for row, name in enumerate(StepCoefficients.names())},
     )
 

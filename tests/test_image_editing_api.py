@@ -1,0 +1,118 @@
+"""Editing over HTTP: /generate (and its stream) take an input image and a mask as base64 PNGs, answer
+the offline sampler's images, keep the known pixels exactly, echo the input's hash, key the cache and
+the ETag on it, and refuse a wrong size, mode, format or field combination with a 422 naming the field."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ddpm.chain import sample
+from ddpm.model_source import load_model_source
+from ddpm.seeding import image_seeds
+from kernels.philox import seeds_to_tensor
+from tests.app_client import app_client, wait_ready
+from tests.tiny_model import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path) -> Iterator[TestClient]:
+    with app_client(model_dir) as c:
+        wait_ready(c)
+        yield c
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+DIGIT = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)  # an 8x8 grey input
+ALPHA = np.full((8, 8), 255, dtype=np.uint8)
+ALPHA[4:, :] = 0  # repaint the bottom half (OpenAI: alpha 0 marks what to edit)
+MASK = _png(np.stack([np.zeros((8, 8), np.uint8), ALPHA], axis=-1), "LA")
+
+
+def test_a_variation_is_the_offline_sdedit_chain(client: TestClient, model_dir: Path) -> None:
+    body = {"seed": 4, "batch_size": 2, "sampler": "ddim", "steps": 6, "image": _png(DIGIT), "strength": 0.5}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["strength"] == 0.5 and answer["jump_length"] is None and len(answer["input_sha256"]) == 64
+    model = load_model_source(model_dir)
+    init = torch.from_numpy(DIGIT / 127.5 - 1.0).float()[None]
+    with torch.inference_mode():
+        offline = sample(model.eps_model, model.schedule, seeds_to_tensor(image_seeds(4, 2)), model.image_shape, steps=6,
+                         variance_type=model.variance_type, sampler="ddim", spacing="trailing", strength=0.5, init_image=init)  # fmt: skip
+    expected = np.round((offline.clamp(-1, 1) + 1) / 2 * 255).numpy().astype(np.int64)[:, 0]
+    got = np.stack([_pixels(b).astype(np.int64) for b in answer["images"]])
+    assert np.abs(got - expected).max() <= 1  # PNG rounding of float32 noise in the batched U-Net
+
+
+def test_inpainting_keeps_the_known_pixels_and_keys_the_cache_on_the_input(client: TestClient) -> None:
+    body = {"seed": 1, "steps": 5, "sampler": "ddim", "image": _png(DIGIT), "mask": MASK, "jump_length": 2, "jump_n_sample": 2}
+    first = client.post("/generate", json=body)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    assert (answer["strength"], answer["jump_length"], answer["jump_n_sample"]) == (1.0, 2, 2)
+    out = _pixels(answer["images"][0])
+    assert np.array_equal(out[:4], DIGIT[:4])  # the known half, exactly
+    again = client.post("/generate", json=body)
+    assert again.json()["cached"] and again.headers["etag"] == first.headers["etag"]
+    other = client.post("/generate", json={**body, "image": _png(255 - DIGIT)})
+    assert other.headers["etag"] != first.headers["etag"] and other.json()["input_sha256"] != answer["input_sha256"]
+    plain = client.post("/generate", json={"seed": 1, "steps": 5, "sampler": "ddim"})
+    assert plain.json()["input_sha256"] is None and plain.headers["etag"] != first.headers["etag"]
+
+
+def test_an_inpainting_request_streams_its_calls(client: TestClient) -> None:
+    body = {"seed": 2, "steps": 4, "image": _png(DIGIT), "mask": MASK, "jump_length": 2, "jump_n_sample": 2}
+    with client.stream("POST", "/generate/stream", json=body) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    result = json.loads(events[-1][5:])
+    assert result["sampler"] == "ddpm" and result["jump_n_sample"] == 2  # a mask without a sampler: Algorithm 2's step
+    progress = [json.loads(e[5:]) for e in events[1:-1]]
+    assert progress and progress[-1]["total"] == 6  # 4 steps and one resampling of 2: 6 U-Net calls
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"image": _png(np.zeros((64, 64, 3), np.uint8))}, "image", "this model takes 8x8 grey PNGs"),
+        ({"image": _png(np.zeros((8, 8, 3), np.uint8))}, "image", "RGB PNG; this model takes 8x8 grey"),
+        ({"image": base64.b64encode(b"GIF89a not a png").decode()}, "image", "not a PNG"),
+        ({"image": "%%%"}, "image", "not base64"),
+        ({"image": None, "mask": MASK}, "mask", "needs an input image"),
+        ({"image": None, "strength": 0.5}, "strength", "needs an input image"),
+        ({"mask": _png(np.zeros((4, 4), np.uint8))}, "mask", "is 4x4"),
+        ({"mask": _png(np.full((8, 8), 255, np.uint8))}, "mask", "marks nothing to repaint"),
+        ({"strength": 0.0}, "strength", "greater than 0"),
+        ({"jump_length": 3}, "jump_length", "inpainting"),
+        ({"mask": MASK, "sampler": "dpmsolver++"}, "sampler", "ddpm or ddim"),
+        ({"strength": 0.01, "steps": 5}, "steps", "at strength 0.01"),
+    ],
+)
+def test_bad_edits_are_422_naming_the_field(client: TestClient, change: dict, field: str, words: str) -> None:
+    body = {"seed": 0, "steps": 3, "sampler": "ddim", "image": _png(DIGIT), **change}
+    r = client.post("/generate", json={k: v for k, v in body.items() if v is not None})
+    assert r.status_code == 422, r.text
+    assert field in r.json()["detail"] and words in r.json()["detail"], r.json()["detail"]
