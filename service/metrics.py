@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 ITERATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 OCCUPANCY_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-GENERATION_ROUTES = ("/generate", "/generate/stream", "/v1/images/generations")
+GENERATION_ROUTES = ("/generate", "/generate/stream", "/v1/images/generations", "/v1/images/edits", "/v1/images/variations")
 ROUTES = (
     *GENERATION_ROUTES, "/schedule", "/info", "/v1/models", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json",
 )  # bounded label values  # fmt: skip

@@ -128,3 +128,55 @@ def test_503_is_the_clients_internal_server_error_and_is_retried(model_dir: Path
             retrying.images.generate(prompt="x")
         assert time.monotonic() - start >= 0.9  # waited the server's Retry-After: 1 once
         assert metric(c, 'ddpm_requests_total{code="503"}') == 3  # one, then one plus its retry
+
+
+def _png_file(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+DIGIT = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+HOLE = np.full((8, 8), 255, dtype=np.uint8)
+HOLE[2:6, 2:6] = 0  # a centre square to repaint (alpha 0)
+
+
+def test_images_edit_and_variation_with_the_openai_client(server: ServerProcess) -> None:
+    client = _client(server)
+    mask = _png_file(np.stack([np.zeros((8, 8), np.uint8), HOLE], axis=-1), "LA")
+    chain = {"seed": 3, "steps": 5, "sampler": "ddim"}
+    edited = client.images.edit(image=("digit.png", _png_file(DIGIT), "image/png"), mask=("mask.png", mask, "image/png"),
+                                prompt="fill the hole", n=2, size="8x8", extra_body=chain)  # fmt: skip
+    assert isinstance(edited, openai.types.ImagesResponse) and len(edited.data) == 2
+    extra = edited.model_extra or {}
+    assert extra["strength"] == 1.0 and extra["jump_length"] == 10 and len(extra["input_sha256"]) == 64
+    for d in edited.data:
+        out = _pixels(d.b64_json)
+        assert np.array_equal(out[HOLE > 0], DIGIT[HOLE > 0])  # every pixel outside the hole, exactly
+    # no mask: the image's own transparency marks the hole (OpenAI's rule); the same pixels, the same answer
+    with_alpha = _png_file(np.stack([DIGIT, HOLE], axis=-1), "LA")
+    same = client.images.edit(image=("digit.png", with_alpha, "image/png"), prompt="fill the hole", n=2, extra_body=chain)
+    assert [d.b64_json for d in same.data] == [d.b64_json for d in edited.data]
+    # variations: SDEdit at strength 0.75 by default, and the same as /generate with the same image
+    varied = client.images.create_variation(image=("digit.png", _png_file(DIGIT), "image/png"), n=2, extra_body=chain)
+    assert (varied.model_extra or {})["strength"] == 0.75
+    body = {**chain, "batch_size": 2, "image": base64.b64encode(_png_file(DIGIT)).decode()}
+    direct = httpx.post(server.url + "/generate", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert [d.b64_json for d in varied.data] == direct.json()["images"]
+    assert server.metric('ddpm_http_responses_total{route="/v1/images/edits",code="200"}') == 2
+
+
+def test_edit_errors_are_openai_errors(server: ServerProcess) -> None:
+    client = _client(server)
+    rgb = ("big.png", _png_file(np.zeros((64, 64, 3), np.uint8)), "image/png")
+    with pytest.raises(openai.BadRequestError, match="this model takes 8x8 grey PNGs") as caught:
+        client.images.create_variation(image=rgb)
+    assert caught.value.body["param"] == "image"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="transparent pixels"):
+        client.images.edit(image=("digit.png", _png_file(DIGIT), "image/png"), prompt="x")  # no mask, no alpha
+    with pytest.raises(openai.BadRequestError, match="not a PNG"):
+        client.images.create_variation(image=("x.gif", b"GIF89a....", "image/gif"))
+    with pytest.raises(openai.UnprocessableEntityError, match="strength"):
+        client.images.create_variation(image=("digit.png", _png_file(DIGIT), "image/png"), extra_body={"strength": 2})
+    r = httpx.post(server.url + "/v1/images/variations", json={"n": 1}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]["message"]

@@ -24,6 +24,9 @@ from service.api.strict_json import finite_jsonable
 from service.server_state import ServerState
 from service.settings import Settings, get_settings
 
+FORM = "multipart/form-data"
+FORM_PATHS = ("/v1/images/edits", "/v1/images/variations")  # OpenAI's uploads; every other POST takes JSON
+
 
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
@@ -73,10 +76,10 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         # 422 with a one-line message naming the field, plus FastAPI's structured list; a body that
         # was not sent as JSON at all is 415. Under /v1/ (OpenAI's API) in OpenAI's error shape.
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        not_json = request.method == "POST" and content_type != "application/json"
+        expected = FORM if request.url.path in FORM_PATHS else "application/json"
         openai = speaks_openai(request.url.path)
-        if not_json:
-            message = f"Content-Type must be application/json, got {content_type or 'none'!r}"
+        if request.method == "POST" and content_type != expected:
+            message = f"Content-Type must be {expected}, got {content_type or 'none'!r}"
             return openai_error_response(415, message) if openai else JSONResponse({"detail": message}, status_code=415)
         if openai:
             return openai_error_response(422, _validation_message(exc), _first_field(exc))

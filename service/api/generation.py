@@ -22,11 +22,11 @@ from fastapi.responses import Response
 
 from ddpm.chain import ChainSpec
 from ddpm.grid import image_pngs
-from ddpm.loaded_model import ChainError
+from ddpm.loaded_model import ChainError, LoadedModel
 from service.api.content_negotiation import negotiate
 from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask, edit_input
 from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
-from service.api.schemas import ChainRequest, EditFields, GenerateResponse, Timings
+from service.api.schemas import ChainRequest, EditFields, GenerateResponse, ImageForm, Timings
 from service.engine.errors import EngineError
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
@@ -49,44 +49,82 @@ def choose_media(accept: str | None, offered: list[str]) -> str:
     return media
 
 
-def prepare(
-    state: ServerState, seed: int, n: int, body: ChainRequest, n_field: str = "batch_size", edit: EditFields | None = None
-) -> ImageKey:
-    """Check readiness and validate a request against the loaded model: the key of the images it asks
-    for (errors as ApiError / a 422 naming the field): its chain, a conditional model's labels and
-    guidance, and an edit's input image and mask (``edit``: the request's editing fields)."""
+def ready_model(state: ServerState) -> LoadedModel:
+    """The loaded model, or 503 + Retry-After when this replica takes no request now."""
     reason = state.refusal_reason()
     if state.engine is None or state.model is None or state.facts is None or reason is not None:
         raise not_ready(state, reason)
+    return state.model
+
+
+def prepare(
+    state: ServerState, seed: int, n: int, body: ChainRequest | ImageForm, n_field: str = "batch_size", edit: Edit | None = None
+) -> ImageKey:
+    """Check readiness and validate a request against the loaded model: the key of the images it asks
+    for (errors as ApiError / a 422 naming the field): its chain, a conditional model's labels and
+    guidance, and an edit's input (``edit_from_fields``, ``edit_from_upload``)."""
+    model = ready_model(state)
+    assert state.engine is not None and state.facts is not None
     if n > state.settings.max_images_per_request:
         raise field_error(n_field, f"{n_field} must be <= {state.settings.max_images_per_request}", n)
-    edit_input, options = _edit(state, edit)
+    options = {} if edit is None else edit.options
     spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised, **options)
     try:
-        labels, w = state.model.labels(body.class_label, n, body.guidance_scale)
+        labels, w = model.labels(body.class_label, n, body.guidance_scale)
     except ChainError as exc:
         raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
+    edit_input = None if edit is None else edit.input
     return ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w, edit_input)
 
 
-def _edit(state: ServerState, fields: EditFields | None) -> tuple[EditInput | None, dict[str, Any]]:
-    """An edit's decoded input and its chain options (none without an image)."""
-    if fields is None or fields.image is None:
+@dataclass(frozen=True)
+class Edit:
+    """An edit's decoded input and its chain options (``LoadedModel.chain``'s strength, repaint, jumps)."""
+
+    input: EditInput
+    options: dict[str, Any]
+
+
+def edit_from_fields(state: ServerState, fields: EditFields) -> Edit | None:
+    """/generate's editing fields (base64 PNGs), or None without an image."""
+    if fields.image is None:
         for name in ("mask", "strength", "jump_length", "jump_n_sample"):
-            if fields is not None and getattr(fields, name) is not None:
+            if getattr(fields, name) is not None:
                 raise field_error(name, f"{name} needs an input image", getattr(fields, name) if name != "mask" else "<png>")
-        return None, {}
-    assert state.model is not None
-    shape = state.model.image_shape
+        return None
+    shape = ready_model(state).image_shape
     try:
         image, _ = decode_image("image", b64_png("image", fields.image), shape)
         mask = None if fields.mask is None else decode_mask("mask", b64_png("mask", fields.mask), shape)
     except InputError as exc:
         raise field_error(exc.field, str(exc), f"<{len(getattr(fields, exc.field) or '')} base64 characters>") from exc
-    return edit_input(image, mask), edit_options(fields.strength, mask is not None, fields.jump_length, fields.jump_n_sample)
+    return Edit(edit_input(image, mask), edit_options(fields.strength, mask is not None, fields.jump_length, fields.jump_n_sample))
 
 
-def edit_options(strength: float | None, repaint: bool, jump_length: int | None, jump_n_sample: int | None) -> dict[str, Any]:
+def edit_from_upload(
+    state: ServerState, image: bytes, mask: bytes | None, options: dict[str, Any], mask_from_alpha: bool = False
+) -> Edit:
+    """OpenAI's uploads: the image, and the mask (or, ``mask_from_alpha``, the image's own transparency,
+    as OpenAI's edits take it when no mask is sent). ``options``: strength and jumps as the form gave them."""
+    shape = ready_model(state).image_shape
+    try:
+        pixels, alpha = decode_image("image", image, shape)
+        if mask is not None:
+            keep = decode_mask("mask", mask, shape)
+        elif mask_from_alpha:
+            if alpha is None or (alpha > 0).all():
+                raise InputError("mask", "send a mask, or an image with transparent pixels (alpha 0) marking what to edit")
+            keep = torch.from_numpy((alpha > 0).astype("float32")).expand(shape).contiguous()
+        else:
+            keep = None
+    except InputError as exc:  # OpenAI answers an unusable upload with 400 naming the parameter
+        raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
+    return Edit(edit_input(pixels, keep), edit_options(repaint=keep is not None, **options))
+
+
+def edit_options(
+    strength: float | None = None, repaint: bool = False, jump_length: int | None = None, jump_n_sample: int | None = None
+) -> dict[str, Any]:
     """The chain options of an edit: a variation runs the last 0.75 of the chain by default, an
     inpainting the whole chain."""
     strength = strength if strength is not None else (1.0 if repaint else DEFAULT_VARIATION_STRENGTH)

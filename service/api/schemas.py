@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from ddpm.names import SamplerName, SpacingName
 from ddpm.seeding import MAX_SEED
@@ -267,6 +268,65 @@ class ImageGenerationRequest(ChainRequest):
     output_compression: int | None = Field(None, strict=True, description="Refused when set: it applies to jpeg and webp only.")
     background: str | None = Field(None, max_length=32, description="auto or opaque (the images have no alpha channel).")
     moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
+
+
+def _class_label_text(value: object) -> object:
+    """A form's class_label: '7' (an index), 'seven' (a name) or '1,2,3' (one per image), as the CLI's."""
+    if not isinstance(value, str):
+        return value
+    parts = [int(v) if v.strip().isdigit() else v.strip() for v in value.split(",")]
+    return parts if "," in value else parts[0]
+
+
+class ImageForm(BaseModel):
+    """The multipart form of OpenAI's ``/v1/images/edits`` and ``/v1/images/variations``, with this
+    server's own fields beside (the openai client's ``extra_body``). A form carries text: numbers are
+    read from it (no strict types here), unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    image: UploadFile | None = Field(None, description="The input PNG, of the model's size and mode (GET /info).")
+    image_list: list[UploadFile] | None = Field(None, alias="image[]", description="OpenAI's list form: one image only here.")
+    model: str | None = Field(None, description="The served model's name (GET /v1/models); another name is 404.")
+    n: int = Field(1, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size, which is the default.")
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json (the default); url is refused.")
+    user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request.")
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned.")
+    steps: int | None = Field(None, ge=1, description="As in /generate: U-Net calls per image over the part of the chain run.")
+    sampler: SamplerName | None = Field(None, description="As in /generate (inpainting: ddpm or ddim; default ddpm).")
+    eta: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="ddim only.")
+    timestep_spacing: SpacingName | None = None
+    clip_denoised: bool | None = None
+    class_label: int | str | list[int | str] | None = Field(
+        None, description="A class-conditional model: '7', 'seven', or '1,2,3' (one per image)."
+    )
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="As in /generate (variations: default 0.75).")
+
+    @field_validator("class_label", mode="before")
+    @classmethod
+    def _labels(cls, value: object) -> object:
+        return _class_label_text(value)
+
+    def upload(self) -> UploadFile | None:
+        """The one input image (``image`` or OpenAI's ``image[]`` with one file)."""
+        return self.image if self.image is not None else (self.image_list[0] if self.image_list else None)
+
+
+class ImageEditForm(ImageForm):
+    prompt: str = Field(..., max_length=32000, description="Required by the OpenAI API; it does not condition this model.")
+    mask: UploadFile | None = Field(
+        None, description="A PNG whose fully transparent pixels mark what to repaint; absent: the image's own transparency."
+    )
+    jump_length: int | None = Field(None, ge=1, le=1000, description="RePaint's resampling jump j (default 10).")
+    jump_n_sample: int | None = Field(None, ge=1, le=20, description="RePaint's resamplings r per jump point (default 1: none).")
+    # OpenAI's options with no effect here, as generations' (service.api.routes.openai_images.OPTIONS)
+    quality: str | None = Field(None, max_length=32)
+    background: str | None = Field(None, max_length=32)
+    output_format: str | None = Field(None, max_length=32)
+    output_compression: int | None = None
+    input_fidelity: str | None = Field(None, max_length=32)
 
 
 class ImageData(BaseModel):

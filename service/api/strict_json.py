@@ -9,7 +9,8 @@ Python's ``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, RFC
 ``StrictJSONRoute`` judges a request in this order: the body's size (413, before any route:
 ``RequestContextMiddleware``), then the bearer token where the route requires one (401, before the
 body is parsed at all: an anonymous caller learns nothing about the schema and costs no parsing, as
-with OpenAI's and Triton's servers), then the JSON (400 / 422), then the fields (422).
+with OpenAI's and Triton's servers), then the media type of an upload route (415 unless multipart),
+then the JSON (400 / 422), then the fields (422).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response, params
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -145,9 +146,14 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
         token_first = _requires(self.dependant, require_token)
 
+        takes_form = any(isinstance(p.field_info, params.Form) for p in self.dependant.body_params)
+
         async def strict_handler(request: Request) -> Response:
             if token_first:  # 401 before the body is read (require_token checks it again, for the schema's sake)
                 check_token(request.app.state.api_token, request.headers.get("authorization"))
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if takes_form and media != "multipart/form-data":  # an upload route: 415 before the body is read
+                raise HTTPException(415, f"Content-Type must be multipart/form-data, got {media or 'none'!r}")
             if _is_json(request.headers.get("content-type", "application/json")):
                 body = await request.body()
                 if body:

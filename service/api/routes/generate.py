@@ -22,6 +22,7 @@ from service.api.generation import (
     Generated,
     cached_images,
     choose_media,
+    edit_from_fields,
     encode_off_loop,
     images_or_not_modified,
     prepare,
@@ -55,7 +56,7 @@ async def generate(
 ) -> Response:
     arrived = time.monotonic()
     media = choose_media(accept, [JSON, PNG, NPY])
-    key = prepare(state, body.seed, body.batch_size, body, edit=body)
+    key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
     generated = await images_or_not_modified(state, key, media, request)
     if isinstance(generated, Response):
         return generated
@@ -83,7 +84,7 @@ async def generate_stream(
 ) -> StreamingResponse:
     arrived = time.monotonic()
     choose_media(accept, [SSE])
-    key = prepare(state, body.seed, body.batch_size, body, edit=body)
+    key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
     cached = cached_images(state, key, request)
     handle = None if cached is not None else submit(state, key, request, stream=True)
     stream = ProgressStream(state, key, request, arrived, handle)

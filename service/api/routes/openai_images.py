@@ -1,4 +1,5 @@
-"""OpenAI's images API on this server: ``POST /v1/images/generations`` and ``GET /v1/models``, so that
+"""OpenAI's images API on this server: ``POST /v1/images/generations``, ``/v1/images/edits`` (inpainting),
+``/v1/images/variations`` (SDEdit) and ``GET /v1/models``, so that
 the official ``openai`` client (and anything built on it) can call ddpm-serve unchanged. vLLM-Omni
 serves diffusion models behind the same endpoint.
 
@@ -14,7 +15,7 @@ import secrets
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Form, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 
@@ -22,9 +23,19 @@ from ddpm.grid import image_pngs
 from ddpm.seeding import MAX_SEED
 from service.api.deps import Authorized, StateDep
 from service.api.errors import ApiError, documented, not_ready
-from service.api.generation import JSON, chain_fields, encode_off_loop, images_or_not_modified, prepare
-from service.api.schemas import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList, OpenAIError
+from service.api.generation import JSON, chain_fields, edit_from_upload, encode_off_loop, images_or_not_modified, prepare, ready_model
+from service.api.schemas import (
+    ImageData,
+    ImageEditForm,
+    ImageForm,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+)
 from service.api.strict_json import StrictJSONRoute
+from service.response_cache import ImageKey
 from service.server_state import ServerState
 
 router = APIRouter(prefix="/v1", route_class=StrictJSONRoute, tags=["OpenAI-compatible"])
@@ -45,12 +56,13 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "output_compression": (),
     "background": ("auto", "opaque"),
     "moderation": ("auto", "low"),
+    "input_fidelity": (),  # edits: the strength field sets how far an edit may go
 }
 
 
-def _check_options(body: ImageGenerationRequest) -> None:
+def _check_options(body: ImageGenerationRequest | ImageForm) -> None:
     for param, accepted in OPTIONS.items():
-        value = getattr(body, param)
+        value = getattr(body, param, None)
         if value is None or value in accepted:
             continue
         can = f"it takes {' or '.join(map(repr, accepted))}" if accepted else "leave it out"
@@ -75,8 +87,57 @@ def _check_model(state: ServerState, requested: str | None) -> None:
     summary="OpenAI-compatible image generation (the prompt does not condition this unconditional model)",
 )
 async def images_generations(body: ImageGenerationRequest, request: Request, state: StateDep, _: Authorized) -> Response:
-    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-    key = prepare(state, seed, body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
+    key = prepare(state, _seed(body.seed), body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
+    size = _check_openai_fields(state, body)
+    request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
+    return await _answer(state, key, size, request)
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    responses=OPENAI_ERRORS,
+    summary="OpenAI-compatible inpainting (RePaint): the mask's (or the image's) transparent pixels are repainted",
+)
+async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
+    ready_model(state)
+    size = _check_openai_fields(state, form)
+    mask = None if form.mask is None else await form.mask.read()
+    options = {"strength": form.strength, "jump_length": form.jump_length, "jump_n_sample": form.jump_n_sample}
+    edit = edit_from_upload(state, await _image(form), mask, options, mask_from_alpha=True)
+    key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
+    request.state.log_fields.update({"user": form.user, "prompt_chars": len(form.prompt), "api": "openai", "edit": "inpaint"})
+    return await _answer(state, key, size, request)
+
+
+@router.post(
+    "/images/variations",
+    response_model=ImagesResponse,
+    responses=OPENAI_ERRORS,
+    summary="OpenAI-compatible variations (SDEdit): the image noised to strength (0.75) and denoised again",
+)
+async def images_variations(form: Annotated[ImageForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
+    ready_model(state)
+    size = _check_openai_fields(state, form)
+    edit = edit_from_upload(state, await _image(form), None, {"strength": form.strength})
+    key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
+    request.state.log_fields.update({"user": form.user, "api": "openai", "edit": "variation"})
+    return await _answer(state, key, size, request)
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbelow(MAX_SEED)
+
+
+async def _image(form: ImageForm) -> bytes:
+    upload = form.upload()
+    if upload is None:
+        raise _invalid("image", "image is required (a PNG file in the multipart form)")
+    return await upload.read()
+
+
+def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | ImageForm) -> str:
+    """The model, size, response format and options a request names; the size string it is answered with."""
     _check_model(state, body.model)
     _, h, w = state.model.image_shape  # type: ignore[union-attr]
     size = f"{w}x{h}"
@@ -85,13 +146,17 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     if body.response_format == "url":
         raise _invalid("response_format", "response_format 'url' is not supported: this server keeps no images; use 'b64_json'")
     _check_options(body)
-    request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
+    return size
+
+
+async def _answer(state: ServerState, key: ImageKey, size: str, request: Request) -> Response:
+    """The images of ``key`` in OpenAI's ImagesResponse (or 304), PNGs encoded off the event loop."""
     generated = await images_or_not_modified(state, key, JSON, request)
     if isinstance(generated, Response):
         return generated
     images, cached = generated.images, generated.job is None
 
-    def encode() -> object:  # PNG encoding off the event loop, as /generate's
+    def encode() -> object:
         data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)]
         fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.seed
         return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, **fields))
