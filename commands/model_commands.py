@@ -111,9 +111,11 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"ddpm: {exc}") from exc
     model = load_model_source(args.model, device)
+    init, mask, edit = _edit_inputs(args, model.image_shape)
     try:
-        chain = model.chain(args.sampler, args.steps or model.schedule.num_timesteps, args.eta, args.spacing,
-                            None if args.clip is None else args.clip == "on")  # fmt: skip
+        span = max(1, round(edit["strength"] * model.schedule.num_timesteps))
+        chain = model.chain(args.sampler, args.steps or span, args.eta, args.spacing, None if args.clip is None else args.clip == "on",
+                            **edit)  # fmt: skip
         labels, w = model.labels(_requested_labels(args.class_label, args.n, model.num_classes), args.n, args.guidance_scale)
     except ChainError as exc:
         raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field).replace('_', '-') }: {exc}") from exc
@@ -127,7 +129,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     args.precision_used = fast.precision
     if fast.precision != "fp32":
         print(f"U-Net in {fast.precision} (--precision {args.precision})", file=sys.stderr)
-    bar = tqdm(total=len(batches) * steps, desc="sample", disable=args.quiet, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=len(batches) * chain.unet_calls, desc="sample", disable=args.quiet, unit="step", dynamic_ncols=True)
     with torch.inference_mode():
         for first in batches:
             seeds = seeds_to_tensor(image_seeds(args.seed, min(args.batch_size, args.n - first), first=first), device)
@@ -137,7 +139,8 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 eps_model = fixed_guidance(fast.eps_model, y, torch.full((len(seeds),), w, device=device), model.num_classes)
             run = sample_chain(eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
                                clip_denoised=chain.clip, sampler=chain.sampler, eta=chain.eta, spacing=chain.spacing,
-                               steps_offset=chain.steps_offset, device=device, step_fn=fast.step_fn)  # fmt: skip
+                               steps_offset=chain.steps_offset, device=device, step_fn=fast.step_fn, strength=chain.strength,
+                               init_image=init, mask=mask, jump_length=chain.jump_length, jump_n_sample=chain.jump_n_sample)  # fmt: skip
             x = None
             for step in run:
                 bar.update(1)
@@ -146,6 +149,24 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             out.append(x.float().cpu())
     bar.close()
     return torch.cat(out), model
+
+
+def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type: ignore[no-untyped-def]
+    """--init-image and --mask as the chain takes them, and the chain's editing options (ddpm/editing.py)."""
+    from ddpm.image_inputs import InputError, decode_image, decode_mask
+
+    if args.init_image is None:
+        if args.mask is not None or args.strength is not None:
+            raise SystemExit("--mask and --strength need --init-image")
+        return None, None, {}
+    try:
+        init, _ = decode_image("--init-image", Path(args.init_image).read_bytes(), shape)
+        mask = None if args.mask is None else decode_mask("--mask", Path(args.mask).read_bytes(), shape)
+    except (InputError, OSError) as exc:
+        raise SystemExit(f"ddpm: {exc}") from exc
+    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.75)
+    edit = {"strength": strength, "repaint": mask is not None, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}
+    return init, mask, edit
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -281,7 +302,20 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISION_SETTINGS, default=os.environ.get("DDPM_PRECISION", "auto"),
                    help="the U-Net precision; x_t and the step stay fp32 (default: $DDPM_PRECISION or auto: bf16 if native)")  # fmt: skip
+    add_edit_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_edit_args(p: argparse.ArgumentParser) -> None:
+    """Editing an input image (ddpm sample / eval here, ddpm generate through a server)."""
+    p.add_argument("--init-image", default=None,
+                   help="a PNG of the model's size and mode: variations start from it noised (SDEdit, --strength)")  # fmt: skip
+    p.add_argument("--mask", default=None,
+                   help="with --init-image: a PNG whose transparent (alpha 0), or without alpha black, pixels are repainted")  # fmt: skip
+    p.add_argument("--strength", type=float, default=None,
+                   help="the share of the chain run from the noised input (default 0.75; with --mask 1)")  # fmt: skip
+    p.add_argument("--jump-length", type=int, default=None, help="with --mask: RePaint's resampling jump j (default 10)")
+    p.add_argument("--jump-n-sample", type=int, default=None, help="with --mask: RePaint's resamplings r (default 1: none)")
 
 
 def add_model_commands(sub: Any) -> None:

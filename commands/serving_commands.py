@@ -4,6 +4,7 @@ and compile-cache (the server's own background compile, written to a directory).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ def add_serve_parser(sub: Any) -> None:
 
 def add_generate_parser(sub: Any) -> None:
     from commands.help_format import DefaultsHelpFormatter
+    from commands.model_commands import add_edit_args
     from ddpm.names import SAMPLERS, SPACINGS
 
     text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
@@ -62,6 +64,7 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--retries", type=int, default=5, help="retries of a 503 / 429 (after the server's Retry-After)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds for the whole call (queue, denoising, retries): a stalled or trickling server is cut off")  # fmt: skip
+    add_edit_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -130,7 +133,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from commands.model_commands import class_label_arg
 
     chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
-             "class_label": class_label_arg(args.class_label), "guidance_scale": args.guidance_scale}  # fmt: skip
+             "class_label": class_label_arg(args.class_label), "guidance_scale": args.guidance_scale, "strength": args.strength,
+             "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}  # fmt: skip
+    for field, path in (("image", args.init_image), ("mask", args.mask)):  # sent as base64 PNGs; the server checks them
+        if path is not None:
+            try:
+                chain[field] = base64.b64encode(Path(path).read_bytes()).decode()
+            except OSError as exc:
+                raise SystemExit(f"ddpm generate: {exc}") from exc
     if not args.timeout > 0:
         raise SystemExit(f"ddpm generate: --timeout must be > 0, got {args.timeout}")
     try:

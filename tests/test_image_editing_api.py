@@ -116,3 +116,21 @@ def test_bad_edits_are_422_naming_the_field(client: TestClient, change: dict, fi
     r = client.post("/generate", json={k: v for k, v in body.items() if v is not None})
     assert r.status_code == 422, r.text
     assert field in r.json()["detail"] and words in r.json()["detail"], r.json()["detail"]
+
+
+def test_ddpm_sample_edits_from_the_command_line(model_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "in.png").write_bytes(base64.b64decode(_png(DIGIT)))
+    (tmp_path / "mask.png").write_bytes(base64.b64decode(MASK))
+    out = tmp_path / "out.npy"
+    cmd = [sys.executable, "-m", "commands.main", "sample", "--model", str(model_dir), "-n", "2", "--steps", "4", "--sampler", "ddim",
+           "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--jump-length", "2", "--jump-n-sample",
+           "2", "--compile", "off", "--quiet", "-o", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    images = np.load(out)  # (N, C, H, W) in [0, 1]
+    assert np.abs(images[:, 0, :4] - DIGIT[:4] / 255.0).max() < 1e-6  # the known half
+    bad = subprocess.run([*cmd[:-2], "--strength", "1.5", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "strength" in bad.stderr

@@ -1,0 +1,75 @@
+"""Input images for editing (ddpm/editing.py) from PNG bytes: checked against the model's image shape
+and mode, with errors that say what the model takes. The inverse of the PNGs ``ddpm.grid`` writes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+GREY_MODES = ("L", "LA", "1", "I", "I;16")
+COLOUR_MODES = ("RGB", "RGBA")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class InputError(ValueError):
+    """An input the model cannot take; ``field`` names the request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+def _open(field: str, data: bytes) -> Image.Image:
+    if not data.startswith(PNG_SIGNATURE):
+        raise InputError(field, f"{field} is not a PNG (only PNG is taken)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(field, f"{field} is not a readable PNG ({type(exc).__name__})") from exc
+    return image
+
+
+def _what_it_takes(shape: tuple[int, int, int]) -> str:
+    c, h, w = shape
+    return f"this model takes {w}x{h} {'grey' if c == 1 else 'RGB'} PNGs"
+
+
+def _check_size(field: str, image: Image.Image, shape: tuple[int, int, int]) -> None:
+    _, h, w = shape
+    if image.size != (w, h):
+        raise InputError(field, f"{field} is {image.size[0]}x{image.size[1]} {image.mode}; {_what_it_takes(shape)}")
+
+
+def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The image as (C, H, W) float32 in [-1, 1] (the inverse of the PNGs the server answers with), and
+    its alpha channel where it has one."""
+    image = _open(field, data)
+    _check_size(field, image, shape)
+    modes = GREY_MODES if shape[0] == 1 else COLOUR_MODES
+    if image.mode not in modes:
+        raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)} (modes {', '.join(modes)})")
+    alpha = np.asarray(image.getchannel("A")) if image.mode in ("LA", "RGBA") else None
+    if image.mode in ("I", "I;16"):
+        pixels = np.asarray(image, dtype=np.float64) / 257.0  # 16-bit grey
+    else:
+        pixels = np.asarray(image.convert("L" if shape[0] == 1 else "RGB"), dtype=np.float64)
+    pixels = pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)  # (C, H, W)
+    return torch.from_numpy(pixels / 127.5 - 1.0).float(), alpha
+
+
+def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(C, H, W) float32, 1 where a pixel is known (kept): alpha > 0 (OpenAI: alpha 0 marks what to
+    repaint), or for a mask without alpha, a grey value over half (black marks what to repaint)."""
+    image = _open(field, data)
+    _check_size(field, image, shape)
+    if "A" in image.getbands():
+        keep = np.asarray(image.getchannel("A")) > 0
+    else:
+        keep = np.asarray(image.convert("L")) >= 128
+    if keep.all():
+        raise InputError(field, f"{field} marks nothing to repaint (no transparent pixel, or no black one without alpha)")
+    return torch.from_numpy(np.broadcast_to(keep, shape[1:]).astype(np.float32)).expand(shape).contiguous()
