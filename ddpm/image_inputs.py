@@ -44,12 +44,20 @@ def _check_size(field: str, image: Image.Image, shape: tuple[int, int, int]) -> 
         raise InputError(field, f"{field} is {image.size[0]}x{image.size[1]} {image.mode}; {_what_it_takes(shape)}")
 
 
+def _grey_as_colour(image: Image.Image) -> bool:
+    """An RGB(A) image whose three colour channels are equal everywhere: grey, stored in colour."""
+    rgb = np.asarray(image.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
 def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray | None]:
     """The image as (C, H, W) float32 in [-1, 1] (the inverse of the PNGs the server answers with), and
     its alpha channel where it has one."""
     image = _open(field, data)
     _check_size(field, image, shape)
     modes = GREY_MODES if shape[0] == 1 else COLOUR_MODES
+    if shape[0] == 1 and image.mode in COLOUR_MODES and _grey_as_colour(image):  # e.g. a browser canvas: RGBA, R = G = B
+        image = image.convert("LA" if image.mode == "RGBA" else "L")
     if image.mode not in modes:
         raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)} (modes {', '.join(modes)})")
     alpha = np.asarray(image.getchannel("A")) if image.mode in ("LA", "RGBA") else None
