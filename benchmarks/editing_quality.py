@@ -126,6 +126,43 @@ def cost(model, inputs: torch.Tensor, args: argparse.Namespace) -> dict:  # type
     return {"seconds_per_image": {k: round(v, 4) for k, v in med.items()}, "ratio_to_plain": ratios}
 
 
+def serving(model, inputs: torch.Tensor, args: argparse.Namespace) -> dict:  # type: ignore[no-untyped-def]
+    """Images per second: the engine given a mix of plain, variation and inpainting requests at once (4
+    images each, step-level batching over max_batch 64), against the offline sampler running each kind
+    in one batch of the same size, one kind after the other."""
+    from ddpm.chain import ChainSpec
+    from service.engine.engine import Engine
+    from service.engine.job import Job
+
+    m = args.serve_images  # per kind
+    keep = _mask("bottom half")
+    specs = {"plain": ChainSpec(args.steps, args.sampler, spacing="trailing"),
+             "variation": ChainSpec(args.steps, args.sampler, spacing="trailing", strength=0.75),
+             "inpainting": ChainSpec(args.steps, args.sampler, spacing="trailing", repaint=True)}  # fmt: skip
+    start = time.perf_counter()
+    for name, spec in specs.items():
+        extra = {} if name == "plain" else {"init_image": inputs[:m]}
+        if name == "inpainting":
+            extra["mask"] = keep
+        _run(model, seeds_to_tensor(image_seeds(5, m)), args, m, strength=spec.strength, **extra)
+    offline = 3 * m / (time.perf_counter() - start)
+    engine = Engine(model, max_batch=64, max_queue=10_000)
+    engine.start()
+    try:
+        start = time.perf_counter()
+        for first in range(0, m, 4):
+            for name, spec in specs.items():
+                image = inputs[first]
+                engine.submit(Job(seed=first, n=4, chain=spec, timeout_s=3600, init_image=None if name == "plain" else image,
+                                  mask=keep if name == "inpainting" else None))  # fmt: skip
+        engine.wait_idle(3600)
+        served = 3 * (m // 4 * 4) / (time.perf_counter() - start)
+    finally:
+        engine.stop()
+    return {"images_per_kind": m, "offline_images_per_s": round(offline, 2), "engine_images_per_s": round(served, 2),
+            "ratio": round(served / offline, 3)}  # fmt: skip
+
+
 def step_cost(args: argparse.Namespace) -> dict:
     """The fused step alone (the PyTorch twin on this CPU), a batch of 64 28x28 rows: plain vs all inpainting."""
     b, shape = 64, (1, 28, 28)
@@ -154,6 +191,8 @@ def main() -> None:
     parser.add_argument("--variations", type=int, default=4, help="variations per input")
     parser.add_argument("--batch", type=int, default=100, help="images per U-Net call")
     parser.add_argument("--rounds", type=int, default=3, help="cost: rounds per kind")
+    parser.add_argument("--serve-images", type=int, default=64, help="serving: images per kind (plain, variation, inpainting)")
+    parser.add_argument("--only", default=None, help="run one part: step_cost, cost, serving, inpainting, variations")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -167,14 +206,21 @@ def main() -> None:
     report: dict[str, object] = {"cpu": platform.processor() or platform.machine(), "cpu_capability": cpu_capability(),
                                  "torch_threads": torch.get_num_threads(), "n": args.n, "steps": args.steps,
                                  "sampler": args.sampler}  # fmt: skip
-    report["step_cost"] = step_cost(args)
-    print(json.dumps(report["step_cost"]), flush=True)
-    report["cost"] = cost(model, inputs, args)
-    print(json.dumps(report["cost"]), flush=True)
-    report["inpainting_real"] = inpainting(model, classifier, inputs, reference, args)
-    own = _run(model, seeds_to_tensor(image_seeds(4, args.n)), args, args.batch)
-    report["inpainting_own_samples"] = inpainting(model, classifier, own, reference, args)
-    report["variations"] = variations(model, classifier, inputs[: max(2, args.n // args.variations)], args)
+    def own_samples() -> torch.Tensor:
+        return _run(model, seeds_to_tensor(image_seeds(4, args.n)), args, args.batch)
+
+    parts = {
+        "step_cost": lambda: step_cost(args),
+        "cost": lambda: cost(model, inputs, args),
+        "serving": lambda: serving(model, inputs, args),
+        "inpainting_real": lambda: inpainting(model, classifier, inputs, reference, args),
+        "inpainting_own_samples": lambda: inpainting(model, classifier, own_samples(), reference, args),
+        "variations": lambda: variations(model, classifier, inputs[: max(2, args.n // args.variations)], args),
+    }
+    for name, part in parts.items():
+        if args.only is None or name.startswith(args.only):
+            report[name] = part()
+            print(json.dumps({name: report[name]}), flush=True)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

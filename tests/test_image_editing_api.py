@@ -134,3 +134,18 @@ def test_ddpm_sample_edits_from_the_command_line(model_dir: Path, tmp_path: Path
     assert np.abs(images[:, 0, :4] - DIGIT[:4] / 255.0).max() < 1e-6  # the known half
     bad = subprocess.run([*cmd[:-2], "--strength", "1.5", "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "strength" in bad.stderr
+
+
+def test_a_diffusers_model_edits_alike(tmp_path: Path) -> None:
+    """The same requests on a mounted diffusers DDPM directory (UNet2DModel + DDPMScheduler config)."""
+    from tests.test_reverse_chain import _save_diffusers_dir
+
+    directory = _save_diffusers_dir(tmp_path, {"num_train_timesteps": 40, "beta_schedule": "linear", "clip_sample": True})
+    with app_client(directory) as c:
+        wait_ready(c)
+        inpainted = c.post("/generate", json={"seed": 3, "steps": 6, "sampler": "ddim", "image": _png(DIGIT), "mask": MASK,
+                                              "jump_length": 2, "jump_n_sample": 2})  # fmt: skip
+        assert inpainted.status_code == 200, inpainted.text
+        assert np.array_equal(_pixels(inpainted.json()["images"][0])[:4], DIGIT[:4])
+        varied = c.post("/generate", json={"seed": 3, "steps": 6, "image": _png(DIGIT), "strength": 0.5})
+        assert varied.status_code == 200 and varied.json()["strength"] == 0.5
