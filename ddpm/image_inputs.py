@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 GREY_MODES = ("L", "LA", "1", "I", "I;16")
 COLOUR_MODES = ("RGB", "RGBA")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NPY_SIGNATURE = b"\x93NUMPY"  # an array client's input: float (C, H, W) in [0, 1], as the server's npy answers
 
 
 class InputError(ValueError):
@@ -22,9 +23,26 @@ class InputError(ValueError):
         super().__init__(message)
 
 
+def _array(field: str, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """A .npy input: (C, H, W) or (H, W) of a one-channel model, finite, in [0, 1]."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(field, f"{field} is not a readable .npy array ({type(exc).__name__})") from exc
+    if array.ndim == 2 and shape[0] == 1:
+        array = array[None]
+    if tuple(array.shape) != tuple(shape) or not np.issubdtype(array.dtype, np.number):
+        what = f"a {array.dtype} array of shape {tuple(array.shape)}"
+        raise InputError(field, f"{field} is {what}; this model takes {tuple(shape)} in [0, 1]")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise InputError(field, f"{field} must hold finite values in [0, 1]")
+    return array
+
+
 def _open(field: str, data: bytes) -> Image.Image:
     if not data.startswith(PNG_SIGNATURE):
-        raise InputError(field, f"{field} is not a PNG (only PNG is taken)")
+        raise InputError(field, f"{field} is not a PNG or a .npy array (only those are taken)")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -53,6 +71,8 @@ def _grey_as_colour(image: Image.Image) -> bool:
 def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray | None]:
     """The image as (C, H, W) float32 in [-1, 1] (the inverse of the PNGs the server answers with), and
     its alpha channel where it has one."""
+    if data.startswith(NPY_SIGNATURE):
+        return torch.from_numpy(_array(field, data, shape) * 2.0 - 1.0).float(), None
     image = _open(field, data)
     _check_size(field, image, shape)
     modes = GREY_MODES if shape[0] == 1 else COLOUR_MODES
@@ -72,6 +92,11 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
 def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
     """(C, H, W) float32, 1 where a pixel is known (kept): alpha > 0 (OpenAI: alpha 0 marks what to
     repaint), or for a mask without alpha, a grey value over half (black marks what to repaint)."""
+    if data.startswith(NPY_SIGNATURE):  # 1 where known, 0 where to repaint
+        keep = _array(field, data, shape) >= 0.5
+        if keep.all():
+            raise InputError(field, f"{field} marks nothing to repaint (no 0 in the array)")
+        return torch.from_numpy(keep.astype(np.float32))
     image = _open(field, data)
     _check_size(field, image, shape)
     if "A" in image.getbands():

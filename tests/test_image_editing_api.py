@@ -84,6 +84,23 @@ def test_inpainting_keeps_the_known_pixels_and_keys_the_cache_on_the_input(clien
     assert plain.json()["input_sha256"] is None and plain.headers["etag"] != first.headers["etag"]
 
 
+def test_an_array_client_sends_npy(client: TestClient) -> None:
+    """``application/x-npy`` clients send the arrays they get back: base64 .npy, (C, H, W) in [0, 1]."""
+
+    def npy(array: np.ndarray) -> str:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    keep = (ALPHA > 0).astype(np.float32)[None]
+    body = {"seed": 6, "steps": 4, "sampler": "ddim"}
+    png = client.post("/generate", json={**body, "image": _png(DIGIT), "mask": MASK}).json()
+    arrays = client.post("/generate", json={**body, "image": npy((DIGIT / 255.0)[None]), "mask": npy(keep)}).json()
+    assert arrays["input_sha256"] == png["input_sha256"] and arrays["images"] == png["images"]
+    bad = client.post("/generate", json={**body, "image": npy(np.zeros((3, 8, 8)))})
+    assert bad.status_code == 422 and "(1, 8, 8) in [0, 1]" in bad.json()["detail"]
+
+
 def test_an_inpainting_request_streams_its_calls(client: TestClient) -> None:
     body = {"seed": 2, "steps": 4, "image": _png(DIGIT), "mask": MASK, "jump_length": 2, "jump_n_sample": 2}
     with client.stream("POST", "/generate/stream", json=body) as r:
@@ -99,7 +116,7 @@ def test_an_inpainting_request_streams_its_calls(client: TestClient) -> None:
     [
         ({"image": _png(np.zeros((64, 64, 3), np.uint8))}, "image", "this model takes 8x8 grey PNGs"),
         ({"image": _png(np.dstack([DIGIT, 255 - DIGIT, DIGIT]))}, "image", "RGB PNG; this model takes 8x8 grey"),
-        ({"image": base64.b64encode(b"GIF89a not a png").decode()}, "image", "not a PNG"),
+        ({"image": base64.b64encode(b"GIF89a not a png").decode()}, "image", "not a PNG or a .npy array"),
         ({"image": "%%%"}, "image", "not base64"),
         ({"image": None, "mask": MASK}, "mask", "needs an input image"),
         ({"image": None, "strength": 0.5}, "strength", "needs an input image"),

@@ -67,13 +67,14 @@ class EditFields(BaseModel):
         None,
         max_length=2**24,
         description="The input image, a base64 PNG of the model's size and mode (GET /info: image_shape; 1 channel: grey, "
-        "3: RGB). With strength < 1 the chain starts from it noised (SDEdit); with a mask its known pixels are kept.",
+        "3: RGB), or a base64 .npy float array (C, H, W) in [0, 1]. With strength < 1 the chain starts from it noised (SDEdit); "
+        "with a mask its known pixels are kept.",
     )
     mask: str | None = Field(
         None,
         max_length=2**24,
         description="Inpainting (RePaint): a base64 PNG of the image's size whose fully transparent pixels (alpha 0, as "
-        "OpenAI's edits) mark what to repaint; a mask without alpha marks them black (0). Needs image.",
+        "OpenAI's edits) mark what to repaint; a mask without alpha marks them black (0); a .npy array marks them 0. Needs image.",
     )
     strength: float | None = Field(
         None,
