@@ -151,8 +151,9 @@ def _edit_batch(b: int, shape: tuple[int, ...]) -> tuple[StepCoefficients, EditT
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("multistep", [False, True])
-def test_kernel_equals_twin_on_mixed_edit_rows(dtype: torch.dtype, channels_last: bool, multistep: bool) -> None:
-    b, shape = 6, (3, 5, 7)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1, 28, 28)])
+def test_kernel_equals_twin_on_mixed_edit_rows(dtype: torch.dtype, channels_last: bool, multistep: bool, shape: tuple[int, ...]) -> None:
+    b = 6
     gen = torch.Generator().manual_seed(1)
     x, eps = torch.randn(b, *shape, generator=gen).to(dtype), torch.randn(b, *shape, generator=gen).to(dtype)
     if channels_last:

@@ -166,3 +166,19 @@ def test_a_diffusers_model_edits_alike(tmp_path: Path) -> None:
         assert np.array_equal(_pixels(inpainted.json()["images"][0])[:4], DIGIT[:4])
         varied = c.post("/generate", json={"seed": 3, "steps": 6, "image": _png(DIGIT), "strength": 0.5})
         assert varied.status_code == 200 and varied.json()["strength"] == 0.5
+
+
+def test_a_class_conditional_model_inpaints_towards_the_label(tmp_path: Path) -> None:
+    """An edit of a class-conditional model takes a class label and guidance; the label changes the
+    repainted pixels only, and the answer names the class."""
+    from tests.tiny_model import TINY_CLASSES, save_tiny_conditional_model
+
+    directory = save_tiny_conditional_model(tmp_path / "cond", num_timesteps=100)
+    with app_client(directory) as c:
+        wait_ready(c)
+        body = {"seed": 2, "steps": 5, "sampler": "ddim", "image": _png(DIGIT), "mask": MASK, "guidance_scale": 2.0}
+        answers = [c.post("/generate", json={**body, "class_label": label}).json() for label in TINY_CLASSES[:2]]
+    assert [a["class_labels"] for a in answers] == [[TINY_CLASSES[0]], [TINY_CLASSES[1]]]
+    first, second = (_pixels(a["images"][0]) for a in answers)
+    assert np.array_equal(first[:4], DIGIT[:4]) and np.array_equal(second[:4], DIGIT[:4])
+    assert not np.array_equal(first[4:], second[4:])
