@@ -113,7 +113,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     model = load_model_source(args.model, device)
     init, mask, edit = _edit_inputs(args, model.image_shape)
     try:
-        span = max(1, round(edit["strength"] * model.schedule.num_timesteps))
+        span = max(1, round(edit.get("strength", 1.0) * model.schedule.num_timesteps))
         chain = model.chain(args.sampler, args.steps or span, args.eta, args.spacing, None if args.clip is None else args.clip == "on",
                             **edit)  # fmt: skip
         labels, w = model.labels(_requested_labels(args.class_label, args.n, model.num_classes), args.n, args.guidance_scale)
