@@ -96,7 +96,7 @@ def variations(model, classifier, inputs: torch.Tensor, args: argparse.Namespace
     original = np.repeat(original_probs.argmax(1), k)
     repeated = inputs.repeat_interleave(k, dim=0)
     rows = []
-    for strength in (0.25, 0.5, 0.75, 1.0):
+    for strength in (float(v) for v in args.strengths.split(",")):
         images = _run(model, seeds_to_tensor(image_seeds(2, len(repeated))), args, args.batch, init_image=repeated, strength=strength)
         feats, probs = classify(classifier, images)
         spread = statistics.fmean(_mean_pairwise_distance(feats[i * k : (i + 1) * k]) for i in range(len(inputs)))
@@ -139,13 +139,14 @@ def serving(model, inputs: torch.Tensor, args: argparse.Namespace) -> dict:  # t
     specs = {"plain": ChainSpec(args.steps, args.sampler, spacing="trailing"),
              "variation": ChainSpec(args.steps, args.sampler, spacing="trailing", strength=0.75),
              "inpainting": ChainSpec(args.steps, args.sampler, spacing="trailing", repaint=True)}  # fmt: skip
+    specs = {k: v for k, v in specs.items() if k in args.serve_kinds.split(",")}
     start = time.perf_counter()
     for name, spec in specs.items():
         extra = {} if name == "plain" else {"init_image": inputs[:m]}
         if name == "inpainting":
             extra["mask"] = keep
         _run(model, seeds_to_tensor(image_seeds(5, m)), args, m, strength=spec.strength, **extra)
-    offline = 3 * m / (time.perf_counter() - start)
+    offline = len(specs) * m / (time.perf_counter() - start)
     engine = Engine(model, max_batch=64, max_queue=10_000)
     engine.start()
     try:
@@ -156,10 +157,10 @@ def serving(model, inputs: torch.Tensor, args: argparse.Namespace) -> dict:  # t
                 engine.submit(Job(seed=first, n=4, chain=spec, timeout_s=3600, init_image=None if name == "plain" else image,
                                   mask=keep if name == "inpainting" else None))  # fmt: skip
         engine.wait_idle(3600)
-        served = 3 * (m // 4 * 4) / (time.perf_counter() - start)
+        served = len(specs) * (m // 4 * 4) / (time.perf_counter() - start)
     finally:
         engine.stop()
-    return {"images_per_kind": m, "offline_images_per_s": round(offline, 2), "engine_images_per_s": round(served, 2),
+    return {"kinds": list(specs), "images_per_kind": m, "offline_images_per_s": round(offline, 2), "engine_images_per_s": round(served, 2),
             "ratio": round(served / offline, 3)}  # fmt: skip
 
 
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--variations", type=int, default=4, help="variations per input")
     parser.add_argument("--batch", type=int, default=100, help="images per U-Net call")
     parser.add_argument("--rounds", type=int, default=3, help="cost: rounds per kind")
+    parser.add_argument("--serve-kinds", default="plain,variation,inpainting", help="serving: the request kinds mixed")
+    parser.add_argument("--strengths", default="0.25,0.5,0.75,1.0", help="variations: the strengths")
     parser.add_argument("--serve-images", type=int, default=64, help="serving: images per kind (plain, variation, inpainting)")
     parser.add_argument("--only", default=None, help="run one part: step_cost, cost, serving, inpainting, variations")
     parser.add_argument("--threads", type=int, default=0)

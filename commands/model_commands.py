@@ -153,6 +153,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type: ignore[no-untyped-def]
     """--init-image and --mask as the chain takes them, and the chain's editing options (ddpm/editing.py)."""
+    from ddpm.editing import DEFAULT_VARIATION_STRENGTH
     from ddpm.image_inputs import InputError, decode_image, decode_mask
 
     if args.init_image is None:
@@ -164,7 +165,7 @@ def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type
         mask = None if args.mask is None else decode_mask("--mask", Path(args.mask).read_bytes(), shape)
     except (InputError, OSError) as exc:
         raise SystemExit(f"ddpm: {exc}") from exc
-    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.75)
+    strength = args.strength if args.strength is not None else (1.0 if mask is not None else DEFAULT_VARIATION_STRENGTH)
     edit = {"strength": strength, "repaint": mask is not None, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}
     return init, mask, edit
 
@@ -313,9 +314,9 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", default=None,
                    help="with --init-image: a PNG whose transparent (alpha 0), or without alpha black, pixels are repainted")  # fmt: skip
     p.add_argument("--strength", type=float, default=None,
-                   help="the share of the chain run from the noised input (default 0.75; with --mask 1)")  # fmt: skip
-    p.add_argument("--jump-length", type=int, default=None, help="with --mask: RePaint's resampling jump j (default 10)")
-    p.add_argument("--jump-n-sample", type=int, default=None, help="with --mask: RePaint's resamplings r (default 1: none)")
+                   help="the share of the chain run from the noised input (default 0.4; with --mask 1)")  # fmt: skip
+    p.add_argument("--jump-length", type=int, default=None, help="with --mask: RePaint's resampling jump j (default 5)")
+    p.add_argument("--jump-n-sample", type=int, default=None, help="with --mask: RePaint's samplings r per jump point (default 2; 1: none)")
 
 
 def add_model_commands(sub: Any) -> None:

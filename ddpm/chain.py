@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm.editing import edit_table, repaint_calls, sdedit_start
+from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, edit_table, repaint_calls, sdedit_start
 from ddpm.respace import respace, respace_steps, spaced_timesteps
 from ddpm.samplers import Sampler, coefficient_table
 from ddpm.schedule import NoiseSchedule, VarianceType
@@ -40,8 +40,8 @@ class ChainSpec:
     steps_offset: int = 0
     strength: float = 1.0  # SDEdit: the share of the chain run from the noised input (1: from pure noise)
     repaint: bool = False  # RePaint: a mask keeps the input's known pixels
-    jump_length: int = 10  # RePaint's j (positions jumped back up)
-    jump_n_sample: int = 1  # RePaint's r (times each jump point is resampled; 1: never)
+    jump_length: int = DEFAULT_JUMP_LENGTH  # RePaint's j (positions jumped back up)
+    jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE  # RePaint's r (times each jump point is sampled; 1: no resampling)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sampler", Sampler(self.sampler).value)
@@ -50,8 +50,8 @@ class ChainSpec:
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if not self.repaint:  # one spelling of "no resampling": the defaults
-            object.__setattr__(self, "jump_length", 10)
-            object.__setattr__(self, "jump_n_sample", 1)
+            object.__setattr__(self, "jump_length", DEFAULT_JUMP_LENGTH)
+            object.__setattr__(self, "jump_n_sample", DEFAULT_JUMP_N_SAMPLE)
         elif self.multistep:
             raise ValueError(f"inpainting runs with sampler ddpm or ddim (a jump back up breaks {self.sampler}'s multistep history)")
         elif self.jump_length < 1 or self.jump_n_sample < 1:
@@ -172,8 +172,8 @@ def sample_chain(
     strength: float = 1.0,
     init_image: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    jump_length: int = 10,
-    jump_n_sample: int = 1,
+    jump_length: int = DEFAULT_JUMP_LENGTH,
+    jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE,
 ) -> Iterator[SampleProgress]:
     """Algorithm 2 (or DDIM, or DPM-Solver++(2M)) for a batch of images, one Philox seed each (int64
     bits); yields after every step (every U-Net call).

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ddpm.chain import ChainSpec, EpsModel
+from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE
 from ddpm.names import DEFAULT_SPACING
 from ddpm.respace import spaced_timesteps
 from ddpm.schedule import NoiseSchedule, VarianceType
@@ -117,6 +118,7 @@ class LoadedModel:
             raise ChainError("timestep_spacing", str(exc)) from exc
         clip = self.clip_denoised if clip is None else clip
         try:
-            return ChainSpec(steps, sampler, eta or 0.0, clip, spacing, offset, strength, repaint, jump_length or 10, jump_n_sample or 1)
+            return ChainSpec(steps, sampler, eta or 0.0, clip, spacing, offset, strength, repaint, jump_length or DEFAULT_JUMP_LENGTH,
+                             jump_n_sample or DEFAULT_JUMP_N_SAMPLE)  # fmt: skip
         except ValueError as exc:  # strength out of range, a multistep sampler asked to inpaint
             raise ChainError("strength" if "strength" in str(exc) else "sampler", str(exc)) from exc

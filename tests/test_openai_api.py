@@ -149,7 +149,7 @@ def test_images_edit_and_variation_with_the_openai_client(server: ServerProcess)
                                 prompt="fill the hole", n=2, size="8x8", extra_body=chain)  # fmt: skip
     assert isinstance(edited, openai.types.ImagesResponse) and len(edited.data) == 2
     extra = edited.model_extra or {}
-    assert extra["strength"] == 1.0 and extra["jump_length"] == 10 and len(extra["input_sha256"]) == 64
+    assert extra["strength"] == 1.0 and extra["jump_length"] == 5 and extra["jump_n_sample"] == 2 and len(extra["input_sha256"]) == 64
     for d in edited.data:
         out = _pixels(d.b64_json)
         assert np.array_equal(out[HOLE > 0], DIGIT[HOLE > 0])  # every pixel outside the hole, exactly
@@ -157,9 +157,9 @@ def test_images_edit_and_variation_with_the_openai_client(server: ServerProcess)
     with_alpha = _png_file(np.stack([DIGIT, HOLE], axis=-1), "LA")
     same = client.images.edit(image=("digit.png", with_alpha, "image/png"), prompt="fill the hole", n=2, extra_body=chain)
     assert [d.b64_json for d in same.data] == [d.b64_json for d in edited.data]
-    # variations: SDEdit at strength 0.75 by default, and the same as /generate with the same image
+    # variations: SDEdit at strength 0.4 by default, and the same as /generate with the same image
     varied = client.images.create_variation(image=("digit.png", _png_file(DIGIT), "image/png"), n=2, extra_body=chain)
-    assert (varied.model_extra or {})["strength"] == 0.75
+    assert (varied.model_extra or {})["strength"] == 0.4
     body = {**chain, "batch_size": 2, "image": base64.b64encode(_png_file(DIGIT)).decode()}
     direct = httpx.post(server.url + "/generate", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
     assert [d.b64_json for d in varied.data] == direct.json()["images"]

@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ddpm.chain import ChainSpec
+from ddpm.editing import DEFAULT_VARIATION_STRENGTH
 from ddpm.grid import image_pngs
 from ddpm.loaded_model import ChainError, LoadedModel
 from service.api.content_negotiation import negotiate
@@ -37,7 +38,6 @@ JSON = "application/json"
 PNG = "image/png"
 NPY = "application/x-npy"
 SSE = "text/event-stream"
-DEFAULT_VARIATION_STRENGTH = 0.75  # an input image without a mask: the last 3/4 of the chain (diffusers' img2img: 0.8)
 log = logging.getLogger("ddpm.server")
 
 
@@ -125,8 +125,8 @@ def edit_from_upload(
 def edit_options(
     strength: float | None = None, repaint: bool = False, jump_length: int | None = None, jump_n_sample: int | None = None
 ) -> dict[str, Any]:
-    """The chain options of an edit: a variation runs the last 0.75 of the chain by default, an
-    inpainting the whole chain."""
+    """The chain options of an edit: a variation runs the last DEFAULT_VARIATION_STRENGTH (0.4) of the
+    chain by default, an inpainting the whole chain."""
     strength = strength if strength is not None else (1.0 if repaint else DEFAULT_VARIATION_STRENGTH)
     return {"strength": strength, "repaint": repaint, "jump_length": jump_length, "jump_n_sample": jump_n_sample}
 

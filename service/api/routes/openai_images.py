@@ -114,7 +114,7 @@ async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request,
     "/images/variations",
     response_model=ImagesResponse,
     responses=OPENAI_ERRORS,
-    summary="OpenAI-compatible variations (SDEdit): the image noised to strength (0.75) and denoised again",
+    summary="OpenAI-compatible variations (SDEdit): the image noised to strength (0.4) and denoised again",
 )
 async def images_variations(form: Annotated[ImageForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
     ready_model(state)
