@@ -178,5 +178,9 @@ def test_edit_errors_are_openai_errors(server: ServerProcess) -> None:
         client.images.create_variation(image=("x.gif", b"GIF89a....", "image/gif"))
     with pytest.raises(openai.UnprocessableEntityError, match="strength"):
         client.images.create_variation(image=("digit.png", _png_file(DIGIT), "image/png"), extra_body={"strength": 2})
+    two = [("image[]", ("a.png", _png_file(DIGIT), "image/png")), ("image[]", ("b.png", _png_file(DIGIT), "image/png"))]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(server.url + "/v1/images/edits", data={"prompt": "x"}, files=two, headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image" and "one input image" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/images/variations", json={"n": 1}, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
     assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]["message"]

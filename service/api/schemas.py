@@ -311,7 +311,7 @@ class ImageForm(BaseModel):
         return _class_label_text(value)
 
     def upload(self) -> UploadFile | None:
-        """The one input image (``image`` or OpenAI's ``image[]`` with one file)."""
+        """The input image (``image``, or OpenAI's ``image[]`` holding one file)."""
         return self.image if self.image is not None else (self.image_list[0] if self.image_list else None)
 
 

@@ -130,6 +130,8 @@ def _seed(seed: int | None) -> int:
 
 
 async def _image(form: ImageForm) -> bytes:
+    if form.image_list is not None and len(form.image_list) + (form.image is not None) > 1:
+        raise _invalid("image", "one input image per request here (this model edits one image at a time)")
     upload = form.upload()
     if upload is None:
         raise _invalid("image", "image is required (a PNG file in the multipart form)")
