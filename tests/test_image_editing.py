@@ -25,6 +25,7 @@ from tests.test_reverse_chain import _save_diffusers_dir
 from tests.tiny_model import tiny_loaded_model
 
 SHAPE = (1, 8, 8)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _input_and_mask(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,16 +162,23 @@ def test_kernel_equals_twin_on_mixed_edit_rows(dtype: torch.dtype, channels_last
     coefs, edit = _edit_batch(b, shape)
     x0_prev = torch.randn(b, *shape) if multistep else None
     seeds, counter = seeds_to_tensor(image_seeds(9, b)), torch.arange(b) + 3
+    if DEVICE != "cpu":  # the compiled kernel on the GPU check: CUDA tensors
+        move = lambda t: t.to(DEVICE)  # noqa: E731
+        x, eps, seeds, counter = move(x), move(eps), move(seeds), move(counter)
+        x0_prev = None if x0_prev is None else move(x0_prev)
+        coefs = StepCoefficients(*(move(getattr(coefs, n)) for n in StepCoefficients.names()))
+        edit = EditTerms(*(move(getattr(edit, n)) for n in ("known", "mask", *EditTerms.ROWS)))
     kernel, k0 = fused_reverse_step_triton(x, eps, coefs, seeds, counter, x0_prev, edit)
     twin, t0 = fused_reverse_step_torch(x, eps, coefs, seeds, counter, x0_prev, edit)
     # bf16: one unit in the last place (the interpreter truncates where the twin rounds to nearest)
     atol, rtol = (1e-5, 0.0) if dtype == torch.float32 else (1e-2, 2**-7)
+    kernel, twin = kernel.cpu(), twin.cpu()
     assert ((kernel.float() - twin.float()).abs() <= atol + rtol * twin.float().abs()).all()
     if multistep:
-        assert (k0 - t0).abs().max().item() <= 1e-5
+        assert (k0.cpu() - t0.cpu()).abs().max().item() <= 1e-5
     # rows that edit nothing are the plain step, bit for bit
     plain, _ = fused_reverse_step_triton(x, eps, coefs, seeds, counter, x0_prev)
-    rows = ~edit.edits()
+    plain, rows = plain.cpu(), ~edit.edits().cpu()
     assert rows.any() and torch.equal(kernel[rows], plain[rows])
 
 

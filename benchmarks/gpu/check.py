@@ -6,7 +6,7 @@
 Phases, each a subprocess under its own time limit (a phase that fails or times out is reported and
 the next one runs, so a short GPU lease always ends with a report):
   env      versions, device, TF32 settings, carried wheels
-  tests    tests/test_reverse_step.py (Triton kernel vs PyTorch twin on CUDA tensors) and
+  tests    tests/test_reverse_step.py, tests/test_image_editing.py (Triton kernel vs twin on CUDA tensors) and
            tests/test_device.py (engine, compiled path, server and the CPU-vs-GPU reproducibility
            contract on the device)
   kernel   benchmarks/bench_reverse_step.py --gpu: the fused step's bandwidth against a copy
@@ -53,7 +53,8 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
     (wheels, start-up) stays under the device tool's 10 minutes per command."""
     py = sys.executable
     interpret = {"TRITON_INTERPRET": "1" if dry_run else "0"}
-    tests = [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rfEs", "tests/test_reverse_step.py", "tests/test_device.py"]
+    tests = [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rfEs", "tests/test_reverse_step.py", "tests/test_image_editing.py",
+             "tests/test_device.py"]  # fmt: skip
     kernel = [py, "benchmarks/bench_reverse_step.py", "--gpu"] + (["--dry-run", "--rounds", "2"] if dry_run else [])
     suite = [py, "benchmarks/gpu_suite.py"]
     if dry_run:  # the same code on CPU: a tiny U-Net, 2-step chains, batches 1 and 2

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NEEDED = ["fastapi", "uvicorn", "pydantic-settings", "diffusers"]
+NEEDED = ["fastapi", "python-multipart", "uvicorn", "pydantic-settings", "diffusers"]  # multipart: the upload routes
 # on the GPU machine already (documented stack, and what torch and those packages pull in)
 PRESENT = {
     "torch", "triton", "numpy", "safetensors", "pillow", "prometheus-client", "httpx", "httpcore", "h11", "anyio", "sniffio",
