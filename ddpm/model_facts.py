@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 if TYPE_CHECKING:
     from ddpm.loaded_model import LoadedModel
@@ -100,17 +101,38 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@torch.no_grad()
+class _FlopCount(TorchDispatchMode):
+    """PyTorch's FLOP formulas (``torch.utils.flop_counter.flop_registry``: convolutions, matmuls,
+    attention) summed over one call, as a dispatch mode only. FlopCounterMode also registers *global*
+    module hooks for its per-module table; a server counts on first ``GET /info`` while torch.compile
+    traces the U-Net in another thread, and dynamo then traced those hooks and failed the compile
+    ("UnspecializedNNModuleVariable(UNet) is already tracked for mutation"). A dispatch mode is
+    thread-local: nothing another thread runs sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
 def flops_per_image_step(
     eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], image_shape: tuple[int, int, int], device: torch.device
 ) -> int:
-    """Floating-point operations (a multiply-add is 2) of one U-Net call on one image, counted by
-    PyTorch's FlopCounterMode over convolutions, matmuls and attention (elementwise work is not counted)."""
+    """Floating-point operations (a multiply-add is 2) of one U-Net call on one image, by PyTorch's
+    FLOP formulas over convolutions, matmuls and attention (elementwise work is not counted); touches
+    no global state (``_FlopCount``), so it may run beside a compile or the serving thread."""
     x = torch.zeros((1, *image_shape), device=device)
     t = torch.zeros((1,), dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _FlopCount() as counter:
         eps_model(x, t)
-    return int(counter.get_total_flops())
+    return counter.total
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,25 @@ def test_gpu_memory_gauges_read_the_allocator_at_scrape_time() -> None:
     assert sample_value(text, 'ddpm_gpu_memory_peak_allocated_bytes{device="cuda:1"}') == 150
     assert sample_value(text, 'ddpm_gpu_memory_total_bytes{device="cuda:1"}') == 1000
     assert sample_value(later, 'ddpm_gpu_memory_allocated_bytes{device="cuda:1"}') == 120
+
+
+def test_counting_flops_touches_no_global_module_hooks() -> None:
+    """/info counts the U-Net's FLOPs on first use, possibly while torch.compile traces the U-Net in
+    another thread: global module hooks (FlopCounterMode's module tracker) made dynamo fail that compile."""
+    from torch.nn.modules import module as nn_module
+
+    from ddpm.model_facts import flops_per_image_step
+    from tests.tiny_model import random_tiny_unet
+
+    unet = random_tiny_unet()
+    seen: list[int] = []
+
+    def eps(x, t):  # type: ignore[no-untyped-def]
+        seen.append(len(nn_module._global_forward_pre_hooks) + len(nn_module._global_forward_hooks))
+        return unet(x, t)
+
+    flops = flops_per_image_step(eps, (1, 8, 8), torch.device("cpu"))
+    assert seen == [0] and flops > 0
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as reference:  # the same formulas, the same count
+        unet(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))
+    assert flops == reference.get_total_flops()
