@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +19,6 @@ from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 from tests.app_client import app_client, metric, wait_ready
-from tests.tiny_model import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path) -> Iterator[TestClient]:
-    with app_client(model_dir) as c:
-        wait_ready(c)
-        yield c
 
 
 def _pixels(b64: str) -> np.ndarray:

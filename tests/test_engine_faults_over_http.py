@@ -8,40 +8,16 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.api.app import create_app
 from service.api.request_log import JsonFormatter
 from service.engine.job_handle import JobHandle
 from service.fault_injection import FaultInjector
-from service.server_state import ServerState
-from service.settings import Settings
+from tests.app_client import app_and_state
 from tests.app_client import metric as _metric
 from tests.app_client import wait_ready as _ready
-from tests.tiny_model import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=200)
-
-
-def _start(model_dir: Path, **overrides: object) -> tuple[TestClient, ServerState]:
-    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
-    state = ServerState(settings)
-    return TestClient(create_app(settings, state)), state
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path) -> Iterator[TestClient]:
-    c, _ = _start(model_dir, max_images_per_request=4)
-    with c:
-        _ready(c)
-        yield c
 
 
 class OneFault:
@@ -61,7 +37,7 @@ STAGE_CODES = [("admit", 500), ("unet", 500), ("step", 500), ("advance", 500), (
 def test_a_fault_at_any_stage_answers_and_the_server_goes_on(
     model_dir: Path, stage: str, code: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    c, state = _start(model_dir)
+    c, state = app_and_state(model_dir)
     with c:
         _ready(c)
         assert state.engine is not None
@@ -86,7 +62,7 @@ def test_a_fault_at_any_stage_answers_and_the_server_goes_on(
 
 
 def test_a_dead_engine_answers_waiting_requests_and_fails_probes(model_dir: Path) -> None:
-    c, state = _start(model_dir)
+    c, state = app_and_state(model_dir)
     with c:
         _ready(c)
         fatal: list[str] = []
@@ -107,7 +83,7 @@ def test_a_dead_engine_answers_waiting_requests_and_fails_probes(model_dir: Path
 
 
 def test_readiness_heals_without_traffic(model_dir: Path) -> None:
-    c, state = _start(model_dir, fault_every_n_iterations=3)
+    c, state = app_and_state(model_dir, fault_every_n_iterations=3)
     with c:
         _ready(c)
         assert state.engine is not None
@@ -120,7 +96,7 @@ def test_readiness_heals_without_traffic(model_dir: Path) -> None:
 
 def test_a_hung_device_call_is_detected_and_fatal(model_dir: Path) -> None:
     # a device call that never returns cannot raise: the watchdog notices the engine making no progress
-    c, state = _start(model_dir, stall_timeout_s=0.5, request_timeout_s=1.0)
+    c, state = app_and_state(model_dir, stall_timeout_s=0.5, request_timeout_s=1.0)
     with c:
         _ready(c)
         fatal: list[str] = []

@@ -5,39 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from ddpm.chain import ChainSpec
-from service.api.app import create_app
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
-from service.server_state import ServerState
-from service.settings import Settings
-from tests.app_client import wait_ready as _ready
-from tests.tiny_model import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=200)
-
-
-def _start(model_dir: Path, **overrides: object) -> tuple[TestClient, ServerState]:
-    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
-    state = ServerState(settings)
-    return TestClient(create_app(settings, state)), state
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path) -> Iterator[TestClient]:
-    c, _ = _start(model_dir, max_images_per_request=4)
-    with c:
-        _ready(c)
-        yield c
 
 
 def test_a_stalled_stream_reader_holds_one_progress_event() -> None:

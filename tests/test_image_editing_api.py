@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,6 @@ from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from tests.app_client import app_client, wait_ready
-from tests.tiny_model import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path) -> Iterator[TestClient]:
-    with app_client(model_dir) as c:
-        wait_ready(c)
-        yield c
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> str:

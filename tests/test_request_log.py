@@ -6,38 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
 from service.api.request_log import JsonFormatter, TextFormatter
 from service.server_state import ServerState
-from service.settings import Settings
+from tests.app_client import app_and_state
 from tests.app_client import metric as _metric
 from tests.app_client import wait_ready as _ready
-from tests.tiny_model import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=200)
-
-
-def _start(model_dir: Path, **overrides: object) -> tuple[TestClient, ServerState]:
-    settings = Settings(**{"model": model_dir, "warmup_steps": 1, "max_batch": 8, **overrides})  # type: ignore[arg-type]
-    state = ServerState(settings)
-    return TestClient(create_app(settings, state)), state
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path) -> Iterator[TestClient]:
-    c, _ = _start(model_dir, max_images_per_request=4)
-    with c:
-        _ready(c)
-        yield c
 
 
 def test_text_log_format_keeps_every_field() -> None:
@@ -48,7 +26,7 @@ def test_text_log_format_keeps_every_field() -> None:
 
 
 def test_stream_outcome_in_the_access_log(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    c, _ = _start(model_dir, request_timeout_s=0.2)
+    c, _ = app_and_state(model_dir, request_timeout_s=0.2)
     with c, caplog.at_level(logging.INFO, logger="ddpm.access"):
         _ready(c)
         with c.stream("POST", "/generate/stream", json={"seed": 1, "batch_size": 4, "steps": 200}) as r:
@@ -60,7 +38,7 @@ def test_stream_outcome_in_the_access_log(model_dir: Path, caplog: pytest.LogCap
 
 
 def test_every_response_is_counted(model_dir: Path) -> None:
-    c, _ = _start(model_dir, api_token="t0ken", max_body_bytes=256)
+    c, _ = app_and_state(model_dir, api_token="t0ken", max_body_bytes=256)
     with c:
         _ready(c)
         assert c.post("/generate", json={"seed": 1}).status_code == 401

@@ -50,6 +50,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     driver.quit()
 
 
+def _fill(d: object, fields: dict[str, str]) -> None:
+    """Type each value into the form field of that id (replacing what it held)."""
+    from selenium.webdriver.common.by import By
+
+    for field, value in fields.items():
+        box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
+        box.clear()
+        box.send_keys(value)
+
+
 def test_page_generates_images(server: ServerProcess, browser: object, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -66,10 +76,7 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
     assert d.find_element(By.ID, "batch_size").get_attribute("max") == str(info["limits"]["max_images_per_request"])  # type: ignore[attr-defined]
     assert not d.find_element(By.ID, "conditional").is_displayed()  # type: ignore[attr-defined]  # an unconditional model
 
-    for field, value in [("seed", "5"), ("batch_size", "3"), ("steps", "300"), ("eta", "0.5")]:
-        box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
-        box.clear()
-        box.send_keys(value)
+    _fill(d, {"seed": "5", "batch_size": "3", "steps": "300", "eta": "0.5"})
     Select(d.find_element(By.ID, "sampler")).select_by_value("ddim")  # type: ignore[attr-defined]
     d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
     wait = WebDriverWait(d, 60, poll_frequency=0.02)
@@ -96,9 +103,7 @@ def test_page_shows_errors(server: ServerProcess, browser: object) -> None:
 
     d = browser
     d.get(server.url + "/")  # type: ignore[attr-defined]
-    box = d.find_element(By.ID, "steps")  # type: ignore[attr-defined]
-    box.clear()
-    box.send_keys("5000")
+    _fill(d, {"steps": "5000"})
     d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
     WebDriverWait(d, 30).until(lambda drv: "422" in drv.find_element(By.ID, "status").text)
     assert "steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
@@ -121,10 +126,7 @@ def test_page_asks_a_class_conditional_model_for_a_class(browser: object, tmp_pa
         assert options == ["", *TINY_CLASSES]
         assert "model's: 1.5" in d.find_element(By.ID, "guidance_scale").get_attribute("placeholder")  # type: ignore[attr-defined]
         Select(d.find_element(By.ID, "class_label")).select_by_value("dog")  # type: ignore[attr-defined]
-        for field, value in [("guidance_scale", "2.5"), ("steps", "10"), ("batch_size", "2")]:
-            box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
-            box.clear()
-            box.send_keys(value)
+        _fill(d, {"guidance_scale": "2.5", "steps": "10", "batch_size": "2"})
         d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
         wait.until(lambda drv: "done: 2 images" in drv.find_element(By.ID, "status").text)
         assert "class dog, guidance 2.5" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
@@ -144,10 +146,7 @@ def test_page_repaints_what_the_user_erases(server: ServerProcess, browser: obje
 
     d = browser
     d.get(server.url + "/")  # type: ignore[attr-defined]
-    for field, value in [("seed", "8"), ("batch_size", "1"), ("steps", "5")]:
-        box = d.find_element(By.ID, field)  # type: ignore[attr-defined]
-        box.clear()
-        box.send_keys(value)
+    _fill(d, {"seed": "8", "batch_size": "1", "steps": "5"})
     Select(d.find_element(By.ID, "sampler")).select_by_value("ddim")  # type: ignore[attr-defined]
     d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
     wait = WebDriverWait(d, 60, poll_frequency=0.05)
