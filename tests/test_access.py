@@ -16,14 +16,8 @@ from service.api.app import create_app
 from service.api.request_log import JsonFormatter
 from service.settings import Settings
 from tests.app_client import wait_ready as _ready
-from tests.tiny_model import save_tiny_model
 
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=200)
 
 
 def _client(model_dir: Path, **overrides: object) -> TestClient:

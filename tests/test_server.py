@@ -25,11 +25,6 @@ from tests.tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", num_timesteps=200)
-
-
-@pytest.fixture(scope="module")
 def client(model_dir: Path) -> Iterator[TestClient]:
     with app_client(model_dir, max_images_per_request=16) as c:
         _wait_ready(c)
