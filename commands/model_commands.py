@@ -113,9 +113,8 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     model = load_model_source(args.model, device)
     init, mask, edit = _edit_inputs(args, model.image_shape)
     try:
-        span = max(1, round(edit.get("strength", 1.0) * model.schedule.num_timesteps))
-        chain = model.chain(args.sampler, args.steps or span, args.eta, args.spacing, None if args.clip is None else args.clip == "on",
-                            **edit)  # fmt: skip
+        steps = args.steps or model.span(edit.get("strength", 1.0))  # type: ignore[arg-type]
+        chain = model.chain(args.sampler, steps, args.eta, args.spacing, None if args.clip is None else args.clip == "on", **edit)
         labels, w = model.labels(_requested_labels(args.class_label, args.n, model.num_classes), args.n, args.guidance_scale)
     except ChainError as exc:
         raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field).replace('_', '-') }: {exc}") from exc
@@ -153,7 +152,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type: ignore[no-untyped-def]
     """--init-image and --mask as the chain takes them, and the chain's editing options (ddpm/editing.py)."""
-    from ddpm.editing import DEFAULT_VARIATION_STRENGTH
+    from ddpm.editing import edit_options
     from ddpm.image_inputs import InputError, decode_image, decode_mask
 
     if args.init_image is None:
@@ -165,9 +164,7 @@ def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type
         mask = None if args.mask is None else decode_mask("--mask", Path(args.mask).read_bytes(), shape)
     except (InputError, OSError) as exc:
         raise SystemExit(f"ddpm: {exc}") from exc
-    strength = args.strength if args.strength is not None else (1.0 if mask is not None else DEFAULT_VARIATION_STRENGTH)
-    edit = {"strength": strength, "repaint": mask is not None, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}
-    return init, mask, edit
+    return init, mask, edit_options(args.strength, mask is not None, args.jump_length, args.jump_n_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -266,17 +263,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _requested_labels(text: str | None, n: int, num_classes: int) -> int | str | list[int | str] | None:
     """--class-label, where ``balanced`` means image k asks for class k mod (number of classes)."""
+    from ddpm.loaded_model import parse_class_labels
+
     if text == "balanced" and num_classes:
         return [k % num_classes for k in range(n)]
-    return class_label_arg(text)
-
-
-def class_label_arg(text: str | None) -> int | str | list[int | str] | None:
-    """--class-label: '7', 'seven', or '1,2,3' (one per image); digits are indices."""
-    if text is None:
-        return None
-    values: list[int | str] = [int(v) if v.strip().isdigit() else v.strip() for v in text.split(",")]
-    return values if "," in text else values[0]
+    return parse_class_labels(text)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

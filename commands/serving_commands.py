@@ -130,10 +130,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.update(data["steps_done"] - bar.n)
 
     clip = None if args.clip is None else args.clip == "on"
-    from commands.model_commands import class_label_arg
+    from ddpm.loaded_model import parse_class_labels
 
     chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
-             "class_label": class_label_arg(args.class_label), "guidance_scale": args.guidance_scale, "strength": args.strength,
+             "class_label": parse_class_labels(args.class_label), "guidance_scale": args.guidance_scale, "strength": args.strength,
              "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}  # fmt: skip
     for field, path in (("image", args.init_image), ("mask", args.mask)):  # sent as base64 PNGs; the server checks them
         if path is not None:

@@ -52,6 +52,15 @@ def sdedit_start(num_timesteps: int, strength: float) -> int:
     return max(1, round(strength * num_timesteps))
 
 
+def edit_options(
+    strength: float | None = None, repaint: bool = False, jump_length: int | None = None, jump_n_sample: int | None = None
+) -> dict[str, object]:
+    """An edit's chain options (``LoadedModel.chain``'s keywords) from what a request or command gave:
+    a variation runs the last DEFAULT_VARIATION_STRENGTH of the chain by default, an inpainting all of it."""
+    strength = strength if strength is not None else (1.0 if repaint else DEFAULT_VARIATION_STRENGTH)
+    return {"strength": strength, "repaint": repaint, "jump_length": jump_length, "jump_n_sample": jump_n_sample}
+
+
 def repaint_calls(num_steps: int, jump_length: int, jump_n_sample: int) -> list[tuple[int, int]]:
     """RePaint's schedule over a chain of ``num_steps`` positions (diffusers' ``set_timesteps``): the
     U-Net calls in order, each as (chain position, positions jumped back up right after it; 0: none)."""

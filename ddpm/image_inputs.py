@@ -93,16 +93,19 @@ def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.T
     """(C, H, W) float32, 1 where a pixel is known (kept): alpha > 0 (OpenAI: alpha 0 marks what to
     repaint), or for a mask without alpha, a grey value over half (black marks what to repaint)."""
     if data.startswith(NPY_SIGNATURE):  # 1 where known, 0 where to repaint
-        keep = _array(field, data, shape) >= 0.5
-        if keep.all():
-            raise InputError(field, f"{field} marks nothing to repaint (no 0 in the array)")
-        return torch.from_numpy(keep.astype(np.float32))
+        return keep_mask(field, _array(field, data, shape) >= 0.5, shape, "no 0 in the array")
     image = _open(field, data)
     _check_size(field, image, shape)
     if "A" in image.getbands():
         keep = np.asarray(image.getchannel("A")) > 0
     else:
         keep = np.asarray(image.convert("L")) >= 128
+    return keep_mask(field, keep, shape, "no transparent pixel, or no black one without alpha")
+
+
+def keep_mask(field: str, keep: np.ndarray, shape: tuple[int, int, int], why: str) -> torch.Tensor:
+    """``keep`` ((H, W) or (C, H, W), True where a pixel is known) as the (C, H, W) float32 mask the chain
+    takes; a mask that keeps every pixel repaints nothing and is refused (``why`` says what was looked for)."""
     if keep.all():
-        raise InputError(field, f"{field} marks nothing to repaint (no transparent pixel, or no black one without alpha)")
-    return torch.from_numpy(np.broadcast_to(keep, shape[1:]).astype(np.float32)).expand(shape).contiguous()
+        raise InputError(field, f"{field} marks nothing to repaint ({why})")
+    return torch.from_numpy(np.broadcast_to(keep, shape).astype(np.float32))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ddpm.chain import ChainSpec, EpsModel
-from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE
+from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, sdedit_start
 from ddpm.names import DEFAULT_SPACING
 from ddpm.respace import spaced_timesteps
 from ddpm.schedule import NoiseSchedule, VarianceType
@@ -23,6 +23,15 @@ class ChainError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(message)
+
+
+def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
+    """Class labels written as text (``--class-label``, a multipart form field): '7', 'seven', or '1,2,3'
+    (one per image); digits are indices (``LoadedModel.labels`` resolves names)."""
+    if text is None:
+        return None
+    values: list[int | str] = [int(v) if v.strip().isdigit() else v.strip() for v in text.split(",")]
+    return values if "," in text else values[0]
 
 
 @dataclass
@@ -83,6 +92,14 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def span(self, strength: float = 1.0) -> int:
+        """The timesteps a chain of this strength runs over: T, or SDEdit's round(strength T)
+        (``ddpm.editing.sdedit_start``); ChainError naming ``strength`` outside (0, 1]."""
+        try:
+            return sdedit_start(self.schedule.num_timesteps, strength)
+        except ValueError as exc:
+            raise ChainError("strength", str(exc)) from exc
+
     def chain(
         self,
         sampler: str,
@@ -100,8 +117,7 @@ class LoadedModel:
         """The chain a request (or ``ddpm sample``) asks for, with this model's defaults filled in: its
         clip setting, its own spacing and offset (a diffusers config's) or ``default_spacing``; an edit's
         strength (SDEdit) and resampling (RePaint, ``repaint``)."""
-        t = self.schedule.num_timesteps
-        span = max(1, round(strength * t)) if 0 < strength <= 1 else t  # ddpm.editing.sdedit_start
+        t, span = self.schedule.num_timesteps, self.span(strength)
         if not 1 <= steps <= span:
             at = f" at strength {strength:g} (the model's T = {t})" if span < t else " (the model's T)"
             raise ChainError("steps", f"steps must be in 1..{span}{at}")

@@ -21,8 +21,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ddpm.chain import ChainSpec
-from ddpm.editing import DEFAULT_VARIATION_STRENGTH
+from ddpm.editing import edit_options
 from ddpm.grid import image_pngs
+from ddpm.image_inputs import keep_mask
 from ddpm.loaded_model import ChainError, LoadedModel
 from service.api.content_negotiation import negotiate
 from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask, edit_input
@@ -114,21 +115,12 @@ def edit_from_upload(
         elif mask_from_alpha:
             if alpha is None or (alpha > 0).all():
                 raise InputError("mask", "send a mask, or an image with transparent pixels (alpha 0) marking what to edit")
-            keep = torch.from_numpy((alpha > 0).astype("float32")).expand(shape).contiguous()
+            keep = keep_mask("mask", alpha > 0, shape, "no transparent pixel")
         else:
             keep = None
     except InputError as exc:  # OpenAI answers an unusable upload with 400 naming the parameter
         raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
     return Edit(edit_input(pixels, keep), edit_options(repaint=keep is not None, **options))
-
-
-def edit_options(
-    strength: float | None = None, repaint: bool = False, jump_length: int | None = None, jump_n_sample: int | None = None
-) -> dict[str, Any]:
-    """The chain options of an edit: a variation runs the last DEFAULT_VARIATION_STRENGTH (0.4) of the
-    chain by default, an inpainting the whole chain."""
-    strength = strength if strength is not None else (1.0 if repaint else DEFAULT_VARIATION_STRENGTH)
-    return {"strength": strength, "repaint": repaint, "jump_length": jump_length, "jump_n_sample": jump_n_sample}
 
 
 def resolve_chain(
@@ -145,13 +137,14 @@ def resolve_chain(
     field. ``edit``: an edit's options (``edit_options``), passed to ``LoadedModel.chain``."""
     assert state.model is not None
     settings = state.settings
-    if steps is None:
-        # Algorithm 2 named without steps is the paper's chain (T steps; an edit: over the part it runs);
-        # otherwise the server's default
-        t = max(1, round(edit.get("strength", 1.0) * state.model.schedule.num_timesteps))
-        steps = t if sampler == "ddpm" else min(settings.default_steps or t, t)
+    requested = sampler
     sampler = sampler or ("ddpm" if edit.get("repaint") else settings.default_sampler)  # inpainting: Algorithm 2's step
     try:
+        if steps is None:
+            # Algorithm 2 named without steps is the paper's chain (T steps; an edit: over the part it runs);
+            # otherwise the server's default
+            t = state.model.span(edit.get("strength", 1.0))
+            steps = t if requested == "ddpm" else min(settings.default_steps or t, t)
         return state.model.chain(sampler, steps, eta, spacing, clip, default_spacing=settings.default_timestep_spacing, **edit)
     except ChainError as exc:
         values = {"steps": steps, "eta": eta, "timestep_spacing": spacing, "sampler": sampler, **edit}

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from ddpm.loaded_model import parse_class_labels
 from ddpm.names import SamplerName, SpacingName
 from ddpm.seeding import MAX_SEED
 
@@ -271,14 +272,6 @@ class ImageGenerationRequest(ChainRequest):
     moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
 
 
-def _class_label_text(value: object) -> object:
-    """A form's class_label: '7' (an index), 'seven' (a name) or '1,2,3' (one per image), as the CLI's."""
-    if not isinstance(value, str):
-        return value
-    parts = [int(v) if v.strip().isdigit() else v.strip() for v in value.split(",")]
-    return parts if "," in value else parts[0]
-
-
 class ImageForm(BaseModel):
     """The multipart form of OpenAI's ``/v1/images/edits`` and ``/v1/images/variations``, with this
     server's own fields beside (the openai client's ``extra_body``). A form carries text: numbers are
@@ -308,7 +301,7 @@ class ImageForm(BaseModel):
     @field_validator("class_label", mode="before")
     @classmethod
     def _labels(cls, value: object) -> object:
-        return _class_label_text(value)
+        return parse_class_labels(value) if isinstance(value, str) else value
 
     def upload(self) -> UploadFile | None:
         """The input image (``image``, or OpenAI's ``image[]`` holding one file)."""
