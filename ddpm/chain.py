@@ -7,6 +7,7 @@ coefficients come from ``ddpm.samplers`` (the papers' equations); a ``ChainSpec`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -66,9 +67,10 @@ class ChainSpec:
         """Whether the chain starts from or keeps part of an input image."""
         return self.strength < 1.0 or self.repaint
 
-    @property
+    @functools.cached_property
     def unet_calls(self) -> int:
-        """U-Net calls per image: the steps, plus RePaint's resampling."""
+        """U-Net calls per image: the steps, plus RePaint's resampling (counted once per spec: progress
+        reads it every iteration)."""
         return len(repaint_calls(self.steps, self.jump_length, self.jump_n_sample)) if self.repaint else self.steps
 
 
