@@ -11,9 +11,15 @@ from PIL import Image
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding to nearest."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding half to even, in float32 as the model's
+    output is. In numpy, not torch: a server encodes on request threads, and one parallel torch op there
+    (``round`` is one, even on a single 28x28 image) starts an OpenMP thread team that slows the engine's
+    U-Net for the rest of the process (tests/test_torch_threads.py)."""
+    x = x.detach()
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        x = x.float().cpu()
+    pixels = (np.clip(x.numpy(), -1, 1) + np.float32(1)) * np.float32(127.5)
+    return np.rint(pixels).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def _pil(array: np.ndarray) -> Image.Image:

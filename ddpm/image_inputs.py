@@ -72,7 +72,7 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
     """The image as (C, H, W) float32 in [-1, 1] (the inverse of the PNGs the server answers with), and
     its alpha channel where it has one."""
     if data.startswith(NPY_SIGNATURE):
-        return torch.from_numpy(_array(field, data, shape) * 2.0 - 1.0).float(), None
+        return torch.from_numpy((_array(field, data, shape) * 2.0 - 1.0).astype(np.float32)), None
     image = _open(field, data)
     _check_size(field, image, shape)
     modes = GREY_MODES if shape[0] == 1 else COLOUR_MODES
@@ -86,7 +86,7 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
     else:
         pixels = np.asarray(image.convert("L" if shape[0] == 1 else "RGB"), dtype=np.float64)
     pixels = pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)  # (C, H, W)
-    return torch.from_numpy(pixels / 127.5 - 1.0).float(), alpha
+    return torch.from_numpy((pixels / 127.5 - 1.0).astype(np.float32)), alpha  # numpy: no torch op on a request thread
 
 
 def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.Tensor:

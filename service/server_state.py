@@ -1,4 +1,13 @@
-"""One replica's state: the model and its measured facts, the engine on its hot path, metrics, cache and readiness."""
+"""One replica's state: the model and its measured facts, the engine on its hot path, metrics, cache and readiness.
+
+Threads: while a replica serves, torch's parallel work runs on the engine thread only, and on the loader
+and compile threads, which end. A request thread that ran one parallel torch op would keep an OpenMP
+thread team of its own for its life, and with more OpenMP threads than CPUs GNU OpenMP stops spinning
+between parallel regions: every later U-Net op of the engine pays a futex wake-up (batch-1 latency 0.20 s
+-> 0.48 s on a 2-core CPU after one GET /info counted FLOPs on a request thread; BENCHMARKS.md, "Peers").
+So the FLOPs are counted here on the loader thread, request threads encode PNGs and decode uploads in
+numpy, and tests/test_torch_threads.py counts the process's native threads around such requests.
+"""
 
 from __future__ import annotations
 
@@ -44,9 +53,8 @@ class ServerState:
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.facts: ModelFacts | None = None
-        self._eager_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._gflop: float | None = None
-        self._gflop_lock = threading.Lock()
+        self._gflop_counted = threading.Event()
         self.cache = ResponseCache(int(settings.response_cache_mb * 2**20))
         self.metrics.watch_cache(lambda: self.cache.size_bytes)
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
@@ -94,7 +102,7 @@ class ServerState:
             torch.set_num_threads(s.threads)
         device = resolve_device(s.device)
         model = load_model_source(s.model, device)
-        self._eager_eps = model.eps_model
+        eager_eps = model.eps_model  # the engine's hot path replaces it
         sha = weights_sha256(model.path) if model.path is not None else ""
         written = weights_mtime(model.path) if model.path is not None else None
         fingerprint = model_fingerprint(model, sha, __version__)
@@ -118,6 +126,7 @@ class ServerState:
         )  # fmt: skip
         if self.switch is not None:
             self._compile_in_background(model, device, cache_key)
+        self._count_flops(eager_eps, model)  # on this thread, which ends next (see "Threads" above)
 
     def _engine_on_hot_path(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> tuple[Engine, HotPath]:
         """A warmed engine and the path it serves. compile=auto where a compiler exists: ready on the eager
@@ -241,17 +250,21 @@ class ServerState:
             }
         )
 
-    def gflop_per_image_step(self) -> float | None:
-        """One U-Net call on one image, counted once on first use (FlopCounterMode imports the compiler
-        stack: ~1 s that no server start should pay); None where the model cannot be counted."""
-        with self._gflop_lock:
-            if self._gflop is None and self.model is not None and self._eager_eps is not None:
-                try:
-                    self._gflop = flops_per_image_step(self._eager_eps, self.model.image_shape, self.model.device) / 1e9
-                except Exception as exc:  # an op the counter cannot trace: /info says null, serving goes on
-                    log.warning("cannot count the U-Net's FLOPs: %s: %s", type(exc).__name__, exc)
-                    self._gflop = float("nan")
-            return None if self._gflop is None or self._gflop != self._gflop else self._gflop
+    def _count_flops(self, eps_model: EpsModel, model: LoadedModel) -> None:
+        """One U-Net call on one image, counted by the loader once the replica is ready (the FLOP formulas
+        import the compiler stack: ~1 s that readiness need not wait for)."""
+        try:
+            self._gflop = flops_per_image_step(eps_model, model.image_shape, model.device) / 1e9
+        except Exception as exc:  # an op the counter cannot trace: /info says null, serving goes on
+            log.warning("cannot count the U-Net's FLOPs: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._gflop_counted.set()
+
+    def gflop_per_image_step(self, wait_s: float = 10.0) -> float | None:
+        """The loader's count (waiting up to ``wait_s`` for it in a replica's first second); None where the
+        model cannot be counted."""
+        self._gflop_counted.wait(wait_s)
+        return self._gflop
 
     def drain(self) -> None:
         self.draining = True

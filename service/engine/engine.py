@@ -112,7 +112,7 @@ class Engine:
         return job
 
     def _enqueue(self, job: Job) -> None:
-        job.images = torch.zeros((job.n, *self.shape), dtype=torch.float32)
+        job.images = torch.empty((job.n, *self.shape), dtype=torch.float32)  # no fill: torch work stays on the engine thread
         self._queue.add(job)
         self._live.add(job.id)
         self._observe("on_load", self._queue.images, self.running)
