@@ -13,7 +13,7 @@ from PIL import Image
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding half to even, in float32 as the model's
     output is. In numpy, not torch: a server encodes on request threads, and one parallel torch op there
-    (``round`` is one, even on a single 28x28 image) starts an OpenMP thread team that slows the engine's
+    (``round`` is one from ~2k values: a single 3x32x32 image) starts an OpenMP thread team that slows the engine's
     U-Net for the rest of the process (tests/test_torch_threads.py)."""
     x = x.detach()
     if x.dtype != torch.float32 or x.device.type != "cpu":
