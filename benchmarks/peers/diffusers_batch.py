@@ -8,6 +8,7 @@ driver can check that every system ran the same number of U-Net image evaluation
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
@@ -82,3 +83,15 @@ def encode_png(image: Any) -> str:
 
 def parse_request(body: dict[str, Any]) -> dict[str, int]:
     return {"seed": int(body.get("seed", 0)), "steps": int(body.get("steps", 20)), "batch_size": int(body.get("batch_size", 1))}
+
+
+def peer_arguments(batching: bool) -> argparse.Namespace:
+    """The flags every peer server takes from run.py (and the batching ones where it batches)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    if batching:
+        parser.add_argument("--max-batch", type=int, default=16)
+        parser.add_argument("--wait-s", type=float, default=0.01)
+    return parser.parse_args()

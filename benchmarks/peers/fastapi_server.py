@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,11 @@ import uvicorn
 from fastapi import FastAPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusers_batch import CountedPipeline, parse_request
+from diffusers_batch import CountedPipeline, parse_request, peer_arguments
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = peer_arguments(batching=False)
     pipeline = CountedPipeline(args.model, args.threads)
     app = FastAPI()
 

@@ -6,7 +6,6 @@ share a pipeline call).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import litserve as ls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusers_batch import CountedPipeline, parse_request
+from diffusers_batch import CountedPipeline, parse_request, peer_arguments
 
 
 class DiffusersAPI(ls.LitAPI):
@@ -42,13 +41,7 @@ class DiffusersAPI(ls.LitAPI):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--wait-s", type=float, default=0.01)
-    args = parser.parse_args()
+    args = peer_arguments(batching=True)
     api = DiffusersAPI(args.model, args.threads, max_batch_size=args.max_batch, batch_timeout=args.wait_s, api_path="/generate")
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=600)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")

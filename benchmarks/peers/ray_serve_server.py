@@ -6,7 +6,6 @@ share a pipeline call), one replica on a local Ray of this machine's CPUs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from ray import serve
 from starlette.requests import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusers_batch import CountedPipeline, parse_request
+from diffusers_batch import CountedPipeline, parse_request, peer_arguments
 
 
 def build(model: str, threads: int, max_batch: int, wait_s: float) -> serve.Application:
@@ -38,13 +37,7 @@ def build(model: str, threads: int, max_batch: int, wait_s: float) -> serve.Appl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--wait-s", type=float, default=0.01)
-    args = parser.parse_args()
+    args = peer_arguments(batching=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PEER_COUNTS_FILE", "PYTHONPATH")}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
