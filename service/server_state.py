@@ -5,7 +5,7 @@ and compile threads, which end. A request thread that ran one parallel torch op 
 thread team of its own for its life, and with more OpenMP threads than CPUs GNU OpenMP stops spinning
 between parallel regions: every later U-Net op of the engine pays a futex wake-up (batch-1 latency 0.20 s
 -> 0.48 s on a 2-core CPU after one GET /info counted FLOPs on a request thread; BENCHMARKS.md, "Peers").
-So the FLOPs are counted here on the loader thread, request threads encode PNGs and decode uploads in
+So the FLOPs are counted here on the loader thread before the warm-up, request threads encode PNGs and decode uploads in
 numpy, and tests/test_torch_threads.py counts the process's native threads around such requests.
 """
 
@@ -102,7 +102,7 @@ class ServerState:
             torch.set_num_threads(s.threads)
         device = resolve_device(s.device)
         model = load_model_source(s.model, device)
-        eager_eps = model.eps_model  # the engine's hot path replaces it
+        self._count_flops(model.eps_model, model)  # here, before anything else runs torch (see "Threads" above)
         sha = weights_sha256(model.path) if model.path is not None else ""
         written = weights_mtime(model.path) if model.path is not None else None
         fingerprint = model_fingerprint(model, sha, __version__)
@@ -126,7 +126,6 @@ class ServerState:
         )  # fmt: skip
         if self.switch is not None:
             self._compile_in_background(model, device, cache_key)
-        self._count_flops(eager_eps, model)  # on this thread, which ends next (see "Threads" above)
 
     def _engine_on_hot_path(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> tuple[Engine, HotPath]:
         """A warmed engine and the path it serves. compile=auto where a compiler exists: ready on the eager
@@ -251,8 +250,9 @@ class ServerState:
         )
 
     def _count_flops(self, eps_model: EpsModel, model: LoadedModel) -> None:
-        """One U-Net call on one image, counted by the loader once the replica is ready (the FLOP formulas
-        import the compiler stack: ~1 s that readiness need not wait for)."""
+        """One U-Net call on one image, counted by the loader before the warm-up (~1.2 s of start-up on the
+        shipped model: the formulas' import and first pass). Not after ready: run beside the background
+        compile it broke dynamo's tracing, and a replica stopped during it aborted at exit (both seen in CI)."""
         try:
             self._gflop = flops_per_image_step(eps_model, model.image_shape, model.device) / 1e9
         except Exception as exc:  # an op the counter cannot trace: /info says null, serving goes on
@@ -261,8 +261,8 @@ class ServerState:
             self._gflop_counted.set()
 
     def gflop_per_image_step(self, wait_s: float = 10.0) -> float | None:
-        """The loader's count (waiting up to ``wait_s`` for it in a replica's first second); None where the
-        model cannot be counted."""
+        """The loader's count (made before ready; ``wait_s`` bounds the wait of a caller that comes earlier);
+        None where the model cannot be counted."""
         self._gflop_counted.wait(wait_s)
         return self._gflop
 
