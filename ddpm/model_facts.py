@@ -144,3 +144,4 @@ class ModelFacts:
     parameters: int
     device: str
     created: int  # the weights' mtime (Unix seconds; the load time when there are no files): /v1/models' "created"
+    gflop_per_image_step: float | None  # one U-Net call on one image (flops_per_image_step); None: an op the counter cannot trace

@@ -53,8 +53,6 @@ class ServerState:
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.facts: ModelFacts | None = None
-        self._gflop: float | None = None
-        self._gflop_counted = threading.Event()
         self.cache = ResponseCache(int(settings.response_cache_mb * 2**20))
         self.metrics.watch_cache(lambda: self.cache.size_bytes)
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
@@ -102,7 +100,7 @@ class ServerState:
             torch.set_num_threads(s.threads)
         device = resolve_device(s.device)
         model = load_model_source(s.model, device)
-        self._count_flops(model.eps_model, model)  # here, before anything else runs torch (see "Threads" above)
+        gflop = self._count_flops(model.eps_model, model)  # here, before anything else runs torch (see "Threads" above)
         sha = weights_sha256(model.path) if model.path is not None else ""
         written = weights_mtime(model.path) if model.path is not None else None
         fingerprint = model_fingerprint(model, sha, __version__)
@@ -116,7 +114,7 @@ class ServerState:
         threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
         if device.type == "cuda":
             self.metrics.watch_gpu(device)
-        self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), written or int(time.time()))
+        self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), written or int(time.time()), gflop)
         self.model, self.engine, self.precision = model, engine, fast.precision
         self._publish_hot_path()
         self.ready = True
@@ -249,22 +247,16 @@ class ServerState:
             }
         )
 
-    def _count_flops(self, eps_model: EpsModel, model: LoadedModel) -> None:
+    @staticmethod
+    def _count_flops(eps_model: EpsModel, model: LoadedModel) -> float | None:
         """One U-Net call on one image, counted by the loader before the warm-up (~1.2 s of start-up on the
         shipped model: the formulas' import and first pass). Not after ready: run beside the background
         compile it broke dynamo's tracing, and a replica stopped during it aborted at exit (both seen in CI)."""
         try:
-            self._gflop = flops_per_image_step(eps_model, model.image_shape, model.device) / 1e9
+            return flops_per_image_step(eps_model, model.image_shape, model.device) / 1e9
         except Exception as exc:  # an op the counter cannot trace: /info says null, serving goes on
             log.warning("cannot count the U-Net's FLOPs: %s: %s", type(exc).__name__, exc)
-        finally:
-            self._gflop_counted.set()
-
-    def gflop_per_image_step(self, wait_s: float = 10.0) -> float | None:
-        """The loader's count (made before ready; ``wait_s`` bounds the wait of a caller that comes earlier);
-        None where the model cannot be counted."""
-        self._gflop_counted.wait(wait_s)
-        return self._gflop
+            return None
 
     def drain(self) -> None:
         self.draining = True

@@ -3,7 +3,6 @@ and ``GET /info`` (the model, its measured facts, the samplers, the limits, the 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -74,13 +73,13 @@ def _chain_table(tables: ChainTables, spec: ChainSpec) -> ChainTable:
 async def info(state: StateDep, _: Authorized) -> InfoResponse:
     if state.model is None or state.facts is None:
         raise not_ready(state)
-    return await asyncio.to_thread(server_info, state)  # the first call counts the U-Net's FLOPs (a forward pass)
+    return server_info(state)  # facts measured at load: nothing here runs torch (service/server_state.py, "Threads")
 
 
 def server_info(state: ServerState) -> InfoResponse:
     model, facts, s = state.model, state.facts, state.settings
     assert model is not None and facts is not None
-    gflop = state.gflop_per_image_step()
+    gflop = facts.gflop_per_image_step
     hot_path = state.hot_path_states()
     return InfoResponse(
         version=__version__,
