@@ -27,8 +27,9 @@ from ddpm.unet import UNet, UNetConfig
 from service.engine.job import Job
 from tests.app_client import app_and_state, wait_ready
 
-# 3x32x32: a batch of 16 is 49,152 values, over ATen's parallel grain (32,768), so converting it to
-# pixels on a request thread would start a thread team there
+# 3x32x32 with 64 channels: one image is 3,072 values (torch's round runs parallel above 2,048: the old
+# PNG encoder started a team) and the first layer's activations 65,536 (a forward pass on a request
+# thread, as /info's FLOP count was, starts one too)
 SHAPE = UNetConfig(image_size=32, in_channels=3, base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4)
 
 

@@ -143,8 +143,7 @@ def server(model_dir: str, repeats: int, threads: int) -> dict[str, float]:
                 client.post("/generate", json={**body, "seed": seed}).raise_for_status()
             elapsed = time.perf_counter() - start
     finally:
-        proc.proc.terminate()
-        proc.proc.wait(30)
+        proc.stop()
     return {"ms_per_step": elapsed / (repeats * STEPS) * 1e3}
 
 
