@@ -33,6 +33,12 @@ independent Gaussians is one Gaussian whose variance is the sum: so one draw per
 launch. Rows that edit nothing (no mask, no jump) take the plain path, bit for bit, and read no edit
 tensors; a batch with no editing row passes ``edit=None`` and pays nothing.
 
+Rounding: the kernel is compiled without FMA contraction (``enable_fp_fusion=False``), so every
+multiply and add rounds as the twin's do. With contraction (Triton's default) LLVM fuses a different set
+of them in each specialisation, and on the H200 a row that edits nothing came out of the EDIT kernel 1 ulp
+away from the plain kernel's (float32, 28x28 rows): a request's image would have depended on whether
+another request in its batch was editing.
+
 Three functions with one signature, each returning ``(x_prev, x0_hat or None)``:
 - ``fused_reverse_step_triton``: the Triton kernel (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1);
 - ``fused_reverse_step_torch``: the plain-PyTorch twin (Philox twin + ``reverse_step``);
@@ -155,7 +161,14 @@ def fused_reverse_step_torch(
     x0_prev: torch.Tensor | None = None,
     edit: EditTerms | None = None,
 ) -> StepOutput:
-    """Reference: z from the Philox twin keyed by (seeds[i], noise_counter[i], element), then ``reverse_step``."""
+    """Reference: z from the Philox twin keyed by (seeds[i], noise_counter[i], element), then ``reverse_step``.
+    Like the kernel's wrapper, it takes the per-row inputs on any device and computes on x_t's."""
+    device = x_t.device
+    seeds = seeds.to(device)
+    noise_counter = torch.as_tensor(noise_counter).to(device)
+    coefs = StepCoefficients(*(getattr(coefs, n).to(device) for n in StepCoefficients.names()))
+    if edit is not None:
+        edit = EditTerms(*(getattr(edit, n).to(device) for n in ("known", "mask", *EditTerms.ROWS)))
     z = sample_noise(seeds, noise_counter, tuple(x_t.shape[1:]))
     return reverse_step(x_t, eps, coefs, z, x0_prev, edit)
 
@@ -229,8 +242,9 @@ if HAVE_TRITON:
                 known_x = tl.load(edit_ptr + B + b)
                 known_z = tl.load(edit_ptr + 2 * B + b)
                 blended = jump_x * ((1.0 - m) * out + m * (known_x * known))
-                w = jump_x * ((1.0 - m) * sigma + m * known_z)
-                out = blended + tl.sqrt(w * w + jump_z * jump_z) * z  # two Gaussians make one
+                # (not `w`: the compiler types a name once per kernel, and CHANNELS_LAST's w is an int index)
+                std = jump_x * ((1.0 - m) * sigma + m * known_z)
+                out = blended + tl.sqrt(std * std + jump_z * jump_z) * z  # two Gaussians make one
             else:
                 out = out + sigma * z
         else:
@@ -299,6 +313,7 @@ def fused_reverse_step_triton(
     _reverse_step_kernel[grid](
         x_t, eps, out, state_in, state_out, known, mask, edit_coef, coef, seeds, counter, b, n, channels, width,
         MULTISTEP=multistep, EDIT=edit is not None, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=4 if block >= 512 else 2,
+        enable_fp_fusion=False,  # no FMA contraction: see the module docstring ("Rounding")
     )  # fmt: skip
     return out, x0_out
 

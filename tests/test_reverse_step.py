@@ -201,7 +201,7 @@ def test_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_reference_is_reverse_step() -> None:
     x, eps, pos = _inputs((2, 1, 4, 4), torch.float32, [5, 900])
     coefs, seeds = TABLES.coefficients(pos), seeds_to_tensor([1, 2])
-    z = sample_noise(seeds, pos + 1, (1, 4, 4))
+    x, eps, z = x.cpu(), eps.cpu(), sample_noise(seeds, pos + 1, (1, 4, 4))  # reverse_step: one device (the twin moves rows)
     assert torch.equal(fused_reverse_step_torch(x, eps, coefs, seeds, pos + 1)[0], reverse_step(x, eps, coefs, z)[0])
 
 
