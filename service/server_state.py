@@ -137,7 +137,7 @@ class ServerState:
             self.switch = PathSwitch(hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision))
             # eager needs no graphs: batch 1 and 2 prove the model runs (the compiling engine warms the rest)
             return self._warm_engine(model, self.switch.eps, self.switch.step, sizes={1, min(2, s.max_batch)}), self.switch.eager
-        fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision)
+        fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision, s.cuda_graphs)
         try:
             engine = self._warm_engine(model, fast.eps_model, step_of(fast))
         except Exception as exc:
@@ -159,7 +159,7 @@ class ServerState:
         self.compile_thread = build_in_background(
             model,
             switch,
-            make_compiled=lambda eps, module: hot_path(eps, module, device, s.compile, s.step_backend, s.precision),
+            make_compiled=lambda eps, module: hot_path(eps, module, device, s.compile, s.step_backend, s.precision, s.cuda_graphs),
             make_engine=lambda m, step: Engine(m, max_batch=s.max_batch, step_fn=step, scheduling=s.scheduling),
             warmup_steps=s.warmup_steps,
             max_batch=s.max_batch,

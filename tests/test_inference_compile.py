@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
 
 from ddpm.chain import ChainSpec, ChainTables, sample
-from ddpm.inference_compile import CompiledEps, HotPath, compiled_step_twin, cpu_compiler_available, hot_path, should_compile
+from ddpm.inference_compile import CompiledEps, HotPath, compiled_step_twin, cpu_compiler_available, graph_bucket, hot_path, should_compile
 from ddpm.respace import respace_steps
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
@@ -55,6 +55,21 @@ def test_compiled_unet_matches_eager_over_changing_batch_sizes() -> None:
             assert out.shape == x.shape and out.is_contiguous()
             torch.testing.assert_close(out, eager(x, t), rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2  # batch 1, and one graph with a dynamic batch for 2, 5, 3, 8
+
+
+def test_graph_buckets_pad_the_batch_and_drop_the_padding() -> None:
+    """The CUDA-graph path's padding (on CPU inductor skips the graphs themselves; the GPU check runs them):
+    each row's output is the eager row's, whatever the bucket, and labels/timesteps stay valid."""
+    assert [graph_bucket(n) for n in (1, 2, 3, 5, 16, 17, 64, 65, 200)] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    eager = random_tiny_unet()
+    padded = CompiledEps(random_tiny_unet(), cuda_graphs=True)
+    with torch.inference_mode():
+        for b in (3, 5, 4):
+            x = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(b))
+            t = torch.randint(0, 1000, (b,), generator=torch.Generator().manual_seed(b))
+            out = padded(x, t)
+            assert out.shape == x.shape and out.is_contiguous()
+            torch.testing.assert_close(out, eager(x, t), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("sampler", "clip"), [("ddpm", False), ("ddpm", True), ("dpmsolver++", True), ("sde-dpmsolver++", False)])
