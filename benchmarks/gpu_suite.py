@@ -5,8 +5,9 @@
     python benchmarks/gpu_suite.py --device cpu --steps 2 --batches 1,2 --drift-batch 2 --drift-steps 3   # dry run
 
 1. Sampler images/s, ours vs a diffusers DDPMScheduler.step loop, same U-Net weights, 50 steps,
-   batch 1/16/64/256: ours eager fp32, ours compiled fp32 (the server's default hot path on CUDA:
-   compiled U-Net + the fused Triton step), ours compiled under bf16 and fp16 autocast.
+   batch 1/16/64/256: ours eager fp32, ours compiled fp32 without CUDA graphs, ours compiled fp32 (the
+   server's default hot path on CUDA: compiled U-Net replayed as CUDA graphs + the fused Triton step),
+   ours compiled (with graphs) under bf16 and fp16 autocast.
 2. CUDA-graph gain per batch bucket: the U-Net call under torch.compile(mode="reduce-overhead")
    (CUDA graphs) vs torch.compile's default mode.
 3. Low-precision drift: the same seeds through the whole 1000-step chain in fp32 and in bf16/fp16
@@ -67,12 +68,15 @@ def sampler_table(model_dir: str, steps: int, batches: list[int]) -> None:
 
     eager = load_model_source(model_dir, DEVICE)
     compiled_model = load_model_source(model_dir, DEVICE)
-    compiled = hot_path(compiled_model.eps_model, compiled_model.module, DEVICE, "on").eps_model
+    compiled = hot_path(compiled_model.eps_model, compiled_model.module, DEVICE, "on").eps_model  # CUDA graphs: the default
+    no_graphs_model = load_model_source(model_dir, DEVICE)
+    no_graphs = hot_path(no_graphs_model.eps_model, no_graphs_model.module, DEVICE, "on", cuda_graphs=False).eps_model
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=eager.schedule.num_timesteps, variance_type=eager.variance_type.value,
                                         clip_sample=eager.clip_denoised)  # fmt: skip
     variants: dict[str, Callable[[int], object]] = {
         "diffusers": lambda b: diffusers_loop(eager, scheduler, steps, b, device=DEVICE),
         "ours eager fp32": lambda b: chain(eager, eager.eps_model, b, steps),
+        "ours compiled fp32, no graphs": lambda b: chain(no_graphs_model, no_graphs, b, steps),
         "ours compiled fp32": lambda b: chain(compiled_model, compiled, b, steps),
         "ours compiled bf16": lambda b: chain(compiled_model, with_precision(compiled, "bf16", DEVICE), b, steps),
         "ours compiled fp16": lambda b: chain(compiled_model, with_precision(compiled, "fp16", DEVICE), b, steps),

@@ -25,6 +25,10 @@ PRESENT = {
     "idna", "certifi", "scipy", "matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pyparsing", "python-dateutil",
     "six", "packaging", "tqdm", "pytest", "iniconfig", "pluggy", "pygments", "filelock", "fsspec", "jinja2", "markupsafe",
     "networkx", "sympy", "mpmath", "typing-extensions", "setuptools",
+    # seen there too (KINDS.md's package list, 2026-11): carrying a newer huggingface-hub broke the machine's
+    # transformers (<2.0), which diffusers imports, in the first GPU run; its 1.33 satisfies diffusers 0.42
+    "huggingface-hub", "hf-xet", "pyyaml", "regex", "requests", "charset-normalizer", "urllib3", "click", "zipp",
+    "typer", "rich", "shellingham", "markdown-it-py", "mdurl", "annotated-doc", "uvloop",
 }  # fmt: skip
 CARRY_LIMIT_MIB = 64  # what the device tool carries per command, the repository's ignored paths included
 
