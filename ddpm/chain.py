@@ -16,6 +16,7 @@ import torch
 
 from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, edit_table, repaint_calls, sdedit_start
 from ddpm.respace import respace, respace_steps, spaced_timesteps
+from ddpm.restart import main_steps, restart_calls, restart_table
 from ddpm.samplers import Sampler, coefficient_table
 from ddpm.schedule import NoiseSchedule, VarianceType
 from kernels.reverse_step import StepCoefficients, reverse_step
@@ -96,13 +97,20 @@ class ChainTables:
         self.schedule = schedule
         self.sampler = Sampler(sampler)
         self.multistep = self.sampler.multistep
-        table = coefficient_table(schedule, self.sampler, variance_type=variance_type, eta=eta, clip=clip)  # (8, S) float64
         timesteps = np.array(schedule.timesteps)  # original t of each position
         abar_start = float(schedule.alphas_cumprod[-1])  # the level the chain starts from
         self.edit_table64: np.ndarray | None = None
-        if calls is not None:  # RePaint: the columns of its calls, the last-run first (ddpm/editing.py)
+        if self.sampler is Sampler.RESTART:  # a column per call (ddpm/restart.py)
+            if calls is None:
+                raise ValueError("a restart chain needs its calls (ChainTables.for_spec: ddpm.restart.restart_calls)")
+            table = restart_table(schedule, clip, calls)
+        else:
+            table = coefficient_table(schedule, self.sampler, variance_type=variance_type, eta=eta, clip=clip)  # (8, S) float64
+            if calls is not None:
+                table = table[:, [position for position, _ in calls]]
+        if calls is not None:  # RePaint's or restart's calls (and jumps back up), the last-run first
             order = [position for position, _ in reversed(calls)]
-            table, timesteps = table[:, order], timesteps[order]
+            table, timesteps = table[:, ::-1].copy(), timesteps[order]
             self.edit_table64 = edit_table(schedule, calls)[:, ::-1].copy()
             counters = counter_base + 1 + np.arange(len(calls))
         else:
@@ -121,11 +129,14 @@ class ChainTables:
         cls, schedule: NoiseSchedule, variance_type: VarianceType, spec: ChainSpec, device: torch.device | str = "cpu"
     ) -> ChainTables:
         span = sdedit_start(schedule.num_timesteps, spec.strength)  # T at strength 1: the whole chain
+        positions = main_steps(spec.steps) if spec.sampler == Sampler.RESTART.value else spec.steps
         if span == schedule.num_timesteps:
-            chain = respace_steps(schedule, spec.steps, spec.spacing, spec.steps_offset)
-        else:  # SDEdit: the S steps spaced over 0..t0
-            chain = respace(schedule, spaced_timesteps(span, spec.steps, spec.spacing, spec.steps_offset))
+            chain = respace_steps(schedule, positions, spec.spacing, spec.steps_offset)
+        else:  # SDEdit: the positions spaced over 0..t0
+            chain = respace(schedule, spaced_timesteps(span, positions, spec.spacing, spec.steps_offset))
         calls = repaint_calls(spec.steps, spec.jump_length, spec.jump_n_sample) if spec.repaint else None
+        if spec.sampler == Sampler.RESTART.value:
+            calls = restart_calls(spec.steps)
         return cls(chain, variance_type, device, sampler=spec.sampler, eta=spec.eta, clip=spec.clip, calls=calls,
                    counter_base=schedule.num_timesteps)  # fmt: skip
 
@@ -209,9 +220,12 @@ def sample_chain(
         t = tables.timesteps[positions]  # original timesteps, (B,)
         eps = model(x, t)
         edit = []
-        if mask is not None and known is not None and tables.edit_table is not None:
+        if tables.edit_table is not None:  # RePaint's blend and jump, or restart's jump (no mask: never read)
             rows = tables.edit_table[:, positions]
-            edit = [EditTerms(known, mask.to(device, torch.float32).expand(b, *shape), torch.ones(b, device=device), *rows.unbind(0))]
+            if mask is not None and known is not None:
+                edit = [EditTerms(known, mask.to(device, torch.float32).expand(b, *shape), torch.ones(b, device=device), *rows.unbind(0))]
+            elif bool((rows[2] != 1).any() or (rows[3] != 0).any()):
+                edit = [EditTerms(x, x, torch.zeros(b, device=device), *rows.unbind(0))]
         x, x0 = step_fn(x, eps, tables.coefficients(positions), seeds, tables.counters[positions], x0_prev, *edit)
         x0_prev = x0 if tables.multistep else None
         yield SampleProgress(step=tables.num_steps - i, total=tables.num_steps, x=x)

@@ -20,11 +20,12 @@ class Sampler(str, enum.Enum):
     DDIM = "ddim"  # Song, Meng & Ermon 2021
     DPM_SOLVER = "dpmsolver++"  # DPM-Solver++(2M), Lu et al. 2022
     SDE_DPM_SOLVER = "sde-dpmsolver++"  # SDE-DPM-Solver++(2M)
+    RESTART = "restart"  # restart sampling (Xu et al. 2023) on SDE-DPM-Solver++(2M), ddpm.restart
 
     @property
     def multistep(self) -> bool:
         """Whether a step reads the previous step's x0_hat (state that travels with the sample)."""
-        return self in (Sampler.DPM_SOLVER, Sampler.SDE_DPM_SOLVER)
+        return self in (Sampler.DPM_SOLVER, Sampler.SDE_DPM_SOLVER, Sampler.RESTART)
 
 
 SAMPLERS: tuple[str, ...] = tuple(s.value for s in Sampler)

@@ -17,7 +17,9 @@ from position i; rows follow ``kernels.reverse_step.StepCoefficients``.
   the first step (no history yet) and at the last step, which lands on sigma = 0 (diffusers'
   ``final_sigmas_type="zero"``, where the second-order weight is undefined);
 - ``sde-dpmsolver++``: SDE-DPM-Solver++(2M), the same multistep solver for the reverse SDE (fresh noise
-  every step), as diffusers' ``algorithm_type="sde-dpmsolver++"``.
+  every step), as diffusers' ``algorithm_type="sde-dpmsolver++"``;
+- ``restart``: restart sampling on SDE-DPM-Solver++(2M) (``ddpm.restart``): these tables' columns, one
+  per call, and a forward jump back up (the fused step's editing terms, without a mask).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def ddim_table(chain: NoiseSchedule, eta: float, clip: bool) -> np.ndarray:
     return _table(chain, clip, x0=np.sqrt(abar_prev), eps=direction, sigma=sigma)
 
 
-def dpmsolver_table(chain: NoiseSchedule, clip: bool, sde: bool = False) -> np.ndarray:
+def dpmsolver_table(chain: NoiseSchedule, clip: bool, sde: bool = False, first_order: bool = False) -> np.ndarray:
     """DPM-Solver++(2M), data prediction, in lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(abar_t)
     and sigma_t = sqrt(1 - abar_t); for the step from s = tau_i to t = tau_{i-1}, h = lambda_t - lambda_s:
 
@@ -81,6 +83,9 @@ def dpmsolver_table(chain: NoiseSchedule, clip: bool, sde: bool = False) -> np.n
     ``sde``: SDE-DPM-Solver++(2M) (Lu et al. 2022, Sec. 5 / App. B; diffusers' ``sde-dpmsolver++``), the same
     multistep data term with e^{-h} - 1 replaced by e^{-2h} - 1, x_s weighted by sigma_t / sigma_s e^{-h},
     and fresh noise sigma_t sqrt(1 - e^{-2h}) z at every step.
+
+    ``first_order``: every column first order (DPM-Solver++(1)): the steps that follow a jump back up,
+    which has no previous prediction on its path (``ddpm.restart``).
     """
     abar = chain.alphas_cumprod
     alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
@@ -98,7 +103,7 @@ def dpmsolver_table(chain: NoiseSchedule, clip: bool, sde: bool = False) -> np.n
         else:
             phi = alpha[i - 1] * np.expm1(-h)  # alpha_t (e^{-h} - 1)
             a[i] = sigma[i - 1] / sigma[i]
-        if i == s - 1:  # the first step: no previous prediction yet
+        if i == s - 1 or first_order:  # the first step: no previous prediction yet
             b[i] = -phi
         else:
             r = (lam[i] - lam[i + 1]) / h
@@ -112,6 +117,8 @@ def coefficient_table(
 ) -> np.ndarray:
     """The (8, S) float64 table of ``sampler`` over ``chain``."""
     sampler = Sampler(sampler)
+    if sampler is Sampler.RESTART:
+        raise ValueError("restart's table has a column per call, not per position: ddpm.restart.restart_table")
     if sampler is Sampler.DDPM:
         return ddpm_table(chain, VarianceType(variance_type), clip)
     if sampler is Sampler.DDIM:

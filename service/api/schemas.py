@@ -143,7 +143,9 @@ class ChainTable(BaseModel):
         x0_hat = x0_from_x[j] x - x0_from_eps[j] eps(x, timesteps[j]), clipped to [-1, 1] if clip[j] = 1
         x      = x[j] x + eps[j] eps + x0[j] x0_hat + x0_prev[j] (x0_hat of step j-1) + sigma[j] z
 
-    starting from x_T drawn at counter 0. Values are the float32 numbers the server uses."""
+    starting from x_T drawn at counter 0. Values are the float32 numbers the server uses. A chain that
+    jumps back up (``restart``) also gives ``jump_x``/``jump_z``; step j then ends with the forward jump
+    folded in: x = jump_x[j] (x - sigma[j] z) + sqrt((jump_x[j] sigma[j])^2 + jump_z[j]^2) z (1 and 0: no jump)."""
 
     sampler: str
     steps: int
@@ -154,6 +156,8 @@ class ChainTable(BaseModel):
     timesteps: list[int]
     noise_counter: list[int]
     coefficients: dict[str, list[float]]
+    jump_x: list[float] | None = None
+    jump_z: list[float] | None = None
 
 
 class ScheduleResponse(BaseModel):

@@ -61,7 +61,15 @@ def _chain_table(tables: ChainTables, spec: ChainSpec) -> ChainTable:
         timesteps=timesteps,
         noise_counter=[int(tables.counters[i]) for i in order],
         coefficients={name: tables.table[row, order].tolist() for row, name in enumerate(StepCoefficients.names())},
+        **_jumps(tables, spec, order),
     )
+
+
+def _jumps(tables: ChainTables, spec: ChainSpec, order: list[int]) -> dict[str, list[float]]:
+    """A restart chain's forward jumps (RePaint's need the request's mask and image: not a chain table)."""
+    if tables.edit_table is None or spec.repaint:
+        return {}
+    return {"jump_x": tables.edit_table[2, order].tolist(), "jump_z": tables.edit_table[3, order].tolist()}
 
 
 @router.get(
