@@ -64,20 +64,26 @@ def sampler_on_hot_path(args: argparse.Namespace, parts: list[torch.Tensor], sam
     every graph the cells need (batch sizes, with and without multistep state) is built before it returns."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model_source(args.model, "cpu")
-    fast = hot_path(model.eps_model, model.module, "cpu", args.compile, precision=args.precision)
+    device = getattr(args, "device", "cpu")
+    model = load_model_source(args.model, device)
+    fast = hot_path(model.eps_model, model.module, device, args.compile, precision=args.precision)
 
     def chain(sampler: str, steps: int, eta: float, spacing: str, seeds: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return sample(fast.eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
-                          clip_denoised=model.clip_denoised, sampler=sampler, eta=eta, spacing=spacing, step_fn=fast.step_fn)  # fmt: skip
+                          clip_denoised=model.clip_denoised, sampler=sampler, eta=eta, spacing=spacing, step_fn=fast.step_fn,
+                          device=device)  # fmt: skip
 
     for sampler in samplers:
         for part in {len(p): p for p in parts}.values():
             chain(sampler, 2, 0.0, "trailing", part)
-    print(f"CPU: {cpu_capability()}; threads {torch.get_num_threads()}; precision {fast.precision}; step {fast.step_backend}",
-          file=sys.stderr)  # fmt: skip
+    print(f"{where(device)}; threads {torch.get_num_threads()}; precision {fast.precision}; step {fast.step_backend}", file=sys.stderr)
     return chain, fast
+
+
+def where(device: str) -> str:
+    """The machine a figure was measured on: the CPU's name and flags, or the GPU's name."""
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_capability()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
             "fd": report["samples"]["fd"], "confident_share": report["samples"]["confident_share"],
             "class_entropy": report["samples"]["class_entropy"], "real_fd": report["real_vs_real"]["fd"],
             "real_confident_share": report["real_vs_real"]["confident_share"], "seconds": round(seconds, 2),
-            "images_per_s": round(args.n / seconds, 3), "precision": fast.precision, "cpu": cpu_capability(),
+            "images_per_s": round(args.n / seconds, 3), "precision": fast.precision, "cpu": where(getattr(args, "device", "cpu")),
             "threads": torch.get_num_threads(),
         }  # fmt: skip
         print(json.dumps(row), file=sys.stderr)
@@ -201,6 +207,7 @@ def main() -> None:
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--compile", default="on", choices=["on", "off", "auto"])
     r.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    r.add_argument("--device", default="cpu", help="cpu or cuda (the GPU machine: the same cells in seconds)")
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--cells", nargs="*", help="sampler:steps[:eta[:spacing]] (default: the table's grid)")
     r.add_argument("--out", default="benchmarks/results/quality_table.jsonl")

@@ -34,7 +34,7 @@ class Quality:
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    covmean, _ = scipy.linalg.sqrtm(cov1 @ cov2, disp=False)
+    covmean = scipy.linalg.sqrtm(cov1 @ cov2)  # (scipy >= 1.16 dropped disp; the matrix alone either way)
     if not np.isfinite(covmean).all():  # singular product: nudge the diagonals, as FID implementations do
         offset = np.eye(len(cov1)) * 1e-6
         covmean = scipy.linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
