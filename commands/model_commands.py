@@ -277,7 +277,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (Algorithm 2), ddim, dpmsolver++ or sde-dpmsolver++ (DPM-Solver++(2M), ODE or SDE)")  # fmt: skip
+                   help="ddpm (Algorithm 2), ddim, dpmsolver++ or sde-dpmsolver++ (DPM-Solver++(2M), ODE or SDE), "
+                        "restart (restart sampling on sde-dpmsolver++)")  # fmt: skip
     p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip

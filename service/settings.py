@@ -27,12 +27,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
     default_sampler: SamplerName = Field(
-        "sde-dpmsolver++",
-        description="the sampler of a request that names none: SDE-DPM-Solver++(2M) at 50 steps matches the 1000-step chain's "
-        "quality (BENCHMARKS.md, samplers)",
+        "restart",
+        description="the sampler of a request that names none: restart sampling on SDE-DPM-Solver++(2M) at 10 calls is within "
+        "the real-vs-real spread of the 1000-step chain's quality (BENCHMARKS.md, samplers)",
     )
     default_steps: int | None = Field(
-        50, ge=1, description="U-Net calls per image of a request that names no steps (unset: T); sampler ddpm named alone runs T"
+        10, ge=1, description="U-Net calls per image of a request that names no steps (unset: T); sampler ddpm named alone runs T"
     )
     default_timestep_spacing: SpacingName = Field(
         DEFAULT_SPACING,

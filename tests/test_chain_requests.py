@@ -88,8 +88,8 @@ def test_schedule_without_a_chain_query_has_no_table(client: TestClient) -> None
     assert client.get("/schedule").json()["chain"] is None
     ddpm = client.get("/schedule", params={"sampler": "ddpm"}).json()["chain"]  # the paper's chain, as the server runs it
     assert ddpm["sampler"] == "ddpm" and ddpm["timesteps"] == list(range(199, -1, -1)) and ddpm["coefficients"]["sigma"][-1] == 0
-    default = client.get("/schedule", params={"steps": 50}).json()["chain"]
-    assert (default["sampler"], default["timestep_spacing"], default["timesteps"][0]) == ("sde-dpmsolver++", "trailing", 199)
+    default = client.get("/schedule", params={"steps": 10}).json()["chain"]
+    assert (default["sampler"], default["timestep_spacing"], default["timesteps"][0]) == ("restart", "trailing", 199)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_schedule_without_a_chain_query_has_no_table(client: TestClient) -> None
     [
         ({"sampler": "ddpm", "eta": 0.5}, "eta"),
         ({"sampler": "dpmsolver++", "eta": 0.0}, "eta"),
-        ({"eta": 0.5}, "eta"),  # the default sampler is sde-dpmsolver++
+        ({"eta": 0.5}, "eta"),  # the default sampler is restart
         ({"sampler": "ddim", "eta": 1.5}, "eta"),
         ({"sampler": "ddim", "eta": "0.5"}, "eta"),
         ({"sampler": "euler"}, "sampler"),

@@ -10,6 +10,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from ddpm.names import SAMPLERS  # noqa: E402
 from service.api.app import create_app  # noqa: E402
 from service.server_state import ServerState  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -61,7 +62,7 @@ def test_api_conforms_to_its_schema(case) -> None:  # type: ignore[no-untyped-de
             and (body.get("steps") is None or (type(body["steps"]) is int and 1 <= body["steps"] <= 25))
             and body.get("clip_denoised") in (None, True, False)
             and (type(body.get("clip_denoised")) is bool or body.get("clip_denoised") is None)
-            and body.get("sampler") in (None, "ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+            and body.get("sampler") in (None, *SAMPLERS)
             and body.get("timestep_spacing") in (None, "linspace", "leading", "trailing")
             and (eta is None or (type(eta) in (int, float) and 0 <= eta <= 1 and body.get("sampler") == "ddim"))
         )  # fmt: skip
@@ -89,7 +90,7 @@ def _valid_openai_request(body: dict) -> bool:
 
     chain_ok = (
         (body.get("steps") is None or (is_int(body["steps"]) and 1 <= body["steps"] <= 25))
-        and body.get("sampler") in (None, "ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+        and body.get("sampler") in (None, *SAMPLERS)
         and body.get("timestep_spacing") in (None, "linspace", "leading", "trailing")
         and (body.get("clip_denoised") is None or type(body["clip_denoised"]) is bool)
         and (body.get("eta") is None or (type(body["eta"]) in (int, float) and 0 <= body["eta"] <= 1 and body.get("sampler") == "ddim"))

@@ -66,8 +66,8 @@ def test_info_describes_the_model_and_the_replica(model_dir: Path) -> None:
     assert m["gflop_per_image_step"] == pytest.approx(_independent_flops(module) / 1e9, rel=1e-3)
     assert m["image_shape"] == [1, 8, 8] and m["num_timesteps"] == 40 and m["schedule"] == "linear"
     assert m["variance_type"] == "fixed_small" and m["clip_denoised"] is True and m["timestep_spacing"] is None
-    assert info["samplers"] == ["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
-    assert info["defaults"] == {"sampler": "sde-dpmsolver++", "steps": 50, "timestep_spacing": "trailing"}
+    assert info["samplers"] == ["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", "restart"]
+    assert info["defaults"] == {"sampler": "restart", "steps": 10, "timestep_spacing": "trailing"}
     assert info["limits"]["max_images_per_request"] == 12 and info["limits"]["max_batch"] == 8
     assert info["device"] == "cpu" and info["compiled"] is False and info["step_backend"] == "torch" and info["precision"] == "fp32"
     assert info["response_cache_bytes"] == 2 * 2**20
@@ -107,7 +107,7 @@ def test_fleet_metrics(model_dir: Path) -> None:
     # the model label, as vLLM / Triton put theirs
     assert sample_value(text, 'ddpm_requests_total{code="200",model="tiny"}') == 1
     assert sample_value(text, 'ddpm_requests_total{code="422",model="tiny"}') == 1
-    assert sample_value(text, 'ddpm_image_steps_total{model="tiny",sampler="sde-dpmsolver++"}') == 3
+    assert sample_value(text, 'ddpm_image_steps_total{model="tiny",sampler="restart"}') == 3
     assert sample_value(text, 'ddpm_images_generated_total{model="tiny"}') == 1
     # every response by code, unknown routes included
     assert sample_value(text, 'ddpm_http_responses_total{route="other",code="404"}') == 1

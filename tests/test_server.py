@@ -54,7 +54,7 @@ def test_generate_json(client: TestClient) -> None:
 def test_default_chain(client: TestClient) -> None:
     """A request naming nothing gets the measured default (BENCHMARKS.md); naming ddpm alone, the paper's chain."""
     body = client.post("/generate", json={"seed": 1}).json()
-    assert (body["sampler"], body["steps"], body["eta"]) == ("sde-dpmsolver++", 50, 0.0)
+    assert (body["sampler"], body["steps"], body["eta"]) == ("restart", 10, 0.0)
     assert client.post("/generate", json={"seed": 1, "sampler": "ddpm"}).json()["steps"] == 200
 
 

@@ -24,14 +24,15 @@ class ChainRequest(BaseModel):
         None,
         strict=True,
         ge=1,
-        description="U-Net calls per image, S (1..T); default T for sampler ddpm (the paper's chain), else DDPM_DEFAULT_STEPS (50). "
+        description="U-Net calls per image, S (1..T); default T for sampler ddpm (the paper's chain), else DDPM_DEFAULT_STEPS (10). "
         "S < T respaces the chain.",
     )
     sampler: SamplerName | None = Field(
         None,
         description="ddpm: Algorithm 2 (with steps=T, the paper's chain); ddim: DDIM (Song et al. 2021); "
-        "dpmsolver++: DPM-Solver++(2M) (Lu et al. 2022); sde-dpmsolver++: its stochastic variant. "
-        "Default DDPM_DEFAULT_SAMPLER (sde-dpmsolver++).",
+        "dpmsolver++: DPM-Solver++(2M) (Lu et al. 2022); sde-dpmsolver++: its stochastic variant; restart: restart "
+        "sampling (Xu et al. 2023) on sde-dpmsolver++, one jump back up over the last two steps (steps counts every call). "
+        "Default DDPM_DEFAULT_SAMPLER (restart).",
     )
     eta: float | None = Field(
         None, strict=True, ge=0, le=1, description="ddim only: 0 deterministic (default), 1 the DDPM posterior variance."
