@@ -180,8 +180,9 @@ def plot(rows: list[dict], ref: dict[str, float], path: str) -> None:  # type: i
         (axes[1], "confident_share", ref["share_mean"], ref["share_std"], "confident share (higher is better)"),
     ]:
         ax.axhspan(ref_mean - ref_std, ref_mean + ref_std, color="0.85", label="real vs real (mean +- std)")
-        for sampler, marker in [("ddpm", "o"), ("ddim", "s"), ("dpmsolver++", "^"), ("sde-dpmsolver++", "v")]:
-            pts = sorted((r["steps"], r[metric]) for r in rows if r["sampler"] == sampler)
+        for sampler, marker in [("ddpm", "o"), ("ddim", "s"), ("dpmsolver++", "^"), ("sde-dpmsolver++", "v"), ("restart", "D")]:
+            # trailing spacing (the full chain: linspace, its only spacing); the spacing trials stay in the table
+            pts = sorted((r["steps"], r[metric]) for r in rows if r["sampler"] == sampler and (r["spacing"] == "trailing" or r["steps"] == 1000))
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=marker, label=sampler)
         ax.set_xscale("log")
