@@ -182,7 +182,8 @@ def plot(rows: list[dict], ref: dict[str, float], path: str) -> None:  # type: i
         ax.axhspan(ref_mean - ref_std, ref_mean + ref_std, color="0.85", label="real vs real (mean +- std)")
         for sampler, marker in [("ddpm", "o"), ("ddim", "s"), ("dpmsolver++", "^"), ("sde-dpmsolver++", "v"), ("restart", "D")]:
             # trailing spacing (the full chain: linspace, its only spacing); the spacing trials stay in the table
-            pts = sorted((r["steps"], r[metric]) for r in rows if r["sampler"] == sampler and (r["spacing"] == "trailing" or r["steps"] == 1000))
+            shown = [r for r in rows if r["sampler"] == sampler and (r["spacing"] == "trailing" or r["steps"] == 1000)]
+            pts = sorted((r["steps"], r[metric]) for r in shown)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=marker, label=sampler)
         ax.set_xscale("log")
