@@ -103,18 +103,18 @@ def compiled_step_twin() -> StepFn:
     """``torch.compile`` of the PyTorch twin (Philox rounds + the affine update fused into one C++ loop)."""
     global _COMPILED_TWIN
     if _COMPILED_TWIN is None:
-        from kernels.reverse_step import fused_reverse_step_torch
+        from kernels.reverse_step import EditTerms, fused_reverse_step_torch
 
         compiled = torch.compile(fused_reverse_step_torch, dynamic=True)
 
         def step(x_t, eps, coefs, seeds, noise_counter, x0_prev=None, edit=None):  # type: ignore[no-untyped-def]
-            if edit is not None:  # editing batches are rare: the eager twin, and the compiled graph stays one
-                return fused_reverse_step_torch(x_t, eps, coefs, seeds, noise_counter, x0_prev, edit)
             with torch.inference_mode():
                 coefs = StepCoefficients(*(as_inference(getattr(coefs, n)) for n in StepCoefficients.names()))
                 counter = as_inference(torch.as_tensor(noise_counter, dtype=torch.int64, device=x_t.device).expand(x_t.shape[0]))
                 state = None if x0_prev is None else as_inference(x0_prev)
-                return compiled(as_inference(x_t), as_inference(eps), coefs, as_inference(seeds), counter, state)
+                if edit is not None:  # RePaint's and restart's jumps (restart is the default chain): a graph of its own
+                    edit = EditTerms(*(as_inference(getattr(edit, n)) for n in ("known", "mask", *EditTerms.ROWS)))
+                return compiled(as_inference(x_t), as_inference(eps), coefs, as_inference(seeds), counter, state, edit)
 
         _COMPILED_TWIN = step
     return _COMPILED_TWIN

@@ -1,4 +1,4 @@
-"""Three samplers as per-step coefficient tables of one affine update (``kernels/reverse_step.py``):
+"""The samplers as per-step coefficient tables of one affine update (``kernels/reverse_step.py``):
 
     x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, clipped to [-1, 1] if asked     (Eq. 15 of Ho et al.)
     x_prev = a x_t + d eps + b x0_hat + c x0_prev + sigma z

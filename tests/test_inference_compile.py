@@ -92,6 +92,28 @@ def test_compiled_twin_matches_the_twin(sampler: str, clip: bool) -> None:
             torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=2e-6)
 
 
+def test_compiled_twin_takes_the_jump_back_up() -> None:
+    """Restart's and RePaint's jump (EditTerms) through the compiled twin: the eager twin's values."""
+    from kernels.reverse_step import EditTerms
+
+    tables = ChainTables.for_spec(make_schedule("linear", 1000), VarianceType.FIXED_SMALL, ChainSpec(6, "restart", spacing="trailing"))
+    step = compiled_step_twin()
+    for b in (1, 5):
+        g = torch.Generator().manual_seed(b)
+        x, eps, x0_prev = (torch.randn(b, 3, 9, 7, generator=g) for _ in range(3))
+        positions = torch.randint(0, tables.num_steps, (b,), generator=g)
+        positions[0] = int(torch.nonzero(tables.edit_table[2] < 1)[0])  # row 0 jumps
+        rows = tables.edit_table[:, positions]
+        mask = (torch.rand(b, 3, 9, 7, generator=g) > 0.5).float()
+        masked = torch.tensor([0.0] + [1.0] * (b - 1))  # the others blend a known region, as RePaint's rows do
+        edit = EditTerms(torch.randn(b, 3, 9, 7, generator=g), mask, masked, *rows.unbind(0))
+        args = (x, eps, tables.coefficients(positions), seeds_to_tensor(image_seeds(b, b)), tables.counters[positions], x0_prev, edit)
+        want, want_x0 = fused_reverse_step_torch(*args)
+        got, got_x0 = step(*args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(got_x0, want_x0, rtol=1e-5, atol=2e-6)
+
+
 def test_compiled_chain_matches_the_eager_chain() -> None:
     unet = random_tiny_unet()
     schedule = make_schedule("linear", 1000)

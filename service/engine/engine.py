@@ -199,10 +199,12 @@ class Engine:
         steps = min(steps, self.model.schedule.num_timesteps)
         try:
             for n in sorted(set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}):
-                for clip, sampler in ((True, "ddpm"), (False, "ddpm"), (True, "dpmsolver++")):  # with and without x0_prev
+                # with and without x0_prev, and restart's jump back up (the default chain; 4 calls: the shortest with one)
+                for clip, sampler in ((True, "ddpm"), (False, "ddpm"), (True, "dpmsolver++"), (True, "restart")):
                     guided = self.model.conditional and sampler == "dpmsolver++"  # and a guided batch (2 rows per sample)
                     labels = (0,) * n if guided else None
-                    job = Job(seed=0, n=n, chain=ChainSpec(steps, sampler, clip=clip), timeout_s=3600, class_labels=labels,
+                    calls = min(max(steps, 4), self.model.schedule.num_timesteps) if sampler == "restart" else steps
+                    job = Job(seed=0, n=n, chain=ChainSpec(calls, sampler, clip=clip), timeout_s=3600, class_labels=labels,
                               guidance_scale=1.0 if guided else 0.0)  # fmt: skip
                     with self._lock:
                         self._enqueue(job)  # not submit(): warm-up ignores the queue limit
