@@ -60,12 +60,27 @@ def test_image_steps_are_counted_by_sampler(client: TestClient) -> None:
     assert metric(client, name % "sde-dpmsolver++") - before["sde-dpmsolver++"] == 4
 
 
-def test_the_schedule_table_reproduces_a_chain_offline(client: TestClient, model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("query", "timesteps", "counters"),
+    [
+        ({"sampler": "dpmsolver++", "steps": 6, "timestep_spacing": "trailing"}, [199, 166, 132, 99, 66, 32], [200, 167, 133, 100, 67, 33]),
+        # restart (ddpm/restart.py): back up two positions after the third call; calls count their own noise counters
+        ({"sampler": "restart", "steps": 6, "timestep_spacing": "trailing"}, [199, 149, 99, 149, 99, 49], [206, 205, 204, 203, 202, 201]),
+    ],
+    ids=["dpmsolver++", "restart"],
+)
+def test_the_schedule_table_reproduces_a_chain_offline(
+    client: TestClient, model_dir: Path, query: dict, timesteps: list[int], counters: list[int]
+) -> None:
     """A client with the U-Net, the Philox twin and GET /schedule's table alone gets the server's image."""
-    query = {"sampler": "dpmsolver++", "steps": 6, "timestep_spacing": "trailing"}
     table = client.get("/schedule", params=query).json()["chain"]
-    assert table["timesteps"] == [199, 166, 132, 99, 66, 32] and table["noise_counter"] == [200, 167, 133, 100, 67, 33]
+    assert table["timesteps"] == timesteps and table["noise_counter"] == counters
     assert table["steps"] == 6 and table["clip_denoised"] is True
+    jumps = (table["jump_x"], table["jump_z"]) if query["sampler"] == "restart" else ([1.0] * 6, [0.0] * 6)
+    if query["sampler"] == "restart":
+        assert jumps[0][2] < 1 and jumps[1][2] > 0 and jumps[0].count(1.0) == 5
+    else:
+        assert table["jump_x"] is None and table["jump_z"] is None
     c = {k: torch.tensor(v) for k, v in table["coefficients"].items()}
     model = load_model_source(model_dir)
     seeds = seeds_to_tensor(image_seeds(9, 1))
@@ -77,7 +92,9 @@ def test_the_schedule_table_reproduces_a_chain_offline(client: TestClient, model
             x0 = c["x0_from_x"][j] * x - c["x0_from_eps"][j] * eps
             x0 = x0.clamp(-1, 1) if c["clip"][j] > 0 else x0
             z = sample_noise(seeds, table["noise_counter"][j], model.image_shape)
-            x = c["x"][j] * x + c["eps"][j] * eps + c["x0"][j] * x0 + c["x0_prev"][j] * x0_prev + c["sigma"][j] * z
+            mean = c["x"][j] * x + c["eps"][j] * eps + c["x0"][j] * x0 + c["x0_prev"][j] * x0_prev
+            ux, uz = jumps[0][j], jumps[1][j]  # the forward jump folded into the step (1, 0: none)
+            x = ux * mean + ((ux * c["sigma"][j]) ** 2 + uz**2) ** 0.5 * z
             x0_prev = x0
     served = client.post("/generate", json={"seed": 9, **query}).json()["images"][0]
     mine = np.asarray(Image.open(io.BytesIO(image_pngs(x)[0])))

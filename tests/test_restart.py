@@ -1,10 +1,9 @@
 """Restart sampling (ddpm/restart.py): the call plan, the chain against a float64 implementation written
-from the papers' equations here, the engine mixing it with other samplers, and GET /schedule's table."""
+from the papers' equations here, and the engine mixing it with other samplers (GET /schedule's table of
+it: tests/test_chain_requests.py)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 import time
 from pathlib import Path
@@ -12,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from PIL import Image
 
 from ddpm.chain import ChainSpec, sample
-from ddpm.grid import image_pngs
 from ddpm.model_source import load_model_source
 from ddpm.respace import spaced_timesteps
 from ddpm.restart import main_steps, restart_calls
@@ -123,27 +119,3 @@ def test_the_engine_mixes_restart_with_other_samplers(model_dir: Path) -> None:
                            sampler=spec.sampler, spacing=spec.spacing, variance_type=model.variance_type, clip_denoised=True)  # fmt: skip
         # the U-Net at another batch size rounds differently (~1e-6): the contract's bound, not the chain
         torch.testing.assert_close(job.images, alone, rtol=0, atol=1e-5, msg=str(spec))
-
-
-def test_the_schedule_table_reproduces_a_restart_chain_offline(client: TestClient, model_dir: Path) -> None:
-    query = {"sampler": "restart", "steps": 6, "timestep_spacing": "trailing"}
-    table = client.get("/schedule", params=query).json()["chain"]
-    assert table["timesteps"] == [199, 149, 99, 149, 99, 49] and table["noise_counter"] == [206, 205, 204, 203, 202, 201]
-    assert table["jump_x"][2] < 1 and table["jump_z"][2] > 0 and table["jump_x"].count(1.0) == 5
-    c = {k: torch.tensor(v) for k, v in table["coefficients"].items()}
-    model = load_model_source(model_dir)
-    seeds = seeds_to_tensor(image_seeds(9, 1))
-    x = sample_noise(seeds, 0, model.image_shape)
-    x0_prev = torch.zeros_like(x)
-    with torch.inference_mode():
-        for j, t in enumerate(table["timesteps"]):
-            eps = model.eps_model(x, torch.tensor([t]))
-            x0 = (c["x0_from_x"][j] * x - c["x0_from_eps"][j] * eps).clamp(-1, 1)
-            z = sample_noise(seeds, table["noise_counter"][j], model.image_shape)
-            mean = c["x"][j] * x + c["eps"][j] * eps + c["x0"][j] * x0 + c["x0_prev"][j] * x0_prev
-            ux, uz = table["jump_x"][j], table["jump_z"][j]
-            x = ux * mean + math.sqrt((ux * c["sigma"][j]) ** 2 + uz**2) * z
-            x0_prev = x0
-    served = client.post("/generate", json={"seed": 9, **query}).json()["images"][0]
-    mine = np.asarray(Image.open(io.BytesIO(image_pngs(x)[0])))
-    assert np.abs(np.asarray(Image.open(io.BytesIO(base64.b64decode(served)))).astype(int) - mine.astype(int)).max() <= 1
