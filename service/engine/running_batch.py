@@ -80,7 +80,7 @@ class RunningBatch:
         t = torch.empty(b, dtype=torch.long, device=device)
         counters = torch.empty(b, dtype=torch.long, device=device)
         coefs = torch.empty((len(StepCoefficients.names()), b), dtype=torch.float32, device=device)
-        edit_rows = torch.tensor([[0.0], [0.0], [0.0], [1.0], [0.0]], device=device).repeat(1, b)  # EditTerms.ROWS: nothing
+        edit_rows = None  # EditTerms.ROWS, made when a row's chain has editing terms (RePaint, restart)
         groups: dict[ChainSpec, list[int]] = {}
         for row, (job, _) in enumerate(self.owners):
             groups.setdefault(job.chain, []).append(row)
@@ -90,12 +90,15 @@ class RunningBatch:
             t[rows], counters[rows] = tables.timesteps[at], tables.counters[at]
             coefs[:, rows] = tables.table[:, at]
             if tables.edit_table is not None:  # RePaint's blend and jumps, restart's jump
+                if edit_rows is None:
+                    edit_rows = torch.tensor([[0.0], [0.0], [0.0], [1.0], [0.0]], device=device).repeat(1, b)  # nothing
                 edit_rows[0, rows] = 1.0 if spec.repaint else 0.0  # a RePaint chain's rows carry a mask
                 edit_rows[1:, rows] = tables.edit_table[:, at]
         edit = None
-        if self.known is not None and self.mask is not None:
+        if edit_rows is not None and self.known is not None and self.mask is not None:
             edit = EditTerms(self.known, self.mask, *edit_rows.unbind(0))
-        elif bool((edit_rows[3] != 1).any() or (edit_rows[4] != 0).any()):  # a row jumps back up (restart): no mask read
+        # a row jumps back up (restart) this iteration: the jump, no mask read (on CUDA this reads one flag back)
+        elif edit_rows is not None and bool((edit_rows[3] != 1).any() or (edit_rows[4] != 0).any()):
             edit = EditTerms(self.x, self.x, *edit_rows.unbind(0))
         return StepInputs(t, counters, coefs, edit)
 
