@@ -76,7 +76,7 @@ def sampler_on_hot_path(args: argparse.Namespace, parts: list[torch.Tensor], sam
 
     for sampler in samplers:
         for part in {len(p): p for p in parts}.values():
-            chain(sampler, 2, 0.0, "trailing", part)
+            chain(sampler, 4, 0.0, "trailing", part)  # 4 calls: restart's shortest chain with its jump (a graph of its own)
     print(f"{where(device)}; threads {torch.get_num_threads()}; precision {fast.precision}; step {fast.step_backend}", file=sys.stderr)
     return chain, fast
 
