@@ -224,8 +224,9 @@ def sample_chain(
             rows = tables.edit_table[:, positions]
             if mask is not None and known is not None:
                 edit = [EditTerms(known, mask.to(device, torch.float32).expand(b, *shape), torch.ones(b, device=device), *rows.unbind(0))]
-            elif bool((rows[2] != 1).any() or (rows[3] != 0).any()):
-                edit = [EditTerms(x, x, torch.zeros(b, device=device), *rows.unbind(0))]
+            else:  # restart: x stands in for the image and mask no row reads
+                jump = EditTerms(x, x, torch.zeros(b, device=device), *rows.unbind(0))
+                edit = [jump] if bool(jump.edits().any()) else []
         x, x0 = step_fn(x, eps, tables.coefficients(positions), seeds, tables.counters[positions], x0_prev, *edit)
         x0_prev = x0 if tables.multistep else None
         yield SampleProgress(step=tables.num_steps - i, total=tables.num_steps, x=x)

@@ -68,8 +68,9 @@ class CompiledEps:
             n = x.shape[0]
             x, t = as_inference(x.contiguous(memory_format=torch.channels_last)), as_inference(t)
             args = (x, t) if y is None else (x, t, as_inference(y))
-            if self.cuda_graphs and graph_bucket(n) > n:
-                args = tuple(torch.cat([a, a[-1:].expand(graph_bucket(n) - n, *a.shape[1:])]) for a in args)
+            padding = graph_bucket(n) - n if self.cuda_graphs else 0
+            if padding:
+                args = tuple(torch.cat([a, a[-1:].expand(padding, *a.shape[1:])]) for a in args)
                 args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
             if args[0].shape[0] >= 2:
                 for a in args:

@@ -95,11 +95,11 @@ class RunningBatch:
                 edit_rows[0, rows] = 1.0 if spec.repaint else 0.0  # a RePaint chain's rows carry a mask
                 edit_rows[1:, rows] = tables.edit_table[:, at]
         edit = None
-        if edit_rows is not None and self.known is not None and self.mask is not None:
-            edit = EditTerms(self.known, self.mask, *edit_rows.unbind(0))
-        # a row jumps back up (restart) this iteration: the jump, no mask read (on CUDA this reads one flag back)
-        elif edit_rows is not None and bool((edit_rows[3] != 1).any() or (edit_rows[4] != 0).any()):
-            edit = EditTerms(self.x, self.x, *edit_rows.unbind(0))
+        if edit_rows is not None:  # without a mask in the batch (restart alone), x stands in: no row reads it
+            masked = self.known is not None and self.mask is not None
+            edit = EditTerms(self.known if masked else self.x, self.mask if masked else self.x, *edit_rows.unbind(0))
+            if not masked and not bool(edit.edits().any()):  # no row jumps this iteration (on CUDA: one flag read back)
+                edit = None
         return StepInputs(t, counters, coefs, edit)
 
 
