@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -215,5 +216,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.run()
     if server.fatal is not None:
         print(f"ddpm serve: {server.fatal}", file=sys.stderr)
-        return 1
+        # not a normal interpreter exit: a stalled engine thread may be inside a device call or a compile, and
+        # finalizing under it aborts the process (SIGABRT, "terminate called without an active exception")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 0

@@ -1,18 +1,42 @@
 """Input images for editing (ddpm/editing.py) from PNG bytes: checked against the model's image shape
-and mode, with errors that say what the model takes. The inverse of the PNGs ``ddpm.grid`` writes."""
+and mode, with errors that say what the model takes. The inverse of the PNGs ``ddpm.grid`` writes.
+
+The bytes are a stranger's: every failure of a decoder is an ``InputError`` naming the field, never
+anything else (tests/test_image_inputs.py feeds random and mutated PNG, APNG and .npy bytes). What an
+input declares is checked before anything is decoded or allocated: a PNG's size from its header (a
+69-byte PNG may declare 20000x20000), an .npy's shape and dtype from its header (a 128-byte one may
+declare 80 GB).
+"""
 
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 GREY_MODES = ("L", "LA", "1", "I", "I;16")
 COLOUR_MODES = ("RGB", "RGBA")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NPY_SIGNATURE = b"\x93NUMPY"  # an array client's input: float (C, H, W) in [0, 1], as the server's npy answers
+
+
+MIN_INPUT_BYTES = 64 * 2**10  # room for a PNG's ancillary chunks (an ICC profile, text) at any model size
+
+
+def max_input_bytes(shape: tuple[int, int, int]) -> int:
+    """The most bytes one input (an image or a mask) of a model of ``shape`` can need: its largest form is
+    a float64 .npy (8 bytes a value and a header); a PNG of the same pixels is smaller."""
+    c, h, w = shape
+    return max(MIN_INPUT_BYTES, 8 * c * h * w + 4096)
+
+
+def base64_chars(n: int) -> int:
+    """Characters of ``n`` bytes in base64."""
+    return 4 * ((n + 2) // 3)
 
 
 class InputError(ValueError):
@@ -23,30 +47,50 @@ class InputError(ValueError):
         super().__init__(message)
 
 
+def _npy_header(field: str, data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy declares, read from its header alone (nothing allocated)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        declared, _, dtype = read(stream)
+    except Exception as exc:  # a stranger's header: ValueError, SyntaxError, struct.error, ...
+        raise InputError(field, f"{field} is not a readable .npy array ({type(exc).__name__})") from exc
+    return tuple(declared), dtype
+
+
 def _array(field: str, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """A .npy input: (C, H, W) or (H, W) of a one-channel model, finite, in [0, 1]."""
+    """A .npy input: (C, H, W) or (H, W) of a one-channel model, real numbers, finite, in [0, 1]."""
+    declared, dtype = _npy_header(field, data)
+    fits = declared == tuple(shape) or (shape[0] == 1 and declared == tuple(shape[1:]))
+    if not fits or dtype.kind not in "uif":  # checked before the data is read: the header may declare any size
+        raise InputError(field, f"{field} is a {dtype} array of shape {declared}; this model takes {tuple(shape)} in [0, 1]")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # truncated data, a header that lied
         raise InputError(field, f"{field} is not a readable .npy array ({type(exc).__name__})") from exc
-    if array.ndim == 2 and shape[0] == 1:
-        array = array[None]
-    if tuple(array.shape) != tuple(shape) or not np.issubdtype(array.dtype, np.number):
-        what = f"a {array.dtype} array of shape {tuple(array.shape)}"
-        raise InputError(field, f"{field} is {what}; this model takes {tuple(shape)} in [0, 1]")
-    array = array.astype(np.float64)
+    array = array.reshape(shape).astype(np.float64)
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
         raise InputError(field, f"{field} must hold finite values in [0, 1]")
     return array
 
 
-def _open(field: str, data: bytes) -> Image.Image:
+def _open(field: str, data: bytes, shape: tuple[int, int, int]) -> Image.Image:
+    """The PNG decoded, once its header says it has the model's size (a bomb is refused undecoded)."""
     if not data.startswith(PNG_SIGNATURE):
         raise InputError(field, f"{field} is not a PNG or a .npy array (only those are taken)")
+    if len(data) >= 24 and data[12:16] == b"IHDR":  # the first chunk's width and height, before Pillow sees them
+        width, height = struct.unpack(">II", data[16:24])
+        _check_size(field, width, height, "", shape)
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=["PNG"])  # reads the header only
+            _check_size(field, image.size[0], image.size[1], f" {image.mode}", shape)
+            image.load()
+    except InputError:
+        raise
+    except Exception as exc:  # Pillow raises many kinds on a damaged PNG: OSError, SyntaxError, EOFError, struct.error, ...
         raise InputError(field, f"{field} is not a readable PNG ({type(exc).__name__})") from exc
     return image
 
@@ -56,10 +100,10 @@ def _what_it_takes(shape: tuple[int, int, int]) -> str:
     return f"this model takes {w}x{h} {'grey' if c == 1 else 'RGB'} PNGs"
 
 
-def _check_size(field: str, image: Image.Image, shape: tuple[int, int, int]) -> None:
+def _check_size(field: str, width: int, height: int, mode: str, shape: tuple[int, int, int]) -> None:
     _, h, w = shape
-    if image.size != (w, h):
-        raise InputError(field, f"{field} is {image.size[0]}x{image.size[1]} {image.mode}; {_what_it_takes(shape)}")
+    if (width, height) != (w, h):
+        raise InputError(field, f"{field} is {width}x{height}{mode}; {_what_it_takes(shape)}")
 
 
 def _grey_as_colour(image: Image.Image) -> bool:
@@ -73,8 +117,7 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
     its alpha channel where it has one."""
     if data.startswith(NPY_SIGNATURE):
         return torch.from_numpy((_array(field, data, shape) * 2.0 - 1.0).astype(np.float32)), None
-    image = _open(field, data)
-    _check_size(field, image, shape)
+    image = _open(field, data, shape)
     modes = GREY_MODES if shape[0] == 1 else COLOUR_MODES
     if shape[0] == 1 and image.mode in COLOUR_MODES and _grey_as_colour(image):  # e.g. a browser canvas: RGBA, R = G = B
         image = image.convert("LA" if image.mode == "RGBA" else "L")
@@ -94,8 +137,7 @@ def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.T
     repaint), or for a mask without alpha, a grey value over half (black marks what to repaint)."""
     if data.startswith(NPY_SIGNATURE):  # 1 where known, 0 where to repaint
         return keep_mask(field, _array(field, data, shape) >= 0.5, shape, "no 0 in the array")
-    image = _open(field, data)
-    _check_size(field, image, shape)
+    image = _open(field, data, shape)
     if "A" in image.getbands():
         keep = np.asarray(image.getchannel("A")) > 0
     else:

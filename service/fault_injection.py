@@ -9,6 +9,9 @@ Stages (where the engine and the routes call the injector):
   observer  a metrics hook (isolated: logged and counted, the jobs still succeed)
   encode    turning a finished job's images into PNG / npy (in the HTTP layer)
   loop      the engine thread's own loop, outside any iteration: kills the engine (exit non-zero)
+
+and ``stall_s``: the first U-Net call after arming blocks that long, as a hung device call would (the
+stall watchdog's test: ``DDPM_STALL_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ class FaultInjector:
         stages: tuple[str, ...] = (),
         seed: int = 0,
         duration_s: float = 0.0,
+        stall_s: float = 0.0,
     ) -> None:
         self.every_n = every_n
         self.rate = rate
         self.stages = frozenset(check_stages(stages))
         self.duration_s = duration_s
+        self.stall_s = stall_s
+        self._stalled = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._armed_at: float | None = None
@@ -58,7 +64,7 @@ class FaultInjector:
 
     @property
     def enabled(self) -> bool:
-        return self.every_n > 0 or (self.rate > 0 and bool(self.stages))
+        return self.every_n > 0 or (self.rate > 0 and bool(self.stages)) or self.stall_s > 0
 
     def arm(self) -> None:
         """Start injecting (the server arms it after warm-up, so start-up itself never fails)."""
@@ -67,6 +73,9 @@ class FaultInjector:
     def __call__(self, stage: str) -> None:
         if self._armed_at is None:
             return
+        if stage == "unet" and self.stall_s > 0 and not self._stalled:
+            self._stalled = True
+            time.sleep(self.stall_s)  # blocks, raises nothing: only the watchdog can tell
         with self._lock:
             if self.duration_s and time.monotonic() - self._armed_at > self.duration_s:
                 return

@@ -21,6 +21,7 @@ import torch
 from ddpm import __version__, compile_cache
 from ddpm.chain import EpsModel, StepFn
 from ddpm.compile_cache import artefact_path, machine_key
+from ddpm.image_inputs import MIN_INPUT_BYTES, base64_chars, max_input_bytes
 from ddpm.inference_compile import HotPath, hot_path, should_compile
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_facts import ModelFacts, flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
@@ -30,6 +31,7 @@ from ddpm.precision import resolve_precision
 from service.engine.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, fully_compiled, step_of
 from service.engine.client_quota import ClientQuota
 from service.engine.engine import Engine
+from service.engine.errors import EngineStopped
 from service.fault_injection import FaultInjector
 from service.metrics import Metrics
 from service.response_cache import ResponseCache
@@ -37,6 +39,7 @@ from service.settings import Settings
 
 log = logging.getLogger("ddpm.server")
 RECOVERING = "recovering from a failed iteration (self-test pending)"
+OTHER_FIELDS_BYTES = 16 * 2**10  # a request's fields besides its image and mask (a data: URL prefix and line breaks too)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +73,7 @@ class ServerState:
             stages=settings.fault_stage_list,
             seed=settings.fault_seed,
             duration_s=settings.fault_duration_s,
+            stall_s=settings.fault_stall_s,
         )
         # called (from any thread) when the server cannot go on: the model failed to load or the engine
         # thread died; `ddpm serve` exits non-zero so that the orchestrator restarts the process
@@ -187,16 +191,30 @@ class ServerState:
         self._fatal(f"engine stopped: {reason}")
 
     def _watch(self, engine: Engine) -> None:
-        """Watchdog: a device call that hangs never raises, so nothing else would notice."""
-        period = min(5.0, self.settings.stall_timeout_s / 4)
+        """Watchdog: a device call that hangs never raises, so nothing else would notice. Past the stall
+        timeout (which /healthz reads live, ``stall_reason``) the requests in flight are answered with 503
+        and the process exits 1 (``on_fatal``): the orchestrator starts a fresh one."""
+        period = min(1.0, self.settings.stall_timeout_s / 4)
         while engine.alive:
-            stalled = engine.stalled_for()
-            if stalled > self.settings.stall_timeout_s:
-                self.stalled = f"no iteration finished for {stalled:.0f} s with work waiting"
-                log.critical("engine stalled: %s", self.stalled)
-                self._fatal(f"engine stalled: {self.stalled}")
+            reason = self.stall_reason()
+            if reason is not None:
+                self.stalled = reason
+                log.critical("engine stalled: %s", reason)
+                answered = engine.abort(EngineStopped("the engine stalled and this replica is restarting; retry"), lock_timeout=1.0)
+                log.critical("answered %d request(s) in flight with 503", answered)
+                self._fatal(f"engine stalled: {reason}")
                 return
             time.sleep(period)
+
+    def stall_reason(self) -> str | None:
+        """Why the engine counts as stalled now (work waiting, no iteration finished for over
+        DDPM_STALL_TIMEOUT_S), or None."""
+        if self.stalled is not None:
+            return self.stalled
+        stalled = 0.0 if self.engine is None else self.engine.stalled_for()
+        if stalled > self.settings.stall_timeout_s:
+            return f"no iteration finished for {stalled:.0f} s with work waiting"
+        return None
 
     def _warm_engine(self, model: LoadedModel, eps_model: EpsModel, step_fn: StepFn, sizes: set[int] | None = None) -> Engine:
         """An engine on the given hot path, warmed up (not started)."""
@@ -266,7 +284,7 @@ class ServerState:
     def shutdown(self) -> None:
         self.drain()
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(timeout=1.0 if self.stall_reason() is not None else 10.0)  # a stalled thread may never join
 
     def fatal_reason(self) -> str | None:
         """Why this process can never serve (it exits; /healthz fails too), or None. The reason the
@@ -275,7 +293,7 @@ class ServerState:
             return "model failed to load (see the server log)"
         if self.engine is not None and self.engine.dead is not None:
             return "engine stopped (see the server log)"
-        if self.stalled is not None:
+        if self.stall_reason() is not None:
             return "engine stalled (see the server log)"
         return None
 
@@ -290,6 +308,17 @@ class ServerState:
         if not self.engine.healthy:
             return RECOVERING
         return None
+
+    def max_input_bytes(self) -> int:
+        """The bytes one input image or mask may have, from the model's shape (the floor until it has loaded)."""
+        return MIN_INPUT_BYTES if self.model is None else max_input_bytes(self.model.image_shape)
+
+    def max_body_bytes(self) -> int:
+        """The request body limit: DDPM_MAX_BODY_BYTES, else room for the model's largest image and mask in
+        base64 and the other fields (a body the schema allows is never refused for its size)."""
+        if self.settings.max_body_bytes is not None:
+            return self.settings.max_body_bytes
+        return 2 * base64_chars(self.max_input_bytes()) + OTHER_FIELDS_BYTES
 
     def refusal_reason(self) -> str | None:
         """Why a new request is refused with 503, or None. A recovering engine still takes work:

@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")
     drain_timeout_s: float = Field(600.0, ge=0, description="on SIGTERM: how long in-flight requests may still run")
     stall_timeout_s: float = Field(
-        300.0, gt=0, description="an engine with work that finishes no iteration for this long is stalled: /healthz 503, exit 1"
+        300.0,
+        gt=0,
+        description="an engine with work that finishes no iteration for this long is stalled: /healthz and /readyz 503 from "
+        "then on, the requests in flight get 503 + Retry-After, and ddpm serve exits 1",
     )
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
     api_token: SecretStr | None = Field(
@@ -73,7 +76,12 @@ class Settings(BaseSettings):
     )
     api_token_file: Path | None = Field(None, description="file holding the bearer token (wins over DDPM_API_TOKEN)")
     metrics_require_token: bool = Field(False, description="also require the token on /metrics")
-    max_body_bytes: int = Field(16384, ge=256, description="larger request bodies get 413")
+    max_body_bytes: int | None = Field(
+        None,
+        ge=256,
+        description="larger request bodies get 413; unset: room for the model's largest input image and mask "
+        "(two base64 float64 .npy of its shape, at least 64 KiB each) and 16 KiB more (GET /info: limits.max_body_bytes)",
+    )
     max_images_per_client: int = Field(256, ge=1, description="images one client may have queued or running; more gets 429")
     trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
@@ -90,6 +98,7 @@ class Settings(BaseSettings):
     )
     fault_seed: int = Field(0, description="testing only: seed of the fault draws")
     fault_duration_s: float = Field(0.0, ge=0, description="testing only: faults stop this long after the server is ready (0: never)")
+    fault_stall_s: float = Field(0.0, ge=0, description="testing only: the first U-Net call after ready blocks this long (a hung device)")
     response_cache_mb: float = Field(
         64.0, ge=0, description="memory for finished images answered again to identical requests (ETag, 304); 0: off"
     )

@@ -136,6 +136,35 @@ def test_a_dead_engine_exits_non_zero(model_1000: Path) -> None:
         s.stop()
 
 
+def test_a_stalled_engine_answers_in_flight_requests_and_exits_1(model_1000: Path) -> None:
+    # the first U-Net call after ready blocks for 60 s (a hung device call): past DDPM_STALL_TIMEOUT_S the
+    # request in flight gets a JSON 503, /healthz turns 503, and the process exits 1 (not SIGABRT's 134)
+    s = ServerProcess(model_1000, DDPM_STALL_TIMEOUT_S="2", DDPM_FAULT_STALL_S="60", DDPM_RETRY_AFTER_S="4")
+    try:
+        s.wait_ready()
+        result: dict[str, httpx.Response] = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/generate", json={"seed": 1}, timeout=60)))
+        sent = time.monotonic()
+        t.start()
+        health = []
+        while s.proc.poll() is None and time.monotonic() - sent < 30:
+            try:
+                health.append((time.monotonic() - sent, httpx.get(s.url + "/healthz", timeout=2).status_code))
+            except httpx.HTTPError:
+                break  # the listener has closed: the process is on its way out
+            time.sleep(0.1)
+        assert s.proc.wait(30) == 1, s.output()[-3000:]
+        t.join(10)
+        r = result["r"]
+        assert r.status_code == 503 and r.headers["retry-after"] == "4" and "stalled" in r.json()["detail"]
+        assert all(code == 200 for at, code in health if at < 1.5)  # the stall bound is 2 s
+        assert [code for at, code in health if at > 2.5] in ([], [503] * len([1 for at, _ in health if at > 2.5]))
+        assert time.monotonic() - sent < 2 + 10  # the bound, a watchdog period and the graceful close
+        assert "engine stalled" in s.output() and "terminate called" not in s.output()
+    finally:
+        s.stop()
+
+
 def test_a_model_that_fails_to_load_exits_non_zero(model_1000: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         app.include_router(resource.router)
     app.add_middleware(
         RequestContextMiddleware,
-        max_body_bytes=settings.max_body_bytes,
+        max_body_bytes=state.max_body_bytes,
         read_timeout_s=settings.request_read_timeout_s,
         trust_forwarded_for=settings.trust_forwarded_for,
         observe=state.metrics.on_response,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 
 import torch
 
@@ -15,11 +16,18 @@ from service.response_cache import EditInput
 __all__ = ["InputError", "b64_png", "decode_image", "decode_mask", "edit_input"]
 
 
+DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII)  # RFC 2397, e.g. canvas.toDataURL()
+MIME_WHITESPACE = re.compile(rb"[\r\n\t ]+")  # RFC 2045 wraps base64 at 76 characters
+
+
 def b64_png(field: str, text: str) -> bytes:
+    """The bytes of a base64 field: plain base64, base64 wrapped in lines (MIME), or a ``data:`` URL of it."""
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InputError(field, f"{field} is not base64") from exc
+        prefix = DATA_URL.match(text, 0, 256)
+        data = text[prefix.end() :] if prefix else text
+        return base64.b64decode(MIME_WHITESPACE.sub(b"", data.encode("ascii")), validate=True)
+    except (binascii.Error, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InputError(field, f"{field} is not base64 (nor a data: URL of base64)") from exc
 
 
 def edit_input(image: torch.Tensor, mask: torch.Tensor | None) -> EditInput:

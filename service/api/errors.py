@@ -41,6 +41,7 @@ STATUSES: dict[int, Status] = {
     400: Status("invalid", "invalid_request_error", None, "The body could not be read as JSON (e.g. not UTF-8)"),
     401: Status("unauthorized", "invalid_request_error", "invalid_api_key", "Missing or wrong bearer token (when DDPM_API_TOKEN is set)"),
     404: Status("invalid", "invalid_request_error"),
+    405: Status("invalid", "invalid_request_error", "method_not_allowed"),
     406: Status("invalid", "invalid_request_error", None, "The Accept header accepts none of the media types this route answers with"),
     408: Status("invalid", "invalid_request_error", "request_timeout",
                 "The request body did not arrive within DDPM_REQUEST_READ_TIMEOUT_S"),
@@ -134,7 +135,9 @@ def speaks_openai(path: str) -> bool:
 
 
 def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    known = STATUSES.get(status, Status("error", "server_error"))
+    """OpenAI's convention for a status the table does not name: a 4xx is the caller's (invalid_request_error),
+    a 5xx the server's (server_error)."""
+    known = STATUSES.get(status) or Status(outcome_of(status), "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": known.openai_type, "param": param, "code": code or known.openai_code}}
 
 

@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from ddpm.chain import ChainSpec
 from ddpm.editing import edit_options
 from ddpm.grid import image_pngs
-from ddpm.image_inputs import keep_mask
+from ddpm.image_inputs import base64_chars, keep_mask
 from ddpm.loaded_model import ChainError, LoadedModel
 from service.api.content_negotiation import negotiate
 from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask, edit_input
@@ -94,9 +94,10 @@ def edit_from_fields(state: ServerState, fields: EditFields) -> Edit | None:
                 raise field_error(name, f"{name} needs an input image", getattr(fields, name) if name != "mask" else "<png>")
         return None
     shape = ready_model(state).image_shape
+    limit = state.max_input_bytes()
     try:
-        image, _ = decode_image("image", b64_png("image", fields.image), shape)
-        mask = None if fields.mask is None else decode_mask("mask", b64_png("mask", fields.mask), shape)
+        image, _ = decode_image("image", _b64_input("image", fields.image, limit), shape)
+        mask = None if fields.mask is None else decode_mask("mask", _b64_input("mask", fields.mask, limit), shape)
     except InputError as exc:
         raise field_error(exc.field, str(exc), f"<{len(getattr(fields, exc.field) or '')} base64 characters>") from exc
     return Edit(edit_input(image, mask), edit_options(fields.strength, mask is not None, fields.jump_length, fields.jump_n_sample))
@@ -108,10 +109,11 @@ def edit_from_upload(
     """OpenAI's uploads: the image, and the mask (or, ``mask_from_alpha``, the image's own transparency,
     as OpenAI's edits take it when no mask is sent). ``options``: strength and jumps as the form gave them."""
     shape = ready_model(state).image_shape
+    limit = state.max_input_bytes()
     try:
-        pixels, alpha = decode_image("image", image, shape)
+        pixels, alpha = decode_image("image", _sized(image, limit, "image"), shape)
         if mask is not None:
-            keep = decode_mask("mask", mask, shape)
+            keep = decode_mask("mask", _sized(mask, limit, "mask"), shape)
         elif mask_from_alpha:
             if alpha is None or (alpha > 0).all():
                 raise InputError("mask", "send a mask, or an image with transparent pixels (alpha 0) marking what to edit")
@@ -121,6 +123,20 @@ def edit_from_upload(
     except InputError as exc:  # OpenAI answers an unusable upload with 400 naming the parameter
         raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
     return Edit(edit_input(pixels, keep), edit_options(repaint=keep is not None, **options))
+
+
+def _b64_input(field: str, text: str, limit: int) -> bytes:
+    """The bytes of a base64 input of at most ``limit`` bytes; a text longer than any such base64 can be
+    (line breaks and a data: URL prefix allowed) is refused before it is decoded."""
+    if len(text) > base64_chars(limit) * 78 // 76 + 256:
+        raise InputError(field, f"{field} is {len(text)} characters; this model's inputs are at most {limit} bytes (GET /info)")
+    return _sized(b64_png(field, text), limit, field)
+
+
+def _sized(data: bytes, limit: int, field: str) -> bytes:
+    if len(data) > limit:
+        raise InputError(field, f"{field} is {len(data)} bytes; this model's inputs are at most {limit} bytes (GET /info)")
+    return data
 
 
 def resolve_chain(

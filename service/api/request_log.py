@@ -94,7 +94,7 @@ class RequestContextMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        max_body_bytes: int,
+        max_body_bytes: int | Callable[[], int],
         read_timeout_s: float = 10.0,
         trust_forwarded_for: bool = False,
         observe: ResponseObserver | None = None,
@@ -103,7 +103,7 @@ class RequestContextMiddleware:
         self.app = app
         # the body of an error this middleware answers itself, by path (OpenAI's shape under /v1/)
         self.error_body = error_body or (lambda path, status, detail: {"detail": detail})
-        self.max_body_bytes = max_body_bytes
+        self.body_limit = max_body_bytes if callable(max_body_bytes) else lambda: max_body_bytes  # may follow the loaded model
         self.read_timeout_s = read_timeout_s
         self.trust_forwarded_for = trust_forwarded_for
         self.observe = observe
@@ -136,10 +136,11 @@ class RequestContextMiddleware:
             refused["sent"] = True
             await _send_json(send, code, self.error_body(scope.get("path", ""), code, detail), [id_header, (b"connection", b"close")])
 
+        limit = self.body_limit()
         try:
             length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                await refuse(413, f"request body over {self.max_body_bytes} bytes")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                await refuse(413, f"request body over {limit} bytes")
                 return
             body = {"n": 0, "complete": scope.get("method") in ("GET", "HEAD")}
             deadline = start + self.read_timeout_s
@@ -154,8 +155,8 @@ class RequestContextMiddleware:
                     return {"type": "http.disconnect"}  # the app stops reading
                 if message["type"] == "http.request":
                     body["n"] += len(message.get("body", b""))
-                    if body["n"] > self.max_body_bytes:  # chunked bodies carry no length up front
-                        await refuse(413, f"request body over {self.max_body_bytes} bytes")
+                    if body["n"] > limit:  # chunked bodies carry no length up front
+                        await refuse(413, f"request body over {limit} bytes")
                         return {"type": "http.disconnect"}
                     body["complete"] = not message.get("more_body", False)
                 return message

@@ -69,14 +69,16 @@ class EditFields(BaseModel):
         None,
         max_length=2**24,
         description="The input image, a base64 PNG of the model's size and mode (GET /info: image_shape; 1 channel: grey, "
-        "3: RGB), or a base64 .npy float array (C, H, W) in [0, 1]. With strength < 1 the chain starts from it noised (SDEdit); "
+        "3: RGB), or a base64 .npy float array (C, H, W) in [0, 1]; a data: URL of either, and base64 in lines, are taken. At most "
+        "GET /info's limits.max_input_bytes before base64. With strength < 1 the chain starts from it noised (SDEdit); "
         "with a mask its known pixels are kept.",
     )
     mask: str | None = Field(
         None,
         max_length=2**24,
         description="Inpainting (RePaint): a base64 PNG of the image's size whose fully transparent pixels (alpha 0, as "
-        "OpenAI's edits) mark what to repaint; a mask without alpha marks them black (0); a .npy array marks them 0. Needs image.",
+        "OpenAI's edits) mark what to repaint; a mask without alpha marks them black (0); a .npy array marks them 0. Needs image. "
+        "Encoded and bounded as image.",
     )
     strength: float | None = Field(
         None,
@@ -215,7 +217,8 @@ class Limits(BaseModel):
     max_queue: int = Field(..., description="Images waiting before new requests get 503")
     max_images_per_client: int
     request_timeout_s: float
-    max_body_bytes: int
+    max_body_bytes: int = Field(..., description="Larger request bodies get 413 (DDPM_MAX_BODY_BYTES, or room for max_input_bytes twice)")
+    max_input_bytes: int = Field(..., description="Bytes of one input image or mask (PNG or .npy), before base64")
 
 
 class Defaults(BaseModel):

@@ -15,6 +15,8 @@ then the JSON (400 / 422), then the fields (422).
 
 from __future__ import annotations
 
+import collections
+import email.message
 import json
 import math
 from collections.abc import Callable, Coroutine
@@ -24,11 +26,17 @@ from fastapi import HTTPException, Request, Response, params
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import check_token
 from service.api.deps import require_token
 
 MAX_DEPTH = 32  # no request of this API nests more than three levels; deeper JSON is refused unparsed
+# no request of this API holds this many values: 4,096 class labels, a 32,000-character prompt of commas and
+# quotes, and room; a body with more is refused unparsed (a 16 MiB array would take the event loop for seconds)
+MAX_STRUCTURE = 100_000
+OFF_LOOP_BYTES = 2**20  # bodies over this are parsed off the event loop
+_NOT_SKELETON = bytes(b for b in range(256) if b not in b'"[]{}')
 NON_FINITE_MSG = "must be a finite number (NaN, Infinity and numbers beyond the float range are not JSON)"
 
 
@@ -68,25 +76,31 @@ def _find_non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple
 
 
 def nesting_depth(body: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
+    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count).
+
+    Linear and in C but for a loop over the body's skeleton: escaped backslashes, then escaped quotes are
+    removed (JSON pairs escapes left to right, as ``bytes.replace`` does), every byte but quotes and
+    brackets is dropped, and the loop walks what is left (``MAX_STRUCTURE`` bytes at most, checked first)."""
+    skeleton = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_SKELETON)
     depth = deepest = 0
-    in_string = escaped = False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
+    in_string = False
+    for byte in skeleton:
+        if byte == 0x22:  # quote
+            in_string = not in_string
+        elif in_string:
+            continue
         elif byte in (0x5B, 0x7B):  # [ {
             depth += 1
             deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):  # ] }
+        else:  # ] }
             depth -= 1
     return deepest
+
+
+def structure_count(body: bytes) -> int:
+    """Quotes, commas and opening brackets, inside strings or not: at least the JSON's count of values,
+    counted in C (``bytes.count``) before anything is parsed."""
+    return sum(body.count(c) for c in (b'"', b",", b"[", b"{"))
 
 
 def _body_error(kind: str, message: str) -> RequestValidationError:
@@ -95,8 +109,12 @@ def _body_error(kind: str, message: str) -> RequestValidationError:
 
 def loads_strict(body: bytes) -> Any:
     """``json.loads`` that raises RequestValidationError for duplicate keys, non-finite numbers, integers
-    over Python's digit limit and nesting deeper than ``MAX_DEPTH`` (other syntax errors stay
-    ``json.JSONDecodeError``, which FastAPI reports itself)."""
+    over Python's digit limit, more than ``MAX_STRUCTURE`` values and nesting deeper than ``MAX_DEPTH``
+    (other syntax errors stay ``json.JSONDecodeError``, which FastAPI reports itself). Linear time, in C
+    but for a loop of at most ``MAX_STRUCTURE`` steps: a 16 MiB body holds the event loop for
+    milliseconds (tests/test_large_bodies.py)."""
+    if structure_count(body) > MAX_STRUCTURE:  # before parsing: millions of values hold the event loop for seconds
+        raise _body_error("json_too_large", f"the JSON holds over {MAX_STRUCTURE} values, quotes or commas: no request of this API does")
     if nesting_depth(body) > MAX_DEPTH:  # before parsing: deep values also overflow the validator and its error echo
         raise _body_error("json_too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep")
     try:
@@ -118,10 +136,16 @@ def loads_strict(body: bytes) -> Any:
     return value
 
 
+ECHO_CHARS = 256  # an error echoes at most this much of a string input (a 16 MiB field is not sent back)
+
+
 def finite_jsonable(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by its text (so an error echo never fails)."""
+    """``value`` with every non-finite float replaced by its text and long strings cut (so an error echo
+    never fails and stays small)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        return f"{value[:ECHO_CHARS]}... ({len(value)} characters)"
     if isinstance(value, dict):
         return {k: finite_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -132,6 +156,23 @@ def finite_jsonable(value: Any) -> Any:
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";")[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
+
+
+async def check_form(request: Request) -> None:
+    """400 for a multipart body cut short (no closing boundary: the parser would take what came) and for
+    a field sent twice (one of them would be used silently); ``[]`` fields are lists. The form parsed
+    here is Starlette's cached one, the one the route reads."""
+    message = email.message.Message()
+    message["content-type"] = request.headers.get("content-type", "")
+    boundary = message.get_param("boundary")
+    body = await request.body()
+    if isinstance(boundary, str) and boundary and b"--" + boundary.encode("latin-1") + b"--" not in body:
+        raise HTTPException(400, "the multipart body ends without its closing boundary (--BOUNDARY--): it was cut short")
+    form = await request.form()
+    counts = collections.Counter(name for name, _ in form.multi_items())
+    repeated = sorted(name for name, n in counts.items() if n > 1 and not name.endswith("[]"))
+    if repeated:
+        raise HTTPException(400, f"form field {repeated[0]!r} is sent more than once (one value per field; lists are 'name[]')")
 
 
 def _requires(dependant: Dependant, call: Callable[..., Any]) -> bool:
@@ -154,11 +195,16 @@ class StrictJSONRoute(APIRoute):
             media = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if takes_form and media != "multipart/form-data":  # an upload route: 415 before the body is read
                 raise HTTPException(415, f"Content-Type must be multipart/form-data, got {media or 'none'!r}")
+            if takes_form:
+                await check_form(request)
             if _is_json(request.headers.get("content-type", "application/json")):
                 body = await request.body()
                 if body:
                     try:
-                        request._json = loads_strict(body)  # Starlette's cache of request.json(): FastAPI reads it
+                        # Starlette's cache of request.json(): FastAPI reads it. A large body is checked and parsed in a
+                        # worker thread: each C step of it holds the GIL for tens of ms, and the loop runs between them
+                        parsed = loads_strict(body) if len(body) <= OFF_LOOP_BYTES else await run_in_threadpool(loads_strict, body)
+                        request._json = parsed
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         pass  # FastAPI parses it again and answers its own 422 / 400
             return await handler(request)

@@ -175,12 +175,18 @@ class Engine:
         with self._lock:
             self.draining = True
 
-    def abort(self, error: EngineError) -> int:
-        """Answer every job in flight with ``error`` now (the drain deadline); returns how many.
-        Safe while an iteration runs: the engine drops rows of finished jobs when it advances."""
-        with self._lock:
+    def abort(self, error: EngineError, lock_timeout: float = -1) -> int:
+        """Answer every job in flight with ``error`` now (the drain deadline, a stall); returns how many.
+        Safe while an iteration runs: the engine drops rows of finished jobs when it advances. With
+        ``lock_timeout`` (a stalled engine thread may hold the lock) nothing is done if the lock is not had by then."""
+        if not self._lock.acquire(timeout=lock_timeout):
+            log.error("abort: the engine lock was not free within %.1f s; in-flight jobs not answered", lock_timeout)
+            return 0
+        try:
             jobs = self._jobs_in_flight()
             self._fail_jobs(jobs, error)
+        finally:
+            self._lock.release()
         return len(jobs)
 
     def wait_idle(self, timeout: float) -> bool:

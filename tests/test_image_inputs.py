@@ -1,0 +1,148 @@
+"""The input decoders take a stranger's bytes: whatever comes in, only ``InputError`` (the client's 4xx,
+naming the field) comes out, and what a header declares is checked before anything is decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ddpm.image_inputs import InputError, decode_image, decode_mask, max_input_bytes
+
+SHAPES = [(1, 28, 28), (3, 8, 8)]
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_declaring(width: int, height: int, colour_type: int = 0) -> bytes:
+    """A tiny PNG whose header declares width x height, with a few bytes of IDAT (the review's 69 bytes)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def real_png(shape: tuple[int, int, int] = (1, 28, 28), mode: str = "L") -> bytes:
+    _, h, w = shape
+    pixels = (np.arange(h * w * (1 if mode in ("L",) else len(mode))) % 251).astype(np.uint8)
+    image = Image.fromarray(pixels.reshape(h, w) if mode == "L" else pixels.reshape(h, w, len(mode)), mode)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_with_split_idat(shape: tuple[int, int, int] = (1, 28, 28)) -> bytes:
+    """A valid 28x28 PNG whose IDAT is split by a chunk of an unknown, invalid type (Pillow: SyntaxError)."""
+    data = real_png(shape)
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    idat = data[start + 8 : start + 8 + length]
+    half = len(idat) // 2
+    middle = chunk(b"IDAT", idat[:half]) + chunk(b"\0\1\2\3", b"x") + chunk(b"IDAT", idat[half:])
+    return data[:start] + middle + data[start + 12 + length :]
+
+
+def npy_declaring(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    """A 128-byte .npy whose header declares ``shape`` (the review's (100000, 100000) float64: 80 GB)."""
+    header = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (118 - len(header) - 1) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+HOSTILE = {
+    "png 20000x20000 (decompression bomb)": png_declaring(20000, 20000),
+    "png 100000x100000": png_declaring(100000, 100000),
+    "png (2^31-1)x1": png_declaring(2**31 - 1, 1),
+    "png 13000x13000 RGBA (under Pillow's bomb threshold)": png_declaring(13000, 13000, 6),
+    "png with an IDAT split by a chunk of type 0123": png_with_split_idat(),
+    "npy declaring (100000, 100000) float64": npy_declaring((100000, 100000)),
+    "npy declaring an object array": npy_declaring((1, 28, 28), "|O"),
+    "npy of the right shape, cut short": npy(np.zeros((1, 28, 28)))[:200],
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+@pytest.mark.parametrize("decode", [decode_image, decode_mask])
+def test_the_reviews_inputs_are_input_errors_naming_the_field(name: str, decode) -> None:  # type: ignore[no-untyped-def]
+    assert len(HOSTILE[name]) < 3000
+    with pytest.raises(InputError) as err:
+        decode("image", HOSTILE[name], (1, 28, 28))
+    assert err.value.field == "image"
+
+
+def test_a_declared_size_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[object] = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self.size) or real_load(self))
+    with pytest.raises(InputError, match="20000x20000"):
+        decode_image("mask", png_declaring(20000, 20000), (1, 28, 28))
+    assert loads == []  # never decoded
+
+
+def test_an_npy_header_is_refused_before_its_data_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load ran on a header that declares the wrong shape"))
+    with pytest.raises(InputError, match=r"\(100000, 100000\)"):
+        decode_image("image", npy_declaring((100000, 100000)), (1, 28, 28))
+
+
+def test_good_inputs_still_decode() -> None:
+    image, alpha = decode_image("image", real_png(), (1, 28, 28))
+    assert image.shape == (1, 28, 28) and alpha is None
+    array = np.linspace(0, 1, 28 * 28).reshape(28, 28)
+    from_npy, _ = decode_image("image", npy(array), (1, 28, 28))
+    assert np.allclose(from_npy.numpy()[0], array * 2 - 1, atol=1e-6)
+    assert decode_mask("mask", npy((array > 0.5).astype(np.float32)), (1, 28, 28)).sum() > 0
+
+
+def test_max_input_bytes_covers_the_largest_form_of_an_input() -> None:
+    for shape in [(1, 28, 28), (3, 32, 32), (3, 256, 256)]:
+        assert len(npy(np.zeros(shape))) <= max_input_bytes(shape)
+        assert len(npy(np.zeros(shape[1:]))) <= max_input_bytes(shape)
+
+
+SEEDS = [real_png(), real_png((1, 28, 28), "LA"), real_png((3, 8, 8), "RGBA"), png_with_split_idat(), npy(np.zeros((1, 28, 28))),
+         npy(np.zeros((3, 8, 8), np.float32))]  # fmt: skip
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    out = bytearray(data)
+    for position, value in edits:
+        out[position % len(out)] = value
+    return bytes(out if cut is None else out[: cut % (len(out) + 1)])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(SEEDS),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    cut=st.none() | st.integers(0, 10_000),
+    shape=st.sampled_from(SHAPES),
+    as_mask=st.booleans(),
+)
+def test_mutated_pngs_and_npys_raise_nothing_but_input_errors(seed: bytes, edits, cut, shape, as_mask: bool) -> None:  # type: ignore[no-untyped-def]
+    data = _mutate(seed, edits, cut)
+    try:
+        (decode_mask if as_mask else decode_image)("image", data, shape)
+    except InputError as exc:
+        assert exc.field == "image"
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\x93NUMPY", b""]), tail=st.binary(max_size=600))
+def test_random_bytes_raise_nothing_but_input_errors(prefix: bytes, tail: bytes) -> None:
+    try:
+        decode_image("image", prefix + tail, (1, 28, 28))
+    except InputError as exc:
+        assert exc.field == "image"
