@@ -50,16 +50,22 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY models ./models
 # The shipped model's compiled graphs, built here at image build time for the build machine's CPU and
-# this image's torch (CPU image only: a GPU image is built without its GPU). A container on the same
-# kind of CPU loads them and reaches the compiled speed in seconds instead of minutes; on another CPU
-# it finds no file for its own key and compiles from scratch (ddpm/compile_cache.py). The server is
-# ready on the eager path either way. Mount a writable volume here to keep a mounted model's graphs.
-# (/tmp is emptied after: inductor's precompiled headers alone are ~150 MB.)
+# this image's torch (CPU image only: a GPU image is built without its GPU), and on an AVX-512 build
+# machine a second set for AVX2-only CPUs (the AVX2 kernels, capped by ATEN_CPU_CAPABILITY; fp32, what
+# precision auto picks there). A container on a CPU of either kind loads its set and reaches the compiled
+# speed in seconds instead of minutes; on another CPU it finds no file for its own key and compiles from
+# scratch (ddpm/compile_cache.py). The server is ready on the eager path either way. Mount a writable
+# volume here to keep a mounted model's graphs. (/tmp is emptied after: inductor's precompiled headers
+# alone are ~150 MB.)
 ARG TORCH_INDEX=""
 ENV DDPM_COMPILE_CACHE_DIR=/app/compile-cache
 RUN mkdir -p /app/compile-cache \
  && if [ -n "$TORCH_INDEX" ]; then \
       ddpm compile-cache -o /app/compile-cache || echo "warning: no compiled graphs in the image (the server compiles at start)"; \
+      if grep -qw avx512f /proc/cpuinfo; then \
+        ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ddpm compile-cache -o /app/compile-cache \
+          || echo "warning: no AVX2 graphs in the image (an AVX2-only host compiles at start)"; \
+      fi; \
       rm -rf /tmp/* /tmp/.[!.]*; \
     fi
 RUN groupadd --system --gid 10001 ddpm \

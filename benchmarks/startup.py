@@ -3,6 +3,7 @@
     python benchmarks/startup.py                        # the shipped model and the cifar10-32 shape, every start mode
     python benchmarks/startup.py --models shipped --modes background-cold,before-ready-cold
     python benchmarks/startup.py burst --seconds 60     # images/s per 10 s window from launch, 4 closed-loop clients
+    python benchmarks/startup.py stalls --models shipped,diffusers-1.7m   # does any request wait for a compile?
 
 Start modes (one fresh `ddpm serve` process each, default settings otherwise):
   background-cold   DDPM_COMPILE=auto (the default): ready on the eager path, compiling behind it; an empty inductor cache
@@ -13,6 +14,12 @@ Start modes (one fresh `ddpm serve` process each, default settings otherwise):
   eager             DDPM_COMPILE=off
 Measured from the moment the process is launched: /readyz 200, the first answer to a default request
 (1 image, the server's default chain), and /info saying every batch size runs compiled graphs.
+
+stalls (issue 38's reproduction, an empty inductor cache, compile=auto): once /info says batch 1 is
+compiled, one inpainting edit and one plain request at once; once every group is compiled, 16
+concurrent requests, then 8, 12 and an edit again; each latency beside the same request's eagerly
+served latency right after ready, and /info's compile_fallbacks. A request that waited for a compile
+shows as seconds where its eager latency is a fraction of one.
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ def build_artefacts(model: Path, directory: Path, scratch: Path) -> dict[str, ob
 def _model(name: str, scratch: Path) -> Path:
     if name == "shipped":
         return ROOT / "models" / "mnist-28"
+    if name == "diffusers-1.7m":  # the review's diffusers model (its upsampler branches on batch >= 64)
+        from benchmarks.peers.run import tiny_model
+
+        return tiny_model(scratch / "diffusers-1.7m")
     return save_cifar10_shaped_pipeline(scratch / "cifar10-32")
 
 
@@ -142,9 +153,65 @@ def burst(model: Path, seconds: float, concurrency: int, cache: Path, mode: str)
     return {"mode": mode, "images_per_s_by_10s_window": windows, "compiled_s": round(compiled_at[0], 1) if compiled_at else None}
 
 
+def _edit_body(shape: list[int]) -> dict[str, object]:
+    """An inpainting request (1 image, the left half repainted) for a model of ``shape``."""
+    import base64
+    import io
+
+    import numpy as np
+
+    image = np.full(shape, 0.5)
+    mask = np.ones(shape)
+    mask[..., : shape[-1] // 2] = 0.0
+    encoded = []
+    for array in (image, mask):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        encoded.append(base64.b64encode(buf.getvalue()).decode())
+    return {"seed": 1, "image": encoded[0], "mask": encoded[1], "steps": 10, "sampler": "ddim"}
+
+
+def _latencies(url: str, bodies: list[dict[str, object]]) -> list[float]:
+    """Each body posted at once from its own thread: seconds to each answer (all must be 200)."""
+    out = [0.0] * len(bodies)
+
+    def one(i: int) -> None:
+        start = time.monotonic()
+        r = httpx.post(url + "/generate", json=bodies[i], timeout=600)
+        assert r.status_code == 200, r.text[:300]
+        out[i] = round(time.monotonic() - start, 2)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def stalls(model: Path, cache: Path, timeout: float) -> dict[str, object]:
+    """Latencies of the review's requests after each compile milestone, beside their eager latencies."""
+    server = ServerProcess(model, **{"DDPM_COMPILE": "auto", "TORCHINDUCTOR_CACHE_DIR": str(cache), **SERVER_ENV})
+    try:
+        server.wait_ready(timeout)
+        shape = httpx.get(server.url + "/info", timeout=30).json()["model"]["image_shape"]
+        plain, edit = {"seed": 2, "steps": 20, "sampler": "ddim"}, _edit_body(shape)
+        phases = {"edit+plain": [edit, plain], "16": [plain] * 16, "8": [plain] * 8, "12": [plain] * 12, "edit": [edit]}
+        eager = {name: _latencies(server.url, bodies) for name, bodies in phases.items()}  # right after ready: all eager
+        _wait(lambda: httpx.get(server.url + "/info", timeout=5).json()["hot_path"]["1"] == "compiled", timeout)
+        served = {"edit+plain": _latencies(server.url, phases["edit+plain"])}
+        _wait(lambda: httpx.get(server.url + "/info", timeout=5).json()["compiled"], timeout)
+        served.update({name: _latencies(server.url, bodies) for name, bodies in phases.items() if name != "edit+plain"})
+        info = httpx.get(server.url + "/info", timeout=30).json()
+    finally:
+        server.stop()
+    return {"eager_s": eager, "served_s": served, "compile_fallbacks": info["compile_fallbacks"],
+            "compiled_batches": info["compiled_batches"]}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="start", choices=["start", "burst"])
+    p.add_argument("what", nargs="?", default="start", choices=["start", "burst", "stalls"])
     p.add_argument("--models", default="shipped,cifar10-32")
     p.add_argument("--modes", default="background-cold,background-warm,before-ready-cold,artefacts,eager")
     p.add_argument("--seconds", type=float, default=60.0, help="burst: how long")
@@ -164,6 +231,10 @@ def main() -> None:
                 if mode == "artefacts":
                     artefacts = scratch / f"artefacts-{name}"
                     print(json.dumps({"model": name, "compile-cache": build_artefacts(model, artefacts, scratch)}), flush=True)
+                if args.what == "stalls":
+                    shutil.rmtree(cache, ignore_errors=True)
+                    print(json.dumps({"model": name, **stalls(model, cache, args.timeout)}), flush=True)
+                    break  # one run per model: the modes do not apply
                 if args.what == "start":
                     run = start(model, mode, cache, args.timeout, artefacts)
                 else:

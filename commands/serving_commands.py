@@ -100,9 +100,9 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     state.wait_loaded(args.timeout)
     if state.load_error is not None or not state.ready:
         raise SystemExit(f"ddpm compile-cache: {state.load_error or 'the model did not load in time'}")
-    if state.compile_thread is None:
+    if state.compiler is None:
         raise SystemExit("ddpm compile-cache: nothing to compile here (torch.compile needs CUDA or a C++ compiler)")
-    state.compile_thread.join(args.timeout)  # the graphs, then the copy (ServerState._save_compiled)
+    state.compiler.built.wait(args.timeout)  # the graphs, then the copy (ServerState._save_compiled)
     state.shutdown()
     failed = [group for group, path in state.hot_path_states().items() if path != "compiled"]
     if failed:

@@ -8,12 +8,17 @@ model (BENCHMARKS.md, start-up): compiled 90 s after launch from an empty cache,
 one. (``torch.compiler.save_cache_artifacts`` was tried first: it carries the generated code but not
 the built CPU kernels, so g++ still ran and the start was no faster.)
 
-Built code is only valid where it was built: inductor's CPU kernels use the vector ISA of the build
-machine (AVX-512 code on an AVX2-only CPU dies with SIGILL), CUDA kernels the device's capability. So
-each copy is named by a key of everything the code depends on, and a ``key.json`` inside repeats it:
-a process on another CPU, GPU, torch or Python finds no copy of its own key and compiles from scratch
-(and writes its own copy where the directory is writable); a copy whose ``key.json`` does not match
-its name is never loaded.
+Built code is only valid where it can run: inductor's CPU kernels use the vector ISA it picks (AVX-512
+code on an AVX2-only CPU dies with SIGILL), CUDA kernels the device's capability. So each copy is named
+by a key of everything the code depends on, and a ``key.json`` inside repeats it: a process on another
+kind of CPU, GPU, torch or Python finds no copy of its own key and compiles from scratch (and writes its
+own copy where the directory is writable); a copy whose ``key.json`` does not match its name is never
+loaded.
+
+The CPU part of the key is the ISA the code targets, not the CPU's flags: inductor's vector ISA and
+ATen's dispatch capability, both of which ``ATEN_CPU_CAPABILITY`` caps. So an AVX-512 machine builds
+AVX2 graphs too (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ddpm compile-cache``: the image does,
+beside its own), under the key an AVX2-only CPU computes for itself.
 """
 
 from __future__ import annotations
@@ -31,18 +36,14 @@ import torch
 
 log = logging.getLogger("ddpm.compile")
 KEY_FILE = "key.json"
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni",
-             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")  # fmt: skip
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    present = set(line.partition(":")[2].split())
-    return [f for f in CPU_FLAGS if f in present]
+def _vec_isa() -> str:
+    """The vector ISA inductor's CPU kernels are built for here (avx512, amx, avx2, neon, ...)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return str(isa) if isa else "none"
 
 
 def machine_key(device: torch.device | str, precision: str, model_fingerprint: str) -> dict[str, object]:
@@ -61,8 +62,8 @@ def machine_key(device: torch.device | str, precision: str, model_fingerprint: s
         key["gpu"] = torch.cuda.get_device_name(index)
         key["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
     else:
-        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        key["cpu_flags"] = _cpu_flags()
+        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's kernels
+        key["vec_isa"] = _vec_isa()  # inductor's
     return key
 
 

@@ -12,18 +12,55 @@ separately), so the server pays it during warm-up, before /readyz turns 200.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch._dynamo.decorators import mark_unbacked
 
 from ddpm.chain import EpsModel, StepCoefficients, StepFn
 from ddpm.names import COMPILE_SETTINGS
 
 log = logging.getLogger("ddpm.compile")
+_THREAD = threading.local()
 
+
+@contextlib.contextmanager
+def serving_thread() -> Iterator[None]:
+    """Mark the calling thread as one that serves: a compiled function called on it runs the graphs
+    already built and nothing else (dynamo's run-only mode; a shape without a graph runs eagerly), so
+    a request never waits for a compile. The engine's loop runs inside it; building graphs is the
+    compile thread's job (``service/engine/background_compile.py``)."""
+    before = getattr(_THREAD, "serving", False)
+    _THREAD.serving = True
+    try:
+        yield
+    finally:
+        _THREAD.serving = before
+
+
+def compiling_forbidden() -> bool:
+    return getattr(_THREAD, "serving", False)
+
+
+class CompiledFn:
+    """``torch.compile(fn)`` that never compiles on a serving thread (``serving_thread``): there it is
+    ``torch._dynamo.run(fn)``, which shares the graphs every other thread built and runs a frame with
+    none eagerly."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        self.fn = fn
+        self._compiling = torch.compile(fn, **options)
+        self._cached_only = torch._dynamo.run(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return (self._cached_only if compiling_forbidden() else self._compiling)(*args)
 
 
 def cpu_compiler_available() -> bool:
@@ -60,7 +97,7 @@ class CompiledEps:
     def __init__(self, module: torch.nn.Module, cuda_graphs: bool = False) -> None:
         self.module = module.to(memory_format=torch.channels_last)
         self.cuda_graphs = cuda_graphs
-        self._compiled = torch.compile(self.module, mode="reduce-overhead" if cuda_graphs else None)
+        self._compiled = CompiledFn(self.module, mode="reduce-overhead" if cuda_graphs else None)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``y``: the labels of a class-conditional U-Net (None: an unconditional call)."""
@@ -72,9 +109,10 @@ class CompiledEps:
             if padding:
                 args = tuple(torch.cat([a, a[-1:].expand(padding, *a.shape[1:])]) for a in args)
                 args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-            if args[0].shape[0] >= 2:
+            if args[0].shape[0] >= 2:  # marked on aliases: the caller's tensors (the engine's x goes on to the step) stay unmarked
+                args = tuple(a.detach() for a in args)
                 for a in args:
-                    torch._dynamo.mark_dynamic(a, 0)
+                    torch._dynamo.maybe_mark_dynamic(a, 0)  # soft: a model that branches on the batch may specialise a size
             out = self._compiled(*args)
             if self.cuda_graphs:  # the graph's own buffer: copy out before the next replay overwrites it
                 return out[:n].clone(memory_format=torch.contiguous_format)
@@ -101,24 +139,46 @@ _COMPILED_TWIN: StepFn | None = None
 
 
 def compiled_step_twin() -> StepFn:
-    """``torch.compile`` of the PyTorch twin (Philox rounds + the affine update fused into one C++ loop)."""
+    """``torch.compile`` of the PyTorch twin (Philox rounds + the affine update fused into one C++ loop).
+
+    ONE graph for every call: the twin is always compiled with the multistep state and the edit terms
+    (zeros for a batch without multistep rows, neutral terms for one without editing rows: every row then
+    takes the plain path, as the twin's ``where`` picks it), and the batch dimension is unbacked (no
+    specialisation of batch 1). Eight graphs before (batch 1 and 2+, times the four variants): a cold
+    compile of the step went from ~90 s to ~20 s on a 2-core AVX2 CPU, and a plain row's rounding no
+    longer depends on whether a neighbour edits (one kernel for every row)."""
     global _COMPILED_TWIN
     if _COMPILED_TWIN is None:
         from kernels.reverse_step import EditTerms, fused_reverse_step_torch
 
-        compiled = torch.compile(fused_reverse_step_torch, dynamic=True)
+        compiled = CompiledFn(fused_reverse_step_torch, dynamic=True)
 
         def step(x_t, eps, coefs, seeds, noise_counter, x0_prev=None, edit=None):  # type: ignore[no-untyped-def]
             with torch.inference_mode():
-                coefs = StepCoefficients(*(as_inference(getattr(coefs, n)) for n in StepCoefficients.names()))
-                counter = as_inference(torch.as_tensor(noise_counter, dtype=torch.int64, device=x_t.device).expand(x_t.shape[0]))
-                state = None if x0_prev is None else as_inference(x0_prev)
-                if edit is not None:  # RePaint's and restart's jumps (restart is the default chain): a graph of its own
-                    edit = EditTerms(*(as_inference(getattr(edit, n)) for n in ("known", "mask", *EditTerms.ROWS)))
-                return compiled(as_inference(x_t), as_inference(eps), coefs, as_inference(seeds), counter, state, edit)
+                b, device = x_t.shape[0], x_t.device
+                coefs = StepCoefficients(*(_rows(getattr(coefs, n)) for n in StepCoefficients.names()))
+                counter = _rows(torch.as_tensor(noise_counter, dtype=torch.int64, device=device).expand(b))
+                state = _rows(torch.zeros(x_t.shape, dtype=torch.float32, device=device) if x0_prev is None else x0_prev)
+                if edit is None:  # no row edits or jumps: every row's terms neutral, zeros for the image and mask no row reads
+                    zeros = torch.zeros(x_t.shape, dtype=torch.float32, device=device)
+                    ones = torch.ones(b, device=device)
+                    edit = EditTerms(zeros, zeros, ones * 0, ones * 0, ones * 0, ones, ones * 0)
+                edit = EditTerms(*(_rows(getattr(edit, n)) for n in ("known", "mask", *EditTerms.ROWS)))
+                out, x0 = compiled(_rows(x_t), _rows(eps), coefs, _rows(seeds), counter, state, edit)
+                return out, (x0 if x0_prev is not None else None)
 
         _COMPILED_TWIN = step
     return _COMPILED_TWIN
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A fresh inference tensor whose first (batch) dimension dynamo treats as unbacked: one graph for any
+    batch. Fresh: a copy of every input, so no two inputs alias (dynamo guards on identity and storage
+    offsets: the engine's coefficient rows are views of one table) and no mark reaches the caller's tensor."""
+    with torch.inference_mode():
+        t = t.clone(memory_format=torch.contiguous_format)
+    mark_unbacked(t, 0)
+    return t
 
 
 @dataclass(frozen=True)
@@ -157,7 +217,7 @@ def hot_path(
     if not should_compile(setting, device):
         return HotPath(with_precision(eps_model, concrete, device), None, compiled=False, step_backend=backend, precision=concrete)
     if eps_model is not module:  # a wrapped model (e.g. diffusers' UNet2DModel adapter): compile as given
-        compiled: EpsModel = torch.compile(eps_model)
+        compiled: EpsModel = CompiledFn(eps_model)
     else:
         compiled = CompiledEps(module, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda")
     log.info("torch.compile on %s: the first calls per batch shape compile (seconds to a minute)", device)

@@ -17,6 +17,7 @@ precision, the same as one noisy U-Net evaluation. ``DDPM_PRECISION`` (server) a
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -32,12 +33,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO_ALLOWS_BF16 = True
 
 
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) whose kernels do bf16 natively: AVX-512 BF16 and later, AMX
+ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+                    "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT")  # fmt: skip
+
+
 def native_bf16(device: torch.device | str) -> bool:
-    """Does this device run bf16 matmuls natively (not emulated through fp32)?"""
+    """Does this device run bf16 matmuls natively (not emulated through fp32)? On a CPU, oneDNN's cap
+    (ONEDNN_MAX_CPU_ISA, e.g. AVX2 to run the AVX2 kernels on an AVX-512 machine) is honoured: the
+    CPU's flags say bf16, but oneDNN would emulate it far slower than fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+        if cap and cap not in ONEDNN_BF16_ISAS:
+            return False
         probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
         return bool(probe()) if probe is not None else False
     return False

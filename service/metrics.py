@@ -105,6 +105,22 @@ class Metrics(EngineObserver):
             ["batch"],
             registry=r,
         )
+        self.compile_fallbacks = Counter(
+            "ddpm_compile_fallbacks",
+            "U-Net or step calls run eagerly because no compiled graph covered their shape yet (a batch size or step variant "
+            "the warm-up did not reach): each one is a compile the serving thread did not do; the compile thread builds it",
+            ["path"],
+            registry=r,
+        )
+        self.compiled_batch_sizes = Gauge(
+            "ddpm_compiled_batch_sizes",
+            "Batch sizes with compiled graphs, per call variant (unet, unet+labels, step, step+x0_prev, step+edit, "
+            "step+x0_prev+edit); GET /info's compiled_batches gives the ranges",
+            ["variant"],
+            registry=r,
+        )
+        for path in ("unet", "step"):  # present from the start, at 0
+            self.compile_fallbacks.labels(path=path)
         self.open_connections = Gauge(
             "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
             registry=r,

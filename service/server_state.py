@@ -28,7 +28,7 @@ from ddpm.model_facts import ModelFacts, flops_per_image_step, model_fingerprint
 from ddpm.model_hub import model_name
 from ddpm.model_source import load_model_source
 from ddpm.precision import resolve_precision
-from service.engine.background_compile import COMPILED, EAGER, GROUPS, PathSwitch, build_in_background, fully_compiled, step_of
+from service.engine.background_compile import COMPILED, EAGER, GROUPS, BackgroundCompiler, PathSwitch, fully_compiled, step_of
 from service.engine.client_quota import ClientQuota
 from service.engine.engine import Engine
 from service.engine.errors import EngineStopped
@@ -60,7 +60,8 @@ class ServerState:
         self.metrics.watch_cache(lambda: self.cache.size_bytes)
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
         self.hot_path: HotPath | None = None  # the path served when it is fixed (compiled before ready, or eager only)
-        self.switch: PathSwitch | None = None  # the eager -> compiled switch while compiling in the background
+        self.switch: PathSwitch | None = None  # per call shape: the compiled graphs where built, else eager
+        self.compiler: BackgroundCompiler | None = None  # builds the graphs, on its own thread
         self.compile_thread: threading.Thread | None = None
         self.ready = False
         self.draining = False
@@ -122,45 +123,32 @@ class ServerState:
         self.model, self.engine, self.precision = model, engine, fast.precision
         self._publish_hot_path()
         self.ready = True
+        mode = "eager" if self.switch is None else "compiled" if fully_compiled(self.switch.states) else "eager, compiling behind"
         log.info(
-            "model %s ready on %s, U-Net in %s (setting %s; %s and warm-up %.2f s)",
-            model.name, device, fast.precision, s.precision, "compile" if fast.compiled else "eager", time.perf_counter() - start,
+            "model %s ready on %s, U-Net in %s (setting %s; %s; load and warm-up %.2f s)",
+            model.name, device, fast.precision, s.precision, mode, time.perf_counter() - start,
         )  # fmt: skip
-        if self.switch is not None:
-            self._compile_in_background(model, device, cache_key)
+        if self.compiler is not None and self.compile_thread is None:
+            self.compile_thread = self.compiler.start()
 
     def _engine_on_hot_path(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> tuple[Engine, HotPath]:
-        """A warmed engine and the path it serves. compile=auto where a compiler exists: ready on the eager
-        path in seconds, compiled graphs built behind it (service/engine/background_compile.py);
-        compile=on or DDPM_COMPILE_BEFORE_READY: wait for them."""
+        """A warmed engine and the path it serves. Where a compiler exists the engine serves through a
+        PathSwitch (service/engine/background_compile.py): eager for any shape without a compiled graph,
+        never a compile on its thread. compile=auto: ready on the eager path in seconds, graphs built
+        behind it; compile=on or DDPM_COMPILE_BEFORE_READY: the graphs are built before ready."""
         s, eager_eps = self.settings, model.eps_model
-        compiling = should_compile(s.compile, device)
-        if compiling and s.compile_cache_dir is not None:
+        eager = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
+        if not should_compile(s.compile, device):
+            self.hot_path = eager
+            return self._warm_engine(model, eager.eps_model, step_of(eager)), eager
+        if s.compile_cache_dir is not None:
             log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
-        if compiling and s.compile == "auto" and not s.compile_before_ready:
-            self.switch = PathSwitch(hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision))
-            # eager needs no graphs: batch 1 and 2 prove the model runs (the compiling engine warms the rest)
-            return self._warm_engine(model, self.switch.eps, self.switch.step, sizes={1, min(2, s.max_batch)}), self.switch.eager
-        fast = hot_path(eager_eps, model.module, device, s.compile, s.step_backend, s.precision, s.cuda_graphs)
-        try:
-            engine = self._warm_engine(model, fast.eps_model, step_of(fast))
-        except Exception as exc:
-            if not (fast.compiled and s.compile == "auto"):
-                raise
-            # auto must never cost the service: a model inductor cannot compile is served eagerly
-            log.warning("compiled warm-up failed (%s: %s); serving in eager mode", type(exc).__name__, exc)
-            fast = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
-            engine = self._warm_engine(model, fast.eps_model, step_of(fast))
-        self.hot_path = fast
-        if fast.compiled:
-            self._save_compiled(cache_key)
-        return engine, fast
-
-    def _compile_in_background(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> None:
-        s, switch = self.settings, self.switch
-        assert switch is not None
+        switch = self.switch = PathSwitch(eager)
+        # eager needs no graphs: batch 1 and 2 prove the model runs (the compile thread warms the rest)
+        engine = self._warm_engine(model, switch.eps, switch.step, sizes={1, min(2, s.max_batch)})
         switch.on_change = lambda _: self._publish_hot_path()
-        self.compile_thread = build_in_background(
+        switch.on_fallback = lambda sig: self.metrics.compile_fallbacks.labels(path=sig[0]).inc()
+        self.compiler = BackgroundCompiler(
             model,
             switch,
             make_compiled=lambda eps, module: hot_path(eps, module, device, s.compile, s.step_backend, s.precision, s.cuda_graphs),
@@ -169,6 +157,11 @@ class ServerState:
             max_batch=s.max_batch,
             on_done=lambda: self._save_compiled(cache_key),
         )
+        if s.compile == "on" or s.compile_before_ready:
+            # on this (loader) thread, before ready; compile=on fails the start if it cannot compile, auto serves eagerly
+            self.compiler.build(raise_errors=s.compile == "on")
+            self.compile_thread = self.compiler.start(initial=False)
+        return engine, eager
 
     def _save_compiled(self, key: dict[str, object]) -> None:
         """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""
@@ -239,6 +232,14 @@ class ServerState:
         compiled = self.hot_path is not None and self.hot_path.compiled
         return dict.fromkeys(GROUPS, COMPILED if compiled else EAGER)
 
+    def compiled_batches(self) -> dict[str, str]:
+        """The batch sizes with compiled graphs, per call variant (empty when nothing compiles)."""
+        return {} if self.switch is None else self.switch.compiled_batches()
+
+    def compile_fallbacks(self) -> int:
+        """Calls run eagerly because no graph covered their shape yet (compiles the serving thread did not do)."""
+        return 0 if self.switch is None else self.switch.recompiles_avoided
+
     def step_backend(self) -> str:
         """The step's concrete backend for a running batch (the 2+ group's)."""
         path = self.switch.path("2+") if self.switch is not None else self.hot_path
@@ -250,6 +251,8 @@ class ServerState:
             return
         for group, state in states.items():
             self.metrics.hot_path_compiled.labels(batch=group).set(1.0 if state == COMPILED else 0.0)
+        for variant, sizes in self.compiled_batches().items():
+            self.metrics.compiled_batch_sizes.labels(variant=variant).set(sum(_count(part) for part in sizes.split(",") if part))
         self.metrics.model_info.info(
             {
                 "name": model.name,
@@ -283,6 +286,8 @@ class ServerState:
 
     def shutdown(self) -> None:
         self.drain()
+        if self.switch is not None:
+            self.switch.close()  # the compile thread stops waiting for shapes to build
         if self.engine is not None:
             self.engine.stop(timeout=1.0 if self.stall_reason() is not None else 10.0)  # a stalled thread may never join
 
@@ -325,3 +330,9 @@ class ServerState:
         the next good iteration is what heals it."""
         reason = self.not_ready_reason()
         return None if reason == RECOVERING else reason
+
+
+def _count(part: str) -> int:
+    """How many sizes one part of a range list holds ('3' or '2-15')."""
+    low, _, high = part.partition("-")
+    return int(high or low) - int(low) + 1

@@ -1,9 +1,12 @@
-"""Ready before compiled: with DDPM_COMPILE=auto the server answers on the eager path while the compiled
-graphs build behind it, switches each batch-size group once its graphs exist, and no image changes
-beyond the compiled path's bound across the switch; DDPM_COMPILE_BEFORE_READY keeps the old order."""
+"""Ready before compiled, and never a compile on the serving thread: with DDPM_COMPILE=auto the server
+answers on the eager path while the compiled graphs build behind it, switches each call shape once its
+graphs exist, and no image changes beyond the compiled path's bound across the switch; a shape the
+warm-up did not reach runs eagerly at once while the compile thread builds it; DDPM_COMPILE_BEFORE_READY
+keeps the old order."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
@@ -17,7 +20,7 @@ from fastapi.testclient import TestClient
 from ddpm.inference_compile import cpu_compiler_available
 from service.api.app import create_app
 from service.engine import background_compile
-from service.engine.background_compile import COMPILED, PathSwitch, fully_compiled, group_of
+from service.engine.background_compile import COMPILED, BackgroundCompiler, PathSwitch, group_of, ranges, with_rows
 from service.settings import Settings
 from tests.app_client import metric, wait_ready
 from tests.tiny_model import save_tiny_model
@@ -52,18 +55,18 @@ def test_group_of_batch_sizes() -> None:
 def test_ready_on_the_eager_path_then_switched_without_changing_images(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The compiled graphs are held back (a gate on PathSwitch.enable) so the test sees each phase:
-    ready and serving while every group is still eager, a request in flight across the switch, then
-    every group compiled; the images of the same requests agree to the compiled path's bound."""
+    """The compile is held back (a gate on BackgroundCompiler.build) so the test sees each phase: ready
+    and serving while every group is still eager, a request in flight across the switch, then every
+    group compiled; the images of the same requests agree to the compiled path's bound."""
     monkeypatch.delenv("DDPM_COMPILE", raising=False)  # the server's own default: auto
     gate = threading.Event()
-    enable = PathSwitch.enable
+    build = BackgroundCompiler.build
 
-    def gated_enable(self: PathSwitch, group: str, compiled: object) -> None:
+    def gated_build(self: BackgroundCompiler, raise_errors: bool = False) -> bool:
         gate.wait(300)
-        enable(self, group, compiled)  # type: ignore[arg-type]
+        return build(self, raise_errors)
 
-    monkeypatch.setattr(PathSwitch, "enable", gated_enable)
+    monkeypatch.setattr(BackgroundCompiler, "build", gated_build)
     # fp32: in-process, a deadlock between the threads would freeze pytest itself; the bf16 (autocast)
     # case runs in a server process with traffic during the compile (tests/test_compile_cache.py)
     settings = Settings(model=model_dir, warmup_steps=1, max_batch=4, response_cache_mb=0, precision="fp32")
@@ -85,6 +88,9 @@ def test_ready_on_the_eager_path_then_switched_without_changing_images(
         request.join(300)
         info = _wait_compiled(c)
         assert info["hot_path"] == {"1": COMPILED, "2+": COMPILED} and info["step_backend"] == "torch_compiled"
+        # every size of every variant the warm-up runs, up to max_batch (the sweep)
+        assert info["compiled_batches"] == dict.fromkeys(["step", "step+edit", "step+x0_prev", "step+x0_prev+edit", "unet"], "1-4")
+        assert metric(c, 'ddpm_compiled_batch_sizes{variant="unet"}') == 4
         assert metric(c, 'ddpm_hot_path_compiled{batch="1"}') == 1 and metric(c, 'ddpm_hot_path_compiled{batch="2+"}') == 1
         assert 'compiled="true"' in c.get("/metrics").text
         np.testing.assert_allclose(_npy(c, 7, 1), eager_one, atol=1e-4)
@@ -118,26 +124,122 @@ def test_a_failed_background_compile_keeps_serving_eagerly(model_dir: Path, monk
         assert c.get("/readyz").status_code == 200 and c.post("/generate", json={"seed": 1, **CHAIN}).status_code == 200
 
 
-def test_the_switch_routes_each_group() -> None:
+def _fake_path(name: str, calls: list[str]):  # type: ignore[no-untyped-def]
+    from ddpm.inference_compile import HotPath
+
+    def eps(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        calls.append(name)
+        return x
+
+    def step(x_t: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(name + "-step")
+        return x_t
+
+    return HotPath(eps, step, compiled=name == "compiled", step_backend=name)
+
+
+def test_the_switch_routes_each_shape_and_asks_for_the_missing_ones() -> None:
     calls: list[str] = []
-
-    def path(name: str):  # type: ignore[no-untyped-def]
-        from ddpm.inference_compile import HotPath
-
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            calls.append(name)
-            return x
-
-        def step(x_t: torch.Tensor, *args: object) -> torch.Tensor:
-            calls.append(name + "-step")
-            return x_t
-
-        return HotPath(eps, step, compiled=name == "compiled", step_backend=name)
-
-    switch = PathSwitch(path("eager"))
+    switch = PathSwitch(_fake_path("eager", calls))
     one, four, t = torch.zeros(1, 1, 2, 2), torch.zeros(4, 1, 2, 2), torch.zeros(1)
+    step_args = (one, None, None, None)  # eps, coefs, seeds, counters: no x0_prev, no edit
     switch.eps(one, t), switch.eps(four, t)
-    switch.enable("1", path("compiled"))
-    switch.eps(one, t), switch.eps(four, t), switch.step(one), switch.step(four)
-    assert calls == ["eager", "eager", "compiled", "eager", "compiled-step", "eager-step"]
-    assert switch.states == {"1": COMPILED, "2+": "eager"} and not fully_compiled(switch.states)
+    switch.publish(_fake_path("compiled", calls))
+    switch.cover(("unet", 1, (False,)))
+    switch.cover(("step", 4, (False, False)))
+    switch.asking = True  # the initial build is done
+    switch.eps(one, t), switch.eps(four, t), switch.step(one, *step_args), switch.step(four, *step_args)
+    switch.eps(four, t)  # asked once, counted each time
+    assert calls == ["eager", "eager", "compiled", "eager", "eager-step", "compiled-step", "eager"]
+    assert switch.recompiles_avoided == 3
+    asked = [switch.requests.get_nowait()[0] for _ in range(2)]
+    assert asked == [("unet", 4, (False,)), ("step", 1, (False, False))] and switch.requests.empty()
+    assert switch.compiled_batches() == {"step": "4", "unet": "1"}
+
+
+def test_with_rows_and_ranges() -> None:
+    from kernels.reverse_step import StepCoefficients
+
+    coefs = StepCoefficients(*torch.arange(16.0).reshape(8, 2))
+    grown = with_rows((torch.arange(2.0), coefs, None), 5)
+    assert grown[0].tolist() == [0, 1, 0, 1, 0] and grown[1].sigma.tolist() == [14, 15, 14, 15, 14] and grown[2] is None
+    assert ranges([5, 1, 2, 3, 7, 8]) == "1-3,5,7-8" and ranges([]) == ""
+
+
+class _BranchesOnBatch(torch.nn.Module):
+    """An eps model whose forward branches on the batch size, as diffusers' upsampler does (at 64): dynamo
+    splits the batch range there, so a graph built at batch 2 does not cover batch 3. One convolution:
+    small graphs compile in seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = self.conv(x) + t.view(-1, 1, 1, 1) * 1e-3
+        return eps * 0.5 if x.shape[0] >= 3 else eps
+
+
+def test_an_uncovered_batch_size_runs_eagerly_at_once_and_compiled_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up reaches batch 1, 2 and 4 only (the sweep is off here): a request of 3 images answers as
+    fast as the eager path would, the compile thread builds batch 3, and the next such request runs it.
+    No compile ever runs on the engine thread (inductor's compile_fx records the thread it runs on)."""
+    import torch._inductor.compile_fx as compile_fx
+
+    from ddpm.chain import ChainSpec
+    from ddpm.inference_compile import hot_path
+    from service.engine.engine import Engine
+    from service.engine.job import Job
+    from tests.tiny_model import tiny_loaded_model
+
+    threads: list[str] = []
+    real_compile_fx = compile_fx.compile_fx
+
+    def recording_compile_fx(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return real_compile_fx(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compile_fx, "compile_fx", recording_compile_fx)
+    monkeypatch.setattr(BackgroundCompiler, "_sweep", lambda self, recorder, sizes: None)
+    module = _BranchesOnBatch().eval()
+    model = tiny_loaded_model(module)  # type: ignore[arg-type]
+    eager = hot_path(model.eps_model, module, "cpu", "off", "torch", precision="fp32")
+    switch = PathSwitch(eager)
+    engine = Engine(dataclasses.replace(model, eps_model=switch.eps), max_batch=4, step_fn=switch.step)
+    # the step's backend named (the eager twin): only the U-Net compiles here, in seconds
+    compiler = BackgroundCompiler(model, switch, lambda eps, m: hot_path(eps, m, "cpu", "on", "torch", precision="fp32"),
+                                  lambda m, step: Engine(m, max_batch=4, step_fn=step), warmup_steps=1, max_batch=4)  # fmt: skip
+    assert compiler.build(raise_errors=True)
+    compiler.start(initial=False)
+    eager_engine = Engine(dataclasses.replace(model, eps_model=eager.eps_model), max_batch=4, step_fn=eager.step_fn)
+
+    def run(e: Engine, seed: int) -> tuple[float, Job]:
+        job = Job(seed=seed, n=3, chain=ChainSpec(8, "ddpm"), timeout_s=120)
+        start = time.monotonic()
+        e.submit(job)
+        while not job.done:
+            time.sleep(0.002)
+        assert job.error is None
+        return time.monotonic() - start, job
+
+    engine.start()
+    eager_engine.start()
+    try:
+        eager_s = min(run(eager_engine, 1)[0] for _ in range(3))
+        first_s, first = run(engine, 1)
+        assert switch.recompiles_avoided >= 2  # the U-Net and the step at batch 3, eagerly
+        assert first_s < 2 * eager_s + 0.5, (first_s, eager_s)  # no compile in the way
+        end = time.monotonic() + 300
+        while not {("unet", 3, (False,)), ("step", 3, (False, False))} <= switch.covered:
+            assert time.monotonic() < end, switch.compiled_batches()
+            time.sleep(0.05)
+        before = switch.recompiles_avoided
+        _, again = run(engine, 1)
+        assert switch.recompiles_avoided == before  # the compiled graphs of batch 3 now
+        np.testing.assert_allclose(again.images, first.images, atol=1e-4)  # type: ignore[arg-type]
+    finally:
+        engine.stop()
+        eager_engine.stop()
+        switch.close()
+    assert threads and "ddpm-engine" not in threads, threads

@@ -30,10 +30,18 @@ def test_the_key_names_what_compiled_code_depends_on(monkeypatch: pytest.MonkeyP
     assert key["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     path = artefact_path(Path("/x"), key)
     assert path == artefact_path(Path("/x"), dict(reversed(list(key.items()))))  # order does not matter
-    for change in ({"precision": "fp32"}, {"model": "e" * 64}, {"cpu_flags": ["avx", "avx2"]}, {"torch": "0.0"}):
+    for change in ({"precision": "fp32"}, {"model": "e" * 64}, {"vec_isa": "sve"}, {"torch": "0.0"}):
         assert artefact_path(Path("/x"), {**key, **change}) != path, change
-    monkeypatch.setattr(compile_cache, "_cpu_flags", lambda: ["avx", "avx2", "fma"])  # an AVX2-only CPU
+    monkeypatch.setattr(compile_cache, "_vec_isa", lambda: "avx512" if key["vec_isa"] != "avx512" else "avx2")  # another CPU
     assert artefact_path(Path("/x"), machine_key("cpu", "bf16", "f" * 64)) != path
+
+
+def test_the_cpu_key_follows_the_isa_cap() -> None:
+    # what an AVX-512 machine builds under ATEN_CPU_CAPABILITY=avx2 is what an AVX2-only CPU looks for
+    script = "from ddpm.compile_cache import machine_key; import json; print(json.dumps(machine_key('cpu', 'fp32', 'x')))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    capped = json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout)
+    assert (capped["cpu_capability"], capped["vec_isa"]) == ("AVX2", "avx2")
 
 
 def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,7 +62,7 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     assert (local / "fxgraph" / "entry").read_bytes() == b"graph"
     # a copy built on another CPU, renamed to this machine's name: its key.json says otherwise
     shutil.rmtree(local)
-    other = {**key, "cpu_flags": ["avx512f", "amx_tile"] if "amx_tile" not in key["cpu_flags"] else []}  # type: ignore[operator]
+    other = {**key, "vec_isa": "amx" if key["vec_isa"] != "amx" else "avx2"}
     (saved / "key.json").write_text(json.dumps(other))
     assert "built for another machine" in compile_cache.load(tmp_path / "cc", key) and not (local / "fxgraph").exists()
     (saved / "key.json").write_text("{garbage")

@@ -32,6 +32,17 @@ def test_auto_picks_bf16_only_where_native_and_allowed(monkeypatch: pytest.Monke
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
 
 
+@pytest.mark.parametrize(
+    ("cap", "native"), [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True)]
+)
+def test_auto_honours_onednns_isa_cap(monkeypatch: pytest.MonkeyPatch, cap: str, native: bool) -> None:
+    # ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 BF16 machine (the suite's AVX2 pass): oneDNN would emulate bf16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision.native_bf16("cpu") is native
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+
+
 def test_bad_precisions_are_refused() -> None:
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_precision("fp16", "cpu")

@@ -243,6 +243,14 @@ class InfoResponse(BaseModel):
         ...,
         description="per batch-size group (1, 2+): eager, compiling (served eagerly meanwhile), compiled or failed (stays eager)",
     )
+    compiled_batches: dict[str, str] = Field(
+        ...,
+        description="the batch sizes with compiled graphs per call variant (unet, unet+labels, step, step+x0_prev, step+edit, "
+        "step+x0_prev+edit), as ranges ('1-64'); any other shape runs eagerly while the compile thread builds it",
+    )
+    compile_fallbacks: int = Field(
+        ..., description="calls run eagerly because no compiled graph covered their shape yet: compiles the serving thread did not do"
+    )
     step_backend: str
     scheduling: str
     response_cache_bytes: int = Field(..., description="DDPM_RESPONSE_CACHE_MB in bytes; 0: off")

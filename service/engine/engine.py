@@ -31,6 +31,7 @@ import torch
 
 from ddpm.chain import ChainSpec, StepCoefficients, StepFn, default_step_fn
 from ddpm.guidance import guided_eps
+from ddpm.inference_compile import serving_thread
 from ddpm.loaded_model import LoadedModel
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
@@ -197,21 +198,27 @@ class Engine:
 
     def warmup(self, steps: int, sizes: Iterable[int] | None = None) -> None:
         """Run short chains through the engine's own iteration code (before start) at batch 1, 2 and
-        max_batch (or ``sizes``), clipped and not, so a compiled hot path has built its graphs before it
-        serves (dynamo makes batch 1 its own graph, and may split the dynamic batch range once more)."""
+        max_batch (or ``sizes``), one for every variant of the step a request can ask for: plain, clipped
+        and not; multistep (x0_prev); restart's jump back up (multistep with jump terms, the default
+        chain); inpainting (a mask and RePaint's jumps, no multistep state); guided, for a conditional
+        model. A compiled hot path builds its graphs here (the compile thread: background_compile.py)."""
         if steps <= 0:
             return
         observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
-        steps = min(steps, self.model.schedule.num_timesteps)
+        t = self.model.schedule.num_timesteps
+        steps = min(steps, t)
+        half = torch.ones(self.shape, dtype=torch.float32)
+        half[..., : self.shape[-1] // 2] = 0.0  # the left half repainted
+        chains = [ChainSpec(steps, "ddpm", clip=True), ChainSpec(steps, "ddpm", clip=False), ChainSpec(steps, "dpmsolver++", clip=True),
+                  ChainSpec(min(max(steps, 4), t), "restart", clip=True),  # 4 calls: the shortest with a jump
+                  ChainSpec(min(max(steps, 2), t), "ddim", repaint=True, jump_length=1, jump_n_sample=2)]  # fmt: skip
         try:
             for n in sorted(set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}):
-                # with and without x0_prev, and restart's jump back up (the default chain; 4 calls: the shortest with one)
-                for clip, sampler in ((True, "ddpm"), (False, "ddpm"), (True, "dpmsolver++"), (True, "restart")):
-                    guided = self.model.conditional and sampler == "dpmsolver++"  # and a guided batch (2 rows per sample)
-                    labels = (0,) * n if guided else None
-                    calls = min(max(steps, 4), self.model.schedule.num_timesteps) if sampler == "restart" else steps
-                    job = Job(seed=0, n=n, chain=ChainSpec(calls, sampler, clip=clip), timeout_s=3600, class_labels=labels,
-                              guidance_scale=1.0 if guided else 0.0)  # fmt: skip
+                for chain in chains:
+                    guided = self.model.conditional and chain.sampler == "dpmsolver++"  # and a guided batch (2 rows per sample)
+                    job = Job(seed=0, n=n, chain=chain, timeout_s=3600, class_labels=(0,) * n if guided else None,
+                              guidance_scale=1.0 if guided else 0.0, init_image=-half if chain.repaint else None,
+                              mask=half if chain.repaint else None)  # fmt: skip
                     with self._lock:
                         self._enqueue(job)  # not submit(): warm-up ignores the queue limit
                     while not job.done:
@@ -223,6 +230,10 @@ class Engine:
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
+        with serving_thread():  # a compiled function runs the graphs that exist here and never compiles
+            self._serve()
+
+    def _serve(self) -> None:
         error: EngineError = Cancelled("the engine stopped")
         try:
             while True:

@@ -123,6 +123,8 @@ def server_info(state: ServerState) -> InfoResponse:
         precision=state.precision,
         compiled=fully_compiled(hot_path),
         hot_path=hot_path,
+        compiled_batches=state.compiled_batches(),
+        compile_fallbacks=state.compile_fallbacks(),
         step_backend=state.step_backend(),
         scheduling=s.scheduling,
         response_cache_bytes=state.cache.max_bytes,
