@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._dynamo.decorators import mark_unbacked
 
 from ddpm.chain import EpsModel, StepCoefficients, StepFn
 from ddpm.names import COMPILE_SETTINGS
@@ -175,6 +174,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """A fresh inference tensor whose first (batch) dimension dynamo treats as unbacked: one graph for any
     batch. Fresh: a copy of every input, so no two inputs alias (dynamo guards on identity and storage
     offsets: the engine's coefficient rows are views of one table) and no mark reaches the caller's tensor."""
+    from torch._dynamo.decorators import mark_unbacked  # dynamo (and sympy) only where something compiles
+
     with torch.inference_mode():
         t = t.clone(memory_format=torch.contiguous_format)
     mark_unbacked(t, 0)

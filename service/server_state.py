@@ -110,8 +110,7 @@ class ServerState:
         written = weights_mtime(model.path) if model.path is not None else None
         fingerprint = model_fingerprint(model, sha, __version__)
         start = time.perf_counter()
-        cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
-        engine, fast = self._engine_on_hot_path(model, device, cache_key)
+        engine, fast = self._engine_on_hot_path(model, device, fingerprint)
         if self.faults.enabled:
             engine.faults = self.faults
             self.faults.arm()  # after warm-up: start-up itself never fails on purpose
@@ -131,7 +130,7 @@ class ServerState:
         if self.compiler is not None and self.compile_thread is None:
             self.compile_thread = self.compiler.start()
 
-    def _engine_on_hot_path(self, model: LoadedModel, device: torch.device, cache_key: dict[str, object]) -> tuple[Engine, HotPath]:
+    def _engine_on_hot_path(self, model: LoadedModel, device: torch.device, fingerprint: str) -> tuple[Engine, HotPath]:
         """A warmed engine and the path it serves. Where a compiler exists the engine serves through a
         PathSwitch (service/engine/background_compile.py): eager for any shape without a compiled graph,
         never a compile on its thread. compile=auto: ready on the eager path in seconds, graphs built
@@ -141,6 +140,7 @@ class ServerState:
         if not should_compile(s.compile, device):
             self.hot_path = eager
             return self._warm_engine(model, eager.eps_model, step_of(eager)), eager
+        cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)  # imports inductor: compiling only
         if s.compile_cache_dir is not None:
             log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
         switch = self.switch = PathSwitch(eager)
