@@ -59,7 +59,7 @@ class ChainSpec:
         elif self.jump_length < 1 or self.jump_n_sample < 1:
             raise ValueError("jump_length and jump_n_sample must be >= 1")
 
-    @property
+    @functools.cached_property
     def multistep(self) -> bool:
         return Sampler(self.sampler).multistep
 

@@ -23,16 +23,24 @@ def guided_eps(
     """eps for every row: x (B, C, H, W), t and labels (B,) int64, scales (B,) float32 (w per row).
 
     Which rows are guided decides the call's shape, so it is read on the host: scales given as a CPU
-    tensor (the engine's) cost no device synchronisation."""
-    guided = torch.nonzero(scales.cpu() != 0).squeeze(1).to(x.device)
-    if guided.numel() == 0:
+    tensor (the engine's) cost no device synchronisation, and what goes to the device goes from pinned
+    memory without waiting (on CUDA)."""
+    host = scales.cpu()
+    rows = torch.nonzero(host != 0).squeeze(1)
+    if rows.numel() == 0:
         return eps_model(x, t, labels)
+    guided, w = _to(rows, x.device), _to(host[rows], x.device)
     b = x.shape[0]
     null = torch.full((guided.numel(),), null_label, dtype=labels.dtype, device=labels.device)
     eps_all = eps_model(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([labels, null]))
     eps, eps_null = eps_all[:b], eps_all[b:]
-    w = scales.to(x.device)[guided].to(eps.dtype).view(-1, *([1] * (x.dim() - 1)))
+    w = w.to(eps.dtype).view(-1, *([1] * (x.dim() - 1)))
     return eps.index_copy(0, guided, (1 + w) * eps[guided] - w * eps_null)  # CFG Eq. 6
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, without waiting for the device's queue (pinned and non-blocking on CUDA)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def rows_per_call(scales: torch.Tensor) -> int:

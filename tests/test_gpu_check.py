@@ -74,3 +74,20 @@ def test_markdown_tables_are_parsed() -> None:
     text = "# t\n## Sampler\n\n| batch | ours |\n|---|---|\n| 1 | 2.0 |\n| 16 | 3.5 |\nrest\n"
     rows = [{"batch": "1", "ours": "2.0"}, {"batch": "16", "ours": "3.5"}]
     assert check.markdown_tables(text) == [{"title": "Sampler", "columns": ["batch", "ours"], "rows": rows}]
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_server_phase(tmp_path: Path) -> None:
+    """The server phase's machinery on CPU (compile off, one tiny diffusers model, 1 s cells): our server under
+    closed-loop clients, the offline sampler and the FastAPI + diffusers peer, one table."""
+    out = tmp_path / "out"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/check.py"), "--out", str(out), "--dry-run", "--only", "server"],
+                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    phases = {p["name"]: p for p in json.loads((out / "gpu_results.json").read_text())["phases"]}
+    assert list(phases) == ["server"] and phases["server"]["status"] == "ok", phases
+    rows = phases["server"]["tables"][0]["rows"]
+    assert len(rows) == 4  # 2 chains x 2 concurrencies
+    report = (out / "gpu_report.md").read_text()
+    assert "served / offline" in report and "served / diffusers" in report

@@ -13,6 +13,10 @@ the next one runs, so a short GPU lease always ends with a report):
   sampler  benchmarks/gpu_suite.py: sampler vs diffusers at batch 1/16/64/256 (eager, compiled, bf16, fp16)
   graphs   CUDA-graph gain per batch bucket (torch.compile reduce-overhead vs default)
   drift    bf16/fp16 drift over the whole 1000-step chain
+and, in a device call of its own (``run.sh OUT --only server``, ~8 minutes on the H200's budget):
+  server   benchmarks/gpu/server_bench.py: `ddpm serve` on the device under 1/16/64 closed-loop clients
+           (the shipped model and the cifar10-32 shape; the default chain and DDIM 50), beside the
+           offline compiled sampler at the same batch and a FastAPI + diffusers server on the same GPU
 Writes OUT/gpu_report.md (the tables, verbatim), OUT/gpu_results.json (the same, parsed) and
 OUT/gpu_logs.txt (every phase's full output).
 """
@@ -54,7 +58,7 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
     py = sys.executable
     interpret = {"TRITON_INTERPRET": "1" if dry_run else "0"}
     tests = [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rfEs", "tests/test_reverse_step.py", "tests/test_image_editing.py",
-             "tests/test_device.py"]  # fmt: skip
+             "tests/test_device.py", "tests/test_engine_host_reads.py"]  # fmt: skip
     kernel = [py, "benchmarks/bench_reverse_step.py", "--gpu"] + (["--dry-run", "--rounds", "2"] if dry_run else [])
     suite = [py, "benchmarks/gpu_suite.py"]
     if dry_run:  # the same code on CPU: a tiny U-Net, 2-step chains, batches 1 and 2
@@ -72,12 +76,17 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
             "--drift-steps",
             "3",
         ]
-    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50}
+    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50, "server": 540}
+    server = [py, "benchmarks/gpu/server_bench.py", "--device", device] + (["--dry-run"] if dry_run else [])
     return [
         Phase("tests", tests, limits["tests"] * (2 if dry_run else 1), {"DDPM_TEST_DEVICE": device, **interpret}),
         Phase("kernel", kernel, limits["kernel"], interpret),
         *(Phase(part, [*suite, "--parts", part], limits[part] * (2 if dry_run else 1)) for part in ("sampler", "graphs", "drift")),
+        Phase("server", server, limits["server"]),
     ]
+
+
+DEFAULT_PHASES = "tests,kernel,sampler,graphs,drift"  # the server phase is a device call of its own (--only server)
 
 
 def environment(wheels: Path | None) -> dict[str, object]:
@@ -182,7 +191,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: rehearse every phase without a GPU")
     parser.add_argument("--wheels", type=Path, default=None, help="the carried wheels folder (for the report)")
-    parser.add_argument("--only", default=None, help="comma-separated phases to run (default: all)")
+    parser.add_argument("--only", default=DEFAULT_PHASES, help=f"comma-separated phases to run (default: {DEFAULT_PHASES}; or server)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(args.wheels)
@@ -195,8 +204,7 @@ def main() -> int:
 
         tiny_model = save_tiny_model(Path(tempfile.mkdtemp(prefix="ddpm-gpu-dry-")) / "tiny", num_timesteps=100)
     todo = phases(args.dry_run, "cpu" if args.dry_run else "cuda", tiny_model)
-    if args.only:
-        todo = [p for p in todo if p.name in args.only.split(",")]
+    todo = [p for p in todo if p.name in args.only.split(",")]
     for phase in todo:
         print(f"[gpu-check] {phase.name}: {' '.join(phase.command[1:])} (limit {phase.timeout_s:.0f} s)", flush=True)
         run_phase(phase)

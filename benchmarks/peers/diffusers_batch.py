@@ -25,11 +25,11 @@ from PIL import Image
 class CountedPipeline:
     """DDIMPipeline (eta 0) on a diffusers DDPM directory, fp32, with its U-Net calls counted."""
 
-    def __init__(self, model_dir: str, threads: int) -> None:
+    def __init__(self, model_dir: str, threads: int, device: str = "cpu") -> None:
         torch.set_num_threads(threads)
         unet = UNet2DModel.from_pretrained(Path(model_dir) / "unet").eval()
         scheduler = DDIMScheduler.from_pretrained(Path(model_dir) / "scheduler")
-        self.pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+        self.pipe = DDIMPipeline(unet=unet, scheduler=scheduler).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.unet_calls = 0
         self.image_evals = 0
@@ -91,6 +91,7 @@ def peer_arguments(batching: bool) -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check's server phase)")
     if batching:
         parser.add_argument("--max-batch", type=int, default=16)
         parser.add_argument("--wait-s", type=float, default=0.01)

@@ -18,7 +18,7 @@ from diffusers_batch import CountedPipeline, parse_request, peer_arguments
 
 def main() -> None:
     args = peer_arguments(batching=False)
-    pipeline = CountedPipeline(args.model, args.threads)
+    pipeline = CountedPipeline(args.model, args.threads, args.device)
     app = FastAPI()
 
     @app.post("/generate")

@@ -22,11 +22,15 @@ The engine runs in one thread and knows nothing of HTTP; callbacks tell its call
 
 from __future__ import annotations
 
+import collections
+import heapq
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ddpm.chain import ChainSpec, StepCoefficients, StepFn, default_step_fn
@@ -35,6 +39,7 @@ from ddpm.inference_compile import serving_thread
 from ddpm.loaded_model import LoadedModel
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
+from service.engine.chain_table_store import ChainTableStore
 from service.engine.chain_tables_cache import ChainTablesCache
 from service.engine.errors import (
     Cancelled,
@@ -50,13 +55,29 @@ from service.engine.health import Health
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from service.engine.request_queue import SchedulingName, create_request_queue
-from service.engine.running_batch import RunningBatch, StepInputs
+from service.engine.running_batch import RunningBatch, StepInputs, host_to_device, tensor_to_device
 
 log = logging.getLogger("ddpm.engine")
 
 
+def _prepare(job: Job) -> None:
+    """What the engine needs of a job per image, computed once: the Philox key of each image (int64 bits)."""
+    if job.keys is None:
+        job.keys = [key - (1 << 64) if key >= (1 << 63) else key for key in image_seeds(job.seed, job.n)]
+
+
 class _StageFailed(Exception):
     """A stage raised; its jobs have been failed and the fault logged (ends this iteration)."""
+
+
+@dataclass
+class _Readout:
+    """Finished images on their way to the host: (f, C, H, W) float32, their owners, and on CUDA the
+    event after which the copy is complete."""
+
+    images: torch.Tensor
+    owners: list[tuple[Job, int]]
+    event: torch.cuda.Event | None
 
 
 class Engine:
@@ -89,7 +110,11 @@ class Engine:
         self.health = Health(self_test_backoff_s)
         self._queue = create_request_queue(scheduling)
         self._live: set[int] = set()  # ids of jobs submitted and not finished
-        self._running: RunningBatch | None = None
+        self._batch = self._new_batch(max_batch)
+        self._deadlines: list[tuple[float, int, Job]] = []  # a heap: the next job to time out first
+        self._cancelled: collections.deque[Job] = collections.deque()  # cancelled from other threads (append/popleft: thread-safe)
+        self._readouts: list[_Readout] = []  # finished images on their way to the host (CUDA)
+        self._streaming: dict[int, Job] = {}  # running jobs that report progress every iteration (streams)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -102,6 +127,7 @@ class Engine:
     def submit(self, job: Job) -> Job:
         self.chain_tables(job.chain)  # a chain the schedule cannot make fails here, not in the engine
         job.check_inputs(self.shape)
+        _prepare(job)  # per-image work on the caller's thread, not the engine's
         with self._lock:
             if self.dead is not None or self._stop:
                 raise EngineStopped("the engine has stopped")
@@ -112,10 +138,20 @@ class Engine:
             self._enqueue(job)
         return job
 
+    def _new_batch(self, capacity: int) -> RunningBatch:
+        store = ChainTableStore(self.chain_tables, self.device)
+        return RunningBatch(capacity, self.shape, store, self.device, self.model.conditional, self.model.num_classes)
+
     def _enqueue(self, job: Job) -> None:
+        _prepare(job)
         job.images = torch.empty((job.n, *self.shape), dtype=torch.float32)  # no fill: torch work stays on the engine thread
+        job.clock = self._clock
+        job.on_cancel = self._cancelled.append  # the engine takes them at its next iteration
+        if job.cancelled:  # cancelled before it got here (the hook is set first: no cancel falls between)
+            self._cancelled.append(job)
         self._queue.add(job)
         self._live.add(job.id)
+        heapq.heappush(self._deadlines, (job.deadline, job.id, job))
         self._observe("on_load", self._queue.images, self.running)
         self._lock.notify_all()
 
@@ -127,10 +163,12 @@ class Engine:
                 return None
             return self._queue.images_ahead(job)
 
+    def _clock(self) -> int:
+        return self.iterations
+
     @property
     def running(self) -> int:
-        running = self._running
-        return 0 if running is None else len(running)
+        return self._batch.n
 
     @property
     def queue_depth(self) -> int:
@@ -230,7 +268,9 @@ class Engine:
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        with serving_thread():  # a compiled function runs the graphs that exist here and never compiles
+        # a compiled function runs the graphs that exist here and never compiles; every tensor of the running
+        # batch is an inference tensor (compiled graphs guard on it), the mode entered once, not per iteration
+        with serving_thread(), torch.inference_mode():
             self._serve()
 
     def _serve(self) -> None:
@@ -246,7 +286,7 @@ class Engine:
                     work = self._has_work()
                 self._fault("loop")
                 if work:
-                    self._iterate()
+                    self._iteration()
                 else:
                     self._self_test()
                 self._last_progress = time.monotonic()
@@ -261,14 +301,19 @@ class Engine:
                 self.on_dead(self.dead)
 
     def _has_work(self) -> bool:
-        return bool(self._queue) or self._running is not None
+        return bool(self._queue) or self._batch.n > 0 or bool(self._readouts)
 
     @torch.inference_mode()  # every tensor of the running batch is an inference tensor (compiled graphs guard on it)
     def _iterate(self) -> None:
-        """admit -> eps -> step -> advance. A stage that raises fails the jobs it touched and ends the iteration."""
+        self._iteration()
+
+    def _iteration(self) -> None:
+        """admit -> eps -> step -> advance. A stage that raises fails the jobs it touched and ends the iteration.
+        Called in inference mode (the engine thread enters it once, not per iteration)."""
         try:
             batch = self._admit()
             if batch is None:
+                self._deliver(wait=True)  # nothing runs: images still on their way are waited for now
                 return
             start = time.perf_counter()
             inputs, eps = self._stage("unet", batch, self._eps, batch)
@@ -289,8 +334,8 @@ class Engine:
         """Drop dead jobs, add the images the queue admits (their x_T drawn), and return the running batch."""
         with self._lock:
             self._drop_dead_jobs()
-            free = self.max_batch - self.running
-            new = self._queue.take(free) if self._running is None or self._queue.admits_while_running else []
+            running = self._batch.n > 0
+            new = self._queue.take(self._batch.free) if not running or self._queue.admits_while_running else []
         if new:
             try:
                 self._fault("admit")
@@ -298,83 +343,142 @@ class Engine:
             except Exception as exc:
                 self._on_fault("admit", exc, [job for job, _ in new])
                 raise _StageFailed from exc
-        with self._lock:
-            return self._running
+        return self._batch if self._batch.n > 0 else None
 
     def _start(self, new: list[tuple[Job, int]]) -> None:
         """Draw x_T for the new images (or, for SDEdit, noise the input to the chain's first level) and
-        add them to the running batch."""
-        seeds = seeds_to_tensor([image_seeds(job.seed, 1, first=k)[0] for job, k in new], self.device)
-        x_T = sample_noise(seeds, 0, self.shape)  # (N, C, H, W): x_T of each image from its own key
-        for row, (job, _) in enumerate(new):
-            if job.chain.strength < 1.0 and job.init_image is not None:  # SDEdit: Eq. 4 at t0, with x_T's z
-                tables = self.chain_tables(job.chain)
-                x_T[row] = tables.start_x * job.init_image.to(self.device) + tables.start_z * x_T[row]
-        positions = torch.tensor([job.calls - 1 for job, _ in new], dtype=torch.long, device=self.device)
-        now = time.monotonic()
+        add them to the running batch: per-image work happens here, when images join, not per iteration."""
+        new = [(job, k) for job, k in new if not job.done]
+        if not new:
+            return
+        seeds = host_to_device([job.keys[k] for job, k in new], self.device, torch.int64)
+        x_T = self._draw_x_T(seeds)
+        sdedit = [row for row, (job, _) in enumerate(new) if job.chain.strength < 1.0 and job.init_image is not None]
+        if sdedit:  # SDEdit: Eq. 4 at t0, with x_T's z
+            tables = [self.chain_tables(new[row][0].chain) for row in sdedit]
+            idx = host_to_device(sdedit, self.device, torch.int64)
+            start_x = host_to_device([t.start_x for t in tables], self.device, torch.float32).view(-1, *([1] * len(self.shape)))
+            start_z = host_to_device([t.start_z for t in tables], self.device, torch.float32).view(-1, *([1] * len(self.shape)))
+            init = tensor_to_device(torch.stack([new[row][0].init_image for row in sdedit]), self.device)  # type: ignore[misc]
+            x_T[idx] = start_x * init + start_z * x_T[idx]
+        now, clock = time.monotonic(), self.iterations
         with self._lock:
-            part = RunningBatch(x_T, positions, seeds, new).select([row for row, (job, _) in enumerate(new) if not job.done])
-            if part is None:
-                return
-            self._running = part if self._running is None else self._running.extend(part)
-            for job, _ in part.owners:
+            self._batch.add(new, x_T, seeds, clock)
+            for job, _ in new:
+                job.rows_running += 1
+                job.joined_sum += clock
+                if job.on_progress is not None:
+                    self._streaming[job.id] = job
                 if job.first_admitted is None:
                     job.first_admitted = now
                     self._observe("on_admitted", job)
 
+    def _draw_x_T(self, seeds: torch.Tensor) -> torch.Tensor:
+        """x_T ~ N(0, I) of each new image from its own key at counter 0 (N, C, H, W): the fused step with
+        every coefficient 0 but sigma = 1 draws exactly z, in one launch (the Triton kernel on CUDA, the
+        compiled twin on a compiling CPU) instead of the Philox twin's ~30 operations
+        (``kernels.philox.sample_noise``, which it equals: 0 + 1 z = z)."""
+        k = seeds.shape[0]
+        zeros = torch.zeros((k, *self.shape), dtype=torch.float32, device=self.device)
+        coefs = torch.zeros((len(StepCoefficients.names()), k), dtype=torch.float32, device=self.device)
+        coefs[StepCoefficients.names().index("sigma")] = 1.0
+        counters = torch.zeros(k, dtype=torch.int64, device=self.device)
+        x_T, _ = self.step_fn(zeros, zeros, StepCoefficients.from_stacked(coefs), seeds, counters, None)
+        return x_T
+
     def _eps(self, batch: RunningBatch) -> tuple[StepInputs, torch.Tensor]:
-        """Per-sample t, noise counter and step coefficients from each sample's own chain tables, and
-        ONE eps_theta call over the running batch."""
-        inputs = batch.step_inputs(self.chain_tables)
-        t = inputs.t
+        """Per-row t, noise counter and step coefficients (gathers by each row's column in the chain
+        table), and ONE eps_theta call over the running batch."""
+        inputs = batch.step_inputs()
+        x = batch.x[: batch.n]
         self._fault("unet")
-        if not self.model.conditional:
-            return inputs, self.model.eps_model(batch.x, t)
-        # classifier-free guidance in the same call: guided samples add a null-label row (ddpm/guidance.py)
-        null = self.model.num_classes
-        labels = torch.tensor([job.class_labels[k] if job.class_labels else null for job, k in batch.owners], device=self.device)
-        # on the host: guided_eps finds the guided rows (none: one plain call) without a device sync
-        scales = torch.tensor([job.guidance_scale for job, _ in batch.owners], dtype=torch.float32)
-        return inputs, guided_eps(self.model.eps_model, batch.x, t, labels, scales, null)
+        if inputs.labels is None or inputs.scales is None:
+            return inputs, self.model.eps_model(x, inputs.t)
+        # classifier-free guidance in the same call: guided rows add a null-label row (ddpm/guidance.py);
+        # the scales are on the host, so finding the guided rows reads nothing back from the device
+        return inputs, guided_eps(self.model.eps_model, x, inputs.t, inputs.labels, inputs.scales, self.model.num_classes)
 
     def _step(self, batch: RunningBatch, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ONE fused step over the running batch, every sampler, clip setting, chain and edit at once;
         returns x_prev and (while any row runs a multistep sampler) every row's x0_hat."""
         self._fault("step")
-        coefs = StepCoefficients.from_stacked(inputs.coefs)
+        n = batch.n
+        x, seeds = batch.x[:n], batch.seeds[:n]
         if inputs.edit is None:  # the signature every step function has
-            return self.step_fn(batch.x, eps, coefs, batch.seeds, inputs.counters, batch.x0_prev)
-        return self.step_fn(batch.x, eps, coefs, batch.seeds, inputs.counters, batch.x0_prev, inputs.edit)
+            return self.step_fn(x, eps, inputs.coefs, seeds, inputs.counters, inputs.x0_prev)
+        return self.step_fn(x, eps, inputs.coefs, seeds, inputs.counters, inputs.x0_prev, inputs.edit)
 
     def _advance(self, batch: RunningBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
-        """Move every sample one step on, retire those at x_0, and tell the jobs. Rows of jobs that
-        finished meanwhile (failed, cancelled, aborted from another thread) leave the batch."""
+        """Move every row one step on, retire those at x_0 (their images leave the device in one copy),
+        and tell the jobs. Which rows finish is known on the host: nothing is read back to decide it."""
+        finishing = batch.finishing()
+        readout = self._read_out(batch, new_x, finishing) if finishing.size else None
+        self._fault("advance")
         with self._lock:
-            self._fault("advance")
-            moved = batch.stepped(new_x, x0)
-            finished = (moved.positions < 0).tolist()
-            touched: dict[int, Job] = {}
-            keep = []
-            for row, (job, k) in enumerate(batch.owners):
-                if job.done:
-                    continue
-                job.steps_done += 1
-                touched[job.id] = job
-                if finished[row]:
-                    assert job.images is not None
-                    job.images[k] = new_x[row].float().cpu()
-                    job.images_done += 1
-                else:
-                    keep.append(row)
-            self._running = moved.select(keep)
+            batch.advance(new_x, x0)
             self.iterations += 1  # counters and gauges are current before anyone is told
-            self._observe("on_iteration", len(batch), seconds)
-            self._observe("on_load", self._queue.images, self.running)
-            for job in touched.values():
-                if job.images_done == job.n:
+            if readout is not None:
+                self._leave(batch, finishing)
+                self._readouts.append(readout)
+            self._observe("on_iteration", new_x.shape[0], seconds)
+            self._observe("on_load", self._queue.images, batch.n)
+        self._deliver(wait=batch.n == 0 or self.device.type != "cuda")
+        for job in self._progress_jobs(batch):
+            self._callback(job, job.on_progress)  # type: ignore[arg-type]
+
+    def _read_out(self, batch: RunningBatch, new_x: torch.Tensor, rows: np.ndarray) -> _Readout:
+        """The finished rows' images on their way to the host: one gather and one copy (non-blocking into
+        pinned memory on CUDA, waited for by an event when they are delivered, an iteration later)."""
+        owners = [batch.owners[int(r)] for r in rows]
+        images = new_x[host_to_device(rows, self.device, torch.int64)]
+        if self.device.type != "cuda":
+            return _Readout(images.float(), owners, None)
+        host = torch.empty(images.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(images, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Readout(host, owners, event)
+
+    def _leave(self, batch: RunningBatch, rows: np.ndarray | list[int]) -> None:
+        """Rows leave the batch (finished, failed, cancelled): their jobs' step counts banked (the lock held)."""
+        clock = self.iterations
+        for r in rows:
+            job, _ = batch.owners[int(r)]
+            joined = int(batch.joined_host[int(r)])
+            job.rows_running -= 1
+            job.joined_sum -= joined
+            job.steps_banked += clock - joined
+        batch.remove(rows)
+
+    def _deliver(self, wait: bool) -> None:
+        """Finished images to their jobs, once their copy to the host is complete (``wait``: wait for it)."""
+        while self._readouts:
+            readout = self._readouts[0]
+            if readout.event is not None:
+                if not wait and not readout.event.query():
+                    return
+                readout.event.synchronize()
+            self._readouts.pop(0)
+            done: dict[int, Job] = {}
+            with self._lock:
+                for i, (job, k) in enumerate(readout.owners):
+                    if job.done:  # failed or cancelled meanwhile
+                        continue
+                    if job.n == 1:  # the readout's own row: a view on CPU, a copy out of pinned memory on CUDA
+                        row = readout.images[i : i + 1]
+                        job.images = row.clone() if readout.event is not None else row
+                    else:
+                        assert job.images is not None
+                        job.images[k] = readout.images[i]
+                    job.images_done += 1
+                    if job.images_done == job.n:
+                        done[job.id] = job
+                for job in done.values():
                     self._finish(job)
-                elif job.on_progress is not None:
-                    self._callback(job, job.on_progress)
+
+    def _progress_jobs(self, batch: RunningBatch) -> list[Job]:
+        """The running jobs that stream their progress (few: only a stream reads it)."""
+        return [job for job in self._streaming.values() if not job.done] if self._streaming else []
 
     # --- health, beside the loop -------------------------------------------------------------------
     def _fault(self, stage: str) -> None:
@@ -388,7 +492,8 @@ class Engine:
         self.health.self_tests += 1
         probe = Job(seed=0, n=1, chain=ChainSpec(1), timeout_s=60)
         seeds = seeds_to_tensor([image_seeds(0, 1)[0]], self.device)
-        batch = RunningBatch(sample_noise(seeds, 0, self.shape), torch.zeros(1, dtype=torch.long, device=self.device), seeds, [(probe, 0)])
+        batch = self._new_batch(1)
+        batch.add([(probe, 0)], sample_noise(seeds, 0, self.shape), seeds, 0)
         try:
             inputs, eps = self._eps(batch)
             out, _ = self._step(batch, inputs, eps)
@@ -431,27 +536,33 @@ class Engine:
 
     # --- removing work (the lock held) -------------------------------------------------------------------
     def _drop_dead_jobs(self) -> None:
+        """The jobs cancelled since the last iteration, and those past their deadline (the heap's top):
+        no walk over every job in flight."""
+        while self._cancelled:
+            self._fail_jobs([self._cancelled.popleft()], Cancelled("the client went away"))
         now = time.monotonic()
-        for job in self._jobs_in_flight():
-            if job.cancelled:
-                self._fail_jobs([job], Cancelled("the client went away"))
-            elif now > job.deadline:
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, _, job = heapq.heappop(self._deadlines)
+            if not job.done:
                 self._fail_jobs([job], DeadlineExceeded(f"deadline of {job.timeout_s:g} s exceeded"))
+        while self._deadlines and self._deadlines[0][2].done:  # finished jobs leave the heap as they reach its top
+            heapq.heappop(self._deadlines)
 
     def _jobs_in_flight(self) -> list[Job]:
         jobs = {job.id: job for job in self._queue.jobs()}
-        if self._running is not None:
-            jobs.update({job.id: job for job, _ in self._running.owners})
+        jobs.update({job.id: job for job, _ in self._batch.owners})
+        jobs.update({job.id: job for readout in self._readouts for job, _ in readout.owners if not job.done})
         return list(jobs.values())
 
     def _fail_jobs(self, jobs: list[Job], error: EngineError) -> None:
         jobs = [job for job in jobs if not job.done]
+        if not jobs:
+            return
         ids = {job.id for job in jobs}
         for job in jobs:
             job.error = error
         self._queue.remove(jobs)
-        if self._running is not None:
-            self._running = self._running.select([row for row, (job, _) in enumerate(self._running.owners) if job.id not in ids])
+        self._leave(self._batch, self._batch.rows_of(ids))
         self._observe("on_load", self._queue.images, self.running)
         for job in jobs:
             self._finish(job)
@@ -461,6 +572,7 @@ class Engine:
             return
         job.finished = time.monotonic()
         self._live.discard(job.id)
+        self._streaming.pop(job.id, None)
         self._observe("on_job_done", job)
         if job.on_done is not None:
             self._callback(job, job.on_done)

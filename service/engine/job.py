@@ -43,10 +43,27 @@ class Job:
     finished: float | None = None
     images: torch.Tensor | None = None  # (n, C, H, W) float32 on CPU, filled as images finish
     images_done: int = 0
-    steps_done: int = 0  # iterations summed over images; progress = steps_done / (n * calls)
     error: EngineError | None = None
     pending: collections.deque[int] = field(default_factory=collections.deque)  # image indices not yet admitted
     cancelled: bool = False
+    on_cancel: Callable[[Job], None] | None = None  # the engine's: a cancelled job leaves at its next iteration
+    # steps done, kept without per-iteration work: rows running x the engine's iteration clock, less the clock
+    # at which each joined, plus what rows that left had done (the engine updates these when rows join or leave)
+    keys: list[int] | None = None  # the Philox key of each image (int64 bits), computed at submit
+    clock: Callable[[], int] | None = None
+    rows_running: int = 0
+    joined_sum: int = 0
+    steps_banked: int = 0
+
+    @property
+    def steps_done(self) -> int:
+        """Iterations summed over images; progress = steps_done / (n * calls)."""
+        running = self.rows_running * self.clock() - self.joined_sum if self.clock is not None and self.rows_running else 0
+        return self.steps_banked + running
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self.steps_banked = value - (self.steps_done - self.steps_banked)
 
     @property
     def steps(self) -> int:
@@ -86,3 +103,5 @@ class Job:
     def cancel(self) -> None:
         """Ask the engine to drop this job's samples at its next iteration (thread-safe)."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(self)

@@ -1,113 +1,210 @@
-"""The running batch: one row per sample in flight, each at its own position of its own chain."""
+"""The running batch: one row per sample in flight, in preallocated tensors (vLLM v1's persistent input
+batch is the model): rows join at the end and leave by moving the last rows into their places, so the
+live rows are always the dense prefix [0, n) and nothing is rebuilt per iteration.
+
+Per row, on the device: x_t, the Philox key, the mask flag; and, once some row needs them, the
+multistep state x0_prev, the input image and mask of an inpainting row, the class label. On the host
+(numpy): the column of the row's next step in the chain table (``ChainTableStore``) and its position
+(so which rows finish, and whether any row jumps, is known without reading the device), the owner
+(job, image index), the guidance scale.
+
+An iteration (``step_inputs`` then ``advance``) is a constant number of tensor operations, whatever the
+batch holds: the columns to the device (a view of the host array on CPU, one non-blocking copy on
+CUDA), two gathers of the tables by them, the state copied back. Per-row Python runs only when rows
+join or leave. Rows [0, m) advance; the rest sit out with their state kept (``m`` < ``n``: a row can be
+preempted in place).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ddpm.chain import ChainSpec, ChainTables, StepCoefficients
-from kernels.reverse_step import EditTerms
+from ddpm.chain import ChainSpec
+from kernels.reverse_step import EditTerms, StepCoefficients
+from service.engine.chain_table_store import COEFS, ChainSlot, ChainTableStore
 from service.engine.job import Job
 
 
-@dataclass
-class RunningBatch:
-    x: torch.Tensor  # (B, C, H, W)
-    positions: torch.Tensor  # (B,) chain position i; the sample is at timestep chain.timesteps[i]
-    seeds: torch.Tensor  # (B,) int64 Philox keys
-    owners: list[tuple[Job, int]]  # (job, image index k) of each row
-    # (B, C, H, W) float32: each row's previous x0_hat, while any row runs a multistep sampler (zeros
-    # for the others, whose x0_prev weight is 0); None otherwise, so single-step batches pay nothing
-    x0_prev: torch.Tensor | None = None
-    # (B, C, H, W) float32 each: RePaint's input image and mask per row, while any row inpaints (zeros for
-    # the others, which the step never reads); None otherwise, so batches without editing pay nothing
-    known: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+def host_to_device(values: np.ndarray | Sequence[int] | Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A host array on ``device`` without waiting for it: pinned memory and a non-blocking copy on CUDA
+    (a copy from pageable memory would wait for the device's queue)."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
-    def __post_init__(self) -> None:
-        multistep = any(job.chain.multistep for job, _ in self.owners)
-        if multistep and self.x0_prev is None:
-            self.x0_prev = torch.zeros_like(self.x, dtype=torch.float32)
-        elif not multistep:
-            self.x0_prev = None
-        if not any(job.mask is not None for job, _ in self.owners):
-            self.known = self.mask = None
-        elif self.known is None or self.mask is None:
-            self.known, self.mask = self._edit_inputs(self.owners)
 
-    def _edit_inputs(self, owners: list[tuple[Job, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = torch.zeros(self.x.shape[1:], dtype=torch.float32)
-        known = [job.init_image if job.mask is not None and job.init_image is not None else zeros for job, _ in owners]
-        mask = [job.mask if job.mask is not None else zeros for job, _ in owners]
-        return torch.stack(known).to(self.x.device), torch.stack(mask).to(self.x.device)
-
-    def __len__(self) -> int:
-        return len(self.owners)
-
-    def jobs(self) -> list[Job]:
-        return [job for job, _ in self.owners]
-
-    def select(self, rows: list[int]) -> RunningBatch | None:
-        """The batch of ``rows`` only (None when empty)."""
-        if not rows:
-            return None
-        if len(rows) == len(self.owners):
-            return self
-        idx = torch.tensor(rows, dtype=torch.long, device=self.x.device)
-        x0_prev = None if self.x0_prev is None else self.x0_prev[idx]
-        known, mask = (None, None) if self.known is None or self.mask is None else (self.known[idx], self.mask[idx])
-        return RunningBatch(self.x[idx], self.positions[idx], self.seeds[idx], [self.owners[r] for r in rows], x0_prev, known, mask)
-
-    def extend(self, other: RunningBatch) -> RunningBatch:
-        """This batch with ``other``'s rows after its own (new samples have no x0_prev yet: zeros)."""
-        state = None if self.x0_prev is None else torch.cat([self.x0_prev, torch.zeros_like(other.x, dtype=torch.float32)])
-        x, positions = torch.cat([self.x, other.x]), torch.cat([self.positions, other.positions])
-        edit: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # rebuilt from the owners unless both carry it
-        if self.known is not None and other.known is not None and self.mask is not None and other.mask is not None:
-            edit = (torch.cat([self.known, other.known]), torch.cat([self.mask, other.mask]))
-        return RunningBatch(x, positions, torch.cat([self.seeds, other.seeds]), self.owners + other.owners, state, *edit)
-
-    def stepped(self, new_x: torch.Tensor, x0: torch.Tensor | None) -> RunningBatch:
-        """Every row one position on, at ``new_x`` (and each row's x0_hat as the next step's x0_prev)."""
-        return RunningBatch(new_x, self.positions - 1, self.seeds, self.owners, x0, self.known, self.mask)
-
-    def step_inputs(self, tables_of: Callable[[ChainSpec], ChainTables]) -> StepInputs:
-        """Per-row timestep, noise counter and step coefficients, each from its own chain's tables (and
-        the editing terms, while any row inpaints)."""
-        b, device = len(self.owners), self.x.device
-        t = torch.empty(b, dtype=torch.long, device=device)
-        counters = torch.empty(b, dtype=torch.long, device=device)
-        coefs = torch.empty((len(StepCoefficients.names()), b), dtype=torch.float32, device=device)
-        edit_rows = None  # EditTerms.ROWS, made when a row's chain has editing terms (RePaint, restart)
-        groups: dict[ChainSpec, list[int]] = {}
-        for row, (job, _) in enumerate(self.owners):
-            groups.setdefault(job.chain, []).append(row)
-        for spec, members in groups.items():
-            rows = torch.tensor(members, dtype=torch.long, device=device)
-            tables, at = tables_of(spec), self.positions[rows]
-            t[rows], counters[rows] = tables.timesteps[at], tables.counters[at]
-            coefs[:, rows] = tables.table[:, at]
-            if tables.edit_table is not None:  # RePaint's blend and jumps, restart's jump
-                if edit_rows is None:
-                    edit_rows = torch.tensor([[0.0], [0.0], [0.0], [1.0], [0.0]], device=device).repeat(1, b)  # nothing
-                edit_rows[0, rows] = 1.0 if spec.repaint else 0.0  # a RePaint chain's rows carry a mask
-                edit_rows[1:, rows] = tables.edit_table[:, at]
-        edit = None
-        if edit_rows is not None:  # without a mask in the batch (restart alone), x stands in: no row reads it
-            masked = self.known is not None and self.mask is not None
-            edit = EditTerms(self.known if masked else self.x, self.mask if masked else self.x, *edit_rows.unbind(0))
-            if not masked and not bool(edit.edits().any()):  # no row jumps this iteration (on CUDA: one flag read back)
-                edit = None
-        return StepInputs(t, counters, coefs, edit)
+def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
 class StepInputs:
-    """What one iteration's U-Net call and fused step read, per row."""
+    """What one iteration's U-Net call and fused step read, per advancing row."""
 
-    t: torch.Tensor  # (B,) the original timestep (the U-Net's input)
-    counters: torch.Tensor  # (B,) the Philox counter of the step's noise
-    coefs: torch.Tensor  # (8, B) StepCoefficients, stacked
-    edit: EditTerms | None  # RePaint's terms, while any row inpaints
+    t: torch.Tensor  # (m,) the original timestep (the U-Net's input)
+    counters: torch.Tensor  # (m,) the Philox counter of the step's noise
+    coefs: StepCoefficients  # (m,) each
+    edit: EditTerms | None  # RePaint's and restart's terms, while some row inpaints or jumps this iteration
+    x0_prev: torch.Tensor | None  # (m, C, H, W) while some row runs a multistep sampler
+    labels: torch.Tensor | None  # (m,) a class-conditional model's labels (the null label where none)
+    scales: torch.Tensor | None  # (m,) float32 on the host: classifier-free guidance w per row
+
+
+class RunningBatch:
+    def __init__(self, capacity: int, image_shape: tuple[int, ...], store: ChainTableStore, device: torch.device,
+                 conditional: bool = False, null_label: int = 0) -> None:  # fmt: skip
+        self.capacity, self.shape, self.store, self.device = capacity, tuple(image_shape), store, device
+        self.n = 0
+        self.x = torch.zeros((capacity, *self.shape), dtype=torch.float32, device=device)  # (cap, C, H, W)
+        self.seeds = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.masked = torch.zeros(capacity, dtype=torch.float32, device=device)  # 1: the row inpaints
+        self.x0_prev: torch.Tensor | None = None  # allocated when a multistep row first joins
+        self.known: torch.Tensor | None = None  # and when an inpainting row first joins
+        self.mask: torch.Tensor | None = None
+        self.null_label = null_label
+        self.labels: torch.Tensor | None = torch.full((capacity,), null_label, dtype=torch.long, device=device) if conditional else None
+        # host mirrors
+        self.cols_host = np.zeros(capacity, dtype=np.int64)  # the column of the row's next step
+        self.pos_host = np.zeros(capacity, dtype=np.int64)  # position in the chain: the row finishes after position 0
+        self.multistep_host = np.zeros(capacity, dtype=bool)
+        self.masked_host = np.zeros(capacity, dtype=bool)
+        self.scales_host = np.zeros(capacity, dtype=np.float32)
+        self.joined_host = np.zeros(capacity, dtype=np.int64)  # the iteration clock when the row joined
+        self.owners: list[tuple[Job, int]] = []
+        self.multistep_rows = self.masked_rows = 0  # counts of the flags above over [0, n)
+        self._generation = store.generation
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.n
+
+    def jobs(self) -> list[Job]:
+        return list({job.id: job for job, _ in self.owners}.values())
+
+    def chains(self) -> list[ChainSpec]:
+        return [job.chain for job, _ in self.owners]
+
+    def rebase(self) -> None:
+        """The table was compacted: every row's column from its chain's new base and its position."""
+        for row, (job, _) in enumerate(self.owners):
+            self.cols_host[row] = self.store.slots[job.chain].base + self.pos_host[row]
+        self._generation = self.store.generation
+
+    # --- rows join -----------------------------------------------------------------------------------
+    def add(self, owners: list[tuple[Job, int]], x: torch.Tensor, seeds: torch.Tensor, clock: int) -> None:
+        """Rows at the end for ``owners`` (job, image index), starting from ``x`` (k, C, H, W) with Philox
+        keys ``seeds`` (k,), at their chains' first positions."""
+        k, start = len(owners), self.n
+        if k > self.free:
+            raise ValueError(f"{k} rows do not fit: {self.free} free of {self.capacity}")
+        end = start + k
+        rows = slice(start, end)
+        specs = list(dict.fromkeys(job.chain for job, _ in owners))
+        for spec in specs:  # a compaction keeps the running rows' chains and these
+            self.store.slot(spec, in_use=lambda: [*self.chains(), *specs])
+        if self.store.generation != self._generation:
+            self.rebase()
+        slots: list[ChainSlot] = [self.store.slots[job.chain] for job, _ in owners]
+        self.pos_host[rows] = [slot.calls - 1 for slot in slots]
+        self.cols_host[rows] = [slot.base + slot.calls - 1 for slot in slots]
+        self.multistep_host[rows] = [slot.multistep for slot in slots]
+        self.masked_host[rows] = [job.mask is not None for job, _ in owners]
+        self.multistep_rows += int(self.multistep_host[rows].sum())
+        self.masked_rows += int(self.masked_host[rows].sum())
+        self.scales_host[rows] = [job.guidance_scale for job, _ in owners]
+        self.joined_host[rows] = clock
+        self.x[rows] = x
+        self.seeds[rows] = seeds
+        self.masked[rows] = host_to_device(self.masked_host[rows], self.device, torch.float32)
+        if self.multistep_host[rows].any():
+            if self.x0_prev is None:
+                self.x0_prev = torch.zeros_like(self.x)
+            self.x0_prev[rows] = 0.0  # a multistep sampler's first step weighs x0_prev by 0: zeros, never garbage
+        if self.masked_host[rows].any():
+            if self.known is None or self.mask is None:
+                self.known, self.mask = torch.zeros_like(self.x), torch.zeros_like(self.x)
+            for i, (job, _) in enumerate(owners):
+                if job.mask is not None and job.init_image is not None:
+                    self.known[start + i] = tensor_to_device(job.init_image, self.device)
+                    self.mask[start + i] = tensor_to_device(job.mask, self.device)
+        if self.labels is not None:
+            labels = [job.class_labels[k] if job.class_labels else self.null_label for job, k in owners]
+            self.labels[rows] = host_to_device(labels, self.device, torch.long)
+        self.owners.extend(owners)
+        self.n = end
+
+    # --- an iteration ----------------------------------------------------------------------------------
+    def step_inputs(self, m: int | None = None) -> StepInputs:
+        """The inputs of rows [0, m) (all rows by default): two gathers by the rows' columns."""
+        m = self.n if m is None else m
+        cols_host = self.cols_host[:m]
+        cols = torch.from_numpy(cols_host) if self.device.type == "cpu" else host_to_device(cols_host, self.device, torch.int64)
+        values, steps = self.store.values.index_select(1, cols), self.store.steps.index_select(1, cols)  # (12, m), (2, m)
+        coefs = StepCoefficients.from_stacked(values[:COEFS])
+        edit = None
+        inpainting = self.masked_rows > 0 if m == self.n else bool(self.masked_host[:m].any())
+        if inpainting or self.store.jumps[cols_host].any():  # on the host: no device read
+            known_x, known_z, jump_x, jump_z = values[COEFS:].unbind(0)
+            if inpainting and self.known is not None and self.mask is not None:
+                known, mask = self.known[:m], self.mask[:m]
+            else:  # restart's jumps alone: x stands in for the image and mask no row reads
+                known = mask = self.x[:m]
+            edit = EditTerms(known, mask, self.masked[:m], known_x, known_z, jump_x, jump_z)
+        multistep = self.multistep_rows > 0 if m == self.n else bool(self.multistep_host[:m].any())
+        x0_prev = self.x0_prev[:m] if self.x0_prev is not None and multistep else None
+        labels = None if self.labels is None else self.labels[:m]
+        scales = None if self.labels is None else torch.from_numpy(self.scales_host[:m])
+        return StepInputs(steps[0], steps[1], coefs, edit, x0_prev, labels, scales)
+
+    def finishing(self, m: int | None = None) -> np.ndarray:
+        """The rows among [0, m) whose chain ends with this iteration's step (known on the host)."""
+        m = self.n if m is None else m
+        return np.flatnonzero(self.pos_host[:m] == 0)
+
+    def advance(self, new_x: torch.Tensor, x0: torch.Tensor | None) -> None:
+        """Rows [0, m) (m = len(new_x)) one position on, at ``new_x`` (and x0_hat as the next step's x0_prev)."""
+        m = new_x.shape[0]
+        self.x[:m] = new_x
+        if x0 is not None and self.x0_prev is not None:
+            self.x0_prev[:m] = x0
+        self.cols_host[:m] -= 1
+        self.pos_host[:m] -= 1
+
+    # --- rows leave --------------------------------------------------------------------------------------
+    def remove(self, rows: Sequence[int] | np.ndarray) -> None:
+        """Drop ``rows``; the last rows that stay move into their places (O(rows removed) moves)."""
+        if len(rows) == 0:
+            return
+        gone = set(int(r) for r in rows)
+        n, keep = self.n, self.n - len(gone)
+        index = np.fromiter(gone, dtype=np.int64, count=len(gone))
+        self.multistep_rows -= int(self.multistep_host[index].sum())
+        self.masked_rows -= int(self.masked_host[index].sum())
+        holes = sorted(r for r in gone if r < keep)
+        movers = [r for r in range(keep, n) if r not in gone]
+        if holes:
+            dst, src = host_to_device(holes, self.device, torch.int64), host_to_device(movers, self.device, torch.int64)
+            for buf in (self.x, self.seeds, self.masked, self.x0_prev, self.known, self.mask, self.labels):
+                if buf is not None:
+                    buf[dst] = buf[src]
+            for arr in (self.cols_host, self.pos_host, self.multistep_host, self.masked_host, self.scales_host, self.joined_host):
+                arr[holes] = arr[movers]
+            for h, mv in zip(holes, movers, strict=True):
+                self.owners[h] = self.owners[mv]
+        del self.owners[keep:]
+        self.n = keep
+
+    def rows_of(self, job_ids: set[int]) -> list[int]:
+        """The rows of these jobs (a failure, a cancellation: not per iteration)."""
+        return [row for row, (job, _) in enumerate(self.owners) if job.id in job_ids]
