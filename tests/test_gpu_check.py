@@ -88,6 +88,6 @@ def test_dry_run_of_the_server_phase(tmp_path: Path) -> None:
     phases = {p["name"]: p for p in json.loads((out / "gpu_results.json").read_text())["phases"]}
     assert list(phases) == ["server"] and phases["server"]["status"] == "ok", phases
     rows = phases["server"]["tables"][0]["rows"]
-    assert len(rows) == 4  # 2 chains x 2 concurrencies
+    assert len(rows) == 2  # 2 chains x 1 concurrency
     report = (out / "gpu_report.md").read_text()
     assert "served / offline" in report and "served / diffusers" in report
