@@ -121,6 +121,45 @@ class Metrics(EngineObserver):
         )
         for path in ("unet", "step"):  # present from the start, at 0
             self.compile_fallbacks.labels(path=path)
+        # scheduling (issue 37): per priority (bounded by DDPM_MIN_PRIORITY..DDPM_MAX_PRIORITY: at most 21 values by default)
+        self.slo = Counter(
+            "ddpm_slo_requests",
+            "Requests with a deadline answered, by priority and whether the answer came within the deadline (met) or not (missed): "
+            "SLO attainment = met / (met + missed)",
+            ["model", "priority", "result"],
+            registry=r,
+        )
+        self.goodput = Counter(
+            "ddpm_goodput_images",
+            "Images delivered in time (within their request's deadline, or with no deadline), by priority: rate() is goodput",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.priority_queue_wait = Histogram(
+            "ddpm_priority_queue_wait_seconds", "Arrival to a request's first iteration, by priority", ["model", "priority"],
+            buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.preemptions = Counter(
+            "ddpm_preempted_rows",
+            "Row-iterations sat out, by priority: a resident row of a worse priority (or less slack) that a U-Net call had no room for",
+            ["priority"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "ddpm_refused_requests",
+            "Requests refused at arrival by reason: deadline (it could not be met given the work ahead: 503 + Retry-After), cost "
+            "(over DDPM_MAX_CALLS_PER_REQUEST: 422), client_quota (over the client's images or calls in flight: 429)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("deadline", "cost", "client_quota"):  # present from the start, at 0
+            self.refusals.labels(reason=reason)
+        self.backlog = Gauge(
+            "ddpm_backlog_seconds",
+            "Seconds the work held now (resident rows' steps left and waiting images' calls) takes at full batch, at the measured "
+            "iteration cost: the metric to scale replicas on (deploy/k8s/hpa.yaml)",
+            registry=r,
+        )
         self.open_connections = Gauge(
             "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
             registry=r,
@@ -178,6 +217,7 @@ class Metrics(EngineObserver):
     def on_admitted(self, job: Job) -> None:
         if job.queue_wait is not None:
             self.queue_wait.labels(model=self.model).observe(job.queue_wait)
+            self.priority_queue_wait.labels(model=self.model, priority=str(job.priority)).observe(job.queue_wait)
 
     def on_job_done(self, job: Job) -> None:
         if job.error is None:
@@ -185,6 +225,21 @@ class Metrics(EngineObserver):
             self.image_steps.labels(model=self.model, sampler=job.chain.sampler).inc(job.n * job.calls)
             if job.guidance_scale:
                 self.guided_image_steps.labels(model=self.model).inc(job.n * job.calls)
+            in_time = job.due is None or job.finished is None or job.finished <= job.due
+            if job.due is not None:
+                self.slo.labels(model=self.model, priority=str(job.priority), result="met" if in_time else "missed").inc()
+            if in_time:
+                self.goodput.labels(model=self.model, priority=str(job.priority)).inc(job.n)
+
+    def on_preempted(self, rows_by_priority: dict[int, int]) -> None:
+        for priority, rows in rows_by_priority.items():
+            self.preemptions.labels(priority=str(priority)).inc(rows)
+
+    def on_refused(self, reason: str) -> None:
+        self.refusals.labels(reason=reason).inc()
+
+    def watch_backlog(self, seconds: Callable[[], float]) -> None:
+        self.backlog.set_function(seconds)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)

@@ -52,7 +52,7 @@ class ServerState:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(model=model_name(settings.model))
-        self.clients = ClientQuota(settings.max_images_per_client)
+        self.clients = ClientQuota(settings.max_images_per_client, settings.max_calls_per_client)
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.facts: ModelFacts | None = None
@@ -116,6 +116,7 @@ class ServerState:
             self.faults.arm()  # after warm-up: start-up itself never fails on purpose
         engine.start()
         threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
+        self.metrics.watch_backlog(engine.backlog_seconds)
         if device.type == "cuda":
             self.metrics.watch_gpu(device)
         self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), written or int(time.time()), gflop)
@@ -213,6 +214,8 @@ class ServerState:
         """An engine on the given hot path, warmed up (not started)."""
         s = self.settings
         model.eps_model = eps_model
+        # request-level batching runs a batch's whole chain: nothing more than one call's rows resident
+        resident = s.max_batch if s.scheduling == "request" else (s.max_resident or 4 * s.max_batch)
         engine = Engine(
             model,
             max_batch=s.max_batch,
@@ -221,6 +224,8 @@ class ServerState:
             observer=self.metrics,
             scheduling=s.scheduling,
             on_dead=self._engine_died,
+            max_resident=resident,
+            max_slowdown=s.max_slowdown,
         )
         engine.warmup(s.warmup_steps, sizes)
         return engine

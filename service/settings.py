@@ -83,6 +83,37 @@ class Settings(BaseSettings):
         "(two base64 float64 .npy of its shape, at least 64 KiB each) and 16 KiB more (GET /info: limits.max_body_bytes)",
     )
     max_images_per_client: int = Field(256, ge=1, description="images one client may have queued or running; more gets 429")
+    max_calls_per_request: int = Field(
+        65536,
+        ge=1,
+        description="U-Net row-calls one request may cost (images x calls per image, RePaint's resampling included, x2 for a "
+        "guided image), computed on arrival: more gets 422 naming the cost (64 images of the paper's 1000-step chain fit)",
+    )
+    max_calls_per_client: int = Field(
+        262144, ge=1, description="U-Net row-calls one client may have queued or running (as max_images_per_client, in calls); 429"
+    )
+    max_resident: int | None = Field(
+        None,
+        ge=1,
+        description="rows the running batch holds (at least max_batch; unset: 4 x max_batch): beyond one U-Net call's, so a "
+        "waiting request gets rows and shares iterations at once instead of waiting for whole chains to end",
+    )
+    max_slowdown: float = Field(
+        10.0,
+        ge=0,
+        description="a request without a deadline is planned to take at most this many times its time alone while it shares "
+        "the batch (iterations kept short enough for it; never a refusal); 0: off",
+    )
+    default_deadline_s: float | None = Field(
+        None, gt=0, description="the deadline of a request that names none, seconds from arrival (unset: none)"
+    )
+    min_priority: int = Field(
+        -10, description="the lowest (most urgent) priority a request may ask for on a server with DDPM_API_TOKEN; lower is clamped"
+    )
+    min_priority_anonymous: int = Field(
+        0, description="the lowest priority a request may ask for on an open server (no token): by default nobody jumps the queue"
+    )
+    max_priority: int = Field(10, description="the highest (least urgent) priority; higher is clamped")
     trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     max_connections: int = Field(

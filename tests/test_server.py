@@ -188,7 +188,7 @@ def test_short_request_finishes_long_before_a_long_one(tmp_path: Path) -> None:
 
 
 def test_full_queue_is_503_with_retry_after(model_dir: Path) -> None:
-    with app_client(model_dir, max_batch=1, max_queue=2, retry_after_s=7) as c:
+    with app_client(model_dir, max_batch=1, max_resident=1, max_queue=2, retry_after_s=7) as c:
         _wait_ready(c)
         first = threading.Thread(target=lambda: c.post("/generate", json={"seed": 1, "batch_size": 2, "sampler": "ddpm"}))
         first.start()

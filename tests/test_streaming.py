@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_queue_position_and_keepalives(model_dir: Path) -> None:
-    with app_client(model_dir, compile="off", max_batch=1, sse_keepalive_s=0.2, response_cache_mb=0) as c:
+    with app_client(model_dir, compile="off", max_batch=1, max_resident=1, sse_keepalive_s=0.2, response_cache_mb=0) as c:
         wait_ready(c)
         # two 1000-step images ahead, one slot: the second waits for the first, the stream for both
         first = threading.Thread(target=lambda: c.post("/generate", json={"seed": 1, "batch_size": 2, "sampler": "ddpm"}))

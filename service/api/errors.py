@@ -7,6 +7,7 @@ routes, OpenAI's error shape, the log's outcome and the OpenAPI schema all read 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from service.api.schemas import ErrorResponse, OpenAIError, ValidationErrorRespo
 from service.engine.errors import (
     Cancelled,
     DeadlineExceeded,
+    DeadlineUnmeetable,
     Draining,
     DrainTimeout,
     EngineError,
@@ -62,6 +64,7 @@ STATUSES: dict[int, Status] = {
 # engine error -> (status, outcome where it is not the status's own); the first match in order wins
 ENGINE_ERRORS: list[tuple[type[EngineError], int, str | None]] = [
     (QueueFull, 503, "rejected"),  # refused at submit: this replica is full, not broken
+    (DeadlineUnmeetable, 503, "rejected"),  # refused at submit: its deadline cannot be met here (Retry-After: the predicted wait)
     (Draining, 503, None),
     (EngineStopped, 503, None),  # not run to the end: safe to send elsewhere
     (DrainTimeout, 503, None),
@@ -119,7 +122,10 @@ def engine_error(state: ServerState, error: EngineError) -> ApiError:
     """The answer to a job the engine refused or failed."""
     for kind, status, outcome in ENGINE_ERRORS:
         if isinstance(error, kind):
-            return ApiError(status, str(error), outcome, retry_after(state) if status in RETRY_STATUSES else None)
+            headers = retry_after(state) if status in RETRY_STATUSES else None
+            if isinstance(error, DeadlineUnmeetable):
+                headers = {"Retry-After": str(math.ceil(error.retry_after_s))}
+            return ApiError(status, str(error), outcome, headers)
     return ApiError(500, str(error))
 
 

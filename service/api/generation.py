@@ -28,7 +28,7 @@ from ddpm.loaded_model import ChainError, LoadedModel
 from service.api.content_negotiation import negotiate
 from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask, edit_input
 from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
-from service.api.schemas import ChainRequest, EditFields, GenerateResponse, ImageForm, Timings
+from service.api.schemas import ChainRequest, EditFields, GenerateResponse, ImageForm, SchedulingFields, Timings
 from service.engine.errors import EngineError
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
@@ -75,7 +75,37 @@ def prepare(
     except ChainError as exc:
         raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
     edit_input = None if edit is None else edit.input
-    return ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w, edit_input)
+    key = ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w, edit_input)
+    cost, bound = row_calls(key), state.settings.max_calls_per_request
+    if cost > bound:  # known on arrival: refused before it holds a row (RePaint's resampling multiplies the calls)
+        state.metrics.on_refused("cost")
+        raise field_error(n_field, f"this request costs {cost} U-Net row-calls ({n} images x {spec.unet_calls} calls each"
+                          f"{' x 2 (guided)' if w else ''}); the bound is {bound} (DDPM_MAX_CALLS_PER_REQUEST)", n)  # fmt: skip
+    return key
+
+
+def row_calls(key: ImageKey) -> int:
+    """What a request costs the U-Net: images x calls per image (RePaint's resampling included), twice for
+    guided images (their null-label rows)."""
+    return key.n * key.chain.unet_calls * (2 if key.guidance_scale else 1)
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """How a request is served (issue 37): not what it makes, so not part of its key or ETag."""
+
+    priority: int = 0
+    deadline_s: float | None = None
+
+
+def scheduling(state: ServerState, fields: SchedulingFields | ImageForm, request: Request) -> Scheduling:
+    """The request's priority within the server's bounds (a client holding the API token may ask down to
+    DDPM_MIN_PRIORITY; on an open server nobody below DDPM_MIN_PRIORITY_ANONYMOUS) and its deadline."""
+    s = state.settings
+    floor = s.min_priority if request.app.state.api_token is not None else s.min_priority_anonymous
+    priority = min(max(fields.priority if fields.priority is not None else 0, floor), s.max_priority)
+    deadline = fields.deadline_s if fields.deadline_s is not None else s.default_deadline_s
+    return Scheduling(priority, deadline)
 
 
 @dataclass(frozen=True)
@@ -167,7 +197,7 @@ def resolve_chain(
         raise field_error(exc.field, str(exc), values.get(exc.field), where) from exc
 
 
-def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = False) -> JobHandle:
+def submit(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False) -> JobHandle:
     """Hand the images of ``key`` to the engine, within the client's quota (errors as ApiError)."""
     client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
     job = Job(
@@ -181,15 +211,19 @@ def submit(state: ServerState, key: ImageKey, request: Request, stream: bool = F
         mask=None if key.edit is None else key.edit.mask,
         client=client,
         request_id=request.state.request_id,
+        priority=sched.priority,
+        deadline_s=sched.deadline_s,
     )
-    if not state.clients.acquire(client, job.n):
-        limit = state.settings.max_images_per_client
-        raise ApiError(429, f"too many images in flight for this client (limit {limit})", headers=retry_after(state))
-    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n), stream=stream)
+    calls = row_calls(key)
+    refused = state.clients.acquire(client, job.n, calls)
+    if refused is not None:
+        state.metrics.on_refused("client_quota")
+        raise ApiError(429, f"too many {refused} in flight for this client", headers=retry_after(state))
+    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n, calls), stream=stream)
     try:
         state.engine.submit(job)  # type: ignore[union-attr]  # prepare() checked it
-    except EngineError as exc:  # refused: queue full, draining, stopped
-        state.clients.release(client, job.n)
+    except EngineError as exc:  # refused: queue full, draining, stopped, a deadline it cannot meet
+        state.clients.release(client, job.n, calls)
         raise engine_error(state, exc) from exc
     return handle
 
@@ -213,12 +247,12 @@ def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.
     return images
 
 
-async def generate_images(state: ServerState, key: ImageKey, request: Request) -> Generated:
+async def generate_images(state: ServerState, key: ImageKey, request: Request, sched: Scheduling) -> Generated:
     """The images of ``key``: from the response cache, else from the engine (then cached)."""
     cached = cached_images(state, key, request)
     if cached is not None:
         return Generated(cached, None)
-    job = await submit(state, key, request).wait(request.is_disconnected)
+    job = await submit(state, key, request, sched).wait(request.is_disconnected)
     return finished(state, key, job)
 
 
@@ -231,7 +265,9 @@ def finished(state: ServerState, key: ImageKey, job: Job) -> Generated:
     return Generated(job.images, job)
 
 
-async def images_or_not_modified(state: ServerState, key: ImageKey, media: str, request: Request) -> Generated | Response:
+async def images_or_not_modified(
+    state: ServerState, key: ImageKey, media: str, request: Request, sched: Scheduling
+) -> Generated | Response:
     """304 when the client already holds this answer (If-None-Match naming its ETag: no U-Net call, no
     encoding), else the images (``generate_images``)."""
     etag = key.etag(media)
@@ -240,7 +276,7 @@ async def images_or_not_modified(state: ServerState, key: ImageKey, media: str, 
         request.state.log_fields["cache"] = "not_modified"
         request.state.outcome = "ok"
         return Response(status_code=304, headers={"ETag": etag})
-    return await generate_images(state, key, request)
+    return await generate_images(state, key, request, sched)
 
 
 async def encode_off_loop(state: ServerState, encode: Callable[[], object], request: Request) -> object:
@@ -286,7 +322,7 @@ def class_names(state: ServerState, key: ImageKey) -> list[str] | None:
     return [state.model.class_names[label] for label in key.labels]
 
 
-def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float) -> GenerateResponse:
+def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float, sched: Scheduling) -> GenerateResponse:
     """/generate's JSON answer (and the stream's result event): the chain, the PNGs, the timings."""
     job = generated.job
     if job is not None:
@@ -296,6 +332,8 @@ def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived
         queue_wait = generation = 0.0
     return GenerateResponse(
         **chain_fields(state, key, cached=job is None),
+        priority=sched.priority,
+        deadline_s=sched.deadline_s,
         batch_size=key.n,
         images=[base64.b64encode(png).decode() for png in image_pngs(generated.images)],
         timings=Timings(queue_wait_s=round(queue_wait, 6), generation_s=round(generation, 6), total_s=round(time.monotonic() - arrived, 6)),

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 
 from service.api.errors import ApiError
-from service.api.generation import Generated, encode_off_loop, finished, result_body
+from service.api.generation import Generated, Scheduling, encode_off_loop, finished, result_body
 from service.engine.job_handle import JobHandle
 from service.response_cache import ImageKey
 from service.server_state import ServerState
@@ -32,8 +32,10 @@ def _queued(key: ImageKey, ahead: int, cached: bool) -> str:
 class ProgressStream:
     """The events of one request, from the response cache (``handle`` None) or from its engine job."""
 
-    def __init__(self, state: ServerState, key: ImageKey, request: Request, arrived: float, handle: JobHandle | None) -> None:
-        self.state, self.key, self.request, self.arrived, self.handle = state, key, request, arrived, handle
+    def __init__(
+        self, state: ServerState, key: ImageKey, request: Request, arrived: float, handle: JobHandle | None, sched: Scheduling
+    ) -> None:
+        self.state, self.key, self.request, self.arrived, self.handle, self.sched = state, key, request, arrived, handle, sched
         request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
     def _ended(self, error: ApiError | None) -> None:
@@ -43,7 +45,9 @@ class ProgressStream:
     async def _result(self, generated: Generated) -> AsyncIterator[str]:
         state, key = self.state, self.key
         try:
-            body = await encode_off_loop(state, lambda: jsonable_encoder(result_body(state, key, generated, self.arrived)), self.request)
+            body = await encode_off_loop(
+                state, lambda: jsonable_encoder(result_body(state, key, generated, self.arrived, self.sched)), self.request
+            )
         except ApiError as exc:
             self._ended(exc)
             yield sse("error", {"status": exc.status_code, "detail": exc.detail})

@@ -60,6 +60,32 @@ class ChainRequest(BaseModel):
     )
 
 
+class SchedulingFields(BaseModel):
+    """How a request is served (not what it makes: neither changes an image, the cache key or the ETag)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int | None = Field(
+        None,
+        strict=True,
+        ge=-(2**31),
+        le=2**31,
+        description="Lower runs first (vLLM's convention); rows of a worse priority sit iterations out for it. Default 0. "
+        "Clamped to [DDPM_MIN_PRIORITY, DDPM_MAX_PRIORITY] with the API token, to [DDPM_MIN_PRIORITY_ANONYMOUS, ...] on an "
+        "open server; the answer says which priority was used.",
+    )
+    deadline_s: float | None = Field(
+        None,
+        strict=True,
+        gt=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="Seconds from arrival by which the answer is wanted: the scheduler orders rows by their slack, and a "
+        "request that cannot make it given the work ahead is refused at once (503 + Retry-After) instead of timing out "
+        "later. Default DDPM_DEFAULT_DEADLINE_S (none).",
+    )
+
+
 class EditFields(BaseModel):
     """Editing an input image (ddpm/editing.py): variations (SDEdit) and inpainting (RePaint)."""
 
@@ -102,7 +128,7 @@ class EditFields(BaseModel):
     )
 
 
-class GenerateRequest(ChainRequest, EditFields):
+class GenerateRequest(ChainRequest, EditFields, SchedulingFields):
     seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
     batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
 
@@ -133,7 +159,12 @@ class ChainAnswer(BaseModel):
     input_sha256: str | None = Field(None, description="SHA-256 of the input image's and the mask's pixels (editing only).")
 
 
-class GenerateResponse(ChainAnswer):
+class SchedulingAnswer(BaseModel):
+    priority: int = Field(0, description="The priority the request ran at (after the server's bounds).")
+    deadline_s: float | None = Field(None, description="The deadline it was scheduled against, seconds from arrival.")
+
+
+class GenerateResponse(ChainAnswer, SchedulingAnswer):
     batch_size: int
     images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
     timings: Timings
@@ -258,7 +289,7 @@ class InfoResponse(BaseModel):
     guidance_scale: float | None = Field(..., description="The model card's recommended classifier-free guidance scale")
 
 
-class ImageGenerationRequest(ChainRequest):
+class ImageGenerationRequest(ChainRequest, SchedulingFields):
     """OpenAI's images API (``POST /v1/images/generations``), plus this server's own fields (the
     ``extra_body`` of the openai client): seed and the chain fields."""
 
@@ -313,6 +344,8 @@ class ImageForm(BaseModel):
     )
     guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="As in /generate (variations: default 0.4).")
+    priority: int | None = Field(None, ge=-(2**31), le=2**31, description="As in /generate: lower runs first.")
+    deadline_s: float | None = Field(None, gt=0, le=86400, allow_inf_nan=False, description="As in /generate.")
 
     @field_validator("class_label", mode="before")
     @classmethod
@@ -343,7 +376,7 @@ class ImageData(BaseModel):
     b64_json: str = Field(..., description="A base64-encoded PNG.")
 
 
-class ImagesResponse(ChainAnswer):
+class ImagesResponse(ChainAnswer, SchedulingAnswer):
     """OpenAI's ImagesResponse, with this server's fields beside (clients ignore what they do not know)."""
 
     created: int = Field(..., description="Unix time of the answer.")

@@ -44,6 +44,7 @@ from service.engine.chain_tables_cache import ChainTablesCache
 from service.engine.errors import (
     Cancelled,
     DeadlineExceeded,
+    DeadlineUnmeetable,
     Draining,
     EngineError,
     EngineFault,
@@ -52,12 +53,15 @@ from service.engine.errors import (
     QueueFull,
 )
 from service.engine.health import Health
+from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from service.engine.request_queue import SchedulingName, create_request_queue
 from service.engine.running_batch import RunningBatch, StepInputs, host_to_device, tensor_to_device
+from service.engine.step_scheduler import HEADROOM, MAX_SLOWDOWN, STARVE_AFTER, choose, slowdown_limit
 
 log = logging.getLogger("ddpm.engine")
+DEADLINE_MEMORY_S = 60.0  # how long the tightest deadline seen keeps shortening iterations (step_scheduler.HEADROOM)
 
 
 def _prepare(job: Job) -> None:
@@ -94,9 +98,22 @@ class Engine:
         self_test_backoff_s: tuple[float, float] = (1.0, 30.0),
         faults: Callable[[str], None] | None = None,
         on_dead: Callable[[str], None] | None = None,
+        max_resident: int | None = None,
+        starve_after: int = STARVE_AFTER,
+        max_slowdown: float = MAX_SLOWDOWN,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
+        # rows held in the running batch: more than one U-Net call's, so that a waiting request gets rows and
+        # shares iterations (step_scheduler.py) instead of waiting for a whole chain to end
+        self.max_resident = max(max_batch, max_resident or max_batch)
+        self.starve_after = starve_after
+        self.max_slowdown = max_slowdown  # a job without a deadline: at most this x its time alone, while rows allow (0: off)
+        self.clock = clock  # the scheduler's now (a test's fake clock); the request deadlines stay monotonic
+        self.cost = IterationCost()
+        self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
+        self._tight_deadline: tuple[float, float] | None = None  # (the tightest deadline_s seen lately, until when it holds)
         self.max_queue = max_queue
         self.step_fn = step_fn or default_step_fn()
         self.observer = observer or EngineObserver()
@@ -110,7 +127,7 @@ class Engine:
         self.health = Health(self_test_backoff_s)
         self._queue = create_request_queue(scheduling)
         self._live: set[int] = set()  # ids of jobs submitted and not finished
-        self._batch = self._new_batch(max_batch)
+        self._batch = self._new_batch(self.max_resident)
         self._deadlines: list[tuple[float, int, Job]] = []  # a heap: the next job to time out first
         self._cancelled: collections.deque[Job] = collections.deque()  # cancelled from other threads (append/popleft: thread-safe)
         self._readouts: list[_Readout] = []  # finished images on their way to the host (CUDA)
@@ -135,6 +152,8 @@ class Engine:
                 raise Draining("the server is draining and accepts no new work")
             if self._queue.images + job.n > self.max_queue:
                 raise QueueFull(f"queue full: {self._queue.images} images waiting, capacity {self.max_queue}")
+            self._admission_control(job)
+            self._bound_slowdown(job)
             self._enqueue(job)
         return job
 
@@ -145,7 +164,7 @@ class Engine:
     def _enqueue(self, job: Job) -> None:
         _prepare(job)
         job.images = torch.empty((job.n, *self.shape), dtype=torch.float32)  # no fill: torch work stays on the engine thread
-        job.clock = self._clock
+        job.live_steps = self._live_steps
         job.on_cancel = self._cancelled.append  # the engine takes them at its next iteration
         if job.cancelled:  # cancelled before it got here (the hook is set first: no cancel falls between)
             self._cancelled.append(job)
@@ -155,6 +174,72 @@ class Engine:
         self._observe("on_load", self._queue.images, self.running)
         self._lock.notify_all()
 
+    def predicted_seconds(self, job: Job) -> float | None:
+        """Arrival to answer for ``job`` if it were submitted now (None before the first measured iteration):
+        what is left of the iteration in flight, then the work at its priority or a better one, resident and
+        waiting, at the measured iteration cost. Rows of a worse priority do not count: they sit out for it
+        (step_scheduler.py); nor, for a job with a deadline, resident rows without one."""
+        b = self.max_batch
+        full = self.cost.seconds(b)
+        if full is None:
+            return None
+        batch, p = self._batch, job.priority
+        ahead = batch.priority_host[: batch.n] <= p
+        if job.deadline_s is not None:  # rows with a deadline go before those without (step_scheduler.py)
+            ahead &= np.isfinite(batch.due_host[: batch.n])
+        rows_ahead = int(ahead.sum())
+        work_ahead = int((batch.pos_host[: batch.n][ahead] + 1).sum())
+        queued_images, queued_work = self._queue.calls_at_or_above(p, dated_only=job.deadline_s is not None)
+        rows_ahead += queued_images
+        work_ahead += queued_work
+        rows_with = rows_ahead + job.n
+        wait = max(0.0, self._iteration_ends - time.monotonic())  # the iteration in flight when it arrives
+        if rows_with <= b:  # it runs every iteration, beside everything at its priority or better (rows of a worse
+            per = self.cost.seconds(rows_with)  # priority join only as far as its deadline allows: step_scheduler.py)
+            return wait + job.calls * (per or full)
+        return wait + max(job.calls * full, (work_ahead + job.n * job.row_calls) / b * full)
+
+    def _bound_slowdown(self, job: Job) -> None:
+        """A job without a deadline gets a soft one: ``max_slowdown`` x what it would take alone (its calls at
+        its own rows' measured cost). Never refused for it; while it can still be met, iterations stay short
+        enough for it (step_scheduler.slowdown_limit): a 10-call request beside a 64-row chain on a CPU."""
+        if job.deadline_s is not None or self.max_slowdown <= 0:
+            return
+        rows = min(job.n, self.max_batch)
+        per = self.cost.seconds(rows)
+        if per is not None:
+            job.soft_due = job.created + self.max_slowdown * job.calls * per * -(-job.n // rows)
+
+    def _admission_control(self, job: Job) -> None:
+        """Refuse at once a job whose deadline cannot be met given the work ahead of it (the lock held): 503 +
+        Retry-After, so that a load balancer sends it to another replica instead of it timing out here."""
+        if job.deadline_s is None:
+            return
+        now = time.monotonic()
+        tight = self._tight_deadline
+        if tight is None or tight[1] < now or job.deadline_s <= tight[0]:
+            self._tight_deadline = (job.deadline_s, now + DEADLINE_MEMORY_S)
+        predicted = self.predicted_seconds(job)
+        if predicted is not None and predicted > job.deadline_s:
+            wait = max(1.0, predicted - job.deadline_s)
+            self._observe("on_refused", "deadline")
+            raise DeadlineUnmeetable(
+                f"the answer would take ~{predicted:.2f} s with the work ahead of it at priority {job.priority}, past its "
+                f"deadline of {job.deadline_s:g} s; retry in ~{wait:.0f} s or elsewhere",
+                retry_after_s=wait,
+            )
+
+    def backlog_seconds(self) -> float:
+        """Seconds the work held now (resident rows' remaining steps and waiting images' calls) takes at full
+        batch: the autoscaler's metric (``ddpm_backlog_seconds``); 0 before the first measured iteration."""
+        full = self.cost.seconds(self.max_batch)
+        if full is None:
+            return 0.0
+        with self._lock:
+            batch = self._batch
+            work = int((batch.pos_host[: batch.n] + 1).sum()) + self._queue.calls_at_or_above(2**62)[1]
+        return work / self.max_batch * full
+
     def images_ahead(self, job: Job) -> int | None:
         """Images of earlier requests still waiting for a slot (the job's queue position, counted in
         images), or None once the job's first image has joined the running batch."""
@@ -163,8 +248,8 @@ class Engine:
                 return None
             return self._queue.images_ahead(job)
 
-    def _clock(self) -> int:
-        return self.iterations
+    def _live_steps(self, job: Job) -> int:
+        return self._batch.steps_of(job.id)
 
     @property
     def running(self) -> int:
@@ -316,8 +401,9 @@ class Engine:
                 self._deliver(wait=True)  # nothing runs: images still on their way are waited for now
                 return
             start = time.perf_counter()
-            inputs, eps = self._stage("unet", batch, self._eps, batch)
-            new_x, x0 = self._stage("step", batch, self._step, batch, inputs, eps)
+            m = self._stage("admit", batch, self._schedule, batch)
+            inputs, eps = self._stage("unet", batch, self._eps, batch, m)
+            new_x, x0 = self._stage("step", batch, self._step, batch, m, inputs, eps)
             self._stage("advance", batch, self._advance, batch, new_x, x0, time.perf_counter() - start)
         except _StageFailed:
             return
@@ -335,7 +421,14 @@ class Engine:
         with self._lock:
             self._drop_dead_jobs()
             running = self._batch.n > 0
-            new = self._queue.take(self._batch.free) if not running or self._queue.admits_while_running else []
+            new = []
+            if not running or self._queue.admits_while_running:
+                # the last max_batch resident rows are kept for newcomers, one row each: a request whose images
+                # fill the running batch cannot make the next one wait for its chains to end
+                free, reserve = self._batch.free, (self.max_batch if self.max_resident > self.max_batch else 0)
+                new = self._queue.take(max(0, free - reserve))
+                if self._queue and free > len(new):
+                    new += self._queue.take_first(free - len(new))
         if new:
             try:
                 self._fault("admit")
@@ -366,7 +459,6 @@ class Engine:
             self._batch.add(new, x_T, seeds, clock)
             for job, _ in new:
                 job.rows_running += 1
-                job.joined_sum += clock
                 if job.on_progress is not None:
                     self._streaming[job.id] = job
                 if job.first_admitted is None:
@@ -386,11 +478,31 @@ class Engine:
         x_T, _ = self.step_fn(zeros, zeros, StepCoefficients.from_stacked(coefs), seeds, counters, None)
         return x_T
 
-    def _eps(self, batch: RunningBatch) -> tuple[StepInputs, torch.Tensor]:
+    def _schedule(self, batch: RunningBatch) -> int:
+        """How many rows advance this iteration; those rows moved to the front (step_scheduler.py). All of
+        them, untouched, unless the batch holds more than a U-Net call takes or some row has a deadline."""
+        n = batch.n
+        tight = self._tight_deadline
+        limit = HEADROOM * tight[0] if tight is not None and tight[1] >= time.monotonic() else None
+        now, remaining = self.clock(), batch.pos_host[:n] + 1
+        soft = slowdown_limit(batch.soft_due_host[:n], batch.priority_host[:n], remaining, now) if n > 1 else None
+        if soft is not None:
+            limit = soft if limit is None else min(limit, soft)
+        choice = choose(n, self.max_batch, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
+                        self.starve_after, limit)  # fmt: skip
+        count = n if choice is None else choice.count
+        self._iteration_ends = time.monotonic() + (self.cost.seconds(count) or 0.0)
+        if choice is not None:
+            with self._lock:
+                batch.move_to_front(choice.rows, choice.count)
+        return count
+
+    def _eps(self, batch: RunningBatch, m: int | None = None) -> tuple[StepInputs, torch.Tensor]:
         """Per-row t, noise counter and step coefficients (gathers by each row's column in the chain
-        table), and ONE eps_theta call over the running batch."""
-        inputs = batch.step_inputs()
-        x = batch.x[: batch.n]
+        table), and ONE eps_theta call over the rows that advance."""
+        m = batch.n if m is None else m
+        inputs = batch.step_inputs(m)
+        x = batch.x[:m]
         self._fault("unet")
         if inputs.labels is None or inputs.scales is None:
             return inputs, self.model.eps_model(x, inputs.t)
@@ -398,12 +510,11 @@ class Engine:
         # the scales are on the host, so finding the guided rows reads nothing back from the device
         return inputs, guided_eps(self.model.eps_model, x, inputs.t, inputs.labels, inputs.scales, self.model.num_classes)
 
-    def _step(self, batch: RunningBatch, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ONE fused step over the running batch, every sampler, clip setting, chain and edit at once;
+    def _step(self, batch: RunningBatch, m: int, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ONE fused step over the rows that advance, every sampler, clip setting, chain and edit at once;
         returns x_prev and (while any row runs a multistep sampler) every row's x0_hat."""
         self._fault("step")
-        n = batch.n
-        x, seeds = batch.x[:n], batch.seeds[:n]
+        x, seeds = batch.x[:m], batch.seeds[:m]
         if inputs.edit is None:  # the signature every step function has
             return self.step_fn(x, eps, inputs.coefs, seeds, inputs.counters, inputs.x0_prev)
         return self.step_fn(x, eps, inputs.coefs, seeds, inputs.counters, inputs.x0_prev, inputs.edit)
@@ -411,16 +522,21 @@ class Engine:
     def _advance(self, batch: RunningBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
         """Move every row one step on, retire those at x_0 (their images leave the device in one copy),
         and tell the jobs. Which rows finish is known on the host: nothing is read back to decide it."""
-        finishing = batch.finishing()
+        m = new_x.shape[0]
+        finishing = batch.finishing(m)
         readout = self._read_out(batch, new_x, finishing) if finishing.size else None
         self._fault("advance")
         with self._lock:
+            if batch.n > m:  # rows that sat this iteration out, by priority
+                priorities, counts = np.unique(batch.priority_host[m : batch.n], return_counts=True)
+                self._observe("on_preempted", dict(zip(priorities.tolist(), counts.tolist(), strict=True)))
             batch.advance(new_x, x0)
             self.iterations += 1  # counters and gauges are current before anyone is told
+            self.cost.observe(m, seconds)
             if readout is not None:
                 self._leave(batch, finishing)
                 self._readouts.append(readout)
-            self._observe("on_iteration", new_x.shape[0], seconds)
+            self._observe("on_iteration", m, seconds)
             self._observe("on_load", self._queue.images, batch.n)
         self._deliver(wait=batch.n == 0 or self.device.type != "cuda")
         for job in self._progress_jobs(batch):
@@ -441,13 +557,10 @@ class Engine:
 
     def _leave(self, batch: RunningBatch, rows: np.ndarray | list[int]) -> None:
         """Rows leave the batch (finished, failed, cancelled): their jobs' step counts banked (the lock held)."""
-        clock = self.iterations
         for r in rows:
             job, _ = batch.owners[int(r)]
-            joined = int(batch.joined_host[int(r)])
             job.rows_running -= 1
-            job.joined_sum -= joined
-            job.steps_banked += clock - joined
+            job.steps_banked += int(batch.calls_host[int(r)] - 1 - batch.pos_host[int(r)])
         batch.remove(rows)
 
     def _deliver(self, wait: bool) -> None:
@@ -495,8 +608,8 @@ class Engine:
         batch = self._new_batch(1)
         batch.add([(probe, 0)], sample_noise(seeds, 0, self.shape), seeds, 0)
         try:
-            inputs, eps = self._eps(batch)
-            out, _ = self._step(batch, inputs, eps)
+            inputs, eps = self._eps(batch, 1)
+            out, _ = self._step(batch, 1, inputs, eps)
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError("self-test produced non-finite values")
         except Exception as exc:

@@ -15,6 +15,15 @@ class Draining(EngineError):
     """The server is shutting down: refused at submit."""
 
 
+class DeadlineUnmeetable(EngineError):
+    """The request's deadline cannot be met given the work ahead of it: refused at submit (503 +
+    Retry-After from the predicted wait), not accepted and timed out later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(EngineError):
     """The job's deadline passed; its samples left the batch."""
 

@@ -34,6 +34,13 @@ class Job:
     init_image: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     client: str = ""  # who the job counts against: admission is round robin over clients
+    # scheduling (issue 37): a lower priority value is served first (vLLM's convention); deadline_s: seconds
+    # from arrival by which the answer is wanted (None: none; the request's timeout still applies)
+    priority: int = 0
+    deadline_s: float | None = None
+    # a job without a deadline: when it should be done to have run at most ``max_slowdown`` x its time alone
+    # (set by the engine on arrival from its cost model; the scheduler keeps iterations short enough for it)
+    soft_due: float | None = None
     request_id: str | None = None  # for the log lines of faults
     on_progress: Callable[[Job], None] | None = None
     on_done: Callable[[Job], None] | None = None
@@ -47,18 +54,17 @@ class Job:
     pending: collections.deque[int] = field(default_factory=collections.deque)  # image indices not yet admitted
     cancelled: bool = False
     on_cancel: Callable[[Job], None] | None = None  # the engine's: a cancelled job leaves at its next iteration
-    # steps done, kept without per-iteration work: rows running x the engine's iteration clock, less the clock
-    # at which each joined, plus what rows that left had done (the engine updates these when rows join or leave)
     keys: list[int] | None = None  # the Philox key of each image (int64 bits), computed at submit
-    clock: Callable[[], int] | None = None
+    # steps done, kept without per-iteration work: what rows that left had done (banked by the engine when
+    # rows leave) plus what the running rows have done, read from the running batch when asked (``live_steps``)
+    live_steps: Callable[[Job], int] | None = None
     rows_running: int = 0
-    joined_sum: int = 0
     steps_banked: int = 0
 
     @property
     def steps_done(self) -> int:
         """Iterations summed over images; progress = steps_done / (n * calls)."""
-        running = self.rows_running * self.clock() - self.joined_sum if self.clock is not None and self.rows_running else 0
+        running = self.live_steps(self) if self.live_steps is not None and self.rows_running else 0
         return self.steps_banked + running
 
     @steps_done.setter
@@ -76,7 +82,18 @@ class Job:
 
     @property
     def deadline(self) -> float:
+        """When the request times out (504): DDPM_REQUEST_TIMEOUT_S after arrival."""
         return self.created + self.timeout_s
+
+    @property
+    def due(self) -> float | None:
+        """When the answer is wanted (monotonic seconds), from ``deadline_s``: the scheduler's slack."""
+        return None if self.deadline_s is None else self.created + self.deadline_s
+
+    @property
+    def row_calls(self) -> int:
+        """U-Net row-calls per image: its chain's calls, twice for a guided image (a null-label row too)."""
+        return self.calls * (2 if self.guidance_scale else 1)
 
     @property
     def done(self) -> bool:

@@ -17,3 +17,9 @@ class EngineObserver:
     def on_load(self, queue_depth: int, running: int) -> None: ...
 
     def on_fault(self, stage: str, jobs: int) -> None: ...
+
+    def on_preempted(self, rows_by_priority: dict[int, int]) -> None:
+        """Rows that sat an iteration out (the batch held more than a U-Net call takes), by priority."""
+
+    def on_refused(self, reason: str) -> None:
+        """A request refused at submit by the engine (``deadline``: it could not be met)."""

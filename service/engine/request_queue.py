@@ -1,6 +1,9 @@
 """The waiting jobs, under one admission policy chosen once (DDPM_SCHEDULING), after vLLM's
 ``request_queue.py``: the engine asks ``take(free)`` for the images that join the running batch.
 
+Priorities first (``PriorityLevels``, vLLM's convention: a lower value is served first): a job waits
+only behind jobs of its own or a better priority; within a level, the policy below decides.
+
 - ``continuous`` (:class:`FairQueue`): round robin over clients, then over each client's jobs, one
   image a turn; images join a batch that is already running. A client that floods the queue cannot
   make another client's single request wait behind its backlog, and a large job cannot starve the
@@ -59,6 +62,23 @@ class RequestQueue:
         self.images -= len(new)
         return new
 
+    def take_first(self, free: int) -> list[tuple[Job, int]]:
+        """The first image of each job none of whose images has joined yet, in turn order, at most ``free``:
+        what the rows kept for newcomers admit (``Engine._admit``)."""
+        new: list[tuple[Job, int]] = []
+        for key, jobs in list(self._turns.items()):
+            for job in list(jobs):
+                if len(new) >= free:
+                    break
+                if len(job.pending) == job.n:
+                    new.append((job, job.pending.popleft()))
+                    if not job.pending:
+                        jobs.remove(job)
+            if not jobs:
+                del self._turns[key]
+        self.images -= len(new)
+        return new
+
     def remove(self, jobs: list[Job]) -> None:
         """Drop ``jobs`` (failed, cancelled) with their images not yet admitted."""
         ids = {job.id for job in jobs}
@@ -114,8 +134,89 @@ POLICIES: dict[str, type[RequestQueue]] = {"continuous": FairQueue, "request": F
 assert tuple(POLICIES) == SCHEDULING_NAMES
 
 
-def create_request_queue(scheduling: str) -> RequestQueue:
+class PriorityLevels:
+    """One queue of the policy per priority value, the lowest value first: a job waits only behind jobs
+    of its own priority or a better one. Images ahead and the work ahead (U-Net row-calls) are counted per
+    level without a walk over the jobs of other levels."""
+
+    def __init__(self, policy: type[RequestQueue]) -> None:
+        self.policy = policy
+        self.admits_while_running = policy.admits_while_running
+        self._levels: dict[int, RequestQueue] = {}
+        self.images = 0
+
+    def __bool__(self) -> bool:
+        return self.images > 0
+
+    def add(self, job: Job) -> None:
+        level = self._levels.get(job.priority)
+        if level is None:
+            level = self._levels[job.priority] = self.policy()
+        level.add(job)
+        self.images += job.n
+
+    def take(self, free: int) -> list[tuple[Job, int]]:
+        new: list[tuple[Job, int]] = []
+        for priority in sorted(self._levels):
+            if len(new) >= free:
+                break
+            level = self._levels[priority]
+            new.extend(level.take(free - len(new)))
+            if not level:
+                del self._levels[priority]
+        self.images -= len(new)
+        return new
+
+    def take_first(self, free: int) -> list[tuple[Job, int]]:
+        """The first image of each job not yet started, better priorities first (``RequestQueue.take_first``)."""
+        new: list[tuple[Job, int]] = []
+        for priority in sorted(self._levels):
+            if len(new) >= free:
+                break
+            level = self._levels[priority]
+            new.extend(level.take_first(free - len(new)))
+            if not level:
+                del self._levels[priority]
+        self.images -= len(new)
+        return new
+
+    def remove(self, jobs: list[Job]) -> None:
+        for priority in {job.priority for job in jobs}:
+            level = self._levels.get(priority)
+            if level is not None:
+                before = level.images
+                level.remove([job for job in jobs if job.priority == priority])
+                self.images -= before - level.images
+                if not level:
+                    del self._levels[priority]
+
+    def jobs(self) -> list[Job]:
+        return [job for priority in sorted(self._levels) for job in self._levels[priority].jobs()]
+
+    def images_ahead(self, job: Job) -> int:
+        """Images of jobs served before this one: every better level's, and the earlier ones of its own."""
+        ahead = sum(level.images for priority, level in self._levels.items() if priority < job.priority)
+        own = self._levels.get(job.priority)
+        return ahead + (own.images_ahead(job) if own is not None else 0)
+
+    def calls_at_or_above(self, priority: int, dated_only: bool = False) -> tuple[int, int]:
+        """(images, U-Net row-calls) waiting at this priority or a better one: the work a new job of this
+        priority waits behind (admission control's estimate); ``dated_only``: of jobs with a deadline only
+        (what a job with a deadline waits behind: it joins through the rows kept for newcomers, and rows
+        with a deadline go first)."""
+        images = calls = 0
+        for level_priority, level in self._levels.items():
+            if level_priority <= priority:
+                for job in level.jobs():
+                    if dated_only and job.deadline_s is None:
+                        continue
+                    images += len(job.pending)
+                    calls += len(job.pending) * job.row_calls
+        return images, calls
+
+
+def create_request_queue(scheduling: str) -> PriorityLevels:
     try:
-        return POLICIES[scheduling]()
+        return PriorityLevels(POLICIES[scheduling])
     except KeyError:
         raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING_NAMES)}, got {scheduling!r}") from None

@@ -78,6 +78,12 @@ class RunningBatch:
         self.masked_host = np.zeros(capacity, dtype=bool)
         self.scales_host = np.zeros(capacity, dtype=np.float32)
         self.joined_host = np.zeros(capacity, dtype=np.int64)  # the iteration clock when the row joined
+        self.calls_host = np.zeros(capacity, dtype=np.int64)  # the row's chain length (U-Net calls)
+        self.priority_host = np.zeros(capacity, dtype=np.int64)  # its job's priority (lower runs first)
+        self.due_host = np.full(capacity, np.inf)  # its job's deadline (monotonic seconds; inf: none)
+        self.soft_due_host = np.full(capacity, np.inf)  # its job's bounded-slowdown target (Job.soft_due; inf: none)
+        self.waited_host = np.zeros(capacity, dtype=np.int64)  # iterations sat out in a row
+        self.job_host = np.zeros(capacity, dtype=np.int64)  # its job's id
         self.owners: list[tuple[Job, int]] = []
         self.multistep_rows = self.masked_rows = 0  # counts of the flags above over [0, n)
         self._generation = store.generation
@@ -124,6 +130,12 @@ class RunningBatch:
         self.masked_rows += int(self.masked_host[rows].sum())
         self.scales_host[rows] = [job.guidance_scale for job, _ in owners]
         self.joined_host[rows] = clock
+        self.calls_host[rows] = [slot.calls for slot in slots]
+        self.priority_host[rows] = [job.priority for job, _ in owners]
+        self.due_host[rows] = [np.inf if job.due is None else job.due for job, _ in owners]
+        self.soft_due_host[rows] = [np.inf if job.soft_due is None else job.soft_due for job, _ in owners]
+        self.waited_host[rows] = 0
+        self.job_host[rows] = [job.id for job, _ in owners]
         self.x[rows] = x
         self.seeds[rows] = seeds
         self.masked[rows] = host_to_device(self.masked_host[rows], self.device, torch.float32)
@@ -173,13 +185,16 @@ class RunningBatch:
         return np.flatnonzero(self.pos_host[:m] == 0)
 
     def advance(self, new_x: torch.Tensor, x0: torch.Tensor | None) -> None:
-        """Rows [0, m) (m = len(new_x)) one position on, at ``new_x`` (and x0_hat as the next step's x0_prev)."""
+        """Rows [0, m) (m = len(new_x)) one position on, at ``new_x`` (and x0_hat as the next step's x0_prev);
+        rows [m, n) sat this iteration out."""
         m = new_x.shape[0]
         self.x[:m] = new_x
         if x0 is not None and self.x0_prev is not None:
             self.x0_prev[:m] = x0
         self.cols_host[:m] -= 1
         self.pos_host[:m] -= 1
+        self.waited_host[:m] = 0
+        self.waited_host[m : self.n] += 1
 
     # --- rows leave --------------------------------------------------------------------------------------
     def remove(self, rows: Sequence[int] | np.ndarray) -> None:
@@ -195,15 +210,45 @@ class RunningBatch:
         movers = [r for r in range(keep, n) if r not in gone]
         if holes:
             dst, src = host_to_device(holes, self.device, torch.int64), host_to_device(movers, self.device, torch.int64)
-            for buf in (self.x, self.seeds, self.masked, self.x0_prev, self.known, self.mask, self.labels):
-                if buf is not None:
-                    buf[dst] = buf[src]
-            for arr in (self.cols_host, self.pos_host, self.multistep_host, self.masked_host, self.scales_host, self.joined_host):
+            for buf in self._device_buffers():
+                buf[dst] = buf[src]
+            for arr in self._host_arrays():
                 arr[holes] = arr[movers]
             for h, mv in zip(holes, movers, strict=True):
                 self.owners[h] = self.owners[mv]
         del self.owners[keep:]
         self.n = keep
+
+    def _host_arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.cols_host, self.pos_host, self.multistep_host, self.masked_host, self.scales_host, self.joined_host, self.calls_host,
+                self.priority_host, self.due_host, self.soft_due_host, self.waited_host, self.job_host)  # fmt: skip
+
+    def _device_buffers(self) -> list[torch.Tensor]:
+        return [buf for buf in (self.x, self.seeds, self.masked, self.x0_prev, self.known, self.mask, self.labels) if buf is not None]
+
+    def move_to_front(self, order: np.ndarray, count: int) -> None:
+        """Reorder rows so that ``order[:count]`` are rows [0, count) (they advance this iteration; the rest sit
+        out with their state kept): a swap per chosen row that sits beyond the front, nothing for the others."""
+        chosen = order[:count]
+        outside = chosen[chosen >= count]  # chosen rows beyond the front
+        if outside.size == 0:
+            return
+        front = np.setdiff1d(np.arange(count), chosen, assume_unique=True)  # front places not chosen: swap partners
+        a, b = np.concatenate([outside, front]), np.concatenate([front, outside])
+        ia, ib = host_to_device(a, self.device, torch.int64), host_to_device(b, self.device, torch.int64)
+        for buf in self._device_buffers():
+            buf[ia] = buf[ib]
+        for arr in self._host_arrays():
+            arr[a] = arr[b]
+        owners = self.owners
+        moved = [owners[int(r)] for r in b]
+        for r, owner in zip(a, moved, strict=True):
+            owners[int(r)] = owner
+
+    def steps_of(self, job_id: int) -> int:
+        """Steps done by the job's rows in the batch (its steps count on the host: not per iteration)."""
+        rows = np.flatnonzero(self.job_host[: self.n] == job_id)
+        return int((self.calls_host[rows] - 1 - self.pos_host[rows]).sum())
 
     def rows_of(self, job_ids: set[int]) -> list[int]:
         """The rows of these jobs (a failure, a cancellation: not per iteration)."""

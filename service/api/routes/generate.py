@@ -27,6 +27,7 @@ from service.api.generation import (
     images_or_not_modified,
     prepare,
     result_body,
+    scheduling,
     submit,
 )
 from service.api.progress_stream import ProgressStream
@@ -57,7 +58,8 @@ async def generate(
     arrived = time.monotonic()
     media = choose_media(accept, [JSON, PNG, NPY])
     key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
-    generated = await images_or_not_modified(state, key, media, request)
+    sched = scheduling(state, body, request)
+    generated = await images_or_not_modified(state, key, media, request, sched)
     if isinstance(generated, Response):
         return generated
     images = generated.images
@@ -66,7 +68,7 @@ async def generate(
     elif media == NPY:
         response = Response(await encode_off_loop(state, lambda: _npy(images), request), media_type=NPY)
     else:
-        content = await encode_off_loop(state, lambda: jsonable_encoder(result_body(state, key, generated, arrived)), request)
+        content = await encode_off_loop(state, lambda: jsonable_encoder(result_body(state, key, generated, arrived, sched)), request)
         response = JSONResponse(content)
     response.headers["ETag"] = key.etag(media)
     response.headers["X-Cache"] = "miss" if generated.job is not None else "hit"
@@ -85,8 +87,9 @@ async def generate_stream(
     arrived = time.monotonic()
     choose_media(accept, [SSE])
     key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
+    sched = scheduling(state, body, request)
     cached = cached_images(state, key, request)
-    handle = None if cached is not None else submit(state, key, request, stream=True)
-    stream = ProgressStream(state, key, request, arrived, handle)
+    handle = None if cached is not None else submit(state, key, request, sched, stream=True)
+    stream = ProgressStream(state, key, request, arrived, handle, sched)
     events = stream.events(None if cached is None else Generated(cached, None))
     return StreamingResponse(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

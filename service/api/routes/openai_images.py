@@ -23,7 +23,17 @@ from ddpm.grid import image_pngs
 from ddpm.seeding import MAX_SEED
 from service.api.deps import Authorized, StateDep
 from service.api.errors import ApiError, documented, not_ready
-from service.api.generation import JSON, chain_fields, edit_from_upload, encode_off_loop, images_or_not_modified, prepare, ready_model
+from service.api.generation import (
+    JSON,
+    Scheduling,
+    chain_fields,
+    edit_from_upload,
+    encode_off_loop,
+    images_or_not_modified,
+    prepare,
+    ready_model,
+    scheduling,
+)
 from service.api.schemas import (
     ImageData,
     ImageEditForm,
@@ -90,7 +100,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     key = prepare(state, _seed(body.seed), body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
     size = _check_openai_fields(state, body)
     request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
-    return await _answer(state, key, size, request)
+    return await _answer(state, key, size, request, scheduling(state, body, request))
 
 
 @router.post(
@@ -107,7 +117,7 @@ async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request,
     edit = edit_from_upload(state, await _image(form), mask, options, mask_from_alpha=True)
     key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
     request.state.log_fields.update({"user": form.user, "prompt_chars": len(form.prompt), "api": "openai", "edit": "inpaint"})
-    return await _answer(state, key, size, request)
+    return await _answer(state, key, size, request, scheduling(state, form, request))
 
 
 @router.post(
@@ -122,7 +132,7 @@ async def images_variations(form: Annotated[ImageForm, Form()], request: Request
     edit = edit_from_upload(state, await _image(form), None, {"strength": form.strength})
     key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
     request.state.log_fields.update({"user": form.user, "api": "openai", "edit": "variation"})
-    return await _answer(state, key, size, request)
+    return await _answer(state, key, size, request, scheduling(state, form, request))
 
 
 def _seed(seed: int | None) -> int:
@@ -151,9 +161,9 @@ def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | Imag
     return size
 
 
-async def _answer(state: ServerState, key: ImageKey, size: str, request: Request) -> Response:
+async def _answer(state: ServerState, key: ImageKey, size: str, request: Request, sched: Scheduling) -> Response:
     """The images of ``key`` in OpenAI's ImagesResponse (or 304), PNGs encoded off the event loop."""
-    generated = await images_or_not_modified(state, key, JSON, request)
+    generated = await images_or_not_modified(state, key, JSON, request, sched)
     if isinstance(generated, Response):
         return generated
     images, cached = generated.images, generated.job is None
@@ -161,7 +171,8 @@ async def _answer(state: ServerState, key: ImageKey, size: str, request: Request
     def encode() -> object:
         data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)]
         fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.seed
-        return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, **fields))
+        return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, priority=sched.priority,
+                                               deadline_s=sched.deadline_s, **fields))  # fmt: skip
 
     content = await encode_off_loop(state, encode, request)
     response = JSONResponse(content, headers={"ETag": key.etag(JSON), "X-Cache": "hit" if cached else "miss"})

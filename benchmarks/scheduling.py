@@ -1,0 +1,209 @@
+"""Priorities and deadlines under overload (issue 37): an open-loop trace of interactive and bulk requests,
+served once with priorities and deadlines and once as the server served before them.
+
+    python benchmarks/scheduling.py                         # the shipped model, 60 s per cell, loads 0.8/1.2/1.5x
+    python benchmarks/scheduling.py --seconds 30 --loads 1.5 --interactive-share 0.1
+
+One `ddpm serve` per mode (compile off, so capacity does not change during a run; 1 torch thread, the
+other core for this client). First the calibration: an interactive request's latency alone (its deadline
+is 3x that), and the server's capacity in U-Net row-calls per second (closed-loop bulk requests keeping
+the batch full). Then per load (offered row-calls/s as a multiple of that capacity), Poisson arrivals
+(seeded; the count of each kind fixed by its rate) of
+  interactive: 1 image, the default chain (restart, 10 calls), priority 0, deadline 3x its alone latency,
+  bulk:        16 images, 50 calls (DDIM), priority 5, no deadline,
+the interactive ones making ``--interactive-share`` of the capacity. Modes:
+  priorities  the fields sent; the server holds 4x max_batch rows resident (the default)
+  before      no priority, no deadline, one call's rows resident (DDPM_MAX_RESIDENT = max_batch) and no
+              slowdown bound (DDPM_MAX_SLOWDOWN=0): what every request got before issue 37
+Reported per cell: interactive requests answered within their deadline (of those sent: a refusal counts
+as a miss), refused (503), the worst lateness of an accepted interactive request, and bulk goodput: the
+U-Net rows the server ran in the window less the answered interactive requests', per second (the bulk
+work done; a bulk request has no deadline, so all of it is in time), against the capacity left after
+the interactive load (or the bulk load this trace offered, when that is less: at 0.8x a handful of
+Poisson arrivals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.server_process import ServerProcess  # noqa: E402
+
+INTERACTIVE = {"batch_size": 1}  # the server's default chain: restart, 10 calls
+BULK = {"batch_size": 16, "steps": 50, "sampler": "ddim", "timestep_spacing": "trailing"}
+INTERACTIVE_CALLS, BULK_CALLS = 10, 16 * 50
+
+
+def start(mode: str, model: Path) -> ServerProcess:
+    env = {"DDPM_COMPILE": "off", "DDPM_THREADS": "1", "DDPM_MAX_BATCH": "64", "DDPM_RESPONSE_CACHE_MB": "0", "DDPM_MAX_QUEUE": "100000",
+           "DDPM_MAX_IMAGES_PER_CLIENT": "100000", "DDPM_MAX_CALLS_PER_CLIENT": "100000000", "DDPM_REQUEST_TIMEOUT_S": "3600",
+           "DDPM_LOG_LEVEL": "warning"}  # fmt: skip
+    if mode == "before":
+        env.update(DDPM_MAX_RESIDENT="64", DDPM_MAX_SLOWDOWN="0")
+    server = ServerProcess(model, **env)
+    server.wait_ready(300)
+    return server
+
+
+def alone_latency(url: str) -> float:
+    with httpx.Client(base_url=url, timeout=120) as http:
+        times = []
+        for seed in range(8):
+            t = time.monotonic()
+            http.post("/generate", json={"seed": 10_000 + seed, **INTERACTIVE}).raise_for_status()
+            times.append(time.monotonic() - t)
+    return statistics.median(times[2:])
+
+
+def capacity(url: str, seconds: float) -> float:
+    """U-Net row-calls per second with the batch kept full (closed-loop bulk requests, 96 images in flight),
+    read from the server's own count of rows per iteration (``ddpm_batch_occupancy_sum``)."""
+    from tests.prometheus_text import sample_value
+
+    def rows() -> float:
+        return sample_value(httpx.get(url + "/metrics", timeout=10).text, "ddpm_batch_occupancy_sum")
+
+    async def run() -> float:
+        end = time.monotonic() + seconds + 5
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+
+            async def client(i: int) -> None:
+                seed = i * 1000
+                while time.monotonic() < end:
+                    (await http.post("/generate", json={"seed": seed, **BULK})).raise_for_status()
+                    seed += 1
+
+            tasks = [asyncio.create_task(client(i)) for i in range(6)]
+            await asyncio.sleep(5)  # the batch fills
+            before, t = rows(), time.monotonic()
+            await asyncio.sleep(seconds)
+            rate = (rows() - before) / (time.monotonic() - t)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return rate
+
+    return asyncio.run(run())
+
+
+def trace(load: float, share: float, cap: float, seconds: float, seed: int) -> list[tuple[float, str]]:
+    """Poisson arrivals: interactive at ``share`` of the capacity, bulk at the rest of ``load`` x capacity.
+    A Poisson process conditioned on its count: each kind's count is its rate x ``seconds`` (rounded) and
+    the arrival times uniform in the window, so a cell offers the load it is named for (a few free draws of
+    16-image requests in 60 s can offer half of it or twice it)."""
+    rng = random.Random(seed)
+    rates = {"interactive": share * cap / INTERACTIVE_CALLS, "bulk": max(0.0, load - share) * cap / BULK_CALLS}
+    arrivals = [(rng.uniform(0.0, seconds), kind) for kind, rate in rates.items() for _ in range(round(rate * seconds))]
+    return sorted(arrivals)
+
+
+def rows_done(url: str) -> float:
+    """U-Net rows the server has run (the sum of its batch occupancy over iterations)."""
+    from tests.prometheus_text import sample_value
+
+    return sample_value(httpx.get(url + "/metrics", timeout=10).text, "ddpm_batch_occupancy_sum")
+
+
+def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode: str, seconds: float) -> dict[str, object]:
+    results: list[dict[str, object]] = []
+    window: dict[str, float] = {}
+
+    async def one(http: httpx.AsyncClient, at: float, kind: str, seed: int) -> None:
+        body: dict[str, object] = {"seed": seed, **(INTERACTIVE if kind == "interactive" else BULK)}
+        if mode == "priorities":
+            body.update({"priority": 0, "deadline_s": deadline_s} if kind == "interactive" else {"priority": 5})
+        sent = time.monotonic()
+        r = await http.post("/generate", json=body)
+        results.append({"kind": kind, "at": at, "latency": time.monotonic() - sent, "status": r.status_code,
+                        "done_at": time.monotonic() - t0})  # fmt: skip
+
+    async def run() -> None:
+        nonlocal t0
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
+            t0 = time.monotonic()
+            window["rows_before"] = rows_done(url)
+            tasks = []
+            for i, (at, kind) in enumerate(arrivals):
+                await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
+                tasks.append(asyncio.create_task(one(http, at, kind, 100_000 + i)))
+            # the window's answers: wait a little past its end, then count what came back inside it
+            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t0)))
+            window["rows_after"], window["elapsed"] = rows_done(url), time.monotonic() - t0
+            await asyncio.wait(tasks, timeout=max(10.0, 10 * deadline_s))
+            for task in tasks:
+                task.cancel()
+
+    t0 = 0.0
+    asyncio.run(run())
+    inter = [r for r in results if r["kind"] == "interactive"]
+    sent_inter = sum(1 for _, kind in arrivals if kind == "interactive")
+    ok = [r for r in inter if r["status"] == 200]
+    within = [r for r in ok if float(r["latency"]) <= deadline_s]  # type: ignore[arg-type]
+    bulk_done = [r for r in results if r["kind"] == "bulk" and r["status"] == 200 and float(r["done_at"]) <= seconds]  # type: ignore[arg-type]
+    lateness = max((float(r["latency"]) - deadline_s for r in ok), default=0.0)  # type: ignore[arg-type]
+    # bulk work done in the window: every U-Net row the server ran, less the interactive requests' (answered ones)
+    interactive_rows = sum(INTERACTIVE_CALLS for r in ok if float(r["done_at"]) <= window["elapsed"])  # type: ignore[arg-type]
+    bulk_rows_per_s = (window["rows_after"] - window["rows_before"] - interactive_rows) / window["elapsed"]
+    return {"interactive_sent": sent_inter, "interactive_within_deadline": round(len(within) / max(1, sent_inter), 4),
+            "interactive_refused": sum(1 for r in inter if r["status"] == 503), "interactive_p50_s": round(statistics.median(
+                [float(r["latency"]) for r in ok]), 3) if ok else None,  # type: ignore[arg-type]
+            "worst_lateness_s": round(lateness, 3), "bulk_images_per_s": round(len(bulk_done) * 16 / seconds, 2),
+            "bulk_row_calls_per_s": round(bulk_rows_per_s, 1)}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "mnist-28")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--loads", default="0.8,1.2,1.5")
+    p.add_argument("--interactive-share", type=float, default=0.1, help="of the capacity, in U-Net row-calls")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="priorities,before")
+    args = p.parse_args()
+    from ddpm.precision import cpu_capability
+
+    print(f"CPU: {cpu_capability()}", file=sys.stderr)
+    rows = []
+    for mode in args.modes.split(","):
+        server = start(mode, args.model)
+        try:
+            alone = alone_latency(server.url)
+            cap = capacity(server.url, 20.0)
+            deadline = 3 * alone
+            print(json.dumps({"mode": mode, "alone_latency_s": round(alone, 3), "deadline_s": round(deadline, 3),
+                              "capacity_row_calls_per_s": round(cap, 1)}), flush=True)  # fmt: skip
+            for load in (float(x) for x in args.loads.split(",")):
+                arrivals = trace(load, args.interactive_share, cap, args.seconds, args.seed)
+                cell = replay(server.url, arrivals, deadline, mode, args.seconds)
+                left = (1 - args.interactive_share) * cap  # bulk row-calls/s the capacity leaves after the interactive load
+                offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / args.seconds  # this trace's bulk load
+                cell.update(mode=mode, load=load, bulk_capacity_left_row_calls_per_s=round(left, 1),
+                            bulk_goodput_over_left=round(float(cell["bulk_row_calls_per_s"]) / min(left, offered), 3))  # type: ignore[arg-type]  # fmt: skip
+                print(json.dumps(cell), flush=True)
+                rows.append(cell)
+                time.sleep(5)
+        finally:
+            server.stop()
+    print("\n| mode | load | interactive within deadline | refused | p50 s | worst lateness s | bulk row-calls/s | / min(left, offered) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in rows:
+        print(f"| {c['mode']} | {c['load']} | {c['interactive_within_deadline']} | {c['interactive_refused']} | {c['interactive_p50_s']} | "
+              f"{c['worst_lateness_s']} | {c['bulk_row_calls_per_s']} | {c['bulk_goodput_over_left']} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What an iteration costs at a batch size, measured as the engine runs: the scheduler's slack and the
+admission control's prediction read it.
+
+Per batch size (rows in the U-Net call) an exponential moving average of the seconds an iteration took;
+a size between two measured ones is interpolated linearly, one below them costs what the smallest
+measured does, one beyond them is extrapolated from the per-row cost of the largest two (at least half
+the largest's own per-row cost). Exact sizes, not buckets: on a CPU 3 rows cost ~0.75x what 4 do, and a
+bucket's figure would make the scheduler run fewer rows than a deadline allows. Nothing measured yet:
+``None`` (the engine then refuses nothing for its deadline and orders rows by priority alone).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+
+class IterationCost:
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self._seconds: dict[int, float] = {}  # rows -> EMA of an iteration's seconds
+        self._sizes: list[int] = []  # the measured sizes, sorted
+        self._lock = threading.Lock()
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            old = self._seconds.get(rows)
+            if old is None:
+                bisect.insort(self._sizes, rows)
+                self._seconds[rows] = seconds
+            else:
+                self._seconds[rows] = old + self.alpha * (seconds - old)
+
+    def seconds(self, rows: int) -> float | None:
+        """Predicted seconds of an iteration of ``rows`` rows (None before any measurement)."""
+        if rows <= 0:
+            return 0.0
+        with self._lock:
+            sizes, cost = self._sizes, self._seconds
+            if not sizes:
+                return None
+            if rows in cost:
+                return cost[rows]
+            i = bisect.bisect_left(sizes, rows)
+            if i == 0:
+                return cost[sizes[0]]
+            if i < len(sizes):
+                lo, hi = sizes[i - 1], sizes[i]
+                return cost[lo] + (cost[hi] - cost[lo]) * (rows - lo) / (hi - lo)
+            b2 = sizes[-1]
+            b1 = sizes[-2] if len(sizes) > 1 else b2
+            t1, t2 = cost[b1], cost[b2]
+            slope = max((t2 - t1) / (b2 - b1) if b2 > b1 else 0.0, t2 / b2 * 0.5)
+            return t2 + slope * (rows - b2)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self._seconds)

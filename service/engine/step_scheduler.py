@@ -1,0 +1,114 @@
+"""Which resident rows advance this iteration, and how many (issue 37: step-level sharing, priorities and
+deadlines). The running batch holds up to ``max_resident`` rows; one U-Net call takes at most ``max_batch``.
+
+The order, all on the host (numpy over the rows' mirrors, no per-row Python):
+  1. rows with a deadline, by priority then slack (the deadline less the predicted time to finish the
+     chain at the current iteration cost): admission control keeps their work to what can be met, so
+     they cannot crowd the others out for long;
+  2. a row that has sat out ``starve_after`` iterations in a row (oldest first, half the count at most):
+     whatever its priority, every resident row without a deadline advances again within a bounded number
+     of iterations that deadlines leave room for (``starve_after + 1`` while the starving fit in half a
+     call), so no request waits behind another's whole chain; the other half keeps going by the order
+     below, so that a flood of starving rows (a call shortened for a deadline) cannot crowd out a short
+     request either;
+  3. then the lower priority value (vLLM's convention);
+  4. then the fewer steps left (shortest remaining first: a 10-call request beside a 1000-step one runs
+     every iteration, and the long one loses one row in 64 of its share).
+
+How many: ``max_batch`` at most; while requests with deadlines arrive, no more than an iteration of
+``HEADROOM`` x the tightest recent deadline costs (a request arriving mid-iteration waits for that
+iteration first: on a CPU a full batch of 64 can cost more than an interactive deadline); fewer when a
+row with a deadline needs iterations faster than that (an iteration of 64 rows costs ~10x one of 1 on a
+CPU): the largest count whose predicted cost lets every chosen row with a deadline finish in ``SAFETY``
+of the time it has left. Those rows always run (a starving row that ranks before them waits one more
+iteration rather than push them past their deadline); the rest of the count is filled in the order above.
+A request without a deadline has a soft one (``slowdown_limit``): ``MAX_SLOWDOWN`` x its time alone, which
+keeps iterations short enough while it can still be met (a 10-call request beside a 64-row, 1000-step one
+on a CPU, where the full batch costs ~37x one row) and binds nothing once it has passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine.iteration_cost import IterationCost
+
+STARVE_AFTER = 8  # iterations a resident row may sit out in a row
+SAFETY = 0.7  # a row with a deadline is planned to finish in this share of the time it has left
+HEADROOM = 0.2  # while deadlines arrive, an iteration may take this share of the tightest one (a newcomer's wait)
+MAX_SLOWDOWN = 10.0  # a request without a deadline is planned to take at most this x its time alone
+
+
+@dataclass(frozen=True)
+class Choice:
+    rows: np.ndarray  # the row indices that advance, in order (the running batch moves them to the front)
+    count: int  # how many advance
+
+
+def choose(
+    n: int,
+    max_batch: int,
+    priority: np.ndarray,
+    due: np.ndarray,
+    remaining: np.ndarray,
+    waited: np.ndarray,
+    now: float,
+    cost: IterationCost,
+    starve_after: int = STARVE_AFTER,
+    max_iteration_s: float | None = None,
+) -> Choice | None:
+    """The rows of [0, n) to advance, or None when every row advances (the common case: no reordering).
+    ``max_iteration_s``: the longest an iteration may take (the engine's headroom for arriving deadlines)."""
+    dated = np.isfinite(due[:n])  # rows with a deadline
+    has_due = bool(dated.any())
+    if n <= max_batch and not has_due and max_iteration_s is None:
+        return None
+    per_iteration = cost.seconds(min(n, max_batch))
+    count = min(n, max_batch)
+    if max_iteration_s is not None and per_iteration is not None:
+        while count > 1 and (cost.seconds(count) or 0.0) > max_iteration_s:
+            count -= 1
+    slack = due[:n] - now - remaining[:n] * (per_iteration or 0.0)  # inf - x = inf: rows without a deadline
+    starving = (waited[:n] >= starve_after) & ~dated
+    if int(starving.sum()) > max(1, count // 2):  # the oldest take half the count at most: the rest goes by priority
+        candidates = np.flatnonzero(starving)
+        starving[candidates[np.argsort(-waited[candidates], kind="stable")[max(1, count // 2) :]]] = False
+    # np.lexsort: the last key is the primary one (the deadline tier, then the starving, priority, slack, steps left)
+    order = np.lexsort((remaining[:n], slack, priority[:n], -waited[:n] * starving, ~starving, ~dated))
+    if has_due and per_iteration is not None:
+        order, count = _fast_enough(order, count, due, remaining, now, cost)
+    if count == n and np.array_equal(order[:count], np.arange(count)):
+        return None
+    return Choice(order, count)
+
+
+def _fast_enough(
+    order: np.ndarray, count: int, due: np.ndarray, remaining: np.ndarray, now: float, cost: IterationCost
+) -> tuple[np.ndarray, int]:
+    """The order with the chosen rows that have deadlines first, and the largest count <= ``count`` at whose
+    predicted iteration cost every one of them finishes by its deadline (never fewer than they are)."""
+    chosen = order[:count]
+    urgent = chosen[np.isfinite(due[chosen])]
+    if urgent.size == 0:
+        return order, count
+    allowed = SAFETY * float(np.min((due[urgent] - now) / np.maximum(remaining[urgent], 1)))
+    while count > urgent.size:
+        predicted = cost.seconds(count)
+        if predicted is None or predicted <= allowed:
+            break
+        count -= 1
+    rest = order[~np.isin(order, urgent)]
+    return np.concatenate([urgent, rest]), count
+
+
+def slowdown_limit(soft_due: np.ndarray, priority: np.ndarray, remaining: np.ndarray, now: float) -> float | None:
+    """The longest an iteration may take so that every row of the best priority present whose job's
+    bounded-slowdown target (``Job.soft_due``) can still be met finishes by it in ``SAFETY`` of the time
+    left, or None. A target already passed (an overloaded server) binds nothing: rows without a deadline
+    are never made to run in iterations too short for anyone to gain from."""
+    live = np.isfinite(soft_due) & (soft_due > now) & (priority == priority.min())
+    if not live.any():
+        return None
+    return SAFETY * float(np.min((soft_due[live] - now) / np.maximum(remaining[live], 1)))

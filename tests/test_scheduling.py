@@ -1,0 +1,241 @@
+"""Step-level scheduling (issue 37): priorities and deadlines decide which resident rows advance, a row of a
+worse priority sits iterations out with its state kept and its image unchanged, nobody starves, a deadline
+that cannot be met is refused at once, and a request's cost is bounded on arrival.
+
+The engine tests drive ``Engine._iterate`` by hand (no thread) with a fake clock and a set cost model:
+deterministic, counted in iterations, not wall time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from ddpm.chain import ChainSpec, sample
+from ddpm.seeding import image_seeds
+from kernels.philox import seeds_to_tensor
+from service.engine.engine import Engine
+from service.engine.errors import DeadlineUnmeetable
+from service.engine.iteration_cost import IterationCost
+from service.engine.job import Job
+from tests.app_client import app_client, metric, wait_ready
+from tests.batch_rounding import BATCH_ROUNDING
+from tests.tiny_model import random_tiny_unet, tiny_loaded_model
+
+
+class FakeClock:
+    """The scheduler's now, moved by the test (it starts at the real monotonic time: deadlines count from a
+    job's real arrival)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _engine(max_batch: int = 2, max_resident: int = 6, **kwargs: object) -> tuple[Engine, torch.nn.Module]:
+    unet = random_tiny_unet()
+    return Engine(tiny_loaded_model(unet), max_batch=max_batch, max_resident=max_resident, **kwargs), unet  # type: ignore[arg-type]
+
+
+def _offline(unet: torch.nn.Module, job: Job) -> torch.Tensor:
+    spec = job.chain
+    with torch.inference_mode():
+        return sample(unet, tiny_loaded_model(unet).schedule, seeds_to_tensor(image_seeds(job.seed, job.n)), (1, 8, 8), steps=spec.steps,
+                      sampler=spec.sampler, spacing=spec.spacing, clip_denoised=spec.clip)  # fmt: skip
+
+
+def test_a_better_priority_takes_the_rows_and_the_preempted_images_do_not_change() -> None:
+    engine, unet = _engine(max_batch=2, max_resident=6)
+    bulk = engine.submit(Job(seed=1, n=2, chain=ChainSpec(30, "ddpm"), timeout_s=600, priority=5))
+    for _ in range(5):
+        engine._iterate()
+    assert bulk.steps_done == 10  # both rows, every iteration
+    urgent = engine.submit(Job(seed=2, n=2, chain=ChainSpec(8, "ddim", spacing="trailing"), timeout_s=600, priority=0))
+    before = bulk.steps_done
+    iterations = 0
+    while not urgent.done:
+        engine._iterate()
+        iterations += 1
+    assert iterations == 8  # the urgent request ran every iteration: as fast as alone
+    assert bulk.steps_done == before  # the bulk rows sat every one of them out (2 rows per call, both urgent)
+    while not bulk.done:
+        engine._iterate()
+    for job in (bulk, urgent):
+        assert job.error is None
+        offline = _offline(unet, job)
+        assert (job.images - offline).abs().max().item() < BATCH_ROUNDING  # type: ignore[operator]
+
+
+def test_at_one_priority_a_short_request_beside_a_full_batch_runs_every_iteration() -> None:
+    engine, _ = _engine(max_batch=2, max_resident=4)
+    long = engine.submit(Job(seed=1, n=2, chain=ChainSpec(200, "ddpm"), timeout_s=600))
+    engine._iterate()
+    short = engine.submit(Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=600))
+    iterations = 0
+    while not short.done:
+        engine._iterate()
+        iterations += 1
+    assert iterations == 10 and long.steps_done == 2 + 10  # the long request kept one row of two going
+    assert short.error is None
+
+
+def test_no_row_waits_more_than_starve_after_iterations() -> None:
+    engine, _ = _engine(max_batch=2, max_resident=4, starve_after=3)
+    bulk = engine.submit(Job(seed=1, n=1, chain=ChainSpec(200, "ddpm"), timeout_s=600, priority=9))
+    engine._iterate()
+    engine.submit(Job(seed=2, n=3, chain=ChainSpec(200, "ddpm"), timeout_s=600, priority=0))  # always more urgent rows than room
+    waits, last, sat = [], bulk.steps_done, 0
+    for _ in range(40):
+        engine._iterate()
+        if bulk.steps_done == last:
+            sat += 1
+        else:
+            waits.append(sat)
+            sat, last = 0, bulk.steps_done
+    assert waits and max(waits) <= 3  # it advanced at least once every 4 iterations, whatever its priority
+
+
+def test_the_row_with_less_slack_goes_first_and_fewer_rows_run_for_a_tight_deadline() -> None:
+    clock = FakeClock()
+    engine, _ = _engine(max_batch=4, max_resident=8, clock=clock)
+    relaxed = engine.submit(Job(seed=1, n=3, chain=ChainSpec(50, "ddpm"), timeout_s=600))
+    engine._iterate()
+    engine.cost = IterationCost(alpha=0.0)  # a set cost model (measurements change nothing): 4 rows cost 10x one
+    for rows, seconds in ((1, 0.1), (2, 0.2), (4, 1.0)):
+        engine.cost.alpha, _ = 1.0, engine.cost.observe(rows, seconds)
+    engine.cost.alpha = 0.0
+    tight = Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=600, deadline_s=1.5)
+    engine._admission_control = lambda job: None  # type: ignore[method-assign]  # this test is the scheduler's, not admission's
+    clock.now = tight.created
+    engine.submit(tight)
+    advanced = []
+    while not tight.done:  # the fake clock moves by what the cost model says each iteration cost
+        before = (relaxed.steps_done, tight.steps_done)
+        engine._iterate()
+        step = (relaxed.steps_done - before[0], tight.steps_done - before[1])
+        advanced.append(step)
+        clock.now += engine.cost.seconds(sum(step)) or 0.0
+    # 10 steps in 1.5 s: 0.15 s an iteration at first, so 1 row a call (0.1 s), not 4 (1.0 s): the tight row alone;
+    # once it is ahead of its schedule, as many rows as still let it finish in time join it
+    assert all(t == 1 for _, t in advanced), advanced
+    assert advanced[:3] == [(0, 1)] * 3 and sum(r for r, _ in advanced) > 0, advanced
+    assert clock.now <= tight.due + 1e-9, str(advanced)  # type: ignore[operator]
+    assert tight.done and tight.error is None
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_the_predicted_wait() -> None:
+    engine, _ = _engine(max_batch=2, max_resident=2)
+    engine.submit(Job(seed=1, n=2, chain=ChainSpec(100, "ddpm"), timeout_s=600, deadline_s=600))
+    engine._iterate()
+    engine.cost = IterationCost()  # a set cost model: 0.05 s a row
+    for rows in (1, 2):
+        engine.cost.observe(rows, 0.05 * rows)
+    engine._iteration_ends = time.monotonic() + 0.1  # an iteration of 0.1 s in flight
+    assert engine.predicted_seconds(Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60)) == pytest.approx(
+        0.1 + (99 * 2 + 10) / 2 * 0.1, rel=0.05
+    )  # the iteration in flight, then the batch's 198 row-steps ahead and its own 10, two rows a call at 0.1 s
+    with pytest.raises(DeadlineUnmeetable) as refused:
+        engine.submit(Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60, deadline_s=2.0))
+    assert refused.value.retry_after_s == pytest.approx(0.1 + 10.4 - 2.0, rel=0.05)
+    # a worse priority's work does not count: a more urgent request is accepted
+    engine.submit(Job(seed=3, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60, deadline_s=2.0, priority=-1))
+
+
+def test_work_without_a_deadline_does_not_count_against_one() -> None:
+    """Rows with a deadline go first (step_scheduler.py): a batch full of work without one leaves a deadline
+    the iteration in flight and its own calls."""
+    engine, _ = _engine(max_batch=2, max_resident=4)
+    engine.submit(Job(seed=1, n=2, chain=ChainSpec(100, "ddpm"), timeout_s=600))
+    engine._iterate()
+    engine.cost = IterationCost()
+    for rows in (1, 2):
+        engine.cost.observe(rows, 0.05 * rows)
+    engine._iteration_ends = time.monotonic() + 0.1
+    job = Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60, deadline_s=2.0)
+    assert engine.predicted_seconds(job) == pytest.approx(0.1 + 10 * 0.05, rel=0.05)
+    engine.submit(job)  # accepted
+
+
+@pytest.fixture(scope="module")
+def sched_client(model_dir):  # type: ignore[no-untyped-def]
+    with app_client(model_dir, max_calls_per_request=200, max_calls_per_client=250, max_images_per_request=8) as c:
+        yield wait_ready(c)
+
+
+def test_the_answer_echoes_the_priority_within_the_bounds(sched_client: TestClient) -> None:
+    r = sched_client.post("/generate", json={"seed": 1, "steps": 3, "priority": -1000000, "deadline_s": 60})
+    assert r.status_code == 200, r.text
+    assert (r.json()["priority"], r.json()["deadline_s"]) == (0, 60)  # an open server: nobody below 0
+    r = sched_client.post("/v1/images/generations", json={"prompt": "x", "seed": 1, "steps": 3, "priority": 99})
+    assert r.status_code == 200 and r.json()["priority"] == 10  # DDPM_MAX_PRIORITY
+
+
+def test_a_request_over_the_call_bound_is_422_naming_its_cost(sched_client: TestClient) -> None:
+    before = metric(sched_client, 'ddpm_refused_requests_total{reason="cost"}')
+    r = sched_client.post("/generate", json={"seed": 1, "batch_size": 8, "steps": 30})
+    assert r.status_code == 422 and "costs 240 U-Net row-calls" in r.json()["detail"] and "the bound is 200" in r.json()["detail"]
+    assert metric(sched_client, 'ddpm_refused_requests_total{reason="cost"}') == before + 1
+
+
+def test_a_refused_deadline_carries_retry_after(model_dir) -> None:  # type: ignore[no-untyped-def]
+    with app_client(model_dir, max_batch=1, max_resident=1) as c:
+        wait_ready(c)
+        state = c.app.state.server  # type: ignore[attr-defined]
+        state.engine.cost = IterationCost()
+        state.engine.cost.observe(1, 1.0)  # one second an iteration: a 20-step chain cannot make 2 s
+        r = c.post("/generate", json={"seed": 1, "steps": 20, "sampler": "ddim", "deadline_s": 2})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 18 and "deadline" in r.json()["detail"]
+        assert metric(c, 'ddpm_refused_requests_total{reason="deadline"}') == 1
+
+
+@pytest.mark.parametrize("max_slowdown", [10.0, 0.0])
+def test_a_short_request_beside_a_long_one_takes_at_most_its_slowdown_bound(max_slowdown: float) -> None:
+    """Without a deadline, a 10-call request beside a full batch of a long chain finishes within 10x its time
+    alone (the iterations shortened for it, fewer of the long chain's rows running), counted on a fake clock
+    that moves by the cost model; with the bound off (0) it runs beside the full batch and takes longer."""
+    clock = FakeClock()
+    engine, _ = _engine(max_batch=4, max_resident=8, clock=clock, max_slowdown=max_slowdown)
+    long = engine.submit(Job(seed=1, n=4, chain=ChainSpec(200, "ddpm"), timeout_s=600))
+    engine._iterate()
+    engine.cost = IterationCost(alpha=0.0)  # 1 row 0.1 s, 4 rows 1.0 s (linear between): set, measurements change nothing
+    engine.cost.alpha, _ = 1.0, (engine.cost.observe(1, 0.1), engine.cost.observe(4, 1.0))
+    engine.cost.alpha = 0.0
+    short = Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=600)
+    clock.now = short.created
+    engine.submit(short)
+    alone, long_before = 10 * 0.1, long.steps_done
+    rows = []
+    while not short.done:
+        before = long.steps_done + short.steps_done
+        engine._iterate()
+        rows.append(long.steps_done + short.steps_done - before)
+        clock.now += engine.cost.seconds(rows[-1]) or 0.0
+    took = clock.now - short.created
+    if max_slowdown:
+        # 0.7 s iterations at first (SAFETY of 10 s / 10 calls): 3 rows, not 4; more once it is ahead of its bound
+        assert took <= 10 * alone * 0.71 + 1e-9 and rows[0] == 3, (took, rows)
+    else:
+        assert took == pytest.approx(10 * 1.0) and set(rows) == {4}, (took, rows)  # beside the full batch: 10x
+    assert long.steps_done - long_before == sum(rows) - 10  # the long chain advanced in every iteration beside it
+
+
+def test_a_request_whose_images_fill_the_batch_leaves_rows_for_the_next() -> None:
+    """One request of more images than the running batch holds (issue 37's reproduction, from one client):
+    the last max_batch resident rows are kept for newcomers, so a 1-image request joins at once and
+    finishes in about its own chain's iterations, not after the big one's chains end."""
+    engine, _ = _engine(max_batch=2, max_resident=6, max_slowdown=0.0)
+    big = engine.submit(Job(seed=1, n=16, chain=ChainSpec(100, "ddpm"), timeout_s=600))
+    for _ in range(3):
+        engine._iterate()
+    assert engine._batch.n == 4  # 6 rows less the 2 kept for newcomers
+    small = engine.submit(Job(seed=2, n=1, chain=ChainSpec(5, "ddpm"), timeout_s=600))
+    iterations = 0
+    while not small.done:
+        engine._iterate()
+        iterations += 1
+    assert iterations <= 6 and small.error is None, iterations  # its 5 steps (shortest first), not ~400 iterations
+    assert big.steps_done > 0 and not big.done
