@@ -39,11 +39,16 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 def test_api_conforms_to_its_schema(case) -> None:  # type: ignore[no-untyped-def]
     response = case.call(timeout=30)
     CALLS[case.operation.label] = CALLS.get(case.operation.label, 0) + 1
-    assert response.status_code < 500, (response.status_code, response.text[:300])
+    # the one 5xx by design: a deadline_s the predicted wait cannot meet (a fuzzer's 5e-324 s) is refused at once,
+    # 503 + Retry-After, so that a load balancer can send it to another replica (README, Scheduling)
+    refused = response.status_code == 503 and "past its deadline" in response.text and "retry-after" in response.headers
+    assert response.status_code < 500 or refused, (response.status_code, response.text[:300])
     # positive_data_acceptance compares integers as float64, so it takes seeds just above 2^63
     # (9223372036854775998 == 2.0**63 as a float) for valid; the server rightly answers 422. The
     # equivalent check, exact in integers, follows.
     excluded = [schemathesis.checks.positive_data_acceptance]
+    if refused:
+        excluded.append(schemathesis.checks.not_a_server_error)
     if response.status_code == 413:  # over DDPM_MAX_BODY_BYTES: refused before parsing, which is a rejection too
         excluded.append(schemathesis.checks.negative_data_rejection)
     case.validate_response(response, excluded_checks=excluded)
