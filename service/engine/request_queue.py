@@ -156,25 +156,19 @@ class PriorityLevels:
         self.images += job.n
 
     def take(self, free: int) -> list[tuple[Job, int]]:
-        new: list[tuple[Job, int]] = []
-        for priority in sorted(self._levels):
-            if len(new) >= free:
-                break
-            level = self._levels[priority]
-            new.extend(level.take(free - len(new)))
-            if not level:
-                del self._levels[priority]
-        self.images -= len(new)
-        return new
+        return self._take(free, first_only=False)
 
     def take_first(self, free: int) -> list[tuple[Job, int]]:
         """The first image of each job not yet started, better priorities first (``RequestQueue.take_first``)."""
+        return self._take(free, first_only=True)
+
+    def _take(self, free: int, first_only: bool) -> list[tuple[Job, int]]:
         new: list[tuple[Job, int]] = []
         for priority in sorted(self._levels):
             if len(new) >= free:
                 break
             level = self._levels[priority]
-            new.extend(level.take_first(free - len(new)))
+            new.extend(level.take_first(free - len(new)) if first_only else level.take(free - len(new)))
             if not level:
                 del self._levels[priority]
         self.images -= len(new)
