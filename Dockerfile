@@ -56,15 +56,20 @@ COPY models ./models
 # speed in seconds instead of minutes; on another CPU it finds no file for its own key and compiles from
 # scratch (ddpm/compile_cache.py). The server is ready on the eager path either way. Mount a writable
 # volume here to keep a mounted model's graphs. (/tmp is emptied after: inductor's precompiled headers
-# alone are ~150 MB.)
+# alone are ~150 MB.) COMPILE_MAX_BATCH: the batch sizes the graphs cover (1..64, the server's default
+# DDPM_MAX_BATCH); COMPILE_AVX2_SET=0 leaves out the AVX2 set. The suite's image build sets 1 and 0
+# (tests/test_container.py: the same commands, a fraction of the compile).
 ARG TORCH_INDEX=""
+ARG COMPILE_MAX_BATCH=64
+ARG COMPILE_AVX2_SET=1
 ENV DDPM_COMPILE_CACHE_DIR=/app/compile-cache
 RUN mkdir -p /app/compile-cache \
  && if [ -n "$TORCH_INDEX" ]; then \
-      ddpm compile-cache -o /app/compile-cache || echo "warning: no compiled graphs in the image (the server compiles at start)"; \
-      if grep -qw avx512f /proc/cpuinfo; then \
-        ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ddpm compile-cache -o /app/compile-cache \
-          || echo "warning: no AVX2 graphs in the image (an AVX2-only host compiles at start)"; \
+      DDPM_MAX_BATCH=$COMPILE_MAX_BATCH ddpm compile-cache -o /app/compile-cache \
+        || echo "warning: no compiled graphs in the image (the server compiles at start)"; \
+      if [ "$COMPILE_AVX2_SET" = 1 ] && grep -qw avx512f /proc/cpuinfo; then \
+        DDPM_MAX_BATCH=$COMPILE_MAX_BATCH ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+          ddpm compile-cache -o /app/compile-cache || echo "warning: no AVX2 graphs in the image (an AVX2-only host compiles at start)"; \
       fi; \
       rm -rf /tmp/* /tmp/.[!.]*; \
     fi

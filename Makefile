@@ -24,12 +24,17 @@ NUMERICS := tests/test_continuous_batcher.py tests/test_reverse_chain.py tests/t
 	tests/test_guidance.py tests/test_shipped_model.py tests/test_scheduling.py
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
+# In parallel, one worker per core (pytest-xdist): a file's tests run on one worker in order (their module
+# fixtures are shared), the slowest files first (tests/conftest.py). `make test WORKERS=0` runs in one process.
+WORKERS ?= auto
+XDIST = -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(BIN)/ddpm
 	$(BIN)/ruff check .
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(XDIST)
 	if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then \
 	  echo "AVX-512 CPU: the numerics files again on the AVX2 kernels"; \
-	  $(AVX2) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(NUMERICS); \
+	  $(AVX2) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(NUMERICS); \
 	fi
 
 lint: $(BIN)/ddpm

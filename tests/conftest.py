@@ -13,11 +13,50 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from ddpm.unet import UNet
 from tests.app_client import app_client, wait_ready
 from tests.tiny_model import random_tiny_unet, save_tiny_model
+
+# `make test` runs the suite in parallel (pytest-xdist, --dist loadfile: a file's tests on one worker, in order,
+# sharing its module fixtures). The files below cost most of the suite's time on a fresh 2-core machine
+# (cold inductor cache and image build; measured with --durations, README "Tests"): they go out first, so
+# that no worker is left with one of them at the end while the others idle.
+SLOW_FILES = (
+    "test_container.py",
+    "test_compile_cache.py",
+    "test_gpu_check.py",
+    "test_read_only_root.py",
+    "test_inference_compile.py",
+    "test_background_compile.py",
+    "test_shipped_model.py",
+    "test_load_balancer.py",
+    "test_server_process.py",
+    "test_chaos.py",
+    "test_train.py",
+    "test_precision.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # schemathesis (4.32 under pytest 9) gives every API operation's test one node id, and xdist tells tests apart
+    # by it: all but one operation went unfuzzed (tests/test_fuzz_api.py counts the operations it reached)
+    for item in items:
+        label = getattr(item, "operation_label", None)
+        if label and not item.nodeid.endswith("]"):
+            if hasattr(item, "_id"):  # pytest 9: a structured id
+                item._id = item._id.with_params(label)
+            else:  # pytest 8
+                item._nodeid = f"{item.nodeid}[{label}]"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(SLOW_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order within a rank
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one torch thread team per core, not one per worker per core
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ imported once. ``build`` runs ``podman build --format docker`` (Docker format ke
 with ``BASE`` pointing at it, and lets pip inside the build see the host's package index configuration
 (its pip config files, local wheel folders and CA bundle, mounted read-only; ``--network host``).
 
-    python -m tests.container_image            # build the CPU image; prints build seconds and size
+    python -m tests.container_image            # build the CPU image as shipped; prints build seconds and size
 
 Facts of this machine, not of the image (so they stay out of the Dockerfile): podman 4.3 runs as root
 with ``--runtime runc`` (crun refuses the hybrid cgroup v1 layout), and containers only start with
@@ -110,12 +110,14 @@ def _pip_config_mounts() -> list[str]:
     return mounts
 
 
-def build(tag: str = IMAGE, torch_index: str = "https://pypi.org/simple") -> dict[str, object]:
-    """Build the CPU image (``TORCH_INDEX`` set: the CPU torch, no triton) from this checkout."""
+def build(tag: str = IMAGE, torch_index: str = "https://pypi.org/simple", **build_args: str) -> dict[str, object]:
+    """Build the CPU image (``TORCH_INDEX`` set: the CPU torch, no triton) from this checkout; ``build_args``
+    are the Dockerfile's other ARGs (COMPILE_MAX_BATCH, COMPILE_AVX2_SET)."""
     base = ensure_base()
     start = time.monotonic()
+    args = [f"{name}={value}" for name, value in {"BASE": base, "TORCH_INDEX": torch_index, **build_args}.items()]
     podman("build", "--network", "host", "--format", "docker", *_pip_config_mounts(),
-           "--build-arg", f"BASE={base}", "--build-arg", f"TORCH_INDEX={torch_index}", "-t", tag, str(ROOT), timeout=1800)  # fmt: skip
+           *(a for arg in args for a in ("--build-arg", arg)), "-t", tag, str(ROOT), timeout=1800)  # fmt: skip
     seconds = time.monotonic() - start
     size = int(podman("image", "inspect", tag, "--format", "{{.Size}}").stdout.strip())
     base_size = int(podman("image", "inspect", base, "--format", "{{.Size}}").stdout.strip())

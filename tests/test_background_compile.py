@@ -124,6 +124,37 @@ def test_a_failed_background_compile_keeps_serving_eagerly(model_dir: Path, monk
         assert c.get("/readyz").status_code == 200 and c.post("/generate", json={"seed": 1, **CHAIN}).status_code == 200
 
 
+def test_shutdown_stops_the_compile_thread_at_its_next_call() -> None:
+    """A server that shuts down mid-build does not go on compiling (an in-process app, a test's, once kept
+    a core busy for a minute after it closed): the build ends at the compile thread's next U-Net or step call."""
+    from ddpm.inference_compile import hot_path
+    from service.engine.engine import Engine
+    from tests.tiny_model import random_tiny_unet, tiny_loaded_model
+
+    unet = random_tiny_unet()
+    model = tiny_loaded_model(unet, num_timesteps=50)
+    eager = hot_path(model.eps_model, unet, "cpu", "off", "torch", precision="fp32")
+    switch = PathSwitch(eager)
+    calls: list[int] = []
+
+    def make_compiled(eps: object, module: object):  # type: ignore[no-untyped-def]
+        def counting(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            if len(calls) == 3:
+                switch.close()  # the server's shutdown, while the warm-up of batch 1 runs
+            return eager.eps_model(x, t, *labels)
+
+        return dataclasses.replace(eager, eps_model=counting)  # eager stands in for compiled: no g++ needed
+
+    compiler = BackgroundCompiler(model, switch, make_compiled, lambda m, step: Engine(m, max_batch=4, step_fn=step),
+                                  warmup_steps=1, max_batch=4)  # fmt: skip
+    thread = compiler.start()
+    thread.join(60)
+    assert not thread.is_alive() and compiler.built.is_set()
+    assert len(calls) == 3 and set(calls) == {1}  # nothing after the close: no batch 2 or 4, no sweep
+    assert switch.states["2+"] != COMPILED and not switch.asking
+
+
 def _fake_path(name: str, calls: list[str]):  # type: ignore[no-untyped-def]
     from ddpm.inference_compile import HotPath
 

@@ -94,8 +94,10 @@ def cifar_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
     root = tmp_path_factory.mktemp("cifar")
     pipeline = save_cifar10_shaped_pipeline(root / "ddpm-cifar10-32")
     lay_out_hub_cache(root / "cache", REPO_ID, pipeline)
+    # max batch 2: the warm-up runs every step variant at batch 1, 2 and max_batch, and a 35.7M U-Net (12 GFLOP
+    # per image and step) at ServerProcess's 8 rows costs CPU no test here needs
     server = ServerProcess(REPO_ID, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(root / "cache"), DDPM_COMPILE="off",  # type: ignore[arg-type]
-                           DDPM_PRECISION="fp32", DDPM_THREADS="2")  # fmt: skip
+                           DDPM_PRECISION="fp32", DDPM_THREADS="2", DDPM_MAX_BATCH="2", DDPM_WARMUP_STEPS="1")  # fmt: skip
     try:
         server.wait_ready(120)
         yield server, pipeline

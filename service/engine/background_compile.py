@@ -29,6 +29,9 @@ Priority: the compile runs at the serving threads' priority. Measured with 4 cli
 serving kept ~6.5 images/s, and would for ever under that load), at nice 5 half of it did; at nice 0
 eager serving drops to ~1.3 images/s for ~2 minutes and then runs compiled at ~13.
 
+Shutdown (``PathSwitch.close``) ends the build at the compile thread's next call: a compile under way
+finishes, nothing after it starts.
+
 Threads: dynamo compiles under its own global lock, and the eval-frame hook that diverts Python frames
 into compiled code is per thread; the compile thread only ever touches its own copy of the module
 (compiling converts it to channels-last in place, which the eager serving copy must not see).
@@ -145,6 +148,7 @@ class PathSwitch:
         self.states: dict[str, str] = dict.fromkeys(GROUPS, EAGER)
         self.on_change: Callable[[PathSwitch], None] | None = None
         self.on_fallback: Callable[[Signature], None] | None = None
+        self.closed = threading.Event()  # the server is shutting down: the compile thread stops at its next call
 
     # --- the engine's calls ----------------------------------------------------------------------
     def eps(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
@@ -207,8 +211,19 @@ class PathSwitch:
         return {key: ranges(rows) for key, rows in sorted(by_variant.items())}
 
     def close(self) -> None:
-        """End the compile thread's wait for requests."""
+        """End the compile thread's wait for requests, and its warm-up or sweep at the next call (a compile
+        under way finishes first: dynamo cannot be interrupted)."""
+        self.closed.set()
         self.requests.put(None)
+
+
+class CompileStopped(Exception):
+    """The switch was closed while the compile thread had graphs left to build."""
+
+
+def _check_open(switch: PathSwitch) -> None:
+    if switch.closed.is_set():
+        raise CompileStopped("the server is shutting down")
 
 
 def fully_compiled(states: dict[str, str]) -> bool:
@@ -235,11 +250,13 @@ class _Recorder:
         self.examples: dict[tuple[str, tuple[bool, ...]], tuple[Any, ...]] = {}
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        _check_open(self.switch)
         out = self.compiled.eps_model(x, t, *labels)
         self._record(unet_signature(x, labels), (x, t, *labels))
         return out
 
     def step(self, x_t: torch.Tensor, *args: Any) -> Any:
+        _check_open(self.switch)
         out = self._step(x_t, *args)
         self._record(step_signature(x_t, args), (x_t, *args))
         return out
@@ -302,6 +319,9 @@ class BackgroundCompiler:
             self.on_done()
             return True
         except BaseException as exc:  # the eager path keeps serving
+            if switch.closed.is_set():  # (a CompileStopped, perhaps wrapped by the warm-up's job error)
+                log.info("background compile stopped at batch %s: the server is shutting down", group)
+                return False
             switch.compiled = None
             for g in GROUPS:
                 if switch.states[g] != COMPILED:
@@ -325,6 +345,7 @@ class BackgroundCompiler:
 
     def _run(self, sig: Signature, args: tuple[Any, ...]) -> None:
         assert self.compiled is not None
+        _check_open(self.switch)
         with torch.inference_mode():
             if sig[0] == "unet":
                 self.compiled.eps_model(*args)
@@ -344,6 +365,8 @@ class BackgroundCompiler:
             try:
                 self._run(sig, args)
                 log.info("compiled %s %s rows %s (asked by the serving engine)", sig[0], sig[2], sig[1])
+            except CompileStopped:
+                return
             except Exception as exc:  # that shape stays eager; the others are unaffected
                 self.switch.failed.add(sig)
                 log.warning("compiling %s failed (%s: %s); that shape stays eager", sig, type(exc).__name__, exc)
