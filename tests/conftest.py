@@ -55,8 +55,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order within a rank
 
 
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one torch thread team per core, not one per worker per core
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+# One torch thread team per core, not one per worker per core; and the same number in the worker's child
+# processes (`ddpm sample` in a test compared with the in-process sampler: GEMM's sums change with it, ~2e-5).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture
