@@ -41,7 +41,7 @@ def test_dry_run_end_to_end(tmp_path: Path) -> None:
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DDPM_GPU_WHEELS": str(wheels), "PYTHON": sys.executable,
            "HOME": str(tmp_path)}  # fmt: skip
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), str(out), "--dry-run"], env=env, capture_output=True,
-                          text=True, timeout=1200)  # fmt: skip
+                          text=True, timeout=2400)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "installed" in done.stdout and "into" in done.stdout  # the wheels went into a throwaway target
     results = json.loads((out / "gpu_results.json").read_text())

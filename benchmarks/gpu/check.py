@@ -80,11 +80,14 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
             "3",
         ]
     limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50, "server": 540}
+    # the rehearsal runs inside the suite, beside other workers' compiles on the same cores: its sampler phase
+    # once took over 340 s there (35 s alone, warm); the limits bound a GPU run, not the rehearsal
+    slack = 4 if dry_run else 1
     server = [py, "benchmarks/gpu/server_bench.py", "--device", device] + (["--dry-run"] if dry_run else [])
     return [
-        Phase("tests", tests, limits["tests"] * (2 if dry_run else 1), {"DDPM_TEST_DEVICE": device, **interpret}),
+        Phase("tests", tests, limits["tests"] * slack, {"DDPM_TEST_DEVICE": device, **interpret}),
         Phase("kernel", kernel, limits["kernel"], interpret),
-        *(Phase(part, [*suite, "--parts", part], limits[part] * (2 if dry_run else 1)) for part in ("sampler", "graphs", "drift")),
+        *(Phase(part, [*suite, "--parts", part], limits[part] * slack) for part in ("sampler", "graphs", "drift")),
         Phase("server", server, limits["server"]),
     ]
 
