@@ -31,8 +31,9 @@ SHIPPED = ROOT / "models" / "mnist-28"
 # deterministic and quick to start: eager fp32 on both sides of the byte comparison
 SERVING_ENV = {"DDPM_COMPILE": "off", "DDPM_PRECISION": "fp32", "DDPM_THREADS": "1", "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8"}
 # The image's compiled graphs for batch 1 only, and no second (AVX2) set on an AVX-512 machine: the same
-# Dockerfile steps (`ddpm compile-cache` in the build, the server loading its output), ~1/4 of the compile
-# a release build runs (the sweep to 64 and the AVX2 set double it each; README "Start-up" has those costs).
+# Dockerfile steps (`ddpm compile-cache` in the build, the server loading its output), less compile than a
+# release build (the shipped model, cold, on a 2-core AVX2 EPYC: 202 s at max batch 64, 156 s at 4; an
+# AVX-512 build machine compiles a second, AVX2 set on top).
 COMPILE_ARGS = {"COMPILE_MAX_BATCH": "1", "COMPILE_AVX2_SET": "0"}
 
 
