@@ -113,6 +113,8 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     model = load_model_source(args.model, device)
     init, mask, edit = _edit_inputs(args, model.image_shape)
     try:
+        args.sampler, args.steps, args.spacing = model.own_chain(args.sampler, args.steps, args.spacing)  # a distilled model's
+        args.sampler = args.sampler or "ddpm"
         steps = args.steps or model.span(edit.get("strength", 1.0))  # type: ignore[arg-type]
         chain = model.chain(args.sampler, steps, args.eta, args.spacing, None if args.clip is None else args.clip == "on", **edit)
         labels, w = model.labels(_requested_labels(args.class_label, args.n, model.num_classes), args.n, args.guidance_scale)
@@ -200,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model),
         "seed": args.seed,
-        "steps": args.steps or model.schedule.num_timesteps,
+        "steps": args.steps or model.schedule.num_timesteps,  # a distilled model's own when not given (generate)
         "sampler": args.sampler,
         "eta": args.eta,
         "timestep_spacing": args.spacing_used,
@@ -220,6 +222,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from ddpm.grid import make_grid
 
         make_grid(images[:100], ncols=10).save(args.grid)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    require_train_extra("distill")
+    from ddpm.distill import DistillConfig, Distiller
+
+    config = DistillConfig(
+        teacher=args.teacher,
+        teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps,
+        round_steps=args.round_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        data=args.data,
+        checkpoint_every=args.checkpoint_every,
+        eval_n=args.eval_n,
+        threads=args.threads,
+    )
+    try:
+        distiller = Distiller(config, args.run_dir, device=args.device)
+    except ValueError as exc:
+        raise SystemExit(f"ddpm distill: {exc}") from exc
+    distiller.train(progress=not args.quiet)
+    rounds = distiller.run_dir / "rounds.jsonl"
+    if rounds.exists():
+        print(rounds.read_text(), end="")
     return 0
 
 
@@ -280,9 +310,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm (Algorithm 2), ddim, dpmsolver++ or sde-dpmsolver++ (DPM-Solver++(2M), ODE or SDE), "
-                        "restart (restart sampling on sde-dpmsolver++)")  # fmt: skip
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm (Algorithm 2; the default, or a distilled model's own), ddim, dpmsolver++ or sde-dpmsolver++ "
+                        "(DPM-Solver++(2M), ODE or SDE), restart (restart sampling on sde-dpmsolver++)")  # fmt: skip
     p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
@@ -349,6 +379,23 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    d = subcommand(sub, "distill", "progressive distillation: a student taking N DDIM steps where its teacher takes 2N (resumes)")
+    d.add_argument("--teacher", default=str(DEFAULT_MODEL), help="the model directory distilled in round 1 (default: the shipped model)")
+    d.add_argument("--run-dir", required=True, help="state, rounds.jsonl and each round's model (steps_N/) go here")
+    d.add_argument("--teacher-steps", type=int, default=16, help="round 1's teacher: DDIM (eta 0) over this many trailing steps")
+    d.add_argument("--student-steps", type=int, default=4, help="the last round's student steps (teacher steps / a power of 2)")
+    d.add_argument("--round-steps", type=int, default=1000, help="optimiser steps per round")
+    d.add_argument("--batch-size", type=int, default=64, help="images per optimiser step")
+    d.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, linearly to 0 over each round")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data order, t and the noise")
+    d.add_argument("--data", default="mnist", help="the images z_t is made from ('mnist' or a folder, as ddpm train)")
+    d.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    d.add_argument("--eval-n", type=int, default=500, help="images of the quality row measured after each round (0: none)")
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
 
     s = subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png or -o images.npy")
     _add_sampling_args(s)

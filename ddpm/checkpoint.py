@@ -27,6 +27,7 @@ from ddpm.unet import UNet, UNetConfig
 FORMAT = "ddpm-serve/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+PREDICTIONS = ("eps", "v")
 
 
 class CheckpointError(ValueError):
@@ -45,6 +46,11 @@ class ModelCard:
     # guidance scale w its evaluation recommends (eps = (1 + w) eps(x, t, y) - w eps(x, t, null))
     class_names: list[str] = field(default_factory=list)
     guidance_scale: float | None = None
+    # what the U-Net outputs: "eps" (Eq. 14's eps_theta) or "v" (v = alpha_t eps - sigma_t x_0, Salimans & Ho
+    # 2022; a distilled student, ddpm.distill), and the one chain a distilled model was trained for
+    # ({"sampler": "ddim", "steps": N, "timestep_spacing": "trailing"}; None: any chain)
+    prediction: str = "eps"
+    distilled_chain: dict[str, Any] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
 
@@ -64,6 +70,8 @@ class ModelCard:
             "clip_denoised": self.clip_denoised,
             "image_shape": list(self.image_shape),
             **({"classes": self.class_names, "guidance_scale": self.guidance_scale} if self.unet.num_classes else {}),
+            **({"prediction": self.prediction} if self.prediction != "eps" else {}),
+            **({"distilled_chain": self.distilled_chain} if self.distilled_chain else {}),
             "training": self.training,
             "quality": self.quality,
         }
@@ -83,6 +91,8 @@ class ModelCard:
                 clip_denoised=bool(d.get("clip_denoised", True)),
                 class_names=[str(c) for c in d.get("classes", [])],
                 guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
+                prediction=str(d.get("prediction", "eps")),
+                distilled_chain=None if d.get("distilled_chain") is None else dict(d["distilled_chain"]),
                 training=dict(d.get("training", {})),
                 quality=dict(d.get("quality", {})),
             )
@@ -93,6 +103,11 @@ class ModelCard:
         names = self.class_names
         if names and (len(names) != self.unet.num_classes or len(set(names)) != len(names)):
             raise CheckpointError(f"classes {names} do not match num_classes = {self.unet.num_classes} (or repeat a name)")
+        if self.prediction not in PREDICTIONS:
+            raise CheckpointError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        chain = self.distilled_chain
+        if chain is not None and (chain.get("sampler") != "ddim" or not isinstance(chain.get("steps"), int) or chain["steps"] < 1):
+            raise CheckpointError(f"distilled_chain must name sampler ddim and steps >= 1, got {chain}")
 
 
 def _atomic_write(path: Path, write: Any) -> None:

@@ -55,6 +55,35 @@ class LoadedModel:
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
     guidance_scale: float | None = None
+    # a distilled student (ddpm.distill): the one chain it was trained for, {"sampler": "ddim", "steps": N,
+    # "timestep_spacing": "trailing"}; None: any chain
+    distilled_chain: dict[str, Any] | None = None
+
+    def own_chain(self, sampler: str | None, steps: int | None, spacing: str | None) -> tuple[str | None, int | None, str | None]:
+        """A distilled model's chain fills what a request leaves out (others: unchanged; ``chain`` then
+        refuses anything else)."""
+        own = self.distilled_chain
+        if own is None:
+            return sampler, steps, spacing
+        return sampler or own["sampler"], steps or own["steps"], spacing or own.get("timestep_spacing")
+
+    def _check_distilled(self, sampler: str, steps: int, spacing: str, strength: float, repaint: bool, eta: float | None) -> None:
+        own = self.distilled_chain
+        if own is None:
+            return
+        name = f"{own['sampler']} at {own['steps']} {own.get('timestep_spacing', DEFAULT_SPACING)} steps"
+        why = f"this model is distilled (ddpm distill) for one chain, {name}: its U-Net has learnt no other timesteps"
+        if strength < 1.0 or repaint:
+            raise ChainError(
+                "strength" if strength < 1.0 else "mask", f"{why}, so it cannot edit an image (SDEdit and RePaint start mid-chain)"
+            )
+        checks = (("sampler", sampler, own["sampler"]), ("steps", steps, own["steps"]),
+                  ("timestep_spacing", spacing, own.get("timestep_spacing", DEFAULT_SPACING)))  # fmt: skip
+        for field_name, value, wanted in checks:
+            if value != wanted:
+                raise ChainError(field_name, f"{why}; {field_name} {value!r} is not {wanted!r} (leave it out to get the model's own)")
+        if eta:
+            raise ChainError("eta", f"{why}; eta must be 0")
 
     @property
     def conditional(self) -> bool:
@@ -133,6 +162,7 @@ class LoadedModel:
         except ValueError as exc:
             raise ChainError("timestep_spacing", str(exc)) from exc
         clip = self.clip_denoised if clip is None else clip
+        self._check_distilled(sampler, steps, spacing, strength, repaint, eta)
         try:
             return ChainSpec(steps, sampler, eta or 0.0, clip, spacing, offset, strength, repaint, jump_length or DEFAULT_JUMP_LENGTH,
                              jump_n_sample or DEFAULT_JUMP_N_SAMPLE)  # fmt: skip

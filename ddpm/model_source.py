@@ -13,6 +13,7 @@ import torch
 from ddpm.checkpoint import CONFIG, CheckpointError, load_model
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_hub import model_name, resolve_model_dir
+from ddpm.v_prediction import EpsFromV
 
 
 def _is_diffusers_dir(path: Path) -> bool:
@@ -36,6 +37,8 @@ def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
             raise CheckpointError(f"{path / CONFIG} is not valid JSON: {exc}") from exc
         if fmt is not None:
             module, card = load_model(path, device)
+            if card.prediction == "v":  # a distilled student (ddpm.distill): the chain takes eps
+                module = EpsFromV(module, card.schedule()).to(device).eval()
             return LoadedModel(
                 name=path.name,
                 eps_model=module,
@@ -49,6 +52,7 @@ def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
                 num_classes=card.unet.num_classes,
                 class_names=card.class_names or [str(i) for i in range(card.unet.num_classes)],
                 guidance_scale=card.guidance_scale,
+                distilled_chain=card.distilled_chain,
             )
     if _is_diffusers_dir(path):
         from ddpm.diffusers_source import load_diffusers_ddpm

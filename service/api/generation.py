@@ -183,6 +183,7 @@ def resolve_chain(
     field. ``edit``: an edit's options (``edit_options``), passed to ``LoadedModel.chain``."""
     assert state.model is not None
     settings = state.settings
+    sampler, steps, spacing = state.model.own_chain(sampler, steps, spacing)  # a distilled model's own chain
     requested = sampler
     sampler = sampler or ("ddpm" if edit.get("repaint") else settings.default_sampler)  # inpainting: Algorithm 2's step
     try:

@@ -240,6 +240,12 @@ class ModelDescription(BaseModel):
     clip_denoised: bool
     timestep_spacing: str | None = Field(..., description="The model's own spacing (a diffusers config's), else null")
     steps_offset: int
+    prediction: str = Field("eps", description="What the U-Net outputs: eps, or v (a distilled student; the server converts to eps)")
+    distilled_chain: dict[str, Any] | None = Field(
+        None,
+        description="A distilled model (ddpm distill): the one chain it serves (sampler, steps, timestep_spacing), what a request "
+        "that names none gets; any other chain, and edits, answer 422. null: any chain",
+    )
 
 
 class Limits(BaseModel):

@@ -40,7 +40,7 @@ async def schedule(
         raise not_ready(state)
     m = state.model
     chain = None
-    if any(v is not None for v in (sampler, steps, eta, timestep_spacing, clip_denoised)):
+    if m.distilled_chain is not None or any(v is not None for v in (sampler, steps, eta, timestep_spacing, clip_denoised)):
         spec = resolve_chain(state, sampler, steps, eta, timestep_spacing, clip_denoised, where="query")
         tables = state.engine.chain_tables(spec) if state.engine is not None else ChainTables.for_spec(m.schedule, m.variance_type, spec)
         chain = _chain_table(tables, spec)
@@ -89,6 +89,8 @@ def server_info(state: ServerState) -> InfoResponse:
     assert model is not None and facts is not None
     gflop = facts.gflop_per_image_step
     hot_path = state.hot_path_states()
+    # what a request that names no chain gets: a distilled model's own chain, else the settings'
+    own = model.own_chain(None, None, None) if model.distilled_chain else (s.default_sampler, s.default_steps, s.default_timestep_spacing)
     return InfoResponse(
         version=__version__,
         model=ModelDescription(
@@ -106,10 +108,12 @@ def server_info(state: ServerState) -> InfoResponse:
             clip_denoised=model.clip_denoised,
             timestep_spacing=model.timestep_spacing,
             steps_offset=model.steps_offset,
+            prediction="v" if model.distilled_chain else "eps",
+            distilled_chain=model.distilled_chain,
         ),
         samplers=list(SAMPLERS),
         timestep_spacings=list(SPACINGS),
-        defaults=Defaults(sampler=s.default_sampler, steps=s.default_steps, timestep_spacing=s.default_timestep_spacing),
+        defaults=Defaults(sampler=own[0], steps=own[1], timestep_spacing=own[2]),
         limits=Limits(
             max_batch=s.max_batch,
             max_images_per_request=s.max_images_per_request,
