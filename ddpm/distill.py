@@ -236,7 +236,8 @@ class Distiller:
             training={
                 "command": self.command,
                 "method": "progressive distillation (Salimans & Ho 2022), v-prediction, truncated-SNR weighting",
-                "teacher": str(self.config.teacher),
+                "teacher": str(self.config.teacher),  # round 1's; each later round's teacher is the round before's student
+                "round_teacher": str(self.config.teacher) if steps == self.rounds[0] else str(self.round_dir(2 * steps)),
                 "teacher_chain": {"sampler": "ddim", "steps": 2 * steps, "timestep_spacing": SPACING},
                 "rounds": {
                     str(n): {"steps": len(self.losses[n]), "seconds": round(self.seconds[n], 1)} for n in self.rounds if n in self.losses

@@ -83,3 +83,26 @@ def test_shipped_conditional_model_gives_the_asked_digit(tmp_path: Path) -> None
     assert agreement >= 0.8, agreement  # N = 500 at 50 steps: see its model card
     other = np.load(_sample(tmp_path, "o.npy", *chain, "--guidance-scale", str(w + 1)))
     assert np.abs(other - x).max() > 0.1
+
+
+DISTILLED_MODEL = DEFAULT_MODEL.parent / "mnist-28-distilled"
+
+
+def test_shipped_distilled_model_runs_its_four_calls_and_refuses_others(tmp_path: Path) -> None:
+    """models/mnist-28-distilled (ddpm distill of the shipped model): a request that names no chain gets
+    its own 4-step DDIM chain, and most of its samples are confidently digits; another chain is refused."""
+    import torch
+
+    from ddpm.classifier import load_classifier
+    from ddpm.evaluate import classify
+
+    model = load_model_source(DISTILLED_MODEL)
+    assert model.distilled_chain == {"sampler": "ddim", "steps": 4, "timestep_spacing": "trailing"}
+    assert (DISTILLED_MODEL / "model.safetensors").stat().st_size < 20 * 2**20
+    x = np.load(_sample(tmp_path, "d.npy", "--model", str(DISTILLED_MODEL), "--seed", "0", "-n", "32"))
+    _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
+    assert (probs.max(1) >= 0.9).mean() >= 0.5  # N = 500: 0.75 (its model card)
+    assert len(set(probs.argmax(1).tolist())) >= 6
+    refused = subprocess.run([sys.executable, "-m", "commands.main", "sample", "--model", str(DISTILLED_MODEL), "--steps", "10", "-o",
+                              str(tmp_path / "r.png")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode != 0 and "distilled" in refused.stderr and "--steps" in refused.stderr
