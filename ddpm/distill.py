@@ -25,7 +25,6 @@ like any model.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -37,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.checkpoint import ModelCard, load_model, record_quality, save_model
+from ddpm.checkpoint import ModelCard, load_model, read_card, record_quality, save_model
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
 from ddpm.train import q_sample
+from ddpm.unet import UNet
 from ddpm.v_prediction import eps_from_v, x0_from_v
 
 SPACING = "trailing"  # the only spacing whose grids nest when N halves
@@ -134,7 +134,7 @@ class Distiller:
         self.command = command or " ".join(["ddpm", *sys.argv[1:]])
         if config.threads:
             torch.set_num_threads(config.threads)
-        teacher, self.teacher_card = load_model(config.teacher, self.device)
+        self.teacher_card = read_card(config.teacher)  # its weights load with each round's teacher (_start_round)
         if self.teacher_card.unet.num_classes:
             raise ValueError("distilling a class-conditional model is not supported (its guidance doubles the teacher's calls)")
         if self.teacher_card.distilled_chain is not None:
@@ -145,13 +145,13 @@ class Distiller:
         self.data = dataset.images.to(self.device)
         self.sqrt_abar = self.schedule.tensor("sqrt_alphas_cumprod", self.device)
         self.sqrt_1m_abar = self.schedule.tensor("sqrt_one_minus_alphas_cumprod", self.device)
+        self.student = UNet(self.teacher_card.unet).to(self.device).train()  # weights: the teacher's (a fresh round) or the saved state
         self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
         torch.manual_seed(config.seed)
         self.round = 0  # index into self.rounds
         self.step = 0  # optimiser steps done in this round
         self.losses: dict[int, list[float]] = {}
         self.seconds: dict[int, float] = {}
-        self.student = copy.deepcopy(teacher).train()
         self.opt = torch.optim.Adam(self.student.parameters(), lr=config.lr)
         self._resume()
         self._start_round(fresh=self.step == 0)
@@ -181,9 +181,8 @@ class Distiller:
         self.losses, self.seconds = state["losses"], state["seconds"]
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
-        if not self.done:
-            self.student.load_state_dict(state["student"])
-            self.opt.load_state_dict(state["opt"])
+        self.student.load_state_dict(state["student"])
+        self.opt.load_state_dict(state["opt"])
 
     def _start_round(self, fresh: bool) -> None:
         """Load this round's teacher (round 1: the given model; later: the last round's student); a fresh
@@ -280,13 +279,14 @@ class Distiller:
     def finish_round(self) -> Path:
         """Export this round's student as a model directory, measure it, and move to the next round."""
         steps = self.rounds[self.round]
-        out = save_model(self.round_dir(steps), self.student, self.model_card(steps))
+        card = self.model_card(steps)
+        out = save_model(self.round_dir(steps), self.student, card)
         row: dict[str, Any] = {
             "student_steps": steps,
             "teacher_steps": 2 * steps,
             "optimiser_steps": len(self.losses[steps]),
             "seconds": round(self.seconds[steps], 1),
-            "loss_mean_100": self.model_card(steps).training["final_loss_mean_100"],
+            "loss_mean_100": card.training["final_loss_mean_100"],
         }
         if self.config.eval_n:
             row["quality"] = self.measure(out)
@@ -324,9 +324,9 @@ class Distiller:
         """Run the rounds left; ``max_steps``: stop (and save) after this many optimiser steps of this call."""
         from tqdm import tqdm
 
-        from ddpm.train import _StopFlag
+        from ddpm.train import StopFlag
 
-        stop = _StopFlag()
+        stop = StopFlag()
         budget = max_steps
         while not self.done and not stop.requested and budget != 0:
             steps = self.rounds[self.round]

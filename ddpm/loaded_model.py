@@ -58,6 +58,7 @@ class LoadedModel:
     # a distilled student (ddpm.distill): the one chain it was trained for, {"sampler": "ddim", "steps": N,
     # "timestep_spacing": "trailing"}; None: any chain
     distilled_chain: dict[str, Any] | None = None
+    prediction: str = "eps"  # what the U-Net outputs (ddpm.checkpoint.PREDICTIONS); eps_model always gives eps
 
     def own_chain(self, sampler: str | None, steps: int | None, spacing: str | None) -> tuple[str | None, int | None, str | None]:
         """A distilled model's chain fills what a request leaves out (others: unchanged; ``chain`` then

@@ -53,6 +53,7 @@ def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
                 class_names=card.class_names or [str(i) for i in range(card.unet.num_classes)],
                 guidance_scale=card.guidance_scale,
                 distilled_chain=card.distilled_chain,
+                prediction=card.prediction,
             )
     if _is_diffusers_dir(path):
         from ddpm.diffusers_source import load_diffusers_ddpm

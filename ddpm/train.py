@@ -208,7 +208,7 @@ class Trainer:
 
         cfg = self.config
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
-        stop = _StopFlag()
+        stop = StopFlag()
         last = time.perf_counter()
         while self.step < cfg.steps and not stop.requested:
             self.losses.append(self.train_step())
@@ -279,7 +279,7 @@ class Trainer:
         plt.close(fig)
 
 
-class _StopFlag:
+class StopFlag:
     """SIGINT/SIGTERM finish the current step, save, and return (main thread only)."""
 
     def __init__(self) -> None:

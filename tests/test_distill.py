@@ -135,7 +135,7 @@ def test_distillation_lowers_its_loss(tmp_path: Path) -> None:
     d = Distiller(_config(_teacher_dir(tmp_path), teacher_steps=2, round_steps=80, lr=2e-3), tmp_path / "run", device="cpu")
     d.train(progress=False)
     losses = d.losses[1]
-    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10])  # measured: 0.61, (losses[:10], losses[-10:])
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:10]), (losses[:10], losses[-10:])  # measured ratio: 0.61
 
 
 def _png(pixels: np.ndarray) -> str:

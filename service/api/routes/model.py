@@ -108,7 +108,7 @@ def server_info(state: ServerState) -> InfoResponse:
             clip_denoised=model.clip_denoised,
             timestep_spacing=model.timestep_spacing,
             steps_offset=model.steps_offset,
-            prediction="v" if model.distilled_chain else "eps",
+            prediction=model.prediction,
             distilled_chain=model.distilled_chain,
         ),
         samplers=list(SAMPLERS),
