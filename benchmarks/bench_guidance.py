@@ -95,6 +95,7 @@ def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore
     ``args.rounds`` rounds (this machine's speed drifts by 20% between runs of a few seconds)."""
     import functools
 
+    from ddpm.image_request import ImageRequest
     from kernels.reverse_step import fused_reverse_step
     from service.engine.engine import Engine
     from service.engine.job import Job
@@ -110,9 +111,8 @@ def mixed_engine(model, fast, args: argparse.Namespace) -> None:  # type: ignore
 
     def served() -> float:
         start = time.perf_counter()
-        jobs = [engine.submit(Job(seed=i, n=1, chain=ChainSpec(args.steps, "sde-dpmsolver++", spacing=spacing),
-                                  timeout_s=3600, class_labels=kinds[i % 3][0], guidance_scale=kinds[i % 3][1]))
-                for i in range(3 * b)]  # fmt: skip
+        chain = ChainSpec(args.steps, "sde-dpmsolver++", spacing=spacing)
+        jobs = [engine.submit(Job(ImageRequest(i, 1, chain, *kinds[i % 3]), timeout_s=3600)) for i in range(3 * b)]
         while not all(j.done for j in jobs):
             time.sleep(0.005)
         return len(jobs) / (time.perf_counter() - start)

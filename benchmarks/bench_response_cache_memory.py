@@ -29,6 +29,7 @@ def measure(images: int, shape: tuple[int, ...], megabytes: float) -> str:
     import torch
 
     from ddpm.chain import ChainSpec
+    from ddpm.image_request import ImageRequest
     from service.response_cache import ImageKey, ResponseCache
 
     per_entry = images * int(torch.tensor(shape).prod()) * 4
@@ -42,7 +43,7 @@ def measure(images: int, shape: tuple[int, ...], megabytes: float) -> str:
         held = torch.zeros((images, *shape), dtype=torch.float32)
         for k in range(images):
             held[k] = batch[(seed + k) % 64].float().cpu()
-        cache.put(ImageKey("f" * 64, "fp32", "cpu", seed, images, spec), held)
+        cache.put(ImageKey("f" * 64, "fp32", "cpu", ImageRequest(seed, images, spec)), held)
     gc.collect()
     grown = rss_bytes() - before
     pixels = entries * per_entry

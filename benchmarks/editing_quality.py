@@ -131,6 +131,7 @@ def serving(model, inputs: torch.Tensor, args: argparse.Namespace) -> dict:  # t
     images each, step-level batching over max_batch 64), against the offline sampler running each kind
     in one batch of the same size, one kind after the other."""
     from ddpm.chain import ChainSpec
+    from ddpm.image_request import EditInput, ImageRequest
     from service.engine.engine import Engine
     from service.engine.job import Job
 
@@ -154,8 +155,8 @@ def serving(model, inputs: torch.Tensor, args: argparse.Namespace) -> dict:  # t
         for first in range(0, m, 4):
             for name, spec in specs.items():
                 image = inputs[first]
-                engine.submit(Job(seed=first, n=4, chain=spec, timeout_s=3600, init_image=None if name == "plain" else image,
-                                  mask=keep if name == "inpainting" else None))  # fmt: skip
+                edit = None if name == "plain" else EditInput.of(image, keep if name == "inpainting" else None)
+                engine.submit(Job(ImageRequest(first, 4, spec, None, 0.0, edit), timeout_s=3600))
         engine.wait_idle(3600)
         served = len(specs) * (m // 4 * 4) / (time.perf_counter() - start)
     finally:

@@ -40,6 +40,7 @@ def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int)
     import torch
 
     from ddpm.chain import ChainSpec, default_step_fn
+    from ddpm.image_request import ImageRequest
     from ddpm.model_source import load_model_source
     from service.engine.engine import Engine
     from service.engine.job import Job
@@ -57,7 +58,7 @@ def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int)
     seeds = iter(range(10**9))
 
     def submit() -> None:
-        job = Job(seed=next(seeds), n=1, chain=chain, timeout_s=3600)
+        job = Job(ImageRequest(next(seeds), 1, chain), timeout_s=3600)
         job.on_done = finished.append
         engine.submit(job)
 

@@ -11,7 +11,7 @@ experiment to --out. What came out of it (BENCHMARKS.md, "<= 10 U-Net calls"): r
 SDE-DPM-Solver++(2M) became the ``restart`` sampler; 3M and the noise-level spacings did not.
 
 Solvers (lambda = log(alpha / sigma), h = lambda_t - lambda_s, x0 the clipped data prediction):
-- DPM-Solver++(2M) ODE and SDE (Lu et al. 2022), as ``ddpm.samplers.dpmsolver_table``;
+- DPM-Solver++(2M) ODE and SDE (Lu et al. 2022), as ``ddpm.samplers.dpm_solver.dpmsolver_table``;
 - SDE-DPM-Solver++(3M): k-diffusion's ``sample_dpmpp_3m_sde`` (eta 1) in VP form;
 - restart (Xu et al. 2023): before the call at ts[i], jump from ts[i]'s level to t_max's by the forward
   process and take k ODE steps back down to ts[i];

@@ -16,8 +16,7 @@ import torch
 
 from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, edit_table, repaint_calls, sdedit_start
 from ddpm.respace import respace, respace_steps, spaced_timesteps
-from ddpm.restart import main_steps, restart_calls, restart_table
-from ddpm.samplers import Sampler, coefficient_table
+from ddpm.samplers import Sampler, inpainting_samplers, sampler_rule
 from ddpm.schedule import NoiseSchedule, VarianceType
 from kernels.reverse_step import StepCoefficients, reverse_step
 
@@ -55,13 +54,14 @@ class ChainSpec:
             object.__setattr__(self, "jump_length", DEFAULT_JUMP_LENGTH)
             object.__setattr__(self, "jump_n_sample", DEFAULT_JUMP_N_SAMPLE)
         elif self.multistep:
-            raise ValueError(f"inpainting runs with sampler ddpm or ddim (a jump back up breaks {self.sampler}'s multistep history)")
+            raise ValueError(f"inpainting runs with sampler {' or '.join(inpainting_samplers())} (a jump back up breaks "
+                             f"{self.sampler}'s multistep history)")  # fmt: skip
         elif self.jump_length < 1 or self.jump_n_sample < 1:
             raise ValueError("jump_length and jump_n_sample must be >= 1")
 
     @functools.cached_property
     def multistep(self) -> bool:
-        return Sampler(self.sampler).multistep
+        return sampler_rule(self.sampler).multistep
 
     @property
     def edits(self) -> bool:
@@ -96,19 +96,18 @@ class ChainTables:
     ) -> None:
         self.schedule = schedule
         self.sampler = Sampler(sampler)
-        self.multistep = self.sampler.multistep
+        rule = sampler_rule(sampler)
+        self.multistep = rule.multistep
         timesteps = np.array(schedule.timesteps)  # original t of each position
         abar_start = float(schedule.alphas_cumprod[-1])  # the level the chain starts from
         self.edit_table64: np.ndarray | None = None
-        if self.sampler is Sampler.RESTART:  # a column per call (ddpm/restart.py)
-            if calls is None:
-                raise ValueError("a restart chain needs its calls (ChainTables.for_spec: ddpm.restart.restart_calls)")
-            table = restart_table(schedule, clip, calls)
-        else:
-            table = coefficient_table(schedule, self.sampler, variance_type=variance_type, eta=eta, clip=clip)  # (8, S) float64
-            if calls is not None:
-                table = table[:, [position for position, _ in calls]]
-        if calls is not None:  # RePaint's or restart's calls (and jumps back up), the last-run first
+        if calls is None and rule.shortest_with_jumps is not None:
+            raise ValueError(f"a {rule.name} chain needs its calls (ChainTables.for_spec: the sampler's own plan)")
+        if calls is None:
+            table = rule.table(schedule, variance_type=variance_type, eta=eta, clip=clip)  # (8, S) float64
+        else:  # a column per call, RePaint's plan or the sampler's own
+            table = rule.call_table(schedule, calls, variance_type=variance_type, eta=eta, clip=clip)
+        if calls is not None:  # the calls (and jumps back up), the last-run first
             order = [position for position, _ in reversed(calls)]
             table, timesteps = table[:, ::-1].copy(), timesteps[order]
             self.edit_table64 = edit_table(schedule, calls)[:, ::-1].copy()
@@ -129,14 +128,13 @@ class ChainTables:
         cls, schedule: NoiseSchedule, variance_type: VarianceType, spec: ChainSpec, device: torch.device | str = "cpu"
     ) -> ChainTables:
         span = sdedit_start(schedule.num_timesteps, spec.strength)  # T at strength 1: the whole chain
-        positions = main_steps(spec.steps) if spec.sampler == Sampler.RESTART.value else spec.steps
+        rule = sampler_rule(spec.sampler)
+        positions = rule.positions(spec.steps)
         if span == schedule.num_timesteps:
             chain = respace_steps(schedule, positions, spec.spacing, spec.steps_offset)
         else:  # SDEdit: the positions spaced over 0..t0
             chain = respace(schedule, spaced_timesteps(span, positions, spec.spacing, spec.steps_offset))
-        calls = repaint_calls(spec.steps, spec.jump_length, spec.jump_n_sample) if spec.repaint else None
-        if spec.sampler == Sampler.RESTART.value:
-            calls = restart_calls(spec.steps)
+        calls = repaint_calls(spec.steps, spec.jump_length, spec.jump_n_sample) if spec.repaint else rule.calls(spec.steps)
         return cls(chain, variance_type, device, sampler=spec.sampler, eta=spec.eta, clip=spec.clip, calls=calls,
                    counter_base=schedule.num_timesteps)  # fmt: skip
 
@@ -223,9 +221,10 @@ def sample_chain(
         if tables.edit_table is not None:  # RePaint's blend and jump, or restart's jump (no mask: never read)
             rows = tables.edit_table[:, positions]
             if mask is not None and known is not None:
-                edit = [EditTerms(known, mask.to(device, torch.float32).expand(b, *shape), torch.ones(b, device=device), *rows.unbind(0))]
+                mask_rows = mask.to(device, torch.float32).expand(b, *shape)
+                edit = [EditTerms.from_chain_rows(known, mask_rows, torch.ones(b, device=device), rows)]
             else:  # restart: x stands in for the image and mask no row reads
-                jump = EditTerms(x, x, torch.zeros(b, device=device), *rows.unbind(0))
+                jump = EditTerms.from_chain_rows(x, x, torch.zeros(b, device=device), rows)
                 edit = [jump] if bool(jump.edits().any()) else []
         x, x0 = step_fn(x, eps, tables.coefficients(positions), seeds, tables.counters[positions], x0_prev, *edit)
         x0_prev = x0 if tables.multistep else None

@@ -12,7 +12,7 @@ two teacher timesteps (t'' = clean data after the last one), alpha = sqrt(abar),
     loss:     max(SNR_t, 1) || x0_hat_student(z_t) - x~ ||^2                                      (truncated SNR weighting, Sec. 4)
 
 The teacher's x0_hat is clipped to [-1, 1] and its direction term uses its own eps, as the served DDIM
-chain does (``ddpm.samplers.ddim_table``), so the target is what the served teacher chain computes. The
+chain does (``ddpm.samplers.ddim.ddim_table``), so the target is what the served teacher chain computes. The
 student predicts v (``ddpm.v_prediction``): at t = T an eps-student's x0_hat = (z - sigma eps)/alpha would
 multiply its error by 1/alpha_T ~ 160. Round 1 starts the v-student from the eps-teacher's weights (the
 network's features carry over; its output learns the new meaning).

@@ -31,8 +31,10 @@ from __future__ import annotations
 import numpy as np
 
 from ddpm.schedule import NoiseSchedule
+from kernels.reverse_step import EditTerms
 
-EDIT_ROWS = ("known_x", "known_z", "jump_x", "jump_z")
+EDIT_ROWS = EditTerms.CHAIN_ROWS  # the rows of an edit table, by name: known_x, known_z, jump_x, jump_z
+EDIT_ROW = {name: row for row, name in enumerate(EDIT_ROWS)}
 # RePaint's resampling by default: every 5 steps, once more (BENCHMARKS.md, editing: on the shipped model at 50
 # steps, FD of the completions 22-39 against 31-59 without resampling, the class kept 0.41-0.76 against
 # 0.33-0.69, for about 1.9x the U-Net calls; the paper's own is j = r = 10)
@@ -84,11 +86,13 @@ def edit_table(chain: NoiseSchedule, calls: list[tuple[int, int]]) -> np.ndarray
     the known region's level after the step (Eq. 8a) and the composed jump q(x_up | x_prev)."""
     abar = np.asarray(chain.alphas_cumprod, dtype=np.float64)
     level = np.append(1.0, abar)  # level[p] = abar of tau_{p-1}, the level after stepping from position p (1: clean)
-    table = np.zeros((len(EDIT_ROWS), len(calls)), dtype=np.float64)
-    for k, (p, jump) in enumerate(calls):
-        table[0, k] = np.sqrt(level[p])
-        table[1, k] = np.sqrt(1.0 - level[p])
-        ratio = level[p + jump] / level[p] if jump else 1.0  # abar_{tau_{p-1+j}} / abar_{tau_{p-1}}
-        table[2, k] = np.sqrt(ratio)
-        table[3, k] = np.sqrt(max(1.0 - ratio, 0.0))
-    return table
+    positions = np.array([p for p, _ in calls], dtype=np.int64)
+    up = positions + np.array([jump for _, jump in calls], dtype=np.int64)
+    ratio = level[up] / level[positions]  # abar_{tau_{p-1+j}} / abar_{tau_{p-1}} (1: no jump)
+    terms = {
+        "known_x": np.sqrt(level[positions]),
+        "known_z": np.sqrt(1.0 - level[positions]),
+        "jump_x": np.sqrt(ratio),
+        "jump_z": np.sqrt(np.maximum(1.0 - ratio, 0.0)),
+    }
+    return np.stack([terms[name] for name in EDIT_ROWS])

@@ -161,8 +161,8 @@ def compiled_step_twin() -> StepFn:
                 if edit is None:  # no row edits or jumps: every row's terms neutral, zeros for the image and mask no row reads
                     zeros = torch.zeros(x_t.shape, dtype=torch.float32, device=device)
                     ones = torch.ones(b, device=device)
-                    edit = EditTerms(zeros, zeros, ones * 0, ones * 0, ones * 0, ones, ones * 0)
-                edit = EditTerms(*(_rows(getattr(edit, n)) for n in ("known", "mask", *EditTerms.ROWS)))
+                    edit = EditTerms(zeros, zeros, **{name: ones * value for name, value in EditTerms.IDENTITY.items()})
+                edit = edit.map(_rows)
                 out, x0 = compiled(_rows(x_t), _rows(eps), coefs, _rows(seeds), counter, state, edit)
                 return out, (x0 if x0_prev is not None else None)
 

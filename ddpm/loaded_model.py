@@ -14,6 +14,7 @@ from ddpm.chain import ChainSpec, EpsModel
 from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, sdedit_start
 from ddpm.names import DEFAULT_SPACING
 from ddpm.respace import spaced_timesteps
+from ddpm.samplers import RULES, sampler_rule
 from ddpm.schedule import NoiseSchedule, VarianceType
 
 
@@ -151,8 +152,9 @@ class LoadedModel:
         if not 1 <= steps <= span:
             at = f" at strength {strength:g} (the model's T = {t})" if span < t else " (the model's T)"
             raise ChainError("steps", f"steps must be in 1..{span}{at}")
-        if eta is not None and sampler != "ddim":
-            raise ChainError("eta", f"eta applies to sampler 'ddim' only (this request's sampler is {sampler!r})")
+        if eta is not None and not sampler_rule(sampler).takes_eta:
+            takes = " or ".join(repr(name) for name, rule in RULES.items() if rule.takes_eta)
+            raise ChainError("eta", f"eta applies to sampler {takes} only (this request's sampler is {sampler!r})")
         if not repaint and (jump_length is not None or jump_n_sample is not None):
             field = "jump_length" if jump_length is not None else "jump_n_sample"
             raise ChainError(field, "jump_length and jump_n_sample apply to inpainting (a mask) only")

@@ -14,21 +14,20 @@ from typing import Literal, get_args
 
 
 class Sampler(str, enum.Enum):
-    """The samplers of ``ddpm.samplers`` (each a coefficient table of the one fused step)."""
+    """The samplers of ``ddpm.samplers``, one module each (each a coefficient table of the one fused step)."""
 
-    DDPM = "ddpm"  # Algorithm 2 of Ho et al. 2020
-    DDIM = "ddim"  # Song, Meng & Ermon 2021
-    DPM_SOLVER = "dpmsolver++"  # DPM-Solver++(2M), Lu et al. 2022
-    SDE_DPM_SOLVER = "sde-dpmsolver++"  # SDE-DPM-Solver++(2M)
-    RESTART = "restart"  # restart sampling (Xu et al. 2023) on SDE-DPM-Solver++(2M), ddpm.restart
-
-    @property
-    def multistep(self) -> bool:
-        """Whether a step reads the previous step's x0_hat (state that travels with the sample)."""
-        return self in (Sampler.DPM_SOLVER, Sampler.SDE_DPM_SOLVER, Sampler.RESTART)
+    DDPM = "ddpm"  # Algorithm 2 of Ho et al. 2020, ddpm.samplers.ancestral
+    DDIM = "ddim"  # Song, Meng & Ermon 2021, ddpm.samplers.ddim
+    DPM_SOLVER = "dpmsolver++"  # DPM-Solver++(2M), Lu et al. 2022, ddpm.samplers.dpm_solver
+    SDE_DPM_SOLVER = "sde-dpmsolver++"  # SDE-DPM-Solver++(2M), ddpm.samplers.dpm_solver
+    RESTART = "restart"  # restart sampling (Xu et al. 2023) on SDE-DPM-Solver++(2M), ddpm.samplers.restart
 
 
 SAMPLERS: tuple[str, ...] = tuple(s.value for s in Sampler)
+# the server's default where a request names none: restart sampling at 10 calls is within the real-vs-real
+# spread of the 1000-step chain's quality (BENCHMARKS.md, samplers); an inpainting's: Algorithm 2's step
+DEFAULT_SAMPLER = Sampler.RESTART.value
+DEFAULT_INPAINTING_SAMPLER = Sampler.DDPM.value
 
 # which S of the T timesteps a respaced chain keeps (ddpm.respace: Lin et al. 2024, Table 2)
 SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")

@@ -49,7 +49,9 @@ This module depends on nothing of ``ddpm``: the samplers build coefficients, the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
@@ -110,7 +112,21 @@ class EditTerms:
     jump_x: torch.Tensor  # (B,) sqrt(abar_up / abar_prev): the jump back up after the step (1: none)
     jump_z: torch.Tensor  # (B,) sqrt(1 - abar_up / abar_prev) (0: none)
 
+    # the per-row coefficients by name, in the kernel's (5, B) layout; the last four are a chain's step's own
+    # (``ddpm.editing.edit_table``: the known region's level, the jump back up), the mask flag is the row's
     ROWS = ("masked", "known_x", "known_z", "jump_x", "jump_z")
+    CHAIN_ROWS = ROWS[1:]
+    # a step that edits nothing
+    IDENTITY: ClassVar[dict[str, float]] = {"masked": 0.0, "known_x": 0.0, "known_z": 0.0, "jump_x": 1.0, "jump_z": 0.0}
+
+    @classmethod
+    def from_chain_rows(cls, known: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, rows: torch.Tensor) -> EditTerms:
+        """The terms of a row's step from its chain's (4, B) ``CHAIN_ROWS`` and its own image, mask and flag."""
+        return cls(known, mask, masked, **dict(zip(cls.CHAIN_ROWS, rows.unbind(0), strict=True)))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> EditTerms:
+        """Every tensor through ``fn`` (to a device, a copy)."""
+        return EditTerms(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     def stacked(self) -> torch.Tensor:
         """The per-row coefficients as one (5, B) float32 tensor (the kernel's layout)."""
@@ -168,12 +184,18 @@ def fused_reverse_step_torch(
     noise_counter = torch.as_tensor(noise_counter).to(device)
     coefs = StepCoefficients(*(getattr(coefs, n).to(device) for n in StepCoefficients.names()))
     if edit is not None:
-        edit = EditTerms(*(getattr(edit, n).to(device) for n in ("known", "mask", *EditTerms.ROWS)))
+        edit = edit.map(lambda t: t.to(device))
     z = sample_noise(seeds, noise_counter, tuple(x_t.shape[1:]))
     return reverse_step(x_t, eps, coefs, z, x0_prev, edit)
 
 
 if HAVE_TRITON:
+    # the rows of the kernel's (5, B) edit table by name (EditTerms.ROWS): jit code reads constexpr globals only
+    _EDIT_MASKED = tl.constexpr(EditTerms.ROWS.index("masked"))
+    _EDIT_KNOWN_X = tl.constexpr(EditTerms.ROWS.index("known_x"))
+    _EDIT_KNOWN_Z = tl.constexpr(EditTerms.ROWS.index("known_z"))
+    _EDIT_JUMP_X = tl.constexpr(EditTerms.ROWS.index("jump_x"))
+    _EDIT_JUMP_Z = tl.constexpr(EditTerms.ROWS.index("jump_z"))
 
     @triton.jit
     def _reverse_step_kernel(
@@ -232,15 +254,15 @@ if HAVE_TRITON:
             out = out + a_x0_prev * tl.load(x0_prev_ptr + base + p, mask=mask, other=0.0)
             tl.store(x0_out_ptr + base + p, x0, mask=mask)
         if EDIT:
-            masked = tl.load(edit_ptr + b)
-            jump_x = tl.load(edit_ptr + 3 * B + b)
-            jump_z = tl.load(edit_ptr + 4 * B + b)
+            masked = tl.load(edit_ptr + _EDIT_MASKED * B + b)
+            jump_x = tl.load(edit_ptr + _EDIT_JUMP_X * B + b)
+            jump_z = tl.load(edit_ptr + _EDIT_JUMP_Z * B + b)
             edits = (masked > 0).to(tl.int32) + (jump_x != 1.0).to(tl.int32) + (jump_z != 0.0).to(tl.int32)
             if edits > 0:  # uniform per program (one row per program): rows that edit nothing read nothing more
                 m = tl.where(masked > 0, tl.load(mask_ptr + base + p, mask=mask, other=0.0), 0.0)
                 known = tl.where(masked > 0, tl.load(known_ptr + base + p, mask=mask, other=0.0), 0.0)
-                known_x = tl.load(edit_ptr + B + b)
-                known_z = tl.load(edit_ptr + 2 * B + b)
+                known_x = tl.load(edit_ptr + _EDIT_KNOWN_X * B + b)
+                known_z = tl.load(edit_ptr + _EDIT_KNOWN_Z * B + b)
                 blended = jump_x * ((1.0 - m) * out + m * (known_x * known))
                 # (not `w`: the compiler types a name once per kernel, and CHANNELS_LAST's w is an int index)
                 std = jump_x * ((1.0 - m) * sigma + m * known_z)

@@ -223,7 +223,7 @@ class Metrics(EngineObserver):
         if job.error is None:
             self.images_generated.labels(model=self.model).inc(job.n)
             self.image_steps.labels(model=self.model, sampler=job.chain.sampler).inc(job.n * job.calls)
-            if job.guidance_scale:
+            if job.request.guidance_scale:
                 self.guided_image_steps.labels(model=self.model).inc(job.n * job.calls)
             in_time = job.due is None or job.finished is None or job.finished <= job.due
             if job.due is not None:

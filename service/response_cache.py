@@ -21,41 +21,28 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ddpm.chain import ChainSpec
-
-
-@dataclass(frozen=True)
-class EditInput:
-    """An edit's input image and mask, named by the SHA-256 of their pixels (the tensors ride along,
-    outside equality and hashing)."""
-
-    sha256: str
-    image: torch.Tensor = field(compare=False, repr=False)  # (C, H, W) float32 in [-1, 1]
-    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)  # (C, H, W) float32, 1: known
+from ddpm.image_request import ImageRequest
 
 
 @dataclass(frozen=True)
 class ImageKey:
+    """The request's images on this replica's model, precision and device type."""
+
     model_fingerprint: str
     precision: str
     device_type: str
-    seed: int
-    n: int
-    chain: ChainSpec
-    labels: tuple[int, ...] | None = None  # a class-conditional request's label per image
-    guidance_scale: float = 0.0
-    edit: EditInput | None = None  # an edit's input image and mask
+    request: ImageRequest
 
     def etag(self, media_type: str) -> str:
-        c = self.chain
-        parts = (self.model_fingerprint, self.precision, self.device_type, self.seed, self.n, c.sampler, c.steps, repr(c.eta), c.clip,
-                 c.spacing, c.steps_offset, self.labels, repr(self.guidance_scale), media_type)  # fmt: skip
-        if self.edit is not None:  # an edit's chain and input (plain answers keep their ETags)
-            parts += (repr(c.strength), c.repaint, c.jump_length, c.jump_n_sample, self.edit.sha256)
+        r, c = self.request, self.request.chain
+        parts = (self.model_fingerprint, self.precision, self.device_type, r.seed, r.n, c.sampler, c.steps, repr(c.eta), c.clip,
+                 c.spacing, c.steps_offset, r.labels, repr(r.guidance_scale), media_type)  # fmt: skip
+        if r.edit is not None:  # an edit's chain and input (plain answers keep their ETags)
+            parts += (repr(c.strength), c.repaint, c.jump_length, c.jump_n_sample, r.edit.sha256)
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
 
 

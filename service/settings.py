@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ddpm.names import DEFAULT_SPACING, CompileSetting, PrecisionSetting, SamplerName, SpacingName
+from ddpm.names import DEFAULT_SAMPLER, DEFAULT_SPACING, CompileSetting, PrecisionSetting, SamplerName, SpacingName
 from ddpm.shipped_models import DEFAULT_MODEL
 from service.engine.request_queue import SchedulingName
 
@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
     default_sampler: SamplerName = Field(
-        "restart",
+        DEFAULT_SAMPLER,
         description="the sampler of a request that names none: restart sampling on SDE-DPM-Solver++(2M) at 10 calls is within "
         "the real-vs-real spread of the 1000-step chain's quality (BENCHMARKS.md, samplers)",
     )

@@ -219,6 +219,7 @@ def test_an_uncovered_batch_size_runs_eagerly_at_once_and_compiled_later(monkeyp
     import torch._inductor.compile_fx as compile_fx
 
     from ddpm.chain import ChainSpec
+    from ddpm.image_request import ImageRequest
     from ddpm.inference_compile import hot_path
     from service.engine.engine import Engine
     from service.engine.job import Job
@@ -246,7 +247,7 @@ def test_an_uncovered_batch_size_runs_eagerly_at_once_and_compiled_later(monkeyp
     eager_engine = Engine(dataclasses.replace(model, eps_model=eager.eps_model), max_batch=4, step_fn=eager.step_fn)
 
     def run(e: Engine, seed: int) -> tuple[float, Job]:
-        job = Job(seed=seed, n=3, chain=ChainSpec(8, "ddpm"), timeout_s=120)
+        job = Job(ImageRequest(seed, 3, ChainSpec(8, "ddpm")), timeout_s=120)
         start = time.monotonic()
         e.submit(job)
         while not job.done:

@@ -64,7 +64,7 @@ def test_image_steps_are_counted_by_sampler(client: TestClient) -> None:
     ("query", "timesteps", "counters"),
     [
         ({"sampler": "dpmsolver++", "steps": 6, "timestep_spacing": "trailing"}, [199, 166, 132, 99, 66, 32], [200, 167, 133, 100, 67, 33]),
-        # restart (ddpm/restart.py): back up two positions after the third call; calls count their own noise counters
+        # restart (ddpm/samplers/restart.py): back up two positions after the third call; calls count their own noise counters
         ({"sampler": "restart", "steps": 6, "timestep_spacing": "trailing"}, [199, 149, 99, 149, 99, 49], [206, 205, 204, 203, 202, 201]),
     ],
     ids=["dpmsolver++", "restart"],

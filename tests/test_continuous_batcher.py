@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddpm.chain import ChainSpec, sample
+from ddpm.image_request import ImageRequest
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.engine.engine import Engine
@@ -20,7 +21,7 @@ from tests.tiny_model import tiny_loaded_model
 
 
 def _job(seed: int = 0, n: int = 1, steps: int = 10, timeout_s: float = 60.0, clip: bool = True) -> Job:
-    return Job(seed=seed, n=n, chain=ChainSpec(steps=steps, clip=clip), timeout_s=timeout_s)
+    return Job(ImageRequest(seed, n, ChainSpec(steps=steps, clip=clip)), timeout_s=timeout_s)
 
 
 def _wait(*jobs: Job, timeout: float = 60.0) -> None:
@@ -79,7 +80,7 @@ def test_mixed_samplers_share_iterations_and_match_the_offline_sampler(tiny_unet
     try:
         jobs = []
         for seed, n, sampler, steps, eta, spacing, clip in MIXED:
-            job = Job(seed=seed, n=n, chain=ChainSpec(steps=steps, clip=clip, sampler=sampler, eta=eta, spacing=spacing), timeout_s=60)
+            job = Job(ImageRequest(seed, n, ChainSpec(steps=steps, clip=clip, sampler=sampler, eta=eta, spacing=spacing)), timeout_s=60)
             jobs.append(e.submit(job))
             time.sleep(0.01)  # later jobs join a batch already running
         _wait(*jobs)
@@ -99,9 +100,9 @@ def test_mixed_samplers_share_iterations_and_match_the_offline_sampler(tiny_unet
 
 def test_a_bad_chain_is_refused_at_submit(engine: Engine) -> None:
     with pytest.raises(ValueError, match="is not a valid Sampler"):
-        engine.submit(Job(seed=0, n=1, chain=ChainSpec(steps=10, clip=True, sampler="euler"), timeout_s=5))
+        engine.submit(Job(ImageRequest(0, 1, ChainSpec(steps=10, clip=True, sampler="euler")), timeout_s=5))
     with pytest.raises(ValueError, match="leaves"):
-        engine.submit(Job(seed=0, n=1, chain=ChainSpec(steps=1000, clip=True, spacing="leading", steps_offset=1), timeout_s=5))
+        engine.submit(Job(ImageRequest(0, 1, ChainSpec(steps=1000, clip=True, spacing="leading", steps_offset=1)), timeout_s=5))
     assert engine.queue_depth == 0
 
 
@@ -362,12 +363,12 @@ def test_admission_is_fair_per_client(tiny_unet: torch.nn.Module) -> None:
 
     admitted = AdmittedAt()
     e = Engine(tiny_loaded_model(tiny_unet), max_batch=4, observer=admitted)
-    flood = [e.submit(Job(seed=s, n=4, chain=ChainSpec(steps=5, clip=True), timeout_s=60, client="A")) for s in range(5)]
+    flood = [e.submit(Job(ImageRequest(s, 4, ChainSpec(steps=5, clip=True)), timeout_s=60, client="A")) for s in range(5)]
     e.start()
     try:
         while e.iterations < 1:
             time.sleep(0.001)
-        single = e.submit(Job(seed=99, n=1, chain=ChainSpec(steps=5, clip=True), timeout_s=60, client="B"))
+        single = e.submit(Job(ImageRequest(99, 1, ChainSpec(steps=5, clip=True)), timeout_s=60, client="B"))
         _wait(single, *flood)
         assert admitted.at == {"A": 0, "B": 5}
         assert single.error is None and all(j.error is None for j in flood)

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ddpm.chain import ChainSpec, sample
+from ddpm.image_request import ImageRequest
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
@@ -64,7 +65,7 @@ def test_engine_on_device_matches_the_cpu_sampler(tiny_dir: Path) -> None:
     engine.start()
     try:
         jobs = [
-            engine.submit(Job(seed=s, n=3, chain=ChainSpec(st), timeout_s=120)) for s, st in [(7, 40), (8, 100), (9, 13)]
+            engine.submit(Job(ImageRequest(s, 3, ChainSpec(st)), timeout_s=120)) for s, st in [(7, 40), (8, 100), (9, 13)]
         ]
         end = time.monotonic() + 120
         while not all(j.done for j in jobs):

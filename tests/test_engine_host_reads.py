@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpm.chain import ChainSpec
+from ddpm.image_request import EditInput, ImageRequest
 from service.engine.engine import Engine
 from service.engine.job import Job
 from tests.tiny_model import random_tiny_unet, tiny_loaded_model
@@ -83,7 +84,8 @@ def _jobs() -> list[Job]:
         (ChainSpec(4, "ddim", repaint=True, jump_length=1, jump_n_sample=2), image, mask),  # inpainting
         (ChainSpec(3, "ddpm", strength=0.5), image, None),  # SDEdit
     ]
-    return [Job(seed=i, n=2, chain=spec, timeout_s=600, init_image=init, mask=m) for i, (spec, init, m) in enumerate(specs)]
+    edits = [None if init is None else EditInput.of(init, m) for _, init, m in specs]
+    return [Job(ImageRequest(i, 2, spec, None, 0.0, edit), timeout_s=600) for i, ((spec, *_), edit) in enumerate(zip(specs, edits, strict=True))]
 
 
 def test_the_steady_loop_reads_nothing_back() -> None:

@@ -10,13 +10,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ddpm.chain import ChainSpec
+from ddpm.image_request import ImageRequest
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
 
 
 def test_a_stalled_stream_reader_holds_one_progress_event() -> None:
     async def scenario() -> int:
-        job = Job(seed=0, n=1, chain=ChainSpec(steps=1000, clip=True), timeout_s=60)
+        job = Job(ImageRequest(0, 1, ChainSpec(steps=1000, clip=True)), timeout_s=60)
         handle = JobHandle(job, asyncio.get_running_loop(), stream=True)
         worker = threading.Thread(target=lambda: [(setattr(job, "steps_done", i), job.on_progress(job)) for i in range(1000)])  # type: ignore[misc]
         worker.start()

@@ -13,6 +13,7 @@ import torch
 from ddpm.chain import ChainSpec, sample
 from ddpm.checkpoint import CheckpointError, ModelCard, load_model
 from ddpm.guidance import fixed_guidance, guided_eps, rows_per_call
+from ddpm.image_request import ImageRequest
 from ddpm.loaded_model import ChainError
 from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
@@ -114,8 +115,8 @@ def test_engine_mixes_guided_unguided_and_unconditional_samples(cond_dir: Path) 
     try:
         jobs = []
         for seed, labels, w, steps, sampler in specs:
-            job = Job(seed=seed, n=len(labels or [0]), chain=ChainSpec(steps, sampler), timeout_s=60,
-                      class_labels=tuple(labels) if labels else None, guidance_scale=w)  # fmt: skip
+            asked = ImageRequest(seed, len(labels or [0]), ChainSpec(steps, sampler), tuple(labels) if labels else None, w)
+            job = Job(asked, timeout_s=60)
             jobs.append(engine.submit(job))
             time.sleep(0.005)
         deadline = time.monotonic() + 60

@@ -14,6 +14,7 @@ import torch
 
 from ddpm.chain import ChainSpec, ChainTables, sample
 from ddpm.editing import repaint_calls, sdedit_start
+from ddpm.image_request import EditInput, ImageRequest
 from ddpm.model_source import load_model_source
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
@@ -167,7 +168,7 @@ def test_kernel_equals_twin_on_mixed_edit_rows(dtype: torch.dtype, channels_last
         x, eps, seeds, counter = move(x), move(eps), move(seeds), move(counter)
         x0_prev = None if x0_prev is None else move(x0_prev)
         coefs = StepCoefficients(*(move(getattr(coefs, n)) for n in StepCoefficients.names()))
-        edit = EditTerms(*(move(getattr(edit, n)) for n in ("known", "mask", *EditTerms.ROWS)))
+        edit = edit.map(move)
     kernel, k0 = fused_reverse_step_triton(x, eps, coefs, seeds, counter, x0_prev, edit)
     twin, t0 = fused_reverse_step_torch(x, eps, coefs, seeds, counter, x0_prev, edit)
     # bf16: one unit in the last place (the interpreter truncates where the twin rounds to nearest)
@@ -211,7 +212,7 @@ def test_the_engine_serves_plain_sdedit_and_inpainting_in_one_batch(tiny_unet: t
     engine = Engine(model, max_batch=16)
     engine.start()
     try:
-        jobs = {name: engine.submit(Job(seed=i, n=2, chain=spec, timeout_s=60, init_image=init, mask=m))
+        jobs = {name: engine.submit(Job(ImageRequest(i, 2, spec, None, 0.0, None if init is None else EditInput.of(init, m)), timeout_s=60))
                 for i, (name, (spec, init, m)) in enumerate(kinds.items())}  # fmt: skip
         assert engine.wait_idle(60)
     finally:
@@ -233,8 +234,8 @@ def test_the_engine_serves_plain_sdedit_and_inpainting_in_one_batch(tiny_unet: t
 def test_the_engine_refuses_an_edit_without_its_inputs(tiny_unet: torch.nn.Module) -> None:
     engine = Engine(tiny_loaded_model(tiny_unet))
     with pytest.raises(ValueError, match="needs an input image"):
-        engine.submit(Job(seed=0, n=1, chain=ChainSpec(5, strength=0.5), timeout_s=5))
+        engine.submit(Job(ImageRequest(0, 1, ChainSpec(5, strength=0.5)), timeout_s=5))
     with pytest.raises(ValueError, match="go together"):
-        engine.submit(Job(seed=0, n=1, chain=ChainSpec(5, repaint=True), timeout_s=5, init_image=torch.zeros(1, 8, 8)))
+        engine.submit(Job(ImageRequest(0, 1, ChainSpec(5, repaint=True), None, 0.0, EditInput.of(torch.zeros(1, 8, 8))), timeout_s=5))
     with pytest.raises(ValueError, match="model's images"):
-        engine.submit(Job(seed=0, n=1, chain=ChainSpec(5, strength=0.5), timeout_s=5, init_image=torch.zeros(3, 8, 8)))
+        engine.submit(Job(ImageRequest(0, 1, ChainSpec(5, strength=0.5), None, 0.0, EditInput.of(torch.zeros(3, 8, 8))), timeout_s=5))

@@ -94,6 +94,7 @@ def test_compiled_twin_matches_the_twin(sampler: str, clip: bool) -> None:
 
 def test_compiled_twin_takes_the_jump_back_up() -> None:
     """Restart's and RePaint's jump (EditTerms) through the compiled twin: the eager twin's values."""
+    from ddpm.editing import EDIT_ROW
     from kernels.reverse_step import EditTerms
 
     tables = ChainTables.for_spec(make_schedule("linear", 1000), VarianceType.FIXED_SMALL, ChainSpec(6, "restart", spacing="trailing"))
@@ -102,11 +103,11 @@ def test_compiled_twin_takes_the_jump_back_up() -> None:
         g = torch.Generator().manual_seed(b)
         x, eps, x0_prev = (torch.randn(b, 3, 9, 7, generator=g) for _ in range(3))
         positions = torch.randint(0, tables.num_steps, (b,), generator=g)
-        positions[0] = int(torch.nonzero(tables.edit_table[2] < 1)[0])  # row 0 jumps
+        positions[0] = int(torch.nonzero(tables.edit_table[EDIT_ROW["jump_x"]] < 1)[0])  # row 0 jumps
         rows = tables.edit_table[:, positions]
         mask = (torch.rand(b, 3, 9, 7, generator=g) > 0.5).float()
         masked = torch.tensor([0.0] + [1.0] * (b - 1))  # the others blend a known region, as RePaint's rows do
-        edit = EditTerms(torch.randn(b, 3, 9, 7, generator=g), mask, masked, *rows.unbind(0))
+        edit = EditTerms.from_chain_rows(torch.randn(b, 3, 9, 7, generator=g), mask, masked, rows)
         args = (x, eps, tables.coefficients(positions), seeds_to_tensor(image_seeds(b, b)), tables.counters[positions], x0_prev, edit)
         want, want_x0 = fused_reverse_step_torch(*args)
         got, got_x0 = step(*args)
@@ -155,6 +156,7 @@ def test_engine_never_recompiles_after_warm_up() -> None:
     """The running batch changes size, mixes chain lengths and clip settings, and is built from fresh
     and carried-over tensors: after warm-up no new graph may be compiled (a recompile storm ends in
     dynamo's silent fallback to eager mode, which the load benchmark once caught at -25% throughput)."""
+    from ddpm.image_request import ImageRequest
     from service.engine.engine import Engine
     from service.engine.job import Job
     from tests.tiny_model import tiny_loaded_model
@@ -165,7 +167,7 @@ def test_engine_never_recompiles_after_warm_up() -> None:
     engine = Engine(model, max_batch=8, max_queue=1000, step_fn=fast.step_fn)
     engine.warmup(1)
     graphs = counters["stats"]["unique_graphs"]
-    jobs = [Job(seed=i, n=1 + i % 3, chain=ChainSpec(steps=(3, 7, 12)[i % 3], clip=bool(i % 2)), timeout_s=600) for i in range(10)]
+    jobs = [Job(ImageRequest(i, 1 + i % 3, ChainSpec(steps=(3, 7, 12)[i % 3], clip=bool(i % 2))), timeout_s=600) for i in range(10)]
     sizes = set()
     for job in jobs[:4]:
         engine.submit(job)

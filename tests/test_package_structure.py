@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.names import COMPILE_SETTINGS, PRECISION_SETTINGS, SAMPLERS, SPACINGS
+from ddpm.names import COMPILE_SETTINGS, PRECISION_SETTINGS, SAMPLERS, SPACINGS, Sampler
 from service.engine.request_queue import SCHEDULING_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +169,54 @@ def test_functions_in_the_engine_and_the_api_are_short() -> None:
 def test_every_test_module_says_what_it_pins() -> None:
     missing = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if ast.get_docstring(ast.parse(p.read_text())) is None]
     assert missing == []
+
+
+# a sampler is one module of ddpm/samplers (its coefficients, its call plan, its state): nothing else names it.
+# Algorithm 2 (``ddpm``) is the paper's chain and every chain's default, so it is left out; a distilled student's
+# chain is DDIM by its construction (Salimans & Ho 2022: the student matches two DDIM steps), which the
+# distiller and the model card's check pin as data.
+PINNED = {"ddpm.distill": {"ddim"}, "ddpm.checkpoint": {"ddim"}}
+
+
+def _sampler_mentions(tree: ast.AST, imports: bool = True) -> set[str]:
+    """The samplers a module names in code: ``Sampler.MEMBER``, a string that is exactly a sampler's name
+    (not a docstring), and (``imports``) an import of a sampler's module."""
+    from ddpm.samplers import RULES
+
+    members = {member.name: member.value for member in Sampler}
+    modules: dict[str, set[str]] = {}
+    for name, rule in RULES.items():
+        modules.setdefault(rule.__class__.__module__, set()).add(name)
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Sampler" and node.attr in members:
+            found.add(members[node.attr])
+        elif isinstance(node, ast.Constant) and node.value in SAMPLERS and id(node) not in docstrings:
+            found.add(node.value)
+        elif imports and isinstance(node, ast.ImportFrom) and node.module in modules:
+            found |= modules[node.module]
+    return found - {Sampler.DDPM.value}
+
+
+def test_the_sampler_finder_finds_a_sampler() -> None:
+    tree = ast.parse('"""restart"""\nif s == "ddim" or s is Sampler.RESTART:\n    from ddpm.samplers.dpm_solver import dpmsolver_table')
+    assert _sampler_mentions(tree) == {"ddim", "restart", "dpmsolver++", "sde-dpmsolver++"}
+    assert _sampler_mentions(tree, imports=False) == {"ddim", "restart"}
+
+
+def test_no_module_outside_a_samplers_own_names_it() -> None:
+    from ddpm.samplers import RULES
+
+    owner = {name: rule.__class__.__module__ for name, rule in RULES.items()}
+    assert len(set(owner.values())) == 4  # one module per sampler; the ODE and SDE forms of DPM-Solver++ share one
+    named = []
+    for module, path in _modules().items():
+        if module == "ddpm.names":  # the list of names, and the defaults
+            continue
+        # a sampler may build on another's maths (restart on SDE-DPM-Solver++): imports inside the package are fine
+        mentions = _sampler_mentions(ast.parse(path.read_text()), imports=not module.startswith("ddpm.samplers."))
+        for sampler in sorted(mentions - PINNED.get(module, set())):
+            if module != owner[sampler]:
+                named.append(f"{path.relative_to(ROOT)} names the sampler {sampler!r} (its module: {owner[sampler]})")
+    assert named == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ddpm.chain import ChainSpec
+from ddpm.image_request import EditInput, ImageRequest
 from service.response_cache import ENTRY_OVERHEAD_BYTES, ImageKey, ResponseCache, etag_matches
 from tests.app_client import app_client, metric, wait_ready
 from tests.tiny_model import copy_model_with, save_tiny_model
@@ -131,7 +132,7 @@ def test_an_etag_names_one_image(model_dir: Path, tmp_path: Path, monkeypatch: p
 
 
 def _key(seed: int) -> ImageKey:
-    return ImageKey("sha", "fp32", "cpu", seed, 1, ChainSpec(5, "ddpm", 0.0, True, "trailing", 0))
+    return ImageKey("sha", "fp32", "cpu", ImageRequest(seed, 1, ChainSpec(5, "ddpm", 0.0, True, "trailing", 0)))
 
 
 def test_cache_is_bounded_lru_in_bytes() -> None:
@@ -165,3 +166,13 @@ def test_etag_comparison() -> None:
     assert etag_matches(f'"a", {etag}', etag, held=False) and etag_matches("*", etag, held=True)
     assert not etag_matches("*", etag, held=False) and not etag_matches('"a"', etag, held=True)
     assert not etag_matches(None, etag, held=True)
+
+
+def test_etags_are_pinned_across_refactors() -> None:
+    """The ETag of a plain and of an edit request, as the releases before the request object named them:
+    a client's cached answers stay valid across a restructure that changes no pixel."""
+    plain = ImageKey("fp", "bf16", "cpu", ImageRequest(7, 2, ChainSpec(10, "restart", 0.0, True, "trailing", 0)))
+    assert plain.etag("image/png") == '"86b6e50a582e9ba6ad5498de5f32765f"'
+    chain = ChainSpec(20, "ddpm", 0.0, True, "trailing", 0, 1.0, True, 5, 2)
+    edit = ImageKey("fp", "fp32", "cpu", ImageRequest(3, 1, chain, (4,), 1.5, EditInput("abc", torch.zeros(1))))
+    assert edit.etag("application/json") == '"7324c96254942cd24a2304e14790bd60"'

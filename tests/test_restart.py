@@ -1,4 +1,4 @@
-"""Restart sampling (ddpm/restart.py): the call plan, the chain against a float64 implementation written
+"""Restart sampling (ddpm/samplers/restart.py): the call plan, the chain against a float64 implementation written
 from the papers' equations here, and the engine mixing it with other samplers (GET /schedule's table of
 it: tests/test_chain_requests.py)."""
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from ddpm.chain import ChainSpec, sample
+from ddpm.image_request import ImageRequest
 from ddpm.model_source import load_model_source
 from ddpm.respace import spaced_timesteps
-from ddpm.restart import main_steps, restart_calls
+from ddpm.samplers.restart import main_steps, restart_calls
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 from service.engine.engine import Engine
@@ -37,7 +38,7 @@ def test_every_request_gets_its_calls_and_one_jump_from_four(steps: int) -> None
 
 
 def _plan(steps: int) -> list[tuple[int, str, int]]:
-    """(position, dynamics, jump) per call, from the paper's description (not ddpm.restart)."""
+    """(position, dynamics, jump) per call, from the paper's description (not ddpm.samplers.restart)."""
     k = 2 if steps >= 5 else 1 if steps == 4 else 0
     m = steps - k
     main = [(p, "sde", k if p == 1 and k else 0) for p in range(m - 1, 0, -1)]
@@ -102,7 +103,7 @@ def test_the_engine_mixes_restart_with_other_samplers(model_dir: Path) -> None:
     engine = Engine(model, max_batch=8)
     specs = [ChainSpec(6, "restart", spacing="trailing"), ChainSpec(5, "ddpm"), ChainSpec(7, "sde-dpmsolver++", spacing="trailing"),
              ChainSpec(4, "restart", spacing="linspace")]  # fmt: skip
-    jobs = [Job(seed=20 + i, n=2, chain=spec, timeout_s=60) for i, spec in enumerate(specs)]
+    jobs = [Job(ImageRequest(20 + i, 2, spec), timeout_s=60) for i, spec in enumerate(specs)]
     for job in jobs:
         engine.submit(job)
     engine.start()

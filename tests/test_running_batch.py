@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ddpm.chain import ChainSpec, sample
+from ddpm.image_request import ImageRequest
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.engine.chain_table_store import ChainTableStore
@@ -28,7 +29,7 @@ def _batch(capacity: int = 8) -> tuple[RunningBatch, ChainTablesCache]:
 
 def test_rows_leave_by_index_and_the_last_rows_move_with_their_state() -> None:
     batch, _ = _batch()
-    jobs = [Job(seed=i, n=1, chain=ChainSpec(5 + i, "dpmsolver++" if i % 2 else "ddpm"), timeout_s=9) for i in range(6)]
+    jobs = [Job(ImageRequest(i, 1, ChainSpec(5 + i, "dpmsolver++" if i % 2 else "ddpm")), timeout_s=9) for i in range(6)]
     x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 8, 8).clone()
     batch.add([(job, 0) for job in jobs], x, torch.arange(100, 106), clock=3)
     assert batch.n == 6 and batch.multistep_rows == 3 and batch.x0_prev is not None
@@ -45,7 +46,7 @@ def test_rows_leave_by_index_and_the_last_rows_move_with_their_state() -> None:
 def test_the_inputs_are_each_rows_own_chain_column() -> None:
     batch, tables = _batch()
     specs = [ChainSpec(7, "ddpm"), ChainSpec(4, "ddim", spacing="trailing"), ChainSpec(10, "restart", spacing="trailing")]
-    jobs = [Job(seed=i, n=1, chain=spec, timeout_s=9) for i, spec in enumerate(specs)]
+    jobs = [Job(ImageRequest(i, 1, spec), timeout_s=9) for i, spec in enumerate(specs)]
     batch.add([(job, 0) for job in jobs], torch.zeros(3, 1, 8, 8), torch.arange(3), clock=0)
     for _ in range(3):
         inputs = batch.step_inputs()
@@ -66,7 +67,7 @@ def test_a_compaction_while_rows_run_changes_no_image() -> None:
     engine._batch.store._allocate(64)
     specs = [ChainSpec(30, "ddpm"), ChainSpec(20, "ddim", spacing="trailing"), ChainSpec(25, "dpmsolver++"),
              ChainSpec(12, "ddpm", clip=False)]  # fmt: skip
-    jobs = [Job(seed=40 + i, n=2, chain=spec, timeout_s=60) for i, spec in enumerate(specs)]
+    jobs = [Job(ImageRequest(40 + i, 2, spec), timeout_s=60) for i, spec in enumerate(specs)]
     engine.start()
     try:
         for job in jobs:

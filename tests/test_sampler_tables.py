@@ -13,7 +13,8 @@ import torch
 from ddpm.chain import ChainTables, sample
 from ddpm.model_source import load_model_source
 from ddpm.respace import respace_steps, spaced_timesteps
-from ddpm.samplers import coefficient_table, ddim_sigma
+from ddpm.samplers import coefficient_table
+from ddpm.samplers.ddim import ddim_sigma
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor

@@ -14,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from ddpm.chain import ChainSpec, sample
+from ddpm.image_request import ImageRequest
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.engine.engine import Engine
@@ -50,11 +51,11 @@ def _offline(unet: torch.nn.Module, job: Job) -> torch.Tensor:
 
 def test_a_better_priority_takes_the_rows_and_the_preempted_images_do_not_change() -> None:
     engine, unet = _engine(max_batch=2, max_resident=6)
-    bulk = engine.submit(Job(seed=1, n=2, chain=ChainSpec(30, "ddpm"), timeout_s=600, priority=5))
+    bulk = engine.submit(Job(ImageRequest(1, 2, ChainSpec(30, "ddpm")), timeout_s=600, priority=5))
     for _ in range(5):
         engine._iterate()
     assert bulk.steps_done == 10  # both rows, every iteration
-    urgent = engine.submit(Job(seed=2, n=2, chain=ChainSpec(8, "ddim", spacing="trailing"), timeout_s=600, priority=0))
+    urgent = engine.submit(Job(ImageRequest(2, 2, ChainSpec(8, "ddim", spacing="trailing")), timeout_s=600, priority=0))
     before = bulk.steps_done
     iterations = 0
     while not urgent.done:
@@ -72,9 +73,9 @@ def test_a_better_priority_takes_the_rows_and_the_preempted_images_do_not_change
 
 def test_at_one_priority_a_short_request_beside_a_full_batch_runs_every_iteration() -> None:
     engine, _ = _engine(max_batch=2, max_resident=4)
-    long = engine.submit(Job(seed=1, n=2, chain=ChainSpec(200, "ddpm"), timeout_s=600))
+    long = engine.submit(Job(ImageRequest(1, 2, ChainSpec(200, "ddpm")), timeout_s=600))
     engine._iterate()
-    short = engine.submit(Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=600))
+    short = engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600))
     iterations = 0
     while not short.done:
         engine._iterate()
@@ -85,9 +86,9 @@ def test_at_one_priority_a_short_request_beside_a_full_batch_runs_every_iteratio
 
 def test_no_row_waits_more_than_starve_after_iterations() -> None:
     engine, _ = _engine(max_batch=2, max_resident=4, starve_after=3)
-    bulk = engine.submit(Job(seed=1, n=1, chain=ChainSpec(200, "ddpm"), timeout_s=600, priority=9))
+    bulk = engine.submit(Job(ImageRequest(1, 1, ChainSpec(200, "ddpm")), timeout_s=600, priority=9))
     engine._iterate()
-    engine.submit(Job(seed=2, n=3, chain=ChainSpec(200, "ddpm"), timeout_s=600, priority=0))  # always more urgent rows than room
+    engine.submit(Job(ImageRequest(2, 3, ChainSpec(200, "ddpm")), timeout_s=600, priority=0))  # always more urgent rows than room
     waits, last, sat = [], bulk.steps_done, 0
     for _ in range(40):
         engine._iterate()
@@ -102,13 +103,13 @@ def test_no_row_waits_more_than_starve_after_iterations() -> None:
 def test_the_row_with_less_slack_goes_first_and_fewer_rows_run_for_a_tight_deadline() -> None:
     clock = FakeClock()
     engine, _ = _engine(max_batch=4, max_resident=8, clock=clock)
-    relaxed = engine.submit(Job(seed=1, n=3, chain=ChainSpec(50, "ddpm"), timeout_s=600))
+    relaxed = engine.submit(Job(ImageRequest(1, 3, ChainSpec(50, "ddpm")), timeout_s=600))
     engine._iterate()
     engine.cost = IterationCost(alpha=0.0)  # a set cost model (measurements change nothing): 4 rows cost 10x one
     for rows, seconds in ((1, 0.1), (2, 0.2), (4, 1.0)):
         engine.cost.alpha, _ = 1.0, engine.cost.observe(rows, seconds)
     engine.cost.alpha = 0.0
-    tight = Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=600, deadline_s=1.5)
+    tight = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600, deadline_s=1.5)
     engine._admission_control = lambda job: None  # type: ignore[method-assign]  # this test is the scheduler's, not admission's
     clock.now = tight.created
     engine.submit(tight)
@@ -129,33 +130,33 @@ def test_the_row_with_less_slack_goes_first_and_fewer_rows_run_for_a_tight_deadl
 
 def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_the_predicted_wait() -> None:
     engine, _ = _engine(max_batch=2, max_resident=2)
-    engine.submit(Job(seed=1, n=2, chain=ChainSpec(100, "ddpm"), timeout_s=600, deadline_s=600))
+    engine.submit(Job(ImageRequest(1, 2, ChainSpec(100, "ddpm")), timeout_s=600, deadline_s=600))
     engine._iterate()
     engine.cost = IterationCost()  # a set cost model: 0.05 s a row
     for rows in (1, 2):
         engine.cost.observe(rows, 0.05 * rows)
     engine._iteration_ends = time.monotonic() + 0.1  # an iteration of 0.1 s in flight
-    assert engine.predicted_seconds(Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60)) == pytest.approx(
+    assert engine.predicted_seconds(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60)) == pytest.approx(
         0.1 + (99 * 2 + 10) / 2 * 0.1, rel=0.05
     )  # the iteration in flight, then the batch's 198 row-steps ahead and its own 10, two rows a call at 0.1 s
     with pytest.raises(DeadlineUnmeetable) as refused:
-        engine.submit(Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60, deadline_s=2.0))
+        engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=2.0))
     assert refused.value.retry_after_s == pytest.approx(0.1 + 10.4 - 2.0, rel=0.05)
     # a worse priority's work does not count: a more urgent request is accepted
-    engine.submit(Job(seed=3, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60, deadline_s=2.0, priority=-1))
+    engine.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=2.0, priority=-1))
 
 
 def test_work_without_a_deadline_does_not_count_against_one() -> None:
     """Rows with a deadline go first (step_scheduler.py): a batch full of work without one leaves a deadline
     the iteration in flight and its own calls."""
     engine, _ = _engine(max_batch=2, max_resident=4)
-    engine.submit(Job(seed=1, n=2, chain=ChainSpec(100, "ddpm"), timeout_s=600))
+    engine.submit(Job(ImageRequest(1, 2, ChainSpec(100, "ddpm")), timeout_s=600))
     engine._iterate()
     engine.cost = IterationCost()
     for rows in (1, 2):
         engine.cost.observe(rows, 0.05 * rows)
     engine._iteration_ends = time.monotonic() + 0.1
-    job = Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=60, deadline_s=2.0)
+    job = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=2.0)
     assert engine.predicted_seconds(job) == pytest.approx(0.1 + 10 * 0.05, rel=0.05)
     engine.submit(job)  # accepted
 
@@ -199,12 +200,12 @@ def test_a_short_request_beside_a_long_one_takes_at_most_its_slowdown_bound(max_
     that moves by the cost model; with the bound off (0) it runs beside the full batch and takes longer."""
     clock = FakeClock()
     engine, _ = _engine(max_batch=4, max_resident=8, clock=clock, max_slowdown=max_slowdown)
-    long = engine.submit(Job(seed=1, n=4, chain=ChainSpec(200, "ddpm"), timeout_s=600))
+    long = engine.submit(Job(ImageRequest(1, 4, ChainSpec(200, "ddpm")), timeout_s=600))
     engine._iterate()
     engine.cost = IterationCost(alpha=0.0)  # 1 row 0.1 s, 4 rows 1.0 s (linear between): set, measurements change nothing
     engine.cost.alpha, _ = 1.0, (engine.cost.observe(1, 0.1), engine.cost.observe(4, 1.0))
     engine.cost.alpha = 0.0
-    short = Job(seed=2, n=1, chain=ChainSpec(10, "ddpm"), timeout_s=600)
+    short = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600)
     clock.now = short.created
     engine.submit(short)
     alone, long_before = 10 * 0.1, long.steps_done
@@ -228,11 +229,11 @@ def test_a_request_whose_images_fill_the_batch_leaves_rows_for_the_next() -> Non
     the last max_batch resident rows are kept for newcomers, so a 1-image request joins at once and
     finishes in about its own chain's iterations, not after the big one's chains end."""
     engine, _ = _engine(max_batch=2, max_resident=6, max_slowdown=0.0)
-    big = engine.submit(Job(seed=1, n=16, chain=ChainSpec(100, "ddpm"), timeout_s=600))
+    big = engine.submit(Job(ImageRequest(1, 16, ChainSpec(100, "ddpm")), timeout_s=600))
     for _ in range(3):
         engine._iterate()
     assert engine._batch.n == 4  # 6 rows less the 2 kept for newcomers
-    small = engine.submit(Job(seed=2, n=1, chain=ChainSpec(5, "ddpm"), timeout_s=600))
+    small = engine.submit(Job(ImageRequest(2, 1, ChainSpec(5, "ddpm")), timeout_s=600))
     iterations = 0
     while not small.done:
         engine._iterate()

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ddpm.chain import ChainSpec
 from ddpm.checkpoint import ModelCard, save_model
+from ddpm.image_request import ImageRequest
 from ddpm.unet import UNet, UNetConfig
 from service.engine.job import Job
 from tests.app_client import app_and_state, wait_ready
@@ -65,7 +66,7 @@ def test_requests_start_no_thread_team_outside_the_engine(tmp_path: Path, two_th
         wait_ready(client)
         state.wait_loaded()  # the loader thread (warm-up, FLOP count) has ended, and its team with it
         assert state.engine is not None
-        job = state.engine.submit(Job(seed=0, n=1, chain=ChainSpec(2), timeout_s=60))  # the engine's team starts; no request thread ran
+        job = state.engine.submit(Job(ImageRequest(0, 1, ChainSpec(2)), timeout_s=60))  # the engine's team starts; no request thread ran
         while not job.done:
             time.sleep(0.01)
         before = native_threads()

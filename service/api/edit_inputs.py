@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 
-import torch
-
 from ddpm.image_inputs import InputError, decode_image, decode_mask
-from service.response_cache import EditInput
 
-__all__ = ["InputError", "b64_png", "decode_image", "decode_mask", "edit_input"]
+__all__ = ["InputError", "b64_png", "decode_image", "decode_mask"]
 
 
 DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCII)  # RFC 2397, e.g. canvas.toDataURL()
@@ -28,12 +24,3 @@ def b64_png(field: str, text: str) -> bytes:
         return base64.b64decode(MIME_WHITESPACE.sub(b"", data.encode("ascii")), validate=True)
     except (binascii.Error, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise InputError(field, f"{field} is not base64 (nor a data: URL of base64)") from exc
-
-
-def edit_input(image: torch.Tensor, mask: torch.Tensor | None) -> EditInput:
-    """The input named by the SHA-256 of its pixels (float32 bytes; the mask's after them)."""
-    digest = hashlib.sha256(image.numpy().tobytes())
-    if mask is not None:
-        digest.update(b"mask")
-        digest.update(mask.numpy().tobytes())
-    return EditInput(digest.hexdigest(), image, mask)

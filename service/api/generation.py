@@ -2,8 +2,9 @@
 model (``prepare``), answer from the response cache or a 304, hand the rest to the engine (``submit``),
 turn the finished job into images or an error (``finished``), and encode off the event loop.
 
-A new per-request chain setting goes in ``ChainRequest`` (schemas.py) and ``ChainSpec`` (ddpm/chain.py);
-``resolve_chain`` carries it across and ``chain_fields`` echoes it in every answer.
+``prepare`` makes the request object (``ddpm.image_request.ImageRequest``) once; the cache key wraps it and
+the engine's job carries it unchanged. A new request field: the schema (schemas.py), ``ImageRequest`` (or,
+if it changes the maths, ``ChainSpec``, filled by ``resolve_chain``), and ``chain_fields`` to echo it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from ddpm.chain import ChainSpec
 from ddpm.editing import edit_options
 from ddpm.grid import image_pngs
 from ddpm.image_inputs import base64_chars, keep_mask
+from ddpm.image_request import EditInput, ImageRequest
 from ddpm.loaded_model import ChainError, LoadedModel
+from ddpm.names import DEFAULT_INPAINTING_SAMPLER
+from ddpm.samplers import sampler_rule
 from service.api.content_negotiation import negotiate
-from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask, edit_input
+from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask
 from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
 from service.api.schemas import ChainRequest, EditFields, GenerateResponse, ImageForm, SchedulingFields, Timings
 from service.engine.errors import EngineError
 from service.engine.job import Job
 from service.engine.job_handle import JobHandle
-from service.response_cache import EditInput, ImageKey, etag_matches
+from service.response_cache import ImageKey, etag_matches
 from service.server_state import ServerState
 
 JSON = "application/json"
@@ -74,20 +78,14 @@ def prepare(
         labels, w = model.labels(body.class_label, n, body.guidance_scale)
     except ChainError as exc:
         raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
-    edit_input = None if edit is None else edit.input
-    key = ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, seed, n, spec, labels, w, edit_input)
-    cost, bound = row_calls(key), state.settings.max_calls_per_request
+    asked = ImageRequest(seed, n, spec, labels, w, None if edit is None else edit.input)
+    key = ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, asked)
+    cost, bound = asked.cost, state.settings.max_calls_per_request
     if cost > bound:  # known on arrival: refused before it holds a row (RePaint's resampling multiplies the calls)
         state.metrics.on_refused("cost")
         raise field_error(n_field, f"this request costs {cost} U-Net row-calls ({n} images x {spec.unet_calls} calls each"
                           f"{' x 2 (guided)' if w else ''}); the bound is {bound} (DDPM_MAX_CALLS_PER_REQUEST)", n)  # fmt: skip
     return key
-
-
-def row_calls(key: ImageKey) -> int:
-    """What a request costs the U-Net: images x calls per image (RePaint's resampling included), twice for
-    guided images (their null-label rows)."""
-    return key.n * key.chain.unet_calls * (2 if key.guidance_scale else 1)
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,7 @@ def edit_from_fields(state: ServerState, fields: EditFields) -> Edit | None:
         mask = None if fields.mask is None else decode_mask("mask", _b64_input("mask", fields.mask, limit), shape)
     except InputError as exc:
         raise field_error(exc.field, str(exc), f"<{len(getattr(fields, exc.field) or '')} base64 characters>") from exc
-    return Edit(edit_input(image, mask), edit_options(fields.strength, mask is not None, fields.jump_length, fields.jump_n_sample))
+    return Edit(EditInput.of(image, mask), edit_options(fields.strength, mask is not None, fields.jump_length, fields.jump_n_sample))
 
 
 def edit_from_upload(
@@ -152,7 +150,7 @@ def edit_from_upload(
             keep = None
     except InputError as exc:  # OpenAI answers an unusable upload with 400 naming the parameter
         raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
-    return Edit(edit_input(pixels, keep), edit_options(repaint=keep is not None, **options))
+    return Edit(EditInput.of(pixels, keep), edit_options(repaint=keep is not None, **options))
 
 
 def _b64_input(field: str, text: str, limit: int) -> bytes:
@@ -185,13 +183,13 @@ def resolve_chain(
     settings = state.settings
     sampler, steps, spacing = state.model.own_chain(sampler, steps, spacing)  # a distilled model's own chain
     requested = sampler
-    sampler = sampler or ("ddpm" if edit.get("repaint") else settings.default_sampler)  # inpainting: Algorithm 2's step
+    sampler = sampler or (DEFAULT_INPAINTING_SAMPLER if edit.get("repaint") else settings.default_sampler)
     try:
         if steps is None:
             # Algorithm 2 named without steps is the paper's chain (T steps; an edit: over the part it runs);
             # otherwise the server's default
             t = state.model.span(edit.get("strength", 1.0))
-            steps = t if requested == "ddpm" else min(settings.default_steps or t, t)
+            steps = t if requested and sampler_rule(requested).full_chain_by_default else min(settings.default_steps or t, t)
         return state.model.chain(sampler, steps, eta, spacing, clip, default_spacing=settings.default_timestep_spacing, **edit)
     except ChainError as exc:
         values = {"steps": steps, "eta": eta, "timestep_spacing": spacing, "sampler": sampler, **edit}
@@ -202,20 +200,14 @@ def submit(state: ServerState, key: ImageKey, request: Request, sched: Schedulin
     """Hand the images of ``key`` to the engine, within the client's quota (errors as ApiError)."""
     client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
     job = Job(
-        seed=key.seed,
-        n=key.n,
-        chain=key.chain,
+        key.request,
         timeout_s=state.settings.request_timeout_s,
-        class_labels=key.labels,
-        guidance_scale=key.guidance_scale,
-        init_image=None if key.edit is None else key.edit.image,
-        mask=None if key.edit is None else key.edit.mask,
         client=client,
         request_id=request.state.request_id,
         priority=sched.priority,
         deadline_s=sched.deadline_s,
     )
-    calls = row_calls(key)
+    calls = key.request.cost
     refused = state.clients.acquire(client, job.n, calls)
     if refused is not None:
         state.metrics.on_refused("client_quota")
@@ -239,7 +231,8 @@ class Generated:
 
 def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
     """The images of ``key`` if the response cache holds them (counted as a hit or a miss)."""
-    request.state.log_fields.update({"seed": key.seed, "batch_size": key.n, "steps": key.chain.steps, "sampler": key.chain.sampler})
+    asked = key.request
+    request.state.log_fields.update({"seed": asked.seed, "batch_size": asked.n, "steps": asked.chain.steps, "sampler": asked.chain.sampler})
     if not state.cache.enabled:
         return None
     images = state.cache.get(key)
@@ -297,9 +290,10 @@ def _encode_now(state: ServerState, encode: Callable[[], object]) -> object:
 
 def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, object]:
     """What every generation answer (ours and OpenAI's dialect) says of the chain that made its images."""
-    spec = key.chain
+    asked = key.request
+    spec = asked.chain
     return {
-        "seed": key.seed,
+        "seed": asked.seed,
         "steps": spec.steps,
         "sampler": spec.sampler,
         "eta": spec.eta,
@@ -308,19 +302,20 @@ def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, o
         "precision": state.precision,
         "cached": cached,
         "class_labels": class_names(state, key),
-        "guidance_scale": key.guidance_scale,
+        "guidance_scale": asked.guidance_scale,
         "strength": spec.strength,
         "jump_length": spec.jump_length if spec.repaint else None,
         "jump_n_sample": spec.jump_n_sample if spec.repaint else None,
-        "input_sha256": None if key.edit is None else key.edit.sha256,
+        "input_sha256": None if asked.edit is None else asked.edit.sha256,
     }
 
 
 def class_names(state: ServerState, key: ImageKey) -> list[str] | None:
     """The class name of each image of a class-conditional request (None for an unconditional one)."""
-    if key.labels is None or state.model is None:
+    labels = key.request.labels
+    if labels is None or state.model is None:
         return None
-    return [state.model.class_names[label] for label in key.labels]
+    return [state.model.class_names[label] for label in labels]
 
 
 def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float, sched: Scheduling) -> GenerateResponse:
@@ -335,7 +330,7 @@ def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived
         **chain_fields(state, key, cached=job is None),
         priority=sched.priority,
         deadline_s=sched.deadline_s,
-        batch_size=key.n,
+        batch_size=key.request.n,
         images=[base64.b64encode(png).decode() for png in image_pngs(generated.images)],
         timings=Timings(queue_wait_s=round(queue_wait, 6), generation_s=round(generation, 6), total_s=round(time.monotonic() - arrived, 6)),
     )

@@ -26,7 +26,7 @@ def sse(event: str, data: object) -> str:
 
 
 def _queued(key: ImageKey, ahead: int, cached: bool) -> str:
-    return sse("queued", {"batch_size": key.n, "steps": key.chain.steps, "images_ahead": ahead, "cached": cached})
+    return sse("queued", {"batch_size": key.request.n, "steps": key.request.chain.steps, "images_ahead": ahead, "cached": cached})
 
 
 class ProgressStream:

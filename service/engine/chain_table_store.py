@@ -4,8 +4,8 @@ are index gathers by one column index per row, whatever mix of chains the batch 
 A chain (``ChainSpec``) of K U-Net calls owns K consecutive columns from ``base``: the row at position
 p (K-1 down to 0) reads column ``base + p``. A column holds, in one float32 table (``values``, 12 rows),
 the eight step coefficients (``StepCoefficients``) and the four editing terms of
-``kernels.reverse_step.EditTerms`` (``ddpm.editing.EDIT_ROWS``: known_x, known_z, jump_x, jump_z; 0, 0,
-1, 0 for a chain that edits nothing), and in one int64 table (``steps``, 2 rows) the original timestep
+``kernels.reverse_step.EditTerms`` (``ddpm.editing.EDIT_ROWS``: known_x, known_z, jump_x, jump_z; their
+``EditTerms.IDENTITY`` for a chain that edits nothing), and in one int64 table (``steps``, 2 rows) the original timestep
 (the U-Net's input) and the Philox counter of the step's noise: an iteration's inputs are two gathers. On the host, one flag per column
 says whether the step jumps back up (restart, RePaint), so whether an iteration needs the editing terms
 is known without reading the device.
@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 from ddpm.chain import ChainSpec, ChainTables
-from ddpm.editing import EDIT_ROWS
-from kernels.reverse_step import StepCoefficients
+from ddpm.editing import EDIT_ROW, EDIT_ROWS
+from kernels.reverse_step import EditTerms, StepCoefficients
 
-NEUTRAL_EDIT = {"known_x": 0.0, "known_z": 0.0, "jump_x": 1.0, "jump_z": 0.0}
 COEFS = len(StepCoefficients.names())  # values[:COEFS]: the step's coefficients; values[COEFS:]: the editing terms
 MAX_COLUMNS = 1 << 20  # 8 + 4 float32 and 2 int64 per column: 64 MB at most on the device
 
@@ -58,7 +57,7 @@ class ChainTableStore:
 
     def _allocate(self, columns: int) -> None:
         self.capacity = columns
-        neutral = torch.tensor([0.0] * COEFS + [NEUTRAL_EDIT[name] for name in EDIT_ROWS], dtype=torch.float32)
+        neutral = torch.tensor([0.0] * COEFS + [EditTerms.IDENTITY[name] for name in EDIT_ROWS], dtype=torch.float32)
         self.values = neutral[:, None].repeat(1, columns).to(self.device)  # (12, columns)
         self.steps = torch.zeros((2, columns), dtype=torch.long, device=self.device)  # timestep, counter
         self.jumps = np.zeros(columns, dtype=bool)  # host: the column's step jumps back up
@@ -89,9 +88,9 @@ class ChainTableStore:
         if tables.edit_table is not None:
             self.values[COEFS:, cols] = tables.edit_table
             edit32 = tables.edit_table64.astype(np.float32)  # the values the kernel compares, as it does
-            self.jumps[cols] = (edit32[EDIT_ROWS.index("jump_x")] != 1.0) | (edit32[EDIT_ROWS.index("jump_z")] != 0.0)
+            self.jumps[cols] = (edit32[EDIT_ROW["jump_x"]] != 1.0) | (edit32[EDIT_ROW["jump_z"]] != 0.0)
         else:
-            self.values[COEFS:, cols] = torch.tensor([NEUTRAL_EDIT[name] for name in EDIT_ROWS], device=self.device)[:, None]
+            self.values[COEFS:, cols] = torch.tensor([EditTerms.IDENTITY[name] for name in EDIT_ROWS], device=self.device)[:, None]
             self.jumps[cols] = False
 
     def _make_room(self, calls: int, keep: set[ChainSpec]) -> None:

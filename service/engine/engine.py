@@ -35,8 +35,10 @@ import torch
 
 from ddpm.chain import ChainSpec, StepCoefficients, StepFn, default_step_fn
 from ddpm.guidance import guided_eps
+from ddpm.image_request import EditInput, ImageRequest
 from ddpm.inference_compile import serving_thread
 from ddpm.loaded_model import LoadedModel
+from ddpm.samplers import inpainting_samplers, step_variants
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
 from service.engine.chain_table_store import ChainTableStore
@@ -143,7 +145,7 @@ class Engine:
     # --- public, any thread -----------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
         self.chain_tables(job.chain)  # a chain the schedule cannot make fails here, not in the engine
-        job.check_inputs(self.shape)
+        job.request.check_inputs(self.shape)
         _prepare(job)  # per-image work on the caller's thread, not the engine's
         with self._lock:
             if self.dead is not None or self._stop:
@@ -322,9 +324,10 @@ class Engine:
     def warmup(self, steps: int, sizes: Iterable[int] | None = None) -> None:
         """Run short chains through the engine's own iteration code (before start) at batch 1, 2 and
         max_batch (or ``sizes``), one for every variant of the step a request can ask for: plain, clipped
-        and not; multistep (x0_prev); restart's jump back up (multistep with jump terms, the default
-        chain); inpainting (a mask and RePaint's jumps, no multistep state); guided, for a conditional
-        model. A compiled hot path builds its graphs here (the compile thread: background_compile.py)."""
+        and not; one sampler per step variant (``ddpm.samplers.step_variants``: multistep state x0_prev,
+        multistep with jump terms: restart, the default chain); inpainting (a mask and RePaint's jumps, no
+        multistep state); guided (on the first multistep chain), for a conditional model. A compiled hot
+        path builds its graphs here (the compile thread: background_compile.py)."""
         if steps <= 0:
             return
         observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
@@ -332,16 +335,17 @@ class Engine:
         steps = min(steps, t)
         half = torch.ones(self.shape, dtype=torch.float32)
         half[..., : self.shape[-1] // 2] = 0.0  # the left half repainted
-        chains = [ChainSpec(steps, "ddpm", clip=True), ChainSpec(steps, "ddpm", clip=False), ChainSpec(steps, "dpmsolver++", clip=True),
-                  ChainSpec(min(max(steps, 4), t), "restart", clip=True),  # 4 calls: the shortest with a jump
-                  ChainSpec(min(max(steps, 2), t), "ddim", repaint=True, jump_length=1, jump_n_sample=2)]  # fmt: skip
+        chains = [ChainSpec(steps, clip=False)]
+        for rule in step_variants():  # a sampler that jumps: at least the calls its plan needs for a jump
+            chains.append(ChainSpec(min(max(steps, rule.shortest_with_jumps or 1), t), rule.name, clip=True))
+        chains.append(ChainSpec(min(max(steps, 2), t), inpainting_samplers()[-1], repaint=True, jump_length=1, jump_n_sample=2))
+        guided_chain = next((chain for chain in chains if chain.multistep), None)  # and a guided batch (2 rows per sample)
         try:
             for n in sorted(set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}):
                 for chain in chains:
-                    guided = self.model.conditional and chain.sampler == "dpmsolver++"  # and a guided batch (2 rows per sample)
-                    job = Job(seed=0, n=n, chain=chain, timeout_s=3600, class_labels=(0,) * n if guided else None,
-                              guidance_scale=1.0 if guided else 0.0, init_image=-half if chain.repaint else None,
-                              mask=half if chain.repaint else None)  # fmt: skip
+                    guided = self.model.conditional and chain is guided_chain
+                    edit = EditInput("warm-up", -half, half) if chain.repaint else None
+                    job = Job(ImageRequest(0, n, chain, (0,) * n if guided else None, 1.0 if guided else 0.0, edit), timeout_s=3600)
                     with self._lock:
                         self._enqueue(job)  # not submit(): warm-up ignores the queue limit
                     while not job.done:
@@ -446,13 +450,13 @@ class Engine:
             return
         seeds = host_to_device([job.keys[k] for job, k in new], self.device, torch.int64)
         x_T = self._draw_x_T(seeds)
-        sdedit = [row for row, (job, _) in enumerate(new) if job.chain.strength < 1.0 and job.init_image is not None]
+        sdedit = [row for row, (job, _) in enumerate(new) if job.chain.strength < 1.0 and job.request.edit is not None]
         if sdedit:  # SDEdit: Eq. 4 at t0, with x_T's z
             tables = [self.chain_tables(new[row][0].chain) for row in sdedit]
             idx = host_to_device(sdedit, self.device, torch.int64)
             start_x = host_to_device([t.start_x for t in tables], self.device, torch.float32).view(-1, *([1] * len(self.shape)))
             start_z = host_to_device([t.start_z for t in tables], self.device, torch.float32).view(-1, *([1] * len(self.shape)))
-            init = tensor_to_device(torch.stack([new[row][0].init_image for row in sdedit]), self.device)  # type: ignore[misc]
+            init = tensor_to_device(torch.stack([new[row][0].request.edit.image for row in sdedit]), self.device)  # type: ignore[union-attr]
             x_T[idx] = start_x * init + start_z * x_T[idx]
         now, clock = time.monotonic(), self.iterations
         with self._lock:
@@ -603,7 +607,7 @@ class Engine:
         """One sample's last step through the U-Net and the fused step, off the books (no job, no
         metrics): readiness heals when the model works again, without waiting for traffic."""
         self.health.self_tests += 1
-        probe = Job(seed=0, n=1, chain=ChainSpec(1), timeout_s=60)
+        probe = Job(ImageRequest(0, 1, ChainSpec(1)), timeout_s=60)
         seeds = seeds_to_tensor([image_seeds(0, 1)[0]], self.device)
         batch = self._new_batch(1)
         batch.add([(probe, 0)], sample_noise(seeds, 0, self.shape), seeds, 0)

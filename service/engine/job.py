@@ -1,4 +1,5 @@
-"""One request as the engine sees it: ``n`` images of one seed over one chain, and what became of them."""
+"""One request as the engine sees it: what it asks for (``ddpm.image_request.ImageRequest``, unchanged from
+the API), how it is served (priority, deadline, client), and what became of it."""
 
 from __future__ import annotations
 
@@ -11,28 +12,17 @@ from dataclasses import dataclass, field
 import torch
 
 from ddpm.chain import ChainSpec
+from ddpm.image_request import ImageRequest
 from service.engine.errors import EngineError
 
 
 @dataclass
 class Job:
-    """``n`` images of seed ``seed`` over ``chain`` (sampler, steps, eta, spacing, clip: ``ddpm.chain.ChainSpec``).
+    """The images ``request`` asks for (seed, n, chain, labels, guidance, edit inputs), served within
+    ``timeout_s``. A new request field is a field of ``ImageRequest``, not of this."""
 
-    A new per-request chain setting is a field of ``ChainSpec``; what is not a chain setting (a class
-    label, a guidance scale) is a field here."""
-
-    seed: int
-    n: int
-    chain: ChainSpec
+    request: ImageRequest
     timeout_s: float
-    # a class-conditional model's label per image (None: unconditional, the null label) and the
-    # classifier-free guidance scale w of every image (0: no guidance, one U-Net row per step)
-    class_labels: tuple[int, ...] | None = None
-    guidance_scale: float = 0.0
-    # editing (ddpm/editing.py): the input image, (C, H, W) float32 in [-1, 1] (SDEdit starts from it, RePaint
-    # keeps its known pixels), and RePaint's mask, (C, H, W) float32, 1 where a pixel is known
-    init_image: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
     client: str = ""  # who the job counts against: admission is round robin over clients
     # scheduling (issue 37): a lower priority value is served first (vLLM's convention); deadline_s: seconds
     # from arrival by which the answer is wanted (None: none; the request's timeout still applies)
@@ -72,6 +62,18 @@ class Job:
         self.steps_banked = value - (self.steps_done - self.steps_banked)
 
     @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+    @property
+    def chain(self) -> ChainSpec:
+        return self.request.chain
+
+    @property
     def steps(self) -> int:
         return self.chain.steps
 
@@ -93,7 +95,7 @@ class Job:
     @property
     def row_calls(self) -> int:
         """U-Net row-calls per image: its chain's calls, twice for a guided image (a null-label row too)."""
-        return self.calls * (2 if self.guidance_scale else 1)
+        return self.request.row_calls
 
     @property
     def done(self) -> bool:
@@ -106,16 +108,6 @@ class Job:
     @property
     def queue_wait(self) -> float | None:
         return None if self.first_admitted is None else self.first_admitted - self.created
-
-    def check_inputs(self, shape: tuple[int, ...]) -> None:
-        """The inputs the chain needs, of the model's image shape (ValueError otherwise)."""
-        if self.chain.edits and self.init_image is None:
-            raise ValueError("an editing chain (strength < 1 or a mask) needs an input image")
-        if self.chain.repaint != (self.mask is not None):
-            raise ValueError("a mask and a RePaint chain go together")
-        for name, t in (("input image", self.init_image), ("mask", self.mask)):
-            if t is not None and tuple(t.shape) != tuple(shape):
-                raise ValueError(f"the {name} is {tuple(t.shape)}, the model's images are {tuple(shape)}")
 
     def cancel(self) -> None:
         """Ask the engine to drop this job's samples at its next iteration (thread-safe)."""

@@ -125,10 +125,11 @@ class RunningBatch:
         self.pos_host[rows] = [slot.calls - 1 for slot in slots]
         self.cols_host[rows] = [slot.base + slot.calls - 1 for slot in slots]
         self.multistep_host[rows] = [slot.multistep for slot in slots]
-        self.masked_host[rows] = [job.mask is not None for job, _ in owners]
+        edits = [job.request.edit for job, _ in owners]
+        self.masked_host[rows] = [edit is not None and edit.mask is not None for edit in edits]
         self.multistep_rows += int(self.multistep_host[rows].sum())
         self.masked_rows += int(self.masked_host[rows].sum())
-        self.scales_host[rows] = [job.guidance_scale for job, _ in owners]
+        self.scales_host[rows] = [job.request.guidance_scale for job, _ in owners]
         self.joined_host[rows] = clock
         self.calls_host[rows] = [slot.calls for slot in slots]
         self.priority_host[rows] = [job.priority for job, _ in owners]
@@ -146,12 +147,12 @@ class RunningBatch:
         if self.masked_host[rows].any():
             if self.known is None or self.mask is None:
                 self.known, self.mask = torch.zeros_like(self.x), torch.zeros_like(self.x)
-            for i, (job, _) in enumerate(owners):
-                if job.mask is not None and job.init_image is not None:
-                    self.known[start + i] = tensor_to_device(job.init_image, self.device)
-                    self.mask[start + i] = tensor_to_device(job.mask, self.device)
+            for i, edit in enumerate(edits):
+                if edit is not None and edit.mask is not None:
+                    self.known[start + i] = tensor_to_device(edit.image, self.device)
+                    self.mask[start + i] = tensor_to_device(edit.mask, self.device)
         if self.labels is not None:
-            labels = [job.class_labels[k] if job.class_labels else self.null_label for job, k in owners]
+            labels = [job.request.labels[k] if job.request.labels else self.null_label for job, k in owners]
             self.labels[rows] = host_to_device(labels, self.device, torch.long)
         self.owners.extend(owners)
         self.n = end
@@ -167,12 +168,11 @@ class RunningBatch:
         edit = None
         inpainting = self.masked_rows > 0 if m == self.n else bool(self.masked_host[:m].any())
         if inpainting or self.store.jumps[cols_host].any():  # on the host: no device read
-            known_x, known_z, jump_x, jump_z = values[COEFS:].unbind(0)
             if inpainting and self.known is not None and self.mask is not None:
                 known, mask = self.known[:m], self.mask[:m]
             else:  # restart's jumps alone: x stands in for the image and mask no row reads
                 known = mask = self.x[:m]
-            edit = EditTerms(known, mask, self.masked[:m], known_x, known_z, jump_x, jump_z)
+            edit = EditTerms.from_chain_rows(known, mask, self.masked[:m], values[COEFS:])
         multistep = self.multistep_rows > 0 if m == self.n else bool(self.multistep_host[:m].any())
         x0_prev = self.x0_prev[:m] if self.x0_prev is not None and multistep else None
         labels = None if self.labels is None else self.labels[:m]

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from ddpm import __version__
 from ddpm.chain import ChainSpec, ChainTables, StepCoefficients
+from ddpm.editing import EDIT_ROW
 from ddpm.names import SAMPLERS, SPACINGS, SamplerName, SpacingName
 from service.api.deps import Authorized, StateDep
 from service.api.errors import documented, not_ready
@@ -69,7 +70,7 @@ def _jumps(tables: ChainTables, spec: ChainSpec, order: list[int]) -> dict[str, 
     """A restart chain's forward jumps (RePaint's need the request's mask and image: not a chain table)."""
     if tables.edit_table is None or spec.repaint:
         return {}
-    return {"jump_x": tables.edit_table[2, order].tolist(), "jump_z": tables.edit_table[3, order].tolist()}
+    return {name: tables.edit_table[EDIT_ROW[name], order].tolist() for name in ("jump_x", "jump_z")}
 
 
 @router.get(

@@ -170,7 +170,7 @@ async def _answer(state: ServerState, key: ImageKey, size: str, request: Request
 
     def encode() -> object:
         data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)]
-        fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.seed
+        fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.request.seed
         return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, priority=sched.priority,
                                                deadline_s=sched.deadline_s, **fields))  # fmt: skip
 

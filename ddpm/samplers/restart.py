@@ -2,7 +2,7 @@
 SDE-DPM-Solver++(2M): a few U-Net calls spent going back up and down the end of the chain.
 
 A request of S U-Net calls runs a main chain of M = S - K positions tau_{M-1} > ... > tau_0 (the
-request's spacing) with SDE-DPM-Solver++(2M) (``ddpm.samplers.dpmsolver_table``), and one restart
+request's spacing) with SDE-DPM-Solver++(2M) (``ddpm.samplers.dpm_solver``), and one restart
 interval over its last K steps above clean data. After the step that lands on tau_0's level the sample
 jumps back up K positions by the forward process (Xu et al. Alg. 1, the restart forward step; Ho et al.
 Eq. 4 between two noise levels, one Gaussian):
@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddpm.schedule import NoiseSchedule
-
-Call = tuple[int, int]  # (chain position, positions jumped back up after its step; 0: none)
+from ddpm.names import Sampler
+from ddpm.samplers.base import Call, SamplerRule
+from ddpm.samplers.dpm_solver import dpmsolver_table
+from ddpm.schedule import NoiseSchedule, VarianceType
 
 
 def restart_length(steps: int) -> int:
@@ -52,8 +53,6 @@ def restart_calls(steps: int) -> list[Call]:
 def restart_table(chain: NoiseSchedule, clip: bool, calls: list[Call]) -> np.ndarray:
     """(8, len(calls)) float64 step coefficients in call order: SDE-DPM-Solver++(2M)'s columns for the
     main chain, the ODE's (first order after the jump, then 2M) for the calls after a jump."""
-    from ddpm.samplers import dpmsolver_table
-
     sde = dpmsolver_table(chain, clip, sde=True)
     ode = dpmsolver_table(chain, clip, sde=False)
     ode_first = dpmsolver_table(chain, clip, sde=False, first_order=True)
@@ -68,3 +67,21 @@ def restart_table(chain: NoiseSchedule, clip: bool, calls: list[Call]) -> np.nda
         after_jump = jump > 0
         restarting = restarting or after_jump
     return np.stack(columns, axis=1)
+
+
+class Restart(SamplerRule):
+    name = Sampler.RESTART.value
+    multistep = True
+    shortest_with_jumps = 4  # restart_length(4) = 1
+
+    def positions(self, steps: int) -> int:
+        return main_steps(steps)
+
+    def calls(self, steps: int) -> list[Call]:
+        return restart_calls(steps)
+
+    def table(self, chain: NoiseSchedule, *, variance_type: VarianceType, eta: float, clip: bool) -> np.ndarray:
+        raise ValueError("restart's table has a column per call, not per position: call_table with restart_calls")
+
+    def call_table(self, chain: NoiseSchedule, calls: list[Call], *, variance_type: VarianceType, eta: float, clip: bool) -> np.ndarray:
+        return restart_table(chain, clip, calls)
