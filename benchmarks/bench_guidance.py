@@ -20,11 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm.chain import ChainSpec, sample
+from ddpm.chain import ChainSpec
 from ddpm.guidance import fixed_guidance, guided_eps
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
 from ddpm.names import COMPILE_SETTINGS
+from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 

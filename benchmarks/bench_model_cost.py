@@ -41,10 +41,10 @@ def measure(model_spec: str, batches: list[int], steps: int, rounds: int, compil
     """Runs in its own process: one model, every batch size, ``rounds`` timings each."""
     import torch
 
-    from ddpm.chain import sample
     from ddpm.inference_compile import hot_path
     from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
     from ddpm.model_source import load_model_source
+    from ddpm.offline_sampler import sample
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
 

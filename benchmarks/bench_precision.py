@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm.chain import sample
 from ddpm.inference_compile import hot_path
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.precision import cpu_capability, native_bf16, pixel_drift
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL

@@ -22,11 +22,12 @@ from collections.abc import Callable
 
 import torch
 
-from ddpm.chain import EpsModel, StepFn, sample
+from ddpm.chain import EpsModel, StepFn
 from ddpm.inference_compile import hot_path
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_source import load_model_source
 from ddpm.names import COMPILE_SETTINGS
+from ddpm.offline_sampler import sample
 from ddpm.respace import respace_steps
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_MODEL

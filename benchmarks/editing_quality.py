@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm.chain import sample
 from ddpm.classifier import load_classifier, mnist_split
 from ddpm.evaluate import _mean_pairwise_distance, classify, quality
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.precision import cpu_capability
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL

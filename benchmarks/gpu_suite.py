@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_sampler import diffusers_loop
-from ddpm.chain import EpsModel, sample
+from ddpm.chain import EpsModel
 from ddpm.inference_compile import hot_path
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.precision import pixel_drift, with_precision
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_MODEL

@@ -240,9 +240,9 @@ def offline_image_steps_per_s(model_dir: Path, batch: int, steps: int, compile_s
     """The offline sampler's rate at one batch size, with the server's hot path (after a warm-up run)."""
     import torch
 
-    from ddpm.chain import sample
     from ddpm.inference_compile import hot_path
     from ddpm.model_source import load_model_source
+    from ddpm.offline_sampler import sample
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
 

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddpm.chain import sample
 from ddpm.classifier import load_classifier
 from ddpm.evaluate import evaluate, quality, real_reference
 from ddpm.inference_compile import HotPath, hot_path
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.precision import cpu_capability
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL

@@ -89,16 +89,18 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Images k = first..first+n-1 of seed args.seed, in batches, with a progress bar over steps."""
+def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The offline sampler behind ``ddpm sample`` and ``ddpm eval`` (``ddpm generate`` asks a server): images
+    k = 0..n-1 of seed args.seed, each batch one ``ImageRequest`` run through the engine's own iteration
+    (``ddpm.offline_sampler``), with a progress bar over U-Net calls."""
     import torch
     from tqdm import tqdm
 
-    from ddpm.chain import sample_chain
-    from ddpm.guidance import fixed_guidance
+    from ddpm.image_request import EditInput, ImageRequest
     from ddpm.inference_compile import hot_path
     from ddpm.loaded_model import ChainError
     from ddpm.model_source import load_model_source
+    from ddpm.offline_sampler import sample_requests
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
     from kernels.reverse_step import check_backend, step_backend
@@ -122,6 +124,7 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field).replace('_', '-') }: {exc}") from exc
     args.eta, args.spacing_used, args.guidance_used, args.labels_used = chain.eta, chain.spacing, w, labels
     steps = chain.steps
+    edit_input = None if init is None else EditInput.of(init, mask)
     out = []
     batches = range(0, args.n, args.batch_size)
     # auto: compile only when the run is long enough to repay the one-time compilation (~10-60 s on CPU)
@@ -138,14 +141,11 @@ def generate(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             # dropped) so it runs the batch's graphs instead of compiling one for its own size (~15 s)
             rows = args.batch_size if fast.compiled and len(batches) > 1 else count
             seeds = seeds_to_tensor([image_seeds(args.seed, count, first=first)[r % count] for r in range(rows)], device)
-            eps_model = fast.eps_model
-            if labels is not None:  # classifier-free guidance over this batch's images (ddpm/guidance.py)
-                y = torch.tensor([labels[first + r % count] for r in range(rows)], device=device)
-                eps_model = fixed_guidance(fast.eps_model, y, torch.full((len(seeds),), w, device=device), model.num_classes)
-            run = sample_chain(eps_model, model.schedule, seeds, model.image_shape, steps=steps, variance_type=model.variance_type,
-                               clip_denoised=chain.clip, sampler=chain.sampler, eta=chain.eta, spacing=chain.spacing,
-                               steps_offset=chain.steps_offset, device=device, step_fn=fast.step_fn, strength=chain.strength,
-                               init_image=init, mask=mask, jump_length=chain.jump_length, jump_n_sample=chain.jump_n_sample)  # fmt: skip
+            # this batch's images as one request (the object the server's engine gets), its labels from the run's
+            asked = ImageRequest(args.seed, count, chain, None if labels is None else tuple(labels[first : first + count]), w, edit_input)
+            run = sample_requests(fast.eps_model, model.schedule, model.variance_type, [(asked, r % count) for r in range(rows)], seeds,
+                                  model.image_shape, device=device, step_fn=fast.step_fn, conditional=model.conditional,
+                                  num_classes=model.num_classes)  # fmt: skip
             x = None
             for step in run:
                 bar.update(1)
@@ -178,7 +178,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from ddpm.grid import make_grid
 
-    images, _ = generate(args)
+    images, _ = sample_images(args)
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
@@ -197,7 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate, evaluate_conditional
 
     classifier = load_classifier(args.classifier)
-    images, model = generate(args)
+    images, model = sample_images(args)
     labels = getattr(args, "labels_used", None)
     report = {
         "model": str(args.model),

@@ -2,13 +2,14 @@
 
 The per-step update is one function of per-sample coefficients (``kernels.reverse_step``), so samples
 at different timesteps, in different respaced chains and under different samplers share a call. The
-coefficients come from ``ddpm.samplers`` (the papers' equations); a ``ChainSpec`` names a chain.
+coefficients come from ``ddpm.samplers`` (the papers' equations); a ``ChainSpec`` names a chain. The
+chain runs in ``ddpm.denoising_iteration`` (served and offline: ``ddpm.offline_sampler``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from ddpm.samplers import Sampler, inpainting_samplers, sampler_rule
 from ddpm.schedule import NoiseSchedule, VarianceType
 from kernels.reverse_step import StepCoefficients, reverse_step
 
-__all__ = ["ChainSpec", "ChainTables", "StepCoefficients", "predict_x0", "reverse_step", "sample", "sample_chain"]
+__all__ = ["ChainSpec", "ChainTables", "StepCoefficients", "predict_x0", "reverse_step"]
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) -> eps
 
@@ -156,85 +157,3 @@ def default_step_fn() -> StepFn:
     from kernels.reverse_step import fused_reverse_step
 
     return fused_reverse_step
-
-
-@dataclass
-class SampleProgress:
-    step: int  # 1..S, steps done
-    total: int
-    x: torch.Tensor
-
-
-def sample_chain(
-    model: EpsModel,
-    schedule: NoiseSchedule,
-    seeds: torch.Tensor,
-    shape: tuple[int, int, int],
-    *,
-    steps: int | None = None,
-    variance_type: VarianceType = VarianceType.FIXED_SMALL,
-    clip_denoised: bool = True,
-    sampler: Sampler | str = Sampler.DDPM,
-    eta: float = 0.0,
-    spacing: str = "linspace",
-    steps_offset: int = 0,
-    device: torch.device | str = "cpu",
-    step_fn: StepFn | None = None,
-    strength: float = 1.0,
-    init_image: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    jump_length: int = DEFAULT_JUMP_LENGTH,
-    jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE,
-) -> Iterator[SampleProgress]:
-    """Algorithm 2 (or DDIM, or DPM-Solver++(2M)) for a batch of images, one Philox seed each (int64
-    bits); yields after every step (every U-Net call).
-
-    x_T ~ N(0, I) and every z are drawn from the image's own seed (counter 0 for x_T, the paper's t for z),
-    so image i depends on seeds[i] alone. The last yield holds x_0 (in [-1, 1] if clip_denoised).
-
-    Editing (ddpm/editing.py): ``init_image`` ((C, H, W) or one per image, in [-1, 1]) with ``strength``
-    < 1 starts from it noised to the level of round(strength T) - 1 (SDEdit); with a ``mask`` (same shape,
-    1 where a pixel is kept) the chain inpaints the rest (RePaint, resampling by ``jump_length`` and
-    ``jump_n_sample``).
-    """
-    from kernels.philox import sample_noise
-    from kernels.reverse_step import EditTerms
-
-    step_fn = step_fn or default_step_fn()
-    spec = ChainSpec(steps or schedule.num_timesteps, sampler, eta, clip_denoised, spacing, steps_offset, strength,
-                     mask is not None, jump_length, jump_n_sample)  # fmt: skip
-    if spec.edits and init_image is None:
-        raise ValueError("strength < 1 or a mask needs an init_image")
-    tables = ChainTables.for_spec(schedule, variance_type, spec, device)
-    seeds = seeds.to(device)
-    b = seeds.shape[0]
-    x = sample_noise(seeds, 0, shape)  # x_T, (B, C, H, W)
-    known = None if init_image is None else init_image.to(device, torch.float32).expand(b, *shape)
-    if spec.strength < 1.0 and known is not None:
-        x = tables.start_x * known + tables.start_z * x  # SDEdit: Eq. 4 at the chain's first timestep
-    x0_prev = torch.zeros(x.shape, dtype=torch.float32, device=device) if tables.multistep else None
-    for i in reversed(range(tables.num_steps)):
-        positions = torch.full((b,), i, dtype=torch.long, device=device)
-        t = tables.timesteps[positions]  # original timesteps, (B,)
-        eps = model(x, t)
-        edit = []
-        if tables.edit_table is not None:  # RePaint's blend and jump, or restart's jump (no mask: never read)
-            rows = tables.edit_table[:, positions]
-            if mask is not None and known is not None:
-                mask_rows = mask.to(device, torch.float32).expand(b, *shape)
-                edit = [EditTerms.from_chain_rows(known, mask_rows, torch.ones(b, device=device), rows)]
-            else:  # restart: x stands in for the image and mask no row reads
-                jump = EditTerms.from_chain_rows(x, x, torch.zeros(b, device=device), rows)
-                edit = [jump] if bool(jump.edits().any()) else []
-        x, x0 = step_fn(x, eps, tables.coefficients(positions), seeds, tables.counters[positions], x0_prev, *edit)
-        x0_prev = x0 if tables.multistep else None
-        yield SampleProgress(step=tables.num_steps - i, total=tables.num_steps, x=x)
-
-
-def sample(model: EpsModel, schedule: NoiseSchedule, seeds: torch.Tensor, shape: tuple[int, int, int], **kwargs: object) -> torch.Tensor:
-    """Run the whole chain; returns x_0 of shape (B, C, H, W)."""
-    x = None
-    for progress in sample_chain(model, schedule, seeds, shape, **kwargs):  # type: ignore[arg-type]
-        x = progress.x
-    assert x is not None
-    return x

@@ -300,10 +300,10 @@ class Distiller:
 
     def measure(self, model_dir: Path) -> dict[str, Any]:
         """``ddpm eval -n eval_n --seed 0`` of a round's student on its own chain, recorded in its config."""
-        from ddpm.chain import sample
         from ddpm.classifier import load_classifier
         from ddpm.evaluate import evaluate
         from ddpm.model_source import load_model_source
+        from ddpm.offline_sampler import sample
         from ddpm.seeding import image_seeds
         from ddpm.shipped_models import DEFAULT_CLASSIFIER
         from kernels.philox import seeds_to_tensor

@@ -228,7 +228,7 @@ class Trainer:
         self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
 
     def write_samples(self, n: int = 36) -> Path:
-        from ddpm.chain import sample
+        from ddpm.offline_sampler import sample
         from ddpm.seeding import image_seeds
         from kernels.philox import seeds_to_tensor
 

@@ -28,8 +28,8 @@ from ddpm.model_facts import ModelFacts, flops_per_image_step, model_fingerprint
 from ddpm.model_hub import model_name
 from ddpm.model_source import load_model_source
 from ddpm.precision import resolve_precision
+from service.client_quota import ClientQuota
 from service.engine.background_compile import COMPILED, EAGER, GROUPS, BackgroundCompiler, PathSwitch, fully_compiled, step_of
-from service.engine.client_quota import ClientQuota
 from service.engine.engine import Engine
 from service.engine.errors import EngineStopped
 from service.fault_injection import FaultInjector

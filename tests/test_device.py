@@ -22,10 +22,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ddpm.chain import ChainSpec, sample
+from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
 from ddpm.shipped_models import DEFAULT_MODEL
 from kernels.philox import seeds_to_tensor

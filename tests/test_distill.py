@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.chain import sample
 from ddpm.checkpoint import CheckpointError, ModelCard, load_model, save_model
 from ddpm.distill import DistillConfig, Distiller, DistillTargets, nested_grids
 from ddpm.loaded_model import ChainError
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.schedule import make_schedule
 from ddpm.v_prediction import EpsFromV
 from kernels.philox import seeds_to_tensor

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from service.api.job_handle import JobHandle
 from service.api.request_log import JsonFormatter
-from service.engine.job_handle import JobHandle
 from service.fault_injection import FaultInjector
 from tests.app_client import app_and_state
 from tests.app_client import metric as _metric

@@ -84,8 +84,9 @@ def _jobs() -> list[Job]:
         (ChainSpec(4, "ddim", repaint=True, jump_length=1, jump_n_sample=2), image, mask),  # inpainting
         (ChainSpec(3, "ddpm", strength=0.5), image, None),  # SDEdit
     ]
-    edits = [None if init is None else EditInput.of(init, m) for _, init, m in specs]
-    return [Job(ImageRequest(i, 2, spec, None, 0.0, edit), timeout_s=600) for i, ((spec, *_), edit) in enumerate(zip(specs, edits, strict=True))]
+    edit = [None if init is None else EditInput.of(init, m) for _, init, m in specs]
+    asked = [ImageRequest(i, 2, spec, None, 0.0, edit[i]) for i, (spec, _, _) in enumerate(specs)]
+    return [Job(request, timeout_s=600) for request in asked]
 
 
 def test_the_steady_loop_reads_nothing_back() -> None:

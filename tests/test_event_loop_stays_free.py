@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
+from service.api.job_handle import JobHandle
 from service.engine.job import Job
-from service.engine.job_handle import JobHandle
 
 
 def test_a_stalled_stream_reader_holds_one_progress_event() -> None:

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm.chain import ChainSpec, sample
+from ddpm.chain import ChainSpec
 from ddpm.checkpoint import CheckpointError, ModelCard, load_model
 from ddpm.guidance import fixed_guidance, guided_eps, rows_per_call
 from ddpm.image_request import ImageRequest
 from ddpm.loaded_model import ChainError
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
 from ddpm.unet import UNet
 from kernels.philox import seeds_to_tensor

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.chain import ChainSpec, ChainTables, sample
+from ddpm.chain import ChainSpec, ChainTables
 from ddpm.editing import repaint_calls, sdedit_start
 from ddpm.image_request import EditInput, ImageRequest
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor

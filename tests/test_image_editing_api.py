@@ -15,8 +15,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ddpm.chain import sample
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from tests.app_client import app_client, wait_ready

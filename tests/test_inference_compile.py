@@ -14,8 +14,9 @@ import torch
 from fastapi.testclient import TestClient
 from torch._dynamo.utils import counters
 
-from ddpm.chain import ChainSpec, ChainTables, sample
+from ddpm.chain import ChainSpec, ChainTables
 from ddpm.inference_compile import CompiledEps, HotPath, compiled_step_twin, cpu_compiler_available, graph_bucket, hot_path, should_compile
+from ddpm.offline_sampler import sample
 from ddpm.respace import respace_steps
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seeds

@@ -11,8 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 
 import ddpm.precision as precision
-from ddpm.chain import sample
 from ddpm.inference_compile import cpu_compiler_available, hot_path
+from ddpm.offline_sampler import sample
 from ddpm.precision import resolve_precision, with_precision
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.chain import ChainSpec, sample
+from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.respace import spaced_timesteps
 from ddpm.samplers.restart import main_steps, restart_calls
 from ddpm.seeding import image_seeds

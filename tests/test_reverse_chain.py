@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.chain import ChainTables, StepCoefficients, predict_x0, reverse_step, sample
+from ddpm.chain import ChainTables, StepCoefficients, predict_x0, reverse_step
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.respace import respace_steps
 from ddpm.schedule import VarianceType, make_schedule
 from ddpm.seeding import image_seed, image_seeds, splitmix64

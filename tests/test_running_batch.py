@@ -8,23 +8,24 @@ import time
 import numpy as np
 import torch
 
-from ddpm.chain import ChainSpec, sample
+from ddpm.chain import ChainSpec
+from ddpm.chain_table_store import ChainTableStore
+from ddpm.chain_tables_cache import ChainTablesCache
 from ddpm.image_request import ImageRequest
+from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
-from service.engine.chain_table_store import ChainTableStore
-from service.engine.chain_tables_cache import ChainTablesCache
 from service.engine.engine import Engine
 from service.engine.job import Job
-from service.engine.running_batch import RunningBatch
+from service.engine.served_batch import ServedBatch
 from tests.batch_rounding import BATCH_ROUNDING
 from tests.tiny_model import random_tiny_unet, tiny_loaded_model
 
 
-def _batch(capacity: int = 8) -> tuple[RunningBatch, ChainTablesCache]:
+def _batch(capacity: int = 8) -> tuple[ServedBatch, ChainTablesCache]:
     model = tiny_loaded_model(random_tiny_unet())
     tables = ChainTablesCache(model.schedule, model.variance_type, torch.device("cpu"))
-    return RunningBatch(capacity, (1, 8, 8), ChainTableStore(tables, torch.device("cpu")), torch.device("cpu")), tables
+    return ServedBatch(capacity, (1, 8, 8), ChainTableStore(tables, torch.device("cpu")), torch.device("cpu")), tables
 
 
 def test_rows_leave_by_index_and_the_last_rows_move_with_their_state() -> None:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.chain import ChainTables, sample
+from ddpm.chain import ChainTables
 from ddpm.model_source import load_model_source
+from ddpm.offline_sampler import sample
 from ddpm.respace import respace_steps, spaced_timesteps
 from ddpm.samplers import coefficient_table
 from ddpm.samplers.ddim import ddim_sigma

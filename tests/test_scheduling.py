@@ -13,8 +13,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from ddpm.chain import ChainSpec, sample
+from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
+from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.engine.engine import Engine

@@ -116,7 +116,7 @@ def offline(model: Path, device: str, chain: dict[str, object], batch: int, seco
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
-from ddpm.chain import sample
+from ddpm.offline_sampler import sample
 from ddpm.inference_compile import hot_path
 from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds

@@ -32,10 +32,10 @@ from ddpm.samplers import sampler_rule
 from service.api.content_negotiation import negotiate
 from service.api.edit_inputs import InputError, b64_png, decode_image, decode_mask
 from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
+from service.api.job_handle import JobHandle
 from service.api.schemas import ChainRequest, EditFields, GenerateResponse, ImageForm, SchedulingFields, Timings
 from service.engine.errors import EngineError
 from service.engine.job import Job
-from service.engine.job_handle import JobHandle
 from service.response_cache import ImageKey, etag_matches
 from service.server_state import ServerState
 

@@ -16,7 +16,7 @@ from fastapi.encoders import jsonable_encoder
 
 from service.api.errors import ApiError
 from service.api.generation import Generated, Scheduling, encode_off_loop, finished, result_body
-from service.engine.job_handle import JobHandle
+from service.api.job_handle import JobHandle
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 

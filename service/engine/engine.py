@@ -5,7 +5,9 @@ iteration reads as four calls with plain data between them (``Engine._iterate``)
 images up to ``max_batch`` (the request queue's policy decides which: ``request_queue.py``), run ONE
 **eps**_theta call over the whole batch with per-sample t, apply ONE fused **step** with per-sample
 coefficients and Philox seeds, and **advance**: move every sample on, retire those that reached x_0.
-A job (one request) is answered when its last image is done.
+A job (one request) is answered when its last image is done. The eps and step stages, and how rows
+join, are ``ddpm.denoising_iteration``'s: the offline sampler runs the same code (``ddpm.offline_sampler``);
+this module adds what serving needs (the queue, the scheduler, fault isolation, the thread, readouts).
 
 Faults: an exception in any stage fails exactly the jobs that stage touched, is logged with their
 request ids, and the engine goes on; it then reports itself unhealthy until an iteration succeeds,
@@ -33,16 +35,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddpm.chain import ChainSpec, StepCoefficients, StepFn, default_step_fn
-from ddpm.guidance import guided_eps
+from ddpm.chain import ChainSpec, StepFn, default_step_fn
+from ddpm.chain_table_store import ChainTableStore
+from ddpm.chain_tables_cache import ChainTablesCache
+from ddpm.denoising_iteration import DenoisingIteration
 from ddpm.image_request import EditInput, ImageRequest
 from ddpm.inference_compile import serving_thread
 from ddpm.loaded_model import LoadedModel
+from ddpm.running_batch import StepInputs, host_to_device
 from ddpm.samplers import inpainting_samplers, step_variants
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
-from service.engine.chain_table_store import ChainTableStore
-from service.engine.chain_tables_cache import ChainTablesCache
 from service.engine.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -59,7 +62,7 @@ from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from service.engine.request_queue import SchedulingName, create_request_queue
-from service.engine.running_batch import RunningBatch, StepInputs, host_to_device, tensor_to_device
+from service.engine.served_batch import ServedBatch
 from service.engine.step_scheduler import HEADROOM, MAX_SLOWDOWN, STARVE_AFTER, choose, slowdown_limit
 
 log = logging.getLogger("ddpm.engine")
@@ -126,6 +129,8 @@ class Engine:
         self.device = model.device
         self.shape = model.image_shape
         self.chain_tables = ChainTablesCache(model.schedule, model.variance_type, self.device)
+        self.iteration = DenoisingIteration(model, self.step_fn, self.chain_tables, self.shape, self.device, model.num_classes)
+        self.iteration.faults = self._fault
         self.health = Health(self_test_backoff_s)
         self._queue = create_request_queue(scheduling)
         self._live: set[int] = set()  # ids of jobs submitted and not finished
@@ -159,9 +164,9 @@ class Engine:
             self._enqueue(job)
         return job
 
-    def _new_batch(self, capacity: int) -> RunningBatch:
+    def _new_batch(self, capacity: int) -> ServedBatch:
         store = ChainTableStore(self.chain_tables, self.device)
-        return RunningBatch(capacity, self.shape, store, self.device, self.model.conditional, self.model.num_classes)
+        return ServedBatch(capacity, self.shape, store, self.device, self.model.conditional, self.model.num_classes)
 
     def _enqueue(self, job: Job) -> None:
         _prepare(job)
@@ -413,14 +418,14 @@ class Engine:
             return
         self.health.healed("an iteration succeeded")
 
-    def _stage(self, stage: str, batch: RunningBatch, fn: Callable[..., object], *args: object) -> object:
+    def _stage(self, stage: str, batch: ServedBatch, fn: Callable[..., object], *args: object) -> object:
         try:
             return fn(*args)
         except Exception as exc:  # a broken model fails the jobs in the batch, not the engine
             self._on_fault(stage, exc, batch.jobs())
             raise _StageFailed from exc
 
-    def _admit(self) -> RunningBatch | None:
+    def _admit(self) -> ServedBatch | None:
         """Drop dead jobs, add the images the queue admits (their x_T drawn), and return the running batch."""
         with self._lock:
             self._drop_dead_jobs()
@@ -449,18 +454,10 @@ class Engine:
         if not new:
             return
         seeds = host_to_device([job.keys[k] for job, k in new], self.device, torch.int64)
-        x_T = self._draw_x_T(seeds)
-        sdedit = [row for row, (job, _) in enumerate(new) if job.chain.strength < 1.0 and job.request.edit is not None]
-        if sdedit:  # SDEdit: Eq. 4 at t0, with x_T's z
-            tables = [self.chain_tables(new[row][0].chain) for row in sdedit]
-            idx = host_to_device(sdedit, self.device, torch.int64)
-            start_x = host_to_device([t.start_x for t in tables], self.device, torch.float32).view(-1, *([1] * len(self.shape)))
-            start_z = host_to_device([t.start_z for t in tables], self.device, torch.float32).view(-1, *([1] * len(self.shape)))
-            init = tensor_to_device(torch.stack([new[row][0].request.edit.image for row in sdedit]), self.device)  # type: ignore[union-attr]
-            x_T[idx] = start_x * init + start_z * x_T[idx]
+        x = self.iteration.start_x(self._batch, new, seeds)
         now, clock = time.monotonic(), self.iterations
         with self._lock:
-            self._batch.add(new, x_T, seeds, clock)
+            self._batch.add(new, x, seeds, clock)
             for job, _ in new:
                 job.rows_running += 1
                 if job.on_progress is not None:
@@ -469,20 +466,7 @@ class Engine:
                     job.first_admitted = now
                     self._observe("on_admitted", job)
 
-    def _draw_x_T(self, seeds: torch.Tensor) -> torch.Tensor:
-        """x_T ~ N(0, I) of each new image from its own key at counter 0 (N, C, H, W): the fused step with
-        every coefficient 0 but sigma = 1 draws exactly z, in one launch (the Triton kernel on CUDA, the
-        compiled twin on a compiling CPU) instead of the Philox twin's ~30 operations
-        (``kernels.philox.sample_noise``, which it equals: 0 + 1 z = z)."""
-        k = seeds.shape[0]
-        zeros = torch.zeros((k, *self.shape), dtype=torch.float32, device=self.device)
-        coefs = torch.zeros((len(StepCoefficients.names()), k), dtype=torch.float32, device=self.device)
-        coefs[StepCoefficients.names().index("sigma")] = 1.0
-        counters = torch.zeros(k, dtype=torch.int64, device=self.device)
-        x_T, _ = self.step_fn(zeros, zeros, StepCoefficients.from_stacked(coefs), seeds, counters, None)
-        return x_T
-
-    def _schedule(self, batch: RunningBatch) -> int:
+    def _schedule(self, batch: ServedBatch) -> int:
         """How many rows advance this iteration; those rows moved to the front (step_scheduler.py). All of
         them, untouched, unless the batch holds more than a U-Net call takes or some row has a deadline."""
         n = batch.n
@@ -501,29 +485,13 @@ class Engine:
                 batch.move_to_front(choice.rows, choice.count)
         return count
 
-    def _eps(self, batch: RunningBatch, m: int | None = None) -> tuple[StepInputs, torch.Tensor]:
-        """Per-row t, noise counter and step coefficients (gathers by each row's column in the chain
-        table), and ONE eps_theta call over the rows that advance."""
-        m = batch.n if m is None else m
-        inputs = batch.step_inputs(m)
-        x = batch.x[:m]
-        self._fault("unet")
-        if inputs.labels is None or inputs.scales is None:
-            return inputs, self.model.eps_model(x, inputs.t)
-        # classifier-free guidance in the same call: guided rows add a null-label row (ddpm/guidance.py);
-        # the scales are on the host, so finding the guided rows reads nothing back from the device
-        return inputs, guided_eps(self.model.eps_model, x, inputs.t, inputs.labels, inputs.scales, self.model.num_classes)
+    def _eps(self, batch: ServedBatch, m: int | None = None) -> tuple[StepInputs, torch.Tensor]:
+        return self.iteration.eps(batch, m)
 
-    def _step(self, batch: RunningBatch, m: int, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ONE fused step over the rows that advance, every sampler, clip setting, chain and edit at once;
-        returns x_prev and (while any row runs a multistep sampler) every row's x0_hat."""
-        self._fault("step")
-        x, seeds = batch.x[:m], batch.seeds[:m]
-        if inputs.edit is None:  # the signature every step function has
-            return self.step_fn(x, eps, inputs.coefs, seeds, inputs.counters, inputs.x0_prev)
-        return self.step_fn(x, eps, inputs.coefs, seeds, inputs.counters, inputs.x0_prev, inputs.edit)
+    def _step(self, batch: ServedBatch, m: int, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.iteration.step(batch, m, inputs, eps)
 
-    def _advance(self, batch: RunningBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
+    def _advance(self, batch: ServedBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
         """Move every row one step on, retire those at x_0 (their images leave the device in one copy),
         and tell the jobs. Which rows finish is known on the host: nothing is read back to decide it."""
         m = new_x.shape[0]
@@ -546,7 +514,7 @@ class Engine:
         for job in self._progress_jobs(batch):
             self._callback(job, job.on_progress)  # type: ignore[arg-type]
 
-    def _read_out(self, batch: RunningBatch, new_x: torch.Tensor, rows: np.ndarray) -> _Readout:
+    def _read_out(self, batch: ServedBatch, new_x: torch.Tensor, rows: np.ndarray) -> _Readout:
         """The finished rows' images on their way to the host: one gather and one copy (non-blocking into
         pinned memory on CUDA, waited for by an event when they are delivered, an iteration later)."""
         owners = [batch.owners[int(r)] for r in rows]
@@ -559,7 +527,7 @@ class Engine:
         event.record()
         return _Readout(host, owners, event)
 
-    def _leave(self, batch: RunningBatch, rows: np.ndarray | list[int]) -> None:
+    def _leave(self, batch: ServedBatch, rows: np.ndarray | list[int]) -> None:
         """Rows leave the batch (finished, failed, cancelled): their jobs' step counts banked (the lock held)."""
         for r in rows:
             job, _ = batch.owners[int(r)]
@@ -593,7 +561,7 @@ class Engine:
                 for job in done.values():
                     self._finish(job)
 
-    def _progress_jobs(self, batch: RunningBatch) -> list[Job]:
+    def _progress_jobs(self, batch: ServedBatch) -> list[Job]:
         """The running jobs that stream their progress (few: only a stream reads it)."""
         return [job for job in self._streaming.values() if not job.done] if self._streaming else []
 

@@ -110,14 +110,9 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     summary="OpenAI-compatible inpainting (RePaint): the mask's (or the image's) transparent pixels are repainted",
 )
 async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
-    ready_model(state)
-    size = _check_openai_fields(state, form)
-    mask = None if form.mask is None else await form.mask.read()
     options = {"strength": form.strength, "jump_length": form.jump_length, "jump_n_sample": form.jump_n_sample}
-    edit = edit_from_upload(state, await _image(form), mask, options, mask_from_alpha=True)
-    key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
-    request.state.log_fields.update({"user": form.user, "prompt_chars": len(form.prompt), "api": "openai", "edit": "inpaint"})
-    return await _answer(state, key, size, request, scheduling(state, form, request))
+    log = {"user": form.user, "prompt_chars": len(form.prompt), "api": "openai", "edit": "inpaint"}
+    return await _answer_upload(state, form, request, options, log, inpaint=True)
 
 
 @router.post(
@@ -127,11 +122,20 @@ async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request,
     summary="OpenAI-compatible variations (SDEdit): the image noised to strength (0.4) and denoised again",
 )
 async def images_variations(form: Annotated[ImageForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
+    log = {"user": form.user, "api": "openai", "edit": "variation"}
+    return await _answer_upload(state, form, request, {"strength": form.strength}, log, inpaint=False)
+
+
+async def _answer_upload(
+    state: ServerState, form: ImageForm, request: Request, options: dict[str, object], log: dict[str, object], inpaint: bool
+) -> Response:
+    """The routes that take an upload: its edit (an inpainting's mask, or the image's own transparency), answered."""
     ready_model(state)
     size = _check_openai_fields(state, form)
-    edit = edit_from_upload(state, await _image(form), None, {"strength": form.strength})
+    mask = getattr(form, "mask", None) if inpaint else None
+    edit = edit_from_upload(state, await _image(form), None if mask is None else await mask.read(), options, mask_from_alpha=inpaint)
     key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
-    request.state.log_fields.update({"user": form.user, "api": "openai", "edit": "variation"})
+    request.state.log_fields.update(log)
     return await _answer(state, key, size, request, scheduling(state, form, request))
 
 

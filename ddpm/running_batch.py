@@ -6,27 +6,34 @@ Per row, on the device: x_t, the Philox key, the mask flag; and, once some row n
 multistep state x0_prev, the input image and mask of an inpainting row, the class label. On the host
 (numpy): the column of the row's next step in the chain table (``ChainTableStore``) and its position
 (so which rows finish, and whether any row jumps, is known without reading the device), the owner
-(job, image index), the guidance scale.
+(whatever the caller names a row by, with its image index), the guidance scale.
 
 An iteration (``step_inputs`` then ``advance``) is a constant number of tensor operations, whatever the
 batch holds: the columns to the device (a view of the host array on CPU, one non-blocking copy on
 CUDA), two gathers of the tables by them, the state copied back. Per-row Python runs only when rows
 join or leave. Rows [0, m) advance; the rest sit out with their state kept (``m`` < ``n``: a row can be
 preempted in place).
+
+Both the engine (``service/engine/engine.py``, whose ``ServedBatch`` adds the scheduler's per-row columns)
+and the offline sampler (``ddpm/offline_sampler.py``) run their rows here, through
+``ddpm.denoising_iteration``: one implementation of the step inputs, the edit terms and the advance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ddpm.chain import ChainSpec
+from ddpm.chain_table_store import COEFS, ChainSlot, ChainTableStore
+from ddpm.image_request import ImageRequest
 from kernels.reverse_step import EditTerms, StepCoefficients
-from service.engine.chain_table_store import COEFS, ChainSlot, ChainTableStore
-from service.engine.job import Job
+
+Owner = tuple[Any, int]  # (what the caller names the row's request by: a Job, an ImageRequest; the image index)
 
 
 def host_to_device(values: np.ndarray | Sequence[int] | Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -58,10 +65,17 @@ class StepInputs:
     scales: torch.Tensor | None  # (m,) float32 on the host: classifier-free guidance w per row
 
 
+def _itself(request: ImageRequest) -> ImageRequest:
+    return request
+
+
 class RunningBatch:
+    """``request_of`` finds the ``ImageRequest`` of an owner (by default the owner is the request itself)."""
+
     def __init__(self, capacity: int, image_shape: tuple[int, ...], store: ChainTableStore, device: torch.device,
-                 conditional: bool = False, null_label: int = 0) -> None:  # fmt: skip
+                 conditional: bool = False, null_label: int = 0, request_of: Callable[[Any], ImageRequest] = _itself) -> None:  # fmt: skip
         self.capacity, self.shape, self.store, self.device = capacity, tuple(image_shape), store, device
+        self.request_of = request_of
         self.n = 0
         self.x = torch.zeros((capacity, *self.shape), dtype=torch.float32, device=device)  # (cap, C, H, W)
         self.seeds = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -77,14 +91,8 @@ class RunningBatch:
         self.multistep_host = np.zeros(capacity, dtype=bool)
         self.masked_host = np.zeros(capacity, dtype=bool)
         self.scales_host = np.zeros(capacity, dtype=np.float32)
-        self.joined_host = np.zeros(capacity, dtype=np.int64)  # the iteration clock when the row joined
         self.calls_host = np.zeros(capacity, dtype=np.int64)  # the row's chain length (U-Net calls)
-        self.priority_host = np.zeros(capacity, dtype=np.int64)  # its job's priority (lower runs first)
-        self.due_host = np.full(capacity, np.inf)  # its job's deadline (monotonic seconds; inf: none)
-        self.soft_due_host = np.full(capacity, np.inf)  # its job's bounded-slowdown target (Job.soft_due; inf: none)
-        self.waited_host = np.zeros(capacity, dtype=np.int64)  # iterations sat out in a row
-        self.job_host = np.zeros(capacity, dtype=np.int64)  # its job's id
-        self.owners: list[tuple[Job, int]] = []
+        self.owners: list[Owner] = []
         self.multistep_rows = self.masked_rows = 0  # counts of the flags above over [0, n)
         self._generation = store.generation
 
@@ -95,48 +103,40 @@ class RunningBatch:
     def free(self) -> int:
         return self.capacity - self.n
 
-    def jobs(self) -> list[Job]:
-        return list({job.id: job for job, _ in self.owners}.values())
-
     def chains(self) -> list[ChainSpec]:
-        return [job.chain for job, _ in self.owners]
+        return [self.request_of(owner).chain for owner, _ in self.owners]
 
     def rebase(self) -> None:
         """The table was compacted: every row's column from its chain's new base and its position."""
-        for row, (job, _) in enumerate(self.owners):
-            self.cols_host[row] = self.store.slots[job.chain].base + self.pos_host[row]
+        for row, chain in enumerate(self.chains()):
+            self.cols_host[row] = self.store.slots[chain].base + self.pos_host[row]
         self._generation = self.store.generation
 
     # --- rows join -----------------------------------------------------------------------------------
-    def add(self, owners: list[tuple[Job, int]], x: torch.Tensor, seeds: torch.Tensor, clock: int) -> None:
-        """Rows at the end for ``owners`` (job, image index), starting from ``x`` (k, C, H, W) with Philox
+    def add(self, owners: list[Owner], x: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Rows at the end for ``owners`` (owner, image index), starting from ``x`` (k, C, H, W) with Philox
         keys ``seeds`` (k,), at their chains' first positions."""
         k, start = len(owners), self.n
         if k > self.free:
             raise ValueError(f"{k} rows do not fit: {self.free} free of {self.capacity}")
         end = start + k
         rows = slice(start, end)
-        specs = list(dict.fromkeys(job.chain for job, _ in owners))
+        requests = [(self.request_of(owner), image) for owner, image in owners]
+        specs = list(dict.fromkeys(request.chain for request, _ in requests))
         for spec in specs:  # a compaction keeps the running rows' chains and these
             self.store.slot(spec, in_use=lambda: [*self.chains(), *specs])
         if self.store.generation != self._generation:
             self.rebase()
-        slots: list[ChainSlot] = [self.store.slots[job.chain] for job, _ in owners]
+        slots: list[ChainSlot] = [self.store.slots[request.chain] for request, _ in requests]
         self.pos_host[rows] = [slot.calls - 1 for slot in slots]
         self.cols_host[rows] = [slot.base + slot.calls - 1 for slot in slots]
         self.multistep_host[rows] = [slot.multistep for slot in slots]
-        edits = [job.request.edit for job, _ in owners]
+        edits = [request.edit for request, _ in requests]
         self.masked_host[rows] = [edit is not None and edit.mask is not None for edit in edits]
         self.multistep_rows += int(self.multistep_host[rows].sum())
         self.masked_rows += int(self.masked_host[rows].sum())
-        self.scales_host[rows] = [job.request.guidance_scale for job, _ in owners]
-        self.joined_host[rows] = clock
+        self.scales_host[rows] = [request.guidance_scale for request, _ in requests]
         self.calls_host[rows] = [slot.calls for slot in slots]
-        self.priority_host[rows] = [job.priority for job, _ in owners]
-        self.due_host[rows] = [np.inf if job.due is None else job.due for job, _ in owners]
-        self.soft_due_host[rows] = [np.inf if job.soft_due is None else job.soft_due for job, _ in owners]
-        self.waited_host[rows] = 0
-        self.job_host[rows] = [job.id for job, _ in owners]
         self.x[rows] = x
         self.seeds[rows] = seeds
         self.masked[rows] = host_to_device(self.masked_host[rows], self.device, torch.float32)
@@ -152,7 +152,7 @@ class RunningBatch:
                     self.known[start + i] = tensor_to_device(edit.image, self.device)
                     self.mask[start + i] = tensor_to_device(edit.mask, self.device)
         if self.labels is not None:
-            labels = [job.request.labels[k] if job.request.labels else self.null_label for job, k in owners]
+            labels = [request.labels[k] if request.labels else self.null_label for request, k in requests]
             self.labels[rows] = host_to_device(labels, self.device, torch.long)
         self.owners.extend(owners)
         self.n = end
@@ -193,8 +193,6 @@ class RunningBatch:
             self.x0_prev[:m] = x0
         self.cols_host[:m] -= 1
         self.pos_host[:m] -= 1
-        self.waited_host[:m] = 0
-        self.waited_host[m : self.n] += 1
 
     # --- rows leave --------------------------------------------------------------------------------------
     def remove(self, rows: Sequence[int] | np.ndarray) -> None:
@@ -220,8 +218,8 @@ class RunningBatch:
         self.n = keep
 
     def _host_arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.cols_host, self.pos_host, self.multistep_host, self.masked_host, self.scales_host, self.joined_host, self.calls_host,
-                self.priority_host, self.due_host, self.soft_due_host, self.waited_host, self.job_host)  # fmt: skip
+        """Every per-row host array: rows that move take theirs along (a subclass adds its own)."""
+        return (self.cols_host, self.pos_host, self.multistep_host, self.masked_host, self.scales_host, self.calls_host)
 
     def _device_buffers(self) -> list[torch.Tensor]:
         return [buf for buf in (self.x, self.seeds, self.masked, self.x0_prev, self.known, self.mask, self.labels) if buf is not None]
@@ -244,12 +242,3 @@ class RunningBatch:
         moved = [owners[int(r)] for r in b]
         for r, owner in zip(a, moved, strict=True):
             owners[int(r)] = owner
-
-    def steps_of(self, job_id: int) -> int:
-        """Steps done by the job's rows in the batch (its steps count on the host: not per iteration)."""
-        rows = np.flatnonzero(self.job_host[: self.n] == job_id)
-        return int((self.calls_host[rows] - 1 - self.pos_host[rows]).sum())
-
-    def rows_of(self, job_ids: set[int]) -> list[int]:
-        """The rows of these jobs (a failure, a cancellation: not per iteration)."""
-        return [row for row, (job, _) in enumerate(self.owners) if job.id in job_ids]
