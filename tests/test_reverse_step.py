@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parent.parent
 SCHEDULE = make_schedule("linear", 1000)
 TABLES = ChainTables(SCHEDULE, VarianceType.FIXED_LARGE, clip=False)  # Eq. 11
 CLIPPED = ChainTables(SCHEDULE, VarianceType.FIXED_LARGE, clip=True)  # Eq. 7 with x0 clipped
@@ -223,3 +228,48 @@ def test_bf16_output_rounds_to_nearest_even() -> None:
     assert differ < 0.01, differ
     ulp = 2.0 ** (torch.floor(torch.log2(twin.abs().clamp_min(1e-30))) - 7)  # one bf16 ulp at each value
     assert ((out - twin).abs() <= ulp).all()
+
+
+AOT_COMPILE = """
+import itertools, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.reverse_step import _reverse_step_kernel
+
+data = "*" + sys.argv[1]
+signature = {"x_ptr": data, "eps_ptr": data, "out_ptr": data}
+signature.update({name: "*fp32" for name in ("x0_prev_ptr", "x0_out_ptr", "known_ptr", "mask_ptr", "edit_ptr", "coef_ptr")})
+signature.update({"seed_ptr": "*i64", "counter_ptr": "*i64", "B": "i32", "N": "i32", "C": "i32", "W": "i32"})
+signature.update({name: "constexpr" for name in ("MULTISTEP", "EDIT", "CHANNELS_LAST", "BLOCK")})
+built = []
+for multistep, edit, channels_last in itertools.product((False, True), repeat=3):
+    flags = {"MULTISTEP": multistep, "EDIT": edit, "CHANNELS_LAST": channels_last, "BLOCK": 1024}
+    kernel = triton.compile(ASTSource(_reverse_step_kernel, signature, constexprs=flags), target=GPUTarget("cuda", 90, 32),
+                            options={"enable_fp_fusion": False})
+    built.append({"flags": flags, "cubin_bytes": len(kernel.asm["cubin"]), "sm_90": ".target sm_90" in kernel.asm["ptx"]})
+print(json.dumps(built))
+"""
+
+
+def _cuda_backend() -> bool:
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except ImportError:  # pragma: no cover
+        return False
+
+
+@pytest.mark.skipif(not _cuda_backend(), reason="this triton has no CUDA backend to compile for")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_kernel_compiles_for_the_h200_without_a_gpu(dtype: str, tmp_path: Path) -> None:
+    """Every specialisation (multistep, edit, layout) through Triton's whole CUDA pipeline to an sm_90 cubin,
+    ahead of time, on a machine without a GPU: what the interpreter never checks (only constexpr globals,
+    the types of jit code, ptxas) fails here, not on the day a GPU is lent. In a child process without
+    TRITON_INTERPRET (under it, @triton.jit makes interpreted functions that cannot be compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE, dtype], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(built) == 8 and all(k["sm_90"] and k["cubin_bytes"] > 0 for k in built), built
