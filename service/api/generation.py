@@ -1,6 +1,7 @@
 """What every generation route shares (ours and OpenAI's dialect): check a request against the loaded
-model (``prepare``), answer from the response cache or a 304, hand the rest to the engine (``submit``),
-turn the finished job into images or an error (``finished``), and encode off the event loop.
+model (``prepare``), then one pipeline (``answer``): a 304, or the images from the response cache or the
+engine (``submit``, ``finished``), encoded off the event loop, with ETag and X-Cache. A route says only
+how to encode (its media types) and wrap the result; the stream answers with events (progress_stream.py).
 
 ``prepare`` makes the request object (``ddpm.image_request.ImageRequest``) once; the cache key wraps it and
 the engine's job carries it unchanged. A new request field: the schema (schemas.py), ``ImageRequest`` (or,
@@ -271,6 +272,27 @@ async def images_or_not_modified(
         request.state.outcome = "ok"
         return Response(status_code=304, headers={"ETag": etag})
     return await generate_images(state, key, request, sched)
+
+
+async def answer(
+    state: ServerState,
+    key: ImageKey,
+    media: str,
+    request: Request,
+    sched: Scheduling,
+    encode: Callable[[Generated], object],
+    wrap: Callable[[Any], Response],
+) -> Response:
+    """Every generation route's answer after ``prepare``: 304 when the client holds it, else the images (the
+    response cache or the engine) ``encode``d off the event loop, ``wrap``ped in a response with ETag and X-Cache."""
+    generated = await images_or_not_modified(state, key, media, request, sched)
+    if isinstance(generated, Response):
+        return generated
+    response = wrap(await encode_off_loop(state, lambda: encode(generated), request))
+    response.headers["ETag"] = key.etag(media)
+    response.headers["X-Cache"] = "hit" if generated.job is None else "miss"
+    request.state.outcome = "ok"
+    return response
 
 
 async def encode_off_loop(state: ServerState, encode: Callable[[], object], request: Request) -> object:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, Request
@@ -20,11 +21,10 @@ from service.api.generation import (
     PNG,
     SSE,
     Generated,
+    answer,
     cached_images,
     choose_media,
     edit_from_fields,
-    encode_off_loop,
-    images_or_not_modified,
     prepare,
     result_body,
     scheduling,
@@ -59,21 +59,12 @@ async def generate(
     media = choose_media(accept, [JSON, PNG, NPY])
     key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
     sched = scheduling(state, body, request)
-    generated = await images_or_not_modified(state, key, media, request, sched)
-    if isinstance(generated, Response):
-        return generated
-    images = generated.images
-    if media == PNG:
-        response: Response = Response(await encode_off_loop(state, lambda: png_bytes(make_grid(images)), request), media_type=PNG)
-    elif media == NPY:
-        response = Response(await encode_off_loop(state, lambda: _npy(images), request), media_type=NPY)
-    else:
-        content = await encode_off_loop(state, lambda: jsonable_encoder(result_body(state, key, generated, arrived, sched)), request)
-        response = JSONResponse(content)
-    response.headers["ETag"] = key.etag(media)
-    response.headers["X-Cache"] = "miss" if generated.job is not None else "hit"
-    request.state.outcome = "ok"
-    return response
+    encoders: dict[str, tuple[Callable[[Generated], object], Callable[[Any], Response]]] = {
+        PNG: (lambda g: png_bytes(make_grid(g.images)), lambda content: Response(content, media_type=PNG)),
+        NPY: (lambda g: _npy(g.images), lambda content: Response(content, media_type=NPY)),
+        JSON: (lambda g: jsonable_encoder(result_body(state, key, g, arrived, sched)), JSONResponse),
+    }
+    return await answer(state, key, media, request, sched, *encoders[media])
 
 
 @router.post(

@@ -25,11 +25,11 @@ from service.api.deps import Authorized, StateDep
 from service.api.errors import ApiError, documented, not_ready
 from service.api.generation import (
     JSON,
+    Generated,
     Scheduling,
+    answer,
     chain_fields,
     edit_from_upload,
-    encode_off_loop,
-    images_or_not_modified,
     prepare,
     ready_model,
     scheduling,
@@ -167,21 +167,14 @@ def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | Imag
 
 async def _answer(state: ServerState, key: ImageKey, size: str, request: Request, sched: Scheduling) -> Response:
     """The images of ``key`` in OpenAI's ImagesResponse (or 304), PNGs encoded off the event loop."""
-    generated = await images_or_not_modified(state, key, JSON, request, sched)
-    if isinstance(generated, Response):
-        return generated
-    images, cached = generated.images, generated.job is None
 
-    def encode() -> object:
-        data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(images)]
-        fields = chain_fields(state, key, cached)  # model: the served one (_check_model), seed: key.request.seed
+    def encode(generated: Generated) -> object:
+        data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(generated.images)]
+        fields = chain_fields(state, key, generated.job is None)  # model: the served one (_check_model), seed: key.request.seed
         return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, priority=sched.priority,
                                                deadline_s=sched.deadline_s, **fields))  # fmt: skip
 
-    content = await encode_off_loop(state, encode, request)
-    response = JSONResponse(content, headers={"ETag": key.etag(JSON), "X-Cache": "hit" if cached else "miss"})
-    request.state.outcome = "ok"
-    return response
+    return await answer(state, key, JSON, request, sched, encode, JSONResponse)
 
 
 def _model_card(state: ServerState) -> ModelCard:
