@@ -144,8 +144,7 @@ def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             # this batch's images as one request (the object the server's engine gets), its labels from the run's
             asked = ImageRequest(args.seed, count, chain, None if labels is None else tuple(labels[first : first + count]), w, edit_input)
             run = sample_requests(fast.eps_model, model.schedule, model.variance_type, [(asked, r % count) for r in range(rows)], seeds,
-                                  model.image_shape, device=device, step_fn=fast.step_fn, conditional=model.conditional,
-                                  num_classes=model.num_classes)  # fmt: skip
+                                  model.image_shape, device=device, step_fn=fast.step_fn, num_classes=model.num_classes)  # fmt: skip
             x = None
             for step in run:
                 bar.update(1)

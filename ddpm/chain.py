@@ -102,19 +102,15 @@ class ChainTables:
         timesteps = np.array(schedule.timesteps)  # original t of each position
         abar_start = float(schedule.alphas_cumprod[-1])  # the level the chain starts from
         self.edit_table64: np.ndarray | None = None
-        if calls is None and rule.shortest_with_jumps is not None:
-            raise ValueError(f"a {rule.name} chain needs its calls (ChainTables.for_spec: the sampler's own plan)")
-        if calls is None:
+        if calls is None:  # a column per position (a sampler with its own call plan refuses: ChainTables.for_spec)
             table = rule.table(schedule, variance_type=variance_type, eta=eta, clip=clip)  # (8, S) float64
-        else:  # a column per call, RePaint's plan or the sampler's own
+            counters = timesteps + 1
+        else:  # a column per call, RePaint's plan or the sampler's own (and jumps back up), the last-run first
             table = rule.call_table(schedule, calls, variance_type=variance_type, eta=eta, clip=clip)
-        if calls is not None:  # the calls (and jumps back up), the last-run first
             order = [position for position, _ in reversed(calls)]
             table, timesteps = table[:, ::-1].copy(), timesteps[order]
             self.edit_table64 = edit_table(schedule, calls)[:, ::-1].copy()
             counters = counter_base + 1 + np.arange(len(calls))
-        else:
-            counters = timesteps + 1
         self.num_steps = table.shape[1]
         self.table64 = table
         self.table = torch.from_numpy(table).to(device=device, dtype=torch.float32)

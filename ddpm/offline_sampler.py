@@ -44,26 +44,25 @@ def sample_requests(
     *,
     device: torch.device | str = "cpu",
     step_fn: StepFn | None = None,
-    conditional: bool = False,
     num_classes: int = 0,
 ) -> Iterator[SampleProgress]:
     """Rows ``owners`` ((ImageRequest, image index) each: its chain, label, guidance and edit inputs) with
     Philox keys ``seeds`` (int64 bits, one per row), every chain of the same length; yields after every U-Net
-    call. ``conditional``: a class-conditional eps_theta(x, t, labels) with null label ``num_classes``."""
+    call. ``num_classes`` > 0: a class-conditional eps_theta(x, t, labels) with null label ``num_classes``."""
     device = torch.device(device)
     tables = ChainTablesCache(schedule, VarianceType(variance_type), device)
     owners = list(owners)
     calls = {request.chain.unet_calls for request, _ in owners}
     if len(calls) != 1:
         raise ValueError(f"the rows' chains differ in length ({sorted(calls)} calls): the engine serves mixed chains")
-    batch = RunningBatch(len(owners), shape, ChainTableStore(tables, device, initial_columns=calls.copy().pop()), device,
-                         conditional, num_classes)  # fmt: skip
-    iteration = DenoisingIteration(SimpleNamespace(eps_model=eps_model), step_fn or default_step_fn(), tables, shape, device, num_classes)
-    for request, _ in owners:
+    (total,) = calls
+    store = ChainTableStore(tables, device, initial_columns=total)
+    batch = RunningBatch(len(owners), shape, store, device, conditional=num_classes > 0, null_label=num_classes)
+    iteration = DenoisingIteration(SimpleNamespace(eps_model=eps_model), step_fn or default_step_fn())
+    for request in dict.fromkeys(request for request, _ in owners):
         request.check_inputs(shape)
     seeds = seeds.to(device)
     batch.add(owners, iteration.start_x(batch, owners, seeds), seeds)
-    total = calls.pop()
     for done in range(1, total + 1):
         inputs, eps = iteration.eps(batch)
         x, x0 = iteration.step(batch, batch.n, inputs, eps)

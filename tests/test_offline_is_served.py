@@ -58,7 +58,7 @@ def _offline(model, request: ImageRequest) -> torch.Tensor:  # type: ignore[no-u
     x = None
     with torch.inference_mode():
         for progress in sample_requests(model.eps_model, model.schedule, model.variance_type, owners, seeds, model.image_shape,
-                                        conditional=model.conditional, num_classes=model.num_classes):  # fmt: skip
+                                        num_classes=model.num_classes):  # fmt: skip
             x = progress.x
     assert x is not None
     return x

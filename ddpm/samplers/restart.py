@@ -81,7 +81,7 @@ class Restart(SamplerRule):
         return restart_calls(steps)
 
     def table(self, chain: NoiseSchedule, *, variance_type: VarianceType, eta: float, clip: bool) -> np.ndarray:
-        raise ValueError("restart's table has a column per call, not per position: call_table with restart_calls")
+        raise ValueError("a restart chain has a column per call, not per position: its calls (restart_calls, ChainTables.for_spec)")
 
     def call_table(self, chain: NoiseSchedule, calls: list[Call], *, variance_type: VarianceType, eta: float, clip: bool) -> np.ndarray:
         return restart_table(chain, clip, calls)

@@ -129,7 +129,7 @@ class Engine:
         self.device = model.device
         self.shape = model.image_shape
         self.chain_tables = ChainTablesCache(model.schedule, model.variance_type, self.device)
-        self.iteration = DenoisingIteration(model, self.step_fn, self.chain_tables, self.shape, self.device, model.num_classes)
+        self.iteration = DenoisingIteration(model, self.step_fn)
         self.iteration.faults = self._fault
         self.health = Health(self_test_backoff_s)
         self._queue = create_request_queue(scheduling)
