@@ -2,7 +2,8 @@
 
     bash benchmarks/gpu/run.sh OUT_DIR   # on the GPU machine: this suite is one phase of the GPU check
     python benchmarks/gpu_suite.py > gpu.md
-    python benchmarks/gpu_suite.py --device cpu --steps 2 --batches 1,2 --drift-batch 2 --drift-steps 3   # dry run
+    python benchmarks/gpu_suite.py --device cpu --steps 2 --batches 1,2 --drift-batch 2 --drift-steps 3 \
+        --compile-backend aot_eager   # dry run
 
 1. Sampler images/s, ours vs a diffusers DDPMScheduler.step loop, same U-Net weights, 50 steps,
    batch 1/16/64/256: ours eager fp32, ours compiled fp32 without CUDA graphs, ours compiled fp32 (the
@@ -18,6 +19,7 @@ The fused kernel's own bandwidth is `python benchmarks/bench_reverse_step.py --g
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -133,7 +135,13 @@ def main() -> None:
     parser.add_argument("--drift-steps", type=int, default=None, help="default: the full chain (T)")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     parser.add_argument("--parts", default="sampler,graphs,drift", help="which tables (the GPU check runs each under its own time limit)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="dry run: aot_eager traces every compiled column through dynamo and AOTAutograd as on the "
+                        "GPU, without inductor's C++ build for the CPU (the GPU never runs it; ~4x less time; "
+                        "tests/test_inference_compile.py covers it)")  # fmt: skip
     args = parser.parse_args()
+    if args.compile_backend != "inductor":  # every torch.compile below and in ddpm.inference_compile (read at call time)
+        torch.compile = functools.partial(torch.compile, backend=args.compile_backend)  # type: ignore[assignment]
     parts = set(args.parts.split(","))
     global DEVICE
     DEVICE = args.device
