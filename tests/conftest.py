@@ -60,6 +60,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order within a rank
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest alone (the GPU machine has no xdist) must not refuse it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """--dist loadfile with the COMPILE_TOGETHER files as one unit of work (otherwise per file)."""
     if config.getoption("dist") != "loadfile":
