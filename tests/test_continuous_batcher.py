@@ -18,18 +18,12 @@ from service.engine.errors import Cancelled, DeadlineExceeded, Draining, DrainTi
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from tests.batch_rounding import BATCH_ROUNDING
+from tests.engine_jobs import wait_done
 from tests.tiny_model import tiny_loaded_model
 
 
 def _job(seed: int = 0, n: int = 1, steps: int = 10, timeout_s: float = 60.0, clip: bool = True) -> Job:
     return Job(ImageRequest(seed, n, ChainSpec(steps=steps, clip=clip)), timeout_s=timeout_s)
-
-
-def _wait(*jobs: Job, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not all(j.done for j in jobs):
-        assert time.monotonic() < end, "jobs did not finish"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -42,7 +36,7 @@ def engine(tiny_unet: torch.nn.Module) -> Iterator[Engine]:
 
 def test_engine_matches_offline_sampler(engine: Engine, tiny_unet: torch.nn.Module) -> None:
     job = engine.submit(_job(seed=7, n=3, steps=25))
-    _wait(job)
+    wait_done(job)
     assert job.error is None and job.images is not None
     with torch.inference_mode():
         offline = sample(tiny_unet, engine.model.schedule, seeds_to_tensor(image_seeds(7, 3)), (1, 8, 8), steps=25)
@@ -51,11 +45,11 @@ def test_engine_matches_offline_sampler(engine: Engine, tiny_unet: torch.nn.Modu
 
 def test_same_seed_alone_and_in_a_mixed_batch(engine: Engine) -> None:
     alone = engine.submit(_job(seed=11, n=2, steps=30))
-    _wait(alone)
+    wait_done(alone)
     crowd = [engine.submit(_job(seed=s, n=3, steps=st, clip=c)) for s, st, c in [(1, 50, True), (2, 13, False), (3, 1000, True)]]
     time.sleep(0.05)
     mixed = engine.submit(_job(seed=11, n=2, steps=30))
-    _wait(mixed, *crowd[:2])
+    wait_done(mixed, *crowd[:2])
     crowd[2].cancel()
     assert (alone.images - mixed.images).abs().max().item() < BATCH_ROUNDING  # type: ignore[operator]
 
@@ -84,7 +78,7 @@ def test_mixed_samplers_share_iterations_and_match_the_offline_sampler(tiny_unet
             job = Job(ImageRequest(seed, n, ChainSpec(steps=steps, clip=clip, sampler=sampler, eta=eta, spacing=spacing)), timeout_s=60)
             jobs.append(e.submit(job))
             time.sleep(0.01)  # later jobs join a batch already running
-        _wait(*jobs)
+        wait_done(*jobs)
     finally:
         e.stop()
     assert max(calls) >= 6  # samplers did share U-Net calls
@@ -115,10 +109,10 @@ def test_short_request_overtakes_a_long_one(engine: Engine) -> None:
     short.on_done = lambda job: finished_at.append(engine.iterations)  # exact, not the poll's view
     start_iter = engine.iterations
     engine.submit(short)
-    _wait(short)
+    wait_done(short)
     assert not long.done
     assert finished_at[0] - start_iter <= 12  # ~10 iterations, shared with the long chain
-    _wait(long)
+    wait_done(long)
     assert long.error is None
 
 
@@ -130,7 +124,7 @@ def test_request_level_batching_makes_the_short_one_wait(tiny_unet: torch.nn.Mod
         while e.iterations < 2:
             time.sleep(0.001)
         short = e.submit(_job(seed=2, steps=10))
-        _wait(short)
+        wait_done(short)
         assert long.done  # the short one only ran after the whole long chain
     finally:
         e.stop()
@@ -142,10 +136,10 @@ def test_large_job_does_not_starve_small_ones(tiny_unet: torch.nn.Module) -> Non
     small = e.submit(_job(seed=2, n=1, steps=5))
     e.start()
     try:
-        _wait(small)
+        wait_done(small)
         assert not big.done and big.images_done < 20
         assert small.queue_wait is not None and small.queue_wait < big.timeout_s
-        _wait(big)
+        wait_done(big)
     finally:
         e.stop()
 
@@ -169,7 +163,7 @@ def test_cancel_frees_samples(engine: Engine) -> None:
     while engine.running < 4:
         time.sleep(0.001)
     job.cancel()
-    _wait(job)
+    wait_done(job)
     assert isinstance(job.error, Cancelled)
     time.sleep(0.05)
     assert engine.running == 0 and engine.queue_depth == 0 and engine.idle
@@ -178,7 +172,7 @@ def test_cancel_frees_samples(engine: Engine) -> None:
 def test_deadline(engine: Engine) -> None:
     job = engine.submit(_job(n=2, steps=1000, timeout_s=0.2))
     ok = engine.submit(_job(seed=3, n=1, steps=5))
-    _wait(job, ok)
+    wait_done(job, ok)
     assert isinstance(job.error, DeadlineExceeded) and ok.error is None
     time.sleep(0.05)
     assert engine.running == 0
@@ -199,12 +193,12 @@ def test_model_failure_fails_only_that_batch(tiny_unet: torch.nn.Module) -> None
     e.start()
     try:
         bad = e.submit(_job(seed=1, steps=10))
-        _wait(bad)
+        wait_done(bad)
         assert isinstance(bad.error, ModelFailure) and bad.error.cause == "RuntimeError: injected fault"
         assert str(bad.error) == "model call failed (RuntimeError); the server log has the details"  # no message text to clients
         assert not e.healthy
         good = e.submit(_job(seed=2, steps=10))
-        _wait(good)
+        wait_done(good)
         assert good.error is None and e.healthy
     finally:
         e.stop()
@@ -215,7 +209,7 @@ def test_progress_callbacks(engine: Engine) -> None:
     job = _job(n=2, steps=6)
     job.on_progress = lambda j: seen.append(j.steps_done)
     engine.submit(job)
-    _wait(job)
+    wait_done(job)
     assert seen == sorted(seen) and seen[-1] < 12 and job.steps_done == 12 and job.progress == 1.0
 
 
@@ -244,11 +238,11 @@ def test_a_fault_in_the_running_batch_fails_its_jobs_only(tiny_unet: torch.nn.Mo
             time.sleep(0.001)
         waiting = e.submit(_job(seed=2, n=1, steps=5))  # not admitted until a slot frees
         e.faults = OneFault(stage)
-        _wait(running, waiting)
+        wait_done(running, waiting)
         assert isinstance(running.error, EngineFault) and running.error.stage == stage
         assert "MemoryError" in str(running.error) and waiting.error is None
         after = e.submit(_job(seed=3, n=2, steps=5))  # the engine goes on
-        _wait(after)
+        wait_done(after)
         assert after.error is None and e.healthy and e.alive
         assert e.running == 0 and e.queue_depth == 0 and e.idle
     finally:
@@ -264,9 +258,9 @@ def test_a_fault_while_admitting_fails_only_the_newcomers(tiny_unet: torch.nn.Mo
             time.sleep(0.001)
         e.faults = OneFault("admit")  # x_T for the next newcomers cannot be drawn (e.g. out of memory)
         late = e.submit(_job(seed=2, n=3, steps=5))
-        _wait(late)
+        wait_done(late)
         assert isinstance(late.error, EngineFault) and late.error.stage == "admit"
-        _wait(first)
+        wait_done(first)
         assert first.error is None and first.images_done == 2
         assert e.running == 0 and e.queue_depth == 0
     finally:
@@ -289,7 +283,7 @@ def test_a_failing_observer_is_isolated(tiny_unet: torch.nn.Module) -> None:
     e.start()
     try:
         job = e.submit(_job(seed=1, n=2, steps=5))
-        _wait(job)
+        wait_done(job)
         assert job.error is None and job.images_done == 2 and e.healthy
         assert observer.faults == ["observer"] * 5
     finally:
@@ -302,7 +296,7 @@ def test_a_dead_engine_answers_everyone_and_says_so(tiny_unet: torch.nn.Module) 
     jobs = [e.submit(_job(seed=s, n=2, steps=50)) for s in range(3)]  # one running, two waiting
     e.faults = OneFault("loop", when=lambda: e.iterations >= 3)  # outside any iteration: a bug in the loop
     e.start()
-    _wait(*jobs, timeout=10)
+    wait_done(*jobs, timeout=10)
     assert all(isinstance(j.error, EngineStopped) for j in jobs)
     end = time.monotonic() + 5
     while e.alive:
@@ -326,7 +320,7 @@ def test_readiness_heals_without_traffic(tiny_unet: torch.nn.Module) -> None:
     e.start()
     try:
         bad = e.submit(_job(seed=1, steps=5))
-        _wait(bad)
+        wait_done(bad)
         assert isinstance(bad.error, ModelFailure) and not e.healthy
         end = time.monotonic() + 5
         while not e.healthy:  # nobody sends a request: the self-test is what heals it
@@ -347,7 +341,7 @@ def test_abort_answers_everything_in_flight(engine: Engine) -> None:
     time.sleep(0.05)  # an iteration that was under way when abort ran must not bring their rows back
     assert engine.running == 0 and engine.queue_depth == 0 and engine.idle
     after = engine.submit(_job(seed=9, steps=5))
-    _wait(after)
+    wait_done(after)
     assert after.error is None
 
 
@@ -370,7 +364,7 @@ def test_admission_is_fair_per_client(tiny_unet: torch.nn.Module) -> None:
         while e.iterations < 1:
             time.sleep(0.001)
         single = e.submit(Job(ImageRequest(99, 1, ChainSpec(steps=5, clip=True)), timeout_s=60, client="B"))
-        _wait(single, *flood)
+        wait_done(single, *flood)
         assert admitted.at == {"A": 0, "B": 5}
         assert single.error is None and all(j.error is None for j in flood)
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from service.engine.engine import Engine
 from service.engine.job import Job
 from service.settings import Settings
 from tests.app_client import wait_ready
+from tests.engine_jobs import wait_done
 from tests.tiny_model import save_tiny_model
 
 DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cpu"))
@@ -68,10 +68,7 @@ def test_engine_on_device_matches_the_cpu_sampler(tiny_dir: Path) -> None:
         jobs = [
             engine.submit(Job(ImageRequest(s, 3, ChainSpec(st)), timeout_s=120)) for s, st in [(7, 40), (8, 100), (9, 13)]
         ]
-        end = time.monotonic() + 120
-        while not all(j.done for j in jobs):
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        wait_done(*jobs, timeout=120)
     finally:
         engine.stop()
     for job in jobs:

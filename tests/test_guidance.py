@@ -23,6 +23,7 @@ from kernels.philox import seeds_to_tensor
 from service.engine.engine import Engine
 from service.engine.job import Job
 from tests.app_client import app_client, metric, wait_ready
+from tests.engine_jobs import wait_done
 from tests.tiny_model import TINY, TINY_CLASSES, random_tiny_conditional_unet, save_tiny_conditional_model, save_tiny_model
 
 
@@ -120,10 +121,7 @@ def test_engine_mixes_guided_unguided_and_unconditional_samples(cond_dir: Path) 
             job = Job(asked, timeout_s=60)
             jobs.append(engine.submit(job))
             time.sleep(0.005)
-        deadline = time.monotonic() + 60
-        while not all(j.done for j in jobs):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_done(*jobs)
     finally:
         engine.stop()
     assert max(rows) >= 7 + 3  # at some iteration 7 samples shared one call, 3 of them guided (2 rows each)

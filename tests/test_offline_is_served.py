@@ -5,7 +5,6 @@ differs), for every kind of chain: each sampler, clipping, RePaint, SDEdit, clas
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.engine.engine import Engine
 from service.engine.job import Job
+from tests.engine_jobs import wait_done
 from tests.tiny_model import random_tiny_unet, save_tiny_conditional_model, tiny_loaded_model
 
 SHAPE = (1, 8, 8)
@@ -42,10 +42,7 @@ def _served(model, request: ImageRequest) -> torch.Tensor:  # type: ignore[no-un
     engine.start()
     try:
         job = engine.submit(Job(request, timeout_s=120))
-        end = time.monotonic() + 120
-        while not job.done:
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        wait_done(job, timeout=120)
     finally:
         engine.stop()
     assert job.error is None and job.images is not None

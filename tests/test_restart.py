@@ -5,7 +5,6 @@ it: tests/test_chain_requests.py)."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from kernels.philox import sample_noise, seeds_to_tensor
 from service.engine.engine import Engine
 from service.engine.job import Job
 from tests.batch_rounding import BATCH_ROUNDING
+from tests.engine_jobs import wait_done
 from tests.tiny_model import random_tiny_unet, tiny_loaded_model
 
 
@@ -109,10 +109,7 @@ def test_the_engine_mixes_restart_with_other_samplers(model_dir: Path) -> None:
         engine.submit(job)
     engine.start()
     try:
-        end = time.monotonic() + 120
-        while not all(job.done for job in jobs):
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        wait_done(*jobs, timeout=120)
     finally:
         engine.stop()
     for job, spec in zip(jobs, specs, strict=True):

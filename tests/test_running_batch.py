@@ -19,6 +19,7 @@ from service.engine.engine import Engine
 from service.engine.job import Job
 from service.engine.served_batch import ServedBatch
 from tests.batch_rounding import BATCH_ROUNDING
+from tests.engine_jobs import wait_done
 from tests.tiny_model import random_tiny_unet, tiny_loaded_model
 
 
@@ -74,10 +75,7 @@ def test_a_compaction_while_rows_run_changes_no_image() -> None:
         for job in jobs:
             engine.submit(job)
             time.sleep(0.02)
-        end = time.monotonic() + 60
-        while not all(job.done for job in jobs):
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        wait_done(*jobs)
     finally:
         engine.stop()
     assert engine._batch.store.generation > 0  # it did compact
