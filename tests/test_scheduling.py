@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -22,6 +23,7 @@ from service.engine.engine import Engine
 from service.engine.errors import DeadlineUnmeetable
 from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
+from service.engine.step_scheduler import SAFETY, slowdown_limit
 from tests.app_client import app_client, metric, wait_ready
 from tests.batch_rounding import BATCH_ROUNDING
 from tests.tiny_model import random_tiny_unet, tiny_loaded_model
@@ -223,6 +225,44 @@ def test_a_short_request_beside_a_long_one_takes_at_most_its_slowdown_bound(max_
     else:
         assert took == pytest.approx(10 * 1.0) and set(rows) == {4}, (took, rows)  # beside the full batch: 10x
     assert long.steps_done - long_before == sum(rows) - 10  # the long chain advanced in every iteration beside it
+
+
+def test_a_slowdown_target_that_only_shorter_iterations_could_meet_binds_nothing() -> None:
+    """A no-deadline job whose bounded-slowdown target can no longer be met at the pace it was set at (its rows'
+    own iteration cost) does not shrink the iterations: the full batch runs. Before this rule, every target
+    shrank them in the seconds before it passed: at 1.5x load a sixth of the iterations ran 1 row of ~190."""
+    clock = FakeClock()
+    engine, _ = _engine(max_batch=4, max_resident=8, clock=clock)
+    long = engine.submit(Job(ImageRequest(1, 4, ChainSpec(200, "ddpm")), timeout_s=600))
+    engine._iterate()
+    engine.cost = IterationCost(alpha=0.0)
+    engine.cost.alpha, _ = 1.0, (engine.cost.observe(1, 0.1), engine.cost.observe(4, 1.0))
+    engine.cost.alpha = 0.0
+    short = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600)
+    clock.now = short.created
+    engine.submit(short)
+    assert short.soft_due == pytest.approx(short.created + 10 * 10 * 0.1) and short.soft_step_s == pytest.approx(0.1)
+    clock.now = short.soft_due - 1.2  # 0.12 s a call left: 0.084 at SAFETY, under the 0.1 s of its own pace
+    before = long.steps_done + short.steps_done
+    engine._iterate()
+    assert long.steps_done + short.steps_done - before == 4  # the full batch (the target as it was shrank it to 1)
+    clock.now = short.created + 0.5  # 9.5 s for 9 calls: met at its pace, so it binds (0.74 s: 3 rows, not 4)
+    before = long.steps_done + short.steps_done
+    engine._iterate()
+    assert long.steps_done + short.steps_done - before == 3
+
+
+def test_a_slowdown_target_binds_at_its_own_rows_pace() -> None:
+    """The pace is the job's own rows' iteration: a 16-image job's target binds while 16-row iterations can
+    meet it, and once only shorter ones could, it binds nothing (instead of shrinking every call to 1 row)."""
+    now, remaining, priority = 100.0, np.array([50, 50, 10]), np.array([5, 5, 5])
+    soft_step = np.array([0.05, 0.05, 0.0])  # two rows of a 16-image job whose rows' iteration costs 50 ms; no target
+    soft_due = np.array([now + 50 * 0.08, now + 50 * 0.08, np.inf])  # 80 ms a call left: 56 ms at SAFETY
+    assert slowdown_limit(soft_due, soft_step, priority, remaining, now) == pytest.approx(SAFETY * 0.08)
+    soft_due[:2] = now + 50 * 0.06  # 60 ms a call left: 42 ms at SAFETY, under its 50 ms pace
+    assert slowdown_limit(soft_due, soft_step, priority, remaining, now) is None
+    soft_due[:2] = now - 1.0  # passed
+    assert slowdown_limit(soft_due, soft_step, priority, remaining, now) is None
 
 
 def test_a_request_whose_images_fill_the_batch_leaves_rows_for_the_next() -> None:

@@ -216,6 +216,7 @@ class Engine:
         per = self.cost.seconds(rows)
         if per is not None:
             job.soft_due = job.created + self.max_slowdown * job.calls * per * -(-job.n // rows)
+            job.soft_step_s = per
 
     def _admission_control(self, job: Job) -> None:
         """Refuse at once a job whose deadline cannot be met given the work ahead of it (the lock held): 503 +
@@ -473,7 +474,7 @@ class Engine:
         tight = self._tight_deadline
         limit = HEADROOM * tight[0] if tight is not None and tight[1] >= time.monotonic() else None
         now, remaining = self.clock(), batch.pos_host[:n] + 1
-        soft = slowdown_limit(batch.soft_due_host[:n], batch.priority_host[:n], remaining, now) if n > 1 else None
+        soft = slowdown_limit(batch.soft_due_host[:n], batch.soft_step_host[:n], batch.priority_host[:n], remaining, now) if n > 1 else None
         if soft is not None:
             limit = soft if limit is None else min(limit, soft)
         choice = choose(n, self.max_batch, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,

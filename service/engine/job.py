@@ -31,6 +31,7 @@ class Job:
     # a job without a deadline: when it should be done to have run at most ``max_slowdown`` x its time alone
     # (set by the engine on arrival from its cost model; the scheduler keeps iterations short enough for it)
     soft_due: float | None = None
+    soft_step_s: float = 0.0  # the seconds of one iteration of its rows alone: the pace its target was set at
     request_id: str | None = None  # for the log lines of faults
     on_progress: Callable[[Job], None] | None = None
     on_done: Callable[[Job], None] | None = None

@@ -28,6 +28,7 @@ class ServedBatch(RunningBatch):
         self.priority_host = np.zeros(capacity, dtype=np.int64)  # its job's priority (lower runs first)
         self.due_host = np.full(capacity, np.inf)  # its job's deadline (monotonic seconds; inf: none)
         self.soft_due_host = np.full(capacity, np.inf)  # its job's bounded-slowdown target (Job.soft_due; inf: none)
+        self.soft_step_host = np.zeros(capacity)  # the seconds of an iteration of its job's rows alone (Job.soft_step_s)
         self.waited_host = np.zeros(capacity, dtype=np.int64)  # iterations sat out in a row
         self.job_host = np.zeros(capacity, dtype=np.int64)  # its job's id
 
@@ -43,6 +44,7 @@ class ServedBatch(RunningBatch):
         self.priority_host[rows] = [job.priority for job, _ in owners]
         self.due_host[rows] = [np.inf if job.due is None else job.due for job, _ in owners]
         self.soft_due_host[rows] = [np.inf if job.soft_due is None else job.soft_due for job, _ in owners]
+        self.soft_step_host[rows] = [job.soft_step_s for job, _ in owners]
         self.waited_host[rows] = 0
         self.job_host[rows] = [job.id for job, _ in owners]
 
@@ -53,8 +55,8 @@ class ServedBatch(RunningBatch):
         self.waited_host[m : self.n] += 1
 
     def _host_arrays(self) -> tuple[np.ndarray, ...]:
-        return (*super()._host_arrays(), self.joined_host, self.priority_host, self.due_host, self.soft_due_host, self.waited_host,
-                self.job_host)  # fmt: skip
+        return (*super()._host_arrays(), self.joined_host, self.priority_host, self.due_host, self.soft_due_host,
+                self.soft_step_host, self.waited_host, self.job_host)  # fmt: skip
 
     def steps_of(self, job_id: int) -> int:
         """Steps done by the job's rows in the batch (its steps count on the host: not per iteration)."""
