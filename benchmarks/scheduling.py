@@ -3,9 +3,11 @@ served once with priorities and deadlines and once as the server served before t
 
     python benchmarks/scheduling.py                         # the shipped model, 60 s per cell, loads 0.8/1.2/1.5x
     python benchmarks/scheduling.py --seconds 30 --loads 1.5 --interactive-share 0.1
+    python benchmarks/scheduling.py --compile auto --loads 1.5 --modes priorities   # the compiled serving path
 
-One `ddpm serve` per mode (compile off, so capacity does not change during a run; 1 torch thread, the
-other core for this client). First the calibration: an interactive request's latency alone (its deadline
+One `ddpm serve` per mode (compile off by default; with ``--compile auto`` it is ready only once its graphs
+are built, so capacity does not change during a run either; 1 torch thread, the other core for this
+client). First the calibration: an interactive request's latency alone (its deadline
 is 3x that), and the server's capacity in U-Net row-calls per second (closed-loop bulk requests keeping
 the batch full). Then per load (offered row-calls/s as a multiple of that capacity), Poisson arrivals
 (seeded; the count of each kind fixed by its rate) of
@@ -46,14 +48,15 @@ BULK = {"batch_size": 16, "steps": 50, "sampler": "ddim", "timestep_spacing": "t
 INTERACTIVE_CALLS, BULK_CALLS = 10, 16 * 50
 
 
-def start(mode: str, model: Path) -> ServerProcess:
-    env = {"DDPM_COMPILE": "off", "DDPM_THREADS": "1", "DDPM_MAX_BATCH": "64", "DDPM_RESPONSE_CACHE_MB": "0", "DDPM_MAX_QUEUE": "100000",
+def start(mode: str, model: Path, compile_setting: str) -> ServerProcess:
+    env = {"DDPM_COMPILE": compile_setting, "DDPM_COMPILE_BEFORE_READY": "true",
+           "DDPM_THREADS": "1", "DDPM_MAX_BATCH": "64", "DDPM_RESPONSE_CACHE_MB": "0", "DDPM_MAX_QUEUE": "100000",
            "DDPM_MAX_IMAGES_PER_CLIENT": "100000", "DDPM_MAX_CALLS_PER_CLIENT": "100000000", "DDPM_REQUEST_TIMEOUT_S": "3600",
            "DDPM_LOG_LEVEL": "warning"}  # fmt: skip
     if mode == "before":
         env.update(DDPM_MAX_RESIDENT="64", DDPM_MAX_SLOWDOWN="0")
     server = ServerProcess(model, **env)
-    server.wait_ready(300)
+    server.wait_ready(900)  # compiling: minutes on a CPU (the inductor cache makes the next start fast)
     return server
 
 
@@ -172,13 +175,15 @@ def main() -> int:
     p.add_argument("--interactive-share", type=float, default=0.1, help="of the capacity, in U-Net row-calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="priorities,before")
+    p.add_argument("--compile", default="off", choices=["off", "auto"],
+                   help="the server's DDPM_COMPILE; auto waits for the compiled graphs before measuring (its default serving path)")
     args = p.parse_args()
     from ddpm.precision import cpu_capability
 
     print(f"CPU: {cpu_capability()}", file=sys.stderr)
     rows = []
     for mode in args.modes.split(","):
-        server = start(mode, args.model)
+        server = start(mode, args.model, args.compile)
         try:
             alone = alone_latency(server.url)
             cap = capacity(server.url, 20.0)
