@@ -45,6 +45,16 @@ def _engine(max_batch: int = 2, max_resident: int = 6, **kwargs: object) -> tupl
     return Engine(tiny_loaded_model(unet), max_batch=max_batch, max_resident=max_resident, **kwargs), unet  # type: ignore[arg-type]
 
 
+def _set_cost(seconds: dict[int, float]) -> IterationCost:
+    """A set cost model: these seconds per iteration of so many rows, which the engine's measurements do not
+    change (they move a size's average by ``alpha`` = 0)."""
+    cost = IterationCost()
+    for rows, s in seconds.items():
+        cost.observe(rows, s)
+    cost.alpha = 0.0
+    return cost
+
+
 def _offline(unet: torch.nn.Module, job: Job) -> torch.Tensor:
     spec = job.chain
     with torch.inference_mode():
@@ -108,10 +118,7 @@ def test_the_row_with_less_slack_goes_first_and_fewer_rows_run_for_a_tight_deadl
     engine, _ = _engine(max_batch=4, max_resident=8, clock=clock)
     relaxed = engine.submit(Job(ImageRequest(1, 3, ChainSpec(50, "ddpm")), timeout_s=600))
     engine._iterate()
-    engine.cost = IterationCost(alpha=0.0)  # a set cost model (measurements change nothing): 4 rows cost 10x one
-    for rows, seconds in ((1, 0.1), (2, 0.2), (4, 1.0)):
-        engine.cost.alpha, _ = 1.0, engine.cost.observe(rows, seconds)
-    engine.cost.alpha = 0.0
+    engine.cost = _set_cost({1: 0.1, 2: 0.2, 4: 1.0})  # 4 rows cost 10x one
     tight = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600, deadline_s=1.5)
     engine._admission_control = lambda job: None  # type: ignore[method-assign]  # this test is the scheduler's, not admission's
     clock.now = tight.created
@@ -205,9 +212,7 @@ def test_a_short_request_beside_a_long_one_takes_at_most_its_slowdown_bound(max_
     engine, _ = _engine(max_batch=4, max_resident=8, clock=clock, max_slowdown=max_slowdown)
     long = engine.submit(Job(ImageRequest(1, 4, ChainSpec(200, "ddpm")), timeout_s=600))
     engine._iterate()
-    engine.cost = IterationCost(alpha=0.0)  # 1 row 0.1 s, 4 rows 1.0 s (linear between): set, measurements change nothing
-    engine.cost.alpha, _ = 1.0, (engine.cost.observe(1, 0.1), engine.cost.observe(4, 1.0))
-    engine.cost.alpha = 0.0
+    engine.cost = _set_cost({1: 0.1, 4: 1.0})  # 1 row 0.1 s, 4 rows 1.0 s (linear between)
     short = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600)
     clock.now = short.created
     engine.submit(short)
@@ -235,9 +240,7 @@ def test_a_slowdown_target_that_only_shorter_iterations_could_meet_binds_nothing
     engine, _ = _engine(max_batch=4, max_resident=8, clock=clock)
     long = engine.submit(Job(ImageRequest(1, 4, ChainSpec(200, "ddpm")), timeout_s=600))
     engine._iterate()
-    engine.cost = IterationCost(alpha=0.0)
-    engine.cost.alpha, _ = 1.0, (engine.cost.observe(1, 0.1), engine.cost.observe(4, 1.0))
-    engine.cost.alpha = 0.0
+    engine.cost = _set_cost({1: 0.1, 4: 1.0})
     short = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=600)
     clock.now = short.created
     engine.submit(short)
