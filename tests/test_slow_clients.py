@@ -104,10 +104,18 @@ def test_an_answer_nobody_received_is_counted_499(server: ServerProcess) -> None
     counted 499 in the access log and the metrics, not 200."""
     body = b'{"seed": 1, "steps": 3, "sampler": "ddim"}'
     assert httpx.post(server.url + "/generate", content=body, headers={"Content-Type": "application/json"}).status_code == 200
-    before = (server.metric('ddpm_requests_total{code="200"}'), server.metric('ddpm_requests_total{code="499"}'))
-    s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    s.shutdown(socket.SHUT_WR)
-    s.close()
-    server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == before[1] + 1, timeout=10)
-    assert server.metric('ddpm_requests_total{code="200"}') == before[0]
+    codes = ('ddpm_requests_total{code="200"}', 'ddpm_requests_total{code="499"}')
+    outcomes = []
+    # the cached answer is at once: on a loaded machine the server can write it before the FIN reaches it, and
+    # then 200 is the truth (it went out). Each try is counted exactly once, as one or the other; one 499 must come.
+    for _ in range(5):
+        before = [server.metric(name) for name in codes]
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        s.shutdown(socket.SHUT_WR)
+        s.close()
+        server.wait_metric(codes[0], lambda v, b=before: v + server.metric(codes[1]) == sum(b) + 1, timeout=10)
+        outcomes.append(200 if server.metric(codes[0]) == before[0] + 1 else 499)
+        if outcomes[-1] == 499:
+            break
+    assert outcomes[-1] == 499, f"every answer was counted 200: {outcomes}"
