@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scheduling import BULK_CALLS, INTERACTIVE_CALLS, trace  # noqa: E402
+from scheduling import BULK, BULK_CALLS, INTERACTIVE, INTERACTIVE_CALLS, trace  # noqa: E402
 
 from service.engine.iteration_cost import IterationCost  # noqa: E402
 
@@ -82,6 +82,16 @@ def simulate(
     from ddpm.model_source import load_model_source
     from service.engine.engine import Engine
     from service.engine.job import Job
+    from service.settings import Settings
+
+    server = Settings()  # the interactive request names no chain: the server's default one
+    requests = {
+        "interactive": (
+            INTERACTIVE["batch_size"],
+            ChainSpec(server.default_steps, server.default_sampler, spacing=server.default_timestep_spacing),
+        ),
+        "bulk": (BULK["batch_size"], ChainSpec(BULK["steps"], BULK["sampler"], spacing=BULK["timestep_spacing"])),
+    }  # the benchmark's requests, as its HTTP bodies ask for them
 
     curve = curve_cost(curve_name, host_s)
     clock = SimClock()
@@ -104,9 +114,9 @@ def simulate(
             at, kind = pending.pop(0)
             clock.now = max(clock.now, t0 + at)
             fields = {"priority": 0, "deadline_s": deadline} if kind == "interactive" else {"priority": 5}
-            request = ImageRequest(len(jobs), 1, ChainSpec(10, "restart", spacing="trailing")) if kind == "interactive" else \
-                ImageRequest(len(jobs), 16, ChainSpec(50, "ddim", spacing="trailing"))  # fmt: skip
-            job = Job(request, timeout_s=3600, created=clock.now, **(fields if mode == "priorities" else {}))  # type: ignore[arg-type]
+            job = Job(
+                ImageRequest(len(jobs), *requests[kind]), timeout_s=3600, created=clock.now, **(fields if mode == "priorities" else {})
+            )  # type: ignore[arg-type]
             try:
                 engine.submit(job)
             except Exception as exc:  # a refusal (admission control): counted as a miss
