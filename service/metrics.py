@@ -156,8 +156,14 @@ class Metrics(EngineObserver):
             self.refusals.labels(reason=reason)
         self.backlog = Gauge(
             "ddpm_backlog_seconds",
-            "Seconds the work held now (resident rows' steps left and waiting images' calls) takes at full batch, at the measured "
-            "iteration cost: the metric to scale replicas on (deploy/k8s/hpa.yaml)",
+            "Seconds the work held now (resident rows' steps left and waiting images' calls) takes at the call size, at the "
+            "measured iteration cost: the metric to scale replicas on (deploy/k8s/hpa.yaml)",
+            registry=r,
+        )
+        self.call_size = Gauge(
+            "ddpm_call_size_rows",
+            "The most rows one U-Net call takes while more are resident: DDPM_MAX_BATCH, or the size the engine measured the "
+            "best rows per second at (fewer where a CPU's full batch is slower per row; DDPM_TUNE_CALL_SIZE)",
             registry=r,
         )
         self.open_connections = Gauge(
@@ -240,6 +246,9 @@ class Metrics(EngineObserver):
 
     def watch_backlog(self, seconds: Callable[[], float]) -> None:
         self.backlog.set_function(seconds)
+
+    def watch_call_size(self, rows: Callable[[], float]) -> None:
+        self.call_size.set_function(rows)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)

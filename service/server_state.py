@@ -117,6 +117,7 @@ class ServerState:
         engine.start()
         threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
         self.metrics.watch_backlog(engine.backlog_seconds)
+        self.metrics.watch_call_size(lambda: engine.call_size.best)
         if device.type == "cuda":
             self.metrics.watch_gpu(device)
         self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), written or int(time.time()), gflop)
@@ -226,6 +227,7 @@ class ServerState:
             on_dead=self._engine_died,
             max_resident=resident,
             max_slowdown=s.max_slowdown,
+            tune_call_size=s.tune_call_size,
         )
         engine.warmup(s.warmup_steps, sizes)
         return engine

@@ -46,6 +46,7 @@ from ddpm.running_batch import StepInputs, host_to_device
 from ddpm.samplers import inpainting_samplers, step_variants
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
+from service.engine.call_size import CallSize
 from service.engine.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -106,6 +107,7 @@ class Engine:
         max_resident: int | None = None,
         starve_after: int = STARVE_AFTER,
         max_slowdown: float = MAX_SLOWDOWN,
+        tune_call_size: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
@@ -117,6 +119,8 @@ class Engine:
         self.max_slowdown = max_slowdown  # a job without a deadline: at most this x its time alone, while rows allow (0: off)
         self.clock = clock  # the scheduler's now (a test's fake clock); the request deadlines stay monotonic
         self.cost = IterationCost()
+        # rows per U-Net call while more are resident: max_batch, or the learned size with the best rate (call_size.py)
+        self.call_size = CallSize(max_batch, tune=tune_call_size)
         self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
         self._tight_deadline: tuple[float, float] | None = None  # (the tightest deadline_s seen lately, until when it holds)
         self.max_queue = max_queue
@@ -186,7 +190,7 @@ class Engine:
         what is left of the iteration in flight, then the work at its priority or a better one, resident and
         waiting, at the measured iteration cost. Rows of a worse priority do not count: they sit out for it
         (step_scheduler.py); nor, for a job with a deadline, resident rows without one."""
-        b = self.max_batch
+        b = self.call_size.best
         full = self.cost.seconds(b)
         if full is None:
             return None
@@ -212,7 +216,7 @@ class Engine:
         enough for it (step_scheduler.slowdown_limit): a 10-call request beside a 64-row chain on a CPU."""
         if job.deadline_s is not None or self.max_slowdown <= 0:
             return
-        rows = min(job.n, self.max_batch)
+        rows = min(job.n, self.call_size.best)
         per = self.cost.seconds(rows)
         if per is not None:
             job.soft_due = job.created + self.max_slowdown * job.calls * per * -(-job.n // rows)
@@ -238,15 +242,16 @@ class Engine:
             )
 
     def backlog_seconds(self) -> float:
-        """Seconds the work held now (resident rows' remaining steps and waiting images' calls) takes at full
-        batch: the autoscaler's metric (``ddpm_backlog_seconds``); 0 before the first measured iteration."""
-        full = self.cost.seconds(self.max_batch)
+        """Seconds the work held now (resident rows' remaining steps and waiting images' calls) takes at the
+        call size (call_size.py): the autoscaler's metric (``ddpm_backlog_seconds``); 0 before the first measured iteration."""
+        b = self.call_size.best
+        full = self.cost.seconds(b)
         if full is None:
             return 0.0
         with self._lock:
             batch = self._batch
             work = int((batch.pos_host[: batch.n] + 1).sum()) + self._queue.calls_at_or_above(2**62)[1]
-        return work / self.max_batch * full
+        return work / b * full
 
     def images_ahead(self, job: Job) -> int | None:
         """Images of earlier requests still waiting for a slot (the job's queue position, counted in
@@ -477,7 +482,8 @@ class Engine:
         soft = slowdown_limit(batch.soft_due_host[:n], batch.soft_step_host[:n], batch.priority_host[:n], remaining, now) if n > 1 else None
         if soft is not None:
             limit = soft if limit is None else min(limit, soft)
-        choice = choose(n, self.max_batch, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
+        call = self.call_size.rows(n, self.cost)
+        choice = choose(n, call, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
                         self.starve_after, limit)  # fmt: skip
         count = n if choice is None else choice.count
         self._iteration_ends = time.monotonic() + (self.cost.seconds(count) or 0.0)

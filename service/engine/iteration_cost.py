@@ -55,6 +55,17 @@ class IterationCost:
             slope = max((t2 - t1) / (b2 - b1) if b2 > b1 else 0.0, t2 / b2 * 0.5)
             return t2 + slope * (rows - b2)
 
+    def best_rate_rows(self, limit: int, margin: float) -> int:
+        """The measured size up to ``limit`` with the most rows per second, when its rate beats ``limit`` rows'
+        (measured or predicted) by more than ``margin``; else ``limit`` (also before any measurement)."""
+        with self._lock:
+            rates = {rows: rows / s for rows, s in self._seconds.items() if rows <= limit}
+        full = self.seconds(limit)
+        if not rates or full is None:
+            return limit
+        best = max(rates, key=lambda rows: (rates[rows], rows))  # a tie goes to the larger size
+        return best if rates[best] > (1 + margin) * limit / full else limit
+
     @property
     def measured(self) -> bool:
         return bool(self._seconds)

@@ -1,0 +1,104 @@
+"""The call size (service/engine/call_size.py): how many rows one U-Net call takes while more are resident,
+learned from the measured cost curve, on curves measured on real machines and on the engine without HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddpm.chain import ChainSpec
+from ddpm.image_request import ImageRequest
+from service.engine.call_size import EXPLORE_EVERY, CallSize
+from service.engine.iteration_cost import IterationCost
+from service.engine.job import Job
+from tests.app_client import app_and_state, metric, wait_ready
+from tests.batch_rounding import BATCH_ROUNDING
+from tests.test_scheduling import _engine, _offline, _set_cost
+
+# ms of one U-Net call per rows: the shipped model compiled (bf16, 1 thread) on a 2-core AVX-512 EPYC, 2026-12-04
+# (its rate peaks at 24-32 rows: 349 rows/s against 282 at 64), and on an H200 (BENCHMARKS "GPU": CUDA graphs)
+CPU_MS = {1: 7.2, 8: 25.4, 16: 46.8, 24: 68.7, 32: 91.7, 48: 151.5, 64: 226.7}
+H200_MS = {1: 0.429, 16: 0.676, 64: 0.935}
+
+
+def _curve(ms: dict[int, float]) -> IterationCost:
+    cost = IterationCost()
+    for rows, t in ms.items():
+        cost.observe(rows, t / 1e3)
+    return cost
+
+
+def test_the_best_rate_is_a_measured_size_and_beats_the_full_batch_by_the_margin() -> None:
+    assert _curve(CPU_MS).best_rate_rows(64, 0.05) == 24  # 349.3 rows/s (32: 349.0; 64: 282)
+    assert _curve(CPU_MS).best_rate_rows(16, 0.05) == 16  # up to the limit only
+    assert _curve(H200_MS).best_rate_rows(64, 0.05) == 64  # a GPU: the full batch
+    near = _curve({48: 48 / 300 * 1e3, 64: 64 / 290 * 1e3})  # 48 rows 3.4% better than 64: within the margin, noise
+    assert near.best_rate_rows(64, 0.05) == 64
+    assert IterationCost().best_rate_rows(64, 0.05) == 64  # nothing measured
+    assert _curve({1: 7.2, 2: 9.0}).best_rate_rows(64, 0.05) == 64  # 64 not run yet: predicted (extrapolated) faster
+
+
+def _run(call: CallSize, truth: dict[int, float], iterations: int, resident: int = 256) -> list[int]:
+    """``iterations`` iterations with ``resident`` rows, each measured at the true curve (linear between)."""
+    sizes, ms = zip(*sorted(truth.items()), strict=True)
+    cost, rows = _curve({1: truth[1], 2: float(np.interp(2, sizes, ms)), 64: truth[64]}), []  # the warm-up's sizes
+    for _ in range(iterations):
+        rows.append(call.rows(resident, cost))
+        cost.observe(rows[-1], float(np.interp(rows[-1], sizes, ms)) / 1e3)
+    return rows
+
+
+def test_on_a_cpu_curve_it_climbs_to_the_peak_from_the_warm_up_sizes() -> None:
+    """From the sizes the warm-up runs (1, 2, 64), exploring the grid's neighbours finds the 24-32 row peak."""
+    call = CallSize(64)
+    rows = _run(call, CPU_MS, 40 * EXPLORE_EVERY)
+    assert rows[0] == 64 and call.best in (24, 32), rows[:: EXPLORE_EVERY // 2]
+    sizes, ms = zip(*sorted(CPU_MS.items()), strict=True)
+    tail = rows[len(rows) // 2 :]  # the rate it serves at once settled, exploring included
+    rate = sum(tail) / sum(float(np.interp(r, sizes, ms)) / 1e3 for r in tail)
+    assert rate >= 0.98 * 349 and rate > 1.2 * 282, rate  # the peak's rate, not the full batch's
+
+
+def test_on_a_gpu_curve_it_stays_at_the_full_batch_and_explores_below_it() -> None:
+    rows = _run(CallSize(64), H200_MS, 4 * EXPLORE_EVERY)
+    explored = [(i, r) for i, r in enumerate(rows) if r != 64]
+    assert explored == [(EXPLORE_EVERY * k - 1, 48) for k in range(1, 5)], explored  # one iteration in 32, at 48 rows
+
+
+def test_off_it_is_always_max_batch_and_it_never_exceeds_what_is_resident() -> None:
+    assert set(_run(CallSize(64, tune=False), CPU_MS, 3 * EXPLORE_EVERY)) == {64}
+    assert max(_run(CallSize(64), CPU_MS, 3 * EXPLORE_EVERY, resident=20)) <= 64  # limited or not, never above max_batch
+    call = CallSize(64, explore_every=1)
+    call.best, cost = 24, _curve(CPU_MS)
+    assert all(call.rows(30, cost) <= 30 for _ in range(6))  # an exploring call takes no more rows than are resident
+
+
+def test_the_engine_runs_the_best_rate_size_and_the_images_do_not_change() -> None:
+    """4 rows resident, a call of up to 4: on a curve where 2 rows do the most rows per second, each iteration runs 2
+    (the rows take turns), every 32nd another size; the images are those of an offline run."""
+    engine, unet = _engine(max_batch=4, max_resident=8, tune_call_size=True)
+    engine.cost = _set_cost({1: 0.1, 2: 0.12, 3: 0.4, 4: 0.5})  # 10, 16.7, 7.5 and 8 rows/s
+    jobs = [engine.submit(Job(ImageRequest(seed, 2, ChainSpec(40, "ddpm")), timeout_s=600)) for seed in (1, 2)]
+    rows = []
+    while not all(job.done for job in jobs):
+        before = sum(job.steps_done for job in jobs)
+        engine._iterate()
+        rows.append(sum(job.steps_done for job in jobs) - before)
+    assert rows[: EXPLORE_EVERY - 1] == [2] * (EXPLORE_EVERY - 1) and rows[EXPLORE_EVERY - 1] == 1, rows  # then one below
+    assert engine.call_size.best == 2
+    for job in jobs:
+        assert job.error is None
+        assert (job.images - _offline(unet, job)).abs().max().item() < BATCH_ROUNDING  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("tune", [True, False])
+def test_the_server_reports_the_call_size_and_plans_with_it(model_dir, tune: bool) -> None:  # type: ignore[no-untyped-def]
+    client, state = app_and_state(model_dir, max_batch=8, tune_call_size=tune)
+    with client as c:
+        wait_ready(c)
+        state.engine.cost = _set_cost({1: 0.01, 4: 0.012, 8: 0.2})  # 4 rows: 333 rows/s, 8: 40
+        assert c.post("/generate", json={"seed": 1, "steps": 3}).status_code == 200
+        assert metric(c, "ddpm_call_size_rows") == (4 if tune else 8)
+        job = Job(ImageRequest(5, 8, ChainSpec(10, "ddpm")), timeout_s=600)
+        # 80 row-calls at the call size: 20 iterations of 4 rows (0.24 s), or 10 of 8 (2 s)
+        assert state.engine.predicted_seconds(job) == pytest.approx(0.24 if tune else 2.0, abs=0.02)
