@@ -15,8 +15,9 @@ the batch full). Then per load (offered row-calls/s as a multiple of that capaci
   bulk:        16 images, 50 calls (DDIM), priority 5, no deadline,
 the interactive ones making ``--interactive-share`` of the capacity. Modes:
   priorities  the fields sent; the server holds 4x max_batch rows resident (the default)
-  before      no priority, no deadline, one call's rows resident (DDPM_MAX_RESIDENT = max_batch) and no
-              slowdown bound (DDPM_MAX_SLOWDOWN=0): what every request got before issue 37
+  before      no priority, no deadline, one call's rows resident (DDPM_MAX_RESIDENT = max_batch), no
+              slowdown bound (DDPM_MAX_SLOWDOWN=0) and every call up to max_batch rows (DDPM_TUNE_CALL_SIZE=false):
+              what every request got before issue 37
 Reported per cell: interactive requests answered within their deadline (of those sent: a refusal counts
 as a miss), refused (503), the worst lateness of an accepted interactive request, and bulk goodput: the
 U-Net rows the server ran in the window less the answered interactive requests', per second (the bulk
@@ -54,7 +55,7 @@ def start(mode: str, model: Path, compile_setting: str) -> ServerProcess:
            "DDPM_MAX_IMAGES_PER_CLIENT": "100000", "DDPM_MAX_CALLS_PER_CLIENT": "100000000", "DDPM_REQUEST_TIMEOUT_S": "3600",
            "DDPM_LOG_LEVEL": "warning"}  # fmt: skip
     if mode == "before":
-        env.update(DDPM_MAX_RESIDENT="64", DDPM_MAX_SLOWDOWN="0")
+        env.update(DDPM_MAX_RESIDENT="64", DDPM_MAX_SLOWDOWN="0", DDPM_TUNE_CALL_SIZE="false")
     server = ServerProcess(model, **env)
     server.wait_ready(900)  # compiling: minutes on a CPU (the inductor cache makes the next start fast)
     return server
@@ -70,16 +71,17 @@ def alone_latency(url: str) -> float:
     return statistics.median(times[2:])
 
 
-def capacity(url: str, seconds: float) -> float:
+def capacity(url: str, seconds: float, warm_s: float = 5.0) -> float:
     """U-Net row-calls per second with the batch kept full (closed-loop bulk requests, 96 images in flight),
-    read from the server's own count of rows per iteration (``ddpm_batch_occupancy_sum``)."""
+    read from the server's own count of rows per iteration (``ddpm_batch_occupancy_sum``), after ``warm_s``
+    of the same load (the batch fills; the server learns its call size: service/engine/call_size.py)."""
     from tests.prometheus_text import sample_value
 
     def rows() -> float:
         return sample_value(httpx.get(url + "/metrics", timeout=10).text, "ddpm_batch_occupancy_sum")
 
     async def run() -> float:
-        end = time.monotonic() + seconds + 5
+        end = time.monotonic() + seconds + warm_s
         async with httpx.AsyncClient(base_url=url, timeout=600) as http:
 
             async def client(i: int) -> None:
@@ -89,7 +91,7 @@ def capacity(url: str, seconds: float) -> float:
                     seed += 1
 
             tasks = [asyncio.create_task(client(i)) for i in range(6)]
-            await asyncio.sleep(5)  # the batch fills
+            await asyncio.sleep(warm_s)
             before, t = rows(), time.monotonic()
             await asyncio.sleep(seconds)
             rate = (rows() - before) / (time.monotonic() - t)
@@ -175,6 +177,9 @@ def main() -> int:
     p.add_argument("--interactive-share", type=float, default=0.1, help="of the capacity, in U-Net row-calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="priorities,before")
+    p.add_argument("--deadline-s", type=float, default=None, help="the interactive deadline (default: 3x the alone latency measured)")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="row-calls/s the loads are multiples of (default: measured); with --deadline-s, A/B rounds replay one trace")
     p.add_argument("--compile", default="off", choices=["off", "auto"],
                    help="the server's DDPM_COMPILE; auto waits for the compiled graphs before measuring (its default serving path)")
     args = p.parse_args()
@@ -186,10 +191,11 @@ def main() -> int:
         server = start(mode, args.model, args.compile)
         try:
             alone = alone_latency(server.url)
-            cap = capacity(server.url, 20.0)
-            deadline = 3 * alone
+            measured = capacity(server.url, 20.0, warm_s=30.0)  # also when given: the server learns its call size meanwhile
+            cap = measured if args.capacity is None else args.capacity
+            deadline = 3 * alone if args.deadline_s is None else args.deadline_s
             print(json.dumps({"mode": mode, "alone_latency_s": round(alone, 3), "deadline_s": round(deadline, 3),
-                              "capacity_row_calls_per_s": round(cap, 1)}), flush=True)  # fmt: skip
+                              "capacity_row_calls_per_s": round(cap, 1), "measured_capacity": round(measured, 1)}), flush=True)  # fmt: skip
             for load in (float(x) for x in args.loads.split(",")):
                 arrivals = trace(load, args.interactive_share, cap, args.seconds, args.seed)
                 cell = replay(server.url, arrivals, deadline, mode, args.seconds)

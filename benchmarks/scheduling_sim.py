@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +45,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from scheduling import BULK, BULK_CALLS, INTERACTIVE, INTERACTIVE_CALLS, trace  # noqa: E402
 
 from service.engine.iteration_cost import IterationCost  # noqa: E402
+
+if TYPE_CHECKING:
+    from ddpm.chain import ChainSpec
+    from service.engine.engine import Engine
 
 CURVES_MS = {  # rows -> ms of one U-Net call
     "cpu-eager": {1: 9.04, 2: 11.89, 4: 17.86, 6: 23.74, 8: 29.68, 12: 41.61, 16: 51.36, 24: 74.28, 32: 96.68, 48: 139.94, 64: 196.91},
@@ -68,6 +73,35 @@ class SimClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def closed_loop_capacity(
+    engine: Engine, bulk: tuple[int, ChainSpec], clock: SimClock, rows: dict[str, float], seconds: float = 20.0
+) -> float:
+    """Row-calls per second with 96 bulk images always in flight (``scheduling.capacity``'s 6 clients), counted
+    over ``seconds`` after 5 s to fill the batch, on the simulated clock: what the benchmark's calibration
+    measures, including the call size the engine learns meanwhile. ``rows["all"]``: every U-Net row run so far."""
+    from ddpm.image_request import ImageRequest
+    from service.engine.job import Job
+
+    def submit() -> Job:
+        return engine.submit(Job(ImageRequest(0, *bulk), timeout_s=3600, created=clock.now))
+
+    flight = [submit() for _ in range(6)]
+    filled = clock.now + 5.0
+    while clock.now < filled:
+        engine._iterate()
+        flight = [job if not job.done else submit() for job in flight]
+    start, before = clock.now, rows["all"]
+    while clock.now < start + seconds:
+        engine._iterate()
+        flight = [job if not job.done else submit() for job in flight]
+    rate = (rows["all"] - before) / (clock.now - start)
+    for job in flight:
+        job.cancel()
+    while not engine.idle:
+        engine._iterate()
+    return rate
 
 
 def simulate(
@@ -100,13 +134,11 @@ def simulate(
     torch.set_num_threads(1)
     alone = INTERACTIVE_CALLS * curve.seconds(1) + overhead_s  # type: ignore[operator]
     deadline = 3 * alone
-    cap = 64 / curve.seconds(64)  # type: ignore[operator]
-    arrivals = trace(load, share, cap, seconds, seed)
     model = load_model_source(ROOT / "models" / "mnist-28")
-    pending = list(arrivals)
+    pending: list[tuple[float, str]] = []
     jobs: list[tuple[str, Job]] = []
     t0 = clock.now
-    counted = {"rows": 0}
+    counted = {"rows": 0, "until": 0.0, "all": 0}  # U-Net rows of the calls that end by ``until``, and of all
     engine: Engine
 
     def arrive_until(until: float) -> None:
@@ -126,7 +158,8 @@ def simulate(
     def eps(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
         start, rows = clock.now, x.shape[0]
         end = start + curve.seconds(rows)  # type: ignore[operator]
-        if end <= t0 + seconds:
+        counted["all"] += rows
+        if end <= counted["until"]:
             counted["rows"] += rows
         arrive_until(end)  # requests that arrive while this call runs
         clock.now = end
@@ -136,10 +169,17 @@ def simulate(
         return x.clone(), (x.clone() if x0_prev is not None else None)
 
     model.eps_model = eps
+    before = {"max_resident": 64, "max_slowdown": 0.0, "tune_call_size": False}  # the server before issue 37
     engine = Engine(model, max_batch=64, max_queue=100_000, step_fn=copy_step, clock=clock,
-                    **({"max_resident": 256} if mode == "priorities" else {"max_resident": 64, "max_slowdown": 0.0}))  # fmt: skip
-    engine.cost.observe(64, curve.seconds(64))  # type: ignore[arg-type]  # the server's warm-up and calibration have run
-    engine.cost.observe(1, curve.seconds(1))  # type: ignore[arg-type]
+                    **({"max_resident": 256, "tune_call_size": server.tune_call_size} if mode == "priorities" else before))  # fmt: skip
+    for rows in (1, 2, 64):  # the server's warm-up sizes
+        engine.cost.observe(rows, curve.seconds(rows))  # type: ignore[arg-type]
+    with torch.inference_mode():
+        cap = closed_loop_capacity(engine, requests["bulk"], clock, counted)  # the benchmark's calibration, on this engine
+    arrivals = trace(load, share, cap, seconds, seed)
+    pending.extend(arrivals)
+    t0 = clock.now
+    counted.update(rows=0, until=t0 + seconds)
     end = t0 + seconds + 10 * deadline
     with torch.inference_mode():
         while clock.now < end and (pending or not engine.idle):
@@ -157,7 +197,8 @@ def simulate(
     peak = max(rows / curve.seconds(rows) for rows in range(1, 65))  # type: ignore[operator]  # the curve's best rows/s
     bulk = (counted["rows"] - interactive_rows) / seconds
     return {"curve": curve_name, "mode": mode, "load": load, "seed": seed, "alone_s": round(alone, 4), "deadline_s": round(deadline, 4),
-            "capacity": round(cap, 1), "interactive_sent": len(inter), "within_deadline": round(within / max(1, len(inter)), 4),
+            "capacity": round(cap, 1), "call_size": engine.call_size.best, "interactive_sent": len(inter),
+            "within_deadline": round(within / max(1, len(inter)), 4),
             "refused": sum(1 for job in inter if job.error is not None),
             "worst_lateness_s": round(max((s - deadline for s in latency), default=0.0), 4),
             "bulk_row_calls_per_s": round(bulk, 1), "bulk_goodput": round(bulk / min(left, offered), 3),

@@ -38,6 +38,16 @@ def test_the_best_rate_is_a_measured_size_and_beats_the_full_batch_by_the_margin
     assert _curve({1: 7.2, 2: 9.0}).best_rate_rows(64, 0.05) == 64  # 64 not run yet: predicted (extrapolated) faster
 
 
+def test_a_sizes_first_iterations_are_averaged_so_a_cold_first_one_does_not_linger() -> None:
+    cost = IterationCost(alpha=0.1)
+    cost.observe(64, 30.0)  # e.g. the first call at a size: allocation, one-time set-up
+    for _ in range(9):
+        cost.observe(64, 0.2)
+    assert cost.seconds(64) == pytest.approx((30.0 + 9 * 0.2) / 10)  # their mean (a plain EMA: 11.7 s)
+    cost.observe(64, 0.2)  # from the 1/alpha-th on, the moving average
+    assert cost.seconds(64) == pytest.approx(3.18 + 0.1 * (0.2 - 3.18))
+
+
 def _run(call: CallSize, truth: dict[int, float], iterations: int, resident: int = 256) -> list[int]:
     """``iterations`` iterations with ``resident`` rows, each measured at the true curve (linear between)."""
     sizes, ms = zip(*sorted(truth.items()), strict=True)

@@ -39,13 +39,15 @@ class CallSize:
         self.grid = sorted({max(1, round(max_batch * f)) for f in GRID})
         self.best = max_batch  # the size with the best measured rate (what the engine plans with)
         self._limited = 0  # iterations the call size limited (more rows resident than it)
-        self._turn = 0  # which size the next exploring iteration tries: below, above, max_batch
+        self._turn = 0  # which size the next exploring iteration tries: below, above, max_batch (below first after a move)
 
     def rows(self, resident: int, cost: IterationCost) -> int:
         """The most rows this iteration's U-Net call takes, ``resident`` rows being in the running batch."""
         if not self.tune:
             return self.max_batch
-        self.best = cost.best_rate_rows(self.max_batch, self.margin)
+        best = cost.best_rate_rows(self.max_batch, self.margin)
+        if best != self.best:
+            self.best, self._turn = best, 0
         if resident <= self.best:
             return self.best
         self._limited += 1

@@ -1,7 +1,8 @@
 """What an iteration costs at a batch size, measured as the engine runs: the scheduler's slack and the
 admission control's prediction read it.
 
-Per batch size (rows in the U-Net call) an exponential moving average of the seconds an iteration took;
+Per batch size (rows in the U-Net call) an exponential moving average of the seconds an iteration took
+(over a size's first ``1/alpha`` iterations their plain mean: a cold first iteration does not linger);
 a size between two measured ones is interpolated linearly, one below them costs what the smallest
 measured does, one beyond them is extrapolated from the per-row cost of the largest two (at least half
 the largest's own per-row cost). Exact sizes, not buckets: on a CPU 3 rows cost ~0.75x what 4 do, and a
@@ -19,6 +20,7 @@ class IterationCost:
     def __init__(self, alpha: float = 0.1) -> None:
         self.alpha = alpha
         self._seconds: dict[int, float] = {}  # rows -> EMA of an iteration's seconds
+        self._count: dict[int, int] = {}  # rows -> iterations measured
         self._sizes: list[int] = []  # the measured sizes, sorted
         self._lock = threading.Lock()
 
@@ -29,9 +31,11 @@ class IterationCost:
             old = self._seconds.get(rows)
             if old is None:
                 bisect.insort(self._sizes, rows)
-                self._seconds[rows] = seconds
+                self._seconds[rows], self._count[rows] = seconds, 1
             else:
-                self._seconds[rows] = old + self.alpha * (seconds - old)
+                self._count[rows] += 1
+                weight = max(self.alpha, 1 / self._count[rows]) if self.alpha > 0 else 0.0  # alpha 0: a set figure (tests)
+                self._seconds[rows] = old + weight * (seconds - old)
 
     def seconds(self, rows: int) -> float | None:
         """Predicted seconds of an iteration of ``rows`` rows (None before any measurement)."""
