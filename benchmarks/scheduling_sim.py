@@ -88,14 +88,15 @@ def closed_loop_capacity(
         return engine.submit(Job(ImageRequest(0, *bulk), timeout_s=3600, created=clock.now))
 
     flight = [submit() for _ in range(6)]
-    filled = clock.now + 5.0
-    while clock.now < filled:
-        engine._iterate()
-        flight = [job if not job.done else submit() for job in flight]
+
+    def run_until(until: float) -> None:  # a finished request replaced by a new one, as a closed-loop client does
+        while clock.now < until:
+            engine._iterate()
+            flight[:] = [job if not job.done else submit() for job in flight]
+
+    run_until(clock.now + 5.0)  # the batch fills
     start, before = clock.now, rows["all"]
-    while clock.now < start + seconds:
-        engine._iterate()
-        flight = [job if not job.done else submit() for job in flight]
+    run_until(start + seconds)
     rate = (rows["all"] - before) / (clock.now - start)
     for job in flight:
         job.cancel()

@@ -4,9 +4,11 @@ where the measured cost curve does more rows per second with fewer.
 On a GPU the cost of a call grows far slower than its rows up to the largest batch (H200: 64 rows ~2x one
 row), so the call size stays ``max_batch``. On a CPU the curve can turn over: the shipped U-Net, compiled,
 bf16, 1 thread, on a 2-core AVX-512 EPYC (2026-12-04) does 349 rows/s at 24 and 32 rows and 282 at 64
-(the activations of a full batch no longer fit the caches). Running 24-32 rows a call while the rest sit
-out (``step_scheduler``: every resident row advances again within ``STARVE_AFTER`` iterations) serves
-the same rows ~20% faster, and each iteration is shorter, which a newly arrived request's wait is too.
+(the U-Net alone, ``benchmarks/unet_cost_curve.py``). Running 24-32 rows a call while the rest sit out
+(``step_scheduler``: every resident row advances again within ``STARVE_AFTER`` iterations) served the
+engine's closed loop 1.135x faster there (``benchmarks/call_size_ab.py --engine``: 336 against 296 rows/s,
+the median of 6 rounds; BENCHMARKS "Scheduling"), and each iteration is shorter, and so is the wait of a
+request that arrives during one.
 
 The size is learned, not configured, since it depends on the machine, the model and the precision. The
 engine's cost model (``IterationCost``: a moving average of an iteration's seconds per size) says which
