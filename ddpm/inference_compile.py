@@ -145,25 +145,36 @@ def compiled_step_twin() -> StepFn:
     takes the plain path, as the twin's ``where`` picks it), and the batch dimension is unbacked (no
     specialisation of batch 1). Eight graphs before (batch 1 and 2+, times the four variants): a cold
     compile of the step went from ~90 s to ~20 s on a 2-core AVX2 CPU, and a plain row's rounding no
-    longer depends on whether a neighbour edits (one kernel for every row)."""
+    longer depends on whether a neighbour edits (one kernel for every row).
+
+    The per-row coefficients go in as the kernel's two tables, (8, B) and (5, B), not as 13 tensors of
+    (B,): every input costs a copy, a mark and dynamo's checks on each call, which made the step's host
+    time ~10x its loop's. Nine inputs instead of 20: 280 -> 120 us a call at 1 row, 740 -> 550 at 64
+    (2-core AVX-512 EPYC, 1 thread; the outputs bit-identical)."""
     global _COMPILED_TWIN
     if _COMPILED_TWIN is None:
         from kernels.reverse_step import EditTerms, fused_reverse_step_torch
 
-        compiled = CompiledFn(fused_reverse_step_torch, dynamic=True)
+        def twin(x_t, eps, coefs, seeds, counter, state, known, mask, edit_rows):  # type: ignore[no-untyped-def]
+            edit = EditTerms(known, mask, *edit_rows.unbind(0))
+            return fused_reverse_step_torch(x_t, eps, StepCoefficients.from_stacked(coefs), seeds, counter, state, edit)
+
+        compiled = CompiledFn(twin, dynamic=True)
+        identity = [EditTerms.IDENTITY[name] for name in EditTerms.ROWS]  # a step that edits nothing
 
         def step(x_t, eps, coefs, seeds, noise_counter, x0_prev=None, edit=None):  # type: ignore[no-untyped-def]
             with torch.inference_mode():
                 b, device = x_t.shape[0], x_t.device
-                coefs = StepCoefficients(*(_rows(getattr(coefs, n)) for n in StepCoefficients.names()))
-                counter = _rows(torch.as_tensor(noise_counter, dtype=torch.int64, device=device).expand(b))
-                state = _rows(torch.zeros(x_t.shape, dtype=torch.float32, device=device) if x0_prev is None else x0_prev)
+                counter = torch.as_tensor(noise_counter, dtype=torch.int64, device=device).expand(b)
+                state = torch.zeros(x_t.shape, dtype=torch.float32, device=device) if x0_prev is None else _rows(x0_prev)
                 if edit is None:  # no row edits or jumps: every row's terms neutral, zeros for the image and mask no row reads
-                    zeros = torch.zeros(x_t.shape, dtype=torch.float32, device=device)
-                    ones = torch.ones(b, device=device)
-                    edit = EditTerms(zeros, zeros, **{name: ones * value for name, value in EditTerms.IDENTITY.items()})
-                edit = edit.map(_rows)
-                out, x0 = compiled(_rows(x_t), _rows(eps), coefs, _rows(seeds), counter, state, edit)
+                    known, mask = (torch.zeros(x_t.shape, dtype=torch.float32, device=device) for _ in range(2))
+                    rows = torch.tensor(identity, device=device)[:, None].expand(-1, b).contiguous()
+                else:
+                    known, mask, rows = _rows(edit.known), _rows(edit.mask), edit.stacked()
+                table = coefs.stacked()  # fresh tables: a stack copies
+                out, x0 = compiled(_rows(x_t), _rows(eps), _marked(table, 1), _rows(seeds), _rows(counter), _marked(state),
+                                   _marked(known), _marked(mask), _marked(rows, 1))  # fmt: skip
                 return out, (x0 if x0_prev is not None else None)
 
         _COMPILED_TWIN = step
@@ -173,12 +184,18 @@ def compiled_step_twin() -> StepFn:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A fresh inference tensor whose first (batch) dimension dynamo treats as unbacked: one graph for any
     batch. Fresh: a copy of every input, so no two inputs alias (dynamo guards on identity and storage
-    offsets: the engine's coefficient rows are views of one table) and no mark reaches the caller's tensor."""
-    from torch._dynamo.decorators import mark_unbacked  # dynamo (and sympy) only where something compiles
-
+    offsets: the engine's coefficient rows are views of one table, restart's image and mask are x itself)
+    and no mark reaches the caller's tensor."""
     with torch.inference_mode():
         t = t.clone(memory_format=torch.contiguous_format)
-    mark_unbacked(t, 0)
+    return _marked(t)
+
+
+def _marked(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t`` (made here, aliasing no other input) with its batch dimension ``dim`` marked unbacked."""
+    from torch._dynamo.decorators import mark_unbacked  # dynamo (and sympy) only where something compiles
+
+    mark_unbacked(t, dim)
     return t
 
 
