@@ -166,6 +166,12 @@ class Metrics(EngineObserver):
             "best rows per second at (fewer where a CPU's full batch is slower per row; DDPM_TUNE_CALL_SIZE)",
             registry=r,
         )
+        self.answer_reserve = Gauge(
+            "ddpm_answer_reserve_seconds",
+            "Of a request's deadline, the time kept for its answer after its images are done: the measured time to encode "
+            "an answer, with its spread, plus DDPM_DEADLINE_MARGIN_S",
+            registry=r,
+        )
         self.open_connections = Gauge(
             "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
             registry=r,
@@ -249,6 +255,9 @@ class Metrics(EngineObserver):
 
     def watch_call_size(self, rows: Callable[[], float]) -> None:
         self.call_size.set_function(rows)
+
+    def watch_answer_reserve(self, seconds: Callable[[], float]) -> None:
+        self.answer_reserve.set_function(seconds)
 
     def on_load(self, queue_depth: int, running: int) -> None:
         self.queue_depth.set(queue_depth)

@@ -118,6 +118,7 @@ class ServerState:
         threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
         self.metrics.watch_backlog(engine.backlog_seconds)
         self.metrics.watch_call_size(lambda: engine.call_size.best)
+        self.metrics.watch_answer_reserve(lambda: engine.answer_time.reserve_s)
         if device.type == "cuda":
             self.metrics.watch_gpu(device)
         self.facts = ModelFacts(sha, fingerprint, parameter_count(model.module), str(device), written or int(time.time()), gflop)
@@ -228,6 +229,7 @@ class ServerState:
             max_resident=resident,
             max_slowdown=s.max_slowdown,
             tune_call_size=s.tune_call_size,
+            deadline_margin_s=s.deadline_margin_s,
         )
         engine.warmup(s.warmup_steps, sizes)
         return engine

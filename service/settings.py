@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         "engine measured the best rows per second at: fewer than max_batch where a full batch is slower per row (a CPU: "
         "349 rows/s at 24-32 rows against 282 at 64, the shipped model compiled); false: always max_batch",
     )
+    deadline_margin_s: float = Field(
+        0.005,
+        ge=0,
+        description="of a request's deadline, seconds kept beyond the measured time to encode its answer: for writing it, "
+        "the network and the client reading it (the server plans to have the images done that much earlier)",
+    )
     default_deadline_s: float | None = Field(
         None, gt=0, description="the deadline of a request that names none, seconds from arrival (unset: none)"
     )

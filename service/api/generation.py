@@ -207,6 +207,7 @@ def submit(state: ServerState, key: ImageKey, request: Request, sched: Schedulin
         request_id=request.state.request_id,
         priority=sched.priority,
         deadline_s=sched.deadline_s,
+        created=getattr(request.state, "arrived", time.monotonic()),  # the deadline counts from arrival, reading the body included
     )
     calls = key.request.cost
     refused = state.clients.acquire(client, job.n, calls)
@@ -289,6 +290,8 @@ async def answer(
     if isinstance(generated, Response):
         return generated
     response = wrap(await encode_off_loop(state, lambda: encode(generated), request))
+    if generated.job is not None:  # how long an answer takes after its images: later deadlines keep that time
+        state.engine.answered(generated.job)  # type: ignore[union-attr]
     response.headers["ETag"] = key.etag(media)
     response.headers["X-Cache"] = "hit" if generated.job is None else "miss"
     request.state.outcome = "ok"

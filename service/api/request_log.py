@@ -118,7 +118,8 @@ class RequestContextMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
-        state.update(request_id=request_id, client=client_key(scope, self.trust_forwarded_for), log_fields={})
+        # arrived: when the request reached the server, where its deadline (deadline_s) counts from
+        state.update(request_id=request_id, client=client_key(scope, self.trust_forwarded_for), log_fields={}, arrived=start)
         id_header = (b"x-request-id", request_id.encode())
         status = {"code": 0}
         refused = {"sent": False}  # a 413/408 went out; the app's own answer is dropped

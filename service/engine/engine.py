@@ -46,6 +46,7 @@ from ddpm.running_batch import StepInputs, host_to_device
 from ddpm.samplers import inpainting_samplers, step_variants
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
+from service.engine.answer_time import AnswerTime
 from service.engine.call_size import CallSize
 from service.engine.errors import (
     Cancelled,
@@ -108,6 +109,7 @@ class Engine:
         starve_after: int = STARVE_AFTER,
         max_slowdown: float = MAX_SLOWDOWN,
         tune_call_size: bool = False,
+        deadline_margin_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
@@ -119,8 +121,8 @@ class Engine:
         self.max_slowdown = max_slowdown  # a job without a deadline: at most this x its time alone, while rows allow (0: off)
         self.clock = clock  # the scheduler's now (a test's fake clock); the request deadlines stay monotonic
         self.cost = IterationCost()
-        # rows per U-Net call while more are resident: max_batch, or the learned size with the best rate (call_size.py)
-        self.call_size = CallSize(max_batch, tune=tune_call_size)
+        self.call_size = CallSize(max_batch, tune=tune_call_size)  # rows per U-Net call while more are resident
+        self.answer_time = AnswerTime(deadline_margin_s)  # of a deadline, what the answer takes after the images
         self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
         self._tight_deadline: tuple[float, float] | None = None  # (the tightest deadline_s seen lately, until when it holds)
         self.max_queue = max_queue
@@ -186,7 +188,7 @@ class Engine:
         self._lock.notify_all()
 
     def predicted_seconds(self, job: Job) -> float | None:
-        """Arrival to answer for ``job`` if it were submitted now (None before the first measured iteration):
+        """Submission to images done for ``job`` if it were submitted now (None before the first measured iteration):
         what is left of the iteration in flight, then the work at its priority or a better one, resident and
         waiting, at the measured iteration cost. Rows of a worse priority do not count: they sit out for it
         (step_scheduler.py); nor, for a job with a deadline, resident rows without one."""
@@ -231,8 +233,13 @@ class Engine:
         tight = self._tight_deadline
         if tight is None or tight[1] < now or job.deadline_s <= tight[0]:
             self._tight_deadline = (job.deadline_s, now + DEADLINE_MEMORY_S)
+        job.reserve_s = self.answer_time.kept_of(job.deadline_s)
         predicted = self.predicted_seconds(job)
-        if predicted is not None and predicted > job.deadline_s:
+        if predicted is None:
+            return
+        # since arrival, and the answer's expected time (the scheduler plans with its margins: job.due, SAFETY)
+        predicted += max(0.0, now - job.created) + min(job.reserve_s, self.answer_time.expected_s)
+        if predicted > job.deadline_s:
             wait = max(1.0, predicted - job.deadline_s)
             self._observe("on_refused", "deadline")
             raise DeadlineUnmeetable(
@@ -240,6 +247,12 @@ class Engine:
                 f"deadline of {job.deadline_s:g} s; retry in ~{wait:.0f} s or elsewhere",
                 retry_after_s=wait,
             )
+
+    def answered(self, job: Job, at: float | None = None) -> None:
+        """``job``'s answer is encoded (the HTTP layer says so, at monotonic ``at``, default now): for a job
+        with a deadline, the time since its images were done is what later deadlines keep (answer_time.py)."""
+        if job.deadline_s is not None and job.finished is not None and job.error is None:
+            self.answer_time.observe((time.monotonic() if at is None else at) - job.finished)
 
     def backlog_seconds(self) -> float:
         """Seconds the work held now (resident rows' remaining steps and waiting images' calls) takes at the

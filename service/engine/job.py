@@ -28,6 +28,7 @@ class Job:
     # from arrival by which the answer is wanted (None: none; the request's timeout still applies)
     priority: int = 0
     deadline_s: float | None = None
+    reserve_s: float = 0.0  # of the deadline, kept for the answer after the images are done (set by the engine: answer_time.py)
     # a job without a deadline: when it should be done to have run at most ``max_slowdown`` x its time alone
     # (set by the engine on arrival from its cost model; the scheduler keeps iterations short enough for it)
     soft_due: float | None = None
@@ -90,8 +91,9 @@ class Job:
 
     @property
     def due(self) -> float | None:
-        """When the answer is wanted (monotonic seconds), from ``deadline_s``: the scheduler's slack."""
-        return None if self.deadline_s is None else self.created + self.deadline_s
+        """When the images must be done (monotonic seconds): ``deadline_s`` after arrival, less the time the
+        answer takes after them (``reserve_s``). The scheduler's slack and admission control plan with it."""
+        return None if self.deadline_s is None else self.created + self.deadline_s - self.reserve_s
 
     @property
     def row_calls(self) -> int:
