@@ -71,14 +71,20 @@ def alone_latency(url: str) -> float:
     return statistics.median(times[2:])
 
 
+def engine_counts(url: str) -> dict[str, float]:
+    """The server's running totals: U-Net rows run (the sum of its batch occupancy over iterations), iterations,
+    and seconds spent in them (U-Net call and step; the rest of the engine thread's time is host work or idle)."""
+    from tests.prometheus_text import sample_value
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {"rows": sample_value(text, "ddpm_batch_occupancy_sum"), "iterations": sample_value(text, "ddpm_iterations_total"),
+            "busy_s": sample_value(text, "ddpm_iteration_duration_seconds_sum")}  # fmt: skip
+
+
 def capacity(url: str, seconds: float, warm_s: float = 5.0) -> float:
     """U-Net row-calls per second with the batch kept full (closed-loop bulk requests, 96 images in flight),
     read from the server's own count of rows per iteration (``ddpm_batch_occupancy_sum``), after ``warm_s``
     of the same load (the batch fills; the server learns its call size: service/engine/call_size.py)."""
-    from tests.prometheus_text import sample_value
-
-    def rows() -> float:
-        return sample_value(httpx.get(url + "/metrics", timeout=10).text, "ddpm_batch_occupancy_sum")
 
     async def run() -> float:
         end = time.monotonic() + seconds + warm_s
@@ -92,13 +98,16 @@ def capacity(url: str, seconds: float, warm_s: float = 5.0) -> float:
 
             tasks = [asyncio.create_task(client(i)) for i in range(6)]
             await asyncio.sleep(warm_s)
-            before, t = rows(), time.monotonic()
+            before, t = engine_counts(url), time.monotonic()
             await asyncio.sleep(seconds)
-            rate = (rows() - before) / (time.monotonic() - t)
+            after, elapsed = engine_counts(url), time.monotonic() - t
+            d = {k: after[k] - before[k] for k in after}
+            print(f"capacity: {d['rows'] / elapsed:.1f} row-calls/s, engine busy {d['busy_s'] / elapsed:.3f}, "
+                  f"{d['rows'] / max(1.0, d['iterations']):.1f} rows an iteration", file=sys.stderr)  # fmt: skip
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            return rate
+            return d["rows"] / elapsed
 
     return asyncio.run(run())
 
@@ -114,11 +123,9 @@ def trace(load: float, share: float, cap: float, seconds: float, seed: int) -> l
     return sorted(arrivals)
 
 
-def rows_done(url: str) -> float:
-    """U-Net rows the server has run (the sum of its batch occupancy over iterations)."""
-    from tests.prometheus_text import sample_value
-
-    return sample_value(httpx.get(url + "/metrics", timeout=10).text, "ddpm_batch_occupancy_sum")
+def p50_p99(values: list[float]) -> list[float] | None:
+    ordered = sorted(values)
+    return [round(ordered[len(ordered) // 2], 4), round(ordered[int(0.99 * (len(ordered) - 1))], 4)] if ordered else None
 
 
 def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode: str, seconds: float) -> dict[str, object]:
@@ -131,22 +138,27 @@ def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode:
             body.update({"priority": 0, "deadline_s": deadline_s} if kind == "interactive" else {"priority": 5})
         sent = time.monotonic()
         r = await http.post("/generate", json=body)
-        results.append({"kind": kind, "at": at, "latency": time.monotonic() - sent, "status": r.status_code,
-                        "done_at": time.monotonic() - t0})  # fmt: skip
+        latency = time.monotonic() - sent
+        timings = r.json()["timings"] if r.status_code == 200 and kind == "interactive" else {}
+        results.append({"kind": kind, "at": at, "latency": latency, "status": r.status_code, "done_at": time.monotonic() - t0,
+                        # the engine's part (arrival at the engine to the image done) and the server's (arrival to answer)
+                        "engine_s": timings.get("queue_wait_s", 0.0) + timings.get("generation_s", 0.0),
+                        "server_s": timings.get("total_s", 0.0)})  # fmt: skip
 
     async def run() -> None:
         nonlocal t0
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
         async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
             t0 = time.monotonic()
-            window["rows_before"] = rows_done(url)
+            before = engine_counts(url)
             tasks = []
             for i, (at, kind) in enumerate(arrivals):
                 await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
                 tasks.append(asyncio.create_task(one(http, at, kind, 100_000 + i)))
             # the window's answers: wait a little past its end, then count what came back inside it
             await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t0)))
-            window["rows_after"], window["elapsed"] = rows_done(url), time.monotonic() - t0
+            after, window["elapsed"] = engine_counts(url), time.monotonic() - t0
+            window.update({k: after[k] - before[k] for k in after})
             await asyncio.wait(tasks, timeout=max(10.0, 10 * deadline_s))
             for task in tasks:
                 task.cancel()
@@ -159,14 +171,26 @@ def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode:
     within = [r for r in ok if float(r["latency"]) <= deadline_s]  # type: ignore[arg-type]
     bulk_done = [r for r in results if r["kind"] == "bulk" and r["status"] == 200 and float(r["done_at"]) <= seconds]  # type: ignore[arg-type]
     lateness = max((float(r["latency"]) - deadline_s for r in ok), default=0.0)  # type: ignore[arg-type]
+    late = [r for r in ok if float(r["latency"]) > deadline_s]  # type: ignore[arg-type]
+    outside = [float(r["latency"]) - float(r["engine_s"]) for r in ok]  # type: ignore[arg-type]
+    in_server = [float(r["server_s"]) - float(r["engine_s"]) for r in ok]  # type: ignore[arg-type]
     # bulk work done in the window: every U-Net row the server ran, less the interactive requests' (answered ones)
     interactive_rows = sum(INTERACTIVE_CALLS for r in ok if float(r["done_at"]) <= window["elapsed"])  # type: ignore[arg-type]
-    bulk_rows_per_s = (window["rows_after"] - window["rows_before"] - interactive_rows) / window["elapsed"]
+    bulk_rows_per_s = (window["rows"] - interactive_rows) / window["elapsed"]
     return {"interactive_sent": sent_inter, "interactive_within_deadline": round(len(within) / max(1, sent_inter), 4),
             "interactive_refused": sum(1 for r in inter if r["status"] == 503), "interactive_p50_s": round(statistics.median(
                 [float(r["latency"]) for r in ok]), 3) if ok else None,  # type: ignore[arg-type]
-            "worst_lateness_s": round(lateness, 3), "bulk_images_per_s": round(len(bulk_done) * 16 / seconds, 2),
-            "bulk_row_calls_per_s": round(bulk_rows_per_s, 1)}  # fmt: skip
+            "worst_lateness_s": round(lateness, 3),
+            # where a late answer's time went: late already when the engine finished it, or only by the time outside it
+            # (the server's HTTP work before and after the engine, the network, this client's event loop)
+            "late_in_engine": sum(1 for r in late if float(r["engine_s"]) > deadline_s),  # type: ignore[arg-type]
+            "outside_engine_s_p50_p99": p50_p99(outside), "server_outside_engine_s_p50_p99": p50_p99(in_server),
+            "bulk_images_per_s": round(len(bulk_done) * 16 / seconds, 2),
+            "bulk_row_calls_per_s": round(bulk_rows_per_s, 1),
+            # where the window's time went: the share the engine spent in iterations, their mean rows, and rows/s in them
+            "engine_busy_share": round(window["busy_s"] / window["elapsed"], 3),
+            "rows_per_iteration": round(window["rows"] / max(1.0, window["iterations"]), 2),
+            "row_calls_per_busy_s": round(window["rows"] / max(1e-9, window["busy_s"]), 1)}  # fmt: skip
 
 
 def main() -> int:
