@@ -124,8 +124,9 @@ def trace(load: float, share: float, cap: float, seconds: float, seed: int) -> l
 
 
 def p50_p99(values: list[float]) -> list[float] | None:
-    ordered = sorted(values)
-    return [round(ordered[len(ordered) // 2], 4), round(ordered[int(0.99 * (len(ordered) - 1))], 4)] if ordered else None
+    from load_test import percentile  # benchmarks/, this script's folder
+
+    return [round(percentile(values, q), 4) for q in (0.5, 0.99)] if values else None
 
 
 def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode: str, seconds: float) -> dict[str, object]:

@@ -166,15 +166,14 @@ def compiled_step_twin() -> StepFn:
             with torch.inference_mode():
                 b, device = x_t.shape[0], x_t.device
                 counter = torch.as_tensor(noise_counter, dtype=torch.int64, device=device).expand(b)
-                state = torch.zeros(x_t.shape, dtype=torch.float32, device=device) if x0_prev is None else _rows(x0_prev)
+                state = _marked(torch.zeros(x_t.shape, dtype=torch.float32, device=device)) if x0_prev is None else _rows(x0_prev)
                 if edit is None:  # no row edits or jumps: every row's terms neutral, zeros for the image and mask no row reads
-                    known, mask = (torch.zeros(x_t.shape, dtype=torch.float32, device=device) for _ in range(2))
-                    rows = torch.tensor(identity, device=device)[:, None].expand(-1, b).contiguous()
+                    known, mask = (_marked(torch.zeros(x_t.shape, dtype=torch.float32, device=device)) for _ in range(2))
+                    rows = _marked(torch.tensor(identity, device=device)[:, None].expand(-1, b).contiguous(), 1)
                 else:
-                    known, mask, rows = _rows(edit.known), _rows(edit.mask), edit.stacked()
-                table = coefs.stacked()  # fresh tables: a stack copies
-                out, x0 = compiled(_rows(x_t), _rows(eps), _marked(table, 1), _rows(seeds), _rows(counter), _marked(state),
-                                   _marked(known), _marked(mask), _marked(rows, 1))  # fmt: skip
+                    known, mask, rows = _rows(edit.known), _rows(edit.mask), _marked(edit.stacked(), 1)  # a stack copies
+                table = _marked(coefs.stacked(), 1)
+                out, x0 = compiled(_rows(x_t), _rows(eps), table, _rows(seeds), _rows(counter), state, known, mask, rows)
                 return out, (x0 if x0_prev is not None else None)
 
         _COMPILED_TWIN = step
