@@ -11,7 +11,7 @@ import pytest
 
 from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
-from service.engine.answer_time import AnswerTime, K
+from service.engine.answer_time import FORGET_AFTER_S, AnswerTime, K
 from service.engine.engine import Engine
 from service.engine.errors import DeadlineUnmeetable
 from service.engine.iteration_cost import IterationCost
@@ -44,6 +44,14 @@ def test_a_slow_answer_cannot_make_every_deadline_refused() -> None:
     engine.answer_time.observe(5.0)  # one answer took 5 s: a reserve of 15 s
     job = engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=1.3))  # 0.6 s of work
     assert job.reserve_s == pytest.approx(0.65)
+
+    stale = _engine_with_work()
+    stale.answer_time.observe(0.4, at=time.monotonic() - FORGET_AFTER_S - 1)  # long ago, and nothing since
+    fits = stale.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=0.7))  # 0.6 s + 0.4 s
+    assert fits.reserve_s == 0.0 and stale.answer_time.mean is None  # admitted on the engine's time; measured afresh
+    stale.answer_time.observe(0.4)  # a fresh one refuses again: 0.6 s + 0.35 (half the deadline); priority -1: nothing resident is ahead
+    with pytest.raises(DeadlineUnmeetable, match=r"~0\.95 s"):
+        stale.submit(Job(ImageRequest(4, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=0.7, priority=-1))
 
 
 def _engine_with_work() -> Engine:
@@ -93,7 +101,7 @@ def test_the_deadline_counts_from_arrival() -> None:
     engine.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=1.0))  # just arrived: fits
 
 
-def test_the_server_measures_its_answers_and_reports_the_reserve(model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_the_server_measures_its_answers_streams_too_and_reports_the_reserve(model_dir) -> None:  # type: ignore[no-untyped-def]
     with app_client(model_dir) as c:
         wait_ready(c)
         answer = c.app.state.server.engine.answer_time  # type: ignore[attr-defined]
@@ -102,5 +110,6 @@ def test_the_server_measures_its_answers_and_reports_the_reserve(model_dir) -> N
         assert answer.samples == 0  # only answers with a deadline are measured
         assert c.post("/generate", json={"seed": 2, "steps": 2, "deadline_s": 60}).status_code == 200
         assert c.post("/v1/images/generations", json={"prompt": "x", "seed": 3, "steps": 2, "deadline_s": 60}).status_code == 200
-        assert answer.samples == 2 and answer.mean is not None and 0 < answer.mean < 5
+        assert c.post("/generate/stream", json={"seed": 4, "steps": 2, "deadline_s": 60}).status_code == 200
+        assert answer.samples == 3 and answer.mean is not None and 0 < answer.mean < 5
         assert metric(c, "ddpm_answer_reserve_seconds") == pytest.approx(answer.reserve_s) and answer.reserve_s > 0.005

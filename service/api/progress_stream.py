@@ -52,6 +52,8 @@ class ProgressStream:
             self._ended(exc)
             yield sse("error", {"status": exc.status_code, "detail": exc.detail})
         else:
+            if generated.job is not None:  # a stream's answer time counts toward the reserve like any other's
+                state.engine.answered(generated.job)  # type: ignore[union-attr]
             self._ended(None)
             yield sse("result", body)
 

@@ -20,13 +20,20 @@ their sum with 4 deviations, so that a spread of answer times is covered, not th
 A request keeps at most ``MAX_SHARE`` of its deadline for its answer. Without a bound, one slow answer
 could make the reserve exceed every deadline: every request with one refused, so no answer measured,
 so the reserve never coming down (seen in the simulator: a first sample of 15 ms gives 45 ms, and a
-trace of 0.045 s deadlines on the H200 curve refused 26,024 requests of 26,027).
+trace of 0.045 s deadlines on the H200 curve refused 26,024 requests of 26,027). The bound leaves one
+such lock-in: every deadline short enough that the engine's time fits it but not with the expected answer
+time too. So an estimate no answer has renewed for ``FORGET_AFTER_S`` is forgotten when it alone would
+refuse a request (``stale``, ``forget``): that request is admitted, and its answer measures afresh (a
+circuit breaker's half-open probe).
 """
 
 from __future__ import annotations
 
+import time
+
 ALPHA, BETA, K = 1 / 8, 1 / 4, 4  # RFC 6298's gains and deviation multiple
 MAX_SHARE = 0.5  # of a deadline, the most kept for the answer
+FORGET_AFTER_S = 60.0  # an estimate older than this may be forgotten rather than refuse a request
 
 
 class AnswerTime:
@@ -35,11 +42,13 @@ class AnswerTime:
         self.mean: float | None = None
         self.deviation = 0.0
         self.samples = 0
+        self.last: float | None = None  # monotonic time of the latest answer measured
 
-    def observe(self, seconds: float) -> None:
-        """One answer's time from its last image done to its body encoded."""
+    def observe(self, seconds: float, at: float | None = None) -> None:
+        """One answer's time from its last image done to its body encoded (at monotonic ``at``, default now)."""
         seconds = max(0.0, seconds)
         self.samples += 1
+        self.last = time.monotonic() if at is None else at
         if self.mean is None:
             self.mean, self.deviation = seconds, seconds / 2
             return
@@ -60,3 +69,10 @@ class AnswerTime:
     def kept_of(self, deadline_s: float) -> float:
         """What a request with this deadline keeps for its answer: the reserve, at most ``MAX_SHARE`` of it."""
         return min(self.reserve_s, MAX_SHARE * deadline_s)
+
+    def stale(self, now: float) -> bool:
+        """An estimate that no answer has renewed for ``FORGET_AFTER_S``."""
+        return self.last is not None and now - self.last > FORGET_AFTER_S
+
+    def forget(self) -> None:
+        self.mean, self.deviation, self.last = None, 0.0, None

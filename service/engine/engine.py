@@ -237,8 +237,12 @@ class Engine:
         predicted = self.predicted_seconds(job)
         if predicted is None:
             return
-        # since arrival, and the answer's expected time (the scheduler plans with its margins: job.due, SAFETY)
-        predicted += max(0.0, now - job.created) + min(job.reserve_s, self.answer_time.expected_s)
+        predicted += max(0.0, now - job.created)  # since arrival
+        answer = min(job.reserve_s, self.answer_time.expected_s)  # a prediction: the scheduler plans with margins
+        if predicted <= job.deadline_s < predicted + answer and self.answer_time.stale(now):
+            self.answer_time.forget()  # only an old answer estimate refuses it: admit it, measure afresh (answer_time.py)
+            job.reserve_s, answer = self.answer_time.kept_of(job.deadline_s), 0.0
+        predicted += answer
         if predicted > job.deadline_s:
             wait = max(1.0, predicted - job.deadline_s)
             self._observe("on_refused", "deadline")
@@ -252,7 +256,8 @@ class Engine:
         """``job``'s answer is encoded (the HTTP layer says so, at monotonic ``at``, default now): for a job
         with a deadline, the time since its images were done is what later deadlines keep (answer_time.py)."""
         if job.deadline_s is not None and job.finished is not None and job.error is None:
-            self.answer_time.observe((time.monotonic() if at is None else at) - job.finished)
+            at = time.monotonic() if at is None else at
+            self.answer_time.observe(at - job.finished, at)
 
     def backlog_seconds(self) -> float:
         """Seconds the work held now (resident rows' remaining steps and waiting images' calls) takes at the
