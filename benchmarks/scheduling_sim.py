@@ -107,10 +107,12 @@ def closed_loop_capacity(
 
 def simulate(
     curve_name: str, mode: str, load: float, seed: int, seconds: float, overhead_s: float, host_s: float, share: float,
-    deadline_x: float = 3.0,
+    deadline_x: float = 3.0, guided: bool = False,
 ) -> dict[str, object]:
     """One cell. ``mode``: ``priorities`` (the fields sent, the engine's defaults) or ``before`` (no fields, one
-    call's rows resident, no slowdown bound: what every request got before issue 37, as the benchmark's)."""
+    call's rows resident, no slowdown bound: what every request got before issue 37, as the benchmark's).
+    ``guided``: the interactive requests ask the class-conditional model for a label with guidance w = 2
+    (2 U-Net rows an image: the trace's interactive share of requests takes twice its share of rows)."""
     import torch
 
     from ddpm.chain import ChainSpec
@@ -134,9 +136,12 @@ def simulate(
     time.monotonic = clock  # type: ignore[assignment]  # the engine's every reading of time (this process only)
     time.perf_counter = clock  # type: ignore[assignment]
     torch.set_num_threads(1)
-    alone = INTERACTIVE_CALLS * curve.seconds(1) + overhead_s  # type: ignore[operator]
+    model = load_model_source(ROOT / "models" / ("mnist-28-cond" if guided else "mnist-28"))
+    if guided:
+        requests["interactive"] = (*requests["interactive"], (0,), 2.0)  # type: ignore[assignment]
+    width = 2 if guided else 1  # U-Net rows of an interactive image
+    alone = INTERACTIVE_CALLS * curve.seconds(width) + overhead_s  # type: ignore[operator]
     deadline = deadline_x * alone
-    model = load_model_source(ROOT / "models" / "mnist-28")
     pending: list[tuple[float, str]] = []
     jobs: list[tuple[str, Job]] = []
     t0 = clock.now
@@ -195,9 +200,9 @@ def simulate(
     answered = [job for job in inter if job.error is None and job.finished is not None]
     latency = [job.finished - job.created + overhead_s for job in answered]  # type: ignore[operator]
     within = sum(1 for s in latency if s <= deadline)
-    interactive_rows = INTERACTIVE_CALLS * sum(1 for job in answered if job.finished <= t0 + seconds)  # type: ignore[operator]
+    interactive_rows = width * INTERACTIVE_CALLS * sum(1 for job in answered if job.finished <= t0 + seconds)  # type: ignore[operator]
     offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / seconds
-    left = (1 - share) * cap
+    left = (1 - width * share) * cap
     peak = max(rows / curve.seconds(rows) for rows in range(1, 65))  # type: ignore[operator]  # the curve's best rows/s
     bulk = (counted["rows"] - interactive_rows) / seconds
     return {"curve": curve_name, "mode": mode, "load": load, "seed": seed, "alone_s": round(alone, 4), "deadline_s": round(deadline, 4),
@@ -206,7 +211,7 @@ def simulate(
             "refused": sum(1 for job in inter if job.error is not None),
             "worst_lateness_s": round(max((s - deadline for s in latency), default=0.0), 4),
             "bulk_row_calls_per_s": round(bulk, 1), "bulk_goodput": round(bulk / min(left, offered), 3),
-            "bulk_over_peak_left": round(bulk / min(peak - share * cap, offered), 3)}  # fmt: skip
+            "bulk_over_peak_left": round(bulk / min(peak - width * share * cap, offered), 3)}  # fmt: skip
 
 
 def main() -> int:
@@ -220,13 +225,14 @@ def main() -> int:
     p.add_argument("--host-ms", type=float, default=None, help="per iteration (default: the curve's own)")
     p.add_argument("--interactive-share", type=float, default=0.1)
     p.add_argument("--deadline-x", type=float, default=3.0, help="the interactive deadline as a multiple of its alone latency")
+    p.add_argument("--guided", action="store_true", help="interactive requests ask the conditional model for a label, guided (w 2)")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell is not None:  # one cell, in its own process: the clock replacement stays there
         curve, mode, load, seed = args.cell.split(",")
         host = HOST_MS[curve] if args.host_ms is None else args.host_ms
         cell = simulate(curve, mode, float(load), int(seed), args.seconds, args.overhead_ms / 1e3, host / 1e3, args.interactive_share,
-                        args.deadline_x)
+                        args.deadline_x, args.guided)
         print(json.dumps(cell))
         return 0
     import subprocess
@@ -238,7 +244,7 @@ def main() -> int:
             for seed in args.seeds.split(","):
                 cmd = [sys.executable, __file__, "--cell", f"{curve},{mode},{load},{seed}", "--seconds", str(args.seconds),
                        "--overhead-ms", str(args.overhead_ms), "--interactive-share", str(args.interactive_share),
-                       "--deadline-x", str(args.deadline_x)]  # fmt: skip
+                       "--deadline-x", str(args.deadline_x)] + (["--guided"] if args.guided else [])  # fmt: skip
                 if args.host_ms is not None:
                     cmd += ["--host-ms", str(args.host_ms)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

@@ -49,10 +49,15 @@ class ImageRequest:
     edit: EditInput | None = None  # SDEdit starts from its image; RePaint keeps the pixels its mask marks
 
     @property
+    def rows_per_image(self) -> int:
+        """U-Net rows an image takes in a call: 2 for a guided image (a null-label row too), else 1."""
+        return 2 if self.guidance_scale else 1
+
+    @property
     def row_calls(self) -> int:
         """U-Net row-calls per image: its chain's calls (RePaint's resampling included), twice for a guided
         image (a null-label row too)."""
-        return self.chain.unet_calls * (2 if self.guidance_scale else 1)
+        return self.chain.unet_calls * self.rows_per_image
 
     @property
     def cost(self) -> int:

@@ -179,6 +179,11 @@ class RunningBatch:
         scales = None if self.labels is None else torch.from_numpy(self.scales_host[:m])
         return StepInputs(steps[0], steps[1], coefs, edit, x0_prev, labels, scales)
 
+    def unet_rows(self, m: int | None = None) -> np.ndarray:
+        """U-Net rows each of rows [0, m) takes in a call: 2 for a guided row (its null-label row, ddpm/guidance.py), else 1."""
+        m = self.n if m is None else m
+        return 1 + (self.scales_host[:m] != 0)
+
     def finishing(self, m: int | None = None) -> np.ndarray:
         """The rows among [0, m) whose chain ends with this iteration's step (known on the host)."""
         m = self.n if m is None else m

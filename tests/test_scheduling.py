@@ -23,10 +23,10 @@ from service.engine.engine import Engine
 from service.engine.errors import DeadlineUnmeetable
 from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
-from service.engine.step_scheduler import SAFETY, slowdown_limit
+from service.engine.step_scheduler import SAFETY, choose, slowdown_limit
 from tests.app_client import app_client, metric, wait_ready
 from tests.batch_rounding import BATCH_ROUNDING
-from tests.tiny_model import random_tiny_unet, tiny_loaded_model
+from tests.tiny_model import TINY_CLASSES, random_tiny_conditional_unet, random_tiny_unet, tiny_loaded_model
 
 
 class FakeClock:
@@ -284,3 +284,45 @@ def test_a_request_whose_images_fill_the_batch_leaves_rows_for_the_next() -> Non
         iterations += 1
     assert iterations <= 6 and small.error is None, iterations  # its 5 steps (shortest first), not ~400 iterations
     assert big.steps_done > 0 and not big.done
+
+
+def test_a_guided_row_costs_its_two_unet_rows() -> None:
+    """A guided image takes two U-Net rows a call (its null-label row beside it): the cost model learns an
+    iteration by the call's rows, and admission control and the scheduler predict with them."""
+    model = tiny_loaded_model(random_tiny_conditional_unet())
+    model.num_classes = len(TINY_CLASSES)
+    engine = Engine(model, max_batch=4, max_resident=8)
+    engine.submit(Job(ImageRequest(1, 2, ChainSpec(10, "ddpm"), (0, 1), 2.0), timeout_s=60))  # 2 guided images, no deadline
+    engine._iterate()
+    assert engine.cost._sizes == [4]  # a call of 4 rows, not 2
+    engine.cost = _set_cost({1: 0.1, 2: 0.2, 4: 0.4})
+    engine._iteration_ends = time.monotonic()  # nothing in flight
+    guided = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm"), (1,), 2.0), timeout_s=60, deadline_s=60)
+    plain = Job(ImageRequest(3, 1, ChainSpec(10, "ddpm"), (1,), 0.0), timeout_s=60, deadline_s=60)
+    assert engine.predicted_seconds(guided) == pytest.approx(10 * 0.2, abs=0.01)  # 2 rows a call
+    assert engine.predicted_seconds(plain) == pytest.approx(10 * 0.1, abs=0.01)
+    # the scheduler: a guided row with a deadline that allows 0.3 s an iteration runs beside one more row, not two
+    now, cost = time.monotonic(), _set_cost({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5})
+    due = np.array([now + 10 * 0.3 / SAFETY + 1e-6, np.inf, np.inf, np.inf])
+    args = (4, 4, np.zeros(4, dtype=np.int64), due, np.array([10, 50, 50, 50]), np.zeros(4, dtype=np.int64), now, cost)
+    as_rows = choose(*args, unet_rows=np.array([2, 1, 1, 1]))
+    as_samples = choose(*args)
+    assert as_rows is not None and as_rows.count == 2 and as_rows.rows[0] == 0  # 3 U-Net rows: 0.3 s
+    assert as_samples is not None and as_samples.count == 3
+
+
+def test_admission_counts_the_rows_ahead_only_while_their_chains_run() -> None:
+    """A request with a deadline runs beside the rows ahead of it only until their chains end: its predicted
+    time is each iteration at the rows still there, not every iteration at all of them (which refused requests
+    the scheduler would have answered in time)."""
+    engine, _ = _engine(max_batch=4, max_resident=8, tune_call_size=False)
+    engine.submit(Job(ImageRequest(1, 1, ChainSpec(10, "ddpm")), timeout_s=600, deadline_s=600))
+    for _ in range(8):
+        engine._iterate()
+    assert int(engine._batch.pos_host[0]) + 1 == 2  # 2 iterations left
+    engine.cost = _set_cost({1: 0.1, 2: 0.3})
+    engine._iteration_ends = time.monotonic()  # nothing in flight
+    new = Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=60)
+    assert engine.predicted_seconds(new) == pytest.approx(2 * 0.3 + 8 * 0.1, abs=0.01)  # not 10 x 0.3
+    left, rows = np.array([3, 5, 5]), np.array([1, 2, 1])  # the cost model's sum, against the formula
+    assert engine.cost.chain_seconds(1, 7, left, rows) == pytest.approx(3 * engine.cost.seconds(5) + 2 * engine.cost.seconds(4) + 2 * 0.1)  # type: ignore[operator]

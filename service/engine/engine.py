@@ -191,7 +191,9 @@ class Engine:
         """Submission to images done for ``job`` if it were submitted now (None before the first measured iteration):
         what is left of the iteration in flight, then the work at its priority or a better one, resident and
         waiting, at the measured iteration cost. Rows of a worse priority do not count: they sit out for it
-        (step_scheduler.py); nor, for a job with a deadline, resident rows without one."""
+        (step_scheduler.py); nor, for a job with a deadline, resident rows without one. Counted in U-Net rows
+        (a guided image is two), as the cost model is. When they all fit in one call, each of its iterations
+        costs what its own rows and those still running beside it cost (a row ahead leaves when its chain ends)."""
         b = self.call_size.best
         full = self.cost.seconds(b)
         if full is None:
@@ -200,17 +202,16 @@ class Engine:
         ahead = batch.priority_host[: batch.n] <= p
         if job.deadline_s is not None:  # rows with a deadline go before those without (step_scheduler.py)
             ahead &= np.isfinite(batch.due_host[: batch.n])
-        rows_ahead = int(ahead.sum())
-        work_ahead = int((batch.pos_host[: batch.n][ahead] + 1).sum())
-        queued_images, queued_work = self._queue.calls_at_or_above(p, dated_only=job.deadline_s is not None)
-        rows_ahead += queued_images
-        work_ahead += queued_work
-        rows_with = rows_ahead + job.n
+        weight, left = batch.unet_rows()[ahead], batch.pos_host[: batch.n][ahead] + 1  # U-Net rows, iterations left
+        queued_rows, queued_work = self._queue.calls_at_or_above(p, dated_only=job.deadline_s is not None)
+        if queued_rows:  # waiting images: their chains' mean length, from now
+            weight, left = np.append(weight, queued_rows), np.append(left, -(-queued_work // queued_rows))
+        own = job.n * job.request.rows_per_image
         wait = max(0.0, self._iteration_ends - time.monotonic())  # the iteration in flight when it arrives
-        if rows_with <= b:  # it runs every iteration, beside everything at its priority or better (rows of a worse
-            per = self.cost.seconds(rows_with)  # priority join only as far as its deadline allows: step_scheduler.py)
-            return wait + job.calls * (per or full)
-        return wait + max(job.calls * full, (work_ahead + job.n * job.row_calls) / b * full)
+        if own + int(weight.sum()) <= b:  # it runs every iteration beside everything at its priority or better (rows of
+            chain = self.cost.chain_seconds(own, job.calls, left, weight)  # a worse one join only as far as its deadline allows)
+            return wait + (job.calls * full if chain is None else chain)
+        return wait + max(job.calls * full, (int((left * weight).sum()) + job.n * job.row_calls) / b * full)
 
     def _bound_slowdown(self, job: Job) -> None:
         """A job without a deadline gets a soft one: ``max_slowdown`` x what it would take alone (its calls at
@@ -218,10 +219,11 @@ class Engine:
         enough for it (step_scheduler.slowdown_limit): a 10-call request beside a 64-row chain on a CPU."""
         if job.deadline_s is not None or self.max_slowdown <= 0:
             return
-        rows = min(job.n, self.call_size.best)
+        unet_rows = job.n * job.request.rows_per_image
+        rows = min(unet_rows, self.call_size.best)
         per = self.cost.seconds(rows)
         if per is not None:
-            job.soft_due = job.created + self.max_slowdown * job.calls * per * -(-job.n // rows)
+            job.soft_due = job.created + self.max_slowdown * job.calls * per * -(-unet_rows // rows)
             job.soft_step_s = per
 
     def _admission_control(self, job: Job) -> None:
@@ -268,7 +270,7 @@ class Engine:
             return 0.0
         with self._lock:
             batch = self._batch
-            work = int((batch.pos_host[: batch.n] + 1).sum()) + self._queue.calls_at_or_above(2**62)[1]
+            work = int(((batch.pos_host[: batch.n] + 1) * batch.unet_rows()).sum()) + self._queue.calls_at_or_above(2**62)[1]
         return work / b * full
 
     def images_ahead(self, job: Job) -> int | None:
@@ -502,12 +504,12 @@ class Engine:
             limit = soft if limit is None else min(limit, soft)
         call = self.call_size.rows(n, self.cost)
         choice = choose(n, call, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
-                        self.starve_after, limit)  # fmt: skip
+                        self.starve_after, limit, batch.unet_rows())  # fmt: skip
         count = n if choice is None else choice.count
-        self._iteration_ends = time.monotonic() + (self.cost.seconds(count) or 0.0)
         if choice is not None:
             with self._lock:
                 batch.move_to_front(choice.rows, choice.count)
+        self._iteration_ends = time.monotonic() + (self.cost.seconds(int(batch.unet_rows(count).sum())) or 0.0)
         return count
 
     def _eps(self, batch: ServedBatch, m: int | None = None) -> tuple[StepInputs, torch.Tensor]:
@@ -529,7 +531,7 @@ class Engine:
                 self._observe("on_preempted", dict(zip(priorities.tolist(), counts.tolist(), strict=True)))
             batch.advance(new_x, x0)
             self.iterations += 1  # counters and gauges are current before anyone is told
-            self.cost.observe(m, seconds)
+            self.cost.observe(int(batch.unet_rows(m).sum()), seconds)  # the call's rows: a guided row is two
             if readout is not None:
                 self._leave(batch, finishing)
                 self._readouts.append(readout)

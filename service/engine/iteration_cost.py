@@ -1,8 +1,9 @@
 """What an iteration costs at a batch size, measured as the engine runs: the scheduler's slack and the
 admission control's prediction read it.
 
-Per batch size (rows in the U-Net call) an exponential moving average of the seconds an iteration took
-(over a size's first ``1/alpha`` iterations their plain mean: a cold first iteration does not linger);
+Per batch size (rows in the U-Net call: a guided sample is two, its null-label row beside it) an
+exponential moving average of the seconds an iteration took (over a size's first ``1/alpha`` iterations
+their plain mean: a cold first iteration does not linger);
 a size between two measured ones is interpolated linearly, one below them costs what the smallest
 measured does, one beyond them is extrapolated from the per-row cost of the largest two (at least half
 the largest's own per-row cost). Exact sizes, not buckets: on a CPU 3 rows cost ~0.75x what 4 do, and a
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 import threading
+
+import numpy as np
 
 
 class IterationCost:
@@ -58,6 +61,21 @@ class IterationCost:
             t1, t2 = cost[b1], cost[b2]
             slope = max((t2 - t1) / (b2 - b1) if b2 > b1 else 0.0, t2 / b2 * 0.5)
             return t2 + slope * (rows - b2)
+
+    def chain_seconds(self, own: int, calls: int, steps_left: np.ndarray, rows: np.ndarray) -> float | None:
+        """Seconds of ``calls`` iterations of ``own`` rows beside others, ``rows[i]`` rows each, that leave the call
+        once their ``steps_left[i]`` iterations are done (None before any measurement)."""
+        order = np.argsort(steps_left, kind="stable")
+        left, after = steps_left[order], np.append(np.cumsum(rows[order][::-1])[::-1], 0)  # after[i]: rows of i and on
+        beside = after[np.searchsorted(left, np.arange(1, calls + 1), side="left")]  # rows still there at iteration j
+        sizes, counts = np.unique(own + beside, return_counts=True)
+        total = 0.0
+        for size, count in zip(sizes.tolist(), counts.tolist(), strict=True):
+            seconds = self.seconds(size)
+            if seconds is None:
+                return None
+            total += count * seconds
+        return total
 
     def best_rate_rows(self, limit: int, margin: float) -> int:
         """The measured size up to ``limit`` with the most rows per second, when its rate beats ``limit`` rows'

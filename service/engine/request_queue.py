@@ -194,19 +194,20 @@ class PriorityLevels:
         return ahead + (own.images_ahead(job) if own is not None else 0)
 
     def calls_at_or_above(self, priority: int, dated_only: bool = False) -> tuple[int, int]:
-        """(images, U-Net row-calls) waiting at this priority or a better one: the work a new job of this
+        """(U-Net rows, U-Net row-calls) of the images waiting at this priority or a better one (a guided image
+        takes 2 rows: ``ImageRequest.rows_per_image``): the work a new job of this
         priority waits behind (admission control's estimate); ``dated_only``: of jobs with a deadline only
         (what a job with a deadline waits behind: it joins through the rows kept for newcomers, and rows
         with a deadline go first)."""
-        images = calls = 0
+        rows = calls = 0
         for level_priority, level in self._levels.items():
             if level_priority <= priority:
                 for job in level.jobs():
                     if dated_only and job.deadline_s is None:
                         continue
-                    images += len(job.pending)
+                    rows += len(job.pending) * job.request.rows_per_image
                     calls += len(job.pending) * job.row_calls
-        return images, calls
+        return rows, calls
 
 
 def create_request_queue(scheduling: str) -> PriorityLevels:

@@ -26,6 +26,10 @@ A request without a deadline has a soft one (``slowdown_limit``): ``MAX_SLOWDOWN
 keeps iterations short enough while it can still be met at the pace it was set at (a 10-call request beside a
 64-row, 1000-step one on a CPU, where the full batch costs ~37x one row) and binds nothing once only shorter
 iterations than its own rows' could meet it.
+
+Counts are of rows (samples; ``max_batch`` is one call's); costs are of the U-Net rows they take (``unet_rows``:
+a guided row is two, its null-label row beside it), as the cost model measures them. Before the order is
+known a count's U-Net rows are taken at their most (the guided rows first), then exactly for the chosen ones.
 """
 
 from __future__ import annotations
@@ -59,17 +63,21 @@ def choose(
     cost: IterationCost,
     starve_after: int = STARVE_AFTER,
     max_iteration_s: float | None = None,
+    unet_rows: np.ndarray | None = None,
 ) -> Choice | None:
     """The rows of [0, n) to advance, or None when every row advances (the common case: no reordering).
-    ``max_iteration_s``: the longest an iteration may take (the engine's headroom for arriving deadlines)."""
+    ``max_iteration_s``: the longest an iteration may take (the engine's headroom for arriving deadlines).
+    ``unet_rows``: the U-Net rows each row takes (None: one each)."""
     dated = np.isfinite(due[:n])  # rows with a deadline
     has_due = bool(dated.any())
     if n <= max_batch and not has_due and max_iteration_s is None:
         return None
-    per_iteration = cost.seconds(min(n, max_batch))
+    weight = np.ones(n, dtype=np.int64) if unet_rows is None else unet_rows[:n]
+    guided = int((weight > 1).sum())
+    per_iteration = cost.seconds(min(n, max_batch) + min(n, max_batch, guided))
     count = min(n, max_batch)
     if max_iteration_s is not None and per_iteration is not None:
-        while count > 1 and (cost.seconds(count) or 0.0) > max_iteration_s:
+        while count > 1 and (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:
             count -= 1
     slack = due[:n] - now - remaining[:n] * (per_iteration or 0.0)  # inf - x = inf: rows without a deadline
     starving = (waited[:n] >= starve_after) & ~dated
@@ -79,29 +87,31 @@ def choose(
     # np.lexsort: the last key is the primary one (the deadline tier, then the starving, priority, slack, steps left)
     order = np.lexsort((remaining[:n], slack, priority[:n], -waited[:n] * starving, ~starving, ~dated))
     if has_due and per_iteration is not None:
-        order, count = _fast_enough(order, count, due, remaining, now, cost)
+        order, count = _fast_enough(order, count, due, remaining, now, cost, weight)
     if count == n and np.array_equal(order[:count], np.arange(count)):
         return None
     return Choice(order, count)
 
 
 def _fast_enough(
-    order: np.ndarray, count: int, due: np.ndarray, remaining: np.ndarray, now: float, cost: IterationCost
+    order: np.ndarray, count: int, due: np.ndarray, remaining: np.ndarray, now: float, cost: IterationCost, weight: np.ndarray
 ) -> tuple[np.ndarray, int]:
     """The order with the chosen rows that have deadlines first, and the largest count <= ``count`` at whose
-    predicted iteration cost every one of them finishes by its deadline (never fewer than they are)."""
+    predicted iteration cost (of the U-Net rows the first ``count`` take) every one of them finishes by its
+    deadline (never fewer than they are)."""
     chosen = order[:count]
     urgent = chosen[np.isfinite(due[chosen])]
     if urgent.size == 0:
         return order, count
+    order = np.concatenate([urgent, order[~np.isin(order, urgent)]])
+    rows = np.cumsum(weight[order])  # U-Net rows of the first k + 1
     allowed = SAFETY * float(np.min((due[urgent] - now) / np.maximum(remaining[urgent], 1)))
     while count > urgent.size:
-        predicted = cost.seconds(count)
+        predicted = cost.seconds(int(rows[count - 1]))
         if predicted is None or predicted <= allowed:
             break
         count -= 1
-    rest = order[~np.isin(order, urgent)]
-    return np.concatenate([urgent, rest]), count
+    return order, count
 
 
 def slowdown_limit(
