@@ -179,10 +179,15 @@ class RunningBatch:
         scales = None if self.labels is None else torch.from_numpy(self.scales_host[:m])
         return StepInputs(steps[0], steps[1], coefs, edit, x0_prev, labels, scales)
 
-    def unet_rows(self, m: int | None = None) -> np.ndarray:
-        """U-Net rows each of rows [0, m) takes in a call: 2 for a guided row (its null-label row, ddpm/guidance.py), else 1."""
+    def unet_rows(self, m: int | None = None) -> np.ndarray | None:
+        """U-Net rows each of rows [0, m) takes in a call: 2 for a guided row (its null-label row, ddpm/guidance.py),
+        else 1; None (1 each) for an unconditional model, which the engine's loop then pays nothing for."""
         m = self.n if m is None else m
-        return 1 + (self.scales_host[:m] != 0)
+        return None if self.labels is None else 1 + (self.scales_host[:m] != 0)
+
+    def unet_row_count(self, m: int) -> int:
+        """U-Net rows of a call over rows [0, m)."""
+        return m if self.labels is None else m + int(np.count_nonzero(self.scales_host[:m]))
 
     def finishing(self, m: int | None = None) -> np.ndarray:
         """The rows among [0, m) whose chain ends with this iteration's step (known on the host)."""

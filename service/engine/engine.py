@@ -202,7 +202,9 @@ class Engine:
         ahead = batch.priority_host[: batch.n] <= p
         if job.deadline_s is not None:  # rows with a deadline go before those without (step_scheduler.py)
             ahead &= np.isfinite(batch.due_host[: batch.n])
-        weight, left = batch.unet_rows()[ahead], batch.pos_host[: batch.n][ahead] + 1  # U-Net rows, iterations left
+        rows = batch.unet_rows()
+        left = batch.pos_host[: batch.n][ahead] + 1  # iterations left, and U-Net rows, of the rows ahead
+        weight = np.ones_like(left) if rows is None else rows[ahead]
         queued_rows, queued_work = self._queue.calls_at_or_above(p, dated_only=job.deadline_s is not None)
         if queued_rows:  # waiting images: their chains' mean length, from now
             weight, left = np.append(weight, queued_rows), np.append(left, -(-queued_work // queued_rows))
@@ -270,7 +272,9 @@ class Engine:
             return 0.0
         with self._lock:
             batch = self._batch
-            work = int(((batch.pos_host[: batch.n] + 1) * batch.unet_rows()).sum()) + self._queue.calls_at_or_above(2**62)[1]
+            rows = batch.unet_rows()
+            left = batch.pos_host[: batch.n] + 1
+            work = int((left if rows is None else left * rows).sum()) + self._queue.calls_at_or_above(2**62)[1]
         return work / b * full
 
     def images_ahead(self, job: Job) -> int | None:
@@ -509,7 +513,7 @@ class Engine:
         if choice is not None:
             with self._lock:
                 batch.move_to_front(choice.rows, choice.count)
-        self._iteration_ends = time.monotonic() + (self.cost.seconds(int(batch.unet_rows(count).sum())) or 0.0)
+        self._iteration_ends = time.monotonic() + (self.cost.seconds(batch.unet_row_count(count)) or 0.0)
         return count
 
     def _eps(self, batch: ServedBatch, m: int | None = None) -> tuple[StepInputs, torch.Tensor]:
@@ -531,7 +535,7 @@ class Engine:
                 self._observe("on_preempted", dict(zip(priorities.tolist(), counts.tolist(), strict=True)))
             batch.advance(new_x, x0)
             self.iterations += 1  # counters and gauges are current before anyone is told
-            self.cost.observe(int(batch.unet_rows(m).sum()), seconds)  # the call's rows: a guided row is two
+            self.cost.observe(batch.unet_row_count(m), seconds)  # the call's rows: a guided row is two
             if readout is not None:
                 self._leave(batch, finishing)
                 self._readouts.append(readout)

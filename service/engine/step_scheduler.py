@@ -72,8 +72,8 @@ def choose(
     has_due = bool(dated.any())
     if n <= max_batch and not has_due and max_iteration_s is None:
         return None
-    weight = np.ones(n, dtype=np.int64) if unet_rows is None else unet_rows[:n]
-    guided = int((weight > 1).sum())
+    weight = None if unet_rows is None else unet_rows[:n]
+    guided = 0 if weight is None else int(np.count_nonzero(weight > 1))
     per_iteration = cost.seconds(min(n, max_batch) + min(n, max_batch, guided))
     count = min(n, max_batch)
     if max_iteration_s is not None and per_iteration is not None:
@@ -94,7 +94,8 @@ def choose(
 
 
 def _fast_enough(
-    order: np.ndarray, count: int, due: np.ndarray, remaining: np.ndarray, now: float, cost: IterationCost, weight: np.ndarray
+    order: np.ndarray, count: int, due: np.ndarray, remaining: np.ndarray, now: float, cost: IterationCost,
+    weight: np.ndarray | None,
 ) -> tuple[np.ndarray, int]:
     """The order with the chosen rows that have deadlines first, and the largest count <= ``count`` at whose
     predicted iteration cost (of the U-Net rows the first ``count`` take) every one of them finishes by its
@@ -104,7 +105,7 @@ def _fast_enough(
     if urgent.size == 0:
         return order, count
     order = np.concatenate([urgent, order[~np.isin(order, urgent)]])
-    rows = np.cumsum(weight[order])  # U-Net rows of the first k + 1
+    rows = np.arange(1, order.size + 1) if weight is None else np.cumsum(weight[order])  # U-Net rows of the first k + 1
     allowed = SAFETY * float(np.min((due[urgent] - now) / np.maximum(remaining[urgent], 1)))
     while count > urgent.size:
         predicted = cost.seconds(int(rows[count - 1]))
