@@ -326,3 +326,31 @@ def test_admission_counts_the_rows_ahead_only_while_their_chains_run() -> None:
     assert engine.predicted_seconds(new) == pytest.approx(2 * 0.3 + 8 * 0.1, abs=0.01)  # not 10 x 0.3
     left, rows = np.array([3, 5, 5]), np.array([1, 2, 1])  # the cost model's sum, against the formula
     assert engine.cost.chain_seconds(1, 7, left, rows) == pytest.approx(3 * engine.cost.seconds(5) + 2 * engine.cost.seconds(4) + 2 * 0.1)  # type: ignore[operator]
+
+
+def test_a_request_that_would_make_an_accepted_one_late_is_refused() -> None:
+    """Every row with a deadline runs every iteration, so a newcomer slows those already accepted: one whose own
+    deadline is easy is refused when beside them it would push one past its plan."""
+    engine, _ = _engine(max_batch=4, max_resident=8, tune_call_size=False)
+    engine.submit(Job(ImageRequest(1, 1, ChainSpec(10, "ddpm")), timeout_s=600, deadline_s=600))
+    engine._iterate()  # resident, 9 iterations left
+    engine.cost = _set_cost({1: 0.1, 2: 0.3})
+    now = time.monotonic()
+    engine._iteration_ends = now  # nothing in flight
+    engine._batch.due_host[0] = now + 9 * 0.1 + 0.5  # alone it is done 0.5 s early; beside another row, 1.3 s late
+    with pytest.raises(DeadlineUnmeetable, match="make one of them late") as refused:
+        engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=60))  # its own: 2.8 s of 60
+    assert refused.value.retry_after_s == pytest.approx(1.0)  # the running rows are done in 0.9 s (at least 1 s)
+    engine._batch.due_host[0] = now + 9 * 0.3 - 0.2  # beside it 0.2 s late: within one iteration (0.3 s), the bound
+    engine.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=60))
+
+
+def test_a_request_that_would_make_a_waiting_one_late_is_refused() -> None:
+    """Requests that arrive during one iteration all wait for it: the first ones, still in the queue, are slowed by
+    the last as much as resident rows are (in the simulator, the late answers of bursts)."""
+    engine, _ = _engine(max_batch=4, max_resident=8, tune_call_size=False)
+    engine.cost = _set_cost({1: 0.1, 2: 0.3})
+    first = engine.submit(Job(ImageRequest(1, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=1.5))  # 1.0 s alone
+    with pytest.raises(DeadlineUnmeetable, match="make one of them late"):  # beside it 3.0 s: past 1.5 s by 5 iterations
+        engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=60))
+    assert first.first_admitted is None  # it was waiting

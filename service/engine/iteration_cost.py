@@ -65,17 +65,21 @@ class IterationCost:
     def chain_seconds(self, own: int, calls: int, steps_left: np.ndarray, rows: np.ndarray) -> float | None:
         """Seconds of ``calls`` iterations of ``own`` rows beside others, ``rows[i]`` rows each, that leave the call
         once their ``steps_left[i]`` iterations are done (None before any measurement)."""
+        times = self.chain_times(own, calls, steps_left, rows, calls)
+        return None if times is None else float(times[-1])
+
+    def chain_times(self, own: int, calls: int, steps_left: np.ndarray, rows: np.ndarray, horizon: int) -> np.ndarray | None:
+        """Seconds from now to the end of each of the next ``horizon`` iterations: ``own`` rows in the first ``calls``
+        of them, beside the others (as in ``chain_seconds``)."""
         order = np.argsort(steps_left, kind="stable")
         left, after = steps_left[order], np.append(np.cumsum(rows[order][::-1])[::-1], 0)  # after[i]: rows of i and on
-        beside = after[np.searchsorted(left, np.arange(1, calls + 1), side="left")]  # rows still there at iteration j
-        sizes, counts = np.unique(own + beside, return_counts=True)
-        total = 0.0
-        for size, count in zip(sizes.tolist(), counts.tolist(), strict=True):
-            seconds = self.seconds(size)
-            if seconds is None:
-                return None
-            total += count * seconds
-        return total
+        j = np.arange(1, horizon + 1)
+        size = after[np.searchsorted(left, j, side="left")] + np.where(j <= calls, own, 0)  # rows in iteration j
+        sizes, inverse = np.unique(size, return_inverse=True)
+        seconds = [self.seconds(s) for s in sizes.tolist()]
+        if any(s is None for s in seconds):
+            return None
+        return np.cumsum(np.asarray(seconds, dtype=np.float64)[inverse])
 
     def best_rate_rows(self, limit: int, margin: float) -> int:
         """The measured size up to ``limit`` with the most rows per second, when its rate beats ``limit`` rows'
