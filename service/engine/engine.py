@@ -259,7 +259,7 @@ class Engine:
         if pushed is not None:
             self._observe("on_refused", "deadline")
             raise DeadlineUnmeetable(
-                f"beside the requests with deadlines already running it would make one of them late; retry in ~{pushed:.0f} s "
+                f"beside the requests with deadlines already accepted it would make one of them late; retry in ~{pushed:.0f} s "
                 "or elsewhere",
                 retry_after_s=pushed,
             )
