@@ -185,6 +185,12 @@ class RunningBatch:
         m = self.n if m is None else m
         return None if self.labels is None else 1 + (self.scales_host[:m] != 0)
 
+    def unet_rows_of(self, index: np.ndarray | slice) -> np.ndarray:
+        """U-Net rows of the rows ``index`` picks among [0, n) (a mask, indices or a slice): ``unet_rows`` with
+        1 each for an unconditional model (admission's and the backlog's, off the engine's loop)."""
+        rows = self.unet_rows()
+        return np.ones_like(self.pos_host[: self.n][index]) if rows is None else rows[index]
+
     def unet_row_count(self, m: int) -> int:
         """U-Net rows of a call over rows [0, m)."""
         return m if self.labels is None else m + int(np.count_nonzero(self.scales_host[:m]))

@@ -202,9 +202,7 @@ class Engine:
         ahead = batch.priority_host[: batch.n] <= p
         if job.deadline_s is not None:  # rows with a deadline go before those without (step_scheduler.py)
             ahead &= np.isfinite(batch.due_host[: batch.n])
-        rows = batch.unet_rows()
-        left = batch.pos_host[: batch.n][ahead] + 1  # iterations left, and U-Net rows, of the rows ahead
-        weight = np.ones_like(left) if rows is None else rows[ahead]
+        left, weight = batch.pos_host[: batch.n][ahead] + 1, batch.unet_rows_of(ahead)  # iterations left, U-Net rows
         queued_rows, queued_work = self._queue.calls_at_or_above(p, dated_only=job.deadline_s is not None)
         if queued_rows:  # waiting images: their chains' mean length, from now
             weight, left = np.append(weight, queued_rows), np.append(left, -(-queued_work // queued_rows))
@@ -275,24 +273,23 @@ class Engine:
         answers; with it, fewer misses than no check (BENCHMARKS, stop 50)."""
         batch = self._batch
         dated = np.flatnonzero(np.isfinite(batch.due_host[: batch.n]))
-        rows = batch.unet_rows()
-        weight = np.ones(dated.size, dtype=np.int64) if rows is None else rows[dated]
-        left, due = batch.pos_host[dated] + 1, batch.due_host[dated]
+        weight, left, due = batch.unet_rows_of(dated), batch.pos_host[dated] + 1, batch.due_host[dated]
         waiting = [other for other in self._queue.jobs() if other.deadline_s is not None]
         if waiting:  # all their images from the next iteration on
             weight = np.append(weight, [len(other.pending) * other.request.rows_per_image for other in waiting])
             left = np.append(left, [other.calls for other in waiting])
             due = np.append(due, [other.due for other in waiting])
         own = job.n * job.request.rows_per_image
-        if left.size == 0 or own + int(weight.sum()) > self.call_size.best:
+        call = own + int(weight.sum())
+        if left.size == 0 or call > self.call_size.best:
             return None
         horizon = int(left.max())
         without = self.cost.chain_times(0, 0, left, weight, horizon)
         beside = self.cost.chain_times(own, job.calls, left, weight, horizon)
         if without is None or beside is None:
             return None
-        start = now + max(0.0, self._iteration_ends - now)  # after the iteration in flight
-        iteration = self.cost.seconds(own + int(weight.sum())) or 0.0  # the issue's bound: late by at most one iteration
+        start = max(now, self._iteration_ends)  # after the iteration in flight
+        iteration = self.cost.seconds(call) or 0.0  # the issue's bound: late by at most one iteration
         limit = due + max(0.0, self.answer_time.reserve_s - self.answer_time.expected_s) + iteration
         pushed = (start + without[left - 1] <= limit) & (start + beside[left - 1] > limit)
         return max(1.0, float(without[-1])) if pushed.any() else None
@@ -313,9 +310,8 @@ class Engine:
             return 0.0
         with self._lock:
             batch = self._batch
-            rows = batch.unet_rows()
             left = batch.pos_host[: batch.n] + 1
-            work = int((left if rows is None else left * rows).sum()) + self._queue.calls_at_or_above(2**62)[1]
+            work = int((left * batch.unet_rows_of(slice(None))).sum()) + self._queue.calls_at_or_above(2**62)[1]
         return work / b * full
 
     def images_ahead(self, job: Job) -> int | None:
