@@ -147,12 +147,14 @@ class Metrics(EngineObserver):
         )
         self.refusals = Counter(
             "ddpm_refused_requests",
-            "Requests refused at arrival by reason: deadline (it could not be met given the work ahead: 503 + Retry-After), cost "
-            "(over DDPM_MAX_CALLS_PER_REQUEST: 422), client_quota (over the client's images or calls in flight: 429)",
+            "Requests refused at arrival by reason: deadline (it could not be met given the work ahead: 503 + Retry-After), "
+            "accepted_deadlines (beside them it would make an accepted request late by more than an iteration: 503 + "
+            "Retry-After), cost (over DDPM_MAX_CALLS_PER_REQUEST: 422), client_quota (over the client's images or calls in "
+            "flight: 429)",
             ["reason"],
             registry=r,
         )
-        for reason in ("deadline", "cost", "client_quota"):  # present from the start, at 0
+        for reason in ("deadline", "accepted_deadlines", "cost", "client_quota"):  # present from the start, at 0
             self.refusals.labels(reason=reason)
         self.backlog = Gauge(
             "ddpm_backlog_seconds",

@@ -23,6 +23,7 @@ from service.engine.engine import Engine
 from service.engine.errors import DeadlineUnmeetable
 from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
+from service.engine.observer import EngineObserver
 from service.engine.step_scheduler import SAFETY, choose, slowdown_limit
 from tests.app_client import app_client, metric, wait_ready
 from tests.batch_rounding import BATCH_ROUNDING
@@ -201,6 +202,7 @@ def test_a_refused_deadline_carries_retry_after(model_dir) -> None:  # type: ign
         r = c.post("/generate", json={"seed": 1, "steps": 20, "sampler": "ddim", "deadline_s": 2})
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 18 and "deadline" in r.json()["detail"]
         assert metric(c, 'ddpm_refused_requests_total{reason="deadline"}') == 1
+        assert metric(c, 'ddpm_refused_requests_total{reason="accepted_deadlines"}') == 0  # exported from the start
 
 
 @pytest.mark.parametrize("max_slowdown", [10.0, 0.0])
@@ -328,10 +330,21 @@ def test_admission_counts_the_rows_ahead_only_while_their_chains_run() -> None:
     assert engine.cost.chain_seconds(1, 7, left, rows) == pytest.approx(3 * engine.cost.seconds(5) + 2 * engine.cost.seconds(4) + 2 * 0.1)  # type: ignore[operator]
 
 
+class _Refusals(EngineObserver):
+    """The reasons the engine refused requests for, in order."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def on_refused(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
 def test_a_request_that_would_make_an_accepted_one_late_is_refused() -> None:
     """Every row with a deadline runs every iteration, so a newcomer slows those already accepted: one whose own
     deadline is easy is refused when beside them it would push one past its plan."""
-    engine, _ = _engine(max_batch=4, max_resident=8, tune_call_size=False)
+    refusals = _Refusals()
+    engine, _ = _engine(max_batch=4, max_resident=8, tune_call_size=False, observer=refusals)
     engine.submit(Job(ImageRequest(1, 1, ChainSpec(10, "ddpm")), timeout_s=600, deadline_s=600))
     engine._iterate()  # resident, 9 iterations left
     engine.cost = _set_cost({1: 0.1, 2: 0.3})
@@ -341,6 +354,7 @@ def test_a_request_that_would_make_an_accepted_one_late_is_refused() -> None:
     with pytest.raises(DeadlineUnmeetable, match="make one of them late") as refused:
         engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=60))  # its own: 2.8 s of 60
     assert refused.value.retry_after_s == pytest.approx(1.0)  # the running rows are done in 0.9 s (at least 1 s)
+    assert refusals.reasons == ["accepted_deadlines"]  # counted apart from a deadline of its own that cannot be met
     engine._batch.due_host[0] = now + 9 * 0.3 - 0.2  # beside it 0.2 s late: within one iteration (0.3 s), the bound
     engine.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=60))
 

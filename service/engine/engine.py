@@ -255,7 +255,7 @@ class Engine:
             )
         pushed = self._pushes_past_due(job, now)
         if pushed is not None:
-            self._observe("on_refused", "deadline")
+            self._observe("on_refused", "accepted_deadlines")
             raise DeadlineUnmeetable(
                 f"beside the requests with deadlines already accepted it would make one of them late; retry in ~{pushed:.0f} s "
                 "or elsewhere",

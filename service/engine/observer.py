@@ -22,4 +22,5 @@ class EngineObserver:
         """Rows that sat an iteration out (the batch held more than a U-Net call takes), by priority."""
 
     def on_refused(self, reason: str) -> None:
-        """A request refused at submit by the engine (``deadline``: it could not be met)."""
+        """A request refused at submit by the engine (``deadline``: its own could not be met;
+        ``accepted_deadlines``: it would make an accepted request late)."""
