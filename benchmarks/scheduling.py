@@ -49,13 +49,15 @@ BULK = {"batch_size": 16, "steps": 50, "sampler": "ddim", "timestep_spacing": "t
 INTERACTIVE_CALLS, BULK_CALLS = 10, 16 * 50
 
 
-def start(mode: str, model: Path, compile_setting: str) -> ServerProcess:
+def start(mode: str, model: Path, compile_setting: str, device: str | None) -> ServerProcess:
     env = {"DDPM_COMPILE": compile_setting, "DDPM_COMPILE_BEFORE_READY": "true",
            "DDPM_THREADS": "1", "DDPM_MAX_BATCH": "64", "DDPM_RESPONSE_CACHE_MB": "0", "DDPM_MAX_QUEUE": "100000",
            "DDPM_MAX_IMAGES_PER_CLIENT": "100000", "DDPM_MAX_CALLS_PER_CLIENT": "100000000", "DDPM_REQUEST_TIMEOUT_S": "3600",
            "DDPM_LOG_LEVEL": "warning"}  # fmt: skip
     if mode == "before":
         env.update(DDPM_MAX_RESIDENT="64", DDPM_MAX_SLOWDOWN="0", DDPM_TUNE_CALL_SIZE="false")
+    if device is not None:
+        env["DDPM_DEVICE"] = device
     server = ServerProcess(model, **env)
     server.wait_ready(900)  # compiling: minutes on a CPU (the inductor cache makes the next start fast)
     return server
@@ -205,6 +207,9 @@ def main() -> int:
     p.add_argument("--deadline-s", type=float, default=None, help="the interactive deadline (default: 3x the alone latency measured)")
     p.add_argument("--capacity", type=float, default=None,
                    help="row-calls/s the loads are multiples of (default: measured); with --deadline-s, A/B rounds replay one trace")
+    p.add_argument("--device", default=None, help="the server's DDPM_DEVICE (default: its own choice, the GPU where there is one)")
+    p.add_argument("--calibrate-s", type=float, default=20.0, help="seconds the capacity is measured over")
+    p.add_argument("--warm-s", type=float, default=30.0, help="seconds of the same load before it (the server learns its call size)")
     p.add_argument("--compile", default="off", choices=["off", "auto"],
                    help="the server's DDPM_COMPILE; auto waits for the compiled graphs before measuring (its default serving path)")
     args = p.parse_args()
@@ -213,13 +218,15 @@ def main() -> int:
     print(f"CPU: {cpu_capability()}", file=sys.stderr)
     rows = []
     for mode in args.modes.split(","):
-        server = start(mode, args.model, args.compile)
+        server = start(mode, args.model, args.compile, args.device)
         try:
             alone = alone_latency(server.url)
-            measured = capacity(server.url, 20.0, warm_s=30.0)  # also when given: the server learns its call size meanwhile
+            measured = capacity(server.url, args.calibrate_s, warm_s=args.warm_s)  # also when given: the call size is learnt meanwhile
             cap = measured if args.capacity is None else args.capacity
             deadline = 3 * alone if args.deadline_s is None else args.deadline_s
-            print(json.dumps({"mode": mode, "alone_latency_s": round(alone, 3), "deadline_s": round(deadline, 3),
+            info = httpx.get(server.url + "/info", timeout=10).json()
+            print(json.dumps({"mode": mode, "device": info["device"], "precision": info["precision"], "compiled": info["compiled"],
+                              "alone_latency_s": round(alone, 3), "deadline_s": round(deadline, 3),
                               "capacity_row_calls_per_s": round(cap, 1), "measured_capacity": round(measured, 1)}), flush=True)  # fmt: skip
             for load in (float(x) for x in args.loads.split(",")):
                 arrivals = trace(load, args.interactive_share, cap, args.seconds, args.seed)
@@ -230,7 +237,7 @@ def main() -> int:
                             bulk_goodput_over_left=round(float(cell["bulk_row_calls_per_s"]) / min(left, offered), 3))  # type: ignore[arg-type]  # fmt: skip
                 print(json.dumps(cell), flush=True)
                 rows.append(cell)
-                time.sleep(5)
+                time.sleep(min(5.0, args.seconds))  # the last cell's tail drains before the next
         finally:
             server.stop()
     print("\n| mode | load | interactive within deadline | refused | p50 s | worst lateness s | bulk row-calls/s | / min(left, offered) |")

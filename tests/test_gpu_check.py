@@ -93,6 +93,23 @@ def test_dry_run_of_the_server_phase(tmp_path: Path) -> None:
     assert "served / offline" in report and "served / diffusers" in report
 
 
+@pytest.mark.slow
+def test_dry_run_of_the_scheduling_phase(tmp_path: Path) -> None:
+    """Issue 37's cell as the GPU call runs it (``--only scheduling``), on CPU with the tiny model and 1-2 s parts: both
+    modes served, one table row each, and the server's device named in the log."""
+    out = tmp_path / "out"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/check.py"), "--out", str(out), "--dry-run", "--only",
+                           "scheduling"], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    phases = {p["name"]: p for p in json.loads((out / "gpu_results.json").read_text())["phases"]}
+    assert list(phases) == ["scheduling"] and phases["scheduling"]["status"] == "ok", phases
+    rows = phases["scheduling"]["tables"][0]["rows"]
+    assert [(r["mode"], r["load"]) for r in rows] == [("priorities", "1.5"), ("before", "1.5")]
+    assert all(0 < float(r["bulk row-calls/s"]) for r in rows)  # the window's rows, read from the server's metrics
+    assert '"device": "cpu"' in (out / "gpu_logs.txt").read_text()
+
+
 def test_the_suite_runs_under_pytest_without_xdist() -> None:
     """The GPU machine has pytest but not pytest-xdist (prepare_wheels.py): the conftest's xdist hook must be optional there."""
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "tests/test_schedule.py"],

@@ -17,6 +17,9 @@ and, in a device call of its own (``run.sh OUT --only server``, ~8 minutes on th
   server   benchmarks/gpu/server_bench.py: `ddpm serve` on the device under 1/16/64 closed-loop clients
            (the shipped model and the cifar10-32 shape; the default chain and DDIM 50), beside the
            offline compiled sampler at the same batch and a FastAPI + diffusers server on the same GPU
+and in another (``run.sh OUT --only scheduling``, ~6 minutes):
+  scheduling  benchmarks/scheduling.py at 1.5x capacity (issue 37): interactive requests with deadlines
+           beside bulk ones, with priorities and as before them, on the compiled GPU server
 Writes OUT/gpu_report.md (the tables, verbatim), OUT/gpu_results.json (the same, parsed) and
 OUT/gpu_logs.txt (every phase's full output).
 """
@@ -83,7 +86,7 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
             "--compile-backend",
             "aot_eager",  # dynamo and AOTAutograd as on the GPU; no inductor C++ for a CPU the GPU run never uses
         ]
-    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50, "server": 540}
+    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50, "server": 540, "scheduling": 540}
     # the rehearsal runs inside the suite, beside other workers' compiles on the same cores: its sampler phase
     # once took over 340 s there (35 s alone, warm); the limits bound a GPU run, not the rehearsal
     slack = 4 if dry_run else 1
@@ -93,10 +96,22 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
         Phase("kernel", kernel, limits["kernel"], interpret),
         *(Phase(part, [*suite, "--parts", part], limits[part] * slack) for part in ("sampler", "graphs", "drift")),
         Phase("server", server, limits["server"]),
+        Phase("scheduling", scheduling_command(py, dry_run, device, tiny_model), limits["scheduling"] * slack),
     ]
 
 
-DEFAULT_PHASES = "tests,kernel,sampler,graphs,drift"  # the server phase is a device call of its own (--only server)
+def scheduling_command(py: str, dry_run: bool, device: str, tiny_model: Path | None) -> list[str]:
+    """Issue 37's 1.5x cell, both modes: 30 s each on the GPU (two compiled starts, 50 s of calibration each);
+    the rehearsal: the tiny model, compile off, 1-2 s of each part. On the GPU the interactive requests make 1% of
+    the capacity, not the CPU cells' 10%: at the H200's ~50,000 row-calls/s (64 rows in ~1.2 ms), 10% would be
+    ~500 ten-call requests a second, which measures the HTTP stack and this one-process client, not the scheduler."""
+    command = [py, "benchmarks/scheduling.py", "--device", device, "--loads", "1.5", "--modes", "priorities,before"]
+    if dry_run:
+        return [*command, "--model", str(tiny_model), "--compile", "off", "--seconds", "2", "--calibrate-s", "1", "--warm-s", "1"]
+    return [*command, "--compile", "auto", "--seconds", "30", "--interactive-share", "0.01"]
+
+
+DEFAULT_PHASES = "tests,kernel,sampler,graphs,drift"  # server and scheduling: a device call each (--only server)
 
 
 def environment(wheels: Path | None) -> dict[str, object]:
@@ -201,7 +216,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: rehearse every phase without a GPU")
     parser.add_argument("--wheels", type=Path, default=None, help="the carried wheels folder (for the report)")
-    parser.add_argument("--only", default=DEFAULT_PHASES, help=f"comma-separated phases to run (default: {DEFAULT_PHASES}; or server)")
+    parser.add_argument("--only", default=DEFAULT_PHASES, help=f"comma-separated phases (default: {DEFAULT_PHASES}; or server, scheduling)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(args.wheels)

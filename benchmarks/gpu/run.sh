@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu/run.sh "$OUT"              # the GPU machine: Python 3.12, torch 2.11, triton 3.6
 #   bash benchmarks/gpu/run.sh OUT_DIR --dry-run    # any machine: the same steps on CPU, tiny sizes
+#   bash benchmarks/gpu/run.sh "$OUT" --only server       # a device call of its own (~9 minutes), as is
+#   bash benchmarks/gpu/run.sh "$OUT" --only scheduling   # issue 37's 1.5x cell on the GPU server (~6 minutes)
 #
 # DDPM_GPU_WHEELS overrides the wheels folder; PYTHON the interpreter.
 set -uo pipefail
