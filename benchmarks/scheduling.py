@@ -49,7 +49,7 @@ BULK = {"batch_size": 16, "steps": 50, "sampler": "ddim", "timestep_spacing": "t
 INTERACTIVE_CALLS, BULK_CALLS = 10, 16 * 50
 
 
-def start(mode: str, model: Path, compile_setting: str, device: str | None) -> ServerProcess:
+def start(mode: str, model: Path, compile_setting: str, device: str | None = None) -> ServerProcess:
     env = {"DDPM_COMPILE": compile_setting, "DDPM_COMPILE_BEFORE_READY": "true",
            "DDPM_THREADS": "1", "DDPM_MAX_BATCH": "64", "DDPM_RESPONSE_CACHE_MB": "0", "DDPM_MAX_QUEUE": "100000",
            "DDPM_MAX_IMAGES_PER_CLIENT": "100000", "DDPM_MAX_CALLS_PER_CLIENT": "100000000", "DDPM_REQUEST_TIMEOUT_S": "3600",
