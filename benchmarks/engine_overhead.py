@@ -3,11 +3,13 @@
     python benchmarks/engine_overhead.py                          # rows 1, 8, 64; null step and the real (eager) step
     python benchmarks/engine_overhead.py --baseline 2f0dda3       # the same cells on another commit's engine, alternated
     python benchmarks/engine_overhead.py --json                   # one JSON line per cell
+    python benchmarks/engine_overhead.py --resident-x 2           # twice a call's rows resident: the step scheduler chooses
 
 ``Engine`` without HTTP, 1 torch thread, the shipped model's shapes with its eps replaced by
 ``zeros_like`` (``unet: null``), the fused step replaced by a copy (``step: null``) or the real one
 (``step: real``, the eager PyTorch twin on CPU), and ``rows`` concurrent 1-image jobs of the server's
-default chain (restart, 10 calls): each finished job is replaced by a new one between iterations (the
+default chain (restart, 10 calls; ``--resident-x`` X: X x ``rows`` jobs resident, ``rows`` a call, so the
+step scheduler chooses which rows run each iteration): each finished job is replaced by a new one between iterations (the
 submission, a request thread's work in the server, is not timed), so the batch stays full and a tenth
 of its rows leave and join every iteration, as under steady load. The engine's iteration (admit, eps,
 step, advance: ``Engine._iterate``, the engine thread's loop body) is driven from one thread and timed
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CELLS = [(rows, step) for step in ("null", "real") for rows in (1, 8, 64)]
 
 
-def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int) -> float:
+def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int, resident_x: float = 1.0) -> float:
     """µs per iteration of the engine at ``root`` (imported from there)."""
     sys.path.insert(0, str(root))
     import torch
@@ -52,7 +54,9 @@ def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int)
     def null_step(x, eps, coefs, seeds, counters, x0_prev=None, edit=None):  # type: ignore[no-untyped-def]
         return x.clone(), (x.clone() if x0_prev is not None else None)
 
-    engine = Engine(model, max_batch=rows, max_queue=4 * rows, step_fn=null_step if step_kind == "null" else default_step_fn())
+    jobs = round(rows * resident_x)
+    resident = {"max_resident": jobs + rows} if jobs > rows else {}  # all of them resident, a call's rows kept for newcomers
+    engine = Engine(model, max_batch=rows, max_queue=4 * jobs, step_fn=null_step if step_kind == "null" else default_step_fn(), **resident)
     chain = ChainSpec(10, "restart", spacing="trailing")  # the server's default chain
     finished: list[Job] = []
     seeds = iter(range(10**9))
@@ -62,7 +66,7 @@ def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int)
         job.on_done = finished.append
         engine.submit(job)
 
-    for _ in range(rows):
+    for _ in range(jobs):
         submit()
     timed = 0.0
     with torch.inference_mode():
@@ -77,10 +81,10 @@ def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int)
     return timed / iterations * 1e6
 
 
-def run_cell(root: Path, rows: int, step: str, iterations: int, warmup: int) -> float:
+def run_cell(root: Path, rows: int, step: str, iterations: int, warmup: int, resident_x: float) -> float:
     """One cell in a fresh process (its own torch, its own engine code)."""
-    out = subprocess.run([sys.executable, __file__, "--cell", f"{rows},{step}", "--root", str(root), "--iterations", str(iterations),
-                          "--warmup", str(warmup)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run([sys.executable, __file__, "--cell", f"{rows},{step},{resident_x}", "--root", str(root), "--iterations",
+                          str(iterations), "--warmup", str(warmup)], capture_output=True, text=True, check=True).stdout  # fmt: skip
     return float(out.strip().splitlines()[-1])
 
 
@@ -91,12 +95,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3, help="alternated runs per cell (the median is reported)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--resident-x", type=float, default=1.0, help="jobs resident as a multiple of a call's rows")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     p.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell is not None:
-        rows, step = args.cell.split(",")
-        print(measure(Path(args.root), int(rows), step, args.iterations, args.warmup))
+        rows, step, x = args.cell.split(",")
+        print(measure(Path(args.root), int(rows), step, args.iterations, args.warmup, float(x)))
         return
     sys.path.insert(0, str(ROOT))
     from ddpm.precision import cpu_capability
@@ -113,10 +118,11 @@ def main() -> None:
             ours, theirs = [], []
             for _ in range(args.rounds):
                 iterations = args.iterations if step == "null" else max(100, args.iterations // 8)  # the real step costs ms
-                ours.append(run_cell(ROOT, rows, step, iterations, args.warmup))
+                ours.append(run_cell(ROOT, rows, step, iterations, args.warmup, args.resident_x))
                 if worktree is not None:
-                    theirs.append(run_cell(worktree, rows, step, iterations, args.warmup))
-            cell = {"rows": rows, "unet": "null", "step": step, "us_per_iteration": round(statistics.median(ours), 1)}
+                    theirs.append(run_cell(worktree, rows, step, iterations, args.warmup, args.resident_x))
+            cell = {"rows": rows, "resident_x": args.resident_x, "unet": "null", "step": step,
+                    "us_per_iteration": round(statistics.median(ours), 1)}  # fmt: skip
             if theirs:
                 cell.update(baseline=args.baseline, baseline_us_per_iteration=round(statistics.median(theirs), 1),
                             ratio=round(statistics.median(ours) / statistics.median(theirs), 3))  # fmt: skip

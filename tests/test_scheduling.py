@@ -98,6 +98,48 @@ def test_at_one_priority_a_short_request_beside_a_full_batch_runs_every_iteratio
     assert short.error is None
 
 
+class _CallSizes(EngineObserver):
+    """The rows of every iteration's U-Net call, in order."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_iteration(self, batch_size: int, seconds: float) -> None:
+        self.sizes.append(batch_size)
+
+
+def test_a_closed_loop_of_requests_keeps_every_call_full() -> None:
+    """Three 4-image requests (12 rows) beside calls of 8, each finished request replaced at once, as a client
+    that sends its next request when the last one is answered. A request is done when its last row is: ranked
+    row by row, rows sitting out drifted behind the rest of their request, every request then waited for a few
+    laggards, and 124 of 300 calls ran short (1,904 rows instead of 2,400, 21 requests instead of 29)."""
+    sizes = _CallSizes()
+    engine, _ = _engine(max_batch=8, max_resident=20, tune_call_size=False, observer=sizes)
+    seeds, chain = iter(range(1000)), ChainSpec(20, "ddim", spacing="trailing")
+    flight = [engine.submit(Job(ImageRequest(next(seeds), 4, chain), timeout_s=600)) for _ in range(3)]
+    answered = 0
+    for _ in range(300):
+        engine._iterate()
+        answered += sum(job.done for job in flight)
+        flight = [job if not job.done else engine.submit(Job(ImageRequest(next(seeds), 4, chain), timeout_s=600)) for job in flight]
+    assert sizes.sizes == [8] * 300
+    assert answered == 29  # 300 x 8 rows / 80 a request, less the first requests' start
+
+
+def test_a_request_s_rows_run_together_its_slowest_first() -> None:
+    """Ranked by the request's steps left (its slowest row's), then the request: a call of 4 takes two whole
+    requests, the laggard of the first one first. Row by row, the three one step ahead would have gone first,
+    splitting the second and third requests."""
+    remaining = np.array([10, 9, 9, 10, 9, 10])
+    job = np.array([1, 1, 2, 2, 3, 3])
+    args = (6, 4, np.zeros(6, dtype=np.int64), np.full(6, np.inf), remaining, np.zeros(6, dtype=np.int64), 0.0, _set_cost({1: 0.1}))
+    choice = choose(*args, job=job)
+    assert choice is not None and choice.count == 4
+    assert choice.rows[:4].tolist() == [0, 1, 3, 2]
+    row_by_row = choose(*args)  # each row its own request: the fewer steps left first
+    assert row_by_row is not None and sorted(row_by_row.rows[:4].tolist()) == [0, 1, 2, 4]
+
+
 def test_no_row_waits_more_than_starve_after_iterations() -> None:
     engine, _ = _engine(max_batch=2, max_resident=4, starve_after=3)
     bulk = engine.submit(Job(ImageRequest(1, 1, ChainSpec(200, "ddpm")), timeout_s=600, priority=9))

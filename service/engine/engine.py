@@ -545,7 +545,7 @@ class Engine:
             limit = soft if limit is None else min(limit, soft)
         call = self.call_size.rows(n, self.cost)
         choice = choose(n, call, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
-                        self.starve_after, limit, batch.unet_rows())  # fmt: skip
+                        self.starve_after, limit, batch.unet_rows(), batch.job_host)  # fmt: skip
         count = n if choice is None else choice.count
         if choice is not None:
             with self._lock:
