@@ -86,6 +86,8 @@ def choose(
     if max_iteration_s is not None and per_iteration is not None:
         while count > 1 and (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:
             count -= 1
+    if count >= n and not has_due:  # every row runs: their order changes nothing
+        return None
     slack = due[:n] - now - remaining[:n] * (per_iteration or 0.0)  # inf - x = inf: rows without a deadline
     left, first = (remaining[:n], np.arange(n)) if job is None else _requests(job[:n], remaining[:n])
     starving = (waited[:n] >= starve_after) & ~dated
