@@ -17,8 +17,11 @@ it (noise must not shrink a GPU's calls). To find a peak that the sizes it happe
 every ``EXPLORE_EVERY``-th iteration that the call size limits runs another size instead: the nearest
 grid sizes below and above the best (the grid: ``max_batch`` x 1/8, 1/4, 3/8, 1/2, 3/4, 1) and
 ``max_batch`` itself, in turn, so the averages around the best and the full batch's stay current and the
-best moves to a better neighbour when the machine's curve moves (hill climbing). An exploring iteration
-costs little on either curve: its rows run, only at a rate a little worse than the best's.
+best moves to a better neighbour when the machine's curve moves (hill climbing). Where a neighbour's measured
+rate is within ``MARGIN`` of the best's (a plateau), the next size past it is tried too: the shipped U-Net on a
+2-core AVX-512 EPYC (2026-12-04) does 330 rows/s at 64 rows, 328 at 48 and 382 at 32, and a climb that stopped
+at 48 served a closed loop at 64 rows, 13% below the peak. An exploring iteration costs little on either
+curve: its rows run, only at a rate a little worse than the best's.
 
 The cost model's sizes are U-Net rows (a guided sample takes two) and the limit counts samples, so a call of
 guided samples takes up to twice the best size's rows: near its best the curve is flat (CPU: 327 rows/s at 24
@@ -59,14 +62,28 @@ class CallSize:
         self._limited += 1
         if self._limited % self.explore_every:
             return self.best
-        return self._explore(resident)
+        return self._explore(resident, cost)
 
-    def _explore(self, resident: int) -> int:
-        below = self.grid[bisect.bisect_left(self.grid, self.best) - 1] if self.grid[0] < self.best else None
-        above = next((size for size in self.grid if size > self.best), None)
-        tries = [size for size in (below, above, self.max_batch) if size is not None and size != self.best]
+    def _explore(self, resident: int, cost: IterationCost) -> int:
+        below, above = bisect.bisect_left(self.grid, self.best) - 1, bisect.bisect_right(self.grid, self.best)
+        sizes = (*self._neighbours(below, -1, cost), *self._neighbours(above, 1, cost), self.max_batch)
+        tries = list(dict.fromkeys(size for size in sizes if size != self.best))
         if not tries:
             return self.best
         size = tries[self._turn % len(tries)]
         self._turn += 1
         return min(size, resident)
+
+    def _neighbours(self, i: int, step: int, cost: IterationCost) -> list[int]:
+        """The grid's nearest size from index ``i`` on, away from the best by ``step``, and the first size past the
+        sizes whose measured rate is within the margin of the best's (a plateau), if that is another."""
+        found: list[int] = []
+        best = cost.measured_seconds(self.best)
+        while 0 <= i < len(self.grid):
+            size = self.grid[i]
+            found = found or [size]
+            seconds = cost.measured_seconds(size)
+            if best is None or seconds is None or size / seconds < (1 - self.margin) * self.best / best:
+                return [*found, size]
+            i += step
+        return found

@@ -62,6 +62,11 @@ class IterationCost:
             slope = max((t2 - t1) / (b2 - b1) if b2 > b1 else 0.0, t2 / b2 * 0.5)
             return t2 + slope * (rows - b2)
 
+    def measured_seconds(self, rows: int) -> float | None:
+        """The figure of exactly ``rows`` rows, when that size has run (no interpolation)."""
+        with self._lock:
+            return self._seconds.get(rows)
+
     def chain_seconds(self, own: int, calls: int, steps_left: np.ndarray, rows: np.ndarray) -> float | None:
         """Seconds of ``calls`` iterations of ``own`` rows beside others, ``rows[i]`` rows each, that leave the call
         once their ``steps_left[i]`` iterations are done (None before any measurement)."""
