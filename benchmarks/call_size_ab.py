@@ -2,6 +2,7 @@
 to max batch (``false``), alternated over rounds (these machines drift: compare within a run).
 
     python benchmarks/call_size_ab.py --engine        # in one process: two engines, one compiled U-Net
+    python benchmarks/call_size_ab.py --engine --guided   # the class-conditional model, every image guided (w 2)
     python benchmarks/call_size_ab.py                 # two servers per round, 2 rounds, compiled (auto)
     python benchmarks/call_size_ab.py --rounds 3 --compile off
 
@@ -37,7 +38,9 @@ from scheduling import ROOT, capacity, start
 from tests.prometheus_text import sample_value
 
 
-def engines(rounds: int, compile_setting: str) -> None:
+def engines(rounds: int, compile_setting: str, guided: bool = False) -> None:
+    """``guided``: the class-conditional model (models/mnist-28-cond), every image guided (w = 2: two U-Net rows);
+    rates are then of samples, half the U-Net rows."""
     import statistics
     import time
 
@@ -53,7 +56,7 @@ def engines(rounds: int, compile_setting: str) -> None:
     from service.engine.job import Job
 
     torch.set_num_threads(1)
-    model = load_model_source(str(DEFAULT_MODEL))
+    model = load_model_source(str(ROOT / "models" / "mnist-28-cond") if guided else str(DEFAULT_MODEL))
     fast = hot_path(model.eps_model, model.module, "cpu", compile_setting, precision="auto")
     model.eps_model = fast.eps_model
     pair = {tune: Engine(model, max_batch=64, max_resident=256, step_fn=fast.step_fn, tune_call_size=tune) for tune in (True, False)}
@@ -66,7 +69,9 @@ def engines(rounds: int, compile_setting: str) -> None:
         for _ in range(iterations):
             flight[tune] = [job for job in flight[tune] if not job.done]
             while len(flight[tune]) < 6:  # 96 images in flight
-                flight[tune].append(engine.submit(Job(ImageRequest(next(seeds), 16, chain), timeout_s=3600)))
+                seed = next(seeds)
+                labels = (tuple((seed + k) % 10 for k in range(16)), 2.0) if guided else ()
+                flight[tune].append(engine.submit(Job(ImageRequest(seed, 16, chain, *labels), timeout_s=3600)))  # type: ignore[arg-type]
             before = sum(job.steps_done for job in flight[tune])
             engine._iterate()
             rows += sum(job.steps_done for job in flight[tune]) - before
@@ -93,12 +98,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compile", default="auto", choices=["off", "auto"])
     p.add_argument("--engine", action="store_true", help="two engines in this process instead of two servers")
+    p.add_argument("--guided", action="store_true", help="with --engine: the class-conditional model, every image guided")
     args = p.parse_args()
     from ddpm.precision import cpu_capability
 
     print(f"CPU: {cpu_capability()}", file=sys.stderr)
     if args.engine:
-        engines(max(args.rounds, 6), args.compile)
+        engines(max(args.rounds, 6), args.compile, args.guided)
         return 0
     results: dict[str, list[float]] = {"true": [], "false": []}
     for r in range(args.rounds):

@@ -23,9 +23,10 @@ rate is within ``MARGIN`` of the best's (a plateau), the next size past it is tr
 at 48 served a closed loop at 64 rows, 13% below the peak. An exploring iteration costs little on either
 curve: its rows run, only at a rate a little worse than the best's.
 
-The cost model's sizes are U-Net rows (a guided sample takes two) and the limit counts samples, so a call of
-guided samples takes up to twice the best size's rows: near its best the curve is flat (CPU: 327 rows/s at 24
-rows, ~340 at 48), and the scheduler's time predictions count the rows exactly (step_scheduler.py).
+Sizes are U-Net rows (a guided sample takes two, its null-label row beside it), as the cost model measures
+them: a size learned below ``max_batch`` limits a call's U-Net rows (on the plateau curve above, 48 rows cost 14%
+more per row than 32). The full batch stays ``max_batch`` samples, guided or not: on a GPU, counting rows there
+would halve a guided call for little gain (128 rows cost ~1.4x 64 on the H200, interpolated).
 """
 
 from __future__ import annotations

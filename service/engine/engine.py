@@ -543,9 +543,11 @@ class Engine:
         soft = slowdown_limit(batch.soft_due_host[:n], batch.soft_step_host[:n], batch.priority_host[:n], remaining, now) if n > 1 else None
         if soft is not None:
             limit = soft if limit is None else min(limit, soft)
-        call = self.call_size.rows(n, self.cost)
+        weight = batch.unet_rows()
+        call = self.call_size.rows(n if weight is None else int(weight.sum()), self.cost)  # of U-Net rows, as costs are
+        rows = call if weight is not None and call < self.max_batch else None  # the full batch stays max_batch samples
         choice = choose(n, call, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
-                        self.starve_after, limit, batch.unet_rows(), batch.job_host)  # fmt: skip
+                        self.starve_after, limit, weight, batch.job_host, rows)  # fmt: skip
         count = n if choice is None else choice.count
         if choice is not None:
             with self._lock:

@@ -35,6 +35,8 @@ iterations than its own rows' could meet it.
 Counts are of rows (samples; ``max_batch`` is one call's); costs are of the U-Net rows they take (``unet_rows``:
 a guided row is two, its null-label row beside it), as the cost model measures them. Before the order is
 known a count's U-Net rows are taken at their most (the guided rows first), then exactly for the chosen ones.
+A call size learned below the full batch (``call_size.py``) is of U-Net rows too (``max_unet_rows``): the first
+rows in order whose U-Net rows fit it.
 """
 
 from __future__ import annotations
@@ -70,23 +72,25 @@ def choose(
     max_iteration_s: float | None = None,
     unet_rows: np.ndarray | None = None,
     job: np.ndarray | None = None,
+    max_unet_rows: int | None = None,
 ) -> Choice | None:
     """The rows of [0, n) to advance, or None when every row advances (the common case: no reordering).
     ``max_iteration_s``: the longest an iteration may take (the engine's headroom for arriving deadlines).
     ``unet_rows``: the U-Net rows each row takes (None: one each). ``job``: each row's request (None: each row its
-    own request)."""
+    own request). ``max_unet_rows``: the most U-Net rows a call takes (the learned call size, a guided row two)."""
     dated = np.isfinite(due[:n])  # rows with a deadline
     has_due = bool(dated.any())
-    if n <= max_batch and not has_due and max_iteration_s is None:
-        return None
     weight = None if unet_rows is None else unet_rows[:n]
+    over_rows = max_unet_rows is not None and weight is not None and int(weight.sum()) > max_unet_rows
+    if n <= max_batch and not has_due and max_iteration_s is None and not over_rows:
+        return None
     guided = 0 if weight is None else int(np.count_nonzero(weight > 1))
     per_iteration = cost.seconds(min(n, max_batch) + min(n, max_batch, guided))
     count = min(n, max_batch)
     if max_iteration_s is not None and per_iteration is not None:
         while count > 1 and (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:
             count -= 1
-    if count >= n and not has_due:  # every row runs: their order changes nothing
+    if count >= n and not has_due and not over_rows:  # every row runs: their order changes nothing
         return None
     slack = due[:n] - now - remaining[:n] * (per_iteration or 0.0)  # inf - x = inf: rows without a deadline
     left, first = (remaining[:n], np.arange(n)) if job is None else _requests(job[:n], remaining[:n])
@@ -97,6 +101,8 @@ def choose(
     # np.lexsort: the last key is the primary one (the deadline tier, then the starving, priority, slack, the request's
     # steps left, the request (where its rows begin: rows already in front stay there), its slowest rows first)
     order = np.lexsort((-remaining[:n], first, left, slack, priority[:n], -waited[:n] * starving, ~starving, ~dated))
+    if over_rows:  # the first rows in order whose U-Net rows fit the call
+        count = min(count, max(1, int(np.searchsorted(np.cumsum(weight[order]), max_unet_rows, side="right"))))  # type: ignore[index]
     if has_due and per_iteration is not None:
         order, count = _fast_enough(order, count, due, remaining, now, cost, weight)
     if count == n and np.array_equal(order[:count], np.arange(count)):
