@@ -9,13 +9,11 @@ import pytest
 from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
 from service.engine.call_size import EXPLORE_EVERY, CallSize
-from service.engine.engine import Engine
 from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
 from tests.app_client import app_and_state, metric, wait_ready
 from tests.batch_rounding import BATCH_ROUNDING
-from tests.test_scheduling import _engine, _offline, _set_cost
-from tests.tiny_model import TINY_CLASSES, random_tiny_conditional_unet, tiny_loaded_model
+from tests.test_scheduling import _conditional_engine, _engine, _offline, _set_cost
 
 # ms of one U-Net call per rows: the shipped model compiled (bf16, 1 thread) on a 2-core AVX-512 EPYC, 2026-12-04
 # (its rate peaks at 24-32 rows: 349 rows/s against 282 at 64), and on an H200 (BENCHMARKS "GPU": CUDA graphs)
@@ -119,9 +117,7 @@ def test_the_engine_runs_the_best_rate_size_and_the_images_do_not_change() -> No
 def test_a_call_size_below_the_full_batch_counts_unet_rows(scale: float) -> None:
     """On a curve whose best is 2 U-Net rows, a call takes one guided image (its null-label row beside it: 2 rows),
     not two (4 rows, 0.5 s against 0.12); unguided images of the same model take 2 a call."""
-    model = tiny_loaded_model(random_tiny_conditional_unet())
-    model.num_classes = len(TINY_CLASSES)
-    engine = Engine(model, max_batch=4, max_resident=8, tune_call_size=True)
+    engine = _conditional_engine(max_batch=4, max_resident=8, tune_call_size=True)
     engine.cost = _set_cost({1: 0.1, 2: 0.12, 3: 0.4, 4: 0.5})
     jobs = [engine.submit(Job(ImageRequest(seed, 2, ChainSpec(10, "ddpm"), (0, 1), scale), timeout_s=600)) for seed in (1, 2)]
     rows = []

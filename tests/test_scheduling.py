@@ -46,6 +46,13 @@ def _engine(max_batch: int = 2, max_resident: int = 6, **kwargs: object) -> tupl
     return Engine(tiny_loaded_model(unet), max_batch=max_batch, max_resident=max_resident, **kwargs), unet  # type: ignore[arg-type]
 
 
+def _conditional_engine(**kwargs: object) -> Engine:
+    """An engine on the tiny class-conditional model (its guided rows take two U-Net rows)."""
+    model = tiny_loaded_model(random_tiny_conditional_unet())
+    model.num_classes = len(TINY_CLASSES)
+    return Engine(model, **kwargs)  # type: ignore[arg-type]
+
+
 def _set_cost(seconds: dict[int, float]) -> IterationCost:
     """A set cost model: these seconds per iteration of so many rows, which the engine's measurements do not
     change (they move a size's average by ``alpha`` = 0)."""
@@ -333,9 +340,7 @@ def test_a_request_whose_images_fill_the_batch_leaves_rows_for_the_next() -> Non
 def test_a_guided_row_costs_its_two_unet_rows() -> None:
     """A guided image takes two U-Net rows a call (its null-label row beside it): the cost model learns an
     iteration by the call's rows, and admission control and the scheduler predict with them."""
-    model = tiny_loaded_model(random_tiny_conditional_unet())
-    model.num_classes = len(TINY_CLASSES)
-    engine = Engine(model, max_batch=4, max_resident=8)
+    engine = _conditional_engine(max_batch=4, max_resident=8)
     engine.submit(Job(ImageRequest(1, 2, ChainSpec(10, "ddpm"), (0, 1), 2.0), timeout_s=60))  # 2 guided images, no deadline
     engine._iterate()
     assert engine.cost._sizes == [4]  # a call of 4 rows, not 2

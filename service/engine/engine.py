@@ -544,7 +544,7 @@ class Engine:
         if soft is not None:
             limit = soft if limit is None else min(limit, soft)
         weight = batch.unet_rows()
-        call = self.call_size.rows(n if weight is None else int(weight.sum()), self.cost)  # of U-Net rows, as costs are
+        call = self.call_size.rows(batch.unet_row_count(n), self.cost)  # of U-Net rows, as costs are
         rows = call if weight is not None and call < self.max_batch else None  # the full batch stays max_batch samples
         choice = choose(n, call, batch.priority_host, batch.due_host, remaining, batch.waited_host, now, self.cost,
                         self.starve_after, limit, weight, batch.job_host, rows)  # fmt: skip
