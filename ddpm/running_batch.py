@@ -255,5 +255,7 @@ class RunningBatch:
         outside = chosen[chosen >= count]  # chosen rows beyond the front
         if outside.size == 0:
             return
-        front = np.setdiff1d(np.arange(count), chosen, assume_unique=True)  # front places not chosen: swap partners
+        taken = np.zeros(count, dtype=bool)
+        taken[chosen[chosen < count]] = True
+        front = np.flatnonzero(~taken)  # front places not chosen: swap partners
         self._copy_rows(np.concatenate([outside, front]), np.concatenate([front, outside]))

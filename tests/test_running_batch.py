@@ -45,6 +45,21 @@ def test_rows_leave_by_index_and_the_last_rows_move_with_their_state() -> None:
         assert batch.multistep_host[r] == job.chain.multistep
 
 
+def test_the_chosen_rows_move_to_the_front_with_their_state_and_the_rest_keep_theirs() -> None:
+    batch, _ = _batch()
+    jobs = [Job(ImageRequest(i, 1, ChainSpec(5 + i, "ddpm")), timeout_s=9) for i in range(7)]
+    x = torch.arange(7, dtype=torch.float32).view(7, 1, 1, 1).expand(7, 1, 8, 8).clone()
+    batch.add([(job, 0) for job in jobs], x, torch.arange(100, 107), clock=3)
+    state = {job.seed: (batch.cols_host[r], batch.pos_host[r]) for r, (job, _) in enumerate(batch.owners)}
+    batch.move_to_front(np.array([5, 1, 6, 0, 2, 3, 4]), 3)  # rows 5, 1 and 6 advance: 5 and 6 swap with 0 and 2
+    seeds = [job.seed for job, _ in batch.owners]
+    assert sorted(seeds[:3]) == [1, 5, 6] and seeds[1] == 1 and sorted(seeds) == list(range(7))  # row 1 stays put
+    assert batch.x[:7, 0, 0, 0].tolist() == [float(s) for s in seeds] and batch.seeds[:7].tolist() == [100 + s for s in seeds]
+    assert all((batch.cols_host[r], batch.pos_host[r]) == state[s] for r, s in enumerate(seeds))
+    batch.move_to_front(np.array([2, 0, 1]), 3)  # already in front: nothing moves
+    assert [job.seed for job, _ in batch.owners] == seeds
+
+
 def test_the_inputs_are_each_rows_own_chain_column() -> None:
     batch, tables = _batch()
     specs = [ChainSpec(7, "ddpm"), ChainSpec(4, "ddim", spacing="trailing"), ChainSpec(10, "restart", spacing="trailing")]

@@ -337,6 +337,24 @@ def test_a_request_whose_images_fill_the_batch_leaves_rows_for_the_next() -> Non
     assert big.steps_done > 0 and not big.done
 
 
+def test_the_cost_of_many_sizes_at_once_is_each_size_s_own() -> None:
+    """``seconds_of`` (the scheduler's searches for the largest count within a time) predicts what ``seconds`` does
+    for each size: exact at a measured size, interpolated between, the smallest's below, extrapolated beyond, and it
+    follows the measurements as they move."""
+    cost = IterationCost()
+    assert cost.seconds_of(np.arange(1, 4)) is None
+    for rows, seconds in {2: 0.02, 4: 0.05, 8: 0.07}.items():
+        cost.observe(rows, seconds)
+    cost.observe(4, 0.08)  # a measured size's figure moves
+    rows = np.arange(0, 14)
+    many = cost.seconds_of(rows)
+    assert many is not None
+    assert many.tolist() == pytest.approx([cost.seconds(int(r)) for r in rows], rel=1e-12)
+    assert many[[2, 4, 8]].tolist() == [cost.seconds(2), cost.seconds(4), cost.seconds(8)]  # exact where measured
+    assert many[0] == 0.0 and many[1] == cost.seconds(2) and many[6] == pytest.approx((cost.seconds(4) + 0.07) / 2)
+    assert many[13] > many[8]  # beyond the largest size: extrapolated upwards
+
+
 def test_a_guided_row_costs_its_two_unet_rows() -> None:
     """A guided image takes two U-Net rows a call (its null-label row beside it): the cost model learns an
     iteration by the call's rows, and admission control and the scheduler predict with them."""

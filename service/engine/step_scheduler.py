@@ -87,9 +87,9 @@ def choose(
     guided = 0 if weight is None else int(np.count_nonzero(weight > 1))
     per_iteration = cost.seconds(min(n, max_batch) + min(n, max_batch, guided))
     count = min(n, max_batch)
-    if max_iteration_s is not None and per_iteration is not None:
-        while count > 1 and (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:
-            count -= 1
+    if max_iteration_s is not None and per_iteration is not None:  # the most rows whose iteration fits, from count down
+        counts = np.arange(1, count + 1)
+        count = _last_within(counts, cost.seconds_of(counts + np.minimum(counts, guided)), max_iteration_s, 1)
     if count >= n and not has_due and not over_rows:  # every row runs: their order changes nothing
         return None
     slack = due[:n] - now - remaining[:n] * (per_iteration or 0.0)  # inf - x = inf: rows without a deadline
@@ -130,15 +130,24 @@ def _fast_enough(
     urgent = chosen[np.isfinite(due[chosen])]
     if urgent.size == 0:
         return order, count
-    order = np.concatenate([urgent, order[~np.isin(order, urgent)]])
+    is_urgent = np.zeros(due.size, dtype=bool)
+    is_urgent[urgent] = True
+    order = np.concatenate([urgent, order[~is_urgent[order]]])
     rows = np.arange(1, order.size + 1) if weight is None else np.cumsum(weight[order])  # U-Net rows of the first k + 1
     allowed = SAFETY * float(np.min((due[urgent] - now) / np.maximum(remaining[urgent], 1)))
-    while count > urgent.size:
-        predicted = cost.seconds(int(rows[count - 1]))
-        if predicted is None or predicted <= allowed:
-            break
-        count -= 1
+    if count > urgent.size:  # the most rows, from count down, whose iteration fits
+        counts = np.arange(urgent.size + 1, count + 1)
+        count = _last_within(counts, cost.seconds_of(rows[counts - 1]), allowed, urgent.size)
     return order, count
+
+
+def _last_within(counts: np.ndarray, seconds: np.ndarray | None, limit: float, floor: int) -> int:
+    """The largest of ``counts`` (ascending) whose ``seconds`` are within ``limit`` (all of them with nothing measured),
+    else ``floor``."""
+    if seconds is None:
+        return int(counts[-1])
+    within = np.flatnonzero(seconds <= limit)
+    return int(counts[within[-1]]) if within.size else floor
 
 
 def slowdown_limit(
