@@ -4,6 +4,7 @@
     python benchmarks/engine_overhead.py --baseline 2f0dda3       # the same cells on another commit's engine, alternated
     python benchmarks/engine_overhead.py --json                   # one JSON line per cell
     python benchmarks/engine_overhead.py --resident-x 2           # twice a call's rows resident: the step scheduler chooses
+    python benchmarks/engine_overhead.py --trace --baseline HEAD~ # along the scheduling simulator's 1.5x trace
 
 ``Engine`` without HTTP, 1 torch thread, the shipped model's shapes with its eps replaced by
 ``zeros_like`` (``unet: null``), the fused step replaced by a copy (``step: null``) or the real one
@@ -15,6 +16,13 @@ of its rows leave and join every iteration, as under steady load. The engine's i
 step, advance: ``Engine._iterate``, the engine thread's loop body) is driven from one thread and timed
 over ``--iterations`` iterations after a warm-up: on a GPU, the time the host needs before the device
 can be given the next iteration.
+
+``--trace``: instead, the engine along ``scheduling_sim.py``'s 1.5x trace (the cpu-compiled curve, seed 0, its
+calibration first): interactive requests with deadlines and 16-image bulk requests, up to 256 rows resident and calls
+of ~5-24 (deadlines and the learned call size), rows chosen, preempted and moved every iteration, as on a server under
+overload. The simulator's U-Net and step are free on the wall clock, so the wall time of ``Engine._iteration`` is the
+engine's host time (its admit, schedule and advance, and the copy that stands in for the step); the mean over the
+trace's iterations (the calibration's not counted) is reported.
 
 ``--baseline REV`` checks REV out in a temporary git worktree and runs each cell there too, in its own
 process, alternating with this tree's (these machines drift: only ratios measured side by side mean
@@ -81,7 +89,37 @@ def measure(root: Path, rows: int, step_kind: str, iterations: int, warmup: int,
     return timed / iterations * 1e6
 
 
-def run_cell(root: Path, rows: int, step: str, iterations: int, warmup: int, resident_x: float) -> float:
+def measure_trace(root: Path, load: float) -> float:
+    """µs of the engine's host time per iteration along the scheduling simulator's trace at ``load``, the engine's
+    code from ``root``, the simulator's from this tree."""
+    sys.path.insert(0, str(root))
+    from service.engine.engine import Engine  # the engine under test: imported before the simulator puts this tree first
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scheduling_sim
+
+    sys.path.insert(0, str(root))  # whatever the simulator imports later comes from root too
+    real = time.perf_counter  # the simulator replaces it with its clock
+    spent: list[float] = []
+    iteration, trace = Engine._iteration, scheduling_sim.trace
+
+    def timed(self: Engine) -> None:
+        start = real()
+        iteration(self)
+        spent.append(real() - start)
+
+    def trace_after_calibration(*args: object) -> list[tuple[float, str]]:
+        spent.clear()  # the calibration's iterations are not counted
+        return trace(*args)  # type: ignore[arg-type]
+
+    Engine._iteration = timed  # type: ignore[method-assign]
+    scheduling_sim.trace = trace_after_calibration  # type: ignore[assignment]
+    curve = "cpu-compiled"
+    scheduling_sim.simulate(curve, "priorities", load, 0, 60.0, 0.015, scheduling_sim.HOST_MS[curve] / 1e3, 0.1)
+    return statistics.mean(spent) * 1e6
+
+
+def run_cell(root: Path, rows: int | str, step: str, iterations: int, warmup: int, resident_x: float) -> float:
     """One cell in a fresh process (its own torch, its own engine code)."""
     out = subprocess.run([sys.executable, __file__, "--cell", f"{rows},{step},{resident_x}", "--root", str(root), "--iterations",
                           str(iterations), "--warmup", str(warmup)], capture_output=True, text=True, check=True).stdout  # fmt: skip
@@ -96,11 +134,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternated runs per cell (the median is reported)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--resident-x", type=float, default=1.0, help="jobs resident as a multiple of a call's rows")
+    p.add_argument("--trace", action="store_true", help="the engine along the scheduling simulator's 1.5x trace instead")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     p.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell is not None:
         rows, step, x = args.cell.split(",")
+        if rows == "trace":
+            print(measure_trace(Path(args.root), float(x)))
+            return
         print(measure(Path(args.root), int(rows), step, args.iterations, args.warmup, float(x)))
         return
     sys.path.insert(0, str(ROOT))
@@ -114,13 +156,14 @@ def main() -> None:
     print(f"CPU: {cpu_capability()}; 1 torch thread; {args.iterations} iterations after {args.warmup}", file=sys.stderr)
     try:
         rows_out = []
-        for rows, step in CELLS:
+        for rows, step in [("trace", "sim")] if args.trace else CELLS:
             ours, theirs = [], []
             for _ in range(args.rounds):
                 iterations = args.iterations if step == "null" else max(100, args.iterations // 8)  # the real step costs ms
-                ours.append(run_cell(ROOT, rows, step, iterations, args.warmup, args.resident_x))
+                x = 1.5 if rows == "trace" else args.resident_x  # the trace's load
+                ours.append(run_cell(ROOT, rows, step, iterations, args.warmup, x))
                 if worktree is not None:
-                    theirs.append(run_cell(worktree, rows, step, iterations, args.warmup, args.resident_x))
+                    theirs.append(run_cell(worktree, rows, step, iterations, args.warmup, x))
             cell = {"rows": rows, "resident_x": args.resident_x, "unet": "null", "step": step,
                     "us_per_iteration": round(statistics.median(ours), 1)}  # fmt: skip
             if theirs:
@@ -134,7 +177,8 @@ def main() -> None:
             print("|---|---|---|---|" + ("---|---|" if worktree else ""))
             for c in rows_out:
                 extra = f" {c['baseline_us_per_iteration']} | {c['ratio']} |" if worktree else ""
-                print(f"| {c['rows']} | {c['step']} | {c['us_per_iteration']} | {c['us_per_iteration'] / c['rows']:.1f} |{extra}")
+                per_row = f"{c['us_per_iteration'] / c['rows']:.1f}" if isinstance(c["rows"], int) else "-"
+                print(f"| {c['rows']} | {c['step']} | {c['us_per_iteration']} | {per_row} |{extra}")
     finally:
         if worktree is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
