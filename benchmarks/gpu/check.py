@@ -1,25 +1,29 @@
-"""The GPU check: every CUDA-relevant test and GPU benchmark in one bounded run, one report.
+"""The GPU check: every CUDA-relevant test and GPU benchmark in bounded runs, one report per run.
 
-    bash benchmarks/gpu/run.sh OUT_DIR              # on the GPU machine (installs the carried wheels first)
+    bash benchmarks/gpu/run.sh OUT_DIR              # on the GPU machine (installs the carried wheels first): the first call
+    bash benchmarks/gpu/run.sh OUT_DIR --only kernel,sampler,graphs,drift   # what was measured before, if time is left
     bash benchmarks/gpu/run.sh OUT_DIR --dry-run    # here: the same phases on CPU with tiny sizes
 
 Phases, each a subprocess under its own time limit (a phase that fails or times out is reported and
-the next one runs, so a short GPU lease always ends with a report):
+the next one runs, so a short GPU lease always ends with a report). A session is lent 15 minutes of
+device time, start-up included, and a command runs 10 at most, so the default run is what no GPU run has
+measured yet, the tests first (GPU-only bugs; the first GPU run found four), in limits that sum to 480 s:
   env      versions, device, TF32 settings, carried wheels
   tests    tests/test_reverse_step.py, tests/test_image_editing.py (Triton kernel vs twin on CUDA tensors) and
            tests/test_device.py (engine, compiled path, server and the CPU-vs-GPU reproducibility
            contract on the device)
+  scheduling  benchmarks/scheduling.py at 1.5x capacity (issue 37): interactive requests with deadlines
+           beside bulk ones, with priorities and as before them, on the compiled GPU server (its calibration
+           also measures the GPU server's capacity and a request's latency alone, which no GPU run has)
+Measured on the H200 on 2026-11-30 (BENCHMARKS "GPU"; ~150 s together), run with ``--only``:
   kernel   benchmarks/bench_reverse_step.py --gpu: the fused step's bandwidth against a copy
   sampler  benchmarks/gpu_suite.py: sampler vs diffusers at batch 1/16/64/256 (eager, compiled, bf16, fp16)
   graphs   CUDA-graph gain per batch bucket (torch.compile reduce-overhead vs default)
   drift    bf16/fp16 drift over the whole 1000-step chain
-and, in a device call of its own (``run.sh OUT --only server``, ~8 minutes on the H200's budget):
+and, in a device call of its own (``run.sh OUT --only server``, ~8 minutes: a session of its own):
   server   benchmarks/gpu/server_bench.py: `ddpm serve` on the device under 1/16/64 closed-loop clients
            (the shipped model and the cifar10-32 shape; the default chain and DDIM 50), beside the
            offline compiled sampler at the same batch and a FastAPI + diffusers server on the same GPU
-and in another (``run.sh OUT --only scheduling``, ~6 minutes):
-  scheduling  benchmarks/scheduling.py at 1.5x capacity (issue 37): interactive requests with deadlines
-           beside bulk ones, with priorities and as before them, on the compiled GPU server
 Writes OUT/gpu_report.md (the tables, verbatim), OUT/gpu_results.json (the same, parsed) and
 OUT/gpu_logs.txt (every phase's full output).
 """
@@ -56,8 +60,9 @@ class Phase:
 
 
 def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
-    """The phases and their time limits. On the GPU they sum to 540 s, so that the whole command
-    (wheels, start-up) stays under the device tool's 10 minutes per command."""
+    """The phases and their time limits. On the GPU the default run's sum to 480 s (``DEFAULT_PHASES``), so that the
+    whole command (wheels, start-up) stays under the device tool's 10 minutes per command, and a session's 15
+    minutes hold the machine's start too."""
     py = sys.executable
     interpret = {"TRITON_INTERPRET": "1" if dry_run else "0"}
     files = ["tests/test_reverse_step.py", "tests/test_image_editing.py", "tests/test_device.py", "tests/test_engine_host_reads.py"]
@@ -86,7 +91,7 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
             "--compile-backend",
             "aot_eager",  # dynamo and AOTAutograd as on the GPU; no inductor C++ for a CPU the GPU run never uses
         ]
-    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50, "server": 540, "scheduling": 540}
+    limits = {"tests": 180, "kernel": 60, "sampler": 170, "graphs": 80, "drift": 50, "server": 540, "scheduling": 300}
     # the rehearsal runs inside the suite, beside other workers' compiles on the same cores: its sampler phase
     # once took over 340 s there (35 s alone, warm); the limits bound a GPU run, not the rehearsal
     slack = 4 if dry_run else 1
@@ -101,17 +106,19 @@ def phases(dry_run: bool, device: str, tiny_model: Path | None) -> list[Phase]:
 
 
 def scheduling_command(py: str, dry_run: bool, device: str, tiny_model: Path | None) -> list[str]:
-    """Issue 37's 1.5x cell, both modes: 30 s each on the GPU (two compiled starts, 50 s of calibration each);
-    the rehearsal: the tiny model, compile off, 1-2 s of each part. On the GPU the interactive requests make 1% of
-    the capacity, not the CPU cells' 10%: at the H200's ~50,000 row-calls/s (64 rows in ~1.2 ms), 10% would be
-    ~500 ten-call requests a second, which measures the HTTP stack and this one-process client, not the scheduler."""
+    """Issue 37's 1.5x cell, both modes, priorities first: 20 s each on the GPU (two compiled starts, the second from
+    the first's inductor cache; 5 s of warm-in and 10 s of calibration each: on a GPU the call size stays the full
+    batch, so there is nothing to learn first, and 10 s at ~50,000 row-calls/s is ~500,000 row-calls); the rehearsal:
+    the tiny model, compile off, 1-2 s of each part. On the GPU the interactive requests make 1% of the capacity, not
+    the CPU cells' 10%: at the H200's ~50,000 row-calls/s (64 rows in ~1.2 ms), 10% would be ~500 ten-call requests
+    a second, which measures the HTTP stack and this one-process client, not the scheduler."""
     command = [py, "benchmarks/scheduling.py", "--device", device, "--loads", "1.5", "--modes", "priorities,before"]
     if dry_run:
         return [*command, "--model", str(tiny_model), "--compile", "off", "--seconds", "2", "--calibrate-s", "1", "--warm-s", "1"]
-    return [*command, "--compile", "auto", "--seconds", "30", "--interactive-share", "0.01"]
+    return [*command, "--compile", "auto", "--seconds", "20", "--calibrate-s", "10", "--warm-s", "5", "--interactive-share", "0.01"]
 
 
-DEFAULT_PHASES = "tests,kernel,sampler,graphs,drift"  # server and scheduling: a device call each (--only server)
+DEFAULT_PHASES = "tests,scheduling"  # never measured on a GPU; the rest with --only (the server: a session of its own)
 
 
 def environment(wheels: Path | None) -> dict[str, object]:
@@ -216,7 +223,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: rehearse every phase without a GPU")
     parser.add_argument("--wheels", type=Path, default=None, help="the carried wheels folder (for the report)")
-    parser.add_argument("--only", default=DEFAULT_PHASES, help=f"comma-separated phases (default: {DEFAULT_PHASES}; or server, scheduling)")
+    parser.add_argument("--only", default=DEFAULT_PHASES,
+                        help=f"comma-separated phases (default: {DEFAULT_PHASES}; also kernel, sampler, graphs, drift, server)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(args.wheels)

@@ -5,10 +5,11 @@
 # the package index is reachable, and travel with the working tree (device tool: carry
 # ["benchmarks/gpu/wheels"]).
 #
-#   bash benchmarks/gpu/run.sh "$OUT"              # the GPU machine: Python 3.12, torch 2.11, triton 3.6
+#   bash benchmarks/gpu/run.sh "$OUT"              # the GPU machine (Python 3.12, torch 2.11, triton 3.6): the tests and
+#                                                   # issue 37's 1.5x cell on the GPU server (limits 480 s: one session)
 #   bash benchmarks/gpu/run.sh OUT_DIR --dry-run    # any machine: the same steps on CPU, tiny sizes
-#   bash benchmarks/gpu/run.sh "$OUT" --only server       # a device call of its own (~9 minutes), as is
-#   bash benchmarks/gpu/run.sh "$OUT" --only scheduling   # issue 37's 1.5x cell on the GPU server (~6 minutes)
+#   bash benchmarks/gpu/run.sh "$OUT" --only kernel,sampler,graphs,drift   # measured on 2026-11-30 (~150 s together)
+#   bash benchmarks/gpu/run.sh "$OUT" --only server       # a device call, and a session, of its own (~9 minutes)
 #
 # DDPM_GPU_WHEELS overrides the wheels folder; PYTHON the interpreter.
 set -uo pipefail
