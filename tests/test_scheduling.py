@@ -206,6 +206,19 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_the_predicted_wai
     engine.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=2.0, priority=-1))
 
 
+def test_a_refused_deadline_does_not_shorten_the_iterations() -> None:
+    """Only an accepted request's deadline shapes the iterations (step_scheduler.HEADROOM): a request refused for a
+    deadline nobody could meet (``deadline_s`` 0.001, which anyone may send) must not shrink every call to one row
+    for the next minute."""
+    engine, _ = _engine(max_batch=4, max_resident=8)
+    engine.submit(Job(ImageRequest(1, 4, ChainSpec(50, "ddpm")), timeout_s=600))
+    engine._iterate()
+    engine.cost = _set_cost({1: 0.05, 2: 0.1, 4: 0.2})
+    with pytest.raises(DeadlineUnmeetable):
+        engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=0.001))
+    assert engine._schedule(engine._batch) == 4  # the full call, as before it came
+
+
 def test_work_without_a_deadline_does_not_count_against_one() -> None:
     """Rows with a deadline go first (step_scheduler.py): a batch full of work without one leaves a deadline
     the iteration in flight and its own calls."""

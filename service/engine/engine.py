@@ -232,10 +232,14 @@ class Engine:
         if job.deadline_s is None:
             return
         now = time.monotonic()
-        tight = self._tight_deadline
-        if tight is None or tight[1] < now or job.deadline_s <= tight[0]:
-            self._tight_deadline = (job.deadline_s, now + DEADLINE_MEMORY_S)
         job.reserve_s = self.answer_time.kept_of(job.deadline_s)
+        self._refuse_if_late(job, now)
+        tight = self._tight_deadline  # accepted: its deadline shapes the iterations (a refused one, which anyone may
+        if tight is None or tight[1] < now or job.deadline_s <= tight[0]:  # send, must not shrink every call to 1 row)
+            self._tight_deadline = (job.deadline_s, now + DEADLINE_MEMORY_S)
+
+    def _refuse_if_late(self, job: Job, now: float) -> None:
+        """Raise ``DeadlineUnmeetable`` when ``job`` would answer past its deadline, or push an accepted one past its."""
         predicted = self.predicted_seconds(job)
         if predicted is None:
             return
