@@ -207,7 +207,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_the_predicted_wai
 
 
 def test_a_refused_deadline_does_not_shorten_the_iterations() -> None:
-    """Only an accepted request's deadline shapes the iterations (step_scheduler.HEADROOM): a request refused for a
+    """Only an accepted request's deadline shapes the iterations (step_scheduler.newcomer_wait): a request refused for a
     deadline nobody could meet (``deadline_s`` 0.001, which anyone may send) must not shrink every call to one row
     for the next minute."""
     engine, _ = _engine(max_batch=4, max_resident=8)
@@ -217,6 +217,31 @@ def test_a_refused_deadline_does_not_shorten_the_iterations() -> None:
     with pytest.raises(DeadlineUnmeetable):
         engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=0.001))
     assert engine._schedule(engine._batch) == 4  # the full call, as before it came
+
+
+def _bulk_engine_beside(deadline_s: float, calls: int) -> int:
+    """Rows the next iteration runs of a batch of 8 bulk rows (no deadline; calls of 8 at 0.01 s a row) once a
+    1-image request of ``calls`` calls with ``deadline_s`` has been accepted (it waits in the queue)."""
+    engine, _ = _engine(max_batch=8, max_resident=16)
+    engine.submit(Job(ImageRequest(1, 8, ChainSpec(50, "ddpm")), timeout_s=600))
+    engine._iterate()
+    engine.cost = _set_cost({1: 0.01, 2: 0.02, 4: 0.04, 8: 0.08})
+    engine._iteration_ends = time.monotonic()  # nothing in flight
+    engine.submit(Job(ImageRequest(2, 1, ChainSpec(calls, "ddpm")), timeout_s=60, deadline_s=deadline_s))  # accepted
+    return engine._schedule(engine._batch)
+
+
+def test_a_newcomer_s_wait_comes_out_of_its_slack_and_never_shrinks_calls_below_a_quarter() -> None:
+    """While requests with deadlines arrive an iteration is kept short, since a newcomer first waits for the one in
+    flight: half the slack of the tightest accepted deadline (its deadline less its reserve and its chain alone), not a
+    share of the whole deadline, and never shorter than an iteration of a quarter of the call size."""
+    # 0.3 s for 10 calls of 0.01 s alone: 0.5 x (0.3 - 0.005 - 0.1) = 0.0975 s lets the full call of 8 (0.08 s) run
+    # (as 0.2 x the deadline, 0.06 s, it was 6 rows)
+    assert _bulk_engine_beside(0.3, 10) == 8
+    # 0.15 s: 0.5 x (0.15 - 0.005 - 0.1) = 0.0225 s: 2 rows
+    assert _bulk_engine_beside(0.15, 10) == 2
+    # 0.03 s for one call: a slack of 0.015 s would allow 0.0075 s, less than one row costs; calls of 2, a quarter of 8
+    assert _bulk_engine_beside(0.03, 1) == 2
 
 
 def test_work_without_a_deadline_does_not_count_against_one() -> None:
