@@ -207,7 +207,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_the_predicted_wai
 
 
 def test_a_refused_deadline_does_not_shorten_the_iterations() -> None:
-    """Only an accepted request's deadline shapes the iterations (step_scheduler.newcomer_wait): a request refused for a
+    """Only an accepted request's deadline shapes the iterations (step_scheduler.iteration_limit): a request refused for a
     deadline nobody could meet (``deadline_s`` 0.001, which anyone may send) must not shrink every call to one row
     for the next minute."""
     engine, _ = _engine(max_batch=4, max_resident=8)
@@ -231,17 +231,13 @@ def _bulk_engine_beside(deadline_s: float, calls: int) -> int:
     return engine._schedule(engine._batch)
 
 
-def test_a_newcomer_s_wait_comes_out_of_its_slack_and_never_shrinks_calls_below_a_quarter() -> None:
+def test_while_deadlines_arrive_calls_stay_short_but_never_below_a_quarter_of_the_call_size() -> None:
     """While requests with deadlines arrive an iteration is kept short, since a newcomer first waits for the one in
-    flight: half the slack of the tightest accepted deadline (its deadline less its reserve and its chain alone), not a
-    share of the whole deadline, and never shorter than an iteration of a quarter of the call size."""
-    # 0.3 s for 10 calls of 0.01 s alone: 0.5 x (0.3 - 0.005 - 0.1) = 0.0975 s lets the full call of 8 (0.08 s) run
-    # (as 0.2 x the deadline, 0.06 s, it was 6 rows)
-    assert _bulk_engine_beside(0.3, 10) == 8
-    # 0.15 s: 0.5 x (0.15 - 0.005 - 0.1) = 0.0225 s: 2 rows
-    assert _bulk_engine_beside(0.15, 10) == 2
-    # 0.03 s for one call: a slack of 0.015 s would allow 0.0075 s, less than one row costs; calls of 2, a quarter of 8
-    assert _bulk_engine_beside(0.03, 1) == 2
+    flight: a fifth of the tightest accepted deadline, and never shorter than an iteration of a quarter of the call
+    size (one request's tight deadline, which anyone may send, cannot make every call one row)."""
+    assert _bulk_engine_beside(1.0, 10) == 8  # 0.2 s: the full call of 8 (0.08 s)
+    assert _bulk_engine_beside(0.3, 10) == 6  # 0.06 s: 6 rows
+    assert _bulk_engine_beside(0.03, 1) == 2  # 0.006 s is less than one row costs: calls of 2, a quarter of 8
 
 
 def test_work_without_a_deadline_does_not_count_against_one() -> None:

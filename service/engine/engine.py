@@ -65,10 +65,10 @@ from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from service.engine.request_queue import SchedulingName, create_request_queue
 from service.engine.served_batch import ServedBatch
-from service.engine.step_scheduler import MAX_SLOWDOWN, STARVE_AFTER, choose, iteration_limit, newcomer_wait, slowdown_limit
+from service.engine.step_scheduler import MAX_SLOWDOWN, STARVE_AFTER, choose, iteration_limit, slowdown_limit
 
 log = logging.getLogger("ddpm.engine")
-DEADLINE_MEMORY_S = 60.0  # how long the tightest deadline seen keeps shortening iterations (step_scheduler.newcomer_wait)
+DEADLINE_MEMORY_S = 60.0  # how long the tightest deadline seen keeps shortening iterations (step_scheduler.iteration_limit)
 
 
 def _prepare(job: Job) -> None:
@@ -124,7 +124,7 @@ class Engine:
         self.call_size = CallSize(max_batch, tune=tune_call_size)  # rows per U-Net call while more are resident
         self.answer_time = AnswerTime(deadline_margin_s)  # of a deadline, what the answer takes after the images
         self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
-        self._newcomer_wait: tuple[float, float] | None = None  # (the tightest accepted deadline's wait lately, until when)
+        self._tight_deadline: tuple[float, float] | None = None  # (the tightest accepted deadline_s lately, until when)
         self.max_queue = max_queue
         self.step_fn = step_fn or default_step_fn()
         self.observer = observer or EngineObserver()
@@ -234,11 +234,9 @@ class Engine:
         now = time.monotonic()
         job.reserve_s = self.answer_time.kept_of(job.deadline_s)
         self._refuse_if_late(job, now)
-        # accepted: its deadline shapes the iterations (a refused one, which anyone may send, must not shrink every call)
-        wait = newcomer_wait(job.deadline_s, job.reserve_s, job.calls, self.cost.seconds(job.n * job.request.rows_per_image))
-        tight = self._newcomer_wait
-        if tight is None or tight[1] < now or wait <= tight[0]:
-            self._newcomer_wait = (wait, now + DEADLINE_MEMORY_S)
+        tight = self._tight_deadline  # accepted: its deadline shapes the iterations (a refused one, which anyone may
+        if tight is None or tight[1] < now or job.deadline_s <= tight[0]:  # send, must not shrink every call to 1 row)
+            self._tight_deadline = (job.deadline_s, now + DEADLINE_MEMORY_S)
 
     def _refuse_if_late(self, job: Job, now: float) -> None:
         """Raise ``DeadlineUnmeetable`` when ``job`` would answer past its deadline, or push an accepted one past its."""
@@ -544,7 +542,7 @@ class Engine:
         them, untouched, unless the batch holds more than a U-Net call takes or some row has a deadline."""
         n = batch.n
         call = self.call_size.rows(batch.unet_row_count(n), self.cost)  # of U-Net rows, as costs are
-        tight = self._newcomer_wait
+        tight = self._tight_deadline
         limit = iteration_limit(tight[0], self.cost, call) if tight is not None and tight[1] >= time.monotonic() else None
         now, remaining = self.clock(), batch.pos_host[:n] + 1
         soft = slowdown_limit(batch.soft_due_host[:n], batch.soft_step_host[:n], batch.priority_host[:n], remaining, now) if n > 1 else None

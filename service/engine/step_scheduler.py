@@ -20,9 +20,9 @@ The order, all on the host (numpy over the rows' mirrors, no per-row Python):
      as starving rows: in a closed loop of six 16-image requests on the H200's curve, every request kept a
      few rows 40 iterations behind, and for those iterations 32 rows ran where 64 could; scheduling_sim.)
 
-How many: ``max_batch`` at most; while requests with deadlines arrive, no longer an iteration than
-``newcomer_wait`` (a request arriving mid-iteration waits for that iteration first: on a CPU a full batch of 64
-can cost more than an interactive deadline); fewer when a
+How many: ``max_batch`` at most; while requests with deadlines arrive, no more than an iteration of
+``HEADROOM`` x the tightest recent deadline costs (a request arriving mid-iteration waits for that
+iteration first: on a CPU a full batch of 64 can cost more than an interactive deadline; ``iteration_limit``); fewer when a
 row with a deadline needs iterations faster than that (an iteration of 64 rows costs ~10x one of 1 on a
 CPU): the largest count whose predicted cost lets every chosen row with a deadline finish in ``SAFETY``
 of the time it has left. Those rows always run (a starving row that ranks before them waits one more
@@ -49,8 +49,8 @@ from service.engine.iteration_cost import IterationCost
 
 STARVE_AFTER = 8  # iterations a resident row may sit out in a row
 SAFETY = 0.7  # a row with a deadline is planned to finish in this share of the time it has left
-HEADROOM = 0.5  # while deadlines arrive, an iteration may take this share of the tightest one's slack (newcomer_wait)
-MIN_CALL_SHARE = 0.25  # ... but never less than an iteration of this share of the call size
+HEADROOM = 0.2  # while deadlines arrive, an iteration may take this share of the tightest one (a newcomer's wait)
+MIN_CALL_SHARE = 0.25  # ... but never less than an iteration of this share of the call size (iteration_limit)
 MAX_SLOWDOWN = 10.0  # a request without a deadline is planned to take at most this x its time alone
 
 
@@ -151,24 +151,15 @@ def _last_within(counts: np.ndarray, seconds: np.ndarray | None, limit: float, f
     return int(counts[within[-1]]) if within.size else floor
 
 
-def newcomer_wait(deadline_s: float, reserve_s: float, calls: int, alone_s: float | None) -> float:
-    """The longest an iteration may take while requests like this accepted one arrive: ``HEADROOM`` x its slack (its
-    deadline less its answer's reserve and its ``calls`` iterations at ``alone_s``, an iteration of its own rows).
-    A newcomer first waits for the iteration in flight, and that wait comes out of its slack, not its whole deadline:
-    a deadline far beyond what a chain needs leaves the calls their size, and a tight one still keeps them short.
-    (Before, 0.2 x the deadline: in scheduling_sim on the compiled CPU curve at 1.5x, bulk goodput 0.845 (median of 3
-    traces) at a deadline of 2.54x the alone latency, as the real cells' deadlines are, against 0.870 with half the
-    slack, 100% of the interactive requests within their deadlines both ways; the guided 2x trace, the tightest,
-    0.973-0.978 within and 15 refused, against 0.978-0.982 and 12: BENCHMARKS, stop 52.) The engine keeps the
-    tightest of these for ``DEADLINE_MEMORY_S``; ``iteration_limit`` bounds it from below."""
-    return HEADROOM * (deadline_s - reserve_s - calls * (alone_s or 0.0))
-
-
-def iteration_limit(wait_s: float, cost: IterationCost, call: int) -> float:
-    """``newcomer_wait``'s bound on an iteration, but never less than an iteration of ``MIN_CALL_SHARE`` of the call
-    size costs: one request's tight deadline (anyone may send one) must not make every call tiny. At worst the calls
-    are a quarter of the size: ~0.8 of the best rate on the compiled CPU curve, nothing a GPU's deadlines reach."""
-    return max(wait_s, cost.seconds(max(1, int(MIN_CALL_SHARE * call))) or 0.0)
+def iteration_limit(deadline_s: float, cost: IterationCost, call: int) -> float:
+    """The longest an iteration may take while requests with deadlines arrive: ``HEADROOM`` x the tightest accepted
+    lately (a newcomer first waits for the iteration in flight), but never less than an iteration of ``MIN_CALL_SHARE``
+    of the call size costs: one request's tight deadline (anyone may send one) must not make every call tiny. At worst
+    the calls are a quarter of the size: ~0.8 of the best rate on the compiled CPU curve, nothing a GPU's deadlines
+    reach. (Tried and dropped: half the deadline's slack, its deadline less its reserve and its chain alone, instead
+    of a fifth of it. The simulator gained bulk goodput, 0.845 -> 0.870 at the real cells' deadlines; two real A/B
+    rounds lost it, 0.898 / 0.868 -> 0.855 / 0.775, with 2 late answers: BENCHMARKS, stop 52.)"""
+    return max(HEADROOM * deadline_s, cost.seconds(max(1, int(MIN_CALL_SHARE * call))) or 0.0)
 
 
 def slowdown_limit(
