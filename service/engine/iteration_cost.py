@@ -41,8 +41,7 @@ class IterationCost:
                 self._count[rows] += 1
                 weight = max(self.alpha, 1 / self._count[rows]) if self.alpha > 0 else 0.0  # alpha 0: a set figure (tests)
                 self._seconds[rows] = old + weight * (seconds - old)
-                self._curve = (self._curve[0], self._curve[1].copy())  # a reader's arrays stay as they were
-                self._curve[1][bisect.bisect_left(self._sizes, rows)] = self._seconds[rows]
+                self._curve[1][bisect.bisect_left(self._sizes, rows)] = self._seconds[rows]  # one float: a reader sees old or new
 
     def seconds(self, rows: int) -> float | None:
         """Predicted seconds of an iteration of ``rows`` rows (None before any measurement)."""
@@ -69,7 +68,7 @@ class IterationCost:
     def seconds_of(self, rows: np.ndarray) -> np.ndarray | None:
         """``seconds`` of each of ``rows`` (an integer array), in one pass (the scheduler's searches for the largest
         count within a time: one numpy call instead of a call per count)."""
-        sizes, cost = self._curve  # replaced whole by ``observe``: a consistent pair without the lock
+        sizes, cost = self._curve  # a new size replaces the pair whole: consistent without the lock
         if not sizes.size:
             return None
         out = np.interp(rows, sizes, cost)  # exact at a measured size, linear between, the smallest's below them
