@@ -88,8 +88,8 @@ def choose(
     guided = 0 if weight is None else int(np.count_nonzero(weight > 1))
     per_iteration = cost.seconds(min(n, max_batch) + min(n, max_batch, guided))
     count = min(n, max_batch)
-    if max_iteration_s is not None and per_iteration is not None:  # the most rows whose iteration fits, from count down
-        counts = np.arange(1, count + 1)
+    if max_iteration_s is not None and per_iteration is not None and (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:
+        counts = np.arange(1, count)  # the most rows whose iteration fits, below count (the common case, count fits, costs one call)
         count = _last_within(counts, cost.seconds_of(counts + np.minimum(counts, guided)), max_iteration_s, 1)
     if count >= n and not has_due and not over_rows:  # every row runs: their order changes nothing
         return None
@@ -136,17 +136,16 @@ def _fast_enough(
     order = np.concatenate([urgent, order[~is_urgent[order]]])
     rows = np.arange(1, order.size + 1) if weight is None else np.cumsum(weight[order])  # U-Net rows of the first k + 1
     allowed = SAFETY * float(np.min((due[urgent] - now) / np.maximum(remaining[urgent], 1)))
-    if count > urgent.size:  # the most rows, from count down, whose iteration fits
-        counts = np.arange(urgent.size + 1, count + 1)
+    if count > urgent.size and (cost.seconds(int(rows[count - 1])) or 0.0) > allowed:  # the most rows below count that fit
+        counts = np.arange(urgent.size + 1, count)
         count = _last_within(counts, cost.seconds_of(rows[counts - 1]), allowed, urgent.size)
     return order, count
 
 
 def _last_within(counts: np.ndarray, seconds: np.ndarray | None, limit: float, floor: int) -> int:
-    """The largest of ``counts`` (ascending) whose ``seconds`` are within ``limit`` (all of them with nothing measured),
-    else ``floor``."""
-    if seconds is None:
-        return int(counts[-1])
+    """The largest of ``counts`` (ascending) whose ``seconds`` are within ``limit``, else ``floor``."""
+    if seconds is None:  # nothing measured (the callers search only once a measured count did not fit)
+        return floor
     within = np.flatnonzero(seconds <= limit)
     return int(counts[within[-1]]) if within.size else floor
 
