@@ -21,8 +21,9 @@ The order, all on the host (numpy over the rows' mirrors, no per-row Python):
      few rows 40 iterations behind, and for those iterations 32 rows ran where 64 could; scheduling_sim.)
 
 How many: ``max_batch`` at most; while requests with deadlines arrive, no more than an iteration of
-``HEADROOM`` x the tightest recent deadline costs (a request arriving mid-iteration waits for that
-iteration first: on a CPU a full batch of 64 can cost more than an interactive deadline; ``iteration_limit``); fewer when a
+``HEADROOM`` x the tightest recent accepted deadline costs, nor less than one of ``MIN_CALL_SHARE`` of the call
+size (``iteration_limit``: a request arriving mid-iteration waits for that iteration first, and on a CPU a full
+batch of 64 can cost more than an interactive deadline); fewer when a
 row with a deadline needs iterations faster than that (an iteration of 64 rows costs ~10x one of 1 on a
 CPU): the largest count whose predicted cost lets every chosen row with a deadline finish in ``SAFETY``
 of the time it has left. Those rows always run (a starving row that ranks before them waits one more
@@ -88,9 +89,10 @@ def choose(
     guided = 0 if weight is None else int(np.count_nonzero(weight > 1))
     per_iteration = cost.seconds(min(n, max_batch) + min(n, max_batch, guided))
     count = min(n, max_batch)
-    if max_iteration_s is not None and per_iteration is not None and (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:
-        counts = np.arange(1, count)  # the most rows whose iteration fits, below count (the common case, count fits, costs one call)
-        count = _last_within(counts, cost.seconds_of(counts + np.minimum(counts, guided)), max_iteration_s, 1)
+    if max_iteration_s is not None and per_iteration is not None:
+        if (cost.seconds(count + min(count, guided)) or 0.0) > max_iteration_s:  # else count fits: one cost call, the common case
+            counts = np.arange(1, count)  # the most rows below count whose iteration fits
+            count = _last_within(counts, cost.seconds_of(counts + np.minimum(counts, guided)), max_iteration_s, 1)
     if count >= n and not has_due and not over_rows:  # every row runs: their order changes nothing
         return None
     slack = due[:n] - now - remaining[:n] * (per_iteration or 0.0)  # inf - x = inf: rows without a deadline
