@@ -10,26 +10,32 @@
 # serve a mounted diffusers DDPM directory.
 ARG BASE=python:3.11-slim-bookworm
 
-# --- build: the project and its dependencies in a virtual environment ---------------------------------
-FROM ${BASE} AS build
+# --- deps: the dependencies alone, from pyproject.toml and constraints.txt, before any code -----------
+# A change to the code reuses this layer (and its ~1 GB copy in the runtime stage): a rebuild then
+# installs the project's wheel and compiles its graphs, not torch (tests/test_container.py, the suite's
+# image: 292 s from a code change before, measured in BENCHMARKS.md "Image rebuilds").
+FROM ${BASE} AS deps
 ARG TORCH_INDEX=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml constraints.txt ./
+RUN python -m venv /opt/venv \
+ && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
+ && if [ -n "$TORCH_INDEX" ]; then extras=diffusers; else extras=gpu,diffusers; fi \
+ && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(*p["dependencies"], *(d for e in sys.argv[1].split(",") for d in p["optional-dependencies"][e]), sep="\n")' "$extras" > requirements.txt \
+ && /opt/venv/bin/pip install -c constraints.txt -r requirements.txt \
+ && rm -rf /opt/venv/lib/python3*/site-packages/torch/test /opt/venv/lib/python3*/site-packages/torch/bin/test_*
+# (torch's wheel carries ~120 MB of libtorch's own C++ unit-test binaries in torch/test and torch/bin
+# that nothing here runs)
+
+# --- build: the project's own wheel (no dependencies: they are above) --------------------------------
+FROM deps AS build
+COPY README.md ./
 COPY commands ./commands
 COPY ddpm ./ddpm
 COPY kernels ./kernels
 COPY service ./service
-RUN python -m venv /opt/venv \
- && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
- && if [ -n "$TORCH_INDEX" ]; then extras=diffusers; else extras=gpu,diffusers; fi \
- && /opt/venv/bin/pip install -c constraints.txt ".[$extras]" \
- && /opt/venv/bin/pip uninstall --yes --quiet pip \
- && rm -rf /opt/venv/lib/python3*/site-packages/torch/test /opt/venv/lib/python3*/site-packages/torch/bin/test_*
-# (nothing pip-installs at run time; setuptools stays: inductor's CPU backend imports it to build the
-# compiled U-Net, and without it DDPM_COMPILE=auto silently served eagerly in every image before;
-# torch's wheel carries ~120 MB of libtorch's own C++ unit-test binaries in torch/test and torch/bin
-# that nothing here runs)
+RUN /opt/venv/bin/pip wheel --no-deps -w /dist .
 
 # --- runtime: the environment, the shipped model, a non-root user ---------------------------------
 FROM ${BASE} AS runtime
@@ -46,9 +52,16 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY models ./models
+COPY --from=build /dist /tmp/dist
+# the project over its dependencies, then pip goes (nothing pip-installs at run time; setuptools stays:
+# inductor's CPU backend imports it to build the compiled U-Net, and without it DDPM_COMPILE=auto
+# silently served eagerly in every image before)
+RUN pip install --no-deps --no-cache-dir --disable-pip-version-check /tmp/dist/*.whl \
+ && pip uninstall --yes --quiet pip \
+ && rm -rf /tmp/dist
 # The shipped model's compiled graphs, built here at image build time for the build machine's CPU and
 # this image's torch (CPU image only: a GPU image is built without its GPU), and on an AVX-512 build
 # machine a second set for AVX2-only CPUs (the AVX2 kernels, capped by ATEN_CPU_CAPABILITY; fp32, what

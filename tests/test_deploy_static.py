@@ -48,6 +48,12 @@ def test_dockerfile_contract() -> None:
     assert "COPY models" in text  # the shipped model is inside
     # the default hot path (DDPM_COMPILE=auto) needs a C++ compiler and a writable cache on the read-only root
     assert re.search(r"apt-get install .*g\+\+", text) and "TORCHINDUCTOR_CACHE_DIR=/tmp/" in text
+    # the dependencies install before any code is copied, and the runtime copies that venv, not one with the
+    # project in it: a change to the code reuses both ~1 GB layers (BENCHMARKS.md "Image rebuilds")
+    deps = text[text.index(" AS deps") : text.index(" AS build")]
+    assert "pip install -c constraints.txt -r requirements.txt" in deps
+    assert re.findall(r"^COPY (.*)$", deps, re.M) == ["pyproject.toml constraints.txt ./"]
+    assert "COPY --from=deps /opt/venv /opt/venv" in text and "COPY --from=build /opt/venv" not in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
 
