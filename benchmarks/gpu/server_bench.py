@@ -84,9 +84,9 @@ def wait_until(predicate, timeout: float) -> float | None:  # type: ignore[no-un
 
 
 def serve(model: Path, device: str, concurrencies: list[int], chains: dict[str, dict[str, object]], seconds: float,
-          compile_setting: str) -> tuple[dict[str, object], list[dict[str, object]]]:  # fmt: skip
+          compile_setting: str, max_batch: int = 64) -> tuple[dict[str, object], list[dict[str, object]]]:  # fmt: skip
     launched = time.monotonic()
-    server = ServerProcess(model, DDPM_DEVICE=device, DDPM_COMPILE=compile_setting, DDPM_MAX_BATCH="64", DDPM_THREADS="0",
+    server = ServerProcess(model, DDPM_DEVICE=device, DDPM_COMPILE=compile_setting, DDPM_MAX_BATCH=str(max_batch), DDPM_THREADS="0",
                            DDPM_WARMUP_STEPS="2", DDPM_RESPONSE_CACHE_MB="0", DDPM_MAX_IMAGES_PER_CLIENT="1024")  # fmt: skip
     cells = []
     try:
@@ -189,17 +189,18 @@ def main() -> int:
         from benchmarks.peers.run import tiny_model
 
         models = {"diffusers-tiny": tiny_model(scratch / "diffusers-tiny")}  # ours, the offline sampler and the peer on one model
-        concurrencies, seconds, compile_setting = [1], min(args.seconds, 1.0), "off"
+        # max batch 4, not 64: the eager warm-up of every size to 64 took 14 s of the tiny model's 18 s start on CPU
+        concurrencies, seconds, compile_setting, max_batch = [1], min(args.seconds, 1.0), "off", 4
         chains = {"default": {"steps": 3}, "ddim-50": {"sampler": "ddim", "steps": 3, "timestep_spacing": "trailing"}}
     else:
         from tests.published_ddpm import save_cifar10_shaped_pipeline
 
         models = {"shipped": ROOT / "models" / "mnist-28", "cifar10-32": save_cifar10_shaped_pipeline(scratch / "cifar10-32")}
-        concurrencies, seconds, compile_setting, chains = [1, 16, 64], args.seconds, "auto", CHAINS
+        concurrencies, seconds, compile_setting, chains, max_batch = [1, 16, 64], args.seconds, "auto", CHAINS, 64
     header = ("| chain | clients | served images/s | p50 s | p95 s | offline images/s (batch = clients) | served / offline "
               "| diffusers images/s | served / diffusers |")  # fmt: skip
     for name, model in models.items():
-        start, cells = serve(model, args.device, concurrencies, chains, seconds, compile_setting)
+        start, cells = serve(model, args.device, concurrencies, chains, seconds, compile_setting, max_batch)
         print(json.dumps({"model": name, **start}), flush=True)
         steps = int(chains["ddim-50"].get("steps", 50))  # type: ignore[call-overload]
         peer = diffusers_peer(model, args.device, steps, concurrencies, seconds) if name in PEER_MODELS else {}
