@@ -13,7 +13,7 @@ ARG BASE=python:3.11-slim-bookworm
 # --- deps: the dependencies alone, from pyproject.toml and constraints.txt, before any code -----------
 # A change to the code reuses this layer (and its ~1 GB copy in the runtime stage): a rebuild then
 # installs the project's wheel and compiles its graphs, not torch (tests/test_container.py, the suite's
-# image: 292 s from a code change before, measured in BENCHMARKS.md "Image rebuilds").
+# image: 135 s from a code change, 292 s before; BENCHMARKS.md "Image rebuilds").
 FROM ${BASE} AS deps
 ARG TORCH_INDEX=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -9,6 +9,7 @@ with ``BASE`` pointing at it, and lets pip inside the build see the host's packa
 (its pip config files, local wheel folders and CA bundle, mounted read-only; ``--network host``).
 
     python -m tests.container_image            # build the CPU image as shipped; prints build seconds and size
+    python -m tests.container_image COMPILE_MAX_BATCH=1 COMPILE_AVX2_SET=0   # as the suite builds it
 
 Facts of this machine, not of the image (so they stay out of the Dockerfile): podman 4.3 runs as root
 with ``--runtime runc`` (crun refuses the hybrid cgroup v1 layout), and containers only start with
@@ -125,4 +126,6 @@ def build(tag: str = IMAGE, torch_index: str = "https://pypi.org/simple", **buil
 
 
 if __name__ == "__main__":
-    print(json.dumps(build(), indent=2))
+    import sys
+
+    print(json.dumps(build(**dict(arg.split("=", 1) for arg in sys.argv[1:])), indent=2))
