@@ -80,7 +80,9 @@ def engine_counts(url: str) -> dict[str, float]:
 
     text = httpx.get(url + "/metrics", timeout=10).text
     return {"rows": sample_value(text, "ddpm_batch_occupancy_sum"), "iterations": sample_value(text, "ddpm_iterations_total"),
-            "busy_s": sample_value(text, "ddpm_iteration_duration_seconds_sum")}  # fmt: skip
+            "busy_s": sample_value(text, "ddpm_iteration_duration_seconds_sum"),
+            # calls run eagerly because no compiled graph covered their shape (the compile thread builds it meanwhile)
+            "compile_fallbacks": sample_value(text, "ddpm_compile_fallbacks_total")}  # fmt: skip
 
 
 def capacity(url: str, seconds: float, warm_s: float = 5.0) -> float:
@@ -105,7 +107,8 @@ def capacity(url: str, seconds: float, warm_s: float = 5.0) -> float:
             after, elapsed = engine_counts(url), time.monotonic() - t
             d = {k: after[k] - before[k] for k in after}
             print(f"capacity: {d['rows'] / elapsed:.1f} row-calls/s, engine busy {d['busy_s'] / elapsed:.3f}, "
-                  f"{d['rows'] / max(1.0, d['iterations']):.1f} rows an iteration", file=sys.stderr)  # fmt: skip
+                  f"{d['rows'] / max(1.0, d['iterations']):.1f} rows an iteration, {d['compile_fallbacks']:.0f} compile fallbacks",
+                  file=sys.stderr)  # fmt: skip
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -193,7 +196,8 @@ def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode:
             # where the window's time went: the share the engine spent in iterations, their mean rows, and rows/s in them
             "engine_busy_share": round(window["busy_s"] / window["elapsed"], 3),
             "rows_per_iteration": round(window["rows"] / max(1.0, window["iterations"]), 2),
-            "row_calls_per_busy_s": round(window["rows"] / max(1e-9, window["busy_s"]), 1)}  # fmt: skip
+            "row_calls_per_busy_s": round(window["rows"] / max(1e-9, window["busy_s"]), 1),
+            "compile_fallbacks": int(window["compile_fallbacks"])}  # fmt: skip
 
 
 def main() -> int:
