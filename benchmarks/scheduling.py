@@ -4,6 +4,7 @@ served once with priorities and deadlines and once as the server served before t
     python benchmarks/scheduling.py                         # the shipped model, 60 s per cell, loads 0.8/1.2/1.5x
     python benchmarks/scheduling.py --seconds 30 --loads 1.5 --interactive-share 0.1
     python benchmarks/scheduling.py --compile auto --loads 1.5 --modes priorities   # the compiled serving path
+    python benchmarks/scheduling.py --lead-in-s 0                                   # measure from an empty server
 
 One `ddpm serve` per mode (compile off by default; with ``--compile auto`` it is ready only once its graphs
 are built, so capacity does not change during a run either; 1 torch thread, the other core for this
@@ -13,17 +14,20 @@ the batch full). Then per load (offered row-calls/s as a multiple of that capaci
 (seeded; the count of each kind fixed by its rate) of
   interactive: 1 image, the default chain (restart, 10 calls), priority 0, deadline 3x its alone latency,
   bulk:        16 images, 50 calls (DDIM), priority 5, no deadline,
-the interactive ones making ``--interactive-share`` of the capacity. Modes:
+the interactive ones making ``--interactive-share`` of the capacity. The trace starts ``--lead-in-s`` (default: as
+long as the window) before the measured window, so the window sees the backlog an overload has built, not an empty
+server filling up: at 1.5x on a CPU a 60 s window holds only 6-8 bulk requests, and without a lead-in the engine ran
+dry between the first few of them (7-18% of the window in stops 53-54's compiled cells). Modes:
   priorities  the fields sent; the server holds 4x max_batch rows resident (the default)
   before      no priority, no deadline, one call's rows resident (DDPM_MAX_RESIDENT = max_batch), no
               slowdown bound (DDPM_MAX_SLOWDOWN=0) and every call up to max_batch rows (DDPM_TUNE_CALL_SIZE=false):
               what every request got before issue 37
-Reported per cell: interactive requests answered within their deadline (of those sent: a refusal counts
-as a miss), refused (503), the worst lateness of an accepted interactive request, and bulk goodput: the
-U-Net rows the server ran in the window less the answered interactive requests', per second (the bulk
-work done; a bulk request has no deadline, so all of it is in time), against the capacity left after
-the interactive load (or the bulk load this trace offered, when that is less: at 0.8x a handful of
-Poisson arrivals).
+Reported per cell: of the interactive requests that arrived in the window, those answered within their deadline
+(of those sent: a refusal counts as a miss), refused (503), and the worst lateness of an accepted one; and bulk
+goodput: the U-Net rows the server ran in the window less those of the interactive requests answered in it, per
+second (the bulk work done; a bulk request has no deadline, so all of it is in time), against the capacity left
+after the interactive load (or the bulk load this trace offered, when that is less: at 0.8x a handful of Poisson
+arrivals).
 """
 
 from __future__ import annotations
@@ -134,7 +138,10 @@ def p50_p99(values: list[float]) -> list[float] | None:
     return [round(percentile(values, q), 4) for q in (0.5, 0.99)] if values else None
 
 
-def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode: str, seconds: float) -> dict[str, object]:
+def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode: str, seconds: float,
+           lead_in_s: float = 0.0) -> dict[str, object]:
+    """Send ``arrivals`` (seconds from the trace's start) open-loop; measure the window from ``lead_in_s`` to
+    ``lead_in_s + seconds``: the engine's counts over it and the requests that arrived in it."""
     results: list[dict[str, object]] = []
     window: dict[str, float] = {}
 
@@ -156,32 +163,41 @@ def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
         async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
             t0 = time.monotonic()
-            before = engine_counts(url)
+
+            async def count_window() -> None:
+                await asyncio.sleep(max(0.0, lead_in_s - (time.monotonic() - t0)))
+                before, opened = engine_counts(url), time.monotonic()
+                await asyncio.sleep(max(0.0, lead_in_s + seconds - (time.monotonic() - t0)))
+                after, window["elapsed"] = engine_counts(url), time.monotonic() - opened
+                window.update({k: after[k] - before[k] for k in after}, opened=opened - t0)
+
+            counter = asyncio.create_task(count_window())
             tasks = []
             for i, (at, kind) in enumerate(arrivals):
                 await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
                 tasks.append(asyncio.create_task(one(http, at, kind, 100_000 + i)))
-            # the window's answers: wait a little past its end, then count what came back inside it
-            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t0)))
-            after, window["elapsed"] = engine_counts(url), time.monotonic() - t0
-            window.update({k: after[k] - before[k] for k in after})
+            await counter
+            # the window's answers: wait a little past its end for the interactive ones, then cancel the rest
             await asyncio.wait(tasks, timeout=max(10.0, 10 * deadline_s))
             for task in tasks:
                 task.cancel()
 
     t0 = 0.0
     asyncio.run(run())
-    inter = [r for r in results if r["kind"] == "interactive"]
-    sent_inter = sum(1 for _, kind in arrivals if kind == "interactive")
+    start, end = window["opened"], window["opened"] + window["elapsed"]
+    in_window = [r for r in results if float(r["at"]) >= lead_in_s]  # type: ignore[arg-type]
+    inter = [r for r in in_window if r["kind"] == "interactive"]
+    sent_inter = sum(1 for at, kind in arrivals if kind == "interactive" and at >= lead_in_s)
     ok = [r for r in inter if r["status"] == 200]
     within = [r for r in ok if float(r["latency"]) <= deadline_s]  # type: ignore[arg-type]
-    bulk_done = [r for r in results if r["kind"] == "bulk" and r["status"] == 200 and float(r["done_at"]) <= seconds]  # type: ignore[arg-type]
+    bulk_done = [r for r in results if r["kind"] == "bulk" and r["status"] == 200 and start <= float(r["done_at"]) <= end]  # type: ignore[arg-type]
     lateness = max((float(r["latency"]) - deadline_s for r in ok), default=0.0)  # type: ignore[arg-type]
     late = [r for r in ok if float(r["latency"]) > deadline_s]  # type: ignore[arg-type]
     outside = [float(r["latency"]) - float(r["engine_s"]) for r in ok]  # type: ignore[arg-type]
     in_server = [float(r["server_s"]) - float(r["engine_s"]) for r in ok]  # type: ignore[arg-type]
-    # bulk work done in the window: every U-Net row the server ran, less the interactive requests' (answered ones)
-    interactive_rows = sum(INTERACTIVE_CALLS for r in ok if float(r["done_at"]) <= window["elapsed"])  # type: ignore[arg-type]
+    # bulk work done in the window: every U-Net row the server ran, less the interactive requests' (those answered in it)
+    answered = [r for r in results if r["kind"] == "interactive" and r["status"] == 200]
+    interactive_rows = sum(INTERACTIVE_CALLS for r in answered if start <= float(r["done_at"]) <= end)  # type: ignore[arg-type]
     bulk_rows_per_s = (window["rows"] - interactive_rows) / window["elapsed"]
     return {"interactive_sent": sent_inter, "interactive_within_deadline": round(len(within) / max(1, sent_inter), 4),
             "interactive_refused": sum(1 for r in inter if r["status"] == 503), "interactive_p50_s": round(statistics.median(
@@ -203,7 +219,9 @@ def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "models" / "mnist-28")
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=float, default=60.0, help="the measured window of each cell")
+    p.add_argument("--lead-in-s", type=float, default=None,
+                   help="seconds of the trace before the window, unmeasured: the backlog builds (default: --seconds)")
     p.add_argument("--loads", default="0.8,1.2,1.5")
     p.add_argument("--interactive-share", type=float, default=0.1, help="of the capacity, in U-Net row-calls")
     p.add_argument("--seed", type=int, default=0)
@@ -217,6 +235,7 @@ def main() -> int:
     p.add_argument("--compile", default="off", choices=["off", "auto"],
                    help="the server's DDPM_COMPILE; auto waits for the compiled graphs before measuring (its default serving path)")
     args = p.parse_args()
+    lead_in = args.seconds if args.lead_in_s is None else args.lead_in_s
     from ddpm.precision import cpu_capability
 
     print(f"CPU: {cpu_capability()}", file=sys.stderr)
@@ -233,11 +252,11 @@ def main() -> int:
                               "alone_latency_s": round(alone, 3), "deadline_s": round(deadline, 3),
                               "capacity_row_calls_per_s": round(cap, 1), "measured_capacity": round(measured, 1)}), flush=True)  # fmt: skip
             for load in (float(x) for x in args.loads.split(",")):
-                arrivals = trace(load, args.interactive_share, cap, args.seconds, args.seed)
-                cell = replay(server.url, arrivals, deadline, mode, args.seconds)
+                arrivals = trace(load, args.interactive_share, cap, lead_in + args.seconds, args.seed)
+                cell = replay(server.url, arrivals, deadline, mode, args.seconds, lead_in)
                 left = (1 - args.interactive_share) * cap  # bulk row-calls/s the capacity leaves after the interactive load
-                offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / args.seconds  # this trace's bulk load
-                cell.update(mode=mode, load=load, bulk_capacity_left_row_calls_per_s=round(left, 1),
+                offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / (lead_in + args.seconds)  # this trace's bulk load
+                cell.update(mode=mode, load=load, lead_in_s=lead_in, bulk_capacity_left_row_calls_per_s=round(left, 1),
                             bulk_goodput_over_left=round(float(cell["bulk_row_calls_per_s"]) / min(left, offered), 3))  # type: ignore[arg-type]  # fmt: skip
                 print(json.dumps(cell), flush=True)
                 rows.append(cell)

@@ -84,7 +84,7 @@ def wait_until(predicate, timeout: float) -> float | None:  # type: ignore[no-un
 
 
 def serve(model: Path, device: str, concurrencies: list[int], chains: dict[str, dict[str, object]], seconds: float,
-          compile_setting: str, max_batch: int = 64) -> tuple[dict[str, object], list[dict[str, object]]]:  # fmt: skip
+          compile_setting: str, max_batch: int) -> tuple[dict[str, object], list[dict[str, object]]]:  # fmt: skip
     launched = time.monotonic()
     server = ServerProcess(model, DDPM_DEVICE=device, DDPM_COMPILE=compile_setting, DDPM_MAX_BATCH=str(max_batch), DDPM_THREADS="0",
                            DDPM_WARMUP_STEPS="2", DDPM_RESPONSE_CACHE_MB="0", DDPM_MAX_IMAGES_PER_CLIENT="1024")  # fmt: skip
