@@ -5,6 +5,7 @@ served once with priorities and deadlines and once as the server served before t
     python benchmarks/scheduling.py --seconds 30 --loads 1.5 --interactive-share 0.1
     python benchmarks/scheduling.py --compile auto --loads 1.5 --modes priorities   # the compiled serving path
     python benchmarks/scheduling.py --lead-in-s 0                                   # measure from an empty server
+    python benchmarks/scheduling.py --loads 1.5 --recalibrate                       # the capacity again after each cell
 
 One `ddpm serve` per mode (compile off by default; with ``--compile auto`` it is ready only once its graphs
 are built, so capacity does not change during a run either; 1 torch thread, the other core for this
@@ -27,7 +28,9 @@ Reported per cell: of the interactive requests that arrived in the window, those
 goodput: the U-Net rows the server ran in the window less those of the interactive requests answered in it, per
 second (the bulk work done; a bulk request has no deadline, so all of it is in time), against the capacity left
 after the interactive load (or the bulk load this trace offered, when that is less: at 0.8x a handful of Poisson
-arrivals).
+arrivals). A noisy machine's capacity moves between the calibration and the window (10-25% within minutes on a
+2-core cloud CPU): ``--recalibrate`` measures it again after each cell and adds the goodput over the capacity left
+by the mean of the two measurements.
 """
 
 from __future__ import annotations
@@ -232,6 +235,7 @@ def main() -> int:
     p.add_argument("--device", default=None, help="the server's DDPM_DEVICE (default: its own choice, the GPU where there is one)")
     p.add_argument("--calibrate-s", type=float, default=20.0, help="seconds the capacity is measured over")
     p.add_argument("--warm-s", type=float, default=30.0, help="seconds of the same load before it (the server learns its call size)")
+    p.add_argument("--recalibrate", action="store_true", help="measure the capacity again after each cell (a noisy machine's drift)")
     p.add_argument("--compile", default="off", choices=["off", "auto"],
                    help="the server's DDPM_COMPILE; auto waits for the compiled graphs before measuring (its default serving path)")
     args = p.parse_args()
@@ -258,9 +262,14 @@ def main() -> int:
                 offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / (lead_in + args.seconds)  # this trace's bulk load
                 cell.update(mode=mode, load=load, lead_in_s=lead_in, bulk_capacity_left_row_calls_per_s=round(left, 1),
                             bulk_goodput_over_left=round(float(cell["bulk_row_calls_per_s"]) / min(left, offered), 3))  # type: ignore[arg-type]  # fmt: skip
+                time.sleep(min(5.0, args.seconds))  # the last cell's tail drains before the next
+                if args.recalibrate:
+                    after = capacity(server.url, args.calibrate_s, warm_s=args.warm_s)
+                    mean_left = (1 - args.interactive_share) * (measured + after) / 2
+                    cell.update(capacity_after=round(after, 1),
+                                bulk_goodput_over_mean_left=round(float(cell["bulk_row_calls_per_s"]) / min(mean_left, offered), 3))  # type: ignore[arg-type]  # fmt: skip
                 print(json.dumps(cell), flush=True)
                 rows.append(cell)
-                time.sleep(min(5.0, args.seconds))  # the last cell's tail drains before the next
         finally:
             server.stop()
     print("\n| mode | load | interactive within deadline | refused | p50 s | worst lateness s | bulk row-calls/s | / min(left, offered) |")

@@ -19,12 +19,16 @@ restart chain of 10 calls, priority 0, deadline 3x their alone latency) making a
 bulk requests (16 images, 50-call DDIM, priority 5, no deadline) the rest of the load, Poisson arrivals;
 the capacity is a full max batch's rows per second on the curve (``64 / cost(64)``, as the benchmark's
 closed loop measures it); bulk goodput is the rows run in the window less the answered interactive
-requests', over the capacity left after the interactive load (or the bulk load offered, when less).
+requests', over the capacity left after the interactive load (or the bulk load offered, when less). As the
+benchmark's, the trace starts ``--lead-in-s`` (default: the window's length) before the measured window, and the
+interactive figures count the requests that arrived in the window (before 2026-12-05 both measured from an empty
+engine: ``--lead-in-s 0``).
 
 This is a model, not a measurement: its figures say what the policy does with a curve, the real
 benchmark says what a server does on a machine. Curves: ``cpu-eager`` and ``cpu-compiled`` (the shipped
 U-Net, bf16, 1 thread, an AVX-512 EPYC, measured 2026-12-04 by a U-Net-only loop: BENCHMARKS
-"Scheduling"), ``h200`` (the compiled U-Net replayed as CUDA graphs: BENCHMARKS "GPU", batch 1/16/64/256).
+"Scheduling"), ``cpu-avx2-eager`` and ``cpu-avx2-compiled`` (fp32, an AVX2-only EPYC, 2026-12-05), ``h200``
+(the compiled U-Net replayed as CUDA graphs: BENCHMARKS "GPU", batch 1/16/64/256).
 """
 
 from __future__ import annotations
@@ -54,8 +58,12 @@ CURVES_MS = {  # rows -> ms of one U-Net call
     "cpu-eager": {1: 9.04, 2: 11.89, 4: 17.86, 6: 23.74, 8: 29.68, 12: 41.61, 16: 51.36, 24: 74.28, 32: 96.68, 48: 139.94, 64: 196.91},
     "cpu-compiled": {1: 5.66, 2: 8.17, 4: 13.17, 6: 18.14, 8: 23.3, 12: 33.17, 16: 41.86, 24: 61.98, 32: 83.81, 48: 130.7, 64: 191.09},
     "h200": {1: 0.429, 16: 0.676, 64: 0.935, 256: 2.145},
+    # fp32 (the AVX2 default), 1 thread, a 2-core AMD EPYC without AVX-512, 2026-12-05: unet_cost_curve.py --rounds 4
+    "cpu-avx2-eager": {1: 28.1, 2: 44.7, 4: 71.9, 6: 102.7, 8: 131.4, 12: 195.6, 16: 245.8, 24: 352.0, 32: 484.8, 48: 751.6, 64: 995.5},
+    "cpu-avx2-compiled": {1: 20.2, 2: 33.9, 4: 62.0, 6: 86.4, 8: 112.7, 12: 167.0, 16: 216.9, 24: 325.3, 32: 429.6, 48: 654.2, 64: 859.6},
 }  # fmt: skip
-HOST_MS = {"cpu-eager": 1.5, "cpu-compiled": 1.5, "h200": 0.3}  # the engine's own time per iteration (issue 35's figures)
+# the engine's own time per iteration (issue 35's figures)
+HOST_MS = {"cpu-eager": 1.5, "cpu-compiled": 1.5, "h200": 0.3, "cpu-avx2-eager": 1.5, "cpu-avx2-compiled": 1.5}
 
 
 def curve_cost(curve_name: str, host_s: float) -> IterationCost:
@@ -107,12 +115,13 @@ def closed_loop_capacity(
 
 def simulate(
     curve_name: str, mode: str, load: float, seed: int, seconds: float, overhead_s: float, host_s: float, share: float,
-    deadline_x: float = 3.0, guided: bool = False,
+    deadline_x: float = 3.0, guided: bool = False, lead_in_s: float = 0.0,
 ) -> dict[str, object]:
     """One cell. ``mode``: ``priorities`` (the fields sent, the engine's defaults) or ``before`` (no fields, one
     call's rows resident, no slowdown bound: what every request got before issue 37, as the benchmark's).
     ``guided``: the interactive requests ask the class-conditional model for a label with guidance w = 2
-    (2 U-Net rows an image: the trace's interactive share of requests takes twice its share of rows)."""
+    (2 U-Net rows an image: the trace's interactive share of requests takes twice its share of rows).
+    ``lead_in_s``: the trace starts that long before the window the cell is measured over (the benchmark's)."""
     import torch
 
     from ddpm.chain import ChainSpec
@@ -145,7 +154,7 @@ def simulate(
     pending: list[tuple[float, str]] = []
     jobs: list[tuple[str, Job]] = []
     t0 = clock.now
-    counted = {"rows": 0, "until": 0.0, "all": 0}  # U-Net rows of the calls that end by ``until``, and of all
+    counted = {"rows": 0, "calls": 0, "from": 0.0, "until": 0.0, "all": 0}  # U-Net rows (calls) ending in [from, until]; all rows
     engine: Engine
 
     def arrive_until(until: float) -> None:
@@ -168,8 +177,9 @@ def simulate(
         start, rows = clock.now, x.shape[0]
         end = start + curve.seconds(rows)  # type: ignore[operator]
         counted["all"] += rows
-        if end <= counted["until"]:
+        if counted["from"] <= end <= counted["until"]:
             counted["rows"] += rows
+            counted["calls"] += 1
         arrive_until(end)  # requests that arrive while this call runs
         clock.now = end
         return torch.zeros_like(x)
@@ -185,23 +195,27 @@ def simulate(
         engine.cost.observe(rows, curve.seconds(rows))  # type: ignore[arg-type]
     with torch.inference_mode():
         cap = closed_loop_capacity(engine, requests["bulk"], clock, counted)  # the benchmark's calibration, on this engine
-    arrivals = trace(load, share, cap, seconds, seed)
+    arrivals = trace(load, share, cap, lead_in_s + seconds, seed)
     pending.extend(arrivals)
     t0 = clock.now
-    counted.update(rows=0, until=t0 + seconds)
-    end = t0 + seconds + 10 * deadline
+    start = t0 + lead_in_s  # the window
+    counted.update(rows=0, until=start + seconds)
+    counted["from"] = start
+    end = start + seconds + 10 * deadline
     with torch.inference_mode():
         while clock.now < end and (pending or not engine.idle):
             if engine.idle:
                 clock.now = t0 + pending[0][0]
                 arrive_until(clock.now)
             engine._iterate()
-    inter = [job for kind, job in jobs if kind == "interactive"]
+    inter = [job for kind, job in jobs if kind == "interactive" and job.created >= start]  # those that arrived in the window
     answered = [job for job in inter if job.error is None and job.finished is not None]
+    answered_in_window = [job for kind, job in jobs if kind == "interactive" and job.error is None and job.finished is not None
+                          and start <= job.finished <= start + seconds]  # fmt: skip
     latency = [job.finished - job.created + overhead_s for job in answered]  # type: ignore[operator]
     within = sum(1 for s in latency if s <= deadline)
-    interactive_rows = width * INTERACTIVE_CALLS * sum(1 for job in answered if job.finished <= t0 + seconds)  # type: ignore[operator]
-    offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / seconds
+    interactive_rows = width * INTERACTIVE_CALLS * len(answered_in_window)
+    offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / (lead_in_s + seconds)
     left = (1 - width * share) * cap
     peak = max(rows / curve.seconds(rows) for rows in range(1, 65))  # type: ignore[operator]  # the curve's best rows/s
     bulk = (counted["rows"] - interactive_rows) / seconds
@@ -210,6 +224,7 @@ def simulate(
             "within_deadline": round(within / max(1, len(inter)), 4),
             "refused": sum(1 for job in inter if job.error is not None),
             "worst_lateness_s": round(max((s - deadline for s in latency), default=0.0), 4),
+            "rows_per_iteration": round(counted["rows"] / max(1, counted["calls"]), 2),
             "bulk_row_calls_per_s": round(bulk, 1), "bulk_goodput": round(bulk / min(left, offered), 3),
             "bulk_over_peak_left": round(bulk / min(peak - width * share * cap, offered), 3)}  # fmt: skip
 
@@ -221,6 +236,7 @@ def main() -> int:
     p.add_argument("--modes", default="priorities,before")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--lead-in-s", type=float, default=None, help="the trace before the window, unmeasured (default: --seconds)")
     p.add_argument("--overhead-ms", type=float, default=15.0, help="per answer: the HTTP round trip and the PNG")
     p.add_argument("--host-ms", type=float, default=None, help="per iteration (default: the curve's own)")
     p.add_argument("--interactive-share", type=float, default=0.1)
@@ -228,11 +244,12 @@ def main() -> int:
     p.add_argument("--guided", action="store_true", help="interactive requests ask the conditional model for a label, guided (w 2)")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    lead_in = args.seconds if args.lead_in_s is None else args.lead_in_s
     if args.cell is not None:  # one cell, in its own process: the clock replacement stays there
         curve, mode, load, seed = args.cell.split(",")
         host = HOST_MS[curve] if args.host_ms is None else args.host_ms
         cell = simulate(curve, mode, float(load), int(seed), args.seconds, args.overhead_ms / 1e3, host / 1e3, args.interactive_share,
-                        args.deadline_x, args.guided)
+                        args.deadline_x, args.guided, lead_in)
         print(json.dumps(cell))
         return 0
     import subprocess
@@ -244,7 +261,8 @@ def main() -> int:
             for seed in args.seeds.split(","):
                 cmd = [sys.executable, __file__, "--cell", f"{curve},{mode},{load},{seed}", "--seconds", str(args.seconds),
                        "--overhead-ms", str(args.overhead_ms), "--interactive-share", str(args.interactive_share),
-                       "--deadline-x", str(args.deadline_x)] + (["--guided"] if args.guided else [])  # fmt: skip
+                       "--deadline-x", str(args.deadline_x), "--lead-in-s", str(lead_in)]  # fmt: skip
+                cmd += ["--guided"] if args.guided else []
                 if args.host_ms is not None:
                     cmd += ["--host-ms", str(args.host_ms)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
