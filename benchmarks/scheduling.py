@@ -18,7 +18,7 @@ the batch full). Then per load (offered row-calls/s as a multiple of that capaci
 the interactive ones making ``--interactive-share`` of the capacity. The trace starts ``--lead-in-s`` (default: as
 long as the window) before the measured window, so the window sees the backlog an overload has built, not an empty
 server filling up: at 1.5x on a CPU a 60 s window holds only 6-8 bulk requests, and without a lead-in the engine ran
-dry between the first few of them (7-18% of the window in stops 53-54's compiled cells). Modes:
+dry between the first few of them (7-17% of the window in stops 53-54's compiled cells). Modes:
   priorities  the fields sent; the server holds 4x max_batch rows resident (the default)
   before      no priority, no deadline, one call's rows resident (DDPM_MAX_RESIDENT = max_batch), no
               slowdown bound (DDPM_MAX_SLOWDOWN=0) and every call up to max_batch rows (DDPM_TUNE_CALL_SIZE=false):
