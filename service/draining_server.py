@@ -1,8 +1,10 @@
 """``ddpm serve``'s uvicorn server: one worker (one process owns the device) and a draining shutdown.
 
 On SIGTERM or SIGINT the server stops accepting connections (a load balancer's next connection
-fails over to another replica; the request never reached this one), answers 503 to new requests on
-connections already open (readyz too), lets in-flight requests finish for up to
+fails over to another replica; the request never reached this one), serves the first request of a
+connection it accepted before that (the balancer sent it here and will not re-send a POST:
+``service/api/drain_admission.py``), answers 503 to other new requests on connections already open
+(readyz too), lets in-flight requests finish for up to
 DDPM_DRAIN_TIMEOUT_S, answers whatever is still running at that deadline with 503 + Retry-After,
 then exits 0. A second signal exits at once.
 
@@ -69,6 +71,7 @@ class DrainingServer:
             def _close_listeners(self) -> None:
                 for listener in getattr(self, "servers", []):
                     listener.close()  # stop accepting; open connections stay
+                state_ref.listeners_closed = time.monotonic()  # a connection accepted before: its first request is served
 
         self._server = _Server(config)
         state.metrics.watch_connections(lambda: len(self._server.server_state.connections))

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 
@@ -39,6 +40,8 @@ from service.settings import Settings
 
 log = logging.getLogger("ddpm.server")
 RECOVERING = "recovering from a failed iteration (self-test pending)"
+# per request (service/api/drain_admission.py): the first request of a connection accepted before the listeners closed
+ROUTED_BEFORE_DRAIN: ContextVar[bool] = ContextVar("routed_before_drain", default=False)
 OTHER_FIELDS_BYTES = 16 * 2**10  # a request's fields besides its image and mask (a data: URL prefix and line breaks too)
 
 
@@ -65,6 +68,7 @@ class ServerState:
         self.compile_thread: threading.Thread | None = None
         self.ready = False
         self.draining = False
+        self.listeners_closed: float | None = None  # when the draining server stopped accepting connections
         self.load_error: str | None = None
         self.stalled: str | None = None  # set by the watchdog when the engine stops making progress
         self._loader: threading.Thread | None = None
@@ -288,6 +292,16 @@ class ServerState:
             log.warning("cannot count the U-Net's FLOPs: %s: %s", type(exc).__name__, exc)
             return None
 
+    def routed_before_drain(self, connection_opened: float | None, nth_on_connection: int | None) -> bool:
+        """Whether a request is the first on a connection accepted before this replica closed its listeners
+        (``listeners_closed``, set by the draining server; None while they are open). A load balancer routed it
+        here before the drain and does not re-send a POST that reached a replica (nginx's
+        ``proxy_next_upstream error timeout``), so a draining replica serves it rather than answer 503; later
+        requests on a kept-alive connection get 503 + Retry-After and go elsewhere."""
+        if nth_on_connection != 1 or connection_opened is None:
+            return False
+        return self.listeners_closed is None or connection_opened <= self.listeners_closed
+
     def drain(self) -> None:
         self.draining = True
         if self.engine is not None:
@@ -336,9 +350,10 @@ class ServerState:
 
     def refusal_reason(self) -> str | None:
         """Why a new request is refused with 503, or None. A recovering engine still takes work:
-        the next good iteration is what heals it."""
+        the next good iteration is what heals it; so does a draining one, for a request routed here before
+        the drain (``ROUTED_BEFORE_DRAIN``, set by ``service.api.drain_admission``)."""
         reason = self.not_ready_reason()
-        return None if reason == RECOVERING else reason
+        return None if reason == RECOVERING or (reason == "draining" and ROUTED_BEFORE_DRAIN.get()) else reason
 
 
 def _count(part: str) -> int:

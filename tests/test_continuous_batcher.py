@@ -154,6 +154,14 @@ def test_queue_full_and_draining(tiny_unet: torch.nn.Module) -> None:
     e.drain()
     with pytest.raises(Draining):
         e.submit(_job(n=1))
+    # the first request of a connection accepted before the listeners closed (service/api/drain_admission.py)
+    drained = Engine(tiny_loaded_model(tiny_unet), max_batch=1, max_queue=3)
+    drained.drain()
+    routed = _job(n=1)
+    routed.routed_before_drain = True
+    assert drained.submit(routed) is routed and drained.queue_depth == 1
+    with pytest.raises(Draining):
+        drained.submit(_job(n=1))
     with pytest.raises(ValueError, match="steps"):
         Engine(tiny_loaded_model(tiny_unet)).submit(_job(steps=1001))
 

@@ -224,6 +224,12 @@ def test_readiness_during_startup_and_drain(model_dir: Path) -> None:
         assert c.get("/healthz").status_code == 200
         r = c.post("/generate", json={"seed": 1, "steps": 2})
         assert r.status_code == 503 and "Retry-After" in r.headers
+    # which requests a draining replica still serves: the first of a connection accepted before its listeners closed
+    now = time.monotonic()
+    assert state.routed_before_drain(now, 1)  # the listeners not closed yet
+    state.listeners_closed = now
+    assert state.routed_before_drain(now - 1, 1) and not state.routed_before_drain(now + 1, 1)
+    assert not state.routed_before_drain(now - 1, 2) and not state.routed_before_drain(None, None)
 
 
 def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:

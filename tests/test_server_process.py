@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
@@ -56,6 +57,12 @@ def test_sigterm_drains_in_flight_work(server: ServerProcess) -> None:
     t = threading.Thread(target=long_request)
     t.start()
     server.wait_metric("ddpm_running_samples", lambda v: v == 2)
+    # a connection a load balancer opened before the signal and sends its request on after it (nginx does not
+    # re-send a POST that reached a replica): the replica serves that first request, not a 503 that loses it
+    routed = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    routed.connect()
+    # accepted by the server, not only by the kernel: the long request's, this scrape's and this one
+    server.wait_metric("ddpm_http_connections", lambda v: v >= 3)
     with httpx.Client(base_url=server.url) as open_connection:
         assert open_connection.get("/readyz").status_code == 200
         server.proc.send_signal(signal.SIGTERM)
@@ -63,10 +70,18 @@ def test_sigterm_drains_in_flight_work(server: ServerProcess) -> None:
         while open_connection.get("/readyz").status_code != 503:  # a connection opened before the signal
             assert time.monotonic() < end
             time.sleep(0.02)
+        # a later request on a kept-alive connection opened before the signal: 503, the client retries elsewhere
         refused = open_connection.post("/generate", json={"seed": 3, "steps": 5}, timeout=10)
         assert refused.status_code == 503 and "Retry-After" in refused.headers
     with pytest.raises(httpx.ConnectError):  # new connections are refused: a load balancer fails over
         httpx.get(server.url + "/readyz", timeout=2)
+    for expected in (200, 503):  # its first request served; its second, on the same connection, refused
+        routed.request("POST", "/generate", body=json.dumps({"seed": 4, "steps": 5}), headers={"Content-Type": "application/json"})
+        answer = routed.getresponse()
+        body = json.loads(answer.read())
+        assert answer.status == expected, body
+    assert "draining" in json.dumps(body)
+    routed.close()
     t.join(60)
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 2
     assert server.proc.wait(30) == 0

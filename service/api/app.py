@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from ddpm import __version__
 from service.api.auth import load_token
+from service.api.drain_admission import DrainAdmissionMiddleware
 from service.api.errors import ApiError, error_body_for, openai_error_response, speaks_openai
 from service.api.request_log import RequestContextMiddleware
 from service.api.routes import generate, model, openai_images, operations
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
     for resource in (generate, openai_images, model, operations):
         app.include_router(resource.router)
+    app.add_middleware(DrainAdmissionMiddleware, state=state)  # inside RequestContextMiddleware (the one added last is outermost)
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=state.max_body_bytes,

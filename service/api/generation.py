@@ -38,7 +38,7 @@ from service.api.schemas import ChainRequest, EditFields, GenerateResponse, Imag
 from service.engine.errors import EngineError
 from service.engine.job import Job
 from service.response_cache import ImageKey, etag_matches
-from service.server_state import ServerState
+from service.server_state import ROUTED_BEFORE_DRAIN, ServerState
 
 JSON = "application/json"
 PNG = "image/png"
@@ -208,6 +208,7 @@ def submit(state: ServerState, key: ImageKey, request: Request, sched: Schedulin
         priority=sched.priority,
         deadline_s=sched.deadline_s,
         created=getattr(request.state, "arrived", time.monotonic()),  # the deadline counts from arrival, reading the body included
+        routed_before_drain=ROUTED_BEFORE_DRAIN.get(),  # a draining engine admits it (service/api/drain_admission.py)
     )
     calls = key.request.cost
     refused = state.clients.acquire(client, job.n, calls)

@@ -20,6 +20,10 @@ honest count of answers nobody received.
   produced after that (a cached one, a chain that finished in the same moment) went nowhere while
   the access log and the metrics said 200. The request's state now carries ``client_gone``, and
   ``RequestContextMiddleware`` records such a request as 499.
+- **Which request of its connection**: each request's ``scope["state"]`` carries ``connection_opened`` (when
+  this connection was accepted, monotonic) and ``nth_on_connection`` (1 for its first request). A draining
+  server serves the first request of a connection it accepted before it closed its listeners: a load
+  balancer sent it here before the replica left, and will not re-send a POST (``ServerState.routed_before_drain``).
 
 The body's deadline is the middleware's (``RequestContextMiddleware``). Built on uvicorn's
 H11Protocol internals (``cycle``, ``scope``, ``transport``, ``loop``, ``limit_concurrency``, checked
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +57,8 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
         _header_timer: asyncio.TimerHandle | None = None
         _received_any = False
         _limit: int | None = None
+        _opened = 0.0  # when the connection was accepted (monotonic)
+        _requests = 0  # requests whose headers arrived on it
 
         # uvicorn reads self.limit_concurrency after it has built the new request's scope
         @property  # type: ignore[override]
@@ -66,6 +73,7 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
             self._limit = value
 
         def connection_made(self, transport: Any) -> None:
+            self._opened = time.monotonic()
             super().connection_made(transport)
             self._arm()
 
@@ -76,6 +84,10 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
             super().data_received(data)
             if not self._between_requests():
                 self._disarm()  # headers complete: the request is the app's now
+                state = self.scope["state"]
+                if "nth_on_connection" not in state:  # this request's first data past its headers
+                    self._requests += 1
+                    state.update(connection_opened=self._opened, nth_on_connection=self._requests)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

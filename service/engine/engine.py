@@ -161,7 +161,7 @@ class Engine:
         with self._lock:
             if self.dead is not None or self._stop:
                 raise EngineStopped("the engine has stopped")
-            if self.draining:
+            if self.draining and not job.routed_before_drain:
                 raise Draining("the server is draining and accepts no new work")
             if self._queue.images + job.n > self.max_queue:
                 raise QueueFull(f"queue full: {self._queue.images} images waiting, capacity {self.max_queue}")

@@ -34,6 +34,7 @@ class Job:
     soft_due: float | None = None
     soft_step_s: float = 0.0  # the seconds of one iteration of its rows alone: the pace its target was set at
     request_id: str | None = None  # for the log lines of faults
+    routed_before_drain: bool = False  # sent here before the server stopped accepting connections: a draining engine admits it
     on_progress: Callable[[Job], None] | None = None
     on_done: Callable[[Job], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
