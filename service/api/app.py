@@ -92,9 +92,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         if isinstance(exc, ApiError):  # the outcome the access log and the request counter give it
             request.state.outcome = exc.outcome
         if speaks_openai(request.url.path):
-            return openai_error_response(
-                exc.status_code, str(exc.detail), getattr(exc, "param", None), exc.headers, getattr(exc, "code", None)
-            )
+            return openai_error_response(exc.status_code, str(exc.detail), getattr(exc, "param", None), exc.headers,
+                                         getattr(exc, "code", None))  # fmt: skip
         return await http_exception_handler(request, exc)
 
     return app

@@ -50,6 +50,7 @@ def _timeout_response(seconds: float) -> bytes:
     return head.encode() + body
 
 
+# long: one class closed over its two settings (uvicorn instantiates the protocol class with arguments of its own)
 def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | None = None) -> type[H11Protocol]:
     """An H11Protocol class with the three defences of this module."""
 
@@ -57,8 +58,7 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
         _header_timer: asyncio.TimerHandle | None = None
         _received_any = False
         _limit: int | None = None
-        _opened = 0.0  # when the connection was accepted (monotonic)
-        _requests = 0  # requests whose headers arrived on it
+        _opened, _requests = 0.0, 0  # when the connection was accepted (monotonic); requests whose headers arrived on it
 
         # uvicorn reads self.limit_concurrency after it has built the new request's scope
         @property  # type: ignore[override]
@@ -84,10 +84,9 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
             super().data_received(data)
             if not self._between_requests():
                 self._disarm()  # headers complete: the request is the app's now
-                state = self.scope["state"]
-                if "nth_on_connection" not in state:  # this request's first data past its headers
+                if "nth_on_connection" not in self.scope["state"]:  # this request's first data past its headers
                     self._requests += 1
-                    state.update(connection_opened=self._opened, nth_on_connection=self._requests)
+                    self.scope["state"].update(connection_opened=self._opened, nth_on_connection=self._requests)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
