@@ -199,8 +199,7 @@ def simulate(
     pending.extend(arrivals)
     t0 = clock.now
     start = t0 + lead_in_s  # the window
-    counted.update(rows=0, until=start + seconds)
-    counted["from"] = start
+    counted.update({"rows": 0, "from": start, "until": start + seconds})
     end = start + seconds + 10 * deadline
     with torch.inference_mode():
         while clock.now < end and (pending or not engine.idle):
