@@ -6,7 +6,10 @@ connection it accepted before that (the balancer sent it here and will not re-se
 ``service/api/drain_admission.py``), answers 503 to other new requests on connections already open
 (readyz too), lets in-flight requests finish for up to
 DDPM_DRAIN_TIMEOUT_S, answers whatever is still running at that deadline with 503 + Retry-After,
-then exits 0. A second signal exits at once.
+then exits 0. Until then it also waits for the first request of each connection accepted before the
+drain (sent, or still to come within its header deadline) to be answered: uvicorn's shutdown closes a
+connection with no request in progress, and the balancer would answer that request 502. A second
+signal exits at once.
 
 A server that can never serve exits non-zero with the reason, so that the orchestrator restarts it:
 when the model fails to load, or when the engine thread dies.
@@ -59,14 +62,28 @@ class DrainingServer:
                     pass
 
                 def finish() -> None:
-                    engine = state_ref.engine
-                    if engine is not None and not engine.wait_idle(timeout):
-                        n = engine.abort(DrainTimeout(f"the server is shutting down (drain deadline {timeout:g} s passed); retry"))
-                        log.warning("drain deadline: answered %d unfinished request(s) with 503", n)
-                        engine.wait_idle(GRACEFUL_CLOSE_S)
+                    engine, deadline = state_ref.engine, time.monotonic() + timeout
+                    while True:  # the engine idle, and no connection accepted before the drain still owed its first answer
+                        if engine is not None and not engine.wait_idle(max(0.0, deadline - time.monotonic())):
+                            n = engine.abort(DrainTimeout(f"the server is shutting down (drain deadline {timeout:g} s passed); retry"))
+                            log.warning("drain deadline: answered %d unfinished request(s) with 503", n)
+                            engine.wait_idle(GRACEFUL_CLOSE_S)
+                            break
+                        if not self._first_answers_owed() or time.monotonic() >= deadline:
+                            break
+                        time.sleep(0.05)
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
+
+            def _first_answers_owed(self) -> bool:
+                """A connection accepted before the drain whose first request has not arrived or not been answered: uvicorn's
+                shutdown would close it (its header deadline bounds how long it can stay silent)."""
+                while True:
+                    try:
+                        return any(getattr(c, "owes_first_answer", lambda: False)() for c in list(self.server_state.connections))
+                    except RuntimeError:  # the set changed size (the loop's thread closed one): look again
+                        continue
 
             def _close_listeners(self) -> None:
                 for listener in getattr(self, "servers", []):

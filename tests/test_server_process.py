@@ -87,6 +87,42 @@ def test_sigterm_drains_in_flight_work(server: ServerProcess) -> None:
     assert server.proc.wait(30) == 0
 
 
+def test_sigterm_on_an_idle_server_still_answers_a_connection_accepted_before(model_1000: Path) -> None:
+    # an idle engine used to mean an exit at once: uvicorn's shutdown closed a connection accepted before the signal
+    # whose request was still on its way (nginx answered that POST 502). The first request of such a connection is
+    # answered; a connection that stays silent holds the exit up to its header deadline only.
+    s = ServerProcess(model_1000, DDPM_REQUEST_READ_TIMEOUT_S="3")
+    try:
+        s.wait_ready()
+        routed = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        routed.connect()
+        opened = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", s.port))
+        s.wait_metric("ddpm_http_connections", lambda v: v >= 3)  # both accepted by the server (and this scrape)
+        signalled = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        end = signalled + 5
+        while True:  # until the listener has closed
+            try:
+                httpx.get(s.url + "/healthz", timeout=2)
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        routed.request("POST", "/generate", body=json.dumps({"seed": 4, "steps": 5}), headers={"Content-Type": "application/json"})
+        answer = routed.getresponse()
+        assert answer.status == 200 and len(json.loads(answer.read())["images"]) == 1
+        routed.close()
+        assert s.proc.wait(15) == 0
+        assert time.monotonic() - opened > 3 - 0.1  # it waited for the silent connection's header deadline
+        assert time.monotonic() - signalled < 3 + 8  # and not for the drain's 600 s
+        silent.settimeout(5)
+        assert silent.recv(4096).startswith(b"HTTP/1.1 408")
+        silent.close()
+    finally:
+        s.stop()
+
+
 def test_serve_refuses_a_missing_model(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "commands.main", "serve", "--model", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60

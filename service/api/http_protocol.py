@@ -24,6 +24,8 @@ honest count of answers nobody received.
   this connection was accepted, monotonic) and ``nth_on_connection`` (1 for its first request). A draining
   server serves the first request of a connection it accepted before it closed its listeners: a load
   balancer sent it here before the replica left, and will not re-send a POST (``ServerState.routed_before_drain``).
+  Until that request has been answered (``owes_first_answer``), the draining server does not exit: closing the
+  connection then loses the request just as a 503 would (nginx answers 502). Its header deadline bounds the wait.
 
 The body's deadline is the middleware's (``RequestContextMiddleware``). Built on uvicorn's
 H11Protocol internals (``cycle``, ``scope``, ``transport``, ``loop``, ``limit_concurrency``, checked
@@ -96,6 +98,10 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
 
         def _between_requests(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
+
+        def owes_first_answer(self) -> bool:
+            """Open, and its first request has not come or not been answered yet: a draining server waits for it."""
+            return not self.transport.is_closing() and (self._requests == 0 or (self._requests == 1 and not self._between_requests()))
 
         def _arm(self) -> None:
             if self._header_timer is None:
