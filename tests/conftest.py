@@ -31,7 +31,6 @@ SLOW_FILES = (
     "test_inference_compile.py",
     "test_precision.py",
     "test_gpu_check.py",
-    "test_read_only_root.py",
     "test_shipped_model.py",
     "test_load_balancer.py",
     "test_server_process.py",

@@ -1,14 +1,18 @@
 """Compiled graphs that travel (ddpm/compile_cache.py): copied out by `ddpm compile-cache`, loaded by the
-next server on the same kind of machine, and never loaded where they were built for another CPU or version."""
+next server on the same kind of machine, and never loaded where they were built for another CPU or version;
+both on a read-only root with one tmpfs writable, as the container runs (the read-only test of 2026-11-29 joined
+this one: each cold-compiled the tiny U-Net on its own, ~115 s apiece on a 2-core CPU)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import httpx
@@ -69,22 +73,58 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     assert "could not be loaded" in compile_cache.load(tmp_path / "cc", key)
 
 
+# Every mount remounted read-only, one fresh tmpfs the only writable place (TMPDIR, inductor's and Triton's caches: the
+# image's /tmp under compose `read_only: true` or Kubernetes `readOnlyRootFilesystem`), and DDPM_OUT, where given,
+# bound writable (compile-cache's output). Inside a user + mount namespace: `unshare -rm`.
+SANDBOX = r"""
+set -e
+for m in $(findmnt -rn -o TARGET | grep -v '^/proc\|^/sys\|^/dev'); do mount -o remount,bind,ro "$m" 2>/dev/null || true; done
+mount -t tmpfs tmpfs "$DDPM_RW"
+if [ -n "${DDPM_OUT:-}" ]; then mount --bind "$DDPM_OUT" "$DDPM_OUT"; mount -o remount,bind,rw "$DDPM_OUT"; fi
+if touch "$DDPM_PROBE" 2>/dev/null; then echo "the sandbox is not read-only" >&2; exit 3; fi
+exec "$@"
+"""
+
+
+def _sandbox_works() -> bool:
+    if not (shutil.which("unshare") and shutil.which("findmnt")):
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
 @needs_compiler
-def test_compile_cache_then_a_server_that_starts_warm(tmp_path: Path) -> None:
-    """`ddpm compile-cache` writes this machine's artefacts; a server with an empty inductor cache and
-    DDPM_COMPILE_CACHE_DIR loads them and compiles from them (the image's start)."""
+def test_compile_cache_then_a_server_that_starts_warm_on_a_read_only_root(tmp_path: Path) -> None:
+    """The image's life on a read-only root with only a tmpfs writable: `ddpm compile-cache` compiles cold there
+    (inductor's C++ build in the tmpfs) and writes this machine's artefacts; a server there with an empty inductor
+    cache and DDPM_COMPILE_CACHE_DIR loads them and compiles from them while it serves, and exits 0 on SIGTERM.
+    Where user namespaces are not allowed, both run on the ordinary filesystem (a warning says so)."""
     model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    rw, out = tmp_path / "rw", tmp_path / "cc"
+    rw.mkdir()
+    out.mkdir()
+    sandboxed = _sandbox_works()
+    prefix = ["unshare", "-rm", "sh", "-c", SANDBOX, "sandbox"] if sandboxed else []
+    if not sandboxed:
+        warnings.warn("user + mount namespaces (unshare -rm) are not available: compile-cache and the server ran read-write", stacklevel=1)
+    sandbox = {
+        "DDPM_RW": str(rw),
+        "DDPM_PROBE": str(tmp_path / "probe"),  # the test's own directory: must be read-only inside
+        "TMPDIR": str(rw),
+        "TORCHINDUCTOR_CACHE_DIR": str(rw / "torchinductor"),  # empty in each sandbox: a fresh tmpfs
+        "TRITON_CACHE_DIR": str(rw / "triton"),
+        "MPLCONFIGDIR": str(rw / "matplotlib"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     # precision auto (bf16 where the CPU has it): the U-Net under autocast, as a server's default
     # batch 1 only: `compile-cache` compiles in an empty inductor cache (cold: ~30 s of g++ per graph on 2 cores)
     serving = {"DDPM_COMPILE": "auto", "DDPM_PRECISION": "auto", "DDPM_MAX_BATCH": "1", "DDPM_WARMUP_STEPS": "1", "DDPM_THREADS": "1"}
-    env = {**os.environ, **serving, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-build")}
-    built = subprocess.run([sys.executable, "-m", "commands.main", "compile-cache", "--model", str(model), "-o", str(tmp_path / "cc")],
-                           env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    built = subprocess.run([*prefix, sys.executable, "-m", "commands.main", "compile-cache", "--model", str(model), "-o", str(out)],
+                           env={**os.environ, **serving, **sandbox, "DDPM_OUT": str(out)}, capture_output=True, text=True,
+                           timeout=900)  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     report = json.loads(built.stdout.strip().splitlines()[-1])
     assert len(report["copies"]) == 1 and report["bytes"] > 0
-    server = ServerProcess(model, DDPM_COMPILE_CACHE_DIR=str(tmp_path / "cc"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-run"),
-                           **serving)  # fmt: skip
+    server = ServerProcess(model, prefix=prefix, DDPM_COMPILE_CACHE_DIR=str(out), **serving, **sandbox)
     stop, served = threading.Event(), []
 
     def traffic() -> None:  # eager requests while the graphs compile: a lock-order deadlock between the two
@@ -104,9 +144,15 @@ def test_compile_cache_then_a_server_that_starts_warm(tmp_path: Path) -> None:
             stop.set()
             sender.join(60)
         assert served and set(served) == {200}, served[-5:]
-        assert httpx.post(server.url + "/generate", json={"seed": 1, "batch_size": 2, "steps": 3}, timeout=60).status_code == 200
+        r = httpx.post(server.url + "/generate", json={"seed": 1, "batch_size": 2, "steps": 3}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+        info = next(line for line in httpx.get(server.url + "/metrics").text.splitlines() if line.startswith("ddpm_model_info{"))
+        assert 'compiled="true"' in info
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.output()[-3000:]
         log = server.output()
     finally:
         server.stop()
     assert "loaded compiled graphs from" in log and report["copies"][0] in log, log[-3000:]
     assert "compiled graphs written" not in log  # its own file was there already
+    assert not (tmp_path / "probe").exists()
