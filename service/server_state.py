@@ -12,6 +12,7 @@ numpy, and tests/test_torch_threads.py counts the process's native threads aroun
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +108,7 @@ class ServerState:
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)
+        sys.setswitchinterval(s.gil_switch_interval_ms / 1e3)  # process-wide (benchmarks/neighbour_load.py)
         device = resolve_device(s.device)
         model = load_model_source(s.model, device)
         gflop = self._count_flops(model.eps_model, model)  # here, before anything else runs torch (see "Threads" above)

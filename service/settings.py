@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         True, description="on CUDA, replay the compiled U-Net as CUDA graphs (one per batch bucket; 5x per call at batch 1-16 on an H200)"
     )
     threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")
+    gil_switch_interval_ms: float = Field(
+        5.0, gt=0, le=100, description="sys.setswitchinterval (Python's default 5 ms): how long the engine's thread may wait for the GIL "
+        "while a request thread runs Python (BENCHMARKS.md, the other core)"
+    )
     warmup_steps: int = Field(2, ge=0, description="denoising iterations run at startup before /readyz turns 200")
     drain_timeout_s: float = Field(600.0, ge=0, description="on SIGTERM: how long in-flight requests may still run")
     stall_timeout_s: float = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -230,6 +231,21 @@ def test_readiness_during_startup_and_drain(model_dir: Path) -> None:
     state.listeners_closed = now
     assert state.routed_before_drain(now - 1, 1) and not state.routed_before_drain(now + 1, 1)
     assert not state.routed_before_drain(now - 1, 2) and not state.routed_before_drain(None, None)
+
+
+def test_the_gil_switch_interval_is_the_settings(model_dir: Path) -> None:
+    from service.server_state import ServerState
+
+    before = sys.getswitchinterval()
+    try:
+        state = ServerState(Settings(model=model_dir, warmup_steps=0, gil_switch_interval_ms=0.5))
+        state.start_loading()
+        state.wait_loaded(60)
+        assert state.ready and sys.getswitchinterval() == pytest.approx(0.0005)
+        state.shutdown()
+    finally:
+        sys.setswitchinterval(before)
+    assert Settings().gil_switch_interval_ms == 5.0  # Python's own default: no change unless asked
 
 
 def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:
