@@ -54,6 +54,7 @@ def test_dockerfile_contract() -> None:
     assert "pip install -c constraints.txt -r requirements.txt" in deps
     assert re.findall(r"^COPY (.*)$", deps, re.M) == ["pyproject.toml constraints.txt ./"]
     assert "COPY --from=deps /opt/venv /opt/venv" in text and "COPY --from=build /opt/venv" not in text
+    assert "COPY README.md" not in text  # a README edit reuses every layer (the wheel is built without its readme)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
 
