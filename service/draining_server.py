@@ -78,12 +78,9 @@ class DrainingServer:
 
             def _first_answers_owed(self) -> bool:
                 """A connection accepted before the drain whose first request has not arrived or not been answered: uvicorn's
-                shutdown would close it (its header deadline bounds how long it can stay silent)."""
-                while True:
-                    try:
-                        return any(getattr(c, "owes_first_answer", lambda: False)() for c in list(self.server_state.connections))
-                    except RuntimeError:  # the set changed size (the loop's thread closed one): look again
-                        continue
+                shutdown would close it (its header deadline bounds how long it can stay silent). The connections are
+                ``hardened_protocol``'s; ``list`` copies the loop thread's set in one step under the GIL."""
+                return any(c.owes_first_answer() for c in list(self.server_state.connections))
 
             def _close_listeners(self) -> None:
                 for listener in getattr(self, "servers", []):
