@@ -10,9 +10,9 @@ timed from launch to ready, to its first answer and to compiled; then per chain 
 restart at 10 calls; and DDIM at 50 steps) and per concurrency (1, 16, 64 clients, one image per
 request, each client sending its next request when its answer arrives): images/s, p50 and p95
 latency. Then, with the server stopped, the offline compiled sampler (``ddpm.chain.sample`` on the
-compiled hot path) on the same chain at batch = concurrency: images/s. The cifar model is also served
-by ``benchmarks/peers/fastapi_server.py`` (diffusers' DDIMPipeline, one call per request) for the
-50-step chain. Peak GPU memory from the server's ``ddpm_gpu_memory_peak_allocated_bytes``.
+compiled hot path) on the same chain at batch = concurrency, every cell of a model in one process:
+images/s. The cifar model is also served by ``benchmarks/peers/fastapi_server.py`` (diffusers'
+DDIMPipeline, one call per request) for the 50-step chain. Peak GPU memory from the server's ``ddpm_gpu_memory_peak_allocated_bytes``.
 
 Prints one markdown table per model and a JSON line per cell; served / offline is the goal's ratio
 (>= 0.85 at every concurrency) and served / diffusers the peer's.
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -111,8 +112,9 @@ def serve(model: Path, device: str, concurrencies: list[int], chains: dict[str, 
     return start, cells
 
 
-def offline(model: Path, device: str, chain: dict[str, object], batch: int, seconds: float, compile_setting: str) -> float:
-    """Images/s of the offline compiled sampler on ``chain`` at ``batch`` (in a fresh process)."""
+def offline(model: Path, device: str, cells: list[tuple[dict[str, object], int]], seconds: float, compile_setting: str) -> Iterator[float]:
+    """Images/s of the offline compiled sampler for each (chain, batch) cell, in one fresh process per model (one
+    load and one compiled hot path for all cells: a process per cell paid the start and the compile each time)."""
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {str(ROOT)!r})
@@ -122,31 +124,42 @@ from ddpm.model_source import load_model_source
 from ddpm.seeding import image_seeds
 from kernels.philox import seeds_to_tensor
 from service.settings import Settings
-chain, device, batch = json.loads({json.dumps(json.dumps(chain))}), torch.device({device!r}), {batch}
+cells, device = json.loads({json.dumps(json.dumps(cells))}), torch.device({device!r})
 s = Settings()
 model = load_model_source({str(model)!r}, device)
-spec = model.chain(chain.get("sampler", s.default_sampler), chain.get("steps", s.default_steps), None,
-                   chain.get("timestep_spacing", s.default_timestep_spacing))
 fast = hot_path(model.eps_model, model.module, device, {compile_setting!r}, precision=s.precision)
-def run(seed):
+def run(spec, seed, batch):
     with torch.inference_mode():
         x = sample(fast.eps_model, model.schedule, seeds_to_tensor(image_seeds(seed, batch), device), model.image_shape, steps=spec.steps,
                    variance_type=model.variance_type, clip_denoised=spec.clip, sampler=spec.sampler, spacing=spec.spacing,
                    steps_offset=spec.steps_offset, device=device, step_fn=fast.step_fn)
     if device.type == "cuda":
         torch.cuda.synchronize()
-for seed in range(3):
-    run(seed)
-done, start = 0, time.perf_counter()
-while time.perf_counter() - start < {seconds}:
-    run(done + 10)
-    done += batch
-print(done / (time.perf_counter() - start))
+for chain, batch in cells:
+    spec = model.chain(chain.get("sampler", s.default_sampler), chain.get("steps", s.default_steps), None,
+                       chain.get("timestep_spacing", s.default_timestep_spacing))
+    for seed in range(3):
+        run(spec, seed, batch)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < {seconds}:
+        run(spec, done + 10, batch)
+        done += batch
+    print(done / (time.perf_counter() - start), flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return round(float(out.stdout.strip().splitlines()[-1]), 2)
+    with tempfile.TemporaryFile("w+") as errors, subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors,
+                                                                   text=True) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            for _ in cells:  # each cell's figure as it is measured: a phase cut short keeps the rows before
+                line = proc.stdout.readline()
+                if not line:
+                    proc.wait(60)
+                    errors.seek(0)
+                    raise RuntimeError(errors.read()[-2000:])
+                yield round(float(line), 2)
+        finally:
+            if proc.poll() is None:  # the caller stopped early: no process left measuring
+                proc.kill()
 
 
 def diffusers_peer(model: Path, device: str, steps: int, concurrencies: list[int], seconds: float) -> dict[int, dict[str, float]]:
@@ -208,9 +221,9 @@ def main() -> int:
               f"compiled {start['compiled_s']} s, peak GPU memory {start['peak_gpu_memory_gib']} GiB\n")  # fmt: skip
         print(header)
         print("|---" * 9 + "|")
-        for cell in cells:
-            print(row(cell, offline(model, args.device, chains[str(cell["chain"])], int(cell["concurrency"]), seconds, compile_setting),
-                      peer.get(int(cell["concurrency"])) if cell["chain"] == "ddim-50" else None), flush=True)  # fmt: skip
+        rates = offline(model, args.device, [(chains[str(c["chain"])], int(c["concurrency"])) for c in cells], seconds, compile_setting)
+        for cell, rate in zip(cells, rates, strict=True):
+            print(row(cell, rate, peer.get(int(cell["concurrency"])) if cell["chain"] == "ddim-50" else None), flush=True)
             print(json.dumps({"model": name, **cell}), file=sys.stderr, flush=True)
     return 0
 
