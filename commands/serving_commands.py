@@ -62,7 +62,8 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance w (default: the model card's)")
     p.add_argument("-o", "--output", default="grid.png", help=".png: a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]")
     p.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
-    p.add_argument("--retries", type=int, default=5, help="retries of a 503 / 429 (after the server's Retry-After)")
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries of a 503 / 429 (after the server's Retry-After) or a refused connection (0.5, 1, 2 ... s apart)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds for the whole call (queue, denoising, retries): a stalled or trickling server is cut off")  # fmt: skip
     add_edit_args(p)
@@ -130,6 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.total = data["total"]
             bar.update(data["steps_done"] - bar.n)
 
+    def on_retry(why: str, n: int, seconds: float) -> None:  # said, not silent: five retries wait 15.5 s in all
+        if bar is not None:
+            tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
+
     clip = None if args.clip is None else args.clip == "on"
     from ddpm.loaded_model import parse_class_labels
 
@@ -145,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise SystemExit(f"ddpm generate: --timeout must be > 0, got {args.timeout}")
     try:
-        with Client(args.url, max_retries=args.retries, timeout_s=args.timeout) as client:
+        with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
             result = client.generate(args.seed, args.n, on_event=on_event, **chain)
     except ServerError as exc:
         raise SystemExit(f"ddpm generate: the server answered {exc.status}: {exc.detail}") from exc

@@ -7,7 +7,8 @@
 
 A 503 (not ready, draining, queue full) or 429 (this client's images in flight) is retried after
 the server's Retry-After, up to ``max_retries`` times; so is a refused connection (a replica
-restarting). Retrying is safe: an image is a pure function of the request. ``on_event`` switches to
+restarting). Retrying is safe: an image is a pure function of the request; ``on_retry(why, n, seconds)``
+hears of each retry before its wait. ``on_event`` switches to
 the streaming endpoint and receives its events: ``queued`` ({images_ahead, ...}) and ``progress``
 ({steps_done, total}).
 
@@ -53,6 +54,7 @@ DEFAULT_TIMEOUT_S = 900.0  # above the server's default request deadline (600 s)
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20  # 64 RGB 256x256 PNGs in base64 are ~20 MB
 DEFAULT_MAX_EVENTS = 100_000  # a stream sends at most ~10 progress events a second
 EventHandler = Callable[[str, dict[str, Any]], None]
+RetryHandler = Callable[[str, int, float], None]  # (why, which retry from 1, seconds until it): before each wait
 RETRY_STATUSES = (429, 503)
 T = TypeVar("T")
 
@@ -250,8 +252,8 @@ class _Limits:
 
 
 class _Retry(Exception):
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self, delay: float, why: str) -> None:
+        self.delay, self.why = delay, why
 
 
 async def _pause(seconds: float) -> None:  # the retry wait (tests replace it)
@@ -271,12 +273,14 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_events: int = DEFAULT_MAX_EVENTS,
+        on_retry: RetryHandler | None = None,
         _persistent: bool = True,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url, self.timeout_s, self.max_retries, self.max_wait_s = url, timeout_s, max_retries, max_wait_s
         self.limits = _Limits(max_response_bytes, max_events)
+        self.on_retry = on_retry
         self._headers = {"Authorization": f"Bearer {t}"} if (t := _token(token)) else {}
         self._transport = transport
         self._http = self._new_http() if _persistent else None
@@ -325,17 +329,23 @@ class AsyncClient:
             try:
                 return await self._attempt(http, method, path, body, on_event, retry_allowed=not last, attempt=attempt)
             except _Retry as retry:
-                await _pause(retry.delay)
+                await self._wait(retry.why, attempt, retry.delay)
             except httpx.TimeoutException as exc:
                 raise CallTimeout(f"no answer from {self.url}{path} within {self.timeout_s:g} s ({type(exc).__name__})") from None
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # refused: a replica restarting; a dropped or garbled connection: nothing was answered
                 if last:
                     raise Unreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
-                await _pause(_retry_delay(None, attempt, self.max_wait_s))
+                why = f"no connection to {self.url} ({exc or type(exc).__name__})"
+                await self._wait(why, attempt, _retry_delay(None, attempt, self.max_wait_s))
             except httpx.HTTPError as exc:
                 raise Unreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
         raise AssertionError("unreachable")
+
+    async def _wait(self, why: str, attempt: int, delay: float) -> None:
+        if self.on_retry is not None:  # a person at a terminal learns why nothing happens yet
+            self.on_retry(why, attempt + 1, delay)
+        await _pause(delay)
 
     async def _attempt(
         self,
@@ -352,7 +362,7 @@ class AsyncClient:
             if status >= 400:
                 error = _error_detail(status, await self.limits.read(response))
                 if status in RETRY_STATUSES and retry_allowed:
-                    raise _Retry(_retry_delay(response.headers.get("retry-after"), attempt, self.max_wait_s))
+                    raise _Retry(_retry_delay(response.headers.get("retry-after"), attempt, self.max_wait_s), str(error))
                 raise error
             if on_event is None:
                 data = _json_object(await self.limits.read(response), "the answer", status)
@@ -363,7 +373,7 @@ class AsyncClient:
                 if name == "error":
                     error = ServerError(_status_of(data), str(data.get("detail", "")))
                     if error.status in RETRY_STATUSES and retry_allowed:  # a 503 event is as retryable as a 503 answer
-                        raise _Retry(_retry_delay(None, attempt, self.max_wait_s))
+                        raise _Retry(_retry_delay(None, attempt, self.max_wait_s), str(error))
                     raise error
                 on_event(name, data)
             raise BadAnswer("the stream ended without a result", status)
@@ -377,7 +387,7 @@ def _status_of(event: dict[str, Any]) -> int:
 class Client:
     """The synchronous client: :class:`AsyncClient`'s calls, each run to its end on a private loop.
     Takes :class:`AsyncClient`'s arguments (``timeout_s``, ``max_retries``, ``max_wait_s``, ``transport``,
-    ``max_response_bytes``, ``max_events``)."""
+    ``max_response_bytes``, ``max_events``, ``on_retry``)."""
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, **options: Any) -> None:
         self._async = AsyncClient(url, token, **options, _persistent=False)

@@ -98,9 +98,11 @@ def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path
     assert got.shape == served.shape == (6, 1, 8, 8) and np.abs(got - served).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG pixels
     bad = subprocess.run([*cmd, "--steps", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "422" in bad.stderr and "steps" in bad.stderr
-    unreachable = subprocess.run([*cmd[:4], "--url", "http://127.0.0.1:9", "-o", str(tmp_path / "y.png")], capture_output=True,
-                                 text=True, timeout=60, env={**env, "DDPM_URL": ""})  # fmt: skip
+    # one retry of the refused connection (0.5 s), not the default five (15.5 s of backoff)
+    unreachable = subprocess.run([*cmd[:4], "--url", "http://127.0.0.1:9", "--retries", "1", "-o", str(tmp_path / "y.png")],
+                                 capture_output=True, text=True, timeout=60, env={**env, "DDPM_URL": ""})  # fmt: skip
     assert unreachable.returncode != 0 and "cannot reach http://127.0.0.1:9" in unreachable.stderr
+    assert "no connection to http://127.0.0.1:9 (" in unreachable.stderr and "; retry 1 of 1 in 0.5 s" in unreachable.stderr  # not silent
 
 
 def _scripted(answers: list[httpx.Response]) -> tuple[list[httpx.Request], object]:
@@ -126,9 +128,11 @@ def test_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = [httpx.Response(503, headers={"Retry-After": "3"}, json={"detail": "queue full"}),
                httpx.Response(429, headers={"Retry-After": "1"}, json={"detail": "too many"}), httpx.Response(200, json=OK)]  # fmt: skip
     seen, handler = _scripted(answers)
-    with Client("http://x", token="t", transport=httpx.MockTransport(handler)) as client:  # type: ignore[arg-type]
+    heard: list[tuple[str, int, float]] = []
+    with Client("http://x", token="t", transport=httpx.MockTransport(handler), on_retry=lambda *a: heard.append(a)) as client:  # type: ignore[arg-type]
         assert client.generate(0, 1).meta["seed"] == 0
     assert slept == [3.0, 1.0] and len(seen) == 3 and seen[0].headers["authorization"] == "Bearer t"
+    assert heard == [("503: queue full", 1, 3.0), ("429: too many", 2, 1.0)]  # told before each wait, with the server's reason
     # a stream whose error event is a 503 is retried too; then the retries run out
     sse_503 = 'event: queued\ndata: {}\n\nevent: error\ndata: {"status": 503, "detail": "draining"}\n\n'
     answers = [httpx.Response(200, text=sse_503, headers={"content-type": "text/event-stream"}) for _ in range(3)]
