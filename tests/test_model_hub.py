@@ -66,12 +66,19 @@ def _ddpm_info(cache: Path, model: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
+# `ddpm info` once per reference in one process (the CLI's own entry point; a process start imports torch and the hub)
+_INFO_EACH = "import sys; from commands.main import main; [print(main(['info', '--model', spec]), flush=True) for spec in sys.argv[1:]]"
+
+
 def test_revisions_resolve_offline(hub_cache: tuple[Path, dict[str, str]]) -> None:
     cache, expect = hub_cache
-    for spec, weights in [("org/tiny", "B"), ("org/tiny@v1", "A"), (f"org/tiny@{expect['commit_a']}", "A"), ("org/tiny@main", "B")]:
-        result = _ddpm_info(cache, spec)
-        assert result.returncode == 0, result.stderr
-        report = json.loads(result.stdout)
+    expected = [("org/tiny", "B"), ("org/tiny@v1", "A"), (f"org/tiny@{expect['commit_a']}", "A"), ("org/tiny@main", "B")]
+    result = subprocess.run([sys.executable, "-c", _INFO_EACH, *(spec for spec, _ in expected)], env=_offline_env(cache),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(text + "\n}") for text in result.stdout.split("\n}\n0\n")[:-1]]  # each report, then its exit code 0
+    assert len(reports) == len(expected), result.stdout[-2000:]
+    for report, (spec, weights) in zip(reports, expected, strict=True):
         assert report["weights_sha256"] == expect[weights] and report["name"] == spec, spec
     missing = _ddpm_info(cache, "org/absent")
     assert missing.returncode != 0 and "cannot resolve hub model org/absent" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
