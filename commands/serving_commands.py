@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.total = data["total"]
             bar.update(data["steps_done"] - bar.n)
 
-    def on_retry(why: str, n: int, seconds: float) -> None:  # said, not silent: five retries wait 15.5 s in all
+    def on_retry(why: str, n: int, seconds: float) -> None:  # said, not silent: 5 retries of a refused connection wait 15.5 s
         if bar is not None:
             tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
 

@@ -7,10 +7,9 @@
 
 A 503 (not ready, draining, queue full) or 429 (this client's images in flight) is retried after
 the server's Retry-After, up to ``max_retries`` times; so is a refused connection (a replica
-restarting). Retrying is safe: an image is a pure function of the request; ``on_retry(why, n, seconds)``
-hears of each retry before its wait. ``on_event`` switches to
-the streaming endpoint and receives its events: ``queued`` ({images_ahead, ...}) and ``progress``
-({steps_done, total}).
+restarting). Retrying is safe: an image is a pure function of the request. ``on_retry(why, n,
+seconds)`` hears of each retry before its wait. ``on_event`` switches to the streaming endpoint and
+receives its events: ``queued`` ({images_ahead, ...}) and ``progress`` ({steps_done, total}).
 
 A client must not hang on, or be blown up by, a server that misbehaves:
 
