@@ -88,11 +88,17 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     background compile run to the end in a fresh inductor cache, and that cache copied to the output."""
     import tempfile
 
+    # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
+    with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
+        return _compile_into_output(args)
+
+
+def _compile_into_output(args: argparse.Namespace) -> int:
     from ddpm.compile_cache import size_bytes
     from service.server_state import ServerState
     from service.settings import Settings
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm-compile-cache-")  # this model's graphs only
     overrides: dict[str, Any] = {"compile": "auto", "compile_before_ready": False, "compile_cache_dir": Path(args.output)}
     if args.model is not None:
         overrides["model"] = args.model

@@ -73,6 +73,34 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     assert "could not be loaded" in compile_cache.load(tmp_path / "cc", key)
 
 
+def test_compile_cache_leaves_no_scratch_cache_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ddpm compile-cache` compiles in a fresh inductor cache of its own: gone when the command ends, as it
+    fails or succeeds (each one left a directory in /tmp before, a kernel build's worth)."""
+    import argparse
+
+    from commands import serving_commands
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read again
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "the-local-cache"))
+    seen: list[Path] = []
+
+    def compile_into_output(args: argparse.Namespace) -> int:
+        seen.append(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+        (seen[-1] / "fxgraph").mkdir()
+        (seen[-1] / "fxgraph" / "entry").write_bytes(b"graph")
+        if len(seen) == 2:
+            raise SystemExit("ddpm compile-cache: a failure")
+        return 0
+
+    monkeypatch.setattr(serving_commands, "_compile_into_output", compile_into_output)
+    assert serving_commands.cmd_compile_cache(argparse.Namespace()) == 0
+    with pytest.raises(SystemExit):
+        serving_commands.cmd_compile_cache(argparse.Namespace())
+    assert [p.parent for p in seen] == [tmp_path, tmp_path] and seen[0] != seen[1]
+    assert not any(p.exists() for p in seen) and list(tmp_path.iterdir()) == []
+
+
 # Every mount remounted read-only, one fresh tmpfs the only writable place (TMPDIR, inductor's and Triton's caches: the
 # image's /tmp under compose `read_only: true` or Kubernetes `readOnlyRootFilesystem`), and DDPM_OUT, where given,
 # bound writable (compile-cache's output). Inside a user + mount namespace: `unshare -rm`.

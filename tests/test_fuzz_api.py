@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def _app(tmp: Path):  # type: ignore[no-untyped-def]
 
 
 CALLS: dict[str, int] = {}  # requests sent per operation (printed by -s; RELIABILITY.md)
-APP = _app(Path(__import__("tempfile").mkdtemp(prefix="ddpm-fuzz-")))
+_MODEL_DIR = tempfile.TemporaryDirectory(prefix="ddpm-fuzz-")  # removed when the process ends
+APP = _app(Path(_MODEL_DIR.name))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

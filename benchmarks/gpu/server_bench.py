@@ -197,7 +197,11 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny models, short cells, compile off: the machinery on CPU")
     p.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="ddpm-server-bench-"))
+    with tempfile.TemporaryDirectory(prefix="ddpm-server-bench-") as scratch:  # the models it lays out, removed after
+        return bench(args, Path(scratch))
+
+
+def bench(args: argparse.Namespace, scratch: Path) -> int:
     if args.dry_run:
         from benchmarks.peers.run import tiny_model
 
