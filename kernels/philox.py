@@ -54,7 +54,7 @@ def philox4x32(
 def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     signed = torch.where(x >= (1 << 31), x - (1 << 32), x)  # bitcast uint32 -> int32
     signed = torch.where(signed < 0, -signed - 1, signed)  # ~x
-    return signed.to(torch.float32) * torch.tensor(UINT_TO_FLOAT_SCALE, dtype=torch.float32)
+    return signed.to(torch.float32) * UINT_TO_FLOAT_SCALE
 
 
 def philox_randn(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def philox_randn(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     u2 = _uint_to_uniform(r1)
     # Box-Muller, the cosine half (as tl.randn).
     radius = torch.sqrt(-2.0 * torch.log(u1))
-    return radius * torch.cos(torch.tensor(6.283185307179586, dtype=torch.float32) * u2)
+    return radius * torch.cos(6.283185307179586 * u2)
 
 
 def sample_noise(seeds: torch.Tensor, counter: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
