@@ -20,7 +20,9 @@ PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 N_ROUNDS = 10
-# Largest int32 times this stays < 1.0 in float32 (Triton's uint_to_uniform_float).
+# Largest int32 times this stays < 1.0 in float32 (Triton's uint_to_uniform_float). The float constants here
+# multiply float32 tensors as Python floats (rounded to float32, as torch.tensor(c, float32) would be): a
+# torch.tensor call in the compiled twin's graph kept AOTAutograd from caching it (tests/test_reverse_step.py).
 UINT_TO_FLOAT_SCALE = 4.6566127342e-10
 
 
