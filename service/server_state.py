@@ -149,8 +149,9 @@ class ServerState:
         if not should_compile(s.compile, device):
             self.hot_path = eager
             return self._warm_engine(model, eager.eps_model, step_of(eager)), eager
-        cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)  # imports inductor: compiling only
+        cache_key = None  # only where graphs are read or written: inductor's ISA check in it is seconds of g++ before ready
         if s.compile_cache_dir is not None:
+            cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
             log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
         switch = self.switch = PathSwitch(eager)
         # eager needs no graphs: batch 1 and 2 prove the model runs (the compile thread warms the rest)
@@ -172,10 +173,10 @@ class ServerState:
             self.compile_thread = self.compiler.start(initial=False)
         return engine, eager
 
-    def _save_compiled(self, key: dict[str, object]) -> None:
+    def _save_compiled(self, key: dict[str, object] | None) -> None:
         """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""
         directory = self.settings.compile_cache_dir
-        if directory is None or artefact_path(directory, key).exists():
+        if directory is None or key is None or artefact_path(directory, key).exists():
             return
         try:
             path = compile_cache.save(directory, key)

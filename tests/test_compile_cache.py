@@ -101,6 +101,26 @@ def test_compile_cache_leaves_no_scratch_cache_behind(tmp_path: Path, monkeypatc
     assert not any(p.exists() for p in seen) and list(tmp_path.iterdir()) == []
 
 
+@needs_compiler
+def test_the_machine_key_is_worked_out_only_where_graphs_are_read_or_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key runs inductor's ISA check (g++ on a test program per ISA, then a Python process loading it: ~4 s on a
+    2-core CPU with an empty cache, ~1 s warm), before ready: without DDPM_COMPILE_CACHE_DIR nothing needs it."""
+    from ddpm.model_source import load_model_source
+    from service import server_state
+    from service.server_state import ServerState
+    from service.settings import Settings
+
+    asked: list[str] = []
+    monkeypatch.setattr(server_state, "machine_key", lambda *args: asked.append("key") or machine_key(*args))
+    model = load_model_source(save_tiny_model(tmp_path / "tiny", num_timesteps=50), "cpu")
+    for cache_dir in (None, tmp_path / "cc"):
+        state = ServerState(Settings(model=model.path, compile="auto", compile_cache_dir=cache_dir, max_batch=2, warmup_steps=1))
+        _, served = state._engine_on_hot_path(model, torch.device("cpu"), "f" * 64)  # the compile thread is not started
+        assert not served.compiled and state.compiler is not None
+        state.switch.close()  # type: ignore[union-attr]
+        assert asked == ([] if cache_dir is None else ["key"]), cache_dir
+
+
 # Every mount remounted read-only, one fresh tmpfs the only writable place (TMPDIR, inductor's and Triton's caches: the
 # image's /tmp under compose `read_only: true` or Kubernetes `readOnlyRootFilesystem`), and DDPM_OUT, where given,
 # bound writable (compile-cache's output). Inside a user + mount namespace: `unshare -rm`.
