@@ -76,14 +76,13 @@ def test_shipped_conditional_model_gives_the_asked_digit(tmp_path: Path) -> None
     assert w is not None and w >= 0
     asked = list(range(10)) * 2
     labels = ",".join(map(str, asked))
-    chain = ("--model", str(CONDITIONAL_MODEL), "-n", "20", "--steps", "30", "--sampler", "sde-dpmsolver++", "--class-label", labels)
-    x = np.load(_sample(tmp_path, "c.npy", *chain))
+    chain = ("--model", str(CONDITIONAL_MODEL), "--steps", "30", "--sampler", "sde-dpmsolver++")
+    x = np.load(_sample(tmp_path, "c.npy", *chain, "-n", "20", "--class-label", labels))
     _, probs = classify(load_classifier(DEFAULT_CLASSIFIER), torch.from_numpy(x) * 2 - 1)
     agreement = (probs.argmax(1) == torch.tensor(asked)).float().mean().item()
     assert agreement >= 0.8, agreement  # N = 500 at 50 steps: see its model card
     # images 0 and 1 of the same seed and chain at another scale (image k does not depend on the batch around it)
-    two = ("--model", str(CONDITIONAL_MODEL), "-n", "2", "--steps", "30", "--sampler", "sde-dpmsolver++", "--class-label", "0,1")
-    other = np.load(_sample(tmp_path, "o.npy", *two, "--guidance-scale", str(w + 1)))
+    other = np.load(_sample(tmp_path, "o.npy", *chain, "-n", "2", "--class-label", "0,1", "--guidance-scale", str(w + 1)))
     assert other.shape == (2, *x.shape[1:]) and np.abs(other - x[:2]).max() > 0.1
 
 
