@@ -180,8 +180,12 @@ def replay(url: str, arrivals: list[tuple[float, str]], deadline_s: float, mode:
                 await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
                 tasks.append(asyncio.create_task(one(http, at, kind, 100_000 + i)))
             await counter
-            # the window's answers: wait a little past its end for the interactive ones, then cancel the rest
-            await asyncio.wait(tasks, timeout=max(10.0, 10 * deadline_s))
+            # the window's answers: wait a little past its end for the interactive ones, then cancel the rest (bulk
+            # answers after the window count for nothing, and under an overload they would hold the wait to its end:
+            # 10 s a cell, 20 s of a GPU session's 15 minutes)
+            interactive = [task for task, (_, kind) in zip(tasks, arrivals, strict=True) if kind == "interactive"]
+            if interactive:
+                await asyncio.wait(interactive, timeout=max(10.0, 10 * deadline_s))
             for task in tasks:
                 task.cancel()
 
@@ -255,14 +259,16 @@ def main() -> int:
             print(json.dumps({"mode": mode, "device": info["device"], "precision": info["precision"], "compiled": info["compiled"],
                               "alone_latency_s": round(alone, 3), "deadline_s": round(deadline, 3),
                               "capacity_row_calls_per_s": round(cap, 1), "measured_capacity": round(measured, 1)}), flush=True)  # fmt: skip
-            for load in (float(x) for x in args.loads.split(",")):
+            loads = [float(x) for x in args.loads.split(",")]
+            for n, load in enumerate(loads, 1):
                 arrivals = trace(load, args.interactive_share, cap, lead_in + args.seconds, args.seed)
                 cell = replay(server.url, arrivals, deadline, mode, args.seconds, lead_in)
                 left = (1 - args.interactive_share) * cap  # bulk row-calls/s the capacity leaves after the interactive load
                 offered = sum(BULK_CALLS for _, kind in arrivals if kind == "bulk") / (lead_in + args.seconds)  # this trace's bulk load
                 cell.update(mode=mode, load=load, lead_in_s=lead_in, bulk_capacity_left_row_calls_per_s=round(left, 1),
                             bulk_goodput_over_left=round(float(cell["bulk_row_calls_per_s"]) / min(left, offered), 3))  # type: ignore[arg-type]  # fmt: skip
-                time.sleep(min(5.0, args.seconds))  # the last cell's tail drains before the next
+                if args.recalibrate or n < len(loads):  # the cell's tail drains before the next measurement
+                    time.sleep(min(5.0, args.seconds))
                 if args.recalibrate:
                     after = capacity(server.url, args.calibrate_s, warm_s=args.warm_s)
                     mean_left = (1 - args.interactive_share) * (measured + after) / 2
