@@ -248,6 +248,34 @@ def test_the_gil_switch_interval_is_the_settings(model_dir: Path) -> None:
     assert Settings().gil_switch_interval_ms == 5.0  # Python's own default: no change unless asked
 
 
+def test_an_eager_cpu_server_warms_every_step_variant_small_and_only_the_unets_shape_at_max_batch(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compile off on a CPU: no JIT anywhere, so every step variant runs at batch 1 and 2 (they prove the model runs) and
+    at max_batch only the U-Net's shapes (the plain chain; the guided one, twice the rows, for a conditional model):
+    the other chains at 64 rows were 5.5 s of the shipped model's 13.6 s start on a 2-core AVX2 CPU."""
+    from service.engine.engine import Engine
+    from service.server_state import ServerState
+    from tests.tiny_model import save_tiny_conditional_model
+
+    enqueue, warmed = Engine._enqueue, []
+    monkeypatch.setattr(Engine, "_enqueue", lambda self, job: warmed.append(job.request) or enqueue(self, job))
+    conditional = save_tiny_conditional_model(tmp_path / "cond", num_timesteps=50)
+    for model, max_batch in ((model_dir, 8), (conditional, 6)):
+        warmed.clear()
+        state = ServerState(Settings(model=model, warmup_steps=1, max_batch=max_batch, compile="off"))
+        state.start_loading()
+        state.wait_loaded(60)
+        assert state.ready
+        state.shutdown()
+        small = [(r.chain, r.edit is not None, r.labels is not None) for r in warmed if r.n == 1]
+        assert len(small) >= 4 and len(set(small)) == len(small)  # plain, clipped, each multistep variant, inpainting
+        assert [(r.chain, r.edit is not None, r.labels is not None) for r in warmed if r.n == 2] == small
+        at_max = [(r.chain, r.labels is not None) for r in warmed if r.n == max_batch]
+        assert at_max == [(small[0][0], False), *([(next(c for c, _, g in small if g), True)] if model == conditional else [])]
+        assert {r.n for r in warmed} == {1, 2, max_batch}
+
+
 def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:
     settings = Settings(model=tmp_path / "missing", warmup_steps=0)
     with TestClient(create_app(settings)) as c:

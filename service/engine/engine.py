@@ -397,13 +397,15 @@ class Engine:
             time.sleep(0.05)
         return self.idle
 
-    def warmup(self, steps: int, sizes: Iterable[int] | None = None) -> None:
+    def warmup(self, steps: int, sizes: Iterable[int] | None = None, shape_sizes: Iterable[int] = ()) -> None:
         """Run short chains through the engine's own iteration code (before start) at batch 1, 2 and
         max_batch (or ``sizes``), one for every variant of the step a request can ask for: plain, clipped
         and not; one sampler per step variant (``ddpm.samplers.step_variants``: multistep state x0_prev,
         multistep with jump terms: restart, the default chain); inpainting (a mask and RePaint's jumps, no
         multistep state); guided (on the first multistep chain), for a conditional model. A compiled hot
-        path builds its graphs here (the compile thread: background_compile.py)."""
+        path builds its graphs here (the compile thread: background_compile.py). At ``shape_sizes`` only the
+        U-Net's shapes: the plain chain, and the guided one (twice the rows) for a conditional model (an eager
+        CPU path, where nothing compiles per variant: server_state.py)."""
         if steps <= 0:
             return
         observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
@@ -416,9 +418,11 @@ class Engine:
             chains.append(ChainSpec(min(max(steps, rule.shortest_with_jumps or 1), t), rule.name, clip=True))
         chains.append(ChainSpec(min(max(steps, 2), t), inpainting_samplers()[-1], repaint=True, jump_length=1, jump_n_sample=2))
         guided_chain = next((chain for chain in chains if chain.multistep), None)  # and a guided batch (2 rows per sample)
+        every = set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}
+        shapes = [chains[0], *([guided_chain] if self.model.conditional and guided_chain is not None else [])]
         try:
-            for n in sorted(set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}):
-                for chain in chains:
+            for n in sorted(every | set(shape_sizes)):
+                for chain in chains if n in every else shapes:
                     guided = self.model.conditional and chain is guided_chain
                     edit = EditInput("warm-up", -half, half) if chain.repaint else None
                     job = Job(ImageRequest(0, n, chain, (0,) * n if guided else None, 1.0 if guided else 0.0, edit), timeout_s=3600)
