@@ -67,6 +67,7 @@ class ServerState:
         self.switch: PathSwitch | None = None  # per call shape: the compiled graphs where built, else eager
         self.compiler: BackgroundCompiler | None = None  # builds the graphs, on its own thread
         self.compile_thread: threading.Thread | None = None
+        self.compiled_key: dict[str, object] | None = None  # names this machine's copy in DDPM_COMPILE_CACHE_DIR
         self.ready = False
         self.draining = False
         self.listeners_closed: float | None = None  # when the draining server stopped accepting connections
@@ -152,10 +153,6 @@ class ServerState:
                 small = {1, min(2, s.max_batch)}  # (shipped model, 2-core AVX2: ready 13.6 -> ~8 s)
                 return self._warm_engine(model, eager.eps_model, step_of(eager), small, {s.max_batch} - small), eager
             return self._warm_engine(model, eager.eps_model, step_of(eager)), eager  # CUDA: Triton specialises per shape
-        cache_key = None  # only where graphs are read or written: inductor's ISA check in it is seconds of g++ before ready
-        if s.compile_cache_dir is not None:
-            cache_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
-            log.info("%s", compile_cache.load(s.compile_cache_dir, cache_key))
         switch = self.switch = PathSwitch(eager)
         # eager needs no graphs: batch 1 and 2 prove the model runs (the compile thread warms the rest)
         engine = self._warm_engine(model, switch.eps, switch.step, sizes={1, min(2, s.max_batch)})
@@ -168,13 +165,28 @@ class ServerState:
             make_engine=lambda m, step: Engine(m, max_batch=s.max_batch, step_fn=step, scheduling=s.scheduling),
             warmup_steps=s.warmup_steps,
             max_batch=s.max_batch,
-            on_done=lambda: self._save_compiled(cache_key),
+            before_build=lambda: self._load_compiled(device, fingerprint),
+            on_done=lambda: self._save_compiled(self.compiled_key),
         )
         if s.compile == "on" or s.compile_before_ready:
             # on this (loader) thread, before ready; compile=on fails the start if it cannot compile, auto serves eagerly
             self.compiler.build(raise_errors=s.compile == "on")
             self.compile_thread = self.compiler.start(initial=False)
         return engine, eager
+
+    def _load_compiled(self, device: torch.device, fingerprint: str) -> None:
+        """Before the first compile, on the thread that compiles (behind ready, unless compiling before it): this
+        machine's graphs from DDPM_COMPILE_CACHE_DIR into the local inductor cache. Only where a directory is set: the
+        key imports inductor and runs its ISA check (g++ and a Python process per ISA), 7-8 s before ready in every
+        container on a 2-core AVX2 CPU while it ran on the loader (its inductor cache starts empty)."""
+        s = self.settings
+        if s.compile_cache_dir is None:
+            return
+        try:
+            self.compiled_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
+            log.info("%s", compile_cache.load(s.compile_cache_dir, self.compiled_key))
+        except Exception as exc:  # a copy that cannot be read: compiled from scratch, as on a machine without one
+            log.warning("could not load the compiled graphs: %s: %s", type(exc).__name__, exc)
 
     def _save_compiled(self, key: dict[str, object] | None) -> None:
         """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""

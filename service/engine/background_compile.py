@@ -279,9 +279,10 @@ class BackgroundCompiler:
         warmup_steps: int,
         max_batch: int,
         on_done: Callable[[], None] = lambda: None,
+        before_build: Callable[[], None] = lambda: None,
     ) -> None:
         self.model, self.switch, self.make_compiled, self.make_engine = model, switch, make_compiled, make_engine
-        self.warmup_steps, self.max_batch, self.on_done = warmup_steps, max_batch, on_done
+        self.warmup_steps, self.max_batch, self.on_done, self.before_build = warmup_steps, max_batch, on_done, before_build
         self.compiled: HotPath | None = None
         self.thread: threading.Thread | None = None
         self.built = threading.Event()  # the warm-up and the sweep have ended (compiled, or failed)
@@ -303,6 +304,7 @@ class BackgroundCompiler:
         False (the eager path keeps serving every shape) if compiling failed."""
         switch, group = self.switch, GROUPS[0]
         try:
+            self.before_build()  # (the server: its copied graphs into the local inductor cache)
             eps, module = compile_copy(self.model, switch.eager.eps_model)
             self.compiled = self.make_compiled(eps, module)
             recorder = _Recorder(switch, self.compiled)
