@@ -248,12 +248,12 @@ def test_the_gil_switch_interval_is_the_settings(model_dir: Path) -> None:
     assert Settings().gil_switch_interval_ms == 5.0  # Python's own default: no change unless asked
 
 
-def test_an_eager_cpu_server_warms_every_step_variant_small_and_only_the_unets_shape_at_max_batch(
+def test_an_eager_cpu_server_warms_every_step_variant_at_batch_1_and_only_the_unets_shapes_above(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Compile off on a CPU: no JIT anywhere, so every step variant runs at batch 1 and 2 (they prove the model runs) and
-    at max_batch only the U-Net's shapes (the plain chain; the guided one, twice the rows, for a conditional model):
-    the other chains at 64 rows were 5.5 s of the shipped model's 13.6 s start on a 2-core AVX2 CPU."""
+    """Compile off on a CPU: no JIT anywhere, so every step variant runs at batch 1 (they prove the model runs) and at
+    2 and max_batch only the U-Net's shapes (the plain chain; the guided one, twice the rows, for a conditional model):
+    the other chains at 64 rows were 5.5 s of the shipped model's 13.7 s start on a 2-core AVX2 CPU."""
     from service.engine.engine import Engine
     from service.server_state import ServerState
     from tests.tiny_model import save_tiny_conditional_model
@@ -270,9 +270,9 @@ def test_an_eager_cpu_server_warms_every_step_variant_small_and_only_the_unets_s
         state.shutdown()
         small = [(r.chain, r.edit is not None, r.labels is not None) for r in warmed if r.n == 1]
         assert len(small) >= 4 and len(set(small)) == len(small)  # plain, clipped, each multistep variant, inpainting
-        assert [(r.chain, r.edit is not None, r.labels is not None) for r in warmed if r.n == 2] == small
-        at_max = [(r.chain, r.labels is not None) for r in warmed if r.n == max_batch]
-        assert at_max == [(small[0][0], False), *([(next(c for c, _, g in small if g), True)] if model == conditional else [])]
+        shapes = [(small[0][0], False), *([(next(c for c, _, g in small if g), True)] if model == conditional else [])]
+        for n in (2, max_batch):
+            assert [(r.chain, r.labels is not None) for r in warmed if r.n == n] == shapes, n
         assert {r.n for r in warmed} == {1, 2, max_batch}
 
 
