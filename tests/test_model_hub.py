@@ -76,8 +76,12 @@ def test_revisions_resolve_offline(hub_cache: tuple[Path, dict[str, str]]) -> No
     result = subprocess.run([sys.executable, "-c", _INFO_EACH, *(spec for spec, _ in expected)], env=_offline_env(cache),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    reports = [json.loads(text + "\n}") for text in result.stdout.split("\n}\n0\n")[:-1]]  # each report, then its exit code 0
-    assert len(reports) == len(expected), result.stdout[-2000:]
+    values, at, decoder = [], 0, json.JSONDecoder()  # each report, then its exit code, as JSON values one after another
+    while result.stdout[at:].strip():
+        value, at = decoder.raw_decode(result.stdout, len(result.stdout) - len(result.stdout[at:].lstrip()))
+        values.append(value)
+    reports = values[0::2]
+    assert values[1::2] == [0] * len(expected) and len(reports) == len(expected), result.stdout[-2000:]
     for report, (spec, weights) in zip(reports, expected, strict=True):
         assert report["weights_sha256"] == expect[weights] and report["name"] == spec, spec
     missing = _ddpm_info(cache, "org/absent")
