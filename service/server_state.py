@@ -149,13 +149,9 @@ class ServerState:
         eager = hot_path(eager_eps, model.module, device, "off", s.step_backend, s.precision)
         if not should_compile(s.compile, device):
             self.hot_path = eager
-            if device.type == "cpu":  # no JIT on this path: every step variant at batch 1, the U-Net's shapes at 2 and max_batch
-                # (shipped model, 2-core AVX2: ready 13.7 -> 6.1 s; the cifar10-32 shape at max batch 2: 15.1 -> ~11 s)
-                return self._warm_engine(model, eager.eps_model, step_of(eager), {1}, {min(2, s.max_batch), s.max_batch} - {1}), eager
-            return self._warm_engine(model, eager.eps_model, step_of(eager)), eager  # CUDA: Triton specialises per shape
+            return self._warm_engine(model, eager.eps_model, step_of(eager), *self._eager_warmup(device, compiling=False)), eager
         switch = self.switch = PathSwitch(eager)
-        # eager needs no graphs: batch 1 and 2 prove the model runs (the compile thread warms the rest)
-        engine = self._warm_engine(model, switch.eps, switch.step, sizes={1, min(2, s.max_batch)})
+        engine = self._warm_engine(model, switch.eps, switch.step, *self._eager_warmup(device, compiling=True))
         switch.on_change = lambda _: self._publish_hot_path()
         switch.on_fallback = lambda sig: self.metrics.compile_fallbacks.labels(path=sig[0]).inc()
         self.compiler = BackgroundCompiler(
@@ -173,6 +169,15 @@ class ServerState:
             self.compiler.build(raise_errors=s.compile == "on")
             self.compile_thread = self.compiler.start(initial=False)
         return engine, eager
+
+    def _eager_warmup(self, device: torch.device, compiling: bool) -> tuple[set[int], set[int]]:
+        """The eager path's warm-up before ready: the batch sizes of every step variant, and those of the U-Net's shapes
+        alone (Engine.warmup). Where graphs are built behind ready, batch 1 and 2 prove the model runs (the compile
+        thread warms the rest); where nothing compiles, max_batch too. On a CPU no JIT runs on this path, so every
+        variant at batch 1 and the others as shapes only (the shipped model compile off, 2-core AVX2: ready 13.7 ->
+        6.1 s); on CUDA every variant at every size (Triton specialises its kernel on the sizes it is launched with)."""
+        sizes = {1, min(2, self.settings.max_batch)} | (set() if compiling else {self.settings.max_batch})
+        return ({1}, sizes - {1}) if device.type == "cpu" else (sizes, set())
 
     def _load_compiled(self, device: torch.device, fingerprint: str) -> None:
         """Before the first compile, on the thread that compiles (behind ready, unless compiling before it): this
@@ -234,7 +239,7 @@ class ServerState:
             return f"no iteration finished for {stalled:.0f} s with work waiting"
         return None
 
-    def _warm_engine(self, model: LoadedModel, eps_model: EpsModel, step_fn: StepFn, sizes: set[int] | None = None,
+    def _warm_engine(self, model: LoadedModel, eps_model: EpsModel, step_fn: StepFn, sizes: set[int],
                      shape_sizes: Iterable[int] = ()) -> Engine:  # fmt: skip
         """An engine on the given hot path, warmed up (not started)."""
         s = self.settings

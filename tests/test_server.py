@@ -248,12 +248,15 @@ def test_the_gil_switch_interval_is_the_settings(model_dir: Path) -> None:
     assert Settings().gil_switch_interval_ms == 5.0  # Python's own default: no change unless asked
 
 
-def test_an_eager_cpu_server_warms_every_step_variant_at_batch_1_and_only_the_unets_shapes_above(
+def test_on_a_cpu_the_eager_warm_up_runs_every_step_variant_at_batch_1_and_only_the_unets_shapes_above(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Compile off on a CPU: no JIT anywhere, so every step variant runs at batch 1 (they prove the model runs) and at
+    """The eager path on a CPU runs no JIT, so every step variant runs at batch 1 (they prove the model runs) and at
     2 and max_batch only the U-Net's shapes (the plain chain; the guided one, twice the rows, for a conditional model):
     the other chains at 64 rows were 5.5 s of the shipped model's 13.7 s start on a 2-core AVX2 CPU."""
+    import torch
+
+    from ddpm.model_source import load_model_source
     from service.engine.engine import Engine
     from service.server_state import ServerState
     from tests.tiny_model import save_tiny_conditional_model
@@ -274,6 +277,14 @@ def test_an_eager_cpu_server_warms_every_step_variant_at_batch_1_and_only_the_un
         for n in (2, max_batch):
             assert [(r.chain, r.labels is not None) for r in warmed if r.n == n] == shapes, n
         assert {r.n for r in warmed} == {1, 2, max_batch}
+    # compile auto: the eager path until the compile thread has built the graphs, which warms the rest (not started here)
+    warmed.clear()
+    state = ServerState(Settings(model=model_dir, warmup_steps=1, max_batch=8, compile="auto"))
+    loaded = load_model_source(model_dir, "cpu")
+    state._engine_on_hot_path(loaded, torch.device("cpu"), "f" * 64)
+    state.switch.close()  # type: ignore[union-attr]
+    assert len({r.chain for r in warmed if r.n == 1}) >= 4 and [r.chain for r in warmed if r.n == 2] == [small[0][0]]
+    assert {r.n for r in warmed} == {1, 2}
 
 
 def test_not_ready_before_load_and_on_a_bad_model(tmp_path: Path) -> None:
