@@ -239,16 +239,15 @@ def main() -> int:
     if not args.dry_run and not env["cuda_available"]:
         print("no CUDA device: use --dry-run on a machine without one", file=sys.stderr)
         return 2
+    if not args.dry_run:
+        return run_phases(args, env, None)
     with tempfile.TemporaryDirectory(prefix="ddpm-gpu-dry-") as scratch:  # the dry run's tiny model, removed after
-        return run_phases(args, env, Path(scratch))
-
-
-def run_phases(args: argparse.Namespace, env: dict[str, object], scratch: Path) -> int:
-    tiny_model = None
-    if args.dry_run:
         from tests.tiny_model import save_tiny_model
 
-        tiny_model = save_tiny_model(scratch / "tiny", num_timesteps=100)
+        return run_phases(args, env, save_tiny_model(Path(scratch) / "tiny", num_timesteps=100))
+
+
+def run_phases(args: argparse.Namespace, env: dict[str, object], tiny_model: Path | None) -> int:
     todo = phases(args.dry_run, "cpu" if args.dry_run else "cuda", tiny_model)
     todo = [p for p in todo if p.name in args.only.split(",")]
     for phase in todo:
