@@ -113,6 +113,25 @@ def test_the_engine_runs_the_best_rate_size_and_the_images_do_not_change() -> No
         assert (job.images - _offline(unet, job)).abs().max().item() < BATCH_ROUNDING  # type: ignore[operator]
 
 
+def test_the_warm_up_runs_each_size_whole_and_does_not_measure_its_cold_first_call() -> None:
+    """A warm-up job is there for its shape: its rows run in one call whatever the call size (a cost model that
+    favoured 1 row split the max-batch warm-up into 1-row calls, and that size was never measured); and a size's first
+    call (the shape's primitives built, the allocator grown: up to 3x a warm call on a CPU) is not its cost. Before,
+    one cold sample at 2 rows made the tiny model's server learn a call size of 1, and two servers split the same
+    3-image request differently (tests/test_response_cache.py saw other bits)."""
+    engine, _ = _engine(max_batch=4, max_resident=8, tune_call_size=True)
+    engine.cost.observe(1, 0.01)
+    engine.cost.observe(2, 1.0)  # 2 and 4 rows predicted far slower per row than 1: the call size would be 1
+    assert engine.call_size.rows(4, engine.cost) == 1
+    calls: list[int] = []
+    eps = engine.model.eps_model
+    engine.model.eps_model = lambda x, t, *labels: calls.append(x.shape[0]) or eps(x, t, *labels)  # type: ignore[assignment]
+    engine.warmup(1, sizes={1}, shape_sizes={4})
+    assert 4 in calls and set(calls) == {1, 4}, calls  # the 4-row job in 4-row calls
+    assert engine.cost._count[4] == calls.count(4) - 1 >= 1  # its first call not measured, the next ones are
+    assert engine.call_size.tune  # the call size tunes again after the warm-up
+
+
 @pytest.mark.parametrize("scale", [2.0, 0.0])
 def test_a_call_size_below_the_full_batch_counts_unet_rows(scale: float) -> None:
     """On a curve whose best is 2 U-Net rows, a call takes one guided image (its null-label row beside it: 2 rows),

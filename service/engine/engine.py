@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -121,6 +121,7 @@ class Engine:
         self.max_slowdown = max_slowdown  # a job without a deadline: at most this x its time alone, while rows allow (0: off)
         self.clock = clock  # the scheduler's now (a test's fake clock); the request deadlines stay monotonic
         self.cost = IterationCost()
+        self._cold: set[int] | None = None  # while warming up: the U-Net row counts whose first call has run
         self.call_size = CallSize(max_batch, tune=tune_call_size)  # rows per U-Net call while more are resident
         self.answer_time = AnswerTime(deadline_margin_s)  # of a deadline, what the answer takes after the images
         self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
@@ -399,27 +400,24 @@ class Engine:
 
     def warmup(self, steps: int, sizes: Iterable[int] | None = None, shape_sizes: Iterable[int] = ()) -> None:
         """Run short chains through the engine's own iteration code (before start) at batch 1, 2 and
-        max_batch (or ``sizes``), one for every variant of the step a request can ask for: plain, clipped
-        and not; one sampler per step variant (``ddpm.samplers.step_variants``: multistep state x0_prev,
-        multistep with jump terms: restart, the default chain); inpainting (a mask and RePaint's jumps, no
-        multistep state); guided (on the first multistep chain), for a conditional model. A compiled hot
-        path builds its graphs here (the compile thread: background_compile.py). At ``shape_sizes`` only the
-        U-Net's shapes: the plain chain, and the guided one (twice the rows) for a conditional model (an eager
-        CPU path, where nothing compiles per variant: server_state.py)."""
+        max_batch (or ``sizes``), one for every variant of the step a request can ask for (``_warmup_chains``).
+        A compiled hot path builds its graphs here (the compile thread: background_compile.py). At
+        ``shape_sizes`` only the U-Net's shapes: the plain chain, and the guided one (twice the rows) for a
+        conditional model (an eager CPU path, where nothing compiles per variant: server_state.py). Every
+        warm-up call takes its job's full rows (the shape it is there for, whatever the call size says), and a
+        size's first call is not measured (it builds the shape's primitives and grows the allocator: up to 3x a
+        warm call on a CPU), so the plain chain runs two iterations at least where it runs alone."""
         if steps <= 0:
             return
-        observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
         t = self.model.schedule.num_timesteps
-        steps = min(steps, t)
+        chains, guided_chain = self._warmup_chains(min(steps, t))
+        every = set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}
+        plain = replace(chains[0], steps=min(max(chains[0].steps, 2), t))
+        shapes = [plain, *([guided_chain] if self.model.conditional and guided_chain is not None else [])]
         half = torch.ones(self.shape, dtype=torch.float32)
         half[..., : self.shape[-1] // 2] = 0.0  # the left half repainted
-        chains = [ChainSpec(steps, clip=False)]
-        for rule in step_variants():  # a sampler that jumps: at least the calls its plan needs for a jump
-            chains.append(ChainSpec(min(max(steps, rule.shortest_with_jumps or 1), t), rule.name, clip=True))
-        chains.append(ChainSpec(min(max(steps, 2), t), inpainting_samplers()[-1], repaint=True, jump_length=1, jump_n_sample=2))
-        guided_chain = next((chain for chain in chains if chain.multistep), None)  # and a guided batch (2 rows per sample)
-        every = set(sizes) if sizes is not None else {1, min(2, self.max_batch), self.max_batch}
-        shapes = [chains[0], *([guided_chain] if self.model.conditional and guided_chain is not None else [])]
+        observer, self.observer = self.observer, EngineObserver()  # warm-up is not served work: no metrics
+        tune, self.call_size.tune, self._cold = self.call_size.tune, False, set()
         try:
             for n in sorted(every | set(shape_sizes)):
                 for chain in chains if n in every else shapes:
@@ -433,7 +431,19 @@ class Engine:
                     if job.error is not None:  # the cause, not the client-facing message: this goes to the log
                         raise RuntimeError(f"warm-up failed: {getattr(job.error, 'cause', job.error)}") from job.error
         finally:
-            self.observer = observer
+            self.observer, self.call_size.tune, self._cold = observer, tune, None
+
+    def _warmup_chains(self, steps: int) -> tuple[list[ChainSpec], ChainSpec | None]:
+        """One chain per variant of the step a request can ask for: plain, clipped and not; one sampler per step
+        variant (``ddpm.samplers.step_variants``: multistep state x0_prev, multistep with jump terms: restart, the
+        default chain); inpainting (a mask and RePaint's jumps, no multistep state); and the chain a guided batch
+        runs (the first multistep one), for a conditional model."""
+        t = self.model.schedule.num_timesteps
+        chains = [ChainSpec(steps, clip=False)]
+        for rule in step_variants():  # a sampler that jumps: at least the calls its plan needs for a jump
+            chains.append(ChainSpec(min(max(steps, rule.shortest_with_jumps or 1), t), rule.name, clip=True))
+        chains.append(ChainSpec(min(max(steps, 2), t), inpainting_samplers()[-1], repaint=True, jump_length=1, jump_n_sample=2))
+        return chains, next((chain for chain in chains if chain.multistep), None)
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -582,7 +592,11 @@ class Engine:
                 self._observe("on_preempted", dict(zip(priorities.tolist(), counts.tolist(), strict=True)))
             batch.advance(new_x, x0)
             self.iterations += 1  # counters and gauges are current before anyone is told
-            self.cost.observe(batch.unet_row_count(m), seconds)  # the call's rows: a guided row is two
+            rows = batch.unet_row_count(m)  # the call's rows: a guided row is two
+            if self._cold is None or rows in self._cold:
+                self.cost.observe(rows, seconds)
+            else:  # warm-up: a size's first call builds its primitives and grows the allocator, not its cost
+                self._cold.add(rows)
             if readout is not None:
                 self._leave(batch, finishing)
                 self._readouts.append(readout)
