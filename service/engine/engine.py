@@ -92,6 +92,8 @@ class _Readout:
 
 
 class Engine:
+    _cold: set[int] | None = None  # while warming up: the U-Net row counts whose first call has run
+
     def __init__(
         self,
         model: LoadedModel,
@@ -121,7 +123,6 @@ class Engine:
         self.max_slowdown = max_slowdown  # a job without a deadline: at most this x its time alone, while rows allow (0: off)
         self.clock = clock  # the scheduler's now (a test's fake clock); the request deadlines stay monotonic
         self.cost = IterationCost()
-        self._cold: set[int] | None = None  # while warming up: the U-Net row counts whose first call has run
         self.call_size = CallSize(max_batch, tune=tune_call_size)  # rows per U-Net call while more are resident
         self.answer_time = AnswerTime(deadline_margin_s)  # of a deadline, what the answer takes after the images
         self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
