@@ -76,10 +76,11 @@ def test_revisions_resolve_offline(hub_cache: tuple[Path, dict[str, str]]) -> No
     result = subprocess.run([sys.executable, "-c", _INFO_EACH, *(spec for spec, _ in expected)], env=_offline_env(cache),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    values, at, decoder = [], 0, json.JSONDecoder()  # each report, then its exit code, as JSON values one after another
-    while result.stdout[at:].strip():
-        value, at = decoder.raw_decode(result.stdout, len(result.stdout) - len(result.stdout[at:].lstrip()))
+    values, rest, decoder = [], result.stdout.strip(), json.JSONDecoder()  # each report, then its exit code: JSON values in a row
+    while rest:
+        value, end = decoder.raw_decode(rest)
         values.append(value)
+        rest = rest[end:].lstrip()
     reports = values[0::2]
     assert values[1::2] == [0] * len(expected) and len(reports) == len(expected), result.stdout[-2000:]
     for report, (spec, weights) in zip(reports, expected, strict=True):
