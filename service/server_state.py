@@ -308,8 +308,9 @@ class ServerState:
     @staticmethod
     def _count_flops(eps_model: EpsModel, model: LoadedModel) -> float | None:
         """One U-Net call on one image, counted by the loader before the warm-up (~0.05 s on the shipped model,
-        2-core AVX2 EPYC; 1.8 s more while the count's dispatch mode imported torch._dynamo). Not after ready: run beside the background
-        compile it broke dynamo's tracing, and a replica stopped during it aborted at exit (both seen in CI)."""
+        2-core AVX2 EPYC; 1.8 s more while the count's dispatch mode imported torch._dynamo). Not after ready: run
+        beside the background compile it broke dynamo's tracing, and a replica stopped during it aborted at exit (both
+        seen in CI)."""
         try:
             return flops_per_image_step(eps_model, model.image_shape, model.device) / 1e9
         except Exception as exc:  # an op the counter cannot trace: /info says null, serving goes on
