@@ -33,3 +33,18 @@ def test_the_422_echo_survives_non_finite_input(client: TestClient) -> None:
     # even where a non-finite value reaches pydantic (a nested value), the error echo is valid JSON
     r = client.post("/generate", content=b'{"seed": [1, NaN]}', headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("seed")
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/images/generations"])
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b'{"seed": 1, "sampler": "\xff"}', "UTF-8: invalid start byte at byte 24"),
+        ('{"seed": 1}'.encode("utf-16-le")[:-1], "UTF-16-LE: truncated data"),  # json.loads reads UTF-16 by its zero bytes
+    ],
+)
+def test_a_body_that_is_not_text_is_422_saying_so(client: TestClient, route: str, raw: bytes, said: str) -> None:
+    """Not "a number in the JSON is too long", as a UnicodeDecodeError (a ValueError) was reported before."""
+    r = client.post(route, content=raw, headers={"Content-Type": "application/json"})
+    message = r.json()["error"]["message"] if route.startswith("/v1/") else r.json()["detail"]
+    assert r.status_code == 422 and "does not decode as text" in message and said in message and "number" not in message, r.text

@@ -19,6 +19,7 @@ from ddpm import __version__
 from service.api.auth import load_token
 from service.api.drain_admission import DrainAdmissionMiddleware
 from service.api.errors import ApiError, error_body_for, openai_error_response, speaks_openai
+from service.api.head_requests import HeadAsGetMiddleware
 from service.api.request_log import RequestContextMiddleware
 from service.api.routes import generate, model, openai_images, operations
 from service.api.strict_json import finite_jsonable
@@ -27,6 +28,7 @@ from service.settings import Settings, get_settings
 
 FORM = "multipart/form-data"
 FORM_PATHS = ("/v1/images/edits", "/v1/images/variations")  # OpenAI's uploads; every other POST takes JSON
+DESCRIPTION = "DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only."
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -53,9 +55,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app = FastAPI(
         title="ddpm-serve",
         version=__version__,
-        description=(
-            "DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only."
-        ),
+        description=DESCRIPTION,
         lifespan=lifespan,
     )
     app.state.server = state
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
     for resource in (generate, openai_images, model, operations):
         app.include_router(resource.router)
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: the log and the metrics see HEAD
     app.add_middleware(DrainAdmissionMiddleware, state=state)  # inside RequestContextMiddleware (the one added last is outermost)
     app.add_middleware(
         RequestContextMiddleware,

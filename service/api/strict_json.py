@@ -109,10 +109,10 @@ def _body_error(kind: str, message: str) -> RequestValidationError:
 
 def loads_strict(body: bytes) -> Any:
     """``json.loads`` that raises RequestValidationError for duplicate keys, non-finite numbers, integers
-    over Python's digit limit, more than ``MAX_STRUCTURE`` values and nesting deeper than ``MAX_DEPTH``
-    (other syntax errors stay ``json.JSONDecodeError``, which FastAPI reports itself). Linear time, in C
-    but for a loop of at most ``MAX_STRUCTURE`` steps: a 16 MiB body holds the event loop for
-    milliseconds (tests/test_large_bodies.py)."""
+    over Python's digit limit, bytes that are not text, more than ``MAX_STRUCTURE`` values and nesting
+    deeper than ``MAX_DEPTH`` (other syntax errors stay ``json.JSONDecodeError``, which FastAPI reports
+    itself). Linear time, in C but for a loop of at most ``MAX_STRUCTURE`` steps: a 16 MiB body holds the
+    event loop for milliseconds (tests/test_large_bodies.py)."""
     if structure_count(body) > MAX_STRUCTURE:  # before parsing: millions of values hold the event loop for seconds
         raise _body_error("json_too_large", f"the JSON holds over {MAX_STRUCTURE} values, quotes or commas: no request of this API does")
     if nesting_depth(body) > MAX_DEPTH:  # before parsing: deep values also overflow the validator and its error echo
@@ -128,6 +128,9 @@ def loads_strict(body: bytes) -> Any:
         raise _body_error("json_too_deep", "the JSON is nested too deeply to be a request of this API") from None
     except json.JSONDecodeError:
         raise
+    except UnicodeDecodeError as exc:  # a ValueError too (json.loads reads UTF-8, or UTF-16/32 by the first bytes)
+        where = f"{exc.encoding.upper()}: {exc.reason} at byte {exc.start}"
+        raise _body_error("json_invalid", f"the body does not decode as text ({where}); JSON is UTF-8 text (RFC 8259)") from None
     except ValueError as exc:  # int("9" * 5000): Python's int-string conversion limit
         raise _body_error("number_too_long", f"a number in the JSON is too long ({exc})") from None
     if found is not None:
