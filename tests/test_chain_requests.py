@@ -110,6 +110,21 @@ def test_schedule_without_a_chain_query_has_no_table(client: TestClient) -> None
 
 
 @pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("step=5", "query.step: not a parameter of this route (it takes clip_denoised, eta, sampler, steps, timestep_spacing)"),
+        ("steps=5&steps=6", "query.steps: appears more than once in the query string"),
+        ("_=1700000000&sampler=ddim", "query._: not a parameter of this route"),
+    ],
+)
+def test_a_query_parameter_the_schedule_does_not_take_or_given_twice_is_422(client: TestClient, query: str, said: str) -> None:
+    """As an unknown or duplicate JSON field is: ``?step=5`` answered the schedule without a chain, and ``?steps=5&steps=6``
+    the last one, silently."""
+    r = client.get(f"/schedule?{query}")
+    assert r.status_code == 422 and r.json()["detail"].startswith(said), r.text
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         ({"sampler": "ddpm", "eta": 0.5}, "eta"),

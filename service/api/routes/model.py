@@ -11,7 +11,7 @@ from ddpm import __version__
 from ddpm.chain import ChainSpec, ChainTables, StepCoefficients
 from ddpm.editing import EDIT_ROW
 from ddpm.names import SAMPLERS, SPACINGS, SamplerName, SpacingName
-from service.api.deps import Authorized, StateDep
+from service.api.deps import Authorized, StateDep, StrictQuery
 from service.api.errors import documented, not_ready
 from service.api.generation import resolve_chain
 from service.api.schemas import ChainTable, Defaults, InfoResponse, Limits, ModelDescription, ScheduleResponse
@@ -27,6 +27,7 @@ router = APIRouter(route_class=StrictJSONRoute)
     response_model=ScheduleResponse,
     responses=documented(401, 422, 503),
     summary="The noise schedule of the loaded model",
+    dependencies=[StrictQuery],
 )
 async def schedule(
     state: StateDep,
