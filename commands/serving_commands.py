@@ -125,7 +125,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from service.client import Client, ClientError, ServerError, Unreachable
 
-    bar = None if args.quiet else tqdm(total=args.n, unit="image-step", desc="queued", dynamic_ncols=True)
+    # its total comes with the first progress event (image-steps: the server's chain); a request that fails stays unfilled
+    bar = None if args.quiet else tqdm(total=None, unit="image-step", desc="queued", dynamic_ncols=True)
+    done = False
 
     def on_event(name: str, data: dict[str, Any]) -> None:
         if bar is None:
@@ -158,6 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
             result = client.generate(args.seed, args.n, on_event=on_event, **chain)
+            done = True
     except ServerError as exc:
         raise SystemExit(f"ddpm generate: the server answered {exc.status}: {exc.detail}") from exc
     except Unreachable as exc:  # refused, reset: say where
@@ -166,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm generate: {args.url}: {exc}") from exc
     finally:
         if bar is not None:
-            if bar.total:
+            if done and bar.total:  # an answer from the cache has no progress events
                 bar.update(bar.total - bar.n)
             bar.close()
     path = result.save(args.output, args.ncols)

@@ -87,7 +87,7 @@ def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path
            "--sampler", "dpmsolver++"]  # fmt: skip
     grid = subprocess.run([*cmd, "-o", str(tmp_path / "grid.png")], env=env, capture_output=True, text=True, timeout=120)
     assert grid.returncode == 0, grid.stderr
-    assert "image-step" in grid.stderr  # the progress bar
+    assert "image-step" in grid.stderr and "100%" in grid.stderr  # the progress bar, filled
     assert json.loads(grid.stdout)["output"] == str(tmp_path / "grid.png") and json.loads(grid.stdout)["sampler"] == "dpmsolver++"
     served_grid = _direct(server, {"seed": 7, "batch_size": 6, **CHAIN}, accept="image/png").content
     assert (tmp_path / "grid.png").read_bytes() == served_grid  # the same grid, byte for byte
@@ -98,11 +98,13 @@ def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path
     assert got.shape == served.shape == (6, 1, 8, 8) and np.abs(got - served).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG pixels
     bad = subprocess.run([*cmd, "--steps", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "422" in bad.stderr and "steps" in bad.stderr
+    assert "100%" not in bad.stderr and "queued" in bad.stderr  # the bar of a refused request is not shown full
     # one retry of the refused connection (0.5 s), not the default five (15.5 s of backoff)
     unreachable = subprocess.run([*cmd[:4], "--url", "http://127.0.0.1:9", "--retries", "1", "-o", str(tmp_path / "y.png")],
                                  capture_output=True, text=True, timeout=60, env={**env, "DDPM_URL": ""})  # fmt: skip
     assert unreachable.returncode != 0 and "cannot reach http://127.0.0.1:9" in unreachable.stderr
     assert "no connection to http://127.0.0.1:9 (" in unreachable.stderr and "; retry 1 of 1 in 0.5 s" in unreachable.stderr  # not silent
+    assert "100%" not in unreachable.stderr  # it showed "queued: 100% 16/16" before the error
 
 
 def _scripted(answers: list[httpx.Response]) -> tuple[list[httpx.Request], object]:
