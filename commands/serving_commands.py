@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from commands.argument_types import NON_NEGATIVE, PORT, POSITIVE, SEED
+
 
 def add_serving_commands(sub: Any) -> None:
     add_serve_parser(sub)
@@ -34,7 +36,7 @@ def add_serve_parser(sub: Any) -> None:
         formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--port", type=PORT, default=8000, help="port to bind")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     settings_flags = CliSettingsSource(
         Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True, cli_show_env_vars=True
@@ -50,9 +52,9 @@ def add_generate_parser(sub: Any) -> None:
     text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--url", default=os.environ.get("DDPM_URL", "http://127.0.0.1:8000"), help="the server (default: $DDPM_URL or local)")
-    p.add_argument("--seed", type=int, default=0, help="image k uses the Philox key image_seed(seed, k)")
-    p.add_argument("-n", type=int, default=16, help="number of images")
-    p.add_argument("--steps", type=int, default=None, help="U-Net calls per image (default: the server's)")
+    p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k)")
+    p.add_argument("-n", type=POSITIVE, default=16, help="number of images")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="U-Net calls per image (default: the server's)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the server's")
     p.add_argument("--eta", type=float, default=None, help="ddim only (default: 0)")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
@@ -61,8 +63,8 @@ def add_generate_parser(sub: Any) -> None:
                    help="a class-conditional model: the class (index or name; a comma-separated list: one per image)")  # fmt: skip
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance w (default: the model card's)")
     p.add_argument("-o", "--output", default="grid.png", help=".png: a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]")
-    p.add_argument("--ncols", type=int, default=None, help="grid columns (default: about the square root of n)")
-    p.add_argument("--retries", type=int, default=5,
+    p.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
+    p.add_argument("--retries", type=NON_NEGATIVE, default=5,
                    help="retries of a 503 / 429 (after the server's Retry-After) or a refused connection (0.5, 1, 2 ... s apart)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds for the whole call (queue, denoising, retries): a stalled or trickling server is cut off")  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,25 @@ def test_serve_flags_override_the_environment(argv: list[str], env: dict[str, st
 def test_serve_rejects_a_bad_flag_value_with_the_reason() -> None:
     out = subprocess.run([sys.executable, "-m", "commands.main", "serve", "--max-batch", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "max_batch" in out.stderr and "greater than or equal to 1" in out.stderr
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["sample", "-n", "0"], "argument -n: must be >= 1, got 0"),  # a torch traceback before
+    (["sample", "--steps", "0"], "argument --steps: must be >= 1, got 0"),  # ran the whole 1000-step chain before
+    (["sample", "--seed", "-1"], f"argument --seed: must be in 0..{2**63 - 1}, got -1"),
+    (["eval", "--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
+    (["train", "--run-dir", "r", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["serve", "--port", "99999"], "argument --port: must be in 0..65535, got 99999"),  # a bind() OverflowError and a C++ abort
+    (["generate", "--retries", "-1"], "argument --retries: must be >= 0, got -1"),
+])  # fmt: skip
+def test_a_number_out_of_range_is_refused_by_the_parser_naming_the_flag(argv: list[str], said: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    for argv in (["info", "--model", str(tmp_path / "none")], ["sample", "--model", str(tmp_path), "-n", "1", "--steps", "1"]):
+        out = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.startswith(f"ddpm: --model {argv[2]}: ") and "Traceback" not in out.stderr, out.stderr
