@@ -87,7 +87,27 @@ AUTO_COMPILE_MIN_ITERATIONS = 300  # U-Net calls below which `--compile auto` st
 def _device(name: str | None) -> str:
     import torch
 
+    if name is not None and name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"ddpm: --device {name}: this torch ({torch.__version__}) sees no CUDA device here")
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _writable(flag: str, text: str | None, arrays: bool) -> Path | None:
+    """An output path checked before the sampling, not after it: an image format Pillow writes (or ``.npy`` where
+    ``arrays``), its folder made."""
+    if text is None:
+        return None
+    from PIL import Image
+
+    path = Path(text)
+    Image.init()
+    if path.suffix.lower() not in Image.registered_extensions() and not (arrays and path.suffix == ".npy"):
+        raise SystemExit(f"ddpm: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"ddpm: {flag} {text}: {exc}") from exc
+    return path
 
 
 def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -177,13 +197,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from ddpm.grid import make_grid
 
+    path = _writable("-o", args.output, arrays=True)
+    assert path is not None
     images, _ = sample_images(args)
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
-        np.save(path, ((images.clamp(-1, 1) + 1) / 2).numpy())  # (N, C, H, W) in [0, 1]
-    else:
-        make_grid(images, ncols=args.ncols).save(path)
+    try:
+        if path.suffix == ".npy":
+            np.save(path, ((images.clamp(-1, 1) + 1) / 2).numpy())  # (N, C, H, W) in [0, 1]
+        else:
+            make_grid(images, ncols=args.ncols).save(path)
+    except OSError as exc:
+        raise SystemExit(f"ddpm: -o {path}: {exc}") from exc
     print(f"wrote {len(images)} images to {path}", file=sys.stderr)
     return 0
 
@@ -196,6 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate, evaluate_conditional
 
     classifier = load_classifier(args.classifier)
+    grid = _writable("--grid", args.grid, arrays=False)
     images, model = sample_images(args)
     labels = getattr(args, "labels_used", None)
     report = {
@@ -217,10 +241,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from ddpm.checkpoint import record_quality
 
         record_quality(args.model, {"command": "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]), **report})
-    if args.grid:
+    if grid is not None:
         from ddpm.grid import make_grid
 
-        make_grid(images[:100], ncols=10).save(args.grid)
+        make_grid(images[:100], ncols=10).save(grid)
     return 0
 
 

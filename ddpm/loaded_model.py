@@ -152,6 +152,8 @@ class LoadedModel:
         if not 1 <= steps <= span:
             at = f" at strength {strength:g} (the model's T = {t})" if span < t else " (the model's T)"
             raise ChainError("steps", f"steps must be in 1..{span}{at}")
+        if eta is not None and not 0 <= eta <= 1:  # NaN too
+            raise ChainError("eta", f"eta must be in [0, 1], got {eta}")
         if eta is not None and not sampler_rule(sampler).takes_eta:
             takes = " or ".join(repr(name) for name, rule in RULES.items() if rule.takes_eta)
             raise ChainError("eta", f"eta applies to sampler {takes} only (this request's sampler is {sampler!r})")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from commands.main import build_parser
 from ddpm import __version__
@@ -88,3 +89,17 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path: Pat
     for argv in (["info", "--model", str(tmp_path / "none")], ["sample", "--model", str(tmp_path), "-n", "1", "--steps", "1"]):
         out = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and out.stderr.startswith(f"ddpm: --model {argv[2]}: ") and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["-o", "{tmp}/grid.foo"], "ddpm: -o {tmp}/grid.foo: not an image file name"),  # a Pillow traceback after the sampling before
+    (["-o", "/proc/no/grid.png"], "ddpm: -o /proc/no/grid.png: [Errno 2]"),  # a FileNotFoundError after the sampling before
+    (["--sampler", "ddim", "--eta", "2"], "--eta: eta must be in [0, 1], got 2.0"),  # a ValueError traceback before
+    *([(["--device", "cuda"], "ddpm: --device cuda: this torch")] if not torch.cuda.is_available() else []),  # an AssertionError
+])  # fmt: skip
+def test_ddpm_sample_refuses_what_it_cannot_do_before_it_samples(argv: list[str], said: str, tmp_path: Path) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = subprocess.run([sys.executable, "-m", "commands.main", "sample", "-n", "1", "--steps", "1", "--quiet", *argv],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.strip().startswith(said.replace("{tmp}", str(tmp_path))), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "wrote" not in out.stderr
