@@ -40,9 +40,22 @@ def require_train_extra(command: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     require_train_extra("train")
+    try:  # a U-Net that cannot be built (sizes, groups), a run directory that cannot be made: one line, before any work
+        trainer = _trainer(args)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"ddpm train: {exc}") from exc
+    if trainer.step:
+        print(f"resuming {args.run_dir} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+    trainer.train(progress=not args.quiet)
+    print(f"model written to {Path(args.run_dir) / 'model'}", file=sys.stderr)
+    return 0
+
+
+def _trainer(args: argparse.Namespace) -> Any:
     from ddpm.train import TrainConfig, Trainer
     from ddpm.unet import UNetConfig
 
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     unet = UNetConfig(
         image_size=args.image_size,
         in_channels=args.channels,
@@ -73,12 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_dropout=args.label_dropout,
     )
     command = "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    trainer = Trainer(config, args.run_dir, device=args.device, command=command)
-    if trainer.step:
-        print(f"resuming {args.run_dir} at step {trainer.step}/{config.steps}", file=sys.stderr)
-    trainer.train(progress=not args.quiet)
-    print(f"model written to {Path(args.run_dir) / 'model'}", file=sys.stderr)
-    return 0
+    return Trainer(config, args.run_dir, device=args.device, command=command)
 
 
 AUTO_COMPILE_MIN_ITERATIONS = 300  # U-Net calls below which `--compile auto` stays eager

@@ -103,3 +103,14 @@ def test_ddpm_sample_refuses_what_it_cannot_do_before_it_samples(argv: list[str]
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 1 and out.stderr.strip().startswith(said.replace("{tmp}", str(tmp_path))), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "wrote" not in out.stderr
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--run-dir", "/proc/no/run"], "ddpm train: [Errno 2] No such file or directory: '/proc/no'"),
+    (["--run-dir", "{tmp}/run", "--image-size", "27"], "ddpm train: image_size 27 is not divisible by 2^2"),
+])  # fmt: skip
+def test_ddpm_train_refuses_a_run_it_cannot_set_up_in_one_line(argv: list[str], said: str, tmp_path: Path) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = subprocess.run([sys.executable, "-m", "commands.main", "train", "--steps", "1", "--quiet", *argv], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.strip() == said and "Traceback" not in out.stderr, out.stderr[-2000:]
