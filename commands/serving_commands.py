@@ -171,8 +171,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm generate: {args.url}: {exc}") from exc
     finally:
         if bar is not None:
-            if done and bar.total:  # an answer from the cache has no progress events
-                bar.update(bar.total - bar.n)
+            if done:
+                bar.set_description("done")
+                if bar.total:  # an answer from the response cache has no progress events, and no total
+                    bar.update(bar.total - bar.n)
             bar.close()
     path = result.save(args.output, args.ncols)
     meta = {k: result.meta.get(k) for k in ("model", "seed", "batch_size", "sampler", "steps", "precision", "cached", "class_labels",

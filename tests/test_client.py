@@ -96,7 +96,7 @@ def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path
     served = np.load(io.BytesIO(_direct(server, {"seed": 7, "batch_size": 6, **CHAIN}, accept="application/x-npy").content))
     got = np.load(tmp_path / "x.npy")
     assert got.shape == served.shape == (6, 1, 8, 8) and np.abs(got - served).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG pixels
-    bad = subprocess.run([*cmd, "--steps", "0"], env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*cmd, "--steps", "100000"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "422" in bad.stderr and "steps" in bad.stderr
     assert "100%" not in bad.stderr and "queued" in bad.stderr  # the bar of a refused request is not shown full
     # one retry of the refused connection (0.5 s), not the default five (15.5 s of backoff)
