@@ -231,13 +231,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
     )
     server = DrainingServer(config, state, settings.drain_timeout_s)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's, when it cannot listen (address in use, an unknown host): it logged why
+        _exit_at_once(f"ddpm serve: could not listen on {args.host}:{args.port} (the error above says why)")
     if server.fatal is not None:
-        print(f"ddpm serve: {server.fatal}", file=sys.stderr)
-        # not a normal interpreter exit: a stalled engine thread may be inside a device call or a compile, and
-        # finalizing under it aborts the process (SIGABRT, "terminate called without an active exception")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _exit_at_once(f"ddpm serve: {server.fatal}")
     return 0
+
+
+def _exit_at_once(message: str) -> None:
+    """Exit 1 without a normal interpreter exit: the loader or engine thread may be inside a device call, a compile or
+    the warm-up, and finalizing under it aborts the process (SIGABRT, "terminate called without an active exception":
+    a stalled engine did, and so did a port already in use, exit 134 while the model was still loading)."""
+    print(message, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

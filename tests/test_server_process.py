@@ -248,3 +248,17 @@ def test_a_dropped_stream_is_logged_as_499(server: ServerProcess) -> None:
         time.sleep(0.05)
     line = next(json.loads(x) for x in server.output().splitlines() if '"dropped-1"' in x and '"ddpm.access"' in x)
     assert (line["status"], line["http_status"], line["outcome"]) == (499, 200, "cancelled")
+
+
+def test_a_port_in_use_exits_1_saying_so_not_aborting(model_1000: Path) -> None:
+    """`make serve` twice: uvicorn cannot bind and exits while the model still loads on its thread; a normal interpreter
+    exit under that thread aborted the process (exit 134, "terminate called without an active exception")."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "commands.main", "serve", "--port", str(port), "--model", str(model_1000)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "address already in use" in proc.stderr and f"ddpm serve: could not listen on 127.0.0.1:{port}" in proc.stderr
+    assert "terminate called" not in proc.stderr
