@@ -237,15 +237,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _exit_at_once(f"ddpm serve: could not listen on {args.host}:{args.port} (the error above says why)")
     if server.fatal is not None:
         _exit_at_once(f"ddpm serve: {server.fatal}")
+    if state.loading:  # a signal during the start: the drain had nothing to answer
+        _exit_at_once("ddpm serve: stopped before the model was ready", code=0)
     return 0
 
 
-def _exit_at_once(message: str) -> None:
-    """Exit 1 without a normal interpreter exit: the loader or engine thread may be inside a device call, a compile or
+def _exit_at_once(message: str, code: int = 1) -> None:
+    """Exit without a normal interpreter exit: the loader or engine thread may be inside a device call, a compile or
     the warm-up, and finalizing under it aborts the process (SIGABRT, "terminate called without an active exception":
-    a stalled engine did, and so did a port already in use, exit 134 while the model was still loading)."""
+    a stalled engine did, and so did a port already in use or a SIGTERM while the model was still loading: exit 134)."""
     print(message, file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)

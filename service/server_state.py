@@ -92,6 +92,11 @@ class ServerState:
         self._loader = threading.Thread(target=self._load, name="ddpm-loader", daemon=True)
         self._loader.start()
 
+    @property
+    def loading(self) -> bool:
+        """The loader thread is still loading the model or warming it up (inside torch, most of the time)."""
+        return self._loader is not None and self._loader.is_alive()
+
     def wait_loaded(self, timeout: float | None = None) -> None:
         if self._loader is not None:
             self._loader.join(timeout)
@@ -121,6 +126,9 @@ class ServerState:
         if self.faults.enabled:
             engine.faults = self.faults
             self.faults.arm()  # after warm-up: start-up itself never fails on purpose
+        if self.draining:  # stopped during the start (SIGTERM, Ctrl-C): no engine thread to outlive the shutdown
+            log.info("stopped before ready: the engine was not started")
+            return
         engine.start()
         threading.Thread(target=self._watch, args=(engine,), name="ddpm-watchdog", daemon=True).start()
         self.metrics.watch_backlog(engine.backlog_seconds)

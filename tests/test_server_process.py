@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -262,3 +263,25 @@ def test_a_port_in_use_exits_1_saying_so_not_aborting(model_1000: Path) -> None:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "address already in use" in proc.stderr and f"ddpm serve: could not listen on 127.0.0.1:{port}" in proc.stderr
     assert "terminate called" not in proc.stderr
+
+
+def test_a_sigterm_while_the_model_loads_exits_0_not_aborting() -> None:
+    """An orchestrator stopping a replica that is still starting (a cancelled rollout): uvicorn shut down while the
+    loader thread was inside the warm-up, and the interpreter's exit under it aborted (exit 134). The shipped model
+    with compile off and max batch 512: its eager warm-up at 512 rows runs for seconds after uvicorn has started."""
+    from ddpm.shipped_models import DEFAULT_MODEL
+
+    env = {**os.environ, "DDPM_COMPILE": "off", "DDPM_MAX_BATCH": "512", "DDPM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "commands.main", "serve", "--port", "0", "--model", str(DEFAULT_MODEL)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Application startup complete" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0 and "ddpm serve: stopped before the model was ready" in out, out[-3000:]
+    assert "terminate called" not in out and '"model mnist-28 ready' not in out
