@@ -93,7 +93,14 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
-        return _compile_into_output(args)
+        try:
+            return _compile_into_output(args)
+        except KeyboardInterrupt:  # Ctrl-C: the compile thread is inside inductor, and an interpreter exit under it aborts
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+            _exit_at_once("ddpm compile-cache: interrupted", code=130)
+    return 1  # not reached
 
 
 def _compile_into_output(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -211,3 +212,23 @@ def test_compile_cache_then_a_server_that_starts_warm_on_a_read_only_root(tmp_pa
     assert "loaded compiled graphs from" in log and report["copies"][0] in log, log[-3000:]
     assert "compiled graphs written" not in log  # its own file was there already
     assert not (tmp_path / "probe").exists()
+
+
+@needs_compiler
+def test_ctrl_c_during_compile_cache_exits_130_and_leaves_no_scratch(tmp_path: Path) -> None:
+    """The main thread's wait interrupted while the compile thread is inside inductor: the interpreter's exit under it
+    aborted (the KeyboardInterrupt's traceback, then exit 134)."""
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch_parent), "DDPM_MAX_BATCH": "1", "DDPM_WARMUP_STEPS": "1", "DDPM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "commands.main", "compile-cache", "--model", str(model), "-o", str(tmp_path / "out")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    end = time.monotonic() + 120
+    while not any(scratch_parent.glob("ddpm-compile-cache-*/*")):  # inductor has begun writing into its scratch cache
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()[1][-2000:] if proc.poll() is not None else "no scratch"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("ddpm compile-cache: interrupted"), err[-2000:]
+    assert "terminate called" not in err and not any(scratch_parent.glob("ddpm-compile-cache-*"))
