@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from commands.argument_types import NON_NEGATIVE, PORT, POSITIVE, SEED
 
@@ -100,7 +100,6 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
 
             shutil.rmtree(scratch, ignore_errors=True)
             _exit_at_once("ddpm compile-cache: interrupted", code=130)
-    return 1  # not reached
 
 
 def _compile_into_output(args: argparse.Namespace) -> int:
@@ -249,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_at_once(message: str, code: int = 1) -> None:
+def _exit_at_once(message: str, code: int = 1) -> NoReturn:
     """Exit without a normal interpreter exit: the loader or engine thread may be inside a device call, a compile or
     the warm-up, and finalizing under it aborts the process (SIGABRT, "terminate called without an active exception":
     a stalled engine did, and so did a port already in use or a SIGTERM while the model was still loading: exit 134)."""
