@@ -12,6 +12,7 @@ from typing import Any
 
 from commands.argument_types import NON_NEGATIVE, POSITIVE, SEED
 from commands.help_format import subcommand
+from commands.output_path import writable_output
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 
@@ -98,24 +99,6 @@ def _device(name: str | None) -> str:
     if name is not None and name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"ddpm: --device {name}: this torch ({torch.__version__}) sees no CUDA device here")
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _writable(flag: str, text: str | None, arrays: bool) -> Path | None:
-    """An output path checked before the sampling, not after it: an image format Pillow writes (or ``.npy`` where
-    ``arrays``), its folder made."""
-    if text is None:
-        return None
-    from PIL import Image
-
-    path = Path(text)
-    Image.init()
-    if path.suffix.lower() not in Image.registered_extensions() and not (arrays and path.suffix == ".npy"):
-        raise SystemExit(f"ddpm: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(f"ddpm: {flag} {text}: {exc}") from exc
-    return path
 
 
 def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -205,7 +188,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from ddpm.grid import make_grid
 
-    path = _writable("-o", args.output, arrays=True)
+    path = writable_output("ddpm", "-o", args.output, arrays=True)
     assert path is not None
     images, _ = sample_images(args)
     try:
@@ -227,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ddpm.evaluate import evaluate, evaluate_conditional
 
     classifier = load_classifier(args.classifier)
-    grid = _writable("--grid", args.grid, arrays=False)
+    grid = writable_output("ddpm", "--grid", args.grid, arrays=False)
     images, model = sample_images(args)
     labels = getattr(args, "labels_used", None)
     report = {

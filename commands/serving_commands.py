@@ -62,7 +62,8 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--class-label", default=None,
                    help="a class-conditional model: the class (index or name; a comma-separated list: one per image)")  # fmt: skip
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance w (default: the model card's)")
-    p.add_argument("-o", "--output", default="grid.png", help=".png: a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]")
+    p.add_argument("-o", "--output", default="grid.png",
+                   help=".png (.jpg, .webp, ...): a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]; checked before the request")
     p.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
     p.add_argument("--retries", type=NON_NEGATIVE, default=5,
                    help="retries of a 503 / 429 (after the server's Retry-After) or a refused connection (0.5, 1, 2 ... s apart)")
@@ -131,8 +132,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """The token comes from DDPM_API_TOKEN or DDPM_API_TOKEN_FILE (never a flag: a command line is public)."""
     from tqdm import tqdm
 
+    from commands.output_path import writable_output
     from service.client import Client, ClientError, ServerError, Unreachable
 
+    output = writable_output("ddpm generate", "-o", args.output, arrays=True)  # before the server does the work
+    assert output is not None
     # its total comes with the first progress event (image-steps: the server's chain); a request that fails stays unfilled
     bar = None if args.quiet else tqdm(total=None, unit="image-step", desc="queued", dynamic_ncols=True)
     done = False
@@ -182,7 +186,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 if bar.total:  # an answer from the response cache has no progress events, and no total
                     bar.update(bar.total - bar.n)
             bar.close()
-    path = result.save(args.output, args.ncols)
+    try:
+        path = result.save(output, args.ncols)
+    except OSError as exc:  # the folder went away or filled up while the server worked
+        raise SystemExit(f"ddpm generate: -o {output}: {exc}") from exc
     meta = {k: result.meta.get(k) for k in ("model", "seed", "batch_size", "sampler", "steps", "precision", "cached", "class_labels",
                                             "guidance_scale")}  # fmt: skip
     print(json.dumps({"output": str(path), **meta}))

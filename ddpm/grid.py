@@ -40,6 +40,14 @@ def make_grid(x: torch.Tensor, ncols: int | None = None, padding: int = 2) -> Im
     return _pil(canvas)
 
 
+def file_format(suffix: str) -> str | None:
+    """The Pillow format that writes a file name's ``suffix`` (".png", ".jpg", ".webp", ...); None where none
+    does (an unknown suffix, or one Pillow only reads, as ".psd")."""
+    Image.init()
+    name = Image.registered_extensions().get(suffix.lower())
+    return name if name in Image.SAVE else None
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -102,17 +102,18 @@ class Generation:
         return stacked.transpose(0, 3, 1, 2)
 
     def save(self, path: str | Path, ncols: int | None = None) -> Path:
-        """``.npy``: the array; anything else: a PNG grid of the images."""
+        """``.npy``: the array; otherwise a grid of the images, in the format the name says where Pillow knows
+        it (.png, .jpg, .webp, ...), else PNG."""
         path = Path(path)
         if path.suffix == ".npy":
             np.save(path, self.array())
             return path
         import torch
 
-        from ddpm.grid import make_grid
+        from ddpm.grid import file_format, make_grid
 
         images = torch.from_numpy(self.array()) * 2 - 1  # make_grid takes [-1, 1]
-        make_grid(images, ncols).save(path, format="PNG")
+        make_grid(images, ncols).save(path, format=file_format(path.suffix) or "PNG")
         return path
 
 

@@ -105,6 +105,21 @@ def test_ddpm_sample_refuses_what_it_cannot_do_before_it_samples(argv: list[str]
     assert "Traceback" not in out.stderr and "wrote" not in out.stderr
 
 
+@pytest.mark.parametrize(("output", "said"), [
+    ("{tmp}/grid.foo", "ddpm generate: -o {tmp}/grid.foo: not an image file name (.png, .npy, .jpg, ...)"),
+    ("{tmp}/grid.psd", "ddpm generate: -o {tmp}/grid.psd: not an image file name"),  # Pillow reads .psd, never writes it
+    ("/proc/no/grid.png", "ddpm generate: -o /proc/no/grid.png: [Errno 2]"),
+])  # fmt: skip
+def test_ddpm_generate_checks_its_output_before_it_asks_the_server(output: str, said: str, tmp_path: Path) -> None:
+    """Both were found only after the server had made the images (a traceback then): here no server listens, so a check
+    made after the request would say it cannot reach it."""
+    output, said = output.replace("{tmp}", str(tmp_path)), said.replace("{tmp}", str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "commands.main", "generate", "--url", "http://127.0.0.1:9", "--retries", "0",
+                          "-o", output], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.strip().startswith(said), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "reach" not in out.stderr and "queued" not in out.stderr
+
+
 @pytest.mark.parametrize(("argv", "said"), [
     (["--run-dir", "/proc/no/run"], "ddpm train: [Errno 2] No such file or directory: '/proc/no'"),
     (["--run-dir", "{tmp}/run", "--image-size", "27"], "ddpm train: image_size 27 is not divisible by 2^2"),

@@ -168,3 +168,19 @@ def test_async_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> No
 
     with pytest.raises(ServerError, match="400: bad"):
         asyncio.run(bad())
+
+
+def test_a_generation_saves_its_grid_in_the_format_its_name_says(tmp_path: Path) -> None:
+    """``-o grid.jpg`` wrote PNG bytes under a .jpg name; a name Pillow has no writer for stays PNG (the library's
+    callers; ``ddpm generate`` refuses such a name before it asks)."""
+    from PIL import Image
+
+    from ddpm.grid import png_bytes
+
+    pixels = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4) * 7
+    result = client_module.Generation([png_bytes(Image.fromarray(p)) for p in pixels])
+    names = ("g.png", "g.jpg", "g.JPEG", "g.webp", "g", "g.psd")
+    formats = {name: Image.open(result.save(tmp_path / name, ncols=2)).format for name in names}
+    assert formats == {"g.png": "PNG", "g.jpg": "JPEG", "g.JPEG": "JPEG", "g.webp": "WEBP", "g": "PNG", "g.psd": "PNG"}
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (8, 14) and (grid[2:6, 2:6] == pixels[0]).all() and (grid[2:6, 8:12] == pixels[1]).all()
