@@ -58,8 +58,14 @@ def test_dry_run_end_to_end(tmp_path: Path) -> None:
     # and the server's device named in the log
     rows = phases["scheduling"]["tables"][0]["rows"]
     assert [(r["mode"], r["load"]) for r in rows] == [("priorities", "1.5"), ("before", "1.5")]
-    assert all(0 < float(r["bulk row-calls/s"]) for r in rows)  # the window's rows, read from the server's metrics
-    assert '"device": "cpu"' in (out / "gpu_logs.txt").read_text()
+    # the window's rows, read from the server's metrics: FIFO ("before") serves the bulk requests' rows at this load (1.4x the
+    # capacity is theirs); with priorities a 2 s window on 2 busy cores can hold almost none (1 in 9 such runs gave a tenth of
+    # the capacity left; once, beside the suite, none), so there the cell's own counts are checked instead
+    logs = (out / "gpu_logs.txt").read_text()
+    cells = [json.loads(line) for line in logs.splitlines() if line.startswith('{"interactive_sent"')]
+    assert [c["mode"] for c in cells] == ["priorities", "before"]
+    assert float(rows[1]["bulk row-calls/s"]) > 0 and all(c["rows_per_iteration"] > 0 and c["engine_busy_share"] > 0 for c in cells)
+    assert '"device": "cpu"' in logs
     report = (out / "gpu_report.md").read_text()
     assert report.startswith("# GPU check (dry run on CPU)") and "## sampler: ok" in report
     assert sorted(p.name for p in out.iterdir()) == ["gpu_logs.txt", "gpu_report.md", "gpu_results.json"]  # the device tool returns <= 8
