@@ -14,6 +14,8 @@ from typing import Any, NoReturn
 
 from commands.argument_types import NON_NEGATIVE, PORT, POSITIVE, SEED
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
 
 def add_serving_commands(sub: Any) -> None:
     add_serve_parser(sub)
@@ -37,7 +39,8 @@ def add_serve_parser(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=8000, help="port to bind")
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=os.environ.get("DDPM_LOG_LEVEL", "info").lower(),
+                   help="the server's log (default: $DDPM_LOG_LEVEL or info)")  # fmt: skip
     settings_flags = CliSettingsSource(
         Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True, cli_show_env_vars=True
     )
@@ -206,6 +209,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from ddpm.model_hub import hub_reference
     from service.api.app import create_app
@@ -213,9 +217,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.request_log import configure_logging
     from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
     from service.server_state import ServerState
+    from service.settings_check import explain, unknown_variables
 
+    if args.log_level not in LOG_LEVELS:  # argparse checks a flag's choices, not a default's (DDPM_LOG_LEVEL)
+        raise SystemExit(f"ddpm serve: DDPM_LOG_LEVEL / --log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     try:
         settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise SystemExit("ddpm serve: " + explain(exc).replace("\n", "\nddpm serve: ")) from exc
     except ValueError as exc:
         raise SystemExit(f"ddpm serve: {exc}") from exc
     if hub_reference(settings.model) is None and not Path(settings.model).expanduser().is_dir():
@@ -223,6 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model: a directory or a hub org/name[@revision])"
         )
     configure_logging(settings.log_format, args.log_level)
+    for warning in unknown_variables(os.environ, set(type(settings).model_fields)):
+        logging.getLogger("ddpm.settings").warning(warning)
     state = ServerState(settings)
     try:
         app = create_app(settings, state)

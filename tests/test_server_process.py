@@ -131,6 +131,35 @@ def test_serve_refuses_a_missing_model(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "model directory not found" in proc.stderr
 
 
+def test_an_invalid_setting_is_named_as_the_operator_typed_it(tmp_path: Path) -> None:
+    """pydantic named the field ("max_batch"), and DDPM_LOG_LEVEL, used by this project's own benchmarks, was no
+    setting: an unknown level was a ValueError traceback from logging."""
+    serve = [sys.executable, "-m", "commands.main", "serve", "--model", str(tmp_path / "nope")]
+    for env, said in (({"DDPM_MAX_BATCH": "0", "DDPM_PRECISION": "fp8"}, "ddpm serve: DDPM_MAX_BATCH / --max-batch: Input should be "
+                       "greater than or equal to 1 (got '0')\nddpm serve: DDPM_PRECISION / --precision: Input should be 'auto', "
+                       "'fp32', 'bf16' or 'fp16' (got 'fp8')"),
+                      ({"DDPM_LOG_LEVEL": "loud"}, "ddpm serve: DDPM_LOG_LEVEL / --log-level: 'loud' is not one of critical, error, "
+                       "warning, info, debug")):  # fmt: skip
+        proc = subprocess.run(serve, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        assert proc.returncode == 1 and proc.stderr.strip() == said, proc.stderr
+
+
+def test_a_ddpm_variable_that_is_no_setting_is_warned_about_and_the_log_level_is_one(model_1000: Path) -> None:
+    """A typo ran the server on the default the operator believed they had changed, without a word. Kubernetes'
+    service links (a Service named ddpm-serve: DDPM_SERVE_PORT=tcp://...) are not typos."""
+    s = ServerProcess(model_1000, DDPM_MAX_BACH="4", DDPM_SERVE_PORT="tcp://10.0.0.7:80", DDPM_SERVE_SERVICE_HOST="10.0.0.7",
+                      DDPM_LOG_LEVEL="warning", DDPM_COMPILE="off")  # fmt: skip
+    try:
+        s.wait_ready()
+        logged = [json.loads(line) for line in s.output().splitlines() if line.startswith("{")]
+        warned = [entry["msg"] for entry in logged if entry["logger"] == "ddpm.settings"]  # this shell's own DDPM_* too
+        assert "DDPM_MAX_BACH is not a setting and is ignored: did you mean DDPM_MAX_BATCH?" in warned
+        assert not [w for w in warned if w.startswith("DDPM_SERVE_")]
+        assert logged and all(entry["level"] != "info" for entry in logged)  # DDPM_LOG_LEVEL=warning: uvicorn's start lines gone
+    finally:
+        s.stop()
+
+
 def test_forwarded_for_is_ignored_unless_trusted(model_1000: Path) -> None:
     # uvicorn rewrites the client from X-Forwarded-For for loopback peers unless told not to: a local
     # sidecar could then pick its own quota key. The project's policy (DDPM_TRUST_FORWARDED_FOR) rules.

@@ -1,0 +1,40 @@
+"""service.settings_check: settings errors in the operator's names; unknown DDPM_* variables warned about,
+Kubernetes' service links not."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+from service.settings_check import explain, unknown_variables
+
+FIELDS = set(Settings.model_fields)
+
+
+def test_an_error_names_the_variable_and_the_flag_and_the_value() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(max_batch=0, request_timeout_s="soon")  # type: ignore[arg-type]
+    assert explain(caught.value).splitlines() == [
+        "DDPM_MAX_BATCH / --max-batch: Input should be greater than or equal to 1 (got 0)",
+        "DDPM_REQUEST_TIMEOUT_S / --request-timeout-s: Input should be a valid number, unable to parse string as a number (got 'soon')",
+    ]
+
+
+@pytest.mark.parametrize(("name", "warning"), [
+    ("DDPM_MAX_BACH", "DDPM_MAX_BACH is not a setting and is ignored: did you mean DDPM_MAX_BATCH?"),
+    ("DDPM_REQUEST_TIMEOUT", "DDPM_REQUEST_TIMEOUT is not a setting and is ignored: did you mean DDPM_REQUEST_TIMEOUT_S?"),
+    ("DDPM_LOGLEVEL", "DDPM_LOGLEVEL is not a setting and is ignored: did you mean DDPM_LOG_LEVEL?"),
+    ("DDPM_WORKERS", "DDPM_WORKERS is not a setting and is ignored (ddpm serve --help lists them)"),
+])  # fmt: skip
+def test_a_variable_that_is_no_setting_is_warned_about(name: str, warning: str) -> None:
+    assert unknown_variables({name: "1", "PATH": "/bin"}, FIELDS) == [warning]
+
+
+def test_settings_the_projects_other_variables_and_kubernetes_service_links_are_not() -> None:
+    # what Kubernetes injects for a Service "ddpm-serve" (port 80, named http) and one named "ddpm"
+    links = ["DDPM_SERVE_SERVICE_HOST", "DDPM_SERVE_SERVICE_PORT", "DDPM_SERVE_SERVICE_PORT_HTTP", "DDPM_SERVE_PORT",
+             "DDPM_SERVE_PORT_80_TCP", "DDPM_SERVE_PORT_80_TCP_PROTO", "DDPM_SERVE_PORT_80_TCP_PORT", "DDPM_SERVE_PORT_80_TCP_ADDR",
+             "DDPM_PORT", "DDPM_SERVICE_HOST", "DDPM_PORT_8000_TCP"]  # fmt: skip
+    ours = ["DDPM_MAX_BATCH", "DDPM_API_TOKEN_FILE", "DDPM_LOG_LEVEL", "DDPM_URL", "DDPM_REQUIRE_BROWSER", "NOT_DDPM_X"]
+    assert unknown_variables(dict.fromkeys(links + ours, "x"), FIELDS) == []
