@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,28 @@ class TrainConfig:
     # eps(x, t, y) and eps(x, t, null)
     conditional: bool = False
     label_dropout: float = 0.1
+
+
+RESUMABLE = ("steps", "checkpoint_every", "sample_every", "sample_steps", "threads")  # what resuming may change
+FLAGS = {"in_channels": "--channels", "num_classes": "the data's classes"}  # a field whose flag is not its name
+
+
+def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """What a resumed command changes of the run it resumes, as "--flag saved (this command: new)". Everything but
+    ``RESUMABLE`` must match: the model card records one configuration, and a run half linear and half cosine, or one
+    learning rate for 20,000 steps and another for the rest, is not it. A state older than a field has its default."""
+    unet = asdict(UNetConfig.from_dict(saved.get("unet", {})))
+    before = {**asdict(TrainConfig()), **{k: v for k, v in saved.items() if k != "unet"}, **unet}
+    now = {**asdict(config), **asdict(config.unet)}
+    if not config.conditional:  # num_classes comes from the data only in a conditional run
+        before.pop("num_classes", None)
+        now.pop("num_classes", None)
+    names = [k for k in now if k not in ("unet", *RESUMABLE) and _value(before.get(k)) != _value(now[k])]
+    return [f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {_value(before.get(k))} (this command: {_value(now[k])})" for k in names]
+
+
+def _value(v: object) -> object:
+    return ",".join(str(x) for x in v) if isinstance(v, list | tuple) else v
 
 
 def q_sample(
@@ -112,9 +135,10 @@ class Trainer:
         if not self.state_path.exists():
             return
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        saved = state["config"]
-        if UNetConfig.from_dict(saved["unet"]) != self.config.unet or saved["data"] != self.config.data:
-            raise ValueError(f"{self.state_path} was trained with another model or data; use a new run directory")
+        changed = config_changes(state["config"], self.config)
+        if changed:
+            raise ValueError(f"{self.state_path} was trained with {', '.join(changed)}: resume it with the same flags, "
+                             f"or give a new --run-dir for another run")  # fmt: skip
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])

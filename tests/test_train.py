@@ -1,5 +1,5 @@
 """Training by Algorithm 1: the data sources (MNIST, a folder, its classes), the loss goes down, resume is
-exact and refuses another model, conditional training drops labels."""
+exact and refuses another model or training, conditional training drops labels."""
 
 from __future__ import annotations
 
@@ -78,11 +78,35 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "b" / "samples").iterdir()) == ["step_000010.png", "step_000020.png"]
 
 
-def test_resume_refuses_another_model(tmp_path: Path) -> None:
+def test_resume_refuses_another_model_or_training_and_says_what_differs(tmp_path: Path) -> None:
+    """Only the architecture and data were compared: a resume with another schedule, learning rate or seed went on
+    silently, and the model card recorded the last command's values for the whole run."""
     Trainer(_config(steps=1), tmp_path / "r", device="cpu").train(progress=False)
     other = TINY.__class__(**{**TINY.__dict__, "base_channels": 16})
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match=r"trained with --base-channels 8 \(this command: 16\): resume it with the same flags"):
         Trainer(_config(unet=other), tmp_path / "r", device="cpu")
+    with pytest.raises(ValueError, match=r"with --lr 0.002 \(this command: 0.001\), --seed 0 \(this command: 3\), --schedule linear "
+                                         r"\(this command: cosine\): "):  # fmt: skip
+        Trainer(_config(schedule="cosine", lr=1e-3, seed=3), tmp_path / "r", device="cpu")
+    resumed = Trainer(_config(steps=2, threads=1, sample_steps=2, checkpoint_every=1, sample_every=1), tmp_path / "r", device="cpu")
+    assert resumed.step == 1  # what resuming may change: how far, how often it saves and samples, its threads
+
+
+def test_the_shipped_runs_still_resume_with_their_commands() -> None:
+    """Their states predate fields (mnist-28's has no conditional, label_dropout or num_classes): a missing field is
+    its default, so training/README.md's commands resume them."""
+    from ddpm.train import config_changes
+    from ddpm.unet import UNetConfig
+
+    root = Path(__file__).resolve().parent.parent / "training"
+    plain = torch.load(root / "mnist-28" / "state.pt", map_location="cpu", weights_only=False)["config"]
+    assert config_changes(plain, TrainConfig(steps=30000, seed=0)) == []
+    assert config_changes(plain, TrainConfig(steps=30000, schedule="cosine")) == ["--schedule linear (this command: cosine)"]
+    cond = torch.load(root / "mnist-28-cond" / "state.pt", map_location="cpu", weights_only=False)["config"]
+    ten = TrainConfig(steps=30000, conditional=True, unet=UNetConfig(num_classes=10))
+    assert config_changes(cond, ten) == []
+    three = TrainConfig(conditional=True, unet=UNetConfig(num_classes=3))
+    assert config_changes(cond, three) == ["the data's classes 10 (this command: 3)"]
 
 
 def _class_folders(root: Path) -> Path:
