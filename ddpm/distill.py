@@ -39,6 +39,7 @@ import torch
 from ddpm.checkpoint import ModelCard, load_model, read_card, record_quality, save_model
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
+from ddpm.run_changes import changed_flags, refusal
 from ddpm.train import q_sample
 from ddpm.unet import UNet
 from ddpm.v_prediction import eps_from_v, x0_from_v
@@ -172,11 +173,9 @@ class Distiller:
         if not self.state_path.exists():
             return
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("threads", "eval_n", "checkpoint_every")}
-        mine = {k: v for k, v in asdict(self.config).items() if k not in ("threads", "eval_n", "checkpoint_every")}
-        if saved != mine:
-            changed = sorted(k for k in mine if saved.get(k) != mine[k])
-            raise ValueError(f"{self.state_path} was distilled with other settings ({', '.join(changed)}); use a new run directory")
+        changed = changed_flags(state["config"], asdict(self.config), ("threads", "eval_n", "checkpoint_every"))
+        if changed:
+            raise ValueError(refusal(self.state_path, "distilled", changed))
         self.round, self.step = state["round"], state["step"]
         self.losses, self.seconds = state["losses"], state["seconds"]
         self.gen.set_state(state["gen"])

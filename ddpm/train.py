@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ddpm.checkpoint import ModelCard, save_model
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
+from ddpm.run_changes import changed_flags, refusal
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
 
@@ -60,21 +61,14 @@ FLAGS = {"in_channels": "--channels", "num_classes": "the data's classes"}  # a 
 
 
 def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """What a resumed command changes of the run it resumes, as "--flag saved (this command: new)". Everything but
-    ``RESUMABLE`` must match: the model card records one configuration, and a run half linear and half cosine, or one
-    learning rate for 20,000 steps and another for the rest, is not it. A state older than a field has its default."""
+    """What a resumed command changes of its run (ddpm/run_changes.py), the U-Net's fields as flags of their own.
+    A state older than a field has its default."""
     unet = asdict(UNetConfig.from_dict(saved.get("unet", {})))
     before = {**asdict(TrainConfig()), **{k: v for k, v in saved.items() if k != "unet"}, **unet}
-    now = {**asdict(config), **asdict(config.unet)}
+    now = {k: v for k, v in asdict(config).items() if k != "unet"} | asdict(config.unet)
     if not config.conditional:  # num_classes comes from the data only in a conditional run
-        before.pop("num_classes", None)
         now.pop("num_classes", None)
-    names = [k for k in now if k not in ("unet", *RESUMABLE) and _value(before.get(k)) != _value(now[k])]
-    return [f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {_value(before.get(k))} (this command: {_value(now[k])})" for k in names]
-
-
-def _value(v: object) -> object:
-    return ",".join(str(x) for x in v) if isinstance(v, list | tuple) else v
+    return changed_flags(before, now, RESUMABLE, FLAGS)
 
 
 def q_sample(
@@ -137,8 +131,7 @@ class Trainer:
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
         changed = config_changes(state["config"], self.config)
         if changed:
-            raise ValueError(f"{self.state_path} was trained with {', '.join(changed)}: resume it with the same flags, "
-                             f"or give a new --run-dir for another run")  # fmt: skip
+            raise ValueError(refusal(self.state_path, "trained", changed))
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])

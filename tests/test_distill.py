@@ -125,7 +125,7 @@ def test_distillation_resumes_exactly_and_exports_each_round(tmp_path: Path) -> 
     rows = (tmp_path / "b" / "rounds.jsonl").read_text().splitlines()
     assert len(rows) == 2
 
-    with pytest.raises(ValueError, match="round_steps"):
+    with pytest.raises(ValueError, match=r"was distilled with --round-steps \d+ \(this command: 7\): resume it with the same flags"):
         Distiller(_config(teacher, round_steps=7), tmp_path / "b", device="cpu")
     with pytest.raises(ValueError, match="already distilled"):
         Distiller(_config(tmp_path / "a" / "steps_1"), tmp_path / "c", device="cpu")
