@@ -151,9 +151,11 @@ def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             # compiled: a short last batch is padded to the batch size (its seeds repeated, the extra rows
             # dropped) so it runs the batch's graphs instead of compiling one for its own size (~15 s)
             rows = args.batch_size if fast.compiled and len(batches) > 1 else count
-            seeds = seeds_to_tensor([image_seeds(args.seed, count, first=first)[r % count] for r in range(rows)], device)
+            k0 = args.first_image + first  # the seed's image index of this batch's first image
+            seeds = seeds_to_tensor([image_seeds(args.seed, count, first=k0)[r % count] for r in range(rows)], device)
             # this batch's images as one request (the object the server's engine gets), its labels from the run's
-            asked = ImageRequest(args.seed, count, chain, None if labels is None else tuple(labels[first : first + count]), w, edit_input)
+            batch_labels = None if labels is None else tuple(labels[first : first + count])
+            asked = ImageRequest(args.seed, count, chain, batch_labels, w, edit_input, k0)
             run = sample_requests(fast.eps_model, model.schedule, model.variance_type, [(asked, r % count) for r in range(rows)], seeds,
                                   model.image_shape, device=device, step_fn=fast.step_fn, num_classes=model.num_classes)  # fmt: skip
             x = None
@@ -334,6 +336,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="a ddpm-serve or diffusers DDPM directory, or a hub repository org/name[@revision] (hub cache)")  # fmt: skip
     p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k) (ddpm/seeding.py)")
     p.add_argument("-n", type=POSITIVE, default=16, help="number of images")
+    p.add_argument("--first-image", type=NON_NEGATIVE, default=0, help="images k = first..first+n-1 of the seed (the API's first_image)")
     p.add_argument("--steps", type=POSITIVE, default=None, help="U-Net calls per image, S (default: T, the paper's full chain)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm (Algorithm 2; the default, or a distilled model's own), ddim, dpmsolver++ or sde-dpmsolver++ "

@@ -56,7 +56,9 @@ def add_generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--url", default=os.environ.get("DDPM_URL", "http://127.0.0.1:8000"), help="the server (default: $DDPM_URL or local)")
     p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k)")
-    p.add_argument("-n", type=POSITIVE, default=16, help="number of images")
+    p.add_argument("-n", type=POSITIVE, default=16,
+                   help="number of images (more than the server's max_images_per_request: asked for in parts, the same images)")
+    p.add_argument("--first-image", type=NON_NEGATIVE, default=None, help="images k = first..first+n-1 of the seed (default: 0)")
     p.add_argument("--steps", type=POSITIVE, default=None, help="U-Net calls per image (default: the server's)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the server's")
     p.add_argument("--eta", type=float, default=None, help="ddim only (default: 0)")
@@ -161,9 +163,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     clip = None if args.clip is None else args.clip == "on"
     from ddpm.loaded_model import parse_class_labels
 
-    chain = {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
-             "class_label": parse_class_labels(args.class_label), "guidance_scale": args.guidance_scale, "strength": args.strength,
-             "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}  # fmt: skip
+    chain = {"first_image": args.first_image, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
+             "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),
+             "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
+             "jump_n_sample": args.jump_n_sample}  # fmt: skip
     for field, path in (("image", args.init_image), ("mask", args.mask)):  # sent as base64 PNGs; the server checks them
         if path is not None:
             try:
@@ -174,7 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm generate: --timeout must be > 0, got {args.timeout}")
     try:
         with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
-            result = client.generate(args.seed, args.n, on_event=on_event, **chain)
+            per_request = client.info().get("limits", {}).get("max_images_per_request") if args.n > 1 else None  # more: in parts
+            result = client.generate(args.seed, args.n, on_event=on_event, per_request=per_request, **chain)
             done = True
     except ServerError as exc:
         raise SystemExit(f"ddpm generate: the server answered {exc.status}: {exc.detail}") from exc
@@ -193,8 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path = result.save(output, args.ncols)
     except OSError as exc:  # the folder went away or filled up while the server worked
         raise SystemExit(f"ddpm generate: -o {output}: {exc}") from exc
-    meta = {k: result.meta.get(k) for k in ("model", "seed", "batch_size", "sampler", "steps", "precision", "cached", "class_labels",
-                                            "guidance_scale")}  # fmt: skip
+    meta = {k: result.meta.get(k) for k in ("model", "seed", "first_image", "batch_size", "sampler", "steps", "precision", "cached",
+                                            "class_labels", "guidance_scale")}  # fmt: skip
     print(json.dumps({"output": str(path), **meta}))
     return 0
 

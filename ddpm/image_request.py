@@ -39,7 +39,8 @@ class EditInput:
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """Images k = 0..n-1 of seed ``seed`` over ``chain`` (image k's Philox key: ``ddpm.seeding.image_seeds``)."""
+    """Images k = first..first+n-1 of seed ``seed`` over ``chain`` (image k's Philox key: ``ddpm.seeding.image_seeds``;
+    image k is the same whichever request asks for it, so a large set can be asked for in parts)."""
 
     seed: int
     n: int
@@ -47,6 +48,7 @@ class ImageRequest:
     labels: tuple[int, ...] | None = None  # a class-conditional model's label per image (None: the null label)
     guidance_scale: float = 0.0  # classifier-free guidance w of every image (0: none, one U-Net row per step)
     edit: EditInput | None = None  # SDEdit starts from its image; RePaint keeps the pixels its mask marks
+    first: int = 0  # the index k of the first image
 
     @property
     def rows_per_image(self) -> int:

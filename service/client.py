@@ -117,6 +117,27 @@ class Generation:
         return path
 
 
+def _whole_progress(on_event: EventHandler, start: int, count: int, n: int) -> EventHandler:
+    """A part's events as the whole request's: its progress offset by the images before it, out of all n."""
+
+    def hear(name: str, data: dict[str, Any]) -> None:
+        if name == "progress" and isinstance(data.get("total"), int | float) and isinstance(data.get("steps_done"), int | float):
+            per_image = data["total"] / count  # image-steps of one image of this chain
+            data = {**data, "steps_done": round(per_image * start + data["steps_done"]), "total": round(per_image * n)}
+        on_event(name, data)
+
+    return hear
+
+
+def _joined(parts: list[Generation], first: int, n: int) -> Generation:
+    """The parts' images in order, described as one request of n images from ``first`` (``requests``: how many)."""
+    meta = {k: v for k, v in parts[0].meta.items() if k != "timings"}
+    labels = [p.meta.get("class_labels") for p in parts]
+    meta.update(batch_size=n, first_image=first, requests=len(parts), cached=all(bool(p.meta.get("cached")) for p in parts),
+                class_labels=None if any(x is None for x in labels) else [name for x in labels for name in x])  # type: ignore[union-attr]  # fmt: skip
+    return Generation([png for p in parts for png in p.pngs], meta)
+
+
 def request_body(seed: int, n: int, **chain: Any) -> dict[str, Any]:
     return {"seed": seed, "batch_size": n, **{k: v for k, v in chain.items() if v is not None}}
 
@@ -303,13 +324,34 @@ class AsyncClient:
         return await self._call(http, "GET", "/info", None, None)
 
     async def generate(
-        self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, http: httpx.AsyncClient | None = None, **chain: Any
+        self,
+        seed: int = 0,
+        n: int = 1,
+        *,
+        on_event: EventHandler | None = None,
+        http: httpx.AsyncClient | None = None,
+        per_request: int | None = None,
+        **chain: Any,
     ) -> Generation:
-        """Images k = 0..n-1 of ``seed``; ``chain``: steps, sampler, eta, timestep_spacing, clip_denoised, and for a
-        class-conditional model class_label and guidance_scale (the request fields of POST /generate)."""
-        body = request_body(seed, n, **chain)
-        path = "/generate" if on_event is None else "/generate/stream"
-        return await self._call(http, "POST", path, body, on_event)
+        """Images k = first_image..first_image+n-1 of ``seed`` (first_image: 0 unless given); ``chain``: first_image,
+        steps, sampler, eta, timestep_spacing, clip_denoised, and for a class-conditional model class_label and
+        guidance_scale (the request fields of POST /generate). ``per_request``: at most this many images a request
+        (the server's ``max_images_per_request``, GET /info): a larger ``n`` is asked for in consecutive parts, one
+        after another, each with its own ``timeout_s``, and the answer is the one a single request would give (image
+        k of a seed is the same whichever request asks for it); ``on_event``'s progress counts the whole."""
+        if per_request is None or n <= per_request:
+            body = request_body(seed, n, **chain)
+            path = "/generate" if on_event is None else "/generate/stream"
+            return await self._call(http, "POST", path, body, on_event)
+        first, labels = chain.pop("first_image", None) or 0, chain.pop("class_label", None)
+        parts: list[Generation] = []
+        for start in range(0, n, per_request):
+            count = min(per_request, n - start)
+            part_labels = labels[start : start + count] if isinstance(labels, list) else labels  # one per image: this part's
+            hear = None if on_event is None else _whole_progress(on_event, start, count, n)
+            part = await self.generate(seed, count, on_event=hear, http=http, first_image=first + start, class_label=part_labels, **chain)
+            parts.append(part)
+        return _joined(parts, first, n)
 
     async def _call(
         self, http: httpx.AsyncClient | None, method: str, path: str, body: dict[str, Any] | None, on_event: EventHandler | None
@@ -404,9 +446,11 @@ class Client:
     def info(self) -> dict[str, Any]:
         return self._run(lambda http: self._async.info(http))
 
-    def generate(self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, **chain: Any) -> Generation:
+    def generate(
+        self, seed: int = 0, n: int = 1, *, on_event: EventHandler | None = None, per_request: int | None = None, **chain: Any
+    ) -> Generation:
         """As :meth:`AsyncClient.generate`."""
-        return self._run(lambda http: self._async.generate(seed, n, on_event=on_event, http=http, **chain))
+        return self._run(lambda http: self._async.generate(seed, n, on_event=on_event, http=http, per_request=per_request, **chain))
 
     def _run(self, call: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
         async def once() -> T:

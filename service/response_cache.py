@@ -5,7 +5,7 @@ maths resolved from them and the code version, ``ddpm.model_facts.model_fingerpr
 precision and device type; seed, k,
 the chain: sampler, steps, eta, timestep spacing and offset, clip; and for a class-conditional model
 its label and the guidance scale; for an edit, its input image and mask). A request is (seed, n, chain)
-and asks for images k = 0..n-1, so identical requests get identical images: the second one is
+and asks for images k = first..first+n-1 (first: 0 unless it says), so identical requests get identical images: the second one is
 answered from here without a U-Net call, and a client that sends the ETag it got back in
 ``If-None-Match`` gets 304 without even the encoding. (Triton Inference Server's response cache is
 the same idea, keyed on the request's inputs.)
@@ -43,6 +43,8 @@ class ImageKey:
                  c.spacing, c.steps_offset, r.labels, repr(r.guidance_scale), media_type)  # fmt: skip
         if r.edit is not None:  # an edit's chain and input (plain answers keep their ETags)
             parts += (repr(c.strength), c.repaint, c.jump_length, c.jump_n_sample, r.edit.sha256)
+        if r.first:  # images from k = first on (those from 0 keep their ETags)
+            parts += ("first", r.first)
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
 
 

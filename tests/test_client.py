@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from service import client as client_module
 from service.client import AsyncClient, Client, ServerError
@@ -63,6 +64,45 @@ def test_sync_client(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> 
     assert denied.value.status == 401
     with Client(server.url) as client, pytest.raises(ServerError, match=r"steps must be in 1\.\.100"):
         client.generate(0, 1, steps=101)
+
+
+def test_a_larger_set_is_asked_for_in_parts_and_is_the_same_images(server: ServerProcess) -> None:
+    """``per_request`` (the server's max_images_per_request, which ``ddpm generate`` reads from /info): 5 images in
+    parts of 2 are images 0..4 of the seed, up to the U-Net's batched rounding, and each part is the server's answer
+    for its first_image exactly; progress counts the whole."""
+    whole = _direct(server, {"seed": 9, "batch_size": 5, **CHAIN}).json()
+    events: list[tuple[str, dict]] = []
+    with Client(server.url, token=TOKEN) as client:
+        parts = client.generate(9, 5, per_request=2, on_event=lambda name, data: events.append((name, data)), **CHAIN)
+    assert len(parts.pngs) == 5 and parts.meta["batch_size"] == 5 and parts.meta["requests"] == 3 and parts.meta["first_image"] == 0
+    direct = [_direct(server, {"seed": 9, "batch_size": min(2, 5 - k), "first_image": k, **CHAIN}).json() for k in (0, 2, 4)]
+    assert parts.pngs == [base64.b64decode(png) for answer in direct for png in answer["images"]]
+    wanted = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in whole["images"]])[:, None] / 255.0
+    assert np.abs(parts.array() - wanted).max() <= 1 / 255 + 1e-6  # README "Reproducibility": at most 1 PNG level
+    progress = [data for name, data in events if name == "progress"]
+    assert {p["total"] for p in progress} == {40} and 16 < progress[-1]["steps_done"] <= 40  # 5 images x 8 calls; a part's is 16
+    assert [p["steps_done"] for p in progress] == sorted(p["steps_done"] for p in progress)
+
+
+def test_ddpm_generate_asks_for_more_than_a_request_holds_in_parts(tmp_path: Path) -> None:
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=100)
+    s = ServerProcess(model, DDPM_MAX_IMAGES_PER_REQUEST="4", DDPM_COMPILE="off")
+    try:
+        s.wait_ready()
+        cmd = [sys.executable, "-m", "commands.main", "generate", "--url", s.url, "--seed", "7", "-n", "6", "--first-image", "2",
+               "--steps", "8", "--sampler", "dpmsolver++", "-o", str(tmp_path / "x.npy")]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "DDPM_API_TOKEN": ""})
+        assert done.returncode == 0, done.stderr
+        assert {k: json.loads(done.stdout)[k] for k in ("batch_size", "first_image")} == {"batch_size": 6, "first_image": 2}
+        assert "48/48" in done.stderr  # one bar over both parts: 6 images x 8 calls
+        parts = [httpx.post(s.url + "/generate", json={"seed": 7, "batch_size": n, "first_image": k, **CHAIN}, timeout=60).json()
+                 for k, n in ((2, 4), (6, 2))]  # fmt: skip
+        served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for p in parts for png in p["images"]])
+        assert np.array_equal(np.round(np.load(tmp_path / "x.npy")[:, 0] * 255), served)
+        too_many = httpx.post(s.url + "/generate", json={"seed": 7, "batch_size": 6}, timeout=60)
+        assert too_many.status_code == 422  # what the command used to get
+    finally:
+        s.stop()
 
 
 def test_async_client(server: ServerProcess) -> None:

@@ -34,6 +34,7 @@ REQUESTS = {
     "restart": ImageRequest(6, 3, ChainSpec(10, "restart", spacing="trailing")),
     "repaint": ImageRequest(7, 2, ChainSpec(6, "ddim", repaint=True, jump_length=2, jump_n_sample=2), edit=EditInput.of(IMAGE, HALF)),
     "sdedit": ImageRequest(8, 2, ChainSpec(5, "ddpm", strength=0.5), edit=EditInput.of(IMAGE)),
+    "images 5 and 6": ImageRequest(12, 2, ChainSpec(6, "dpmsolver++", spacing="trailing"), first=5),  # first_image
 }
 
 
@@ -50,7 +51,7 @@ def _served(model, request: ImageRequest) -> torch.Tensor:  # type: ignore[no-un
 
 
 def _offline(model, request: ImageRequest) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    seeds = seeds_to_tensor(image_seeds(request.seed, request.n))
+    seeds = seeds_to_tensor(image_seeds(request.seed, request.n, request.first))
     owners = [(request, k) for k in range(request.n)]
     x = None
     with torch.inference_mode():

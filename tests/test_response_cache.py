@@ -4,10 +4,14 @@ config, code version), hit/miss counters, the bound, and off with 0."""
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm.chain import ChainSpec
 from ddpm.image_request import EditInput, ImageRequest
@@ -135,6 +139,37 @@ def _key(seed: int) -> ImageKey:
     return ImageKey("sha", "fp32", "cpu", ImageRequest(seed, 1, ChainSpec(5, "ddpm", 0.0, True, "trailing", 0)))
 
 
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(int)
+
+
+def test_first_image_answers_images_k_of_the_seed_whichever_request_asks(model_dir: Path) -> None:
+    """Images 0..63 of a seed were all a request could name (DDPM_MAX_IMAGES_PER_REQUEST): first_image names images
+    k = first_image.. of it, the same images (up to the U-Net's batched rounding, README "Reproducibility") as any
+    request that holds them, with their own cache entry and ETag."""
+    with app_client(model_dir, compile="off") as c:
+        wait_ready(c)
+        whole = c.post("/generate", json={**REQUEST, "batch_size": 5}).json()
+        part = c.post("/generate", json={**REQUEST, "batch_size": 2, "first_image": 3})
+        assert part.status_code == 200 and part.headers["x-cache"] == "miss", part.text  # not images 0..1 from the cache
+        assert part.json()["first_image"] == 3 and whole["first_image"] == 0
+        for got, want in zip(part.json()["images"], whole["images"][3:5], strict=True):
+            assert np.abs(_pixels(got) - _pixels(want)).max() <= 1
+        two = c.post("/generate", json={**REQUEST, "batch_size": 2})  # images 0 and 1: another answer, another ETag
+        assert two.headers["etag"] != part.headers["etag"]
+        assert np.abs(_pixels(two.json()["images"][0]) - _pixels(part.json()["images"][0])).max() > 8
+        plain = c.post("/generate", json=REQUEST)
+        zero = c.post("/generate", json={**REQUEST, "first_image": 0})  # said or not, 0 is the same answer
+        assert zero.headers["x-cache"] == "hit" and zero.headers["etag"] == plain.headers["etag"]
+        openai = c.post("/v1/images/generations", json={"prompt": "x", "n": 2, "seed": 4, "steps": 5, "sampler": "ddim", "eta": 0.5,
+                                                         "first_image": 3})  # fmt: skip
+        assert openai.headers["x-cache"] == "hit" and [d["b64_json"] for d in openai.json()["data"]] == part.json()["images"]
+        assert openai.json()["first_image"] == 3
+        for bad in (-1, "3", 2.0, 2**63):
+            refused = c.post("/generate", json={**REQUEST, "first_image": bad})
+            assert refused.status_code == 422 and "first_image" in refused.text, bad
+
+
 def test_cache_is_bounded_lru_in_bytes() -> None:
     image = torch.zeros(1, 1, 8, 8)  # 256 bytes
     entry = 256 + ENTRY_OVERHEAD_BYTES
@@ -176,3 +211,5 @@ def test_etags_are_pinned_across_refactors() -> None:
     chain = ChainSpec(20, "ddpm", 0.0, True, "trailing", 0, 1.0, True, 5, 2)
     edit = ImageKey("fp", "fp32", "cpu", ImageRequest(3, 1, chain, (4,), 1.5, EditInput("abc", torch.zeros(1))))
     assert edit.etag("application/json") == '"7324c96254942cd24a2304e14790bd60"'
+    later = ImageKey("fp", "bf16", "cpu", ImageRequest(7, 2, ChainSpec(10, "restart", 0.0, True, "trailing", 0), first=3))
+    assert later.etag("image/png") not in (plain.etag("image/png"), '"86b6e50a582e9ba6ad5498de5f32765f"')

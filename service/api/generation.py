@@ -79,7 +79,7 @@ def prepare(
         labels, w = model.labels(body.class_label, n, body.guidance_scale)
     except ChainError as exc:
         raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
-    asked = ImageRequest(seed, n, spec, labels, w, None if edit is None else edit.input)
+    asked = ImageRequest(seed, n, spec, labels, w, None if edit is None else edit.input, body.first_image)
     key = ImageKey(state.facts.fingerprint, state.precision, state.engine.device.type, asked)
     cost, bound = asked.cost, state.settings.max_calls_per_request
     if cost > bound:  # known on arrival: refused before it holds a row (RePaint's resampling multiplies the calls)
@@ -235,7 +235,8 @@ class Generated:
 def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
     """The images of ``key`` if the response cache holds them (counted as a hit or a miss)."""
     asked = key.request
-    request.state.log_fields.update({"seed": asked.seed, "batch_size": asked.n, "steps": asked.chain.steps, "sampler": asked.chain.sampler})
+    request.state.log_fields.update({"seed": asked.seed, "batch_size": asked.n, "steps": asked.chain.steps, "sampler": asked.chain.sampler}
+                                    | ({"first_image": asked.first} if asked.first else {}))  # fmt: skip
     if not state.cache.enabled:
         return None
     images = state.cache.get(key)
@@ -320,6 +321,7 @@ def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, o
     spec = asked.chain
     return {
         "seed": asked.seed,
+        "first_image": asked.first,
         "steps": spec.steps,
         "sampler": spec.sampler,
         "eta": spec.eta,

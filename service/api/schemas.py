@@ -14,11 +14,17 @@ from ddpm.seeding import MAX_SEED
 ClassLabel = StrictInt | Annotated[StrictStr, Field(max_length=256)]  # a class index or name
 
 
+FIRST_IMAGE = ("Index k of the first image: the answer holds images first_image..first_image+n-1 of the seed, each the same as "
+               "in any other request that asks for it (a set larger than DDPM_MAX_IMAGES_PER_REQUEST, asked for in parts).")
+
+
 class ChainRequest(BaseModel):
     """The chain fields every generation endpoint takes. Strict types: 0 is not false, "5" is not 5,
     5.0 is not 5; unknown fields are rejected."""
 
     model_config = ConfigDict(extra="forbid")
+
+    first_image: int = Field(0, strict=True, ge=0, lt=MAX_SEED, description=FIRST_IMAGE)
 
     steps: int | None = Field(
         None,
@@ -144,6 +150,7 @@ class ChainAnswer(BaseModel):
     with the model's fingerprint, all that image k depends on (``service.api.generation.chain_fields``)."""
 
     seed: int
+    first_image: int = Field(0, description="Index k of the answer's first image (images[i] is image first_image + i).")
     steps: int
     sampler: str
     eta: float
@@ -166,7 +173,7 @@ class SchedulingAnswer(BaseModel):
 
 class GenerateResponse(ChainAnswer, SchedulingAnswer):
     batch_size: int
-    images: list[str] = Field(..., description="One base64-encoded PNG per image, in image order k = 0..batch_size-1.")
+    images: list[str] = Field(..., description="One base64-encoded PNG per image: image k = first_image + i at index i.")
     timings: Timings
 
 
@@ -340,6 +347,7 @@ class ImageForm(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json (the default); url is refused.")
     user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request.")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned.")
+    first_image: int = Field(0, ge=0, lt=MAX_SEED, description=FIRST_IMAGE)
     steps: int | None = Field(None, ge=1, description="As in /generate: U-Net calls per image over the part of the chain run.")
     sampler: SamplerName | None = Field(None, description="As in /generate (inpainting: ddpm or ddim; default ddpm).")
     eta: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="ddim only.")

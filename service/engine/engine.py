@@ -74,7 +74,7 @@ DEADLINE_MEMORY_S = 60.0  # how long the tightest deadline seen keeps shortening
 def _prepare(job: Job) -> None:
     """What the engine needs of a job per image, computed once: the Philox key of each image (int64 bits)."""
     if job.keys is None:
-        job.keys = [key - (1 << 64) if key >= (1 << 63) else key for key in image_seeds(job.seed, job.n)]
+        job.keys = [key - (1 << 64) if key >= (1 << 63) else key for key in image_seeds(job.seed, job.n, job.request.first)]
 
 
 class _StageFailed(Exception):
