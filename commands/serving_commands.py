@@ -267,7 +267,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _exit_at_once(f"ddpm serve: {server.fatal}")
     if state.loading:  # a signal during the start: the drain had nothing to answer
         _exit_at_once("ddpm serve: stopped before the model was ready", code=0)
+    compiling = state.compile_thread
+    if compiling is not None:  # closed by the drain: it stops at its next check, unless inside inductor or g++ now
+        compiling.join(COMPILE_STOP_S)
+        if compiling.is_alive():  # finalizing under it aborted (exit 134) when a SIGTERM came 8-15 s after the start
+            _exit_at_once("ddpm serve: stopped; the background compile was cut short", code=0)
     return 0
+
+
+COMPILE_STOP_S = 5.0  # how long a stopping server waits for the compile thread to reach its next check
 
 
 def _exit_at_once(message: str, code: int = 1) -> NoReturn:
