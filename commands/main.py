@@ -8,6 +8,7 @@ no torch, so ``ddpm --help`` and ``ddpm --version`` answer at once (tests/test_p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from commands.model_commands import add_model_commands
@@ -26,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was (torch, inductor, httpx)
+        print(f"\nddpm {args.command}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # at once: an interpreter exit under a thread still inside torch can abort (exit 134)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,25 @@ def test_ddpm_sample_first_image_is_image_k_of_the_seed(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
     every, third = np.load(tmp_path / "all.npy"), np.load(tmp_path / "third.npy")
     assert np.abs(third[0] - every[2]).max() <= 1e-4 and np.abs(third[0] - every[1]).max() > 0.05
+
+
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C during ``ddpm sample`` printed the KeyboardInterrupt's traceback from inside torch (compile or U-Net);
+    every command now says it was interrupted, exit 130 (``ddpm train`` and ``distill`` save first, on their own)."""
+    import signal
+    import time
+
+    log = tmp_path / "err.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "commands.main", "sample", "-n", "2", "--steps", "1000", "--compile", "off",
+                                 "-o", str(tmp_path / "x.png")], stderr=err, stdout=subprocess.DEVNULL)  # fmt: skip
+        end = time.monotonic() + 120
+        while "sample:" not in log.read_text():  # the bar: the chain runs
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    said = log.read_text()
+    assert code == 130 and said.rstrip().endswith("ddpm sample: interrupted") and "Traceback" not in said, said[-2000:]
+    assert not (tmp_path / "x.png").exists()
