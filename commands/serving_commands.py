@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.request_log import configure_logging
     from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
     from service.server_state import ServerState
-    from service.settings_check import explain, unknown_variables
+    from service.settings_check import explain, unknown_variables, unreachable_bounds
 
     if args.log_level not in LOG_LEVELS:  # argparse checks a flag's choices, not a default's (DDPM_LOG_LEVEL)
         raise SystemExit(f"ddpm serve: DDPM_LOG_LEVEL / --log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -236,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model: a directory or a hub org/name[@revision])"
         )
     configure_logging(settings.log_format, args.log_level)
-    for warning in unknown_variables(os.environ, set(type(settings).model_fields)):
+    for warning in unknown_variables(os.environ, set(type(settings).model_fields)) + unreachable_bounds(settings):
         logging.getLogger("ddpm.settings").warning(warning)
     state = ServerState(settings)
     try:

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
     max_batch: int = Field(64, ge=1, le=4096, description="samples per denoising iteration (the running batch)")
-    max_queue: int = Field(1024, ge=0, description="images waiting for a batch slot before new requests get 503")
+    max_queue: int = Field(1024, ge=1, description="images waiting for a batch slot before new requests get 503")
     max_images_per_request: int = Field(64, ge=1, description="upper bound of batch_size in POST /generate")
     default_sampler: SamplerName = Field(
         DEFAULT_SAMPLER,

@@ -13,8 +13,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 PREFIX = "DDPM_"
 # read by the project, not by Settings: ddpm serve's log level, the client's server, and the test suite's switches
@@ -58,3 +62,16 @@ def unknown_variables(environ: Mapping[str, str], fields: set[str]) -> list[str]
         hint = f": did you mean {close[0]}?" if close else " (ddpm serve --help lists them)"
         warnings.append(f"{name} is not a setting and is ignored{hint}")
     return warnings
+
+
+def unreachable_bounds(settings: Settings) -> list[str]:
+    """A warning for each per-request bound that a smaller bound makes unreachable: requests between the two are
+    refused (422, ``service.api.generation.never_admitted``), however idle the server."""
+    def get(name: str) -> int:
+        return int(getattr(settings, name))
+
+    pairs = (("max_images_per_request", "max_queue"), ("max_images_per_request", "max_images_per_client"),
+             ("max_calls_per_request", "max_calls_per_client"))  # fmt: skip
+    return [f"{variable(big)}={get(big)} is over {variable(small)}={get(small)}: requests between the two are refused (422)"
+            for big, small in pairs if get(big) > get(small)]  # fmt: skip
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,21 +108,36 @@ def test_error_classes(server: ServerProcess) -> None:
     with pytest.raises(openai.NotFoundError, match="model 'dall-e-2' is not served") as not_found:
         client.images.generate(prompt="x", model="dall-e-2")
     assert not_found.value.code == "model_not_found" and not_found.value.param == "model"
-    with pytest.raises(openai.RateLimitError) as limited:  # 7 images > DDPM_MAX_IMAGES_PER_CLIENT = 6
+    with pytest.raises(openai.UnprocessableEntityError) as never:  # 7 images > DDPM_MAX_IMAGES_PER_CLIENT = 6: never (429 before)
         client.images.generate(prompt="x", n=7)
+    assert never.value.param == "n" and "a client may have in flight at most 6 (DDPM_MAX_IMAGES_PER_CLIENT)" in never.value.message
+    # a 429: this client's images in flight (5 of a long inpainting: RePaint's resampling, ~900 U-Net calls) and 2 more
+    gray, black = io.BytesIO(), io.BytesIO()
+    Image.new("L", (8, 8), 128).save(gray, format="PNG")
+    Image.new("L", (8, 8), 0).save(black, format="PNG")  # black without alpha: repaint every pixel
+    image, mask = (base64.b64encode(b.getvalue()).decode() for b in (gray, black))
+    long = {"seed": 1, "batch_size": 5, "image": image, "mask": mask, "steps": 50, "jump_length": 5, "jump_n_sample": 20}
+    held = threading.Thread(target=lambda: httpx.post(server.url + "/generate", json=long, headers={"Authorization": f"Bearer {TOKEN}"},
+                                                      timeout=120))  # fmt: skip
+    held.start()
+    server.wait_metric("ddpm_running_samples", lambda v: v == 5)
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.images.generate(prompt="x", n=2)
+    held.join(60)
     assert limited.value.response.headers["retry-after"] == "5" and limited.value.code == "rate_limit_exceeded"
     assert server.metric('ddpm_requests_total{code="429"}') == 1
 
 
 def test_503_is_the_clients_internal_server_error_and_is_retried(model_dir: Path) -> None:
-    """A queue that takes nothing: every request is 503 + Retry-After; the client's own retry honours it."""
-    with app_client(model_dir, max_queue=0, retry_after_s=1) as c:
+    """A draining server: every request is 503 + Retry-After; the client's own retry honours it."""
+    with app_client(model_dir, retry_after_s=1) as c:
         wait_ready(c)
+        c.app.state.server.drain()  # type: ignore[attr-defined]
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=0)
         with pytest.raises(openai.InternalServerError) as unavailable:
             client.images.generate(prompt="x")
         assert unavailable.value.status_code == 503 and unavailable.value.code == "service_unavailable"
-        assert "queue full" in unavailable.value.message
+        assert "draining" in unavailable.value.message
         retrying = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c, max_retries=1)
         start = time.monotonic()
         with pytest.raises(openai.InternalServerError):

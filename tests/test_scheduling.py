@@ -276,6 +276,24 @@ def test_a_request_over_the_call_bound_is_422_naming_its_cost(sched_client: Test
     assert metric(sched_client, 'ddpm_refused_requests_total{reason="cost"}') == before + 1
 
 
+def test_a_request_no_idle_server_could_admit_is_422_not_a_retry_for_ever(model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Within DDPM_MAX_IMAGES_PER_REQUEST and DDPM_MAX_CALLS_PER_REQUEST, a request over the queue or a client's quota
+    was 503 or 429 with Retry-After: a client (ours, OpenAI's) retried what could never run."""
+    bounds = {"max_images_per_request": 8, "max_queue": 6, "max_images_per_client": 4, "max_calls_per_request": 1000,
+              "max_calls_per_client": 30}  # fmt: skip
+    with app_client(model_dir, **bounds) as c:
+        wait_ready(c)
+        for body, said in (({"batch_size": 7, "steps": 2}, "asks for 7 images, and the queue holds at most 6 (DDPM_MAX_QUEUE)"),
+                           ({"batch_size": 5, "steps": 2}, "asks for 5 images, and a client may have in flight at most 4 "
+                            "(DDPM_MAX_IMAGES_PER_CLIENT)"),
+                           ({"batch_size": 4, "steps": 10}, "asks for 40 U-Net row-calls, and a client may have in flight at most 30 "
+                            "(DDPM_MAX_CALLS_PER_CLIENT)")):  # fmt: skip
+            r = c.post("/generate", json={"seed": 1, "sampler": "ddim", **body})
+            assert r.status_code == 422 and "retry-after" not in r.headers and said in r.json()["detail"], r.text
+        assert metric(c, 'ddpm_refused_requests_total{reason="size"}') == 3
+        assert c.post("/generate", json={"seed": 1, "sampler": "ddim", "batch_size": 3, "steps": 10}).status_code == 200  # 30 calls
+
+
 def test_a_refused_deadline_carries_retry_after(model_dir) -> None:  # type: ignore[no-untyped-def]
     with app_client(model_dir, max_batch=1, max_resident=1) as c:
         wait_ready(c)

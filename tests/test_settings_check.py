@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
-from service.settings_check import explain, unknown_variables
+from service.settings_check import explain, unknown_variables, unreachable_bounds
 
 FIELDS = set(Settings.model_fields)
 
@@ -38,3 +38,11 @@ def test_settings_the_projects_other_variables_and_kubernetes_service_links_are_
              "DDPM_PORT", "DDPM_SERVICE_HOST", "DDPM_PORT_8000_TCP"]  # fmt: skip
     ours = ["DDPM_MAX_BATCH", "DDPM_API_TOKEN_FILE", "DDPM_LOG_LEVEL", "DDPM_URL", "DDPM_REQUIRE_BROWSER", "NOT_DDPM_X"]
     assert unknown_variables(dict.fromkeys(links + ours, "x"), FIELDS) == []
+
+
+def test_a_per_request_bound_over_the_queue_or_a_clients_quota_is_warned_about() -> None:
+    assert unreachable_bounds(Settings()) == []  # the defaults fit: 64 images a request, a queue of 1024, 256 a client
+    assert unreachable_bounds(Settings(max_images_per_request=128, max_images_per_client=64, max_calls_per_client=1000)) == [
+        "DDPM_MAX_IMAGES_PER_REQUEST=128 is over DDPM_MAX_IMAGES_PER_CLIENT=64: requests between the two are refused (422)",
+        "DDPM_MAX_CALLS_PER_REQUEST=65536 is over DDPM_MAX_CALLS_PER_CLIENT=1000: requests between the two are refused (422)",
+    ]

@@ -86,7 +86,25 @@ def prepare(
         state.metrics.on_refused("cost")
         raise field_error(n_field, f"this request costs {cost} U-Net row-calls ({n} images x {spec.unet_calls} calls each"
                           f"{' x 2 (guided)' if w else ''}); the bound is {bound} (DDPM_MAX_CALLS_PER_REQUEST)", n)  # fmt: skip
+    never = never_admitted(state, n, cost)
+    if never is not None:  # a 429 or 503 would be retried for ever: it could not run on an idle server either
+        state.metrics.on_refused("size")
+        raise field_error(n_field, never, n)
     return key
+
+
+def never_admitted(state: ServerState, n: int, cost: int) -> str | None:
+    """Why a request within the per-request bounds could never be admitted, where the settings' other bounds are
+    smaller (DDPM_MAX_IMAGES_PER_REQUEST over DDPM_MAX_QUEUE or DDPM_MAX_IMAGES_PER_CLIENT, and the like)."""
+    s = state.settings
+    in_flight = "a client may have in flight at most"
+    bounds = ((n, s.max_queue, "images", "the queue holds at most", "DDPM_MAX_QUEUE"),
+              (n, s.max_images_per_client, "images", in_flight, "DDPM_MAX_IMAGES_PER_CLIENT"),
+              (cost, s.max_calls_per_client, "U-Net row-calls", in_flight, "DDPM_MAX_CALLS_PER_CLIENT"))  # fmt: skip
+    for asked, limit, unit, who, setting in bounds:
+        if asked > limit:
+            return f"this request asks for {asked} {unit}, and {who} {limit} ({setting}): it could never run here"
+    return None
 
 
 @dataclass(frozen=True)
