@@ -177,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm generate: --timeout must be > 0, got {args.timeout}")
     try:
         with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
-            per_request = client.info().get("limits", {}).get("max_images_per_request") if args.n > 1 else None  # more: in parts
+            per_request = _images_per_request(client.info()) if args.n > 1 else None  # more: asked for in parts
             result = client.generate(args.seed, args.n, on_event=on_event, per_request=per_request, **chain)
             done = True
     except ServerError as exc:
@@ -201,6 +201,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                             "class_labels", "guidance_scale")}  # fmt: skip
     print(json.dumps({"output": str(path), **meta}))
     return 0
+
+
+def _images_per_request(info: dict[str, Any]) -> int | None:
+    """The most images one request may hold on this server (GET /info's limits): its per-request bound, or the
+    queue or a client's quota where those are smaller (a larger request is refused however idle the server)."""
+    limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
+    bounds = [limits.get(k) for k in ("max_images_per_request", "max_queue", "max_images_per_client")]
+    return min((b for b in bounds if isinstance(b, int) and b > 0), default=None)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:

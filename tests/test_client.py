@@ -86,7 +86,7 @@ def test_a_larger_set_is_asked_for_in_parts_and_is_the_same_images(server: Serve
 
 def test_ddpm_generate_asks_for_more_than_a_request_holds_in_parts(tmp_path: Path) -> None:
     model = save_tiny_model(tmp_path / "tiny", num_timesteps=100)
-    s = ServerProcess(model, DDPM_MAX_IMAGES_PER_REQUEST="4", DDPM_COMPILE="off")
+    s = ServerProcess(model, DDPM_MAX_IMAGES_PER_REQUEST="8", DDPM_MAX_IMAGES_PER_CLIENT="4", DDPM_COMPILE="off")  # 4 a request: the quota
     try:
         s.wait_ready()
         cmd = [sys.executable, "-m", "commands.main", "generate", "--url", s.url, "--seed", "7", "-n", "6", "--first-image", "2",
