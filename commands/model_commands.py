@@ -218,6 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model),
         "seed": args.seed,
+        **({"first_image": args.first_image} if args.first_image else {}),  # images first_image.. of the seed
         "steps": args.steps or model.schedule.num_timesteps,  # a distilled model's own when not given (generate)
         "sampler": args.sampler,
         "eta": args.eta,
