@@ -103,6 +103,7 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
     read-only image: its own copy is already there)."""
     path = artefact_path(directory, key)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    _remove_abandoned(path)
     try:
         tmp.mkdir(parents=True)
         shutil.copytree(_inductor_cache(), tmp / "inductor", ignore=_ignore_locks)
@@ -114,6 +115,23 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
         log.info("compiled graphs not written to %s: %s", directory, exc)
         return None
     return path
+
+
+ABANDONED_AFTER_S = 3600.0  # a save takes seconds; a scratch copy this old was left by a process that stopped mid-save
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Scratch copies of this key that a stopped process left (a server leaves its compile thread behind when it
+    stops: commands/serving_commands.py). By age, not by process id: replicas sharing the directory from other
+    containers have process ids this one cannot see."""
+    import time
+
+    for old in path.parent.glob(f"{path.name}.tmp*"):
+        try:
+            if time.time() - old.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _readable_by_all(root: Path) -> None:

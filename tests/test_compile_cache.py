@@ -59,8 +59,14 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     (local / "fxgraph" / "entry").write_bytes(b"graph")
     (local / "fxgraph" / "entry.lock").write_bytes(b"")
     (local / "fxgraph").chmod(0o700)  # as inductor and mkdtemp make them: a copy must be readable by other users
+    path = artefact_path(tmp_path / "cc", key)
+    abandoned, saving = path.with_name(f"{path.name}.tmp1"), path.with_name(f"{path.name}.tmp2")  # a stopped saver's, a live one's
+    for scratch in (abandoned, saving):
+        (scratch / "inductor").mkdir(parents=True)
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
     saved = compile_cache.save(tmp_path / "cc", key)
-    assert saved == artefact_path(tmp_path / "cc", key) and not (saved / "inductor" / "fxgraph" / "entry.lock").exists()
+    assert not abandoned.exists() and saving.exists()  # by age: another container's saver is not seen by its process id
+    assert saved == path and not (saved / "inductor" / "fxgraph" / "entry.lock").exists()
     assert all(p.stat().st_mode & 0o004 for p in saved.rglob("*"))
     shutil.rmtree(local)
     assert "loaded compiled graphs" in compile_cache.load(tmp_path / "cc", key)
