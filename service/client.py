@@ -339,6 +339,8 @@ class AsyncClient:
         (the server's ``max_images_per_request``, GET /info): a larger ``n`` is asked for in consecutive parts, one
         after another, each with its own ``timeout_s``, and the answer is the one a single request would give (image
         k of a seed is the same whichever request asks for it); ``on_event``'s progress counts the whole."""
+        if per_request is not None and per_request < 1:
+            raise ValueError(f"per_request must be >= 1, got {per_request}")
         if per_request is None or n <= per_request:
             body = request_body(seed, n, **chain)
             path = "/generate" if on_event is None else "/generate/stream"
