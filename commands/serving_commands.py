@@ -96,6 +96,7 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     background compile run to the end in a fresh inductor cache, and that cache copied to the output."""
     import tempfile
 
+    _writable_directory(args.output)  # before the minutes of compiling, not after them
     # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
@@ -108,8 +109,20 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
             _exit_at_once("ddpm compile-cache: interrupted", code=130)
 
 
+def _writable_directory(text: str) -> None:
+    """``-o``: made if missing, and a file can be written there (else one line, exit 1)."""
+    import tempfile
+
+    try:
+        Path(text).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=text):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"ddpm compile-cache: -o {text}: {exc}") from exc
+
+
 def _compile_into_output(args: argparse.Namespace) -> int:
-    from ddpm.compile_cache import size_bytes
+    from ddpm.compile_cache import artefact_path, size_bytes
     from service.server_state import ServerState
     from service.settings import Settings
 
@@ -128,6 +141,8 @@ def _compile_into_output(args: argparse.Namespace) -> int:
     failed = [group for group, path in state.hot_path_states().items() if path != "compiled"]
     if failed:
         raise SystemExit(f"ddpm compile-cache: batch sizes {', '.join(failed)} did not compile (see the log)")
+    if state.compiled_key is None or not artefact_path(Path(args.output), state.compiled_key).is_dir():  # ran 68 s, said rc 0
+        raise SystemExit(f"ddpm compile-cache: the compiled graphs were not written to {args.output} (see the log)")
     written = sorted(p for p in Path(args.output).glob("compiled-*") if p.is_dir() and ".tmp" not in p.name)
     print(json.dumps({"output": args.output, "copies": [p.name for p in written], "bytes": sum(size_bytes(p) for p in written)}))
     return 0

@@ -238,3 +238,17 @@ def test_ctrl_c_during_compile_cache_exits_130_and_leaves_no_scratch(tmp_path: P
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("ddpm compile-cache: interrupted"), err[-2000:]
     assert "terminate called" not in err and not any(scratch_parent.glob("ddpm-compile-cache-*"))
+
+
+@pytest.mark.parametrize("output", ["/proc/no/cc", "{file}/cc"])
+def test_an_output_it_cannot_write_is_refused_before_the_compile(output: str, tmp_path: Path) -> None:
+    """It compiled for a minute and more (68 s for the tiny model here), then wrote nothing and exited 0 with
+    ``"copies": []``: an image build would have shipped without its graphs. (A read-only directory is the same case,
+    but the suite runs as root here, whom no mode stops.)"""
+    (tmp_path / "file").write_text("not a directory")
+    output = output.replace("{file}", str(tmp_path / "file"))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "commands.main", "compile-cache", "-o", output, "--model", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip().startswith(f"ddpm compile-cache: -o {output}: [Errno"), done.stderr
+    assert time.monotonic() - start < 30 and not Path(output).exists()
