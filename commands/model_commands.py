@@ -12,7 +12,7 @@ from typing import Any
 
 from commands.argument_types import NON_NEGATIVE, POSITIVE, SEED
 from commands.help_format import subcommand
-from commands.output_path import writable_output
+from commands.output_path import writable_directory, writable_file, writable_output
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 
@@ -211,8 +211,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ddpm.classifier import load_classifier
     from ddpm.evaluate import evaluate, evaluate_conditional
 
-    classifier = load_classifier(args.classifier)
+    try:
+        classifier = load_classifier(args.classifier)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"ddpm: --classifier {args.classifier}: {exc}") from exc
     grid = writable_output("ddpm", "--grid", args.grid, arrays=False)
+    writable_file("ddpm", "--report", args.report)
     images, model = sample_images(args)
     labels = getattr(args, "labels_used", None)
     report = {
@@ -259,6 +263,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         eval_n=args.eval_n,
         threads=args.threads,
     )
+    writable_directory("ddpm distill", "--run-dir", args.run_dir)
     try:
         distiller = Distiller(config, args.run_dir, device=args.device)
     except ValueError as exc:
@@ -276,6 +281,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     from ddpm.classifier import save_classifier, train_classifier
 
+    writable_directory("ddpm train-classifier", "--output", args.output)
     start = time.perf_counter()
     model, accuracy = train_classifier(epochs=args.epochs, seed=args.seed)
     info = {

@@ -1,6 +1,6 @@
-"""Where a command writes its images, checked before the work, not after it: ``ddpm sample`` and ``eval``
-sample for minutes, ``ddpm generate`` makes a server do it, and a bad name or folder found at the end
-loses all of that."""
+"""Where a command writes, checked before the work, not after it: ``ddpm sample`` and ``eval`` sample for
+minutes, ``ddpm generate`` makes a server do it, ``ddpm compile-cache``, ``train-classifier`` and ``distill``
+compile or train for minutes to hours, and a bad name or folder found at the end loses all of that."""
 
 from __future__ import annotations
 
@@ -18,7 +18,35 @@ def writable_output(command: str, flag: str, text: str | None, arrays: bool) -> 
     if file_format(path.suffix) is None and not (arrays and path.suffix == ".npy"):
         raise SystemExit(f"{command}: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...)")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _probe(path.parent)
     except OSError as exc:
         raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
     return path
+
+
+def writable_directory(command: str, flag: str, text: str) -> Path:
+    """``text`` as a directory: made if missing, and a file can be written there; otherwise ``SystemExit`` with one line."""
+    try:
+        _probe(Path(text))
+    except OSError as exc:
+        raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
+    return Path(text)
+
+
+def writable_file(command: str, flag: str, text: str | None) -> Path | None:
+    """``text`` as a file to write at the end (a report): its folder made and writable; otherwise one line."""
+    if text is None:
+        return None
+    try:
+        _probe(Path(text).parent)
+    except OSError as exc:
+        raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
+    return Path(text)
+
+
+def _probe(directory: Path) -> None:
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass

@@ -96,7 +96,9 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     background compile run to the end in a fresh inductor cache, and that cache copied to the output."""
     import tempfile
 
-    _writable_directory(args.output)  # before the minutes of compiling, not after them
+    from commands.output_path import writable_directory
+
+    writable_directory("ddpm compile-cache", "-o", args.output)  # before the minutes of compiling, not after them
     # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
@@ -107,18 +109,6 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
 
             shutil.rmtree(scratch, ignore_errors=True)
             _exit_at_once("ddpm compile-cache: interrupted", code=130)
-
-
-def _writable_directory(text: str) -> None:
-    """``-o``: made if missing, and a file can be written there (else one line, exit 1)."""
-    import tempfile
-
-    try:
-        Path(text).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=text):
-            pass
-    except OSError as exc:
-        raise SystemExit(f"ddpm compile-cache: -o {text}: {exc}") from exc
 
 
 def _compile_into_output(args: argparse.Namespace) -> int:

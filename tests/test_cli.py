@@ -164,3 +164,17 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path: Path) -> None
     said = log.read_text()
     assert code == 130 and said.rstrip().endswith("ddpm sample: interrupted") and "Traceback" not in said, said[-2000:]
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["eval", "-n", "1", "--steps", "1", "--report", "/proc/no/r.json"], "ddpm: --report /proc/no/r.json: [Errno 2]"),
+    (["eval", "-n", "1", "--steps", "1", "--classifier", "{tmp}/none"], "ddpm: --classifier {tmp}/none: no digit classifier at"),
+    (["distill", "--run-dir", "/proc/no/d"], "ddpm distill: --run-dir /proc/no/d: [Errno 2]"),
+    (["train-classifier", "--output", "/proc/no/c"], "ddpm train-classifier: --output /proc/no/c: [Errno 2]"),
+])  # fmt: skip
+def test_the_other_commands_refuse_an_output_they_cannot_write_before_the_work(argv: list[str], said: str, tmp_path: Path) -> None:
+    """Tracebacks after the evaluation (--report), or at once (distill, a missing classifier); train-classifier trained
+    its epochs first."""
+    argv, said = [a.replace("{tmp}", str(tmp_path)) for a in argv], said.replace("{tmp}", str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().startswith(said) and "Traceback" not in out.stderr, out.stderr[-2000:]
