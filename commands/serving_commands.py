@@ -39,7 +39,7 @@ def add_serve_parser(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=8000, help="port to bind")
-    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=os.environ.get("DDPM_LOG_LEVEL", "info").lower(),
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=(os.environ.get("DDPM_LOG_LEVEL") or "info").lower(),
                    help="the server's log (default: $DDPM_LOG_LEVEL or info)")  # fmt: skip
     settings_flags = CliSettingsSource(
         Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True, cli_show_env_vars=True
