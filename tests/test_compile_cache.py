@@ -80,13 +80,15 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     assert "could not be loaded" in compile_cache.load(tmp_path / "cc", key)
 
 
-def test_compile_cache_leaves_no_scratch_cache_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_cache_leaves_no_scratch_cache_behind(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """`ddpm compile-cache` compiles in a fresh inductor cache of its own: gone when the command ends, as it
     fails or succeeds (each one left a directory in /tmp before, a kernel build's worth)."""
     import argparse
 
     from commands import serving_commands
 
+    args = argparse.Namespace(output=str(tmp_path_factory.mktemp("out")))  # outside tmp_path, which must end empty
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read again
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "the-local-cache"))
@@ -101,9 +103,9 @@ def test_compile_cache_leaves_no_scratch_cache_behind(tmp_path: Path, monkeypatc
         return 0
 
     monkeypatch.setattr(serving_commands, "_compile_into_output", compile_into_output)
-    assert serving_commands.cmd_compile_cache(argparse.Namespace()) == 0
+    assert serving_commands.cmd_compile_cache(args) == 0
     with pytest.raises(SystemExit):
-        serving_commands.cmd_compile_cache(argparse.Namespace())
+        serving_commands.cmd_compile_cache(args)
     assert [p.parent for p in seen] == [tmp_path, tmp_path] and seen[0] != seen[1]
     assert not any(p.exists() for p in seen) and list(tmp_path.iterdir()) == []
 
