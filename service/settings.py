@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ddpm.names import DEFAULT_SAMPLER, DEFAULT_SPACING, CompileSetting, PrecisionSetting, SamplerName, SpacingName
@@ -155,6 +155,14 @@ class Settings(BaseSettings):
     scheduling: SchedulingName = Field(
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )
+
+    @model_validator(mode="after")
+    def _priority_bounds_in_order(self) -> Settings:
+        """A floor over the ceiling inverted the clamp silently (every request at max_priority)."""
+        for floor in ("min_priority", "min_priority_anonymous"):
+            if getattr(self, floor) > self.max_priority:
+                raise ValueError(f"DDPM_{floor.upper()} ({getattr(self, floor)}) is over DDPM_MAX_PRIORITY ({self.max_priority})")
+        return self
 
     @field_validator("model", mode="before")
     @classmethod

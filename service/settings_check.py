@@ -42,7 +42,10 @@ def explain(exc: ValidationError) -> str:
     """One line per invalid setting: its variable and flag, what was wrong, and the value given."""
     lines = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "?"
+        field = ".".join(str(part) for part in error["loc"])
+        if not field:  # a rule over several settings: its message names them
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
         given = f" (got {error['input']!r})" if error.get("input") is not None and not isinstance(error["input"], dict) else ""
         lines.append(f"{variable(field)} / {flag(field)}: {error['msg']}{given}")
     return "\n".join(lines)

@@ -46,3 +46,13 @@ def test_a_per_request_bound_over_the_queue_or_a_clients_quota_is_warned_about()
         "DDPM_MAX_IMAGES_PER_REQUEST=128 is over DDPM_MAX_IMAGES_PER_CLIENT=64: requests between the two are refused (422)",
         "DDPM_MAX_CALLS_PER_REQUEST=65536 is over DDPM_MAX_CALLS_PER_CLIENT=1000: requests between the two are refused (422)",
     ]
+
+
+def test_priority_bounds_out_of_order_are_refused_naming_both() -> None:
+    """A floor over the ceiling inverted the clamp silently: every request ran at DDPM_MAX_PRIORITY."""
+    for fields, said in (({"min_priority": 5, "max_priority": 1}, "DDPM_MIN_PRIORITY (5) is over DDPM_MAX_PRIORITY (1)"),
+                         ({"min_priority_anonymous": 20}, "DDPM_MIN_PRIORITY_ANONYMOUS (20) is over DDPM_MAX_PRIORITY (10)")):  # fmt: skip
+        with pytest.raises(ValidationError) as caught:
+            Settings(**fields)  # type: ignore[arg-type]
+        assert explain(caught.value) == said
+    assert Settings(min_priority=-3, min_priority_anonymous=10, max_priority=10).max_priority == 10  # equal is in order
