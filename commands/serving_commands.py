@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -102,13 +103,25 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # a CI job's timeout: as Ctrl-C, not a kill with no cleanup
         try:
             return _compile_into_output(args)
-        except KeyboardInterrupt:  # Ctrl-C: the compile thread is inside inductor, and an interpreter exit under it aborts
+        except (KeyboardInterrupt, _Terminated) as stop:  # the compile thread is inside inductor: an interpreter exit aborts
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
-            _exit_at_once("ddpm compile-cache: interrupted", code=130)
+            terminated = isinstance(stop, _Terminated)
+            _exit_at_once(f"ddpm compile-cache: {'terminated' if terminated else 'interrupted'}", code=143 if terminated else 130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _compile_into_output(args: argparse.Namespace) -> int:
