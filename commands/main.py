@@ -8,10 +8,10 @@ no torch, so ``ddpm --help`` and ``ddpm --version`` answer at once (tests/test_p
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from commands.model_commands import add_model_commands
+from commands.process_exit import exit_at_once
 from commands.serving_commands import add_serving_commands
 from ddpm import __version__
 
@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was (torch, inductor, httpx)
-        print(f"\nddpm {args.command}: interrupted", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)  # at once: an interpreter exit under a thread still inside torch can abort (exit 134)
+        exit_at_once(f"\nddpm {args.command}: interrupted", code=130)
 
 
 if __name__ == "__main__":

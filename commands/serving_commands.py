@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from commands.argument_types import NON_NEGATIVE, PORT, POSITIVE, SEED
+from commands.process_exit import exit_at_once
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -111,7 +112,7 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
 
             shutil.rmtree(scratch, ignore_errors=True)
             terminated = isinstance(stop, _Terminated)
-            _exit_at_once(f"ddpm compile-cache: {'terminated' if terminated else 'interrupted'}", code=143 if terminated else 130)
+            exit_at_once(f"ddpm compile-cache: {'terminated' if terminated else 'interrupted'}", code=143 if terminated else 130)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
@@ -288,28 +289,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     except SystemExit:  # uvicorn's, when it cannot listen (address in use, an unknown host): it logged why
-        _exit_at_once(f"ddpm serve: could not listen on {args.host}:{args.port} (the error above says why)")
+        exit_at_once(f"ddpm serve: could not listen on {args.host}:{args.port} (the error above says why)")
     if server.fatal is not None:
-        _exit_at_once(f"ddpm serve: {server.fatal}")
+        exit_at_once(f"ddpm serve: {server.fatal}")
     if state.loading:  # a signal during the start: the drain had nothing to answer
-        _exit_at_once("ddpm serve: stopped before the model was ready", code=0)
+        exit_at_once("ddpm serve: stopped before the model was ready", code=0)
     compiling = state.compile_thread
     if compiling is not None:  # closed by the drain: it stops at its next check, unless inside inductor or g++ now
         compiling.join(COMPILE_STOP_S)
         if compiling.is_alive():  # finalizing under it aborted (exit 134) when a SIGTERM came 8-15 s after the start
-            _exit_at_once("ddpm serve: stopped; the background compile was cut short", code=0)
+            exit_at_once("ddpm serve: stopped; the background compile was cut short", code=0)
     return 0
 
 
 COMPILE_STOP_S = 5.0  # how long a stopping server waits for the compile thread to reach its next check
-
-
-def _exit_at_once(message: str, code: int = 1) -> NoReturn:
-    """Exit without a normal interpreter exit: the loader or engine thread may be inside a device call, a compile or
-    the warm-up, and finalizing under it aborts the process (SIGABRT, "terminate called without an active exception":
-    a stalled engine did, and so did a port already in use or a SIGTERM while the model was still loading: exit 134)."""
-    print(message, file=sys.stderr)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
