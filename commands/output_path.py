@@ -17,19 +17,13 @@ def writable_output(command: str, flag: str, text: str | None, arrays: bool) -> 
     path = Path(text)
     if file_format(path.suffix) is None and not (arrays and path.suffix == ".npy"):
         raise SystemExit(f"{command}: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...)")
-    try:
-        _probe(path.parent)
-    except OSError as exc:
-        raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
+    _probe(command, flag, text, path.parent)
     return path
 
 
 def writable_directory(command: str, flag: str, text: str) -> Path:
     """``text`` as a directory: made if missing, and a file can be written there; otherwise ``SystemExit`` with one line."""
-    try:
-        _probe(Path(text))
-    except OSError as exc:
-        raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
+    _probe(command, flag, text, Path(text))
     return Path(text)
 
 
@@ -37,16 +31,17 @@ def writable_file(command: str, flag: str, text: str | None) -> Path | None:
     """``text`` as a file to write at the end (a report): its folder made and writable; otherwise one line."""
     if text is None:
         return None
-    try:
-        _probe(Path(text).parent)
-    except OSError as exc:
-        raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
+    _probe(command, flag, text, Path(text).parent)
     return Path(text)
 
 
-def _probe(directory: Path) -> None:
+def _probe(command: str, flag: str, text: str, directory: Path) -> None:
+    """``directory`` made if missing and a file written there, or ``SystemExit`` naming the flag and its value."""
     import tempfile
 
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=directory):
-        pass
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
