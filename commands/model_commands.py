@@ -152,7 +152,8 @@ def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             # dropped) so it runs the batch's graphs instead of compiling one for its own size (~15 s)
             rows = args.batch_size if fast.compiled and len(batches) > 1 else count
             k0 = args.first_image + first  # the seed's image index of this batch's first image
-            seeds = seeds_to_tensor([image_seeds(args.seed, count, first=k0)[r % count] for r in range(rows)], device)
+            keys = image_seeds(args.seed, count, first=k0)
+            seeds = seeds_to_tensor([keys[r % count] for r in range(rows)], device)  # a padded row repeats a key
             # this batch's images as one request (the object the server's engine gets), its labels from the run's
             batch_labels = None if labels is None else tuple(labels[first : first + count])
             asked = ImageRequest(args.seed, count, chain, batch_labels, w, edit_input, k0)
