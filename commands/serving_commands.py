@@ -225,8 +225,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _images_per_request(info: dict[str, Any]) -> int | None:
     """The most images one request may hold on this server (GET /info's limits): its per-request bound, or the
     queue or a client's quota where those are smaller (a larger request is refused however idle the server)."""
+    from service.settings_check import ADMISSION_BOUNDS
+
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
-    bounds = [limits.get(k) for k in ("max_images_per_request", "max_queue", "max_images_per_client")]
+    names = {name for unit, per_request, bound, _ in ADMISSION_BOUNDS if unit == "images" for name in (per_request, bound)}
+    bounds = [limits.get(k) for k in names]
     return min((b for b in bounds if isinstance(b, int) and b > 0), default=None)
 
 

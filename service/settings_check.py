@@ -67,14 +67,24 @@ def unknown_variables(environ: Mapping[str, str], fields: set[str]) -> list[str]
     return warnings
 
 
+# What a request must fit on an idle server besides its own per-request bound: (what it asks for, the per-request
+# setting that bounds it, the setting it must also fit, how that one reads). service.api.generation.never_admitted
+# refuses a request over one (422), unreachable_bounds warns of settings that make a per-request bound unreachable,
+# and ddpm generate sizes its parts by the images' bounds.
+ADMISSION_BOUNDS = (
+    ("images", "max_images_per_request", "max_queue", "the queue holds at most"),
+    ("images", "max_images_per_request", "max_images_per_client", "a client may have in flight at most"),
+    ("U-Net row-calls", "max_calls_per_request", "max_calls_per_client", "a client may have in flight at most"),
+)
+
+
 def unreachable_bounds(settings: Settings) -> list[str]:
     """A warning for each per-request bound that a smaller bound makes unreachable: requests between the two are
     refused (422, ``service.api.generation.never_admitted``), however idle the server."""
-    def get(name: str) -> int:
-        return int(getattr(settings, name))
-
-    pairs = (("max_images_per_request", "max_queue"), ("max_images_per_request", "max_images_per_client"),
-             ("max_calls_per_request", "max_calls_per_client"))  # fmt: skip
-    return [f"{variable(big)}={get(big)} is over {variable(small)}={get(small)}: requests between the two are refused (422)"
-            for big, small in pairs if get(big) > get(small)]  # fmt: skip
+    warnings = []
+    for _, big, small, _ in ADMISSION_BOUNDS:
+        over, under = getattr(settings, big), getattr(settings, small)
+        if over > under:
+            warnings.append(f"{variable(big)}={over} is over {variable(small)}={under}: requests between the two are refused (422)")
+    return warnings
 

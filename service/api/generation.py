@@ -39,6 +39,7 @@ from service.engine.errors import EngineError
 from service.engine.job import Job
 from service.response_cache import ImageKey, etag_matches
 from service.server_state import ROUTED_BEFORE_DRAIN, ServerState
+from service.settings_check import ADMISSION_BOUNDS, variable
 
 JSON = "application/json"
 PNG = "image/png"
@@ -96,14 +97,10 @@ def prepare(
 def never_admitted(state: ServerState, n: int, cost: int) -> str | None:
     """Why a request within the per-request bounds could never be admitted, where the settings' other bounds are
     smaller (DDPM_MAX_IMAGES_PER_REQUEST over DDPM_MAX_QUEUE or DDPM_MAX_IMAGES_PER_CLIENT, and the like)."""
-    s = state.settings
-    in_flight = "a client may have in flight at most"
-    bounds = ((n, s.max_queue, "images", "the queue holds at most", "DDPM_MAX_QUEUE"),
-              (n, s.max_images_per_client, "images", in_flight, "DDPM_MAX_IMAGES_PER_CLIENT"),
-              (cost, s.max_calls_per_client, "U-Net row-calls", in_flight, "DDPM_MAX_CALLS_PER_CLIENT"))  # fmt: skip
-    for asked, limit, unit, who, setting in bounds:
+    for unit, _, bound, who in ADMISSION_BOUNDS:
+        asked, limit = (n if unit == "images" else cost), getattr(state.settings, bound)
         if asked > limit:
-            return f"this request asks for {asked} {unit}, and {who} {limit} ({setting}): it could never run here"
+            return f"this request asks for {asked} {unit}, and {who} {limit} ({variable(bound)}): it could never run here"
     return None
 
 
