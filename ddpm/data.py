@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -52,10 +53,16 @@ class Dataset:
     class_names: list[str]
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """A name starting with a dot, here or in a folder between: macOS's ``._x.png`` copies (not images),
+    ``.ipynb_checkpoints/`` (which would be a class of its own)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _image_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, root))
     if not files:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     return files
@@ -75,18 +82,31 @@ def folder_classes(folder: str | Path) -> tuple[torch.Tensor | None, list[str]]:
 
 def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
     """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]."""
-    from PIL import Image
-
     files = _image_files(Path(folder))
-    mode = "L" if channels == 1 else "RGB"
     arrays = []
     for path in files:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            arrays.append(np.asarray(im))
+        try:
+            with Image.open(path) as im:
+                arrays.append(_eight_bit(im, channels, size))
+        except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
+            raise ValueError(f"{path}: {exc}") from exc
     return to_model_range(np.stack(arrays))
+
+
+def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
+    """One image as uint8 (size, size) grey or (size, size, 3) RGB. A 16-bit grey image is scaled to 8 bits
+    (Pillow's ``convert("L")`` clips it at 255: a 16-bit PNG became white); other deep modes are refused."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        pixels = np.asarray(im, dtype=np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"a {im.mode} image with values outside 0..65535: save it with 8 or 16 bits per channel")
+        im = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))  # (H, W) uint8: mode L
+    elif im.mode == "F":
+        raise ValueError("a floating-point image (mode F): save it with 8 or 16 bits per channel")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im)
 
 
 def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:

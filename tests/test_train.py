@@ -47,6 +47,41 @@ def test_folder_source(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "absent"), 3, 8)
 
 
+def test_a_16_bit_grey_image_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """Pillow's convert("L") clips 16-bit grey at 255: a folder of 16-bit PNGs (scientific and medical images) trained
+    on white squares. Now each 16-bit level v is the 8-bit level round(v / 257), as an 8-bit copy of the image."""
+    levels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # 0 .. 63,000
+    for name, pixels in (("deep", levels), ("eight", np.round(levels / 257).astype(np.uint8))):
+        (tmp_path / name).mkdir()
+        Image.fromarray(pixels).save(tmp_path / name / "x.png")
+    assert Image.open(tmp_path / "deep" / "x.png").mode.startswith("I")
+    deep, eight = load_dataset(str(tmp_path / "deep"), 1, 8), load_dataset(str(tmp_path / "eight"), 1, 8)
+    assert torch.equal(deep, eight) and deep.min() == -1.0 and deep.max() < 0.96  # clipped: all but level 0 were 1.0
+    assert torch.equal(load_dataset(str(tmp_path / "deep"), 3, 8), eight.expand(-1, 3, -1, -1))  # grey into RGB
+
+
+def test_a_folders_hidden_files_are_skipped_and_a_bad_file_is_named(tmp_path: Path) -> None:
+    """``._x.png`` (macOS's resource copies, not images) stopped the run with Pillow's error naming no class; an
+    ``.ipynb_checkpoints/`` folder was a class. A truncated file said "image file is truncated" without its name."""
+    root = _class_folders(tmp_path / "d")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / ".ipynb_checkpoints" / "0.png")
+    (root / "apple" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not a png")
+    from ddpm.data import load_labelled
+
+    data = load_labelled(str(root), 1, 8)
+    assert data.class_names == ["apple", "mango", "zebra"] and data.images.shape == (12, 1, 8, 8)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "mango" / "big.png")
+    (root / "mango" / "big.png").write_bytes((root / "mango" / "big.png").read_bytes()[:1500])
+    with pytest.raises(ValueError, match=r"mango/big.png: image file is truncated"):
+        load_labelled(str(root), 1, 8)
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(root / "mango" / "big.tif")  # mode F: no bit depth to scale by
+    (root / "mango" / "big.png").unlink()
+    with pytest.raises(ValueError, match=r"mango/big.tif: a floating-point image \(mode F\)"):
+        load_labelled(str(root), 1, 8)
+
+
 def _empty(tmp_path: Path) -> Path:
     d = tmp_path / "empty"
     d.mkdir()
