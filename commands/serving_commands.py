@@ -10,10 +10,11 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from commands.argument_types import NON_NEGATIVE, PORT, POSITIVE, SEED
+from commands.argument_types import GUIDANCE_SCALE, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, SEED, number_in
 from commands.process_exit import exit_at_once
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -63,18 +64,18 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--first-image", type=NON_NEGATIVE, default=None, help="images k = first..first+n-1 of the seed (default: 0)")
     p.add_argument("--steps", type=POSITIVE, default=None, help="U-Net calls per image (default: the server's)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the server's")
-    p.add_argument("--eta", type=float, default=None, help="ddim only (default: 0)")
+    p.add_argument("--eta", type=number_in(0.0, 1.0), default=None, help="ddim only (default: 0)")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 (default: the model's)")
     p.add_argument("--class-label", default=None,
                    help="a class-conditional model: the class (index or name; a comma-separated list: one per image)")  # fmt: skip
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance w (default: the model card's)")
+    p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None, help="classifier-free guidance w (default: the model card's)")
     p.add_argument("-o", "--output", default="grid.png",
                    help=".png (.jpg, .webp, ...): a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]; checked before the request")
     p.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
     p.add_argument("--retries", type=NON_NEGATIVE, default=5,
                    help="retries of a 503 / 429 (after the server's Retry-After) or a refused connection (0.5, 1, 2 ... s apart)")
-    p.add_argument("--timeout", type=float, default=900.0,
+    p.add_argument("--timeout", type=POSITIVE_NUMBER, default=900.0,
                    help="seconds for the whole call (queue, denoising, retries): a stalled or trickling server is cut off")  # fmt: skip
     add_edit_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,7 +90,7 @@ def add_compile_cache_parser(sub: Any) -> None:
     p = sub.add_parser("compile-cache", help=text, description=text, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="the model (default: DDPM_MODEL, else the shipped one)")
     p.add_argument("-o", "--output", required=True, help="the directory to write to")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds the compile may take")
+    p.add_argument("--timeout", type=POSITIVE_NUMBER, default=1800.0, help="seconds the load and the compile may take")
     p.set_defaults(func=cmd_compile_cache)
 
 
@@ -107,10 +108,12 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)  # a CI job's timeout: as Ctrl-C, not a kill with no cleanup
         try:
             return _compile_into_output(args)
-        except (KeyboardInterrupt, _Terminated) as stop:  # the compile thread is inside inductor: an interpreter exit aborts
+        except (KeyboardInterrupt, _Terminated, _Unfinished) as stop:  # a thread is inside torch: an interpreter exit aborts
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
+            if isinstance(stop, _Unfinished):
+                exit_at_once(f"ddpm compile-cache: {stop}")
             terminated = isinstance(stop, _Terminated)
             exit_at_once(f"ddpm compile-cache: {'terminated' if terminated else 'interrupted'}", code=143 if terminated else 130)
         finally:
@@ -119,6 +122,10 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
 
 class _Terminated(Exception):
     """SIGTERM, raised in the main thread."""
+
+
+class _Unfinished(Exception):
+    """The load or the compile ran past --timeout, its thread still inside torch."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -134,13 +141,17 @@ def _compile_into_output(args: argparse.Namespace) -> int:
     if args.model is not None:
         overrides["model"] = args.model
     state = ServerState(Settings(**overrides))
+    deadline = time.monotonic() + args.timeout  # for the load and the compile together
     state.start_loading()
     state.wait_loaded(args.timeout)
-    if state.load_error is not None or not state.ready:
-        raise SystemExit(f"ddpm compile-cache: {state.load_error or 'the model did not load in time'}")
+    if state.load_error is not None:
+        raise SystemExit(f"ddpm compile-cache: {state.load_error}")
+    if not state.ready:  # the loader thread is still inside torch: a normal exit would abort (exit 134)
+        raise _Unfinished(f"the model did not load within --timeout {args.timeout:g} s")
     if state.compiler is None:
         raise SystemExit("ddpm compile-cache: nothing to compile here (torch.compile needs CUDA or a C++ compiler)")
-    state.compiler.built.wait(args.timeout)  # the graphs, then the copy (ServerState._save_compiled)
+    if not state.compiler.built.wait(max(0.0, deadline - time.monotonic())):  # the graphs, then the copy (_save_compiled)
+        raise _Unfinished(f"the compile did not finish within --timeout {args.timeout:g} s")  # as above
     state.shutdown()
     failed = [group for group, path in state.hot_path_states().items() if path != "compiled"]
     if failed:

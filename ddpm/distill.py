@@ -63,6 +63,16 @@ class DistillConfig:
     eval_n: int = 0  # images of the quality row written per round (ddpm eval's figures; 0: none)
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.eval_n:  # found after the first round's training before
+            from ddpm.evaluate import reference_size_problem
+
+            problem = reference_size_problem(self.eval_n)
+            if problem:
+                raise ValueError(f"--eval-n {self.eval_n}: {problem} (0: no quality rows)")
+
     def rounds(self) -> list[int]:
         """The student steps of each round: teacher_steps/2, /4, ... student_steps."""
         n, out = self.teacher_steps, []

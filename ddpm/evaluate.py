@@ -11,6 +11,8 @@ FD is biased upwards at small N, so compare figures at equal N only.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -73,11 +75,26 @@ def quality(classifier: DigitClassifier, images: torch.Tensor, reference: torch.
     )
 
 
+def reference_size_problem(n: int, labels: Sequence[int] | None = None) -> str | None:
+    """Why n samples (of classes ``labels``) cannot be evaluated (None when they can): the reference is two disjoint
+    sets of n held-out digits, and a class's FD needs at least two of its samples (a covariance)."""
+    half = len(mnist_split().test_x) // 2
+    if not 2 <= n <= half:
+        return f"n must be in 2..{half} (two disjoint halves of the held-out digits)"
+    counts = Counter(labels or [])
+    alone = sorted(c for c, k in counts.items() if k < 2)
+    if not alone:
+        return None
+    which = f"class {alone[0]} has" if len(alone) == 1 else f"classes {', '.join(map(str, alone))} have"
+    return f"a class's FD needs two or more of its images: {which} one"
+
+
 def real_reference(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint sets of n held-out real digits (n <= 500), class-balanced in expectation."""
+    problem = reference_size_problem(n)
+    if problem:
+        raise ValueError(problem)
     test_x = mnist_split().test_x
-    if not 2 <= n <= len(test_x) // 2:
-        raise ValueError(f"n must be in 2..{len(test_x) // 2} (two disjoint halves of the held-out digits)")
     perm = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed))
     return test_x[perm[:n]], test_x[perm[n : 2 * n]]
 

@@ -11,6 +11,7 @@ step, loss history), ``samples/step_NNNNNN.png`` grids, ``loss.png``, and the ex
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 import sys
@@ -54,6 +55,14 @@ class TrainConfig:
     # eps(x, t, y) and eps(x, t, null)
     conditional: bool = False
     label_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay <= 1:  # below 0 no average (e <- 2p - e at -1); over 1 the warm-up ramp ran silently
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
 
 
 RESUMABLE = ("steps", "checkpoint_every", "sample_every", "sample_steps", "threads")  # what resuming may change
@@ -107,8 +116,6 @@ class Trainer:
         if config.conditional:
             if dataset.labels is None:
                 raise ValueError(f"--conditional needs labelled data: {config.data} has no classes (put each class in its own sub-folder)")
-            if not 0 <= config.label_dropout < 1:
-                raise ValueError("label_dropout must be in [0, 1)")
             self.labels, self.class_names = dataset.labels.to(self.device), dataset.class_names
             self.config = config = replace(config, unet=replace(config.unet, num_classes=len(dataset.class_names)))
         self.model = UNet(config.unet).to(self.device)

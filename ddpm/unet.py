@@ -33,14 +33,27 @@ class UNetConfig:
         # JSON round trips give lists; keep the frozen config hashable and comparable.
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be one or more positive integers, got {list(self.channel_mult)}")
         downsamples = len(self.channel_mult) - 1
         if self.image_size % (2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{downsamples}")
+        missing = [r for r in self.attn_resolutions if r not in self.resolutions]
+        if missing:  # such a resolution was ignored: a model without the attention asked for
+            sizes = ", ".join(map(str, self.resolutions))
+            raise ValueError(f"attn_resolutions {missing} are not feature-map sizes of this U-Net ({sizes})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.num_groups:
                 raise ValueError("every level's channel count must be divisible by num_groups")
         if self.num_classes < 0:
             raise ValueError("num_classes must be >= 0")
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """The feature-map size of each level (image_size halved per level): where attention may go."""
+        return tuple(self.image_size // 2**level for level in range(len(self.channel_mult)))
 
     @property
     def null_label(self) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from commands.main import build_parser
 from ddpm import __version__
+from ddpm.shipped_models import MODELS_DIR
 from service.settings import Settings
 
 
@@ -79,6 +80,19 @@ def test_serve_rejects_a_bad_flag_value_with_the_reason() -> None:
     (["train", "--run-dir", "r", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (["serve", "--port", "99999"], "argument --port: must be in 0..65535, got 99999"),  # a bind() OverflowError and a C++ abort
     (["generate", "--retries", "-1"], "argument --retries: must be >= 0, got -1"),
+    (["sample", "--sampler", "ddim", "--eta", "2"], "argument --eta: must be in [0, 1], got 2"),  # a ValueError after the load
+    (["sample", "--strength", "0"], "argument --strength: must be in (0, 1], got 0"),
+    (["generate", "--eta", "nan"], "argument --eta: must be in [0, 1], got nan"),  # a JSON ValueError traceback before
+    (["generate", "--guidance-scale", "inf"], "argument --guidance-scale: must be in [0, 50], got inf"),  # the same
+    (["generate", "--timeout", "-1"], "argument --timeout: must be in (0, inf), got -1"),
+    (["compile-cache", "-o", "c", "--timeout", "-5"], "argument --timeout: must be in (0, inf), got -5"),  # exit 134 before
+    (["train", "--run-dir", "r", "--ema-decay", "-1"], "argument --ema-decay: must be in [0, 1], got -1"),  # trained before
+    (["train", "--run-dir", "r", "--lr", "nan"], "argument --lr: must be in (0, inf), got nan"),  # trained before
+    (["train", "--run-dir", "r", "--dropout", "1"], "argument --dropout: must be in [0, 1), got 1"),
+    (["train", "--run-dir", "r", "--label-dropout", "1"], "argument --label-dropout: must be in [0, 1), got 1"),
+    (["train", "--run-dir", "r", "--channels", "2"], "argument --channels: invalid choice: 2 (choose from 1, 3)"),
+    (["train", "--run-dir", "r", "--channel-mult", "1,-2"], "argument --channel-mult: must be positive integers, got -2"),  # torch's
+    (["train", "--run-dir", "r", "--attn-resolutions", "7,x"], "argument --attn-resolutions: 'x' is not an integer"),
 ])  # fmt: skip
 def test_a_number_out_of_range_is_refused_by_the_parser_naming_the_flag(argv: list[str], said: str,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
@@ -96,7 +110,6 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path: Pat
 @pytest.mark.parametrize(("argv", "said"), [
     (["-o", "{tmp}/grid.foo"], "ddpm: -o {tmp}/grid.foo: not an image file name"),  # a Pillow traceback after the sampling before
     (["-o", "/proc/no/grid.png"], "ddpm: -o /proc/no/grid.png: [Errno 2]"),  # a FileNotFoundError after the sampling before
-    (["--sampler", "ddim", "--eta", "2"], "--eta: eta must be in [0, 1], got 2.0"),  # a ValueError traceback before
     *([(["--device", "cuda"], "ddpm: --device cuda: this torch")] if not torch.cuda.is_available() else []),  # an AssertionError
 ])  # fmt: skip
 def test_ddpm_sample_refuses_what_it_cannot_do_before_it_samples(argv: list[str], said: str, tmp_path: Path) -> None:
@@ -125,6 +138,10 @@ def test_ddpm_generate_checks_its_output_before_it_asks_the_server(output: str, 
 @pytest.mark.parametrize(("argv", "said"), [
     (["--run-dir", "/proc/no/run"], "ddpm train: [Errno 2] No such file or directory: '/proc/no'"),
     (["--run-dir", "{tmp}/run", "--image-size", "27"], "ddpm train: image_size 27 is not divisible by 2^2"),
+    # trained without attention before: 5 is no feature-map size of a 28x28 model
+    (["--run-dir", "{tmp}/run", "--attn-resolutions", "5"],
+     "ddpm train: attn_resolutions [5] are not feature-map sizes of this U-Net (28, 14, 7)"),
+    (["--run-dir", "{tmp}/run", "--channel-mult", ""], "ddpm train: channel_mult must be one or more positive integers, got []"),  # trained
 ])  # fmt: skip
 def test_ddpm_train_refuses_a_run_it_cannot_set_up_in_one_line(argv: list[str], said: str, tmp_path: Path) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -170,7 +187,13 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path: Path) -> None
     (["eval", "-n", "1", "--steps", "1", "--report", "/proc/no/r.json"], "ddpm: --report /proc/no/r.json: [Errno 2]"),
     (["eval", "-n", "1", "--steps", "1", "--classifier", "{tmp}/none"], "ddpm: --classifier {tmp}/none: no digit classifier at"),
     (["distill", "--run-dir", "/proc/no/d"], "ddpm distill: --run-dir /proc/no/d: [Errno 2]"),
+    (["distill", "--run-dir", "{tmp}/d", "--eval-n", "1"], "ddpm distill: --eval-n 1: n must be in 2..500"),  # after a round's training
     (["train-classifier", "--output", "/proc/no/c"], "ddpm train-classifier: --output /proc/no/c: [Errno 2]"),
+    # evaluated first, then a traceback (below: a diffusers directory, which evaluates but has no card to record into)
+    (["eval", "-n", "2", "--steps", "1", "--record", "--model", "{tmp}"], "ddpm: --record: no config.json in model directory {tmp}"),
+    (["eval", "-n", "501", "--steps", "1"], "ddpm: -n 501: n must be in 2..500 (two disjoint halves of the held-out digits)"),  # sampled
+    (["eval", "-n", "3", "--steps", "1", "--model", str(MODELS_DIR / "mnist-28-cond"), "--class-label", "1,2,2"],
+     "ddpm: -n 3: a class's FD needs two or more of its images: class 1 has one"),  # scipy's sqrtm traceback after the sampling
 ])  # fmt: skip
 def test_the_other_commands_refuse_an_output_they_cannot_write_before_the_work(argv: list[str], said: str, tmp_path: Path) -> None:
     """Tracebacks after the evaluation (--report), or at once (distill, a missing classifier); train-classifier trained
@@ -178,3 +201,17 @@ def test_the_other_commands_refuse_an_output_they_cannot_write_before_the_work(a
     argv, said = [a.replace("{tmp}", str(tmp_path)) for a in argv], said.replace("{tmp}", str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.strip().startswith(said) and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_eval_record_refuses_a_model_without_a_card_before_it_evaluates(tmp_path: Path) -> None:
+    """A diffusers directory evaluates (the sampler loads it), and --record then failed in record_quality, a traceback
+    after the whole evaluation: now refused first, the evaluation's report never printed."""
+    from tests.test_reverse_chain import _save_diffusers_dir
+
+    model = _save_diffusers_dir(tmp_path, {"num_train_timesteps": 100})
+    argv = ["eval", "-n", "2", "--steps", "1", "--quiet", "--model", str(model)]
+    ran = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and '"fd_ratio"' in ran.stdout, ran.stderr[-2000:]  # it evaluates
+    out = subprocess.run([sys.executable, "-m", "commands.main", *argv, "--record"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().startswith(f"ddpm: --record: no config.json in model directory {model}")
+    assert out.stdout == "" and "Traceback" not in out.stderr and not (model / "config.json").exists()
