@@ -244,6 +244,24 @@ def test_ctrl_c_or_sigterm_during_compile_cache_says_so_and_leaves_no_scratch(tm
     assert "terminate called" not in err and not any(scratch_parent.glob("ddpm-compile-cache-*"))
 
 
+@needs_compiler
+@pytest.mark.parametrize(("timeout", "said"), [("0.01", "the model did not load within --timeout 0.01 s"),
+                                               ("4", "the compile did not finish within --timeout 4 s")])  # fmt: skip
+def test_a_load_or_compile_past_its_timeout_exits_1_saying_so_and_leaves_no_scratch(tmp_path: Path, timeout: str, said: str) -> None:
+    """Past --timeout in the load the command left by a normal exit while the loader thread was inside torch: exit 134
+    ("terminate called without an active exception"); past it in the compile it said "batch sizes 1, 2+ did not
+    compile (see the log)", and the two waits each had the whole --timeout."""
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch_parent), "DDPM_MAX_BATCH": "1", "DDPM_WARMUP_STEPS": "1", "DDPM_THREADS": "1"}
+    argv = ["compile-cache", "--model", str(model), "-o", str(tmp_path / "out"), "--timeout", timeout]  # its compile: a minute
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "commands.main", *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().endswith(f"ddpm compile-cache: {said}"), done.stderr[-2000:]
+    assert time.monotonic() - start < 30 and not any(scratch_parent.glob("ddpm-compile-cache-*"))
+
+
 @pytest.mark.parametrize("output", ["/proc/no/cc", "{file}/cc"])
 def test_an_output_it_cannot_write_is_refused_before_the_compile(output: str, tmp_path: Path) -> None:
     """It compiled for a minute and more (68 s for the tiny model here), then wrote nothing and exited 0 with
