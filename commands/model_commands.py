@@ -48,21 +48,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trainer(args: argparse.Namespace) -> Any:
-    from ddpm.train import TrainConfig, Trainer
+def unet_config(args: argparse.Namespace) -> Any:
+    """``ddpm train``'s U-Net; attention by default at the smallest feature map (a fixed default of 7, right for
+    28x28 only, gave a 32x32 model no attention at all)."""
     from ddpm.unet import UNetConfig
 
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    unet = UNetConfig(
+    smallest = args.image_size // 2 ** (len(args.channel_mult) - 1) if args.channel_mult else args.image_size
+    return UNetConfig(
         image_size=args.image_size,
         in_channels=args.channels,
         base_channels=args.base_channels,
         channel_mult=args.channel_mult,
         num_res_blocks=args.num_res_blocks,
-        attn_resolutions=args.attn_resolutions,
+        attn_resolutions=(smallest,) if args.attn_resolutions is None else args.attn_resolutions,
         dropout=args.dropout,
         num_groups=args.num_groups,
     )
+
+
+def _trainer(args: argparse.Namespace) -> Any:
+    from ddpm.train import TrainConfig, Trainer
+
+    unet = unet_config(args)
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
         data=args.data,
         steps=args.steps,
@@ -418,8 +426,9 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--base-channels", type=POSITIVE, default=32, help="U-Net channels at the first resolution")
     t.add_argument("--channel-mult", type=integer_list, default="1,2,2", help="channel multiplier per resolution, comma-separated")
     t.add_argument("--num-res-blocks", type=POSITIVE, default=1, help="residual blocks per resolution")
-    t.add_argument("--attn-resolutions", type=integer_list, default="7",
-                   help="feature-map sizes with self-attention, comma-separated (the U-Net's own: 28,14,7 at the defaults)")  # fmt: skip
+    t.add_argument("--attn-resolutions", type=integer_list, default=None,
+                   help="feature-map sizes with self-attention, comma-separated, each one of the U-Net's (28,14,7 at the defaults); "
+                        "default: the smallest (7 at the defaults, 8 for --image-size 32)")  # fmt: skip
     t.add_argument("--dropout", type=PROBABILITY, default=0.0, help="dropout in the residual blocks")
     t.add_argument("--num-groups", type=POSITIVE, default=8, help="GroupNorm groups")
     t.add_argument("--checkpoint-every", type=POSITIVE, default=500, help="steps between resumable checkpoints")

@@ -150,6 +150,18 @@ def test_ddpm_train_refuses_a_run_it_cannot_set_up_in_one_line(argv: list[str], 
     assert out.returncode == 1 and out.stderr.strip() == said and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("flags", "attention"), [
+    ([], (7,)), (["--image-size", "32"], (8,)), (["--channel-mult", "1,2"], (14,)),
+    (["--image-size", "64", "--channel-mult", "1,2,2,2"], (8,)),
+    (["--image-size", "32", "--attn-resolutions", "16,8"], (16, 8)), (["--attn-resolutions", ""], ()),
+])  # fmt: skip
+def test_ddpm_train_puts_attention_at_the_smallest_feature_map_by_default(flags: list[str], attention: tuple[int, ...]) -> None:
+    """The default was 7 whatever the size: --image-size 32 (feature maps 32, 16, 8) trained with no attention."""
+    from commands.model_commands import unet_config
+
+    assert unet_config(build_parser().parse_args(["train", "--run-dir", "r", *flags])).attn_resolutions == attention
+
+
 def test_ddpm_sample_first_image_is_image_k_of_the_seed(tmp_path: Path) -> None:
     """--first-image k: images k.. of the seed, as in a run from image 0 (up to the U-Net's batched rounding)."""
     run = [sys.executable, "-m", "commands.main", "sample", "--seed", "5", "--steps", "2", "--sampler", "ddim", "--precision", "fp32",
