@@ -40,6 +40,7 @@ from ddpm.checkpoint import ModelCard, load_model, read_card, record_quality, sa
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, refusal
+from ddpm.run_state import load_run_state
 from ddpm.train import q_sample
 from ddpm.unet import UNet
 from ddpm.v_prediction import eps_from_v, x0_from_v
@@ -182,7 +183,7 @@ class Distiller:
     def _resume(self) -> None:
         if not self.state_path.exists():
             return
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        state = load_run_state(self.state_path, self.device)
         changed = changed_flags(state["config"], asdict(self.config), ("threads", "eval_n", "checkpoint_every"))
         if changed:
             raise ValueError(refusal(self.state_path, "distilled", changed))

@@ -28,6 +28,7 @@ from ddpm.checkpoint import ModelCard, save_model
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, refusal
+from ddpm.run_state import load_run_state
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
 
@@ -135,7 +136,7 @@ class Trainer:
     def _resume(self) -> None:
         if not self.state_path.exists():
             return
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        state = load_run_state(self.state_path, self.device)
         changed = config_changes(state["config"], self.config)
         if changed:
             raise ValueError(refusal(self.state_path, "trained", changed))

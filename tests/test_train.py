@@ -127,6 +127,18 @@ def test_resume_refuses_another_model_or_training_and_says_what_differs(tmp_path
     assert resumed.step == 1  # what resuming may change: how far, how often it saves and samples, its threads
 
 
+def test_a_damaged_state_is_refused_naming_the_file_and_the_way_out(tmp_path: Path) -> None:
+    """A state.pt cut short (a copy, a full disk) was torch's zip-reader traceback; a file of another kind a KeyError."""
+    Trainer(_config(steps=1, checkpoint_every=1), tmp_path / "run", device="cpu").train(progress=False)
+    state = tmp_path / "run" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"state.pt cannot be read \(PytorchStreamReader failed .*\): restore it, or move it away"):
+        Trainer(_config(steps=2), tmp_path / "run", device="cpu")
+    torch.save([1, 2], state)
+    with pytest.raises(ValueError, match=r"state\.pt is not a run's saved state"):
+        Trainer(_config(steps=2), tmp_path / "run", device="cpu")
+
+
 def test_the_shipped_runs_still_resume_with_their_commands() -> None:
     """Their states predate fields (mnist-28's has no conditional, label_dropout or num_classes): a missing field is
     its default, so training/README.md's commands resume them."""
