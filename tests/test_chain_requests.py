@@ -124,6 +124,14 @@ def test_a_query_parameter_the_schedule_does_not_take_or_given_twice_is_422(clie
     assert r.status_code == 422 and r.json()["detail"].startswith(said), r.text
 
 
+@pytest.mark.parametrize("path", ["/generate", "/generate/stream"])
+def test_a_query_string_on_generate_is_422_not_ignored(client: TestClient, path: str) -> None:
+    """``POST /generate?batch_size=4`` with a body of one image answered one image: the query string was ignored."""
+    r = client.post(f"{path}?batch_size=4", json={"seed": 1, "steps": 2})
+    assert r.status_code == 422 and r.json()["detail"].startswith("query.batch_size: not a parameter of this route (it takes none)"), r.text
+    assert client.post(path, json={"seed": 1, "steps": 2}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -13,7 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ddpm.grid import make_grid, png_bytes
-from service.api.deps import Authorized, StateDep
+from service.api.deps import Authorized, StateDep, StrictQuery
 from service.api.errors import documented
 from service.api.generation import (
     JSON,
@@ -51,6 +51,7 @@ def _npy(images: object) -> bytes:
         200: {"content": {"image/png": {}, NPY: {}}, "description": "JSON by default; Accept: image/png gives one PNG grid"},
     },
     summary="Sample images by DDPM's Algorithm 2",
+    dependencies=[StrictQuery],  # ?batch_size=4 was ignored: one image, silently
 )
 async def generate(
     body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
@@ -71,6 +72,7 @@ async def generate(
     "/generate/stream",
     responses={**documented(), 200: {"content": {"text/event-stream": {}}, "description": "progress events, then result (or error)"}},
     summary="Like /generate, with Server-Sent Events: progress {steps_done, total}, then result or error",
+    dependencies=[StrictQuery],
 )
 async def generate_stream(
     body: GenerateRequest, request: Request, state: StateDep, _: Authorized, accept: Annotated[str | None, Header()] = None
