@@ -106,6 +106,21 @@ def test_good_inputs_still_decode() -> None:
     assert decode_mask("mask", npy((array > 0.5).astype(np.float32)), (1, 28, 28)).sum() > 0
 
 
+def test_a_16_bit_grey_mask_is_read_on_its_own_scale() -> None:
+    """A 16-bit mask's levels were clipped at 255 (Pillow's convert("L")): every level from 128 of 65535 up was kept,
+    so the mid-grey left half (30000: 0.46, under half) was not repainted. It now reads as its 8-bit copy does."""
+    levels = np.full((28, 28), 60000, dtype=np.uint16)
+    levels[:, :14] = 30000
+    deep, eight = io.BytesIO(), io.BytesIO()
+    Image.fromarray(levels).save(deep, "PNG")
+    Image.fromarray(np.round(levels / 257).astype(np.uint8)).save(eight, "PNG")
+    mask = decode_mask("mask", deep.getvalue(), (1, 28, 28))
+    assert np.array_equal(mask.numpy(), decode_mask("mask", eight.getvalue(), (1, 28, 28)).numpy())
+    assert mask[0, :, :14].sum() == 0 and mask[0, :, 14:].min() == 1
+    image, _ = decode_image("image", deep.getvalue(), (1, 28, 28))
+    assert np.allclose(image.numpy(), decode_image("image", eight.getvalue(), (1, 28, 28))[0].numpy(), atol=1 / 127.5)
+
+
 def test_max_input_bytes_covers_the_largest_form_of_an_input() -> None:
     for shape in [(1, 28, 28), (3, 32, 32), (3, 256, 256)]:
         assert len(npy(np.zeros(shape))) <= max_input_bytes(shape)
