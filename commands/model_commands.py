@@ -41,6 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = _trainer(args)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"ddpm train: {exc}") from exc
+    if trainer.finished:
+        print(f"{args.run_dir} is at step {trainer.step} of --steps {args.steps} already: nothing to train (a larger --steps goes on); "
+              f"its model: {Path(args.run_dir) / 'model'}", file=sys.stderr)  # fmt: skip
+        return 0
     if trainer.step:
         print(f"resuming {args.run_dir} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
     trainer.train(progress=not args.quiet)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddpm.checkpoint import ModelCard, save_model
+from ddpm.checkpoint import CONFIG, ModelCard, save_model
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, refusal
@@ -228,10 +228,17 @@ class Trainer:
         self.step += 1
         return float(loss.item())
 
+    @property
+    def finished(self) -> bool:
+        """At --steps already, its model exported: nothing to train or write."""
+        return self.step >= self.config.steps and (self.run_dir / "model" / CONFIG).is_file()
+
     def train(self, progress: bool = True) -> None:
         from tqdm import tqdm
 
         cfg = self.config
+        if self.finished:  # re-exporting the same weights wrote a card without the quality `ddpm eval --record` had put there
+            return
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         stop = StopFlag()
         last = time.perf_counter()

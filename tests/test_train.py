@@ -127,6 +127,23 @@ def test_resume_refuses_another_model_or_training_and_says_what_differs(tmp_path
     assert resumed.step == 1  # what resuming may change: how far, how often it saves and samples, its threads
 
 
+def test_a_finished_run_run_again_keeps_its_models_recorded_quality(tmp_path: Path) -> None:
+    """Running a finished run's command again re-exported the same weights with an empty card: the quality `ddpm eval
+    --record` had measured was gone. Training further does drop it (other weights)."""
+    from ddpm.checkpoint import read_card, record_quality
+
+    Trainer(_config(steps=2, checkpoint_every=1), tmp_path / "run", device="cpu").train(progress=False)
+    record_quality(tmp_path / "run" / "model", {"fd_ratio": 1.5})
+    again = Trainer(_config(steps=2, checkpoint_every=1), tmp_path / "run", device="cpu")
+    assert again.finished
+    again.train(progress=False)
+    assert read_card(tmp_path / "run" / "model").quality == {"fd_ratio": 1.5}
+    further = Trainer(_config(steps=3, checkpoint_every=1), tmp_path / "run", device="cpu")
+    assert not further.finished
+    further.train(progress=False)
+    assert read_card(tmp_path / "run" / "model").quality == {}
+
+
 def test_a_damaged_state_is_refused_naming_the_file_and_the_way_out(tmp_path: Path) -> None:
     """A state.pt cut short (a copy, a full disk) was torch's zip-reader traceback; a file of another kind a KeyError."""
     Trainer(_config(steps=1, checkpoint_every=1), tmp_path / "run", device="cpu").train(progress=False)
