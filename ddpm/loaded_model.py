@@ -28,10 +28,11 @@ class ChainError(ValueError):
 
 def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
     """Class labels written as text (``--class-label``, a multipart form field): '7', 'seven', or '1,2,3'
-    (one per image); digits are indices (``LoadedModel.labels`` resolves names)."""
+    (one per image), kept as text: ``LoadedModel.labels`` reads each as a class name first, else digits as an index
+    (a model trained on folders ``3/``, ``5/``, ``7/`` has classes 0, 1, 2 named "3", "5", "7": '5' is "5")."""
     if text is None:
         return None
-    values: list[int | str] = [int(v) if v.strip().isdigit() else v.strip() for v in text.split(",")]
+    values: list[int | str] = [v.strip() for v in text.split(",")]
     return values if "," in text else values[0]
 
 
@@ -109,10 +110,9 @@ class LoadedModel:
         names = {name: i for i, name in enumerate(self.class_names)}
         labels = []
         for label in given:
-            if isinstance(label, str) and label in names:
-                labels.append(names[label])
-            elif isinstance(label, int) and 0 <= label < self.num_classes:
-                labels.append(label)
+            index = label if isinstance(label, int) else names.get(label, int(label) if label.isdecimal() and label.isascii() else None)
+            if index is not None and 0 <= index < self.num_classes:  # a JSON number is an index; text a name, else digits an index
+                labels.append(index)
             else:
                 known = ", ".join(self.class_names) if self.class_names else f"0..{self.num_classes - 1}"
                 raise ChainError("class_label", f"unknown class {label!r} (this model's classes: {known})")

@@ -136,6 +136,26 @@ def test_engine_mixes_guided_unguided_and_unconditional_samples(cond_dir: Path) 
     assert (a - _offline(cond_dir, 1, [0], 0.0, 12, "ddim")).abs().max() > 1e-2
 
 
+def test_text_labels_name_a_class_first_then_digits_index_one() -> None:
+    """A model trained on folders 3/, 5/, 7/ has classes 0, 1, 2 named "3", "5", "7". `--class-label 5` (and a form
+    field "5") was read as index 5 (unknown), and "1" as index 1: the class named "5", silently."""
+    from types import SimpleNamespace
+
+    from ddpm.loaded_model import LoadedModel, parse_class_labels
+
+    model = SimpleNamespace(conditional=True, class_names=["3", "5", "7"], num_classes=3, guidance_scale=None)
+
+    def labels(text: str, n: int = 1) -> tuple[int, ...] | None:
+        return LoadedModel.labels(model, parse_class_labels(text), n, None)[0]  # type: ignore[arg-type]
+
+    assert labels("5") == (1,) and labels("3,7", 2) == (0, 2) and labels("1") == (1,)  # "1" names no class: index 1
+    assert LoadedModel.labels(model, 2, 1, None)[0] == (2,)  # type: ignore[arg-type]  # a JSON number is an index
+    with pytest.raises(ChainError, match="unknown class '9'"):
+        labels("9")
+    digits = SimpleNamespace(conditional=True, class_names=[str(d) for d in range(10)], num_classes=10, guidance_scale=None)
+    assert LoadedModel.labels(digits, parse_class_labels("7"), 1, None)[0] == (7,)  # type: ignore[arg-type]  # MNIST: the same
+
+
 def test_http_class_conditional_requests(cond_dir: Path) -> None:
     body = {"seed": 5, "batch_size": 3, "steps": 10, "sampler": "ddim", "timestep_spacing": "linspace", "class_label": ["fox", 0, "dog"],
             "guidance_scale": 3.0}  # fmt: skip
