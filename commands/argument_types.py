@@ -35,7 +35,7 @@ SEED = int_at_least(0, MAX_SEED - 1)
 
 def number_in(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
     """An argparse ``type``: a finite number in the interval from ``low`` to ``high`` (open at an end where said;
-    no upper bound when ``high`` is None). ``--ema-decay -1`` was taken (its "average" e <- 2p - e), ``--lr nan`` too,
+    no upper bound when ``high`` is None). ``--ema-decay -1`` was taken (its "average" e <- 2p - e), ``--lr 0`` trained nothing,
     and ``ddpm generate --eta nan`` was a JSON traceback."""
     interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
 
