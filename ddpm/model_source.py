@@ -59,4 +59,11 @@ def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
         from ddpm.diffusers_source import load_diffusers_ddpm
 
         return load_diffusers_ddpm(path, device)
-    raise CheckpointError(f"{path} is neither a ddpm-serve model (config.json + model.safetensors) nor a diffusers DDPM directory")
+    raise CheckpointError(f"{path} is neither a ddpm-serve model (config.json + model.safetensors) nor a diffusers DDPM directory"
+                          f"{_run_hint(path)}")  # fmt: skip
+
+
+def _run_hint(path: Path) -> str:
+    """A training or distillation run given where its model was meant (``--model runs/mine``): where the model is."""
+    models = [p for p in (path / "model", *sorted(path.glob("steps_*"))) if (p / CONFIG).is_file()]
+    return f" (a run directory: its model{'s are' if len(models) > 1 else ' is'} {', '.join(map(str, models))})" if models else ""

@@ -40,6 +40,19 @@ def test_missing(tmp_path: Path, tiny_unet: UNet) -> None:
         load_model(directory)
 
 
+def test_a_run_directory_given_as_the_model_says_where_its_model_is(tmp_path: Path, tiny_unet: UNet) -> None:
+    """``--model runs/mine`` (the run, not runs/mine/model) said only that it is no model."""
+    save_model(tmp_path / "run" / "model", tiny_unet, ModelCard(unet=TINY))
+    with pytest.raises(CheckpointError, match=r"\(a run directory: its model is .*run/model\)$"):
+        load_model_source(tmp_path / "run")
+    for steps in (2, 1):
+        save_model(tmp_path / "distill" / f"steps_{steps}", tiny_unet, ModelCard(unet=TINY))
+    with pytest.raises(CheckpointError, match=r"its models are .*distill/steps_1, .*distill/steps_2\)$"):
+        load_model_source(tmp_path / "distill")
+    with pytest.raises(CheckpointError, match=r"nor a diffusers DDPM directory$"):
+        load_model_source(tmp_path)  # holds run/ and distill/, no model of its own: no hint
+
+
 def test_truncated_weights(tmp_path: Path, tiny_unet: UNet) -> None:
     directory = _saved(tmp_path, tiny_unet)
     data = (directory / WEIGHTS).read_bytes()
