@@ -21,6 +21,15 @@ def test_an_error_names_the_variable_and_the_flag_and_the_value() -> None:
     ]
 
 
+@pytest.mark.parametrize("name", sorted(n for n, f in Settings.model_fields.items() if f.annotation in (float, float | None)))
+def test_no_float_setting_takes_inf(name: str) -> None:
+    """inf passed every bound: DDPM_RESPONSE_CACHE_MB=inf stopped the start (OverflowError), DDPM_DEFAULT_DEADLINE_S=inf
+    made every answer a 500 (its JSON echo), DDPM_DRAIN_TIMEOUT_S=inf let a stop wait for ever."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{name: "inf"})
+    assert explain(caught.value) == f"DDPM_{name.upper()} / --{name.replace('_', '-')}: Input should be a finite number (got 'inf')"
+
+
 @pytest.mark.parametrize(("name", "warning"), [
     ("DDPM_MAX_BACH", "DDPM_MAX_BACH is not a setting and is ignored: did you mean DDPM_MAX_BATCH?"),
     ("DDPM_REQUEST_TIMEOUT", "DDPM_REQUEST_TIMEOUT is not a setting and is ignored: did you mean DDPM_REQUEST_TIMEOUT_S?"),
