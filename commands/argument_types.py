@@ -8,6 +8,7 @@ import argparse
 import math
 from collections.abc import Callable
 
+from ddpm.names import MAX_THREADS
 from ddpm.seeding import MAX_SEED
 
 
@@ -31,6 +32,7 @@ POSITIVE = int_at_least(1)
 NON_NEGATIVE = int_at_least(0)
 PORT = int_at_least(0, 65535)
 SEED = int_at_least(0, MAX_SEED - 1)
+THREADS = int_at_least(0, MAX_THREADS)  # 0: PyTorch's default
 
 
 def number_in(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:

@@ -11,7 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from commands.argument_types import GUIDANCE_SCALE, NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER, PROBABILITY, SEED, integer_list, number_in
+from commands.argument_types import (
+    GUIDANCE_SCALE,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_NUMBER,
+    PROBABILITY,
+    SEED,
+    THREADS,
+    integer_list,
+    number_in,
+)
 from commands.help_format import subcommand
 from commands.output_path import writable_directory, writable_file, writable_output
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
@@ -387,7 +397,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance w with --class-label (default: the model card's)")  # fmt: skip
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
     p.add_argument("--compile", choices=COMPILE_SETTINGS, default=os.environ.get("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISION_SETTINGS, default=os.environ.get("DDPM_PRECISION", "auto"),
@@ -438,7 +448,7 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--checkpoint-every", type=POSITIVE, default=500, help="steps between resumable checkpoints")
     t.add_argument("--sample-every", type=POSITIVE, default=1000, help="steps between sample grids")
     t.add_argument("--sample-steps", type=POSITIVE, default=100, help="U-Net calls per image of those grids")
-    t.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch CPU threads (0: PyTorch's default)")
+    t.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional U-Net on the data's labels (mnist: the digit; a folder: its sub-folders), "
                         "trained for classifier-free guidance")  # fmt: skip
@@ -460,7 +470,7 @@ def add_model_commands(sub: Any) -> None:
     d.add_argument("--data", default="mnist", help="the images z_t is made from ('mnist' or a folder, as ddpm train)")
     d.add_argument("--checkpoint-every", type=POSITIVE, default=100, help="steps between resumable checkpoints")
     d.add_argument("--eval-n", type=NON_NEGATIVE, default=500, help="images of the quality row measured after each round (0: none)")
-    d.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch CPU threads (0: PyTorch's default)")
+    d.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)

@@ -45,3 +45,5 @@ PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISION_SETTINGS: tuple[str, ...] = get_args(PrecisionSetting)
 CompileSetting = Literal["auto", "on", "off"]
 COMPILE_SETTINGS: tuple[str, ...] = get_args(CompileSetting)
+
+MAX_THREADS = 256  # torch CPU threads a setting or --threads may ask for: DDPM_THREADS=100000 segfaulted the server

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ddpm.names import DEFAULT_SAMPLER, DEFAULT_SPACING, CompileSetting, PrecisionSetting, SamplerName, SpacingName
+from ddpm.names import DEFAULT_SAMPLER, DEFAULT_SPACING, MAX_THREADS, CompileSetting, PrecisionSetting, SamplerName, SpacingName
 from ddpm.shipped_models import DEFAULT_MODEL
 from service.engine.request_queue import SchedulingName
 
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay the compiled U-Net as CUDA graphs (one per batch bucket; 5x per call at batch 1-16 on an H200)"
     )
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: PyTorch's default)")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads (0: PyTorch's default)")  # 100000: a segfault
     gil_switch_interval_ms: float = Field(
         5.0, gt=0, le=100, description="sys.setswitchinterval (Python's default 5 ms): how long the engine's thread may wait for the GIL "
         "while a request thread runs Python (BENCHMARKS.md, the other core)"

@@ -30,6 +30,14 @@ def test_no_float_setting_takes_inf(name: str) -> None:
     assert explain(caught.value) == f"DDPM_{name.upper()} / --{name.replace('_', '-')}: Input should be a finite number (got 'inf')"
 
 
+def test_threads_are_bounded() -> None:
+    """DDPM_THREADS=100000 started 100,000 OpenMP threads: the server segfaulted (exit 139) and the machine ran out of
+    processes ("fork: Resource temporarily unavailable" in the shell beside it)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(threads=100000)
+    assert explain(caught.value) == "DDPM_THREADS / --threads: Input should be less than or equal to 256 (got 100000)"
+
+
 @pytest.mark.parametrize(("name", "warning"), [
     ("DDPM_MAX_BACH", "DDPM_MAX_BACH is not a setting and is ignored: did you mean DDPM_MAX_BATCH?"),
     ("DDPM_REQUEST_TIMEOUT", "DDPM_REQUEST_TIMEOUT is not a setting and is ignored: did you mean DDPM_REQUEST_TIMEOUT_S?"),
