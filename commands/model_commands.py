@@ -447,7 +447,7 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--num-groups", type=POSITIVE, default=8, help="GroupNorm groups")
     t.add_argument("--checkpoint-every", type=POSITIVE, default=500, help="steps between resumable checkpoints")
     t.add_argument("--sample-every", type=POSITIVE, default=1000, help="steps between sample grids")
-    t.add_argument("--sample-steps", type=POSITIVE, default=100, help="U-Net calls per image of those grids")
+    t.add_argument("--sample-steps", type=POSITIVE, default=100, help="U-Net calls per image of those grids (at most T)")
     t.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional U-Net on the data's labels (mnist: the digit; a folder: its sub-folders), "

@@ -279,7 +279,7 @@ class Trainer:
                 self.schedule,
                 seeds,
                 ModelCard(unet=self.config.unet).image_shape,
-                steps=self.config.sample_steps,
+                steps=min(self.config.sample_steps, self.config.num_timesteps),  # --num-timesteps 50: the default 100 failed
                 variance_type=VarianceType(self.config.variance_type),
                 device=self.device,
             )

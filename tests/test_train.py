@@ -144,6 +144,14 @@ def test_a_finished_run_run_again_keeps_its_models_recorded_quality(tmp_path: Pa
     assert read_card(tmp_path / "run" / "model").quality == {}
 
 
+def test_sample_grids_of_a_short_chain_take_at_most_t_steps(tmp_path: Path) -> None:
+    """--num-timesteps 30 with the default --sample-steps 100 failed at the first grid ("steps must be in 1..30"),
+    after --sample-every steps of training and before their checkpoint."""
+    trainer = Trainer(_config(steps=1, sample_every=1, sample_steps=100, num_timesteps=30), tmp_path / "run", device="cpu")
+    trainer.train(progress=False)
+    assert (tmp_path / "run" / "samples" / "step_000001.png").is_file()
+
+
 def test_a_damaged_state_is_refused_naming_the_file_and_the_way_out(tmp_path: Path) -> None:
     """A state.pt cut short (a copy, a full disk) was torch's zip-reader traceback; a file of another kind a KeyError."""
     Trainer(_config(steps=1, checkpoint_every=1), tmp_path / "run", device="cpu").train(progress=False)
