@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     )
     max_priority: int = Field(10, description="the highest (least urgent) priority; higher is clamped")
     trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
+    cors_allow_origins: str = Field(
+        "", description="origins a browser app may call this API from, comma-separated (http://localhost:5173), or *; empty: none"
+    )
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     max_connections: int = Field(
         1024, ge=1, description="open connections (and requests in progress) before new requests get 503 (uvicorn limit_concurrency)"
@@ -170,6 +173,13 @@ class Settings(BaseSettings):
     @classmethod
     def _path_as_text(cls, value: object) -> object:
         return str(value) if isinstance(value, Path) else value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        from service.api.cors import parse_origins
+
+        return ",".join(parse_origins(value))
 
     @field_validator("fault_stages")
     @classmethod

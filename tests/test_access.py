@@ -150,3 +150,30 @@ def test_hostile_bodies_are_4xx_without_a_traceback(secured: TestClient, name: s
             assert len(r.content) < 2000  # the echo of a 5000-digit or 900-deep input is not sent back
     assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info], caplog.text[:2000]
     assert 'code="500"' not in secured.get("/metrics").text
+
+
+def test_a_browser_app_on_an_allowed_origin_may_call_the_api(model_dir: Path) -> None:
+    """No CORS headers at all before: a front end on another origin (a dev server on :5173) could not read one answer.
+    Now the origins DDPM_CORS_ALLOW_ORIGINS names get the preflight and the headers, on errors too; others get none."""
+    app, other = "http://localhost:5173", "http://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    with _client(model_dir, api_token=TOKEN, cors_allow_origins=f"{app}/, https://b.example") as c:
+        _ready(c)
+        ok = c.options("/generate", headers={"Origin": app, **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == app
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        assert "access-control-allow-origin" not in c.options("/generate", headers={"Origin": other, **preflight}).headers
+        body = {"seed": 1, "batch_size": 1, "steps": 2}
+        r = c.post("/generate", json=body, headers={"Origin": app, "Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == app
+        assert {"etag", "x-request-id"} <= set(r.headers["access-control-expose-headers"].lower().split(", "))
+        denied = c.post("/generate", json=body, headers={"Origin": app})  # the app reads the 401, not a network error
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == app
+        too_big = c.post("/generate", content=b"x" * (1 << 20), headers={"Origin": app, "Content-Type": "application/json"})
+        assert too_big.status_code == 413 and too_big.headers["access-control-allow-origin"] == app  # the request middleware's own
+    with _client(model_dir) as c:  # the default: no CORS headers
+        _ready(c)
+        assert "access-control-allow-origin" not in c.post("/generate", json=body, headers={"Origin": app}).headers
+    with pytest.raises(ValueError, match="'localhost:5173' is not an origin"):
+        Settings(cors_allow_origins="localhost:5173")

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from ddpm import __version__
 from service.api.auth import load_token
+from service.api.cors import allow_cross_origin, parse_origins
 from service.api.drain_admission import DrainAdmissionMiddleware
 from service.api.errors import ApiError, error_body_for, openai_error_response, speaks_openai
 from service.api.head_requests import HeadAsGetMiddleware
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         observe=state.metrics.on_response,
         error_body=error_body_for,
     )
+    allow_cross_origin(app, parse_origins(settings.cors_allow_origins))  # added last: outermost
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
