@@ -170,3 +170,44 @@ def test_page_repaints_what_the_user_erases(server: ServerProcess, browser: obje
     repainted = pixels()
     assert np.array_equal(repainted[:4], original[:4]) and np.array_equal(repainted[7:], original[7:])
     assert not np.array_equal(repainted[4:7], original[4:7])
+
+
+FETCH = """
+const [api, token, done] = arguments;
+fetch(api + "/generate", {method: "POST", body: JSON.stringify({seed: 1, batch_size: 1, steps: 2}),
+                          headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"}})
+  .then(r => r.json().then(j => done({status: r.status, etag: r.headers.get("ETag"), images: (j.images || []).length})))
+  .catch(e => done({error: String(e)}));
+"""
+
+
+def test_a_page_of_another_origin_calls_the_api_where_cors_allows_it(server: ServerProcess, browser: object,
+                                                                      tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    """A front end served from another origin (here another port) fetching /generate with a token, in the real browser:
+    refused by Chromium without DDPM_CORS_ALLOW_ORIGINS (no server sent CORS headers before), answered with the ETag
+    readable where the server allows that origin."""
+    import http.server
+    import threading
+
+    from tests.server_process import free_port
+
+    root = tmp_path_factory.mktemp("front-end")
+    (root / "index.html").write_text("<!doctype html><title>another app</title>")
+    port = free_port()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(root))  # noqa: E731
+    page = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    allowed = ServerProcess(save_tiny_model(tmp_path_factory.mktemp("cors") / "tiny"), DDPM_API_TOKEN="t0ken",
+                            DDPM_CORS_ALLOW_ORIGINS=f"http://127.0.0.1:{port}")  # fmt: skip
+    try:
+        allowed.wait_ready()
+        d = browser
+        d.set_script_timeout(60)  # type: ignore[attr-defined]
+        d.get(f"http://127.0.0.1:{port}/index.html")  # type: ignore[attr-defined]
+        answer = d.execute_async_script(FETCH, allowed.url, "t0ken")  # type: ignore[attr-defined]
+        assert answer["status"] == 200 and answer["images"] == 1 and answer["etag"], answer
+        refused = d.execute_async_script(FETCH, server.url, "t0ken")  # type: ignore[attr-defined]  # the module's server: no CORS
+        assert refused == {"error": "TypeError: Failed to fetch"}, refused
+    finally:
+        allowed.stop()
+        page.shutdown()
