@@ -29,7 +29,8 @@ class ChainError(ValueError):
 def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
     """Class labels written as text (``--class-label``, a multipart form field): '7', 'seven', or '1,2,3'
     (one per image), kept as text: ``LoadedModel.labels`` reads each as a class name first, else digits as an index
-    (a model trained on folders ``3/``, ``5/``, ``7/`` has classes 0, 1, 2 named "3", "5", "7": '5' is "5")."""
+    where the classes are not named by numbers (a model trained on folders ``3/``, ``5/``, ``7/`` has classes 0, 1, 2
+    named "3", "5", "7": '5' is "5", and '1' no class)."""
     if text is None:
         return None
     values: list[int | str] = [v.strip() for v in text.split(",")]
@@ -108,9 +109,11 @@ class LoadedModel:
         if len(given) != n:
             raise ChainError("class_label", f"class_label has {len(given)} labels for {n} images (give one, or one per image)")
         names = {name: i for i, name in enumerate(self.class_names)}
+        numbered = bool(names) and all(name.isdecimal() for name in names)  # classes named by numbers: digits are names only
         labels = []
         for label in given:
-            index = label if isinstance(label, int) else names.get(label, int(label) if label.isdecimal() and label.isascii() else None)
+            as_index = isinstance(label, str) and label.isdecimal() and label.isascii() and not numbered
+            index = label if isinstance(label, int) else names.get(label, int(label) if as_index else None)
             if index is not None and 0 <= index < self.num_classes:  # a JSON number is an index; text a name, else digits an index
                 labels.append(index)
             else:

@@ -138,7 +138,8 @@ def test_engine_mixes_guided_unguided_and_unconditional_samples(cond_dir: Path) 
 
 def test_text_labels_name_a_class_first_then_digits_index_one() -> None:
     """A model trained on folders 3/, 5/, 7/ has classes 0, 1, 2 named "3", "5", "7". `--class-label 5` (and a form
-    field "5") was read as index 5 (unknown), and "1" as index 1: the class named "5", silently."""
+    field "5") was read as index 5 (unknown), and "1" as index 1: the class named "5", silently. Text names a class;
+    digits index one only where the classes are not named by numbers."""
     from types import SimpleNamespace
 
     from ddpm.loaded_model import LoadedModel, parse_class_labels
@@ -148,10 +149,13 @@ def test_text_labels_name_a_class_first_then_digits_index_one() -> None:
     def labels(text: str, n: int = 1) -> tuple[int, ...] | None:
         return LoadedModel.labels(model, parse_class_labels(text), n, None)[0]  # type: ignore[arg-type]
 
-    assert labels("5") == (1,) and labels("3,7", 2) == (0, 2) and labels("1") == (1,)  # "1" names no class: index 1
+    assert labels("5") == (1,) and labels("3,7", 2) == (0, 2)
     assert LoadedModel.labels(model, 2, 1, None)[0] == (2,)  # type: ignore[arg-type]  # a JSON number is an index
-    with pytest.raises(ChainError, match="unknown class '9'"):
-        labels("9")
+    for text in ("9", "1"):  # classes named by numbers: digits are names only ("1" was the class named "5")
+        with pytest.raises(ChainError, match=f"unknown class '{text}'"):
+            labels(text)
+    named = SimpleNamespace(conditional=True, class_names=["cat", "dog"], num_classes=2, guidance_scale=None)
+    assert LoadedModel.labels(named, parse_class_labels("1,dog"), 2, None)[0] == (1, 1)  # type: ignore[arg-type]
     digits = SimpleNamespace(conditional=True, class_names=[str(d) for d in range(10)], num_classes=10, guidance_scale=None)
     assert LoadedModel.labels(digits, parse_class_labels("7"), 1, None)[0] == (7,)  # type: ignore[arg-type]  # MNIST: the same
 

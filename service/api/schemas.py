@@ -53,7 +53,8 @@ class ChainRequest(BaseModel):
     class_label: ClassLabel | Annotated[list[ClassLabel], Field(max_length=4096)] | None = Field(
         None,
         description="A class-conditional model only (GET /info lists its classes): the class of every image, by index (a "
-        "number) or name (a string; digits that name no class are an index), or a list with one per image. Default: "
+        "number) or name (a string; digits that name no class are an index, unless the classes are named by numbers), or a "
+        "list with one per image. Default: "
         "unconditional (the null label).",
     )
     guidance_scale: float | None = Field(
@@ -355,7 +356,9 @@ class ImageForm(BaseModel):
     timestep_spacing: SpacingName | None = None
     clip_denoised: bool | None = None
     class_label: int | str | list[int | str] | None = Field(
-        None, description="A class-conditional model: '7', 'seven', or '1,2,3' (one per image); a class name first, else digits an index."
+        None,
+        description="A class-conditional model: '7', 'seven', or '1,2,3' (one per image); a class name first, else digits an "
+        "index (not where the classes are named by numbers).",
     )
     guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="As in /generate (variations: default 0.4).")
