@@ -80,30 +80,19 @@ def unet_config(args: argparse.Namespace) -> Any:
     )
 
 
+def config_from_flags(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
+    """A run's config dataclass from the command's flags of the same names; a field no flag sets keeps its default."""
+    from dataclasses import fields
+
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name) and f.name not in given}, **given)
+
+
 def _trainer(args: argparse.Namespace) -> Any:
     from ddpm.train import TrainConfig, Trainer
 
     unet = unet_config(args)
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(
-        data=args.data,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        schedule=args.schedule,
-        num_timesteps=args.num_timesteps,
-        variance_type=args.variance_type,
-        checkpoint_every=args.checkpoint_every,
-        sample_every=args.sample_every,
-        sample_steps=args.sample_steps,
-        threads=args.threads,
-        unet=unet,
-        conditional=args.conditional,
-        label_dropout=args.label_dropout,
-    )
+    config = config_from_flags(TrainConfig, args, unet=unet)
     command = "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return Trainer(config, args.run_dir, device=args.device, command=command)
 
@@ -289,19 +278,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     writable_directory("ddpm distill", "--run-dir", args.run_dir)
     try:
-        config = DistillConfig(
-            teacher=args.teacher,
-            teacher_steps=args.teacher_steps,
-            student_steps=args.student_steps,
-            round_steps=args.round_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            data=args.data,
-            checkpoint_every=args.checkpoint_every,
-            eval_n=args.eval_n,
-            threads=args.threads,
-        )
+        config = config_from_flags(DistillConfig, args)
         distiller = Distiller(config, args.run_dir, device=args.device)
     except ValueError as exc:
         raise SystemExit(f"ddpm distill: {exc}") from exc
