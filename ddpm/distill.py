@@ -152,6 +152,8 @@ class Distiller:
         if self.teacher_card.distilled_chain is not None:
             raise ValueError(f"{config.teacher} is already distilled; give its run's --teacher-steps instead")
         self.schedule = self.teacher_card.schedule()
+        if config.teacher_steps > self.schedule.num_timesteps:  # said "steps must be in 1..1000, got 2048", naming no flag
+            raise ValueError(f"--teacher-steps {config.teacher_steps}: the teacher has T = {self.schedule.num_timesteps} timesteps")
         self.abar = self.schedule.alphas_cumprod
         dataset = load_labelled(config.data, self.teacher_card.unet.in_channels, self.teacher_card.unet.image_size)
         self.data = dataset.images.to(self.device)

@@ -201,6 +201,8 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path: Path) -> None
     (["eval", "-n", "1", "--steps", "1", "--classifier", "{tmp}/none"], "ddpm: --classifier {tmp}/none: no digit classifier at"),
     (["distill", "--run-dir", "/proc/no/d"], "ddpm distill: --run-dir /proc/no/d: [Errno 2]"),
     (["distill", "--run-dir", "{tmp}/d", "--eval-n", "1"], "ddpm distill: --eval-n 1: n must be in 2..500"),  # after a round's training
+    (["distill", "--run-dir", "{tmp}/d", "--teacher-steps", "2048", "--student-steps", "1"],
+     "ddpm distill: --teacher-steps 2048: the teacher has T = 1000 timesteps"),  # "steps must be in 1..1000", no flag named
     (["train-classifier", "--output", "/proc/no/c"], "ddpm train-classifier: --output /proc/no/c: [Errno 2]"),
     # evaluated first, then a traceback (below: a diffusers directory, which evaluates but has no card to record into)
     (["eval", "-n", "2", "--steps", "1", "--record", "--model", "{tmp}"], "ddpm: --record: no config.json in model directory {tmp}"),
