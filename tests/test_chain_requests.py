@@ -124,6 +124,17 @@ def test_a_query_parameter_the_schedule_does_not_take_or_given_twice_is_422(clie
     assert r.status_code == 422 and r.json()["detail"].startswith(said), r.text
 
 
+def test_null_is_the_default_for_every_field_that_has_one(client: TestClient) -> None:
+    """``batch_size``, ``first_image`` and /v1's ``n`` were 422 for null, every optional field took it as its default:
+    OpenAI's spec makes ``n`` nullable, and generated clients send null for what the caller left out."""
+    plain = client.post("/generate", json={"seed": 3, "steps": 2}).json()
+    nulls = client.post("/generate", json={"seed": 3, "steps": 2, "batch_size": None, "first_image": None}).json()
+    assert (nulls["batch_size"], nulls["first_image"], nulls["images"]) == (1, 0, plain["images"])
+    openai = client.post("/v1/images/generations", json={"prompt": "x", "n": None, "seed": 3, "steps": 2})
+    assert openai.status_code == 200 and len(openai.json()["data"]) == 1, openai.text
+    assert client.post("/generate", json={"seed": None}).status_code == 422  # no default: still required
+
+
 @pytest.mark.parametrize("path", ["/generate", "/generate/stream"])
 def test_a_query_string_on_generate_is_422_not_ignored(client: TestClient, path: str) -> None:
     """``POST /generate?batch_size=4`` with a body of one image answered one image: the query string was ignored."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic_core import PydanticUndefined
 
 from ddpm.loaded_model import parse_class_labels
 from ddpm.names import SamplerName, SpacingName
@@ -25,6 +26,17 @@ class ChainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     first_image: int = Field(0, strict=True, ge=0, lt=MAX_SEED, description=FIRST_IMAGE)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: object, info: ValidationInfo) -> object:
+        """``null`` for a field with a default is that default, as it already was for every optional field: OpenAI's
+        spec makes ``n`` nullable, and generated clients send null for what the caller left out (``batch_size``,
+        ``n`` and ``first_image`` were 422)."""
+        if value is None and info.field_name is not None:
+            default = cls.model_fields[info.field_name].default
+            return None if default is PydanticUndefined else default
+        return value
 
     steps: int | None = Field(
         None,
