@@ -48,3 +48,19 @@ def test_a_body_that_is_not_text_is_422_saying_so(client: TestClient, route: str
     r = client.post(route, content=raw, headers={"Content-Type": "application/json"})
     message = r.json()["error"]["message"] if route.startswith("/v1/") else r.json()["detail"]
     assert r.status_code == 422 and "does not decode as text" in message and said in message and "number" not in message, r.text
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/images/generations"])
+def test_a_body_in_a_content_coding_is_415_not_parsed(client: TestClient, route: str) -> None:
+    """A gzip body was parsed as JSON ("the body does not decode as text"), and a plain body labelled ``br`` was taken:
+    this server decodes no content coding, so it says so (RFC 9110 15.5.16)."""
+    import gzip
+    import json
+
+    body = {"seed": 1, "steps": 2} if route == "/generate" else {"prompt": "x", "seed": 1, "steps": 2}
+    raw = json.dumps(body).encode()
+    for coding, content in (("gzip", gzip.compress(raw)), ("br", raw)):
+        r = client.post(route, content=content, headers={"Content-Type": "application/json", "Content-Encoding": coding})
+        said = f"Content-Encoding {coding} is not supported: send the body uncompressed"
+        assert r.status_code == 415 and said in r.text, r.text
+    assert client.post(route, content=raw, headers={"Content-Type": "application/json", "Content-Encoding": "identity"}).status_code == 200

@@ -85,6 +85,19 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
     await send({"type": "http.response.body", "body": payload})
 
 
+def refusal_from_headers(headers: dict[bytes, bytes], limit: int) -> tuple[int, str] | None:
+    """What the headers alone refuse: a body declared over the limit (413), or one in a content coding this server
+    does not decode (415, RFC 9110 15.5.16: a gzip body was parsed as JSON and answered "not UTF-8", and a plain one
+    labelled ``br`` was taken)."""
+    length = headers.get(b"content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return 413, f"request body over {limit} bytes"
+    coding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+    if coding not in ("", "identity"):
+        return 415, f"Content-Encoding {coding} is not supported: send the body uncompressed"
+    return None
+
+
 class RequestContextMiddleware:
     """X-Request-ID accepted (when well-formed) or generated, echoed on the response; the client key
     computed once; bodies over ``max_body_bytes`` answered 413 and bodies that do not arrive within
@@ -139,9 +152,9 @@ class RequestContextMiddleware:
 
         limit = self.body_limit()
         try:
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                await refuse(413, f"request body over {limit} bytes")
+            refusal = refusal_from_headers(headers, limit)
+            if refusal is not None:
+                await refuse(*refusal)
                 return
             body = {"n": 0, "complete": scope.get("method") in ("GET", "HEAD")}
             deadline = start + self.read_timeout_s
