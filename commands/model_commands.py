@@ -295,6 +295,9 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     from ddpm.classifier import save_classifier, train_classifier
 
+    if (Path(args.output) / "classifier.safetensors").is_file() and not args.overwrite:  # the shipped one: every FD measures by it
+        raise SystemExit(f"ddpm train-classifier: --output {args.output} holds a classifier already (ddpm eval's features, by which "
+                         "every recorded FD was measured): give another --output, or --overwrite to replace it")  # fmt: skip
     writable_directory("ddpm train-classifier", "--output", args.output)
     start = time.perf_counter()
     model, accuracy = train_classifier(epochs=args.epochs, seed=args.seed)
@@ -468,6 +471,7 @@ def add_model_commands(sub: Any) -> None:
 
     c = subcommand(sub, "train-classifier", "train the digit classifier whose features the evaluation uses")
     c.add_argument("--output", default=str(DEFAULT_CLASSIFIER), help="directory the classifier is written to")
+    c.add_argument("--overwrite", action="store_true", help="replace a classifier already in --output (the shipped one, by default)")
     c.add_argument("--epochs", type=POSITIVE, default=8, help="passes over the training digits")
     c.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the weights and the data order")
     c.set_defaults(func=cmd_train_classifier)

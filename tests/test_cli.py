@@ -204,6 +204,8 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path: Path) -> None
     (["distill", "--run-dir", "{tmp}/d", "--teacher-steps", "2048", "--student-steps", "1"],
      "ddpm distill: --teacher-steps 2048: the teacher has T = 1000 timesteps"),  # "steps must be in 1..1000", no flag named
     (["train-classifier", "--output", "/proc/no/c"], "ddpm train-classifier: --output /proc/no/c: [Errno 2]"),
+    # the shipped classifier, replaced by whatever this run trained (--epochs 1 included): every recorded FD then moved
+    (["train-classifier"], f"ddpm train-classifier: --output {MODELS_DIR / 'digit-classifier'} holds a classifier already"),
     # evaluated first, then a traceback (below: a diffusers directory, which evaluates but has no card to record into)
     (["eval", "-n", "2", "--steps", "1", "--record", "--model", "{tmp}"], "ddpm: --record: no config.json in model directory {tmp}"),
     (["eval", "-n", "501", "--steps", "1"], "ddpm: -n 501: n must be in 2..500 (two disjoint halves of the held-out digits)"),  # sampled
