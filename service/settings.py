@@ -16,7 +16,7 @@ from service.engine.request_queue import SchedulingName
 
 class Settings(BaseSettings):
     # a finite number everywhere: DDPM_RESPONSE_CACHE_MB=inf stopped the start (OverflowError), DDPM_DEFAULT_DEADLINE_S=inf
-    # made every answer a 500 (its JSON echo), DDPM_DRAIN_TIMEOUT_S=inf let a stop wait for ever
+    # made every answer a 500 (its JSON echo), DDPM_DRAIN_TIMEOUT_S=inf drained with no bound
     model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore", allow_inf_nan=False)
 
     model: str = Field(
