@@ -110,6 +110,8 @@ class Trainer:
         self.schedule: NoiseSchedule = make_schedule(config.schedule, config.num_timesteps)
         self.sqrt_abar = self.schedule.tensor("sqrt_alphas_cumprod", self.device)
         self.sqrt_1m_abar = self.schedule.tensor("sqrt_one_minus_alphas_cumprod", self.device)
+        if not self.state_path.exists():  # a new run; one begun before a check resumes as it was
+            config.unet.check_new()
         dataset = load_labelled(config.data, config.unet.in_channels, config.unet.image_size)
         self.data = dataset.images.to(self.device)
         self.labels: torch.Tensor | None = None

@@ -33,22 +33,29 @@ class UNetConfig:
         # JSON round trips give lists; keep the frozen config hashable and comparable.
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be one or more positive integers, got {list(self.channel_mult)}")
+        if self.channel_mult and min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be positive integers, got {list(self.channel_mult)}")
         downsamples = len(self.channel_mult) - 1
         if self.image_size % (2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{downsamples}")
-        missing = [r for r in self.attn_resolutions if r not in self.resolutions]
-        if missing:  # such a resolution was ignored: a model without the attention asked for
-            sizes = ", ".join(map(str, self.resolutions))
-            raise ValueError(f"attn_resolutions {missing} are not feature-map sizes of this U-Net ({sizes})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.num_groups:
                 raise ValueError("every level's channel count must be divisible by num_groups")
         if self.num_classes < 0:
             raise ValueError("num_classes must be >= 0")
+
+    def check_new(self) -> None:
+        """What a new training run must not ask for, though models trained so before still load (and their runs resume):
+        no levels, an attention size the U-Net lacks (ignored: `--image-size 32` with the old default of 7 trained no
+        attention at all), dropout outside [0, 1)."""
+        if not self.channel_mult:
+            raise ValueError("channel_mult must be one or more positive integers, got []")
+        missing = [r for r in self.attn_resolutions if r not in self.resolutions]
+        if missing:
+            sizes = ", ".join(map(str, self.resolutions))
+            raise ValueError(f"attn_resolutions {missing} are not feature-map sizes of this U-Net ({sizes})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def resolutions(self) -> tuple[int, ...]:

@@ -152,6 +152,25 @@ def test_sample_grids_of_a_short_chain_take_at_most_t_steps(tmp_path: Path) -> N
     assert (tmp_path / "run" / "samples" / "step_000001.png").is_file()
 
 
+def test_an_attention_size_the_unet_lacks_is_refused_for_a_new_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--image-size 32` with the old default attention size 7 trained a U-Net without attention; such a size is now
+    refused, but the models and runs made so before must still load and resume (their cards say 7)."""
+    from dataclasses import replace
+
+    from ddpm.unet import UNetConfig
+
+    old = replace(TINY, attn_resolutions=(3,))  # TINY's feature maps: 8 and 4
+    with pytest.raises(ValueError, match=r"attn_resolutions \[3\] are not feature-map sizes of this U-Net \(8, 4\)"):
+        Trainer(_config(steps=1, unet=old), tmp_path / "new", device="cpu")
+    with monkeypatch.context() as m:  # a run begun before the check
+        m.setattr(UNetConfig, "check_new", lambda self: None)
+        Trainer(_config(steps=1, checkpoint_every=1, unet=old), tmp_path / "run", device="cpu").train(progress=False)
+    resumed = Trainer(_config(steps=2, checkpoint_every=1, unet=old), tmp_path / "run", device="cpu")
+    assert resumed.step == 1
+    resumed.train(progress=False)
+    assert load_model(tmp_path / "run" / "model")[1].unet.attn_resolutions == (3,)
+
+
 def test_a_damaged_state_is_refused_naming_the_file_and_the_way_out(tmp_path: Path) -> None:
     """A state.pt cut short (a copy, a full disk) was torch's zip-reader traceback; a file of another kind a KeyError."""
     Trainer(_config(steps=1, checkpoint_every=1), tmp_path / "run", device="cpu").train(progress=False)
