@@ -46,4 +46,4 @@ PRECISION_SETTINGS: tuple[str, ...] = get_args(PrecisionSetting)
 CompileSetting = Literal["auto", "on", "off"]
 COMPILE_SETTINGS: tuple[str, ...] = get_args(CompileSetting)
 
-MAX_THREADS = 256  # torch CPU threads a setting or --threads may ask for: DDPM_THREADS=100000 segfaulted the server
+MAX_THREADS = 1024  # torch CPU threads a setting or --threads may ask for (machines with 384 exist): DDPM_THREADS=100000 segfaulted

@@ -82,7 +82,7 @@ def test_serve_rejects_a_bad_flag_value_with_the_reason() -> None:
     (["generate", "--retries", "-1"], "argument --retries: must be >= 0, got -1"),
     (["sample", "--sampler", "ddim", "--eta", "2"], "argument --eta: must be in [0, 1], got 2"),  # a ValueError after the load
     (["sample", "--strength", "0"], "argument --strength: must be in (0, 1], got 0"),
-    (["sample", "--threads", "100000"], "argument --threads: must be in 0..256, got 100000"),  # DDPM_THREADS=100000: a segfault
+    (["sample", "--threads", "100000"], "argument --threads: must be in 0..1024, got 100000"),  # DDPM_THREADS=100000: a segfault
     (["generate", "--eta", "nan"], "argument --eta: must be in [0, 1], got nan"),  # a JSON ValueError traceback before
     (["generate", "--guidance-scale", "inf"], "argument --guidance-scale: must be in [0, 50], got inf"),  # the same
     (["generate", "--timeout", "-1"], "argument --timeout: must be in (0, inf), got -1"),

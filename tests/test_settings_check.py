@@ -35,7 +35,7 @@ def test_threads_are_bounded() -> None:
     processes ("fork: Resource temporarily unavailable" in the shell beside it)."""
     with pytest.raises(ValidationError) as caught:
         Settings(threads=100000)
-    assert explain(caught.value) == "DDPM_THREADS / --threads: Input should be less than or equal to 256 (got 100000)"
+    assert explain(caught.value) == "DDPM_THREADS / --threads: Input should be less than or equal to 1024 (got 100000)"
 
 
 @pytest.mark.parametrize(("name", "warning"), [
