@@ -217,6 +217,22 @@ def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None
     assert report["per_class"]["0"]["n"] == 10
 
 
+def test_balanced_labels_follow_the_seeds_image_index(cond_dir: Path, tmp_path: Path) -> None:
+    """``--class-label balanced`` gave image i of the request class i mod K: with --first-image 2, images 2 and 3 of the
+    seed got classes 0 and 1, not 2 and 0, so they differed from the same images in a request from image 0."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    common = [sys.executable, "-m", "commands.main", "sample", "--model", str(cond_dir), "--steps", "4", "--sampler", "ddim",
+              "--compile", "off", "--precision", "fp32", "--quiet", "--class-label", "balanced"]  # fmt: skip
+    for flags, name in ((["-n", "4"], "all.npy"), (["-n", "2", "--first-image", "2"], "part.npy")):
+        out = subprocess.run([*common, *flags, "-o", str(tmp_path / name)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert np.abs(np.load(tmp_path / "part.npy") - np.load(tmp_path / "all.npy")[2:]).max() < 1e-4
+
+
 def _conditional_diffusers_dir(tmp_path: Path, num_class_embeds: int, id2label: dict | None) -> Path:
     import json
 
