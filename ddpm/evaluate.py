@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ddpm.classifier import INPUT_SIZE, DigitClassifier, mnist_split
+from ddpm.classifier import HELD_OUT, INPUT_SIZE, DigitClassifier, mnist_split
 from ddpm.data import fit_to_size
 
 
@@ -78,7 +78,7 @@ def quality(classifier: DigitClassifier, images: torch.Tensor, reference: torch.
 def reference_size_problem(n: int, labels: Sequence[int] | None = None) -> str | None:
     """Why n samples (of classes ``labels``) cannot be evaluated (None when they can): the reference is two disjoint
     sets of n held-out digits, and a class's FD needs at least two of its samples (a covariance)."""
-    half = len(mnist_split().test_x) // 2
+    half = HELD_OUT // 2  # a constant of the split: no need to load the digits to know it
     if not 2 <= n <= half:
         return f"n must be in 2..{half} (two disjoint halves of the held-out digits)"
     counts = Counter(labels or [])

@@ -13,11 +13,12 @@ pytest.importorskip("scipy")
 
 
 def test_conditional_evaluation_on_real_digits() -> None:
-    from ddpm.classifier import load_classifier, mnist_split
+    from ddpm.classifier import HELD_OUT, load_classifier, mnist_split
     from ddpm.evaluate import evaluate_conditional
 
     classifier = load_classifier(DEFAULT_CLASSIFIER)
     split = mnist_split()
+    assert len(split.test_x) == HELD_OUT and torch.bincount(split.test_y).tolist() == [HELD_OUT // 10] * 10  # the evaluation's bound
     # 50 training digits per class (the evaluation's references are the held-out ones)
     idx = torch.cat([torch.nonzero(split.train_y == c).squeeze(1)[:50] for c in range(10)])
     digits, labels = split.train_x[idx], split.train_y[idx]
