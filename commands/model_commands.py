@@ -65,19 +65,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def unet_config(args: argparse.Namespace) -> Any:
     """``ddpm train``'s U-Net; attention by default at the smallest feature map (a fixed default of 7, right for
     28x28 only, gave a 32x32 model no attention at all)."""
+    from dataclasses import replace
+
     from ddpm.unet import UNetConfig
 
-    smallest = args.image_size // 2 ** (len(args.channel_mult) - 1) if args.channel_mult else args.image_size
-    return UNetConfig(
+    unet = UNetConfig(
         image_size=args.image_size,
         in_channels=args.channels,
         base_channels=args.base_channels,
         channel_mult=args.channel_mult,
         num_res_blocks=args.num_res_blocks,
-        attn_resolutions=(smallest,) if args.attn_resolutions is None else args.attn_resolutions,
+        attn_resolutions=args.attn_resolutions or (),
         dropout=args.dropout,
         num_groups=args.num_groups,
     )
+    return unet if args.attn_resolutions is not None else replace(unet, attn_resolutions=unet.resolutions[-1:])
 
 
 def config_from_flags(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
