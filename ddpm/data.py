@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ddpm.image_inputs import grey_levels
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -96,11 +98,11 @@ def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
 def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
     """One image as uint8 (size, size) grey or (size, size, 3) RGB. A 16-bit grey image is scaled to 8 bits
     (Pillow's ``convert("L")`` clips it at 255: a 16-bit PNG became white); other deep modes are refused."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        pixels = np.asarray(im, dtype=np.int64)
-        if pixels.min() < 0 or pixels.max() > 65535:
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        levels = grey_levels(im)  # the uploads' rule: v / 257
+        if levels.min() < 0 or levels.max() > 255:  # a 32-bit TIFF's
             raise ValueError(f"a {im.mode} image with values outside 0..65535: save it with 8 or 16 bits per channel")
-        im = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))  # (H, W) uint8: mode L
+        im = Image.fromarray(np.round(levels).astype(np.uint8))  # (H, W) uint8: mode L
     elif im.mode == "F":
         raise ValueError("a floating-point image (mode F): save it with 8 or 16 bits per channel")
     im = im.convert("L" if channels == 1 else "RGB")

@@ -124,7 +124,7 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
     if image.mode not in modes:
         raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)} (modes {', '.join(modes)})")
     alpha = np.asarray(image.getchannel("A")) if image.mode in ("LA", "RGBA") else None
-    pixels = _grey_levels(image) if shape[0] == 1 else np.asarray(image.convert("RGB"), dtype=np.float64)
+    pixels = grey_levels(image) if shape[0] == 1 else np.asarray(image.convert("RGB"), dtype=np.float64)
     pixels = pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)  # (C, H, W)
     return torch.from_numpy((pixels / 127.5 - 1.0).astype(np.float32)), alpha  # numpy: no torch op on a request thread
 
@@ -138,14 +138,15 @@ def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.T
     if "A" in image.getbands():
         keep = np.asarray(image.getchannel("A")) > 0
     else:
-        keep = _grey_levels(image) >= 128
+        keep = grey_levels(image) >= 128
     return keep_mask(field, keep, shape, "no transparent pixel, or no black one without alpha")
 
 
-def _grey_levels(image: Image.Image) -> np.ndarray:
-    """(H, W) grey levels on the 8-bit scale 0..255 (float64). A 16-bit PNG's levels are divided by 257: Pillow's
-    convert("L") clips them at 255 instead, so a 16-bit mask's mid-grey (30000 of 65535) was kept, not repainted."""
-    if image.mode in ("I", "I;16"):
+def grey_levels(image: Image.Image) -> np.ndarray:
+    """(H, W) grey levels on the 8-bit scale 0..255 (float64). A 16-bit image's levels are divided by 257: Pillow's
+    convert("L") clips them at 255 instead, so a 16-bit mask's mid-grey (30000 of 65535) was kept, not repainted, and a
+    folder of 16-bit PNGs trained on white squares (``ddpm.data``). Mode I is how older Pillows open a 16-bit PNG."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
         return np.asarray(image, dtype=np.float64) / 257.0
     return np.asarray(image.convert("L"), dtype=np.float64)
 
