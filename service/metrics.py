@@ -86,7 +86,9 @@ class Metrics(EngineObserver):
         self.ready = Gauge("ddpm_ready", "1 when the model is loaded and warmed up and the server is not draining", registry=r)
         self.model_info = Info("ddpm_model", "The model being served", registry=r)
         self.cache_lookups = Counter(
-            "ddpm_response_cache_lookups", "Response cache lookups of generation requests: hit (answered without a U-Net call) or miss",
+            "ddpm_response_cache_lookups",
+            "Response cache lookups of generation requests: hit (answered without a U-Net call), shared (an identical request's "
+            "job in flight made its images) or miss",
             ["model", "result"], registry=r,
         )  # fmt: skip
         self.not_modified = Counter(
@@ -96,7 +98,7 @@ class Metrics(EngineObserver):
             registry=r,
         )
         self.cache_bytes = Gauge("ddpm_response_cache_bytes", "Memory held by the response cache's images", registry=r)
-        for result in ("hit", "miss"):  # present from the start, at 0
+        for result in ("hit", "shared", "miss"):  # present from the start, at 0
             self.cache_lookups.labels(model=model, result=result)
         self.hot_path_compiled = Gauge(
             "ddpm_hot_path_compiled",
@@ -217,8 +219,8 @@ class Metrics(EngineObserver):
         for name, help_text, read in gauges.values():
             Gauge(name, help_text, ["device"], registry=self.registry).labels(device=label).set_function(lambda read=read: float(read()))
 
-    def on_cache_lookup(self, hit: bool) -> None:
-        self.cache_lookups.labels(model=self.model, result="hit" if hit else "miss").inc()
+    def on_cache_lookup(self, result: str) -> None:
+        self.cache_lookups.labels(model=self.model, result=result).inc()
 
     def on_not_modified(self) -> None:
         self.not_modified.labels(model=self.model).inc()

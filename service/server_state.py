@@ -30,6 +30,7 @@ from ddpm.model_facts import ModelFacts, flops_per_image_step, model_fingerprint
 from ddpm.model_hub import model_name
 from ddpm.model_source import load_model_source
 from ddpm.precision import resolve_precision
+from service.api.in_flight import InFlightRequests
 from service.client_quota import ClientQuota
 from service.engine.background_compile import COMPILED, EAGER, GROUPS, BackgroundCompiler, PathSwitch, fully_compiled, step_of
 from service.engine.engine import Engine
@@ -62,6 +63,7 @@ class ServerState:
         self.facts: ModelFacts | None = None
         self.cache = ResponseCache(int(settings.response_cache_mb * 2**20))
         self.metrics.watch_cache(lambda: self.cache.size_bytes)
+        self.in_flight = InFlightRequests()  # identical requests share a job while its images are made
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)
         self.hot_path: HotPath | None = None  # the path served when it is fixed (compiled before ready, or eager only)
         self.switch: PathSwitch | None = None  # per call shape: the compiled graphs where built, else eager

@@ -152,7 +152,9 @@ class Settings(BaseSettings):
     fault_duration_s: float = Field(0.0, ge=0, description="testing only: faults stop this long after the server is ready (0: never)")
     fault_stall_s: float = Field(0.0, ge=0, description="testing only: the first U-Net call after ready blocks this long (a hung device)")
     response_cache_mb: float = Field(
-        64.0, ge=0, description="memory for finished images answered again to identical requests (ETag, 304); 0: off"
+        64.0,
+        ge=0,
+        description="memory for finished images answered again to identical requests (ETag, 304), and shared while made; 0: off",
     )
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="a stream that has sent nothing for this long sends a comment line (proxies drop silent connections)"

@@ -35,7 +35,7 @@ from service.api.edit_inputs import InputError, b64_png, decode_image, decode_ma
 from service.api.errors import ApiError, engine_error, field_error, not_ready, retry_after
 from service.api.job_handle import JobHandle
 from service.api.schemas import ChainRequest, EditFields, GenerateResponse, ImageForm, SchedulingFields, Timings
-from service.engine.errors import EngineError
+from service.engine.errors import Cancelled, EngineError
 from service.engine.job import Job
 from service.response_cache import ImageKey, etag_matches
 from service.server_state import ROUTED_BEFORE_DRAIN, ServerState
@@ -245,6 +245,32 @@ class Generated:
 
     images: torch.Tensor
     job: Job | None  # None: from the cache
+    shared: bool = False  # made by an identical request's job (service/api/in_flight.py)
+
+    @property
+    def x_cache(self) -> str:
+        """The X-Cache header: hit (the response cache), shared (an identical request's job in flight), miss."""
+        return "hit" if self.job is None else "shared" if self.shared else "miss"
+
+
+def job_for(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False) -> tuple[JobHandle, bool]:
+    """A job making ``key``'s images: an identical request's in flight where it serves this one as well
+    (shared: True), else one submitted now (errors as ApiError)."""
+    if state.cache.enabled:
+        arrived = getattr(request.state, "arrived", time.monotonic())
+        handle = state.in_flight.join(key, sched.priority, sched.deadline_s, arrived, stream)
+        if handle is not None:
+            if stream:
+                state.engine.stream_progress(handle.job)  # type: ignore[union-attr]  # prepare() checked it
+            state.metrics.on_cache_lookup("shared")
+            request.state.log_fields["cache"] = "shared"
+            return handle, True
+        state.metrics.on_cache_lookup("miss")
+        request.state.log_fields["cache"] = "miss"
+    handle = submit(state, key, request, sched, stream)
+    if state.cache.enabled:
+        state.in_flight.add(key, handle)
+    return handle, False
 
 
 def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
@@ -255,8 +281,9 @@ def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.
     if not state.cache.enabled:
         return None
     images = state.cache.get(key)
-    state.metrics.on_cache_lookup(images is not None)
-    request.state.log_fields["cache"] = "miss" if images is None else "hit"
+    if images is not None:  # a miss is counted by job_for: a shared job's or a new one's
+        state.metrics.on_cache_lookup("hit")
+        request.state.log_fields["cache"] = "hit"
     return images
 
 
@@ -265,17 +292,20 @@ async def generate_images(state: ServerState, key: ImageKey, request: Request, s
     cached = cached_images(state, key, request)
     if cached is not None:
         return Generated(cached, None)
-    job = await submit(state, key, request, sched).wait(request.is_disconnected)
-    return finished(state, key, job)
+    handle, shared = job_for(state, key, request, sched)
+    job = await handle.wait(request.is_disconnected)
+    if job is None:  # this client went away; the job runs on for the identical requests sharing it
+        raise engine_error(state, Cancelled("the client went away"))
+    return finished(state, key, job, shared)
 
 
-def finished(state: ServerState, key: ImageKey, job: Job) -> Generated:
+def finished(state: ServerState, key: ImageKey, job: Job, shared: bool = False) -> Generated:
     """A job the engine has finished: its images (now in the response cache), or its error as an ApiError."""
     if job.error is not None:
         raise engine_error(state, job.error)
     assert job.images is not None
     state.cache.put(key, job.images)
-    return Generated(job.images, job)
+    return Generated(job.images, job, shared)
 
 
 async def images_or_not_modified(
@@ -307,10 +337,10 @@ async def answer(
     if isinstance(generated, Response):
         return generated
     response = wrap(await encode_off_loop(state, lambda: encode(generated), request))
-    if generated.job is not None:  # how long an answer takes after its images: later deadlines keep that time
+    if generated.job is not None and not generated.shared:  # how long an answer takes after its images: later deadlines keep that time
         state.engine.answered(generated.job)  # type: ignore[union-attr]
     response.headers["ETag"] = key.etag(media)
-    response.headers["X-Cache"] = "hit" if generated.job is None else "miss"
+    response.headers["X-Cache"] = generated.x_cache
     request.state.outcome = "ok"
     return response
 
@@ -364,9 +394,10 @@ def class_names(state: ServerState, key: ImageKey) -> list[str] | None:
 def result_body(state: ServerState, key: ImageKey, generated: Generated, arrived: float, sched: Scheduling) -> GenerateResponse:
     """/generate's JSON answer (and the stream's result event): the chain, the PNGs, the timings."""
     job = generated.job
-    if job is not None:
+    if job is not None:  # a shared job may have started before this request arrived
         assert job.finished is not None and job.first_admitted is not None
-        queue_wait, generation = job.first_admitted - job.created, job.finished - job.first_admitted
+        started = max(job.first_admitted, arrived)
+        queue_wait, generation = started - arrived, job.finished - started
     else:
         queue_wait = generation = 0.0
     return GenerateResponse(

@@ -24,9 +24,10 @@ class JobHandle:
     """A submitted job seen from the event loop: an awaitable result and its latest progress.
 
     Progress keeps only the newest event (a stalled stream reader costs O(1) memory, not one event
-    per iteration). ``wait`` and ``events`` never outlive the job's deadline by more than
-    ``BACKSTOP_S``: if the engine has not answered by then (a hung device call), the job is
-    cancelled and answered 504 here."""
+    per iteration), and every reader sees it (identical requests in flight share one handle: ``share``,
+    service/api/in_flight.py). The job is cancelled when its last waiter goes away, not its first.
+    ``wait`` and ``events`` never outlive the job's deadline by more than ``BACKSTOP_S``: if the engine
+    has not answered by then (a hung device call), the job is cancelled and answered 504 here."""
 
     BACKSTOP_S = 5.0
 
@@ -35,12 +36,36 @@ class JobHandle:
     ) -> None:
         self.job = job
         self.done = loop.create_future()
+        self.waiters = 1  # requests waiting on this job: the one that submitted it, and those that share it
+        self._loop = loop
         self._on_release = on_release
         self._latest: ProgressEvent | None = None
-        self._progress = asyncio.Event()
+        self._version = 0  # progress events so far: each reader remembers the last it saw
+        self._changed = loop.create_future()  # resolved (and replaced) at each progress event
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
-        if stream:  # only a stream reads progress: other jobs must not wake the event loop every iteration
-            job.on_progress = lambda j: loop.call_soon_threadsafe(self._set_progress, ProgressEvent(j.steps_done, j.n * j.calls))
+        if stream:
+            self.watch_progress()
+
+    def watch_progress(self) -> None:
+        """Have the engine report progress (only a stream reads it: other jobs must not wake the event loop
+        every iteration)."""
+        loop = self._loop
+        self.job.on_progress = lambda j: loop.call_soon_threadsafe(self._set_progress, ProgressEvent(j.steps_done, j.n * j.calls))
+
+    def share(self, stream: bool) -> JobHandle:
+        """One more request waits on this job (an identical one: service/api/in_flight.py)."""
+        self.waiters += 1
+        if stream:
+            self.watch_progress()
+        return self
+
+    def leave(self) -> bool:
+        """A waiter went away: the job is cancelled when it was the last (True), else it runs on for the others."""
+        self.waiters -= 1
+        if self.waiters > 0:
+            return False
+        self.job.cancel()
+        return True
 
     def _set_done(self) -> None:
         if not self.done.done():
@@ -50,7 +75,9 @@ class JobHandle:
 
     def _set_progress(self, event: ProgressEvent) -> None:
         self._latest = event
-        self._progress.set()
+        self._version += 1
+        self._changed.set_result(None)
+        self._changed = self._loop.create_future()
 
     @property
     def pending_progress(self) -> int:
@@ -69,14 +96,16 @@ class JobHandle:
         self._set_done()
         return self.job
 
-    async def wait(self, is_disconnected: object, poll_s: float = 0.25) -> Job:
-        """The finished job; cancels it when the client goes away (polled every poll_s)."""
+    async def wait(self, is_disconnected: object, poll_s: float = 0.25) -> Job | None:
+        """The finished job; when the client goes away (polled every poll_s), None if others still wait on
+        the job, else the job, cancelled."""
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(self.done), poll_s)
             except asyncio.TimeoutError:
                 if await is_disconnected():  # type: ignore[operator]
-                    self.job.cancel()
+                    if not self.leave():
+                        return None
                     try:
                         return await asyncio.wait_for(asyncio.shield(self.done), max(self._backstop(), poll_s))
                     except asyncio.TimeoutError:
@@ -87,24 +116,23 @@ class JobHandle:
     async def events(self, min_interval_s: float = 0.1, tick_s: float | None = None) -> AsyncIterator[ProgressEvent | None]:
         """Progress, at most one event per min_interval_s, until the job is done; with ``tick_s``, also
         None after each tick_s without progress (a stream's cue for queue positions and keep-alives)."""
-        last = 0.0
+        last, seen = 0.0, 0
         while not self.done.done():
-            getter = asyncio.ensure_future(self._progress.wait())
-            backstop = max(self._backstop(), 0.0)
-            timeout = backstop if tick_s is None else min(backstop, tick_s)
-            finished, _ = await asyncio.wait({getter, self.done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in finished:
-                getter.cancel()
-                if finished:  # the answer
-                    break
-                if self._backstop() <= 0:  # neither progress nor an answer by the deadline
-                    self._give_up()
-                    break
-                yield None
-                continue
-            self._progress.clear()
-            event, self._latest = self._latest, None
+            if self._version == seen:  # nothing new: wait for progress, the answer or a tick
+                changed = self._changed
+                backstop = max(self._backstop(), 0.0)
+                timeout = backstop if tick_s is None else min(backstop, tick_s)
+                finished, _ = await asyncio.wait({changed, self.done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if changed not in finished:
+                    if finished:  # the answer
+                        break
+                    if self._backstop() <= 0:  # neither progress nor an answer by the deadline
+                        self._give_up()
+                        break
+                    yield None
+                    continue
+            seen = self._version
             now = time.monotonic()
-            if event is not None and now - last >= min_interval_s:
+            if self._latest is not None and now - last >= min_interval_s:
                 last = now
-                yield event
+                yield self._latest

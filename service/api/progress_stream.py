@@ -33,9 +33,17 @@ class ProgressStream:
     """The events of one request, from the response cache (``handle`` None) or from its engine job."""
 
     def __init__(
-        self, state: ServerState, key: ImageKey, request: Request, arrived: float, handle: JobHandle | None, sched: Scheduling
+        self,
+        state: ServerState,
+        key: ImageKey,
+        request: Request,
+        arrived: float,
+        handle: JobHandle | None,
+        sched: Scheduling,
+        shared: bool = False,  # the job of an identical request in flight (service/api/in_flight.py)
     ) -> None:
         self.state, self.key, self.request, self.arrived, self.handle, self.sched = state, key, request, arrived, handle, sched
+        self.shared = shared
         request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
     def _ended(self, error: ApiError | None) -> None:
@@ -52,7 +60,7 @@ class ProgressStream:
             self._ended(exc)
             yield sse("error", {"status": exc.status_code, "detail": exc.detail})
         else:
-            if generated.job is not None:  # a stream's answer time counts toward the reserve like any other's
+            if generated.job is not None and not generated.shared:  # a stream's answer time counts toward the reserve like any other's
                 state.engine.answered(generated.job)  # type: ignore[union-attr]
             self._ended(None)
             yield sse("result", body)
@@ -68,7 +76,7 @@ class ProgressStream:
             async for chunk in self._while_running(self.handle):
                 yield chunk
             try:
-                generated = finished(self.state, self.key, await self.handle.done)
+                generated = finished(self.state, self.key, await self.handle.done, self.shared)
             except ApiError as error:
                 self._ended(error)
                 yield sse("error", {"status": error.status_code, "detail": error.detail})
@@ -76,8 +84,8 @@ class ProgressStream:
             async for chunk in self._result(generated):
                 yield chunk
         finally:
-            if not self.handle.done.done():  # the client went away mid-stream
-                self.handle.job.cancel()
+            if not self.handle.done.done():  # the client went away mid-stream (the job runs on for others sharing it)
+                self.handle.leave()
 
     async def _while_running(self, handle: JobHandle) -> AsyncIterator[str]:
         """queued, progress and keep-alives until the job is done."""

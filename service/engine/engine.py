@@ -147,10 +147,10 @@ class Engine:
         self._cancelled: collections.deque[Job] = collections.deque()  # cancelled from other threads (append/popleft: thread-safe)
         self._readouts: list[_Readout] = []  # finished images on their way to the host (CUDA)
         self._streaming: dict[int, Job] = {}  # running jobs that report progress every iteration (streams)
+        self._new_streams: collections.deque[Job] = collections.deque()  # jobs a stream began to watch while they ran
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._stop = False
-        self.draining = False
+        self._stop = self.draining = False
         self.dead: str | None = None  # why the engine thread ended, when it ended on a fault
         self.iterations = 0
         self._last_progress = time.monotonic()  # the end of the last iteration attempt (or the last idle moment)
@@ -654,8 +654,17 @@ class Engine:
                 for job in done.values():
                     self._finish(job)
 
+    def stream_progress(self, job: Job) -> None:
+        """Report ``job``'s progress (its ``on_progress``, set now) every iteration from the next on, though it was
+        admitted without: a stream began to wait on it (an identical request's job: service/api/in_flight.py)."""
+        self._new_streams.append(job)  # thread-safe; the engine's thread moves it into _streaming
+
     def _progress_jobs(self, batch: ServedBatch) -> list[Job]:
         """The running jobs that stream their progress (few: only a stream reads it)."""
+        while self._new_streams:
+            job = self._new_streams.popleft()
+            if not job.done:
+                self._streaming[job.id] = job
         return [job for job in self._streaming.values() if not job.done] if self._streaming else []
 
     # --- health, beside the loop -------------------------------------------------------------------

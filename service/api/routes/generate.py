@@ -25,10 +25,10 @@ from service.api.generation import (
     cached_images,
     choose_media,
     edit_from_fields,
+    job_for,
     prepare,
     result_body,
     scheduling,
-    submit,
 )
 from service.api.progress_stream import ProgressStream
 from service.api.schemas import GenerateRequest, GenerateResponse
@@ -82,7 +82,7 @@ async def generate_stream(
     key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
     sched = scheduling(state, body, request)
     cached = cached_images(state, key, request)
-    handle = None if cached is not None else submit(state, key, request, sched, stream=True)
-    stream = ProgressStream(state, key, request, arrived, handle, sched)
+    handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, stream=True)
+    stream = ProgressStream(state, key, request, arrived, handle, sched, shared)
     events = stream.events(None if cached is None else Generated(cached, None))
     return StreamingResponse(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,201 @@
+"""Identical requests in flight share one engine job (service/api/in_flight.py): one request's U-Net work for
+all of them, the same images, X-Cache ``shared``; not where sharing would serve a request worse (more urgent,
+a tighter deadline), not with the response cache off; the job runs on while any of them waits, and every
+stream sharing it sees its progress."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ddpm.chain import ChainSpec
+from ddpm.image_request import ImageRequest
+from service.api.in_flight import InFlightRequests, serves_as_well
+from service.api.job_handle import JobHandle
+from service.engine.job import Job
+from service.response_cache import ImageKey
+from service.server_state import ServerState
+from tests.app_client import app_and_state, metric, wait_ready
+from tests.tiny_model import save_tiny_model
+
+REQUEST = {"seed": 7, "batch_size": 2, "steps": 6, "sampler": "ddim"}
+OPENAI = {"prompt": "x", "n": 2, "seed": 7, "steps": 6, "sampler": "ddim"}  # the same images in OpenAI's dialect
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", num_timesteps=30)
+
+
+class GatedUNet:
+    """Wraps the engine's U-Net: counts the rows it is called on, and holds the first call until released."""
+
+    def __init__(self, state: ServerState) -> None:
+        assert state.engine is not None
+        self.real, self.rows, self.entered, self.release = state.engine.model.eps_model, 0, threading.Event(), threading.Event()
+        state.engine.model.eps_model = self
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.release.wait(30)
+        time.sleep(0.03)  # paced, so that a stream sees progress before the answer
+        self.rows += x.shape[0]
+        return self.real(x, *args, **kwargs)
+
+
+def _concurrently(unet: GatedUNet, first: Callable[[], Any], others: list[Callable[[], Any]], joined: Callable[[], bool]) -> list:
+    """``first`` runs until its job holds the U-Net, then ``others`` start; released once ``joined()``."""
+    results: list[Any] = [None] * (1 + len(others))
+
+    def run(i: int, call: Callable[[], Any]) -> None:
+        results[i] = call()
+
+    threads = [threading.Thread(target=run, args=(0, first))]
+    threads[0].start()
+    assert unet.entered.wait(30)
+    threads += [threading.Thread(target=run, args=(i + 1, call)) for i, call in enumerate(others)]
+    for t in threads[1:]:
+        t.start()
+    end = time.monotonic() + 30
+    while not joined():
+        assert time.monotonic() < end, "the other requests did not reach the server"
+        time.sleep(0.01)
+    unet.release.set()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def _stream(c: TestClient, body: dict) -> list[tuple[str, dict]]:
+    with c.stream("POST", "/generate/stream", json=body) as s:
+        text = s.read().decode()
+    blocks = [b for b in text.split("\n\n") if b.startswith("event:")]
+    return [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("data: ", 1)[1])) for b in blocks]
+
+
+def test_identical_requests_in_flight_share_one_job(model_dir: Path) -> None:
+    c, state = app_and_state(model_dir, compile="off")
+    with c:
+        wait_ready(c)
+        unet = GatedUNet(state)
+        shared = 'ddpm_response_cache_lookups_total{result="shared"}'
+        first, json_twin, png_twin, openai_twin, stream_twin = _concurrently(
+            unet,
+            lambda: c.post("/generate", json=REQUEST),
+            [
+                lambda: c.post("/generate", json=REQUEST),
+                lambda: c.post("/generate", json=REQUEST, headers={"Accept": "image/png"}),
+                lambda: c.post("/v1/images/generations", json=OPENAI),
+                lambda: _stream(c, REQUEST),
+            ],
+            lambda: metric(c, shared) == 4,
+        )
+        assert unet.rows == 2 * 6  # one request's images x steps: the other four made nothing
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+        for twin in (json_twin, png_twin, openai_twin):
+            assert twin.status_code == 200 and twin.headers["x-cache"] == "shared", twin.text[:200]
+        assert json_twin.json()["images"] == first.json()["images"] and json_twin.json()["cached"] is False
+        assert [d["b64_json"] for d in openai_twin.json()["data"]] == first.json()["images"]
+        assert base64.b64decode(first.json()["images"][0])[:8] == png_twin.content[:8] == b"\x89PNG\r\n\x1a\n"
+        events = dict(stream_twin)
+        assert events["result"]["images"] == first.json()["images"] and "progress" in events, stream_twin
+        # the twins arrived after the job started: no queue wait of theirs, and their totals are their own
+        timings = json_twin.json()["timings"]
+        assert timings["queue_wait_s"] == 0 and timings["total_s"] <= first.json()["timings"]["total_s"]
+        assert metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 1
+        assert len(state.in_flight) == 0  # forgotten once done: the next identical request is a cache hit
+        assert c.post("/generate", json=REQUEST).headers["x-cache"] == "hit"
+
+
+def test_no_sharing_with_the_response_cache_off(model_dir: Path) -> None:
+    c, state = app_and_state(model_dir, compile="off", response_cache_mb=0)
+    with c:
+        wait_ready(c)
+        unet = GatedUNet(state)
+        iterations = metric(c, "ddpm_iterations_total")
+        answers = _concurrently(
+            unet, lambda: c.post("/generate", json=REQUEST), [lambda: c.post("/generate", json=REQUEST)], lambda: True
+        )
+        assert [a.headers["x-cache"] for a in answers] == ["miss", "miss"] and unet.rows > 2 * 6
+        assert metric(c, "ddpm_iterations_total") > iterations
+
+
+def test_a_more_urgent_request_gets_a_job_of_its_own(model_dir: Path) -> None:
+    c, state = app_and_state(model_dir, compile="off")
+    with c:
+        wait_ready(c)
+        unet = GatedUNet(state)
+        bulk = {**REQUEST, "priority": 5}
+        answers = _concurrently(
+            unet,
+            lambda: c.post("/generate", json=bulk),
+            [lambda: c.post("/generate", json=REQUEST), lambda: c.post("/generate", json={**bulk, "deadline_s": 60})],
+            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 3,
+        )
+        assert [a.status_code for a in answers] == [200] * 3 and [a.headers["x-cache"] for a in answers] == ["miss"] * 3
+        assert answers[0].json()["images"] == answers[1].json()["images"] == answers[2].json()["images"]
+        assert answers[1].json()["priority"] == 0 and answers[0].json()["priority"] == 5
+
+
+def _job(priority: int = 0, deadline_s: float | None = None, created: float = 100.0) -> Job:
+    return Job(ImageRequest(0, 1, ChainSpec(steps=5, clip=True)), timeout_s=60, priority=priority, deadline_s=deadline_s, created=created)
+
+
+def test_who_may_share_a_job() -> None:
+    job = _job(priority=1, deadline_s=10.0, created=100.0)  # wanted by 110
+    assert serves_as_well(job, 1, None, 105.0)  # as urgent, no deadline
+    assert serves_as_well(job, 3, 5.0, 105.0)  # less urgent, wanted by 110 too
+    assert not serves_as_well(job, 0, None, 105.0)  # more urgent
+    assert not serves_as_well(job, 1, 4.0, 105.0)  # wanted by 109
+    assert not serves_as_well(_job(deadline_s=None), 0, 60.0, 100.0)  # a job without a deadline is not hurried
+    job.cancel()
+    assert not serves_as_well(job, 1, None, 105.0)  # a cancelled job ends as soon as it can
+
+
+def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        job = _job(created=time.monotonic())
+        key = ImageKey("m", "fp32", "cpu", job.request)
+        in_flight = InFlightRequests()
+        handle = JobHandle(job, loop)
+        in_flight.add(key, handle)
+        twin = in_flight.join(key, 0, None, 100.0, stream=True)
+        assert twin is handle and handle.waiters == 2 and job.on_progress is not None  # a stream asks for progress
+
+        async def gone() -> bool:
+            return True
+
+        assert await handle.wait(gone, poll_s=0.01) is None and not job.cancelled  # one left; one still waits
+        seen: list[list[int]] = [[], []]
+
+        async def read(i: int) -> None:
+            async for event in handle.events(min_interval_s=0):
+                if event is not None:
+                    seen[i].append(event.steps_done)
+
+        readers = [asyncio.ensure_future(read(i)) for i in range(2)]
+        for step in (1, 2, 3):
+            await asyncio.sleep(0.01)
+            job.steps_done = step
+            threading.Thread(target=job.on_progress, args=(job,)).start()  # the engine's thread
+            await asyncio.sleep(0.02)
+        job.finished = time.monotonic()
+        job.on_done(job)  # type: ignore[misc]
+        await asyncio.gather(*readers)
+        assert seen == [[1, 2, 3], [1, 2, 3]]  # both readers, every event: neither took the other's
+        assert len(in_flight) == 0 and in_flight.join(key, 0, None, 100.0, stream=False) is None
+        # the last waiter leaving cancels the job
+        other = JobHandle(_job(created=time.monotonic()), loop)
+        assert other.leave() and other.job.cancelled
+
+    asyncio.run(scenario())
