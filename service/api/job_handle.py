@@ -76,7 +76,8 @@ class JobHandle:
     def _set_progress(self, event: ProgressEvent) -> None:
         self._latest = event
         self._version += 1
-        self._changed.set_result(None)
+        if not self._changed.done():
+            self._changed.set_result(None)
         self._changed = self._loop.create_future()
 
     @property
