@@ -63,3 +63,48 @@ def test_an_unhandled_error_is_a_json_500_with_the_request_id(client: TestClient
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json() == {"detail": "internal server error", "request_id": "boom-1"} and r.headers["x-request-id"] == "boom-1"
     assert _metric(client, 'ddpm_requests_total{code="500"}') == before + 1
+
+
+# the specification's own example (W3C Trace Context §3.2.2.5)
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_access_line_carries_the_callers_trace(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c, _ = app_and_state(model_dir, max_body_bytes=256)
+    with c, caplog.at_level(logging.INFO, logger="ddpm.access"):
+        _ready(c)
+        caplog.clear()
+        assert c.post("/generate", json={"seed": 1, "steps": 2}, headers={"traceparent": TRACEPARENT}).status_code == 200
+        big = c.post("/generate", content=b"x" * 300, headers={"Content-Type": "application/json", "traceparent": TRACEPARENT})
+        assert big.status_code == 413  # refused before the app: its line joins the trace too
+        assert c.post("/generate", json={"seed": 1, "steps": 2}, headers={"traceparent": TRACEPARENT.upper()}).status_code == 200
+        lines = [json.loads(JsonFormatter().format(x)) for x in caplog.records if x.name == "ddpm.access"]
+        assert [(line["status"], line.get("trace_id"), line.get("parent_id")) for line in lines] == [
+            (200, "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+            (413, "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+            (200, None, None),  # upper-case hex is no traceparent (§3.2.2)
+        ]
+        assert lines[0]["seed"] == 1  # the route's own fields beside it
+
+
+@pytest.mark.parametrize(
+    ("header", "trace_id"),
+    [
+        (TRACEPARENT, "4bf92f3577b34da6a3ce929d0e0e4736"),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", "4bf92f3577b34da6a3ce929d0e0e4736"),  # not sampled: still a trace
+        ("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-adds", "4bf92f3577b34da6a3ce929d0e0e4736"),  # §3.2.4
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more", None),  # version 00 has exactly four fields
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),  # version ff is invalid
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # all-zero trace-id
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None),  # all-zero parent-id
+        ("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None),  # 31 hex digits
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", None),  # no flags
+        ("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01.x", None),  # the flags not followed by a dash
+        ("", None),
+    ],
+)
+def test_traceparent_per_the_specification(header: str, trace_id: str | None) -> None:
+    from service.api.trace_context import parse_traceparent
+
+    parsed = parse_traceparent(header)
+    assert (parsed.trace_id if parsed else None) == trace_id

@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import outcome_of
+from service.api.trace_context import parse_traceparent
 
 log = logging.getLogger("ddpm.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -132,7 +133,10 @@ class RequestContextMiddleware:
         request_id = given if _VALID_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         # arrived: when the request reached the server, where its deadline (deadline_s) counts from
-        state.update(request_id=request_id, client=client_key(scope, self.trust_forwarded_for), log_fields={}, arrived=start)
+        trace = parse_traceparent(headers.get(b"traceparent", b"").decode("latin-1"))  # the access line joins the caller's trace
+        trace_fields = {} if trace is None else trace.log_fields()
+        client = client_key(scope, self.trust_forwarded_for)
+        state.update(request_id=request_id, client=client, log_fields=dict(trace_fields), arrived=start)
         id_header = (b"x-request-id", request_id.encode())
         status = {"code": 0}
         refused = {"sent": False}  # a 413/408 went out; the app's own answer is dropped
@@ -179,7 +183,8 @@ class RequestContextMiddleware:
         except Exception as exc:
             if refused["sent"]:  # the app stopped reading at our 413/408 (ClientDisconnect): a client error, in the access line
                 return
-            log.error("unhandled error", exc_info=exc, extra={"fields": {"request_id": request_id, "path": scope.get("path")}})
+            where = {"request_id": request_id, "path": scope.get("path"), **trace_fields}
+            log.error("unhandled error", exc_info=exc, extra={"fields": where})
             if status["code"] == 0:
                 status["code"] = 500
                 error = {**self.error_body(scope.get("path", ""), 500, "internal server error"), "request_id": request_id}
