@@ -150,3 +150,31 @@ def test_head_is_answered_wherever_get_is_with_the_gets_headers_and_no_body(serv
         status, headers, body = exchange("HEAD", "/generate")
         assert status.startswith("HTTP/1.1 405") and headers["allow"] == "POST" and body == b""
         assert exchange("GET", "/healthz")[0].startswith("HTTP/1.1 200")  # the connection is still in step
+
+
+def test_the_absolute_form_target_is_served_as_its_path(server: ServerProcess) -> None:
+    """RFC 9112 3.2.2: a server MUST accept ``GET http://host/path`` (what a client sends to a proxy): every route
+    answered 404, since uvicorn hands the whole target over as the path. A probe sent so still passes the
+    connection limit, and the access log and the metrics see the path."""
+
+    def ask(request: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(request)
+            return _read_all(sock, 10)
+
+    body = b'{"seed": 3, "steps": 2}'
+    answer = ask(b"POST HTTP://elsewhere.example:8080/generate?x HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 422") and b"query" in answer.lower(), answer[:300]  # the query string kept apart, refused
+    before = server.metric('ddpm_http_responses_total{code="200",route="/readyz"}')
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(6)]  # DDPM_MAX_CONNECTIONS
+    time.sleep(0.1)
+    try:
+        assert ask(b"GET http://elsewhere.example/readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200")
+    finally:
+        for s in idle:
+            s.close()
+    assert server.metric('ddpm_http_responses_total{code="200",route="/readyz"}') == before + 1
+    generated = ask(b"POST https://elsewhere.example/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    assert generated.startswith(b"HTTP/1.1 200") and b'"seed":3' in generated, generated[:300]

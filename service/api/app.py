@@ -22,6 +22,7 @@ from service.api.drain_admission import DrainAdmissionMiddleware
 from service.api.errors import ApiError, error_body_for, openai_error_response, speaks_openai
 from service.api.head_requests import HeadAsGetMiddleware
 from service.api.request_log import RequestContextMiddleware
+from service.api.request_target import AbsoluteFormMiddleware
 from service.api.routes import generate, model, openai_images, operations
 from service.api.strict_json import finite_jsonable
 from service.server_state import ServerState
@@ -74,7 +75,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         observe=state.metrics.on_response,
         error_body=error_body_for,
     )
-    allow_cross_origin(app, parse_origins(settings.cors_allow_origins))  # added last: outermost
+    allow_cross_origin(app, parse_origins(settings.cors_allow_origins))
+    app.add_middleware(AbsoluteFormMiddleware)  # added last: outermost (everything sees the path, not http://host/path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

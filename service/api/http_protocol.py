@@ -42,6 +42,8 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.api.request_target import origin_path
+
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 DeadlineObserver = Callable[[str], None]  # "idle" (nothing received) or "headers" (an incomplete request)
 
@@ -66,7 +68,7 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
         @property  # type: ignore[override]
         def limit_concurrency(self) -> int | None:
             scope = getattr(self, "scope", None)
-            if scope is not None and scope.get("path") in PROBE_PATHS:
+            if scope is not None and origin_path(scope.get("path", "")) in PROBE_PATHS:
                 return None
             return self._limit
 
