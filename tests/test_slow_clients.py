@@ -178,3 +178,24 @@ def test_the_absolute_form_target_is_served_as_its_path(server: ServerProcess) -
     generated = ask(b"POST https://elsewhere.example/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
     assert generated.startswith(b"HTTP/1.1 200") and b'"seed":3' in generated, generated[:300]
+
+
+def test_a_body_cut_short_is_the_clients_not_a_server_error(server: ServerProcess) -> None:
+    """A client that leaves mid-upload (a cancelled edit from a phone), or whose chunked body uvicorn refuses with a
+    400 of its own, was logged as an unhandled error with a traceback and counted 500: a 5xx alert anyone could fire.
+    Now 499 (the client left) and 400 (the protocol's answer), without the traceback."""
+    errors, gone, refused = (server.metric(f'ddpm_requests_total{{code="{c}"}}') for c in (500, 499, 400))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b'POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"seed": 1')
+        time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b'Content-Length: 1000\r\n\r\n--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n')  # fmt: skip
+        time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b'5\r\n{"see\r\nzz\r\n')  # fmt: skip
+        assert _read_all(sock, 5).startswith(b"HTTP/1.1 400")
+    server.wait_metric('ddpm_requests_total{code="400"}', lambda v: v == refused + 1)
+    server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == gone + 2)
+    assert server.metric('ddpm_requests_total{code="500"}') == errors and "unhandled error" not in server.output()

@@ -98,6 +98,11 @@ def hardened_protocol(header_timeout_s: float, on_deadline: DeadlineObserver | N
                 self.scope["state"]["client_gone"] = True  # the same dict as the request's scope["state"]
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:
+            if not self._between_requests():  # refused mid-body (a bad chunk): the app sees a disconnect, the client this 400
+                self.scope["state"]["protocol_refused"] = 400
+            super().send_400_response(msg)
+
         def _between_requests(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 

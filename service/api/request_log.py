@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import outcome_of
@@ -183,6 +184,9 @@ class RequestContextMiddleware:
         except Exception as exc:
             if refused["sent"]:  # the app stopped reading at our 413/408 (ClientDisconnect): a client error, in the access line
                 return
+            if isinstance(exc, ClientDisconnect):  # the body was cut short: the client left (499), or sent what uvicorn
+                status["code"] = state.get("protocol_refused", 499)  # refused mid-body with a 400 of its own (a bad chunk)
+                return  # not a server error: no traceback, not counted 500
             where = {"request_id": request_id, "path": scope.get("path"), **trace_fields}
             log.error("unhandled error", exc_info=exc, extra={"fields": where})
             if status["code"] == 0:
