@@ -54,12 +54,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         if owned:
             state.shutdown()
 
-    app = FastAPI(
-        title="ddpm-serve",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
-    )
+    app = FastAPI(title="ddpm-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.server = state
     app.state.api_token = load_token(settings)  # a bad token file fails here, at startup
     _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
