@@ -114,16 +114,18 @@ def test_requests_spread_across_replicas(cluster: tuple[list[ServerProcess], Bal
 
 def test_request_ids_pass_through_nginx(cluster: tuple[list[ServerProcess], Balancer]) -> None:
     """The client's X-Request-ID comes back unchanged and is what the replica logs; without one, nginx's
-    id is the one the replica logs and answers with."""
+    id is the one the replica logs and answers with. A W3C traceparent passes through to the replica's line."""
     replicas, lb = cluster
     mine = "client-trace:42.abc"
-    r = httpx.post(lb.url + "/generate", json={"seed": 1, "steps": 5}, headers={"X-Request-ID": mine}, timeout=60)
+    trace = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    r = httpx.post(lb.url + "/generate", json={"seed": 1, "steps": 5}, headers={"X-Request-ID": mine, **trace}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == mine
     theirs = httpx.post(lb.url + "/generate", json={"seed": 2, "steps": 5}, timeout=60).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", theirs)  # nginx's $request_id
     time.sleep(0.2)
     logs = "".join(replica.output() for replica in replicas)
     assert f'"request_id": "{mine}"' in logs and f'"request_id": "{theirs}"' in logs
+    assert '"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"' in logs  # the access line joins the client's trace
 
 
 def test_draining_replica_gets_no_new_work(cluster: tuple[list[ServerProcess], Balancer]) -> None:
