@@ -19,7 +19,9 @@ honest count of answers nobody received.
   instead: ``tests/test_server_process.py``). What was missing is the count: an answer the route
   produced after that (a cached one, a chain that finished in the same moment) went nowhere while
   the access log and the metrics said 200. The request's state now carries ``client_gone``, and
-  ``RequestContextMiddleware`` records such a request as 499.
+  ``RequestContextMiddleware`` records such a request as 499. Where uvicorn itself refuses a request mid-body
+  with a 400 (a malformed chunk), the state carries ``protocol_refused`` and the request is recorded 400,
+  not as the app's ``ClientDisconnect``.
 - **Which request of its connection**: each request's ``scope["state"]`` carries ``connection_opened`` (when
   this connection was accepted, monotonic) and ``nth_on_connection`` (1 for its first request). A draining
   server serves the first request of a connection it accepted before it closed its listeners: a load
