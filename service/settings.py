@@ -156,6 +156,13 @@ class Settings(BaseSettings):
         ge=0,
         description="memory for finished images answered again to identical requests (ETag, 304), and shared while made; 0: off",
     )
+    retry_grace_s: float = Field(
+        2.0,
+        ge=0,
+        le=600,
+        description="a job whose every client went away runs on this long, so that a client's retry (the identical request) "
+        "finds it and shares it instead of starting over; 0: cancelled at once; with the response cache on only",
+    )
     sse_keepalive_s: float = Field(
         15.0, gt=0, description="a stream that has sent nothing for this long sends a comment line (proxies drop silent connections)"
     )

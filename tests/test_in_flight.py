@@ -194,8 +194,19 @@ def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress()
         await asyncio.gather(*readers)
         assert seen == [[1, 2, 3], [1, 2, 3]]  # both readers, every event: neither took the other's
         assert len(in_flight) == 0 and in_flight.join(key, 0, None, 100.0, stream=False) is None
-        # the last waiter leaving cancels the job
+        # the last waiter leaving cancels the job: at once without a grace
         other = JobHandle(_job(created=time.monotonic()), loop)
-        assert other.leave() and other.job.cancelled
+        other.leave()
+        assert other.job.cancelled
+        # with a grace (DDPM_RETRY_GRACE_S), a retry that shares it meanwhile keeps it
+        graced = JobHandle(_job(created=time.monotonic()), loop, grace_s=0.05)
+        graced.leave()
+        await asyncio.sleep(0.01)
+        assert not graced.job.cancelled and graced.share(stream=False) is graced
+        await asyncio.sleep(0.1)
+        assert not graced.job.cancelled  # the grace ran out with a waiter
+        graced.leave()
+        await asyncio.sleep(0.1)
+        assert graced.job.cancelled
 
     asyncio.run(scenario())

@@ -35,19 +35,62 @@ def server(model_1000: Path) -> Iterator[ServerProcess]:
     s.stop()
 
 
-def test_client_disconnect_frees_its_samples(server: ServerProcess) -> None:
-    body = json.dumps({"seed": 1, "batch_size": 4, "steps": 1000}).encode()
+def _send_and_wait_running(server: ServerProcess, body: bytes, rows: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
         b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
     )
-    server.wait_metric("ddpm_running_samples", lambda v: v == 4)
-    iterations_before = server.metric("ddpm_iterations_total")
+    server.wait_metric("ddpm_running_samples", lambda v: v == rows)
+    return sock
+
+
+def test_client_disconnect_frees_its_samples(model_1000: Path) -> None:
+    server = ServerProcess(model_1000, DDPM_RETRY_GRACE_S="0")  # cancelled at once (the default grace: below)
+    try:
+        server.wait_ready()
+        sock = _send_and_wait_running(server, json.dumps({"seed": 1, "batch_size": 4, "steps": 1000}).encode(), 4)
+        iterations_before = server.metric("ddpm_iterations_total")
+        sock.close()
+        server.wait_metric("ddpm_running_samples", lambda v: v == 0, timeout=5)
+        assert server.metric("ddpm_iterations_total") - iterations_before < 900  # it left long before its chain ended
+        server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == 1)
+        assert server.metric("ddpm_images_generated_total") == 0
+    finally:
+        server.stop()
+
+
+def test_a_retry_within_the_grace_finds_its_first_try_running(server: ServerProcess) -> None:
+    """A client that gives up (its own timeout) and sends the request again: the first try's job runs on for
+    DDPM_RETRY_GRACE_S (2 s) after its client left, and the retry shares it instead of starting over; a job nobody
+    comes back for leaves after the grace."""
+    body = {"seed": 5, "batch_size": 4, "steps": 1000}
+    sock = _send_and_wait_running(server, json.dumps(body).encode(), 4)
     sock.close()
-    server.wait_metric("ddpm_running_samples", lambda v: v == 0, timeout=5)
-    assert server.metric("ddpm_iterations_total") - iterations_before < 900  # it left long before its chain ended
-    server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == 1)
-    assert server.metric("ddpm_images_generated_total") == 0
+    server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == 1)  # the server saw it leave
+    retry = httpx.post(server.url + "/generate", json=body, timeout=60)
+    assert retry.status_code == 200 and retry.headers["x-cache"] == "shared"
+    assert server.metric('ddpm_requests_total{code="499"}') == 1 and server.metric("ddpm_images_generated_total") == 4
+    abandoned = _send_and_wait_running(server, json.dumps({**body, "seed": 6}).encode(), 4)
+    left = time.monotonic()
+    abandoned.close()
+    server.wait_metric("ddpm_running_samples", lambda v: v == 0, timeout=10)
+    assert time.monotonic() - left >= 2.0 and server.metric("ddpm_images_generated_total") == 4  # ran the grace, then left
+
+
+def test_a_job_that_ends_in_the_grace_answers_the_retry_from_the_cache(model_1000: Path) -> None:
+    """The first try's job may end while nobody waits on it (its client gone, the retry not come yet): its images go to
+    the response cache all the same (found by a probe with the openai client: they were lost, and the retry started over)."""
+    server = ServerProcess(model_1000, DDPM_RETRY_GRACE_S="60")
+    try:
+        server.wait_ready()
+        body = {"seed": 8, "batch_size": 4, "steps": 1000}
+        _send_and_wait_running(server, json.dumps(body).encode(), 4).close()
+        server.wait_metric('ddpm_requests_total{code="499"}', lambda v: v == 1)
+        server.wait_metric("ddpm_images_generated_total", lambda v: v == 4, timeout=60)  # ended with nobody waiting
+        retry = httpx.post(server.url + "/generate", json=body, timeout=60)
+        assert retry.status_code == 200 and retry.headers["x-cache"] == "hit"
+    finally:
+        server.stop()
 
 
 def test_sigterm_drains_in_flight_work(server: ServerProcess) -> None:

@@ -230,7 +230,9 @@ def submit(state: ServerState, key: ImageKey, request: Request, sched: Schedulin
     if refused is not None:
         state.metrics.on_refused("client_quota")
         raise ApiError(429, f"too many {refused} in flight for this client", headers=retry_after(state))
-    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n, calls), stream=stream)
+    grace = state.settings.retry_grace_s if state.cache.enabled else 0.0  # a retry can share the job only with the cache on
+    release = lambda: state.clients.release(client, job.n, calls)  # noqa: E731
+    handle = JobHandle(job, asyncio.get_running_loop(), on_release=release, stream=stream, grace_s=grace)
     try:
         state.engine.submit(job)  # type: ignore[union-attr]  # prepare() checked it
     except EngineError as exc:  # refused: queue full, draining, stopped, a deadline it cannot meet
@@ -270,7 +272,15 @@ def job_for(state: ServerState, key: ImageKey, request: Request, sched: Scheduli
     handle = submit(state, key, request, sched, stream)
     if state.cache.enabled:
         state.in_flight.add(key, handle)
+        handle.done.add_done_callback(lambda _: _keep(state, key, handle.job))
     return handle, False
+
+
+def _keep(state: ServerState, key: ImageKey, job: Job) -> None:
+    """A finished job's images into the response cache, whoever still waits: one that ends in a retry's grace,
+    while nobody waits, answers the retry that comes after it."""
+    if job.error is None and job.images is not None:
+        state.cache.put(key, job.images)
 
 
 def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
@@ -294,17 +304,16 @@ async def generate_images(state: ServerState, key: ImageKey, request: Request, s
         return Generated(cached, None)
     handle, shared = job_for(state, key, request, sched)
     job = await handle.wait(request.is_disconnected)
-    if job is None:  # this client went away; the job runs on for the identical requests sharing it
+    if job is None:  # this client went away (the job runs on for others sharing it, or a retry's grace)
         raise engine_error(state, Cancelled("the client went away"))
     return finished(state, key, job, shared)
 
 
 def finished(state: ServerState, key: ImageKey, job: Job, shared: bool = False) -> Generated:
-    """A job the engine has finished: its images (now in the response cache), or its error as an ApiError."""
+    """A job the engine has finished: its images (the response cache has them: ``job_for``), or its error as an ApiError."""
     if job.error is not None:
         raise engine_error(state, job.error)
     assert job.images is not None
-    state.cache.put(key, job.images)
     return Generated(job.images, job, shared)
 
 

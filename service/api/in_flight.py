@@ -6,8 +6,9 @@ first try still runs, a load balancer's retry) cost one request's U-Net calls, n
 A request shares a job only where that cannot serve it worse than a job of its own: the job is neither
 done nor cancelled, and is as urgent as the request asks (a priority value no higher than the request's, a
 deadline no later than the request's; a request with a deadline does not share a job without one). The
-job is cancelled when its last waiter goes away (``JobHandle.leave``), so a client that gives up and
-sends the request again finds its first try still running. Only the request that submitted the job counts
+job is cancelled when its last waiter has gone away and ``DDPM_RETRY_GRACE_S`` has passed without another
+sharing it (``JobHandle.leave``), so a client that gives up and sends the request again finds its first try still
+running. Only the request that submitted the job counts
 against its client's quota and in the engine's answer-time reserve: the others add no work. Off with the
 response cache (``DDPM_RESPONSE_CACHE_MB=0``: every request computes its own images).
 """

@@ -25,18 +25,25 @@ class JobHandle:
 
     Progress keeps only the newest event (a stalled stream reader costs O(1) memory, not one event
     per iteration), and every reader sees it (identical requests in flight share one handle: ``share``,
-    service/api/in_flight.py). The job is cancelled when its last waiter goes away, not its first.
+    service/api/in_flight.py). The job is cancelled when its last waiter goes away, not its first (after
+    ``grace_s``, for a retry to share it).
     ``wait`` and ``events`` never outlive the job's deadline by more than ``BACKSTOP_S``: if the engine
     has not answered by then (a hung device call), the job is cancelled and answered 504 here."""
 
     BACKSTOP_S = 5.0
 
     def __init__(
-        self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None, stream: bool = False
+        self,
+        job: Job,
+        loop: asyncio.AbstractEventLoop,
+        on_release: Callable[[], None] | None = None,
+        stream: bool = False,
+        grace_s: float = 0.0,  # how long the job runs on once its last waiter went away (DDPM_RETRY_GRACE_S)
     ) -> None:
         self.job = job
         self.done = loop.create_future()
         self.waiters = 1  # requests waiting on this job: the one that submitted it, and those that share it
+        self.grace_s = grace_s
         self._loop = loop
         self._on_release = on_release
         self._latest: ProgressEvent | None = None
@@ -59,13 +66,20 @@ class JobHandle:
             self.watch_progress()
         return self
 
-    def leave(self) -> bool:
-        """A waiter went away: the job is cancelled when it was the last (True), else it runs on for the others."""
+    def leave(self) -> None:
+        """A waiter went away. The job runs on while others wait; when none does, it is cancelled after ``grace_s``
+        unless a retry shared it meanwhile (at once without a grace)."""
         self.waiters -= 1
-        if self.waiters > 0:
-            return False
-        self.job.cancel()
-        return True
+        if self.waiters > 0 or self.done.done():
+            return
+        if self.grace_s > 0:
+            self._loop.call_later(self.grace_s, self._cancel_if_abandoned)
+        else:
+            self.job.cancel()
+
+    def _cancel_if_abandoned(self) -> None:
+        if self.waiters == 0:
+            self.job.cancel()
 
     def _set_done(self) -> None:
         if not self.done.done():
@@ -98,19 +112,14 @@ class JobHandle:
         return self.job
 
     async def wait(self, is_disconnected: object, poll_s: float = 0.25) -> Job | None:
-        """The finished job; when the client goes away (polled every poll_s), None if others still wait on
-        the job, else the job, cancelled."""
+        """The finished job, or None once the client went away (polled every poll_s: ``leave``)."""
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(self.done), poll_s)
             except asyncio.TimeoutError:
                 if await is_disconnected():  # type: ignore[operator]
-                    if not self.leave():
-                        return None
-                    try:
-                        return await asyncio.wait_for(asyncio.shield(self.done), max(self._backstop(), poll_s))
-                    except asyncio.TimeoutError:
-                        return self._give_up()
+                    self.leave()
+                    return None
                 if self._backstop() < 0:
                     return self._give_up()
 
