@@ -198,15 +198,16 @@ def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress()
         other = JobHandle(_job(created=time.monotonic()), loop)
         other.leave()
         assert other.job.cancelled
-        # with a grace (DDPM_RETRY_GRACE_S), a retry that shares it meanwhile keeps it
-        graced = JobHandle(_job(created=time.monotonic()), loop, grace_s=0.05)
-        graced.leave()
-        await asyncio.sleep(0.01)
+        # with a grace (DDPM_RETRY_GRACE_S), a retry that shares it meanwhile keeps it, and a later leave starts a new grace
+        graced = JobHandle(_job(created=time.monotonic()), loop, grace_s=0.2)
+        graced.leave()  # t = 0: the first grace would end at 0.2
+        await asyncio.sleep(0.05)
         assert not graced.job.cancelled and graced.share(stream=False) is graced
+        await asyncio.sleep(0.05)
+        graced.leave()  # t = 0.1: a new grace, to 0.3
+        await asyncio.sleep(0.15)
+        assert not graced.job.cancelled  # t = 0.25: past the first grace's end
         await asyncio.sleep(0.1)
-        assert not graced.job.cancelled  # the grace ran out with a waiter
-        graced.leave()
-        await asyncio.sleep(0.1)
-        assert graced.job.cancelled
+        assert graced.job.cancelled  # t = 0.35
 
     asyncio.run(scenario())

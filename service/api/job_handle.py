@@ -44,6 +44,7 @@ class JobHandle:
         self.done = loop.create_future()
         self.waiters = 1  # requests waiting on this job: the one that submitted it, and those that share it
         self.grace_s = grace_s
+        self._abandoned: asyncio.TimerHandle | None = None  # the grace's end, while nobody waits
         self._loop = loop
         self._on_release = on_release
         self._latest: ProgressEvent | None = None
@@ -62,6 +63,9 @@ class JobHandle:
     def share(self, stream: bool) -> JobHandle:
         """One more request waits on this job (an identical one: service/api/in_flight.py)."""
         self.waiters += 1
+        if self._abandoned is not None:  # a retry within the grace: the job is wanted again
+            self._abandoned.cancel()
+            self._abandoned = None
         if stream:
             self.watch_progress()
         return self
@@ -73,11 +77,12 @@ class JobHandle:
         if self.waiters > 0 or self.done.done():
             return
         if self.grace_s > 0:
-            self._loop.call_later(self.grace_s, self._cancel_if_abandoned)
+            self._abandoned = self._loop.call_later(self.grace_s, self._cancel_if_abandoned)
         else:
             self.job.cancel()
 
     def _cancel_if_abandoned(self) -> None:
+        self._abandoned = None
         if self.waiters == 0:
             self.job.cancel()
 
