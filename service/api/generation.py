@@ -284,14 +284,14 @@ def _keep(state: ServerState, key: ImageKey, job: Job) -> None:
 
 
 def cached_images(state: ServerState, key: ImageKey, request: Request) -> torch.Tensor | None:
-    """The images of ``key`` if the response cache holds them (counted as a hit or a miss)."""
+    """The images of ``key`` if the response cache holds them (a hit is counted here, a miss or a shared job by ``job_for``)."""
     asked = key.request
     request.state.log_fields.update({"seed": asked.seed, "batch_size": asked.n, "steps": asked.chain.steps, "sampler": asked.chain.sampler}
                                     | ({"first_image": asked.first} if asked.first else {}))  # fmt: skip
     if not state.cache.enabled:
         return None
     images = state.cache.get(key)
-    if images is not None:  # a miss is counted by job_for: a shared job's or a new one's
+    if images is not None:
         state.metrics.on_cache_lookup("hit")
         request.state.log_fields["cache"] = "hit"
     return images
