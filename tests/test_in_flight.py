@@ -199,7 +199,8 @@ def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress()
         other.leave()
         assert other.job.cancelled
         # with a grace (DDPM_RETRY_GRACE_S), a retry that shares it meanwhile keeps it, and a later leave starts a new grace
-        graced = JobHandle(_job(created=time.monotonic()), loop, grace_s=0.2)
+        graced = JobHandle(_job(created=time.monotonic()), loop)
+        graced.grace_s = 0.2
         graced.leave()  # t = 0: the first grace would end at 0.2
         await asyncio.sleep(0.05)
         assert not graced.job.cancelled and graced.share(stream=False) is graced

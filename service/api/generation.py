@@ -230,9 +230,7 @@ def submit(state: ServerState, key: ImageKey, request: Request, sched: Schedulin
     if refused is not None:
         state.metrics.on_refused("client_quota")
         raise ApiError(429, f"too many {refused} in flight for this client", headers=retry_after(state))
-    grace = state.settings.retry_grace_s if state.cache.enabled else 0.0  # a retry can share the job only with the cache on
-    release = lambda: state.clients.release(client, job.n, calls)  # noqa: E731
-    handle = JobHandle(job, asyncio.get_running_loop(), on_release=release, stream=stream, grace_s=grace)
+    handle = JobHandle(job, asyncio.get_running_loop(), on_release=lambda: state.clients.release(client, job.n, calls), stream=stream)
     try:
         state.engine.submit(job)  # type: ignore[union-attr]  # prepare() checked it
     except EngineError as exc:  # refused: queue full, draining, stopped, a deadline it cannot meet
@@ -270,7 +268,8 @@ def job_for(state: ServerState, key: ImageKey, request: Request, sched: Scheduli
         state.metrics.on_cache_lookup("miss")
         request.state.log_fields["cache"] = "miss"
     handle = submit(state, key, request, sched, stream)
-    if state.cache.enabled:
+    if state.cache.enabled:  # identical requests may share it, a retry within the grace too; its images are kept
+        handle.grace_s = state.settings.retry_grace_s
         state.in_flight.add(key, handle)
         handle.done.add_done_callback(lambda _: _keep(state, key, handle.job))
     return handle, False
@@ -346,12 +345,18 @@ async def answer(
     if isinstance(generated, Response):
         return generated
     response = wrap(await encode_off_loop(state, lambda: encode(generated), request))
-    if generated.job is not None and not generated.shared:  # how long an answer takes after its images: later deadlines keep that time
-        state.engine.answered(generated.job)  # type: ignore[union-attr]
+    answered(state, generated)
     response.headers["ETag"] = key.etag(media)
     response.headers["X-Cache"] = generated.x_cache
     request.state.outcome = "ok"
     return response
+
+
+def answered(state: ServerState, generated: Generated) -> None:
+    """An answer is encoded: how long that took after its images is what later deadlines keep (the engine's reserve),
+    counted once per job, by the request that started it (not for the cache's answers, nor a shared job's others)."""
+    if generated.job is not None and not generated.shared:
+        state.engine.answered(generated.job)  # type: ignore[union-attr]
 
 
 async def encode_off_loop(state: ServerState, encode: Callable[[], object], request: Request) -> object:

@@ -33,17 +33,12 @@ class JobHandle:
     BACKSTOP_S = 5.0
 
     def __init__(
-        self,
-        job: Job,
-        loop: asyncio.AbstractEventLoop,
-        on_release: Callable[[], None] | None = None,
-        stream: bool = False,
-        grace_s: float = 0.0,  # how long the job runs on once its last waiter went away (DDPM_RETRY_GRACE_S)
+        self, job: Job, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None] | None = None, stream: bool = False
     ) -> None:
         self.job = job
         self.done = loop.create_future()
         self.waiters = 1  # requests waiting on this job: the one that submitted it, and those that share it
-        self.grace_s = grace_s
+        self.grace_s = 0.0  # how long the job runs on once its last waiter went away (DDPM_RETRY_GRACE_S, where it may be shared)
         self._abandoned: asyncio.TimerHandle | None = None  # the grace's end, while nobody waits
         self._loop = loop
         self._on_release = on_release
