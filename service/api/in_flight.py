@@ -8,9 +8,9 @@ done nor cancelled, and is as urgent as the request asks (a priority value no hi
 deadline no later than the request's; a request with a deadline does not share a job without one). The
 job is cancelled when its last waiter has gone away and ``DDPM_RETRY_GRACE_S`` has passed without another
 sharing it (``JobHandle.leave``), so a client that gives up and sends the request again finds its first try still
-running. Only the request that submitted the job counts
-against its client's quota and in the engine's answer-time reserve: the others add no work. Off with the
-response cache (``DDPM_RESPONSE_CACHE_MB=0``: every request computes its own images).
+running. Only the request that submitted the job counts against its client's quota and in the engine's answer-time
+reserve: the others add no work. Off with the response cache (``DDPM_RESPONSE_CACHE_MB=0``: every request computes
+its own images).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class InFlightRequests:
         """The handle of a job in flight that makes ``key``'s images and serves this request as well as its
         own would (now shared by it), or None."""
         handle = self._handles.get(key)
-        if handle is None or handle.done.done() or not serves_as_well(handle.job, priority, deadline_s, arrived):
+        if handle is None or not serves_as_well(handle.job, priority, deadline_s, arrived):  # done or given up: job.done or cancelled
             return None
         return handle.share(stream)
 

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 
 from service.api.errors import ApiError
-from service.api.generation import Generated, Scheduling, encode_off_loop, finished, result_body
+from service.api.generation import Generated, Scheduling, answered, encode_off_loop, finished, result_body
 from service.api.job_handle import JobHandle
 from service.response_cache import ImageKey
 from service.server_state import ServerState
@@ -60,8 +60,7 @@ class ProgressStream:
             self._ended(exc)
             yield sse("error", {"status": exc.status_code, "detail": exc.detail})
         else:
-            if generated.job is not None and not generated.shared:  # a stream's answer time counts toward the reserve like any other's
-                state.engine.answered(generated.job)  # type: ignore[union-attr]
+            answered(state, generated)  # a stream's answer time counts toward the reserve like any other's
             self._ended(None)
             yield sse("result", body)
 
