@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ddpm.image_inputs import grey_levels
+from ddpm.image_inputs import deep_grey, grey_levels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -98,7 +98,7 @@ def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
 def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
     """One image as uint8 (size, size) grey or (size, size, 3) RGB. A 16-bit grey image is scaled to 8 bits
     (Pillow's ``convert("L")`` clips it at 255: a 16-bit PNG became white); other deep modes are refused."""
-    if im.mode == "I" or im.mode.startswith("I;16"):
+    if deep_grey(im):
         levels = grey_levels(im)  # the uploads' rule: v / 257
         if levels.min() < 0 or levels.max() > 255:  # a 32-bit TIFF's
             raise ValueError(f"a {im.mode} image with values outside 0..65535: save it with 8 or 16 bits per channel")

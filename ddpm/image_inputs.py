@@ -142,11 +142,17 @@ def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.T
     return keep_mask(field, keep, shape, "no transparent pixel, or no black one without alpha")
 
 
+def deep_grey(image: Image.Image) -> bool:
+    """A grey image of more than 8 bits (``grey_levels`` scales it): 16-bit (I;16, I;16B, I;16L), or mode I, as older
+    Pillows open a 16-bit PNG."""
+    return image.mode == "I" or image.mode.startswith("I;16")
+
+
 def grey_levels(image: Image.Image) -> np.ndarray:
     """(H, W) grey levels on the 8-bit scale 0..255 (float64). A 16-bit image's levels are divided by 257: Pillow's
     convert("L") clips them at 255 instead, so a 16-bit mask's mid-grey (30000 of 65535) was kept, not repainted, and a
-    folder of 16-bit PNGs trained on white squares (``ddpm.data``). Mode I is how older Pillows open a 16-bit PNG."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
+    folder of 16-bit PNGs trained on white squares (``ddpm.data``)."""
+    if deep_grey(image):
         return np.asarray(image, dtype=np.float64) / 257.0
     return np.asarray(image.convert("L"), dtype=np.float64)
 
