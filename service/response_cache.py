@@ -8,7 +8,8 @@ its label and the guidance scale; for an edit, its input image and mask). A requ
 and asks for images k = first..first+n-1 (first: 0 unless it says), so identical requests get identical images: the second one is
 answered from here without a U-Net call, and a client that sends the ETag it got back in
 ``If-None-Match`` gets 304 without even the encoding. (Triton Inference Server's response cache is
-the same idea, keyed on the request's inputs.)
+the same idea, keyed on the request's inputs.) A request for part of a held answer's images (images 10..19 of
+a seed while 0..63 are held) is answered from it too (``range_offset``).
 
 The ETag depends only on the key and the media type, not on what is cached: a replica with the same
 fingerprint, precision and device type names the same answer with the same ETag, and a replica with
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,6 +38,12 @@ class ImageKey:
     device_type: str
     request: ImageRequest
 
+    @property
+    def family(self) -> ImageKey:
+        """The key without its range of images (first, n and their labels): requests for any images of one seed,
+        chain and input share it."""
+        return replace(self, request=replace(self.request, n=0, first=0, labels=None))
+
     def etag(self, media_type: str) -> str:
         r, c = self.request, self.request.chain
         parts = (self.model_fingerprint, self.precision, self.device_type, r.seed, r.n, c.sampler, c.steps, repr(c.eta), c.clip,
@@ -46,6 +53,15 @@ class ImageKey:
         if r.first:  # images from k = first on (those from 0 keep their ETags)
             parts += ("first", r.first)
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
+
+
+def range_offset(mine: ImageRequest, theirs: ImageRequest) -> int | None:
+    """Where ``mine``'s images lie among ``theirs``' (of one family: ``ImageKey.family``), or None unless all are there."""
+    offset = mine.first - theirs.first
+    if offset < 0 or offset + mine.n > theirs.n:
+        return None
+    labels = None if theirs.labels is None else theirs.labels[offset : offset + mine.n]
+    return offset if labels == mine.labels else None
 
 
 def etag_matches(if_none_match: str | None, etag: str, held: bool) -> bool:
@@ -71,11 +87,16 @@ def entry_bytes(images: torch.Tensor) -> int:
 
 
 class ResponseCache:
-    """LRU over finished image tensors, bounded in bytes (0: off; ``entry_bytes`` per entry). Thread-safe."""
+    """LRU over finished image tensors, bounded in bytes (0: off; ``entry_bytes`` per entry). Thread-safe.
+    A key is answered by its own entry, else by a slice of an entry that holds all its images (``range_offset``)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[ImageKey, torch.Tensor] = OrderedDict()
+        # the keys held by family, then by their first image: where a part of a request is found, looking only at
+        # the entries that start at most ``_longest - 1`` images before it (not at every entry of a seed)
+        self._starts: dict[ImageKey, dict[int, set[ImageKey]]] = {}
+        self._longest = 0  # the most images an entry has held
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -91,15 +112,35 @@ class ResponseCache:
         return len(self._items)
 
     def __contains__(self, key: object) -> bool:
+        if not isinstance(key, ImageKey):
+            return False
         with self._lock:
-            return key in self._items
+            return self._holder(key) is not None
 
     def get(self, key: ImageKey) -> torch.Tensor | None:
         with self._lock:
-            images = self._items.get(key)
-            if images is not None:
-                self._items.move_to_end(key)
-            return images
+            held = self._holder(key)
+            if held is None:
+                return None
+            holder, offset = held
+            self._items.move_to_end(holder)
+            images = self._items[holder]
+            return images if holder == key else images[offset : offset + key.request.n]
+
+    def _holder(self, key: ImageKey) -> tuple[ImageKey, int] | None:
+        """The entry holding ``key``'s images and where they start in it (the lock held)."""
+        if key in self._items:
+            return key, 0
+        starts = self._starts.get(key.family)
+        if starts is None:
+            return None
+        first = key.request.first
+        for start in range(first, max(first - self._longest, -1), -1):
+            for holder in starts.get(start, ()):
+                offset = range_offset(key.request, holder.request)
+                if offset is not None:
+                    return holder, offset
+        return None
 
     def put(self, key: ImageKey, images: torch.Tensor) -> None:
         if images.untyped_storage().nbytes() != images.numel() * images.element_size():
@@ -108,11 +149,24 @@ class ResponseCache:
         if size > self.max_bytes:
             return  # larger than the whole cache (or the cache is off)
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= entry_bytes(old)
+            self._drop(key)
             self._items[key] = images
+            self._starts.setdefault(key.family, {}).setdefault(key.request.first, set()).add(key)
+            self._longest = max(self._longest, key.request.n)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= entry_bytes(evicted)
+                self._drop(next(iter(self._items)))
+
+    def _drop(self, key: ImageKey) -> None:
+        """Forget ``key``'s entry if held (the lock held)."""
+        images = self._items.pop(key, None)
+        if images is None:
+            return
+        self._bytes -= entry_bytes(images)
+        family = self._starts[key.family]
+        keys = family[key.request.first]
+        keys.discard(key)
+        if not keys:
+            del family[key.request.first]
+            if not family:
+                del self._starts[key.family]

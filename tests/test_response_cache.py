@@ -31,15 +31,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cached_answers_are_byte_identical_to_computed_ones(model_dir: Path) -> None:
     with app_client(model_dir, compile="off") as c:
         wait_ready(c)
-        iterations = metric(c, "ddpm_iterations_total")
         computed = c.post("/generate", json=REQUEST)
         assert computed.headers["x-cache"] == "miss" and computed.json()["cached"] is False
-        assert metric(c, "ddpm_iterations_total") == iterations + 5
+        assert metric(c, "ddpm_image_steps_total") == 3 * 5  # (rows may sit an iteration out: image-steps, not iterations)
         again = c.post("/generate", json=REQUEST)
         assert again.headers["x-cache"] == "hit" and again.json()["cached"] is True
         assert again.json()["images"] == computed.json()["images"] and again.headers["etag"] == computed.headers["etag"]
         assert again.json()["timings"]["generation_s"] == 0
-        assert metric(c, "ddpm_iterations_total") == iterations + 5  # no U-Net call
+        assert metric(c, "ddpm_image_steps_total") == 3 * 5  # no U-Net call
         # the other encodings of the cached images equal those of freshly computed ones
         for accept in ("image/png", "application/x-npy"):
             hit = c.post("/generate", json=REQUEST, headers={"Accept": accept})
@@ -53,7 +52,7 @@ def test_cached_answers_are_byte_identical_to_computed_ones(model_dir: Path) -> 
             {"seed": 5},
             {"eta": 0.0},
             {"steps": 6},
-            {"batch_size": 2},
+            {"batch_size": 4},  # images 0..3: 3 is not held (0..1 would be: a part of the held answer)
             {"timestep_spacing": "leading"},
             {"clip_denoised": False},
         ):
@@ -66,8 +65,8 @@ def test_cached_answers_are_byte_identical_to_computed_ones(model_dir: Path) -> 
         assert '"cached": true' in text and computed.json()["images"][0] in text
         assert metric(c, 'ddpm_response_cache_lookups_total{result="hit"}') == 5
         assert metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 7
-        # 7 distinct answers, 20 images of 8 x 8 float32 (256 bytes each), and each entry's bookkeeping
-        assert metric(c, "ddpm_response_cache_bytes") == 256 * (6 * 3 + 2) + 7 * ENTRY_OVERHEAD_BYTES
+        # 7 distinct answers, 22 images of 8 x 8 float32 (256 bytes each), and each entry's bookkeeping
+        assert metric(c, "ddpm_response_cache_bytes") == 256 * (6 * 3 + 4) + 7 * ENTRY_OVERHEAD_BYTES
 
 
 def test_if_none_match_is_304_without_work(model_dir: Path) -> None:
@@ -149,10 +148,10 @@ def test_first_image_answers_images_k_of_the_seed_whichever_request_asks(model_d
     request that holds them, with their own cache entry and ETag."""
     with app_client(model_dir, compile="off") as c:
         wait_ready(c)
-        whole = c.post("/generate", json={**REQUEST, "batch_size": 5}).json()
         part = c.post("/generate", json={**REQUEST, "batch_size": 2, "first_image": 3})
-        assert part.status_code == 200 and part.headers["x-cache"] == "miss", part.text  # not images 0..1 from the cache
-        assert part.json()["first_image"] == 3 and whole["first_image"] == 0
+        assert part.status_code == 200 and part.headers["x-cache"] == "miss", part.text
+        whole = c.post("/generate", json={**REQUEST, "batch_size": 5}).json()  # computed: the cache holds only 3..4
+        assert part.json()["first_image"] == 3 and whole["first_image"] == 0 and whole["cached"] is False
         for got, want in zip(part.json()["images"], whole["images"][3:5], strict=True):
             assert np.abs(_pixels(got) - _pixels(want)).max() <= 1
         two = c.post("/generate", json={**REQUEST, "batch_size": 2})  # images 0 and 1: another answer, another ETag
@@ -168,6 +167,59 @@ def test_first_image_answers_images_k_of_the_seed_whichever_request_asks(model_d
         for bad in (-1, "3", 2.0, 2**63):
             refused = c.post("/generate", json={**REQUEST, "first_image": bad})
             assert refused.status_code == 422 and "first_image" in refused.text, bad
+
+
+def test_part_of_a_held_answer_is_answered_from_it(model_dir: Path) -> None:
+    """Images 1..3 of a seed while the cache holds 0..4 (or 0..9 in two parts' entries, one of which has them all)
+    are a hit: the held images' bytes, no U-Net call. Any other chain, seed, or a range past the held one is a miss."""
+    with app_client(model_dir, compile="off") as c:
+        wait_ready(c)
+        whole = c.post("/generate", json={**REQUEST, "batch_size": 5})
+        assert whole.headers["x-cache"] == "miss"
+        image_steps = metric(c, "ddpm_image_steps_total")
+        for first, n in ((1, 3), (0, 1), (4, 1), (0, 5)):
+            part = c.post("/generate", json={**REQUEST, "batch_size": n, "first_image": first})
+            assert part.headers["x-cache"] == "hit" and part.json()["cached"] is True, (first, n)
+            assert part.json()["images"] == whole.json()["images"][first : first + n], (first, n)
+            assert part.headers["etag"] != whole.headers["etag"] or (first, n) == (0, 5)  # the ETag names the range asked for
+        npy = {"Accept": "application/x-npy"}
+        held = np.load(io.BytesIO(c.post("/generate", json={**REQUEST, "batch_size": 5}, headers=npy).content))
+        two = c.post("/generate", json={**REQUEST, "batch_size": 2, "first_image": 2}, headers=npy)
+        assert two.headers["x-cache"] == "hit" and np.array_equal(np.load(io.BytesIO(two.content)), held[2:4])
+        star = c.post("/generate", json={**REQUEST, "batch_size": 2, "first_image": 3}, headers={"If-None-Match": "*"})
+        assert star.status_code == 304  # "any current representation": this replica holds those images
+        assert metric(c, "ddpm_image_steps_total") == image_steps  # none of them ran the U-Net
+        # past the held range; then 4..5, which two entries hold between them (0..4 and 5): one request, one entry
+        for change in ({"first_image": 5, "batch_size": 1}, {"first_image": 4, "batch_size": 2}, {"seed": 5, "batch_size": 1},
+                       {"eta": 0.0, "batch_size": 1}):  # fmt: skip
+            assert c.post("/generate", json={**REQUEST, **change}).headers["x-cache"] == "miss", change
+
+
+def _range_key(first: int, n: int, labels: tuple[int, ...] | None = None, seed: int = 0) -> ImageKey:
+    return ImageKey("fp", "fp32", "cpu", ImageRequest(seed, n, ChainSpec(10, "restart", 0.0, True, "trailing", 0), labels, first=first))
+
+
+def test_a_part_is_found_in_the_entry_that_holds_it_and_forgotten_with_it() -> None:
+    images = torch.arange(8.0).reshape(8, 1, 1, 1)
+    cache = ResponseCache(max_bytes=1 << 20)
+    cache.put(_range_key(10, 8, tuple(range(8))), images)  # images 10..17 of seed 0, class k - 10 each
+    got = cache.get(_range_key(12, 3, (2, 3, 4)))
+    assert got is not None and got.flatten().tolist() == [2.0, 3.0, 4.0] and _range_key(17, 1, (7,)) in cache
+    assert cache.get(_range_key(12, 3, (2, 3, 5))) is None  # another class for image 14: other images
+    assert cache.get(_range_key(12, 3)) is None  # no label (the null label): other images
+    for first, n in ((9, 2), (16, 3), (18, 1)):
+        assert cache.get(_range_key(first, n, tuple(range(first - 10, first - 10 + n)))) is None, (first, n)
+    assert cache.get(_range_key(12, 3, (2, 3, 4), seed=1)) is None
+    cache.put(_range_key(0, 1, (0,)), images[:1])  # a shorter entry of the same seed does not hide the longer one
+    assert cache.get(_range_key(15, 2, (5, 6))) is not None
+    small = ResponseCache(max_bytes=entry_bytes_of(images))  # room for one entry: the next put evicts the first
+    small.put(_range_key(10, 8, tuple(range(8))), images)
+    small.put(_range_key(0, 8, tuple(range(8)), seed=1), images)
+    assert small.get(_range_key(12, 3, (2, 3, 4))) is None and len(small) == 1 and _range_key(12, 3, (2, 3, 4)) not in small
+
+
+def entry_bytes_of(images: torch.Tensor) -> int:
+    return images.numel() * images.element_size() + ENTRY_OVERHEAD_BYTES
 
 
 def test_cache_is_bounded_lru_in_bytes() -> None:
