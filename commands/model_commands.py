@@ -120,7 +120,7 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
 
     from ddpm.image_request import EditInput, ImageRequest
     from ddpm.inference_compile import hot_path
-    from ddpm.loaded_model import ChainError
+    from ddpm.loaded_model import ChainError, parse_class_labels
     from ddpm.offline_sampler import sample_requests
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor
@@ -140,8 +140,7 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
         args.sampler = args.sampler or "ddpm"
         steps = args.steps or model.span(edit.get("strength", 1.0))  # type: ignore[arg-type]
         chain = model.chain(args.sampler, steps, args.eta, args.spacing, None if args.clip is None else args.clip == "on", **edit)
-        asked = _requested_labels(args.class_label, args.n, model.num_classes, args.first_image)
-        labels, w = model.labels(asked, args.n, args.guidance_scale)
+        labels, w = model.labels(parse_class_labels(args.class_label), args.n, args.guidance_scale, args.first_image)
     except ChainError as exc:
         raise SystemExit(f"--{ {'timestep_spacing': 'spacing'}.get(exc.field, exc.field).replace('_', '-') }: {exc}") from exc
     args.eta, args.spacing_used, args.guidance_used, args.labels_used = chain.eta, chain.spacing, w, labels
@@ -347,16 +346,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     report.update(model.info)
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _requested_labels(text: str | None, n: int, num_classes: int, first: int = 0) -> int | str | list[int | str] | None:
-    """--class-label, where ``balanced`` means image k (of the seed: first, first + 1, ...) asks for class k mod (number of
-    classes): counted from the request's first image, image k's class depended on --first-image, so image k did too."""
-    from ddpm.loaded_model import parse_class_labels
-
-    if text == "balanced" and num_classes:
-        return [k % num_classes for k in range(first, first + n)]
-    return parse_class_labels(text)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

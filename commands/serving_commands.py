@@ -68,7 +68,8 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 (default: the model's)")
     p.add_argument("--class-label", default=None,
-                   help="a class-conditional model: the class (index or name; a comma-separated list: one per image)")  # fmt: skip
+                   help="a class-conditional model: the class (index or name; a comma-separated list: one per image), or "
+                        "'balanced' (image k: class k mod the number of classes)")  # fmt: skip
     p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None, help="classifier-free guidance w (default: the model card's)")
     p.add_argument("-o", "--output", default="grid.png",
                    help=".png (.jpg, .webp, ...): a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]; checked before the request")

@@ -26,6 +26,9 @@ class ChainError(ValueError):
         super().__init__(message)
 
 
+BALANCED = "balanced"  # class_label: image k of the seed asks for class k mod the number of classes
+
+
 def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
     """Class labels written as text (``--class-label``, a multipart form field): '7', 'seven', or '1,2,3'
     (one per image), kept as text: ``LoadedModel.labels`` reads each as a class name first, else digits as an index
@@ -94,21 +97,25 @@ class LoadedModel:
         return self.num_classes > 0
 
     def labels(
-        self, class_label: int | str | list[int | str] | None, n: int, guidance_scale: float | None
+        self, class_label: int | str | list[int | str] | None, n: int, guidance_scale: float | None, first: int = 0
     ) -> tuple[tuple[int, ...] | None, float]:
-        """The label of each of n images and the guidance scale w a request asks for: ``class_label`` one
-        for all images or a list with one per image, by index or name; w defaults to the model card's
-        (0 without one). (None, 0.0) for an unconditional request. Raises ChainError naming the field."""
+        """The label of each of n images (k = first..first+n-1 of the seed) and the guidance scale w a request asks for:
+        ``class_label`` one for all images or a list with one per image, by index or name, or ``balanced`` (image k:
+        class k mod the number of classes, so image k's class does not depend on the request that asks for it); w
+        defaults to the model card's (0 without one). (None, 0.0) for an unconditional request. Raises ChainError naming
+        the field."""
         if class_label is None:
             if guidance_scale:
                 raise ChainError("guidance_scale", "guidance_scale needs a class_label (guidance pulls towards a class)")
             return None, 0.0
         if not self.conditional:
             raise ChainError("class_label", "this model is unconditional: it takes no class_label")
+        names = {name: i for i, name in enumerate(self.class_names)}
+        if class_label == BALANCED and BALANCED not in names:  # (a class named so is that class)
+            class_label = [k % self.num_classes for k in range(first, first + n)]
         given = class_label if isinstance(class_label, list) else [class_label] * n
         if len(given) != n:
             raise ChainError("class_label", f"class_label has {len(given)} labels for {n} images (give one, or one per image)")
-        names = {name: i for i, name in enumerate(self.class_names)}
         numbered = bool(names) and all(name.isdecimal() for name in names)  # classes named by numbers: digits are names only
         labels = []
         for label in given:

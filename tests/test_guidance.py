@@ -158,6 +158,13 @@ def test_text_labels_name_a_class_first_then_digits_index_one() -> None:
     assert LoadedModel.labels(named, parse_class_labels("1,dog"), 2, None)[0] == (1, 1)  # type: ignore[arg-type]
     digits = SimpleNamespace(conditional=True, class_names=[str(d) for d in range(10)], num_classes=10, guidance_scale=None)
     assert LoadedModel.labels(digits, parse_class_labels("7"), 1, None)[0] == (7,)  # type: ignore[arg-type]  # MNIST: the same
+    # "balanced": image k = first.. of the seed asks for class k mod the number of classes, unless a class is so named
+    assert LoadedModel.labels(named, "balanced", 3, None, first=5)[0] == (1, 0, 1)  # type: ignore[arg-type]
+    assert LoadedModel.labels(digits, "balanced", 2, None)[0] == (0, 1)  # type: ignore[arg-type]
+    odd = SimpleNamespace(conditional=True, class_names=["plain", "balanced"], num_classes=2, guidance_scale=None)
+    assert LoadedModel.labels(odd, "balanced", 2, None, first=4)[0] == (1, 1)  # type: ignore[arg-type]
+    with pytest.raises(ChainError, match="unknown class 'balanced'"):
+        LoadedModel.labels(named, ["balanced", "cat"], 2, None)  # type: ignore[arg-type]
 
 
 def test_http_class_conditional_requests(cond_dir: Path) -> None:
@@ -183,6 +190,15 @@ def test_http_class_conditional_requests(cond_dir: Path) -> None:
         assert metric(c, 'ddpm_requests_total{code="422"}') == 5
         # guided image-steps (a second U-Net row each): 3 x 10 of the first request and 1 x 10 at the card's 1.5; not the w = 0 one
         assert metric(c, "ddpm_guided_image_steps_total") == 40 and metric(c, "ddpm_image_steps_total") == 44
+        # "balanced": image k of the seed asks for class k mod 3, whichever request asks for it (so part of a held answer is a hit)
+        balanced = {"seed": 2, "steps": 4, "class_label": "balanced", "guidance_scale": 0.0}
+        whole = c.post("/generate", json={**balanced, "batch_size": 6}).json()
+        assert whole["class_labels"] == ["cat", "dog", "fox", "cat", "dog", "fox"]
+        part = c.post("/generate", json={**balanced, "batch_size": 2, "first_image": 4})
+        assert part.json()["class_labels"] == ["dog", "fox"] and part.headers["x-cache"] == "hit"
+        assert part.json()["images"] == whole["images"][4:]
+        oa = c.post("/v1/images/generations", json={"prompt": "x", "n": 2, "first_image": 1, **balanced})
+        assert oa.json()["class_labels"] == ["dog", "fox"] and [d["b64_json"] for d in oa.json()["data"]] == whole["images"][1:3]
     import io
 
     import numpy as np

@@ -123,14 +123,17 @@ def test_page_asks_a_class_conditional_model_for_a_class(browser: object, tmp_pa
         wait = WebDriverWait(d, 30, poll_frequency=0.02)
         wait.until(lambda drv: drv.find_element(By.ID, "conditional").is_displayed())
         options = [o.get_attribute("value") for o in Select(d.find_element(By.ID, "class_label")).options]  # type: ignore[attr-defined]
-        assert options == ["", *TINY_CLASSES]
+        assert options == ["", *TINY_CLASSES, "balanced"]  # the last: each class in turn (image k: class k mod K)
         assert "model's: 1.5" in d.find_element(By.ID, "guidance_scale").get_attribute("placeholder")  # type: ignore[attr-defined]
         Select(d.find_element(By.ID, "class_label")).select_by_value("dog")  # type: ignore[attr-defined]
         _fill(d, {"guidance_scale": "2.5", "steps": "10", "batch_size": "2"})
         d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
         wait.until(lambda drv: "done: 2 images" in drv.find_element(By.ID, "status").text)
         assert "class dog, guidance 2.5" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
-        assert cond.metric('ddpm_requests_total{code="200"}') == 1
+        Select(d.find_element(By.ID, "class_label")).select_by_value("balanced")  # type: ignore[attr-defined]
+        d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+        wait.until(lambda drv: "classes cat, dog, guidance 2.5" in drv.find_element(By.ID, "status").text)
+        assert cond.metric('ddpm_requests_total{code="200"}') == 2
     finally:
         cond.stop()
 

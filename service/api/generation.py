@@ -77,7 +77,7 @@ def prepare(
     options = {} if edit is None else edit.options
     spec = resolve_chain(state, body.sampler, body.steps, body.eta, body.timestep_spacing, body.clip_denoised, **options)
     try:
-        labels, w = model.labels(body.class_label, n, body.guidance_scale)
+        labels, w = model.labels(body.class_label, n, body.guidance_scale, body.first_image)
     except ChainError as exc:
         raise field_error(exc.field, str(exc), getattr(body, exc.field)) from exc
     asked = ImageRequest(seed, n, spec, labels, w, None if edit is None else edit.input, body.first_image)

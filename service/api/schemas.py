@@ -65,8 +65,8 @@ class ChainRequest(BaseModel):
     class_label: ClassLabel | Annotated[list[ClassLabel], Field(max_length=4096)] | None = Field(
         None,
         description="A class-conditional model only (GET /info lists its classes): the class of every image, by index (a "
-        "number) or name (a string; digits that name no class are an index, unless the classes are named by numbers), or a "
-        "list with one per image. Default: "
+        "number) or name (a string; digits that name no class are an index, unless the classes are named by numbers), a "
+        "list with one per image, or \"balanced\" (image k of the seed: class k mod the number of classes). Default: "
         "unconditional (the null label).",
     )
     guidance_scale: float | None = Field(
@@ -369,8 +369,8 @@ class ImageForm(BaseModel):
     clip_denoised: bool | None = None
     class_label: int | str | list[int | str] | None = Field(
         None,
-        description="A class-conditional model: '7', 'seven', or '1,2,3' (one per image); a class name first, else digits an "
-        "index (not where the classes are named by numbers).",
+        description="A class-conditional model: '7', 'seven', '1,2,3' (one per image) or 'balanced' (image k: class k mod the "
+        "number of classes); a class name first, else digits an index (not where the classes are named by numbers).",
     )
     guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="As in /generate (variations: default 0.4).")
