@@ -116,6 +116,28 @@ def test_identical_requests_in_flight_share_one_job(model_dir: Path) -> None:
         assert c.post("/generate", json=REQUEST).headers["x-cache"] == "hit"
 
 
+def test_a_request_for_part_of_a_running_job_shares_it(model_dir: Path) -> None:
+    """Images 1..2 of a seed while a job makes 0..3 (every image of it in the running batch): no U-Net work of its own,
+    those images' bytes; a part that reaches past the job, or another seed, gets a job of its own."""
+    c, state = app_and_state(model_dir, compile="off")
+    with c:
+        wait_ready(c)
+        unet = GatedUNet(state)
+        part_body = {**REQUEST, "first_image": 1}
+        whole, part, past = _concurrently(
+            unet,
+            lambda: c.post("/generate", json={**REQUEST, "batch_size": 4}),
+            [lambda: c.post("/generate", json=part_body), lambda: c.post("/generate", json={**REQUEST, "first_image": 3})],
+            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="shared"}') == 1
+            and metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 2,
+        )
+        assert part.status_code == 200 and part.headers["x-cache"] == "shared" and part.json()["first_image"] == 1
+        assert part.json()["images"] == whole.json()["images"][1:3]
+        assert past.headers["x-cache"] == "miss" and past.json()["images"][0] == whole.json()["images"][3]
+        assert unet.rows == (4 + 2) * 6  # the whole job's and the one past it: the part made nothing
+        assert len(state.in_flight) == 0
+
+
 def test_no_sharing_with_the_response_cache_off(model_dir: Path) -> None:
     c, state = app_and_state(model_dir, compile="off", response_cache_mb=0)
     with c:
@@ -159,6 +181,32 @@ def test_who_may_share_a_job() -> None:
     assert not serves_as_well(_job(deadline_s=None), 0, 60.0, 100.0)  # a job without a deadline is not hurried
     job.cancel()
     assert not serves_as_well(job, 1, None, 105.0)  # a cancelled job ends as soon as it can
+
+
+def test_a_part_shares_a_job_only_once_every_image_of_it_runs() -> None:
+    """A job with images still queued may end later than a part's own job would (its rows wait for room): a part shares
+    it only once it runs whole; an identical request shares it at once."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        spec = ChainSpec(steps=5, clip=True)
+        job = Job(ImageRequest(0, 8, spec), timeout_s=60, created=100.0)
+        job.pending.extend(range(8))
+        in_flight = InFlightRequests()
+        in_flight.add(ImageKey("m", "fp32", "cpu", job.request), JobHandle(job, loop))
+        part = ImageKey("m", "fp32", "cpu", ImageRequest(0, 2, spec, first=3))
+        assert in_flight.join(part, 0, None, 100.0, stream=False) is None  # queued
+        assert in_flight.join(ImageKey("m", "fp32", "cpu", job.request), 0, None, 100.0, stream=False) is not None
+        job.first_admitted = 101.0
+        for _ in range(6):
+            job.pending.popleft()
+        assert in_flight.join(part, 0, None, 102.0, stream=False) is None  # two images still wait for room
+        job.pending.clear()
+        assert in_flight.join(part, 0, None, 102.0, stream=False) is not None  # running whole
+        for other in (ImageRequest(0, 2, spec, first=7), ImageRequest(1, 2, spec, first=3), ImageRequest(0, 2, spec, (1, 1), first=3)):
+            assert in_flight.join(ImageKey("m", "fp32", "cpu", other), 0, None, 102.0, stream=False) is None, other
+
+    asyncio.run(scenario())
 
 
 def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress() -> None:

@@ -309,11 +309,13 @@ async def generate_images(state: ServerState, key: ImageKey, request: Request, s
 
 
 def finished(state: ServerState, key: ImageKey, job: Job, shared: bool = False) -> Generated:
-    """A job the engine has finished: its images (the response cache has them: ``job_for``), or its error as an ApiError."""
+    """A job the engine has finished: ``key``'s images among its own (all of them, or a part's: service/api/in_flight.py;
+    the response cache has them: ``job_for``), or its error as an ApiError."""
     if job.error is not None:
         raise engine_error(state, job.error)
     assert job.images is not None
-    return Generated(job.images, job, shared)
+    offset = key.request.first - job.request.first
+    return Generated(job.images[offset : offset + key.request.n], job, shared)
 
 
 async def images_or_not_modified(
