@@ -4,6 +4,11 @@ LitServe and Ray Serve).
 
     python benchmarks/identical_requests.py                       # 10 clients, 5 bursts, the default chain
     python benchmarks/identical_requests.py --clients 10 --body '{"batch_size": 4, "steps": 50, "sampler": "ddim"}'
+    python benchmarks/identical_requests.py --parts --clients 16 --body '{"batch_size": 16, "steps": 50, "sampler": "ddim"}'
+
+``--parts``: a burst is one request and, ``--parts-after`` seconds later (once its job runs), ``--clients`` requests
+for one image of it each (``first_image`` k: a gallery fetching each image of a batch it asked for), which share the
+running job (service/api/in_flight.py), or make their own images with the cache off.
 
 One ``ddpm serve`` per mode (the shipped model, compile off, 1 torch thread), started one after the other. Each burst
 sends ``--clients`` copies of one request at once (a new seed per burst, so no burst finds the last one's images in
@@ -37,22 +42,29 @@ def rows_run(url: str) -> float:
     return sample_value(httpx.get(url + "/metrics", timeout=10).text, "ddpm_batch_occupancy_sum")
 
 
-async def burst(url: str, body: dict, clients: int) -> tuple[float, float, set[str]]:
-    """The burst's time, its median answer time, and the X-Cache values seen."""
+async def burst(url: str, body: dict, clients: int, parts_after: float | None = None) -> tuple[float, float, set[str]]:
+    """The burst's time, its median answer time, and the X-Cache values seen (``parts_after``: the whole request, then
+    that many seconds later ``clients`` one-image parts of it)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         start = time.monotonic()
 
-        async def one() -> tuple[float, str]:
-            r = await http.post("/generate", json=body)
+        async def one(asked: dict, after: float = 0.0) -> tuple[float, str]:
+            await asyncio.sleep(after)
+            r = await http.post("/generate", json=asked)
             r.raise_for_status()
             return time.monotonic() - start, r.headers["x-cache"]
 
-        answers = await asyncio.gather(*(one() for _ in range(clients)))
+        if parts_after is None:
+            answers = await asyncio.gather(*(one(body) for _ in range(clients)))
+        else:
+            n = body.get("batch_size", 1)
+            parts = [one({**body, "batch_size": 1, "first_image": k % n}, parts_after) for k in range(clients)]
+            answers = await asyncio.gather(one(body), *parts)
     times = [t for t, _ in answers]
     return max(times), statistics.median(times), {c for _, c in answers}
 
 
-def measure(model: Path, cache_mb: str, body: dict, clients: int, bursts: int) -> dict[str, float]:
+def measure(model: Path, cache_mb: str, body: dict, clients: int, bursts: int, parts_after: float | None) -> dict[str, float]:
     server = ServerProcess(model, DDPM_COMPILE="off", DDPM_THREADS="1", DDPM_RESPONSE_CACHE_MB=cache_mb, DDPM_LOG_LEVEL="warning")
     try:
         server.wait_ready(300)
@@ -60,7 +72,7 @@ def measure(model: Path, cache_mb: str, body: dict, clients: int, bursts: int) -
         walls, medians, rows, seen = [], [], [], set()
         for b in range(bursts):
             before = rows_run(server.url)
-            wall, median, cache = asyncio.run(burst(server.url, {**body, "seed": 1000 + b}, clients))
+            wall, median, cache = asyncio.run(burst(server.url, {**body, "seed": 1000 + b}, clients, parts_after))
             rows.append(rows_run(server.url) - before)
             walls.append(wall)
             medians.append(median)
@@ -77,11 +89,16 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=10, help="identical requests sent at once")
     p.add_argument("--bursts", type=int, default=5)
     p.add_argument("--body", type=json.loads, default={"batch_size": 1}, help="the request, less its seed (JSON)")
+    p.add_argument("--parts", action="store_true", help="one request, then --clients one-image parts of it")
+    p.add_argument("--parts-after", type=float, default=0.3, help="seconds from the whole request to its parts")
     args = p.parse_args()
+    parts_after = args.parts_after if args.parts else None
     results = {}
     for mode, cache_mb in MODES.items():
-        print(f"{mode}: {args.clients} x {json.dumps(args.body)} at once, {args.bursts} bursts", flush=True)
-        results[mode] = r = measure(args.model, cache_mb, args.body, args.clients, args.bursts)
+        what = f"1 x {json.dumps(args.body)}, then {args.clients} one-image parts of it" if args.parts else \
+            f"{args.clients} x {json.dumps(args.body)} at once"  # fmt: skip
+        print(f"{mode}: {what}, {args.bursts} bursts", flush=True)
+        results[mode] = r = measure(args.model, cache_mb, args.body, args.clients, args.bursts, parts_after)
         print(f"  burst {r['wall']:.3f} s, median answer {r['median']:.3f} s, {r['rows']:.0f} U-Net rows per burst", flush=True)
     own, shared = results["own jobs"], results["shared"]
     print(f"own jobs / shared: burst time {own['wall'] / shared['wall']:.2f}x, median answer {own['median'] / shared['median']:.2f}x, "
