@@ -123,17 +123,25 @@ def test_a_request_for_part_of_a_running_job_shares_it(model_dir: Path) -> None:
     with c:
         wait_ready(c)
         unet = GatedUNet(state)
-        part_body = {**REQUEST, "first_image": 1}
-        whole, part, past = _concurrently(
+        others = [
+            lambda: c.post("/generate", json={**REQUEST, "first_image": 1}),
+            lambda: c.post("/generate", json={**REQUEST, "first_image": 3}),  # images 3..4 of a job making 0..3
+            lambda: _stream(c, {**REQUEST, "batch_size": 1}),
+        ]
+        whole, part, past, streamed = _concurrently(
             unet,
             lambda: c.post("/generate", json={**REQUEST, "batch_size": 4}),
-            [lambda: c.post("/generate", json=part_body), lambda: c.post("/generate", json={**REQUEST, "first_image": 3})],
-            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="shared"}') == 1
+            others,
+            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="shared"}') == 2
             and metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 2,
         )
         assert part.status_code == 200 and part.headers["x-cache"] == "shared" and part.json()["first_image"] == 1
         assert part.json()["images"] == whole.json()["images"][1:3]
         assert past.headers["x-cache"] == "miss" and past.json()["images"][0] == whole.json()["images"][3]
+        # a stream for image 0 alone counts its own image's steps (6), not the whole job's (4 x 6)
+        progress = [data for event, data in streamed if event == "progress"]
+        assert progress and all(p["total"] == 6 and p["steps_done"] <= 6 for p in progress), progress
+        assert dict(streamed)["result"]["images"] == whole.json()["images"][:1]
         assert unet.rows == (4 + 2) * 6  # the whole job's and the one past it: the part made nothing
         assert len(state.in_flight) == 0
 

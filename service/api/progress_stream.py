@@ -40,7 +40,7 @@ class ProgressStream:
         arrived: float,
         handle: JobHandle | None,
         sched: Scheduling,
-        shared: bool = False,  # the job of an identical request in flight (service/api/in_flight.py)
+        shared: bool = False,  # the job of an identical request in flight, or one making more (service/api/in_flight.py)
     ) -> None:
         self.state, self.key, self.request, self.arrived, self.handle, self.sched = state, key, request, arrived, handle, sched
         self.shared = shared
@@ -93,9 +93,11 @@ class ProgressStream:
         ahead = engine.images_ahead(job)
         yield _queued(self.key, ahead or 0, False)
         last_write = time.monotonic()
+        own, whole = self.key.request.n, job.n  # a request for part of a job (service/api/in_flight.py) counts its part's steps
         async for ev in handle.events(tick_s=min(1.0, keepalive_s)):
             if ev is not None:
-                chunk = sse("progress", {"steps_done": ev.steps_done, "total": ev.total, "fraction": round(ev.steps_done / ev.total, 4)})
+                done, total = ev.steps_done * own // whole, ev.total * own // whole
+                chunk = sse("progress", {"steps_done": done, "total": total, "fraction": round(ev.steps_done / ev.total, 4)})
             else:
                 now_ahead = engine.images_ahead(job)
                 if now_ahead is not None and now_ahead != ahead:  # moved up in the queue
