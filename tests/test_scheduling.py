@@ -199,9 +199,12 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_once_with_the_predicted_wai
     assert engine.predicted_seconds(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60)) == pytest.approx(
         0.1 + (99 * 2 + 10) / 2 * 0.1, rel=0.05
     )  # the iteration in flight, then the batch's 198 row-steps ahead and its own 10, two rows a call at 0.1 s
-    with pytest.raises(DeadlineUnmeetable) as refused:
+    with pytest.raises(DeadlineUnmeetable, match="with the work ahead of it") as refused:
         engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=2.0))
     assert refused.value.retry_after_s == pytest.approx(0.1 + 10.4 - 2.0, rel=0.05)
+    # a deadline under what the request takes alone (10 calls of 0.05 s): no wait here helps, and the refusal says so
+    with pytest.raises(DeadlineUnmeetable, match=r"even alone on this replica it would take ~0\.50 s \(10 U-Net calls\)"):
+        engine.submit(Job(ImageRequest(2, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=0.3, priority=-1))
     # a worse priority's work does not count: a more urgent request is accepted
     engine.submit(Job(ImageRequest(3, 1, ChainSpec(10, "ddpm")), timeout_s=60, deadline_s=2.0, priority=-1))
 

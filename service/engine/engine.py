@@ -221,12 +221,18 @@ class Engine:
         enough for it (step_scheduler.slowdown_limit): a 10-call request beside a 64-row chain on a CPU."""
         if job.deadline_s is not None or self.max_slowdown <= 0:
             return
+        alone = self._alone(job)
+        if alone is not None:
+            job.soft_due = job.created + self.max_slowdown * alone[0]
+            job.soft_step_s = alone[1]
+
+    def _alone(self, job: Job) -> tuple[float, float] | None:
+        """The seconds ``job`` takes with nothing beside it, and one iteration of its rows (a call size's worth at a
+        time): its calls at its own rows' measured cost; None before that cost is measured."""
         unet_rows = job.n * job.request.rows_per_image
         rows = min(unet_rows, self.call_size.best)
         per = self.cost.seconds(rows)
-        if per is not None:
-            job.soft_due = job.created + self.max_slowdown * job.calls * per * -(-unet_rows // rows)
-            job.soft_step_s = per
+        return None if per is None else (job.calls * per * -(-unet_rows // rows), per)
 
     def _admission_control(self, job: Job) -> None:
         """Refuse at once a job whose deadline cannot be met given the work ahead of it (the lock held): 503 +
@@ -254,6 +260,11 @@ class Engine:
         if predicted > job.deadline_s:
             wait = max(1.0, predicted - job.deadline_s)
             self._observe("on_refused", "deadline")
+            alone = self._alone(job)
+            if alone is not None and alone[0] + answer > job.deadline_s:  # no wait here helps: say so, not "retry in ~1 s"
+                raise DeadlineUnmeetable(
+                    f"even alone on this replica it would take ~{alone[0] + answer:.2f} s ({job.calls} U-Net calls), past its "
+                    f"deadline of {job.deadline_s:g} s; send a later deadline, or to another replica", retry_after_s=wait)  # fmt: skip
             raise DeadlineUnmeetable(
                 f"the answer would take ~{predicted:.2f} s with the work ahead of it at priority {job.priority}, past its "
                 f"deadline of {job.deadline_s:g} s; retry in ~{wait:.0f} s or elsewhere",
