@@ -261,10 +261,10 @@ class Engine:
             wait = max(1.0, predicted - job.deadline_s)
             self._observe("on_refused", "deadline")
             alone = self._alone(job)
-            if alone is not None and alone[0] + answer > job.deadline_s:  # no wait here helps: say so, not "retry in ~1 s"
-                raise DeadlineUnmeetable(
+            if alone is not None and alone[0] + answer > job.deadline_s:  # no wait here helps: say so; Retry-After 1 s (another
+                raise DeadlineUnmeetable(  # replica, or a cost model that changed: a client honouring a longer one only waits longer)
                     f"even alone on this replica it would take ~{alone[0] + answer:.2f} s ({job.calls} U-Net calls), past its "
-                    f"deadline of {job.deadline_s:g} s; send a later deadline, or to another replica", retry_after_s=wait)  # fmt: skip
+                    f"deadline of {job.deadline_s:g} s; send a later deadline, or to another replica", retry_after_s=1.0)  # fmt: skip
             raise DeadlineUnmeetable(
                 f"the answer would take ~{predicted:.2f} s with the work ahead of it at priority {job.priority}, past its "
                 f"deadline of {job.deadline_s:g} s; retry in ~{wait:.0f} s or elsewhere",
