@@ -150,6 +150,7 @@ class Metrics(EngineObserver):
         self.refusals = Counter(
             "ddpm_refused_requests",
             "Requests refused at arrival by reason: deadline (it could not be met given the work ahead: 503 + Retry-After), "
+            "timeout (alone it would take longer than DDPM_REQUEST_TIMEOUT_S: 503 + Retry-After), "
             "accepted_deadlines (beside them it would make an accepted request late by more than an iteration: 503 + "
             "Retry-After), cost (over DDPM_MAX_CALLS_PER_REQUEST: 422), size (more images or calls than the queue or a client's "
             "quota could ever hold: 422), client_quota (over the client's images or calls in "
@@ -157,7 +158,7 @@ class Metrics(EngineObserver):
             ["reason"],
             registry=r,
         )
-        for reason in ("deadline", "accepted_deadlines", "cost", "size", "client_quota"):  # present from the start, at 0
+        for reason in ("deadline", "timeout", "accepted_deadlines", "cost", "size", "client_quota"):  # present from the start, at 0
             self.refusals.labels(reason=reason)
         self.backlog = Gauge(
             "ddpm_backlog_seconds",

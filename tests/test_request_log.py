@@ -26,9 +26,13 @@ def test_text_log_format_keeps_every_field() -> None:
 
 
 def test_stream_outcome_in_the_access_log(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    c, _ = app_and_state(model_dir, request_timeout_s=0.2)
+    from service.engine.iteration_cost import IterationCost
+
+    c, state = app_and_state(model_dir, request_timeout_s=0.2)
     with c, caplog.at_level(logging.INFO, logger="ddpm.access"):
         _ready(c)
+        assert state.engine is not None
+        state.engine.cost = IterationCost()  # nothing measured: not refused up front as outlasting its timeout (test_scheduling.py)
         with c.stream("POST", "/generate/stream", json={"seed": 1, "batch_size": 4, "steps": 200}) as r:
             text = "".join(r.iter_text())
         assert r.status_code == 200 and "event: error" in text and '"status": 504' in text

@@ -311,6 +311,22 @@ def test_a_refused_deadline_carries_retry_after(model_dir) -> None:  # type: ign
         assert metric(c, 'ddpm_refused_requests_total{reason="accepted_deadlines"}') == 0  # exported from the start
 
 
+def test_a_request_that_alone_outlasts_the_request_timeout_is_refused_at_once(model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Without a deadline too: alone it would end 504 after holding rows for all of DDPM_REQUEST_TIMEOUT_S (and the openai
+    client would send it twice more); what fits is accepted as before."""
+    with app_client(model_dir, max_batch=1, max_resident=1, request_timeout_s=5) as c:
+        wait_ready(c)
+        state = c.app.state.server  # type: ignore[attr-defined]
+        state.engine.cost = IterationCost()
+        state.engine.cost.observe(1, 0.5)  # half a second an iteration: 20 steps take ~10 s, 4 steps ~2 s
+        r = c.post("/generate", json={"seed": 1, "steps": 20, "sampler": "ddim"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "longer than the request timeout of 5 s (DDPM_REQUEST_TIMEOUT_S)" in r.json()["detail"]
+        assert metric(c, 'ddpm_refused_requests_total{reason="timeout"}') == 1
+        assert metric(c, 'ddpm_refused_requests_total{reason="deadline"}') == 0
+        assert c.post("/generate", json={"seed": 1, "steps": 4, "sampler": "ddim"}).status_code == 200
+
+
 @pytest.mark.parametrize("max_slowdown", [10.0, 0.0])
 def test_a_short_request_beside_a_long_one_takes_at_most_its_slowdown_bound(max_slowdown: float) -> None:
     """Without a deadline, a 10-call request beside a full batch of a long chain finishes within 10x its time

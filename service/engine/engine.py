@@ -236,7 +236,17 @@ class Engine:
 
     def _admission_control(self, job: Job) -> None:
         """Refuse at once a job whose deadline cannot be met given the work ahead of it (the lock held): 503 +
-        Retry-After, so that a load balancer sends it to another replica instead of it timing out here."""
+        Retry-After, so that a load balancer sends it to another replica instead of it timing out here. Any job that
+        alone would take longer than its timeout (DDPM_REQUEST_TIMEOUT_S) too: it would end 504 after holding rows
+        for all of it, and every retry again (the openai client retries a 504 twice)."""
+        alone = self._alone(job)
+        if alone is not None and alone[0] > job.timeout_s:
+            self._observe("on_refused", "timeout")
+            raise DeadlineUnmeetable(
+                f"even alone on this replica it would take ~{alone[0]:.0f} s ({job.calls} U-Net calls), longer than the request "
+                f"timeout of {job.timeout_s:g} s (DDPM_REQUEST_TIMEOUT_S); ask for fewer images or calls, or another replica",
+                retry_after_s=1.0,
+            )
         if job.deadline_s is None:
             return
         now = time.monotonic()
