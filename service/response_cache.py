@@ -8,8 +8,8 @@ its label and the guidance scale; for an edit, its input image and mask). A requ
 and asks for images k = first..first+n-1 (first: 0 unless it says), so identical requests get identical images: the second one is
 answered from here without a U-Net call, and a client that sends the ETag it got back in
 ``If-None-Match`` gets 304 without even the encoding. (Triton Inference Server's response cache is
-the same idea, keyed on the request's inputs.) A request for part of a held answer's images (images 10..19 of
-a seed while 0..63 are held) is answered from it too (``range_offset``).
+the same idea, keyed on the request's inputs.) A request for part of held answers' images (images 10..19 of
+a seed while 0..63 are held; 60..69 while 0..63 and 64..127 are) is answered from them too.
 
 The ETag depends only on the key and the media type, not on what is cached: a replica with the same
 fingerprint, precision and device type names the same answer with the same ETag, and a replica with
@@ -55,13 +55,21 @@ class ImageKey:
         return '"' + hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32] + '"'
 
 
+def _same_labels(asked: ImageRequest, held: ImageRequest, k: int, count: int) -> bool:
+    """Whether images k..k+count-1 have the same labels in both requests (a class-conditional model's; None: none)."""
+
+    def labels(r: ImageRequest) -> tuple[int, ...] | None:
+        return None if r.labels is None else r.labels[k - r.first : k - r.first + count]
+
+    return labels(asked) == labels(held)
+
+
 def range_offset(mine: ImageRequest, theirs: ImageRequest) -> int | None:
     """Where ``mine``'s images lie among ``theirs``' (of one family: ``ImageKey.family``), or None unless all are there."""
     offset = mine.first - theirs.first
-    if offset < 0 or offset + mine.n > theirs.n:
+    if offset < 0 or offset + mine.n > theirs.n or not _same_labels(mine, theirs, mine.first, mine.n):
         return None
-    labels = None if theirs.labels is None else theirs.labels[offset : offset + mine.n]
-    return offset if labels == mine.labels else None
+    return offset
 
 
 def etag_matches(if_none_match: str | None, etag: str, held: bool) -> bool:
@@ -88,7 +96,7 @@ def entry_bytes(images: torch.Tensor) -> int:
 
 class ResponseCache:
     """LRU over finished image tensors, bounded in bytes (0: off; ``entry_bytes`` per entry). Thread-safe.
-    A key is answered by its own entry, else by a slice of an entry that holds all its images (``range_offset``)."""
+    A key is answered by its own entry, else by slices of the entries that hold its images (``_pieces``)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -115,32 +123,44 @@ class ResponseCache:
         if not isinstance(key, ImageKey):
             return False
         with self._lock:
-            return self._holder(key) is not None
+            return self._pieces(key) is not None
 
     def get(self, key: ImageKey) -> torch.Tensor | None:
         with self._lock:
-            held = self._holder(key)
-            if held is None:
+            pieces = self._pieces(key)
+            if pieces is None:
                 return None
-            holder, offset = held
-            self._items.move_to_end(holder)
-            images = self._items[holder]
-            return images if holder == key else images[offset : offset + key.request.n]
+            for holder, _, _ in pieces:
+                self._items.move_to_end(holder)
+            if len(pieces) == 1:
+                holder, offset, count = pieces[0]
+                images = self._items[holder]
+                return images if holder == key else images[offset : offset + count]
+            return torch.cat([self._items[holder][offset : offset + count] for holder, offset, count in pieces])
 
-    def _holder(self, key: ImageKey) -> tuple[ImageKey, int] | None:
-        """The entry holding ``key``'s images and where they start in it (the lock held)."""
+    def _pieces(self, key: ImageKey) -> list[tuple[ImageKey, int, int]] | None:
+        """The entries that hold ``key``'s images, in order: (entry, where its part starts in it, how many images), each
+        reaching as far as any entry does (images 60..69 from 0..63 and 64..127); None if one is missing (the lock held)."""
         if key in self._items:
-            return key, 0
+            return [(key, 0, key.request.n)]
         starts = self._starts.get(key.family)
         if starts is None:
             return None
-        first = key.request.first
-        for start in range(first, max(first - self._longest, -1), -1):
-            for holder in starts.get(start, ()):
-                offset = range_offset(key.request, holder.request)
-                if offset is not None:
-                    return holder, offset
-        return None
+        asked, pieces = key.request, []
+        k, end = asked.first, asked.first + asked.n
+        while k < end:
+            best: tuple[ImageKey, int, int] | None = None
+            for start in range(k, max(k - self._longest, -1), -1):  # the entries that can hold image k
+                for holder in starts.get(start, ()):
+                    held = holder.request
+                    count = min(held.first + held.n, end) - k
+                    if count > 0 and (best is None or count > best[2]) and _same_labels(asked, held, k, count):
+                        best = (holder, k - held.first, count)
+            if best is None:
+                return None
+            pieces.append(best)
+            k += best[2]
+        return pieces
 
     def put(self, key: ImageKey, images: torch.Tensor) -> None:
         if images.untyped_storage().nbytes() != images.numel() * images.element_size():

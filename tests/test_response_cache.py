@@ -189,10 +189,15 @@ def test_part_of_a_held_answer_is_answered_from_it(model_dir: Path) -> None:
         star = c.post("/generate", json={**REQUEST, "batch_size": 2, "first_image": 3}, headers={"If-None-Match": "*"})
         assert star.status_code == 304  # "any current representation": this replica holds those images
         assert metric(c, "ddpm_image_steps_total") == image_steps  # none of them ran the U-Net
-        # past the held range; then 4..5, which two entries hold between them (0..4 and 5): one request, one entry
-        for change in ({"first_image": 5, "batch_size": 1}, {"first_image": 4, "batch_size": 2}, {"seed": 5, "batch_size": 1},
-                       {"eta": 0.0, "batch_size": 1}):  # fmt: skip
-            assert c.post("/generate", json={**REQUEST, **change}).headers["x-cache"] == "miss", change
+        for change in ({"first_image": 5, "batch_size": 1}, {"seed": 5, "batch_size": 1}, {"eta": 0.0, "batch_size": 1}):
+            assert c.post("/generate", json={**REQUEST, **change}).headers["x-cache"] == "miss", change  # past the held range
+        # 3..5, which two entries hold between them (0..4 and the 5 just made): their images, no U-Net call
+        image_steps = metric(c, "ddpm_image_steps_total")
+        five = c.post("/generate", json={**REQUEST, "first_image": 5, "batch_size": 1}).json()["images"]
+        across = c.post("/generate", json={**REQUEST, "first_image": 3, "batch_size": 3})
+        assert across.headers["x-cache"] == "hit" and across.json()["images"] == whole.json()["images"][3:] + five
+        assert metric(c, "ddpm_image_steps_total") == image_steps
+        assert c.post("/generate", json={**REQUEST, "first_image": 4, "batch_size": 3}).headers["x-cache"] == "miss"  # 6 is not held
 
 
 def _range_key(first: int, n: int, labels: tuple[int, ...] | None = None, seed: int = 0) -> ImageKey:
@@ -216,6 +221,26 @@ def test_a_part_is_found_in_the_entry_that_holds_it_and_forgotten_with_it() -> N
     small.put(_range_key(10, 8, tuple(range(8))), images)
     small.put(_range_key(0, 8, tuple(range(8)), seed=1), images)
     assert small.get(_range_key(12, 3, (2, 3, 4))) is None and len(small) == 1 and _range_key(12, 3, (2, 3, 4)) not in small
+
+
+def test_a_range_across_held_entries_is_their_images_in_order() -> None:
+    """Images 60..69 while 0..63 and 64..127 are held (``ddpm generate -n 128`` asked in two parts): the two slices
+    joined; a gap, another label on either side, or another seed is a miss."""
+    cache = ResponseCache(max_bytes=1 << 20)
+    low, high = torch.arange(64.0).reshape(64, 1, 1, 1), torch.arange(64.0, 128.0).reshape(64, 1, 1, 1)
+    cache.put(_range_key(0, 64, tuple(k % 3 for k in range(64))), low)
+    cache.put(_range_key(64, 64, tuple(k % 3 for k in range(64, 128))), high)
+    got = cache.get(_range_key(60, 10, tuple(k % 3 for k in range(60, 70))))
+    assert got is not None and got.flatten().tolist() == list(range(60, 70))
+    assert cache.get(_range_key(60, 10, (*(k % 3 for k in range(60, 69)), 1))) is None  # image 69 (class 0): another class
+    assert cache.get(_range_key(60, 10, (1, *(k % 3 for k in range(61, 70))))) is None  # image 60 (class 0): another class
+    assert cache.get(_range_key(120, 10, tuple(k % 3 for k in range(120, 130)))) is None  # 128.. are not held
+    gapped = ResponseCache(max_bytes=1 << 20)
+    gapped.put(_range_key(0, 4), low[:4])
+    gapped.put(_range_key(5, 4), low[5:9])
+    assert gapped.get(_range_key(2, 5)) is None and _range_key(2, 5) not in gapped  # image 4 is missing
+    gapped.put(_range_key(3, 2), low[3:5])  # an entry overlapping both: the range is whole now
+    assert gapped.get(_range_key(1, 7)).flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # type: ignore[union-attr]
 
 
 def entry_bytes_of(images: torch.Tensor) -> int:
