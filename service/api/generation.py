@@ -323,8 +323,8 @@ async def images_or_not_modified(
 ) -> Generated | Response:
     """304 when the client already holds this answer (If-None-Match naming its ETag: no U-Net call, no
     encoding), else the images (``generate_images``)."""
-    etag = key.etag(media)
-    if etag_matches(request.headers.get("if-none-match"), etag, held=key in state.cache):
+    etag, if_none_match = key.etag(media), request.headers.get("if-none-match")
+    if if_none_match and etag_matches(if_none_match, etag, held=key in state.cache):  # (the cache is looked up once without one)
         state.metrics.on_not_modified()
         request.state.log_fields["cache"] = "not_modified"
         request.state.outcome = "ok"
