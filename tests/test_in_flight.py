@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import threading
 import time
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
@@ -28,6 +26,7 @@ from service.engine.job import Job
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 from tests.app_client import app_and_state, metric, wait_ready
+from tests.batch_rounding import png_levels
 from tests.tiny_model import save_tiny_model
 
 REQUEST = {"seed": 7, "batch_size": 2, "steps": 6, "sampler": "ddim"}
@@ -76,10 +75,6 @@ def _concurrently(unet: GatedUNet, first: Callable[[], Any], others: list[Callab
     for t in threads:
         t.join(60)
     return results
-
-
-def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(int)
 
 
 def _stream(c: TestClient, body: dict) -> list[tuple[str, dict]]:
@@ -146,7 +141,7 @@ def test_a_request_for_part_of_a_running_job_shares_it(model_dir: Path) -> None:
         assert part.json()["images"] == whole.json()["images"][1:3]
         assert past.headers["x-cache"] == "miss"
         # its own job: the same image up to the U-Net's batched rounding (README "Reproducibility contract")
-        assert np.abs(_pixels(past.json()["images"][0]) - _pixels(whole.json()["images"][3])).max() <= 1
+        assert np.abs(png_levels(past.json()["images"][0]) - png_levels(whole.json()["images"][3])).max() <= 1
         # a stream for image 0 alone counts its own image's steps (6), not the whole job's (4 x 6)
         progress = [data for event, data in streamed if event == "progress"]
         assert progress and all(p["total"] == 6 and p["steps_done"] <= 6 for p in progress), progress

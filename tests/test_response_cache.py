@@ -4,19 +4,18 @@ config, code version), hit/miss counters, the bound, and off with 0."""
 
 from __future__ import annotations
 
-import base64
 import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm.chain import ChainSpec
 from ddpm.image_request import EditInput, ImageRequest
 from service.response_cache import ENTRY_OVERHEAD_BYTES, ImageKey, ResponseCache, etag_matches
 from tests.app_client import app_client, metric, wait_ready
+from tests.batch_rounding import png_levels
 from tests.tiny_model import copy_model_with, save_tiny_model
 
 REQUEST = {"seed": 4, "batch_size": 3, "steps": 5, "sampler": "ddim", "eta": 0.5}
@@ -138,10 +137,6 @@ def _key(seed: int) -> ImageKey:
     return ImageKey("sha", "fp32", "cpu", ImageRequest(seed, 1, ChainSpec(5, "ddpm", 0.0, True, "trailing", 0)))
 
 
-def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))).astype(int)
-
-
 def test_first_image_answers_images_k_of_the_seed_whichever_request_asks(model_dir: Path) -> None:
     """Images 0..63 of a seed were all a request could name (DDPM_MAX_IMAGES_PER_REQUEST): first_image names images
     k = first_image.. of it, the same images (up to the U-Net's batched rounding, README "Reproducibility") as any
@@ -153,10 +148,10 @@ def test_first_image_answers_images_k_of_the_seed_whichever_request_asks(model_d
         whole = c.post("/generate", json={**REQUEST, "batch_size": 5}).json()  # computed: the cache holds only 3..4
         assert part.json()["first_image"] == 3 and whole["first_image"] == 0 and whole["cached"] is False
         for got, want in zip(part.json()["images"], whole["images"][3:5], strict=True):
-            assert np.abs(_pixels(got) - _pixels(want)).max() <= 1
+            assert np.abs(png_levels(got) - png_levels(want)).max() <= 1
         two = c.post("/generate", json={**REQUEST, "batch_size": 2})  # images 0 and 1: another answer, another ETag
         assert two.headers["etag"] != part.headers["etag"]
-        assert np.abs(_pixels(two.json()["images"][0]) - _pixels(part.json()["images"][0])).max() > 8
+        assert np.abs(png_levels(two.json()["images"][0]) - png_levels(part.json()["images"][0])).max() > 8
         plain = c.post("/generate", json=REQUEST)
         zero = c.post("/generate", json={**REQUEST, "first_image": 0})  # said or not, 0 is the same answer
         assert zero.headers["x-cache"] == "hit" and zero.headers["etag"] == plain.headers["etag"]
