@@ -120,7 +120,8 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
 
     from ddpm.image_request import EditInput, ImageRequest
     from ddpm.inference_compile import hot_path
-    from ddpm.loaded_model import ChainError, parse_class_labels
+    from ddpm.loaded_model import ChainError
+    from ddpm.names import parse_class_labels
     from ddpm.offline_sampler import sample_requests
     from ddpm.seeding import image_seeds
     from kernels.philox import seeds_to_tensor

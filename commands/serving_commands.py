@@ -192,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
 
     clip = None if args.clip is None else args.clip == "on"
-    from ddpm.loaded_model import parse_class_labels
+    from ddpm.names import parse_class_labels
 
     chain = {"first_image": args.first_image, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
              "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),

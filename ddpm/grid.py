@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # a tensor's caller has torch loaded; ``ddpm generate`` tiles PNG pixels without it (~2.5 s to import)
+    import torch
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -15,6 +18,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     output is. In numpy, not torch: a server encodes on request threads, and one parallel torch op there
     (``round`` is one from ~2k values: a single 3x32x32 image) starts an OpenMP thread team that slows the engine's
     U-Net for the rest of the process (tests/test_torch_threads.py)."""
+    import torch
+
     x = x.detach()
     if x.dtype != torch.float32 or x.device.type != "cpu":
         x = x.float().cpu()
@@ -27,8 +32,12 @@ def _pil(array: np.ndarray) -> Image.Image:
 
 
 def make_grid(x: torch.Tensor, ncols: int | None = None, padding: int = 2) -> Image.Image:
-    """A batch (B, C, H, W) laid out in a grid with ``padding`` pixels of black between images."""
-    images = to_uint8(x)
+    """A batch (B, C, H, W) in [-1, 1] laid out in a grid with ``padding`` pixels of black between images."""
+    return tile(to_uint8(x), ncols, padding)
+
+
+def tile(images: np.ndarray, ncols: int | None = None, padding: int = 2) -> Image.Image:
+    """8-bit images (B, H, W, C) laid out in a grid with ``padding`` pixels of black between them."""
     b, h, w, c = images.shape
     ncols = ncols or math.ceil(math.sqrt(b))
     nrows = math.ceil(b / ncols)

@@ -12,7 +12,7 @@ import torch
 
 from ddpm.chain import ChainSpec, EpsModel
 from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, sdedit_start
-from ddpm.names import DEFAULT_SPACING
+from ddpm.names import BALANCED, DEFAULT_SPACING
 from ddpm.respace import spaced_timesteps
 from ddpm.samplers import RULES, sampler_rule
 from ddpm.schedule import NoiseSchedule, VarianceType
@@ -24,20 +24,6 @@ class ChainError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(message)
-
-
-BALANCED = "balanced"  # class_label: image k of the seed asks for class k mod the number of classes
-
-
-def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
-    """Class labels written as text (``--class-label``, a multipart form field): '7', 'seven', or '1,2,3'
-    (one per image), kept as text: ``LoadedModel.labels`` reads each as a class name first, else digits as an index
-    where the classes are not named by numbers (a model trained on folders ``3/``, ``5/``, ``7/`` has classes 0, 1, 2
-    named "3", "5", "7": '5' is "5", and '1' no class)."""
-    if text is None:
-        return None
-    values: list[int | str] = [v.strip() for v in text.split(",")]
-    return values if "," in text else values[0]
 
 
 @dataclass

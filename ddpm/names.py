@@ -1,9 +1,9 @@
 """Every name a request, a setting or a command line can give: samplers, timestep spacings, U-Net
-precisions and compile settings.
+precisions, compile settings and class labels as text.
 
 Defined once, here, and imported by the maths (``ddpm.samplers``, ``ddpm.respace``, ``ddpm.precision``,
 ``ddpm.inference_compile``), the HTTP schema, the settings and the ``ddpm`` command; this module imports
-nothing heavy, so ``ddpm --help`` stays free of torch. ``tests/test_package_structure.py`` fails if a
+nothing heavy, so ``ddpm --help`` and ``ddpm generate`` stay free of torch. ``tests/test_package_structure.py`` fails if a
 copy of these lists appears elsewhere.
 """
 
@@ -47,3 +47,17 @@ CompileSetting = Literal["auto", "on", "off"]
 COMPILE_SETTINGS: tuple[str, ...] = get_args(CompileSetting)
 
 MAX_THREADS = 1024  # torch CPU threads a setting or --threads may ask for (machines with 384 exist): DDPM_THREADS=100000 segfaulted
+
+
+BALANCED = "balanced"  # class_label: image k of the seed asks for class k mod the number of classes
+
+
+def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
+    """Class labels written as text (``--class-label``, a multipart form field): '7', 'seven', or '1,2,3'
+    (one per image), kept as text: ``LoadedModel.labels`` reads each as a class name first, else digits as an index
+    where the classes are not named by numbers (a model trained on folders ``3/``, ``5/``, ``7/`` has classes 0, 1, 2
+    named "3", "5", "7": '5' is "5", and '1' no class)."""
+    if text is None:
+        return None
+    values: list[int | str] = [v.strip() for v in text.split(",")]
+    return values if "," in text else values[0]

@@ -95,11 +95,14 @@ class Generation:
 
     def array(self) -> np.ndarray:
         """(N, C, H, W) float32 in [0, 1]: the PNGs' 8-bit pixels / 255."""
+        return (self.pixels().astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
+
+    def pixels(self) -> np.ndarray:
+        """(N, H, W, C) uint8: the PNGs' pixels."""
         from PIL import Image
 
         images = [np.asarray(Image.open(io.BytesIO(png))) for png in self.pngs]
-        stacked = np.stack([im if im.ndim == 3 else im[..., None] for im in images]).astype(np.float32) / 255.0
-        return stacked.transpose(0, 3, 1, 2)
+        return np.stack([im if im.ndim == 3 else im[..., None] for im in images])
 
     def save(self, path: str | Path, ncols: int | None = None) -> Path:
         """``.npy``: the array; otherwise a grid of the images, in the format the name says where Pillow knows
@@ -108,12 +111,9 @@ class Generation:
         if path.suffix == ".npy":
             np.save(path, self.array())
             return path
-        import torch
+        from ddpm.grid import file_format, tile
 
-        from ddpm.grid import file_format, make_grid
-
-        images = torch.from_numpy(self.array()) * 2 - 1  # make_grid takes [-1, 1]
-        make_grid(images, ncols).save(path, format=file_format(path.suffix) or "PNG")
+        tile(self.pixels(), ncols).save(path, format=file_format(path.suffix) or "PNG")  # the PNGs' own pixels, no torch
         return path
 
 

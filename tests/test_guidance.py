@@ -142,7 +142,8 @@ def test_text_labels_name_a_class_first_then_digits_index_one() -> None:
     digits index one only where the classes are not named by numbers."""
     from types import SimpleNamespace
 
-    from ddpm.loaded_model import LoadedModel, parse_class_labels
+    from ddpm.loaded_model import LoadedModel
+    from ddpm.names import parse_class_labels
 
     model = SimpleNamespace(conditional=True, class_names=["3", "5", "7"], num_classes=3, guidance_scale=None)
 

@@ -8,8 +8,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
 from pydantic_core import PydanticUndefined
 
-from ddpm.loaded_model import parse_class_labels
-from ddpm.names import SamplerName, SpacingName
+from ddpm.names import SamplerName, SpacingName, parse_class_labels
 from ddpm.seeding import MAX_SEED
 
 ClassLabel = StrictInt | Annotated[StrictStr, Field(max_length=256)]  # a class index or name
