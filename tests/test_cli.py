@@ -16,6 +16,7 @@ from commands.main import build_parser
 from ddpm import __version__
 from ddpm.shipped_models import MODELS_DIR
 from service.settings import Settings
+from tests.command_in_process import run_command
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -67,9 +68,9 @@ def test_serve_flags_override_the_environment(argv: list[str], env: dict[str, st
 
 
 def test_serve_rejects_a_bad_flag_value_with_the_reason() -> None:
-    out = subprocess.run([sys.executable, "-m", "commands.main", "serve", "--max-batch", "0"], capture_output=True, text=True, timeout=60)
+    out = run_command(["serve", "--max-batch", "0"])
     said = "ddpm serve: DDPM_MAX_BATCH / --max-batch: Input should be greater than or equal to 1 (got '0')"  # pydantic's field name before
-    assert out.returncode == 1 and out.stderr.strip() == said, out.stderr
+    assert out.code == 1 and out.stderr.strip() == said, out.stderr
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -104,8 +105,8 @@ def test_a_number_out_of_range_is_refused_by_the_parser_naming_the_flag(argv: li
 
 def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     for argv in (["info", "--model", str(tmp_path / "none")], ["sample", "--model", str(tmp_path), "-n", "1", "--steps", "1"]):
-        out = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 1 and out.stderr.startswith(f"ddpm: --model {argv[2]}: ") and "Traceback" not in out.stderr, out.stderr
+        out = run_command(argv)
+        assert out.code == 1 and out.stderr.startswith(f"ddpm: --model {argv[2]}: ") and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -115,9 +116,8 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path: Pat
 ])  # fmt: skip
 def test_ddpm_sample_refuses_what_it_cannot_do_before_it_samples(argv: list[str], said: str, tmp_path: Path) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    out = subprocess.run([sys.executable, "-m", "commands.main", "sample", "-n", "1", "--steps", "1", "--quiet", *argv],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 1 and out.stderr.strip().startswith(said.replace("{tmp}", str(tmp_path))), out.stderr[-2000:]
+    out = run_command(["sample", "-n", "1", "--steps", "1", "--quiet", *argv])
+    assert out.code == 1 and out.stderr.strip().startswith(said.replace("{tmp}", str(tmp_path))), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "wrote" not in out.stderr
 
 
@@ -130,9 +130,8 @@ def test_ddpm_generate_checks_its_output_before_it_asks_the_server(output: str, 
     """Both were found only after the server had made the images (a traceback then): here no server listens, so a check
     made after the request would say it cannot reach it."""
     output, said = output.replace("{tmp}", str(tmp_path)), said.replace("{tmp}", str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "commands.main", "generate", "--url", "http://127.0.0.1:9", "--retries", "0",
-                          "-o", output], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 1 and out.stderr.strip().startswith(said), out.stderr[-2000:]
+    out = run_command(["generate", "--url", "http://127.0.0.1:9", "--retries", "0", "-o", output])
+    assert out.code == 1 and out.stderr.strip().startswith(said), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "reach" not in out.stderr and "queued" not in out.stderr
 
 
@@ -146,9 +145,8 @@ def test_ddpm_generate_checks_its_output_before_it_asks_the_server(output: str, 
 ])  # fmt: skip
 def test_ddpm_train_refuses_a_run_it_cannot_set_up_in_one_line(argv: list[str], said: str, tmp_path: Path) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    out = subprocess.run([sys.executable, "-m", "commands.main", "train", "--steps", "1", "--quiet", *argv], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 1 and out.stderr.strip() == said and "Traceback" not in out.stderr, out.stderr[-2000:]
+    out = run_command(["train", "--steps", "1", "--quiet", *argv])
+    assert out.code == 1 and out.stderr.strip() == said and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("flags", "attention"), [
@@ -216,8 +214,8 @@ def test_the_other_commands_refuse_an_output_they_cannot_write_before_the_work(a
     """Tracebacks after the evaluation (--report), or at once (distill, a missing classifier); train-classifier trained
     its epochs first."""
     argv, said = [a.replace("{tmp}", str(tmp_path)) for a in argv], said.replace("{tmp}", str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "commands.main", *argv], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stderr.strip().startswith(said) and "Traceback" not in out.stderr, out.stderr[-2000:]
+    out = run_command(argv)
+    assert out.code == 1 and out.stderr.strip().startswith(said) and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_eval_record_refuses_a_model_without_a_card_before_it_evaluates(tmp_path: Path) -> None:
@@ -227,6 +225,6 @@ def test_eval_record_refuses_a_model_without_a_card_before_it_evaluates(tmp_path
 
     model = _save_diffusers_dir(tmp_path, {"num_train_timesteps": 100})
     argv = ["eval", "-n", "2", "--steps", "1", "--quiet", "--model", str(model)]  # it evaluates without --record (20 s here)
-    out = subprocess.run([sys.executable, "-m", "commands.main", *argv, "--record"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stderr.strip().startswith(f"ddpm: --record: no config.json in model directory {model}")
+    out = run_command([*argv, "--record"])
+    assert out.code == 1 and out.stderr.strip().startswith(f"ddpm: --record: no config.json in model directory {model}")
     assert out.stdout == "" and "Traceback" not in out.stderr and not (model / "config.json").exists()
