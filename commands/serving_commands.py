@@ -252,17 +252,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from ddpm.model_hub import hub_reference
-    from service.api.app import create_app
-    from service.api.http_protocol import hardened_protocol
-    from service.api.request_log import configure_logging
-    from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
-    from service.server_state import ServerState
     from service.settings_check import explain, unknown_variables, unreachable_bounds
 
+    # the settings and the model's place are checked before the server's own imports (torch among them): an operator's
+    # typo is refused in ~0.5 s, not ~3.5 s (2-core EPYC)
     if args.log_level not in LOG_LEVELS:  # argparse checks a flag's choices, not a default's (DDPM_LOG_LEVEL)
         raise SystemExit(f"ddpm serve: DDPM_LOG_LEVEL / --log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     try:
@@ -275,6 +271,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model: a directory or a hub org/name[@revision])"
         )
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.api.http_protocol import hardened_protocol
+    from service.api.request_log import configure_logging
+    from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
+    from service.server_state import ServerState
+
     configure_logging(settings.log_format, args.log_level)
     for warning in unknown_variables(os.environ, set(type(settings).model_fields)) + unreachable_bounds(settings):
         logging.getLogger("ddpm.settings").warning(warning)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ddpm.checkpoint import CheckpointError
-
 _REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # what a ddpm-serve or diffusers DDPM repository needs; everything else in a repository (sample
 # images, other frameworks' weights) is not downloaded
@@ -41,6 +39,8 @@ def model_name(spec: str | Path) -> str:
 def resolve_model_dir(spec: str | Path) -> Path:
     """The local directory of a model: ``spec`` itself, or the hub cache's snapshot of the
     repository it names (downloaded first unless the hub is offline)."""
+    from ddpm.checkpoint import CheckpointError  # torch: not for ``ddpm serve``'s checks before it imports the server
+
     ref = hub_reference(str(spec))
     if ref is None:
         path = Path(spec).expanduser()

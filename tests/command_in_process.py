@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+# `python -c WITHOUT_TORCH ARGV`: ``ddpm ARGV`` in a fresh process, exit 3 where it imported torch (~2.5 s of a 2-core
+# EPYC's start): for what needs no torch (``ddpm generate``, a client; ``ddpm serve``'s refusal of a bad setting)
+WITHOUT_TORCH = "import sys; from commands.main import main; code = main(sys.argv[1:]); sys.exit(3 if 'torch' in sys.modules else code)"
+
 
 @dataclass
 class Ran:

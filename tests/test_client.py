@@ -20,6 +20,7 @@ from PIL import Image
 
 from service import client as client_module
 from service.client import AsyncClient, Client, ServerError
+from tests.command_in_process import WITHOUT_TORCH
 from tests.server_process import ServerProcess
 from tests.tiny_model import save_tiny_model
 
@@ -121,13 +122,8 @@ def test_async_client(server: ServerProcess) -> None:
     assert events[0] == "queued" and "progress" in events and info["limits"]["max_batch"] == 3
 
 
-# `ddpm generate`, exit 3 where it imported torch: a client has no use for it (~2.5 s of a 2-core EPYC's start; 3.6 s in
-# all to refuse a bad -o before, 0.7 s now)
-WITHOUT_TORCH = "import sys; from commands.main import main; code = main(sys.argv[1:]); sys.exit(3 if 'torch' in sys.modules else code)"
-
-
 def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path: Path) -> None:
-    env = {**os.environ, "DDPM_API_TOKEN": TOKEN}
+    env = {**os.environ, "DDPM_API_TOKEN": TOKEN}  # a client has no use for torch: 3.6 s to refuse a bad -o with it, 0.7 s now
     cmd = [sys.executable, "-c", WITHOUT_TORCH, "generate", "--url", server.url, "--seed", "7", "-n", "6", "--steps", "8",
            "--sampler", "dpmsolver++"]  # fmt: skip
     grid = subprocess.run([*cmd, "-o", str(tmp_path / "grid.png")], env=env, capture_output=True, text=True, timeout=120)
