@@ -23,6 +23,7 @@ from kernels.philox import seeds_to_tensor
 from service.engine.engine import Engine
 from service.engine.job import Job
 from tests.app_client import app_client, metric, wait_ready
+from tests.command_in_process import run_command
 from tests.engine_jobs import wait_done
 from tests.tiny_model import TINY, TINY_CLASSES, random_tiny_conditional_unet, save_tiny_conditional_model, save_tiny_model
 
@@ -211,24 +212,19 @@ def test_http_class_conditional_requests(cond_dir: Path) -> None:
 
 def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None:
     import json
-    import subprocess
-    import sys
 
     import numpy as np
 
-    base = [sys.executable, "-m", "commands.main"]
     common = ["--model", str(cond_dir), "--steps", "6", "--sampler", "ddim", "--spacing", "linspace", "--compile", "off",
               "--precision", "fp32", "--quiet"]  # fmt: skip
-    out = subprocess.run([*base, "sample", *common, "-n", "3", "--class-label", "fox,0,dog", "--guidance-scale", "2",
-                          "-o", str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    out = run_command(["sample", *common, "-n", "3", "--class-label", "fox,0,dog", "--guidance-scale", "2", "-o", str(tmp_path / "x.npy")])
+    assert out.code == 0, out.stderr
     offline = (_offline(cond_dir, 0, [2, 0, 1], 2.0, 6, "ddim").clamp(-1, 1) + 1) / 2
     assert np.abs(np.load(tmp_path / "x.npy") - offline.numpy()).max() < 1e-5
-    bad = subprocess.run([*base, "sample", *common, "-n", "1", "--class-label", "wolf"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "--class-label: unknown class 'wolf'" in bad.stderr
-    ev = subprocess.run([*base, "eval", *common, "-n", "30", "--class-label", "balanced", "--guidance-scale", "1"],
-                        capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert ev.returncode == 0, ev.stderr
+    bad = run_command(["sample", *common, "-n", "1", "--class-label", "wolf"])
+    assert bad.code != 0 and "--class-label: unknown class 'wolf'" in bad.stderr
+    ev = run_command(["eval", *common, "-n", "30", "--class-label", "balanced", "--guidance-scale", "1"])
+    assert ev.code == 0, ev.stderr
     report = json.loads(ev.stdout)
     assert report["guidance_scale"] == 1.0 and 0 <= report["agreement"] <= 1 and set(report["per_class"]) == {"0", "1", "2"}
     assert report["per_class"]["0"]["n"] == 10
@@ -237,16 +233,13 @@ def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None
 def test_balanced_labels_follow_the_seeds_image_index(cond_dir: Path, tmp_path: Path) -> None:
     """``--class-label balanced`` gave image i of the request class i mod K: with --first-image 2, images 2 and 3 of the
     seed got classes 0 and 1, not 2 and 0, so they differed from the same images in a request from image 0."""
-    import subprocess
-    import sys
-
     import numpy as np
 
-    common = [sys.executable, "-m", "commands.main", "sample", "--model", str(cond_dir), "--steps", "4", "--sampler", "ddim",
-              "--compile", "off", "--precision", "fp32", "--quiet", "--class-label", "balanced"]  # fmt: skip
+    common = ["sample", "--model", str(cond_dir), "--steps", "4", "--sampler", "ddim", "--compile", "off", "--precision", "fp32",
+              "--quiet", "--class-label", "balanced"]  # fmt: skip
     for flags, name in ((["-n", "4"], "all.npy"), (["-n", "2", "--first-image", "2"], "part.npy")):
-        out = subprocess.run([*common, *flags, "-o", str(tmp_path / name)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
+        out = run_command([*common, *flags, "-o", str(tmp_path / name)])
+        assert out.code == 0, out.stderr[-2000:]
     assert np.abs(np.load(tmp_path / "part.npy") - np.load(tmp_path / "all.npy")[2:]).max() < 1e-4
 
 
