@@ -24,7 +24,7 @@ from ddpm import compile_cache
 from ddpm.compile_cache import artefact_path, machine_key
 from ddpm.inference_compile import cpu_compiler_available
 from tests.server_process import ServerProcess
-from tests.tiny_model import save_tiny_model
+from tests.tiny_model import SMALLEST, save_tiny_model
 
 needs_compiler = pytest.mark.skipif(not cpu_compiler_available(), reason="torch.compile on CPU needs a C++ compiler")
 
@@ -162,7 +162,7 @@ def test_compile_cache_then_a_server_that_starts_warm_on_a_read_only_root(tmp_pa
     (inductor's C++ build in the tmpfs) and writes this machine's artefacts; a server there with an empty inductor
     cache and DDPM_COMPILE_CACHE_DIR loads them and compiles from them while it serves, and exits 0 on SIGTERM.
     Where user namespaces are not allowed, both run on the ordinary filesystem (a warning says so)."""
-    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50, config=SMALLEST)
     rw, out = tmp_path / "rw", tmp_path / "cc"
     rw.mkdir()
     out.mkdir()
