@@ -71,8 +71,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
 
 
-@pytest.fixture
-def cluster(model: Path, tmp_path: Path) -> Iterator[tuple[list[ServerProcess], Balancer]]:
+def _cluster(model: Path, tmp_path: Path) -> Iterator[tuple[list[ServerProcess], Balancer]]:
     replicas = [ServerProcess(model), ServerProcess(model)]
     for r in replicas:
         r.wait_ready()
@@ -81,6 +80,18 @@ def cluster(model: Path, tmp_path: Path) -> Iterator[tuple[list[ServerProcess], 
     lb.stop()
     for r in replicas:
         r.stop()
+
+
+@pytest.fixture
+def cluster(model: Path, tmp_path: Path) -> Iterator[tuple[list[ServerProcess], Balancer]]:
+    """Two replicas and nginx of the test's own: for the tests that drain or kill a replica."""
+    yield from _cluster(model, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[ServerProcess], Balancer]]:
+    """One cluster for the tests that leave it as they found it (each cluster is two server starts, ~6 s)."""
+    yield from _cluster(model, tmp_path_factory.mktemp("lb"))
 
 
 def _ok(replica: ServerProcess) -> float:
@@ -104,18 +115,19 @@ def _concurrently(n: int, fn) -> list[int]:  # type: ignore[no-untyped-def]
     return results
 
 
-def test_requests_spread_across_replicas(cluster: tuple[list[ServerProcess], Balancer]) -> None:
-    replicas, lb = cluster
+def test_requests_spread_across_replicas(shared_cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    replicas, lb = shared_cluster
+    before = [_ok(r) for r in replicas]
     codes = _concurrently(12, lambda i: _post(lb, steps=100, seed=i))
     assert codes == [200] * 12
-    served = [_ok(r) for r in replicas]
+    served = [_ok(r) - b for r, b in zip(replicas, before, strict=True)]
     assert sum(served) == 12 and min(served) >= 2, served
 
 
-def test_request_ids_pass_through_nginx(cluster: tuple[list[ServerProcess], Balancer]) -> None:
+def test_request_ids_pass_through_nginx(shared_cluster: tuple[list[ServerProcess], Balancer]) -> None:
     """The client's X-Request-ID comes back unchanged and is what the replica logs; without one, nginx's
     id is the one the replica logs and answers with. A W3C traceparent passes through to the replica's line."""
-    replicas, lb = cluster
+    replicas, lb = shared_cluster
     mine = "client-trace:42.abc"
     trace = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
     r = httpx.post(lb.url + "/generate", json={"seed": 1, "steps": 5}, headers={"X-Request-ID": mine, **trace}, timeout=60)
@@ -181,8 +193,8 @@ def test_killed_replica_loses_only_what_it_held(cluster: tuple[list[ServerProces
     assert _ok(b) >= len(after_kill)  # the survivor served everything sent after the kill
 
 
-def test_operator_endpoints_are_not_published(cluster: tuple[list[ServerProcess], Balancer]) -> None:
-    (a, _), lb = cluster
+def test_operator_endpoints_are_not_published(shared_cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    (a, _), lb = shared_cluster
     for path in ("/metrics", "/docs", "/openapi.json"):
         assert httpx.get(lb.url + path, timeout=10).status_code == 404, path
         assert httpx.get(a.url + path, timeout=10).status_code == 200, path  # still on the replica's own port
