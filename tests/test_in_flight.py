@@ -90,11 +90,20 @@ def test_identical_requests_in_flight_share_one_job(model_dir: Path) -> None:
         wait_ready(c)
         unet = GatedUNet(state)
         shared = 'ddpm_response_cache_lookups_total{result="shared"}'
+        sent: dict[str, float] = {}
+
+        def timed_twin() -> Any:  # sent 0.2 s into the job: a total counted from the job's start would exceed its own time
+            time.sleep(0.2)
+            sent["at"] = time.monotonic()
+            answer = c.post("/generate", json=REQUEST)
+            sent["seconds"] = time.monotonic() - sent["at"]
+            return answer
+
         first, json_twin, png_twin, openai_twin, stream_twin = _concurrently(
             unet,
             lambda: c.post("/generate", json=REQUEST),
             [
-                lambda: c.post("/generate", json=REQUEST),
+                timed_twin,
                 lambda: c.post("/generate", json=REQUEST, headers={"Accept": "image/png"}),
                 lambda: c.post("/v1/images/generations", json=OPENAI),
                 lambda: _stream(c, REQUEST),
@@ -110,9 +119,11 @@ def test_identical_requests_in_flight_share_one_job(model_dir: Path) -> None:
         assert base64.b64decode(first.json()["images"][0])[:8] == png_twin.content[:8] == b"\x89PNG\r\n\x1a\n"
         events = dict(stream_twin)
         assert events["result"]["images"] == first.json()["images"] and "progress" in events, stream_twin
-        # the twins arrived after the job started: no queue wait of theirs, and their totals are their own
+        # the twins arrived after the job started: no queue wait of theirs, and their totals are their own (within the
+        # twin's own time as its client saw it; against the first's total it failed once by 2 ms beside the suite: the
+        # answers are made one after another at the job's end)
         timings = json_twin.json()["timings"]
-        assert timings["queue_wait_s"] == 0 and timings["total_s"] <= first.json()["timings"]["total_s"]
+        assert timings["queue_wait_s"] == 0 and timings["total_s"] <= sent["seconds"]
         assert metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 1
         assert len(state.in_flight) == 0  # forgotten once done: the next identical request is a cache hit
         assert c.post("/generate", json=REQUEST).headers["x-cache"] == "hit"
