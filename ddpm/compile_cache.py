@@ -11,9 +11,9 @@ the built CPU kernels, so g++ still ran and the start was no faster.)
 Built code is only valid where it can run: inductor's CPU kernels use the vector ISA it picks (AVX-512
 code on an AVX2-only CPU dies with SIGILL), CUDA kernels the device's capability. So each copy is named
 by a key of everything the code depends on, and a ``key.json`` inside repeats it: a process on another
-kind of CPU, GPU, torch or Python finds no copy of its own key and compiles from scratch (and writes its
-own copy where the directory is writable); a copy whose ``key.json`` does not match its name is never
-loaded.
+kind of CPU, GPU, torch, Python or ddpm-serve code finds no copy of its own key and compiles from scratch
+(and writes its own copy where the directory is writable, removing the copies of this machine and model
+that other code built); a copy whose ``key.json`` does not match its name is never loaded.
 
 The CPU part of the key is the ISA the code targets, not the CPU's flags: inductor's vector ISA and
 ATen's dispatch capability, both of which ``ATEN_CPU_CAPABILITY`` caps. So an AVX-512 machine builds
@@ -56,6 +56,7 @@ def machine_key(device: torch.device | str, precision: str, model_fingerprint: s
         "device": device.type,
         "precision": precision,
         "model": model_fingerprint,
+        "code": code_fingerprint(),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -65,6 +66,27 @@ def machine_key(device: torch.device | str, precision: str, model_fingerprint: s
         key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's kernels
         key["vec_isa"] = _vec_isa()  # inductor's
     return key
+
+
+PACKAGES = ("ddpm", "kernels", "service")  # the code torch.compile traces, and the code that says what it compiles
+
+
+def code_fingerprint() -> str:
+    """This project's own Python source, hashed: the same torch and model with other code may compile other graphs (a
+    U-Net or step twin changed, a step variant added). Without it in the key, a copy in a kept volume
+    (``DDPM_COMPILE_CACHE_DIR``) outlived an upgrade: loaded for nothing, the new graphs compiled from scratch at every
+    start, and never written (a copy of the key was there). ~150 files, a few ms."""
+    from importlib.util import find_spec
+
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        spec = find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
 
 
 def artefact_path(directory: Path, key: dict[str, object]) -> Path:
@@ -114,7 +136,24 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("compiled graphs not written to %s: %s", directory, exc)
         return None
+    _remove_other_code(path, key)
     return path
+
+
+def _remove_other_code(path: Path, key: dict[str, object]) -> None:
+    """This machine's copies of the model built by other code (an earlier version's, in a kept volume): no process of
+    this key loads them again, and one would be left per upgrade."""
+    same = {k: v for k, v in json.loads(json.dumps(key)).items() if k != "code"}
+    for other in path.parent.glob("compiled-*"):
+        if other == path or ".tmp" in other.name:
+            continue
+        try:
+            theirs = json.loads((other / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(theirs, dict) and theirs.get("code") != key["code"] and {k: v for k, v in theirs.items() if k != "code"} == same:
+            shutil.rmtree(other, ignore_errors=True)
+            log.info("removed %s: this machine's compiled graphs of this model, built by other code", other)
 
 
 ABANDONED_AFTER_S = 3600.0  # a save takes seconds; a scratch copy this old was left by a process that stopped mid-save

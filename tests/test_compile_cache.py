@@ -35,10 +35,42 @@ def test_the_key_names_what_compiled_code_depends_on(monkeypatch: pytest.MonkeyP
     assert key["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     path = artefact_path(Path("/x"), key)
     assert path == artefact_path(Path("/x"), dict(reversed(list(key.items()))))  # order does not matter
-    for change in ({"precision": "fp32"}, {"model": "e" * 64}, {"vec_isa": "sve"}, {"torch": "0.0"}):
+    assert key["code"] == compile_cache.code_fingerprint()
+    for change in ({"precision": "fp32"}, {"model": "e" * 64}, {"vec_isa": "sve"}, {"torch": "0.0"}, {"code": "0"}):
         assert artefact_path(Path("/x"), {**key, **change}) != path, change
     monkeypatch.setattr(compile_cache, "_vec_isa", lambda: "avx512" if key["vec_isa"] != "avx512" else "avx2")  # another CPU
     assert artefact_path(Path("/x"), machine_key("cpu", "bf16", "f" * 64)) != path
+
+
+def test_the_code_fingerprint_follows_the_projects_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "somepkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "graph.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(compile_cache, "PACKAGES", ("somepkg", "no_such_package"))
+    before = compile_cache.code_fingerprint()
+    (package / "notes.txt").write_text("not code")
+    assert compile_cache.code_fingerprint() == before
+    (package / "sub" / "graph.py").write_text("SCALE = 2\n")  # a traced module changed: other graphs
+    assert compile_cache.code_fingerprint() != before
+
+
+def test_a_copy_built_by_other_code_is_replaced_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept volume across an upgrade: the new code's copy is written beside the old one, which no process of this key
+    loads again and which goes; another model's copy, and this model's on another machine, stay."""
+    local = tmp_path / "inductor-local"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    (local / "fxgraph").mkdir(parents=True)
+    key = machine_key("cpu", "fp32", "a" * 64)
+    old, other_model, other_machine = {**key, "code": "0" * 20}, {**key, "code": "0" * 20, "model": "b" * 64}, {**key, "vec_isa": "x"}
+    kept = [compile_cache.save(tmp_path / "cc", k) for k in (other_model, other_machine)]
+    stale = compile_cache.save(tmp_path / "cc", old)
+    assert stale is not None and stale.is_dir() and stale != artefact_path(tmp_path / "cc", key)
+    assert "no compiled graphs for this machine" in compile_cache.load(tmp_path / "cc", key)  # the upgrade: compiles, then
+    written = compile_cache.save(tmp_path / "cc", key)
+    assert written is not None and written.is_dir() and not stale.exists()
+    assert all(path is not None and path.is_dir() for path in kept)
 
 
 def test_the_cpu_key_follows_the_isa_cap() -> None:
