@@ -17,9 +17,22 @@ from dataclasses import dataclass
 
 import torch
 
-# `python -c WITHOUT_TORCH ARGV`: ``ddpm ARGV`` in a fresh process, exit 3 where it imported torch (~2.5 s of a 2-core
-# EPYC's start): for what needs no torch (``ddpm generate``, a client; ``ddpm serve``'s refusal of a bad setting)
-WITHOUT_TORCH = "import sys; from commands.main import main; code = main(sys.argv[1:]); sys.exit(3 if 'torch' in sys.modules else code)"
+
+def fresh_process_without(roots: tuple[str, ...]) -> str:
+    """``python -c <this> ARGV``: ``ddpm ARGV`` in a fresh process, its own exit code (a ``SystemExit`` message printed
+    as the interpreter does), or 3, naming them, where it imported any module of ``roots``."""
+    return (
+        "import sys\nfrom commands.main import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+        "    if isinstance(code, str):\n        print(code, file=sys.stderr)\n        code = 1\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {roots!r})\n"
+        "if heavy:\n    print('imported', heavy[:5], file=sys.stderr)\n"
+        "sys.exit(3 if heavy else code)\n"
+    )
+
+
+# for what needs no torch (~2.5 s of a 2-core EPYC's start): ``ddpm generate``, a client; ``ddpm serve``'s refusals
+WITHOUT_TORCH = fresh_process_without(("torch",))
 
 
 @dataclass
