@@ -143,15 +143,18 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
 def _remove_other_code(path: Path, key: dict[str, object]) -> None:
     """This machine's copies of the model built by other code (an earlier version's, in a kept volume): no process of
     this key loads them again, and one would be left per upgrade."""
-    same = {k: v for k, v in json.loads(json.dumps(key)).items() if k != "code"}
+    def but_code(k: dict[str, object]) -> dict[str, object]:
+        return {name: value for name, value in k.items() if name != "code"}
+
+    same = but_code(json.loads(json.dumps(key)))  # as key.json holds it
     for other in path.parent.glob("compiled-*"):
-        if other == path or ".tmp" in other.name:
+        if other == path or ".tmp" in other.name:  # this key's own, or a save in progress
             continue
         try:
             theirs = json.loads((other / KEY_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(theirs, dict) and theirs.get("code") != key["code"] and {k: v for k, v in theirs.items() if k != "code"} == same:
+        if isinstance(theirs, dict) and theirs.get("code") != key["code"] and but_code(theirs) == same:
             shutil.rmtree(other, ignore_errors=True)
             log.info("removed %s: this machine's compiled graphs of this model, built by other code", other)
 
