@@ -73,18 +73,23 @@ RUN pip install --no-deps --no-cache-dir --disable-pip-version-check /tmp/dist/*
 # volume here to keep a mounted model's graphs. (/tmp is emptied after: inductor's precompiled headers
 # alone are ~150 MB.) COMPILE_MAX_BATCH: the batch sizes the graphs cover (1..64, the server's default
 # DDPM_MAX_BATCH); COMPILE_AVX2_SET=0 leaves out the AVX2 set. The suite's image build sets 1 and 0
-# (tests/test_container.py: the same commands, a fraction of the compile).
+# (tests/test_container.py: the same commands, a fraction of the compile). A build cache mount keeps the last
+# build's copies (`--reuse`): a rebuild after a change to the code loads the graphs that change left as they were
+# instead of compiling them (inductor's own keys are of the graphs; the image still holds only what this build's
+# compile used). Not part of the image; `docker builder prune` empties it.
 ARG TORCH_INDEX=""
 ARG COMPILE_MAX_BATCH=64
 ARG COMPILE_AVX2_SET=1
 ENV DDPM_COMPILE_CACHE_DIR=/app/compile-cache
-RUN mkdir -p /app/compile-cache \
+RUN --mount=type=cache,id=ddpm-compile-cache,target=/var/cache/ddpm-compile \
+    mkdir -p /app/compile-cache \
  && if [ -n "$TORCH_INDEX" ]; then \
-      DDPM_MAX_BATCH=$COMPILE_MAX_BATCH ddpm compile-cache -o /app/compile-cache \
+      DDPM_MAX_BATCH=$COMPILE_MAX_BATCH ddpm compile-cache -o /app/compile-cache --reuse /var/cache/ddpm-compile \
         || echo "warning: no compiled graphs in the image (the server compiles at start)"; \
       if [ "$COMPILE_AVX2_SET" = 1 ] && grep -qw avx512f /proc/cpuinfo; then \
         DDPM_MAX_BATCH=$COMPILE_MAX_BATCH ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-          ddpm compile-cache -o /app/compile-cache || echo "warning: no AVX2 graphs in the image (an AVX2-only host compiles at start)"; \
+          ddpm compile-cache -o /app/compile-cache --reuse /var/cache/ddpm-compile \
+          || echo "warning: no AVX2 graphs in the image (an AVX2-only host compiles at start)"; \
       fi; \
       rm -rf /tmp/* /tmp/.[!.]*; \
     fi

@@ -92,6 +92,10 @@ def add_compile_cache_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="the model (default: DDPM_MODEL, else the shipped one)")
     p.add_argument("-o", "--output", required=True, help="the directory to write to")
     p.add_argument("--timeout", type=POSITIVE_NUMBER, default=1800.0, help="seconds the load and the compile may take")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="a directory kept between runs (the image build's cache mount): the graphs an earlier version "
+                        "compiled there load instead of compiling where they did not change, and this run's copy is "
+                        "left there for the next")  # fmt: skip
     p.set_defaults(func=cmd_compile_cache)
 
 
@@ -103,6 +107,8 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     from commands.output_path import writable_directory
 
     writable_directory("ddpm compile-cache", "-o", args.output)  # before the minutes of compiling, not after them
+    if args.reuse is not None:
+        writable_directory("ddpm compile-cache", "--reuse", args.reuse)
     # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
@@ -134,14 +140,19 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def _compile_into_output(args: argparse.Namespace) -> int:
+    from ddpm import compile_cache
     from ddpm.compile_cache import artefact_path, size_bytes
+    from service.api.request_log import configure_logging
     from service.server_state import ServerState
     from service.settings import Settings
 
     overrides: dict[str, Any] = {"compile": "auto", "compile_before_ready": False, "compile_cache_dir": Path(args.output)}
     if args.model is not None:
         overrides["model"] = args.model
-    state = ServerState(Settings(**overrides))
+    settings = Settings(**overrides)
+    configure_logging(settings.log_format, "INFO")  # what was loaded, compiled and written: the build log's record
+    state = ServerState(settings)
+    state.reuse_compiled = () if args.reuse is None else (Path(args.reuse),)
     deadline = time.monotonic() + args.timeout  # for the load and the compile together
     state.start_loading()
     state.wait_loaded(args.timeout)
@@ -159,6 +170,8 @@ def _compile_into_output(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm compile-cache: batch sizes {', '.join(failed)} did not compile (see the log)")
     if state.compiled_key is None or not artefact_path(Path(args.output), state.compiled_key).is_dir():  # ran 68 s, said rc 0
         raise SystemExit(f"ddpm compile-cache: the compiled graphs were not written to {args.output} (see the log)")
+    if args.reuse is not None:
+        compile_cache.keep(artefact_path(Path(args.output), state.compiled_key), Path(args.reuse))
     written = sorted(p for p in Path(args.output).glob("compiled-*") if p.is_dir() and ".tmp" not in p.name)
     print(json.dumps({"output": args.output, "copies": [p.name for p in written], "bytes": sum(size_bytes(p) for p in written)}))
     return 0

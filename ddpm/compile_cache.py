@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ddpm import opened_files
+
 log = logging.getLogger("ddpm.compile")
 KEY_FILE = "key.json"
 
@@ -104,31 +106,119 @@ def _ignore_locks(directory: str, names: list[str]) -> list[str]:
     return [n for n in names if n.endswith(".lock") or n.startswith("tmp")]
 
 
-def load(directory: Path, key: dict[str, object]) -> str:
-    """Copy this machine's compiled graphs from ``directory`` into the local inductor cache; says what happened."""
+def load(directory: Path, key: dict[str, object], reuse: tuple[Path, ...] = ()) -> str:
+    """Copy this machine's compiled graphs from ``directory`` into the local inductor cache; says what happened.
+    Without a copy of this key, the newest copy of this machine and model that other code built (an earlier version's,
+    in ``directory`` or a ``reuse`` directory) is copied in instead: inductor's own keys are of the graphs, so those
+    that did not change load from it and only the changed ones compile. Either way the local cache is watched from
+    here to ``save``, which copies only what the compile used."""
     path = artefact_path(directory, key)
-    if not path.is_dir():
-        return f"no compiled graphs for this machine in {directory} (key {path.name}): compiling from scratch"
+    seed = path if path.is_dir() else _earlier_copy((Path(directory), *map(Path, reuse)), key)
+    target = _inductor_cache()
     try:
-        if json.loads((path / KEY_FILE).read_text()) != json.loads(json.dumps(key)):
-            return f"{path} was built for another machine or version: ignored"
-        target = _inductor_cache()
-        shutil.copytree(path / "inductor", target, dirs_exist_ok=True, ignore=_ignore_locks)
-    except (OSError, ValueError) as exc:  # a damaged copy costs a compile, never the server
-        return f"{path} could not be loaded ({type(exc).__name__}: {exc}): compiling from scratch"
-    return f"loaded compiled graphs from {path} into {target}"
+        said = _copy_in(seed, key if seed == path else _without_code(key), target)
+    finally:
+        _watch(target)
+    if said is not None:
+        return said
+    if seed is None:
+        return f"no compiled graphs for this machine in {directory} (key {path.name}): compiling from scratch"
+    if seed.name != path.name:  # the name is the key's hash
+        return f"loaded {seed}, built by other code, into {target}: the graphs that did not change load from it"
+    return f"loaded compiled graphs from {seed} into {target}"
+
+
+def _copy_in(seed: Path | None, expected: dict[str, object], target: Path) -> str | None:
+    """None where ``seed`` (if any) was copied into ``target``; else what went wrong."""
+    if seed is None:
+        return None
+    try:
+        theirs = json.loads((seed / KEY_FILE).read_text())
+        if (theirs if "code" in expected else _without_code(theirs)) != json.loads(json.dumps(expected)):
+            return f"{seed} was built for another machine or version: ignored"
+        shutil.copytree(seed / "inductor", target, dirs_exist_ok=True, ignore=_ignore_locks)
+    except (OSError, ValueError, TypeError) as exc:  # a damaged copy costs a compile, never the server
+        return f"{seed} could not be loaded ({type(exc).__name__}: {exc}): compiling from scratch"
+    return None
+
+
+def _without_code(key: dict[str, object]) -> dict[str, object]:
+    """The key as ``key.json`` holds it, less the code: what a copy built by another version shares with this one."""
+    return {name: value for name, value in json.loads(json.dumps(key)).items() if name != "code"}
+
+
+def _earlier_copy(directories: tuple[Path, ...], key: dict[str, object]) -> Path | None:
+    """The newest copy of this machine and model that other code built, in any of ``directories``."""
+    same, found = _without_code(key), []
+    for directory in directories:
+        for other in directory.glob("compiled-*") if directory.is_dir() else ():
+            if ".tmp" in other.name:
+                continue
+            try:
+                theirs = json.loads((other / KEY_FILE).read_text())
+                if isinstance(theirs, dict) and _without_code(theirs) == same:
+                    found.append((other.stat().st_mtime, str(other), other))
+            except (OSError, ValueError):
+                continue
+    return max(found)[2] if found else None
+
+
+# What the local cache held when the compile began (after any copy was loaded into it): save() copies the files of it
+# that the compile opened, and the files it did not hold then (what the compile wrote).
+_watching: dict[Path, set[str]] = {}
+
+
+def _watch(target: Path) -> None:
+    _watching[target] = _files(target)
+    opened_files.watch(target)
+
+
+def unwatch() -> None:
+    """Stop watching the local cache where nothing will be saved (a copy of this key is there already)."""
+    local = _inductor_cache()
+    _watching.pop(local, None)
+    opened_files.stop(local)
+
+
+def _files(root: Path) -> set[str]:
+    if not root.is_dir():
+        return set()
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not _ignore_locks("", [p.name])}
+
+
+# Inductor's cache layout: generated code and built CPU kernels in two-character shard directories, the FX graph and
+# AOTAutograd entries under their own. Anything else there (Triton's cache on a GPU, ...) is copied whole.
+KNOWN_LAYOUT = ("fxgraph", "aotautograd")
+
+
+def used_files(root: Path, before: set[str], opened: set[str]) -> set[str]:
+    """The files under ``root`` a copy keeps: those written since ``before`` was listed, those of ``before`` that were
+    opened (with their siblings of the same stem: ``x.main.cpp`` beside the ``x.main.so`` loaded), and any in a
+    directory whose layout is not known here."""
+    stems = {_stem(name) for name in opened}
+
+    def kept(name: str) -> bool:
+        top = name.split("/", 1)[0]
+        known = "/" in name and (top in KNOWN_LAYOUT or len(top) == 2)
+        return name not in before or not known or _stem(name) in stems
+    return {name for name in _files(root) if kept(name)}
+
+
+def _stem(name: str) -> str:
+    head, _, tail = name.rpartition("/")
+    return f"{head}/{tail.split('.', 1)[0]}"
 
 
 def save(directory: Path, key: dict[str, object]) -> Path | None:
-    """Copy the local inductor cache (what this process compiled, and anything else already in it) to
-    ``directory`` under this machine's key, atomically; None when the directory is not writable (a
-    read-only image: its own copy is already there)."""
+    """Copy the local inductor cache to ``directory`` under this machine's key, atomically: what the compile used
+    where ``load`` watched it (otherwise all of it); None when the directory is not writable (a read-only image: its
+    own copy is already there)."""
     path = artefact_path(directory, key)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     _remove_abandoned(path)
     try:
         tmp.mkdir(parents=True)
-        shutil.copytree(_inductor_cache(), tmp / "inductor", ignore=_ignore_locks)
+        _copy_out(_inductor_cache(), tmp / "inductor")
         (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
         _readable_by_all(tmp)  # built as one user (an image build's root), loaded as another (uid 10001)
         tmp.rename(path)
@@ -140,13 +230,41 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
     return path
 
 
+def keep(copy: Path, directory: Path) -> None:
+    """Put ``copy`` (a copy in another directory) in ``directory`` too, in place of the copy of its key there (this run
+    may have compiled more batch sizes) and this machine's copies of the model built by other code: what the next
+    ``load`` with ``directory`` among its ``reuse`` seeds from."""
+    path = Path(directory) / copy.name
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        shutil.copytree(copy, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    except OSError as exc:  # the next build compiles more: never this one's failure
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("compiled graphs not kept in %s: %s", directory, exc)
+        return
+    _remove_other_code(path, json.loads((path / KEY_FILE).read_text()))
+
+
+def _copy_out(local: Path, target: Path) -> None:
+    before, opened = _watching.pop(local, None), opened_files.stop(local)
+    if before is None or opened is None:
+        shutil.copytree(local, target, ignore=_ignore_locks)
+        return
+    target.mkdir()
+    used = used_files(local, before, opened)
+    for name in sorted(used):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(local / name, target / name)
+    log.info("compiled graphs: %d files copied, %d of them built by this process, %d loaded; %d files of the local cache "
+             "left out", len(used), len(used - before), len(used & before), len(before - used))  # fmt: skip
+
+
 def _remove_other_code(path: Path, key: dict[str, object]) -> None:
     """This machine's copies of the model built by other code (an earlier version's, in a kept volume): no process of
     this key loads them again, and one would be left per upgrade."""
-    def but_code(k: dict[str, object]) -> dict[str, object]:
-        return {name: value for name, value in k.items() if name != "code"}
-
-    same = but_code(json.loads(json.dumps(key)))  # as key.json holds it
+    same = _without_code(key)
     for other in path.parent.glob("compiled-*"):
         if other == path or ".tmp" in other.name:  # this key's own, or a save in progress
             continue
@@ -154,7 +272,7 @@ def _remove_other_code(path: Path, key: dict[str, object]) -> None:
             theirs = json.loads((other / KEY_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(theirs, dict) and theirs.get("code") != key["code"] and but_code(theirs) == same:
+        if isinstance(theirs, dict) and theirs.get("code") != key["code"] and _without_code(theirs) == same:
             shutil.rmtree(other, ignore_errors=True)
             log.info("removed %s: this machine's compiled graphs of this model, built by other code", other)
 

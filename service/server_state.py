@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,7 @@ class ServerState:
         self.compiler: BackgroundCompiler | None = None  # builds the graphs, on its own thread
         self.compile_thread: threading.Thread | None = None
         self.compiled_key: dict[str, object] | None = None  # names this machine's copy in DDPM_COMPILE_CACHE_DIR
+        self.reuse_compiled: tuple[Path, ...] = ()  # more directories an earlier version's copy may seed from (compile-cache --reuse)
         self.ready = False
         self.draining = False
         self.listeners_closed: float | None = None  # when the draining server stopped accepting connections
@@ -199,14 +201,17 @@ class ServerState:
             return
         try:
             self.compiled_key = machine_key(device, resolve_precision(s.precision, device), fingerprint)
-            log.info("%s", compile_cache.load(s.compile_cache_dir, self.compiled_key))
+            log.info("%s", compile_cache.load(s.compile_cache_dir, self.compiled_key, self.reuse_compiled))
         except Exception as exc:  # a copy that cannot be read: compiled from scratch, as on a machine without one
             log.warning("could not load the compiled graphs: %s: %s", type(exc).__name__, exc)
 
     def _save_compiled(self, key: dict[str, object] | None) -> None:
         """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""
         directory = self.settings.compile_cache_dir
-        if directory is None or key is None or artefact_path(directory, key).exists():
+        if directory is None or key is None:
+            return
+        if artefact_path(directory, key).exists():
+            compile_cache.unwatch()  # its copy is there: nothing to write, nothing more to watch
             return
         try:
             path = compile_cache.save(directory, key)

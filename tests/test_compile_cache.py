@@ -67,10 +67,47 @@ def test_a_copy_built_by_other_code_is_replaced_not_kept(tmp_path: Path, monkeyp
     kept = [compile_cache.save(tmp_path / "cc", k) for k in (other_model, other_machine)]
     stale = compile_cache.save(tmp_path / "cc", old)
     assert stale is not None and stale.is_dir() and stale != artefact_path(tmp_path / "cc", key)
-    assert "no compiled graphs for this machine" in compile_cache.load(tmp_path / "cc", key)  # the upgrade: compiles, then
+    assert "built by other code" in compile_cache.load(tmp_path / "cc", key)  # the upgrade: seeded from it, compiles, then
     written = compile_cache.save(tmp_path / "cc", key)
     assert written is not None and written.is_dir() and not stale.exists()
     assert all(path is not None and path.is_dir() for path in kept)
+
+
+def test_an_earlier_copy_seeds_the_compile_and_the_new_copy_holds_what_it_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an upgrade (another code fingerprint), the old copy is loaded first: inductor's keys are of the graphs, so
+    the unchanged ones load from it. The copy written after holds what this compile read (a kernel with its source
+    beside it), loaded (a kernel library) or wrote (through a temporary file renamed, as inductor writes), plus what
+    lies where the layout is not known here; not the old graphs it no longer uses, which would pile up otherwise."""
+    local = tmp_path / "inductor-local"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    files = {"fxgraph/ab/fabc/entry": b"used graph", "fxgraph/cd/fcde/entry": b"old graph", "ab/cab.main.cpp": b"src",
+             "ab/cab.main.so": b"kernel", "cd/ccd.main.so": b"old kernel", "ef/cef.py": b"code", "triton/0/x/k.cubin": b"t"}  # fmt: skip
+    for name, data in files.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    key = machine_key("cpu", "fp32", "a" * 64)
+    old = compile_cache.save(tmp_path / "reuse", {**key, "code": "0" * 20})  # an earlier version's, in another directory
+    shutil.rmtree(local)
+    (local / "th").mkdir(parents=True)
+    (local / "th" / "isa.so").write_bytes(b"written before the load: the key's ISA check")
+    assert old is not None and "built by other code" in compile_cache.load(tmp_path / "cc", key, (tmp_path / "reuse",))
+    assert (local / "fxgraph/ab/fabc/entry").read_bytes() == b"used graph"
+    # the compile: an unchanged graph and its kernel read, a library loaded (as an extension module, seen by its import),
+    # a changed graph written; the other old graph and kernel left alone
+    (local / "fxgraph/ab/fabc/entry").read_bytes()
+    (local / "ef/cef.py").read_text()
+    sys.audit("import", "cab.kernel", str(local / "ab/cab.main.so"), [], [], [])
+    (local / "fxgraph/gh/fghi").mkdir(parents=True)
+    (local / "fxgraph/gh/fghi/.tmp123").write_bytes(b"new graph")
+    os.replace(local / "fxgraph/gh/fghi/.tmp123", local / "fxgraph/gh/fghi/entry")
+    written = compile_cache.save(tmp_path / "cc", key)
+    assert written is not None
+    copied = {p.relative_to(written / "inductor").as_posix() for p in (written / "inductor").rglob("*") if p.is_file()}
+    assert copied == {"fxgraph/ab/fabc/entry", "ab/cab.main.cpp", "ab/cab.main.so", "ef/cef.py", "triton/0/x/k.cubin",
+                      "fxgraph/gh/fghi/entry"}  # fmt: skip
+    assert old.exists()  # --reuse's directory is kept by its owner (compile_cache.keep), not by this save
+    compile_cache.keep(written, tmp_path / "reuse")
+    assert not old.exists() and (tmp_path / "reuse" / written.name / "inductor/fxgraph/gh/fghi/entry").read_bytes() == b"new graph"
 
 
 def test_the_cpu_key_follows_the_isa_cap() -> None:
@@ -120,7 +157,7 @@ def test_compile_cache_leaves_no_scratch_cache_behind(tmp_path: Path, tmp_path_f
 
     from commands import serving_commands
 
-    args = argparse.Namespace(output=str(tmp_path_factory.mktemp("out")))  # outside tmp_path, which must end empty
+    args = argparse.Namespace(output=str(tmp_path_factory.mktemp("out")), reuse=None)  # outside tmp_path, which must end empty
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read again
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "the-local-cache"))
@@ -192,8 +229,12 @@ def _sandbox_works() -> bool:
 def test_compile_cache_then_a_server_that_starts_warm_on_a_read_only_root(tmp_path: Path) -> None:
     """The image's life on a read-only root with only a tmpfs writable: `ddpm compile-cache` compiles cold there
     (inductor's C++ build in the tmpfs) and writes this machine's artefacts; a server there with an empty inductor
-    cache and DDPM_COMPILE_CACHE_DIR loads them and compiles from them while it serves, and exits 0 on SIGTERM.
-    Where user namespaces are not allowed, both run on the ordinary filesystem (a warning says so)."""
+    cache and DDPM_COMPILE_CACHE_DIR compiles from them while it serves, and exits 0 on SIGTERM. The server's directory
+    holds that copy as an earlier version of ddpm-serve left it (another code fingerprint: a kept volume after an
+    upgrade): it loads it, every graph loads rather than compiles (the code that changed changed no graph), and it
+    writes its own copy, with the same files, in place of the old. (The image's read-only copy of its own key:
+    tests/test_container.py.) Where user namespaces are not allowed, both run on the ordinary filesystem (a warning
+    says so)."""
     model = save_tiny_model(tmp_path / "tiny", num_timesteps=50, config=SMALLEST)
     rw, out = tmp_path / "rw", tmp_path / "cc"
     rw.mkdir()
@@ -220,7 +261,13 @@ def test_compile_cache_then_a_server_that_starts_warm_on_a_read_only_root(tmp_pa
     assert built.returncode == 0, built.stderr[-3000:]
     report = json.loads(built.stdout.strip().splitlines()[-1])
     assert len(report["copies"]) == 1 and report["bytes"] > 0
-    server = ServerProcess(model, prefix=prefix, DDPM_COMPILE_CACHE_DIR=str(out), **serving, **sandbox)
+    built_files = _files_of(out / report["copies"][0])
+    assert not any(name.startswith("th/") for name in built_files), built_files  # the key's ISA check: not the compile's
+    volume = tmp_path / "volume"  # the copy as the previous version left it
+    shutil.copytree(out / report["copies"][0], volume / "compiled-earlier")
+    (volume / "compiled-earlier" / "key.json").write_text(json.dumps({**json.loads((out / report["copies"][0] / "key.json").read_text()),
+                                                                       "code": "0" * 20}))  # fmt: skip
+    server = ServerProcess(model, prefix=prefix, DDPM_COMPILE_CACHE_DIR=str(volume), DDPM_OUT=str(volume), **serving, **sandbox)
     stop, served = threading.Event(), []
 
     def traffic() -> None:  # eager requests while the graphs compile: a lock-order deadlock between the two
@@ -249,9 +296,16 @@ def test_compile_cache_then_a_server_that_starts_warm_on_a_read_only_root(tmp_pa
         log = server.output()
     finally:
         server.stop()
-    assert "loaded compiled graphs from" in log and report["copies"][0] in log, log[-3000:]
-    assert "compiled graphs written" not in log  # its own file was there already
+    assert "compiled-earlier, built by other code" in log and "0 of them built by this process" in log, log[-3000:]
+    assert sorted(p.name for p in volume.iterdir()) == report["copies"] and f"compiled graphs written to {volume}" in log
+    assert _files_of(volume / report["copies"][0]) == built_files
     assert not (tmp_path / "probe").exists()
+
+
+def _files_of(copy: Path) -> set[str]:
+    """A copy's files, an FX graph or AOTAutograd entry by its key (the directory: the entry's own name differs per write)."""
+    names = {p.relative_to(copy / "inductor").as_posix() for p in (copy / "inductor").rglob("*") if p.is_file()}
+    return {name.rsplit("/", 1)[0] if name.startswith(("fxgraph/", "aotautograd/")) else name for name in names}
 
 
 @needs_compiler
