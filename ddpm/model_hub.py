@@ -36,6 +36,14 @@ def model_name(spec: str | Path) -> str:
     return Path(spec).expanduser().resolve().name
 
 
+def missing_model(spec: str | Path) -> str | None:
+    """Why ``spec`` names no model (neither a directory nor a hub repository), or None: checked without torch, so that
+    a command refuses a mistyped path at once rather than after importing it."""
+    if hub_reference(str(spec)) is not None or Path(spec).expanduser().is_dir():
+        return None
+    return f"model directory not found: {spec} (a directory, or a hub repository as org/name[@revision])"
+
+
 def resolve_model_dir(spec: str | Path) -> Path:
     """The local directory of a model: ``spec`` itself, or the hub cache's snapshot of the
     repository it names (downloaded first unless the hub is offline)."""
@@ -43,10 +51,10 @@ def resolve_model_dir(spec: str | Path) -> Path:
 
     ref = hub_reference(str(spec))
     if ref is None:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"model directory not found: {spec} (a directory, or a hub repository as org/name[@revision])")
-        return path
+        missing = missing_model(spec)
+        if missing is not None:
+            raise CheckpointError(missing)
+        return Path(spec).expanduser()
     repo_id, revision = ref
     try:
         from huggingface_hub import snapshot_download

@@ -16,7 +16,7 @@ from commands.main import build_parser
 from ddpm import __version__
 from ddpm.shipped_models import MODELS_DIR
 from service.settings import Settings
-from tests.command_in_process import run_command
+from tests.command_in_process import WITHOUT_TORCH, run_command
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -107,6 +107,14 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path: Pat
     for argv in (["info", "--model", str(tmp_path / "none")], ["sample", "--model", str(tmp_path), "-n", "1", "--steps", "1"]):
         out = run_command(argv)
         assert out.code == 1 and out.stderr.startswith(f"ddpm: --model {argv[2]}: ") and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", [["info"], ["sample", "-o", "grid.png"], ["eval"]])
+def test_a_mistyped_model_path_is_refused_before_torch_is_imported(command: list[str], tmp_path: Path) -> None:
+    """~3 s of `import torch` on a 2-core CPU before the refusal (and every command after it loads nothing without it)."""
+    argv = [command[0], "--model", str(tmp_path / "nope"), *command[1:]]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and f"ddpm: --model {tmp_path / 'nope'}: model directory not found" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(("argv", "said"), [
