@@ -11,6 +11,9 @@ Start modes (one fresh `ddpm serve` process each, default settings otherwise):
   before-ready-cold DDPM_COMPILE_BEFORE_READY=1 (the behaviour before): readiness waits for the compile; empty cache
   artefacts         the default, with an empty inductor cache but DDPM_COMPILE_CACHE_DIR holding what
                     `ddpm compile-cache` built beforehand (as the image ships them)
+  upgrade           the same copy as an earlier version of ddpm-serve left it in a kept volume (another code
+                    fingerprint in its key): the server seeds its compile from it and writes its own (before stop
+                    66 an upgrade started cold: the background-cold row)
   eager             DDPM_COMPILE=off
 Measured from the moment the process is launched: /readyz 200, the first answer to a default request
 (1 image, the server's default chain), and /info saying every batch size runs compiled graphs.
@@ -49,6 +52,7 @@ MODES = {
     "background-warm": {"DDPM_COMPILE": "auto"},
     "before-ready-cold": {"DDPM_COMPILE": "auto", "DDPM_COMPILE_BEFORE_READY": "1"},
     "artefacts": {"DDPM_COMPILE": "auto"},
+    "upgrade": {"DDPM_COMPILE": "auto"},
     "eager": {"DDPM_COMPILE": "off"},
 }
 SERVER_ENV = {"DDPM_WARMUP_STEPS": "2", "DDPM_MAX_BATCH": "64", "DDPM_THREADS": "0"}
@@ -84,6 +88,16 @@ def _wait(predicate, timeout: float) -> float | None:  # type: ignore[no-untyped
             pass
         time.sleep(0.1)
     return None
+
+
+def as_an_earlier_version(artefacts: Path, volume: Path) -> Path:
+    """The copies in ``artefacts`` as an earlier version of ddpm-serve left them: another code fingerprint in the key."""
+    shutil.rmtree(volume, ignore_errors=True)
+    for copy in artefacts.glob("compiled-*"):
+        shutil.copytree(copy, volume / f"{copy.name}-earlier")
+        key = json.loads((copy / "key.json").read_text())
+        (volume / f"{copy.name}-earlier" / "key.json").write_text(json.dumps({**key, "code": "0" * 20}))
+    return volume
 
 
 def start(model: Path, mode: str, cache: Path, timeout: float, artefacts: Path | None = None) -> dict[str, object]:
@@ -225,12 +239,15 @@ def main() -> None:
             model = _model(name, scratch)
             cache = scratch / f"inductor-{name}"
             for mode in args.modes.split(","):
-                if mode.endswith("-cold") or mode == "artefacts":
+                if mode.endswith("-cold") or mode in ("artefacts", "upgrade"):
                     shutil.rmtree(cache, ignore_errors=True)  # nothing compiled on this disk before
                 artefacts = None
-                if mode == "artefacts":
+                if mode in ("artefacts", "upgrade"):
                     artefacts = scratch / f"artefacts-{name}"
-                    print(json.dumps({"model": name, "compile-cache": build_artefacts(model, artefacts, scratch)}), flush=True)
+                    if not artefacts.is_dir():
+                        print(json.dumps({"model": name, "compile-cache": build_artefacts(model, artefacts, scratch)}), flush=True)
+                if mode == "upgrade" and artefacts is not None:
+                    artefacts = as_an_earlier_version(artefacts, scratch / f"volume-{name}")
                 if args.what == "stalls":
                     shutil.rmtree(cache, ignore_errors=True)
                     print(json.dumps({"model": name, **stalls(model, cache, args.timeout)}), flush=True)
