@@ -348,15 +348,16 @@ def test_a_load_or_compile_past_its_timeout_exits_1_saying_so_and_leaves_no_scra
     assert time.monotonic() - start < 30 and not any(scratch_parent.glob("ddpm-compile-cache-*"))
 
 
-@pytest.mark.parametrize("output", ["/proc/no/cc", "{file}/cc"])
-def test_an_output_it_cannot_write_is_refused_before_the_compile(output: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flag", "output"), [("-o", "/proc/no/cc"), ("-o", "{file}/cc"), ("--reuse", "{file}/cc")])
+def test_an_output_it_cannot_write_is_refused_before_the_compile(flag: str, output: str, tmp_path: Path) -> None:
     """It compiled for a minute and more (68 s for the tiny model here), then wrote nothing and exited 0 with
     ``"copies": []``: an image build would have shipped without its graphs. (A read-only directory is the same case,
-    but the suite runs as root here, whom no mode stops.)"""
+    but the suite runs as root here, whom no mode stops.) --reuse's directory, written after the compile, likewise."""
     (tmp_path / "file").write_text("not a directory")
     output = output.replace("{file}", str(tmp_path / "file"))
+    paths = {"-o": str(tmp_path / "out"), flag: output}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "commands.main", "compile-cache", "-o", output, "--model", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 1 and done.stderr.strip().startswith(f"ddpm compile-cache: -o {output}: [Errno"), done.stderr
+    done = subprocess.run([sys.executable, "-m", "commands.main", "compile-cache", *(a for item in paths.items() for a in item), "--model",
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip().startswith(f"ddpm compile-cache: {flag} {output}: [Errno"), done.stderr
     assert time.monotonic() - start < 30 and not Path(output).exists()
