@@ -38,6 +38,8 @@ from ddpm import opened_files
 
 log = logging.getLogger("ddpm.compile")
 KEY_FILE = "key.json"
+MANIFEST_FILE = "manifest.json"  # each file's SHA-256: a damaged copy is refused, not loaded (a truncated kernel library
+# failed the whole compile: the server stayed eager)
 
 
 def _vec_isa() -> str:
@@ -136,10 +138,36 @@ def _copy_in(seed: Path | None, expected: dict[str, object], target: Path) -> st
         theirs = json.loads((seed / KEY_FILE).read_text())
         if (theirs if "code" in expected else _without_code(theirs)) != json.loads(json.dumps(expected)):
             return f"{seed} was built for another machine or version: ignored"
+        damaged = _damaged(seed)
+        if damaged:
+            return f"{seed} is damaged ({len(damaged)} files differ from its manifest, {damaged[0]} first): compiling from scratch"
         shutil.copytree(seed / "inductor", target, dirs_exist_ok=True, ignore=_ignore_locks)
     except (OSError, ValueError, TypeError) as exc:  # a damaged copy costs a compile, never the server
         return f"{seed} could not be loaded ({type(exc).__name__}: {exc}): compiling from scratch"
     return None
+
+
+def _manifest(inductor: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((inductor / name).read_bytes()).hexdigest() for name in sorted(_files(inductor))}
+
+
+def _damaged(copy: Path) -> list[str]:
+    """The files of ``copy`` that are missing, extra or changed against its manifest (a copy written before manifests
+    were: none)."""
+    try:
+        manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return []
+    found = _manifest(copy / "inductor")
+    return sorted(name for name in set(manifest) | set(found) if manifest.get(name) != found.get(name))
+
+
+def intact(copy: Path) -> bool:
+    """Whether ``copy`` can be loaded as it is (a damaged one is refused, and replaced by the next save)."""
+    try:
+        return not _damaged(copy)
+    except (OSError, ValueError):
+        return False
 
 
 def _without_code(key: dict[str, object]) -> dict[str, object]:
@@ -219,8 +247,11 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
     try:
         tmp.mkdir(parents=True)
         _copy_out(_inductor_cache(), tmp / "inductor")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp / "inductor"), indent=1))
         (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
         _readable_by_all(tmp)  # built as one user (an image build's root), loaded as another (uid 10001)
+        if path.is_dir() and not intact(path):  # refused when loaded: replaced (another replica's good copy is kept)
+            shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -210,7 +210,7 @@ class ServerState:
         directory = self.settings.compile_cache_dir
         if directory is None or key is None:
             return
-        if artefact_path(directory, key).exists():
+        if artefact_path(directory, key).exists() and compile_cache.intact(artefact_path(directory, key)):
             compile_cache.unwatch()  # its copy is there: nothing to write, nothing more to watch
             return
         try:

@@ -140,6 +140,20 @@ def test_a_copy_for_another_machine_is_never_loaded(tmp_path: Path, monkeypatch:
     shutil.rmtree(local)
     assert "loaded compiled graphs" in compile_cache.load(tmp_path / "cc", key)
     assert (local / "fxgraph" / "entry").read_bytes() == b"graph"
+    # a damaged copy (a truncated kernel library failed the whole compile, in every start: the server stayed eager) is
+    # refused by its manifest and the local cache left as it was; one written before manifests were is loaded as it is
+    shutil.rmtree(local)
+    (saved / "inductor" / "fxgraph" / "entry").write_bytes(b"gra")
+    said = compile_cache.load(tmp_path / "cc", key)
+    assert "is damaged (1 files differ from its manifest, fxgraph/entry first)" in said and not list(local.rglob("*")), said
+    (saved / "inductor" / "fxgraph" / "extra").write_bytes(b"")
+    assert "is damaged (2 files" in compile_cache.load(tmp_path / "cc", key) and not compile_cache.intact(saved)
+    (saved / "manifest.json").unlink()
+    assert compile_cache.intact(saved) and "loaded compiled graphs" in compile_cache.load(tmp_path / "cc", key)
+    (saved / "manifest.json").write_text("{}")
+    (local / "fxgraph" / "entry").write_bytes(b"graph")  # the compile from scratch; its save replaces the damaged copy
+    assert compile_cache.save(tmp_path / "cc", key) == saved and compile_cache.intact(saved)
+    assert {p.name for p in (saved / "inductor" / "fxgraph").iterdir()} == {"entry"}
     # a copy built on another CPU, renamed to this machine's name: its key.json says otherwise
     shutil.rmtree(local)
     other = {**key, "vec_isa": "amx" if key["vec_isa"] != "amx" else "avx2"}
