@@ -15,6 +15,12 @@ kind of CPU, GPU, torch, Python or ddpm-serve code finds no copy of its own key 
 (and writes its own copy where the directory is writable, removing the copies of this machine and model
 that other code built); a copy whose ``key.json`` does not match its name is never loaded.
 
+After an upgrade no copy has the new key; the newest copy of this machine and model that other code built seeds the
+compile instead (inductor's own keys are of the graphs: the unchanged ones load). A copy holds what the compile used,
+watched from the load to the save (``ddpm/opened_files.py``), not whatever else the local cache held (the seed's
+graphs that no longer apply, another program's), so seeds do not pile up; and a manifest of its files' SHA-256, so a
+damaged copy is refused rather than failing the compile (an unloadable kernel library fails it whole).
+
 The CPU part of the key is the ISA the code targets, not the CPU's flags: inductor's vector ISA and
 ATen's dispatch capability, both of which ``ATEN_CPU_CAPABILITY`` caps. So an AVX-512 machine builds
 AVX2 graphs too (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ddpm compile-cache``: the image does,
