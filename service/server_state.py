@@ -206,7 +206,7 @@ class ServerState:
             log.warning("could not load the compiled graphs: %s: %s", type(exc).__name__, exc)
 
     def _save_compiled(self, key: dict[str, object] | None) -> None:
-        """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no file there yet."""
+        """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no intact copy there yet."""
         directory = self.settings.compile_cache_dir
         if directory is None or key is None:
             return
