@@ -133,6 +133,12 @@ def test_null_is_the_default_for_every_field_that_has_one(client: TestClient) ->
     openai = client.post("/v1/images/generations", json={"prompt": "x", "n": None, "seed": 3, "steps": 2})
     assert openai.status_code == 200 and len(openai.json()["data"]) == 1, openai.text
     assert client.post("/generate", json={"seed": None}).status_code == 422  # no default: still required
+    # and the contract says so (a schema-driven fuzzer found "first_image": null answered 200 against an integer schema)
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for model, field in (("GenerateRequest", "batch_size"), ("GenerateRequest", "first_image"), ("ImageGenerationRequest", "n")):
+        prop = schemas[model]["properties"][field]
+        assert {"type": "null"} in prop["anyOf"] and prop["default"] in (0, 1), (model, field, prop)
+    assert "null" not in str(schemas["GenerateRequest"]["properties"]["seed"])
 
 
 @pytest.mark.parametrize("path", ["/generate", "/generate/stream"])

@@ -18,11 +18,25 @@ FIRST_IMAGE = ("Index k of the first image: the answer holds images first_image.
                "in any other request that asks for it (a set larger than DDPM_MAX_IMAGES_PER_REQUEST, asked for in parts).")
 
 
+def _null_takes_the_default(schema: dict[str, Any]) -> None:
+    """The contract says what ``_null_is_the_default`` accepts: a property with a default other than null takes null
+    too (``batch_size``, ``first_image``, /v1's ``n``; the schema said integer, so a schema-driven fuzzer flagged
+    ``"first_image": null``'s 200 as a violation, and a generated client could not send it)."""
+    for prop in schema.get("properties", {}).values():
+        alternatives = prop.get("anyOf", [prop])
+        if prop.get("default") is None or any(a.get("type") == "null" for a in alternatives):
+            continue
+        outer = {k: prop.pop(k) for k in ("default", "description", "title") if k in prop}
+        inner = dict(prop)
+        prop.clear()
+        prop.update(anyOf=[*(alternatives if "anyOf" in inner else [inner]), {"type": "null"}], **outer)
+
+
 class ChainRequest(BaseModel):
     """The chain fields every generation endpoint takes. Strict types: 0 is not false, "5" is not 5,
     5.0 is not 5; unknown fields are rejected."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_null_takes_the_default)
 
     first_image: int = Field(0, strict=True, ge=0, lt=MAX_SEED, description=FIRST_IMAGE)
 
