@@ -182,7 +182,7 @@ def _without_code(key: dict[str, object]) -> dict[str, object]:
 
 
 def _earlier_copy(directories: tuple[Path, ...], key: dict[str, object]) -> Path | None:
-    """The newest copy of this machine and model that other code built, in any of ``directories``."""
+    """The newest intact copy of this machine and model that other code built, in any of ``directories``."""
     same, found = _without_code(key), []
     for directory in directories:
         for other in directory.glob("compiled-*") if directory.is_dir() else ():
@@ -194,7 +194,7 @@ def _earlier_copy(directories: tuple[Path, ...], key: dict[str, object]) -> Path
                     found.append((other.stat().st_mtime, str(other), other))
             except (OSError, ValueError):
                 continue
-    return max(found)[2] if found else None
+    return next((copy for _, _, copy in sorted(found, reverse=True) if intact(copy)), None)
 
 
 # What the local cache held when the compile began (after any copy was loaded into it): save() copies the files of it

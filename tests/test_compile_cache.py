@@ -90,7 +90,11 @@ def test_an_earlier_copy_seeds_the_compile_and_the_new_copy_holds_what_it_used(t
     shutil.rmtree(local)
     (local / "th").mkdir(parents=True)
     (local / "th" / "isa.so").write_bytes(b"written before the load: the key's ISA check")
-    assert old is not None and "built by other code" in compile_cache.load(tmp_path / "cc", key, (tmp_path / "reuse",))
+    newer = compile_cache.save(tmp_path / "cc", {**key, "code": "1" * 20})  # a later version's, damaged: passed over
+    assert newer is not None and old is not None
+    (newer / "manifest.json").write_text("{}")
+    said = compile_cache.load(tmp_path / "cc", key, (tmp_path / "reuse",))
+    assert f"loaded {old}, built by other code" in said, said
     assert (local / "fxgraph/ab/fabc/entry").read_bytes() == b"used graph"
     # the compile: an unchanged graph and its kernel read, a library loaded (as an extension module, seen by its import),
     # a changed graph written; the other old graph and kernel left alone
