@@ -36,6 +36,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -181,18 +182,28 @@ def _without_code(key: dict[str, object]) -> dict[str, object]:
     return {name: value for name, value in json.loads(json.dumps(key)).items() if name != "code"}
 
 
+def _this_machine_and_model(directory: Path, key: dict[str, object]) -> Iterator[tuple[Path, dict[str, object]]]:
+    """The copies in ``directory`` (not a save in progress) whose key is ``key`` but for the code, with their keys."""
+    same = _without_code(key)
+    for other in Path(directory).glob("compiled-*") if Path(directory).is_dir() else ():
+        if ".tmp" in other.name:
+            continue
+        try:
+            theirs = json.loads((other / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(theirs, dict) and _without_code(theirs) == same:
+            yield other, theirs
+
+
 def _earlier_copy(directories: tuple[Path, ...], key: dict[str, object]) -> Path | None:
     """The newest intact copy of this machine and model that other code built, in any of ``directories``."""
-    same, found = _without_code(key), []
+    found = []
     for directory in directories:
-        for other in directory.glob("compiled-*") if directory.is_dir() else ():
-            if ".tmp" in other.name:
-                continue
+        for other, _ in _this_machine_and_model(directory, key):
             try:
-                theirs = json.loads((other / KEY_FILE).read_text())
-                if isinstance(theirs, dict) and _without_code(theirs) == same:
-                    found.append((other.stat().st_mtime, str(other), other))
-            except (OSError, ValueError):
+                found.append((other.stat().st_mtime, str(other), other))
+            except OSError:
                 continue
     return next((copy for _, _, copy in sorted(found, reverse=True) if intact(copy)), None)
 
@@ -301,15 +312,8 @@ def _copy_out(local: Path, target: Path) -> None:
 def _remove_other_code(path: Path, key: dict[str, object]) -> None:
     """This machine's copies of the model built by other code (an earlier version's, in a kept volume): no process of
     this key loads them again, and one would be left per upgrade."""
-    same = _without_code(key)
-    for other in path.parent.glob("compiled-*"):
-        if other == path or ".tmp" in other.name:  # this key's own, or a save in progress
-            continue
-        try:
-            theirs = json.loads((other / KEY_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(theirs, dict) and theirs.get("code") != key["code"] and _without_code(theirs) == same:
+    for other, theirs in _this_machine_and_model(path.parent, key):
+        if other != path and theirs.get("code") != key["code"]:  # not this key's own
             shutil.rmtree(other, ignore_errors=True)
             log.info("removed %s: this machine's compiled graphs of this model, built by other code", other)
 
