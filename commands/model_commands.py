@@ -330,8 +330,7 @@ def _require_model(spec: str) -> None:
 
 def _load(spec: str, device: Any = "cpu"):  # type: ignore[no-untyped-def]
     """The model of ``--model``; one that cannot be loaded (no such directory, a broken config) exits saying why,
-    without a traceback."""
-    _require_model(spec)
+    without a traceback (its callers refuse a path that names nothing before they import torch: _require_model)."""
     from ddpm.checkpoint import CheckpointError
     from ddpm.model_source import load_model_source
 

@@ -210,7 +210,8 @@ class ServerState:
         directory = self.settings.compile_cache_dir
         if directory is None or key is None:
             return
-        if artefact_path(directory, key).exists() and compile_cache.intact(artefact_path(directory, key)):
+        copy = artefact_path(directory, key)
+        if copy.exists() and compile_cache.intact(copy):
             compile_cache.unwatch()  # its copy is there: nothing to write, nothing more to watch
             return
         try:
