@@ -23,13 +23,12 @@ def _null_takes_the_default(schema: dict[str, Any]) -> None:
     too (``batch_size``, ``first_image``, /v1's ``n``; the schema said integer, so a schema-driven fuzzer flagged
     ``"first_image": null``'s 200 as a violation, and a generated client could not send it)."""
     for prop in schema.get("properties", {}).values():
-        alternatives = prop.get("anyOf", [prop])
-        if prop.get("default") is None or any(a.get("type") == "null" for a in alternatives):
+        if prop.get("default") is None or any(a.get("type") == "null" for a in prop.get("anyOf", [prop])):
             continue
         outer = {k: prop.pop(k) for k in ("default", "description", "title") if k in prop}
-        inner = dict(prop)
+        alternatives = prop.pop("anyOf", None) or [dict(prop)]
         prop.clear()
-        prop.update(anyOf=[*(alternatives if "anyOf" in inner else [inner]), {"type": "null"}], **outer)
+        prop.update(anyOf=[*alternatives, {"type": "null"}], **outer)
 
 
 class ChainRequest(BaseModel):
