@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,17 +79,24 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        if not isinstance(d, dict):
+            raise CheckpointError(f"a model config is a JSON object, not {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise CheckpointError(f"unsupported config format {d.get('format')!r}, expected {FORMAT!r}")
+        for section in ("unet", "schedule"):
+            if not isinstance(d.get(section), dict):
+                raise CheckpointError(f"invalid model config: {section} must be a JSON object, got {d.get(section)!r}")
+        if not isinstance(d.get("clip_denoised", True), bool):
+            raise CheckpointError(f"invalid model config: clip_denoised must be true or false, got {d['clip_denoised']!r}")
         try:
             sched = d["schedule"]
-            return cls(
+            card = cls(
                 unet=UNetConfig.from_dict(d["unet"]),
                 schedule_kind=sched["kind"],
-                num_timesteps=int(sched["num_timesteps"]),
+                num_timesteps=sched["num_timesteps"],
                 schedule_params=dict(sched.get("params", {})),
                 variance_type=VarianceType(d.get("variance_type", "fixed_small")),
-                clip_denoised=bool(d.get("clip_denoised", True)),
+                clip_denoised=d.get("clip_denoised", True),
                 class_names=[str(c) for c in d.get("classes", [])],
                 guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),
                 prediction=str(d.get("prediction", "eps")),
@@ -96,10 +104,23 @@ class ModelCard:
                 training=dict(d.get("training", {})),
                 quality=dict(d.get("quality", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except CheckpointError:
+            raise
+        except KeyError as exc:
+            raise CheckpointError(f"invalid model config: no {exc} field") from exc
+        except (TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model config: {exc}") from exc
+        shape = d.get("image_shape", list(card.image_shape))  # written for readers; the U-Net's sizes decide
+        if shape != list(card.image_shape):
+            raise CheckpointError(f"invalid model config: image_shape {shape} is not the U-Net's {list(card.image_shape)} "
+                                  f"(in_channels {card.unet.in_channels}, image_size {card.unet.image_size})")  # fmt: skip
+        return card
 
     def __post_init__(self) -> None:
+        try:  # what the schedule's fields make (a kind, a T, parameters), checked where the card is made
+            self.schedule()
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"invalid model config: schedule: {exc}") from exc
         names = self.class_names
         if names and (len(names) != self.unet.num_classes or len(set(names)) != len(names)):
             raise CheckpointError(f"classes {names} do not match num_classes = {self.unet.num_classes} (or repeat a name)")
@@ -158,8 +179,8 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is unreadable or truncated: {exc}") from exc
-    model = UNet(card.unet)
-    expected = model.state_dict()
+    with torch.device("meta"):  # the shapes the config makes, allocating nothing: a config of 4 million channels asked
+        expected = UNet(card.unet).state_dict()  # for 256 TB before the comparison could say it does not match
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -167,8 +188,24 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}")
+    check_weights(state.items(), weights)
+    model = UNet(card.unet)
     model.load_state_dict(state)
     return model.to(device).eval(), card
+
+
+def check_weights(tensors: Iterable[tuple[str, torch.Tensor]], where: Path) -> None:
+    """Weights a model can run: floating point (an int8 file was cast silently) and finite (a run that diverged gives NaN
+    weights, and every image of such a model is NaN: served, it was a black square with no error)."""
+    bad: list[str] = []
+    for name, tensor in tensors:
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} tensor{'s hold' if len(bad) > 1 else ' holds'} NaN or infinity ({bad[0]} first): "
+                              "the training run diverged, or the file is damaged")  # fmt: skip
 
 
 def record_quality(directory: str | Path, quality: dict[str, Any]) -> None:

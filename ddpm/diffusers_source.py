@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import CheckpointError
+from ddpm.checkpoint import CheckpointError, check_weights
 from ddpm.loaded_model import LoadedModel
 from ddpm.respace import SPACINGS
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
@@ -29,10 +29,10 @@ def schedule_from_scheduler_config(cfg: dict) -> tuple[NoiseSchedule, VarianceTy
         raise CheckpointError("dynamic thresholding is not supported")
     if cfg.get("rescale_betas_zero_snr"):  # diffusers rescales the betas (up to ~0.98 at t = T); refused, not ignored
         raise CheckpointError("rescale_betas_zero_snr is not supported (the betas would differ from diffusers')")
-    t = int(cfg.get("num_train_timesteps", 1000))
+    t = cfg.get("num_train_timesteps", 1000)  # checked by make_schedule, as every number here
     kind = cfg.get("beta_schedule", "linear")
     if kind == "linear":
-        schedule = make_schedule("linear", t, beta_start=float(cfg.get("beta_start", 1e-4)), beta_end=float(cfg.get("beta_end", 0.02)))
+        schedule = make_schedule("linear", t, beta_start=cfg.get("beta_start", 1e-4), beta_end=cfg.get("beta_end", 0.02))
     elif kind == "squaredcos_cap_v2":
         schedule = make_schedule("cosine", t)
     else:
@@ -74,12 +74,20 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
         sched_cfg = json.loads(sched_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{sched_file} is not valid JSON: {exc}") from exc
-    schedule, variance, clip = schedule_from_scheduler_config(sched_cfg)
-    spacing, offset = spacing_from_scheduler_config(sched_cfg)
+    if not isinstance(sched_cfg, dict):
+        raise CheckpointError(f"{sched_file} holds a JSON {type(sched_cfg).__name__}, not an object")
+    try:
+        schedule, variance, clip = schedule_from_scheduler_config(sched_cfg)
+        spacing, offset = spacing_from_scheduler_config(sched_cfg)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as exc:  # a T, a beta, a range the schedule refuses: the file and why, not a traceback
+        raise CheckpointError(f"{sched_file}: {exc}") from exc
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir}: {exc}") from exc
+    check_weights(unet.state_dict().items(), unet_dir)
     class_names = _class_names(path, unet.config, unet_dir)
     unet = unet.to(device).eval()
 

@@ -32,9 +32,12 @@ def load_model_source(spec: str | Path, device: torch.device | str = "cpu") -> L
 def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
     if (path / CONFIG).is_file() and not _is_diffusers_dir(path):
         try:
-            fmt = json.loads((path / CONFIG).read_text()).get("format")
-        except (json.JSONDecodeError, AttributeError) as exc:
+            config = json.loads((path / CONFIG).read_text())
+        except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path / CONFIG} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / CONFIG} holds a JSON {type(config).__name__}, not an object")
+        fmt = config.get("format")
         if fmt is not None:
             module, card = load_model(path, device)
             if card.prediction == "v":  # a distilled student (ddpm.distill): the chain takes eps

@@ -74,7 +74,7 @@ class NoiseSchedule:
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError("betas must be a non-empty 1-D array")
         if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("betas must lie in (0, 1]")
+            raise ValueError(f"betas must lie in (0, 1]; these span {betas.min():g} .. {betas.max():g}")
         timesteps = np.asarray(self.timesteps, dtype=np.int64)
         if len(timesteps) == 0:
             timesteps = np.arange(len(betas), dtype=np.int64)
@@ -153,9 +153,24 @@ def linear_endpoints(num_timesteps: int) -> dict[str, float]:
     return {"beta_start": 1e-4 * scale, "beta_end": 0.02 * scale}
 
 
+MAX_TIMESTEPS = 100_000  # T: the paper's is 1000, improved DDPM's 4000; a T of 10^9 from a model file took every byte
+# of memory (the schedule's float64 arrays) before anything said why
+PARAMS = {BetaSchedule.LINEAR: ("beta_start", "beta_end"), BetaSchedule.COSINE: ("s", "max_beta")}
+
+
 def make_schedule(kind: BetaSchedule | str = BetaSchedule.LINEAR, num_timesteps: int = 1000, **params: float) -> NoiseSchedule:
-    """The named schedule with the paper's (or Nichol & Dhariwal's) default parameters."""
+    """The named schedule with the paper's (or Nichol & Dhariwal's) default parameters; ValueError naming what is wrong
+    with a kind, T or parameter (they come from model files)."""
+    if kind not in tuple(k.value for k in BetaSchedule):  # (a str enum's member equals its value but does not hash as it)
+        raise ValueError(f"schedule kind {kind!r} is not one of {', '.join(k.value for k in BetaSchedule)}")
     kind = BetaSchedule(kind)
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or not 1 <= num_timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"num_timesteps must be an integer in 1..{MAX_TIMESTEPS}, got {num_timesteps!r}")
+    for name, value in params.items():
+        if name not in PARAMS[kind]:
+            raise ValueError(f"the {kind.value} schedule takes {' and '.join(PARAMS[kind])}, not {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"schedule parameter {name} must be a finite number, got {value!r}")
     if kind is BetaSchedule.LINEAR:
         full = {**(linear_endpoints(num_timesteps) if not {"beta_start", "beta_end"} <= params.keys() else {}), **params}
         betas = linear_betas(num_timesteps, full["beta_start"], full["beta_end"])

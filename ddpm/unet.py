@@ -8,11 +8,17 @@ activations are concatenated into the up path (skip connections).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _is_count(value: object, least: int) -> bool:
+    """An integer (an integer type: not a bool, a float or a string that reads as one) of at least ``least``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
 
 
 @dataclass(frozen=True)
@@ -30,19 +36,27 @@ class UNetConfig:
     num_classes: int = 0
 
     def __post_init__(self) -> None:
-        # JSON round trips give lists; keep the frozen config hashable and comparable.
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
-        if self.channel_mult and min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be positive integers, got {list(self.channel_mult)}")
+        # A config read from a file is checked before anything is built from it: a string, a float or a bool where a
+        # count goes was coerced or failed deep in torch ("28" gave "not all arguments converted during string
+        # formatting", num_groups 0 a ZeroDivisionError, dropout 2 an error from nn.Dropout).
+        for name, least in (("image_size", 1), ("in_channels", 1), ("base_channels", 1), ("num_res_blocks", 0), ("num_groups", 1),
+                            ("num_classes", 0)):  # fmt: skip
+            if not _is_count(getattr(self, name), least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {self.dropout!r}")
+        for name in ("channel_mult", "attn_resolutions"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or not all(_is_count(v, 1) for v in values):
+                raise ValueError(f"{name} must be a list of integers >= 1, got {values!r}")
+            # JSON round trips give lists; keep the frozen config hashable and comparable.
+            object.__setattr__(self, name, tuple(int(v) for v in values))
         downsamples = len(self.channel_mult) - 1
         if self.image_size % (2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{downsamples}")
         for mult in self.channel_mult:
             if (self.base_channels * mult) % self.num_groups:
                 raise ValueError("every level's channel count must be divisible by num_groups")
-        if self.num_classes < 0:
-            raise ValueError("num_classes must be >= 0")
 
     def check_new(self) -> None:
         """What a new training run must not ask for, though models trained so before still load (and their runs resume):

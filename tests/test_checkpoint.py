@@ -1,9 +1,10 @@
 """A model directory round-trips (weights, config), and a missing, truncated, mismatched or malformed one
-is refused with the reason; quality is recorded in its config."""
+is refused with the reason (a hand-edited field, weights that cannot make an image); quality is recorded in its config."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,68 @@ def test_bad_config(tmp_path: Path, tiny_unet: UNet, text: str) -> None:
     (directory / CONFIG).write_text(text)
     with pytest.raises(CheckpointError):
         load_model(directory)
+
+
+def _set(*path: str | int, value: object) -> Callable[[dict], None]:
+    def edit(cfg: dict) -> None:
+        for key in path[:-1]:
+            cfg = cfg[key]
+        cfg[path[-1]] = value
+
+    return edit
+
+
+# A config edited by hand or damaged, and what the refusal must say: each was a traceback (from numpy, torch, nn.Dropout,
+# a ZeroDivisionError), a process killed for memory (T = 10^9, 4 million channels) or, worse, accepted (image_shape,
+# clip_denoised "yes", NaN or int8 weights: served as black or cast images).
+HAND_EDITED = {
+    "T of 0": (_set("schedule", "num_timesteps", value=0), "num_timesteps must be an integer in 1..100000, got 0"),
+    "T of 10^9": (_set("schedule", "num_timesteps", value=10**9), "num_timesteps must be an integer in 1..100000"),
+    "T as a string": (_set("schedule", "num_timesteps", value="1000"), "got '1000'"),
+    "beta over 1": (_set("schedule", "params", "beta_end", value=2.0), r"betas must lie in \(0, 1\]; these span 0.0001 .. 2"),
+    "NaN beta": (_set("schedule", "params", "beta_start", value=float("nan")), "beta_start must be a finite number, got nan"),
+    "unknown parameter": (_set("schedule", "params", "gamma", value=1.0), "takes beta_start and beta_end, not 'gamma'"),
+    "unknown kind": (_set("schedule", "kind", value="quadratic"), "schedule kind 'quadratic' is not one of linear, cosine"),
+    "4 million channels": (_set("unet", "base_channels", value=4_000_000), r"conv_in.bias has shape \(8,\), config says \(4000000,\)"),
+    "0 groups": (_set("unet", "num_groups", value=0), "num_groups must be an integer >= 1, got 0"),
+    "size as a string": (_set("unet", "image_size", value="8"), "image_size must be an integer >= 1, got '8'"),
+    "channels as a bool": (_set("unet", "in_channels", value=True), "in_channels must be an integer >= 1, got True"),
+    "a float multiplier": (_set("unet", "channel_mult", value=[1, 2.5]), r"channel_mult must be a list of integers >= 1, got \[1, 2.5\]"),
+    "dropout of 2": (_set("unet", "dropout", value=2.0), r"dropout must be a number in \[0, 1\], got 2.0"),
+    "U-Net as a list": (_set("unet", value=[8, 1]), r"unet must be a JSON object, got \[8, 1\]"),
+    "no schedule": (lambda cfg: cfg.pop("schedule"), "schedule must be a JSON object, got None"),
+    "clip as a string": (_set("clip_denoised", value="yes"), "clip_denoised must be true or false, got 'yes'"),
+    "image_shape of 3 channels": (_set("image_shape", value=[3, 8, 8]), r"image_shape \[3, 8, 8\] is not the U-Net's \[1, 8, 8\]"),
+}
+
+
+@pytest.mark.parametrize("edit, says", HAND_EDITED.values(), ids=HAND_EDITED.keys())
+def test_a_hand_edited_config_is_refused_naming_the_field(tmp_path: Path, tiny_unet: UNet, edit: Callable[[dict], None], says: str) -> None:
+    directory = _saved(tmp_path, tiny_unet)
+    cfg = json.loads((directory / CONFIG).read_text())
+    edit(cfg)
+    (directory / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=says):
+        load_model_source(directory)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda t: t.to(torch.int8), "is int8, not floating point"),
+    (lambda t: t.masked_fill(torch.rand(t.shape, generator=torch.Generator().manual_seed(0)) < 0.01, float("nan")), "hold NaN or infinity"),
+])  # fmt: skip
+def test_weights_that_cannot_make_an_image_are_refused(tmp_path: Path, tiny_unet: UNet, damage: Callable, says: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = _saved(tmp_path, tiny_unet)
+    state = load_file(directory / WEIGHTS)
+    save_file({name: damage(t) for name, t in state.items()}, directory / WEIGHTS)
+    with pytest.raises(CheckpointError, match=says):
+        load_model_source(directory)
+    save_file({**state, "conv_in.bias": torch.full_like(state["conv_in.bias"], float("inf"))}, directory / WEIGHTS)
+    with pytest.raises(CheckpointError, match=r"1 tensor holds NaN or infinity \(conv_in.bias first\)"):
+        load_model_source(directory)
+    save_file({name: t.double() for name, t in state.items()}, directory / WEIGHTS)  # another float type: cast, as before
+    assert load_model_source(directory).module.conv_in.bias.dtype == torch.float32
 
 
 def test_record_quality(tmp_path: Path, tiny_unet: UNet) -> None:

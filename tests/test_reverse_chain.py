@@ -172,6 +172,8 @@ def test_chain_matches_diffusers(
 
 
 def test_diffusers_dir_errors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
     from ddpm.checkpoint import CheckpointError
 
     _save_diffusers_dir(tmp_path, {"num_train_timesteps": 1000, "prediction_type": "v_prediction"})
@@ -183,6 +185,15 @@ def test_diffusers_dir_errors(tmp_path: Path) -> None:
     _save_diffusers_dir(zero_snr, {"num_train_timesteps": 1000, "rescale_betas_zero_snr": True})
     with pytest.raises(CheckpointError, match="rescale_betas_zero_snr"):  # accepted silently before: wrong betas
         load_model_source(zero_snr)
+    huge = _save_diffusers_dir(tmp_path / "huge", {"num_train_timesteps": 10**9})  # was killed for memory (the schedule's arrays)
+    with pytest.raises(CheckpointError, match=r"scheduler_config.json: num_timesteps must be an integer in 1..100000, got 1000000000"):
+        load_model_source(huge)
+    diverged = _save_diffusers_dir(tmp_path / "diverged", {"num_train_timesteps": 1000})
+    weights = next((diverged / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({**state, "conv_in.bias": state["conv_in.bias"] * float("nan")}, weights)
+    with pytest.raises(CheckpointError, match=r"unet: 1 tensor holds NaN or infinity \(conv_in.bias first\)"):  # was served: NaN images
+        load_model_source(diverged)
 
 
 def test_noise_for_x_T_is_standard_normal() -> None:
