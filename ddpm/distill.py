@@ -41,7 +41,7 @@ from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, refusal
 from ddpm.run_state import load_run_state
-from ddpm.train import q_sample
+from ddpm.train import Diverged, StopFlag, finite_loss, kept, q_sample
 from ddpm.unet import UNet
 from ddpm.v_prediction import eps_from_v, x0_from_v
 
@@ -164,6 +164,7 @@ class Distiller:
         torch.manual_seed(config.seed)
         self.round = 0  # index into self.rounds
         self.step = 0  # optimiser steps done in this round
+        self.saved_at: str | None = None  # where the run directory's checkpoint is (what a diverged run keeps)
         self.losses: dict[int, list[float]] = {}
         self.seconds: dict[int, float] = {}
         self.opt = torch.optim.Adam(self.student.parameters(), lr=config.lr)
@@ -190,6 +191,7 @@ class Distiller:
         if changed:
             raise ValueError(refusal(self.state_path, "distilled", changed))
         self.round, self.step = state["round"], state["step"]
+        self.saved_at = self._position()
         self.losses, self.seconds = state["losses"], state["seconds"]
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -230,6 +232,12 @@ class Distiller:
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.state_path)
+        self.saved_at = self._position()
+
+    def _position(self) -> str:
+        """Where the run is, in words (what a diverged run's checkpoint holds)."""
+        steps = self.rounds[min(self.round, len(self.rounds) - 1)]
+        return f"step {self.step} of the {2 * steps}->{steps} round" if not self.done else "its last round's end"
 
     def model_card(self, steps: int) -> ModelCard:
         t = self.teacher_card
@@ -283,10 +291,10 @@ class Distiller:
             group["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        value = finite_loss(loss, torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip), self.step)
         self.opt.step()
         self.step += 1
-        return float(loss.item())
+        return value
 
     def finish_round(self) -> Path:
         """Export this round's student as a model directory, measure it, and move to the next round."""
@@ -336,30 +344,37 @@ class Distiller:
         """Run the rounds left; ``max_steps``: stop (and save) after this many optimiser steps of this call."""
         from tqdm import tqdm
 
-        from ddpm.train import StopFlag
-
         stop = StopFlag()
         budget = max_steps
-        while not self.done and not stop.requested and budget != 0:
-            steps = self.rounds[self.round]
-            bar = tqdm(total=self.config.round_steps, initial=self.step, disable=not progress, desc=f"distill {2 * steps}->{steps}",
-                       dynamic_ncols=True)  # fmt: skip
-            last = time.perf_counter()
-            while self.step < self.config.round_steps and not stop.requested and budget != 0:
-                self.losses[steps].append(self.train_step())
-                budget = None if budget is None else budget - 1
-                now = time.perf_counter()
-                self.seconds[steps] += now - last
-                last = now
-                bar.update(1)
-                if self.step % 20 == 0:
-                    tail = self.losses[steps][-50:]
-                    bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}")
-                if self.step % self.config.checkpoint_every == 0:
-                    self.save()
-                last = time.perf_counter()
-            bar.close()
-            if self.step >= self.config.round_steps:
-                self.finish_round()
-        stop.restore()
+        try:
+            while not self.done and not stop.requested and budget != 0:
+                steps = self.rounds[self.round]
+                with tqdm(total=self.config.round_steps, initial=self.step, disable=not progress, desc=f"distill {2 * steps}->{steps}",
+                          dynamic_ncols=True) as bar:  # fmt: skip
+                    budget = self._train_round(steps, bar, stop, budget)
+                if self.step >= self.config.round_steps:
+                    self.finish_round()
+        except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
+            raise Diverged(f"{exc}: --lr {self.config.lr:g} is too high for it (or --warmup-steps {self.config.warmup_steps} too few). "
+                           f"{kept(self.run_dir, self.saved_at)}") from None  # fmt: skip
+        finally:
+            stop.restore()
         self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
+
+    def _train_round(self, steps: int, bar: Any, stop: StopFlag, budget: int | None) -> int | None:
+        """Optimiser steps of this round until its end, a stop or the budget; the budget left."""
+        last = time.perf_counter()
+        while self.step < self.config.round_steps and not stop.requested and budget != 0:
+            self.losses[steps].append(self.train_step())
+            budget = None if budget is None else budget - 1
+            now = time.perf_counter()
+            self.seconds[steps] += now - last
+            last = now
+            bar.update(1)
+            if self.step % 20 == 0:
+                tail = self.losses[steps][-50:]
+                bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}")
+            if self.step % self.config.checkpoint_every == 0:
+                self.save()
+            last = time.perf_counter()
+        return budget

@@ -126,6 +126,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
         self.step = 0
+        self.saved_at: int | None = None  # the step of the run directory's checkpoint (what a diverged run keeps)
         self.losses: list[float] = []
         self.train_seconds = 0.0
         self._resume()
@@ -147,7 +148,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
-        self.step = state["step"]
+        self.step = self.saved_at = state["step"]
         self.losses = state["losses"]
         self.train_seconds = state.get("train_seconds", 0.0)
 
@@ -167,6 +168,7 @@ class Trainer:
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.state_path)
+        self.saved_at = self.step
         save_model(self.run_dir / "model", self.ema, self.model_card())
         self.plot_loss()
 
@@ -222,13 +224,13 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        value = finite_loss(loss, torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip), self.step)
         self.opt.step()
         # EMA with warm-up: early weights are forgotten fast, later ones averaged over ~1/(1-decay) steps.
         decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         ema_update(self.ema, self.model, decay)
         self.step += 1
-        return float(loss.item())
+        return value
 
     @property
     def finished(self) -> bool:
@@ -244,21 +246,26 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         stop = StopFlag()
         last = time.perf_counter()
-        while self.step < cfg.steps and not stop.requested:
-            self.losses.append(self.train_step())
-            now = time.perf_counter()
-            self.train_seconds += now - last
-            last = now
-            bar.update(1)
-            if self.step % 20 == 0:
-                bar.set_postfix(loss=f"{self.smoothed_loss(100):.4f}")
-            if self.step % cfg.sample_every == 0:
-                self.write_samples()
-            if self.step % cfg.checkpoint_every == 0:
-                self.save()
-            last = time.perf_counter()  # sampling and saving are not training time
-        bar.close()
-        stop.restore()
+        try:
+            while self.step < cfg.steps and not stop.requested:
+                self.losses.append(self.train_step())
+                now = time.perf_counter()
+                self.train_seconds += now - last
+                last = now
+                bar.update(1)
+                if self.step % 20 == 0:
+                    bar.set_postfix(loss=f"{self.smoothed_loss(100):.4f}")
+                if self.step % cfg.sample_every == 0:
+                    self.write_samples()
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                last = time.perf_counter()  # sampling and saving are not training time
+        except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
+            raise Diverged(f"{exc}: --lr {cfg.lr:g} is too high for it (or --warmup-steps {cfg.warmup_steps} too few). "
+                           f"{kept(self.run_dir, None if self.saved_at is None else f'step {self.saved_at}')}") from None
+        finally:
+            bar.close()
+            stop.restore()
         self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
 
     def write_samples(self, n: int = 36) -> Path:
@@ -311,6 +318,28 @@ class Trainer:
         fig.tight_layout()
         fig.savefig(self.run_dir / "loss.png")
         plt.close(fig)
+
+
+class Diverged(RuntimeError):
+    """The loss or its gradient stopped being finite: the run stops before the step that would make its weights NaN (a
+    run that went on wrote NaN weights over its good checkpoint at every save, to the end)."""
+
+
+def finite_loss(loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> float:
+    """The step's loss as a number (one read of the device for it and the gradient's norm), or Diverged where either is
+    not finite: a gradient can overflow while the loss is finite, and clipping it then makes every weight NaN."""
+    value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+    if not (math.isfinite(value) and math.isfinite(norm)):
+        raise Diverged(f"training diverged at step {step + 1} (the loss was {value:g}, the gradient's norm {norm:g})")
+    return value
+
+
+def kept(run_dir: Path, checkpoint: str | None) -> str:
+    """What a diverged run's directory still holds (``checkpoint``: of which step), and why resuming it does not help."""
+    if checkpoint is None:
+        return f"Nothing was saved in {run_dir}: start again with a lower --lr"
+    return (f"{run_dir} holds its checkpoint of {checkpoint}, whose weights are finite, but a resume repeats the run exactly "
+            "and would diverge again: start a new run with a lower --lr")
 
 
 class StopFlag:

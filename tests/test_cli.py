@@ -4,6 +4,7 @@ subcommand, and ``ddpm serve`` taking every setting as a flag (generated from th
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,17 @@ def test_ddpm_train_refuses_a_run_it_cannot_set_up_in_one_line(argv: list[str], 
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = run_command(["train", "--steps", "1", "--quiet", *argv])
     assert out.code == 1 and out.stderr.strip() == said and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_ddpm_train_stops_at_a_diverging_loss_in_one_line(tmp_path: Path) -> None:
+    """--lr 1e30: Adam's first step moves every weight by ~1e30 and the second forward overflows. It trained on, NaN, to the
+    end and exported a model of NaN weights (served as black squares); now: one line, exit 1, nothing written."""
+    out = run_command(["train", "--run-dir", str(tmp_path / "run"), "--steps", "4", "--lr", "1e30", "--warmup-steps", "1", "--quiet"])
+    said = out.stderr.strip()
+    assert out.code == 1 and "Traceback" not in said, said[-2000:]
+    assert re.match(r"ddpm train: training diverged at step 2 \(the loss was (nan|inf)", said), said
+    assert said.endswith("start again with a lower --lr")
+    assert not (tmp_path / "run" / "state.pt").exists() and not (tmp_path / "run" / "model").exists()
 
 
 @pytest.mark.parametrize(("flags", "attention"), [

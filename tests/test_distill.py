@@ -19,6 +19,7 @@ from ddpm.loaded_model import ChainError
 from ddpm.model_source import load_model_source
 from ddpm.offline_sampler import sample
 from ddpm.schedule import make_schedule
+from ddpm.train import Diverged
 from ddpm.v_prediction import EpsFromV
 from kernels.philox import seeds_to_tensor
 from tests.tiny_model import TINY, random_tiny_unet
@@ -129,6 +130,14 @@ def test_distillation_resumes_exactly_and_exports_each_round(tmp_path: Path) -> 
         Distiller(_config(teacher, round_steps=7), tmp_path / "b", device="cpu")
     with pytest.raises(ValueError, match="already distilled"):
         Distiller(_config(tmp_path / "a" / "steps_1"), tmp_path / "c", device="cpu")
+
+
+def test_a_diverging_distillation_stops_and_keeps_its_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Distiller(_config(_teacher_dir(tmp_path)), tmp_path / "run", device="cpu")
+    monkeypatch.setattr(d, "lr_at", lambda step: 1e-3 if step < 3 else 1e30)
+    with pytest.raises(Diverged, match=r"^training diverged at step 5 .* holds its checkpoint of step 3 of the 4->2 round, whose weights"):
+        d.train(progress=False)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == 3
 
 
 def test_distillation_lowers_its_loss(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ddpm.checkpoint import load_model
 from ddpm.data import fit_to_size, load_dataset, mnist_digits
-from ddpm.train import TrainConfig, Trainer
+from ddpm.train import Diverged, TrainConfig, Trainer
 from tests.tiny_model import TINY
 
 
@@ -115,6 +115,27 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert sorted(p.name for p in (tmp_path / "b" / "samples").iterdir()) == ["step_000010.png", "step_000020.png"]
+
+
+def test_a_diverging_run_stops_before_its_weights_turn_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose loss went NaN trained on to its last step, writing NaN weights over its good checkpoint at every save;
+    now it stops at the first step whose loss or gradient is not finite, before that step's update, saving nothing."""
+    trainer = Trainer(_config(steps=40), tmp_path / "run", device="cpu")
+    lr_at = trainer.lr_at
+    monkeypatch.setattr(trainer, "lr_at", lambda step: lr_at(step) if step < 12 else 1e30)  # weights of ~1e30 overflow the forward
+    with pytest.raises(Diverged, match=r"^training diverged at step 1[45] \(the loss was (nan|inf), the gradient's norm (nan|inf)\): "
+                       r"--lr 0.002 is too high for it \(or --warmup-steps 5 too few\)\. .*run holds its checkpoint of step 10, whose "
+                       r"weights are finite, but a resume repeats the run exactly and would diverge again: start a new run"):  # fmt: skip
+        trainer.train(progress=False)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == 10
+    assert all(torch.isfinite(w).all() for w in trainer.model.state_dict().values())  # the failing step's update was not made
+    load_model(tmp_path / "run" / "model")  # the exported model of step 10 loads (a NaN one is refused: test_checkpoint)
+
+    fresh = Trainer(_config(steps=40), tmp_path / "fresh", device="cpu")
+    monkeypatch.setattr(fresh, "lr_at", lambda step: 1e30)
+    with pytest.raises(Diverged, match=r"at step 2 .*Nothing was saved in .*fresh: start again with a lower --lr$"):
+        fresh.train(progress=False)
+    assert not (tmp_path / "fresh" / "state.pt").exists()
 
 
 def test_resume_refuses_another_model_or_training_and_says_what_differs(tmp_path: Path) -> None:
