@@ -206,6 +206,15 @@ def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type
     return init, mask, edit_options(args.strength, mask is not None, args.jump_length, args.jump_n_sample)
 
 
+def refuse_non_finite(command: str, images: Any, first_image: int, consequence: str) -> None:
+    """Exit naming the images the chain ended in NaN or infinity (indices of their seed), and what was not done."""
+    from ddpm.finite_images import finite_rows, not_finite_message
+
+    bad = [first_image + i for i, ok in enumerate(finite_rows(images)) if not ok]
+    if bad:
+        raise SystemExit(f"ddpm {command}: {not_finite_message(bad)}; {consequence}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -214,6 +223,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = writable_output("ddpm", "-o", args.output, arrays=True)
     assert path is not None
     images, _ = sample_images(args)
+    refuse_non_finite("sample", images, args.first_image, f"nothing written to {path}")  # was a black square in a PNG, NaN in an array
     try:
         if path.suffix == ".npy":
             np.save(path, ((images.clamp(-1, 1) + 1) / 2).numpy())  # (N, C, H, W) in [0, 1]
@@ -242,6 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.record:
         _recordable(args.model)
     images, model = sample_images(args, check=lambda labels: reference_size_problem(args.n, labels))  # a traceback after it before
+    refuse_non_finite("eval", images, args.first_image, "nothing measured or recorded")
     labels = getattr(args, "labels_used", None)
     report = {
         "model": str(args.model),

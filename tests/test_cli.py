@@ -15,9 +15,11 @@ import torch
 
 from commands.main import build_parser
 from ddpm import __version__
+from ddpm.finite_images import not_finite_message
 from ddpm.shipped_models import MODELS_DIR
 from service.settings import Settings
 from tests.command_in_process import WITHOUT_TORCH, run_command
+from tests.tiny_model import save_tiny_model
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -179,6 +181,22 @@ def test_ddpm_train_puts_attention_at_the_smallest_feature_map_by_default(flags:
     from commands.model_commands import unet_config
 
     assert unet_config(build_parser().parse_args(["train", "--run-dir", "r", *flags])).attn_resolutions == attention
+
+
+def test_ddpm_sample_refuses_to_write_images_that_ended_in_nan(tmp_path: Path) -> None:
+    """Weights that are finite but overflow every forward (x 1e38): the chain ends in NaN, which a PNG showed as black and
+    an .npy kept; now one line naming the images, exit 1, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny_model(tmp_path / "m")
+    state = load_file(model / "model.safetensors")
+    save_file({**state, "conv_in.weight": state["conv_in.weight"] * 1e38}, model / "model.safetensors")
+    for output in ("x.png", "x.npy"):
+        out = run_command(["sample", "--model", str(model), "-n", "3", "--first-image", "4", "--steps", "2", "--quiet", "-o",
+                           str(tmp_path / output)])  # fmt: skip
+        assert out.code == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip() == (f"ddpm sample: {not_finite_message([4, 5, 6])}; nothing written to {tmp_path / output}")
+        assert not (tmp_path / output).exists()
 
 
 def test_ddpm_sample_first_image_is_image_k_of_the_seed(tmp_path: Path) -> None:

@@ -12,9 +12,19 @@ from ddpm.chain import ChainSpec
 from ddpm.image_request import ImageRequest
 from ddpm.offline_sampler import sample
 from ddpm.seeding import image_seeds
-from kernels.philox import seeds_to_tensor
+from kernels.philox import sample_noise, seeds_to_tensor
 from service.engine.engine import Engine
-from service.engine.errors import Cancelled, DeadlineExceeded, Draining, DrainTimeout, EngineFault, EngineStopped, ModelFailure, QueueFull
+from service.engine.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    DrainTimeout,
+    EngineFault,
+    EngineStopped,
+    ModelFailure,
+    NonFiniteImages,
+    QueueFull,
+)
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 from tests.batch_rounding import BATCH_ROUNDING
@@ -210,6 +220,49 @@ def test_model_failure_fails_only_that_batch(tiny_unet: torch.nn.Module) -> None
         assert good.error is None and e.healthy
     finally:
         e.stop()
+
+
+def test_an_image_that_ends_in_nan_fails_its_request_naming_it_not_answered_black(tiny_unet: torch.nn.Module) -> None:
+    """A U-Net that overflows (fp16) for some inputs: the chain's NaN was cast to 0 by the PNG encoder, a black square
+    answered 200. Now the request fails (EngineFault: 500) naming the images; the others in the batch, and the engine's
+    health, are untouched."""
+    seeds = seeds_to_tensor(image_seeds(5, 4))
+    poisoned = set(torch.flatten(sample_noise(seeds, 0, (1, 8, 8)), 1)[:, 0].tolist()[1:3])  # x_T's first pixel: images 1, 2
+
+    model = tiny_loaded_model(tiny_unet)
+
+    def overflowing(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = tiny_unet(x, t)
+        if (t == t.max()).all() and x.shape[0]:  # the chain's first call: x is x_T, whose first pixel names the image
+            for i, v in enumerate(x.flatten(1)[:, 0].tolist()):
+                if v in poisoned:
+                    eps[i] = float("nan")
+        return eps
+
+    model.eps_model = overflowing
+    observer = _Faults()
+    e = Engine(model, max_batch=8, observer=observer)
+    e.start()
+    try:
+        bad, good = e.submit(_job(seed=5, n=4, steps=4)), e.submit(_job(seed=6, n=2, steps=4))
+        wait_done(bad, good)
+        assert isinstance(bad.error, NonFiniteImages) and bad.error.stage == "output"
+        assert str(bad.error).startswith("the model's output was not finite (NaN or infinity) for images 1, 2 of this seed: ")
+        assert good.error is None and torch.isfinite(good.images).all()  # type: ignore[arg-type]
+        assert e.healthy and observer.faults == [("output", 1)]
+        part = e.submit(Job(ImageRequest(5, 2, ChainSpec(steps=4), first=2), timeout_s=60))  # images 2, 3: the index is the seed's
+        wait_done(part)
+        assert str(part.error).startswith("the model's output was not finite (NaN or infinity) for image 2 of this seed")
+    finally:
+        e.stop()
+
+
+class _Faults(EngineObserver):
+    def __init__(self) -> None:
+        self.faults: list[tuple[str, int]] = []
+
+    def on_fault(self, stage: str, jobs: int) -> None:
+        self.faults.append((stage, jobs))
 
 
 def test_progress_callbacks(engine: Engine) -> None:

@@ -33,6 +33,40 @@ class OneFault:
 STAGE_CODES = [("admit", 500), ("unet", 500), ("step", 500), ("advance", 500), ("observer", 200), ("encode", 500)]
 
 
+def test_an_image_that_ends_in_nan_is_a_500_naming_it_and_the_server_stays_ready(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a 200 with a black square (the encoder cast NaN to 0). The model's eps is NaN for one x_T: seed 3's image 0."""
+    import torch
+
+    import service.server_state
+    from ddpm.seeding import image_seeds
+    from kernels.philox import sample_noise, seeds_to_tensor
+
+    poisoned = float(sample_noise(seeds_to_tensor(image_seeds(3, 1)), 0, (1, 8, 8)).flatten()[0])
+    load = service.server_state.load_model_source
+
+    def overflowing_for_one_input(spec: object, device: object) -> object:
+        model = load(spec, device)
+        eps_model = model.eps_model
+
+        def eps(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+            return eps_model(x, t, *labels).masked_fill((x.flatten(1)[:, 0] == poisoned).view(-1, 1, 1, 1), float("nan"))
+
+        model.eps_model = eps
+        return model
+
+    monkeypatch.setattr(service.server_state, "load_model_source", overflowing_for_one_input)
+    c, _state = app_and_state(model_dir, compile="off")
+    with c:
+        _ready(c)
+        r = c.post("/generate", json={"seed": 3, "batch_size": 2, "steps": 3, "sampler": "ddim"})
+        assert r.status_code == 500, r.text
+        assert r.json()["detail"].startswith("the model's output was not finite (NaN or infinity) for image 0 of this seed: "), r.text
+        assert _metric(c, 'ddpm_engine_faults_total{stage="output"}') == 1
+        assert c.get("/readyz").status_code == 200 and c.post("/generate", json={"seed": 4, "steps": 3}).status_code == 200
+        part = c.post("/generate", json={"seed": 3, "first_image": 1, "steps": 3, "sampler": "ddim"})  # image 1 of the seed is fine
+        assert part.status_code == 200, part.text
+
+
 @pytest.mark.parametrize(("stage", "code"), STAGE_CODES)
 def test_a_fault_at_any_stage_answers_and_the_server_goes_on(
     model_dir: Path, stage: str, code: int, caplog: pytest.LogCaptureFixture

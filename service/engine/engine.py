@@ -39,6 +39,7 @@ from ddpm.chain import ChainSpec, StepFn, default_step_fn
 from ddpm.chain_table_store import ChainTableStore
 from ddpm.chain_tables_cache import ChainTablesCache
 from ddpm.denoising_iteration import DenoisingIteration
+from ddpm.finite_images import finite_rows
 from ddpm.image_request import EditInput, ImageRequest
 from ddpm.inference_compile import serving_thread
 from ddpm.loaded_model import LoadedModel
@@ -57,6 +58,7 @@ from service.engine.errors import (
     EngineFault,
     EngineStopped,
     ModelFailure,
+    NonFiniteImages,
     QueueFull,
 )
 from service.engine.health import Health
@@ -659,7 +661,9 @@ class Engine:
                 readout.event.synchronize()
             self._readouts.pop(0)
             done: dict[int, Job] = {}
+            finite = finite_rows(readout.images)  # on the host: no device read
             with self._lock:
+                self._fail_non_finite(readout, finite)
                 for i, (job, k) in enumerate(readout.owners):
                     if job.done:  # failed or cancelled meanwhile
                         continue
@@ -674,6 +678,20 @@ class Engine:
                         done[job.id] = job
                 for job in done.values():
                     self._finish(job)
+
+    def _fail_non_finite(self, readout: _Readout, finite: list[bool]) -> None:
+        """Fail the jobs with an image of NaN or infinity in ``readout`` (the lock held), naming the images; counted and
+        logged as a fault of stage ``output``, without marking the engine unhealthy: the model works for other seeds (one
+        that fails for every input fails the self-test as well)."""
+        bad: dict[int, tuple[Job, list[int]]] = {}
+        for (job, k), ok in zip(readout.owners, finite, strict=True):
+            if not ok and not job.done:
+                bad.setdefault(job.id, (job, []))[1].append(job.request.first + k)
+        for job, images in bad.values():
+            error = NonFiniteImages(sorted(images))
+            log.error("job %s: %s", job.id, error, extra={"fields": {"stage": "output", "request_id": job.request_id}})
+            self._observe("on_fault", "output", 1)
+            self._fail_jobs([job], error)
 
     def stream_progress(self, job: Job) -> None:
         """Report ``job``'s progress (its ``on_progress``, set now) every iteration from the next on, though it was

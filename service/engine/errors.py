@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ddpm.finite_images import not_finite_message
+
 
 class EngineError(RuntimeError):
     """Base class of the reasons a job is refused or fails."""
@@ -48,6 +50,16 @@ class ModelFailure(EngineFault):
 
     def __init__(self, stage: str, exc: BaseException) -> None:
         super().__init__(stage, exc, "model call" if stage == "unet" else "denoising step")
+
+
+class NonFiniteImages(EngineFault):
+    """The chain ended in NaN or infinity for some of a job's images: the job fails (it was answered with black squares,
+    NaN cast to 0). The reason is the model's, and the client is told it (no paths or sizes in it)."""
+
+    def __init__(self, images: list[int]) -> None:
+        message = not_finite_message(images)
+        EngineError.__init__(self, message)
+        self.stage, self.cause = "output", message
 
 
 class EngineStopped(EngineError):
