@@ -86,6 +86,9 @@ class ModelCard:
         for section in ("unet", "schedule"):
             if not isinstance(d.get(section), dict):
                 raise CheckpointError(f"invalid model config: {section} must be a JSON object, got {d.get(section)!r}")
+        variance, variances = d.get("variance_type", "fixed_small"), [v.value for v in VarianceType]
+        if variance not in variances:
+            raise CheckpointError(f"invalid model config: variance_type {variance!r} is not one of {', '.join(variances)}")
         if not isinstance(d.get("clip_denoised", True), bool):
             raise CheckpointError(f"invalid model config: clip_denoised must be true or false, got {d['clip_denoised']!r}")
         try:
@@ -95,7 +98,7 @@ class ModelCard:
                 schedule_kind=sched["kind"],
                 num_timesteps=sched["num_timesteps"],
                 schedule_params=dict(sched.get("params", {})),
-                variance_type=VarianceType(d.get("variance_type", "fixed_small")),
+                variance_type=VarianceType(variance),
                 clip_denoised=d.get("clip_denoised", True),
                 class_names=[str(c) for c in d.get("classes", [])],
                 guidance_scale=None if d.get("guidance_scale") is None else float(d["guidance_scale"]),

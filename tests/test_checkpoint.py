@@ -112,6 +112,7 @@ HAND_EDITED = {
     "dropout of 2": (_set("unet", "dropout", value=2.0), r"dropout must be a number in \[0, 1\], got 2.0"),
     "U-Net as a list": (_set("unet", value=[8, 1]), r"unet must be a JSON object, got \[8, 1\]"),
     "no schedule": (lambda cfg: cfg.pop("schedule"), "schedule must be a JSON object, got None"),
+    "a learned variance": (_set("variance_type", value="learned"), "variance_type 'learned' is not one of fixed_large, fixed_small"),
     "clip as a string": (_set("clip_denoised", value="yes"), "clip_denoised must be true or false, got 'yes'"),
     "image_shape of 3 channels": (_set("image_shape", value=[3, 8, 8]), r"image_shape \[3, 8, 8\] is not the U-Net's \[1, 8, 8\]"),
 }
