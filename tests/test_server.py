@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import sys
 import threading
@@ -123,6 +124,19 @@ def test_openapi_documents_the_contract(client: TestClient) -> None:
 def test_web_page(client: TestClient) -> None:
     r = client.get("/")
     assert r.status_code == 200 and "/generate/stream" in r.text and "<progress" in r.text
+    # its policy allows its own inline script by hash, and nothing else that runs code (a browser enforces it:
+    # tests/test_web_page.py::test_the_pages_policy_blocks_a_script_it_did_not_ship)
+    policy = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
+    script = r.text.split("<script>", 1)[1].split("</script>", 1)[0]
+    assert policy["script-src"] == f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'" and r.headers["x-frame-options"] == "DENY"
+    assert "unsafe-inline" not in policy["script-src"] and "'unsafe-eval'" not in r.headers["content-security-policy"]
+
+
+def test_every_answer_says_its_content_type_is_not_to_be_sniffed(client: TestClient) -> None:
+    for r in (client.get("/healthz"), client.post("/generate", json={"seed": 1, "steps": 2}, headers={"Accept": "image/png"}),
+              client.post("/generate", json={"seed": "x"}), client.post("/generate", content=b"x" * 2_000_000)):  # fmt: skip
+        assert r.headers["x-content-type-options"] == "nosniff", (r.status_code, r.headers)
 
 
 def test_stream_progress_then_result(client: TestClient) -> None:

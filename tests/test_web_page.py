@@ -97,6 +97,29 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
     assert region.size > 0 and region.std() > 10, region.std()
 
 
+def test_the_pages_policy_blocks_a_script_it_did_not_ship(server: ServerProcess, browser: object) -> None:
+    """The page's Content-Security-Policy, enforced by a real browser: its own script ran (the form works:
+    test_page_generates_images), an inline script added later does not, and no frame may hold the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")  # type: ignore[attr-defined]
+    WebDriverWait(d, 20).until(lambda drv: "ddpm-serve" in drv.find_element(By.ID, "info-list").text)  # its own script ran
+    ran = d.execute_script(  # type: ignore[attr-defined]
+        "const s = document.createElement('script'); s.textContent = 'window.injected = 1'; document.body.appendChild(s);"
+        "return window.injected === 1"
+    )
+    assert ran is False
+    d.get("data:text/html,<iframe id=f src='" + server.url + "/'></iframe>")  # type: ignore[attr-defined]
+    framed = d.find_element(By.ID, "f")  # type: ignore[attr-defined]
+    d.switch_to.frame(framed)  # type: ignore[attr-defined]
+    try:
+        assert d.find_elements(By.ID, "go") == []  # type: ignore[attr-defined]  # the frame is empty: frame-ancestors 'none'
+    finally:
+        d.switch_to.default_content()  # type: ignore[attr-defined]
+
+
 def test_page_shows_errors(server: ServerProcess, browser: object) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -139,6 +139,7 @@ class RequestContextMiddleware:
         client = client_key(scope, self.trust_forwarded_for)
         state.update(request_id=request_id, client=client, log_fields=dict(trace_fields), arrived=start)
         id_header = (b"x-request-id", request_id.encode())
+        nosniff = (b"x-content-type-options", b"nosniff")  # a body is what its Content-Type says (no HTML sniffed from a PNG or JSON)
         status = {"code": 0}
         refused = {"sent": False}  # a 413/408 went out; the app's own answer is dropped
 
@@ -147,13 +148,14 @@ class RequestContextMiddleware:
                 return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message["headers"] = [*message.get("headers", []), id_header]
+                message["headers"] = [*message.get("headers", []), id_header, nosniff]
             await send(message)
 
         async def refuse(code: int, detail: str) -> None:
             status["code"] = code
             refused["sent"] = True
-            await _send_json(send, code, self.error_body(scope.get("path", ""), code, detail), [id_header, (b"connection", b"close")])
+            body = self.error_body(scope.get("path", ""), code, detail)
+            await _send_json(send, code, body, [id_header, nosniff, (b"connection", b"close")])
 
         limit = self.body_limit()
         try:

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import MetricsAuthorized, StateDep
 from service.api.errors import documented
+from service.api.page_policy import content_security_policy
 from service.api.strict_json import StrictJSONRoute
 
 INDEX_HTML = Path(__file__).resolve().parent.parent / "static" / "index.html"
@@ -40,4 +41,5 @@ async def metrics(state: StateDep, _: MetricsAuthorized) -> Response:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse(INDEX_HTML.read_text())
+    html = INDEX_HTML.read_text()
+    return HTMLResponse(html, headers={"Content-Security-Policy": content_security_policy(html), "X-Frame-Options": "DENY"})
