@@ -57,11 +57,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if trainer.step:
         print(f"resuming {args.run_dir} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+    from ddpm.checkpoint import WriteError
     from ddpm.train import Diverged
 
     try:
         trainer.train(progress=not args.quiet)
-    except Diverged as exc:
+    except (Diverged, WriteError) as exc:  # one line: what happened, what the run directory holds, what to do
         raise SystemExit(f"ddpm train: {exc}") from exc
     print(f"model written to {Path(args.run_dir) / 'model'}", file=sys.stderr)
     return 0
@@ -303,11 +304,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         distiller = Distiller(config, args.run_dir, device=args.device)
     except ValueError as exc:
         raise SystemExit(f"ddpm distill: {exc}") from exc
+    from ddpm.checkpoint import WriteError
     from ddpm.train import Diverged
 
     try:
         distiller.train(progress=not args.quiet)
-    except Diverged as exc:
+    except (Diverged, WriteError) as exc:
         raise SystemExit(f"ddpm distill: {exc}") from exc
     rounds = distiller.run_dir / "rounds.jsonl"
     if rounds.exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -134,8 +135,14 @@ class ModelCard:
             raise CheckpointError(f"distilled_chain must name sampler ddim and steps >= 1, got {chain}")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+class WriteError(OSError):
+    """A file could not be written (a full disk, most often); the file it was to replace is unchanged."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a crash or a full disk never leaves a half-written file (nor the
+    temporary one); WriteError names the file and the space left where the writer failed (torch's zip writer says
+    "unexpected pos 306176 vs 306128" for a full disk)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     os.close(fd)
     umask = os.umask(0)
@@ -144,6 +151,9 @@ def _atomic_write(path: Path, write: Any) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a non-root server
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        free = shutil.disk_usage(path.parent).free
+        raise WriteError(f"could not write {path} ({type(exc).__name__}: {exc}; {free / 2**20:.1f} MiB free there)") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -153,9 +163,9 @@ def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     text = json.dumps(card.to_dict(), indent=2) + "\n"
-    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))
     return directory
 
 
@@ -217,4 +227,4 @@ def record_quality(directory: str | Path, quality: dict[str, Any]) -> None:
     card = read_card(directory)
     card.quality = quality
     text = json.dumps(card.to_dict(), indent=2) + "\n"
-    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))

@@ -26,7 +26,6 @@ like any model.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.checkpoint import ModelCard, load_model, read_card, record_quality, save_model
+from ddpm.checkpoint import ModelCard, WriteError, atomic_write, load_model, read_card, record_quality, save_model
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, refusal
 from ddpm.run_state import load_run_state
-from ddpm.train import Diverged, StopFlag, finite_loss, kept, q_sample
+from ddpm.train import Diverged, StopFlag, finite_loss, kept, q_sample, resumable
 from ddpm.unet import UNet
 from ddpm.v_prediction import eps_from_v, x0_from_v
 
@@ -229,9 +228,7 @@ class Distiller:
             "losses": self.losses,
             "seconds": self.seconds,
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, lambda path: torch.save(state, path))
         self.saved_at = self._position()
 
     def _position(self) -> str:
@@ -310,8 +307,9 @@ class Distiller:
         }
         if self.config.eval_n:
             row["quality"] = self.measure(out)
-        with (self.run_dir / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        rounds = self.run_dir / "rounds.jsonl"
+        text = (rounds.read_text() if rounds.exists() else "") + json.dumps(row) + "\n"
+        atomic_write(rounds, lambda tmp: Path(tmp).write_text(text))  # whole lines, or the file as it was
         self.round += 1
         self.step = 0
         self._start_round(fresh=True)
@@ -354,12 +352,14 @@ class Distiller:
                     budget = self._train_round(steps, bar, stop, budget)
                 if self.step >= self.config.round_steps:
                     self.finish_round()
+            self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
         except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
             raise Diverged(f"{exc}: --lr {self.config.lr:g} is too high for it (or --warmup-steps {self.config.warmup_steps} too few). "
                            f"{kept(self.run_dir, self.saved_at)}") from None  # fmt: skip
+        except WriteError as exc:  # a full disk: what was written is whole, the rest unchanged
+            raise WriteError(f"{exc}. {resumable(self.run_dir, self.saved_at)}") from None
         finally:
             stop.restore()
-        self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
 
     def _train_round(self, steps: int, bar: Any, stop: StopFlag, budget: int | None) -> int | None:
         """Optimiser steps of this round until its end, a stop or the budget; the budget left."""

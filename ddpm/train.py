@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import signal
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddpm.checkpoint import CONFIG, ModelCard, save_model
+from ddpm.checkpoint import CONFIG, ModelCard, WriteError, atomic_write, save_model
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, refusal
@@ -165,9 +164,7 @@ class Trainer:
             "losses": self.losses,
             "train_seconds": self.train_seconds,
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, lambda path: torch.save(state, path))
         self.saved_at = self.step
         save_model(self.run_dir / "model", self.ema, self.model_card())
         self.plot_loss()
@@ -243,30 +240,40 @@ class Trainer:
         cfg = self.config
         if self.finished:  # re-exporting the same weights wrote a card without the quality `ddpm eval --record` had put there
             return
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         stop = StopFlag()
-        last = time.perf_counter()
         try:
-            while self.step < cfg.steps and not stop.requested:
-                self.losses.append(self.train_step())
-                now = time.perf_counter()
-                self.train_seconds += now - last
-                last = now
-                bar.update(1)
-                if self.step % 20 == 0:
-                    bar.set_postfix(loss=f"{self.smoothed_loss(100):.4f}")
-                if self.step % cfg.sample_every == 0:
-                    self.write_samples()
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save()
-                last = time.perf_counter()  # sampling and saving are not training time
+            with tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True) as bar:
+                self._train_steps(bar, stop)
+            self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
         except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
             raise Diverged(f"{exc}: --lr {cfg.lr:g} is too high for it (or --warmup-steps {cfg.warmup_steps} too few). "
-                           f"{kept(self.run_dir, None if self.saved_at is None else f'step {self.saved_at}')}") from None
+                           f"{kept(self.run_dir, self._checkpoint())}") from None  # fmt: skip
+        except WriteError as exc:  # a full disk: what was written is whole, the rest unchanged
+            raise WriteError(f"{exc}. {resumable(self.run_dir, self._checkpoint())}") from None
         finally:
-            bar.close()
             stop.restore()
-        self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
+
+    def _checkpoint(self) -> str | None:
+        """Which step the run directory's checkpoint holds (None: nothing saved yet)."""
+        return None if self.saved_at is None else f"step {self.saved_at}"
+
+    def _train_steps(self, bar: Any, stop: StopFlag) -> None:
+        """Optimiser steps to --steps or a stop, with the sample grids and checkpoints on their schedules."""
+        cfg = self.config
+        last = time.perf_counter()
+        while self.step < cfg.steps and not stop.requested:
+            self.losses.append(self.train_step())
+            now = time.perf_counter()
+            self.train_seconds += now - last
+            last = now
+            bar.update(1)
+            if self.step % 20 == 0:
+                bar.set_postfix(loss=f"{self.smoothed_loss(100):.4f}")
+            if self.step % cfg.sample_every == 0:
+                self.write_samples()
+            if self.step % cfg.checkpoint_every == 0:
+                self.save()
+            last = time.perf_counter()  # sampling and saving are not training time
 
     def write_samples(self, n: int = 36) -> Path:
         from ddpm.offline_sampler import sample
@@ -294,7 +301,7 @@ class Trainer:
             )
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(x, ncols=6).save(path)
+        atomic_write(path, lambda tmp: make_grid(x, ncols=6).save(tmp, format="PNG"))
         return path
 
     def plot_loss(self) -> None:
@@ -316,8 +323,10 @@ class Trainer:
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.run_dir / "loss.png")
-        plt.close(fig)
+        try:
+            atomic_write(self.run_dir / "loss.png", lambda tmp: fig.savefig(tmp, format="png"))
+        finally:
+            plt.close(fig)
 
 
 class Diverged(RuntimeError):
@@ -340,6 +349,13 @@ def kept(run_dir: Path, checkpoint: str | None) -> str:
         return f"Nothing was saved in {run_dir}: start again with a lower --lr"
     return (f"{run_dir} holds its checkpoint of {checkpoint}, whose weights are finite, but a resume repeats the run exactly "
             "and would diverge again: start a new run with a lower --lr")
+
+
+def resumable(run_dir: Path, checkpoint: str | None) -> str:
+    """What a run directory holds after a write failed (``checkpoint``: of which step), and how to go on."""
+    if checkpoint is None:
+        return f"Nothing was saved in {run_dir}: free space and start again"
+    return f"{run_dir} holds its checkpoint of {checkpoint}, whole: free space and run the same command to resume from it"
 
 
 class StopFlag:

@@ -147,6 +147,21 @@ def test_weights_that_cannot_make_an_image_are_refused(tmp_path: Path, tiny_unet
     assert load_model_source(directory).module.conv_in.bias.dtype == torch.float32
 
 
+def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp_path: Path) -> None:
+    from ddpm.checkpoint import WriteError, atomic_write
+
+    target = tmp_path / "config.json"
+    target.write_text("before")
+
+    def full_disk(path: str) -> None:
+        Path(path).write_text("par")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(WriteError, match=r"could not write .*config.json \(OSError: \[Errno 28\] No space left on device; [\d.]+ MiB free"):
+        atomic_write(target, full_disk)
+    assert target.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
 def test_record_quality(tmp_path: Path, tiny_unet: UNet) -> None:
     from ddpm.checkpoint import read_card, record_quality
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.checkpoint import load_model
+from ddpm.checkpoint import WriteError, load_model
 from ddpm.data import fit_to_size, load_dataset, mnist_digits
 from ddpm.train import Diverged, TrainConfig, Trainer
 from tests.tiny_model import TINY
@@ -136,6 +136,28 @@ def test_a_diverging_run_stops_before_its_weights_turn_nan(tmp_path: Path, monke
     with pytest.raises(Diverged, match=r"at step 2 .*Nothing was saved in .*fresh: start again with a lower --lr$"):
         fresh.train(progress=False)
     assert not (tmp_path / "fresh" / "state.pt").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_keeping_the_last_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: torch's zip writer raised RuntimeError("unexpected pos ...") through a traceback and left state.tmp;
+    now one error naming the file, the space left and what the run directory holds, and no temporary file."""
+    trainer = Trainer(_config(steps=40), tmp_path / "run", device="cpu")
+    real_save, saves = torch.save, []
+
+    def full_disk(obj: object, f: str, *args: object, **kwargs: object) -> None:
+        saves.append(f)
+        if len(saves) >= 2:
+            Path(f).write_bytes(b"PK" * 50)  # what a full disk leaves: a part
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 306176 vs 306128")
+        real_save(obj, f, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WriteError, match=r"^could not write .*run/state.pt \(RuntimeError: .*unexpected pos 306176 vs 306128; [\d.]+ MiB "
+                       r"free there\)\. .*run holds its checkpoint of step 10, whole: free space and run the same command to resume"):
+        trainer.train(progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["loss.png", "model", "samples", "state.pt"]  # no temporary
+    monkeypatch.undo()
+    assert Trainer(_config(steps=40), tmp_path / "run", device="cpu").step == 10
 
 
 def test_resume_refuses_another_model_or_training_and_says_what_differs(tmp_path: Path) -> None:
