@@ -163,7 +163,7 @@ class Distiller:
         torch.manual_seed(config.seed)
         self.round = 0  # index into self.rounds
         self.step = 0  # optimiser steps done in this round
-        self.saved_at: str | None = None  # where the run directory's checkpoint is (what a diverged run keeps)
+        self.saved_at: str | None = None  # where the run directory's checkpoint is (what a stopped run keeps)
         self.losses: dict[int, list[float]] = {}
         self.seconds: dict[int, float] = {}
         self.opt = torch.optim.Adam(self.student.parameters(), lr=config.lr)
@@ -232,7 +232,7 @@ class Distiller:
         self.saved_at = self._position()
 
     def _position(self) -> str:
-        """Where the run is, in words (what a diverged run's checkpoint holds)."""
+        """Where the run is, in words (what a stopped run's checkpoint holds)."""
         steps = self.rounds[min(self.round, len(self.rounds) - 1)]
         return f"step {self.step} of the {2 * steps}->{steps} round" if not self.done else "its last round's end"
 

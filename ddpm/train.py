@@ -125,7 +125,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
         self.step = 0
-        self.saved_at: int | None = None  # the step of the run directory's checkpoint (what a diverged run keeps)
+        self.saved_at: int | None = None  # the step of the run directory's checkpoint (what a stopped run keeps)
         self.losses: list[float] = []
         self.train_seconds = 0.0
         self._resume()
