@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,14 @@ def test_ddpm_sample_refuses_to_write_images_that_ended_in_nan(tmp_path: Path) -
         assert out.code == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.strip() == (f"ddpm sample: {not_finite_message([4, 5, 6])}; nothing written to {tmp_path / output}")
         assert not (tmp_path / output).exists()
+    # ddpm eval measured them (FD of NaN features) and could record that into the card: the shipped model made to overflow
+    shipped = tmp_path / "shipped"
+    shutil.copytree(MODELS_DIR / "mnist-28", shipped)
+    state = load_file(shipped / "model.safetensors")
+    save_file({**state, "conv_in.weight": state["conv_in.weight"] * 1e37}, shipped / "model.safetensors")
+    out = run_command(["eval", "--model", str(shipped), "-n", "20", "--steps", "2", "--quiet", "--report", str(tmp_path / "q.json")])
+    assert out.code == 1 and out.stderr.strip().endswith("or weights that diverged; nothing measured or recorded"), out.stderr[-2000:]
+    assert not (tmp_path / "q.json").exists()
 
 
 def test_ddpm_sample_first_image_is_image_k_of_the_seed(tmp_path: Path) -> None:
