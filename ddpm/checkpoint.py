@@ -201,21 +201,18 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{weights}: {name} has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}")
-    check_weights(state.items(), weights)
+        if expected[name].is_floating_point() and not tensor.is_floating_point():  # an int8 file was cast silently
+            raise CheckpointError(f"{weights}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating point")
+    check_finite(state.items(), weights)
     model = UNet(card.unet)
     model.load_state_dict(state)
     return model.to(device).eval(), card
 
 
-def check_weights(tensors: Iterable[tuple[str, torch.Tensor]], where: Path) -> None:
-    """Weights a model can run: floating point (an int8 file was cast silently) and finite (a run that diverged gives NaN
-    weights, and every image of such a model is NaN: served, it was a black square with no error)."""
-    bad: list[str] = []
-    for name, tensor in tensors:
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating point")
-        if not bool(torch.isfinite(tensor).all()):
-            bad.append(name)
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: Path) -> None:
+    """Weights a model can run are finite: a run that diverged gives NaN weights, and every image of such a model is NaN
+    (served, it was a black square with no error). Integer tensors (a buffer of indices) are left alone."""
+    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} tensor{'s hold' if len(bad) > 1 else ' holds'} NaN or infinity ({bad[0]} first): "
                               "the training run diverged, or the file is damaged")  # fmt: skip

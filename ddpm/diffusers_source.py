@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import CheckpointError, check_weights
+from ddpm.checkpoint import CheckpointError, check_finite
 from ddpm.loaded_model import LoadedModel
 from ddpm.respace import SPACINGS
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
@@ -87,7 +87,7 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
         unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir}: {exc}") from exc
-    check_weights(unet.state_dict().items(), unet_dir)
+    check_finite(unet.state_dict().items(), unet_dir)
     class_names = _class_names(path, unet.config, unet_dir)
     unet = unet.to(device).eval()
 
