@@ -141,6 +141,25 @@ def test_prometheus_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_prometheus_alerts_fire_on_what_they_should_and_use_exported_metrics() -> None:
+    """deploy/prometheus/alerts.yml: valid rules, loaded by the config (relative to it, as compose mounts both), every
+    ddpm metric it reads exported, and promtool's unit tests (tests/prometheus_alerts_test.yml: each alert fires after its
+    `for` on the series that should fire it, and not on the near misses beside them) pass."""
+    rules = DEPLOY / "prometheus" / "alerts.yml"
+    assert "alerts.yml" in yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["rule_files"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in compose["services"]["prometheus"]["volumes"]
+    exprs = [rule["expr"] for group in yaml.safe_load(rules.read_text())["groups"] for rule in group["rules"]]
+    used = {m for e in exprs for m in re.findall(r"\b(ddpm_[a-z_]+)", e)}
+    assert used and used <= _exported_metric_names(), used - _exported_metric_names()
+    names = {rule["alert"] for group in yaml.safe_load(rules.read_text())["groups"] for rule in group["rules"]}
+    tested = set(re.findall(r"alertname: (\w+)", (ROOT / "tests" / "prometheus_alerts_test.yml").read_text()))
+    assert names == tested, names ^ tested  # every alert has a unit test
+    for argv in (["check", "rules", str(rules)], ["test", "rules", str(ROOT / "tests" / "prometheus_alerts_test.yml")]):
+        result = subprocess.run([_tool("promtool"), *argv], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _exported_metrics() -> Metrics:
     """A Metrics as a CUDA replica has it (the GPU gauges too, read from a stand-in allocator)."""
     metrics = Metrics(model="m")
