@@ -143,7 +143,10 @@ def atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file and rename, so a crash or a full disk never leaves a half-written file (nor the
     temporary one); WriteError names the file and the space left where the writer failed (torch's zip writer says
     "unexpected pos 306176 vs 306128" for a full disk)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    except OSError as exc:  # the directory went away, or cannot be written
+        raise WriteError(_cannot_write(path, exc)) from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -152,11 +155,18 @@ def atomic_write(path: Path, write: Any) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a non-root server
         os.replace(tmp, path)
     except (OSError, RuntimeError, SafetensorError) as exc:
-        free = shutil.disk_usage(path.parent).free
-        raise WriteError(f"could not write {path} ({type(exc).__name__}: {exc}; {free / 2**20:.1f} MiB free there)") from exc
+        raise WriteError(_cannot_write(path, exc)) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _cannot_write(path: Path, exc: BaseException) -> str:
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return f"could not write {path} ({type(exc).__name__}: {exc}{free})"
 
 
 def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:

@@ -160,6 +160,8 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp_path:
     with pytest.raises(WriteError, match=r"could not write .*config.json \(OSError: \[Errno 28\] No space left on device; [\d.]+ MiB free"):
         atomic_write(target, full_disk)
     assert target.read_text() == "before" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    with pytest.raises(WriteError, match=r"could not write .*gone/config.json \(FileNotFoundError: .*\)$"):  # its directory went away
+        atomic_write(tmp_path / "gone" / "config.json", full_disk)
 
 
 def test_record_quality(tmp_path: Path, tiny_unet: UNet) -> None:
