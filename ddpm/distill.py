@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.checkpoint import ModelCard, WriteError, atomic_write, load_model, read_card, record_quality, save_model
+from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, record_quality, save_model
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, refusal
 from ddpm.run_state import load_run_state
-from ddpm.train import Diverged, StopFlag, finite_loss, kept, q_sample, resumable
+from ddpm.train import StopFlag, finite_loss, q_sample, run_stops
 from ddpm.unet import UNet
 from ddpm.v_prediction import eps_from_v, x0_from_v
 
@@ -342,9 +342,8 @@ class Distiller:
         """Run the rounds left; ``max_steps``: stop (and save) after this many optimiser steps of this call."""
         from tqdm import tqdm
 
-        stop = StopFlag()
         budget = max_steps
-        try:
+        with run_stops(self.run_dir, self.config.lr, self.config.warmup_steps, lambda: self.saved_at) as stop:
             while not self.done and not stop.requested and budget != 0:
                 steps = self.rounds[self.round]
                 with tqdm(total=self.config.round_steps, initial=self.step, disable=not progress, desc=f"distill {2 * steps}->{steps}",
@@ -353,13 +352,6 @@ class Distiller:
                 if self.step >= self.config.round_steps:
                     self.finish_round()
             self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
-        except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
-            raise Diverged(f"{exc}: --lr {self.config.lr:g} is too high for it (or --warmup-steps {self.config.warmup_steps} too few). "
-                           f"{kept(self.run_dir, self.saved_at)}") from None  # fmt: skip
-        except WriteError as exc:  # a full disk: what was written is whole, the rest unchanged
-            raise WriteError(f"{exc}. {resumable(self.run_dir, self.saved_at)}") from None
-        finally:
-            stop.restore()
 
     def _train_round(self, steps: int, bar: Any, stop: StopFlag, budget: int | None) -> int | None:
         """Optimiser steps of this round until its end, a stop or the budget; the budget left."""

@@ -16,6 +16,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -240,18 +242,10 @@ class Trainer:
         cfg = self.config
         if self.finished:  # re-exporting the same weights wrote a card without the quality `ddpm eval --record` had put there
             return
-        stop = StopFlag()
-        try:
+        with run_stops(self.run_dir, cfg.lr, cfg.warmup_steps, self._checkpoint) as stop:
             with tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True) as bar:
                 self._train_steps(bar, stop)
             self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
-        except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
-            raise Diverged(f"{exc}: --lr {cfg.lr:g} is too high for it (or --warmup-steps {cfg.warmup_steps} too few). "
-                           f"{kept(self.run_dir, self._checkpoint())}") from None  # fmt: skip
-        except WriteError as exc:  # a full disk: what was written is whole, the rest unchanged
-            raise WriteError(f"{exc}. {resumable(self.run_dir, self._checkpoint())}") from None
-        finally:
-            stop.restore()
 
     def _checkpoint(self) -> str | None:
         """Which step the run directory's checkpoint holds (None: nothing saved yet)."""
@@ -356,6 +350,22 @@ def resumable(run_dir: Path, checkpoint: str | None) -> str:
     if checkpoint is None:
         return f"Nothing was saved in {run_dir}: free space and start again"
     return f"{run_dir} holds its checkpoint of {checkpoint}, whole: free space and run the same command to resume from it"
+
+
+@contextmanager
+def run_stops(run_dir: Path, lr: float, warmup_steps: int, checkpoint: Callable[[], str | None]) -> Iterator[StopFlag]:
+    """A run's loop (training, distillation): SIGINT/SIGTERM ask it to stop (the StopFlag yielded), and the two stops a
+    plain resume does not undo say what the run directory holds (``checkpoint``: of which step) and what to do."""
+    stop = StopFlag()
+    try:
+        yield stop
+    except Diverged as exc:  # nothing saved: the run directory keeps its last checkpoint, whose weights are finite
+        raise Diverged(f"{exc}: --lr {lr:g} is too high for it (or --warmup-steps {warmup_steps} too few). "
+                       f"{kept(run_dir, checkpoint())}") from None  # fmt: skip
+    except WriteError as exc:  # a full disk: what was written is whole, the rest unchanged
+        raise WriteError(f"{exc}. {resumable(run_dir, checkpoint())}") from None
+    finally:
+        stop.restore()
 
 
 class StopFlag:
