@@ -31,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was (torch, inductor, httpx)
         exit_at_once(f"\nddpm {args.command}: interrupted", code=130)
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (a smaller --batch-size)" if hasattr(args, "batch_size") else ""
+        raise SystemExit(f"ddpm {args.command}: out of memory ({first}): ask for less at once{hint} or use a larger machine") from exc
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: numpy's (a MemoryError), torch's on the CPU (a RuntimeError from its allocator) or on a
+    GPU (torch.OutOfMemoryError), told apart without importing torch."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ subcommand, and ``ddpm serve`` taking every setting as a flag (generated from th
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from ddpm.finite_images import not_finite_message
 from ddpm.shipped_models import MODELS_DIR
 from service.settings import Settings
 from tests.command_in_process import WITHOUT_TORCH, run_command
-from tests.tiny_model import save_tiny_model
+from tests.tiny_model import SMALLEST, save_tiny_model
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -206,6 +207,21 @@ def test_ddpm_sample_refuses_to_write_images_that_ended_in_nan(tmp_path: Path) -
     out = run_command(["eval", "--model", str(shipped), "-n", "20", "--steps", "2", "--quiet", "--report", str(tmp_path / "q.json")])
     assert out.code == 1 and out.stderr.strip().endswith("or weights that diverged; nothing measured or recorded"), out.stderr[-2000:]
     assert not (tmp_path / "q.json").exists()
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A model whose weights fit but whose images do not (a one-level U-Net's config says 10^6 x 10^6 pixels): torch's
+    allocator raised through a traceback from the FLOP count (info) or the chain (sample)."""
+    model = save_tiny_model(tmp_path / "wide", config=SMALLEST)
+    config = json.loads((model / "config.json").read_text())
+    config["unet"]["image_size"], config["image_shape"] = 1_000_000, [1, 1_000_000, 1_000_000]
+    (model / "config.json").write_text(json.dumps(config))
+    sample = ["sample", "-n", "1", "--steps", "1", "--quiet", "-o", str(tmp_path / "x.png")]
+    for argv, hint in ((["info"], ""), (sample, " (a smaller --batch-size)")):
+        out = run_command([*argv, "--model", str(model)])
+        said = out.stderr.strip()
+        assert out.code == 1 and said.startswith(f"ddpm {argv[0]}: out of memory (") and "Traceback" not in said, said[-2000:]
+        assert "4000000000000 bytes" in said and said.endswith(f"ask for less at once{hint} or use a larger machine")
 
 
 def test_ddpm_sample_first_image_is_image_k_of_the_seed(tmp_path: Path) -> None:
