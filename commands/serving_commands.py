@@ -315,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # by the time uvicorn shuts down, the drain has answered every job: this bounds only idle sockets
         timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
     )
-    server = DrainingServer(config, state, settings.drain_timeout_s)
+    server = DrainingServer(config, state, settings.drain_timeout_s, exit_at_once)
     try:
         server.run()
     except SystemExit:  # uvicorn's, when it cannot listen (address in use, an unknown host): it logged why

@@ -9,7 +9,10 @@ DDPM_DRAIN_TIMEOUT_S, answers whatever is still running at that deadline with 50
 then exits 0. Until then it also waits for the first request of each connection accepted before the
 drain (sent, or still to come within its header deadline) to be answered: uvicorn's shutdown closes a
 connection with no request in progress, and the balancer would answer that request 502. A second
-signal exits at once.
+signal (Ctrl-C again) stops at once: every request in flight is answered 503 + Retry-After (another
+replica can take it), and the process exits 128 + the signal's number within about a second, without
+uvicorn's shutdown or a normal interpreter exit (the engine thread may be inside a U-Net call: cancelling
+the handlers answered them 500, and finalizing under that thread aborted the process, exit 134).
 
 A server that can never serve exits non-zero with the reason, so that the orchestrator restarts it:
 when the model fails to load, or when the engine thread dies.
@@ -27,17 +30,20 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 log = logging.getLogger("ddpm.server")
 GRACEFUL_CLOSE_S = 5.0  # after the drain: time for answered connections to close
+STOP_NOW_ANSWER_S = 1.0  # after a second signal: time for the 503s to be written before the process exits
 
 
 class DrainingServer:
     """A uvicorn Server whose first exit signal drains the engine before uvicorn's own shutdown, and
     which stops with ``fatal`` set when the server can never serve (``state.on_fatal``)."""
 
-    def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
+    def __init__(self, config: Any, state: Any, drain_timeout_s: float, exit_now: Callable[[str, int], NoReturn]) -> None:
+        """``exit_now(message, code)`` ends the process at once (``commands.process_exit.exit_at_once``)."""
         import uvicorn
 
         from service.engine.errors import DrainTimeout
@@ -47,14 +53,16 @@ class DrainingServer:
 
         class _Server(uvicorn.Server):
             draining = False
+            stopping_now = False
 
             def handle_exit(self, sig: int, frame: Any) -> None:
-                if self.draining:  # second signal: leave now
-                    self.force_exit = True
-                    super().handle_exit(sig, frame)
+                if self.draining:  # a second signal: answer what is in flight and leave now
+                    if not self.stopping_now:
+                        self.stopping_now = True
+                        threading.Thread(target=self._stop_now, args=(sig,), name="ddpm-stop-now", daemon=True).start()
                     return
                 self.draining = True
-                log.info("signal %s: draining (up to %.0f s for in-flight requests)", sig, timeout)
+                log.info("signal %s: draining (up to %.0f s for in-flight requests; a second signal stops at once)", sig, timeout)
                 state_ref.drain()
                 try:
                     asyncio.get_running_loop().call_soon_threadsafe(self._close_listeners)
@@ -75,6 +83,16 @@ class DrainingServer:
                     self.should_exit = True
 
                 threading.Thread(target=finish, name="ddpm-drain", daemon=True).start()
+
+            def _stop_now(self, sig: int) -> None:
+                engine, answered = state_ref.engine, 0
+                if engine is not None:  # a stalled engine thread may hold the lock: then the clients see the connection close
+                    error = DrainTimeout("the server is stopping at once (a second signal); retry")
+                    answered = engine.abort(error, lock_timeout=STOP_NOW_ANSWER_S / 2)
+                end = time.monotonic() + STOP_NOW_ANSWER_S
+                while self.server_state.tasks and time.monotonic() < end:  # the handlers write their 503s
+                    time.sleep(0.02)
+                exit_now(f"ddpm serve: stopped at once by a second signal; {answered} request(s) in flight answered 503", 128 + sig)
 
             def _first_answers_owed(self) -> bool:
                 """A connection accepted before the drain whose first request has not arrived or not been answered: uvicorn's

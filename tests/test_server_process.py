@@ -273,6 +273,34 @@ def test_drain_deadline_answers_what_is_left_and_exits_0(model_1000: Path) -> No
         s.stop()
 
 
+def test_a_second_signal_answers_in_flight_requests_503_and_exits_at_once(model_1000: Path) -> None:
+    """Ctrl-C twice (or a second SIGTERM) during a drain: uvicorn's forced exit answered the request in flight 500, logged
+    the lifespan's cancellation as an error and then aborted the process (exit 134, the engine thread inside a U-Net call
+    as the interpreter finalized). Now the request gets a 503 a client can retry elsewhere and the process exits 143."""
+    s = ServerProcess(model_1000, DDPM_RETRY_AFTER_S="2")
+    try:
+        s.wait_ready()
+        result: dict[str, httpx.Response] = {}
+        body = {"seed": 2, "batch_size": 8, "steps": 1000}
+        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/generate", json=body, timeout=60)))
+        t.start()
+        s.wait_metric("ddpm_running_samples", lambda v: v == 8)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(15) == 128 + signal.SIGTERM, s.output()[-3000:]
+        assert time.monotonic() - signalled < 3  # at once: not the 600 s drain, not the chain
+        t.join(10)
+        r = result["r"]
+        assert r.status_code == 503 and r.headers["retry-after"] == "2" and "second signal" in r.json()["detail"]
+        out = s.output()
+        assert "1 request(s) in flight answered 503" in out
+        assert "terminate called" not in out and "Traceback" not in out
+    finally:
+        s.stop()
+
+
 def test_a_dead_engine_exits_non_zero(model_1000: Path) -> None:
     s = ServerProcess(model_1000, DDPM_FAULT_RATE="1", DDPM_FAULT_STAGES="loop")
     try:

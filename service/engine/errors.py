@@ -67,4 +67,5 @@ class EngineStopped(EngineError):
 
 
 class DrainTimeout(EngineError):
-    """The server is shutting down and its drain deadline passed before the job finished."""
+    """The server is shutting down and the job could not finish: the drain deadline passed, or a second signal stopped
+    the server at once."""
