@@ -62,6 +62,7 @@ from service.engine.errors import (
     QueueFull,
 )
 from service.engine.health import Health
+from service.engine.heap_trim import release_free_heap
 from service.engine.iteration_cost import IterationCost
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
@@ -70,6 +71,7 @@ from service.engine.served_batch import ServedBatch
 from service.engine.step_scheduler import MAX_SLOWDOWN, STARVE_AFTER, choose, iteration_limit, slowdown_limit
 
 log = logging.getLogger("ddpm.engine")
+HEAP_TRIM_AFTER_S = 1.0  # idle this long after work: the heap's free pages go back to the OS (not between requests under load)
 DEADLINE_MEMORY_S = 60.0  # how long the tightest deadline seen keeps shortening iterations (step_scheduler.iteration_limit)
 
 
@@ -95,6 +97,8 @@ class _Readout:
 
 class Engine:
     _cold: set[int] | None = None  # while warming up: the U-Net row counts whose first call has run
+    _worked_at: float | None = None  # the end of the last work since the heap was last trimmed (None: trimmed since)
+    heap_trim_after_s = HEAP_TRIM_AFTER_S
 
     def __init__(
         self,
@@ -481,7 +485,7 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not self._stop and not self._has_work() and not self.health.self_test_due():
+                    while not self._stop and not self._has_work() and not self.health.self_test_due() and not self._heap_trim_due():
                         self._last_progress = time.monotonic()  # idle is not stalled
                         self._lock.wait(self.idle_poll_s)
                     if self._stop:
@@ -490,8 +494,13 @@ class Engine:
                 self._fault("loop")
                 if work:
                     self._iteration()
+                    self._worked_at = time.monotonic()
+                elif self._heap_trim_due():  # idle for a while after work: what it freed goes back to the OS (heap_trim.py)
+                    release_free_heap()
+                    self._worked_at = None
                 else:
                     self._self_test()
+                    self._worked_at = time.monotonic()
                 self._last_progress = time.monotonic()
         except BaseException as exc:  # the last line of defence: nothing may end the engine silently
             self.dead = f"{type(exc).__name__}: {exc}"
@@ -505,6 +514,9 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(self._queue) or self._batch.n > 0 or bool(self._readouts)
+
+    def _heap_trim_due(self) -> bool:
+        return self._worked_at is not None and time.monotonic() - self._worked_at >= self.heap_trim_after_s
 
     @torch.inference_mode()  # every tensor of the running batch is an inference tensor (compiled graphs guard on it)
     def _iterate(self) -> None:
