@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.server_process import free_port  # noqa: E402
+from tests.server_process import free_port
 
 BURST = (64, 37, 13, 64, 50, 3, 64, 21)
 

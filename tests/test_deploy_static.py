@@ -80,6 +80,9 @@ def test_compose_services(compose: dict) -> None:
     gpu = services["ddpm-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["ddpm-cpu"]["build"]["args"]["TORCH_INDEX"].endswith("/cpu")
+    # README "Memory": a CPU replica peaked at 991 MiB of its container's memory (tmpfs included); half as much again
+    limit = services["ddpm-cpu"]["deploy"]["resources"]["limits"]["memory"]
+    assert limit.endswith("g") and float(limit[:-1]) * 1024 >= 1.5 * 991
     for name, svc in services.items():
         assert "healthcheck" in svc, name
     assert services["nginx"]["ports"] == ["8080:8080"]
