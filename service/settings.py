@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay the compiled U-Net as CUDA graphs (one per batch bucket; 5x per call at batch 1-16 on an H200)"
     )
-    threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads (0: PyTorch's default)")  # 100000: a segfault
+    threads: int = Field(  # the bound: 100000 was a segfault
+        0, ge=0, le=MAX_THREADS, description="torch CPU threads (0: PyTorch's default, capped at the cgroup's CPU quota)"
+    )
     gil_switch_interval_ms: float = Field(
         5.0, gt=0, le=100, description="sys.setswitchinterval (Python's default 5 ms): how long the engine's thread may wait for the GIL "
         "while a request thread runs Python (BENCHMARKS.md, the other core)"

@@ -123,6 +123,16 @@ def test_the_cpu_image_holds_only_what_serving_needs(image: dict[str, object]) -
     assert user.startswith("10001:10001") and "/healthz" in user  # Docker format keeps the HEALTHCHECK
 
 
+def test_a_cpu_limit_caps_the_servers_threads(image: dict[str, object]) -> None:
+    """``--cpus 1`` as a container's cgroup shows it: the quota read, and PyTorch's default thread count (one per core
+    here) capped at it (ddpm/cpu_quota.py; tests/test_cpu_quota.py lays out the other layouts)."""
+    probe = "import torch; from ddpm.cpu_quota import cpu_quota as q, threads_within_quota as t; " \
+            "print(q(), t(torch.get_num_threads(), q()))"
+    assert podman("run", "--rm", "--cpus", "1", IMAGE, "python", "-c", probe).stdout.split() == ["1.0", "1"]
+    assert podman("run", "--rm", "--cpus", "1.5", IMAGE, "python", "-c", probe).stdout.split() == ["1.5", "1"]
+    assert podman("run", "--rm", IMAGE, "python", "-c", probe).stdout.split()[0] == "None"
+
+
 def test_it_serves_the_shipped_model_byte_identical_to_ddpm_serve_outside(container: Container) -> None:
     container.wait_ready()
     body = {"seed": 11, "batch_size": 2, "steps": 6, "sampler": "dpmsolver++"}
