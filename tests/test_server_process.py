@@ -253,15 +253,21 @@ def test_forwarded_for_is_ignored_unless_trusted(model_1000: Path) -> None:
         s.stop()
 
 
+def _eight_rows_running(s: ServerProcess) -> tuple[threading.Thread, dict[str, httpx.Response]]:
+    """A 1000-step request of 8 images sent on a thread (its answer lands in the dict's "r"), once it runs."""
+    s.wait_ready()
+    result: dict[str, httpx.Response] = {}
+    body = {"seed": 2, "batch_size": 8, "steps": 1000}
+    t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/generate", json=body, timeout=60)))
+    t.start()
+    s.wait_metric("ddpm_running_samples", lambda v: v == 8)
+    return t, result
+
+
 def test_drain_deadline_answers_what_is_left_and_exits_0(model_1000: Path) -> None:
     s = ServerProcess(model_1000, DDPM_DRAIN_TIMEOUT_S="0.5", DDPM_RETRY_AFTER_S="3")
     try:
-        s.wait_ready()
-        result: dict[str, httpx.Response] = {}
-        body = {"seed": 2, "batch_size": 8, "steps": 1000}
-        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/generate", json=body, timeout=60)))
-        t.start()
-        s.wait_metric("ddpm_running_samples", lambda v: v == 8)
+        t, result = _eight_rows_running(s)
         signalled = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         t.join(30)
@@ -279,12 +285,7 @@ def test_a_second_signal_answers_in_flight_requests_503_and_exits_at_once(model_
     as the interpreter finalized). Now the request gets a 503 a client can retry elsewhere and the process exits 143."""
     s = ServerProcess(model_1000, DDPM_RETRY_AFTER_S="2")
     try:
-        s.wait_ready()
-        result: dict[str, httpx.Response] = {}
-        body = {"seed": 2, "batch_size": 8, "steps": 1000}
-        t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(s.url + "/generate", json=body, timeout=60)))
-        t.start()
-        s.wait_metric("ddpm_running_samples", lambda v: v == 8)
+        t, result = _eight_rows_running(s)
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         signalled = time.monotonic()
