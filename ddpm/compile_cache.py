@@ -29,6 +29,7 @@ beside its own), under the key an AVX2-only CPU computes for itself.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -272,10 +273,21 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        log.info("compiled graphs not written to %s: %s", directory, exc)
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only image: its own copy is there already
+            log.info("compiled graphs not written to %s: %s", directory, exc)
+        else:  # a full disk, most often: worth an operator's look
+            log.warning("compiled graphs not written to %s (%s: %s%s): the next start there compiles them again",
+                        directory, type(exc).__name__, exc, _space_left(directory))  # fmt: skip
         return None
     _remove_other_code(path, key)
     return path
+
+
+def _space_left(directory: Path) -> str:
+    try:
+        return f"; {shutil.disk_usage(directory).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return ""
 
 
 def keep(copy: Path, directory: Path) -> None:

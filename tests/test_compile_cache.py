@@ -5,6 +5,7 @@ this one: each cold-compiled the tiny U-Net on its own, ~115 s apiece on a 2-cor
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -71,6 +72,30 @@ def test_a_copy_built_by_other_code_is_replaced_not_kept(tmp_path: Path, monkeyp
     written = compile_cache.save(tmp_path / "cc", key)
     assert written is not None and written.is_dir() and not stale.exists()
     assert all(path is not None and path.is_dir() for path in kept)
+
+
+@pytest.mark.parametrize(("error", "level"), [(errno.ENOSPC, "WARNING"), (errno.EROFS, "INFO")])
+def test_a_copy_that_cannot_be_written_leaves_nothing_and_a_full_disk_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: int, level: str
+) -> None:
+    """The compile's copy on a full disk (was logged at info, as a read-only image's expected refusal is): a warning
+    naming the space left; either way no half-written copy or temporary directory stays."""
+    local = tmp_path / "inductor-local"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    (local / "fxgraph").mkdir(parents=True)
+
+    def fails(source: Path, target: Path) -> None:
+        target.mkdir(parents=True)
+        (target / "half").write_bytes(b"x")
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(compile_cache, "_copy_out", fails)
+    with caplog.at_level("INFO", logger="ddpm.compile"):
+        assert compile_cache.save(tmp_path / "cc", machine_key("cpu", "fp32", "a" * 64)) is None
+    record = next(r for r in caplog.records if "compiled graphs not written" in r.getMessage())
+    assert record.levelname == level
+    assert ("MiB free there" in record.getMessage()) == (level == "WARNING")
+    assert list((tmp_path / "cc").iterdir()) == []
 
 
 def test_an_earlier_copy_seeds_the_compile_and_the_new_copy_holds_what_it_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
