@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -39,7 +40,14 @@ async def metrics(state: StateDep, _: MetricsAuthorized) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+@functools.cache
+def _page() -> tuple[str, str]:
+    """The page and its policy, read and hashed once (the file is part of the installed code)."""
+    html = INDEX_HTML.read_text()
+    return html, content_security_policy(html)
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> HTMLResponse:
-    html = INDEX_HTML.read_text()
-    return HTMLResponse(html, headers={"Content-Security-Policy": content_security_policy(html), "X-Frame-Options": "DENY"})
+    html, policy = _page()
+    return HTMLResponse(html, headers={"Content-Security-Policy": policy, "X-Frame-Options": "DENY"})
