@@ -57,6 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if trainer.step:
         print(f"resuming {args.run_dir} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+    if trainer.threads_note:
+        print(f"{trainer.threads_note} (--threads sets it)", file=sys.stderr)
     from ddpm.checkpoint import WriteError
     from ddpm.train import Diverged
 
@@ -125,6 +127,7 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
     import torch
     from tqdm import tqdm
 
+    from ddpm.cpu_quota import set_torch_threads
     from ddpm.image_request import EditInput, ImageRequest
     from ddpm.inference_compile import hot_path
     from ddpm.loaded_model import ChainError
@@ -134,8 +137,9 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
     from kernels.philox import seeds_to_tensor
     from kernels.reverse_step import check_backend, step_backend
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    capped = set_torch_threads(args.threads)
+    if capped:
+        print(f"{capped} (--threads sets it)", file=sys.stderr)
     device = _device(args.device)
     try:  # a forced DDPM_STEP_BACKEND that cannot run here: say so before loading anything
         check_backend(step_backend(), device)
@@ -304,6 +308,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         distiller = Distiller(config, args.run_dir, device=args.device)
     except ValueError as exc:
         raise SystemExit(f"ddpm distill: {exc}") from exc
+    if distiller.threads_note:
+        print(f"{distiller.threads_note} (--threads sets it)", file=sys.stderr)
     from ddpm.checkpoint import WriteError
     from ddpm.train import Diverged
 
@@ -406,7 +412,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance w with --class-label (default: the model card's)")  # fmt: skip
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default, capped at a cgroup's CPU quota)")
     p.add_argument("--compile", choices=COMPILE_SETTINGS, default=os.environ.get("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISION_SETTINGS, default=os.environ.get("DDPM_PRECISION", "auto"),
@@ -457,7 +463,7 @@ def add_model_commands(sub: Any) -> None:
     t.add_argument("--checkpoint-every", type=POSITIVE, default=500, help="steps between resumable checkpoints")
     t.add_argument("--sample-every", type=POSITIVE, default=1000, help="steps between sample grids")
     t.add_argument("--sample-steps", type=POSITIVE, default=100, help="U-Net calls per image of those grids (at most T)")
-    t.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
+    t.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default, capped at a cgroup's CPU quota)")
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional U-Net on the data's labels (mnist: the digit; a folder: its sub-folders), "
                         "trained for classifier-free guidance")  # fmt: skip
@@ -479,7 +485,7 @@ def add_model_commands(sub: Any) -> None:
     d.add_argument("--data", default="mnist", help="the images z_t is made from ('mnist' or a folder, as ddpm train)")
     d.add_argument("--checkpoint-every", type=POSITIVE, default=100, help="steps between resumable checkpoints")
     d.add_argument("--eval-n", type=NON_NEGATIVE, default=500, help="images of the quality row measured after each round (0: none)")
-    d.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default)")
+    d.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default, capped at a cgroup's CPU quota)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)

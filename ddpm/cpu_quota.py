@@ -7,7 +7,8 @@ each period. Measured (2026-12-07, 2-core Xeon, the image with ``--cpus 1``, com
 request): 0.47 s with PyTorch's 2 threads, 0.32 s with ``DDPM_THREADS=1``. On a 64-core host with a 2-CPU
 limit it would be 64 threads. So the server's default (``DDPM_THREADS=0``) is PyTorch's, capped at the whole
 CPUs of the quota (at least 1): what Go's ``automaxprocs`` does for GOMAXPROCS, in the same way (the quota file
-under the process's own cgroup, else at the root of the cgroup mount, which is the container's own).
+under the process's own cgroup, else at the root of the cgroup mount, which is the container's own). So are
+``ddpm train``, ``distill``, ``sample`` and ``eval`` with ``--threads 0`` (their default).
 
 cgroup v2: ``cpu.max`` ("max 100000", or "150000 100000": 1.5 CPUs). v1: ``cpu.cfs_quota_us`` (-1: none) over
 ``cpu.cfs_period_us``.
@@ -72,3 +73,18 @@ def _ratio(quota: str, period: str) -> float | None:
 def threads_within_quota(default: int, quota: float | None) -> int:
     """PyTorch's ``default`` thread count, capped at the quota's whole CPUs (at least 1)."""
     return default if quota is None else max(1, min(default, math.floor(quota)))
+
+
+def set_torch_threads(requested: int) -> str | None:
+    """``requested`` torch threads (> 0), else PyTorch's default capped at the quota; says so when it capped it."""
+    import torch
+
+    if requested:
+        torch.set_num_threads(requested)
+        return None
+    default, quota = torch.get_num_threads(), cpu_quota()
+    threads = threads_within_quota(default, quota)
+    if threads == default:
+        return None
+    torch.set_num_threads(threads)
+    return f"torch threads: {threads}, the cgroup's CPU quota ({quota:.2f} CPUs; PyTorch's default was {default})"

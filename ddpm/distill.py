@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, record_quality, save_model
+from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, refusal
@@ -143,8 +144,7 @@ class Distiller:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.command = command or " ".join(["ddpm", *sys.argv[1:]])
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        self.threads_note = set_torch_threads(config.threads)  # --threads 0: PyTorch's default within a cgroup's CPU quota
         self.teacher_card = read_card(config.teacher)  # its weights load with each round's teacher (_start_round)
         if self.teacher_card.unet.num_classes:
             raise ValueError("distilling a class-conditional model is not supported (its guidance doubles the teacher's calls)")

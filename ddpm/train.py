@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm.checkpoint import CONFIG, ModelCard, WriteError, atomic_write, save_model
+from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, refusal
@@ -50,7 +51,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     sample_every: int = 1000
     sample_steps: int = 100  # respaced chain for the periodic grids (cheap on CPU)
-    threads: int = 0  # torch CPU threads; 0 = PyTorch's default
+    threads: int = 0  # torch CPU threads; 0 = PyTorch's default, capped at a cgroup's CPU quota
     unet: UNetConfig = field(default_factory=UNetConfig)
     # class-conditional training (classifier-free guidance, Ho & Salimans 2022): the U-Net takes the data's
     # labels, each replaced by the null label with probability label_dropout, so one network learns both
@@ -105,8 +106,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.command = command or " ".join(["ddpm", *sys.argv[1:]])
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        self.threads_note = set_torch_threads(config.threads)  # --threads 0: PyTorch's default within a cgroup's CPU quota
         torch.manual_seed(config.seed)
         self.schedule: NoiseSchedule = make_schedule(config.schedule, config.num_timesteps)
         self.sqrt_abar = self.schedule.tensor("sqrt_alphas_cumprod", self.device)

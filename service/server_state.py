@@ -24,7 +24,7 @@ import torch
 from ddpm import __version__, compile_cache
 from ddpm.chain import EpsModel, StepFn
 from ddpm.compile_cache import artefact_path, machine_key
-from ddpm.cpu_quota import cpu_quota, threads_within_quota
+from ddpm.cpu_quota import set_torch_threads
 from ddpm.image_inputs import MIN_INPUT_BYTES, base64_chars, max_input_bytes
 from ddpm.inference_compile import HotPath, hot_path, should_compile
 from ddpm.loaded_model import LoadedModel
@@ -116,15 +116,9 @@ class ServerState:
 
     def _set_threads(self) -> None:
         """DDPM_THREADS, or PyTorch's default capped at the cgroup's CPU quota (``ddpm.cpu_quota``)."""
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
-            return
-        default, quota = torch.get_num_threads(), cpu_quota()
-        threads = threads_within_quota(default, quota)
-        if threads != default:
-            torch.set_num_threads(threads)
-            log.info("torch threads: %d, the cgroup's CPU quota (%.2f CPUs; PyTorch's default was %d; DDPM_THREADS sets it)",
-                     threads, quota, default)  # fmt: skip
+        capped = set_torch_threads(self.settings.threads)
+        if capped:
+            log.info("%s; DDPM_THREADS sets it", capped)
 
     def _load_and_serve(self) -> None:
         """Load the model, measure its facts, warm an engine on its hot path, start it, turn ready."""

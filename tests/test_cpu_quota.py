@@ -56,17 +56,35 @@ def test_threads_are_pytorchs_default_capped_at_whole_cpus_of_the_quota() -> Non
 
 
 def test_the_server_caps_its_threads_at_the_quota(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ddpm import cpu_quota as module
     from service import server_state
     from service.settings import Settings
 
-    monkeypatch.setattr(server_state, "cpu_quota", lambda: 1.0)
+    monkeypatch.setattr(module, "cpu_quota", lambda: 1.0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     chosen: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
-    state = server_state.ServerState(Settings(threads=0))
     with caplog.at_level("INFO", logger="ddpm.server"):
-        state._set_threads()
-    assert chosen == [1] and "the cgroup's CPU quota (1.00 CPUs; PyTorch's default was 8" in caplog.text
+        server_state.ServerState(Settings(threads=0))._set_threads()
+    assert chosen == [1] and "the cgroup's CPU quota (1.00 CPUs; PyTorch's default was 8); DDPM_THREADS sets it" in caplog.text
     chosen.clear()
     server_state.ServerState(Settings(threads=3))._set_threads()
     assert chosen == [3]  # the setting wins over the quota
+    chosen.clear()
+    monkeypatch.setattr(module, "cpu_quota", lambda: None)
+    assert module.set_torch_threads(0) is None and chosen == []  # no quota: PyTorch's default, untouched
+
+
+def test_the_commands_cap_their_threads_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``ddpm train`` (and distill, sample, eval) with --threads 0, their default."""
+    from ddpm import cpu_quota as module
+    from ddpm.train import TrainConfig, Trainer
+    from ddpm.unet import UNetConfig
+
+    monkeypatch.setattr(module, "cpu_quota", lambda: 2.5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    chosen: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    config = TrainConfig(unet=UNetConfig(base_channels=8, channel_mult=(1,), attn_resolutions=()), steps=1)
+    trainer = Trainer(config, tmp_path / "run", device="cpu")
+    assert chosen == [2] and trainer.threads_note is not None and "(2.50 CPUs; PyTorch's default was 16)" in trainer.threads_note
