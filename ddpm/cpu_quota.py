@@ -19,46 +19,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-PROC_CGROUP = Path("/proc/self/cgroup")
-_V1_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
-
-
-def _own_paths(proc_cgroup: Path) -> dict[str, str]:
-    """Controller -> this process's cgroup path ("" for v2's unified hierarchy), from /proc/self/cgroup."""
-    paths: dict[str, str] = {}
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return paths
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for controller in parts[1].split(",") if parts[1] else [""]:
-                paths[controller] = parts[2].lstrip("/")
-    return paths
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
+from ddpm.cgroup import CGROUP_ROOT, PROC_CGROUP, group_dirs, read
 
 
 def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
     """CPUs per period the cgroup allows (1.5 for ``--cpus 1.5``); None without a quota or a readable cgroup."""
-    own = _own_paths(proc_cgroup)
-    for directory in (root / own[""], root) if "" in own else (root,):
-        text = _read(directory / "cpu.max")
+    for directory in group_dirs("", root, proc_cgroup):
+        text = read(directory / "cpu.max")
         if text is not None:
             quota, _, period = text.partition(" ")
             return _ratio(quota, period or "100000")  # "max": no quota
-    for name in _V1_DIRS:
-        for directory in (root / name / own.get("cpu", ""), root / name):
-            quota, period = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
-            if quota is not None and period is not None:
-                return _ratio(quota, period)  # -1: no quota
+    for directory in group_dirs("cpu", root, proc_cgroup):
+        quota, period = read(directory / "cpu.cfs_quota_us"), read(directory / "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            return _ratio(quota, period)  # -1: no quota
     return None
 
 

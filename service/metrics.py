@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
+from service.container_memory import memory_limit, memory_working_set
 from service.engine.job import Job
 from service.engine.observer import EngineObserver
 
@@ -22,6 +23,10 @@ GENERATION_ROUTES = ("/generate", "/generate/stream", "/v1/images/generations", 
 ROUTES = (
     *GENERATION_ROUTES, "/schedule", "/info", "/v1/models", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json",
 )  # bounded label values  # fmt: skip
+
+
+def _or_nan(value: int | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 class Metrics(EngineObserver):
@@ -191,6 +196,12 @@ class Metrics(EngineObserver):
         )
         for reason in ("idle", "headers"):
             self.connection_deadlines.labels(reason=reason)
+        # the kernel's count, read at each scrape (service/container_memory.py): the alert DdpmMemoryNearLimit
+        Gauge("ddpm_memory_limit_bytes", "The replica's cgroup memory limit: past it the kernel kills the process (NaN: none)",
+              registry=r).set_function(lambda: _or_nan(memory_limit()))  # fmt: skip
+        Gauge("ddpm_memory_working_set_bytes", "The replica's cgroup memory in use that the kernel cannot drop (usage less "
+              "inactive file pages; a tmpfs counts), as the kubelet counts it",
+              registry=r).set_function(lambda: _or_nan(memory_working_set()))  # fmt: skip
 
     def watch_cache(self, size_bytes: Callable[[], int]) -> None:
         self.cache_bytes.set_function(lambda: float(size_bytes()))

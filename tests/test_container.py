@@ -123,7 +123,7 @@ def test_the_cpu_image_holds_only_what_serving_needs(image: dict[str, object]) -
     assert user.startswith("10001:10001") and "/healthz" in user  # Docker format keeps the HEALTHCHECK
 
 
-def test_a_cpu_limit_caps_the_servers_threads(image: dict[str, object]) -> None:
+def test_a_cpu_limit_caps_the_servers_threads_and_a_memory_limit_is_read(image: dict[str, object]) -> None:
     """``--cpus 1`` as a container's cgroup shows it: the quota read, and PyTorch's default thread count (one per core
     here) capped at it (ddpm/cpu_quota.py; tests/test_cpu_quota.py lays out the other layouts)."""
     probe = "import torch; from ddpm.cpu_quota import cpu_quota as q, threads_within_quota as t; " \
@@ -131,6 +131,9 @@ def test_a_cpu_limit_caps_the_servers_threads(image: dict[str, object]) -> None:
     assert podman("run", "--rm", "--cpus", "1", IMAGE, "python", "-c", probe).stdout.split() == ["1.0", "1"]
     assert podman("run", "--rm", "--cpus", "1.5", IMAGE, "python", "-c", probe).stdout.split() == ["1.5", "1"]
     assert podman("run", "--rm", IMAGE, "python", "-c", probe).stdout.split()[0] == "None"
+    # the memory gauges' source (service/container_memory.py): the limit, and a working set inside it
+    probe = "from service.container_memory import memory_limit as m, memory_working_set as w; print(m(), 0 < w() < m())"
+    assert podman("run", "--rm", "--memory", "1g", IMAGE, "python", "-c", probe).stdout.split() == [str(2**30), "True"]
 
 
 def test_it_serves_the_shipped_model_byte_identical_to_ddpm_serve_outside(container: Container) -> None:
