@@ -10,18 +10,10 @@ import pytest
 
 from service.container_memory import memory_limit, memory_working_set
 from service.metrics import Metrics
+from tests.cgroup_tree import V1_CONTAINER, lay_out
 from tests.prometheus_text import sample_value
 
-V1_CONTAINER = "4:memory:/libpod_parent/libpod-ab12\n0::/libpod_parent/libpod-ab12\n"
 V1_STAT = "cache 300\nrss 700\nshmem 160\ntotal_inactive_file 100\ntotal_active_file 40\n"
-
-
-def _lay_out(root: Path, files: dict[str, str], proc: str) -> tuple[Path, Path]:
-    for name, text in files.items():
-        (root / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "fs" / name).write_text(text)
-    (root / "cgroup").write_text(proc)
-    return root / "fs", root / "cgroup"
 
 
 @pytest.mark.parametrize(
@@ -45,7 +37,7 @@ def _lay_out(root: Path, files: dict[str, str], proc: str) -> tuple[Path, Path]:
 def test_limit_and_working_set_as_the_kernel_shows_them(
     tmp_path: Path, files: dict[str, str], proc: str, limit: int | None, working_set: int | None
 ) -> None:
-    root, proc_cgroup = _lay_out(tmp_path, files, proc)
+    root, proc_cgroup = lay_out(tmp_path, files, proc)
     assert memory_limit(root, proc_cgroup) == limit
     assert memory_working_set(root, proc_cgroup) == working_set
 

@@ -9,16 +9,7 @@ import pytest
 import torch
 
 from ddpm.cpu_quota import cpu_quota, threads_within_quota
-
-V1_CONTAINER = "3:cpuset:/libpod_parent/libpod-ab12\n1:cpu:/libpod_parent/libpod-ab12\n0::/libpod_parent/libpod-ab12\n"
-
-
-def _lay_out(root: Path, files: dict[str, str], proc: str) -> tuple[Path, Path]:
-    for name, text in files.items():
-        (root / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "fs" / name).write_text(text)
-    (root / "cgroup").write_text(proc)
-    return root / "fs", root / "cgroup"
+from tests.cgroup_tree import V1_CONTAINER, lay_out
 
 
 @pytest.mark.parametrize(
@@ -43,7 +34,7 @@ def _lay_out(root: Path, files: dict[str, str], proc: str) -> tuple[Path, Path]:
     ],
 )
 def test_the_quota_as_the_kernel_shows_it(tmp_path: Path, files: dict[str, str], proc: str, quota: float | None) -> None:
-    root, proc_cgroup = _lay_out(tmp_path, files, proc)
+    root, proc_cgroup = lay_out(tmp_path, files, proc)
     assert cpu_quota(root, proc_cgroup) == quota
 
 
