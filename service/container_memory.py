@@ -1,11 +1,12 @@
 """The replica's memory as the kernel counts it: its cgroup's limit and working set, for the gauges
 ``ddpm_memory_limit_bytes`` and ``ddpm_memory_working_set_bytes`` and the alert ``DdpmMemoryNearLimit``.
 
-Past the limit the kernel kills the process (exit 137) and nothing reaches the log, so the approach is what an
-operator can see: a CPU replica of the shipped model peaked at 991 MiB of its container's memory during its compile
+Past the limit the kernel kills the process (exit 137) and nothing reaches the log, so the approach has to be seen
+from outside: a CPU replica of the shipped model peaked at 991 MiB of its container's memory during its compile
 (README, "Memory"). The working set is what the kubelet and cAdvisor count: usage less the inactive file pages the
-kernel can reclaim; a tmpfs's pages (``/tmp`` in the image) stay in it. A process and its children: the whole
-container where it is one. None (NaN on the gauge) without a limit or a readable cgroup.
+kernel can reclaim; a tmpfs's pages (``/tmp`` in the image) stay in it. It is the cgroup's, not the process's: the
+whole container in one, a systemd service's group, or the whole host where the process sits at the root (no limit
+there: the alert cannot fire). None (NaN on the gauge) without a limit or a readable cgroup.
 
 v2: ``memory.max`` ("max": none), ``memory.current``, ``memory.stat``'s ``inactive_file``. v1: ``memory.limit_in_bytes``
 (no limit: a page-rounded 2^63 - 1), ``memory.usage_in_bytes``, ``memory.stat``'s ``total_inactive_file``.
