@@ -106,7 +106,8 @@ def artefact_path(directory: Path, key: dict[str, object]) -> Path:
     return Path(directory) / f"compiled-{digest}"
 
 
-def _inductor_cache() -> Path:
+def inductor_cache() -> Path:
+    """Inductor's local cache directory (TORCHINDUCTOR_CACHE_DIR, else its default under the temporary directory)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return Path(cache_dir())
@@ -124,7 +125,7 @@ def load(directory: Path, key: dict[str, object], reuse: tuple[Path, ...] = ()) 
     here to ``save``, which copies only what the compile used."""
     path = artefact_path(directory, key)
     seed = path if path.is_dir() else _earlier_copy((Path(directory), *map(Path, reuse)), key)
-    target = _inductor_cache()
+    target = inductor_cache()
     try:
         said = _copy_in(seed, key if seed == path else _without_code(key), target)
     finally:
@@ -221,7 +222,7 @@ def _watch(target: Path) -> None:
 
 def unwatch() -> None:
     """Stop watching the local cache where nothing will be saved (a copy of this key is there already)."""
-    local = _inductor_cache()
+    local = inductor_cache()
     _watching.pop(local, None)
     opened_files.stop(local)
 
@@ -264,7 +265,7 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
     _remove_abandoned(path)
     try:
         tmp.mkdir(parents=True)
-        _copy_out(_inductor_cache(), tmp / "inductor")
+        _copy_out(inductor_cache(), tmp / "inductor")
         (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp / "inductor"), indent=1))
         (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
         _readable_by_all(tmp)  # built as one user (an image build's root), loaded as another (uid 10001)

@@ -275,3 +275,31 @@ def test_an_uncovered_batch_size_runs_eagerly_at_once_and_compiled_later(monkeyp
         eager_engine.stop()
         switch.close()
     assert threads and "ddpm-engine" not in threads, threads
+
+
+def test_a_compile_that_fills_the_disk_says_so_in_a_line(tmp_path: Path) -> None:
+    """g++'s error on a full /tmp is ~13 KB with the cause at its end (the image with a 64 MiB tmpfs on /tmp, where
+    inductor writes ~160 MiB for the shipped model): the warning leads with it and the space left."""
+    end = "cpp_prefix.h:1490:2: fatal error: cannot write PCH file: No space left on device\n"
+    full = RuntimeError("warm-up failed: CppCompileError: C++ compile error\n" + "g++ -x c++-header -D X\n" * 200 + end)
+    said = background_compile.compile_failure(full)
+    assert said.startswith("no space left on device: ") and "MiB free" in said and len(said) < 400
+    other = RuntimeError("inductor cannot build this model")
+    assert background_compile.compile_failure(other) == "RuntimeError: inductor cannot build this model"
+
+
+def test_a_warm_up_that_fails_is_raised_not_logged_as_a_serving_fault(caplog: pytest.LogCaptureFixture) -> None:
+    """The compile thread's warm-up engine (and the server's own) raise a failed warm-up to their caller, which logs it
+    (the compile stays eager, or the model fails to load): the engine's "engine fault" error line was a second, misleading
+    record of it (seen with a full /tmp: "engine fault in stage admit" beside the compile's warning)."""
+    from service.engine.engine import Engine
+    from tests.tiny_model import random_tiny_unet, tiny_loaded_model
+
+    def faults(stage: str) -> None:
+        if stage == "unet":
+            raise RuntimeError("device fault")
+
+    engine = Engine(tiny_loaded_model(random_tiny_unet(), num_timesteps=50), max_batch=2, faults=faults)
+    with caplog.at_level("DEBUG", logger="ddpm.engine"), pytest.raises(RuntimeError, match="warm-up failed"):
+        engine.warmup(1, sizes=[1])
+    assert [r.levelname for r in caplog.records if "engine fault" in r.getMessage()] == ["DEBUG"]

@@ -751,7 +751,9 @@ class Engine:
             "request_ids": [job.request_id for job in unique if job.request_id],
             "jobs": len(unique),
         }
-        log.error("engine fault in stage %s: %d job(s) failed", stage, len(unique), exc_info=exc, extra={"fields": fields})
+        # a warm-up's failure is raised by warmup() (the model fails to load, or the compile thread stays eager) and logged there
+        level = logging.DEBUG if self._cold is not None else logging.ERROR
+        log.log(level, "engine fault in stage %s: %d job(s) failed", stage, len(unique), exc_info=exc, extra={"fields": fields})
         self.health.failed()
         error = ModelFailure(stage, exc) if stage in ("unet", "step") else EngineFault(stage, exc)
         self._observe("on_fault", stage, len(unique))  # counted before anyone is told
