@@ -129,7 +129,8 @@ def test_a_cpu_limit_caps_the_servers_threads_and_a_memory_limit_is_read(image: 
     probe = "import torch; from ddpm.cpu_quota import cpu_quota as q, threads_within_quota as t; " \
             "print(q(), t(torch.get_num_threads(), q()))"
     assert podman("run", "--rm", "--cpus", "1", IMAGE, "python", "-c", probe).stdout.split() == ["1.0", "1"]
-    assert podman("run", "--rm", "--cpus", "1.5", IMAGE, "python", "-c", probe).stdout.split() == ["1.5", "1"]
+    if (os.cpu_count() or 1) >= 2:  # podman refuses more CPUs than the machine has
+        assert podman("run", "--rm", "--cpus", "1.5", IMAGE, "python", "-c", probe).stdout.split() == ["1.5", "1"]
     assert podman("run", "--rm", IMAGE, "python", "-c", probe).stdout.split()[0] == "None"
     # the memory gauges' source (service/container_memory.py): the limit, and a working set inside it
     probe = "from service.container_memory import memory_limit as m, memory_working_set as w; print(m(), 0 < w() < m())"
