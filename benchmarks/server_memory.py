@@ -25,14 +25,15 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.load_test import rss_kb
 from tests.server_process import free_port
 
 BURST = (64, 37, 13, 64, 50, 3, 64, 21)
 
 
 def _status_mib(pid: int) -> tuple[float, float]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    rss, peak = rss_kb(pid)
+    return rss / 1024, peak / 1024
 
 
 def one_run(tree: Path, model: Path) -> dict[str, float]:
