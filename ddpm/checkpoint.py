@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ddpm.free_space import free_mib
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
 
@@ -162,11 +162,9 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def _cannot_write(path: Path, exc: BaseException) -> str:
-    try:
-        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
-    except OSError:
-        free = ""
-    return f"could not write {path} ({type(exc).__name__}: {exc}{free})"
+    free = free_mib(path.parent)
+    there = "" if free is None else f"; {free:.1f} MiB free there"
+    return f"could not write {path} ({type(exc).__name__}: {exc}{there})"
 
 
 def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from ddpm import opened_files
+from ddpm.free_space import free_mib
 
 log = logging.getLogger("ddpm.compile")
 KEY_FILE = "key.json"
@@ -285,10 +286,8 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
 
 
 def _space_left(directory: Path) -> str:
-    try:
-        return f"; {shutil.disk_usage(directory).free / 2**20:.1f} MiB free there"
-    except OSError:
-        return ""
+    free = free_mib(directory)
+    return "" if free is None else f"; {free:.1f} MiB free there"
 
 
 def keep(copy: Path, directory: Path) -> None:

@@ -43,9 +43,7 @@ import copy
 import dataclasses
 import functools
 import logging
-import os
 import queue
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -56,6 +54,7 @@ import torch
 
 from ddpm.chain import StepFn
 from ddpm.compile_cache import inductor_cache
+from ddpm.free_space import free_mib
 from ddpm.inference_compile import HotPath
 from ddpm.loaded_model import LoadedModel
 from kernels.reverse_step import EditTerms, StepCoefficients, fused_reverse_step
@@ -77,8 +76,8 @@ def compile_failure(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     if "No space left on device" not in text:
         return text
-    places = {str(Path(tempfile.gettempdir())), str(inductor_cache())}
-    free = ", ".join(f"{p} has {shutil.disk_usage(p).free / 2**20:.0f} MiB free" for p in sorted(places) if os.path.isdir(p))
+    places = sorted({str(Path(tempfile.gettempdir())), str(inductor_cache())})
+    free = ", ".join(f"{p} has {mib:.0f} MiB free" for p in places if (mib := free_mib(p)) is not None)
     return f"no space left on device: {free}; compiling the shipped model writes ~160 MiB of inductor files there"
 
 

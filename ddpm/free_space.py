@@ -1,0 +1,15 @@
+"""Free space where a write failed, for the messages that say so (a full disk, most often): a training run's files,
+the compiled graphs' copy, the compile's own files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def free_mib(directory: str | Path) -> float | None:
+    """MiB free on the file system holding ``directory``; None where it cannot be asked (the directory went away)."""
+    try:
+        return shutil.disk_usage(directory).free / 2**20
+    except OSError:
+        return None
