@@ -275,8 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"ddpm: --classifier {args.classifier}: {exc}") from exc
     grid = writable_output("ddpm", "--grid", args.grid, arrays=False)
     writable_file("ddpm", "--report", args.report)
-    if args.record:
-        _recordable(args.model)
+    measured = _recordable(args.model) if args.record else None
     images, model = sample_images(args, check=lambda labels: reference_size_problem(args.n, labels))  # a traceback after it before
     refuse_non_finite("eval", images, args.first_image, "nothing measured or recorded")
     labels = getattr(args, "labels_used", None)
@@ -297,9 +296,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(text + "\n")
     if args.record:
-        from ddpm.checkpoint import record_quality
+        from ddpm.checkpoint import CheckpointError, record_quality
 
-        record_quality(args.model, {"command": typed_command(), **report})
+        try:
+            record_quality(args.model, {"command": typed_command(), **report}, measured=measured)
+        except (CheckpointError, OSError) as exc:  # the report is printed above
+            raise SystemExit(f"ddpm: --record: {exc}") from exc
     if grid is not None:
         from ddpm.grid import make_grid
 
@@ -307,16 +309,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recordable(model: str) -> None:
+def _recordable(model: str) -> str:
     """--record writes into a ddpm-serve model directory's card: a diffusers directory or hub name, or a directory
-    this user cannot write, was found only after the whole evaluation (a traceback)."""
+    this user cannot write, was found only after the whole evaluation (a traceback). Returns the weights' digest,
+    which the card's must still be when the report is written."""
     from ddpm.checkpoint import CheckpointError, read_card
+    from ddpm.model_facts import weights_sha256
 
     try:
         read_card(model)
+        digest = weights_sha256(Path(model))
     except (CheckpointError, OSError, TypeError, ValueError) as exc:
         raise SystemExit(f"ddpm: --record: {exc} (the report is recorded in a ddpm-serve model directory's config.json)") from exc
     writable_directory("ddpm", "--record's --model", model)
+    return digest
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

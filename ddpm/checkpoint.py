@@ -226,9 +226,16 @@ def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], where: Path) -> No
                               "the training run diverged, or the file is damaged")  # fmt: skip
 
 
-def record_quality(directory: str | Path, quality: dict[str, Any]) -> None:
-    """Write a measured quality report into a model directory's config.json (the model card's numbers)."""
+def record_quality(directory: str | Path, quality: dict[str, Any], *, measured: str | None = None) -> None:
+    """Write a measured quality report into a model directory's config.json (the model card's numbers). ``measured``:
+    the weights' ``model_facts.weights_sha256`` taken before the model was loaded for the measurement; weights changed
+    since (a training run exporting into the directory) are refused: the card would give them another's quality."""
+    from ddpm.model_facts import weights_sha256
+
     directory = Path(directory)
+    if measured is not None and weights_sha256(directory) != measured:
+        raise CheckpointError(f"{directory / WEIGHTS} changed while it was evaluated (a run exporting into {directory}?): the "
+                              "report is of the weights before and is not recorded on the card; evaluate again when the run ends")
     card = read_card(directory)
     card.quality = quality
     text = json.dumps(card.to_dict(), indent=2) + "\n"

@@ -172,3 +172,21 @@ def test_record_quality(tmp_path: Path, tiny_unet: UNet) -> None:
     card = read_card(directory)
     assert card.quality == {"fd": 12.5, "n": 250} and card.training == {"steps": 3}
     load_model(directory)  # still a valid model
+
+
+def test_a_quality_measured_on_weights_that_changed_since_is_not_recorded(tmp_path: Path, tiny_unet: UNet) -> None:
+    """``ddpm eval --record`` beside a training run that exports into the model directory at each checkpoint: the card
+    would give the new weights the old ones' quality."""
+    from ddpm.checkpoint import read_card, record_quality
+    from ddpm.model_facts import weights_sha256
+
+    directory = _saved(tmp_path, tiny_unet)
+    before = weights_sha256(directory)
+    record_quality(directory, {"fd": 12.5}, measured=before)  # unchanged: recorded
+    assert read_card(directory).quality == {"fd": 12.5}
+    with torch.no_grad():
+        next(tiny_unet.parameters()).add_(1.0)
+    save_model(directory, tiny_unet, ModelCard(unet=TINY, training={"steps": 4}))  # the run's next checkpoint
+    with pytest.raises(CheckpointError, match=r"model.safetensors changed while it was evaluated .*not recorded on the card"):
+        record_quality(directory, {"fd": 99.0}, measured=before)
+    assert read_card(directory).quality == {} and read_card(directory).training == {"steps": 4}

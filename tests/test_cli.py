@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -291,3 +292,29 @@ def test_eval_record_refuses_a_model_without_a_card_before_it_evaluates(tmp_path
     out = run_command([*argv, "--record"])
     assert out.code == 1 and out.stderr.strip().startswith(f"ddpm: --record: no config.json in model directory {model}")
     assert out.stdout == "" and "Traceback" not in out.stderr and not (model / "config.json").exists()
+
+
+def test_eval_record_refuses_to_give_weights_it_did_not_measure_their_quality(tmp_path: Path, tiny_unet: Any,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A training run exporting into the model directory while ``ddpm eval --record`` samples: the report is printed
+    (it is of the weights loaded), not written onto the card of the weights there now; exit 1 saying so."""
+    import commands.model_commands as model_commands
+    from ddpm.checkpoint import ModelCard, read_card, save_model
+    from tests.tiny_model import TINY
+
+    model = save_model(tmp_path / "m", tiny_unet, ModelCard(unet=TINY, training={"steps": 3}))
+    sample = model_commands.sample_images
+
+    def sample_while_a_run_exports(*args: Any, **kwargs: Any) -> Any:
+        out = sample(*args, **kwargs)
+        with torch.no_grad():
+            next(tiny_unet.parameters()).add_(1.0)
+        save_model(model, tiny_unet, ModelCard(unet=TINY, training={"steps": 4}))  # the run's next checkpoint
+        return out
+
+    monkeypatch.setattr(model_commands, "sample_images", sample_while_a_run_exports)
+    out = run_command(["eval", "-n", "2", "--steps", "1", "--quiet", "--record", "--model", str(model)])
+    assert out.code == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().startswith(f"ddpm: --record: {model}/model.safetensors changed while it was evaluated"), out.stderr
+    assert json.loads(out.stdout)["steps"] == 1  # the report, printed
+    assert read_card(model).quality == {} and read_card(model).training == {"steps": 4}
