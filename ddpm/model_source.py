@@ -40,13 +40,14 @@ def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
         fmt = config.get("format")
         if fmt is not None:
             module, card = load_model(path, device)
+            schedule = card.schedule()
             if card.prediction == "v":  # a distilled student (ddpm.distill): the chain takes eps
-                module = EpsFromV(module, card.schedule()).to(device).eval()
+                module = EpsFromV(module, schedule).to(device).eval()
             return LoadedModel(
                 name=path.name,
                 eps_model=module,
                 module=module,
-                schedule=card.schedule(),
+                schedule=schedule,
                 variance_type=card.variance_type,
                 clip_denoised=card.clip_denoised,
                 image_shape=card.image_shape,
