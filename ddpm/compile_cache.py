@@ -127,28 +127,30 @@ def load(directory: Path, key: dict[str, object], reuse: tuple[Path, ...] = ()) 
     path = artefact_path(directory, key)
     seed = path if path.is_dir() else _earlier_copy((Path(directory), *map(Path, reuse)), key)
     target = inductor_cache()
+    earlier = seed != path  # found by _earlier_copy, which hashed its files against its manifest already
     try:
-        said = _copy_in(seed, key if seed == path else _without_code(key), target)
+        said = _copy_in(seed, _without_code(key) if earlier else key, target, checked=earlier)
     finally:
         _watch(target)
     if said is not None:
         return said
     if seed is None:
         return f"no compiled graphs for this machine in {directory} (key {path.name}): compiling from scratch"
+    _loaded[target] = (seed, _files(seed / "inductor"))
     if seed.name != path.name:  # the name is the key's hash
         return f"loaded {seed}, built by other code, into {target}: the graphs that did not change load from it"
     return f"loaded compiled graphs from {seed} into {target}"
 
 
-def _copy_in(seed: Path | None, expected: dict[str, object], target: Path) -> str | None:
-    """None where ``seed`` (if any) was copied into ``target``; else what went wrong."""
+def _copy_in(seed: Path | None, expected: dict[str, object], target: Path, checked: bool = False) -> str | None:
+    """None where ``seed`` (if any) was copied into ``target``; else what went wrong. ``checked``: found intact already."""
     if seed is None:
         return None
     try:
         theirs = json.loads((seed / KEY_FILE).read_text())
         if (theirs if "code" in expected else _without_code(theirs)) != json.loads(json.dumps(expected)):
             return f"{seed} was built for another machine or version: ignored"
-        damaged = _damaged(seed)
+        damaged = [] if checked else _damaged(seed)
         if damaged:
             return f"{seed} is damaged ({len(damaged)} files differ from its manifest, {damaged[0]} first): compiling from scratch"
         shutil.copytree(seed / "inductor", target, dirs_exist_ok=True, ignore=_ignore_locks)
@@ -211,6 +213,27 @@ def _earlier_copy(directories: tuple[Path, ...], key: dict[str, object]) -> Path
     return next((copy for _, _, copy in sorted(found, reverse=True) if intact(copy)), None)
 
 
+# The copy loaded into each local cache, with the names of its files there: what ``drop_loaded`` takes out again.
+_loaded: dict[Path, tuple[Path, set[str]]] = {}
+
+
+def drop_loaded() -> Path | None:
+    """Take the files of the copy ``load`` put into the local cache out of it again, and watch the cache afresh, so that
+    the next compile builds every graph itself; the copy, or None where none was loaded. A copy that passes its manifest
+    can still fail to load (a kernel library that does not load on this host: "wrong ELF class"); the compile that
+    loaded it failed, and every start that loaded it again stayed eager (measured: a copy with its .so files damaged
+    after its manifest was written)."""
+    target = inductor_cache()
+    loaded = _loaded.pop(target, None)
+    if loaded is None:
+        return None
+    copy, names = loaded
+    for name in names:
+        (target / name).unlink(missing_ok=True)
+    _watch(target)
+    return copy
+
+
 # What the local cache held when the compile began (after any copy was loaded into it): save() copies the files of it
 # that the compile opened, and the files it did not hold then (what the compile wrote).
 _watching: dict[Path, set[str]] = {}
@@ -257,10 +280,11 @@ def _stem(name: str) -> str:
     return f"{head}/{tail.split('.', 1)[0]}"
 
 
-def save(directory: Path, key: dict[str, object]) -> Path | None:
+def save(directory: Path, key: dict[str, object], *, replace: bool = False) -> Path | None:
     """Copy the local inductor cache to ``directory`` under this machine's key, atomically: what the compile used
     where ``load`` watched it (otherwise all of it); None when the directory is not writable (a read-only image: its
-    own copy is already there)."""
+    own copy is already there). A copy of the key already there is replaced where it is damaged, or ``replace`` (it
+    failed to load: ``drop_loaded``)."""
     path = artefact_path(directory, key)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     _remove_abandoned(path)
@@ -270,8 +294,8 @@ def save(directory: Path, key: dict[str, object]) -> Path | None:
         (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp / "inductor"), indent=1))
         (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
         _readable_by_all(tmp)  # built as one user (an image build's root), loaded as another (uid 10001)
-        if path.is_dir() and not intact(path):  # refused when loaded: replaced (another replica's good copy is kept)
-            shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir() and (replace or not intact(path)):  # refused or failed when loaded: replaced (another
+            shutil.rmtree(path, ignore_errors=True)  # replica's good copy is kept)
         tmp.rename(path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -73,6 +73,7 @@ class ServerState:
         self.compile_thread: threading.Thread | None = None
         self.compiled_key: dict[str, object] | None = None  # names this machine's copy in DDPM_COMPILE_CACHE_DIR
         self.reuse_compiled: tuple[Path, ...] = ()  # more directories an earlier version's copy may seed from (compile-cache --reuse)
+        self.failed_copy: Path | None = None  # a copy of compiled graphs that was loaded and failed (replaced when saved)
         self.ready = False
         self.draining = False
         self.listeners_closed: float | None = None  # when the draining server stopped accepting connections
@@ -180,6 +181,7 @@ class ServerState:
             warmup_steps=s.warmup_steps,
             max_batch=s.max_batch,
             before_build=lambda: self._load_compiled(device, fingerprint),
+            drop_loaded=self._drop_loaded_compiled,
             on_done=lambda: self._save_compiled(self.compiled_key),
         )
         if s.compile == "on" or s.compile_before_ready:
@@ -211,17 +213,25 @@ class ServerState:
         except Exception as exc:  # a copy that cannot be read: compiled from scratch, as on a machine without one
             log.warning("could not load the compiled graphs: %s: %s", type(exc).__name__, exc)
 
+    def _drop_loaded_compiled(self) -> Path | None:
+        """The compile failed: the copy loaded from DDPM_COMPILE_CACHE_DIR (if any) out of the local cache again, and
+        remembered as failed, so that the compile's own graphs replace it."""
+        self.failed_copy = compile_cache.drop_loaded()
+        return self.failed_copy
+
     def _save_compiled(self, key: dict[str, object] | None) -> None:
-        """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no intact copy there yet."""
+        """Write the compiled graphs to DDPM_COMPILE_CACHE_DIR when this machine has no intact copy there yet, or the
+        one there failed to load."""
         directory = self.settings.compile_cache_dir
         if directory is None or key is None:
             return
         copy = artefact_path(directory, key)
-        if copy.exists() and compile_cache.intact(copy):
+        replace = self.failed_copy == copy
+        if copy.exists() and compile_cache.intact(copy) and not replace:
             compile_cache.unwatch()  # its copy is there: nothing to write, nothing more to watch
             return
         try:
-            path = compile_cache.save(directory, key)
+            path = compile_cache.save(directory, key, replace=replace)
         except Exception as exc:  # never the service's concern
             log.warning("could not save the compiled graphs: %s: %s", type(exc).__name__, exc)
             return

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from ddpm.inference_compile import cpu_compiler_available
 from service.api.app import create_app
 from service.engine import background_compile
-from service.engine.background_compile import COMPILED, BackgroundCompiler, PathSwitch, group_of, ranges, with_rows
+from service.engine.background_compile import COMPILED, BackgroundCompiler, PathSwitch, fully_compiled, group_of, ranges, with_rows
 from service.settings import Settings
 from tests.app_client import metric, wait_ready
 from tests.tiny_model import save_tiny_model
@@ -286,6 +286,10 @@ def test_a_compile_that_fills_the_disk_says_so_in_a_line(tmp_path: Path) -> None
     assert said.startswith("no space left on device: ") and "MiB free" in said and len(said) < 400
     other = RuntimeError("inductor cannot build this model")
     assert background_compile.compile_failure(other) == "RuntimeError: inductor cannot build this model"
+    dynamo = RuntimeError("warm-up failed: BackendCompilerFailed: backend='inductor' raised:\nImportError: /tmp/x.so: wrong ELF "
+                          "class: ELFCLASS32\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this ...)\n")
+    assert background_compile.compile_failure(dynamo) == ("RuntimeError: warm-up failed: BackendCompilerFailed: backend='inductor' "
+                                                          "raised: ImportError: /tmp/x.so: wrong ELF class: ELFCLASS32")  # one line
 
 
 def test_a_warm_up_that_fails_is_raised_not_logged_as_a_serving_fault(caplog: pytest.LogCaptureFixture) -> None:
@@ -303,3 +307,63 @@ def test_a_warm_up_that_fails_is_raised_not_logged_as_a_serving_fault(caplog: py
     with caplog.at_level("DEBUG", logger="ddpm.engine"), pytest.raises(RuntimeError, match="warm-up failed"):
         engine.warmup(1, sizes=[1])
     assert [r.levelname for r in caplog.records if "engine fault" in r.getMessage()] == ["DEBUG"]
+
+
+def test_graphs_loaded_from_a_copy_that_fail_are_dropped_and_built_here_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A copy in DDPM_COMPILE_CACHE_DIR that passes its manifest but does not load here ("wrong ELF class" from a
+    damaged kernel library, seen with a real copy): the compile failed, and so did every start that loaded it again,
+    eager for good. Now the copy is taken out of the local cache and the build runs once more without it; a failure
+    then is the compile's own (no third try)."""
+    from ddpm.inference_compile import hot_path
+    from service.engine.engine import Engine
+    from tests.tiny_model import random_tiny_unet, tiny_loaded_model
+
+    unet = random_tiny_unet()
+    model = tiny_loaded_model(unet, num_timesteps=50)
+    eager = hot_path(model.eps_model, unet, "cpu", "off", "torch", precision="fp32")
+    events: list[str] = []
+    loaded = {"copy": False}
+
+    def make_compiled(eps: object, module: object):  # type: ignore[no-untyped-def]
+        def compiled(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+            if loaded["copy"]:
+                raise ImportError("cfv.main.so: wrong ELF class: ELFCLASS32")
+            return eager.eps_model(x, t, *labels)
+
+        return dataclasses.replace(eager, eps_model=compiled, compiled=True)  # eager stands in for compiled: no g++ needed
+
+    def load() -> None:
+        events.append("load")
+        loaded["copy"] = True
+
+    def drop() -> str | None:
+        events.append("drop")
+        was, loaded["copy"] = loaded["copy"], False
+        return "/volume/compiled-abc" if was else None
+
+    def build(switch: PathSwitch, fails_anyway: bool = False) -> bool:
+        compiler = BackgroundCompiler(model, switch, make_compiled, lambda m, step: Engine(m, max_batch=2, step_fn=step),
+                                      warmup_steps=1, max_batch=2, before_build=load, drop_loaded=drop,
+                                      on_done=lambda: events.append("done"))  # fmt: skip
+        if fails_anyway:
+            compiler.make_compiled = lambda eps, module: dataclasses.replace(eager, eps_model=lambda *a: 1 / 0, compiled=True)
+        return compiler.build()
+
+    switch = PathSwitch(eager)
+    with caplog.at_level("INFO", logger="ddpm.compile"):
+        assert build(switch)
+    assert events == ["load", "drop", "done"] and fully_compiled(switch.states)
+    assert switch.compiled is not None and ("unet", 1, (False,)) in switch.covered
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and said[0].startswith("background compile failed at batch 1 with the compiled graphs of "
+                                                 "/volume/compiled-abc loaded (RuntimeError: warm-up failed: ImportError: cfv.main.so: "
+                                                 "wrong ELF class: ELFCLASS32): compiling again without them"), said  # fmt: skip
+
+    events.clear()
+    caplog.clear()
+    switch = PathSwitch(eager)
+    with caplog.at_level("INFO", logger="ddpm.compile"):
+        assert not build(switch, fails_anyway=True)  # no copy's fault: it fails again, and stays failed
+    assert events == ["load", "drop"] and switch.states == {"1": "failed", "2+": "failed"}
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 2 and said[1].startswith("background compile failed at batch 1 (RuntimeError: warm-up failed: ZeroDivisionError")

@@ -74,6 +74,35 @@ def test_a_copy_built_by_other_code_is_replaced_not_kept(tmp_path: Path, monkeyp
     assert all(path is not None and path.is_dir() for path in kept)
 
 
+def test_a_loaded_copy_that_failed_is_taken_out_of_the_local_cache_and_replaced(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``drop_loaded`` after a compile failed with a copy loaded (its kernel libraries did not load here): the copy's
+    files leave the local cache (what the cache held besides stays), and the compile's own graphs are what ``save``
+    then copies out, over the failed copy although it passes its manifest."""
+    local = tmp_path / "inductor-local"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    key = machine_key("cpu", "fp32", "a" * 64)
+    (local / "ab").mkdir(parents=True)
+    (local / "ab/cab.main.so").write_bytes(b"a damaged kernel that passes the manifest")
+    failed = compile_cache.save(tmp_path / "cc", key)
+    assert failed is not None
+    shutil.rmtree(local)
+    (local / "th").mkdir(parents=True)
+    (local / "th/isa.so").write_bytes(b"the key's ISA check, before the load")
+    assert compile_cache.drop_loaded() is None  # nothing loaded yet
+    assert compile_cache.load(tmp_path / "cc", key).startswith(f"loaded compiled graphs from {failed}")
+    assert (local / "ab/cab.main.so").exists()
+    assert compile_cache.drop_loaded() == failed
+    assert not (local / "ab/cab.main.so").exists() and (local / "th/isa.so").exists()
+    assert compile_cache.drop_loaded() is None  # once
+    (local / "xy").mkdir()
+    (local / "xy/cxy.main.so").write_bytes(b"built here")  # the compile again, without the copy
+    assert compile_cache.intact(failed)  # (the server saves over an intact copy of its key only where it failed)
+    assert compile_cache.save(tmp_path / "cc", key, replace=True) == failed
+    copied = {p.relative_to(failed / "inductor").as_posix() for p in (failed / "inductor").rglob("*") if p.is_file()}
+    assert copied == {"xy/cxy.main.so"}
+
+
 @pytest.mark.parametrize(("error", "level"), [(errno.ENOSPC, "WARNING"), (errno.EROFS, "INFO")])
 def test_a_copy_that_cannot_be_written_leaves_nothing_and_a_full_disk_is_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: int, level: str

@@ -69,13 +69,16 @@ EAGER, COMPILING, COMPILED, FAILED = "eager", "compiling", "compiled", "failed"
 Signature = tuple[str, int, tuple[bool, ...]]
 
 
+DYNAMO_ADVICE = "Set TORCHDYNAMO_VERBOSE"  # dynamo's closing line, on how to report a bug to PyTorch
+
+
 def compile_failure(exc: BaseException) -> str:
     """Why the compile failed, in a line where the cause is a full disk: g++'s error is ~13 KB (the command, every
     warning) with "No space left on device" at its end. Measured: the image with a 64 MiB tmpfs on /tmp, where inductor
     writes ~160 MiB for the shipped model (its precompiled header alone did not fit)."""
     text = f"{type(exc).__name__}: {exc}"
-    if "No space left on device" not in text:
-        return text
+    if "No space left on device" not in text:  # dynamo's error in one line, without its advice on reporting a bug
+        return " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.startswith(DYNAMO_ADVICE))
     places = sorted({str(Path(tempfile.gettempdir())), str(inductor_cache())})
     free = ", ".join(f"{p} has {mib:.0f} MiB free" for p in places if (mib := free_mib(p)) is not None)
     return f"no space left on device: {free}; compiling the shipped model writes ~160 MiB of inductor files there"
@@ -297,9 +300,11 @@ class BackgroundCompiler:
         max_batch: int,
         on_done: Callable[[], None] = lambda: None,
         before_build: Callable[[], None] = lambda: None,
+        drop_loaded: Callable[[], object] = lambda: None,
     ) -> None:
         self.model, self.switch, self.make_compiled, self.make_engine = model, switch, make_compiled, make_engine
         self.warmup_steps, self.max_batch, self.on_done, self.before_build = warmup_steps, max_batch, on_done, before_build
+        self.drop_loaded = drop_loaded  # undoes what before_build loaded; what that was, or None: worth one more build
         self.compiled: HotPath | None = None
         self.thread: threading.Thread | None = None
         self.built = threading.Event()  # the warm-up and the sweep have ended (compiled, or failed)
@@ -343,6 +348,12 @@ class BackgroundCompiler:
                 log.info("background compile stopped at batch %s: the server is shutting down", group)
                 return False
             switch.compiled = None
+            loaded, self.drop_loaded, self.before_build = self.drop_loaded(), lambda: None, lambda: None
+            if loaded is not None:  # graphs copied in from elsewhere that do not load here: built here instead, once
+                log.warning("background compile failed at batch %s with the compiled graphs of %s loaded (%s): compiling "
+                            "again without them", group, loaded, compile_failure(exc))  # fmt: skip
+                switch.covered.clear()  # of the compiled path that failed: none runs until the new one covers it
+                return self.build(raise_errors)
             for g in GROUPS:
                 if switch.states[g] != COMPILED:
                     switch.mark(g, FAILED)
