@@ -301,6 +301,8 @@ def save(directory: Path, key: dict[str, object], *, replace: bool = False) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only image: its own copy is there already
             log.info("compiled graphs not written to %s: %s", directory, exc)
+        elif exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and intact(path):  # replicas sharing the directory, compiled
+            log.info("compiled graphs not written to %s: another process wrote this key's copy first", directory)  # at once
         else:  # a full disk, most often: worth an operator's look
             log.warning("compiled graphs not written to %s (%s: %s%s): the next start there compiles them again",
                         directory, type(exc).__name__, exc, _space_left(directory))  # fmt: skip

@@ -127,6 +127,24 @@ def test_a_copy_that_cannot_be_written_leaves_nothing_and_a_full_disk_is_a_warni
     assert list((tmp_path / "cc").iterdir()) == []
 
 
+def test_replicas_that_save_one_key_at_once_keep_the_first_copy_without_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Two replicas sharing DDPM_COMPILE_CACHE_DIR, started together, both compile and both save: the second's rename
+    met the first's copy and warned "not written ... the next start there compiles them again", which was not so."""
+    local = tmp_path / "inductor-local"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    (local / "ab").mkdir(parents=True)
+    (local / "ab/cab.main.so").write_bytes(b"kernel")
+    key = machine_key("cpu", "fp32", "a" * 64)
+    first = compile_cache.save(tmp_path / "cc", key)
+    assert first is not None
+    with caplog.at_level("INFO", logger="ddpm.compile"):  # the second: the first's copy came before its rename
+        assert compile_cache.save(tmp_path / "cc", key) is None
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "not written" in r.getMessage()]
+    assert said == [("INFO", f"compiled graphs not written to {tmp_path / 'cc'}: another process wrote this key's copy first")]
+    assert sorted(p.name for p in (tmp_path / "cc").iterdir()) == [first.name] and compile_cache.intact(first)
+
+
 def test_an_earlier_copy_seeds_the_compile_and_the_new_copy_holds_what_it_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After an upgrade (another code fingerprint), the old copy is loaded first: inductor's keys are of the graphs, so
     the unchanged ones load from it. The copy written after holds what this compile read (a kernel with its source
