@@ -6,7 +6,10 @@ Both give a :class:`LoadedModel`, which is all the sampler and the server need.
 from __future__ import annotations
 
 import json
+import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -14,6 +17,8 @@ from ddpm.checkpoint import CONFIG, CheckpointError, load_model
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_hub import model_name, resolve_model_dir
 from ddpm.v_prediction import EpsFromV
+
+Measured = TypeVar("Measured")
 
 
 def _is_diffusers_dir(path: Path) -> bool:
@@ -27,6 +32,42 @@ def load_model_source(spec: str | Path, device: torch.device | str = "cpu") -> L
     model = _load_dir(path, device)
     model.name, model.path = model_name(spec), path
     return model
+
+
+LOAD_TRIES = 3
+
+
+def load_unchanged(
+    spec: str | Path, device: torch.device | str, measure: Callable[[LoadedModel], Measured]
+) -> tuple[LoadedModel, Measured]:
+    """``load_model_source``, then ``measure`` of its files (the server: the weights' SHA-256 and the fingerprint that
+    names its images in ETags and the response cache), with the directory's files the same (name, inode, size, mtime)
+    before the load and after the measure: loaded and measured again where they changed. A training run exports into its
+    model directory at each checkpoint, through a temporary file and a rename; between a server's load and its hash the
+    hash could name weights it does not run. CheckpointError where the files changed in each of ``LOAD_TRIES``."""
+    path = resolve_model_dir(spec)
+    for _ in range(LOAD_TRIES):
+        before = _file_states(path)
+        model = _load_dir(path, device)
+        model.name, model.path = model_name(spec), path
+        measured = measure(model)
+        if _file_states(path) == before:
+            return model, measured
+    raise CheckpointError(f"{path} changed while it was loaded, {LOAD_TRIES} times over (a run exporting into it every few "
+                          "seconds?): serve a copy of it")  # fmt: skip
+
+
+def _file_states(path: Path) -> dict[str, tuple[int, int, int]]:
+    states = {}
+    for p in sorted(path.rglob("*")):
+        try:
+            st = p.stat()
+        except OSError:  # gone between the listing and the stat: a change
+            states[p.as_posix()] = (-1, -1, -1)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            states[p.as_posix()] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return states
 
 
 def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:

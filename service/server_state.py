@@ -30,7 +30,7 @@ from ddpm.inference_compile import HotPath, hot_path, should_compile
 from ddpm.loaded_model import LoadedModel
 from ddpm.model_facts import ModelFacts, flops_per_image_step, model_fingerprint, parameter_count, weights_mtime, weights_sha256
 from ddpm.model_hub import model_name
-from ddpm.model_source import load_model_source
+from ddpm.model_source import load_unchanged
 from ddpm.precision import resolve_precision
 from service.api.in_flight import InFlightRequests
 from service.client_quota import ClientQuota
@@ -53,6 +53,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _file_facts(model: LoadedModel) -> tuple[str, int | None, str]:
+    """The weights' SHA-256 and time written, and the fingerprint naming the model's images (ETags, the response cache)."""
+    sha = weights_sha256(model.path) if model.path is not None else ""
+    written = weights_mtime(model.path) if model.path is not None else None
+    return sha, written, model_fingerprint(model, sha, __version__)
 
 
 class ServerState:
@@ -127,11 +134,8 @@ class ServerState:
         self._set_threads()
         sys.setswitchinterval(s.gil_switch_interval_ms / 1e3)  # process-wide (benchmarks/neighbour_load.py)
         device = resolve_device(s.device)
-        model = load_model_source(s.model, device)
+        model, (sha, written, fingerprint) = load_unchanged(s.model, device, _file_facts)  # what its hash names is what runs
         gflop = self._count_flops(model.eps_model, model)  # here, before anything else runs torch (see "Threads" above)
-        sha = weights_sha256(model.path) if model.path is not None else ""
-        written = weights_mtime(model.path) if model.path is not None else None
-        fingerprint = model_fingerprint(model, sha, __version__)
         start = time.perf_counter()
         engine, fast = self._engine_on_hot_path(model, device, fingerprint)
         if self.faults.enabled:

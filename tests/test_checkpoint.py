@@ -190,3 +190,37 @@ def test_a_quality_measured_on_weights_that_changed_since_is_not_recorded(tmp_pa
     with pytest.raises(CheckpointError, match=r"model.safetensors changed while it was evaluated .*not recorded on the card"):
         record_quality(directory, {"fd": 99.0}, measured=before)
     assert read_card(directory).quality == {} and read_card(directory).training == {"steps": 4}
+
+
+def test_weights_written_between_the_load_and_their_hash_are_loaded_again(tmp_path: Path, tiny_unet: UNet) -> None:
+    """A server loading a model directory that a training run exports into: its hash (the fingerprint in ETags and the
+    response cache) must name the weights it runs. The run's export lands after the load and before the hash: the
+    directory is loaded again, and what is returned runs the weights the hash names."""
+    from ddpm.model_facts import weights_sha256
+    from ddpm.model_source import LOAD_TRIES, load_unchanged
+
+    directory = _saved(tmp_path, tiny_unet)
+    newer = UNet(TINY)
+    with torch.no_grad():
+        for p in newer.parameters():
+            p.add_(0.5)
+    exports = []
+
+    def hash_after_an_export(times: int):  # type: ignore[no-untyped-def]
+        def measure(model: object) -> str:
+            if len(exports) < times:
+                exports.append(save_model(directory, newer, ModelCard(unet=TINY, training={"steps": 4 + len(exports)})))
+            return weights_sha256(directory)
+
+        return measure
+
+    model, sha = load_unchanged(directory, "cpu", hash_after_an_export(1))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(model.eps_model(x, t), newer(x, t))  # the weights the hash names, not the first load's
+    assert sha == weights_sha256(directory) and model.info["training"] == {"steps": 4} and len(exports) == 1
+    exports.clear()
+    with pytest.raises(CheckpointError, match=rf"changed while it was loaded, {LOAD_TRIES} times over"):
+        load_unchanged(directory, "cpu", hash_after_an_export(LOAD_TRIES))
+    assert len(exports) == LOAD_TRIES
+    model, _ = load_unchanged(directory, "cpu", hash_after_an_export(0))  # still: loaded once, as before

@@ -42,19 +42,19 @@ def test_an_image_that_ends_in_nan_is_a_500_naming_it_and_the_server_stays_ready
     from kernels.philox import sample_noise, seeds_to_tensor
 
     poisoned = float(sample_noise(seeds_to_tensor(image_seeds(3, 1)), 0, (1, 8, 8)).flatten()[0])
-    load = service.server_state.load_model_source
+    load = service.server_state.load_unchanged
 
-    def overflowing_for_one_input(spec: object, device: object) -> object:
-        model = load(spec, device)
+    def overflowing_for_one_input(spec: object, device: object, measure: object) -> object:
+        model, measured = load(spec, device, measure)
         eps_model = model.eps_model
 
         def eps(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
             return eps_model(x, t, *labels).masked_fill((x.flatten(1)[:, 0] == poisoned).view(-1, 1, 1, 1), float("nan"))
 
         model.eps_model = eps
-        return model
+        return model, measured
 
-    monkeypatch.setattr(service.server_state, "load_model_source", overflowing_for_one_input)
+    monkeypatch.setattr(service.server_state, "load_unchanged", overflowing_for_one_input)
     c, _state = app_and_state(model_dir, compile="off")
     with c:
         _ready(c)
