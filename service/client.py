@@ -145,8 +145,9 @@ def request_body(seed: int, n: int, **chain: Any) -> dict[str, Any]:
 def _token(token: str | None) -> str | None:
     if token is not None:
         return token
-    if os.environ.get("DDPM_API_TOKEN_FILE"):
-        return Path(os.environ["DDPM_API_TOKEN_FILE"]).read_text().strip()
+    if os.environ.get("DDPM_API_TOKEN_FILE"):  # the server's file may hold several during a rotation: the newest, last
+        lines = [line.strip() for line in Path(os.environ["DDPM_API_TOKEN_FILE"]).read_text().splitlines() if line.strip()]
+        return lines[-1] if lines else None
     return os.environ.get("DDPM_API_TOKEN") or None
 
 

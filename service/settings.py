@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         description="bearer token required on /generate, /v1/*, /schedule and /info (unset: open); prefer the file: "
         "a command line is visible to every user of the host",
     )
-    api_token_file: Path | None = Field(None, description="file holding the bearer token (wins over DDPM_API_TOKEN)")
+    api_token_file: Path | None = Field(
+        None, description="file holding the bearer token, or several one per line; followed while serving (wins over DDPM_API_TOKEN)"
+    )
     metrics_require_token: bool = Field(False, description="also require the token on /metrics")
     max_body_bytes: int | None = Field(
         None,

@@ -61,6 +61,51 @@ def test_bad_token_file_fails_at_startup(model_dir: Path, tmp_path: Path) -> Non
         create_app(Settings(model=model_dir, api_token_file=tmp_path / "absent"))
 
 
+def _secret_volume(root: Path, version: int, text: str) -> None:
+    """A Kubernetes Secret volume as the kubelet updates it: the file is a link through ``..data``, and an update writes
+    a new timestamped directory and swaps ``..data`` to it in one rename."""
+    (root / f"..v{version}").mkdir(parents=True)
+    (root / f"..v{version}" / "token").write_text(text)
+    (root / "..data_tmp").symlink_to(f"..v{version}")
+    (root / "..data_tmp").rename(root / "..data")
+    if not (root / "token").is_symlink():
+        (root / "token").symlink_to("..data/token")
+
+
+def test_a_rotated_token_file_takes_effect_without_a_restart(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """The replica kept the token it started with: after the Secret's rotation, clients with the new token got 401 until
+    it restarted. Now the file is followed (several tokens, one per line, for a rotation without a gap), and a write
+    that leaves it empty or unreadable keeps the tokens accepted before (a warning), rather than opening or closing
+    the server to everyone."""
+    import service.api.auth
+
+    monkeypatch.setattr(service.api.auth, "RECHECK_S", 0.0)  # the test does not wait out the once-a-second stat
+    secret = tmp_path / "secret"
+    _secret_volume(secret, 1, "old-token\n")
+
+    def status(c: TestClient, token: str) -> int:
+        return c.get("/schedule", headers={"Authorization": f"Bearer {token}"}).status_code
+
+    with _client(model_dir, api_token_file=secret / "token") as c, caplog.at_level("INFO", logger="ddpm.server"):
+        _ready(c)
+        assert (status(c, "old-token"), status(c, "new-token")) == (200, 401)
+        _secret_volume(secret, 2, "old-token\nnew-token\n")  # the rotation's first half: both
+        assert (status(c, "old-token"), status(c, "new-token")) == (200, 200)
+        _secret_volume(secret, 3, "new-token\n")  # the clients moved: the old one goes
+        assert (status(c, "old-token"), status(c, "new-token")) == (401, 200)
+        _secret_volume(secret, 4, "   \n")  # written empty, or caught half-way
+        assert (status(c, "old-token"), status(c, "new-token"), status(c, "")) == (401, 200, 401)
+        (secret / "..v4").rename(secret / "..gone")  # unreadable: the link dangles
+        assert status(c, "new-token") == 200
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "DDPM_API_TOKEN_FILE" in r.getMessage()]
+    assert said == [("INFO", f"DDPM_API_TOKEN_FILE {secret / 'token'} changed: 2 token(s) accepted now"),
+                    ("INFO", f"DDPM_API_TOKEN_FILE {secret / 'token'} changed: 1 token(s) accepted now"),
+                    ("WARNING", f"DDPM_API_TOKEN_FILE {secret / 'token'} is empty; the 1 token(s) read before stay accepted"),
+                    ("WARNING", f"cannot read DDPM_API_TOKEN_FILE {secret / 'token'}: [Errno 2] No such file or directory: "
+                                f"'{secret / 'token'}'; the 1 token(s) read before stay accepted")]  # fmt: skip
+
+
 @pytest.fixture
 def open_client(model_dir: Path) -> Iterator[TestClient]:
     with _client(model_dir, max_body_bytes=512, max_images_per_client=3, max_batch=1) as c:

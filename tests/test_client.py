@@ -225,3 +225,15 @@ def test_a_generation_saves_its_grid_in_the_format_its_name_says(tmp_path: Path)
     assert formats == {"g.png": "PNG", "g.jpg": "JPEG", "g.JPEG": "JPEG", "g.webp": "WEBP", "g": "PNG", "g.psd": "PNG"}
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     assert grid.shape == (8, 14) and (grid[2:6, 2:6] == pixels[0]).all() and (grid[2:6, 8:12] == pixels[1]).all()
+
+
+@pytest.mark.parametrize(("text", "sent"), [("tok\n", "tok"), ("old-token\nnew-token\n", "new-token"), ("\n  \n", None)])
+def test_the_client_sends_the_last_token_of_a_token_file(text: str, sent: str | None, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The server's token file holds old and new on two lines during a rotation (service/api/auth.py); a client reading
+    the same file sent both, a header with a newline in it, which httpx refuses."""
+    from service.client import _token
+
+    (tmp_path / "token").write_text(text)
+    monkeypatch.setenv("DDPM_API_TOKEN_FILE", str(tmp_path / "token"))
+    assert _token(None) == sent and _token("given") == "given"

@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     app = FastAPI(title="ddpm-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.server = state
-    app.state.api_token = load_token(settings)  # a bad token file fails here, at startup
+    app.state.api_token = load_token(settings)  # a bad token file fails here, at startup (later, a warning: auth.py)
     _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
     for resource in (generate, openai_images, model, operations):
         app.include_router(resource.router)
