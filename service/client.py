@@ -304,6 +304,7 @@ class AsyncClient:
         self.limits = _Limits(max_response_bytes, max_events)
         self.on_retry = on_retry
         self._headers = {"Authorization": f"Bearer {t}"} if (t := _token(token)) else {}
+        self._follows_file = token is None and bool(os.environ.get("DDPM_API_TOKEN_FILE"))  # re-read after a 401
         self._transport = transport
         self._http = self._new_http() if _persistent else None
 
@@ -392,6 +393,21 @@ class AsyncClient:
             self.on_retry(why, attempt + 1, delay)
         await _pause(delay)
 
+    def _token_changed(self, http: httpx.AsyncClient) -> bool:
+        """After a 401: whether DDPM_API_TOKEN_FILE (where the token came from) holds another token now (rotated while
+        this client lived: a long batch job), which then goes on ``http`` and every later call."""
+        if not self._follows_file:
+            return False
+        try:
+            token = _token(None)
+        except OSError:
+            return False
+        header = f"Bearer {token}"
+        if token is None or header == self._headers.get("Authorization"):
+            return False
+        self._headers["Authorization"] = http.headers["Authorization"] = header
+        return True
+
     async def _attempt(
         self,
         http: httpx.AsyncClient,
@@ -408,6 +424,8 @@ class AsyncClient:
                 error = _error_detail(status, await self.limits.read(response))
                 if status in RETRY_STATUSES and retry_allowed:
                     raise _Retry(_retry_delay(response.headers.get("retry-after"), attempt, self.max_wait_s), str(error))
+                if status == 401 and retry_allowed and self._token_changed(http):
+                    raise _Retry(0.0, f"{error}; DDPM_API_TOKEN_FILE holds another token now: sent again with it")
                 raise error
             if on_event is None:
                 data = _json_object(await self.limits.read(response), "the answer", status)

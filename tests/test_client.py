@@ -237,3 +237,50 @@ def test_the_client_sends_the_last_token_of_a_token_file(text: str, sent: str | 
     (tmp_path / "token").write_text(text)
     monkeypatch.setenv("DDPM_API_TOKEN_FILE", str(tmp_path / "token"))
     assert _token(None) == sent and _token("given") == "given"
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_client_whose_token_file_was_rotated_sends_the_new_token_after_a_401(persistent: bool, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A batch job's client lives longer than its token: the Secret was rotated under it (the server follows its file,
+    service/api/auth.py) and every later call was a 401. A client whose token came from DDPM_API_TOKEN_FILE reads it
+    again after a 401 and, where it holds another token now, sends the request again with it (and keeps it); a token
+    given as an argument, or a file that did not change, is a 401 at once, one request."""
+    monkeypatch.setattr(client_module, "_pause", lambda seconds: asyncio.sleep(0))
+    (tmp_path / "token").write_text("old-token\n")
+    monkeypatch.setenv("DDPM_API_TOKEN_FILE", str(tmp_path / "token"))
+    seen: list[str] = []
+
+    def server(request: httpx.Request) -> httpx.Response:  # rotated: only the new token is accepted
+        seen.append(request.headers.get("authorization", ""))
+        ok = request.headers.get("authorization") == "Bearer new-token"
+        return httpx.Response(200, json=OK) if ok else httpx.Response(401, json={"detail": "missing or invalid bearer token"})
+
+    async def calls(client: AsyncClient) -> None:
+        async with client:
+            assert (await client.generate(0, 1)).meta["seed"] == 0
+            assert (await client.generate(0, 1)).meta["seed"] == 0
+
+    def run(client: AsyncClient | Client) -> None:
+        if isinstance(client, Client):
+            client.generate(0, 1)
+            client.generate(0, 1)
+        else:
+            asyncio.run(calls(client))
+
+    def make(**kwargs: object) -> AsyncClient | Client:
+        cls = AsyncClient if persistent else Client
+        return cls("http://x", transport=httpx.MockTransport(server), **kwargs)  # type: ignore[arg-type]
+
+    with pytest.raises(ServerError, match="401"):
+        run(make())
+    assert seen == ["Bearer old-token"]  # the file did not change: one request
+    client = make()
+    (tmp_path / "token").write_text("new-token\n")  # rotated while the client lives
+    seen.clear()
+    run(client)
+    assert seen == ["Bearer old-token", "Bearer new-token", "Bearer new-token"]  # the second call sends the new one first
+    seen.clear()
+    with pytest.raises(ServerError, match="401"):
+        run(make(token="old-token"))  # given: not the file's
+    assert seen == ["Bearer old-token"]
