@@ -8,8 +8,11 @@ when every image lies in one, e.g. ``cats/x.png``, ``dogs/y.png``; unlabelled ot
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +64,7 @@ class Dataset:
     images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
     labels: torch.Tensor | None  # (N,) int64 in 0..len(class_names)-1, or None: unlabelled
     class_names: list[str]
+    source_sha256: str = ""  # of the source as stored (mnist's arrays; each file's path and bytes): what a resume checks
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -90,16 +94,20 @@ def folder_classes(folder: str | Path) -> tuple[torch.Tensor | None, list[str]]:
     return torch.tensor([index[q[0]] for q in parts], dtype=torch.long), names
 
 
-def load_folder(folder: str | Path, channels: int, size: int) -> torch.Tensor:
-    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]."""
-    files = _image_files(Path(folder))
+def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None) -> torch.Tensor:
+    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]; ``digest`` (a hashlib
+    object) is fed each file's path under ``folder`` and its bytes, as read."""
+    root = Path(folder)
     arrays = []
-    for path in files:
+    for path in _image_files(root):
         try:
-            with Image.open(path) as im:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
                 arrays.append(_eight_bit(im, channels, size))
         except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
             raise ValueError(f"{path}: {exc}") from exc
+        if digest is not None:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little") + data)
     return to_model_range(np.stack(arrays))
 
 
@@ -126,10 +134,13 @@ def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:
 
 def load_labelled(source: str, channels: int, size: int) -> Dataset:
     """Images and their labels (``mnist``: the digit, classes "0".."9"; a folder: its sub-folders)."""
+    digest = hashlib.sha256()
     if source == "mnist":
         if channels != 1:
             raise ValueError("the mnist source has 1 channel")
         images, labels = mnist_digits()
-        return Dataset(fit_to_size(to_model_range(images), size), torch.from_numpy(labels), [str(d) for d in range(10)])
+        digest.update(np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes())
+        return Dataset(fit_to_size(to_model_range(images), size), torch.from_numpy(labels), [str(d) for d in range(10)],
+                       digest.hexdigest())  # fmt: skip
     labels, names = folder_classes(source)
-    return Dataset(load_folder(source, channels, size), labels, names)
+    return Dataset(load_folder(source, channels, size, digest), labels, names, digest.hexdigest())

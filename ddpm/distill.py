@@ -39,7 +39,7 @@ from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, reco
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
-from ddpm.run_changes import changed_flags, refusal
+from ddpm.run_changes import changed_flags, data_facts, data_refusal, refusal
 from ddpm.run_state import load_run_state
 from ddpm.train import StopFlag, finite_loss, q_sample, run_stops
 from ddpm.unet import UNet
@@ -156,6 +156,7 @@ class Distiller:
         self.abar = self.schedule.alphas_cumprod
         dataset = load_labelled(config.data, self.teacher_card.unet.in_channels, self.teacher_card.unet.image_size)
         self.data = dataset.images.to(self.device)
+        self.data_facts = data_facts(len(dataset.images), dataset.source_sha256)
         self.sqrt_abar = self.schedule.tensor("sqrt_alphas_cumprod", self.device)
         self.sqrt_1m_abar = self.schedule.tensor("sqrt_one_minus_alphas_cumprod", self.device)
         self.student = UNet(self.teacher_card.unet).to(self.device).train()  # weights: the teacher's (a fresh round) or the saved state
@@ -189,6 +190,9 @@ class Distiller:
         changed = changed_flags(state["config"], asdict(self.config), ("threads", "eval_n", "checkpoint_every"))
         if changed:
             raise ValueError(refusal(self.state_path, "distilled", changed))
+        other_data = data_refusal(self.state_path, "distilled", self.config.data, state.get("data"), self.data_facts)
+        if other_data:
+            raise ValueError(other_data)
         self.round, self.step = state["round"], state["step"]
         self.saved_at = self._position()
         self.losses, self.seconds = state["losses"], state["seconds"]
@@ -227,6 +231,7 @@ class Distiller:
             "torch_rng": torch.get_rng_state(),
             "losses": self.losses,
             "seconds": self.seconds,
+            "data": self.data_facts,
         }
         atomic_write(self.state_path, lambda path: torch.save(state, path))
         self.saved_at = self._position()
@@ -259,6 +264,8 @@ class Distiller:
                     str(n): {"steps": len(self.losses[n]), "seconds": round(self.seconds[n], 1)} for n in self.rounds if n in self.losses
                 },
                 "data": self.config.data,
+                "data_images": self.data_facts["images"],
+                "data_sha256": self.data_facts["sha256"],
                 "seed": self.config.seed,
                 "batch_size": self.config.batch_size,
                 "lr": self.config.lr,

@@ -25,3 +25,19 @@ def refusal(state_path: object, verb: str, changes: list[str]) -> str:
 
 def _text(v: object) -> object:
     return ",".join(str(x) for x in v) if isinstance(v, list | tuple) else v
+
+
+def data_facts(images: int, sha256: str) -> dict[str, Any]:
+    """What a run records of its --data (``ddpm.data.Dataset``): how many images, and the hash of the source as stored."""
+    return {"images": images, "sha256": sha256}
+
+
+def data_refusal(state_path: object, verb: str, data: str, saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
+    """Why a run cannot resume on ``now``'s data, or None. A folder given as --data is the same flag with other images
+    after files were added or changed: the run went on silently (a resume is exact only on the same images, and the
+    card names the folder as if it held them). A run saved before its data was recorded: None."""
+    if saved is None or dict(saved) == dict(now):
+        return None
+    return (f"{state_path} was {verb} on {saved['images']} images of --data {data} (sha256 {str(saved['sha256'])[:12]}); it holds "
+            f"{now['images']} now (sha256 {str(now['sha256'])[:12]}): resume it on the same images, or give a new --run-dir "
+            "for another run")

@@ -29,7 +29,7 @@ from ddpm.checkpoint import CONFIG, ModelCard, WriteError, atomic_write, save_mo
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
-from ddpm.run_changes import changed_flags, refusal
+from ddpm.run_changes import changed_flags, data_facts, data_refusal, refusal
 from ddpm.run_state import load_run_state
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
@@ -115,6 +115,7 @@ class Trainer:
             config.unet.check_new()
         dataset = load_labelled(config.data, config.unet.in_channels, config.unet.image_size)
         self.data = dataset.images.to(self.device)
+        self.data_facts = data_facts(len(dataset.images), dataset.source_sha256)
         self.labels: torch.Tensor | None = None
         self.class_names: list[str] = []
         if config.conditional:
@@ -144,6 +145,9 @@ class Trainer:
         changed = config_changes(state["config"], self.config)
         if changed:
             raise ValueError(refusal(self.state_path, "trained", changed))
+        other_data = data_refusal(self.state_path, "trained", self.config.data, state.get("data"), self.data_facts)
+        if other_data:
+            raise ValueError(other_data)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -165,6 +169,7 @@ class Trainer:
             "step": self.step,
             "losses": self.losses,
             "train_seconds": self.train_seconds,
+            "data": self.data_facts,
         }
         atomic_write(self.state_path, lambda path: torch.save(state, path))
         self.saved_at = self.step
@@ -184,6 +189,8 @@ class Trainer:
             training={
                 "command": self.command,
                 "data": cfg.data,
+                "data_images": self.data_facts["images"],
+                "data_sha256": self.data_facts["sha256"],
                 "seed": cfg.seed,
                 "steps": self.step,
                 "batch_size": cfg.batch_size,

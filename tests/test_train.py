@@ -247,6 +247,36 @@ def test_the_shipped_runs_still_resume_with_their_commands() -> None:
     assert config_changes(cond, three) == ["the data's classes 10 (this command: 3)"]
 
 
+def test_a_resume_on_a_folder_that_holds_other_images_now_is_refused(tmp_path: Path) -> None:
+    """--data is a folder, and the flag is the same after images were added to it or changed: the run resumed silently
+    on other data (its exact resume no longer exact; the card naming the folder as if it held what it trained on).
+    Measured before: 8 images, then 12, "resuming ... at step 2/4", exit 0."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8), 30 * i, dtype=np.uint8)).save(data / f"{i}.png")
+    config = _config(steps=1, data=str(data), batch_size=4, unet=TINY)
+    first = Trainer(config, tmp_path / "r", device="cpu")
+    first.train(progress=False)
+    assert first.model_card().training["data_images"] == 8 and len(first.model_card().training["data_sha256"]) == 64
+    Image.fromarray(np.full((8, 8), 250, dtype=np.uint8)).save(data / "new.png")
+    said = r"r/state.pt was trained on 8 images of --data .*data \(sha256 [0-9a-f]{12}\); it holds 9 now \(sha256 [0-9a-f]{12}\): "
+    with pytest.raises(ValueError, match=said + "resume it on the same images, or give a new --run-dir"):
+        Trainer(config, tmp_path / "r", device="cpu")
+    (data / "new.png").unlink()
+    Image.fromarray(np.full((8, 8), 251, dtype=np.uint8)).save(data / "7.png")  # as many images, one of them changed
+    with pytest.raises(ValueError, match=r"trained on 8 images .*; it holds 8 now"):
+        Trainer(config, tmp_path / "r", device="cpu")
+    Image.fromarray(np.full((8, 8), 30 * 7, dtype=np.uint8)).save(data / "7.png")  # put back: the same bytes
+    assert Trainer(_config(steps=2, data=str(data), batch_size=4, unet=TINY), tmp_path / "r", device="cpu").step == 1
+
+
+def test_the_mnist_source_hashes_the_same_every_time() -> None:
+    from ddpm.data import load_labelled
+
+    assert load_labelled("mnist", 1, 28).source_sha256 == load_labelled("mnist", 1, 32).source_sha256  # of the source, as stored
+
+
 def _class_folders(root: Path) -> Path:
     """Three classes in sub-folders (the folder's names are the class names, sorted)."""
     for c, name in enumerate(["zebra", "apple", "mango"]):
