@@ -83,7 +83,7 @@ def holding_run_dir(command: str, run_dir: str) -> Iterator[None]:
 def train_to_end(command: str, run: Any, *, quiet: bool) -> None:
     """A ``Trainer``'s or ``Distiller``'s whole run; a diverged loss or a checkpoint that cannot be written is one line
     (what happened, what the run directory holds, what to do)."""
-    from ddpm.checkpoint import WriteError
+    from ddpm.atomic_file import WriteError
     from ddpm.train import Diverged
 
     if run.threads_note:
@@ -242,21 +242,17 @@ def refuse_non_finite(command: str, images: Any, first_image: int, consequence: 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    from ddpm.atomic_file import write_npy
     from ddpm.grid import make_grid
 
     path = writable_output("ddpm", "-o", args.output, arrays=True)
     assert path is not None
     images, _ = sample_images(args)
     refuse_non_finite("sample", images, args.first_image, f"nothing written to {path}")  # was a black square in a PNG, NaN in an array
-    try:
-        if path.suffix == ".npy":
-            np.save(path, ((images.clamp(-1, 1) + 1) / 2).numpy())  # (N, C, H, W) in [0, 1]
-        else:
-            make_grid(images, ncols=args.ncols).save(path)
-    except OSError as exc:
-        raise SystemExit(f"ddpm: -o {path}: {exc}") from exc
+    if path.suffix == ".npy":
+        written("-o", path, lambda: write_npy(path, ((images.clamp(-1, 1) + 1) / 2).numpy()))  # (N, C, H, W) in [0, 1]
+    else:
+        written("-o", path, lambda: write_grid(path, make_grid(images, ncols=args.ncols)))
     print(f"wrote {len(images)} images to {path}", file=sys.stderr)
     return 0
 
@@ -294,7 +290,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:
-        Path(args.report).write_text(text + "\n")
+        from ddpm.atomic_file import write_text
+
+        written("--report", args.report, lambda: write_text(Path(args.report), text + "\n"))
     if args.record:
         from ddpm.checkpoint import CheckpointError, record_quality
 
@@ -305,8 +303,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if grid is not None:
         from ddpm.grid import make_grid
 
-        make_grid(images[:100], ncols=10).save(grid)
+        written("--grid", grid, lambda: write_grid(grid, make_grid(images[:100], ncols=10)))
     return 0
+
+
+def written(flag: str, path: object, write: Callable[[], None]) -> None:
+    """An output written whole or not at all (``ddpm.atomic_file``: a full disk left a truncated file in place of the
+    one there before); one line naming the flag where it cannot be."""
+    try:
+        write()
+    except OSError as exc:
+        raise SystemExit(f"ddpm: {flag} {path}: {exc}") from exc
+
+
+def write_grid(path: Path, image: Any) -> None:
+    from ddpm.atomic_file import write_picture
+    from ddpm.grid import file_format
+
+    write_picture(path, image, file_format(path.suffix) or "PNG")
 
 
 def _recordable(model: str) -> str:

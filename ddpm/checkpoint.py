@@ -11,8 +11,6 @@ A model directory holds ``model.safetensors`` (the EMA weights) and ``config.jso
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ddpm.free_space import free_mib
+from ddpm.atomic_file import atomic_write as write_whole
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
 
@@ -135,36 +133,9 @@ class ModelCard:
             raise CheckpointError(f"distilled_chain must name sampler ddim and steps >= 1, got {chain}")
 
 
-class WriteError(OSError):
-    """A file could not be written (a full disk, most often); the file it was to replace is unchanged."""
-
-
 def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash or a full disk never leaves a half-written file (nor the
-    temporary one); WriteError names the file and the space left where the writer failed (torch's zip writer says
-    "unexpected pos 306176 vs 306128" for a full disk)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    except OSError as exc:  # the directory went away, or cannot be written
-        raise WriteError(_cannot_write(path, exc)) from exc
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a non-root server
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        raise WriteError(_cannot_write(path, exc)) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _cannot_write(path: Path, exc: BaseException) -> str:
-    free = free_mib(path.parent)
-    there = "" if free is None else f"; {free:.1f} MiB free there"
-    return f"could not write {path} ({type(exc).__name__}: {exc}{there})"
+    """``ddpm.atomic_file.atomic_write``, a safetensors writer's error among those it names."""
+    write_whole(path, write, also=(SafetensorError,))
 
 
 def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ddpm.checkpoint import CONFIG, ModelCard, WriteError, atomic_write, save_model
+from ddpm.atomic_file import WriteError
+from ddpm.checkpoint import CONFIG, ModelCard, atomic_write, save_model
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid

@@ -107,13 +107,15 @@ class Generation:
     def save(self, path: str | Path, ncols: int | None = None) -> Path:
         """``.npy``: the array; otherwise a grid of the images, in the format the name says where Pillow knows
         it (.png, .jpg, .webp, ...), else PNG."""
+        from ddpm.atomic_file import write_npy, write_picture  # whole or not at all, the file there before kept otherwise
+
         path = Path(path)
         if path.suffix == ".npy":
-            np.save(path, self.array())
+            write_npy(path, self.array())
             return path
         from ddpm.grid import file_format, tile
 
-        tile(self.pixels(), ncols).save(path, format=file_format(path.suffix) or "PNG")  # the PNGs' own pixels, no torch
+        write_picture(path, tile(self.pixels(), ncols), file_format(path.suffix) or "PNG")  # the PNGs' own pixels, no torch
         return path
 
 

@@ -148,7 +148,8 @@ def test_weights_that_cannot_make_an_image_are_refused(tmp_path: Path, tiny_unet
 
 
 def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp_path: Path) -> None:
-    from ddpm.checkpoint import WriteError, atomic_write
+    from ddpm.atomic_file import WriteError
+    from ddpm.checkpoint import atomic_write
 
     target = tmp_path / "config.json"
     target.write_text("before")

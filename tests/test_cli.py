@@ -318,3 +318,40 @@ def test_eval_record_refuses_to_give_weights_it_did_not_measure_their_quality(tm
     assert out.stderr.strip().startswith(f"ddpm: --record: {model}/model.safetensors changed while it was evaluated"), out.stderr
     assert json.loads(out.stdout)["steps"] == 1  # the report, printed
     assert read_card(model).quality == {} and read_card(model).training == {"steps": 4}
+
+
+FULL_DISK_OUTPUTS = [("sample", "-o", "out.npy"), ("sample", "-o", "out.png"), ("sample", "-o", "out.jpg"), ("eval", "--grid", "grid.png")]
+
+
+@pytest.mark.parametrize(("command", "flag", "name"), FULL_DISK_OUTPUTS)
+def test_an_output_that_fills_the_disk_keeps_the_file_there_before(command: str, flag: str, name: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``ddpm sample -o`` on a full disk (a 100 KiB tmpfs, measured) left a truncated .npy in place of the one there before,
+    saying "50176 requested and 25568 written", and an empty PNG: now the file there before stays, nothing else is
+    left, and the line says the space left. ``ddpm eval``'s --grid and --report and ``ddpm generate -o`` write alike."""
+    import errno
+    import os
+
+    from PIL import Image
+
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    out = tmp_path / "o" / name
+    out.parent.mkdir()
+    out.write_bytes(b"the images written before")
+
+    def array_fills_up(f: Any, *args: object, **kwargs: object) -> None:  # as a full disk answers: part written, then ENOSPC
+        f.write(b"half an array")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def picture_fills_up(self: Image.Image, fp: Any, *args: object, **kwargs: object) -> None:
+        with open(fp, "wb") as f:
+            f.write(b"half a picture")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np.lib.format, "write_array", array_fills_up)
+    monkeypatch.setattr(Image.Image, "save", picture_fills_up)
+    ran = run_command([command, "--model", str(model), "-n", "2", "--steps", "1", "--quiet", flag, str(out)])
+    assert ran.code == 1, ran.stderr
+    assert ran.stderr.strip().startswith(f"ddpm: {flag} {out}: could not write {out} (OSError: [Errno 28] No space left on device; ")
+    assert "MiB free there)" in ran.stderr and "Traceback" not in ran.stderr
+    assert out.read_bytes() == b"the images written before" and [p.name for p in out.parent.iterdir()] == [name]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -284,3 +285,24 @@ def test_a_client_whose_token_file_was_rotated_sends_the_new_token_after_a_401(p
     with pytest.raises(ServerError, match="401"):
         run(make(token="old-token"))  # given: not the file's
     assert seen == ["Bearer old-token"]
+
+
+def test_a_generation_saved_on_a_full_disk_keeps_the_file_there_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ddpm generate -o`` after the server's work: a full disk left a truncated file in place of the one there before."""
+    import errno
+
+    from PIL import Image
+
+    from ddpm.grid import png_bytes
+
+    result = client_module.Generation([png_bytes(Image.fromarray(np.zeros((4, 4), np.uint8)))])
+    (tmp_path / "g.npy").write_bytes(b"before")
+
+    def fills_up(f: Any, *args: object, **kwargs: object) -> None:
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "write_array", fills_up)
+    with pytest.raises(OSError, match=r"could not write .*g.npy \(OSError: \[Errno 28\] No space left on device; [\d.]+ MiB free"):
+        result.save(tmp_path / "g.npy")
+    assert (tmp_path / "g.npy").read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["g.npy"]

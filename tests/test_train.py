@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.checkpoint import WriteError, load_model
+from ddpm.atomic_file import WriteError
+from ddpm.checkpoint import load_model
 from ddpm.data import fit_to_size, load_dataset, mnist_digits
 from ddpm.train import Diverged, TrainConfig, Trainer
 from tests.tiny_model import TINY

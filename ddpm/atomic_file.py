@@ -1,0 +1,73 @@
+"""A file written whole or not at all: through a temporary file beside it and a rename.
+
+A crash, a Ctrl-C or a full disk never leaves a half-written file, nor the temporary one, and the file it was to
+replace stays as it was. ``ddpm sample -o x.npy`` on a full disk left a truncated x.npy in place of the one there
+before, saying only "50176 requested and 25568 written" (numpy's words); a PNG, an empty file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ddpm.free_space import free_mib
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, most often); the file it was to replace is unchanged."""
+
+
+def atomic_write(path: Path, write: Callable[[str], object], also: tuple[type[BaseException], ...] = ()) -> None:
+    """``write(temporary path)``, then the rename; WriteError names the file and the space left where the writer
+    failed with an OSError, a RuntimeError (torch's zip writer says "unexpected pos 306176 vs 306128" for a full disk)
+    or one of ``also``."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    except OSError as exc:  # the directory went away, or cannot be written
+        raise WriteError(_cannot_write(path, exc)) from exc
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a model from a non-root server
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, *also) as exc:
+        raise WriteError(_cannot_write(path, exc)) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cannot_write(path: Path, exc: BaseException) -> str:
+    free = free_mib(path.parent)
+    there = "" if free is None else f"; {free:.1f} MiB free there"
+    return f"could not write {path} ({type(exc).__name__}: {exc}{there})"
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` whole or not at all (through a file object: ``np.save`` adds ".npy" to a name without it)."""
+    import numpy as np
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, save)
+
+
+def write_picture(path: Path, image: Image.Image, format: str) -> None:
+    """A Pillow image in ``format`` whole or not at all (the temporary file's name says no format)."""
+    atomic_write(path, lambda tmp: image.save(tmp, format=format))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
