@@ -39,7 +39,7 @@ from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, reco
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.respace import spaced_timesteps
-from ddpm.run_changes import changed_flags, data_facts, data_refusal, refusal
+from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
 from ddpm.run_state import load_run_state
 from ddpm.train import StopFlag, finite_loss, q_sample, run_stops
 from ddpm.unet import UNet
@@ -190,9 +190,7 @@ class Distiller:
         changed = changed_flags(state["config"], asdict(self.config), ("threads", "eval_n", "checkpoint_every"))
         if changed:
             raise ValueError(refusal(self.state_path, "distilled", changed))
-        other_data = data_refusal(self.state_path, "distilled", self.config.data, state.get("data"), self.data_facts)
-        if other_data:
-            raise ValueError(other_data)
+        refuse_other_data(self.state_path, "distilled", self.config.data, state.get("data"), self.data_facts)
         self.round, self.step = state["round"], state["step"]
         self.saved_at = self._position()
         self.losses, self.seconds = state["losses"], state["seconds"]

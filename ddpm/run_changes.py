@@ -32,12 +32,12 @@ def data_facts(images: int, sha256: str) -> dict[str, Any]:
     return {"images": images, "sha256": sha256}
 
 
-def data_refusal(state_path: object, verb: str, data: str, saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
-    """Why a run cannot resume on ``now``'s data, or None. A folder given as --data is the same flag with other images
-    after files were added or changed: the run went on silently (a resume is exact only on the same images, and the
-    card names the folder as if it held them). A run saved before its data was recorded: None."""
+def refuse_other_data(state_path: object, verb: str, data: str, saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:
+    """ValueError where a run would resume on other data than it began on. A folder given as --data is the same flag with
+    other images after files were added or changed: the run went on silently (a resume is exact only on the same images,
+    and the card names the folder as if it held them). A run saved before its data was recorded resumes as it did."""
     if saved is None or dict(saved) == dict(now):
-        return None
-    return (f"{state_path} was {verb} on {saved['images']} images of --data {data} (sha256 {str(saved['sha256'])[:12]}); it holds "
-            f"{now['images']} now (sha256 {str(now['sha256'])[:12]}): resume it on the same images, or give a new --run-dir "
-            "for another run")
+        return
+    raise ValueError(f"{state_path} was {verb} on {saved['images']} images of --data {data} (sha256 {str(saved['sha256'])[:12]}); it "
+                     f"holds {now['images']} now (sha256 {str(now['sha256'])[:12]}): resume it on the same images, or give a new "
+                     "--run-dir for another run")  # fmt: skip

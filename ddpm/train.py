@@ -30,7 +30,7 @@ from ddpm.checkpoint import CONFIG, ModelCard, atomic_write, save_model
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
 from ddpm.grid import make_grid
-from ddpm.run_changes import changed_flags, data_facts, data_refusal, refusal
+from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
 from ddpm.run_state import load_run_state
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
@@ -146,9 +146,7 @@ class Trainer:
         changed = config_changes(state["config"], self.config)
         if changed:
             raise ValueError(refusal(self.state_path, "trained", changed))
-        other_data = data_refusal(self.state_path, "trained", self.config.data, state.get("data"), self.data_facts)
-        if other_data:
-            raise ValueError(other_data)
+        refuse_other_data(self.state_path, "trained", self.config.data, state.get("data"), self.data_facts)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
