@@ -38,6 +38,7 @@ import torch
 from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, record_quality, save_model
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
+from ddpm.model_facts import weights_sha256
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
 from ddpm.run_state import load_run_state
@@ -146,6 +147,7 @@ class Distiller:
         self.command = command or " ".join(["ddpm", *sys.argv[1:]])
         self.threads_note = set_torch_threads(config.threads)  # --threads 0: PyTorch's default within a cgroup's CPU quota
         self.teacher_card = read_card(config.teacher)  # its weights load with each round's teacher (_start_round)
+        self.teacher_sha256 = weights_sha256(Path(config.teacher))  # what round 1 distils: a resume in it checks it still is
         if self.teacher_card.unet.num_classes:
             raise ValueError("distilling a class-conditional model is not supported (its guidance doubles the teacher's calls)")
         if self.teacher_card.distilled_chain is not None:
@@ -191,6 +193,11 @@ class Distiller:
         if changed:
             raise ValueError(refusal(self.state_path, "distilled", changed))
         refuse_other_data(self.state_path, "distilled", self.config.data, state.get("data"), self.data_facts)
+        was = state.get("teacher_sha256")
+        if state["round"] == 0 and was not in (None, self.teacher_sha256):  # (later rounds learn from the run's own students)
+            raise ValueError(f"{self.state_path} was distilled from --teacher {self.config.teacher} with weights sha256 {was[:12]}; "
+                             f"it holds {self.teacher_sha256[:12]} now: resume it with the same teacher, or give a new --run-dir "
+                             "for another run")  # fmt: skip
         self.round, self.step = state["round"], state["step"]
         self.saved_at = self._position()
         self.losses, self.seconds = state["losses"], state["seconds"]
@@ -230,6 +237,7 @@ class Distiller:
             "losses": self.losses,
             "seconds": self.seconds,
             "data": self.data_facts,
+            "teacher_sha256": self.teacher_sha256,
         }
         atomic_write(self.state_path, lambda path: torch.save(state, path))
         self.saved_at = self._position()
@@ -256,6 +264,7 @@ class Distiller:
                 "command": self.command,
                 "method": "progressive distillation (Salimans & Ho 2022), v-prediction, truncated-SNR weighting",
                 "teacher": str(self.config.teacher),  # round 1's; each later round's teacher is the round before's student
+                "teacher_sha256": self.teacher_sha256,
                 "round_teacher": str(self.config.teacher) if steps == self.rounds[0] else str(self.round_dir(2 * steps)),
                 "teacher_chain": {"sampler": "ddim", "steps": 2 * steps, "timestep_spacing": SPACING},
                 "rounds": {

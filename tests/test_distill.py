@@ -16,6 +16,7 @@ from PIL import Image
 from ddpm.checkpoint import CheckpointError, ModelCard, load_model, save_model
 from ddpm.distill import DistillConfig, Distiller, DistillTargets, nested_grids
 from ddpm.loaded_model import ChainError
+from ddpm.model_facts import weights_sha256
 from ddpm.model_source import load_model_source
 from ddpm.offline_sampler import sample
 from ddpm.schedule import make_schedule
@@ -204,3 +205,21 @@ def test_the_server_answers_with_the_distilled_chain(distilled_dir: Path) -> Non
             assert refused.status_code == 422 and "cannot edit" in refused.text, refused.text
         schedule = client.get("/schedule").json()
         assert schedule["chain"]["sampler"] == "ddim" and len(schedule["chain"]["timesteps"]) == 2
+
+
+def test_a_round_one_resume_from_a_teacher_that_changed_is_refused(tmp_path: Path) -> None:
+    """--teacher is a path: a teacher trained further (its run exporting into it) or replaced between a stop and the
+    resume gave round 1 another teacher half-way, silently, and the card named the path as if one model taught it."""
+    teacher = _teacher_dir(tmp_path)
+    Distiller(_config(teacher), tmp_path / "run", device="cpu").train(progress=False, max_steps=3)  # stopped in round 1
+    assert Distiller(_config(teacher), tmp_path / "run", device="cpu").teacher_sha256 == weights_sha256(teacher)
+    trained_further = random_tiny_unet()
+    with torch.no_grad():
+        next(trained_further.parameters()).add_(0.1)
+    save_model(teacher, trained_further, ModelCard(unet=TINY, num_timesteps=1000, training={"steps": 2}))
+    with pytest.raises(ValueError, match=r"run/state.pt was distilled from --teacher .*teacher with weights sha256 [0-9a-f]{12}; it "
+                                         r"holds [0-9a-f]{12} now: resume it with the same teacher"):  # fmt: skip
+        Distiller(_config(teacher), tmp_path / "run", device="cpu")
+    Distiller(_config(teacher), tmp_path / "later", device="cpu").train(progress=False, max_steps=7)  # into round 2, whose
+    save_model(teacher, random_tiny_unet(), ModelCard(unet=TINY, num_timesteps=1000, training={"steps": 3}))  # teacher is round
+    assert Distiller(_config(teacher), tmp_path / "later", device="cpu").round == 1  # 1's student: a changed --teacher is moot
