@@ -1,6 +1,6 @@
 """``ddpm serve``'s uvicorn server: one worker (one process owns the device) and a draining shutdown.
 
-On SIGTERM or SIGINT the server stops accepting connections (a load balancer's next connection
+On SIGTERM, SIGINT or SIGHUP (a terminal that hung up) the server stops accepting connections (a load balancer's next connection
 fails over to another replica; the request never reached this one), serves the first request of a
 connection it accepted before that (the balancer sent it here and will not re-send a POST:
 ``service/api/drain_admission.py``), answers 503 to other new requests on connections already open
@@ -118,4 +118,21 @@ class DrainingServer:
         state.on_fatal = on_fatal
 
     def run(self) -> None:
-        self._server.run()
+        """Serve until a signal's drain ends: uvicorn takes SIGINT and SIGTERM; SIGHUP (the terminal ``ddpm serve`` ran
+        on hung up) drains too, its output sent to /dev/null first (``ddpm.terminal_hangup``): it was killed at once,
+        every request in flight with it (their clients saw the connection reset)."""
+        import signal
+
+        from ddpm.terminal_hangup import off_the_terminal
+
+        def hung_up(sig: int, frame: Any) -> None:
+            off_the_terminal()
+            self._server.handle_exit(sig, frame)
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGHUP, hung_up) if main else None
+        try:
+            self._server.run()
+        finally:
+            if main:
+                signal.signal(signal.SIGHUP, previous)

@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path | str, prefix: list[str] | None = None, args: list[str] | None = None, **env: str) -> None:
+    def __init__(self, model: Path | str, prefix: list[str] | None = None, args: list[str] | None = None, terminal: int | None = None,
+                 **env: str) -> None:  # fmt: skip
+        """``terminal``: a pty's end for the server's standard streams (its output then goes there, not to ``output()``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
@@ -30,7 +32,10 @@ class ServerProcess:
         cmd = [*(prefix or []), *cmd, *(args or [])]  # prefix: e.g. a sandbox the server runs inside; args: more flags
         # a file, not a pipe: nobody reads a pipe while the test runs, and a full one would block the server's logging
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ddpm-serve-", suffix=".log")
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        if terminal is not None:
+            self.proc = subprocess.Popen(cmd, env=full_env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+        else:
+            self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -298,6 +299,41 @@ def test_a_second_signal_answers_in_flight_requests_503_and_exits_at_once(model_
         out = s.output()
         assert "1 request(s) in flight answered 503" in out
         assert "terminate called" not in out and "Traceback" not in out
+    finally:
+        s.stop()
+
+
+def test_a_server_whose_terminal_hangs_up_drains_and_exits_0(model_1000: Path) -> None:
+    """``ddpm serve`` in a terminal that hangs up (SIGHUP: an SSH connection dropped): the signal's default killed it, the
+    request in flight with it (its client: the connection reset; exit -1, measured). Now it drains as on SIGTERM, its
+    output sent to /dev/null first (a write to the hung-up terminal fails)."""
+    import pty
+
+    master, terminal = pty.openpty()
+    s = ServerProcess(model_1000, terminal=terminal)
+    os.close(terminal)
+
+    gone = threading.Event()
+
+    def read_the_terminal() -> None:  # as a terminal does, until it hangs up
+        while not gone.is_set():
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read_the_terminal, daemon=True)
+    reader.start()
+    try:
+        t, result = _eight_rows_running(s)
+        s.proc.send_signal(signal.SIGHUP)
+        gone.set()
+        reader.join(5)
+        os.close(master)  # the terminal is gone: a write to it fails from here on
+        t.join(60)
+        assert result["r"].status_code == 200
+        assert s.proc.wait(15) == 0
     finally:
         s.stop()
 
