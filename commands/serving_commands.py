@@ -112,7 +112,8 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     # this model's graphs only, in a directory removed when the command ends (what it keeps is copied to the output)
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)  # a CI job's timeout: as Ctrl-C, not a kill with no cleanup
+        # a CI job's timeout (SIGTERM), a terminal that hung up (SIGHUP): as Ctrl-C, not a kill with no cleanup
+        previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             return _compile_into_output(args)
         except (KeyboardInterrupt, _Terminated, _Unfinished) as stop:  # a thread is inside torch: an interpreter exit aborts
@@ -121,14 +122,21 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
             if isinstance(stop, _Unfinished):
                 exit_at_once(f"ddpm compile-cache: {stop}")
-            terminated = isinstance(stop, _Terminated)
-            exit_at_once(f"ddpm compile-cache: {'terminated' if terminated else 'interrupted'}", code=143 if terminated else 130)
+            if isinstance(stop, _Terminated):
+                said = "terminated" if stop.signum == signal.SIGTERM else "its terminal hung up"
+                exit_at_once(f"ddpm compile-cache: {said}", code=128 + stop.signum)
+            exit_at_once("ddpm compile-cache: interrupted", code=130)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class _Terminated(Exception):
-    """SIGTERM, raised in the main thread."""
+    """SIGTERM or SIGHUP, raised in the main thread."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _Unfinished(Exception):
@@ -136,7 +144,11 @@ class _Unfinished(Exception):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated()
+    if signum == signal.SIGHUP:
+        from ddpm.terminal_hangup import off_the_terminal
+
+        off_the_terminal()
+    raise _Terminated(signum)
 
 
 def _compile_into_output(args: argparse.Namespace) -> int:

@@ -399,7 +399,8 @@ def _files_of(copy: Path) -> set[str]:
 
 
 @needs_compiler
-@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
+                                                   (signal.SIGHUP, 129, "its terminal hung up")])  # fmt: skip
 def test_ctrl_c_or_sigterm_during_compile_cache_says_so_and_leaves_no_scratch(tmp_path: Path, sig: int, code: int, said: str) -> None:
     """The main thread's wait interrupted while the compile thread is inside inductor: the interpreter's exit under it
     aborted (the KeyboardInterrupt's traceback, then exit 134). SIGTERM (a CI job's timeout) killed it by the default
