@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class BearerTokens:
         self.tokens, self.file = tokens, file
         self._identity = _identity(file) if file is not None else None
         self._checked = time.monotonic()
+        self._checking = threading.Lock()  # the check runs on the event loop and in the threadpool (sync dependencies)
 
     def accepts(self, given: bytes) -> bool:
         """Whether ``given`` is one of the tokens (each compared in constant time, every one compared)."""
@@ -42,20 +44,27 @@ class BearerTokens:
 
     def _follow_file(self) -> None:
         now = time.monotonic()
-        if self.file is None or now - self._checked < RECHECK_S:
-            return
-        self._checked = now
-        identity = _identity(self.file)
+        file = self.file
+        if file is None or now - self._checked < RECHECK_S or not self._checking.acquire(blocking=False):
+            return  # (another thread checks it now: the tokens as they are)
+        try:
+            self._checked = now
+            self._reread(file)
+        finally:
+            self._checking.release()
+
+    def _reread(self, file: Path) -> None:
+        identity = _identity(file)
         if identity == self._identity:
             return
         self._identity = identity
         try:
-            tokens = _file_tokens(self.file)
+            tokens = _file_tokens(file)
         except ValueError as exc:
             log.warning("%s; the %d token(s) read before stay accepted", exc, len(self.tokens))
             return
         self.tokens = tokens
-        log.info("DDPM_API_TOKEN_FILE %s changed: %d token(s) accepted now", self.file, len(tokens))
+        log.info("DDPM_API_TOKEN_FILE %s changed: %d token(s) accepted now", file, len(tokens))
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
