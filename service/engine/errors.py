@@ -37,12 +37,13 @@ class Cancelled(EngineError):
 class EngineFault(EngineError):
     """An exception inside one stage of an iteration; fails the jobs that stage touched."""
 
-    def __init__(self, stage: str, exc: BaseException, what: str | None = None) -> None:
+    def __init__(self, stage: str, exc: BaseException, what: str | None = None, *, said: str | None = None) -> None:
+        """``said``: the client's message and the log's cause both, where the fault is the model's to tell (no paths or
+        sizes in it); otherwise the client sees the stage and the exception type, and its message goes to the log only."""
         self.stage = stage
-        self.cause = f"{type(exc).__name__}: {exc}"
-        # the client sees the stage and the exception type; the message (paths, sizes) goes to the log only
+        self.cause = said or f"{type(exc).__name__}: {exc}"
         what = what or f"the engine's {stage} stage"
-        super().__init__(f"{what} failed ({type(exc).__name__}); the server log has the details")
+        super().__init__(said or f"{what} failed ({type(exc).__name__}); the server log has the details")
 
 
 class ModelFailure(EngineFault):
@@ -58,8 +59,7 @@ class NonFiniteImages(EngineFault):
 
     def __init__(self, images: list[int]) -> None:
         message = not_finite_message(images)
-        EngineError.__init__(self, message)
-        self.stage, self.cause = "output", message
+        super().__init__("output", FloatingPointError(message), said=message)
 
 
 class EngineStopped(EngineError):
