@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ddpm.free_space import free_mib
+from ddpm.free_space import space_left
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,9 +48,7 @@ def atomic_write(path: Path, write: Callable[[str], object], also: tuple[type[Ba
 
 
 def _cannot_write(path: Path, exc: BaseException) -> str:
-    free = free_mib(path.parent)
-    there = "" if free is None else f"; {free:.1f} MiB free there"
-    return f"could not write {path} ({type(exc).__name__}: {exc}{there})"
+    return f"could not write {path} ({type(exc).__name__}: {exc}{space_left(path.parent)})"
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ddpm import opened_files
-from ddpm.free_space import free_mib
+from ddpm.free_space import space_left
 
 log = logging.getLogger("ddpm.compile")
 KEY_FILE = "key.json"
@@ -305,15 +305,10 @@ def save(directory: Path, key: dict[str, object], *, replace: bool = False) -> P
             log.info("compiled graphs not written to %s: another process wrote this key's copy first", directory)  # at once
         else:  # a full disk, most often: worth an operator's look
             log.warning("compiled graphs not written to %s (%s: %s%s): the next start there compiles them again",
-                        directory, type(exc).__name__, exc, _space_left(directory))  # fmt: skip
+                        directory, type(exc).__name__, exc, space_left(directory))  # fmt: skip
         return None
     _remove_other_code(path, key)
     return path
-
-
-def _space_left(directory: Path) -> str:
-    free = free_mib(directory)
-    return "" if free is None else f"; {free:.1f} MiB free there"
 
 
 def keep(copy: Path, directory: Path) -> None:

@@ -13,3 +13,9 @@ def free_mib(directory: str | Path) -> float | None:
         return shutil.disk_usage(directory).free / 2**20
     except OSError:
         return None
+
+
+def space_left(directory: str | Path) -> str:
+    """"; 12.3 MiB free there" for a message about a failed write, or "" where it cannot be told."""
+    free = free_mib(directory)
+    return "" if free is None else f"; {free:.1f} MiB free there"
