@@ -402,4 +402,5 @@ class BackgroundCompiler:
                 return
             except Exception as exc:  # that shape stays eager; the others are unaffected
                 self.switch.failed.add(sig)
-                log.warning("compiling %s failed (%s: %s); that shape stays eager", sig, type(exc).__name__, exc)
+                log.warning("compiling %s failed (%s); that shape stays eager", sig, compile_failure(exc))
+                log.debug("the compile's error in full", exc_info=exc)
