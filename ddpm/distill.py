@@ -365,7 +365,7 @@ class Distiller:
                     budget = self._train_round(steps, bar, stop, budget)
                 if self.step >= self.config.round_steps:
                     self.finish_round()
-            self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
+            self.save()  # also on SIGINT/SIGTERM/SIGHUP: the run resumes from exactly here
 
     def _train_round(self, steps: int, bar: Any, stop: StopFlag, budget: int | None) -> int | None:
         """Optimiser steps of this round until its end, a stop or the budget; the budget left."""

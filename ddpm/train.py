@@ -252,7 +252,7 @@ class Trainer:
         with run_stops(self.run_dir, cfg.lr, cfg.warmup_steps, self._checkpoint) as stop:
             with tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True) as bar:
                 self._train_steps(bar, stop)
-            self.save()  # also on SIGINT/SIGTERM: the run resumes from exactly here
+            self.save()  # also on SIGINT/SIGTERM/SIGHUP: the run resumes from exactly here
 
     def _checkpoint(self) -> str | None:
         """Which step the run directory's checkpoint holds (None: nothing saved yet)."""
@@ -361,7 +361,7 @@ def resumable(run_dir: Path, checkpoint: str | None) -> str:
 
 @contextmanager
 def run_stops(run_dir: Path, lr: float, warmup_steps: int, checkpoint: Callable[[], str | None]) -> Iterator[StopFlag]:
-    """A run's loop (training, distillation): SIGINT/SIGTERM ask it to stop (the StopFlag yielded), and the two stops a
+    """A run's loop (training, distillation): SIGINT/SIGTERM/SIGHUP ask it to stop (the StopFlag yielded), and the two stops a
     plain resume does not undo say what the run directory holds (``checkpoint``: of which step) and what to do."""
     stop = StopFlag()
     try:
