@@ -24,7 +24,7 @@ from commands.argument_types import (
 )
 from commands.command_line import typed_command
 from commands.help_format import subcommand
-from commands.output_path import writable_directory, writable_file, writable_output
+from commands.output_path import writable_directory, writable_file, writable_output, written
 from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 
@@ -250,9 +250,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images, _ = sample_images(args)
     refuse_non_finite("sample", images, args.first_image, f"nothing written to {path}")  # was a black square in a PNG, NaN in an array
     if path.suffix == ".npy":
-        written("-o", path, lambda: write_npy(path, ((images.clamp(-1, 1) + 1) / 2).numpy()))  # (N, C, H, W) in [0, 1]
+        written("ddpm", "-o", path, lambda: write_npy(path, ((images.clamp(-1, 1) + 1) / 2).numpy()))  # (N, C, H, W) in [0, 1]
     else:
-        written("-o", path, lambda: write_grid(path, make_grid(images, ncols=args.ncols)))
+        written("ddpm", "-o", path, lambda: write_grid(path, make_grid(images, ncols=args.ncols)))
     print(f"wrote {len(images)} images to {path}", file=sys.stderr)
     return 0
 
@@ -292,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.report:
         from ddpm.atomic_file import write_text
 
-        written("--report", args.report, lambda: write_text(Path(args.report), text + "\n"))
+        written("ddpm", "--report", args.report, lambda: write_text(Path(args.report), text + "\n"))
     if args.record:
         from ddpm.checkpoint import CheckpointError, record_quality
 
@@ -303,17 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if grid is not None:
         from ddpm.grid import make_grid
 
-        written("--grid", grid, lambda: write_grid(grid, make_grid(images[:100], ncols=10)))
+        written("ddpm", "--grid", grid, lambda: write_grid(grid, make_grid(images[:100], ncols=10)))
     return 0
-
-
-def written(flag: str, path: object, write: Callable[[], None]) -> None:
-    """An output written whole or not at all (``ddpm.atomic_file``: a full disk left a truncated file in place of the
-    one there before); one line naming the flag where it cannot be."""
-    try:
-        write()
-    except OSError as exc:
-        raise SystemExit(f"ddpm: {flag} {path}: {exc}") from exc
 
 
 def write_grid(path: Path, image: Any) -> None:

@@ -4,6 +4,7 @@ compile or train for minutes to hours, and a bad name or folder found at the end
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -45,3 +46,12 @@ def _probe(command: str, flag: str, text: str, directory: Path) -> None:
             pass
     except OSError as exc:
         raise SystemExit(f"{command}: {flag} {text}: {exc}") from exc
+
+
+def written(command: str, flag: str, path: object, write: Callable[[], object]) -> None:
+    """The output, written at the end (whole or not at all: ``ddpm.atomic_file``); one line naming the flag where it
+    cannot be (the folder went away or filled up during the work)."""
+    try:
+        write()
+    except OSError as exc:
+        raise SystemExit(f"{command}: {flag} {path}: {exc}") from exc

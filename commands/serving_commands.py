@@ -193,7 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """The token comes from DDPM_API_TOKEN or DDPM_API_TOKEN_FILE (never a flag: a command line is public)."""
     from tqdm import tqdm
 
-    from commands.output_path import writable_output
+    from commands.output_path import writable_output, written
     from service.client import Client, ClientError, ServerError, Unreachable
 
     output = writable_output("ddpm generate", "-o", args.output, arrays=True)  # before the server does the work
@@ -247,13 +247,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 if bar.total:  # an answer from the response cache has no progress events, and no total
                     bar.update(bar.total - bar.n)
             bar.close()
-    try:
-        path = result.save(output, args.ncols)
-    except OSError as exc:  # the folder went away or filled up while the server worked
-        raise SystemExit(f"ddpm generate: -o {output}: {exc}") from exc
+    written("ddpm generate", "-o", output, lambda: result.save(output, args.ncols))  # the folder may have filled up meanwhile
     meta = {k: result.meta.get(k) for k in ("model", "seed", "first_image", "batch_size", "sampler", "steps", "precision", "cached",
                                             "class_labels", "guidance_scale")}  # fmt: skip
-    print(json.dumps({"output": str(path), **meta}))
+    print(json.dumps({"output": str(output), **meta}))
     return 0
 
 
