@@ -13,6 +13,7 @@ import sys
 from commands.model_commands import add_model_commands
 from commands.process_exit import exit_at_once
 from commands.serving_commands import add_serving_commands
+from commands.standard_streams import open_closed_streams, quiet_on_closed_stdout, stdout_reader_gone
 from ddpm import __version__
 
 
@@ -26,7 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    open_closed_streams()
+    try:
+        code = run(build_parser().parse_args(argv))
+        sys.stdout.flush()  # here, not at exit: a reader that went away is told below, not by "Exception ignored"
+        return code
+    except BrokenPipeError:
+        if not stdout_reader_gone():  # a socket's (ddpm generate's server went away): the command's own error
+            raise
+        return quiet_on_closed_stdout()
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was (torch, inductor, httpx)
