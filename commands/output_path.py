@@ -19,6 +19,7 @@ def writable_output(command: str, flag: str, text: str | None, arrays: bool) -> 
     if file_format(path.suffix) is None and not (arrays and path.suffix == ".npy"):
         raise SystemExit(f"{command}: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...)")
     _probe(command, flag, text, path.parent)
+    _not_a_directory(command, flag, text, path)
     return path
 
 
@@ -33,7 +34,14 @@ def writable_file(command: str, flag: str, text: str | None) -> Path | None:
     if text is None:
         return None
     _probe(command, flag, text, Path(text).parent)
+    _not_a_directory(command, flag, text, Path(text))
     return Path(text)
+
+
+def _not_a_directory(command: str, flag: str, text: str, path: Path) -> None:
+    """A folder under the file's name would refuse the write at the end, after the work."""
+    if path.is_dir():
+        raise SystemExit(f"{command}: {flag} {text}: a folder is there; name a file in it, or another file")
 
 
 def _probe(command: str, flag: str, text: str, directory: Path) -> None:

@@ -3,6 +3,11 @@
 A crash, a Ctrl-C or a full disk never leaves a half-written file, nor the temporary one, and the file it was to
 replace stays as it was. ``ddpm sample -o x.npy`` on a full disk left a truncated x.npy in place of the one there
 before, saying only "50176 requested and 25568 written" (numpy's words); a PNG, an empty file.
+
+A symbolic link is written through, as ``>`` writes through it: its file is replaced and the link stays (a rename onto
+the link's own name replaced the link with a plain file and left its file as it was). The temporary file's name fits
+the file system's 255 bytes wherever the file's own does (``x.png.`` plus 8 characters failed for a legal name of 250
+bytes, after the work).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ def atomic_write(path: Path, write: Callable[[str], object], also: tuple[type[Ba
     failed with an OSError, a RuntimeError (torch's zip writer says "unexpected pos 306176 vs 306128" for a full disk)
     or one of ``also``."""
     path = Path(path)
+    target = Path(os.path.realpath(path))  # a link's file, through every link on the way
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target.name))
     except OSError as exc:  # the directory went away, or cannot be written
         raise WriteError(_cannot_write(path, exc)) from exc
     os.close(fd)
@@ -39,12 +45,17 @@ def atomic_write(path: Path, write: Callable[[str], object], also: tuple[type[Ba
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a model from a non-root server
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except (OSError, RuntimeError, *also) as exc:
         raise WriteError(_cannot_write(path, exc)) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _temporary_prefix(name: str) -> str:
+    """A hidden name beside the file: a dot, the name's first 200 bytes (whole characters), a dot; mkstemp adds 8."""
+    return "." + os.fsencode(name)[:200].decode("utf-8", "ignore") + "."
 
 
 def _cannot_write(path: Path, exc: BaseException) -> str:

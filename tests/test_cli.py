@@ -386,3 +386,31 @@ def test_an_output_that_fills_the_disk_keeps_the_file_there_before(command: str,
     assert ran.stderr.strip().startswith(f"ddpm: {flag} {out}: could not write {out} (OSError: [Errno 28] No space left on device; ")
     assert "MiB free there)" in ran.stderr and "Traceback" not in ran.stderr
     assert out.read_bytes() == b"the images written before" and [p.name for p in out.parent.iterdir()] == [name]
+
+
+def test_an_output_name_that_is_a_folder_is_refused_before_the_work(tmp_path: Path) -> None:
+    """A folder named grid.png: "could not write ... Is a directory" after the sampling (an evaluation's minutes)."""
+    (tmp_path / "grid.png").mkdir()
+    out = run_command(["sample", "-n", "1", "--steps", "1", "--quiet", "-o", str(tmp_path / "grid.png")])
+    assert out.code == 1 and out.stderr.strip() == f"ddpm: -o {tmp_path}/grid.png: a folder is there; name a file in it, or another file"
+    out = run_command(["eval", "-n", "2", "--steps", "1", "--quiet", "--report", str(tmp_path)])
+    assert out.code == 1 and out.stderr.strip().startswith(f"ddpm: --report {tmp_path}: a folder is there")
+
+
+def test_an_output_through_a_symbolic_link_writes_the_links_file(tmp_path: Path) -> None:
+    """The writer's rename replaced the link itself with a plain file and left the file it pointed at as it was (``>``,
+    Pillow and numpy write through a link). A name of 250 bytes, legal, failed at the end: its temporary name was longer
+    than the file system's 255."""
+    from PIL import Image
+
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    (tmp_path / "published").mkdir()
+    target = tmp_path / "published" / "latest.png"
+    target.write_bytes(b"yesterday's")
+    (tmp_path / "latest.png").symlink_to("published/latest.png")
+    long_name = tmp_path / ("g" * 246 + ".png")
+    for output in (tmp_path / "latest.png", long_name):
+        out = run_command(["sample", "--model", str(model), "-n", "2", "--steps", "1", "--quiet", "-o", str(output)])
+        assert out.code == 0, out.stderr[-2000:]
+    assert (tmp_path / "latest.png").is_symlink() and Image.open(target).size == Image.open(long_name).size
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny", "published", "latest.png", long_name.name])
