@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None
         except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
             raise ValueError(f"{path}: {exc}") from exc
         if digest is not None:
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+            name = os.fsencode(path.relative_to(root).as_posix())  # a name's bytes, UTF-8 or not (str.encode refused one)
+            digest.update(name + b"\0" + len(data).to_bytes(8, "little") + data)
     return to_model_range(np.stack(arrays))
 
 

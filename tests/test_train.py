@@ -272,6 +272,27 @@ def test_a_resume_on_a_folder_that_holds_other_images_now_is_refused(tmp_path: P
     assert Trainer(_config(steps=2, data=str(data), batch_size=4, unet=TINY), tmp_path / "r", device="cpu").step == 1
 
 
+def test_a_folder_with_a_file_name_that_is_not_utf8_loads_and_hashes(tmp_path: Path) -> None:
+    """A name in Latin-1 (a Windows archive, an old disk) refused the whole folder: "'utf-8' codec can't encode
+    characters in position 0-1: surrogates not allowed", from the hash of the names. The name's bytes are hashed as
+    stored; a UTF-8 name's hash is its text's, as before."""
+    import hashlib
+    import os
+
+    from ddpm.data import load_labelled
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(data / "été.png")
+    picture = (data / "été.png").read_bytes()
+    expected = hashlib.sha256("été.png".encode() + b"\0" + len(picture).to_bytes(8, "little") + picture).hexdigest()
+    assert load_labelled(str(data), 1, 8).source_sha256 == expected
+    os.rename(data / "été.png", os.fsencode(data) + b"/\xe9t\xe9.png")  # the same name in Latin-1
+    loaded = load_labelled(str(data), 1, 8)
+    latin = hashlib.sha256(b"\xe9t\xe9.png\0" + len(picture).to_bytes(8, "little") + picture).hexdigest()
+    assert loaded.images.shape == (1, 1, 8, 8) and loaded.source_sha256 == latin
+
+
 def test_the_mnist_source_hashes_the_same_every_time() -> None:
     from ddpm.data import load_labelled
 
