@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddpm.atomic_file import atomic_write as write_whole
+from ddpm.names import text_name
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
 
@@ -123,7 +124,7 @@ class ModelCard:
             self.schedule()
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model config: schedule: {exc}") from exc
-        names = self.class_names
+        self.class_names = names = [text_name(c) for c in self.class_names]  # a card's own "\udce9" too
         if names and (len(names) != self.unet.num_classes or len(set(names)) != len(names)):
             raise CheckpointError(f"classes {names} do not match num_classes = {self.unet.num_classes} (or repeat a name)")
         if self.prediction not in PREDICTIONS:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddpm.image_inputs import deep_grey, grey_levels
+from ddpm.names import text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -92,7 +93,7 @@ def folder_classes(folder: str | Path) -> tuple[torch.Tensor | None, list[str]]:
         return None, []
     names = sorted({q[0] for q in parts})
     index = {name: i for i, name in enumerate(names)}
-    return torch.tensor([index[q[0]] for q in parts], dtype=torch.long), names
+    return torch.tensor([index[q[0]] for q in parts], dtype=torch.long), [text_name(name) for name in names]
 
 
 def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None) -> torch.Tensor:

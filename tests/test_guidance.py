@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm.chain import ChainSpec
-from ddpm.checkpoint import CheckpointError, ModelCard, load_model
+from ddpm.checkpoint import CheckpointError, ModelCard, load_model, read_card
 from ddpm.guidance import fixed_guidance, guided_eps, rows_per_call
 from ddpm.image_request import ImageRequest
 from ddpm.loaded_model import ChainError
@@ -208,6 +210,38 @@ def test_http_class_conditional_requests(cond_dir: Path) -> None:
     served = torch.from_numpy(np.load(io.BytesIO(r.content))) * 2 - 1
     offline = _offline(cond_dir, 5, [2, 0, 1], 3.0, 10, "ddim").clamp(-1, 1)
     assert (served - offline).abs().max() < 1e-4
+
+
+def test_class_names_that_are_not_text_are_served_as_escapes(cond_dir: Path, tmp_path: Path) -> None:
+    """A model trained on a folder whose class sub-folder has a Latin-1 name: its card held the name as a lone surrogate
+    ("\\udce9t\\udce9", Python's hold of the byte), and every answer naming that class, and every 422 listing the
+    classes, failed to encode: a 500 (measured with a real ``ddpm train --conditional`` and ``ddpm serve``). The name's
+    bytes become escapes, in new cards (the folder's classes) and cards written before."""
+    import json
+    import os
+    import shutil
+
+    from ddpm.data import folder_classes
+
+    model = Path(shutil.copytree(cond_dir, tmp_path / "m"))
+    card = json.loads((model / "config.json").read_text())
+    card["classes"] = ["cat", "\udce9t\udce9", "\ud800"]  # as json.dumps wrote the folder's name; a surrogate no byte's
+    (model / "config.json").write_text(json.dumps(card))
+    assert read_card(model).class_names == ["cat", "\\xe9t\\xe9", "\\ud800"]
+    with app_client(model, compile="off", precision="fp32") as c:
+        wait_ready(c)
+        assert c.get("/info").json()["classes"] == ["cat", "\\xe9t\\xe9", "\\ud800"]
+        named = c.post("/generate", json={"seed": 1, "steps": 2, "class_label": 1})
+        assert named.status_code == 200 and named.json()["class_labels"] == ["\\xe9t\\xe9"], named.text
+        by_name = c.post("/generate", json={"seed": 1, "steps": 2, "class_label": "\\xe9t\\xe9"})
+        assert by_name.status_code == 200 and by_name.json()["class_labels"] == ["\\xe9t\\xe9"]
+        unknown = c.post("/generate", json={"seed": 1, "steps": 2, "class_label": "wolf"})
+        assert unknown.status_code == 422 and "this model's classes: cat, \\xe9t\\xe9, \\ud800" in unknown.json()["detail"]
+    (tmp_path / "d" / "b").mkdir(parents=True)
+    os.mkdir(os.fsencode(tmp_path / "d") + b"/\xe9t\xe9")
+    for folder in (tmp_path / "d" / "b", Path(os.fsdecode(os.fsencode(tmp_path / "d") + b"/\xe9t\xe9"))):
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "0.png")
+    assert folder_classes(tmp_path / "d")[1] == ["b", "\\xe9t\\xe9"]
 
 
 def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None:
