@@ -64,3 +64,20 @@ def test_a_body_in_a_content_coding_is_415_not_parsed(client: TestClient, route:
         said = f"Content-Encoding {coding} is not supported: send the body uncompressed"
         assert r.status_code == 415 and said in r.text, r.text
     assert client.post(route, content=raw, headers={"Content-Type": "application/json", "Content-Encoding": "identity"}).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate/stream", "/v1/images/generations"])
+@pytest.mark.parametrize(("raw", "field"), [
+    (rb'{"seed": 1, "sampler": "\udce9t\udce9"}', "sampler"),
+    (rb'{"seed": 1, "class_label": ["a", "\ud800"]}', "class_label.1"),
+    (rb'{"seed": 1, "\udce9": 2}', "\\udce9"),  # a key: the 422 for a field this API lacks echoed it
+])  # fmt: skip
+def test_a_lone_surrogate_escape_is_422_not_a_500(client: TestClient, route: str, raw: bytes, field: str) -> None:
+    """``"\\udce9"`` alone is JSON syntax but no character: Python kept it, the 422 echoing it failed to encode as UTF-8,
+    and the answer was a 500 ("internal server error", measured on a real ``ddpm serve``)."""
+    before = _metric(client, 'ddpm_requests_total{code="500"}')
+    body = raw if route != "/v1/images/generations" else raw.replace(b"{", b'{"prompt": "x", ', 1)
+    r = client.post(route, content=body, headers={"Content-Type": "application/json"})
+    message = r.json()["error"]["message"] if route.startswith("/v1/") else r.json()["detail"]
+    assert r.status_code == 422 and message.startswith(f"{field}: holds a \\uD800-\\uDFFF escape without its pair"), r.text
+    assert _metric(client, 'ddpm_requests_total{code="500"}') == before

@@ -4,7 +4,9 @@ Python's ``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, RFC
 ``1e400`` into ``inf``, and lets the last of two equal keys win (``{"seed": -1, "seed": 3}`` runs seed
 3). A strict API refuses all three (422 naming the field). It also raises what is not a
 ``JSONDecodeError`` on hostile input: ``ValueError`` for an integer over Python's int-string limit
-(4300 digits) and ``RecursionError`` for deep nesting; both are 422 here, never a 500.
+(4300 digits) and ``RecursionError`` for deep nesting; both are 422 here, never a 500. A ``\\udce9`` escape
+alone (half of a UTF-16 surrogate pair) is valid JSON syntax but no Unicode character: Python keeps it in the string,
+and the 422 that echoed it failed to encode as UTF-8, a 500; it is refused as what it is (422 naming the field).
 
 ``StrictJSONRoute`` judges a request in this order: the body's size (413, before any route:
 ``RequestContextMiddleware``), then the bearer token where the route requires one (401, before the
@@ -37,6 +39,7 @@ MAX_DEPTH = 32  # no request of this API nests more than three levels; deeper JS
 MAX_STRUCTURE = 100_000
 OFF_LOOP_BYTES = 2**20  # bodies over this are parsed off the event loop
 _NOT_SKELETON = bytes(b for b in range(256) if b not in b'"[]{}')
+LONE_SURROGATE_MSG = "holds a \\uD800-\\uDFFF escape without its pair: not a Unicode character (RFC 8259 §8.2); send UTF-8 text"
 NON_FINITE_MSG = "must be a finite number (NaN, Infinity and numbers beyond the float range are not JSON)"
 
 
@@ -50,13 +53,31 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
+class _LoneSurrogate(ValueError):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
             raise _DuplicateKey(key)
+        if not _is_text(key):
+            raise _LoneSurrogate(key)
         obj[key] = value
     return obj
+
+
+def _is_text(value: str) -> bool:
+    """No lone surrogate in ``value`` (json turns a pair's two escapes into one character, so only halves are left)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _float(text: str) -> float | _NonFinite:
@@ -64,12 +85,15 @@ def _float(text: str) -> float | _NonFinite:
     return value if math.isfinite(value) else _NonFinite(text)
 
 
-def _find_non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], str] | None:
+def _find_unfit(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple[str | int, ...], str | None] | None:
+    """Where the first non-finite number (and its text) or string with a lone surrogate (None) is."""
     if isinstance(value, _NonFinite):
         return loc, value.text
+    if isinstance(value, str) and not _is_text(value):
+        return loc, None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        found = _find_non_finite(item, (*loc, key))
+        found = _find_unfit(item, (*loc, key))
         if found is not None:
             return found
     return None
@@ -119,11 +143,13 @@ def loads_strict(body: bytes) -> Any:
         raise _body_error("json_too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep")
     try:
         value = json.loads(body, object_pairs_hook=_object, parse_constant=_NonFinite, parse_float=_float)
-        found = _find_non_finite(value)
+        found = _find_unfit(value)
     except _DuplicateKey as exc:
         raise RequestValidationError(
             [{"type": "duplicate_key", "loc": ("body", exc.key), "msg": "appears more than once in the JSON object", "input": None}]
         ) from None
+    except _LoneSurrogate as exc:
+        found = (_escaped(exc.key),), None
     except RecursionError:
         raise _body_error("json_too_deep", "the JSON is nested too deeply to be a request of this API") from None
     except json.JSONDecodeError:
@@ -135,8 +161,16 @@ def loads_strict(body: bytes) -> Any:
         raise _body_error("number_too_long", f"a number in the JSON is too long ({exc})") from None
     if found is not None:
         loc, text = found
+        if text is None:
+            loc = tuple(_escaped(k) if isinstance(k, str) else k for k in loc)
+            raise RequestValidationError([{"type": "string_unicode", "loc": ("body", *loc), "msg": LONE_SURROGATE_MSG, "input": None}])
         raise RequestValidationError([{"type": "finite_number", "loc": ("body", *loc), "msg": NON_FINITE_MSG, "input": text}])
     return value
+
+
+def _escaped(key: str) -> str:
+    """A key as JSON would escape it (a lone surrogate as \\udce9): printable and encodable."""
+    return key if _is_text(key) else json.dumps(key)[1:-1]
 
 
 ECHO_CHARS = 256  # an error echoes at most this much of a string input (a 16 MiB field is not sent back)
