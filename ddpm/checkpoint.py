@@ -11,6 +11,7 @@ A model directory holds ``model.safetensors`` (the EMA weights) and ``config.jso
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from ddpm.atomic_file import atomic_write as write_whole
 from ddpm.names import text_name
@@ -159,6 +160,16 @@ def read_card(directory: str | Path) -> ModelCard:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. safetensors opens a path only where it is UTF-8 ("Path ... is not valid UTF-8",
+    which read as a truncated file): under a folder with another name (a Latin-1 one) the file's bytes are read here."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return load(path.read_bytes())
+    return load_file(path)
+
+
 def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, ModelCard]:
     """Load and validate a model directory; raises CheckpointError with the reason."""
     directory = Path(directory)
@@ -169,7 +180,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in model directory {directory}")
     try:
-        state = load_file(weights)
+        state = read_weights(weights)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is unreadable or truncated: {exc}") from exc
     with torch.device("meta"):  # the shapes the config makes, allocating nothing: a config of 4 million channels asked

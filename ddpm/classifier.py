@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ddpm.checkpoint import read_weights
 from ddpm.data import mnist_digits, to_model_range
 
 FEATURE_DIM = 64
@@ -102,5 +103,5 @@ def load_classifier(directory: str | Path) -> DigitClassifier:
     if not path.is_file():
         raise FileNotFoundError(f"no digit classifier at {path}; train one with `ddpm train-classifier`")
     model = DigitClassifier()
-    model.load_state_dict(load_file(path))
+    model.load_state_dict(read_weights(path))
     return model.eval()

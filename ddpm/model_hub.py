@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ddpm.names import text_name
+
 _REPO = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # what a ddpm-serve or diffusers DDPM repository needs; everything else in a repository (sample
 # images, other frameworks' weights) is not downloaded
@@ -29,11 +31,11 @@ def hub_reference(spec: str) -> tuple[str, str | None] | None:
 
 def model_name(spec: str | Path) -> str:
     """How the model is named in answers, metrics and logs: the repository id (with @revision if
-    given), else the directory's name."""
+    given), else the directory's name (a name that is not UTF-8 with escapes: in an answer it failed every request)."""
     ref = hub_reference(str(spec))
     if ref is not None:
         return ref[0] + (f"@{ref[1]}" if ref[1] else "")
-    return Path(spec).expanduser().resolve().name
+    return text_name(Path(spec).expanduser().resolve().name)
 
 
 def missing_model(spec: str | Path) -> str | None:

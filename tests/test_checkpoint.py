@@ -225,3 +225,24 @@ def test_weights_written_between_the_load_and_their_hash_are_loaded_again(tmp_pa
         load_unchanged(directory, "cpu", hash_after_an_export(LOAD_TRIES))
     assert len(exports) == LOAD_TRIES
     model, _ = load_unchanged(directory, "cpu", hash_after_an_export(0))  # still: loaded once, as before
+
+
+def test_a_model_folder_whose_name_is_not_utf8_loads_and_is_served_under_escapes(tmp_path: Path, tiny_unet: UNet) -> None:
+    """A folder named in Latin-1 (b"mn\\xe9ist"): safetensors refused the path ("Path ... is not valid UTF-8", which the
+    load reported as a truncated file), and past that the server's every answer naming the model (its folder's name)
+    failed to encode, a 500 for each request and for /metrics (measured on a real ``ddpm serve``)."""
+    import os
+
+    from tests.app_client import app_client, wait_ready
+
+    directory = Path(os.fsdecode(os.fsencode(tmp_path) + b"/mn\xe9ist"))
+    save_model(directory, tiny_unet, ModelCard(unet=TINY, num_timesteps=50))
+    module, _ = load_model(directory)
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), tiny_unet.state_dict().values(), strict=True))
+    assert load_model_source(directory).name == "mn\\xe9ist"
+    with app_client(directory, compile="off", precision="fp32") as c:
+        wait_ready(c)
+        r = c.post("/generate", json={"seed": 1, "steps": 2})
+        assert r.status_code == 200 and r.json()["model"] == "mn\\xe9ist", r.text
+        assert c.get("/v1/models").json()["data"][0]["id"] == "mn\\xe9ist"
+        assert 'model="mn\\\\xe9ist"' in c.get("/metrics").text
