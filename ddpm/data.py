@@ -78,9 +78,12 @@ def _hidden(path: Path, root: Path) -> bool:
 def _image_files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, root))
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, root) and not p.is_dir())
     if not files:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    odd = next((p for p in files if not p.is_file()), None)  # reading a named pipe waited for a writer, for ever
+    if odd is not None:
+        raise ValueError(f"{odd}: not a regular file (a named pipe, a device, a socket or a broken link): take it out of {root}")
     return files
 
 

@@ -293,6 +293,39 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_loads_and_hashes(tmp_path: P
     assert loaded.images.shape == (1, 1, 8, 8) and loaded.source_sha256 == latin
 
 
+def test_a_named_pipe_in_the_data_folder_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """``ddpm train --data`` on a folder holding a named pipe called x.png waited for a writer for ever (measured: killed
+    by ``timeout 30``). It is refused naming the file; a folder called z.png is a folder (its images are read; it was "Is a directory" before)."""
+    import os
+    import threading
+
+    from ddpm.data import load_labelled
+
+    data = tmp_path / "data"
+    (data / "z.png").mkdir(parents=True)
+    for folder in (data, data / "z.png"):
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "0.png")
+    os.mkfifo(data / "pipe.png")
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_labelled(str(data), 1, 8)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():  # waiting on the pipe: give it its end of file, then fail
+        os.close(os.open(data / "pipe.png", os.O_WRONLY))
+        thread.join(5)
+        pytest.fail("the load waited on the named pipe")
+    assert len(raised) == 1 and str(raised[0]).startswith(f"{data}/pipe.png: not a regular file (a named pipe")
+    (data / "pipe.png").unlink()
+    assert load_labelled(str(data), 1, 8).images.shape == (2, 1, 8, 8)
+
+
 def test_the_mnist_source_hashes_the_same_every_time() -> None:
     from ddpm.data import load_labelled
 
