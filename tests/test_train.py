@@ -295,7 +295,8 @@ def test_a_folder_with_a_file_name_that_is_not_utf8_loads_and_hashes(tmp_path: P
 
 def test_a_named_pipe_in_the_data_folder_is_refused_not_waited_on(tmp_path: Path) -> None:
     """``ddpm train --data`` on a folder holding a named pipe called x.png waited for a writer for ever (measured: killed
-    by ``timeout 30``). It is refused naming the file; a folder called z.png is a folder (its images are read; it was "Is a directory" before)."""
+    by ``timeout 30``). It is refused naming the file; a folder called z.png is a folder (its images are read; it was
+    "Is a directory" before)."""
     import os
     import threading
 
