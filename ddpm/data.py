@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ddpm.image_inputs import deep_grey, grey_levels
 from ddpm.names import text_name
@@ -107,8 +107,8 @@ def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None
     for path in _image_files(root):
         try:
             data = path.read_bytes()
-            with Image.open(io.BytesIO(data)) as im:
-                arrays.append(_eight_bit(im, channels, size))
+            with Image.open(io.BytesIO(data)) as im:  # upright, as every viewer shows it (a phone's photo is stored sideways)
+                arrays.append(_eight_bit(ImageOps.exif_transpose(im), channels, size))
         except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
             raise ValueError(f"{path}: {exc}") from exc
         if digest is not None:

@@ -327,6 +327,23 @@ def test_a_named_pipe_in_the_data_folder_is_refused_not_waited_on(tmp_path: Path
     assert load_labelled(str(data), 1, 8).images.shape == (2, 1, 8, 8)
 
 
+@pytest.mark.parametrize("file_format", ["PNG", "JPEG", "WEBP"])
+def test_a_photo_stored_sideways_is_trained_on_upright(tmp_path: Path, file_format: str) -> None:
+    """A camera stores a portrait photo as its sensor reads it and an EXIF Orientation tag saying how to turn it; every
+    viewer shows it turned. ``ddpm train --data`` read the stored pixels: a folder of phone photos trained partly on
+    sideways images. Orientation 6 ("turn 90 degrees clockwise to show"): the stored left column is the top row shown."""
+    from ddpm.data import load_labelled
+
+    stored = np.zeros((8, 8), dtype=np.uint8)
+    stored[:, 0] = 255  # a bar down the left side, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    (tmp_path / "d").mkdir()
+    Image.fromarray(stored).save(tmp_path / "d" / f"photo.{file_format.lower()}", format=file_format, exif=exif.tobytes(), quality=100)
+    loaded = (load_labelled(str(tmp_path / "d"), 1, 8).images[0, 0].numpy() + 1) * 127.5  # back to 0..255
+    assert np.abs(loaded - np.rot90(stored, k=-1)).max() < 8, loaded.round()  # turned clockwise: the bar along the top
+
+
 def test_the_mnist_source_hashes_the_same_every_time() -> None:
     from ddpm.data import load_labelled
 
