@@ -299,10 +299,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.http_protocol import hardened_protocol
     from service.api.request_log import configure_logging
     from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
+    from service.open_file_limit import quiet_accept_errors, raise_open_file_limit
     from service.server_state import ServerState
 
     configure_logging(settings.log_format, args.log_level)
-    for warning in unknown_variables(os.environ, set(type(settings).model_fields)) + unreachable_bounds(settings):
+    quiet_accept_errors()
+    files = raise_open_file_limit(settings.max_connections)
+    warnings = unknown_variables(os.environ, set(type(settings).model_fields)) + unreachable_bounds(settings)
+    for warning in [*warnings, files] if files else warnings:
         logging.getLogger("ddpm.settings").warning(warning)
     state = ServerState(settings)
     try:

@@ -1,0 +1,70 @@
+"""A server whose open-file limit is below what its connection bound needs: systemd's soft 1,024 against the default
+DDPM_MAX_CONNECTIONS of 1,024 (measured under ``ulimit -n 128``: /healthz unanswered for 10 s, 65,384 logged
+tracebacks)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from service.open_file_limit import QUIET_S, AcceptErrorsQuieted
+from tests.server_process import ServerProcess
+from tests.tiny_model import save_tiny_model
+
+SOFT_LIMIT = ["sh", "-c", 'ulimit -Sn 64 && exec "$@"', "sh"]  # the soft limit only: the hard one stays as it is here
+
+
+def _limits_after(shell_limits: str) -> list[str]:
+    script = ("import resource\nfrom service.open_file_limit import raise_open_file_limit\nwarning = raise_open_file_limit(1024)\n"
+              "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\nprint(warning)\n")  # fmt: skip
+    done = subprocess.run(["sh", "-c", f'{shell_limits} && exec "$@"', "sh", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one_and_a_low_hard_one_is_named() -> None:
+    hard = int(subprocess.run(["sh", "-c", "ulimit -Hn"], capture_output=True, text=True).stdout)
+    raised, warning = _limits_after("ulimit -Sn 64")
+    assert raised == f"{hard} {hard}" and (warning == "None") == (hard >= 1024 + 128)
+    limited, warning = _limits_after("ulimit -n 256")  # hard and soft
+    assert limited == "256 256"
+    assert warning.startswith("open files are limited to 256 (ulimit -n; hard limit 256), fewer than DDPM_MAX_CONNECTIONS=1024 ")
+    assert "past 128 connections new ones are not accepted (not even /healthz)" in warning
+
+
+def test_a_run_of_accept_errors_is_logged_once_in_a_while_with_a_count() -> None:
+    now = [100.0]
+    quiet = AcceptErrorsQuieted(clock=lambda: now[0])
+    record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\nsocket: <...>",
+                               (), (OSError, OSError(24, "Too many open files"), None))  # fmt: skip
+    passed = []
+    for _ in range(2048):  # asyncio's accept loop: once per backlog slot
+        passed.append(quiet.filter(record))
+    assert passed.count(True) == 1 and record.exc_info is None  # the first, without the traceback
+    now[0] += QUIET_S
+    again = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource", (), None)
+    assert quiet.filter(again) and "2047 more of these in the last 10 s not logged" in again.getMessage()
+    other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", (), None)
+    assert quiet.filter(other)
+
+
+def test_idle_connections_past_a_low_soft_limit_leave_the_probes_answered(tmp_path: Path) -> None:
+    """A real server started under ``ulimit -Sn 64`` with 100 idle connections held: /healthz answered at once (before: not
+    accepted until the idle ones were closed at the read timeout, and a traceback logged per accept attempt)."""
+    server = ServerProcess(save_tiny_model(tmp_path / "tiny", num_timesteps=50), prefix=SOFT_LIMIT, DDPM_COMPILE="off")
+    held: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(100)]
+        with urllib.request.urlopen(f"{server.url}/healthz", timeout=3) as answer:
+            assert answer.status == 200
+        assert "out of system resource" not in server.output()
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
