@@ -7,7 +7,7 @@ before, saying only "50176 requested and 25568 written" (numpy's words); a PNG, 
 A symbolic link is written through, as ``>`` writes through it: its file is replaced and the link stays (a rename onto
 the link's own name replaced the link with a plain file and left its file as it was). The temporary file's name fits
 the file system's 255 bytes wherever the file's own does (``x.png.`` plus 8 characters failed for a legal name of 250
-bytes, after the work).
+bytes, after the work). A file replaced keeps its permissions (a private 0600 file became 0644: readable by anyone).
 """
 
 from __future__ import annotations
@@ -40,17 +40,35 @@ def atomic_write(path: Path, write: Callable[[str], object], also: tuple[type[Ba
     except OSError as exc:  # the directory went away, or cannot be written
         raise WriteError(_cannot_write(path, exc)) from exc
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a model from a non-root server
+        os.chmod(tmp, _mode_for(target))  # mkstemp's 0600 would hide a model from a non-root server
         os.replace(tmp, target)
     except (OSError, RuntimeError, *also) as exc:
         raise WriteError(_cannot_write(path, exc)) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _mode_for(target: Path) -> int:
+    """The permissions of the file replaced (a private 0600 image stays private), or a new file's (0666 less the umask)."""
+    try:
+        return os.stat(target).st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` sets it to read it: a thread creating a file in that
+    moment would create it 0666)."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
 
 
 def _temporary_prefix(name: str) -> str:

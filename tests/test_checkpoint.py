@@ -165,6 +165,26 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp_path:
         atomic_write(tmp_path / "gone" / "config.json", full_disk)
 
 
+def test_a_file_replaced_keeps_its_permissions(tmp_path: Path) -> None:
+    """A private 0600 output written again came back 0644 (readable by anyone): the temporary file's mode was the
+    umask's. A new file still gets 0666 less the umask (not mkstemp's 0600, which hid a model from a non-root server)."""
+    import os
+
+    from ddpm.atomic_file import write_text
+
+    private = tmp_path / "private.json"
+    private.write_text("before")
+    private.chmod(0o600)
+    write_text(private, "after")
+    assert private.read_text() == "after" and private.stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0o027)
+    try:
+        write_text(tmp_path / "new.json", "new")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_record_quality(tmp_path: Path, tiny_unet: UNet) -> None:
     from ddpm.checkpoint import read_card, record_quality
 
