@@ -123,7 +123,7 @@ def test_openapi_documents_the_contract(client: TestClient) -> None:
 
 def test_web_page(client: TestClient) -> None:
     r = client.get("/")
-    assert r.status_code == 200 and "/generate/stream" in r.text and "<progress" in r.text
+    assert r.status_code == 200 and 'fetch("generate/stream"' in r.text and "<progress" in r.text
     # its policy allows its own inline script by hash, and nothing else that runs code (a browser enforces it:
     # tests/test_web_page.py::test_the_pages_policy_blocks_a_script_it_did_not_ship)
     policy = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
