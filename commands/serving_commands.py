@@ -42,8 +42,9 @@ def add_serve_parser(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=8000, help="port to bind")
-    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=(os.environ.get("DDPM_LOG_LEVEL") or "info").lower(),
-                   help="the server's log (default: $DDPM_LOG_LEVEL or info)")  # fmt: skip
+    level = (os.environ.get("DDPM_LOG_LEVEL", "").strip() or "info").lower()  # an env file's CR is no part of a value
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=level,
+                   help="the server's log (default: $DDPM_LOG_LEVEL or info)")
     settings_flags = CliSettingsSource(
         Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True, cli_show_env_vars=True
     )
@@ -57,7 +58,8 @@ def add_generate_parser(sub: Any) -> None:
 
     text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--url", default=os.environ.get("DDPM_URL", "http://127.0.0.1:8000"), help="the server (default: $DDPM_URL or local)")
+    url = os.environ.get("DDPM_URL", "").strip() or "http://127.0.0.1:8000"
+    p.add_argument("--url", default=url, help="the server (default: $DDPM_URL or local)")
     p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k)")
     p.add_argument("-n", type=POSITIVE, default=16,
                    help="number of images (more than the server's max_images_per_request: asked for in parts, the same images)")

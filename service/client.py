@@ -150,7 +150,7 @@ def _token(token: str | None) -> str | None:
     if os.environ.get("DDPM_API_TOKEN_FILE"):  # the server's file may hold several during a rotation: the newest, last
         lines = [line.strip() for line in Path(os.environ["DDPM_API_TOKEN_FILE"]).read_text().splitlines() if line.strip()]
         return lines[-1] if lines else None
-    return os.environ.get("DDPM_API_TOKEN") or None
+    return os.environ.get("DDPM_API_TOKEN", "").strip() or None  # an env file's CR is no part of it
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

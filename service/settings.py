@@ -174,6 +174,16 @@ class Settings(BaseSettings):
         "continuous", description="continuous: samples join the running batch every iteration; request: a batch runs its whole chain"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _without_surrounding_whitespace(cls, values: object) -> object:
+        """An env file saved with Windows line ends gives every value a trailing CR: "DDPM_LOG_FORMAT: ... (got
+        'text\\r')", and DDPM_MODEL's "model directory not found: /models/x\\r (set ..." drew its own line over itself.
+        A value's surrounding whitespace is never meant (a token's was stripped already)."""
+        if not isinstance(values, dict):
+            return values
+        return {k: v.strip() if isinstance(v, str) else v for k, v in values.items()}
+
     @model_validator(mode="after")
     def _priority_bounds_in_order(self) -> Settings:
         """A floor over the ceiling inverted the clamp silently (every request at max_priority)."""

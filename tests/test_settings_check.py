@@ -30,6 +30,21 @@ def test_no_float_setting_takes_inf(name: str) -> None:
     assert explain(caught.value) == f"DDPM_{name.upper()} / --{name.replace('_', '-')}: Input should be a finite number (got 'inf')"
 
 
+def test_values_from_an_env_file_with_windows_line_ends_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every value of an env file saved with CRLF ends in a CR: DDPM_LOG_FORMAT was refused ("got 'text\\r'") and
+    DDPM_MODEL was "model directory not found: /models/x\\r (set ...", a line the CR drew over itself."""
+    from service.client import _token
+
+    values = {"DDPM_MODEL": "/models/x\r", "DDPM_LOG_FORMAT": "text\r", "DDPM_MAX_BATCH": " 16\r", "DDPM_PRECISION": "fp32\r",
+              "DDPM_SCHEDULING": "request\r\n", "DDPM_API_TOKEN": "secret\r"}  # fmt: skip
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert (s.model, s.log_format, s.max_batch, s.precision, s.scheduling) == ("/models/x", "text", 16, "fp32", "request")
+    assert s.api_token is not None and s.api_token.get_secret_value() == "secret" and _token(None) == "secret"  # the client's
+    assert Settings(model=" /models/y ").model == "/models/y"  # a flag alike
+
+
 def test_threads_are_bounded() -> None:
     """DDPM_THREADS=100000 started 100,000 OpenMP threads: the server segfaulted (exit 139) and the machine ran out of
     processes ("fork: Resource temporarily unavailable" in the shell beside it)."""
