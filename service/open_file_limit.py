@@ -7,9 +7,9 @@ were closed), and asyncio logged "socket.accept() out of system resource" with a
 (``DDPM_MAX_CONNECTIONS``, 1,024 by default) cannot prevent it: an idle connection holds a descriptor before it is
 counted, and systemd starts services with a soft limit of 1,024.
 
-So the server raises its soft limit to its hard one at start (as Go's runtime does for every program; raising it
-needs no privilege), says so where even the hard limit leaves too few for the bound, and logs a run of accept errors
-once in ``QUIET_S`` seconds with the count of those it held back.
+So the server raises its soft limit towards its hard one at start (as Go's runtime does for every program; raising it
+needs no privilege), to ``ENOUGH`` or what the bound needs, says so where even the hard limit leaves too few for the
+bound, and logs a run of accept errors once in ``QUIET_S`` seconds with the count of those it held back.
 """
 
 from __future__ import annotations
@@ -21,21 +21,24 @@ import time
 from collections.abc import Callable
 
 RESERVED = 128  # descriptors besides the connections: the model and compile files, logs, /proc reads, probes past the bound
-MOST = 1 << 20  # a soft limit raised no higher (a hard limit may be "unlimited")
+ENOUGH = 65_536  # the soft limit is raised this far (or to what the bound needs, if more), not to a hard limit of millions:
+# a child that loops over every possible descriptor (a C program's close-all at its start) pays for each
 QUIET_S = 10.0
 
 
 def raise_open_file_limit(max_connections: int) -> str | None:
-    """The soft limit raised to the hard one; a warning where it stays below ``max_connections`` + RESERVED."""
+    """The soft limit raised to ``ENOUGH`` (or ``max_connections`` + RESERVED, if more) within the hard one; a warning
+    where it stays below ``max_connections`` + RESERVED."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    ceiling = MOST if hard == resource.RLIM_INFINITY else min(hard, MOST)
+    need = max_connections + RESERVED
+    wanted = max(need, ENOUGH)
+    ceiling = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
     if soft != resource.RLIM_INFINITY and soft < ceiling:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
             soft = ceiling
         except (ValueError, OSError):  # a sandbox that refuses it: the limit stays, and is judged below
             pass
-    need = max_connections + RESERVED
     if soft == resource.RLIM_INFINITY or soft >= need:
         return None
     return (f"open files are limited to {soft} (ulimit -n; hard limit {hard}), fewer than DDPM_MAX_CONNECTIONS={max_connections} "
