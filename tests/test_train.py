@@ -332,6 +332,8 @@ def test_a_photo_stored_sideways_is_trained_on_upright(tmp_path: Path, file_form
     """A camera stores a portrait photo as its sensor reads it and an EXIF Orientation tag saying how to turn it; every
     viewer shows it turned. ``ddpm train --data`` read the stored pixels: a folder of phone photos trained partly on
     sideways images. Orientation 6 ("turn 90 degrees clockwise to show"): the stored left column is the top row shown."""
+    from PIL import ImageOps
+
     from ddpm.data import load_labelled
 
     stored = np.zeros((8, 8), dtype=np.uint8)
@@ -342,6 +344,10 @@ def test_a_photo_stored_sideways_is_trained_on_upright(tmp_path: Path, file_form
     Image.fromarray(stored).save(tmp_path / "d" / f"photo.{file_format.lower()}", format=file_format, exif=exif.tobytes(), quality=100)
     loaded = (load_labelled(str(tmp_path / "d"), 1, 8).images[0, 0].numpy() + 1) * 127.5  # back to 0..255
     assert np.abs(loaded - np.rot90(stored, k=-1)).max() < 8, loaded.round()  # turned clockwise: the bar along the top
+    with pytest.MonkeyPatch.context() as patch:  # an EXIF block Pillow cannot parse: the pixels as stored, not a refusal
+        patch.setattr(ImageOps, "exif_transpose", lambda im: (_ for _ in ()).throw(SyntaxError("not a TIFF file")))
+        as_stored = (load_labelled(str(tmp_path / "d"), 1, 8).images[0, 0].numpy() + 1) * 127.5
+    assert np.abs(as_stored - stored).max() < 8
 
 
 def test_the_mnist_source_hashes_the_same_every_time() -> None:
