@@ -1,7 +1,7 @@
 """Identical requests in flight share one engine job (service/api/in_flight.py): one request's U-Net work for
-all of them, the same images, X-Cache ``shared``; not where sharing would serve a request worse (more urgent,
-a tighter deadline), not with the response cache off; the job runs on while any of them waits, and every
-stream sharing it sees its progress."""
+all of them, the same images, X-Cache ``shared`` (a more urgent request raising the job's priority); not where
+sharing would serve a request worse (a tighter deadline), not with the response cache off; the job runs on while
+any of them waits, and every stream sharing it sees its progress."""
 
 from __future__ import annotations
 
@@ -174,7 +174,10 @@ def test_no_sharing_with_the_response_cache_off(model_dir: Path) -> None:
         assert metric(c, "ddpm_iterations_total") > iterations
 
 
-def test_a_more_urgent_request_gets_a_job_of_its_own(model_dir: Path) -> None:
+def test_a_more_urgent_request_shares_the_job_and_raises_its_priority(model_dir: Path) -> None:
+    """A priority-0 request identical to a priority-5 job in flight computed the same images again beside it (a job of
+    its own: twice the U-Net work); now it shares the job, which runs at priority 0 from then on (``Engine.promote``).
+    A request with a deadline still gets a job of its own beside a job without one."""
     c, state = app_and_state(model_dir, compile="off")
     with c:
         wait_ready(c)
@@ -184,11 +187,18 @@ def test_a_more_urgent_request_gets_a_job_of_its_own(model_dir: Path) -> None:
             unet,
             lambda: c.post("/generate", json=bulk),
             [lambda: c.post("/generate", json=REQUEST), lambda: c.post("/generate", json={**bulk, "deadline_s": 60})],
-            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 3,
+            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="miss"}') == 2
+            and metric(c, 'ddpm_response_cache_lookups_total{result="shared"}') == 1,
         )
-        assert [a.status_code for a in answers] == [200] * 3 and [a.headers["x-cache"] for a in answers] == ["miss"] * 3
+        assert [a.status_code for a in answers] == [200] * 3 and [a.headers["x-cache"] for a in answers] == ["miss", "shared", "miss"]
         assert answers[0].json()["images"] == answers[1].json()["images"] == answers[2].json()["images"]
-        assert answers[1].json()["priority"] == 0 and answers[0].json()["priority"] == 5
+        assert answers[1].json()["priority"] == 0 and answers[0].json()["priority"] == 5  # each request's own, echoed
+        assert unet.rows == 2 * 2 * 6  # two jobs' work, not three
+
+
+def _promoted(job: Job) -> bool:
+    """``Engine.promote`` where the engine takes every promotion (none of these jobs is done)."""
+    return True
 
 
 def _job(priority: int = 0, deadline_s: float | None = None, created: float = 100.0) -> Job:
@@ -197,13 +207,12 @@ def _job(priority: int = 0, deadline_s: float | None = None, created: float = 10
 
 def test_who_may_share_a_job() -> None:
     job = _job(priority=1, deadline_s=10.0, created=100.0)  # wanted by 110
-    assert serves_as_well(job, 1, None, 105.0)  # as urgent, no deadline
-    assert serves_as_well(job, 3, 5.0, 105.0)  # less urgent, wanted by 110 too
-    assert not serves_as_well(job, 0, None, 105.0)  # more urgent
-    assert not serves_as_well(job, 1, 4.0, 105.0)  # wanted by 109
-    assert not serves_as_well(_job(deadline_s=None), 0, 60.0, 100.0)  # a job without a deadline is not hurried
+    assert serves_as_well(job, None, 105.0)  # no deadline (at any priority: a more urgent one promotes the job)
+    assert serves_as_well(job, 5.0, 105.0)  # wanted by 110 too
+    assert not serves_as_well(job, 4.0, 105.0)  # wanted by 109
+    assert not serves_as_well(_job(deadline_s=None), 60.0, 100.0)  # a job without a deadline is not hurried
     job.cancel()
-    assert not serves_as_well(job, 1, None, 105.0)  # a cancelled job ends as soon as it can
+    assert not serves_as_well(job, None, 105.0)  # a cancelled job ends as soon as it can
 
 
 def test_a_part_shares_a_job_only_once_every_image_of_it_runs() -> None:
@@ -218,16 +227,16 @@ def test_a_part_shares_a_job_only_once_every_image_of_it_runs() -> None:
         in_flight = InFlightRequests()
         in_flight.add(ImageKey("m", "fp32", "cpu", job.request), JobHandle(job, loop))
         part = ImageKey("m", "fp32", "cpu", ImageRequest(0, 2, spec, first=3))
-        assert in_flight.join(part, 0, None, 100.0, stream=False) is None  # queued
-        assert in_flight.join(ImageKey("m", "fp32", "cpu", job.request), 0, None, 100.0, stream=False) is not None
+        assert in_flight.join(part, None, 100.0, stream=False, promote=_promoted) is None  # queued
+        assert in_flight.join(ImageKey("m", "fp32", "cpu", job.request), None, 100.0, stream=False, promote=_promoted) is not None
         job.first_admitted = 101.0
         for _ in range(6):
             job.pending.popleft()
-        assert in_flight.join(part, 0, None, 102.0, stream=False) is None  # two images still wait for room
+        assert in_flight.join(part, None, 102.0, stream=False, promote=_promoted) is None  # two images still wait for room
         job.pending.clear()
-        assert in_flight.join(part, 0, None, 102.0, stream=False) is not None  # running whole
+        assert in_flight.join(part, None, 102.0, stream=False, promote=_promoted) is not None  # running whole
         for other in (ImageRequest(0, 2, spec, first=7), ImageRequest(1, 2, spec, first=3), ImageRequest(0, 2, spec, (1, 1), first=3)):
-            assert in_flight.join(ImageKey("m", "fp32", "cpu", other), 0, None, 102.0, stream=False) is None, other
+            assert in_flight.join(ImageKey("m", "fp32", "cpu", other), None, 102.0, stream=False, promote=_promoted) is None, other
 
     asyncio.run(scenario())
 
@@ -240,7 +249,7 @@ def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress()
         in_flight = InFlightRequests()
         handle = JobHandle(job, loop)
         in_flight.add(key, handle)
-        twin = in_flight.join(key, 0, None, 100.0, stream=True)
+        twin = in_flight.join(key, None, 100.0, stream=True, promote=_promoted)
         assert twin is handle and handle.waiters == 2 and job.on_progress is not None  # a stream asks for progress
 
         async def gone() -> bool:
@@ -264,7 +273,7 @@ def test_the_job_runs_on_while_anyone_waits_and_every_stream_sees_its_progress()
         job.on_done(job)  # type: ignore[misc]
         await asyncio.gather(*readers)
         assert seen == [[1, 2, 3], [1, 2, 3]]  # both readers, every event: neither took the other's
-        assert len(in_flight) == 0 and in_flight.join(key, 0, None, 100.0, stream=False) is None
+        assert len(in_flight) == 0 and in_flight.join(key, None, 100.0, stream=False, promote=_promoted) is None
         # the last waiter leaving cancels the job: at once without a grace
         other = JobHandle(_job(created=time.monotonic()), loop)
         other.leave()

@@ -92,6 +92,49 @@ def test_a_better_priority_takes_the_rows_and_the_preempted_images_do_not_change
         assert (job.images - offline).abs().max().item() < BATCH_ROUNDING  # type: ignore[operator]
 
 
+def test_a_job_a_more_urgent_request_shares_runs_at_its_priority_from_then_on() -> None:
+    """Priority inheritance: a priority-0 request identical to a running priority-5 job shares it (service/api/in_flight.py)
+    and ``Engine.promote`` raises the job to 0: its resident rows take the rows from a priority-3 job at the next
+    iteration, and its images are those of its seed all the same. A done or cancelled job is not promoted."""
+    engine, unet = _engine(max_batch=2, max_resident=6)
+    bulk = engine.submit(Job(ImageRequest(1, 2, ChainSpec(30, "ddpm")), timeout_s=600, priority=5))
+    for _ in range(3):
+        engine._iterate()
+    other = engine.submit(Job(ImageRequest(2, 2, ChainSpec(20, "ddim", spacing="trailing")), timeout_s=600, priority=3))
+    for _ in range(3):
+        engine._iterate()
+    assert bulk.steps_done == 6 and other.steps_done == 6  # priority 3 took both rows of each call
+    assert engine.promote(bulk, 0) and bulk.priority == 0
+    assert engine.promote(bulk, 4) and bulk.priority == 0  # a less urgent sharer leaves it as it is
+    for _ in range(4):
+        engine._iterate()
+    assert bulk.steps_done == 6 + 8 and other.steps_done == 6  # now the bulk job's rows go first
+    while not (bulk.done and other.done):
+        engine._iterate()
+    for job in (bulk, other):
+        assert job.error is None and (job.images - _offline(unet, job)).abs().max().item() < BATCH_ROUNDING  # type: ignore[operator]
+    assert not engine.promote(bulk, 0)  # done: the request needs a job of its own
+    cancelled = engine.submit(Job(ImageRequest(3, 1, ChainSpec(5, "ddim")), timeout_s=600, priority=5))
+    cancelled.cancel()
+    assert not engine.promote(cancelled, 0)
+
+
+def test_a_waiting_job_promoted_waits_at_its_new_priority_with_its_images_still_to_admit() -> None:
+    from service.engine.request_queue import create_request_queue
+
+    queue = create_request_queue("continuous")
+    jobs = [Job(ImageRequest(seed, 3, ChainSpec(5, "ddim")), timeout_s=600, priority=priority) for seed, priority in ((1, 3), (2, 5))]
+    for job in jobs:
+        queue.add(job)
+    assert [(job.seed, k) for job, k in queue.take(4)] == [(1, 0), (1, 1), (1, 2), (2, 0)]  # priority 3 first
+    queue.add(third := Job(ImageRequest(3, 2, ChainSpec(5, "ddim")), timeout_s=600, priority=1))
+    queue.move(jobs[1], 0)  # two of its images still wait
+    assert queue.images == 4 and queue.images_ahead(third) == 2 and queue.calls_at_or_above(0)[0] == 2
+    assert [(job.seed, k) for job, k in queue.take(4)] == [(2, 1), (2, 2), (3, 0), (3, 1)] and queue.images == 0
+    queue.move(jobs[0], 0)  # nothing of it waits: only its priority changes
+    assert jobs[0].priority == 0 and not queue
+
+
 def test_at_one_priority_a_short_request_beside_a_full_batch_runs_every_iteration() -> None:
     engine, _ = _engine(max_batch=2, max_resident=4)
     long = engine.submit(Job(ImageRequest(1, 2, ChainSpec(200, "ddpm")), timeout_s=600))

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -258,7 +259,8 @@ def job_for(state: ServerState, key: ImageKey, request: Request, sched: Scheduli
     (shared: True), else one submitted now (errors as ApiError)."""
     if state.cache.enabled:
         arrived = getattr(request.state, "arrived", time.monotonic())
-        handle = state.in_flight.join(key, sched.priority, sched.deadline_s, arrived, stream)
+        promote = partial(state.engine.promote, priority=sched.priority)  # type: ignore[union-attr]  # prepare() checked it
+        handle = state.in_flight.join(key, sched.deadline_s, arrived, stream, promote)
         if handle is not None:
             if stream:
                 state.engine.stream_progress(handle.job)  # type: ignore[union-attr]  # prepare() checked it

@@ -4,8 +4,9 @@ images are being made: ten clients sending the same request at once (a page's ex
 first try still runs, a load balancer's retry) cost one request's U-Net calls, not ten.
 
 A request shares a job only where that cannot serve it worse than a job of its own: the job is neither
-done nor cancelled, and is as urgent as the request asks (a priority value no higher than the request's, a
-deadline no later than the request's; a request with a deadline does not share a job without one). The
+done nor cancelled, its deadline is no later than the request's (a request with a deadline does not share a job
+without one), and it runs at the request's priority or a better one: a more urgent request raises the job's priority
+to its own (priority inheritance, ``Engine.promote``), where it used to compute the same images again beside it. The
 job is cancelled when its last waiter has gone away and ``DDPM_RETRY_GRACE_S`` has passed without another
 sharing it (``JobHandle.leave``), so a client that gives up and sends the request again finds its first try still
 running. Only the request that submitted the job counts against its client's quota and in the engine's answer-time
@@ -20,7 +21,7 @@ alone would (its rows wait for room), so a part gets a job of its own then.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from service.api.job_handle import JobHandle
 from service.engine.job import Job
@@ -32,10 +33,10 @@ def running_whole(job: Job) -> bool:
     return job.first_admitted is not None and not job.pending
 
 
-def serves_as_well(job: Job, priority: int, deadline_s: float | None, arrived: float) -> bool:
-    """Whether a request that arrived at ``arrived`` with ``priority`` and ``deadline_s`` is served at least as
-    well by ``job`` as by a job of its own."""
-    if job.cancelled or job.done or priority < job.priority:
+def serves_as_well(job: Job, deadline_s: float | None, arrived: float) -> bool:
+    """Whether a request that arrived at ``arrived`` with ``deadline_s`` is served at least as well by ``job``, at the
+    request's priority or a better one, as by a job of its own."""
+    if job.cancelled or job.done:
         return False
     if deadline_s is None:
         return True
@@ -52,11 +53,12 @@ class InFlightRequests:
     def __len__(self) -> int:
         return len(self._handles)
 
-    def join(self, key: ImageKey, priority: int, deadline_s: float | None, arrived: float, stream: bool) -> JobHandle | None:
+    def join(self, key: ImageKey, deadline_s: float | None, arrived: float, stream: bool,
+             promote: Callable[[Job], bool]) -> JobHandle | None:  # fmt: skip
         """The handle of a job in flight that makes ``key``'s images (all of them, or more once it runs whole) and serves
-        this request as well as its own would (now shared by it), or None."""
-        handle = next((h for h in self._making(key) if serves_as_well(h.job, priority, deadline_s, arrived)), None)
-        return None if handle is None else handle.share(stream)  # (none: done or given up, or not as urgent)
+        this request as well as its own would (now shared by it, ``promote``d to its priority), or None."""
+        handle = next((h for h in self._making(key) if serves_as_well(h.job, deadline_s, arrived) and promote(h.job)), None)
+        return None if handle is None else handle.share(stream)  # (none: done or given up, or not wanted as soon)
 
     def _making(self, key: ImageKey) -> Iterator[JobHandle]:
         """The jobs in flight that make ``key``'s images: its own key's, then those running whole that hold them."""

@@ -151,6 +151,7 @@ class Engine:
         self._batch = self._new_batch(self.max_resident)
         self._deadlines: list[tuple[float, int, Job]] = []  # a heap: the next job to time out first
         self._cancelled: collections.deque[Job] = collections.deque()  # cancelled from other threads (append/popleft: thread-safe)
+        self._promoted: list[Job] = []  # jobs a more urgent request shares, whose resident rows take its priority (lock held)
         self._readouts: list[_Readout] = []  # finished images on their way to the host (CUDA)
         self._streaming: dict[int, Job] = {}  # running jobs that report progress every iteration (streams)
         self._new_streams: collections.deque[Job] = collections.deque()  # jobs a stream began to watch while they ran
@@ -177,6 +178,19 @@ class Engine:
             self._bound_slowdown(job)
             self._enqueue(job)
         return job
+
+    def promote(self, job: Job, priority: int) -> bool:
+        """``job`` served at ``priority`` from now where that is more urgent than its own: a more urgent request shares it
+        (priority inheritance; it would otherwise compute the same images again beside it). Its waiting images move to
+        that level at once, its resident rows at the next admission (the engine thread owns them). False where the job
+        is done or cancelled: the request then needs a job of its own."""
+        with self._lock:
+            if job.done or job.cancelled or job.id not in self._live:
+                return False
+            if priority < job.priority:
+                self._queue.move(job, priority)
+                self._promoted.append(job)
+            return True
 
     def _new_batch(self, capacity: int) -> ServedBatch:
         store = ChainTableStore(self.chain_tables, self.device)
@@ -550,6 +564,7 @@ class Engine:
         """Drop dead jobs, add the images the queue admits (their x_T drawn), and return the running batch."""
         with self._lock:
             self._drop_dead_jobs()
+            self._apply_promotions()
             running = self._batch.n > 0
             new = []
             if not running or self._queue.admits_while_running:
@@ -775,6 +790,13 @@ class Engine:
                     pass
 
     # --- removing work (the lock held) -------------------------------------------------------------------
+    def _apply_promotions(self) -> None:
+        """The resident rows of the jobs promoted since the last admission take their job's priority now."""
+        batch, n = self._batch, self._batch.n
+        for job in self._promoted:
+            batch.priority_host[:n][batch.job_host[:n] == job.id] = job.priority
+        self._promoted.clear()
+
     def _drop_dead_jobs(self) -> None:
         """The jobs cancelled since the last iteration, and those past their deadline (the heap's top):
         no walk over every job in flight."""

@@ -92,6 +92,25 @@ class RequestQueue:
             else:
                 del self._turns[key]
 
+    def detach(self, job: Job) -> bool:
+        """Take ``job`` out with its waiting images kept (to wait at another priority): whether it was here."""
+        for key in list(self._turns):
+            queue = self._turns[key]
+            if any(j.id == job.id for j in queue):
+                rest = collections.deque(j for j in queue if j.id != job.id)
+                if rest:
+                    self._turns[key] = rest
+                else:
+                    del self._turns[key]
+                self.images -= len(job.pending)
+                return True
+        return False
+
+    def attach(self, job: Job) -> None:
+        """``job`` with its waiting images, at the end of its turn's queue."""
+        self._turns.setdefault(self._key(job), collections.deque()).append(job)
+        self.images += len(job.pending)
+
     def jobs(self) -> list[Job]:
         return [job for queue in self._turns.values() for job in queue]
 
@@ -183,6 +202,19 @@ class PriorityLevels:
                 self.images -= before - level.images
                 if not level:
                     del self._levels[priority]
+
+    def move(self, job: Job, priority: int) -> None:
+        """``job`` at ``priority`` from now: its images still waiting (if any) wait at that level, behind its jobs."""
+        old = self._levels.get(job.priority)
+        waiting = old is not None and old.detach(job)
+        if old is not None and not old:
+            del self._levels[job.priority]
+        job.priority = priority
+        if waiting:
+            level = self._levels.get(priority)
+            if level is None:
+                level = self._levels[priority] = self.policy()
+            level.attach(job)
 
     def jobs(self) -> list[Job]:
         return [job for priority in sorted(self._levels) for job in self._levels[priority].jobs()]
