@@ -133,11 +133,9 @@ class Engine:
         self.answer_time = AnswerTime(deadline_margin_s)  # of a deadline, what the answer takes after the images
         self._iteration_ends = 0.0  # when the iteration in flight should end (monotonic; admission control's wait)
         self._tight_deadline: tuple[float, float] | None = None  # (the tightest accepted deadline_s lately, until when)
-        self.max_queue = max_queue
+        self.max_queue, self.scheduling, self.idle_poll_s = max_queue, scheduling, idle_poll_s
         self.step_fn = step_fn or default_step_fn()
         self.observer = observer or EngineObserver()
-        self.scheduling = scheduling
-        self.idle_poll_s = idle_poll_s
         self.faults = faults  # testing aid (service.fault_injection): called with each stage's name
         self.on_dead = on_dead
         self.device = model.device
