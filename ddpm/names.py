@@ -63,15 +63,24 @@ def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
     return values if "," in text else values[0]
 
 
+def is_text(value: str) -> bool:
+    """No lone surrogate in ``value``: it encodes as UTF-8 (a file name's bytes that are not UTF-8, and a JSON "\\udce9"
+    escape, reach Python as lone surrogates)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def text_name(name: str) -> str:
     """``name`` as text that encodes: a folder name's bytes that are not UTF-8 (a Latin-1 "\\xe9t\\xe9", which Python
     holds as lone surrogates) become backslash escapes. A class name is sent in every answer that names its class, and
     a lone surrogate there failed the answer's encoding: a 500 for each request."""
-    try:
-        name.encode("utf-8")
+    if is_text(name):
         return name
-    except UnicodeEncodeError:
-        pass
     try:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate that is no byte's (a card's own "\ud800")

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from ddpm.names import is_text
 from service.api.auth import check_token
 from service.api.deps import require_token
 
@@ -63,21 +64,10 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if key in obj:
             raise _DuplicateKey(key)
-        if not _is_text(key):
+        if not is_text(key):
             raise _LoneSurrogate(key)
         obj[key] = value
     return obj
-
-
-def _is_text(value: str) -> bool:
-    """No lone surrogate in ``value`` (json turns a pair's two escapes into one character, so only halves are left)."""
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _float(text: str) -> float | _NonFinite:
@@ -89,7 +79,7 @@ def _find_unfit(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[tuple[str 
     """Where the first non-finite number (and its text) or string with a lone surrogate (None) is."""
     if isinstance(value, _NonFinite):
         return loc, value.text
-    if isinstance(value, str) and not _is_text(value):
+    if isinstance(value, str) and not is_text(value):
         return loc, None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
@@ -170,7 +160,7 @@ def loads_strict(body: bytes) -> Any:
 
 def _escaped(key: str) -> str:
     """A key as JSON would escape it (a lone surrogate as \\udce9): printable and encodable."""
-    return key if _is_text(key) else json.dumps(key)[1:-1]
+    return key if is_text(key) else json.dumps(key)[1:-1]
 
 
 ECHO_CHARS = 256  # an error echoes at most this much of a string input (a 16 MiB field is not sent back)
