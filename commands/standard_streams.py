@@ -26,10 +26,7 @@ def open_closed_streams() -> None:
             continue
         except OSError:
             pass
-        null = os.open(os.devnull, mode)  # the lowest free descriptor: ``fd`` itself, where those below are open
-        if null != fd:
-            os.dup2(null, fd)
-            os.close(null)
+        _null_onto(fd, mode)
         stream = open(fd, "r" if fd == 0 else "w", closefd=False, errors="backslashreplace")  # kept open for the process
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
@@ -48,7 +45,13 @@ def stdout_reader_gone() -> bool:
 def quiet_on_closed_stdout() -> int:
     """After BrokenPipeError on standard output: it goes to /dev/null (Python's flush at exit would fail again and
     print "Exception ignored"), and the exit status is SIGPIPE's."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.close(null)
+    _null_onto(1, os.O_WRONLY)
     return SIGPIPE_EXIT
+
+
+def _null_onto(fd: int, mode: int) -> None:
+    """Descriptor ``fd`` on /dev/null (opened there directly where it is the lowest free one: a closed ``fd``)."""
+    null = os.open(os.devnull, mode)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
