@@ -81,30 +81,29 @@ class RequestQueue:
 
     def remove(self, jobs: list[Job]) -> None:
         """Drop ``jobs`` (failed, cancelled) with their images not yet admitted."""
-        ids = {job.id for job in jobs}
         for job in jobs:
             self.images -= len(job.pending)
             job.pending.clear()
+        self._without({job.id for job in jobs})
+
+    def detach(self, job: Job) -> bool:
+        """Take ``job`` out with its waiting images kept (to wait at another priority): whether it was here."""
+        if not self._without({job.id}):
+            return False
+        self.images -= len(job.pending)
+        return True
+
+    def _without(self, ids: set[int]) -> bool:
+        """The turns without these jobs (a turn left empty goes): whether any was there."""
+        found = False
         for key in list(self._turns):
             queue = collections.deque(j for j in self._turns[key] if j.id not in ids)
+            found |= len(queue) < len(self._turns[key])
             if queue:
                 self._turns[key] = queue
             else:
                 del self._turns[key]
-
-    def detach(self, job: Job) -> bool:
-        """Take ``job`` out with its waiting images kept (to wait at another priority): whether it was here."""
-        for key in list(self._turns):
-            queue = self._turns[key]
-            if any(j.id == job.id for j in queue):
-                rest = collections.deque(j for j in queue if j.id != job.id)
-                if rest:
-                    self._turns[key] = rest
-                else:
-                    del self._turns[key]
-                self.images -= len(job.pending)
-                return True
-        return False
+        return found
 
     def attach(self, job: Job) -> None:
         """``job`` with its waiting images, at the end of its turn's queue."""
@@ -168,11 +167,15 @@ class PriorityLevels:
         return self.images > 0
 
     def add(self, job: Job) -> None:
-        level = self._levels.get(job.priority)
-        if level is None:
-            level = self._levels[job.priority] = self.policy()
-        level.add(job)
+        self._level(job.priority).add(job)
         self.images += job.n
+
+    def _level(self, priority: int) -> RequestQueue:
+        """This priority's queue, made where none waits at it yet."""
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = self.policy()
+        return level
 
     def take(self, free: int) -> list[tuple[Job, int]]:
         return self._take(free, first_only=False)
@@ -211,10 +214,7 @@ class PriorityLevels:
             del self._levels[job.priority]
         job.priority = priority
         if waiting:
-            level = self._levels.get(priority)
-            if level is None:
-                level = self._levels[priority] = self.policy()
-            level.attach(job)
+            self._level(priority).attach(job)
 
     def jobs(self) -> list[Job]:
         return [job for priority in sorted(self._levels) for job in self._levels[priority].jobs()]
