@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,15 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.nginx_process import NginxProcess, nginx_or_skip
 from tests.server_process import ServerProcess, free_port
 from tests.tiny_model import save_tiny_model
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "nginx.conf"
-if NGINX is None:
-    if os.environ.get("DDPM_REQUIRE_SYSTEM_TOOLS") == "1":
-        pytest.fail("nginx is required in CI but not installed", pytrace=False)
-    pytest.skip("nginx is not installed (apt-get install nginx-light)", allow_module_level=True)
+nginx_or_skip(module=True)
 
 
 def render_config(ports: list[int], listen: int, tmp: Path) -> Path:
@@ -46,24 +40,10 @@ class Balancer:
     def __init__(self, ports: list[int], tmp: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        conf = render_config(ports, self.port, tmp)
-        check = subprocess.run([NGINX, "-t", "-c", str(conf), "-p", str(tmp)], capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        self.proc = subprocess.Popen(
-            [NGINX, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        end = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(self.url + "/healthz", timeout=1)
-                return
-            except httpx.HTTPError:
-                assert time.monotonic() < end, "nginx did not start"
-                time.sleep(0.05)
+        self.nginx = NginxProcess(render_config(ports, self.port, tmp), tmp, self.url + "/healthz")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        self.nginx.stop()
 
 
 @pytest.fixture(scope="module")

@@ -132,24 +132,15 @@ def test_page_shows_errors(server: ServerProcess, browser: object) -> None:
     assert "steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
 
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-
-
 def test_page_works_behind_a_proxy_that_serves_it_under_a_prefix(server: ServerProcess, browser: object, tmp_path: Path) -> None:
     """One host, several services: nginx serves this replica at /ddpm/ (``location /ddpm/ { proxy_pass http://replica/; }``).
     The page called "/info" and "/generate/stream", the proxy's own paths (404 there): no model shown, no image made."""
-    import subprocess
-    import time
-
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from tests.nginx_process import NginxProcess
     from tests.server_process import free_port
 
-    if NGINX is None:
-        if os.environ.get("DDPM_REQUIRE_SYSTEM_TOOLS") == "1":
-            pytest.fail("nginx is required in CI but not installed", pytrace=False)
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
     port = free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(
@@ -160,17 +151,9 @@ def test_page_works_behind_a_proxy_that_serves_it_under_a_prefix(server: ServerP
         f"    location / {{ return 404; }}\n"
         f"    location /ddpm/ {{ proxy_pass {server.url}/; proxy_buffering off; proxy_http_version 1.1; }} }} }}\n"
     )
-    proxy = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"], stderr=subprocess.PIPE)
+    proxy = NginxProcess(conf, tmp_path, f"http://127.0.0.1:{port}/ddpm/healthz")
     try:
-        end = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ddpm/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, "nginx did not start"
-            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/ddpm/healthz").status_code == 200  # the replica, through the prefix
         d = browser
         d.get(f"http://127.0.0.1:{port}/ddpm/")  # type: ignore[attr-defined]
         WebDriverWait(d, 20).until(lambda drv: "tiny (ddpm-serve)" in drv.find_element(By.ID, "info-list").text)
@@ -179,8 +162,7 @@ def test_page_works_behind_a_proxy_that_serves_it_under_a_prefix(server: ServerP
         WebDriverWait(d, 60).until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#images img")) == 2)
         assert "done: 2 images" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
     finally:
-        proxy.terminate()
-        proxy.wait(10)
+        proxy.stop()
 
 
 def test_page_asks_a_class_conditional_model_for_a_class(browser: object, tmp_path_factory: pytest.TempPathFactory) -> None:
