@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 
 from ddpm.names import MAX_THREADS
 from ddpm.seeding import MAX_SEED
+
+
+def from_environment(name: str, default: str) -> str:
+    """A flag's default from ``name`` where it is set and not blank, its surrounding whitespace dropped (an env file
+    saved with Windows line ends gives every value a trailing CR), else ``default``."""
+    return os.environ.get(name, "").strip() or default
 
 
 def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from commands.argument_types import (
     PROBABILITY,
     SEED,
     THREADS,
+    from_environment,
     integer_list,
     number_in,
 )
@@ -438,9 +438,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 to [-1, 1] (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default, capped at a cgroup's CPU quota)")
-    p.add_argument("--compile", choices=COMPILE_SETTINGS, default=os.environ.get("DDPM_COMPILE", "").strip() or "auto",
+    p.add_argument("--compile", choices=COMPILE_SETTINGS, default=from_environment("DDPM_COMPILE", "auto"),
                    help="torch.compile the U-Net and CPU step (default: $DDPM_COMPILE or auto; pays off for long runs)")  # fmt: skip
-    p.add_argument("--precision", choices=PRECISION_SETTINGS, default=os.environ.get("DDPM_PRECISION", "").strip() or "auto",
+    p.add_argument("--precision", choices=PRECISION_SETTINGS, default=from_environment("DDPM_PRECISION", "auto"),
                    help="the U-Net precision; x_t and the step stay fp32 (default: $DDPM_PRECISION or auto: bf16 if native)")  # fmt: skip
     add_edit_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

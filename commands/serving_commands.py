@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from commands.argument_types import GUIDANCE_SCALE, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, SEED, number_in
+from commands.argument_types import GUIDANCE_SCALE, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, SEED, from_environment, number_in
 from commands.process_exit import exit_at_once
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -42,8 +42,7 @@ def add_serve_parser(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=8000, help="port to bind")
-    level = (os.environ.get("DDPM_LOG_LEVEL", "").strip() or "info").lower()  # an env file's CR is no part of a value
-    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=level,
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=from_environment("DDPM_LOG_LEVEL", "info").lower(),
                    help="the server's log (default: $DDPM_LOG_LEVEL or info)")
     settings_flags = CliSettingsSource(
         Settings, root_parser=p, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True, cli_show_env_vars=True
@@ -58,8 +57,7 @@ def add_generate_parser(sub: Any) -> None:
 
     text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
-    url = os.environ.get("DDPM_URL", "").strip() or "http://127.0.0.1:8000"
-    p.add_argument("--url", default=url, help="the server (default: $DDPM_URL or local)")
+    p.add_argument("--url", default=from_environment("DDPM_URL", "http://127.0.0.1:8000"), help="the server (default: $DDPM_URL or local)")
     p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k)")
     p.add_argument("-n", type=POSITIVE, default=16,
                    help="number of images (more than the server's max_images_per_request: asked for in parts, the same images)")

@@ -43,6 +43,15 @@ def test_values_from_an_env_file_with_windows_line_ends_are_taken(monkeypatch: p
     assert (s.model, s.log_format, s.max_batch, s.precision, s.scheduling) == ("/models/x", "text", 16, "fp32", "request")
     assert s.api_token is not None and s.api_token.get_secret_value() == "secret" and _token(None) == "secret"  # the client's
     assert Settings(model=" /models/y ").model == "/models/y"  # a flag alike
+    from commands.main import build_parser  # the commands' own defaults from the environment
+
+    flag_defaults = {"DDPM_URL": "http://h:1\r", "DDPM_LOG_LEVEL": "warning\r", "DDPM_COMPILE": "off\r", "DDPM_PRECISION": "bf16\r"}
+    for name, value in flag_defaults.items():
+        monkeypatch.setenv(name, value)
+    parser = build_parser()
+    assert parser.parse_args(["generate"]).url == "http://h:1" and parser.parse_args(["serve"]).log_level == "warning"
+    sample = parser.parse_args(["sample"])
+    assert (sample.compile, sample.precision) == ("off", "bf16")
 
 
 def test_threads_are_bounded() -> None:
