@@ -148,7 +148,12 @@ def _token(token: str | None) -> str | None:
     if token is not None:
         return token
     if os.environ.get("DDPM_API_TOKEN_FILE"):  # the server's file may hold several during a rotation: the newest, last
-        lines = [line.strip() for line in Path(os.environ["DDPM_API_TOKEN_FILE"]).read_text().splitlines() if line.strip()]
+        path = Path(os.environ["DDPM_API_TOKEN_FILE"])
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:  # a traceback from `ddpm generate` before: a mistyped path, a binary file
+            raise ClientError(f"cannot read DDPM_API_TOKEN_FILE {path}: {exc}") from exc
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         return lines[-1] if lines else None
     return os.environ.get("DDPM_API_TOKEN", "").strip() or None  # an env file's CR is no part of it
 
@@ -402,7 +407,7 @@ class AsyncClient:
             return False
         try:
             token = _token(None)
-        except OSError:
+        except ClientError:  # unreadable now (a UnicodeDecodeError went through before): the token it has, and the 401
             return False
         header = f"Bearer {token}"
         if token is None or header == self._headers.get("Authorization"):

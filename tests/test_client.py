@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from service import client as client_module
-from service.client import AsyncClient, Client, ServerError
+from service.client import AsyncClient, Client, ClientError, ServerError
 from tests.command_in_process import WITHOUT_TORCH
 from tests.server_process import ServerProcess
 from tests.tiny_model import save_tiny_model
@@ -238,6 +238,28 @@ def test_the_client_sends_the_last_token_of_a_token_file(text: str, sent: str | 
     (tmp_path / "token").write_text(text)
     monkeypatch.setenv("DDPM_API_TOKEN_FILE", str(tmp_path / "token"))
     assert _token(None) == sent and _token("given") == "given"
+
+
+def test_a_token_file_the_client_cannot_read_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped DDPM_API_TOKEN_FILE, or one holding bytes that are not text, was a traceback from ``ddpm generate``
+    (FileNotFoundError, UnicodeDecodeError), before any request; now the client's error, which the command says in a line."""
+    from service.client import _token
+    from tests.command_in_process import run_command
+
+    (tmp_path / "binary").write_bytes(b"a\xffb\n")
+    for name, said in (("missing", "No such file or directory"), ("binary", "can't decode byte 0xff")):
+        monkeypatch.setenv("DDPM_API_TOKEN_FILE", str(tmp_path / name))
+        with pytest.raises(ClientError, match=f"cannot read DDPM_API_TOKEN_FILE {tmp_path / name}: .*{said}"):
+            _token(None)
+        out = run_command(["generate", "--url", "http://127.0.0.1:9", "--retries", "0", "--quiet", "-o", str(tmp_path / "g.png")])
+        assert out.code == 1 and "Traceback" not in out.stderr and f"cannot read DDPM_API_TOKEN_FILE {tmp_path / name}" in out.stderr
+    (tmp_path / "token").write_text("tok\n")  # readable when the client starts, binary at its first 401: the 401 it got
+    monkeypatch.setenv("DDPM_API_TOKEN_FILE", str(tmp_path / "token"))
+    refused = httpx.MockTransport(lambda request: httpx.Response(401, json={"detail": "missing or invalid bearer token"}))
+    client = Client("http://x", transport=refused)
+    (tmp_path / "token").write_bytes(b"a\xffb\n")
+    with pytest.raises(ServerError, match="401"):
+        client.generate(0, 1)
 
 
 @pytest.mark.parametrize("persistent", [False, True])
