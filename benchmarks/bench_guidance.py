@@ -74,7 +74,8 @@ def main() -> None:
             start = time.perf_counter()
             guided_eps(fast.eps_model, x, t, labels, w, null)
             unet.append(time.perf_counter() - start)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
     print(f"CPU: {cpu}, torch threads {torch.get_num_threads()}, compile={args.compile}, precision {fast.precision}; "
           f"batch {b}, {args.steps}-step sde-dpmsolver++, median of {args.rounds} rounds")  # fmt: skip
     print("| variant | U-Net rows per image-step | images/s | cost per image vs conditional |\n|---|---|---|---|")

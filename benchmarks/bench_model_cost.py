@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
@@ -106,7 +106,8 @@ def main() -> None:
                 line = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 r = json.loads(line)
                 results.setdefault(r["model"], []).append(r)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
     first = next(iter(results.values()))[0]
     print(f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {first['threads']}, compile={args.compile}, "
           f"precision {first['precision']}; {args.steps} U-Net calls per timing, "

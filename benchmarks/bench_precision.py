@@ -140,7 +140,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     result = {"speed": speed, "quality": quality, "batch-independence": batch_independence}[args.mode](args)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def cells(model: str, shipped: str, scales: tuple[float, ...] = SCALES) -> list[
 
 
 def run(args: argparse.Namespace) -> None:
-    done = {json.loads(line)["cell"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()
+    done = {json.loads(line)["cell"] for line in args.results.read_text(encoding="utf-8").splitlines()} if args.results.exists() else set()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for name, extra in cells(args.model, args.shipped, args.scales):
         if name in done:
@@ -40,14 +40,14 @@ def run(args: argparse.Namespace) -> None:
                "--batch-size", str(args.batch_size), "--precision", "fp32", "--quiet", "--report", str(report)]  # fmt: skip
         print(" ".join(cmd), file=sys.stderr)
         subprocess.run([sys.executable, "-m", "commands.main", *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
-        line = {"cell": name, "command": " ".join(cmd), **json.loads(report.read_text())}
-        with args.results.open("a") as f:
+        line = {"cell": name, "command": " ".join(cmd), **json.loads(report.read_text(encoding="utf-8"))}
+        with args.results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
         report.unlink()
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(args.results).read_text(encoding="utf-8").splitlines()]
     rows.sort(key=lambda r: (0, float(r["cell"][2:])) if r["cell"].startswith("w=") else (1, 0.0))  # scales in order, then the rest
     print("| cell | agreement | per-class FD (real vs real) | diversity | FD (real vs real) | confident share (real) | class entropy |")
     print("|---|---|---|---|---|---|---|")

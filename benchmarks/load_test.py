@@ -39,7 +39,7 @@ from tests.tiny_model import save_tiny_model
 
 def rss_kb(pid: int) -> tuple[int, int]:
     """(current RSS, peak RSS) of a process in KiB, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
@@ -81,7 +81,7 @@ async def one_raw(port: int, seed: int, steps: int, timeout: float) -> tuple[int
 
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU time of a process (default: this one), from /proc."""
-    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

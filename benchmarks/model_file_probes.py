@@ -90,8 +90,8 @@ def variant(name: str, root: Path) -> Path:
     if name in WEIGHT_EDITS:
         _damage_weights(name, directory)
     else:
-        config = CONFIG_EDITS[name](json.loads((directory / "config.json").read_text()))
-        (directory / "config.json").write_text(json.dumps(config))
+        config = CONFIG_EDITS[name](json.loads((directory / "config.json").read_text(encoding="utf-8")))
+        (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return directory
 
 

@@ -106,7 +106,7 @@ def main() -> int:
     p.add_argument("--model", default=str(ROOT / "models" / "mnist-28"))
     p.add_argument("--switch-ms", type=float, default=5.0, help="sys.setswitchinterval in the U-Net's process (Python's default: 5 ms)")
     args = p.parse_args()
-    info = Path("/proc/cpuinfo").read_text()
+    info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     isa = "avx512" if "avx512f" in info else "avx2"
     print(f"CPU: {cpu} [{isa}], {os.cpu_count()} cores; U-Net on core 0, the neighbour on core 1; compile {args.compile}, "

@@ -89,7 +89,7 @@ def where(device: str) -> str:
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    done = {key(json.loads(line)) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()} if out.exists() else set()
     cells = [parse_cell(c) for c in args.cells] if args.cells else DEFAULT_CELLS
     todo = [c for c in cells if key(c) not in done]
     classifier = load_classifier(args.classifier)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
             "threads": torch.get_num_threads(),
         }  # fmt: skip
         print(json.dumps(row), file=sys.stderr)
-        with out.open("a") as f:
+        with out.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 
@@ -126,7 +126,7 @@ def speed(args: argparse.Namespace) -> None:
                "images_per_s": round(args.batch_size / seconds, 3), "image_steps_per_s": round(args.batch_size * steps / seconds, 1),
                "precision": fast.precision, "cpu": cpu_capability(), "threads": torch.get_num_threads()}  # fmt: skip
         print(json.dumps(row), file=sys.stderr)
-        with Path(args.out).open("a") as f:
+        with Path(args.out).open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 
@@ -144,9 +144,10 @@ def spread(n: int, splits: int, classifier_dir: str) -> dict[str, float]:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in Path(args.results).read_text(encoding="utf-8").splitlines() if line.strip()]
     if args.speed:  # images/s from the quiet-machine run, where it has the cell
-        timed = {key(r): r for r in (json.loads(line) for line in Path(args.speed).read_text().splitlines() if line.strip())}
+        lines = Path(args.speed).read_text(encoding="utf-8").splitlines()
+        timed = {key(r): r for r in (json.loads(line) for line in lines if line.strip())}
         for r in rows:
             if key(r) in timed:
                 r["images_per_s"] = timed[key(r)]["images_per_s"]

@@ -183,7 +183,7 @@ def main() -> None:
         row = {"name": name, "calls": calls, "n": args.n, "seed": args.seed, "fd": round(report["samples"]["fd"], 2),
                "confident_share": report["samples"]["confident_share"], "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
         print(json.dumps(row), flush=True)
-        with Path(args.out).open("a") as f:
+        with Path(args.out).open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 

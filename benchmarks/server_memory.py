@@ -39,7 +39,7 @@ def _status_mib(pid: int) -> tuple[float, float]:
 def one_run(tree: Path, model: Path) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="ddpm-mem-") as cache, tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryDirectory(prefix="ddpm-mem-") as cache, tempfile.TemporaryFile("w+", encoding="utf-8") as log:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "DDPM_LOG_LEVEL": "warning"}
         cmd = [sys.executable, "-m", "commands.main", "serve", "--port", str(port), "--model", str(model)]
         proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)

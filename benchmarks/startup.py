@@ -95,8 +95,8 @@ def as_an_earlier_version(artefacts: Path, volume: Path) -> Path:
     shutil.rmtree(volume, ignore_errors=True)
     for copy in artefacts.glob("compiled-*"):
         shutil.copytree(copy, volume / f"{copy.name}-earlier")
-        key = json.loads((copy / "key.json").read_text())
-        (volume / f"{copy.name}-earlier" / "key.json").write_text(json.dumps({**key, "code": "0" * 20}))
+        key = json.loads((copy / "key.json").read_text(encoding="utf-8"))
+        (volume / f"{copy.name}-earlier" / "key.json").write_text(json.dumps({**key, "code": "0" * 20}), encoding="utf-8")
     return volume
 
 

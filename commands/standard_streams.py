@@ -27,7 +27,7 @@ def open_closed_streams() -> None:
         except OSError:
             pass
         _null_onto(fd, mode)
-        stream = open(fd, "r" if fd == 0 else "w", closefd=False, errors="backslashreplace")  # kept open for the process
+        stream = open(fd, "r" if fd == 0 else "w", closefd=False, encoding="locale", errors="backslashreplace")  # kept open for the process
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
 

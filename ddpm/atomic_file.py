@@ -63,7 +63,7 @@ def _umask() -> int:
     """The process's umask, read without setting it (``os.umask`` sets it to read it: a thread creating a file in that
     moment would create it 0666)."""
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="utf-8") as status:
             return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
     except (OSError, StopIteration, ValueError, IndexError):
         umask = os.umask(0o022)
@@ -97,4 +97,4 @@ def write_picture(path: Path, image: Image.Image, format: str) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -20,7 +20,7 @@ def own_paths(proc_cgroup: Path = PROC_CGROUP) -> dict[str, str]:
     """Controller -> this process's group ("" for v2's unified hierarchy), from ``/proc/self/cgroup``."""
     paths: dict[str, str] = {}
     try:
-        lines = proc_cgroup.read_text().splitlines()
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
     except OSError:
         return paths
     for line in lines:
@@ -43,6 +43,6 @@ def group_dirs(controller: str, root: Path = CGROUP_ROOT, proc_cgroup: Path = PR
 def read(path: Path) -> str | None:
     """A cgroup file's text, stripped; None where it is not there (another version, no such controller)."""
     try:
-        return path.read_text().strip()
+        return path.read_text(encoding="utf-8").strip()
     except OSError:
         return None

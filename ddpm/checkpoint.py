@@ -146,7 +146,7 @@ def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     text = json.dumps(card.to_dict(), indent=2) + "\n"
-    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return directory
 
 
@@ -155,7 +155,7 @@ def read_card(directory: str | Path) -> ModelCard:
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG} in model directory {Path(directory)}")
     try:
-        return ModelCard.from_dict(json.loads(path.read_text()))
+        return ModelCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
@@ -222,4 +222,4 @@ def record_quality(directory: str | Path, quality: dict[str, Any], *, measured: 
     card = read_card(directory)
     card.quality = quality
     text = json.dumps(card.to_dict(), indent=2) + "\n"
-    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))

@@ -95,7 +95,7 @@ def save_classifier(directory: str | Path, model: DigitClassifier, info: dict[st
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "classifier.safetensors")
-    (directory / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
+    (directory / "classifier.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 def load_classifier(directory: str | Path) -> DigitClassifier:

@@ -147,7 +147,7 @@ def _copy_in(seed: Path | None, expected: dict[str, object], target: Path, check
     if seed is None:
         return None
     try:
-        theirs = json.loads((seed / KEY_FILE).read_text())
+        theirs = json.loads((seed / KEY_FILE).read_text(encoding="utf-8"))
         if (theirs if "code" in expected else _without_code(theirs)) != json.loads(json.dumps(expected)):
             return f"{seed} was built for another machine or version: ignored"
         damaged = [] if checked else _damaged(seed)
@@ -167,7 +167,7 @@ def _damaged(copy: Path) -> list[str]:
     """The files of ``copy`` that are missing, extra or changed against its manifest (a copy written before manifests
     were: none)."""
     try:
-        manifest = json.loads((copy / MANIFEST_FILE).read_text())
+        manifest = json.loads((copy / MANIFEST_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
     found = _manifest(copy / "inductor")
@@ -194,7 +194,7 @@ def _this_machine_and_model(directory: Path, key: dict[str, object]) -> Iterator
         if ".tmp" in other.name:
             continue
         try:
-            theirs = json.loads((other / KEY_FILE).read_text())
+            theirs = json.loads((other / KEY_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(theirs, dict) and _without_code(theirs) == same:
@@ -291,8 +291,8 @@ def save(directory: Path, key: dict[str, object], *, replace: bool = False) -> P
     try:
         tmp.mkdir(parents=True)
         _copy_out(inductor_cache(), tmp / "inductor")
-        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp / "inductor"), indent=1))
-        (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp / "inductor"), indent=1), encoding="utf-8")
+        (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True, indent=1), encoding="utf-8")
         _readable_by_all(tmp)  # built as one user (an image build's root), loaded as another (uid 10001)
         if path.is_dir() and (replace or not intact(path)):  # refused or failed when loaded: replaced (another
             shutil.rmtree(path, ignore_errors=True)  # replica's good copy is kept)
@@ -325,7 +325,7 @@ def keep(copy: Path, directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("compiled graphs not kept in %s: %s", directory, exc)
         return
-    _remove_other_code(path, json.loads((path / KEY_FILE).read_text()))
+    _remove_other_code(path, json.loads((path / KEY_FILE).read_text(encoding="utf-8")))
 
 
 def _copy_out(local: Path, target: Path) -> None:

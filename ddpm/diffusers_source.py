@@ -71,7 +71,7 @@ def load_diffusers_ddpm(path: str | Path, device: torch.device | str = "cpu") ->
     if not sched_file.is_file():
         raise CheckpointError(f"no scheduler_config.json under {path}")
     try:
-        sched_cfg = json.loads(sched_file.read_text())
+        sched_cfg = json.loads(sched_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{sched_file} is not valid JSON: {exc}") from exc
     if not isinstance(sched_cfg, dict):
@@ -125,7 +125,7 @@ def _class_names(path: Path, config: object, unet_dir: Path) -> list[str]:
         return []
     index_file = path / "model_index.json"
     try:
-        id2label = json.loads(index_file.read_text()).get("id2label") if index_file.is_file() else None
+        id2label = json.loads(index_file.read_text(encoding="utf-8")).get("id2label") if index_file.is_file() else None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{index_file} is not valid JSON: {exc}") from exc
     try:

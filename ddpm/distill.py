@@ -322,8 +322,8 @@ class Distiller:
         if self.config.eval_n:
             row["quality"] = self.measure(out)
         rounds = self.run_dir / "rounds.jsonl"
-        text = (rounds.read_text() if rounds.exists() else "") + json.dumps(row) + "\n"
-        atomic_write(rounds, lambda tmp: Path(tmp).write_text(text))  # whole lines, or the file as it was
+        text = (rounds.read_text(encoding="utf-8") if rounds.exists() else "") + json.dumps(row) + "\n"
+        atomic_write(rounds, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # whole lines, or the file as it was
         self.round += 1
         self.step = 0
         self._start_round(fresh=True)

@@ -73,7 +73,7 @@ def _file_states(path: Path) -> dict[str, tuple[int, int, int]]:
 def _load_dir(path: Path, device: torch.device | str) -> LoadedModel:
     if (path / CONFIG).is_file() and not _is_diffusers_dir(path):
         try:
-            config = json.loads((path / CONFIG).read_text())
+            config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path / CONFIG} is not valid JSON: {exc}") from exc
         if not isinstance(config, dict):

@@ -59,7 +59,7 @@ def cpu_capability() -> str:
     name = "unknown CPU"
     flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and name == "unknown CPU":
                 name = value.strip()

@@ -150,7 +150,7 @@ def _token(token: str | None) -> str | None:
     if os.environ.get("DDPM_API_TOKEN_FILE"):  # the server's file may hold several during a rotation: the newest, last
         path = Path(os.environ["DDPM_API_TOKEN_FILE"])
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:  # a traceback from `ddpm generate` before: a mistyped path, a binary file
             raise ClientError(f"cannot read DDPM_API_TOKEN_FILE {path}: {exc}") from exc
         lines = [line.strip() for line in text.splitlines() if line.strip()]

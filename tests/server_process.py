@@ -31,7 +31,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "commands.main", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
         cmd = [*(prefix or []), *cmd, *(args or [])]  # prefix: e.g. a sandbox the server runs inside; args: more flags
         # a file, not a pipe: nobody reads a pipe while the test runs, and a full one would block the server's logging
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="ddpm-serve-", suffix=".log")
+        self.log = tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="ddpm-serve-", suffix=".log")
         if terminal is not None:
             self.proc = subprocess.Popen(cmd, env=full_env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
         else:
@@ -63,7 +63,7 @@ class ServerProcess:
 
     def output(self) -> str:
         self.log.flush()
-        return Path(self.log.name).read_text()
+        return Path(self.log.name).read_text(encoding="utf-8")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

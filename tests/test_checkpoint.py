@@ -155,7 +155,7 @@ def test_a_write_that_fails_leaves_the_file_as_it_was_and_no_temporary(tmp_path:
     target.write_text("before")
 
     def full_disk(path: str) -> None:
-        Path(path).write_text("par")
+        Path(path).write_text("par", encoding="utf-8")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(WriteError, match=r"could not write .*config.json \(OSError: \[Errno 28\] No space left on device; [\d.]+ MiB free"):

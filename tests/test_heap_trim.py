@@ -19,7 +19,7 @@ from tests.tiny_model import tiny_loaded_model
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
+    with open("/proc/self/status", encoding="utf-8") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 

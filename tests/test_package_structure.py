@@ -33,7 +33,7 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """Every project module ``path`` imports, at the top or inside a function (a lazy import still ties
     the two modules together)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -147,9 +147,9 @@ def test_every_name_list_is_defined_once() -> None:
 
 
 def _long_functions(path: Path) -> list[str]:
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
             length = (node.end_lineno or node.lineno) - node.lineno + 1
@@ -161,6 +161,35 @@ def _long_functions(path: Path) -> list[str]:
 def test_functions_in_the_engine_and_the_api_are_short() -> None:
     long = [f for name, p in _modules().items() if name.startswith(("service.engine", "service.api")) for f in _long_functions(p)]
     assert long == []
+
+
+def _text_files_in_the_locale(tree: ast.AST) -> list[int]:
+    """Lines that read or write a text file in the locale's encoding: ``read_text``/``write_text``, or ``open`` in text
+    mode, without ``encoding=`` (ruff's PLW1514 misses a receiver whose type it cannot infer: ``path.read_text()``)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text"):
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Name) and func.id == "open":
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            if not (isinstance(mode, ast.Constant) and "b" in str(mode.value)):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_locale_finder_finds_a_text_file() -> None:
+    code = 'a = p.read_text()\nb = p.read_text(encoding="utf-8")\nopen(f, "rb")\nopen(f)\nq.write_text(s)\nopen(f, mode="w")'
+    assert _text_files_in_the_locale(ast.parse(code)) == [1, 4, 5, 6]
+
+
+def test_every_text_file_is_read_and_written_in_utf8() -> None:
+    """A file read in the locale's encoding was a 500 under an ASCII locale (the web page; tests/test_process_surroundings)."""
+    trees = {path.relative_to(ROOT): ast.parse(path.read_text("utf-8")) for path in _modules().values()}
+    found = [f"{path}:{line}" for path, tree in trees.items() for line in _text_files_in_the_locale(tree)]
+    assert found == []
 
 
 def test_every_test_module_says_what_it_pins() -> None:

@@ -153,7 +153,7 @@ def environment(wheels: Path | None) -> dict[str, object]:
             "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         }
     if wheels is not None and (wheels / "MANIFEST.txt").exists():
-        info["carried_wheels"] = (wheels / "MANIFEST.txt").read_text().split()
+        info["carried_wheels"] = (wheels / "MANIFEST.txt").read_text(encoding="utf-8").split()
     return info
 
 
@@ -256,10 +256,10 @@ def run_phases(args: argparse.Namespace, env: dict[str, object], tiny_model: Pat
         run_phase(phase)
         print(f"[gpu-check] {phase.name}: {phase.status} in {phase.seconds} s {phase.summary}", flush=True)
         # written after every phase: a lease that ends mid-run still leaves the phases done so far
-        (args.out / "gpu_report.md").write_text(report(env, todo, args.dry_run))
+        (args.out / "gpu_report.md").write_text(report(env, todo, args.dry_run), encoding="utf-8")
         results = {"dry_run": args.dry_run, "env": env, "phases": [{k: v for k, v in asdict(p).items() if k != "output"} for p in todo]}
-        (args.out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str))
-        with (args.out / "gpu_logs.txt").open("a") as logs:
+        (args.out / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        with (args.out / "gpu_logs.txt").open("a", encoding="utf-8") as logs:
             logs.write(f"\n===== {phase.name} ({phase.status}, {phase.seconds} s): {' '.join(phase.command)}\n{phase.output}")
     return 0 if all(p.status == "ok" for p in todo) else 1
 

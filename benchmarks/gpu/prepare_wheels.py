@@ -65,7 +65,7 @@ def main() -> int:
         else:
             kept.append(wheel)
     total = sum(w.stat().st_size for w in kept) / 2**20
-    (args.dest / "MANIFEST.txt").write_text("".join(f"{w.name}\n" for w in kept))
+    (args.dest / "MANIFEST.txt").write_text("".join(f"{w.name}\n" for w in kept), encoding="utf-8")
     print(f"{len(kept)} wheels, {total:.1f} MiB in {args.dest} (dropped {len(dropped)} the machine has)")
     for w in kept:
         print(f"  {w.stat().st_size / 2**20:6.2f} MiB  {w.name}")

@@ -146,8 +146,9 @@ for chain, batch in cells:
         done += batch
     print(done / (time.perf_counter() - start), flush=True)
 """
-    with tempfile.TemporaryFile("w+") as errors, subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors,
-                                                                   text=True) as proc:  # fmt: skip
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as errors, subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=errors, text=True
+    ) as proc:
         assert proc.stdout is not None
         try:
             for _ in cells:  # each cell's figure as it is measured: a phase cut short keeps the rows before

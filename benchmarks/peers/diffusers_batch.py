@@ -68,7 +68,7 @@ class CountedPipeline:
             with self.lock:  # the latest counts, written whole (a reader never sees half a file: rename)
                 counts = json.dumps({"unet_calls": self.unet_calls, "image_evals": self.image_evals})
                 partial = Path(f"{self.counts_file}.{threading.get_ident()}")
-                partial.write_text(counts)
+                partial.write_text(counts, encoding="utf-8")
                 partial.replace(self.counts_file)
 
 

@@ -108,7 +108,7 @@ class Running:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.counts = work / f"counts-{self.port}.json"
-        self.log = open(work / f"{system.name.replace(' ', '_')}-{self.port}.log", "w")
+        self.log = open(work / f"{system.name.replace(' ', '_')}-{self.port}.log", "w", encoding="utf-8")
         env = {**os.environ, **system.env, "PEER_COUNTS_FILE": str(self.counts), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen([*system.command, "--port", str(self.port)], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -121,7 +121,7 @@ class Running:
             return sample_value(text, "ddpm_iterations_total"), sample_value(text, "ddpm_image_steps_total")
         if not self.counts.exists():
             return 0.0, 0.0
-        counts = json.loads(self.counts.read_text())
+        counts = json.loads(self.counts.read_text(encoding="utf-8"))
         return float(counts["unet_calls"]), float(counts["image_evals"])
 
     def stop(self) -> None:
@@ -205,7 +205,7 @@ def versions(peers_python: str) -> dict[str, str]:
     packages = ("torch", "diffusers", "litserve", "ray", "fastapi", "uvicorn")
     script = f"import importlib.metadata as m, json; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
     out = json.loads(subprocess.run([peers_python, "-c", script], capture_output=True, text=True, check=True).stdout)
-    flags = Path("/proc/cpuinfo").read_text()
+    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
     isa = "AVX-512 + AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
     return {**out, "cpu": f"{cpu}, {os.cpu_count()} cores, {isa}", "python": platform.python_version()}
@@ -258,7 +258,7 @@ async def main_async(args: argparse.Namespace) -> None:
             finally:
                 running.stop()
     if args.out:
-        with open(args.out, "a") as f:
+        with open(args.out, "a", encoding="utf-8") as f:
             for row in results:
                 f.write(json.dumps(row) + "\n")
     names = [s.name for s in every]

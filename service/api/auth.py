@@ -78,7 +78,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 def _file_tokens(path: Path) -> tuple[bytes, ...]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read DDPM_API_TOKEN_FILE {path}: {exc}") from exc
     tokens = tuple(dict.fromkeys(line.strip().encode() for line in text.splitlines() if line.strip()))

@@ -43,7 +43,7 @@ async def metrics(state: StateDep, _: MetricsAuthorized) -> Response:
 @functools.cache
 def _page() -> tuple[str, str]:
     """The page and its policy, read and hashed once (the file is part of the installed code)."""
-    html = INDEX_HTML.read_text()
+    html = INDEX_HTML.read_text(encoding="utf-8")
     return html, content_security_policy(html)
 
 
