@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,11 @@ def folder_classes(folder: str | Path) -> tuple[torch.Tensor | None, list[str]]:
     if any(len(q) == 1 for q in parts):
         return None, []
     names = sorted({q[0] for q in parts})
+    composed = [unicodedata.normalize("NFC", name) for name in names]
+    twins = [name for name, form in zip(names, composed, strict=True) if composed.count(form) > 1]
+    if twins:  # "café" composed and decomposed (a copy from macOS beside the original): two classes no client tells apart
+        raise ValueError(f"class folders {' and '.join(map(ascii, twins))} under {root} are one name written two ways in Unicode "
+                         "(composed and decomposed): merge them into one folder")  # fmt: skip
     index = {name: i for i, name in enumerate(names)}
     return torch.tensor([index[q[0]] for q in parts], dtype=torch.long), [text_name(name) for name in names]
 

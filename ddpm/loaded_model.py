@@ -12,7 +12,7 @@ import torch
 
 from ddpm.chain import ChainSpec, EpsModel
 from ddpm.editing import DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_N_SAMPLE, sdedit_start
-from ddpm.names import BALANCED, DEFAULT_SPACING
+from ddpm.names import BALANCED, DEFAULT_SPACING, class_index, find_class
 from ddpm.respace import spaced_timesteps
 from ddpm.samplers import RULES, sampler_rule
 from ddpm.schedule import NoiseSchedule, VarianceType
@@ -96,7 +96,7 @@ class LoadedModel:
             return None, 0.0
         if not self.conditional:
             raise ChainError("class_label", "this model is unconditional: it takes no class_label")
-        names = {name: i for i, name in enumerate(self.class_names)}
+        names = class_index(self.class_names)
         if class_label == BALANCED and BALANCED not in names:  # (a class named so is that class)
             class_label = [k % self.num_classes for k in range(first, first + n)]
         given = class_label if isinstance(class_label, list) else [class_label] * n
@@ -106,7 +106,8 @@ class LoadedModel:
         labels = []
         for label in given:
             as_index = isinstance(label, str) and label.isdecimal() and label.isascii() and not numbered
-            index = label if isinstance(label, int) else names.get(label, int(label) if as_index else None)
+            index = label if isinstance(label, int) else find_class(names, label)
+            index = int(label) if index is None and as_index else index
             if index is not None and 0 <= index < self.num_classes:  # a JSON number is an index; text a name, else digits an index
                 labels.append(index)
             else:

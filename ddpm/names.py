@@ -10,6 +10,7 @@ copy of these lists appears elsewhere.
 from __future__ import annotations
 
 import enum
+import unicodedata
 from typing import Literal, get_args
 
 
@@ -61,6 +62,23 @@ def parse_class_labels(text: str | None) -> int | str | list[int | str] | None:
         return None
     values: list[int | str] = [v.strip() for v in text.split(",")]
     return values if "," in text else values[0]
+
+
+def class_index(class_names: list[str]) -> dict[str, int]:
+    """Each class name to its index, and its composed form (Unicode NFC) to it too where that form is one class's only.
+    A folder named on macOS is stored decomposed ("cafe" + U+0301): the model's class was "café" to the eye and
+    "unknown class 'café'" to every client that typed it (composed, as keyboards and browsers send)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    composed: dict[str, list[int]] = {}
+    for i, name in enumerate(class_names):
+        composed.setdefault(unicodedata.normalize("NFC", name), []).append(i)
+    return {**{form: ids[0] for form, ids in composed.items() if len(ids) == 1}, **index}
+
+
+def find_class(index: dict[str, int], label: str) -> int | None:
+    """``label``'s class in ``class_index``'s map: by the name as given, else by its composed form."""
+    found = index.get(label)
+    return index.get(unicodedata.normalize("NFC", label)) if found is None else found
 
 
 def is_text(value: str) -> bool:

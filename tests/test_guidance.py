@@ -244,6 +244,37 @@ def test_class_names_that_are_not_text_are_served_as_escapes(cond_dir: Path, tmp
     assert folder_classes(tmp_path / "d")[1] == ["b", "\\xe9t\\xe9"]
 
 
+def test_a_class_name_matches_in_either_unicode_form(cond_dir: Path, tmp_path: Path) -> None:
+    """A class folder named on macOS is stored decomposed ("cafe" + U+0301) and its card kept it so: a client typing
+    "café" (composed, as keyboards and browsers send) got 422 "unknown class 'café'" for a class the listing showed as
+    "café". Each form now names the class (the answer echoes the card's name); two folders that are one name in two
+    forms are refused at training, naming both."""
+    import json
+    import shutil
+
+    from ddpm.data import folder_classes
+
+    model = Path(shutil.copytree(cond_dir, tmp_path / "m"))
+    card = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    card["classes"] = ["cafe\u0301", "\u00e9t\u00e9", "fox"]  # decomposed (macOS), composed, plain
+    (model / "config.json").write_text(json.dumps(card), encoding="utf-8")
+    loaded = load_model_source(model, device="cpu")
+    for label, want in [("caf\u00e9", 0), ("cafe\u0301", 0), ("e\u0301te\u0301", 1), ("\u00e9t\u00e9", 1), ("fox", 2), ("2", 2)]:
+        assert loaded.labels(label, 1, None)[0] == (want,), label
+    with pytest.raises(ChainError, match="unknown class 'cafe'"):
+        loaded.labels("cafe", 1, None)
+    card["classes"] = ["caf\u00e9", "cafe\u0301", "fox"]  # a card with both: each exact name its own class, no guessing
+    (model / "config.json").write_text(json.dumps(card), encoding="utf-8")
+    loaded = load_model_source(model, device="cpu")
+    assert loaded.labels(["caf\u00e9", "cafe\u0301"], 2, None)[0] == (0, 1)
+    for name in ("caf\u00e9", "cafe\u0301", "fox"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "d" / name / "0.png")
+    with pytest.raises(ValueError, match="one name written two ways in Unicode") as refused:
+        folder_classes(tmp_path / "d")
+    assert "'cafe\\u0301' and 'caf\\xe9'" in str(refused.value)  # ascii(): the two forms told apart on screen
+
+
 def test_cli_sample_and_eval_take_labels(cond_dir: Path, tmp_path: Path) -> None:
     import json
 
