@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable
 
-from ddpm.names import MAX_THREADS
+from ddpm.names import MAX_THREADS, is_text, text_name
 from ddpm.seeding import MAX_SEED
 
 
@@ -17,6 +17,14 @@ def from_environment(name: str, default: str) -> str:
     """A flag's default from ``name`` where it is set and not blank, its surrounding whitespace dropped (an env file
     saved with Windows line ends gives every value a trailing CR), else ``default``."""
     return os.environ.get(name, "").strip() or default
+
+
+def argument_text(text: str) -> str:
+    """An argparse ``type`` for a name the user types (a class label): its bytes read as UTF-8 where the locale could
+    not decode them. Under an ASCII locale (``LC_ALL=C`` with ``PYTHONUTF8=0``, a legacy system's POSIX locale) Python
+    holds ``--class-label été``'s bytes as lone surrogates, and the model's class "été" was "unknown"; bytes that are not
+    UTF-8 either (a Latin-1 terminal's) become the backslash escapes a model card holds for such a folder name."""
+    return text if is_text(text) else text_name(os.fsencode(text).decode("utf-8", "surrogateescape"))
 
 
 def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:

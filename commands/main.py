@@ -14,6 +14,7 @@ from commands.model_commands import add_model_commands
 from commands.process_exit import exit_at_once
 from commands.serving_commands import add_serving_commands
 from commands.standard_streams import open_closed_streams, quiet_on_closed_stdout, stdout_reader_gone
+from commands.working_directory import refuse_a_removed_working_directory
 from ddpm import __version__
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_a_removed_working_directory(args.command)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was (torch, inductor, httpx)

@@ -18,6 +18,7 @@ from commands.argument_types import (
     PROBABILITY,
     SEED,
     THREADS,
+    argument_text,
     from_environment,
     integer_list,
     number_in,
@@ -344,7 +345,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         train_to_end("ddpm distill", distiller, quiet=args.quiet)
     rounds = distiller.run_dir / "rounds.jsonl"
     if rounds.exists():
-        print(rounds.read_text(), end="")
+        print(rounds.read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -430,7 +431,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help=f"which S of the T timesteps (default: a diffusers model's own, else {DEFAULT_SPACING})")  # fmt: skip
     p.add_argument("--batch-size", type=POSITIVE, default=64, help="images per U-Net call")
-    p.add_argument("--class-label", default=None,
+    p.add_argument("--class-label", type=argument_text, default=None,
                    help="a class-conditional model: the class of every image (index or name), a comma-separated list "
                         "(one per image), or 'balanced' (image k: class k mod the number of classes); default: unconditional")  # fmt: skip
     p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None,

@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from commands.argument_types import GUIDANCE_SCALE, NON_NEGATIVE, PORT, POSITIVE, POSITIVE_NUMBER, SEED, from_environment, number_in
+from commands.argument_types import (
+    GUIDANCE_SCALE,
+    NON_NEGATIVE,
+    PORT,
+    POSITIVE,
+    POSITIVE_NUMBER,
+    SEED,
+    argument_text,
+    from_environment,
+    number_in,
+)
 from commands.process_exit import exit_at_once
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -67,7 +77,7 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--eta", type=number_in(0.0, 1.0), default=None, help="ddim only (default: 0)")
     p.add_argument("--spacing", choices=SPACINGS, default=None, help="timestep spacing (default: the server's)")
     p.add_argument("--clip", choices=["on", "off"], default=None, help="clip predicted x0 (default: the model's)")
-    p.add_argument("--class-label", default=None,
+    p.add_argument("--class-label", type=argument_text, default=None,
                    help="a class-conditional model: the class (index or name; a comma-separated list: one per image), or "
                         "'balanced' (image k: class k mod the number of classes)")  # fmt: skip
     p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None, help="classifier-free guidance w (default: the model card's)")

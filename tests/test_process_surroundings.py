@@ -1,0 +1,78 @@
+"""What a process inherits and a user does not think of: a locale whose encoding is not UTF-8 (a legacy system's
+POSIX locale, ``LC_ALL=C`` with ``PYTHONUTF8=0``) and a working directory that was removed. Real processes, their
+environment set as such a shell leaves it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Python reads files, command lines and names in the locale's encoding: here ASCII (the coercion to C.UTF-8 and the
+# UTF-8 mode, which a C locale would otherwise get, turned off as a system without C.UTF-8 has them)
+ASCII_LOCALE = {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+
+SERVED_UNDER_ASCII = """
+import json, os, sys, tempfile
+from pathlib import Path
+from commands.main import main
+from tests.app_client import app_client, wait_ready
+from tests.tiny_model import save_tiny_conditional_model
+assert sys.getfilesystemencoding() == "ascii"
+model = save_tiny_conditional_model(Path(tempfile.mkdtemp()) / "m", num_timesteps=50)
+card = json.loads((model / "config.json").read_bytes())
+card["classes"] = ["caf\\u00e9", "\\u00e9t\\u00e9", "fox"]
+(model / "config.json").write_bytes(json.dumps(card, ensure_ascii=False).encode())  # a card edited by hand, in UTF-8
+out = {}
+with app_client(model, compile="off", precision="fp32") as c:
+    wait_ready(c)
+    page = c.get("/")
+    out["page"] = [page.status_code, "<html" in page.text.lower()]
+    out["classes"] = c.get("/info").json()["classes"]
+    by_name = c.post("/generate", json={"seed": 1, "steps": 2, "class_label": "\\u00e9t\\u00e9"})
+    out["by_name"] = [by_name.status_code, by_name.json().get("class_labels")]
+typed = os.fsdecode("\\u00e9t\\u00e9".encode())  # argv's bytes as this locale decodes them: lone surrogates
+png = str(Path(tempfile.mkdtemp()) / "x.png")
+out["sample"] = main(["sample", "--model", str(model), "--class-label", typed, "-n", "1", "--steps", "2", "-o", png])
+print(json.dumps(out))
+"""
+
+
+def test_a_locale_that_is_not_utf8_serves_the_page_and_reads_utf8_files() -> None:
+    """Under an ASCII locale the web page was a 500 (``GET /``: its UTF-8 HTML read in the locale's encoding), a model
+    card holding a name in UTF-8 refused the model ("model failed to load"), and ``ddpm sample --class-label été`` was
+    "unknown class '\\udcc3\\udca9t\\udcc3\\udca9'" (Python's hold of argv's bytes). Every file the project reads or writes is
+    UTF-8 now, whatever the locale (``test_package_structure`` finds a read or write without an encoding)."""
+    env = {**os.environ, **ASCII_LOCALE, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", SERVED_UNDER_ASCII], env=env, cwd=ROOT, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert out == {"page": [200, True], "classes": ["café", "été", "fox"], "by_name": [200, ["été"]], "sample": 0}
+
+
+def test_a_typed_name_is_read_as_utf8_where_the_locale_could_not() -> None:
+    """``argument_text``: argv's bytes held as lone surrogates read as UTF-8; bytes that are not UTF-8 (a Latin-1
+    terminal's "été") become the escapes a card holds for such a folder's name; text that decoded stays as it is."""
+    from commands.argument_types import argument_text
+
+    assert argument_text("\udcc3\udca9t\udcc3\udca9") == "été"
+    assert argument_text("\udce9t\udce9") == "\\xe9t\\xe9"
+    assert argument_text("été") == "été" and argument_text("7") == "7"
+
+
+def test_a_command_in_a_removed_directory_says_so(tmp_path: Path) -> None:
+    """A shell standing in a folder another shell removed (and made again): ``ddpm sample`` ended in "Intel oneMKL FATAL
+    ERROR: Cannot load .../libtorch_cpu.so", exit 2, from ``import torch``. Now one line, exit 1, naming the way back."""
+    gone = tmp_path / "build"
+    gone.mkdir()
+    code = "import sys\nfrom commands.main import main\nsys.exit(main(sys.argv[1:]))"
+    script = f'cd "{gone}" && rmdir "{gone}" && mkdir "{gone}" && exec "{sys.executable}" -c "$0" sample -n 1 -o x.png'
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PWD": str(gone)}
+    done = subprocess.run(["sh", "-c", script, code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    said = f'ddpm sample: the current directory was removed: cd to a folder that exists (cd "{gone}" where it was made again)'
+    assert done.stderr.strip() == said
+    assert not (gone / "x.png").exists()
