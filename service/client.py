@@ -44,9 +44,12 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+
+from service.client_proxy import environment_proxy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 900.0  # above the server's default request deadline (600 s) plus a queue wait
@@ -313,11 +316,20 @@ class AsyncClient:
         self._headers = {"Authorization": f"Bearer {t}"} if (t := _token(token)) else {}
         self._follows_file = token is None and bool(os.environ.get("DDPM_API_TOKEN_FILE"))  # re-read after a 401
         self._transport = transport
+        self.proxy = environment_proxy(url) if transport is None else None
         self._http = self._new_http() if _persistent else None
 
     def _new_http(self) -> httpx.AsyncClient:
-        # per-phase timeouts no longer than the call's own deadline (which _call enforces as a whole)
-        return httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self.timeout_s, transport=self._transport)
+        # per-phase timeouts no longer than the call's own deadline (which _call enforces as a whole); the proxy the
+        # environment names (service.client_proxy), or a transport of its own that reads no proxy from it
+        route: dict[str, Any] = {"transport": self._transport}
+        if self._transport is None:
+            route = {"proxy": self.proxy.url} if self.proxy else {"transport": httpx.AsyncHTTPTransport()}
+        try:
+            return httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self.timeout_s, **route)
+        except (ImportError, ValueError) as exc:  # a SOCKS proxy without socksio, a scheme httpx has no transport for
+            host = urlsplit(self.url).hostname
+            raise ClientError(f"cannot use the proxy {self.proxy}: {exc} (or set no_proxy={host} to go direct)") from None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -388,12 +400,16 @@ class AsyncClient:
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # refused: a replica restarting; a dropped or garbled connection: nothing was answered
                 if last:
-                    raise Unreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
-                why = f"no connection to {self.url} ({exc or type(exc).__name__})"
+                    raise Unreachable(f"cannot reach {self._route()}: {exc or type(exc).__name__}") from exc
+                why = f"no connection to {self._route()} ({exc or type(exc).__name__})"
                 await self._wait(why, attempt, _retry_delay(None, attempt, self.max_wait_s))
             except httpx.HTTPError as exc:
-                raise Unreachable(f"cannot reach {self.url}: {exc or type(exc).__name__}") from exc
+                raise Unreachable(f"cannot reach {self._route()}: {exc or type(exc).__name__}") from exc
         raise AssertionError("unreachable")
+
+    def _route(self) -> str:
+        """The server, and the proxy in between where there is one: a proxy that is down is not the server."""
+        return self.url if self.proxy is None else f"{self.url} through the proxy {self.proxy}"
 
     async def _wait(self, why: str, attempt: int, delay: float) -> None:
         if self.on_retry is not None:  # a person at a terminal learns why nothing happens yet

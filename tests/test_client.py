@@ -328,3 +328,49 @@ def test_a_generation_saved_on_a_full_disk_keeps_the_file_there_before(tmp_path:
     with pytest.raises(OSError, match=r"could not write .*g.npy \(OSError: \[Errno 28\] No space left on device; [\d.]+ MiB free"):
         result.save(tmp_path / "g.npy")
     assert (tmp_path / "g.npy").read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["g.npy"]
+
+
+def test_a_proxy_in_the_environment_is_skipped_for_loopback_and_named_where_it_fails(server: ServerProcess,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A desktop's proxy settings (GNOME exports ``all_proxy=socks://...``): ``ddpm generate`` against a server on
+    127.0.0.1 was a traceback before any request ("Unknown scheme for proxy URL"; with ``socks5://``, "the 'socksio'
+    package is not installed"), and with ``http_proxy`` naming a proxy that is down "cannot reach http://127.0.0.1:..."
+    though that server answered. Loopback goes direct now; elsewhere the proxy is used and named where it fails."""
+    from tests.server_process import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("all_proxy", "socks://127.0.0.1:1080/")
+    monkeypatch.setenv("HTTP_PROXY", dead)
+    monkeypatch.setenv("DDPM_API_TOKEN", TOKEN)
+    for url in (server.url, server.url.replace("127.0.0.1", "localhost")):
+        with Client(url, max_retries=0) as client:
+            assert client.info()["model"]["name"] == "tiny", url
+    with pytest.raises(ClientError, match=r"^cannot use the proxy all_proxy=socks://127.0.0.1:1080/: Unknown scheme .*"
+                                          r"\(or set no_proxy=ddpm\.invalid to go direct\)$"):  # fmt: skip
+        AsyncClient("https://ddpm.invalid:8000")  # https: no https_proxy, so all_proxy's
+    with pytest.raises(client_module.Unreachable, match=rf"^cannot reach http://ddpm\.invalid:8000 through the proxy HTTP_PROXY={dead}: "):
+        with Client("http://ddpm.invalid:8000", max_retries=0) as client:
+            client.info()
+
+
+@pytest.mark.parametrize(("environ", "url", "proxy"), [
+    ({"all_proxy": "socks5://p:1080"}, "http://[::1]:8000", None),  # loopback, whatever is set
+    ({"all_proxy": "socks5://p:1080"}, "http://127.8.0.1:8000", None),
+    ({"all_proxy": "socks5://p:1080"}, "http://api.localhost:8000", None),
+    ({"http_proxy": "p:3128"}, "http://ddpm.example.com", "http_proxy=http://p:3128"),  # a bare host:port is HTTP
+    ({"http_proxy": "http://low:1", "HTTP_PROXY": "http://UP:1"}, "http://x.example.com", "http_proxy=http://low:1"),
+    ({"HTTPS_PROXY": "http://s:1", "ALL_PROXY": "http://a:1"}, "https://x.example.com", "HTTPS_PROXY=http://s:1"),
+    ({"HTTPS_PROXY": "http://s:1", "ALL_PROXY": "http://a:1"}, "http://x.example.com", "ALL_PROXY=http://a:1"),
+    ({"http_proxy": "http://p:1", "no_proxy": "example.com"}, "http://ddpm.example.com:8000", None),  # its sub-domains
+    ({"http_proxy": "http://p:1", "no_proxy": ".example.com"}, "http://example.com", None),
+    ({"http_proxy": "http://p:1", "no_proxy": "ample.com"}, "http://example.com", "http_proxy=http://p:1"),  # not a suffix
+    ({"http_proxy": "http://p:1", "NO_PROXY": "10.0.0.5, *"}, "http://x.example.com", None),
+    ({"http_proxy": "http://p:1", "no_proxy": "10.0.0.5"}, "http://10.0.0.5:8000", None),
+    ({"http_proxy": "http://p:1", "no_proxy": "  "}, "http://10.0.0.5:8000", "http_proxy=http://p:1"),
+    ({}, "http://x.example.com", None),
+])  # fmt: skip
+def test_the_proxy_the_environment_names(environ: dict[str, str], url: str, proxy: str | None) -> None:
+    from service.client_proxy import environment_proxy
+
+    found = environment_proxy(url, environ)
+    assert (None if found is None else str(found)) == proxy
