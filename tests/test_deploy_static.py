@@ -74,6 +74,7 @@ def test_compose_services(compose: dict) -> None:
         assert svc["read_only"] is True and "/tmp" in svc["tmpfs"]
         assert svc["environment"]["DDPM_API_TOKEN"].startswith("${DDPM_API_TOKEN:?")  # auth on by default
         assert "/healthz" in " ".join(svc["healthcheck"]["test"])
+        assert json.dumps(svc["healthcheck"]["test"][1:]) in (ROOT / "Dockerfile").read_text(encoding="utf-8")  # the image's, proxy-free
         # the stop grace period covers the server's drain
         grace = int(svc["stop_grace_period"].rstrip("s"))
         assert grace > float(svc["environment"]["DDPM_DRAIN_TIMEOUT_S"])
@@ -86,6 +87,8 @@ def test_compose_services(compose: dict) -> None:
     for name, svc in services.items():
         assert "healthcheck" in svc, name
     assert services["nginx"]["ports"] == ["8080:8080"]
+    # busybox wget (the alpine image's) under an injected http_proxy: exit 1 without "-Y off", 0 with it (Debian's busybox 1.35)
+    assert services["nginx"]["healthcheck"]["test"][1:4] == ["wget", "-Y", "off"]
     assert services["prometheus"]["ports"] == ["9090:9090"] and services["grafana"]["ports"] == ["3000:3000"]
 
 
