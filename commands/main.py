@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from commands.inductor_cache_dir import refuse_an_inductor_cache_that_cannot_be_made
 from commands.model_commands import add_model_commands
 from commands.process_exit import exit_at_once
 from commands.serving_commands import add_serving_commands
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     refuse_a_removed_working_directory(args.command)
+    if getattr(args, "compiles", True):  # not the client's, nor compile-cache's (a folder of its own)
+        refuse_an_inductor_cache_that_cannot_be_made(args.command)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was (torch, inductor, httpx)

@@ -90,7 +90,7 @@ def add_generate_parser(sub: Any) -> None:
                    help="seconds for the whole call (queue, denoising, retries): a stalled or trickling server is cut off")  # fmt: skip
     add_edit_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, compiles=False)
 
 
 def add_compile_cache_parser(sub: Any) -> None:
@@ -106,7 +106,7 @@ def add_compile_cache_parser(sub: Any) -> None:
                    help="a directory kept between runs (the image build's cache mount): the graphs an earlier version "
                         "compiled there load instead of compiling where they did not change, and this run's copy is "
                         "left there for the next")  # fmt: skip
-    p.set_defaults(func=cmd_compile_cache)
+    p.set_defaults(func=cmd_compile_cache, compiles=False)
 
 
 def cmd_compile_cache(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # Python reads files, command lines and names in the locale's encoding: here ASCII (the coercion to C.UTF-8 and the
 # UTF-8 mode, which a C locale would otherwise get, turned off as a system without C.UTF-8 has them)
@@ -76,3 +78,25 @@ def test_a_command_in_a_removed_directory_says_so(tmp_path: Path) -> None:
     said = f'ddpm sample: the current directory was removed: cd to a folder that exists (cd "{gone}" where it was made again)'
     assert done.stderr.strip() == said
     assert not (gone / "x.png").exists()
+
+
+def test_an_inductor_cache_folder_that_cannot_be_made_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TORCHINDUCTOR_CACHE_DIR`` naming a folder that cannot be made: ``ddpm sample`` was a torch traceback from building
+    the U-Net and ``ddpm serve`` "model failed to load: FileNotFoundError" of a model that was fine. One line naming the
+    variable now, before any work; the client, which compiles nothing, is not refused for it."""
+    from tests.command_in_process import run_command
+    from tests.tiny_model import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made, even as root
+    sample = ["sample", "--model", str(model), "-n", "1", "--steps", "2", "-o", str(tmp_path / "x.png")]
+    for argv in (sample, ["serve", "--model", str(model)]):
+        ran = run_command(argv)
+        assert ran.code == 1 and ran.stderr.strip() == (
+            f"ddpm {argv[0]}: TORCHINDUCTOR_CACHE_DIR={blocker / 'cache'} cannot be made (Not a directory): torch keeps its "
+            "compiled graphs there; point it at a writable folder, or unset it"), ran
+    assert not (tmp_path / "x.png").exists()
+    client = run_command(["generate", "--url", "http://127.0.0.1:9", "--retries", "0", "-o", str(tmp_path / "y.png")])
+    assert client.code == 1 and "cannot reach http://127.0.0.1:9" in client.stderr, client
