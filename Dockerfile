@@ -103,4 +103,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 STOPSIGNAL SIGTERM
-CMD ["ddpm", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# "::": IPv6 and IPv4 on one socket (an IPv6-only cluster's probes reach it; service/listening_socket.py)
+CMD ["ddpm", "serve", "--host", "::", "--port", "8000"]

@@ -309,6 +309,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.http_protocol import hardened_protocol
     from service.api.request_log import configure_logging
     from service.draining_server import GRACEFUL_CLOSE_S, DrainingServer
+    from service.listening_socket import listening_socket
     from service.open_file_limit import quiet_accept_errors, raise_open_file_limit
     from service.server_state import ServerState
 
@@ -318,6 +319,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     warnings = unknown_variables(os.environ, set(type(settings).model_fields)) + unreachable_bounds(settings)
     for warning in [*warnings, files] if files else warnings:
         logging.getLogger("ddpm.settings").warning(warning)
+    try:
+        sock, host = listening_socket(args.host, args.port)  # "::": IPv6 and IPv4 both (service.listening_socket)
+    except OSError as exc:
+        exit_at_once(f"ddpm serve: could not listen on [{args.host}]:{args.port}: {exc.strerror or exc}")
     state = ServerState(settings)
     try:
         app = create_app(settings, state)
@@ -326,7 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn's own access log is replaced by ddpm.access (one structured line per request)
     config = uvicorn.Config(
         app,
-        host=args.host,
+        host=host,
         port=args.port,
         workers=1,
         log_level=args.log_level,
@@ -340,7 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server = DrainingServer(config, state, settings.drain_timeout_s, exit_at_once)
     try:
-        server.run()
+        server.run([sock] if sock is not None else None)
     except SystemExit:  # uvicorn's, when it cannot listen (address in use, an unknown host): it logged why
         exit_at_once(f"ddpm serve: could not listen on {args.host}:{args.port} (the error above says why)")
     if server.fatal is not None:

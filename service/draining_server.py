@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -117,7 +118,7 @@ class DrainingServer:
 
         state.on_fatal = on_fatal
 
-    def run(self) -> None:
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
         """Serve until a signal's drain ends: uvicorn takes SIGINT and SIGTERM; SIGHUP (the terminal ``ddpm serve`` ran
         on hung up) drains too, its output sent to /dev/null first (``ddpm.terminal_hangup``): it was killed at once,
         every request in flight with it (their clients saw the connection reset)."""
@@ -132,7 +133,7 @@ class DrainingServer:
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGHUP, hung_up) if main else None
         try:
-            self._server.run()
+            self._server.run(sockets)  # sockets: bound already (service.listening_socket), else uvicorn binds its host
         finally:
             if main:
                 signal.signal(signal.SIGHUP, previous)

@@ -447,3 +447,37 @@ def test_a_sigterm_while_the_model_loads_exits_0_not_aborting() -> None:
     out = "".join(lines) + rest
     assert proc.returncode == 0 and "ddpm serve: stopped before the model was ready" in out, out[-3000:]
     assert "terminate called" not in out and '"model mnist-28 ready' not in out
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="this machine has no IPv6 dual stack")
+def test_host_any_ipv6_answers_both_families_and_still_drains(model_1000: Path) -> None:
+    """``--host ::`` (the image's and the Deployment's, for IPv6-only clusters) answered IPv6 only: asyncio sets
+    IPV6_V6ONLY, and http://127.0.0.1 was refused. One dual-stack socket now; an IPv4 client is logged as itself (not
+    ``::ffff:127.0.0.1``), and SIGTERM still closes the listener and drains."""
+    s = ServerProcess(model_1000, args=["--host", "::"])
+    try:
+        s.wait_ready()  # over IPv4
+        assert httpx.get(f"http://[::1]:{s.port}/info", timeout=5).status_code == 200
+        assert httpx.post(s.url + "/generate", json={"seed": 1, "steps": 2}, timeout=30).status_code == 200
+        clients = {json.loads(line)["client"] for line in s.output().splitlines() if '"ddpm.access"' in line}
+        assert clients == {"127.0.0.1", "::1"}, clients
+        assert "listening on [::]:" in s.output()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        for url in (s.url, f"http://[::1]:{s.port}"):
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url + "/healthz", timeout=2)
+    finally:
+        s.stop()
+
+
+def test_the_listening_socket_for_other_hosts_and_a_kernel_without_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.api.request_log import client_key
+    from service.listening_socket import listening_socket
+
+    assert listening_socket("127.0.0.1", 1) == (None, "127.0.0.1") and listening_socket("0.0.0.0", 1) == (None, "0.0.0.0")
+    monkeypatch.setattr(socket, "has_dualstack_ipv6", lambda: False)
+    assert listening_socket("::", 1) == (None, "0.0.0.0")
+    for peer, key in [("::ffff:10.1.2.3", "10.1.2.3"), ("::1", "::1"), ("2001:db8::7", "2001:db8::7"), ("10.0.0.1", "10.0.0.1"),
+                      ("::ffff:zz", "::ffff:zz")]:  # fmt: skip
+        assert client_key({"client": (peer, 5)}, trust_forwarded_for=False) == key

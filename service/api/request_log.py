@@ -4,6 +4,8 @@ structured log line and one metrics observation per response, and a JSON 500 for
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
 import re
@@ -77,7 +79,17 @@ def client_key(scope: Scope, trust_forwarded_for: bool) -> str:
                 if hop:
                     return hop
     client = scope.get("client")
-    return client[0] if client else "unknown"
+    return _unmapped(client[0]) if client else "unknown"
+
+
+def _unmapped(address: str) -> str:
+    """An IPv4 client of the dual-stack socket (``--host ::``) arrives as ``::ffff:a.b.c.d``: it is ``a.b.c.d``, in the
+    log and in its quota, as it was on an IPv4 socket."""
+    if address.startswith("::ffff:"):
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(address).ipv4_mapped
+            return str(mapped) if mapped else address
+    return address
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
