@@ -50,6 +50,7 @@ import httpx
 import numpy as np
 
 from service.client_proxy import environment_proxy
+from service.token_file import token_lines
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 900.0  # above the server's default request deadline (600 s) plus a queue wait
@@ -151,12 +152,10 @@ def _token(token: str | None) -> str | None:
     if token is not None:
         return token
     if os.environ.get("DDPM_API_TOKEN_FILE"):  # the server's file may hold several during a rotation: the newest, last
-        path = Path(os.environ["DDPM_API_TOKEN_FILE"])
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:  # a traceback from `ddpm generate` before: a mistyped path, a binary file
-            raise ClientError(f"cannot read DDPM_API_TOKEN_FILE {path}: {exc}") from exc
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+            lines = token_lines(Path(os.environ["DDPM_API_TOKEN_FILE"]))
+        except ValueError as exc:  # a traceback from `ddpm generate` before: a mistyped path, a binary file
+            raise ClientError(str(exc)) from exc
         return lines[-1] if lines else None
     return os.environ.get("DDPM_API_TOKEN", "").strip() or None  # an env file's CR is no part of it
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from service.settings import Settings
+from service.token_file import token_lines
 
 log = logging.getLogger("ddpm.server")
 RECHECK_S = 1.0  # how stale the file's tokens may be: one stat per second at most
@@ -77,11 +78,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 
 def _file_tokens(path: Path) -> tuple[bytes, ...]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read DDPM_API_TOKEN_FILE {path}: {exc}") from exc
-    tokens = tuple(dict.fromkeys(line.strip().encode() for line in text.splitlines() if line.strip()))
+    tokens = tuple(dict.fromkeys(line.encode() for line in token_lines(path)))
     if not tokens:
         raise ValueError(f"DDPM_API_TOKEN_FILE {path} is empty")
     return tokens
