@@ -115,6 +115,7 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     import tempfile
 
     from commands.output_path import writable_directory
+    from ddpm.terminal_hangup import handle_unless_ignored
 
     writable_directory("ddpm compile-cache", "-o", args.output)  # before the minutes of compiling, not after them
     if args.reuse is not None:
@@ -123,7 +124,7 @@ def cmd_compile_cache(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ddpm-compile-cache-", ignore_cleanup_errors=True) as scratch:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
         # a CI job's timeout (SIGTERM), a terminal that hung up (SIGHUP): as Ctrl-C, not a kill with no cleanup
-        previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        previous = handle_unless_ignored((signal.SIGTERM, signal.SIGHUP), _raise_terminated)  # nohup's SIGHUP stays ignored
         try:
             return _compile_into_output(args)
         except (KeyboardInterrupt, _Terminated, _Unfinished) as stop:  # a thread is inside torch: an interpreter exit aborts

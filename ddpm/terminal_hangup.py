@@ -3,13 +3,16 @@
 The signal's default ends the process at once: a training run lost every step since its last checkpoint, a server
 every request in flight. ``ddpm train``/``distill`` save and stop on it and ``ddpm serve`` drains, as on SIGTERM; first
 their standard output and error, where they were that terminal, go to /dev/null, as ``nohup`` would have sent them: a
-write to a terminal that hung up fails (EIO), and it ended the run before its save.
+write to a terminal that hung up fails (EIO), and it ended the run before its save. Under ``nohup`` (SIGHUP ignored
+from the start) none of this: the hangup stays ignored, as asked.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import stat
+from typing import Any
 
 
 def off_the_terminal() -> None:
@@ -27,3 +30,15 @@ def off_the_terminal() -> None:
                 pass
     finally:
         os.close(null)
+
+
+def handle_unless_ignored(signums: tuple[int, ...], handler: Any) -> dict[int, Any]:
+    """``handler`` for each signal the process was not started ignoring; the handlers replaced, to put back. A signal
+    ignored from the start stays ignored, as Python leaves an ignored SIGINT: ``nohup ddpm train ... &`` asks for SIGHUP
+    to be ignored, and the run stopped (saved and exited) when the terminal closed, a server drained and exited (measured:
+    ``ddpm serve`` started with SIGHUP ignored, sent SIGHUP: exit 0 within 3 s)."""
+    replaced = {}
+    for signum in signums:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            replaced[signum] = signal.signal(signum, handler)
+    return replaced

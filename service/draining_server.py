@@ -124,16 +124,16 @@ class DrainingServer:
         every request in flight with it (their clients saw the connection reset)."""
         import signal
 
-        from ddpm.terminal_hangup import off_the_terminal
+        from ddpm.terminal_hangup import handle_unless_ignored, off_the_terminal
 
         def hung_up(sig: int, frame: Any) -> None:
             off_the_terminal()
             self._server.handle_exit(sig, frame)
 
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGHUP, hung_up) if main else None
+        previous = handle_unless_ignored((signal.SIGHUP,), hung_up) if main else {}  # under nohup it stays ignored
         try:
             self._server.run(sockets)  # sockets: bound already (service.listening_socket), else uvicorn binds its host
         finally:
-            if main:
-                signal.signal(signal.SIGHUP, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)

@@ -289,6 +289,28 @@ def test_a_training_run_whose_terminal_hangs_up_saves_and_stops(tmp_path: Path) 
     assert state["step"] >= 20 and (run / "model" / "model.safetensors").exists()
 
 
+def test_a_training_run_under_nohup_keeps_its_hangup_ignored() -> None:
+    """``nohup ddpm train ... &``: the run's stop handlers replaced nohup's ignored SIGHUP, so closing the terminal saved
+    and stopped the run nohup was asked to keep going. A signal ignored from the start stays ignored; the others stop
+    it as before."""
+    import signal
+
+    from ddpm.train import StopFlag
+
+    before, term = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)  # as nohup leaves SIGHUP
+    try:
+        stop = StopFlag()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGHUP)
+        assert not stop.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
+        stop.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == term
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 @pytest.mark.parametrize(("argv", "said"), [
     (["eval", "-n", "1", "--steps", "1", "--report", "/proc/no/r.json"], "ddpm: --report /proc/no/r.json: [Errno 2]"),
     (["eval", "-n", "1", "--steps", "1", "--classifier", "{tmp}/none"], "ddpm: --classifier {tmp}/none: no digit classifier at"),

@@ -338,6 +338,21 @@ def test_a_server_whose_terminal_hangs_up_drains_and_exits_0(model_1000: Path) -
         s.stop()
 
 
+def test_a_server_started_under_nohup_keeps_serving_through_a_hangup(model_1000: Path) -> None:
+    """``nohup ddpm serve &`` asks for SIGHUP to be ignored; the server's own SIGHUP drain (above) overrode that, and
+    it drained and exited 0 when the terminal closed (measured). A signal ignored from the start stays ignored."""
+    s = ServerProcess(model_1000, prefix=["nohup"])
+    try:
+        s.wait_ready()
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert s.proc.poll() is None and httpx.get(s.url + "/readyz", timeout=5).status_code == 200
+        s.proc.send_signal(signal.SIGTERM)  # still stops as asked
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
+
+
 def test_a_dead_engine_exits_non_zero(model_1000: Path) -> None:
     s = ServerProcess(model_1000, DDPM_FAULT_RATE="1", DDPM_FAULT_STAGES="loop")
     try:
