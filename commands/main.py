@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from commands.inductor_cache_dir import refuse_an_inductor_cache_that_cannot_be_made
+from commands.inherited_signals import unblock_stop_signals
 from commands.model_commands import add_model_commands
 from commands.process_exit import exit_at_once
 from commands.serving_commands import add_serving_commands
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     open_closed_streams()
+    unblock_stop_signals()
     try:
         code = run(build_parser().parse_args(argv))
         sys.stdout.flush()  # here, not at exit: a reader that went away is told below, not by "Exception ignored"

@@ -353,6 +353,21 @@ def test_a_server_started_under_nohup_keeps_serving_through_a_hangup(model_1000:
         s.stop()
 
 
+def test_a_server_started_with_sigterm_blocked_still_drains_on_it(model_1000: Path) -> None:
+    """The signal mask is inherited across exec: started by a parent that blocked SIGTERM, ``ddpm serve`` ignored it
+    (still serving 5 s after it, measured), so ``docker stop`` would end in SIGKILL. The stop signals are unblocked at
+    start."""
+    blocked = [sys.executable, "-c", "import os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+               "os.execv(sys.argv[1], sys.argv[1:])"]  # fmt: skip
+    s = ServerProcess(model_1000, prefix=blocked)
+    try:
+        s.wait_ready()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
+
+
 def test_a_dead_engine_exits_non_zero(model_1000: Path) -> None:
     s = ServerProcess(model_1000, DDPM_FAULT_RATE="1", DDPM_FAULT_STAGES="loop")
     try:
