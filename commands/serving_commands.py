@@ -338,6 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         log_config=None,
+        root_path=settings.root_path,  # behind a proxy's prefix: /docs fetches the schema through it
         proxy_headers=False,  # X-Forwarded-For is the project's policy (service.api.request_log.client_key), not uvicorn's
         limit_concurrency=settings.max_connections,
         http=hardened_protocol(settings.request_read_timeout_s, state.metrics.on_connection_deadline),

@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     )
     max_priority: int = Field(10, description="the highest (least urgent) priority; higher is clamped")
     trust_forwarded_for: bool = Field(False, description="identify clients by the last X-Forwarded-For hop (behind our nginx)")
+    root_path: str = Field(
+        "", description="the path a proxy serves this replica under (/ddpm), for the interactive docs (/docs) and the schema's "
+        "servers; empty: served at /"
+    )
     cors_allow_origins: str = Field(
         "", description="origins a browser app may call this API from, comma-separated (http://localhost:5173), or *; empty: none"
     )
@@ -203,6 +207,13 @@ class Settings(BaseSettings):
         from service.api.cors import parse_origins
 
         return ",".join(parse_origins(value))
+
+    @field_validator("root_path")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if value and (not value.startswith("/") or "//" in value or any(c in value for c in "?#% ")):
+            raise ValueError(f"{value!r} is not a path prefix: give one like /ddpm (a leading /, no query)")
+        return value.rstrip("/")
 
     @field_validator("fault_stages")
     @classmethod

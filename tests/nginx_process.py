@@ -47,3 +47,23 @@ class NginxProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def under_a_prefix(upstream: str, tmp_path: Path) -> tuple[NginxProcess, str]:
+    """nginx serving ``upstream`` at /ddpm/ (``location /ddpm/ { proxy_pass upstream/; }``: the prefix taken off, as one
+    host's several services are published), and that prefix's URL."""
+    from tests.server_process import free_port
+
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\nevents {{}}\nhttp {{ access_log off;\n"
+        f"  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;\n"
+        f"  fastcgi_temp_path {tmp_path}/f; uwsgi_temp_path {tmp_path}/u; scgi_temp_path {tmp_path}/s;\n"
+        f"  server {{ listen 127.0.0.1:{port};\n"
+        f"    location / {{ return 404; }}\n"
+        f"    location /ddpm/ {{ proxy_pass {upstream}/; proxy_buffering off; proxy_http_version 1.1; }} }} }}\n",
+        encoding="utf-8",
+    )
+    prefix = f"http://127.0.0.1:{port}/ddpm"
+    return NginxProcess(conf, tmp_path, prefix + "/healthz"), prefix

@@ -368,6 +368,32 @@ def test_a_server_started_with_sigterm_blocked_still_drains_on_it(model_1000: Pa
         s.stop()
 
 
+def test_the_docs_behind_a_proxys_prefix_fetch_the_schema_through_it(model_1000: Path, tmp_path: Path) -> None:
+    """Behind ``location /ddpm/ { proxy_pass http://replica/; }`` the interactive docs (/ddpm/docs) fetched /openapi.json
+    from the proxy's root: a 404 there, an empty page. ``DDPM_ROOT_PATH=/ddpm`` names the prefix (uvicorn's root path):
+    the docs fetch /ddpm/openapi.json, whose servers name it; every route still answers at the replica's own paths."""
+    from tests.nginx_process import under_a_prefix
+
+    s = ServerProcess(model_1000, DDPM_ROOT_PATH="/ddpm/")
+    proxy = None
+    try:
+        s.wait_ready()
+        proxy, prefix = under_a_prefix(s.url, tmp_path)
+        docs = httpx.get(prefix + "/docs", timeout=10)
+        assert docs.status_code == 200 and "'/ddpm/openapi.json'" in docs.text, docs.text[-600:]
+        schema = httpx.get(prefix + "/openapi.json", timeout=10)
+        assert schema.status_code == 200 and schema.json()["servers"] == [{"url": "/ddpm"}]
+        assert httpx.post(prefix + "/generate", json={"seed": 1, "steps": 2}, timeout=30).status_code == 200
+        assert httpx.get(s.url + "/info", timeout=10).status_code == 200  # direct, unprefixed
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        s.stop()
+    refused = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "serve", "--model", str(model_1000), "--root-path", "ddpm"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode != 0 and "is not a path prefix: give one like /ddpm" in refused.stderr, refused.stderr
+
+
 def test_a_dead_engine_exits_non_zero(model_1000: Path) -> None:
     s = ServerProcess(model_1000, DDPM_FAULT_RATE="1", DDPM_FAULT_STAGES="loop")
     try:

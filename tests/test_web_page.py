@@ -138,24 +138,13 @@ def test_page_works_behind_a_proxy_that_serves_it_under_a_prefix(server: ServerP
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.nginx_process import NginxProcess
-    from tests.server_process import free_port
+    from tests.nginx_process import under_a_prefix
 
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\nevents {{}}\nhttp {{ access_log off;\n"
-        f"  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;\n"
-        f"  fastcgi_temp_path {tmp_path}/f; uwsgi_temp_path {tmp_path}/u; scgi_temp_path {tmp_path}/s;\n"
-        f"  server {{ listen 127.0.0.1:{port};\n"
-        f"    location / {{ return 404; }}\n"
-        f"    location /ddpm/ {{ proxy_pass {server.url}/; proxy_buffering off; proxy_http_version 1.1; }} }} }}\n"
-    )
-    proxy = NginxProcess(conf, tmp_path, f"http://127.0.0.1:{port}/ddpm/healthz")
+    proxy, prefix = under_a_prefix(server.url, tmp_path)
     try:
-        assert httpx.get(f"http://127.0.0.1:{port}/ddpm/healthz").status_code == 200  # the replica, through the prefix
+        assert httpx.get(prefix + "/healthz").status_code == 200  # the replica, through the prefix
         d = browser
-        d.get(f"http://127.0.0.1:{port}/ddpm/")  # type: ignore[attr-defined]
+        d.get(prefix + "/")  # type: ignore[attr-defined]
         WebDriverWait(d, 20).until(lambda drv: "tiny (ddpm-serve)" in drv.find_element(By.ID, "info-list").text)
         _fill(d, {"seed": "2", "batch_size": "2", "steps": "3"})
         d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
