@@ -335,6 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=host,
         port=args.port,
         workers=1,
+        loop="service.accept_backoff:new_event_loop",  # asyncio's, its accept loop stopped at the first EMFILE
         log_level=args.log_level,
         access_log=False,
         log_config=None,

@@ -9,7 +9,9 @@ counted, and systemd starts services with a soft limit of 1,024.
 
 So the server raises its soft limit towards its hard one at start (as Go's runtime does for every program; raising it
 needs no privilege), to ``ENOUGH`` or what the bound needs, says so where even the hard limit leaves too few for the
-bound, and logs a run of accept errors once in ``QUIET_S`` seconds with the count of those it held back.
+bound, and logs a run of accept errors once in ``QUIET_S`` seconds with the count of those it held back. Where the
+descriptors are all in use even so, the accept loop itself waits a second between tries rather than spinning
+(``service.accept_backoff``).
 """
 
 from __future__ import annotations

@@ -69,3 +69,67 @@ def test_idle_connections_past_a_low_soft_limit_leave_the_probes_answered(tmp_pa
         for s in held:
             s.close()
         server.stop()
+
+
+def test_the_accept_loop_stops_at_the_first_resource_error() -> None:
+    """CPython 3.11's accept loop (python/cpython#151615) carried on after EMFILE: 2,048 failed accepts, log records
+    and one-second retries per wake-up. The server's loop (``service.accept_backoff``) makes one and schedules one."""
+    import errno
+
+    from service.accept_backoff import AcceptBackoffLoop
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepts: list[int] = []
+
+    class Exhausted:  # a listening socket while every descriptor of the process is in use
+        family, type, proto = listener.family, listener.type, listener.proto
+
+        def accept(self) -> tuple[socket.socket, object]:
+            accepts.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def fileno(self) -> int:
+            return listener.fileno()
+
+    loop = AcceptBackoffLoop()
+    logged: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: logged.append(context["message"]))
+    try:
+        loop._accept_connection(lambda: None, Exhausted(), None, None, 2048)
+        assert accepts == [1] and logged == ["socket.accept() out of system resource"]
+        assert len(loop._scheduled) == 1  # one retry, a second later
+    finally:
+        loop.close()
+        listener.close()
+
+
+def test_a_server_out_of_descriptors_waits_without_spinning_and_accepts_once_they_free(tmp_path: Path) -> None:
+    """``ddpm serve`` under a hard limit of 128 descriptors with 150 idle connections held: the accept loop spent 2.57 s
+    of CPU in 8 s (measured, 2-core Xeon; 190,414 accept errors in 12 s). Now a retry a second: under 0.4 s of CPU in
+    3 s here (0.04 s in 8 s measured), and the connections that waited are served once the idle ones close."""
+    import os
+    import time
+
+    hard_limit = ["sh", "-c", 'ulimit -n 128 && exec "$@"', "sh"]
+    server = ServerProcess(save_tiny_model(tmp_path / "tiny", num_timesteps=50), prefix=hard_limit, DDPM_COMPILE="off")
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    idle: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(150)]
+        time.sleep(0.5)
+        before = cpu_s()
+        time.sleep(3.0)
+        assert cpu_s() - before < 0.4
+        for conn in idle:
+            conn.close()
+        with urllib.request.urlopen(server.url + "/healthz", timeout=10) as answer:  # accepted at the next retry
+            assert answer.status == 200
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()
