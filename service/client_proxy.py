@@ -47,15 +47,25 @@ def is_loopback(host: str) -> bool:
 
 def _bypassed(host: str, no_proxy: str) -> bool:
     """``no_proxy``'s hosts as curl reads them: ``*`` all, else a name matches itself and its sub-domains (a leading dot
-    or not), an address itself; a port after a name is ignored."""
+    or not), an address itself, a network (``10.0.0.0/8``, as Docker's documentation writes it) its addresses; a port
+    after a name is ignored."""
     host = host.strip("[]").lower()
     for entry in (e.strip().lower() for e in no_proxy.split(",")):
         if entry == "*":
             return True
         entry = entry.strip("[]").lstrip(".")
-        if entry and (host == entry or host.endswith("." + entry) or host == entry.rsplit(":", 1)[0]):
+        if entry and (host == entry or host.endswith("." + entry) or host == entry.rsplit(":", 1)[0] or _in_network(host, entry)):
             return True
     return False
+
+
+def _in_network(host: str, entry: str) -> bool:
+    if "/" not in entry:
+        return False
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
+    except ValueError:  # a name, not an address; an entry that is no network
+        return False
 
 
 def environment_proxy(url: str, environ: Mapping[str, str] = os.environ) -> Proxy | None:

@@ -367,6 +367,10 @@ def test_a_proxy_in_the_environment_is_skipped_for_loopback_and_named_where_it_f
     ({"http_proxy": "http://p:1", "NO_PROXY": "10.0.0.5, *"}, "http://x.example.com", None),
     ({"http_proxy": "http://p:1", "no_proxy": "10.0.0.5"}, "http://10.0.0.5:8000", None),
     ({"http_proxy": "http://p:1", "no_proxy": "  "}, "http://10.0.0.5:8000", "http_proxy=http://p:1"),
+    ({"http_proxy": "http://p:1", "no_proxy": "10.0.0.0/8,fd00::/8"}, "http://10.9.8.7:8000", None),  # Docker's form
+    ({"http_proxy": "http://p:1", "no_proxy": "10.0.0.0/8,fd00::/8"}, "http://[fd00::5]:8000", None),
+    ({"http_proxy": "http://p:1", "no_proxy": "10.0.0.0/8"}, "http://11.0.0.1:8000", "http_proxy=http://p:1"),
+    ({"http_proxy": "http://p:1", "no_proxy": "10.0.0.0/8"}, "http://ten.example.com", "http_proxy=http://p:1"),
     ({}, "http://x.example.com", None),
 ])  # fmt: skip
 def test_the_proxy_the_environment_names(environ: dict[str, str], url: str, proxy: str | None) -> None:
