@@ -29,6 +29,7 @@ from ddpm.atomic_file import WriteError
 from ddpm.checkpoint import CONFIG, ModelCard, atomic_write, save_model
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
+from ddpm.free_space import make_room
 from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
 from ddpm.run_state import load_run_state
@@ -355,8 +356,8 @@ def kept(run_dir: Path, checkpoint: str | None) -> str:
 def resumable(run_dir: Path, checkpoint: str | None) -> str:
     """What a run directory holds after a write failed (``checkpoint``: of which step), and how to go on."""
     if checkpoint is None:
-        return f"Nothing was saved in {run_dir}: free space and start again"
-    return f"{run_dir} holds its checkpoint of {checkpoint}, whole: free space and run the same command to resume from it"
+        return f"Nothing was saved in {run_dir}: {make_room()} and start again"
+    return f"{run_dir} holds its checkpoint of {checkpoint}, whole: {make_room()} and run the same command to resume from it"
 
 
 @contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,26 @@ def test_an_inductor_cache_folder_that_cannot_be_made_is_one_line(tmp_path: Path
     assert not (tmp_path / "x.png").exists()
     client = run_command(["generate", "--url", "http://127.0.0.1:9", "--retries", "0", "-o", str(tmp_path / "y.png")])
     assert client.code == 1 and "cannot reach http://127.0.0.1:9" in client.stderr, client
+
+
+def test_a_file_size_limit_is_named_where_a_write_ran_into_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``ulimit -f`` a write stops short (Python ignores SIGXFSZ: EFBIG): the message said "70535.7 MiB free there"
+    and a training run's advice was "free space and start again", neither of which could help (measured). The limit is
+    named now, and the advice is to raise it."""
+    from ddpm import free_space
+    from ddpm.train import resumable
+    from tests.tiny_model import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", num_timesteps=50)
+    out = tmp_path / "big.npy"  # 512 images of 8x8 floats: 128 KiB and more, past a 100 KiB limit
+    argv = [sys.executable, "-m", "commands.main", "sample", "--model", str(model), "-n", "512", "--steps", "1", "--quiet", "-o", str(out)]
+    limit = (100 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1])  # as `ulimit -f 100` in bash (dash counts 512 bytes)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit))  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().endswith("MiB free there; files are limited to 100 KiB (ulimit -f))"), done.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tiny"]
+    monkeypatch.setattr(free_space, "file_size_limit", lambda: 51_200)
+    assert resumable(tmp_path, None).endswith("raise the file-size limit (ulimit -f) or free space and start again")
+    monkeypatch.setattr(free_space, "file_size_limit", lambda: None)
+    assert resumable(tmp_path, "step 10").endswith("whole: free space and run the same command to resume from it")
