@@ -247,8 +247,8 @@ def test_class_names_that_are_not_text_are_served_as_escapes(cond_dir: Path, tmp
 def test_a_class_name_matches_in_either_unicode_form(cond_dir: Path, tmp_path: Path) -> None:
     """A class folder named on macOS is stored decomposed ("cafe" + U+0301) and its card kept it so: a client typing
     "café" (composed, as keyboards and browsers send) got 422 "unknown class 'café'" for a class the listing showed as
-    "café". Each form now names the class (the answer echoes the card's name); two folders that are one name in two
-    forms are refused at training, naming both."""
+    "café". Each form now names the class; a card holding both forms keeps each exact name its own class; two folders
+    that are one name in two forms are refused at training, naming both."""
     import json
     import shutil
 
