@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
 from ddpm.atomic_file import atomic_write as write_whole
+from ddpm.atomic_file import write_text
 from ddpm.names import text_name
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
 from ddpm.unet import UNet, UNetConfig
@@ -146,7 +147,7 @@ def save_model(directory: str | Path, model: UNet, card: ModelCard) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     text = json.dumps(card.to_dict(), indent=2) + "\n"
-    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    write_text(directory / CONFIG, text)
     return directory
 
 
@@ -222,4 +223,4 @@ def record_quality(directory: str | Path, quality: dict[str, Any], *, measured: 
     card = read_card(directory)
     card.quality = quality
     text = json.dumps(card.to_dict(), indent=2) + "\n"
-    atomic_write(directory / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    write_text(directory / CONFIG, text)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm.atomic_file import write_text
 from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, record_quality, save_model
 from ddpm.cpu_quota import set_torch_threads
 from ddpm.data import load_labelled
@@ -323,7 +324,7 @@ class Distiller:
             row["quality"] = self.measure(out)
         rounds = self.run_dir / "rounds.jsonl"
         text = (rounds.read_text(encoding="utf-8") if rounds.exists() else "") + json.dumps(row) + "\n"
-        atomic_write(rounds, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # whole lines, or the file as it was
+        write_text(rounds, text)  # whole lines, or the file as it was
         self.round += 1
         self.step = 0
         self._start_round(fresh=True)
