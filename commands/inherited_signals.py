@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+from ddpm.terminal_hangup import STOP_SIGNALS
 
 
 def unblock_stop_signals() -> None:

@@ -14,6 +14,8 @@ import signal
 import stat
 from typing import Any
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each asks a run to save and stop, a server to drain
+
 
 def off_the_terminal() -> None:
     """Point standard output and error that are a terminal at /dev/null. A terminal is told by its kind, a character

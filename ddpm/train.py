@@ -34,7 +34,7 @@ from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
 from ddpm.run_state import load_run_state
 from ddpm.schedule import NoiseSchedule, VarianceType, make_schedule
-from ddpm.terminal_hangup import handle_unless_ignored, off_the_terminal
+from ddpm.terminal_hangup import STOP_SIGNALS, handle_unless_ignored, off_the_terminal
 from ddpm.unet import UNet, UNetConfig
 
 
@@ -384,7 +384,7 @@ class StopFlag:
         self.requested = False
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = handle_unless_ignored((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), self._handle)  # nohup's stays
+            self._previous = handle_unless_ignored(STOP_SIGNALS, self._handle)  # nohup's ignored SIGHUP stays ignored
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
