@@ -33,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ddpm.names import COMPILE_SETTINGS
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, cpu_seconds
 from tests.tiny_model import save_tiny_model
 
 
@@ -77,12 +77,6 @@ async def one_raw(port: int, seed: int, steps: int, timeout: float) -> tuple[int
         return int(status.split()[1]), time.monotonic() - start
     except (OSError, asyncio.TimeoutError, ValueError, IndexError):
         return -1, time.monotonic() - start
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (default: this one), from /proc."""
-    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def burst(server: ServerProcess, args: argparse.Namespace) -> dict[str, object]:

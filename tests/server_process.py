@@ -15,6 +15,12 @@ import httpx
 from tests.prometheus_text import sample_value
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (default: this one), from /proc."""
+    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
