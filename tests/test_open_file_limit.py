@@ -15,13 +15,19 @@ from service.open_file_limit import ENOUGH, QUIET_S, AcceptErrorsQuieted
 from tests.server_process import ServerProcess, cpu_seconds
 from tests.tiny_model import save_tiny_model
 
-SOFT_LIMIT = ["sh", "-c", 'ulimit -Sn 64 && exec "$@"', "sh"]  # the soft limit only: the hard one stays as it is here
+
+def limited(shell_limits: str) -> list[str]:
+    """A command prefix that runs the rest under ``shell_limits`` (``ulimit -n 128``)."""
+    return ["sh", "-c", f'{shell_limits} && exec "$@"', "sh"]
+
+
+SOFT_LIMIT = limited("ulimit -Sn 64")  # the soft limit only: the hard one stays as it is here
 
 
 def _limits_after(shell_limits: str) -> list[str]:
     script = ("import resource\nfrom service.open_file_limit import raise_open_file_limit\nwarning = raise_open_file_limit(1024)\n"
               "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\nprint(warning)\n")  # fmt: skip
-    done = subprocess.run(["sh", "-c", f'{shell_limits} && exec "$@"', "sh", sys.executable, "-c", script],
+    done = subprocess.run([*limited(shell_limits), sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
@@ -109,8 +115,7 @@ def test_a_server_out_of_descriptors_waits_without_spinning_and_accepts_once_the
     3 s here (0.04 s in 8 s measured), and the connections that waited are served once the idle ones close."""
     import time
 
-    hard_limit = ["sh", "-c", 'ulimit -n 128 && exec "$@"', "sh"]
-    server = ServerProcess(save_tiny_model(tmp_path / "tiny", num_timesteps=50), prefix=hard_limit, DDPM_COMPILE="off")
+    server = ServerProcess(save_tiny_model(tmp_path / "tiny", num_timesteps=50), prefix=limited("ulimit -n 128"), DDPM_COMPILE="off")
 
     idle: list[socket.socket] = []
     try:
