@@ -96,7 +96,7 @@ class LoadedModel:
             return None, 0.0
         if not self.conditional:
             raise ChainError("class_label", "this model is unconditional: it takes no class_label")
-        names = class_index(self.class_names)
+        names = class_index(tuple(self.class_names))
         if class_label == BALANCED and BALANCED not in names:  # (a class named so is that class)
             class_label = [k % self.num_classes for k in range(first, first + n)]
         given = class_label if isinstance(class_label, list) else [class_label] * n
