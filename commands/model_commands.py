@@ -452,7 +452,8 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-image", default=None,
                    help="a PNG of the model's size and mode: variations start from it noised (SDEdit, --strength)")  # fmt: skip
     p.add_argument("--mask", default=None,
-                   help="with --init-image: a PNG whose transparent (alpha 0), or without alpha black, pixels are repainted")  # fmt: skip
+                   help="with --init-image: a PNG whose transparent (alpha 0) pixels, or with none its black ones, "
+                        "are repainted")  # fmt: skip
     p.add_argument("--strength", type=number_in(0.0, 1.0, low_open=True), default=None,
                    help="the share of the chain run from the noised input (default 0.4; with --mask 1)")  # fmt: skip
     p.add_argument("--jump-length", type=POSITIVE, default=None, help="with --mask: RePaint's resampling jump j (default 5)")

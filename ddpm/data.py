@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ddpm.image_inputs import deep_grey, grey_levels
+from ddpm.image_inputs import deep_grey, grey_levels, upright
 from ddpm.names import text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -114,22 +114,13 @@ def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None
         try:
             data = path.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
-                arrays.append(_eight_bit(_upright(im), channels, size))
+                arrays.append(_eight_bit(upright(im), channels, size))
         except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
             raise ValueError(f"{path}: {exc}") from exc
         if digest is not None:
             name = os.fsencode(path.relative_to(root).as_posix())  # a name's bytes, UTF-8 or not (str.encode refused one)
             digest.update(name + b"\0" + len(data).to_bytes(8, "little") + data)
     return to_model_range(np.stack(arrays))
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """The image turned as its EXIF Orientation says, as every viewer shows it (a phone stores a portrait photo
-    sideways); as stored where that block is damaged (a photo that loaded before must not refuse its folder now)."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception:  # Pillow's EXIF parser raises many kinds on a stranger's bytes
-        return im
 
 
 def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:

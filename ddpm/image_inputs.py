@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 GREY_MODES = ("L", "LA", "1", "I", "I;16")
 COLOUR_MODES = ("RGB", "RGBA")
@@ -92,12 +92,37 @@ def _open(field: str, data: bytes, shape: tuple[int, int, int]) -> Image.Image:
         raise
     except Exception as exc:  # Pillow raises many kinds on a damaged PNG: OSError, SyntaxError, EOFError, struct.error, ...
         raise InputError(field, f"{field} is not a readable PNG ({type(exc).__name__})") from exc
+    image = upright(image)
+    _check_size(field, image.size[0], image.size[1], f" {image.mode} (as its EXIF Orientation turns it)", shape)
+    if image.mode == "P":  # a palette PNG (an optimiser's output): its colours, and its palette's alpha as a band
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     return image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF Orientation says, as every viewer shows it (a phone stores a portrait photo
+    sideways; a PNG may carry the same block in eXIf); as stored where that block is damaged."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # Pillow's EXIF parser raises many kinds on a stranger's bytes
+        return image
+
+
+def transparency(image: Image.Image) -> np.ndarray | None:
+    """(H, W) uint8 alpha in any form PNG has: an alpha channel, a palette's alpha, or a colour key (tRNS: one grey
+    level or RGB colour that is transparent, as an optimiser such as pngquant or optipng writes a cut-out); None
+    where the image has none. Pillow keeps the last two in ``info``, not in a band: reading ``getbands()`` alone
+    repainted the opaque half of a mask whose transparent colour was white."""
+    if "A" in image.getbands():
+        return np.asarray(image.getchannel("A"))
+    if "transparency" in image.info:
+        return np.asarray(image.convert("RGBA").getchannel("A"))
+    return None
 
 
 def _what_it_takes(shape: tuple[int, int, int]) -> str:
     c, h, w = shape
-    return f"this model takes {w}x{h} {'grey' if c == 1 else 'RGB'} PNGs"
+    return f"this model takes {w}x{h} {'grey' if c == 1 else 'RGB (or grey)'} PNGs"
 
 
 def _check_size(field: str, width: int, height: int, mode: str, shape: tuple[int, int, int]) -> None:
@@ -114,32 +139,38 @@ def _grey_as_colour(image: Image.Image) -> bool:
 
 def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray | None]:
     """The image as (C, H, W) float32 in [-1, 1] (the inverse of the PNGs the server answers with), and
-    its alpha channel where it has one."""
+    its alpha where it has any (``transparency``). A palette PNG is read as its colours; a grey one for a colour
+    model as R = G = B; a colour one for a grey model only where R = G = B (e.g. a browser canvas's RGBA)."""
     if data.startswith(NPY_SIGNATURE):
         return torch.from_numpy((_array(field, data, shape) * 2.0 - 1.0).astype(np.float32)), None
     image = _open(field, data, shape)
-    modes = GREY_MODES if shape[0] == 1 else COLOUR_MODES
-    if shape[0] == 1 and image.mode in COLOUR_MODES and _grey_as_colour(image):  # e.g. a browser canvas: RGBA, R = G = B
-        image = image.convert("LA" if image.mode == "RGBA" else "L")
-    if image.mode not in modes:
-        raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)} (modes {', '.join(modes)})")
-    alpha = np.asarray(image.getchannel("A")) if image.mode in ("LA", "RGBA") else None
-    pixels = grey_levels(image) if shape[0] == 1 else np.asarray(image.convert("RGB"), dtype=np.float64)
-    pixels = pixels.reshape(*pixels.shape[:2], -1).transpose(2, 0, 1)  # (C, H, W)
+    alpha = transparency(image)
+    grey = image.mode in GREY_MODES or image.mode == "LA"
+    if not grey and image.mode not in COLOUR_MODES:
+        raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)}")
+    if shape[0] == 1 and not grey:
+        if not _grey_as_colour(image):
+            raise InputError(field, f"{field} is an {image.mode} PNG whose red, green and blue differ; {_what_it_takes(shape)}")
+        grey = True
+    if grey:  # grey_levels reads a colour image of R = G = B exactly: L = (299 R + 587 G + 114 B) / 1000
+        pixels = np.broadcast_to(grey_levels(image), (shape[0], *image.size[::-1]))
+    else:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64).transpose(2, 0, 1)  # (C, H, W)
     return torch.from_numpy((pixels / 127.5 - 1.0).astype(np.float32)), alpha  # numpy: no torch op on a request thread
 
 
 def decode_mask(field: str, data: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(C, H, W) float32, 1 where a pixel is known (kept): alpha > 0 (OpenAI: alpha 0 marks what to
-    repaint), or for a mask without alpha, a grey value over half (black marks what to repaint)."""
+    """(C, H, W) float32, 1 where a pixel is known (kept): transparent pixels (alpha 0, in any form PNG has:
+    ``transparency``) are repainted (OpenAI's rule); in a mask with none, black ones (a grey value under half)."""
     if data.startswith(NPY_SIGNATURE):  # 1 where known, 0 where to repaint
         return keep_mask(field, _array(field, data, shape) >= 0.5, shape, "no 0 in the array")
     image = _open(field, data, shape)
-    if "A" in image.getbands():
-        keep = np.asarray(image.getchannel("A")) > 0
-    else:
+    alpha = transparency(image)
+    if alpha is not None and (alpha == 0).any():
+        keep = alpha > 0
+    else:  # no alpha, or an opaque one (an editor that saves every PNG with alpha): black marks the hole
         keep = grey_levels(image) >= 128
-    return keep_mask(field, keep, shape, "no transparent pixel, or no black one without alpha")
+    return keep_mask(field, keep, shape, "no transparent pixel, nor a black one")
 
 
 def deep_grey(image: Image.Image) -> bool:

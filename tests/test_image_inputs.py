@@ -121,6 +121,80 @@ def test_a_16_bit_grey_mask_is_read_on_its_own_scale() -> None:
     assert np.allclose(image.numpy(), decode_image("image", eight.getvalue(), (1, 28, 28))[0].numpy(), atol=1 / 127.5)
 
 
+def _png(image: Image.Image, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **params)
+    return buf.getvalue()
+
+
+def _orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value  # Orientation
+    return exif
+
+
+HOLE = np.zeros((28, 28), dtype=bool)
+HOLE[:, 14:] = True  # the right half: what a mask below marks to repaint
+WHITE_HOLE = np.where(HOLE, 255, 0).astype(np.uint8)  # white over the hole, black elsewhere
+
+
+def test_transparency_in_every_form_png_has_marks_the_hole() -> None:
+    """A mask's transparent pixels are read from an alpha channel, a palette's alpha (pngquant's output) and a tRNS
+    colour key (one grey level or RGB colour is transparent: optipng writes a cut-out so). Pillow keeps the last two
+    in ``info``, not in a band, and they were ignored: a mask whose white is its transparent colour was read by its grey
+    levels, **the opaque black half repainted and the transparent half kept**; a palette mask was "marks nothing to
+    repaint"."""
+    opaque_elsewhere = np.where(HOLE, 0, 255).astype(np.uint8)
+    cut_out = np.dstack([np.full((28, 28, 3), 200, np.uint8), opaque_elsewhere])
+    forms = {
+        "an alpha channel (LA)": _png(Image.fromarray(np.dstack([WHITE_HOLE, opaque_elsewhere]), "LA")),
+        "a grey colour key (white)": _png(Image.fromarray(WHITE_HOLE, "L"), transparency=255),
+        "an RGB colour key (white)": _png(Image.fromarray(np.dstack([WHITE_HOLE] * 3), "RGB"), transparency=(255, 255, 255)),
+        "a 1-bit colour key (white)": _png(Image.fromarray(WHITE_HOLE, "L").convert("1"), transparency=1),
+        "a 16-bit colour key (white)": _png(Image.fromarray(WHITE_HOLE.astype(np.uint16) * 257), transparency=65535),
+        "a palette's alpha (pngquant)": _png(Image.fromarray(cut_out, "RGBA").quantize(4)),
+    }
+    for name, data in forms.items():
+        assert np.array_equal(decode_mask("mask", data, (1, 28, 28))[0].numpy() == 0, HOLE), name
+        _, alpha = decode_image("image", data, (1, 28, 28))  # the image's own transparency: OpenAI's edit without a mask
+        assert alpha is not None and np.array_equal(alpha == 0, HOLE), name
+
+
+def test_a_mask_whose_alpha_is_opaque_everywhere_marks_the_hole_black() -> None:
+    """An editor that saves every PNG with alpha: an opaque black-and-white mask was refused ("marks nothing to repaint",
+    its alpha read alone); its black pixels mark the hole, as in a mask without alpha."""
+    black_hole = 255 - WHITE_HOLE
+    data = _png(Image.fromarray(np.dstack([black_hole] * 3 + [np.full((28, 28), 255, np.uint8)]), "RGBA"))
+    assert np.array_equal(decode_mask("mask", data, (1, 28, 28))[0].numpy() == 0, HOLE)
+
+
+def test_a_palette_image_is_read_as_its_colours_and_a_grey_one_by_a_colour_model() -> None:
+    """A palette PNG was refused ("is a P PNG"), the form size optimisers give; a grey PNG for an RGB model likewise."""
+    grey = (np.arange(28 * 28) % 251).astype(np.uint8).reshape(28, 28)
+    as_grey, _ = decode_image("image", _png(Image.fromarray(grey, "L")), (1, 28, 28))
+    as_palette, alpha = decode_image("image", _png(Image.fromarray(grey, "L").convert("P")), (1, 28, 28))
+    assert alpha is None and np.array_equal(as_palette.numpy(), as_grey.numpy())
+    assert np.allclose((as_grey.numpy()[0] + 1) * 127.5, grey, atol=1e-4)
+    small = grey[:8, :8]
+    colour, _ = decode_image("image", _png(Image.fromarray(small, "L")), (3, 8, 8))
+    assert colour.shape == (3, 8, 8) and all(np.allclose((colour.numpy()[c] + 1) * 127.5, small, atol=1e-4) for c in range(3))
+    with pytest.raises(InputError, match="red, green and blue differ"):
+        decode_image("image", _png(Image.fromarray(np.dstack([grey, 255 - grey, grey]), "RGB").quantize(64)), (1, 28, 28))
+
+
+@pytest.mark.parametrize("decode", [decode_image, decode_mask])
+def test_an_uploads_exif_orientation_is_applied(decode) -> None:  # type: ignore[no-untyped-def]
+    """A PNG may carry an EXIF block (eXIf) whose Orientation 6 says "turn 90 degrees clockwise to view", as a phone's
+    photo does; training data was turned so (``ddpm.data``), uploads were read as stored, sideways."""
+    stored = np.zeros((28, 28), np.uint8)
+    stored[:14, :] = 255  # white top half, stored; the viewer sees it on the right
+    data = _png(Image.fromarray(stored, "L"), exif=_orientation(6))
+    shown = np.rot90(stored, k=-1)  # clockwise
+    decoded = decode("image", data, (1, 28, 28))
+    levels = decoded[0].numpy() if decode is decode_mask else (decoded[0].numpy()[0] + 1) * 127.5
+    assert np.allclose(levels, shown / (1 if decode is decode_image else 255), atol=1e-4)
+
+
 def test_max_input_bytes_covers_the_largest_form_of_an_input() -> None:
     for shape in [(1, 28, 28), (3, 32, 32), (3, 256, 256)]:
         assert len(npy(np.zeros(shape))) <= max_input_bytes(shape)
@@ -128,7 +202,10 @@ def test_max_input_bytes_covers_the_largest_form_of_an_input() -> None:
 
 
 SEEDS = [real_png(), real_png((1, 28, 28), "LA"), real_png((3, 8, 8), "RGBA"), png_with_split_idat(), npy(np.zeros((1, 28, 28))),
-         npy(np.zeros((3, 8, 8), np.float32))]  # fmt: skip
+         npy(np.zeros((3, 8, 8), np.float32)),
+         _png(Image.fromarray(WHITE_HOLE, "L"), transparency=255),  # a colour key
+         _png(Image.fromarray(np.dstack([WHITE_HOLE] * 4), "RGBA").quantize(4)),  # a palette with alpha
+         _png(Image.fromarray(WHITE_HOLE, "L"), exif=_orientation(6))]  # an EXIF block  # fmt: skip
 
 
 def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:

@@ -135,7 +135,8 @@ class EditFields(BaseModel):
         None,
         max_length=2**24,
         description="Inpainting (RePaint): a base64 PNG of the image's size whose fully transparent pixels (alpha 0, as "
-        "OpenAI's edits) mark what to repaint; a mask without alpha marks them black (0); a .npy array marks them 0. Needs image. "
+        "OpenAI's edits; an alpha channel, a palette's alpha or a tRNS colour key) mark what to repaint; a mask without "
+        "transparent pixels marks them black (grey under 128); a .npy array marks them 0. Needs image. "
         "Encoded and bounded as image.",
     )
     strength: float | None = Field(
@@ -402,7 +403,8 @@ class ImageForm(BaseModel):
 class ImageEditForm(ImageForm):
     prompt: str = Field(..., max_length=32000, description="Required by the OpenAI API; it does not condition this model.")
     mask: UploadFile | None = Field(
-        None, description="A PNG whose fully transparent pixels mark what to repaint; absent: the image's own transparency."
+        None, description="A PNG whose fully transparent pixels (alpha channel, palette alpha or tRNS key) mark what to "
+        "repaint, or with none its black ones; absent: the image's own transparency."
     )
     jump_length: int | None = Field(None, ge=1, le=1000, description="RePaint's resampling jump j (default 5).")
     jump_n_sample: int | None = Field(None, ge=1, le=20, description="RePaint's samplings r per jump point (default 2; 1: none).")
