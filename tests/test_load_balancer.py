@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
 import signal
 import threading
@@ -10,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image, PngImagePlugin
 
 from tests.nginx_process import NginxProcess, nginx_or_skip
 from tests.server_process import ServerProcess, free_port
@@ -179,3 +184,44 @@ def test_operator_endpoints_are_not_published(shared_cluster: tuple[list[ServerP
         assert httpx.get(lb.url + path, timeout=10).status_code == 404, path
         assert httpx.get(a.url + path, timeout=10).status_code == 200, path  # still on the replica's own port
     assert httpx.get(lb.url + "/healthz", timeout=10).status_code == 200
+
+
+def _png_with_metadata(pixels: np.ndarray, mode: str, metadata_bytes: int) -> str:
+    """A base64 PNG carrying ``metadata_bytes`` of XMP in an iTXt chunk, as an image editor saves one."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", "x" * metadata_bytes)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, "PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_an_edit_a_replica_takes_passes_the_balancer(shared_cluster: tuple[list[ServerProcess], Balancer]) -> None:
+    """nginx's body limit was 64k ("a generate request is a few dozen bytes", written before editing): an edit whose
+    PNGs carry 30 KB of metadata each, within the replica's own bound (191 KiB), got nginx's HTML 413."""
+    (a, _), lb = shared_cluster
+    keep = np.full((8, 8, 4), 255, np.uint8)
+    keep[:, 4:, 3] = 0  # the right half transparent: to repaint
+    body = {"seed": 0, "steps": 2, "sampler": "ddim", "jump_n_sample": 1,
+            "image": _png_with_metadata(np.zeros((8, 8), np.uint8), "L", 30_000),
+            "mask": _png_with_metadata(keep, "RGBA", 30_000)}  # fmt: skip
+    assert 64 * 1024 < len(json.dumps(body)) < httpx.get(a.url + "/info", timeout=10).json()["limits"]["max_body_bytes"]
+    r = httpx.post(lb.url + "/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:200]
+
+
+def test_the_balancers_own_answers_are_json(shared_cluster: tuple[list[ServerProcess], Balancer], tmp_path: Path) -> None:
+    """What nginx answers itself (a body over its limit, an unpublished path, no replica reachable) is JSON that both
+    kinds of client read (``detail``; OpenAI's ``error.message``), not nginx's HTML page; the 502 says when to retry."""
+    _, lb = shared_cluster
+    answers = {413: httpx.post(lb.url + "/generate", content=b"{" + b" " * (9 * 2**20) + b"}",
+                               headers={"content-type": "application/json"}, timeout=60),
+               404: httpx.get(lb.url + "/metrics", timeout=10)}  # fmt: skip
+    nobody = Balancer([free_port()], tmp_path)  # an upstream where nothing listens: every replica down
+    try:
+        answers[502] = httpx.post(nobody.url + "/generate", json={"seed": 0}, timeout=30)
+    finally:
+        nobody.stop()
+    for status, r in answers.items():
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (status, r.text[:200])
+        assert r.json()["detail"] == r.json()["error"]["message"] and r.json()["detail"], status
+    assert answers[502].headers["retry-after"] == "2"
