@@ -7,9 +7,10 @@
 
 A 503 (not ready, draining, queue full) or 429 (this client's images in flight) is retried after
 the server's Retry-After, up to ``max_retries`` times; so is a refused connection (a replica
-restarting). Retrying is safe: an image is a pure function of the request. ``on_retry(why, n,
-seconds)`` hears of each retry before its wait. ``on_event`` switches to the streaming endpoint and
-receives its events: ``queued`` ({images_ahead, ...}) and ``progress`` ({steps_done, total}).
+restarting), and a load balancer's 502 (every replica behind it restarting). Retrying is safe: an
+image is a pure function of the request. ``on_retry(why, n, seconds)`` hears of each retry before its
+wait. ``on_event`` switches to the streaming endpoint and receives its events: ``queued``
+({images_ahead, ...}) and ``progress`` ({steps_done, total}).
 
 A client must not hang on, or be blown up by, a server that misbehaves:
 
@@ -58,7 +59,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20  # 64 RGB 256x256 PNGs in base64 are ~2
 DEFAULT_MAX_EVENTS = 100_000  # a stream sends at most ~10 progress events a second
 EventHandler = Callable[[str, dict[str, Any]], None]
 RetryHandler = Callable[[str, int, float], None]  # (why, which retry from 1, seconds until it): before each wait
-RETRY_STATUSES = (429, 503)
+RETRY_STATUSES = (429, 502, 503)  # 502: a gateway's "no replica reachable", a refused connection seen through a proxy
 T = TypeVar("T")
 
 

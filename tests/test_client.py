@@ -186,6 +186,24 @@ def test_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gave_up.value.status == 503 and len(seen) == 3 and slept[2:] == [0.5, 1.0]
 
 
+def test_a_load_balancers_502_is_retried_as_a_refused_connection_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind nginx, a replica restarting is a 502 (nginx's "no replica could be reached", or another proxy's HTML page),
+    not a refused connection: ``ddpm generate`` gave up at once ("the server answered 502")."""
+    slept: list[float] = []
+
+    async def fake_pause(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(client_module, "_pause", fake_pause)
+    answers = [httpx.Response(502, headers={"Retry-After": "2"}, json={"detail": "no replica could be reached"}),
+               httpx.Response(502, text="<html><h1>502 Bad Gateway</h1></html>", headers={"content-type": "text/html"}),
+               httpx.Response(200, json=OK)]  # fmt: skip
+    seen, handler = _scripted(answers)
+    with Client("http://x", transport=httpx.MockTransport(handler)) as client:  # type: ignore[arg-type]
+        assert client.generate(0, 1).meta["seed"] == 0
+    assert len(seen) == 3 and slept == [2.0, 1.0]  # its Retry-After, then the client's back-off
+
+
 def test_async_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
 
