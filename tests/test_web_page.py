@@ -220,6 +220,28 @@ def test_page_repaints_what_the_user_erases(server: ServerProcess, browser: obje
     assert not np.array_equal(repainted[4:7], original[4:7])
 
 
+def test_page_loads_a_colour_photo_for_a_grey_model(server: ServerProcess, browser: object, tmp_path: Path) -> None:
+    """A phone's photo (a 40x30 colour JPEG) loaded into the editor is drawn at the model's size and made grey, and a
+    variation of it is made. The picker took PNGs only, and a colour image the server refuses for a grey model: the
+    page said "422 ... an RGBA PNG whose red, green and blue differ"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), "RGB").save(photo, "JPEG")
+    d = browser
+    d.get(server.url + "/")  # type: ignore[attr-defined]
+    WebDriverWait(d, 30).until(lambda drv: "1 x 8 x 8" in drv.find_element(By.ID, "info").text)  # the editor knows the model
+    assert d.find_element(By.ID, "upload").get_attribute("accept") == "image/*"  # type: ignore[attr-defined]
+    d.find_element(By.ID, "upload").send_keys(str(photo))  # type: ignore[attr-defined]
+    _fill(d, {"seed": "3", "batch_size": "1", "steps": "3"})
+    d.find_element(By.ID, "vary").click()  # type: ignore[attr-defined]
+    WebDriverWait(d, 60, poll_frequency=0.05).until(
+        lambda drv: "done" in drv.find_element(By.ID, "status").text or drv.find_element(By.ID, "status").get_attribute("class"))
+    assert "done: 1 images" in d.find_element(By.ID, "status").text, d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+
+
 FETCH = """
 const [api, token, done] = arguments;
 fetch(api + "/generate", {method: "POST", body: JSON.stringify({seed: 1, batch_size: 1, steps: 2}),
