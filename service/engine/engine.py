@@ -47,6 +47,7 @@ from ddpm.running_batch import StepInputs, host_to_device
 from ddpm.samplers import inpainting_samplers, step_variants
 from ddpm.seeding import image_seeds
 from kernels.philox import sample_noise, seeds_to_tensor
+from service.engine import previews
 from service.engine.answer_time import AnswerTime
 from service.engine.call_size import CallSize
 from service.engine.errors import (
@@ -152,6 +153,7 @@ class Engine:
         self._promoted: list[Job] = []  # jobs a more urgent request shares, whose resident rows take its priority (lock held)
         self._readouts: list[_Readout] = []  # finished images on their way to the host (CUDA)
         self._streaming: dict[int, Job] = {}  # running jobs that report progress every iteration (streams)
+        self._previewing: dict[int, Job] = {}  # running jobs that want partial images (service/engine/previews.py)
         self._new_streams: collections.deque[Job] = collections.deque()  # jobs a stream began to watch while they ran
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -596,6 +598,8 @@ class Engine:
                 job.rows_running += 1
                 if job.on_progress is not None:
                     self._streaming[job.id] = job
+                if job.previews and job.on_preview is not None:
+                    self._previewing[job.id] = job
                 if job.first_admitted is None:
                     job.first_admitted = now
                     self._observe("on_admitted", job)
@@ -626,7 +630,19 @@ class Engine:
         return self.iteration.eps(batch, m)
 
     def _step(self, batch: ServedBatch, m: int, inputs: StepInputs, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.iteration.step(batch, m, inputs, eps)
+        stepped = self.iteration.step(batch, m, inputs, eps)
+        if self._previewing:  # before the advance: the batch still holds x_t
+            self._previews(batch, m, inputs, eps)
+        return stepped
+
+    def _previews(self, batch: ServedBatch, m: int, inputs: StepInputs, eps: torch.Tensor) -> None:
+        """The partial images due after this iteration, to their jobs (service/engine/previews.py)."""
+        due = previews.wanted(batch, m)
+        if not due:
+            return
+        images = previews.x0_hat(batch.x[:m], eps, inputs, [row for row, *_ in due])
+        for (_, job, k, index), image in zip(due, images, strict=True):
+            self._callback(job, lambda j, k=k, index=index, image=image: j.on_preview(j, k, index, image))  # type: ignore[misc]
 
     def _advance(self, batch: ServedBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
         """Move every row one step on, retire those at x_0 (their images leave the device in one copy),
@@ -833,6 +849,7 @@ class Engine:
         job.finished = time.monotonic()
         self._live.discard(job.id)
         self._streaming.pop(job.id, None)
+        self._previewing.pop(job.id, None)
         self._observe("on_job_done", job)
         if job.on_done is not None:
             self._callback(job, job.on_done)

@@ -36,6 +36,9 @@ class Job:
     request_id: str | None = None  # for the log lines of faults
     routed_before_drain: bool = False  # sent here before the server stopped accepting connections: a draining engine admits it
     on_progress: Callable[[Job], None] | None = None
+    # partial images (service/engine/previews.py): how many of each image, handed to on_preview(job, k, index, x0_hat)
+    previews: int = 0
+    on_preview: Callable[[Job, int, int, torch.Tensor], None] | None = None
     on_done: Callable[[Job], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
     created: float = field(default_factory=time.monotonic)
