@@ -182,6 +182,51 @@ def test_images_edit_and_variation_with_the_openai_client(server: ServerProcess)
     assert server.metric('ddpm_http_responses_total{route="/v1/images/edits",code="200"}') == 2
 
 
+def test_streamed_images_with_partial_images_through_the_openai_client(server: ServerProcess) -> None:
+    """``stream=True, partial_images=2`` (a 422 before): two previews of each image while its chain runs, in order,
+    then each image, the same PNGs as the answer without streaming; an image already made (the response cache) comes
+    without previews; an edit streams as image_edit events, its known pixels kept in the previews too."""
+    client = _client(server)
+    chain = {"seed": 101, "steps": 9, "sampler": "ddim"}
+    events = list(client.images.generate(prompt="x", n=2, stream=True, partial_images=2, extra_body=chain))
+    kinds = [(e.type, getattr(e, "partial_image_index", None), (e.model_extra or {})["image_index"]) for e in events]
+    partial, completed = "image_generation.partial_image", "image_generation.completed"
+    assert sorted(kinds[:4], key=lambda kind: (kind[2], kind[1])) == [(partial, 0, 0), (partial, 1, 0), (partial, 0, 1), (partial, 1, 1)]
+    assert kinds[4:] == [(completed, None, 0), (completed, None, 1)]
+    assert all(_pixels(e.b64_json).shape == (8, 8) for e in events) and events[4].size == "8x8"
+    assert events[4].usage.total_tokens == 0 and (events[4].model_extra or {})["seed"] == 101
+    whole = client.images.generate(prompt="x", n=2, extra_body=chain)  # (from the cache, which the stream filled)
+    assert [d.b64_json for d in whole.data] == [e.b64_json for e in events[4:]]
+    again = list(client.images.generate(prompt="x", n=2, stream=True, partial_images=2, extra_body=chain))
+    assert [e.type for e in again] == [completed, completed] and [e.b64_json for e in again] == [e.b64_json for e in events[4:]]
+    mask = _png_file(np.stack([np.zeros((8, 8), np.uint8), HOLE], axis=-1), "LA")
+    edited = list(client.images.edit(image=("digit.png", _png_file(DIGIT), "image/png"), mask=("mask.png", mask, "image/png"),
+                                     prompt="fill", stream=True, partial_images=1, extra_body={**chain, "seed": 102}))  # fmt: skip
+    assert [e.type for e in edited] == ["image_edit.partial_image", "image_edit.completed"]
+    for e in edited:
+        assert np.array_equal(_pixels(e.b64_json)[HOLE > 0], DIGIT[HOLE > 0])
+    with pytest.raises(openai.UnprocessableEntityError, match="partial_images"):
+        client.images.generate(prompt="x", stream=True, partial_images=4)
+    assert server.metric('ddpm_http_responses_total{route="/v1/images/edits",code="200"}') >= 1
+
+
+def test_a_stream_that_fails_ends_in_an_error_event_the_openai_client_raises(model_dir: Path) -> None:
+    """A streamed request past its deadline (504 after the stream's 200): an ``error`` event in OpenAI's shape, which
+    the client raises as APIError; the outcome is the 504's in the metrics."""
+    from service.engine.iteration_cost import IterationCost
+    from tests.app_client import app_and_state
+
+    c, state = app_and_state(model_dir, request_timeout_s=0.05)
+    with c:
+        wait_ready(c)
+        assert state.engine is not None
+        state.engine.cost = IterationCost()  # nothing measured: not refused up front as outlasting its timeout
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=c, max_retries=0)
+        with pytest.raises(openai.APIError, match="deadline"):
+            list(client.images.generate(prompt="x", n=32, stream=True, partial_images=1, extra_body={"seed": 1, "steps": 49}))
+        assert metric(c, 'ddpm_requests_total{code="504"}') == 1
+
+
 def test_edit_errors_are_openai_errors(server: ServerProcess) -> None:
     client = _client(server)
     rgb = ("big.png", _png_file(np.zeros((64, 64, 3), np.uint8)), "image/png")

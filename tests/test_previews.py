@@ -65,11 +65,11 @@ def test_each_preview_is_eq_15_of_the_chains_own_state_and_the_images_are_unchan
     for k, i, image in seen:
         call = {0: 2, 1: 4, 2: 6}[i]  # the preview comes with the call'th U-Net call, from the x_t it read
         t = int(timesteps[call - 1])
-        x_t = states[call - 2][k : k + 1]
+        x_t = states[call - 2]  # both images, as the engine's call ran them (the same batch: the same kernels)
         with torch.inference_mode():
-            eps = MODEL.eps_model(x_t, torch.tensor([t]))
+            eps = MODEL.eps_model(x_t, torch.tensor([t, t]))
         x0 = ((x_t - (1 - abar[t]).sqrt().float() * eps) / abar[t].sqrt().float()).clamp(-1, 1)  # Eq. 15, clipped as the chain clips
-        assert torch.allclose(image, x0[0], atol=1e-5), (k, i)
+        assert torch.allclose(image, x0[k], atol=1e-4), (k, i)
 
 
 def test_an_inpaintings_previews_keep_its_known_pixels() -> None:

@@ -213,8 +213,9 @@ def resolve_chain(
         raise field_error(exc.field, str(exc), values.get(exc.field), where) from exc
 
 
-def submit(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False) -> JobHandle:
-    """Hand the images of ``key`` to the engine, within the client's quota (errors as ApiError)."""
+def submit(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False, previews: int = 0) -> JobHandle:
+    """Hand the images of ``key`` to the engine, within the client's quota (errors as ApiError); ``previews``: partial
+    images of each (service/engine/previews.py)."""
     client = request.state.client  # set by RequestContextMiddleware: the one policy for quota and log
     job = Job(
         key.request,
@@ -225,6 +226,7 @@ def submit(state: ServerState, key: ImageKey, request: Request, sched: Schedulin
         deadline_s=sched.deadline_s,
         created=getattr(request.state, "arrived", time.monotonic()),  # the deadline counts from arrival, reading the body included
         routed_before_drain=ROUTED_BEFORE_DRAIN.get(),  # a draining engine admits it (service/api/drain_admission.py)
+        previews=previews,
     )
     calls = key.request.cost
     refused = state.clients.acquire(client, job.n, calls)
@@ -254,9 +256,11 @@ class Generated:
         return "hit" if self.job is None else "shared" if self.shared else "miss"
 
 
-def job_for(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False) -> tuple[JobHandle, bool]:
+def job_for(
+    state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False, previews: int = 0
+) -> tuple[JobHandle, bool]:
     """A job making ``key``'s images: an identical request's in flight where it serves this one as well
-    (shared: True), else one submitted now (errors as ApiError)."""
+    (shared: True; it makes no previews for the sharer), else one submitted now with ``previews`` (errors as ApiError)."""
     if state.cache.enabled:
         arrived = getattr(request.state, "arrived", time.monotonic())
         promote = partial(state.engine.promote, priority=sched.priority)  # type: ignore[union-attr]  # prepare() checked it
@@ -269,7 +273,7 @@ def job_for(state: ServerState, key: ImageKey, request: Request, sched: Scheduli
             return handle, True
         state.metrics.on_cache_lookup("miss")
         request.state.log_fields["cache"] = "miss"
-    handle = submit(state, key, request, sched, stream)
+    handle = submit(state, key, request, sched, stream, previews)
     if state.cache.enabled:  # identical requests may share it, a retry within the grace too; its images are kept
         handle.grace_s = state.settings.retry_grace_s
         state.in_flight.add(key, handle)

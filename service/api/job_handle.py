@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
 from service.engine.errors import DeadlineExceeded
 from service.engine.job import Job
 
@@ -46,6 +48,9 @@ class JobHandle:
         self._version = 0  # progress events so far: each reader remembers the last it saw
         self._changed = loop.create_future()  # resolved (and replaced) at each progress event
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
+        self._previews: list[tuple[int, int, torch.Tensor]] = []  # (image k, preview index, x0_hat) not yet read
+        if job.previews:
+            job.on_preview = lambda j, k, index, image: loop.call_soon_threadsafe(self._add_preview, (k, index, image))
         if stream:
             self.watch_progress()
 
@@ -87,7 +92,16 @@ class JobHandle:
             if self._on_release is not None:
                 self._on_release()
 
-    def _set_progress(self, event: ProgressEvent) -> None:
+    def _add_preview(self, preview: tuple[int, int, torch.Tensor]) -> None:
+        self._previews.append(preview)  # at most Job.previews per image: bounded
+        self._set_progress(self._latest)
+
+    def take_previews(self) -> list[tuple[int, int, torch.Tensor]]:
+        """The partial images that came since the last call: (image k, preview index, x0_hat (C, H, W) in [-1, 1])."""
+        taken, self._previews = self._previews, []
+        return taken
+
+    def _set_progress(self, event: ProgressEvent | None) -> None:
         self._latest = event
         self._version += 1
         if not self._changed.done():
@@ -146,3 +160,5 @@ class JobHandle:
             if self._latest is not None and now - last >= min_interval_s:
                 last = now
                 yield self._latest
+            elif self._previews:  # a partial image came (a job whose progress nobody watches)
+                yield None

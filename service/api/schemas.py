@@ -329,6 +329,13 @@ class InfoResponse(BaseModel):
     guidance_scale: float | None = Field(..., description="The model card's recommended classifier-free guidance scale")
 
 
+STREAM = ("Server-Sent Events as OpenAI streams images: partial_image events while the chain runs, then one completed event "
+          "per image (each with image_index, this server's), or an error event.")
+PARTIAL_IMAGES = ("With stream: previews of each image while its chain runs (0-3): the model's prediction of x_0 (Ho et al. Eq. 15) "
+                  "after 1/(P+1), 2/(P+1)... of its U-Net calls; fewer on a short chain, none for images already made "
+                  "(the response cache, an identical request's job in flight).")
+
+
 class ImageGenerationRequest(ChainRequest, SchedulingFields):
     """OpenAI's images API (``POST /v1/images/generations``), plus this server's own fields (the
     ``extra_body`` of the openai client): seed and the chain fields."""
@@ -357,6 +364,8 @@ class ImageGenerationRequest(ChainRequest, SchedulingFields):
     output_compression: int | None = Field(None, strict=True, description="Refused when set: it applies to jpeg and webp only.")
     background: str | None = Field(None, max_length=32, description="auto or opaque (the images have no alpha channel).")
     moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
+    stream: bool | None = Field(None, strict=True, description=STREAM)
+    partial_images: int | None = Field(None, strict=True, ge=0, le=3, description=PARTIAL_IMAGES)
 
 
 class ImageForm(BaseModel):
@@ -414,6 +423,8 @@ class ImageEditForm(ImageForm):
     output_format: str | None = Field(None, max_length=32)
     output_compression: int | None = None
     input_fidelity: str | None = Field(None, max_length=32)
+    stream: bool | None = Field(None, description=STREAM)
+    partial_images: int | None = Field(None, ge=0, le=3, description=PARTIAL_IMAGES)
 
 
 class ImageData(BaseModel):

@@ -17,7 +17,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Path, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ddpm.grid import image_pngs
 from ddpm.seeding import MAX_SEED
@@ -25,15 +25,19 @@ from service.api.deps import Authorized, StateDep
 from service.api.errors import ApiError, documented, not_ready
 from service.api.generation import (
     JSON,
+    SSE,
     Generated,
     Scheduling,
     answer,
+    cached_images,
     chain_fields,
     edit_from_upload,
+    job_for,
     prepare,
     ready_model,
     scheduling,
 )
+from service.api.openai_stream import OpenAIImageStream
 from service.api.schemas import (
     ImageData,
     ImageEditForm,
@@ -100,7 +104,10 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     key = prepare(state, _seed(body.seed), body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
     size = _check_openai_fields(state, body)
     request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
-    return await _answer(state, key, size, request, scheduling(state, body, request))
+    sched = scheduling(state, body, request)
+    if body.stream:
+        return _stream(state, key, request, sched, "image_generation", size, body)
+    return await _answer(state, key, size, request, sched)
 
 
 @router.post(
@@ -136,7 +143,20 @@ async def _answer_upload(
     edit = edit_from_upload(state, await _image(form), None if mask is None else await mask.read(), options, mask_from_alpha=inpaint)
     key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
     request.state.log_fields.update(log)
-    return await _answer(state, key, size, request, scheduling(state, form, request))
+    sched = scheduling(state, form, request)
+    if getattr(form, "stream", None):  # edits stream; variations do not (OpenAI's neither)
+        return _stream(state, key, request, sched, "image_edit", size, form)
+    return await _answer(state, key, size, request, sched)
+
+
+def _stream(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, kind: str, size: str,
+            body: ImageGenerationRequest | ImageForm) -> StreamingResponse:  # fmt: skip
+    """OpenAI's streamed answer (service/api/openai_stream.py): partial images, then each image."""
+    cached = cached_images(state, key, request)
+    previews = getattr(body, "partial_images", None) or 0
+    handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, previews=previews)
+    stream = OpenAIImageStream(state, key, request, handle, sched, kind, size, body.quality or "auto", shared)  # type: ignore[union-attr]
+    return StreamingResponse(stream.events(cached), media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _seed(seed: int | None) -> int:
