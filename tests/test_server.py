@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import sys
 import threading
 import time
@@ -148,6 +149,25 @@ def test_stream_progress_then_result(client: TestClient) -> None:
     assert "progress" in events
     same = client.post("/generate", json={"seed": 3, "batch_size": 2, "steps": 150}).json()["images"]
     assert same[0] in text and same[1] in text
+
+
+def test_stream_previews_come_before_the_result_and_only_on_the_stream(client: TestClient) -> None:
+    """``previews: 2``: two preview events of each image (the model's x_0 so far: PNGs of the model's size) before the
+    result, whose images are those of the request without previews; /generate refuses the field (it answers once)."""
+    body = {"seed": 31, "batch_size": 2, "steps": 12}
+    with client.stream("POST", "/generate/stream", json={**body, "previews": 2}) as r:
+        text = "".join(r.iter_text())
+    blocks = [block.split("\n") for block in text.strip().split("\n\n") if not block.startswith(":")]
+    names = [lines[0].removeprefix("event: ") for lines in blocks]
+    previews = [json.loads(lines[1].removeprefix("data: ")) for lines, name in zip(blocks, names, strict=True) if name == "preview"]
+    assert sorted((p["image_index"], p["preview_index"]) for p in previews) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert names[-1] == "result" and max(i for i, n in enumerate(names) if n == "preview") < len(names) - 1
+    assert all(_pixels(p["image"]).shape == (8, 8) for p in previews)
+    result = json.loads(blocks[-1][1].removeprefix("data: "))
+    assert result["images"] == client.post("/generate", json=body).json()["images"]
+    r = client.post("/generate", json={**body, "previews": 1})
+    assert r.status_code == 422 and "previews" in r.json()["detail"]
+    assert client.post("/generate/stream", json={**body, "previews": 4}).status_code == 422  # at most 3
 
 
 # --- reproducibility ----------------------------------------------------------------------------------

@@ -82,7 +82,10 @@ def test_page_generates_images(server: ServerProcess, browser: object, tmp_path:
     wait = WebDriverWait(d, 60, poll_frequency=0.02)
     # progress moves before the result arrives
     wait.until(lambda drv: 0 < float(drv.find_element(By.ID, "progress").get_attribute("value")) < 1)
-    wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#images img")) == 3)
+    # previews of the three images while the chain runs (the model's x_0 so far), then the images in their place
+    wait.until(lambda drv: len(drv.find_elements(By.CSS_SELECTOR, "#images img.preview")) == 3)
+    wait.until(lambda drv: "done" in drv.find_element(By.ID, "status").text)
+    assert len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 3 and not d.find_elements(By.CSS_SELECTOR, "#images img.preview")  # type: ignore[attr-defined]
     wait.until(lambda drv: all(drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 8
                                for i in drv.find_elements(By.CSS_SELECTOR, "#images img")))  # fmt: skip
     assert "done: 3 images, ddim, 300 steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]

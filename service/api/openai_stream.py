@@ -26,6 +26,7 @@ from ddpm.grid import image_pngs
 from service.api.errors import ApiError
 from service.api.generation import Generated, Scheduling, answered, chain_fields, encode_off_loop, finished
 from service.api.job_handle import JobHandle
+from service.api.progress_stream import preview_pngs
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 
@@ -98,14 +99,9 @@ class OpenAIImageStream:
 
     async def _previews(self, handle: JobHandle) -> list[str]:
         """The partial images that came, as events (a shared job's are its own request's: none here)."""
-        taken = [] if self.shared else handle.take_previews()
-        if not taken:
+        if self.shared:
             return []
-        first = self.key.request.first - handle.job.request.first
-        pngs = await encode_off_loop(self.state, lambda: image_pngs(torch.stack([image for _, _, image in taken])), self.request)
         created = int(time.time())
-        events = []
-        for (k, index, _), png in zip(taken, pngs, strict=True):  # type: ignore[arg-type]
-            data = {"b64_json": base64.b64encode(png).decode(), "created_at": created, **self.fields}
-            events.append(self._event("partial_image", data | {"partial_image_index": index, "image_index": k - first}))
-        return events
+        return [self._event("partial_image", {"b64_json": png, "created_at": created, **self.fields, "partial_image_index": index,
+                                              "image_index": k})
+                for k, index, png in await preview_pngs(self.state, self.key, self.request, handle)]  # fmt: skip

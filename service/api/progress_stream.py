@@ -1,5 +1,6 @@
 """The Server-Sent Events of ``POST /generate/stream``: ``queued`` (with the images ahead), ``progress``
-{steps_done, total, fraction}, keep-alive comments while nothing moves, then ``result`` or ``error``.
+{steps_done, total, fraction}, ``preview`` {image_index, preview_index, image} where the request asked for
+``previews``, keep-alive comments while nothing moves, then ``result`` or ``error``.
 
 The stream's HTTP status is 200 from its first byte; what it ended with is recorded as the request's
 outcome (``request.state.outcome`` and ``outcome_code``) for the access log and the metrics.
@@ -7,13 +8,16 @@ outcome (``request.state.outcome`` and ``outcome_code``) for the access log and 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 
+from ddpm.grid import image_pngs
 from service.api.errors import ApiError
 from service.api.generation import Generated, Scheduling, answered, encode_off_loop, finished, result_body
 from service.api.job_handle import JobHandle
@@ -23,6 +27,17 @@ from service.server_state import ServerState
 
 def sse(event: str, data: object) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def preview_pngs(state: ServerState, key: ImageKey, request: Request, handle: JobHandle) -> list[tuple[int, int, str]]:
+    """The partial images that came (service/engine/previews.py) as (image index in ``key``'s answer, preview index,
+    base64 PNG), encoded off the event loop."""
+    taken = handle.take_previews()
+    if not taken:
+        return []
+    first = key.request.first - handle.job.request.first  # a request for part of a job: its own indices
+    pngs = await encode_off_loop(state, lambda: image_pngs(torch.stack([image for _, _, image in taken])), request)
+    return [(k - first, index, base64.b64encode(png).decode()) for (k, index, _), png in zip(taken, pngs, strict=True)]  # type: ignore[arg-type]
 
 
 def _queued(key: ImageKey, ahead: int, cached: bool) -> str:
@@ -72,9 +87,9 @@ class ProgressStream:
                 yield chunk
             return
         try:
-            async for chunk in self._while_running(self.handle):
-                yield chunk
             try:
+                async for chunk in self._while_running(self.handle):
+                    yield chunk
                 generated = finished(self.state, self.key, await self.handle.done, self.shared)
             except ApiError as error:
                 self._ended(error)
@@ -95,6 +110,9 @@ class ProgressStream:
         last_write = time.monotonic()
         own, whole = self.key.request.n, job.n  # a request for part of a job (service/api/in_flight.py) counts its part's steps
         async for ev in handle.events(tick_s=min(1.0, keepalive_s)):
+            for chunk in await self._previews(handle):
+                yield chunk
+                last_write = time.monotonic()
             if ev is not None:
                 done, total = ev.steps_done * own // whole, ev.total * own // whole
                 chunk = sse("progress", {"steps_done": done, "total": total, "fraction": round(ev.steps_done / ev.total, 4)})
@@ -109,3 +127,12 @@ class ProgressStream:
                     continue
             last_write = time.monotonic()
             yield chunk
+        for chunk in await self._previews(handle):  # those that came with the last calls
+            yield chunk
+
+    async def _previews(self, handle: JobHandle) -> list[str]:
+        """The previews that came, as events (a shared job's are its own request's: none here)."""
+        if self.shared:
+            return []
+        return [sse("preview", {"image_index": k, "preview_index": index, "image": png})
+                for k, index, png in await preview_pngs(self.state, self.key, self.request, handle)]  # fmt: skip

@@ -10,6 +10,7 @@ from pydantic_core import PydanticUndefined
 
 from ddpm.names import SamplerName, SpacingName, parse_class_labels
 from ddpm.seeding import MAX_SEED
+from service.engine.previews import MAX_PREVIEWS
 
 ClassLabel = StrictInt | Annotated[StrictStr, Field(max_length=256)]  # a class index or name
 
@@ -164,6 +165,9 @@ class EditFields(BaseModel):
 class GenerateRequest(ChainRequest, EditFields, SchedulingFields):
     seed: int = Field(..., strict=True, ge=0, lt=MAX_SEED, description="0 <= seed < 2^63. Image k uses Philox key image_seed(seed, k).")
     batch_size: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
+    previews: int = Field(0, strict=True, ge=0, le=MAX_PREVIEWS, description="/generate/stream only: preview events of each image "
+                          "while its chain runs, the model's prediction of x_0 (Ho et al. Eq. 15) after 1/(P+1), 2/(P+1)... of its "
+                          "U-Net calls; fewer on a short chain, none for images already made.")  # fmt: skip
 
 
 class Timings(BaseModel):
@@ -365,7 +369,7 @@ class ImageGenerationRequest(ChainRequest, SchedulingFields):
     background: str | None = Field(None, max_length=32, description="auto or opaque (the images have no alpha channel).")
     moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
     stream: bool | None = Field(None, strict=True, description=STREAM)
-    partial_images: int | None = Field(None, strict=True, ge=0, le=3, description=PARTIAL_IMAGES)
+    partial_images: int | None = Field(None, strict=True, ge=0, le=MAX_PREVIEWS, description=PARTIAL_IMAGES)
 
 
 class ImageForm(BaseModel):
@@ -424,7 +428,7 @@ class ImageEditForm(ImageForm):
     output_compression: int | None = None
     input_fidelity: str | None = Field(None, max_length=32)
     stream: bool | None = Field(None, description=STREAM)
-    partial_images: int | None = Field(None, ge=0, le=3, description=PARTIAL_IMAGES)
+    partial_images: int | None = Field(None, ge=0, le=MAX_PREVIEWS, description=PARTIAL_IMAGES)
 
 
 class ImageData(BaseModel):

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ddpm.grid import make_grid, png_bytes
 from service.api.deps import Authorized, StateDep, StrictQuery
-from service.api.errors import documented
+from service.api.errors import documented, field_error
 from service.api.generation import (
     JSON,
     NPY,
@@ -58,6 +58,8 @@ async def generate(
 ) -> Response:
     arrived = time.monotonic()
     media = choose_media(accept, [JSON, PNG, NPY])
+    if body.previews:
+        raise field_error("previews", "previews come as events of POST /generate/stream; /generate answers once", body.previews)
     key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
     sched = scheduling(state, body, request)
     encoders: dict[str, tuple[Callable[[Generated], object], Callable[[Any], Response]]] = {
@@ -82,7 +84,7 @@ async def generate_stream(
     key = prepare(state, body.seed, body.batch_size, body, edit=edit_from_fields(state, body))
     sched = scheduling(state, body, request)
     cached = cached_images(state, key, request)
-    handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, stream=True)
+    handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, stream=True, previews=body.previews)
     stream = ProgressStream(state, key, request, arrived, handle, sched, shared)
     events = stream.events(None if cached is None else Generated(cached, None))
     return StreamingResponse(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
