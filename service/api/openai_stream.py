@@ -76,9 +76,9 @@ class OpenAIImageStream:
         answered(self.state, generated)
         extra = chain_fields(self.state, self.key, generated.job is None)
         created = int(time.time())
-        for k, png in enumerate(pngs):  # type: ignore[arg-type]
-            yield self._event("completed", {"b64_json": base64.b64encode(png).decode(), "created_at": created, **self.fields,
-                                            "usage": NO_TOKENS, "image_index": k, **extra})  # fmt: skip
+        yield "".join(self._event("completed", {"b64_json": base64.b64encode(png).decode(), "created_at": created, **self.fields,
+                                                "usage": NO_TOKENS, "image_index": k, **extra})
+                      for k, png in enumerate(pngs))  # type: ignore[arg-type]  # one write
         self.request.state.outcome, self.request.state.outcome_code = "ok", 200
 
     async def _while_running(self, handle: JobHandle) -> AsyncIterator[str]:
@@ -87,21 +87,22 @@ class OpenAIImageStream:
         last_write = time.monotonic()
         async for _ in handle.events(tick_s=min(1.0, keepalive_s)):
             previews = await self._previews(handle)
-            for chunk in previews:
-                yield chunk
             if previews:
+                yield previews
                 last_write = time.monotonic()
             elif time.monotonic() - last_write >= keepalive_s:
                 last_write = time.monotonic()
                 yield ": keep-alive\n\n"  # a comment line: SSE clients ignore it, proxies see traffic
-        for chunk in await self._previews(handle):
-            yield chunk
+        previews = await self._previews(handle)  # those that came with the last calls
+        if previews:
+            yield previews
 
-    async def _previews(self, handle: JobHandle) -> list[str]:
-        """The partial images that came, as events (a shared job's are its own request's: none here)."""
+    async def _previews(self, handle: JobHandle) -> str:
+        """The partial images that came, as events in one write (a shared job's are its own request's: none here)."""
         if self.shared:
-            return []
+            return ""
         created = int(time.time())
-        return [self._event("partial_image", {"b64_json": png, "created_at": created, **self.fields, "partial_image_index": index,
-                                              "image_index": k})
-                for k, index, png in await preview_pngs(self.state, self.key, self.request, handle)]  # fmt: skip
+        taken = await preview_pngs(self.state, self.key, self.request, handle)
+        return "".join(self._event("partial_image", {"b64_json": png, "created_at": created, **self.fields,
+                                                     "partial_image_index": index, "image_index": k})
+                       for k, index, png in taken)  # fmt: skip

@@ -110,8 +110,9 @@ class ProgressStream:
         last_write = time.monotonic()
         own, whole = self.key.request.n, job.n  # a request for part of a job (service/api/in_flight.py) counts its part's steps
         async for ev in handle.events(tick_s=min(1.0, keepalive_s)):
-            for chunk in await self._previews(handle):
-                yield chunk
+            previews = await self._previews(handle)
+            if previews:
+                yield previews
                 last_write = time.monotonic()
             if ev is not None:
                 done, total = ev.steps_done * own // whole, ev.total * own // whole
@@ -127,12 +128,14 @@ class ProgressStream:
                     continue
             last_write = time.monotonic()
             yield chunk
-        for chunk in await self._previews(handle):  # those that came with the last calls
-            yield chunk
+        previews = await self._previews(handle)  # those that came with the last calls
+        if previews:
+            yield previews
 
-    async def _previews(self, handle: JobHandle) -> list[str]:
-        """The previews that came, as events (a shared job's are its own request's: none here)."""
+    async def _previews(self, handle: JobHandle) -> str:
+        """The previews that came, as events in one write (a client that left is seen at the next, not after one write
+        per image; a shared job's previews are its own request's: none here)."""
         if self.shared:
-            return []
-        return [sse("preview", {"image_index": k, "preview_index": index, "image": png})
-                for k, index, png in await preview_pngs(self.state, self.key, self.request, handle)]  # fmt: skip
+            return ""
+        return "".join(sse("preview", {"image_index": k, "preview_index": index, "image": png})
+                       for k, index, png in await preview_pngs(self.state, self.key, self.request, handle))  # fmt: skip
