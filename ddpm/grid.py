@@ -1,4 +1,4 @@
-"""Images in [-1, 1] to PNG: one image, or a grid of a batch."""
+"""Images in [-1, 1] to PNG (JPEG or WebP where OpenAI's output_format asks): one image, or a grid of a batch."""
 
 from __future__ import annotations
 
@@ -66,3 +66,19 @@ def png_bytes(image: Image.Image) -> bytes:
 def image_pngs(x: torch.Tensor) -> list[bytes]:
     """One PNG per image of the batch."""
     return [png_bytes(_pil(a)) for a in to_uint8(x)]
+
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")  # OpenAI's output_format
+
+
+def image_files(x: torch.Tensor, output_format: str = "png", quality: int | None = None) -> list[bytes]:
+    """One file per image of the batch: PNG (lossless), or JPEG or WebP at ``quality`` 0-100 (OpenAI's
+    output_compression; default 100)."""
+    if output_format == "png":
+        return image_pngs(x)
+    files = []
+    for a in to_uint8(x):
+        buf = io.BytesIO()
+        _pil(a).save(buf, format=output_format.upper(), quality=100 if quality is None else quality)
+        files.append(buf.getvalue())
+    return files

@@ -100,8 +100,8 @@ def test_error_classes(server: ServerProcess) -> None:
     accepted = client.images.generate(prompt="x", quality="standard", output_format="png", background="opaque", moderation="low",
                                       extra_body={"steps": 2})  # fmt: skip
     assert len(accepted.data) == 1
-    for option, value in (("quality", "hd"), ("style", "vivid"), ("output_format", "jpeg"), ("background", "transparent"),
-                          ("output_compression", 50)):  # fmt: skip
+    for option, value in (("quality", "hd"), ("style", "vivid"), ("output_format", "gif"), ("background", "transparent"),
+                          ("output_compression", 50)):  # fmt: skip  # (a compression of png, which is lossless)
         with pytest.raises(openai.BadRequestError) as unsupported:
             client.images.generate(prompt="x", **{option: value})  # type: ignore[arg-type]
         assert unsupported.value.param == option and unsupported.value.code == "unsupported_value", option
@@ -208,6 +208,33 @@ def test_streamed_images_with_partial_images_through_the_openai_client(server: S
     with pytest.raises(openai.UnprocessableEntityError, match="partial_images"):
         client.images.generate(prompt="x", stream=True, partial_images=4)
     assert server.metric('ddpm_http_responses_total{route="/v1/images/edits",code="200"}') >= 1
+
+
+def test_jpeg_and_webp_answers_as_output_format_asks(server: ServerProcess) -> None:
+    """``output_format`` jpeg or webp (a 400 before), ``output_compression`` their quality: files of that format with
+    the PNG's pixels (JPEG within its loss), their own ETags; a streamed answer's events alike."""
+    client = _client(server)
+    chain = {"seed": 301, "steps": 4, "sampler": "ddim"}
+    png = client.images.generate(prompt="x", n=2, extra_body=chain)
+    for fmt, compression, loss in (("jpeg", None, 8), ("webp", 100, 8), ("jpeg", 10, 255)):  # (quality 10: any pixels)
+        answer = client.images.generate(prompt="x", n=2, output_format=fmt, extra_body=chain,  # type: ignore[arg-type]
+                                        **({} if compression is None else {"output_compression": compression}))  # fmt: skip
+        assert answer.output_format == fmt
+        for ours, lossless in zip(answer.data, png.data, strict=True):
+            file = Image.open(io.BytesIO(base64.b64decode(ours.b64_json)))
+            assert file.format == fmt.upper() and file.size == (8, 8)
+            assert np.abs(np.asarray(file.convert("L"), int) - _pixels(lossless.b64_json)).max() <= loss, (fmt, compression)
+    quality_10, quality_100 = (len(client.images.generate(prompt="x", output_format="jpeg", output_compression=q, extra_body=chain)
+                                   .data[0].b64_json) for q in (10, 100))  # fmt: skip
+    assert quality_10 < quality_100
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    etags = {fmt: httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", **chain, "output_format": fmt}, headers=auth,
+                             timeout=60).headers["etag"] for fmt in ("png", "jpeg", "webp")}  # fmt: skip
+    assert len(set(etags.values())) == 3
+    streamed = list(client.images.generate(prompt="x", stream=True, partial_images=1, output_format="webp",
+                                           extra_body={**chain, "seed": 302}))
+    assert [e.output_format for e in streamed] == ["webp", "webp"]
+    assert all(Image.open(io.BytesIO(base64.b64decode(e.b64_json))).format == "WEBP" for e in streamed)
 
 
 def test_a_stream_that_fails_ends_in_an_error_event_the_openai_client_raises(model_dir: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from fastapi import Request
@@ -38,10 +38,11 @@ class OpenAIImageStream:
     ``image_generation`` or ``image_edit``; ``size`` and ``quality`` as the answer states them."""
 
     def __init__(self, state: ServerState, key: ImageKey, request: Request, handle: JobHandle | None, sched: Scheduling,
-                 kind: str, size: str, quality: str, shared: bool = False) -> None:  # fmt: skip
+                 kind: str, size: str, quality: str, output_format: str = "png",
+                 encode: Callable[[torch.Tensor], list[bytes]] = image_pngs, shared: bool = False) -> None:  # fmt: skip
         self.state, self.key, self.request, self.handle, self.sched = state, key, request, handle, sched
-        self.kind, self.shared = kind, shared
-        self.fields = {"size": size, "quality": quality, "background": "opaque", "output_format": "png"}
+        self.kind, self.shared, self.encode = kind, shared, encode
+        self.fields = {"size": size, "quality": quality, "background": "opaque", "output_format": output_format}
         request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
     def _event(self, name: str, data: dict[str, object]) -> str:
@@ -69,7 +70,7 @@ class OpenAIImageStream:
                 if not self.handle.done.done():  # the client went away mid-stream (the job runs on for others sharing it)
                     self.handle.leave()
         try:
-            pngs = await encode_off_loop(self.state, lambda: image_pngs(generated.images), self.request)
+            pngs = await encode_off_loop(self.state, lambda: self.encode(generated.images), self.request)
         except ApiError as error:
             yield self._error(error)
             return
@@ -102,7 +103,7 @@ class OpenAIImageStream:
         if self.shared:
             return ""
         created = int(time.time())
-        taken = await preview_pngs(self.state, self.key, self.request, handle)
+        taken = await preview_pngs(self.state, self.key, self.request, handle, self.encode)
         return "".join(self._event("partial_image", {"b64_json": png, "created_at": created, **self.fields,
                                                      "partial_image_index": index, "image_index": k})
                        for k, index, png in taken)  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from fastapi import Request
@@ -29,14 +29,16 @@ def sse(event: str, data: object) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def preview_pngs(state: ServerState, key: ImageKey, request: Request, handle: JobHandle) -> list[tuple[int, int, str]]:
+async def preview_pngs(
+    state: ServerState, key: ImageKey, request: Request, handle: JobHandle, encode: Callable[[torch.Tensor], list[bytes]] = image_pngs
+) -> list[tuple[int, int, str]]:
     """The partial images that came (service/engine/previews.py) as (image index in ``key``'s answer, preview index,
-    base64 PNG), encoded off the event loop."""
+    base64 file: PNG, or what ``encode`` makes), encoded off the event loop."""
     taken = handle.take_previews()
     if not taken:
         return []
     first = key.request.first - handle.job.request.first  # a request for part of a job: its own indices
-    pngs = await encode_off_loop(state, lambda: image_pngs(torch.stack([image for _, _, image in taken])), request)
+    pngs = await encode_off_loop(state, lambda: encode(torch.stack([image for _, _, image in taken])), request)
     return [(k - first, index, base64.b64encode(png).decode()) for (k, index, _), png in zip(taken, pngs, strict=True)]  # type: ignore[arg-type]
 
 

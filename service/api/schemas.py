@@ -364,8 +364,8 @@ class ImageGenerationRequest(ChainRequest, SchedulingFields):
     # naming the parameter (service.api.routes.openai_images.OPTIONS)
     quality: str | None = Field(None, max_length=32, description="auto or standard (one quality; steps and sampler set the cost).")
     style: str | None = Field(None, max_length=32, description="Refused when set: this model has no styles.")
-    output_format: str | None = Field(None, max_length=32, description="png (the only format).")
-    output_compression: int | None = Field(None, strict=True, description="Refused when set: it applies to jpeg and webp only.")
+    output_format: str | None = Field(None, max_length=32, description="png (the default, lossless), jpeg or webp.")
+    output_compression: int | None = Field(None, strict=True, description="jpeg and webp: their quality, 0-100 (default 100).")
     background: str | None = Field(None, max_length=32, description="auto or opaque (the images have no alpha channel).")
     moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
     stream: bool | None = Field(None, strict=True, description=STREAM)
@@ -432,7 +432,7 @@ class ImageEditForm(ImageForm):
 
 
 class ImageData(BaseModel):
-    b64_json: str = Field(..., description="A base64-encoded PNG.")
+    b64_json: str = Field(..., description="A base64-encoded image in the answer's output_format (PNG by default).")
 
 
 class ImagesResponse(ChainAnswer, SchedulingAnswer):

@@ -13,13 +13,15 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
+import torch
 from fastapi import APIRouter, Form, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ddpm.grid import image_pngs
+from ddpm.grid import OUTPUT_FORMATS, image_files
 from ddpm.seeding import MAX_SEED
 from service.api.deps import Authorized, StateDep
 from service.api.errors import ApiError, documented, not_ready
@@ -66,8 +68,6 @@ def _invalid(param: str, message: str, status: int = 400, code: str | None = Non
 OPTIONS: dict[str, tuple[str, ...]] = {
     "quality": ("auto", "standard"),
     "style": (),
-    "output_format": ("png",),
-    "output_compression": (),
     "background": ("auto", "opaque"),
     "moderation": ("auto", "low"),
     "input_fidelity": (),  # edits: the strength field sets how far an edit may go
@@ -81,6 +81,34 @@ def _check_options(body: ImageGenerationRequest | ImageForm) -> None:
             continue
         can = f"it takes {' or '.join(map(repr, accepted))}" if accepted else "leave it out"
         raise _invalid(param, f"{param} {value!r} is not supported by this model ({can})", code="unsupported_value")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """OpenAI's output_format and output_compression: the images' files (ddpm.grid.image_files)."""
+
+    name: str = "png"
+    quality: int | None = None  # jpeg and webp: 0-100 (None: 100)
+
+    def encode(self, images: torch.Tensor) -> list[bytes]:
+        return image_files(images, self.name, self.quality)
+
+    def media(self) -> str:
+        """What the answer's ETag names beside its images (PNG answers keep theirs)."""
+        return JSON if self.name == "png" else f"{JSON}; output_format={self.name}; output_compression={self.quality}"
+
+
+def _output_format(body: ImageGenerationRequest | ImageForm) -> OutputFormat:
+    name, quality = getattr(body, "output_format", None) or "png", getattr(body, "output_compression", None)
+    if name not in OUTPUT_FORMATS:
+        raise _invalid("output_format", f"output_format {name!r} is not supported (it takes {', '.join(OUTPUT_FORMATS)})",
+                       code="unsupported_value")  # fmt: skip
+    if quality is not None and name == "png":
+        raise _invalid("output_compression", "output_compression applies to jpeg and webp (output_format); png is lossless",
+                       code="unsupported_value")  # fmt: skip
+    if quality is not None and not 0 <= quality <= 100:
+        raise _invalid("output_compression", f"output_compression must be in 0..100, got {quality}")
+    return OutputFormat(name, quality)
 
 
 def _check_model(state: ServerState, requested: str | None) -> None:
@@ -102,12 +130,12 @@ def _check_model(state: ServerState, requested: str | None) -> None:
 )
 async def images_generations(body: ImageGenerationRequest, request: Request, state: StateDep, _: Authorized) -> Response:
     key = prepare(state, _seed(body.seed), body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
-    size = _check_openai_fields(state, body)
+    size, fmt = _check_openai_fields(state, body)
     request.state.log_fields.update({"user": body.user, "prompt_chars": len(body.prompt), "api": "openai"})
     sched = scheduling(state, body, request)
     if body.stream:
-        return _stream(state, key, request, sched, "image_generation", size, body)
-    return await _answer(state, key, size, request, sched)
+        return _stream(state, key, request, sched, "image_generation", size, fmt, body)
+    return await _answer(state, key, size, fmt, request, sched)
 
 
 @router.post(
@@ -138,24 +166,25 @@ async def _answer_upload(
 ) -> Response:
     """The routes that take an upload: its edit (an inpainting's mask, or the image's own transparency), answered."""
     ready_model(state)
-    size = _check_openai_fields(state, form)
+    size, fmt = _check_openai_fields(state, form)
     mask = getattr(form, "mask", None) if inpaint else None
     edit = edit_from_upload(state, await _image(form), None if mask is None else await mask.read(), options, mask_from_alpha=inpaint)
     key = prepare(state, _seed(form.seed), form.n, form, n_field="n", edit=edit)
     request.state.log_fields.update(log)
     sched = scheduling(state, form, request)
     if getattr(form, "stream", None):  # edits stream; variations do not (OpenAI's neither)
-        return _stream(state, key, request, sched, "image_edit", size, form)
-    return await _answer(state, key, size, request, sched)
+        return _stream(state, key, request, sched, "image_edit", size, fmt, form)
+    return await _answer(state, key, size, fmt, request, sched)
 
 
-def _stream(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, kind: str, size: str,
+def _stream(state: ServerState, key: ImageKey, request: Request, sched: Scheduling, kind: str, size: str, fmt: OutputFormat,
             body: ImageGenerationRequest | ImageForm) -> StreamingResponse:  # fmt: skip
     """OpenAI's streamed answer (service/api/openai_stream.py): partial images, then each image."""
     cached = cached_images(state, key, request)
     previews = getattr(body, "partial_images", None) or 0
     handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, previews=previews)
-    stream = OpenAIImageStream(state, key, request, handle, sched, kind, size, body.quality or "auto", shared)  # type: ignore[union-attr]
+    quality = getattr(body, "quality", None) or "auto"
+    stream = OpenAIImageStream(state, key, request, handle, sched, kind, size, quality, fmt.name, fmt.encode, shared)
     return StreamingResponse(stream.events(cached), media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -172,8 +201,9 @@ async def _image(form: ImageForm) -> bytes:
     return await upload.read()
 
 
-def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | ImageForm) -> str:
-    """The model, size, response format and options a request names; the size string it is answered with."""
+def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | ImageForm) -> tuple[str, OutputFormat]:
+    """The model, size, response format and options a request names; the size string it is answered with, and its
+    images' file format."""
     _check_model(state, body.model)
     _, h, w = state.model.image_shape  # type: ignore[union-attr]
     size = f"{w}x{h}"
@@ -182,19 +212,19 @@ def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | Imag
     if body.response_format == "url":
         raise _invalid("response_format", "response_format 'url' is not supported: this server keeps no images; use 'b64_json'")
     _check_options(body)
-    return size
+    return size, _output_format(body)
 
 
-async def _answer(state: ServerState, key: ImageKey, size: str, request: Request, sched: Scheduling) -> Response:
-    """The images of ``key`` in OpenAI's ImagesResponse (or 304), PNGs encoded off the event loop."""
+async def _answer(state: ServerState, key: ImageKey, size: str, fmt: OutputFormat, request: Request, sched: Scheduling) -> Response:
+    """The images of ``key`` in OpenAI's ImagesResponse (or 304), encoded off the event loop."""
 
     def encode(generated: Generated) -> object:
-        data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in image_pngs(generated.images)]
+        data = [ImageData(b64_json=base64.b64encode(file).decode()) for file in fmt.encode(generated.images)]
         fields = chain_fields(state, key, generated.job is None)  # model: the served one (_check_model), seed: key.request.seed
-        return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, priority=sched.priority,
-                                               deadline_s=sched.deadline_s, **fields))  # fmt: skip
+        return jsonable_encoder(ImagesResponse(created=int(time.time()), data=data, size=size, output_format=fmt.name,
+                                               priority=sched.priority, deadline_s=sched.deadline_s, **fields))  # fmt: skip
 
-    return await answer(state, key, JSON, request, sched, encode, JSONResponse)
+    return await answer(state, key, fmt.media(), request, sched, encode, JSONResponse)
 
 
 def _model_card(state: ServerState) -> ModelCard:
