@@ -350,6 +350,26 @@ def test_a_photo_stored_sideways_is_trained_on_upright(tmp_path: Path, file_form
     assert np.abs(as_stored - stored).max() < 8
 
 
+def test_a_palette_png_with_alpha_is_read_as_its_colours_under_warnings_as_errors(tmp_path: Path) -> None:
+    """pngquant's output (a palette with alpha): Pillow warns on its direct convert ("Palette images with Transparency
+    expressed in bytes should be converted to RGBA images"), and under PYTHONWARNINGS=error ``ddpm train`` refused the
+    folder. It is read by way of RGBA: its colours, as before, without a warning."""
+    import warnings
+
+    from ddpm.data import load_labelled
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[2:6, 2:6, :3] = 40
+    rgba[:, :4, 3] = 255  # the left half opaque, the right transparent
+    (tmp_path / "d").mkdir()
+    Image.fromarray(rgba, "RGBA").quantize(4).save(tmp_path / "d" / "cut-out.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = (load_labelled(str(tmp_path / "d"), 1, 8).images[0, 0].numpy() + 1) * 127.5
+    assert np.abs(loaded[:, :4] - rgba[:, :4, 0]).max() < 1, loaded.round()  # (the transparent half: the hidden colours quantize kept)
+
+
 def test_the_mnist_source_hashes_the_same_every_time() -> None:
     from ddpm.data import load_labelled
 
