@@ -23,6 +23,7 @@ from ddpm.image_request import EditInput, ImageRequest
 from service.engine import engine as engine_module
 from service.engine.engine import Engine
 from service.engine.job import Job
+from service.engine.previews import preview_after
 from tests.tiny_model import random_tiny_unet, tiny_loaded_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,7 +119,11 @@ def test_the_steady_loop_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> 
             return finite_rows(images)
 
     monkeypatch.setattr(engine_module, "finite_rows", finite_rows_of_the_host_copy)
-    jobs = [engine.submit(job) for job in _jobs()]
+    previews: list[tuple[int, int, torch.device]] = []
+    jobs = _jobs()
+    for job in jobs[::2]:  # partial images come to the host as finished images do: no read of the device either
+        job.previews, job.on_preview = 2, lambda j, k, index, image: previews.append((j.id, index, image.device))
+    jobs = [engine.submit(job) for job in jobs]
     iterations = 0
     with torch.inference_mode():
         engine._iterate()  # the first iteration builds the chain tables (host work done once)
@@ -139,6 +144,8 @@ def test_the_steady_loop_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> 
     assert iterations > 10
     assert reads == [], f"{len(reads)} device reads in {iterations} iterations: {sorted(set(reads))}"
     assert sum(checked) == 12  # every finished image was checked for NaN (a black square answered otherwise)
+    wanted = sum(len(preview_after(job.calls, 2)) * job.n for job in jobs[::2])
+    assert len(previews) == wanted > 0 and {device.type for _, _, device in previews} == {"cpu"}
 
 
 def test_the_spy_sees_a_read() -> None:

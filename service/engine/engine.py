@@ -96,6 +96,15 @@ class _Readout:
     event: torch.cuda.Event | None
 
 
+@dataclass
+class _PreviewReadout:
+    """Partial images on their way to the host, as ``_Readout``: (job, image k, preview index) each."""
+
+    images: torch.Tensor
+    owners: list[tuple[Job, int, int]]
+    event: torch.cuda.Event | None
+
+
 class Engine:
     _cold: set[int] | None = None  # while warming up: the U-Net row counts whose first call has run
     _worked_at: float | None = None  # the end of the last work since the heap was last trimmed (None: trimmed since)
@@ -152,14 +161,14 @@ class Engine:
         self._cancelled: collections.deque[Job] = collections.deque()  # cancelled from other threads (append/popleft: thread-safe)
         self._promoted: list[Job] = []  # jobs a more urgent request shares, whose resident rows take its priority (lock held)
         self._readouts: list[_Readout] = []  # finished images on their way to the host (CUDA)
+        self._preview_readouts: list[_PreviewReadout] = []  # partial images on their way to the host
         self._streaming: dict[int, Job] = {}  # running jobs that report progress every iteration (streams)
         self._previewing: dict[int, Job] = {}  # running jobs that want partial images (service/engine/previews.py)
         self._new_streams: collections.deque[Job] = collections.deque()  # jobs a stream began to watch while they ran
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._stop = self.draining = False
+        self._stop, self.draining, self.iterations = False, False, 0
         self.dead: str | None = None  # why the engine thread ended, when it ended on a fault
-        self.iterations = 0
         self._last_progress = time.monotonic()  # the end of the last iteration attempt (or the last idle moment)
 
     # --- public, any thread -----------------------------------------------------------------------
@@ -640,9 +649,22 @@ class Engine:
         due = previews.wanted(batch, m)
         if not due:
             return
-        images = previews.x0_hat(batch.x[:m], eps, inputs, [row for row, *_ in due])
-        for (_, job, k, index), image in zip(due, images, strict=True):
-            self._callback(job, lambda j, k=k, index=index, image=image: j.on_preview(j, k, index, image))  # type: ignore[misc]
+        host, event = self._to_host(previews.x0_hat(batch.x[:m], eps, inputs, [row for row, *_ in due]))
+        self._preview_readouts.append(_PreviewReadout(host, [(job, k, index) for _, job, k, index in due], event))
+
+    def _deliver_previews(self, wait: bool) -> None:
+        """Partial images to their jobs once their copy is complete (before the images after them: a stream shows
+        them first)."""
+        while self._preview_readouts:
+            readout = self._preview_readouts[0]
+            if readout.event is not None:
+                if not wait and not readout.event.query():
+                    return
+                readout.event.synchronize()
+            self._preview_readouts.pop(0)
+            for (job, k, index), image in zip(readout.owners, readout.images, strict=True):
+                if not job.done:
+                    self._callback(job, lambda j, k=k, index=index, image=image: j.on_preview(j, k, index, image))  # type: ignore[misc]
 
     def _advance(self, batch: ServedBatch, new_x: torch.Tensor, x0: torch.Tensor | None, seconds: float) -> None:
         """Move every row one step on, retire those at x_0 (their images leave the device in one copy),
@@ -675,14 +697,19 @@ class Engine:
         """The finished rows' images on their way to the host: one gather and one copy (non-blocking into
         pinned memory on CUDA, waited for by an event when they are delivered, an iteration later)."""
         owners = [batch.owners[int(r)] for r in rows]
-        images = new_x[host_to_device(rows, self.device, torch.int64)]
+        host, event = self._to_host(new_x[host_to_device(rows, self.device, torch.int64)])
+        return _Readout(host, owners, event)
+
+    def _to_host(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """``images`` as float32 on the host: on CUDA a non-blocking copy into pinned memory and the event after which
+        it is complete (no device sync in the iteration), elsewhere the tensor itself."""
         if self.device.type != "cuda":
-            return _Readout(images.float(), owners, None)
+            return images.float(), None
         host = torch.empty(images.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(images, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return _Readout(host, owners, event)
+        return host, event
 
     def _leave(self, batch: ServedBatch, rows: np.ndarray | list[int]) -> None:
         """Rows leave the batch (finished, failed, cancelled): their jobs' step counts banked (the lock held)."""
@@ -694,6 +721,7 @@ class Engine:
 
     def _deliver(self, wait: bool) -> None:
         """Finished images to their jobs, once their copy to the host is complete (``wait``: wait for it)."""
+        self._deliver_previews(wait)
         while self._readouts:
             readout = self._readouts[0]
             if readout.event is not None:

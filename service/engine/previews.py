@@ -43,7 +43,8 @@ def wanted(batch: ServedBatch, m: int) -> list[tuple[int, Job, int, int]]:
 
 
 def x0_hat(x: torch.Tensor, eps: torch.Tensor, inputs: StepInputs, rows: list[int]) -> torch.Tensor:
-    """(len(rows), C, H, W) float32 on the host: Eq. 15 for those rows of the iteration's x_t and eps."""
+    """(len(rows), C, H, W) float32 on x's device: Eq. 15 for those rows of the iteration's x_t and eps (the engine
+    copies them to the host as it copies finished images: on CUDA without a sync)."""
     idx = host_to_device(rows, x.device, torch.int64)
     shape = (-1, *([1] * (x.dim() - 1)))
     coefs = inputs.coefs
@@ -52,4 +53,4 @@ def x0_hat(x: torch.Tensor, eps: torch.Tensor, inputs: StepInputs, rows: list[in
     if inputs.edit is not None:  # inpainting: the known pixels are the input's (a row without a mask has masked 0)
         keep = inputs.edit.mask[idx] * inputs.edit.masked[idx].view(shape)
         x0 = keep * inputs.edit.known[idx] + (1.0 - keep) * x0
-    return x0.float().cpu()
+    return x0.float()
