@@ -77,10 +77,10 @@ class OpenAIImageStream:
         answered(self.state, generated)
         extra = chain_fields(self.state, self.key, generated.job is None)
         created = int(time.time())
+        self.request.state.outcome, self.request.state.outcome_code = "ok", 200
         yield "".join(self._event("completed", {"b64_json": base64.b64encode(png).decode(), "created_at": created, **self.fields,
                                                 "usage": NO_TOKENS, "image_index": k, **extra})
                       for k, png in enumerate(pngs))  # type: ignore[arg-type]  # one write
-        self.request.state.outcome, self.request.state.outcome_code = "ok", 200
 
     async def _while_running(self, handle: JobHandle) -> AsyncIterator[str]:
         """Partial images and keep-alives until the job is done (then the previews that came with its last calls)."""
