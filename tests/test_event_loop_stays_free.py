@@ -33,7 +33,7 @@ def test_a_stalled_stream_reader_holds_one_progress_event() -> None:
     ("module_name", "encoder", "path", "body", "headers"),
     [
         ("service.api.routes.generate", "png_bytes", "/generate", {"seed": 1, "steps": 2}, {"Accept": "image/png"}),
-        ("service.api.routes.openai_images", "image_files", "/v1/images/generations", {"prompt": "x", "seed": 1, "steps": 2}, {}),
+        ("service.api.output_format", "image_files", "/v1/images/generations", {"prompt": "x", "seed": 1, "steps": 2}, {}),
     ],
 )
 def test_encoding_runs_off_the_event_loop(

@@ -13,20 +13,16 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Form, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ddpm.grid import OUTPUT_FORMATS, image_files
 from ddpm.seeding import MAX_SEED
 from service.api.deps import Authorized, StateDep
 from service.api.errors import ApiError, documented, not_ready
 from service.api.generation import (
-    JSON,
     SSE,
     Generated,
     Scheduling,
@@ -40,6 +36,7 @@ from service.api.generation import (
     scheduling,
 )
 from service.api.openai_stream import OpenAIImageStream
+from service.api.output_format import OutputFormat, output_format_of
 from service.api.schemas import (
     ImageData,
     ImageEditForm,
@@ -81,34 +78,6 @@ def _check_options(body: ImageGenerationRequest | ImageForm) -> None:
             continue
         can = f"it takes {' or '.join(map(repr, accepted))}" if accepted else "leave it out"
         raise _invalid(param, f"{param} {value!r} is not supported by this model ({can})", code="unsupported_value")
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    """OpenAI's output_format and output_compression: the images' files (ddpm.grid.image_files)."""
-
-    name: str = "png"
-    quality: int | None = None  # jpeg and webp: 0-100 (None: 100)
-
-    def encode(self, images: torch.Tensor) -> list[bytes]:
-        return image_files(images, self.name, self.quality)
-
-    def media(self) -> str:
-        """What the answer's ETag names beside its images (PNG answers keep theirs)."""
-        return JSON if self.name == "png" else f"{JSON}; output_format={self.name}; output_compression={self.quality}"
-
-
-def _output_format(body: ImageGenerationRequest | ImageForm) -> OutputFormat:
-    name, quality = getattr(body, "output_format", None) or "png", getattr(body, "output_compression", None)
-    if name not in OUTPUT_FORMATS:
-        raise _invalid("output_format", f"output_format {name!r} is not supported (it takes {', '.join(OUTPUT_FORMATS)})",
-                       code="unsupported_value")  # fmt: skip
-    if quality is not None and name == "png":
-        raise _invalid("output_compression", "output_compression applies to jpeg and webp (output_format); png is lossless",
-                       code="unsupported_value")  # fmt: skip
-    if quality is not None and not 0 <= quality <= 100:
-        raise _invalid("output_compression", f"output_compression must be in 0..100, got {quality}")
-    return OutputFormat(name, quality)
 
 
 def _check_model(state: ServerState, requested: str | None) -> None:
@@ -212,7 +181,7 @@ def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | Imag
     if body.response_format == "url":
         raise _invalid("response_format", "response_format 'url' is not supported: this server keeps no images; use 'b64_json'")
     _check_options(body)
-    return size, _output_format(body)
+    return size, output_format_of(body)
 
 
 async def _answer(state: ServerState, key: ImageKey, size: str, fmt: OutputFormat, request: Request, sched: Scheduling) -> Response:
