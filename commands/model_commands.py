@@ -450,7 +450,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def add_edit_args(p: argparse.ArgumentParser) -> None:
     """Editing an input image (ddpm sample / eval here, ddpm generate through a server)."""
     p.add_argument("--init-image", default=None,
-                   help="a PNG of the model's size and mode: variations start from it noised (SDEdit, --strength)")  # fmt: skip
+                   help="a PNG (JPEG, WebP) of the model's size: variations start from it noised (SDEdit, --strength)")  # fmt: skip
     p.add_argument("--mask", default=None,
                    help="with --init-image: a PNG whose transparent (alpha 0) pixels, or with none its black ones, "
                         "are repainted")  # fmt: skip

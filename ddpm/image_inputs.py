@@ -1,11 +1,11 @@
-"""Input images for editing (ddpm/editing.py) from PNG bytes: checked against the model's image shape
-and mode, with errors that say what the model takes. The inverse of the PNGs ``ddpm.grid`` writes.
+"""Input images for editing (ddpm/editing.py) from PNG bytes (or JPEG, WebP, .npy): checked against the model's
+image shape and mode, with errors that say what the model takes. The inverse of the PNGs ``ddpm.grid`` writes.
 
 The bytes are a stranger's: every failure of a decoder is an ``InputError`` naming the field, never
-anything else (tests/test_image_inputs.py feeds random and mutated PNG, APNG and .npy bytes). What an
+anything else (tests/test_image_inputs.py feeds random and mutated PNG, APNG, JPEG, WebP and .npy bytes). What an
 input declares is checked before anything is decoded or allocated: a PNG's size from its header (a
-69-byte PNG may declare 20000x20000), an .npy's shape and dtype from its header (a 128-byte one may
-declare 80 GB).
+69-byte PNG may declare 20000x20000), a JPEG's or WebP's from the header Pillow reads before decoding, an .npy's
+shape and dtype from its header (a 128-byte one may declare 80 GB).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 GREY_MODES = ("L", "LA", "1", "I", "I;16")
 COLOUR_MODES = ("RGB", "RGBA")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # JPEG and WebP: what OpenAI's edits take besides PNG (a phone's photo, a browser's export)
 NPY_SIGNATURE = b"\x93NUMPY"  # an array client's input: float (C, H, W) in [0, 1], as the server's npy answers
 
 
@@ -75,24 +76,38 @@ def _array(field: str, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     return array
 
 
+def _format(field: str, data: bytes) -> str:
+    """The format the first bytes name: Pillow is handed that one alone (no guessing among its dozens of decoders)."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    raise InputError(field, f"{field} is not a PNG, JPEG, WebP or .npy array (only those are taken)")
+
+
 def _open(field: str, data: bytes, shape: tuple[int, int, int]) -> Image.Image:
-    """The PNG decoded, once its header says it has the model's size (a bomb is refused undecoded)."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise InputError(field, f"{field} is not a PNG or a .npy array (only those are taken)")
-    if len(data) >= 24 and data[12:16] == b"IHDR":  # the first chunk's width and height, before Pillow sees them
+    """The image decoded, once its header says it has the model's size (a bomb is refused undecoded): PNG, or JPEG or
+    WebP (the size from their headers as Pillow reads them, before anything is decoded)."""
+    kind = _format(field, data)
+    if kind == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":  # the first chunk's width and height, before Pillow
         width, height = struct.unpack(">II", data[16:24])
         _check_size(field, width, height, "", shape)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a stranger's damaged EXIF block or chunk: not a log line per request
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=["PNG"])  # reads the header only
+            image = Image.open(io.BytesIO(data), formats=[kind])  # reads the header only
             _check_size(field, image.size[0], image.size[1], f" {image.mode}", shape)
             image.load()
+            image = upright(image)
     except InputError:
         raise
+    except Image.DecompressionBombError as exc:  # a JPEG's or WebP's header, read by Pillow: nothing decoded
+        raise InputError(field, f"{field} declares over {Image.MAX_IMAGE_PIXELS} pixels; {_what_it_takes(shape)}") from exc
     except Exception as exc:  # Pillow raises many kinds on a damaged PNG: OSError, SyntaxError, EOFError, struct.error, ...
-        raise InputError(field, f"{field} is not a readable PNG ({type(exc).__name__})") from exc
-    image = upright(image)
+        raise InputError(field, f"{field} is not a readable {kind} ({type(exc).__name__})") from exc
     _check_size(field, image.size[0], image.size[1], f" {image.mode} (as its EXIF Orientation turns it)", shape)
     if image.mode == "P":  # a palette PNG (an optimiser's output): its colours, and its palette's alpha as a band
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")

@@ -102,7 +102,7 @@ def test_an_inpainting_request_streams_its_calls(client: TestClient) -> None:
     [
         ({"image": _png(np.zeros((64, 64, 3), np.uint8))}, "image", "this model takes 8x8 grey PNGs"),
         ({"image": _png(np.dstack([DIGIT, 255 - DIGIT, DIGIT]))}, "image", "RGB PNG whose red, green and blue differ"),
-        ({"image": base64.b64encode(b"GIF89a not a png").decode()}, "image", "not a PNG or a .npy array"),
+        ({"image": base64.b64encode(b"GIF89a not a png").decode()}, "image", "not a PNG, JPEG, WebP or .npy array"),
         ({"image": "%%%"}, "image", "not base64"),
         ({"image": None, "mask": MASK}, "mask", "needs an input image"),
         ({"image": None, "strength": 0.5}, "strength", "needs an input image"),

@@ -121,10 +121,14 @@ def test_a_16_bit_grey_mask_is_read_on_its_own_scale() -> None:
     assert np.allclose(image.numpy(), decode_image("image", eight.getvalue(), (1, 28, 28))[0].numpy(), atol=1 / 127.5)
 
 
-def _png(image: Image.Image, **params: object) -> bytes:
+def _encoded(image: Image.Image, file_format: str, **params: object) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG", **params)
+    image.save(buf, format=file_format, **params)
     return buf.getvalue()
+
+
+def _png(image: Image.Image, **params: object) -> bytes:
+    return _encoded(image, "PNG", **params)
 
 
 def _orientation(value: int) -> Image.Exif:
@@ -195,6 +199,32 @@ def test_an_uploads_exif_orientation_is_applied(decode) -> None:  # type: ignore
     assert np.allclose(levels, shown / (1 if decode is decode_image else 255), atol=1e-4)
 
 
+def test_jpeg_and_webp_uploads_are_read_as_openais_edits_take_them() -> None:
+    """A JPEG (a phone's photo, EXIF-turned) or a WebP of the model's size: read (was "not a PNG or a .npy array");
+    its size is checked from its header before anything is decoded; another format is still refused by name."""
+    grey = (np.arange(28 * 28) % 251).astype(np.uint8).reshape(28, 28)
+    lossless, _ = decode_image("image", _encoded(Image.fromarray(np.dstack([grey] * 3), "RGB"), "WEBP", lossless=True), (1, 28, 28))
+    assert np.allclose((lossless.numpy()[0] + 1) * 127.5, grey, atol=1e-4)
+    photo, _ = decode_image("image", _encoded(Image.fromarray(grey, "L"), "JPEG", quality=95), (1, 28, 28))
+    assert np.abs((photo.numpy()[0] + 1) * 127.5 - grey).mean() < 8
+    mask = decode_mask("mask", _encoded(Image.fromarray(255 - WHITE_HOLE, "L"), "JPEG", quality=95), (1, 28, 28))
+    assert np.array_equal(mask[0].numpy() == 0, HOLE)  # black marks the hole, as in a PNG without alpha
+    with pytest.raises(InputError, match="is 5000x5000"):  # under Pillow's bomb threshold: the header's size, undecoded
+        decode_image("image", _jpeg_declaring(5000, 5000), (1, 28, 28))
+    with pytest.raises(InputError, match="declares over"):  # over it: Pillow's refusal, named
+        decode_image("image", _jpeg_declaring(20000, 20000), (1, 28, 28))
+    with pytest.raises(InputError, match=r"not a PNG, JPEG, WebP or \.npy array"):
+        decode_image("image", _encoded(Image.fromarray(grey, "L"), "GIF"), (1, 28, 28))
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """A real 8x8 JPEG whose frame header (SOF0) is made to declare width x height."""
+    data = bytearray(_encoded(Image.new("L", (8, 8)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 def test_max_input_bytes_covers_the_largest_form_of_an_input() -> None:
     for shape in [(1, 28, 28), (3, 32, 32), (3, 256, 256)]:
         assert len(npy(np.zeros(shape))) <= max_input_bytes(shape)
@@ -205,7 +235,9 @@ SEEDS = [real_png(), real_png((1, 28, 28), "LA"), real_png((3, 8, 8), "RGBA"), p
          npy(np.zeros((3, 8, 8), np.float32)),
          _png(Image.fromarray(WHITE_HOLE, "L"), transparency=255),  # a colour key
          _png(Image.fromarray(np.dstack([WHITE_HOLE] * 4), "RGBA").quantize(4)),  # a palette with alpha
-         _png(Image.fromarray(WHITE_HOLE, "L"), exif=_orientation(6))]  # an EXIF block  # fmt: skip
+         _png(Image.fromarray(WHITE_HOLE, "L"), exif=_orientation(6)),  # an EXIF block
+         _encoded(Image.fromarray(WHITE_HOLE, "L"), "JPEG", exif=_orientation(6)),
+         _encoded(Image.fromarray(np.dstack([WHITE_HOLE] * 3), "RGB"), "WEBP", lossless=True)]  # fmt: skip
 
 
 def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:

@@ -127,7 +127,7 @@ class EditFields(BaseModel):
     image: str | None = Field(
         None,
         max_length=2**24,
-        description="The input image, a base64 PNG of the model's size and mode (GET /info: image_shape; 1 channel: grey, "
+        description="The input image, a base64 PNG (or JPEG, WebP) of the model's size (GET /info: image_shape; 1 channel: grey, "
         "3: RGB), or a base64 .npy float array (C, H, W) in [0, 1]; a data: URL of either, and base64 in lines, are taken. At most "
         "GET /info's limits.max_input_bytes before base64. With strength < 1 the chain starts from it noised (SDEdit); "
         "with a mask its known pixels are kept.",
@@ -293,7 +293,7 @@ class Limits(BaseModel):
     max_images_per_client: int
     request_timeout_s: float
     max_body_bytes: int = Field(..., description="Larger request bodies get 413 (DDPM_MAX_BODY_BYTES, or room for max_input_bytes twice)")
-    max_input_bytes: int = Field(..., description="Bytes of one input image or mask (PNG or .npy), before base64")
+    max_input_bytes: int = Field(..., description="Bytes of one input image or mask (PNG, JPEG, WebP or .npy), before base64")
 
 
 class Defaults(BaseModel):
@@ -379,7 +379,7 @@ class ImageForm(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    image: UploadFile | None = Field(None, description="The input PNG, of the model's size and mode (GET /info).")
+    image: UploadFile | None = Field(None, description="The input PNG (or JPEG, WebP), of the model's size (GET /info).")
     image_list: list[UploadFile] | None = Field(None, alias="image[]", description="OpenAI's list form: one image only here.")
     model: str | None = Field(None, description="The served model's name (GET /v1/models); another name is 404.")
     n: int = Field(1, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")

@@ -166,7 +166,7 @@ async def _image(form: ImageForm) -> bytes:
         raise _invalid("image", "one input image per request here (this model edits one image at a time)")
     upload = form.upload()
     if upload is None:
-        raise _invalid("image", "image is required (a PNG file in the multipart form)")
+        raise _invalid("image", "image is required (a PNG, JPEG or WebP file in the multipart form)")
     return await upload.read()
 
 
