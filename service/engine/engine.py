@@ -96,6 +96,16 @@ class _Readout:
     event: torch.cuda.Event | None
 
 
+def _copied(event: torch.cuda.Event | None, wait: bool) -> bool:
+    """Whether a readout's copy to the host is complete (none on CPU); ``wait``: wait for it."""
+    if event is None:
+        return True
+    if not wait and not event.query():
+        return False
+    event.synchronize()
+    return True
+
+
 @dataclass
 class _PreviewReadout:
     """Partial images on their way to the host, as ``_Readout``: (job, image k, preview index) each."""
@@ -657,10 +667,8 @@ class Engine:
         them first)."""
         while self._preview_readouts:
             readout = self._preview_readouts[0]
-            if readout.event is not None:
-                if not wait and not readout.event.query():
-                    return
-                readout.event.synchronize()
+            if not _copied(readout.event, wait):
+                return
             self._preview_readouts.pop(0)
             for (job, k, index), image in zip(readout.owners, readout.images, strict=True):
                 if not job.done:
@@ -724,10 +732,8 @@ class Engine:
         self._deliver_previews(wait)
         while self._readouts:
             readout = self._readouts[0]
-            if readout.event is not None:
-                if not wait and not readout.event.query():
-                    return
-                readout.event.synchronize()
+            if not _copied(readout.event, wait):
+                return
             self._readouts.pop(0)
             done: dict[int, Job] = {}
             finite = finite_rows(readout.images)  # on the host: no device read
