@@ -94,15 +94,19 @@ class JobHandle:
 
     def _add_preview(self, preview: tuple[int, int, torch.Tensor]) -> None:
         self._previews.append(preview)  # at most Job.previews per image: bounded
-        self._set_progress(self._latest)
+        self._wake()
 
     def take_previews(self) -> list[tuple[int, int, torch.Tensor]]:
         """The partial images that came since the last call: (image k, preview index, x0_hat (C, H, W) in [-1, 1])."""
         taken, self._previews = self._previews, []
         return taken
 
-    def _set_progress(self, event: ProgressEvent | None) -> None:
+    def _set_progress(self, event: ProgressEvent) -> None:
         self._latest = event
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the readers (``events``): new progress, or a partial image."""
         self._version += 1
         if not self._changed.done():
             self._changed.set_result(None)
@@ -140,7 +144,7 @@ class JobHandle:
     async def events(self, min_interval_s: float = 0.1, tick_s: float | None = None) -> AsyncIterator[ProgressEvent | None]:
         """Progress, at most one event per min_interval_s, until the job is done; with ``tick_s``, also
         None after each tick_s without progress (a stream's cue for queue positions and keep-alives)."""
-        last, seen = 0.0, 0
+        last, seen, shown = 0.0, 0, None
         while not self.done.done():
             if self._version == seen:  # nothing new: wait for progress, the answer or a tick
                 changed = self._changed
@@ -157,8 +161,8 @@ class JobHandle:
                     continue
             seen = self._version
             now = time.monotonic()
-            if self._latest is not None and now - last >= min_interval_s:
-                last = now
+            if self._latest is not None and self._latest is not shown and now - last >= min_interval_s:
+                last, shown = now, self._latest
                 yield self._latest
-            elif self._previews:  # a partial image came (a job whose progress nobody watches)
+            elif self._previews:  # a partial image came (the same progress is not sent again for it)
                 yield None
