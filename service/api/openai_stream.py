@@ -26,7 +26,7 @@ from ddpm.grid import image_pngs
 from service.api.errors import ApiError
 from service.api.generation import Generated, Scheduling, answered, chain_fields, encode_off_loop, finished
 from service.api.job_handle import JobHandle
-from service.api.progress_stream import preview_pngs
+from service.api.progress_stream import preview_files
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 
@@ -103,7 +103,7 @@ class OpenAIImageStream:
         if self.shared:
             return ""
         created = int(time.time())
-        taken = await preview_pngs(self.state, self.key, self.request, handle, self.encode)
+        taken = await preview_files(self.state, self.request, handle, self.encode)
         return "".join(self._event("partial_image", {"b64_json": png, "created_at": created, **self.fields,
                                                      "partial_image_index": index, "image_index": k})
                        for k, index, png in taken)  # fmt: skip

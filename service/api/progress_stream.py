@@ -29,17 +29,17 @@ def sse(event: str, data: object) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def preview_pngs(
-    state: ServerState, key: ImageKey, request: Request, handle: JobHandle, encode: Callable[[torch.Tensor], list[bytes]] = image_pngs
+async def preview_files(
+    state: ServerState, request: Request, handle: JobHandle, encode: Callable[[torch.Tensor], list[bytes]] = image_pngs
 ) -> list[tuple[int, int, str]]:
-    """The partial images that came (service/engine/previews.py) as (image index in ``key``'s answer, preview index,
-    base64 file: PNG, or what ``encode`` makes), encoded off the event loop."""
+    """The partial images that came (service/engine/previews.py) as (image index, preview index, base64 file: PNG, or
+    what ``encode`` makes), encoded off the event loop. Only the request whose own job it is reads them (a shared job's
+    are its creator's), so image k of the job is image k of the answer."""
     taken = handle.take_previews()
     if not taken:
         return []
-    first = key.request.first - handle.job.request.first  # a request for part of a job: its own indices
-    pngs = await encode_off_loop(state, lambda: encode(torch.stack([image for _, _, image in taken])), request)
-    return [(k - first, index, base64.b64encode(png).decode()) for (k, index, _), png in zip(taken, pngs, strict=True)]  # type: ignore[arg-type]
+    files = await encode_off_loop(state, lambda: encode(torch.stack([image for _, _, image in taken])), request)
+    return [(k, index, base64.b64encode(file).decode()) for (k, index, _), file in zip(taken, files, strict=True)]  # type: ignore[arg-type]
 
 
 def _queued(key: ImageKey, ahead: int, cached: bool) -> str:
@@ -140,4 +140,4 @@ class ProgressStream:
         if self.shared:
             return ""
         return "".join(sse("preview", {"image_index": k, "preview_index": index, "image": png})
-                       for k, index, png in await preview_pngs(self.state, self.key, self.request, handle))  # fmt: skip
+                       for k, index, png in await preview_files(self.state, self.request, handle))  # fmt: skip
