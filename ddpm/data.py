@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ddpm.image_inputs import deep_grey, grey_levels, upright
+from ddpm.image_inputs import deep_grey, grey_levels, palette_as_colours, upright
 from ddpm.names import text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -133,9 +133,7 @@ def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
         im = Image.fromarray(np.round(levels).astype(np.uint8))  # (H, W) uint8: mode L
     elif im.mode == "F":
         raise ValueError("a floating-point image (mode F): save it with 8 or 16 bits per channel")
-    elif im.mode == "P" and "transparency" in im.info:  # pngquant's: its colours by way of RGBA (the same pixels; Pillow
-        im = im.convert("RGBA")  # warns on a direct convert, and PYTHONWARNINGS=error refused the folder)
-    im = im.convert("L" if channels == 1 else "RGB")
+    im = palette_as_colours(im).convert("L" if channels == 1 else "RGB")  # (PYTHONWARNINGS=error refused a pngquant folder)
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im)

@@ -109,9 +109,15 @@ def _open(field: str, data: bytes, shape: tuple[int, int, int]) -> Image.Image:
     except Exception as exc:  # Pillow raises many kinds on a damaged PNG: OSError, SyntaxError, EOFError, struct.error, ...
         raise InputError(field, f"{field} is not a readable {kind} ({type(exc).__name__})") from exc
     _check_size(field, image.size[0], image.size[1], f" {image.mode} (as its EXIF Orientation turns it)", shape)
-    if image.mode == "P":  # a palette PNG (an optimiser's output): its colours, and its palette's alpha as a band
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    return image
+    return palette_as_colours(image)
+
+
+def palette_as_colours(image: Image.Image) -> Image.Image:
+    """A palette image (an optimiser's output: pngquant, optipng) as its colours, RGBA where its palette has alpha (as a
+    band: Pillow warns on converting such an image straight to L or RGB); any other image as it is."""
+    if image.mode != "P":
+        return image
+    return image.convert("RGBA" if "transparency" in image.info else "RGB")
 
 
 def upright(image: Image.Image) -> Image.Image:
