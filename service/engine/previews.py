@@ -53,4 +53,4 @@ def x0_hat(x: torch.Tensor, eps: torch.Tensor, inputs: StepInputs, rows: list[in
     if inputs.edit is not None:  # inpainting: the known pixels are the input's (a row without a mask has masked 0)
         keep = inputs.edit.mask[idx] * inputs.edit.masked[idx].view(shape)
         x0 = keep * inputs.edit.known[idx] + (1.0 - keep) * x0
-    return x0.float()
+    return x0  # float32: x_t and the coefficients are, and eps is cast above
