@@ -21,7 +21,7 @@ serve: $(BIN)/ddpm
 # On an AVX-512 machine they run a second time on the AVX2 kernels (ATen's, oneDNN's and MKL's capped), as an
 # AVX2-only CPU runs them: a tolerance that holds on one ISA only fails here, not on a user's machine.
 NUMERICS := tests/test_continuous_batcher.py tests/test_reverse_chain.py tests/test_restart.py tests/test_image_editing.py \
-	tests/test_guidance.py tests/test_shipped_model.py tests/test_scheduling.py tests/test_offline_is_served.py
+	tests/test_guidance.py tests/test_shipped_model.py tests/test_scheduling.py tests/test_offline_is_served.py tests/test_previews.py
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 # In parallel, one worker per core (pytest-xdist): a file's tests run on one worker in order (their module
