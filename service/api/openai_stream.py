@@ -23,7 +23,7 @@ import torch
 from fastapi import Request
 
 from ddpm.grid import image_pngs
-from service.api.errors import ApiError
+from service.api.errors import ApiError, openai_error_body
 from service.api.generation import Generated, Scheduling, answered, chain_fields, encode_off_loop, finished
 from service.api.job_handle import JobHandle
 from service.api.progress_stream import preview_files
@@ -50,9 +50,8 @@ class OpenAIImageStream:
 
     def _error(self, error: ApiError) -> str:
         self.request.state.outcome, self.request.state.outcome_code = error.outcome, error.status_code
-        body = {"message": str(error.detail), "type": "server_error" if error.status_code >= 500 else "invalid_request_error",
-                "param": None, "code": None}  # fmt: skip
-        return f"event: error\ndata: {json.dumps({'error': body})}\n\n"
+        body = openai_error_body(error.status_code, str(error.detail), error.param, error.code)  # as the routes answer it
+        return f"event: error\ndata: {json.dumps(body)}\n\n"
 
     async def events(self, cached: torch.Tensor | None) -> AsyncIterator[str]:
         if self.handle is None:  # from the cache: no preview to show
