@@ -15,7 +15,6 @@ from its first byte; what it ended with is the request's outcome for the access 
 from __future__ import annotations
 
 import base64
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -26,7 +25,7 @@ from ddpm.grid import image_pngs
 from service.api.errors import ApiError, openai_error_body
 from service.api.generation import Generated, Scheduling, answered, chain_fields, encode_off_loop, finished
 from service.api.job_handle import JobHandle
-from service.api.progress_stream import preview_files
+from service.api.progress_stream import preview_files, sse
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 
@@ -46,12 +45,11 @@ class OpenAIImageStream:
         request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
     def _event(self, name: str, data: dict[str, object]) -> str:
-        return f"event: {self.kind}.{name}\ndata: {json.dumps({'type': f'{self.kind}.{name}', **data})}\n\n"
+        return sse(f"{self.kind}.{name}", {"type": f"{self.kind}.{name}", **data})
 
     def _error(self, error: ApiError) -> str:
         self.request.state.outcome, self.request.state.outcome_code = error.outcome, error.status_code
-        body = openai_error_body(error.status_code, str(error.detail), error.param, error.code)  # as the routes answer it
-        return f"event: error\ndata: {json.dumps(body)}\n\n"
+        return sse("error", openai_error_body(error.status_code, str(error.detail), error.param, error.code))  # as the routes answer it
 
     async def events(self, cached: torch.Tensor | None) -> AsyncIterator[str]:
         if self.handle is None:  # from the cache: no preview to show
