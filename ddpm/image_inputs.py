@@ -166,7 +166,7 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
         return torch.from_numpy((_array(field, data, shape) * 2.0 - 1.0).astype(np.float32)), None
     image = _open(field, data, shape)
     alpha = transparency(image)
-    grey = image.mode in GREY_MODES or image.mode == "LA"
+    grey = image.mode in GREY_MODES
     if not grey and image.mode not in COLOUR_MODES:
         raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)}")
     if shape[0] == 1 and not grey:
