@@ -655,7 +655,7 @@ class Engine:
         return stepped
 
     def _previews(self, batch: ServedBatch, m: int, inputs: StepInputs, eps: torch.Tensor) -> None:
-        """The partial images due after this iteration, to their jobs (service/engine/previews.py)."""
+        """The partial images due after this iteration, on their way to the host (``_deliver_previews`` hands them over)."""
         due = previews.wanted(batch, m)
         if not due:
             return
