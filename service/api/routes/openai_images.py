@@ -55,6 +55,9 @@ router = APIRouter(prefix="/v1", route_class=StrictJSONRoute, tags=["OpenAI-comp
 OPENAI_ERRORS = documented(openai=True)
 OPENAI_ERRORS[400] = {"model": OpenAIError, "description": "A size other than the model's, response_format url, or unreadable JSON"}
 OPENAI_ERRORS[404] = {"model": OpenAIError, "description": "The model named is not the one served"}
+# the routes that stream (stream: true): the same 200 as Server-Sent Events (service/api/openai_stream.py)
+STREAMING = {**OPENAI_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "ImagesResponse; with stream: true, "
+                                    "partial_image events, then a completed event per image (or an error event)"}}
 
 
 def _invalid(param: str, message: str, status: int = 400, code: str | None = None) -> ApiError:
@@ -94,7 +97,7 @@ def _check_model(state: ServerState, requested: str | None) -> None:
 @router.post(
     "/images/generations",
     response_model=ImagesResponse,
-    responses=OPENAI_ERRORS,
+    responses=STREAMING,
     summary="OpenAI-compatible image generation (the prompt does not condition this unconditional model)",
 )
 async def images_generations(body: ImageGenerationRequest, request: Request, state: StateDep, _: Authorized) -> Response:
@@ -110,7 +113,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
 @router.post(
     "/images/edits",
     response_model=ImagesResponse,
-    responses=OPENAI_ERRORS,
+    responses=STREAMING,
     summary="OpenAI-compatible inpainting (RePaint): the mask's (or the image's) transparent pixels are repainted",
 )
 async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
