@@ -71,6 +71,15 @@ class ServerProcess:
         self.log.flush()
         return Path(self.log.name).read_text(encoding="utf-8")
 
+    def wait_output(self, done, timeout: float = 10.0) -> str:  # type: ignore[no-untyped-def]
+        """The output once ``done(output)`` holds (a line the server writes after its answer: the access log's); the
+        test fails with the output when it does not within ``timeout``."""
+        end = time.monotonic() + timeout
+        while not done(out := self.output()):
+            assert time.monotonic() < end, out[-2000:]
+            time.sleep(0.02)
+        return out
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -515,8 +515,11 @@ def test_host_any_ipv6_answers_both_families_and_still_drains(model_1000: Path) 
         s.wait_ready()  # over IPv4
         assert httpx.get(f"http://[::1]:{s.port}/info", timeout=5).status_code == 200
         assert httpx.post(s.url + "/generate", json={"seed": 1, "steps": 2}, timeout=30).status_code == 200
-        clients = {json.loads(line)["client"] for line in s.output().splitlines() if '"ddpm.access"' in line}
-        assert clients == {"127.0.0.1", "::1"}, clients
+        def clients(out: str) -> set[str]:
+            return {json.loads(line)["client"] for line in out.splitlines() if '"ddpm.access"' in line}
+
+        # the access line is written after the answer is sent: read at once, the POST's was not there yet (once, loaded)
+        assert clients(s.wait_output(lambda out: len(clients(out)) == 2)) == {"127.0.0.1", "::1"}
         assert "listening on [::]:" in s.output()
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(30) == 0
