@@ -39,16 +39,20 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class GatedUNet:
-    """Wraps the engine's U-Net: counts the rows it is called on, and holds the first call until released."""
+    """Wraps the engine's U-Net: counts the rows it is called on, and holds its ``hold_at``-th call (and any after it)
+    until released."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, hold_at: int = 1) -> None:
         assert state.engine is not None
         self.real, self.rows, self.entered, self.release = state.engine.model.eps_model, 0, threading.Event(), threading.Event()
+        self.calls, self.hold_at = 0, hold_at
         state.engine.model.eps_model = self
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        self.entered.set()
-        self.release.wait(30)
+        self.calls += 1
+        if self.calls >= self.hold_at:
+            self.entered.set()
+            self.release.wait(30)
         time.sleep(0.03)  # paced, so that a stream sees progress before the answer
         self.rows += x.shape[0]
         return self.real(x, *args, **kwargs)
@@ -77,8 +81,8 @@ def _concurrently(unet: GatedUNet, first: Callable[[], Any], others: list[Callab
     return results
 
 
-def _stream(c: TestClient, body: dict) -> list[tuple[str, dict]]:
-    with c.stream("POST", "/generate/stream", json=body) as s:
+def _stream(c: TestClient, body: dict, path: str = "/generate/stream") -> list[tuple[str, dict]]:
+    with c.stream("POST", path, json=body) as s:
         text = s.read().decode()
     blocks = [b for b in text.split("\n\n") if b.startswith("event:")]
     return [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("data: ", 1)[1])) for b in blocks]
@@ -159,6 +163,44 @@ def test_a_request_for_part_of_a_running_job_shares_it(model_dir: Path) -> None:
         assert dict(streamed)["result"]["images"] == whole.json()["images"][:1]
         assert unet.rows == (4 + 2) * 6  # the whole job's and the one past it: the part made nothing
         assert len(state.in_flight) == 0
+
+
+def _previews(events: list[tuple[str, dict]], name: str = "preview", index: str = "preview_index", image: str = "image") -> dict:
+    """{(image index, preview index): the preview's 8-bit levels} of a stream's events."""
+    return {(data["image_index"], data[index]): png_levels(data[image]) for event, data in events if event == name}
+
+
+def test_streams_sharing_a_job_get_its_previews_those_made_before_they_joined_too(model_dir: Path) -> None:
+    """A stream that shares a job (a retry of a stream, an identical one, one for part of its images) got no preview
+    events: the job's were its creator's only. Now each gets the job's previews of its own images where it asked for as
+    many, those made before it joined first; one that asked for another count gets none (a job makes its previews at
+    its own fractions of the calls), and shares the job all the same."""
+    c, state = app_and_state(model_dir, compile="off")
+    with c:
+        wait_ready(c)
+        unet = GatedUNet(state, hold_at=4)  # 6 calls, 2 previews: after calls 2 and 4; the others join after the first
+        asked = {**REQUEST, "previews": 2}
+        first, twin, part, other_count, openai = _concurrently(
+            unet,
+            lambda: _stream(c, asked),
+            [
+                lambda: _stream(c, asked),
+                lambda: _stream(c, {**asked, "first_image": 1, "batch_size": 1}),
+                lambda: _stream(c, {**asked, "previews": 1}),
+                lambda: _stream(c, {**OPENAI, "stream": True, "partial_images": 2}, "/v1/images/generations"),
+            ],
+            lambda: metric(c, 'ddpm_response_cache_lookups_total{result="shared"}') == 4,
+        )
+        assert unet.rows == 2 * 6  # one job for all five
+        made = _previews(first)
+        assert sorted(made) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for shared, ours in ((twin, made), (part, {(0, i): made[1, i] for i in range(2)})):
+            theirs = _previews(shared)
+            assert sorted(theirs) == sorted(ours), shared
+            assert all(np.array_equal(theirs[k], ours[k]) for k in ours)
+        assert _previews(other_count) == {} and dict(other_count)["result"]["images"] == dict(first)["result"]["images"]
+        partial = _previews(openai, "image_generation.partial_image", "partial_image_index", "b64_json")
+        assert sorted(partial) == sorted(made) and all(np.array_equal(partial[k], made[k]) for k in made)
 
 
 def test_no_sharing_with_the_response_cache_off(model_dir: Path) -> None:

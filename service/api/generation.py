@@ -260,7 +260,8 @@ def job_for(
     state: ServerState, key: ImageKey, request: Request, sched: Scheduling, stream: bool = False, previews: int = 0
 ) -> tuple[JobHandle, bool]:
     """A job making ``key``'s images: an identical request's in flight where it serves this one as well
-    (shared: True; it makes no previews for the sharer), else one submitted now with ``previews`` (errors as ApiError)."""
+    (shared: True; its previews are the sharer's where it makes as many: ``JobHandle.preview_reader``), else one
+    submitted now with ``previews`` (errors as ApiError)."""
     if state.cache.enabled:
         arrived = getattr(request.state, "arrived", time.monotonic())
         promote = partial(state.engine.promote, priority=sched.priority)  # type: ignore[union-attr]  # prepare() checked it

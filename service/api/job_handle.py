@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.image_request import ImageRequest
 from service.engine.errors import DeadlineExceeded
 from service.engine.job import Job
 
@@ -48,7 +49,9 @@ class JobHandle:
         self._version = 0  # progress events so far: each reader remembers the last it saw
         self._changed = loop.create_future()  # resolved (and replaced) at each progress event
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
-        self._previews: list[tuple[int, int, torch.Tensor]] = []  # (image k, preview index, x0_hat) not yet read
+        # every partial image that came, (image k of the job, preview index, x0_hat): at most Job.previews per image, the
+        # job's images' size times 3 at most; each reader keeps its own place (PreviewReader), a late sharer reads them all
+        self._previews: list[tuple[int, int, torch.Tensor]] = []
         if job.previews:
             job.on_preview = lambda j, k, index, image: loop.call_soon_threadsafe(self._add_preview, (k, index, image))
         if stream:
@@ -93,13 +96,15 @@ class JobHandle:
                 self._on_release()
 
     def _add_preview(self, preview: tuple[int, int, torch.Tensor]) -> None:
-        self._previews.append(preview)  # at most Job.previews per image: bounded
+        self._previews.append(preview)
         self._wake()
 
-    def take_previews(self) -> list[tuple[int, int, torch.Tensor]]:
-        """The partial images that came since the last call: (image k, preview index, x0_hat (C, H, W) in [-1, 1])."""
-        taken, self._previews = self._previews, []
-        return taken
+    def preview_reader(self, part: ImageRequest, previews: int) -> PreviewReader:
+        """A reader of the partial images of ``part``'s images (all the job's, or a sharing part's) for a request that
+        asked for ``previews`` of each: the job's where it makes as many (its creator's, an identical request's, a
+        retry's), else none (a job makes them at its own fractions of the calls: service/engine/previews.py)."""
+        wanted = previews > 0 and previews == self.job.previews
+        return PreviewReader(self, part.first - self.job.request.first, part.n if wanted else 0)
 
     def _set_progress(self, event: ProgressEvent) -> None:
         self._latest = event
@@ -144,7 +149,7 @@ class JobHandle:
     async def events(self, min_interval_s: float = 0.1, tick_s: float | None = None) -> AsyncIterator[ProgressEvent | None]:
         """Progress, at most one event per min_interval_s, until the job is done; with ``tick_s``, also
         None after each tick_s without progress (a stream's cue for queue positions and keep-alives)."""
-        last, seen, shown = 0.0, 0, None
+        last, seen, shown, cued = 0.0, 0, None, 0
         while not self.done.done():
             if self._version == seen:  # nothing new: wait for progress, the answer or a tick
                 changed = self._changed
@@ -164,5 +169,22 @@ class JobHandle:
             if self._latest is not None and self._latest is not shown and now - last >= min_interval_s:
                 last, shown = now, self._latest
                 yield self._latest
-            elif self._previews:  # a partial image came (the same progress is not sent again for it)
+            elif len(self._previews) > cued:  # a partial image came (the same progress is not sent again for it)
+                cued = len(self._previews)
                 yield None
+
+
+class PreviewReader:
+    """One request's place among its job's partial images: those of its own images (``n`` from ``offset`` among the
+    job's, numbered from 0), each once, those that came before it joined first."""
+
+    def __init__(self, handle: JobHandle, offset: int, n: int) -> None:
+        self._handle, self._offset, self._n, self._read = handle, offset, n, 0
+
+    def take(self) -> list[tuple[int, int, torch.Tensor]]:
+        """The partial images that came since the last call: (image index in the request, preview index, x0_hat
+        (C, H, W) in [-1, 1])."""
+        came = self._handle._previews[self._read :]
+        self._read += len(came)
+        first, end = self._offset, self._offset + self._n
+        return [(k - first, index, image) for k, index, image in came if first <= k < end]

@@ -38,9 +38,11 @@ class OpenAIImageStream:
 
     def __init__(self, state: ServerState, key: ImageKey, request: Request, handle: JobHandle | None, sched: Scheduling,
                  kind: str, size: str, quality: str, output_format: str = "png",
-                 encode: Callable[[torch.Tensor], list[bytes]] = image_pngs, shared: bool = False) -> None:  # fmt: skip
+                 encode: Callable[[torch.Tensor], list[bytes]] = image_pngs, shared: bool = False,
+                 partial_images: int = 0) -> None:  # fmt: skip
         self.state, self.key, self.request, self.handle, self.sched = state, key, request, handle, sched
         self.kind, self.shared, self.encode = kind, shared, encode
+        self.previews = None if handle is None else handle.preview_reader(key.request, partial_images)
         self.fields = {"size": size, "quality": quality, "background": "opaque", "output_format": output_format}
         request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
@@ -84,23 +86,22 @@ class OpenAIImageStream:
         keepalive_s = self.state.settings.sse_keepalive_s
         last_write = time.monotonic()
         async for _ in handle.events(tick_s=min(1.0, keepalive_s)):
-            previews = await self._previews(handle)
+            previews = await self._previews()
             if previews:
                 yield previews
                 last_write = time.monotonic()
             elif time.monotonic() - last_write >= keepalive_s:
                 last_write = time.monotonic()
                 yield ": keep-alive\n\n"  # a comment line: SSE clients ignore it, proxies see traffic
-        previews = await self._previews(handle)  # those that came with the last calls
+        previews = await self._previews()  # those that came with the last calls
         if previews:
             yield previews
 
-    async def _previews(self, handle: JobHandle) -> str:
-        """The partial images that came, as events in one write (a shared job's are its own request's: none here)."""
-        if self.shared:
-            return ""
+    async def _previews(self) -> str:
+        """The partial images that came, as events in one write."""
+        assert self.previews is not None
         created = int(time.time())
-        taken = await preview_files(self.state, self.request, handle, self.encode)
+        taken = await preview_files(self.state, self.request, self.previews, self.encode)
         return "".join(self._event("partial_image", {"b64_json": png, "created_at": created, **self.fields,
                                                      "partial_image_index": index, "image_index": k})
                        for k, index, png in taken)  # fmt: skip

@@ -20,7 +20,7 @@ from fastapi.encoders import jsonable_encoder
 from ddpm.grid import image_pngs
 from service.api.errors import ApiError
 from service.api.generation import Generated, Scheduling, answered, encode_off_loop, finished, result_body
-from service.api.job_handle import JobHandle
+from service.api.job_handle import JobHandle, PreviewReader
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 
@@ -30,12 +30,11 @@ def sse(event: str, data: object) -> str:
 
 
 async def preview_files(
-    state: ServerState, request: Request, handle: JobHandle, encode: Callable[[torch.Tensor], list[bytes]] = image_pngs
+    state: ServerState, request: Request, reader: PreviewReader, encode: Callable[[torch.Tensor], list[bytes]] = image_pngs
 ) -> list[tuple[int, int, str]]:
-    """The partial images that came (service/engine/previews.py) as (image index, preview index, base64 file: PNG, or
-    what ``encode`` makes), encoded off the event loop. Only the request whose own job it is reads them (a shared job's
-    are its creator's), so image k of the job is image k of the answer."""
-    taken = handle.take_previews()
+    """The partial images of the request's own images that came (service/engine/previews.py) as (image index,
+    preview index, base64 file: PNG, or what ``encode`` makes), encoded off the event loop."""
+    taken = reader.take()
     if not taken:
         return []
     files = await encode_off_loop(state, lambda: encode(torch.stack([image for _, _, image in taken])), request)
@@ -58,9 +57,11 @@ class ProgressStream:
         handle: JobHandle | None,
         sched: Scheduling,
         shared: bool = False,  # the job of an identical request in flight, or one making more (service/api/in_flight.py)
+        previews: int = 0,  # preview events of each image asked for
     ) -> None:
         self.state, self.key, self.request, self.arrived, self.handle, self.sched = state, key, request, arrived, handle, sched
         self.shared = shared
+        self.previews = None if handle is None else handle.preview_reader(key.request, previews)
         request.state.outcome, request.state.outcome_code = "cancelled", 499  # until the stream says otherwise
 
     def _ended(self, error: ApiError | None) -> None:
@@ -112,7 +113,7 @@ class ProgressStream:
         last_write = time.monotonic()
         own, whole = self.key.request.n, job.n  # a request for part of a job (service/api/in_flight.py) counts its part's steps
         async for ev in handle.events(tick_s=min(1.0, keepalive_s)):
-            previews = await self._previews(handle)
+            previews = await self._previews()
             if previews:
                 yield previews
                 last_write = time.monotonic()
@@ -130,14 +131,13 @@ class ProgressStream:
                     continue
             last_write = time.monotonic()
             yield chunk
-        previews = await self._previews(handle)  # those that came with the last calls
+        previews = await self._previews()  # those that came with the last calls
         if previews:
             yield previews
 
-    async def _previews(self, handle: JobHandle) -> str:
+    async def _previews(self) -> str:
         """The previews that came, as events in one write (a client that left is seen at the next, not after one write
-        per image; a shared job's previews are its own request's: none here)."""
-        if self.shared:
-            return ""
+        per image)."""
+        assert self.previews is not None
         return "".join(sse("preview", {"image_index": k, "preview_index": index, "image": png})
-                       for k, index, png in await preview_files(self.state, self.request, handle))  # fmt: skip
+                       for k, index, png in await preview_files(self.state, self.request, self.previews))  # fmt: skip

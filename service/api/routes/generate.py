@@ -85,6 +85,6 @@ async def generate_stream(
     sched = scheduling(state, body, request)
     cached = cached_images(state, key, request)
     handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, stream=True, previews=body.previews)
-    stream = ProgressStream(state, key, request, arrived, handle, sched, shared)
+    stream = ProgressStream(state, key, request, arrived, handle, sched, shared, body.previews)
     events = stream.events(None if cached is None else Generated(cached, None))
     return StreamingResponse(events, media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

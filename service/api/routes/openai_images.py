@@ -156,7 +156,7 @@ def _stream(state: ServerState, key: ImageKey, request: Request, sched: Scheduli
     previews = getattr(body, "partial_images", None) or 0
     handle, shared = (None, False) if cached is not None else job_for(state, key, request, sched, previews=previews)
     quality = getattr(body, "quality", None) or "auto"
-    stream = OpenAIImageStream(state, key, request, handle, sched, kind, size, quality, fmt.name, fmt.encode, shared)
+    stream = OpenAIImageStream(state, key, request, handle, sched, kind, size, quality, fmt.name, fmt.encode, shared, previews)
     return StreamingResponse(stream.events(cached), media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
