@@ -135,6 +135,52 @@ def test_page_shows_errors(server: ServerProcess, browser: object) -> None:
     assert "steps" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
 
 
+# what a replica of a version before previews answers a body with "previews" (its 422 for an unknown field)
+OLDER_REPLICA = """
+window.sent = [];
+window.older = true;
+const real = window.fetch;
+window.fetch = async (url, init) => {
+  if (String(url).endsWith("generate/stream")) {
+    const body = JSON.parse(init.body);
+    window.sent.push(body);
+    if (window.older && "previews" in body) {
+      const error = { type: "extra_forbidden", loc: ["body", "previews"], msg: "Extra inputs are not permitted", input: body.previews };
+      return new Response(JSON.stringify({ detail: "previews: Extra inputs are not permitted", errors: [error] }),
+                          { status: 422, headers: { "Content-Type": "application/json" } });
+    }
+  }
+  return real(url, init);
+};
+"""
+
+
+def test_page_makes_images_where_an_older_replica_refuses_previews(server: ServerProcess, browser: object) -> None:
+    """During a rolling update a page from a new replica may send its request to an old one, which refuses the
+    unknown ``previews`` field: the page showed "422: previews: Extra inputs are not permitted" until the update
+    ended. Now it asks again without previews, once, and shows the images; another 422 is still shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")  # type: ignore[attr-defined]
+    WebDriverWait(d, 20).until(lambda drv: "tiny (ddpm-serve)" in drv.find_element(By.ID, "info-list").text)
+    d.execute_script(OLDER_REPLICA)  # type: ignore[attr-defined]
+    _fill(d, {"seed": "4", "batch_size": "2", "steps": "3"})
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    status = lambda drv: drv.find_element(By.ID, "status").text  # noqa: E731
+    WebDriverWait(d, 60).until(lambda drv: "done" in status(drv) or "422" in status(drv))
+    assert "done: 2 images" in d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+    sent = d.execute_script("return window.sent")  # type: ignore[attr-defined]
+    assert [("previews" in body) for body in sent] == [True, False] and sent[1]["seed"] == 4
+    d.execute_script("window.older = false")  # type: ignore[attr-defined]  # a replica of this version: a 422 for another field
+    _fill(d, {"steps": "5000"})  # shown, not asked again
+    d.find_element(By.ID, "go").click()  # type: ignore[attr-defined]
+    WebDriverWait(d, 30).until(lambda drv: "422" in drv.find_element(By.ID, "status").text)
+    assert "steps" in d.find_element(By.ID, "status").text and len(d.execute_script("return window.sent")) == 3  # type: ignore[attr-defined]
+    assert d.execute_script("return window.sent[2].previews") == 3  # type: ignore[attr-defined]
+
+
 def test_page_works_behind_a_proxy_that_serves_it_under_a_prefix(server: ServerProcess, browser: object, tmp_path: Path) -> None:
     """One host, several services: nginx serves this replica at /ddpm/ (``location /ddpm/ { proxy_pass http://replica/; }``).
     The page called "/info" and "/generate/stream", the proxy's own paths (404 there): no model shown, no image made."""
