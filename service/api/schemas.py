@@ -337,7 +337,7 @@ STREAM = ("Server-Sent Events as OpenAI streams images: partial_image events whi
           "per image (each with image_index, this server's), or an error event.")
 PARTIAL_IMAGES = ("With stream: previews of each image while its chain runs (0-3): the model's prediction of x_0 (Ho et al. Eq. 15) "
                   "after 1/(P+1), 2/(P+1)... of its U-Net calls; fewer on a short chain, none for images already made "
-                  "(the response cache, an identical request's job in flight).")
+                  "(the response cache); sharing an identical request's job in flight, that job's where it makes as many.")
 
 
 class ImageGenerationRequest(ChainRequest, SchedulingFields):
