@@ -170,11 +170,12 @@ def _previews(events: list[tuple[str, dict]], name: str = "preview", index: str 
     return {(data["image_index"], data[index]): png_levels(data[image]) for event, data in events if event == name}
 
 
-def test_streams_sharing_a_job_get_its_previews_those_made_before_they_joined_too(model_dir: Path) -> None:
+def test_streams_sharing_a_job_get_its_previews_from_each_images_newest(model_dir: Path) -> None:
     """A stream that shares a job (a retry of a stream, an identical one, one for part of its images) got no preview
     events: the job's were its creator's only. Now each gets the job's previews of its own images where it asked for as
-    many, those made before it joined first; one that asked for another count gets none (a job makes its previews at
-    its own fractions of the calls), and shares the job all the same."""
+    many, from each image's newest when it joined (here the first of each, made before they came); one that asked for
+    another count gets none (a job makes its previews at its own fractions of the calls), and shares the job all the
+    same."""
     c, state = app_and_state(model_dir, compile="off")
     with c:
         wait_ready(c)

@@ -8,9 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import torch
-
 from ddpm.image_request import ImageRequest
+from service.api.preview_log import Preview, PreviewLog, PreviewReader
 from service.engine.errors import DeadlineExceeded
 from service.engine.job import Job
 
@@ -49,9 +48,7 @@ class JobHandle:
         self._version = 0  # progress events so far: each reader remembers the last it saw
         self._changed = loop.create_future()  # resolved (and replaced) at each progress event
         job.on_done = lambda j: loop.call_soon_threadsafe(self._set_done)
-        # every partial image that came, (image k of the job, preview index, x0_hat): at most Job.previews per image, the
-        # job's images' size times 3 at most; each reader keeps its own place (PreviewReader), a late sharer reads them all
-        self._previews: list[tuple[int, int, torch.Tensor]] = []
+        self.previews = PreviewLog()  # the partial images, as the streams waiting on the job read them
         if job.previews:
             job.on_preview = lambda j, k, index, image: loop.call_soon_threadsafe(self._add_preview, (k, index, image))
         if stream:
@@ -95,8 +92,8 @@ class JobHandle:
             if self._on_release is not None:
                 self._on_release()
 
-    def _add_preview(self, preview: tuple[int, int, torch.Tensor]) -> None:
-        self._previews.append(preview)
+    def _add_preview(self, preview: Preview) -> None:
+        self.previews.add(preview)
         self._wake()
 
     def preview_reader(self, part: ImageRequest, previews: int) -> PreviewReader:
@@ -104,7 +101,7 @@ class JobHandle:
         asked for ``previews`` of each: the job's where it makes as many (its creator's, an identical request's, a
         retry's), else none (a job makes them at its own fractions of the calls: service/engine/previews.py)."""
         wanted = previews > 0 and previews == self.job.previews
-        return PreviewReader(self, part.first - self.job.request.first, part.n if wanted else 0)
+        return self.previews.reader(part.first - self.job.request.first, part.n if wanted else 0)
 
     def _set_progress(self, event: ProgressEvent) -> None:
         self._latest = event
@@ -169,22 +166,7 @@ class JobHandle:
             if self._latest is not None and self._latest is not shown and now - last >= min_interval_s:
                 last, shown = now, self._latest
                 yield self._latest
-            elif len(self._previews) > cued:  # a partial image came (the same progress is not sent again for it)
-                cued = len(self._previews)
+            elif self.previews.made > cued:  # a partial image came (the same progress is not sent again for it)
+                cued = self.previews.made
                 yield None
 
-
-class PreviewReader:
-    """One request's place among its job's partial images: those of its own images (``n`` from ``offset`` among the
-    job's, numbered from 0), each once, those that came before it joined first."""
-
-    def __init__(self, handle: JobHandle, offset: int, n: int) -> None:
-        self._handle, self._offset, self._n, self._read = handle, offset, n, 0
-
-    def take(self) -> list[tuple[int, int, torch.Tensor]]:
-        """The partial images that came since the last call: (image index in the request, preview index, x0_hat
-        (C, H, W) in [-1, 1])."""
-        came = self._handle._previews[self._read :]
-        self._read += len(came)
-        first, end = self._offset, self._offset + self._n
-        return [(k - first, index, image) for k, index, image in came if first <= k < end]

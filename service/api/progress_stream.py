@@ -20,7 +20,8 @@ from fastapi.encoders import jsonable_encoder
 from ddpm.grid import image_pngs
 from service.api.errors import ApiError
 from service.api.generation import Generated, Scheduling, answered, encode_off_loop, finished, result_body
-from service.api.job_handle import JobHandle, PreviewReader
+from service.api.job_handle import JobHandle
+from service.api.preview_log import PreviewReader
 from service.response_cache import ImageKey
 from service.server_state import ServerState
 
