@@ -89,6 +89,8 @@ def train_to_end(command: str, run: Any, *, quiet: bool) -> None:
 
     if run.threads_note:
         print(f"{run.threads_note} (--threads sets it)", file=sys.stderr)
+    for note in run.data_notes:
+        print(f"{command}: --data: {note}", file=sys.stderr)
     try:
         run.train(progress=not quiet)
     except (Diverged, WriteError) as exc:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ddpm.image_inputs import deep_grey, grey_levels, palette_as_colours, upright
+from ddpm.image_inputs import deep_grey, grey_levels, palette_as_colours, transparency, upright
 from ddpm.names import text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -68,6 +68,7 @@ class Dataset:
     labels: torch.Tensor | None  # (N,) int64 in 0..len(class_names)-1, or None: unlabelled
     class_names: list[str]
     source_sha256: str = ""  # of the source as stored (mnist's arrays; each file's path and bytes): what a resume checks
+    notes: tuple[str, ...] = ()  # what reading the images changed that their owner may not expect (``FolderNotes``)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -105,22 +106,53 @@ def folder_classes(folder: str | Path) -> tuple[torch.Tensor | None, list[str]]:
     return torch.tensor([index[q[0]] for q in parts], dtype=torch.long), [text_name(name) for name in names]
 
 
-def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None) -> torch.Tensor:
-    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1]; ``digest`` (a hashlib
-    object) is fed each file's path under ``folder`` and its bytes, as read."""
+class FolderNotes:
+    """What reading a folder's images changed that their owner may not expect, counted: each was trained on silently
+    (a folder of colour photos at the default --channels 1 made a grey model; 640x480 photos were stretched square;
+    the colour under a transparent pixel, which no viewer shows, was learned as it is stored)."""
+
+    def __init__(self, channels: int, size: int) -> None:
+        self.channels, self.size = channels, size
+        self.images, self.colour, self.not_square, self.transparent = 0, 0, 0, 0
+
+    def read(self, im: Image.Image) -> None:
+        self.images += 1
+        self.not_square += im.size[0] != im.size[1]
+        alpha = transparency(im)
+        self.transparent += alpha is not None and int(alpha.min()) < 255
+        if self.channels == 1 and not deep_grey(im) and im.mode not in ("1", "L", "LA", "I", "F"):
+            rgb = np.asarray(palette_as_colours(im).convert("RGB"), dtype=np.int16)
+            self.colour += bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+
+    def lines(self) -> tuple[str, ...]:
+        of = f"of {self.images} images"
+        return tuple(line for count, line in (
+            (self.colour, f"{self.colour} {of} are in colour: made grey for --channels 1 (--channels 3 keeps their colours)"),
+            (self.not_square, f"{self.not_square} {of} are not square: stretched to {self.size}x{self.size}, their aspect ratio "
+                              "lost (crop them square first to keep it)"),
+            (self.transparent, f"{self.transparent} {of} have transparent pixels: the colours stored under them, which a viewer "
+                               "does not show, are learned as they are (flatten them onto a background first to choose it)"),
+        ) if count)  # fmt: skip
+
+
+def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1], and what reading them
+    changed (``FolderNotes``); ``digest`` (a hashlib object) is fed each file's path under ``folder`` and its bytes."""
     root = Path(folder)
-    arrays = []
+    arrays, notes = [], FolderNotes(channels, size)
     for path in _image_files(root):
         try:
             data = path.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
-                arrays.append(_eight_bit(upright(im), channels, size))
+                im = upright(im)
+                notes.read(im)
+                arrays.append(_eight_bit(im, channels, size))
         except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
             raise ValueError(f"{path}: {exc}") from exc
         if digest is not None:
             name = os.fsencode(path.relative_to(root).as_posix())  # a name's bytes, UTF-8 or not (str.encode refused one)
             digest.update(name + b"\0" + len(data).to_bytes(8, "little") + data)
-    return to_model_range(np.stack(arrays))
+    return to_model_range(np.stack(arrays)), notes.lines()
 
 
 def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
@@ -155,4 +187,5 @@ def load_labelled(source: str, channels: int, size: int) -> Dataset:
         return Dataset(fit_to_size(to_model_range(images), size), torch.from_numpy(labels), [str(d) for d in range(10)],
                        digest.hexdigest())  # fmt: skip
     labels, names = folder_classes(source)
-    return Dataset(load_folder(source, channels, size, digest), labels, names, digest.hexdigest())
+    images, notes = load_folder(source, channels, size, digest)
+    return Dataset(images, labels, names, digest.hexdigest(), notes)

@@ -160,6 +160,7 @@ class Distiller:
         dataset = load_labelled(config.data, self.teacher_card.unet.in_channels, self.teacher_card.unet.image_size)
         self.data = dataset.images.to(self.device)
         self.data_facts = data_facts(len(dataset.images), dataset.source_sha256)
+        self.data_notes = dataset.notes  # what reading the images changed (ddpm.data.FolderNotes): said at start, on the card
         self.sqrt_abar = self.schedule.tensor("sqrt_alphas_cumprod", self.device)
         self.sqrt_1m_abar = self.schedule.tensor("sqrt_one_minus_alphas_cumprod", self.device)
         self.student = UNet(self.teacher_card.unet).to(self.device).train()  # weights: the teacher's (a fresh round) or the saved state
@@ -274,6 +275,7 @@ class Distiller:
                 "data": self.config.data,
                 "data_images": self.data_facts["images"],
                 "data_sha256": self.data_facts["sha256"],
+                **({"data_notes": list(self.data_notes)} if self.data_notes else {}),
                 "seed": self.config.seed,
                 "batch_size": self.config.batch_size,
                 "lr": self.config.lr,

@@ -119,6 +119,7 @@ class Trainer:
         dataset = load_labelled(config.data, config.unet.in_channels, config.unet.image_size)
         self.data = dataset.images.to(self.device)
         self.data_facts = data_facts(len(dataset.images), dataset.source_sha256)
+        self.data_notes = dataset.notes  # what reading the images changed (ddpm.data.FolderNotes): said at start, on the card
         self.labels: torch.Tensor | None = None
         self.class_names: list[str] = []
         if config.conditional:
@@ -192,6 +193,7 @@ class Trainer:
                 "data": cfg.data,
                 "data_images": self.data_facts["images"],
                 "data_sha256": self.data_facts["sha256"],
+                **({"data_notes": list(self.data_notes)} if self.data_notes else {}),
                 "seed": cfg.seed,
                 "steps": self.step,
                 "batch_size": cfg.batch_size,

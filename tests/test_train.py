@@ -272,6 +272,44 @@ def test_a_resume_on_a_folder_that_holds_other_images_now_is_refused(tmp_path: P
     assert Trainer(_config(steps=2, data=str(data), batch_size=4, unet=TINY), tmp_path / "r", device="cpu").step == 1
 
 
+def test_what_reading_a_folder_changes_is_said_and_on_the_card(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder of colour photos at the default --channels 1 trained a grey model, non-square images were stretched
+    square and the colours under transparent pixels learned, all without a word. Each is counted now, said when the run
+    starts and kept on the model card; a folder of square grey opaque images says nothing."""
+    from commands.model_commands import train_to_end
+    from ddpm.data import load_labelled
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / "colour.png")
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(data / "grey-as-rgb.png")  # R = G = B: no colour
+    Image.fromarray(np.full((6, 10), 40, dtype=np.uint8)).save(data / "wide.png")
+    cut_out = np.zeros((8, 8, 4), dtype=np.uint8)
+    cut_out[..., 3] = 255
+    cut_out[:4, :, :3], cut_out[:4, :, 3] = 200, 0  # a transparent half whose hidden colour is grey 200
+    Image.fromarray(cut_out).save(data / "cut-out.png")
+    notes = load_labelled(str(data), 1, 8).notes
+    assert notes == (
+        "1 of 4 images are in colour: made grey for --channels 1 (--channels 3 keeps their colours)",
+        "1 of 4 images are not square: stretched to 8x8, their aspect ratio lost (crop them square first to keep it)",
+        "1 of 4 images have transparent pixels: the colours stored under them, which a viewer does not show, are learned as "
+        "they are (flatten them onto a background first to choose it)",
+    )
+    kept = [n.split(":")[0] for n in load_labelled(str(data), 3, 8).notes]  # in colour: its colours kept
+    assert kept == ["1 of 4 images are not square", "1 of 4 images have transparent pixels"]
+    trainer = Trainer(_config(steps=1, data=str(data), batch_size=4, unet=TINY), tmp_path / "r", device="cpu")
+    train_to_end("ddpm train", trainer, quiet=True)
+    said = capsys.readouterr().err
+    assert all(f"ddpm train: --data: {note}" in said for note in notes), said
+    assert trainer.model_card().training["data_notes"] == list(notes)
+    for name in ("colour.png", "wide.png", "cut-out.png"):
+        (data / name).unlink()
+    Image.fromarray(np.full((8, 8), 40, dtype=np.uint8)).save(data / "square.png")
+    plain = load_labelled(str(data), 1, 8)
+    assert plain.notes == ()
+
+
 def test_a_folder_with_a_file_name_that_is_not_utf8_loads_and_hashes(tmp_path: Path) -> None:
     """A name in Latin-1 (a Windows archive, an old disk) refused the whole folder: "'utf-8' codec can't encode
     characters in position 0-1: surrogates not allowed", from the hash of the names. The name's bytes are hashed as
