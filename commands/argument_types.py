@@ -91,3 +91,14 @@ integer_list.__name__ = "integer list"
 POSITIVE_NUMBER = number_in(0.0, low_open=True)
 PROBABILITY = number_in(0.0, 1.0, high_open=True)  # dropout: 1 would drop everything
 GUIDANCE_SCALE = number_in(0.0, 50.0)  # the API's bounds (service/api/schemas.py)
+
+
+def colour(text: str) -> str:
+    """An argparse ``type``: a colour Pillow names ("white", "#808080", "rgb(0, 0, 0)"), as typed."""
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a colour (a name such as white, or #rrggbb)") from None
+    return text

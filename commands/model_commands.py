@@ -19,6 +19,7 @@ from commands.argument_types import (
     SEED,
     THREADS,
     argument_text,
+    colour,
     from_environment,
     integer_list,
     number_in,
@@ -26,7 +27,7 @@ from commands.argument_types import (
 from commands.command_line import typed_command
 from commands.help_format import subcommand
 from commands.output_path import writable_directory, writable_file, writable_output, written
-from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, PRECISION_SETTINGS, SAMPLERS, SPACINGS
+from ddpm.names import COMPILE_SETTINGS, DEFAULT_SPACING, FITS, PRECISION_SETTINGS, SAMPLERS, SPACINGS
 from ddpm.shipped_models import DEFAULT_CLASSIFIER, DEFAULT_MODEL
 
 TRAIN_EXTRA = ("mlxtend", "scipy", "matplotlib")  # pyproject's [train] extra: not installed in the serving image
@@ -463,6 +464,16 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
                    help="with --mask: RePaint's samplings r per jump point (default 2; 1: none)")  # fmt: skip
 
 
+def _add_folder_args(p: argparse.ArgumentParser) -> None:
+    """How a folder given as --data is read (ddpm/data.py): its non-square and its transparent images."""
+    p.add_argument("--fit", choices=FITS, default="stretch",
+                   help="a folder's non-square images: stretched to the square size, or their middle square cropped "
+                        "(default: stretch)")  # fmt: skip
+    p.add_argument("--background", type=colour, default=None, metavar="COLOUR",
+                   help="a folder's transparent pixels flattened onto this colour (white, #808080; default: the colours stored "
+                        "under them, as they are)")  # fmt: skip
+
+
 def add_model_commands(sub: Any) -> None:
     """train, sample, eval, train-classifier and info, with their flags."""
     t = subcommand(sub, "train", "train a U-Net by Algorithm 1 (resumes an existing run directory)")
@@ -481,6 +492,7 @@ def add_model_commands(sub: Any) -> None:
                    help="sigma_t^2 of Algorithm 2: beta-tilde_t (small) or beta_t (large)")  # fmt: skip
     t.add_argument("--image-size", type=POSITIVE, default=28, help="images are resized to this square size")
     t.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 (grey) or 3 (RGB)")
+    _add_folder_args(t)
     t.add_argument("--base-channels", type=POSITIVE, default=32, help="U-Net channels at the first resolution")
     t.add_argument("--channel-mult", type=integer_list, default="1,2,2", help="channel multiplier per resolution, comma-separated")
     t.add_argument("--num-res-blocks", type=POSITIVE, default=1, help="residual blocks per resolution")
@@ -512,6 +524,7 @@ def add_model_commands(sub: Any) -> None:
     d.add_argument("--lr", type=POSITIVE_NUMBER, default=2e-4, help="Adam learning rate, linearly to 0 over each round")
     d.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the data order, t and the noise")
     d.add_argument("--data", default="mnist", help="the images z_t is made from ('mnist' or a folder, as ddpm train)")
+    _add_folder_args(d)
     d.add_argument("--checkpoint-every", type=POSITIVE, default=100, help="steps between resumable checkpoints")
     d.add_argument("--eval-n", type=NON_NEGATIVE, default=500, help="images of the quality row measured after each round (0: none)")
     d.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (0: PyTorch's default, capped at a cgroup's CPU quota)")

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageColor
 
 from ddpm.image_inputs import deep_grey, grey_levels, palette_as_colours, transparency, upright
-from ddpm.names import text_name
+from ddpm.names import FITS, text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -111,14 +111,14 @@ class FolderNotes:
     (a folder of colour photos at the default --channels 1 made a grey model; 640x480 photos were stretched square;
     the colour under a transparent pixel, which no viewer shows, was learned as it is stored)."""
 
-    def __init__(self, channels: int, size: int) -> None:
-        self.channels, self.size = channels, size
+    def __init__(self, channels: int, size: int, fit: str = "stretch", background: str | None = None) -> None:
+        self.channels, self.size, self.fit, self.background = channels, size, fit, background
         self.images, self.colour, self.not_square, self.transparent = 0, 0, 0, 0
 
     def read(self, im: Image.Image) -> None:
         self.images += 1
-        self.not_square += im.size[0] != im.size[1]
-        alpha = transparency(im)
+        self.not_square += self.fit == "stretch" and im.size[0] != im.size[1]  # --fit crop: what was asked
+        alpha = None if self.background is not None else transparency(im)  # --background: flattened as asked
         self.transparent += alpha is not None and int(alpha.min()) < 255
         if self.channels == 1 and not deep_grey(im) and im.mode not in ("1", "L", "LA", "I", "F"):
             rgb = np.asarray(palette_as_colours(im).convert("RGB"), dtype=np.int16)
@@ -129,24 +129,26 @@ class FolderNotes:
         return tuple(line for count, line in (
             (self.colour, f"{self.colour} {of} are in colour: made grey for --channels 1 (--channels 3 keeps their colours)"),
             (self.not_square, f"{self.not_square} {of} are not square: stretched to {self.size}x{self.size}, their aspect ratio "
-                              "lost (crop them square first to keep it)"),
+                              "lost (--fit crop keeps it, cropping their middle square)"),
             (self.transparent, f"{self.transparent} {of} have transparent pixels: the colours stored under them, which a viewer "
-                               "does not show, are learned as they are (flatten them onto a background first to choose it)"),
+                               "does not show, are learned as they are (--background COLOUR flattens them onto one)"),
         ) if count)  # fmt: skip
 
 
-def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None) -> tuple[torch.Tensor, tuple[str, ...]]:
-    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1], and what reading them
-    changed (``FolderNotes``); ``digest`` (a hashlib object) is fed each file's path under ``folder`` and its bytes."""
+def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None, fit: str = "stretch",
+                background: str | None = None) -> tuple[torch.Tensor, tuple[str, ...]]:  # fmt: skip
+    """Every image file under ``folder`` (recursively), as (N, channels, size, size) in [-1, 1] (``fit``, ``background``:
+    ``_eight_bit``), and what reading them changed (``FolderNotes``); ``digest`` (a hashlib object) is fed each file's
+    path under ``folder`` and its bytes."""
     root = Path(folder)
-    arrays, notes = [], FolderNotes(channels, size)
+    arrays, notes = [], FolderNotes(channels, size, fit, background)
     for path in _image_files(root):
         try:
             data = path.read_bytes()
             with Image.open(io.BytesIO(data)) as im:
                 im = upright(im)
                 notes.read(im)
-                arrays.append(_eight_bit(im, channels, size))
+                arrays.append(_eight_bit(im, channels, size, fit, background))
         except Exception as exc:  # Pillow's errors name no file ("image file is truncated")
             raise ValueError(f"{path}: {exc}") from exc
         if digest is not None:
@@ -155,9 +157,12 @@ def load_folder(folder: str | Path, channels: int, size: int, digest: Any = None
     return to_model_range(np.stack(arrays)), notes.lines()
 
 
-def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
+def _eight_bit(im: Image.Image, channels: int, size: int, fit: str = "stretch", background: str | None = None) -> np.ndarray:
     """One image as uint8 (size, size) grey or (size, size, 3) RGB. A 16-bit grey image is scaled to 8 bits
-    (Pillow's ``convert("L")`` clips it at 255: a 16-bit PNG became white); other deep modes are refused."""
+    (Pillow's ``convert("L")`` clips it at 255: a 16-bit PNG became white); other deep modes are refused.
+    ``background`` (a colour Pillow names: "white", "#808080"): transparent pixels flattened onto it (alpha
+    compositing), not the colours stored under them; ``fit`` "crop": a non-square image's middle square only."""
+    alpha = transparency(im) if background is not None else None  # read before the mode changes
     if deep_grey(im):
         levels = grey_levels(im)  # the uploads' rule: v / 257
         if levels.min() < 0 or levels.max() > 255:  # a 32-bit TIFF's
@@ -166,9 +171,27 @@ def _eight_bit(im: Image.Image, channels: int, size: int) -> np.ndarray:
     elif im.mode == "F":
         raise ValueError("a floating-point image (mode F): save it with 8 or 16 bits per channel")
     im = palette_as_colours(im).convert("L" if channels == 1 else "RGB")  # (PYTHONWARNINGS=error refused a pngquant folder)
+    if alpha is not None:  # out = a fg + (1 - a) bg
+        flat = Image.new(im.mode, im.size, ImageColor.getcolor(str(background), im.mode))
+        im = Image.composite(im, flat, Image.fromarray(alpha))
+    if fit == "crop" and im.size[0] != im.size[1]:
+        side = min(im.size)
+        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+        im = im.crop((left, top, left + side, top + side))
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im)
+
+
+def check_folder_reading(fit: str, background: str | None) -> None:
+    """ValueError unless ``fit`` is one of FITS and ``background`` a colour Pillow names (or None)."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    if background is not None:
+        try:
+            ImageColor.getrgb(background)
+        except ValueError:
+            raise ValueError(f"background {background!r} is not a colour (a name such as white, or #rrggbb)") from None
 
 
 def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:
@@ -176,8 +199,9 @@ def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:
     return load_labelled(source, channels, size).images
 
 
-def load_labelled(source: str, channels: int, size: int) -> Dataset:
-    """Images and their labels (``mnist``: the digit, classes "0".."9"; a folder: its sub-folders)."""
+def load_labelled(source: str, channels: int, size: int, fit: str = "stretch", background: str | None = None) -> Dataset:
+    """Images and their labels (``mnist``: the digit, classes "0".."9"; a folder: its sub-folders, its images read
+    as ``_eight_bit`` says with ``fit`` and ``background``)."""
     digest = hashlib.sha256()
     if source == "mnist":
         if channels != 1:
@@ -187,5 +211,5 @@ def load_labelled(source: str, channels: int, size: int) -> Dataset:
         return Dataset(fit_to_size(to_model_range(images), size), torch.from_numpy(labels), [str(d) for d in range(10)],
                        digest.hexdigest())  # fmt: skip
     labels, names = folder_classes(source)
-    images, notes = load_folder(source, channels, size, digest)
+    images, notes = load_folder(source, channels, size, digest, fit, background)
     return Dataset(images, labels, names, digest.hexdigest(), notes)

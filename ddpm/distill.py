@@ -38,7 +38,7 @@ import torch
 from ddpm.atomic_file import write_text
 from ddpm.checkpoint import ModelCard, atomic_write, load_model, read_card, record_quality, save_model
 from ddpm.cpu_quota import set_torch_threads
-from ddpm.data import load_labelled
+from ddpm.data import check_folder_reading, load_labelled
 from ddpm.model_facts import weights_sha256
 from ddpm.respace import spaced_timesteps
 from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
@@ -65,10 +65,13 @@ class DistillConfig:
     checkpoint_every: int = 100
     eval_n: int = 0  # images of the quality row written per round (ddpm eval's figures; 0: none)
     threads: int = 0
+    fit: str = "stretch"  # as ddpm train's (ddpm/data.py)
+    background: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < float("inf"):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        check_folder_reading(self.fit, self.background)
         if self.eval_n:  # found after the first round's training before
             from ddpm.evaluate import reference_size_problem
 
@@ -157,7 +160,8 @@ class Distiller:
         if config.teacher_steps > self.schedule.num_timesteps:  # said "steps must be in 1..1000, got 2048", naming no flag
             raise ValueError(f"--teacher-steps {config.teacher_steps}: the teacher has T = {self.schedule.num_timesteps} timesteps")
         self.abar = self.schedule.alphas_cumprod
-        dataset = load_labelled(config.data, self.teacher_card.unet.in_channels, self.teacher_card.unet.image_size)
+        unet = self.teacher_card.unet
+        dataset = load_labelled(config.data, unet.in_channels, unet.image_size, config.fit, config.background)
         self.data = dataset.images.to(self.device)
         self.data_facts = data_facts(len(dataset.images), dataset.source_sha256)
         self.data_notes = dataset.notes  # what reading the images changed (ddpm.data.FolderNotes): said at start, on the card
@@ -191,7 +195,8 @@ class Distiller:
         if not self.state_path.exists():
             return
         state = load_run_state(self.state_path, self.device)
-        changed = changed_flags(state["config"], asdict(self.config), ("threads", "eval_n", "checkpoint_every"))
+        saved = {**asdict(DistillConfig(self.config.teacher)), **state["config"]}  # a state older than a field: its default
+        changed = changed_flags(saved, asdict(self.config), ("threads", "eval_n", "checkpoint_every"))
         if changed:
             raise ValueError(refusal(self.state_path, "distilled", changed))
         refuse_other_data(self.state_path, "distilled", self.config.data, state.get("data"), self.data_facts)

@@ -37,6 +37,9 @@ SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
 # (BENCHMARKS.md, samplers: SDE-DPM-Solver++ at 50 steps FD 8.3 / confident 0.868 vs linspace 9.4 / 0.852)
 DEFAULT_SPACING = "trailing"
 
+# ``ddpm train --fit`` (ddpm/data.py): a folder's non-square image stretched to the square size, or its middle square cropped
+FITS: tuple[str, ...] = ("stretch", "crop")
+
 # the same names as types, for pydantic (the schema and the settings): Literal[tuple] is Literal[*tuple]
 SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]
 SpacingName = Literal[SPACINGS]  # type: ignore[valid-type]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ddpm.atomic_file import WriteError
 from ddpm.checkpoint import CONFIG, ModelCard, atomic_write, save_model
 from ddpm.cpu_quota import set_torch_threads
-from ddpm.data import load_labelled
+from ddpm.data import check_folder_reading, load_labelled
 from ddpm.free_space import make_room
 from ddpm.grid import make_grid
 from ddpm.run_changes import changed_flags, data_facts, refusal, refuse_other_data
@@ -61,6 +61,8 @@ class TrainConfig:
     # eps(x, t, y) and eps(x, t, null)
     conditional: bool = False
     label_dropout: float = 0.1
+    fit: str = "stretch"  # a folder's non-square images (ddpm/data.py): stretched, or their middle square cropped
+    background: str | None = None  # a folder's transparent pixels flattened onto this colour (None: as stored)
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf:
@@ -69,6 +71,7 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        check_folder_reading(self.fit, self.background)
 
 
 RESUMABLE = ("steps", "checkpoint_every", "sample_every", "sample_steps", "threads")  # what resuming may change
@@ -116,7 +119,7 @@ class Trainer:
         self.sqrt_1m_abar = self.schedule.tensor("sqrt_one_minus_alphas_cumprod", self.device)
         if not self.state_path.exists():  # a new run; one begun before a check resumes as it was
             config.unet.check_new()
-        dataset = load_labelled(config.data, config.unet.in_channels, config.unet.image_size)
+        dataset = load_labelled(config.data, config.unet.in_channels, config.unet.image_size, config.fit, config.background)
         self.data = dataset.images.to(self.device)
         self.data_facts = data_facts(len(dataset.images), dataset.source_sha256)
         self.data_notes = dataset.notes  # what reading the images changed (ddpm.data.FolderNotes): said at start, on the card

@@ -129,6 +129,13 @@ def test_distillation_resumes_exactly_and_exports_each_round(tmp_path: Path) -> 
 
     with pytest.raises(ValueError, match=r"was distilled with --round-steps \d+ \(this command: 7\): resume it with the same flags"):
         Distiller(_config(teacher, round_steps=7), tmp_path / "b", device="cpu")
+    state = torch.load(tmp_path / "b" / "state.pt", weights_only=False)  # as a version before --fit and --background saved it
+    for field in ("fit", "background"):
+        del state["config"][field]
+    torch.save(state, tmp_path / "b" / "state.pt")
+    assert Distiller(_config(teacher), tmp_path / "b", device="cpu").done  # resumed (was: "--fit None (this command: stretch)")
+    with pytest.raises(ValueError, match=r"was distilled with --fit stretch \(this command: crop\)"):
+        Distiller(_config(teacher, fit="crop"), tmp_path / "b", device="cpu")
     with pytest.raises(ValueError, match="already distilled"):
         Distiller(_config(tmp_path / "a" / "steps_1"), tmp_path / "c", device="cpu")
 

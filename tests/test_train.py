@@ -292,9 +292,10 @@ def test_what_reading_a_folder_changes_is_said_and_on_the_card(tmp_path: Path, c
     notes = load_labelled(str(data), 1, 8).notes
     assert notes == (
         "1 of 4 images are in colour: made grey for --channels 1 (--channels 3 keeps their colours)",
-        "1 of 4 images are not square: stretched to 8x8, their aspect ratio lost (crop them square first to keep it)",
+        "1 of 4 images are not square: stretched to 8x8, their aspect ratio lost (--fit crop keeps it, cropping their middle "
+        "square)",
         "1 of 4 images have transparent pixels: the colours stored under them, which a viewer does not show, are learned as "
-        "they are (flatten them onto a background first to choose it)",
+        "they are (--background COLOUR flattens them onto one)",
     )
     kept = [n.split(":")[0] for n in load_labelled(str(data), 3, 8).notes]  # in colour: its colours kept
     assert kept == ["1 of 4 images are not square", "1 of 4 images have transparent pixels"]
@@ -308,6 +309,46 @@ def test_what_reading_a_folder_changes_is_said_and_on_the_card(tmp_path: Path, c
     Image.fromarray(np.full((8, 8), 40, dtype=np.uint8)).save(data / "square.png")
     plain = load_labelled(str(data), 1, 8)
     assert plain.notes == ()
+
+
+def test_fit_crop_keeps_the_middle_square_and_background_flattens_transparent_pixels(tmp_path: Path) -> None:
+    """--fit crop: a 10x6 image's middle 6x6, pixel for pixel (stretch resamples the whole width); --background: each
+    pixel a fg + (1 - a) bg, not the colour stored under it; neither is then noted. Both are a run's own: a resume that
+    changes one is refused."""
+    from dataclasses import replace
+
+    from ddpm.data import load_labelled
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    pixels = np.arange(60, dtype=np.uint8).reshape(6, 10) * 4
+    Image.fromarray(pixels).save(wide / "a.png")
+    cropped = load_labelled(str(wide), 1, 6, fit="crop")
+    assert np.array_equal(np.round((cropped.images[0, 0].numpy() + 1) * 127.5), pixels[:, 2:8]) and cropped.notes == ()
+    stretched = load_labelled(str(wide), 1, 6)
+    assert not np.array_equal(np.round((stretched.images[0, 0].numpy() + 1) * 127.5), pixels[:, 2:8]) and len(stretched.notes) == 1
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3], rgba[..., 3] = 200, 255  # opaque grey 200
+    rgba[0, :, :3], rgba[0, :, 3] = 10, 0  # transparent, grey 10 stored under it
+    rgba[1, :, :3], rgba[1, :, 3] = 0, 128  # half-transparent black
+    Image.fromarray(rgba).save(cut / "a.png")
+    levels = lambda d: np.round((d.images[0, 0].numpy() + 1) * 127.5)  # noqa: E731
+    as_stored, white = load_labelled(str(cut), 1, 4), load_labelled(str(cut), 1, 4, background="white")
+    assert levels(as_stored)[0].tolist() == [10] * 4 and len(as_stored.notes) == 1
+    assert levels(white)[0].tolist() == [255] * 4 and np.abs(levels(white)[1] - 255 * 127 / 255).max() <= 1 and white.notes == ()
+    assert levels(white)[2:].tolist() == [[200] * 4] * 2
+    red = load_labelled(str(cut), 3, 4, background="#ff0000")
+    assert np.round((red.images[0, :, 0, 0].numpy() + 1) * 127.5).tolist() == [255, 0, 0]
+
+    config = _config(steps=1, data=str(wide), batch_size=1, unet=TINY, fit="crop")
+    Trainer(config, tmp_path / "r", device="cpu").train(progress=False)
+    with pytest.raises(ValueError, match=r"was trained with --fit crop \(this command: stretch\)"):
+        Trainer(replace(config, fit="stretch", steps=2), tmp_path / "r", device="cpu")
+    with pytest.raises(ValueError, match="not a colour"):
+        replace(config, background="notacolour")
 
 
 def test_a_folder_with_a_file_name_that_is_not_utf8_loads_and_hashes(tmp_path: Path) -> None:
