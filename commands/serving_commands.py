@@ -23,6 +23,7 @@ from commands.argument_types import (
     SEED,
     argument_text,
     from_environment,
+    int_at_least,
     number_in,
 )
 from commands.process_exit import exit_at_once
@@ -81,6 +82,13 @@ def add_generate_parser(sub: Any) -> None:
                    help="a class-conditional model: the class (index or name; a comma-separated list: one per image), or "
                         "'balanced' (image k: class k mod the number of classes)")  # fmt: skip
     p.add_argument("--guidance-scale", type=GUIDANCE_SCALE, default=None, help="classifier-free guidance w (default: the model card's)")
+    p.add_argument("--priority", type=int_at_least(-(2**31), 2**31), default=None,
+                   help="lower runs first (a bulk job: 5); below the server's floor for this client, the floor "
+                        "(default: the server's, 0)")  # fmt: skip
+    p.add_argument("--deadline", type=number_in(0.0, 86400.0, low_open=True), default=None, metavar="SECONDS",
+                   help="seconds from a request's arrival by which its answer is wanted: refused at once (and retried after "
+                        "its Retry-After) where the server cannot meet it; each part of a larger -n has its own "
+                        "(default: none)")  # fmt: skip
     p.add_argument("-o", "--output", default="grid.png",
                    help=".png (.jpg, .webp, ...): a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]; checked before the request")
     p.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
@@ -233,7 +241,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chain = {"first_image": args.first_image, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
              "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),
              "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
-             "jump_n_sample": args.jump_n_sample}  # fmt: skip
+             "jump_n_sample": args.jump_n_sample, "priority": args.priority, "deadline_s": args.deadline}  # fmt: skip
     for field, path in (("image", args.init_image), ("mask", args.mask)):  # sent as base64 PNGs; the server checks them
         if path is not None:
             try:
@@ -260,7 +268,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
     written("ddpm generate", "-o", output, lambda: result.save(output, args.ncols))  # the folder may have filled up meanwhile
     meta = {k: result.meta.get(k) for k in ("model", "seed", "first_image", "batch_size", "sampler", "steps", "precision", "cached",
-                                            "class_labels", "guidance_scale")}  # fmt: skip
+                                            "class_labels", "guidance_scale", "priority", "deadline_s")}  # fmt: skip
     print(json.dumps({"output": str(output), **meta}))
     return 0
 

@@ -138,6 +138,12 @@ def test_ddpm_generate_writes_the_servers_images(server: ServerProcess, tmp_path
     served = np.load(io.BytesIO(_direct(server, {"seed": 7, "batch_size": 6, **CHAIN}, accept="application/x-npy").content))
     got = np.load(tmp_path / "x.npy")
     assert got.shape == served.shape == (6, 1, 8, 8) and np.abs(got - served).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG pixels
+    # a bulk job's flags (issue 37's fields had none on the command line): sent, echoed, counted at that priority
+    bulk = subprocess.run([*cmd, "-o", str(tmp_path / "b.npy"), "--quiet", "--priority", "5", "--deadline", "60"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bulk.returncode == 0, bulk.stderr
+    assert {k: json.loads(bulk.stdout)[k] for k in ("priority", "deadline_s")} == {"priority": 5, "deadline_s": 60.0}
+    assert 'ddpm_slo_requests_total{model="tiny",priority="5",result="met"}' in httpx.get(server.url + "/metrics").text
     bad = subprocess.run([*cmd, "--steps", "100000"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "422" in bad.stderr and "steps" in bad.stderr
     assert "100%" not in bad.stderr and "queued" in bad.stderr  # the bar of a refused request is not shown full
