@@ -21,6 +21,7 @@ Solvers (lambda = log(alpha / sigma), h = lambda_t - lambda_s, x0 the clipped da
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -74,6 +75,54 @@ class Solvers:
 
     def quadratic(self, n: int) -> np.ndarray:
         return np.round((np.linspace(0, np.sqrt(self.big_t - 1), n) ** 2)[::-1]).astype(int)
+
+    @functools.cached_property
+    def gits_teacher(self) -> tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+        """GITS's teachers: 64 probability-flow ODE trajectories (DPM-Solver++(2M) over all T steps, torch seed 7), their
+        states and clean-data predictions at the grid's timesteps (999 and 0, 10, ..., 989), and their clean ends."""
+        big_t, lam, alpha, sigma = self.big_t, self.lam, self.alpha, self.sigma
+        grid = [int(t) for t in sorted({big_t - 1, *np.round(np.linspace(0, big_t - 1, 101))[:-1].astype(int)}, reverse=True)]
+        x = torch.randn((64, *self.model.image_shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        xs, x0s, hist, on_grid = {}, {}, None, set(grid)
+        for s in range(big_t - 1, -1, -1):
+            x0 = self.x0(x, s)
+            if s in on_grid:
+                xs[s], x0s[s] = x, x0
+            if s == 0:
+                break
+            t, h = s - 1, lam[s - 1] - lam[s]
+            out = sigma[t] / sigma[s] * x - alpha[t] * math.expm1(-h) * x0
+            if hist is not None:
+                out = out - 0.5 * alpha[t] * math.expm1(-h) * (x0 - hist[0]) / ((lam[s] - hist[1]) / h)
+            hist, x = (x0, lam[s]), out
+        return grid, xs, x0s, x0
+
+    def gits(self, n: int) -> np.ndarray:
+        """GITS (Chen et al., ICML 2024, "A Geometric Perspective on Optimal Timesteps"): the n model-call timesteps on
+        the teachers' grid whose DDIM jumps stay closest to the teachers (``gits_teacher``): the squared error of each
+        jump i -> j against the teacher's state at j (or its clean end), summed over the path, minimised by dynamic
+        programming."""
+        grid, xs, x0s, end = self.gits_teacher
+        alpha, sigma, g = self.alpha, self.sigma, len(grid)
+
+        def cost(i: int, j: int) -> float:  # DDIM from grid[i] to grid[j] (j = g: to clean data)
+            s = grid[i]
+            if j == g:
+                return float(((x0s[s] - end) ** 2).mean())
+            eps = (xs[s] - alpha[s] * x0s[s]) / sigma[s]
+            return float(((alpha[grid[j]] * x0s[s] + sigma[grid[j]] * eps - xs[grid[j]]) ** 2).mean())
+
+        c = np.array([[cost(i, j) if j > i else np.inf for j in range(g + 1)] for i in range(g)])
+        best, back = np.full((n + 1, g + 1), np.inf), np.zeros((n + 1, g + 1), dtype=int)
+        best[1, 0] = 0.0  # the first call at t = 999
+        for k in range(1, n):
+            for j in range(1, g):
+                back[k + 1, j] = int(np.argmin(best[k, :j] + c[:j, j]))
+                best[k + 1, j] = best[k, back[k + 1, j]] + c[back[k + 1, j], j]
+        path = [int(np.argmin(best[n, :g] + c[:g, g]))]
+        for k in range(n, 1, -1):
+            path.append(int(back[k, path[-1]]))
+        return np.array([grid[i] for i in reversed(path)])
 
     def dpm(self, x: torch.Tensor, ts: np.ndarray, gen: torch.Generator, sde: bool, order: int = 2,
             restarts: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:  # fmt: skip
@@ -162,6 +211,18 @@ def experiments() -> dict[str, tuple[int, Experiment]]:
         "ode2m-restart-higher-10": (10, lambda m, x, g: m.dpm(x, m.trailing(8), g, sde=False, restarts=((6, 499, 2),))),
         "sde2m-restart-3-inner-10": (10, lambda m, x, g: m.dpm(x, m.trailing(7), g, sde=True, restarts=((6, 428, 3),))),
         "ode2m-two-restarts-10": (10, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=False, restarts=((4, 665, 2), (5, 332, 2)))),
+        # below 10 calls (2026-12-07, stop 73): timesteps searched for this model (GITS), and restart at 8 calls
+        "ode2m-trailing-4": (4, lambda m, x, g: m.dpm(x, m.trailing(4), g, sde=False)),
+        "ode2m-gits-4": (4, lambda m, x, g: m.dpm(x, m.gits(4), g, sde=False)),
+        "ode2m-trailing-6": (6, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=False)),
+        "ode2m-gits-6": (6, lambda m, x, g: m.dpm(x, m.gits(6), g, sde=False)),
+        "sde2m-trailing-6": (6, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=True)),
+        "sde2m-gits-6": (6, lambda m, x, g: m.dpm(x, m.gits(6), g, sde=True)),
+        "ode2m-trailing-8": (8, lambda m, x, g: m.dpm(x, m.trailing(8), g, sde=False)),
+        "ode2m-gits-8": (8, lambda m, x, g: m.dpm(x, m.gits(8), g, sde=False)),
+        "sde2m-restart-8": (8, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=True, restarts=((5, 499, 2),))),  # the sampler's plan
+        "sde2m-restart-lower-8": (8, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=True, restarts=((5, 332, 2),))),
+        "sde2m-restart-k1-8": (8, lambda m, x, g: m.dpm(x, m.trailing(7), g, sde=True, restarts=((6, 285, 1),))),
     }
 
 
@@ -182,6 +243,8 @@ def main() -> None:
         report = evaluate(classifier, torch.cat(parts), seed=0)
         row = {"name": name, "calls": calls, "n": args.n, "seed": args.seed, "fd": round(report["samples"]["fd"], 2),
                "confident_share": report["samples"]["confident_share"], "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        if "-gits-" in name:  # the searched timesteps (the teachers run once a run, in the first gits experiment: ~3 min)
+            row["timesteps"] = solvers.gits(calls).tolist()
         print(json.dumps(row), flush=True)
         with Path(args.out).open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
