@@ -15,7 +15,8 @@ Solvers (lambda = log(alpha / sigma), h = lambda_t - lambda_s, x0 the clipped da
 - SDE-DPM-Solver++(3M): k-diffusion's ``sample_dpmpp_3m_sde`` (eta 1) in VP form;
 - restart (Xu et al. 2023): before the call at ts[i], jump from ts[i]'s level to t_max's by the forward
   process and take k ODE steps back down to ts[i];
-- spacings: trailing, Karras sigmas (rho 7), uniform logSNR, DDIM's quadratic, each rounded to integer t.
+- spacings: trailing, Karras sigmas (rho 7), uniform logSNR, DDIM's quadratic, each rounded to integer t, and
+  GITS's timesteps searched for this model (Chen et al. 2024; no gain either: BENCHMARKS.md, stop 73).
 """
 
 from __future__ import annotations
