@@ -100,6 +100,8 @@ def test_error_classes(server: ServerProcess) -> None:
     accepted = client.images.generate(prompt="x", quality="standard", output_format="png", background="opaque", moderation="low",
                                       extra_body={"steps": 2})  # fmt: skip
     assert len(accepted.data) == 1
+    auto = client.images.generate(prompt="x", size="auto", extra_body={"steps": 2})  # gpt-image-1's default: was a 400
+    assert auto.size == "8x8" and len(auto.data) == 1
     for option, value in (("quality", "hd"), ("style", "vivid"), ("output_format", "gif"), ("background", "transparent"),
                           ("output_compression", 50)):  # fmt: skip  # (a compression of png, which is lossless)
         with pytest.raises(openai.BadRequestError) as unsupported:

@@ -352,7 +352,8 @@ class ImageGenerationRequest(ChainRequest, SchedulingFields):
     )
     model: str | None = Field(None, description="The served model's name (GET /v1/models); another name is 404.")
     n: int = Field(1, strict=True, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
-    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size (GET /info), which is the default.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size (GET /info), which is the default, and "
+                             "auto means it too.")
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="b64_json (the default); url is refused: this server keeps no images to link to."
     )
@@ -383,7 +384,7 @@ class ImageForm(BaseModel):
     image_list: list[UploadFile] | None = Field(None, alias="image[]", description="OpenAI's list form: one image only here.")
     model: str | None = Field(None, description="The served model's name (GET /v1/models); another name is 404.")
     n: int = Field(1, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
-    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size, which is the default.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size, which is the default (auto: it too).")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json (the default); url is refused.")
     user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request.")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned.")

@@ -179,7 +179,7 @@ def _check_openai_fields(state: ServerState, body: ImageGenerationRequest | Imag
     _check_model(state, body.model)
     _, h, w = state.model.image_shape  # type: ignore[union-attr]
     size = f"{w}x{h}"
-    if body.size is not None and body.size != size:
+    if body.size is not None and body.size not in (size, "auto"):  # auto (gpt-image-1's default): the model's own
         raise _invalid("size", f"size must be {size!r} (the model's own; it cannot generate {body.size!r})")
     if body.response_format == "url":
         raise _invalid("response_format", "response_format 'url' is not supported: this server keeps no images; use 'b64_json'")
