@@ -62,11 +62,15 @@ def test_images_generate_with_the_openai_client(server: ServerProcess) -> None:
     other = client.images.generate(prompt="something else entirely", n=3, extra_body=chain)
     assert [d.b64_json for d in other.data] == [d.b64_json for d in result.data]
     assert '"user": "end-user-42"' in server.output()
+    # OpenAI's safety_identifier, which deprecates user (a 422 "Extra inputs are not permitted" before): logged as the user,
+    # before user where both are given
+    client.images.generate(prompt="x", safety_identifier="hashed-9f2", user="end-user-42", extra_body={"steps": 2})
+    assert '"user": "hashed-9f2"' in server.output()
     # no seed: a random one, returned
     drawn = client.images.generate(prompt="x", extra_body={"steps": 2})
     assert isinstance((drawn.model_extra or {})["seed"], int) and len(drawn.data) == 1
     assert server.metric('ddpm_requests_total{code="200"}') >= 3
-    assert server.metric('ddpm_http_responses_total{route="/v1/images/generations",code="200"}') == 3
+    assert server.metric('ddpm_http_responses_total{route="/v1/images/generations",code="200"}') == 4
 
 
 def test_models_list_and_retrieve(server: ServerProcess) -> None:
@@ -103,7 +107,7 @@ def test_error_classes(server: ServerProcess) -> None:
     auto = client.images.generate(prompt="x", size="auto", extra_body={"steps": 2})  # gpt-image-1's default: was a 400
     assert auto.size == "8x8" and len(auto.data) == 1
     for option, value in (("quality", "hd"), ("style", "vivid"), ("output_format", "gif"), ("background", "transparent"),
-                          ("output_compression", 50)):  # fmt: skip  # (a compression of png, which is lossless)
+                          ("output_compression", 50), ("complexity", "high")):  # fmt: skip  # (a compression of png, which is lossless)
         with pytest.raises(openai.BadRequestError) as unsupported:
             client.images.generate(prompt="x", **{option: value})  # type: ignore[arg-type]
         assert unsupported.value.param == option and unsupported.value.code == "unsupported_value", option
@@ -173,8 +177,9 @@ def test_images_edit_and_variation_with_the_openai_client(server: ServerProcess)
         assert np.array_equal(out[HOLE > 0], DIGIT[HOLE > 0])  # every pixel outside the hole, exactly
     # no mask: the image's own transparency marks the hole (OpenAI's rule); the same pixels, the same answer
     with_alpha = _png_file(np.stack([DIGIT, HOLE], axis=-1), "LA")
-    same = client.images.edit(image=("digit.png", with_alpha, "image/png"), prompt="fill the hole", n=2, extra_body=chain)
-    assert [d.b64_json for d in same.data] == [d.b64_json for d in edited.data]
+    same = client.images.edit(image=("digit.png", with_alpha, "image/png"), prompt="fill the hole", n=2, extra_body=chain,
+                              safety_identifier="hashed-e1")  # fmt: skip
+    assert [d.b64_json for d in same.data] == [d.b64_json for d in edited.data] and '"user": "hashed-e1"' in server.output()
     # variations: SDEdit at strength 0.4 by default, and the same as /generate with the same image
     varied = client.images.create_variation(image=("digit.png", _png_file(DIGIT), "image/png"), n=2, extra_body=chain)
     assert (varied.model_extra or {})["strength"] == 0.4

@@ -357,7 +357,10 @@ class ImageGenerationRequest(ChainRequest, SchedulingFields):
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="b64_json (the default); url is refused: this server keeps no images to link to."
     )
-    user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request.")
+    user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request (deprecated by OpenAI "
+                             "for safety_identifier).")
+    safety_identifier: str | None = Field(None, max_length=256, description="Your end user's stable id: logged with the request "
+                                          "as its user, before user where both are given.")
     seed: int | None = Field(
         None, strict=True, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned in the answer."
     )
@@ -369,6 +372,8 @@ class ImageGenerationRequest(ChainRequest, SchedulingFields):
     output_compression: int | None = Field(None, strict=True, description="jpeg and webp: their quality, 0-100 (default 100).")
     background: str | None = Field(None, max_length=32, description="auto or opaque (the images have no alpha channel).")
     moderation: str | None = Field(None, max_length=32, description="auto or low: accepted; this server moderates nothing.")
+    complexity: str | None = Field(None, max_length=32, description="Refused when set: nothing here plans an image apart from "
+                                   "its steps.")
     stream: bool | None = Field(None, strict=True, description=STREAM)
     partial_images: int | None = Field(None, strict=True, ge=0, le=MAX_PREVIEWS, description=PARTIAL_IMAGES)
 
@@ -386,7 +391,10 @@ class ImageForm(BaseModel):
     n: int = Field(1, ge=1, description="Number of images (1..DDPM_MAX_IMAGES_PER_REQUEST).")
     size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size, which is the default (auto: it too).")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json (the default); url is refused.")
-    user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request.")
+    user: str | None = Field(None, max_length=256, description="Your end user's id: logged with the request (deprecated by OpenAI "
+                             "for safety_identifier).")
+    safety_identifier: str | None = Field(None, max_length=256, description="Your end user's stable id: logged with the request "
+                                          "as its user, before user where both are given.")
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="As in /generate; default: a random seed, returned.")
     first_image: int = Field(0, ge=0, lt=MAX_SEED, description=FIRST_IMAGE)
     steps: int | None = Field(None, ge=1, description="As in /generate: U-Net calls per image over the part of the chain run.")
@@ -428,6 +436,7 @@ class ImageEditForm(ImageForm):
     output_format: str | None = Field(None, max_length=32)
     output_compression: int | None = None
     input_fidelity: str | None = Field(None, max_length=32)
+    complexity: str | None = Field(None, max_length=32)
     stream: bool | None = Field(None, description=STREAM)
     partial_images: int | None = Field(None, ge=0, le=MAX_PREVIEWS, description=PARTIAL_IMAGES)
 
