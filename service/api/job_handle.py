@@ -169,4 +169,3 @@ class JobHandle:
             elif self.previews.made > cued:  # a partial image came (the same progress is not sent again for it)
                 cued = self.previews.made
                 yield None
-

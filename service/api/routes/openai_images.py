@@ -84,6 +84,11 @@ def _check_options(body: ImageGenerationRequest | ImageForm) -> None:
         raise _invalid(param, f"{param} {value!r} is not supported by this model ({can})", code="unsupported_value")
 
 
+def _end_user(body: ImageGenerationRequest | ImageForm) -> str | None:
+    """The end user a request names for the log: ``safety_identifier``, else the ``user`` it deprecates (OpenAI's rule)."""
+    return body.safety_identifier or body.user
+
+
 def _check_model(state: ServerState, requested: str | None) -> None:
     assert state.model is not None
     if requested is not None and requested != state.model.name:
@@ -104,7 +109,7 @@ def _check_model(state: ServerState, requested: str | None) -> None:
 async def images_generations(body: ImageGenerationRequest, request: Request, state: StateDep, _: Authorized) -> Response:
     key = prepare(state, _seed(body.seed), body.n, body, n_field="n")  # readiness first: 503 before any 4xx about the model
     size, fmt = _check_openai_fields(state, body)
-    request.state.log_fields.update({"user": body.safety_identifier or body.user, "prompt_chars": len(body.prompt), "api": "openai"})
+    request.state.log_fields.update({"user": _end_user(body), "prompt_chars": len(body.prompt), "api": "openai"})
     sched = scheduling(state, body, request)
     if body.stream:
         return _stream(state, key, request, sched, "image_generation", size, fmt, body)
@@ -119,7 +124,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
 )
 async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
     options = {"strength": form.strength, "jump_length": form.jump_length, "jump_n_sample": form.jump_n_sample}
-    log = {"user": form.safety_identifier or form.user, "prompt_chars": len(form.prompt), "api": "openai", "edit": "inpaint"}
+    log = {"user": _end_user(form), "prompt_chars": len(form.prompt), "api": "openai", "edit": "inpaint"}
     return await _answer_upload(state, form, request, options, log, inpaint=True)
 
 
@@ -130,7 +135,7 @@ async def images_edits(form: Annotated[ImageEditForm, Form()], request: Request,
     summary="OpenAI-compatible variations (SDEdit): the image noised to strength (0.4) and denoised again",
 )
 async def images_variations(form: Annotated[ImageForm, Form()], request: Request, state: StateDep, _: Authorized) -> Response:
-    log = {"user": form.safety_identifier or form.user, "api": "openai", "edit": "variation"}
+    log = {"user": _end_user(form), "api": "openai", "edit": "variation"}
     return await _answer_upload(state, form, request, {"strength": form.strength}, log, inpaint=False)
 
 
