@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable
 
-from ddpm.names import MAX_THREADS, is_text, text_name
+from ddpm.names import MAX_THREADS, is_colour, is_text, text_name
 from ddpm.seeding import MAX_SEED
 
 
@@ -95,10 +95,6 @@ GUIDANCE_SCALE = number_in(0.0, 50.0)  # the API's bounds (service/api/schemas.p
 
 def colour(text: str) -> str:
     """An argparse ``type``: a colour Pillow names ("white", "#808080", "rgb(0, 0, 0)"), as typed."""
-    from PIL import ImageColor
-
-    try:
-        ImageColor.getrgb(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a colour (a name such as white, or #rrggbb)") from None
+    if not is_colour(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a colour (a name such as white, or #rrggbb)")
     return text

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageColor
 
 from ddpm.image_inputs import deep_grey, grey_levels, palette_as_colours, transparency, upright
-from ddpm.names import FITS, text_name
+from ddpm.names import FITS, is_colour, text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -187,11 +187,8 @@ def check_folder_reading(fit: str, background: str | None) -> None:
     """ValueError unless ``fit`` is one of FITS and ``background`` a colour Pillow names (or None)."""
     if fit not in FITS:
         raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-    if background is not None:
-        try:
-            ImageColor.getrgb(background)
-        except ValueError:
-            raise ValueError(f"background {background!r} is not a colour (a name such as white, or #rrggbb)") from None
+    if background is not None and not is_colour(background):
+        raise ValueError(f"background {background!r} is not a colour (a name such as white, or #rrggbb)")
 
 
 def load_dataset(source: str, channels: int, size: int) -> torch.Tensor:

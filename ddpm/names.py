@@ -40,6 +40,17 @@ DEFAULT_SPACING = "trailing"
 # ``ddpm train --fit`` (ddpm/data.py): a folder's non-square image stretched to the square size, or its middle square cropped
 FITS: tuple[str, ...] = ("stretch", "crop")
 
+
+def is_colour(text: str) -> bool:
+    """Whether ``text`` names a colour as Pillow reads one ("white", "#808080", "rgb(0, 0, 0)"): ``--background``."""
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(text)
+    except ValueError:
+        return False
+    return True
+
 # the same names as types, for pydantic (the schema and the settings): Literal[tuple] is Literal[*tuple]
 SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]
 SpacingName = Literal[SPACINGS]  # type: ignore[valid-type]
