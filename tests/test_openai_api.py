@@ -61,11 +61,11 @@ def test_images_generate_with_the_openai_client(server: ServerProcess) -> None:
     # the prompt does not condition this model; the user is logged
     other = client.images.generate(prompt="something else entirely", n=3, extra_body=chain)
     assert [d.b64_json for d in other.data] == [d.b64_json for d in result.data]
-    assert '"user": "end-user-42"' in server.output()
+    server.wait_output(lambda out: '"user": "end-user-42"' in out)  # the access line comes after the answer
     # OpenAI's safety_identifier, which deprecates user (a 422 "Extra inputs are not permitted" before): logged as the user,
     # before user where both are given
     client.images.generate(prompt="x", safety_identifier="hashed-9f2", user="end-user-42", extra_body={"steps": 2})
-    assert '"user": "hashed-9f2"' in server.output()
+    server.wait_output(lambda out: '"user": "hashed-9f2"' in out)  # the access line comes after the answer
     # no seed: a random one, returned
     drawn = client.images.generate(prompt="x", extra_body={"steps": 2})
     assert isinstance((drawn.model_extra or {})["seed"], int) and len(drawn.data) == 1
@@ -179,7 +179,8 @@ def test_images_edit_and_variation_with_the_openai_client(server: ServerProcess)
     with_alpha = _png_file(np.stack([DIGIT, HOLE], axis=-1), "LA")
     same = client.images.edit(image=("digit.png", with_alpha, "image/png"), prompt="fill the hole", n=2, extra_body=chain,
                               safety_identifier="hashed-e1")  # fmt: skip
-    assert [d.b64_json for d in same.data] == [d.b64_json for d in edited.data] and '"user": "hashed-e1"' in server.output()
+    assert [d.b64_json for d in same.data] == [d.b64_json for d in edited.data]
+    server.wait_output(lambda out: '"user": "hashed-e1"' in out)  # the access line comes after the answer
     # variations: SDEdit at strength 0.4 by default, and the same as /generate with the same image
     varied = client.images.create_variation(image=("digit.png", _png_file(DIGIT), "image/png"), n=2, extra_body=chain)
     assert (varied.model_extra or {})["strength"] == 0.4
