@@ -225,15 +225,29 @@ def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type
     from ddpm.image_inputs import InputError, decode_image, decode_mask
 
     if args.init_image is None:
-        if args.mask is not None or args.strength is not None:
-            raise SystemExit("--mask and --strength need --init-image")
+        if args.mask is not None or args.strength is not None or args.resize:
+            raise SystemExit("--mask, --strength and --resize need --init-image")
         return None, None, {}
     try:
-        init, _ = decode_image("--init-image", Path(args.init_image).read_bytes(), shape)
-        mask = None if args.mask is None else decode_mask("--mask", Path(args.mask).read_bytes(), shape)
+        init, _ = decode_image("--init-image", input_bytes(args, "--init-image", args.init_image, shape), shape)
+        mask = None if args.mask is None else decode_mask("--mask", input_bytes(args, "--mask", args.mask, shape), shape)
     except (InputError, OSError) as exc:
         raise SystemExit(f"ddpm: {exc}") from exc
     return init, mask, edit_options(args.strength, mask is not None, args.jump_length, args.jump_n_sample)
+
+
+def input_bytes(args: argparse.Namespace, flag: str, path: str, shape: tuple[int, int, int] | None, command: str = "ddpm") -> bytes:
+    """An edit's input file as read, or with --resize fitted to ``shape`` (ddpm/input_fit.py; OSError where it cannot be
+    read, SystemExit naming ``command`` and the flag where it is no image)."""
+    data = Path(path).read_bytes()
+    if not args.resize or shape is None:
+        return data
+    from ddpm.input_fit import fitted_png
+
+    try:
+        return fitted_png(data, shape, mask=flag == "--mask")
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {flag} {path}: {exc}") from exc
 
 
 def refuse_non_finite(command: str, images: Any, first_image: int, consequence: str) -> None:
@@ -462,6 +476,10 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jump-length", type=POSITIVE, default=None, help="with --mask: RePaint's resampling jump j (default 5)")
     p.add_argument("--jump-n-sample", type=POSITIVE, default=None,
                    help="with --mask: RePaint's samplings r per jump point (default 2; 1: none)")  # fmt: skip
+    p.add_argument("--resize", action="store_true",
+                   help="fit --init-image and --mask of another size to the model's first, as the web page's editor does: "
+                        "their middle at the model's aspect ratio, resampled (a mask by nearest neighbour), grey for a grey "
+                        "model (without it another size is refused)")  # fmt: skip
 
 
 def _add_folder_args(p: argparse.ArgumentParser) -> None:

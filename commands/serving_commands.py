@@ -242,15 +242,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
              "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),
              "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
              "jump_n_sample": args.jump_n_sample, "priority": args.priority, "deadline_s": args.deadline}  # fmt: skip
-    for field, path in (("image", args.init_image), ("mask", args.mask)):  # sent as base64 PNGs; the server checks them
-        if path is not None:
-            try:
-                chain[field] = base64.b64encode(Path(path).read_bytes()).decode()
-            except OSError as exc:
-                raise SystemExit(f"ddpm generate: {exc}") from exc
+    if args.resize and args.init_image is None:
+        raise SystemExit("ddpm generate: --resize needs --init-image")
+    inputs = _input_fields(args, None)  # a file that cannot be read: said before the server is asked
     try:
         with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
-            per_request = _images_per_request(client.info()) if args.n > 1 else None  # more: asked for in parts
+            info = client.info() if args.n > 1 or args.resize else None
+            per_request = _images_per_request(info) if args.n > 1 else None  # more: asked for in parts
+            chain.update(_input_fields(args, _served_shape(info)) if args.resize else inputs)
             result = client.generate(args.seed, args.n, on_event=on_event, per_request=per_request, **chain)
             done = True
     except ServerError as exc:
@@ -271,6 +270,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                             "class_labels", "guidance_scale", "priority", "deadline_s")}  # fmt: skip
     print(json.dumps({"output": str(output), **meta}))
     return 0
+
+
+def _served_shape(info: dict[str, Any] | None) -> tuple[int, int, int]:
+    """The served model's (C, H, W) from GET /info (--resize fits the inputs to it)."""
+    model = (info or {}).get("model")
+    shape = model.get("image_shape") if isinstance(model, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise SystemExit(f"ddpm generate: --resize: the server's GET /info names no image shape ({shape!r})")
+    return shape[0], shape[1], shape[2]
+
+
+def _input_fields(args: argparse.Namespace, shape: tuple[int, int, int] | None) -> dict[str, str]:
+    """--init-image and --mask as the request's base64 ``image`` and ``mask`` (the server checks them), fitted to the
+    served model's ``shape`` first with --resize (ddpm/input_fit.py)."""
+    from commands.model_commands import input_bytes
+
+    fields = {}
+    for field, flag, path in (("image", "--init-image", args.init_image), ("mask", "--mask", args.mask)):
+        if path is not None:
+            try:
+                fields[field] = base64.b64encode(input_bytes(args, flag, path, shape, "ddpm generate")).decode()
+            except OSError as exc:
+                raise SystemExit(f"ddpm generate: {exc}") from exc
+    return fields
 
 
 def _images_per_request(info: dict[str, Any]) -> int | None:

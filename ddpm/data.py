@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor
 
-from ddpm.image_inputs import deep_grey, grey_levels, palette_as_colours, transparency, upright
+from ddpm.image_forms import palette_as_colours, transparency, upright
+from ddpm.image_inputs import deep_grey, grey_levels
 from ddpm.names import FITS, is_colour, text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

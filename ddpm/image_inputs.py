@@ -16,7 +16,9 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ddpm.image_forms import palette_as_colours, transparency, upright
 
 GREY_MODES = ("L", "LA", "1", "I", "I;16")
 COLOUR_MODES = ("RGB", "RGBA")
@@ -110,35 +112,6 @@ def _open(field: str, data: bytes, shape: tuple[int, int, int]) -> Image.Image:
         raise InputError(field, f"{field} is not a readable {kind} ({type(exc).__name__})") from exc
     _check_size(field, image.size[0], image.size[1], f" {image.mode} (as its EXIF Orientation turns it)", shape)
     return palette_as_colours(image)
-
-
-def palette_as_colours(image: Image.Image) -> Image.Image:
-    """A palette image (an optimiser's output: pngquant, optipng) as its colours, RGBA where its palette has alpha (as a
-    band: Pillow warns on converting such an image straight to L or RGB); any other image as it is."""
-    if image.mode != "P":
-        return image
-    return image.convert("RGBA" if "transparency" in image.info else "RGB")
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF Orientation says, as every viewer shows it (a phone stores a portrait photo
-    sideways; a PNG may carry the same block in eXIf); as stored where that block is damaged."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # Pillow's EXIF parser raises many kinds on a stranger's bytes
-        return image
-
-
-def transparency(image: Image.Image) -> np.ndarray | None:
-    """(H, W) uint8 alpha in any form PNG has: an alpha channel, a palette's alpha, or a colour key (tRNS: one grey
-    level or RGB colour that is transparent, as an optimiser such as pngquant or optipng writes a cut-out); None
-    where the image has none. Pillow keeps the last two in ``info``, not in a band: reading ``getbands()`` alone
-    repainted the opaque half of a mask whose transparent colour was white."""
-    if "A" in image.getbands():
-        return np.asarray(image.getchannel("A"))
-    if "transparency" in image.info:
-        return np.asarray(image.convert("RGBA").getchannel("A"))
-    return None
 
 
 def _what_it_takes(shape: tuple[int, int, int]) -> str:

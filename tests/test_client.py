@@ -107,6 +107,29 @@ def test_ddpm_generate_asks_for_more_than_a_request_holds_in_parts(tmp_path: Pat
         s.stop()
 
 
+def test_ddpm_generate_resize_fits_a_photo_to_the_served_model(server: ServerProcess, tmp_path: Path) -> None:
+    """A 40x30 colour photo as --init-image of an 8x8 grey model: refused by the server (it bounds an upload by the
+    model's size); with --resize the command sends its middle 30x30, resampled and grey (ddpm/input_fit.py), as the
+    web page's editor does, and the images are those of that PNG sent as it is."""
+    from ddpm.input_fit import fitted_png
+
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(photo)
+    env = {**os.environ, "DDPM_API_TOKEN": TOKEN}
+    cmd = [sys.executable, "-c", WITHOUT_TORCH, "generate", "--url", server.url, "--seed", "3", "-n", "2", "--steps", "8",
+           "--sampler", "dpmsolver++", "--init-image", str(photo), "--quiet"]  # fmt: skip
+    refused = subprocess.run([*cmd, "-o", str(tmp_path / "r.npy")], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "422" in refused.stderr and "40x30" in refused.stderr
+    fitted = subprocess.run([*cmd, "--resize", "-o", str(tmp_path / "f.npy")], env=env, capture_output=True, text=True, timeout=60)
+    assert fitted.returncode == 0, fitted.stderr
+    sent = fitted_png(photo.read_bytes(), (1, 8, 8))
+    direct = _direct(server, {"seed": 3, "batch_size": 2, "image": base64.b64encode(sent).decode(), **CHAIN}, accept="application/x-npy")
+    assert np.abs(np.load(tmp_path / "f.npy") - np.load(io.BytesIO(direct.content))).max() <= 0.5 / 255 + 1e-6  # 8-bit PNG pixels
+    alone = subprocess.run([*cmd[:4], "--resize", "-o", str(tmp_path / "a.png")], env=env, capture_output=True, text=True, timeout=60)
+    assert alone.returncode != 0 and "--resize needs --init-image" in alone.stderr
+
+
 def test_async_client(server: ServerProcess) -> None:
     expected = _direct(server, {"seed": 5, "batch_size": 2, **CHAIN}).json()
 

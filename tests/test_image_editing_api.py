@@ -137,6 +137,21 @@ def test_ddpm_sample_edits_from_the_command_line(model_dir: Path, tmp_path: Path
     assert np.abs(images[:, 0, :4] - DIGIT[:4] / 255.0).max() < 1e-6  # the known half
     bad = subprocess.run([*cmd[:-2], "--strength", "1.5", "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "strength" in bad.stderr
+    # a photo of another size (here 3x the model's, as a phone's would be larger still) with --resize: its pixels fitted to
+    # the model's (ddpm/input_fit.py) are the known half, the mask's hole kept exactly
+    from ddpm.input_fit import fitted_png
+
+    big = np.kron(DIGIT, np.ones((3, 3), dtype=np.uint8))
+    (tmp_path / "big.png").write_bytes(base64.b64decode(_png(big)))
+    big_alpha = np.kron(ALPHA, np.ones((3, 3), dtype=np.uint8))
+    (tmp_path / "big-mask.png").write_bytes(base64.b64decode(_png(np.stack([np.zeros((24, 24), np.uint8), big_alpha], axis=-1), "LA")))
+    sized = [*cmd[:12], "--init-image", str(tmp_path / "big.png"), "--mask", str(tmp_path / "big-mask.png"), *cmd[16:]]
+    refused = subprocess.run(sized, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "24x24" in refused.stderr
+    resized = subprocess.run([*sized, "--resize"], capture_output=True, text=True, timeout=120)
+    assert resized.returncode == 0, resized.stderr
+    known = np.asarray(Image.open(io.BytesIO(fitted_png(base64.b64decode(_png(big)), (1, 8, 8)))))[:4] / 255.0
+    assert np.abs(np.load(out)[:, 0, :4] - known).max() < 1e-6
 
 
 def test_a_diffusers_model_edits_alike(tmp_path: Path) -> None:
