@@ -23,6 +23,7 @@ from PIL import Image, ImageColor
 
 from ddpm.image_forms import palette_as_colours, transparency, upright
 from ddpm.image_inputs import deep_grey, grey_levels
+from ddpm.input_fit import middle
 from ddpm.names import FITS, is_colour, text_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -176,9 +177,7 @@ def _eight_bit(im: Image.Image, channels: int, size: int, fit: str = "stretch", 
         flat = Image.new(im.mode, im.size, ImageColor.getcolor(str(background), im.mode))
         im = Image.composite(im, flat, Image.fromarray(alpha))
     if fit == "crop" and im.size[0] != im.size[1]:
-        side = min(im.size)
-        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-        im = im.crop((left, top, left + side, top + side))
+        im = middle(im, size, size)
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im)

@@ -4,8 +4,8 @@ the model's size, which bounds an upload by it, so a photo is fitted on the user
 
 The image is turned upright (EXIF), cropped to the model's aspect ratio around its middle (not stretched), resampled
 with Lanczos and made grey for a grey model (ITU-R 601 luma, Pillow's "L"); a mask keeps what marks its hole (fully
-transparent pixels, or with no transparency its black ones) by nearest-neighbour resampling, so that no pixel of it is
-half transparent or grey after the scaling. Torch-free: the ``ddpm generate`` client imports no torch.
+transparent pixels, or with no transparency its black ones) by nearest-neighbour resampling, so that the scaling makes
+no pixel of it half transparent or grey. Torch-free: the ``ddpm generate`` client imports no torch.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from PIL import Image
 from ddpm.image_forms import palette_as_colours, transparency, upright
 
 
-def _middle(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The largest region around the image's middle with the aspect ratio width:height."""
+def middle(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest region around the image's middle with the aspect ratio width:height (``ddpm train --fit crop``'s
+    square too)."""
     w, h = image.size
     if w * height > h * width:  # wider than the model's images: the sides go
         side = h * width // height
@@ -53,7 +54,7 @@ def fitted_png(data: bytes, shape: tuple[int, int, int], mask: bool = False) -> 
         image = image.convert("L" if channels == 1 else "RGB")
         resample = Image.Resampling.LANCZOS
     if image.size != (width, height):
-        image = _middle(image, width, height).resize((width, height), resample)
+        image = middle(image, width, height).resize((width, height), resample)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
