@@ -290,7 +290,7 @@ def test_page_loads_a_colour_photo_for_a_grey_model(server: ServerProcess, brows
         lambda drv: "done" in drv.find_element(By.ID, "status").text or drv.find_element(By.ID, "status").get_attribute("class"))
     assert "done: 1 images" in d.find_element(By.ID, "status").text, d.find_element(By.ID, "status").text  # type: ignore[attr-defined]
     # a portrait: its middle square, not stretched (the commands' --resize alike): red and blue bands above and below a
-    # grey 100 middle, drawn at 8x8, are grey 100 everywhere (stretched, the top rows were red's grey, 76)
+    # grey 100 middle, drawn at 8x8, are grey 100 everywhere (stretched, the top and bottom rows were the bands' greys)
     portrait = np.zeros((60, 20, 3), dtype=np.uint8)
     portrait[:20], portrait[20:40], portrait[40:] = (255, 0, 0), (100, 100, 100), (0, 0, 255)
     Image.fromarray(portrait).save(tmp_path / "portrait.png")
