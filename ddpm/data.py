@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor
 
-from ddpm.image_forms import palette_as_colours, transparency, upright
-from ddpm.image_inputs import deep_grey, grey_levels
+from ddpm.image_forms import grey_as_colour, palette_as_colours, transparency, upright
+from ddpm.image_inputs import GREY_MODES, deep_grey, grey_levels
 from ddpm.input_fit import middle
 from ddpm.names import FITS, is_colour, text_name
 
@@ -122,9 +122,8 @@ class FolderNotes:
         self.not_square += self.fit == "stretch" and im.size[0] != im.size[1]  # --fit crop: what was asked
         alpha = None if self.background is not None else transparency(im)  # --background: flattened as asked
         self.transparent += alpha is not None and int(alpha.min()) < 255
-        if self.channels == 1 and not deep_grey(im) and im.mode not in ("1", "L", "LA", "I", "F"):
-            rgb = np.asarray(palette_as_colours(im).convert("RGB"), dtype=np.int16)
-            self.colour += bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+        if self.channels == 1 and im.mode not in GREY_MODES and not deep_grey(im):
+            self.colour += not grey_as_colour(palette_as_colours(im))
 
     def lines(self) -> tuple[str, ...]:
         of = f"of {self.images} images"

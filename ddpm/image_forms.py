@@ -1,5 +1,5 @@
 """The forms in which an image file may hold its pixels that a reader must undo to see them as a viewer shows them:
-turned by an EXIF Orientation, indexed by a palette, transparent in any of PNG's ways. Torch-free (the ``ddpm
+turned by an EXIF Orientation, indexed by a palette, transparent in any of PNG's ways, grey stored in colour. Torch-free (the ``ddpm
 generate`` client uses them too); read by the uploads (``ddpm.image_inputs``), the training data (``ddpm.data``) and
 an input fitted to a model's size (``ddpm.input_fit``)."""
 
@@ -15,6 +15,12 @@ def palette_as_colours(image: Image.Image) -> Image.Image:
     if image.mode != "P":
         return image
     return image.convert("RGBA" if "transparency" in image.info else "RGB")
+
+
+def grey_as_colour(image: Image.Image) -> bool:
+    """An RGB(A) image whose three colour channels are equal everywhere: grey, stored in colour (as browsers write)."""
+    rgb = np.asarray(image.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm.image_forms import palette_as_colours, transparency, upright
+from ddpm.image_forms import grey_as_colour, palette_as_colours, transparency, upright
 
 GREY_MODES = ("L", "LA", "1", "I", "I;16")
 COLOUR_MODES = ("RGB", "RGBA")
@@ -125,12 +125,6 @@ def _check_size(field: str, width: int, height: int, mode: str, shape: tuple[int
         raise InputError(field, f"{field} is {width}x{height}{mode}; {_what_it_takes(shape)}")
 
 
-def _grey_as_colour(image: Image.Image) -> bool:
-    """An RGB(A) image whose three colour channels are equal everywhere: grey, stored in colour."""
-    rgb = np.asarray(image.convert("RGB"))
-    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
-
-
 def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray | None]:
     """The image as (C, H, W) float32 in [-1, 1] (the inverse of the PNGs the server answers with), and
     its alpha where it has any (``transparency``). A palette PNG is read as its colours; a grey one for a colour
@@ -143,7 +137,7 @@ def decode_image(field: str, data: bytes, shape: tuple[int, int, int]) -> tuple[
     if not grey and image.mode not in COLOUR_MODES:
         raise InputError(field, f"{field} is a {image.mode} PNG; {_what_it_takes(shape)}")
     if shape[0] == 1 and not grey:
-        if not _grey_as_colour(image):
+        if not grey_as_colour(image):
             raise InputError(field, f"{field} is an {image.mode} PNG whose red, green and blue differ; {_what_it_takes(shape)}")
         grey = True
     if grey:  # grey_levels reads a colour image of R = G = B exactly: L = (299 R + 587 G + 114 B) / 1000
