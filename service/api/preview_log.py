@@ -34,7 +34,7 @@ class PreviewLog:
         self._entries.append(preview)
         self.made += 1
         self._newest[preview[0]] = preview
-        self._let_go()
+        self.let_go()
 
     def reader(self, offset: int, n: int) -> PreviewReader:
         """A reader of images offset..offset+n-1 of the job (n 0: reads none), numbered from 0: first each image's
@@ -47,14 +47,11 @@ class PreviewLog:
         """The previews from the ``read``-th on (those a reader has not read: never let go of while it lives)."""
         return self._entries[read - (self.made - len(self._entries)) :]
 
-    def _let_go(self) -> None:
-        """Drop what every living reader has read (with none left: all of it; each image's newest stays apart)."""
+    def let_go(self) -> None:
+        """Drop what every living reader has read (with none left: all of it; each image's newest stays apart): after
+        each preview made and each read."""
         lowest = min((r.read for r in self._readers), default=self.made)
         del self._entries[: lowest - (self.made - len(self._entries))]
-
-    def taken(self) -> None:
-        """A reader read: what all have read can go."""
-        self._let_go()
 
 
 class PreviewReader:
@@ -70,6 +67,6 @@ class PreviewReader:
         """The partial images that came since the last call: (image index in the request, preview index, x0_hat)."""
         came, self._first = [*self._first, *self._log.since(self.read)], []
         self.read = self._log.made
-        self._log.taken()
+        self._log.let_go()
         first, end = self._offset, self._offset + self._n
         return [(k - first, index, image) for k, index, image in came if first <= k < end]
