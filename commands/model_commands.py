@@ -236,12 +236,15 @@ def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type
     return init, mask, edit_options(args.strength, mask is not None, args.jump_length, args.jump_n_sample)
 
 
-def input_bytes(args: argparse.Namespace, flag: str, path: str, shape: tuple[int, int, int] | None, command: str = "ddpm") -> bytes:
-    """An edit's input file as read, or with --resize fitted to ``shape`` (ddpm/input_fit.py; OSError where it cannot be
-    read, SystemExit naming ``command`` and the flag where it is no image)."""
+def input_bytes(args: argparse.Namespace, flag: str, path: str, shape: tuple[int, int, int]) -> bytes:
+    """An edit's input file as read, or with --resize fitted to ``shape`` (OSError where it cannot be read)."""
     data = Path(path).read_bytes()
-    if not args.resize or shape is None:
-        return data
+    return fitted_input(data, flag, path, shape) if args.resize else data
+
+
+def fitted_input(data: bytes, flag: str, path: str, shape: tuple[int, int, int], command: str = "ddpm") -> bytes:
+    """--resize: an edit's input fitted to ``shape`` (ddpm/input_fit.py), or SystemExit naming ``command`` and the flag
+    where it is no image."""
     from ddpm.input_fit import fitted_png
 
     try:

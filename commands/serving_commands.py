@@ -244,12 +244,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
              "jump_n_sample": args.jump_n_sample, "priority": args.priority, "deadline_s": args.deadline}  # fmt: skip
     if args.resize and args.init_image is None:
         raise SystemExit("ddpm generate: --resize needs --init-image")
-    inputs = _input_fields(args, None)  # a file that cannot be read: said before the server is asked
+    inputs = _input_files(args)  # read once, before the server is asked: a file that cannot be read is said at once
     try:
         with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
             info = client.info() if args.n > 1 or args.resize else None
             per_request = _images_per_request(info) if args.n > 1 else None  # more: asked for in parts
-            chain.update(_input_fields(args, _served_shape(info)) if args.resize else inputs)
+            chain.update(_input_fields(inputs, _served_shape(info) if args.resize else None))
             result = client.generate(args.seed, args.n, on_event=on_event, per_request=per_request, **chain)
             done = True
     except ServerError as exc:
@@ -281,19 +281,25 @@ def _served_shape(info: dict[str, Any] | None) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
-def _input_fields(args: argparse.Namespace, shape: tuple[int, int, int] | None) -> dict[str, str]:
-    """--init-image and --mask as the request's base64 ``image`` and ``mask`` (the server checks them), fitted to the
-    served model's ``shape`` first with --resize (ddpm/input_fit.py)."""
-    from commands.model_commands import input_bytes
-
-    fields = {}
+def _input_files(args: argparse.Namespace) -> list[tuple[str, str, str, bytes]]:
+    """(request field, flag, path, bytes) of --init-image and --mask, as read."""
+    files = []
     for field, flag, path in (("image", "--init-image", args.init_image), ("mask", "--mask", args.mask)):
         if path is not None:
             try:
-                fields[field] = base64.b64encode(input_bytes(args, flag, path, shape, "ddpm generate")).decode()
+                files.append((field, flag, path, Path(path).read_bytes()))
             except OSError as exc:
                 raise SystemExit(f"ddpm generate: {exc}") from exc
-    return fields
+    return files
+
+
+def _input_fields(files: list[tuple[str, str, str, bytes]], shape: tuple[int, int, int] | None) -> dict[str, str]:
+    """The inputs as the request's base64 ``image`` and ``mask`` (the server checks them), fitted to the served model's
+    ``shape`` first with --resize (ddpm/input_fit.py)."""
+    from commands.model_commands import fitted_input
+
+    return {field: base64.b64encode(data if shape is None else fitted_input(data, flag, path, shape, "ddpm generate")).decode()
+            for field, flag, path, data in files}  # fmt: skip
 
 
 def _images_per_request(info: dict[str, Any]) -> int | None:
