@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
 from fastapi import HTTPException
 
+from service.file_identity import file_identity
 from service.settings import Settings
 from service.token_file import token_lines
 
@@ -31,7 +31,7 @@ class BearerTokens:
 
     def __init__(self, tokens: tuple[bytes, ...], file: Path | None = None) -> None:
         self.tokens, self.file = tokens, file
-        self._identity = _identity(file) if file is not None else None
+        self._identity = file_identity(file) if file is not None else None
         self._checked = time.monotonic()
         self._checking = threading.Lock()  # the check runs on the event loop and in the threadpool (sync dependencies)
 
@@ -55,7 +55,7 @@ class BearerTokens:
             self._checking.release()
 
     def _reread(self, file: Path) -> None:
-        identity = _identity(file)
+        identity = file_identity(file)
         if identity == self._identity:
             return
         self._identity = identity
@@ -66,15 +66,6 @@ class BearerTokens:
             return
         self.tokens = tokens
         log.info("DDPM_API_TOKEN_FILE %s changed: %d token(s) accepted now", file, len(tokens))
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """What changes when the file is written or replaced (a Secret volume swaps a symlink: a new inode)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _file_tokens(path: Path) -> tuple[bytes, ...]:
