@@ -326,6 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ddpm.model_hub import hub_reference
     from service.settings_check import explain, unknown_variables, unreachable_bounds
+    from service.tls_certificate import served_certificate
 
     # the settings and the model's place are checked before the server's own imports (torch among them): an operator's
     # typo is refused in ~0.5 s, not ~3.5 s (2-core EPYC)
@@ -341,8 +342,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"ddpm serve: model directory not found: {settings.model} (set DDPM_MODEL or --model: a directory or a hub org/name[@revision])"
         )
+    try:  # a certificate that cannot serve is refused before the model loads, naming the variable
+        certificate = served_certificate(settings.tls_cert_file, settings.tls_key_file)
+    except ValueError as exc:
+        raise SystemExit(f"ddpm serve: {exc}") from None
     import uvicorn
 
+    from service.accept_backoff import set_handshake_timeout
     from service.api.app import create_app
     from service.api.http_protocol import hardened_protocol
     from service.api.request_log import configure_logging
@@ -357,6 +363,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     warnings = unknown_variables(os.environ, set(type(settings).model_fields)) + unreachable_bounds(settings)
     for warning in [*warnings, files] if files else warnings:
         logging.getLogger("ddpm.settings").warning(warning)
+    if certificate is not None:
+        logging.getLogger("ddpm.server").info(certificate.describe())
     try:
         sock, host = listening_socket(args.host, args.port)  # "::": IPv6 and IPv4 both (service.listening_socket)
     except OSError as exc:
@@ -383,6 +391,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # by the time uvicorn shuts down, the drain has answered every job: this bounds only idle sockets
         timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
     )
+    if certificate is not None:  # the context uvicorn would make from the files could not be renewed: this one is followed
+        config.load()
+        config.ssl = certificate.context
+        certificate.follow()
+        set_handshake_timeout(settings.request_read_timeout_s)  # a silent TLS connection closed as a plain one is (not 60 s)
     server = DrainingServer(config, state, settings.drain_timeout_s, exit_at_once)
     try:
         server.run([sock] if sock is not None else None)

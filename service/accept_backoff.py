@@ -1,4 +1,5 @@
-"""The server's event loop: asyncio's, with its accept loop stopping at the first "out of descriptors" error.
+"""The server's event loop: asyncio's, with its accept loop stopping at the first "out of descriptors" error, and a TLS
+handshake held to the server's read deadline.
 
 CPython's ``_accept_connection`` (3.11, 3.12; python/cpython#151615, fixed in later releases) takes up to ``backlog``
 (2,048) connections per wake-up; on EMFILE it logs, removes the reader and schedules a retry in one second, and then
@@ -40,10 +41,25 @@ class _AcceptUntilOutOfResources:
 
 
 class AcceptBackoffLoop(asyncio.SelectorEventLoop):
+    # a TLS connection's handshake must end within this (set_handshake_timeout): asyncio waits 60 s, and until the
+    # handshake ends the connection is none of uvicorn's (no header deadline, not counted in DDPM_MAX_CONNECTIONS)
+    handshake_timeout_s: float | None = None
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+        if kwargs.get("ssl") is not None and kwargs.get("ssl_handshake_timeout") is None and self.handshake_timeout_s:
+            kwargs["ssl_handshake_timeout"] = self.handshake_timeout_s
+        return await super().create_server(*args, **kwargs)
+
     def _accept_connection(self, protocol_factory: Any, sock: Any, *args: Any, **kwargs: Any) -> None:
         while isinstance(sock, _AcceptUntilOutOfResources):  # the retry passes back what it was given
             sock = sock.sock
         super()._accept_connection(protocol_factory, _AcceptUntilOutOfResources(sock), *args, **kwargs)  # type: ignore[misc]
+
+
+def set_handshake_timeout(seconds: float) -> None:
+    """The TLS handshake's deadline on the loops made from now on (``ddpm serve``: DDPM_REQUEST_READ_TIMEOUT_S, the
+    deadline a request's headers have once the connection is open). uvloop takes its own (60 s)."""
+    AcceptBackoffLoop.handshake_timeout_s = seconds
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     api_token_file: Path | None = Field(
         None, description="file holding the bearer token, or several one per line; followed while serving (wins over DDPM_API_TOKEN)"
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) to serve HTTPS with, beside tls_key_file; followed while serving (a renewed "
+        "Secret is loaded for new connections); unset: plain HTTP (TLS ended by the load balancer)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file, without a pass phrase")
     metrics_require_token: bool = Field(False, description="also require the token on /metrics")
     max_body_bytes: int | None = Field(
         None,

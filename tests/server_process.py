@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,10 @@ class ServerProcess:
                  **env: str) -> None:  # fmt: skip
         """``terminal``: a pty's end for the server's standard streams (its output then goes there, not to ``output()``)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # over TLS (DDPM_TLS_CERT_FILE, self-signed as tests/tls_pairs.py makes them): https, trusting that certificate
+        cert = env.get("DDPM_TLS_CERT_FILE")
+        self.url = f"{'https' if cert else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cert) if cert else True
         full_env = {**os.environ, "DDPM_WARMUP_STEPS": "1", "DDPM_MAX_BATCH": "8", "DDPM_THREADS": "1", **env}
         cmd = [sys.executable, "-m", "commands.main", "serve", "--host", "127.0.0.1", "--port", str(self.port), "--model", str(model)]
         cmd = [*(prefix or []), *cmd, *(args or [])]  # prefix: e.g. a sandbox the server runs inside; args: more flags
@@ -48,7 +52,7 @@ class ServerProcess:
         while time.monotonic() < end:
             assert self.proc.poll() is None, self.output()
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/readyz", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -56,7 +60,7 @@ class ServerProcess:
         raise AssertionError("server did not become ready")
 
     def metric(self, name: str) -> float:
-        return sample_value(httpx.get(self.url + "/metrics", timeout=5).text, name)
+        return sample_value(httpx.get(self.url + "/metrics", timeout=5, verify=self.verify).text, name)
 
     def wait_metric(self, name: str, predicate, timeout: float = 20.0) -> float:  # type: ignore[no-untyped-def]
         end = time.monotonic() + timeout
