@@ -36,9 +36,11 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import html
 import io
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,6 +53,7 @@ import httpx
 import numpy as np
 
 from service.client_proxy import environment_proxy
+from service.client_tls import speaks_tls, tls_failure
 from service.token_file import token_lines
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -196,8 +199,16 @@ def _error_detail(status: int, body: bytes) -> ServerError:
         if detail is None and isinstance(data.get("error"), dict):
             detail = data["error"].get("message")
     if detail is None:
-        detail = body.decode("utf-8", "replace").strip()[:500] or "(no message)"
+        text = body.decode("utf-8", "replace").strip()
+        detail = _html_title(text) or text[:500] or "(no message)"
     return ServerError(status, str(detail))
+
+
+def _html_title(text: str) -> str | None:
+    """A proxy's HTML error page said by its title (nginx's "400 The plain HTTP request was sent to HTTPS port", a
+    cloud balancer's "502 Bad Gateway"): the page's 9 lines of markup were the message before."""
+    match = re.search(r"<title>(.*?)</title>", text[:4096], re.IGNORECASE | re.DOTALL)
+    return " ".join(html.unescape(match.group(1)).split()) or None if match else None
 
 
 def _json_object(body: bytes, what: str, status: int) -> dict[str, Any]:
@@ -398,7 +409,10 @@ class AsyncClient:
             except httpx.TimeoutException as exc:
                 raise CallTimeout(f"no answer from {self.url}{path} within {self.timeout_s:g} s ({type(exc).__name__})") from None
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                # refused: a replica restarting; a dropped or garbled connection: nothing was answered
+                # refused: a replica restarting; a dropped or garbled connection: nothing was answered; but a certificate
+                # or a scheme that is wrong stays wrong (service.client_tls)
+                if (tls := await self._tls_mismatch(exc, attempt)) is not None:
+                    raise Unreachable(tls) from exc
                 if last:
                     raise Unreachable(f"cannot reach {self._route()}: {exc or type(exc).__name__}") from exc
                 why = f"no connection to {self._route()} ({exc or type(exc).__name__})"
@@ -406,6 +420,16 @@ class AsyncClient:
             except httpx.HTTPError as exc:
                 raise Unreachable(f"cannot reach {self._route()}: {exc or type(exc).__name__}") from exc
         raise AssertionError("unreachable")
+
+    async def _tls_mismatch(self, exc: Exception, attempt: int) -> str | None:
+        """A TLS failure no retry mends, or (once) an http:// URL whose server closed the request unanswered and speaks TLS."""
+        if (why := tls_failure(exc, self.url)) is not None:
+            return why
+        direct = self._transport is None and self.proxy is None
+        dropped = not isinstance(exc, httpx.ConnectError)  # accepted, then closed unanswered (reset, or before the body)
+        if attempt == 0 and direct and dropped and await speaks_tls(self.url):
+            return f"{self.url} speaks TLS (it closed a plain HTTP request unanswered): try https://{self.url[len('http://'):]}"
+        return None
 
     def _route(self) -> str:
         """The server, and the proxy in between where there is one: a proxy that is down is not the server."""
