@@ -68,7 +68,8 @@ def add_generate_parser(sub: Any) -> None:
 
     text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--url", default=from_environment("DDPM_URL", "http://127.0.0.1:8000"), help="the server (default: $DDPM_URL or local)")
+    p.add_argument("--url", default=from_environment("DDPM_URL", "http://127.0.0.1:8000"),
+                   help="the server, http:// or https:// (a private CA's certificate: SSL_CERT_FILE=ca.pem) (default: $DDPM_URL or local)")
     p.add_argument("--seed", type=SEED, default=0, help="image k uses the Philox key image_seed(seed, k)")
     p.add_argument("-n", type=POSITIVE, default=16,
                    help="number of images (more than the server's max_images_per_request: asked for in parts, the same images)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import threading
 import time
@@ -49,9 +50,12 @@ class Container:
     /tmp, the image's non-root uid, every capability dropped, no privilege escalation, published on
     loopback only."""
 
-    def __init__(self, image: str, env: dict[str, str] | None = None, volumes: list[str] | None = None) -> None:
+    def __init__(self, image: str, env: dict[str, str] | None = None, volumes: list[str] | None = None,
+                 verify: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        """``verify``: the server speaks TLS (DDPM_TLS_* in ``env``), its certificate trusted by this context."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = verify or True
         args = ["run", "-d", "--read-only", "--tmpfs", "/tmp:rw,size=512m", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
                 "-p", f"127.0.0.1:{self.port}:8000"]  # fmt: skip
         for key, value in {**SERVING_ENV, **(env or {})}.items():
@@ -66,7 +70,7 @@ class Container:
             state = podman("inspect", self.id, "--format", "{{.State.Status}}").stdout.strip()
             assert state == "running", f"container {state}: {self.logs()[-3000:]}"
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/readyz", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -125,7 +129,7 @@ def test_the_cpu_image_holds_only_what_serving_needs(image: dict[str, object]) -
     probe = f"import importlib.util as u; print([m for m in {absent!r} if u.find_spec(m)])"
     assert podman("run", "--rm", IMAGE, "python", "-c", probe).stdout.strip() == "[]"
     user = podman("image", "inspect", IMAGE, "--format", "{{.Config.User}} {{json .Config.Healthcheck.Test}}").stdout
-    assert user.startswith("10001:10001") and "/healthz" in user  # Docker format keeps the HEALTHCHECK
+    assert user.startswith("10001:10001") and "service.health_probe" in user  # Docker format keeps the HEALTHCHECK
 
 
 def test_a_cpu_limit_caps_the_servers_threads_and_a_memory_limit_is_read(image: dict[str, object]) -> None:
@@ -157,6 +161,25 @@ def test_it_serves_the_shipped_model_byte_identical_to_ddpm_serve_outside(contai
     assert inside.json()["model"] == "mnist-28"
     # the image's HEALTHCHECK, run by podman itself (past the container's proxy settings)
     assert podman("healthcheck", "run", container.id, check=False).returncode == 0
+
+
+def test_the_image_serves_tls_from_a_mounted_secret_and_its_health_check_speaks_it(image: dict[str, object], tmp_path: Path) -> None:
+    """A Secret mounted read-only as Kubernetes does (the files root's, readable by all), the proxy a Docker client
+    injects: ready over https, and the image's HEALTHCHECK healthy (its plain probe read the TLS server as down)."""
+    from tests.tls_pairs import tls_pair
+
+    cert, key = tls_pair(tmp_path / "secret", "tls")
+    key.chmod(0o644)  # a Secret volume's default mode; the container's uid is not the file's owner
+    env = {**INJECTED_PROXY, "DDPM_TLS_CERT_FILE": "/etc/ddpm-tls/tls.crt", "DDPM_TLS_KEY_FILE": "/etc/ddpm-tls/tls.key"}
+    c = Container(str(image["image"]), env=env, volumes=[f"{tmp_path / 'secret'}:/etc/ddpm-tls:ro"],
+                  verify=ssl.create_default_context(cafile=cert))  # fmt: skip
+    try:
+        c.wait_ready()
+        answer = httpx.post(c.url + "/generate", json={"seed": 1, "steps": 2}, verify=c.verify, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert podman("healthcheck", "run", c.id, check=False).returncode == 0, c.logs()[-2000:]
+    finally:
+        c.remove()
 
 
 def test_podman_stop_drains_a_request_in_flight(container: Container) -> None:
