@@ -371,6 +371,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         exit_at_once(f"ddpm serve: could not listen on [{args.host}]:{args.port}: {exc.strerror or exc}")
     state = ServerState(settings)
+    if certificate is not None:
+        state.metrics.watch_certificate(str(certificate.cert_file), certificate.expiry)
     try:
         app = create_app(settings, state)
     except ValueError as exc:

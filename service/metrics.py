@@ -183,6 +183,12 @@ class Metrics(EngineObserver):
             "an answer, with its spread, plus DDPM_DEADLINE_MARGIN_S",
             registry=r,
         )
+        self.tls_expiry = Gauge(
+            "ddpm_tls_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate this replica serves stops being valid (Unix time), by file (DDPM_TLS_CERT_FILE; "
+            "absent without TLS): a renewal that never reached the file shows here before clients refuse it",
+            ["file"], registry=r,
+        )  # fmt: skip
         self.open_connections = Gauge(
             "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
             registry=r,
@@ -208,6 +214,9 @@ class Metrics(EngineObserver):
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         self.open_connections.set_function(lambda: float(open_connections()))
+
+    def watch_certificate(self, file: str, expiry: Callable[[], float]) -> None:
+        self.tls_expiry.labels(file=file).set_function(expiry)
 
     def on_connection_deadline(self, reason: str) -> None:
         self.connection_deadlines.labels(reason=reason).inc()

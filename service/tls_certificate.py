@@ -90,6 +90,15 @@ class ServedCertificate:
         self.context = _new_context(cert_file, key_file)
         self.reloads = 0
         self._thread: threading.Thread | None = None
+        self._read_expiry()
+
+    def expiry(self) -> float:
+        """The end of the served certificate's validity (Unix time; NaN where it cannot be read), at each scrape."""
+        return self._expiry
+
+    def _read_expiry(self) -> None:
+        not_after = certificate_summary(self.cert_file)[1]
+        self._expiry = not_after.timestamp() if not_after is not None else float("nan")
 
     def describe(self) -> str:
         """One line for the log: what clients are shown, until when; expired said plainly."""
@@ -118,6 +127,7 @@ class ServedCertificate:
             return False
         self._identity, self._refused = identity, None
         self.reloads += 1
+        self._read_expiry()
         log.info("%s (changed: new connections get it)", self.describe())
         return True
 

@@ -38,6 +38,14 @@ def served_certificate_der(port: int) -> bytes:
     return der
 
 
+def not_after(cert: Path | str) -> float:
+    """The end of a certificate's validity as openssl reads it (Unix time)."""
+    from tests.tls_pairs import openssl_or_skip
+
+    end = subprocess.run([openssl_or_skip(), "x509", "-in", str(cert), "-noout", "-enddate"], capture_output=True, text=True, check=True)
+    return float(ssl.cert_time_to_seconds(end.stdout.strip().removeprefix("notAfter=")))
+
+
 def der_of(cert: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.read_text(encoding="ascii"))
 
@@ -67,6 +75,9 @@ def test_a_tls_server_answers_https_and_says_its_certificate(server: ServerProce
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["images"]) == 2
     assert "TLS on: certificate " in server.output() and "for first, localhost, 127.0.0.1, valid until" in server.output()
+    # when it ends, for the alert that a renewal never reached the file (DdpmTlsCertificateExpiresSoon)
+    served = server.output().split("TLS on: certificate ", 1)[1].split(" ")[0]  # the server's own copy of "first"
+    assert server.metric("ddpm_tls_certificate_expiry_timestamp_seconds") == not_after(served)
 
 
 def test_the_containers_health_probe_speaks_https_where_tls_is_set(server: ServerProcess) -> None:
@@ -118,8 +129,9 @@ def test_a_renewed_certificate_is_served_to_new_connections(server: ServerProces
     server.wait_output(lambda out: "for renewed, localhost, 127.0.0.1" in out and "(changed: new connections get it)" in out)
     assert served_certificate_der(server.port) == der_of(pairs["renewed"][0])
     assert server.output().count("KEY_VALUES_MISMATCH") == 1  # said once, not at every look
-    answer = httpx.get(server.url + "/readyz", verify=ssl.create_default_context(cafile=pairs["renewed"][0]), timeout=10)
-    assert answer.status_code == 200
+    server.verify = ssl.create_default_context(cafile=pairs["renewed"][0])  # the clients trust the renewed one now
+    assert httpx.get(server.url + "/readyz", verify=server.verify, timeout=10).status_code == 200
+    assert server.metric(f'ddpm_tls_certificate_expiry_timestamp_seconds{{file="{cert}"}}') == not_after(pairs["renewed"][0])
 
 
 @pytest.mark.parametrize(
