@@ -27,11 +27,13 @@ then too, and counted). ``service.api.http_protocol`` has the details.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 log = logging.getLogger("ddpm.server")
@@ -55,6 +57,18 @@ class DrainingServer:
         class _Server(uvicorn.Server):
             draining = False
             stopping_now = False
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                """uvicorn's handlers for SIGINT and SIGTERM, except that a SIGINT ignored from the start stays ignored, as
+                Python leaves it: a shell script's ``ddpm serve &`` starts with SIGINT ignored so that a Ctrl-C meant for
+                the script's foreground command does not reach it (the terminal sends SIGINT to the whole process group),
+                and uvicorn's handler drained the server on that Ctrl-C. SIGTERM is always a stop (an orchestrator's)."""
+                ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                with super().capture_signals():
+                    if ignored and threading.current_thread() is threading.main_thread():
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    yield
 
             def handle_exit(self, sig: int, frame: Any) -> None:
                 if self.draining:  # a second signal: answer what is in flight and leave now
@@ -122,8 +136,6 @@ class DrainingServer:
         """Serve until a signal's drain ends: uvicorn takes SIGINT and SIGTERM; SIGHUP (the terminal ``ddpm serve`` ran
         on hung up) drains too, its output sent to /dev/null first (``ddpm.terminal_hangup``): it was killed at once,
         every request in flight with it (their clients saw the connection reset)."""
-        import signal
-
         from ddpm.terminal_hangup import handle_unless_ignored, off_the_terminal
 
         def hung_up(sig: int, frame: Any) -> None:

@@ -353,6 +353,27 @@ def test_a_server_started_under_nohup_keeps_serving_through_a_hangup(model_1000:
         s.stop()
 
 
+def test_a_server_started_with_sigint_ignored_keeps_serving_through_a_ctrl_c(model_1000: Path) -> None:
+    """A shell script's ``ddpm serve &`` starts with SIGINT ignored (bash does that to a background command when job
+    control is off), so that the Ctrl-C meant for the script's foreground command, which the terminal sends to the
+    whole process group, does not reach it. uvicorn's handler replaced the ignore and the server drained and exited 0
+    on it (measured). Ignored from the start, it stays ignored, as Python leaves it; SIGTERM still stops the server."""
+    script = 'python3 -c "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)" & wait'
+    assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.strip() == "True"  # the premise
+    ignoring = [sys.executable, "-c", "import os, signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "os.execv(sys.argv[1], sys.argv[1:])"]  # fmt: skip
+    s = ServerProcess(model_1000, prefix=ignoring)
+    try:
+        s.wait_ready()
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert s.proc.poll() is None and httpx.get(s.url + "/readyz", timeout=5).status_code == 200
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
+
+
 def test_a_server_started_with_sigterm_blocked_still_drains_on_it(model_1000: Path) -> None:
     """The signal mask is inherited across exec: started by a parent that blocked SIGTERM, ``ddpm serve`` ignored it
     (still serving 5 s after it, measured), so ``docker stop`` would end in SIGKILL. The stop signals are unblocked at
