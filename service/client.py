@@ -41,6 +41,7 @@ import io
 import json
 import os
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -317,8 +318,11 @@ class AsyncClient:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_events: int = DEFAULT_MAX_EVENTS,
         on_retry: RetryHandler | None = None,
+        verify: ssl.SSLContext | bool = True,
         _persistent: bool = True,
     ) -> None:
+        """``verify``: an ``ssl.SSLContext`` that trusts an https:// server's certificate (``ssl.create_default_context(
+        cafile="ca.pem")``; the default trusts the system's and ``SSL_CERT_FILE``'s), False to check none."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url, self.timeout_s, self.max_retries, self.max_wait_s = url, timeout_s, max_retries, max_wait_s
@@ -326,7 +330,7 @@ class AsyncClient:
         self.on_retry = on_retry
         self._headers = {"Authorization": f"Bearer {t}"} if (t := _token(token)) else {}
         self._follows_file = token is None and bool(os.environ.get("DDPM_API_TOKEN_FILE"))  # re-read after a 401
-        self._transport = transport
+        self._transport, self._verify = transport, verify
         self.proxy = environment_proxy(url) if transport is None else None
         self._http = self._new_http() if _persistent else None
 
@@ -335,7 +339,8 @@ class AsyncClient:
         # environment names (service.client_proxy), or a transport of its own that reads no proxy from it
         route: dict[str, Any] = {"transport": self._transport}
         if self._transport is None:
-            route = {"proxy": self.proxy.url} if self.proxy else {"transport": httpx.AsyncHTTPTransport()}
+            direct = {"transport": httpx.AsyncHTTPTransport(verify=self._verify)}
+            route = {"proxy": self.proxy.url, "verify": self._verify} if self.proxy else direct
         try:
             return httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self.timeout_s, **route)
         except (ImportError, ValueError) as exc:  # a SOCKS proxy without socksio, a scheme httpx has no transport for
@@ -497,7 +502,7 @@ def _status_of(event: dict[str, Any]) -> int:
 class Client:
     """The synchronous client: :class:`AsyncClient`'s calls, each run to its end on a private loop.
     Takes :class:`AsyncClient`'s arguments (``timeout_s``, ``max_retries``, ``max_wait_s``, ``transport``,
-    ``max_response_bytes``, ``max_events``, ``on_retry``)."""
+    ``max_response_bytes``, ``max_events``, ``on_retry``, ``verify``)."""
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, **options: Any) -> None:
         self._async = AsyncClient(url, token, **options, _persistent=False)

@@ -42,7 +42,7 @@ def tls_failure(exc: BaseException, url: str) -> str | None:
         elif "hostname" in why.lower() or "ip address mismatch" in why.lower():
             mend = "the URL must name a host the certificate names (or the certificate that host)"
         else:
-            mend = "a certificate of a private CA is trusted through SSL_CERT_FILE=/path/to/ca.pem (its CA's certificate)"
+            mend = "a private CA's certificate is trusted through SSL_CERT_FILE=/path/to/ca.pem (the Python client: verify=)"
         return f"{url}'s TLS certificate is not trusted: {why}; {mend}"
     reason = error.reason or str(error)
     if reason in PLAIN_HTTP_REASONS:

@@ -104,7 +104,9 @@ def test_the_client_trusts_a_private_ca_through_ssl_cert_file(server: ServerProc
         client.generate(seed=1, n=1, steps=2)
     assert "TLS certificate is not trusted: self-signed certificate" in str(refused.value)
     assert "SSL_CERT_FILE=" in str(refused.value) and retries == []  # at once: retried 5 times over 15.5 s before
-    monkeypatch.setenv("SSL_CERT_FILE", str(pairs["first"][0]))
+    with Client(server.url, verify=ssl.create_default_context(cafile=pairs["first"][0])) as client:  # the Python API's way
+        assert len(client.generate(seed=1, n=1, steps=2).pngs) == 1
+    monkeypatch.setenv("SSL_CERT_FILE", str(pairs["first"][0]))  # the command line's (httpx reads it)
     with Client(server.url) as client:
         assert len(client.generate(seed=1, n=1, steps=2).pngs) == 1
 
