@@ -21,7 +21,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt ./
 RUN python -m venv /opt/venv \
  && if [ -n "$TORCH_INDEX" ]; then /opt/venv/bin/pip install -c constraints.txt --index-url "$TORCH_INDEX" torch==2.13.0; fi \
- && if [ -n "$TORCH_INDEX" ]; then extras=diffusers; else extras=gpu,diffusers; fi \
+ && if [ -n "$TORCH_INDEX" ]; then extras=diffusers,otel; else extras=gpu,diffusers,otel; fi \
  && python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(*p["dependencies"], *(d for e in sys.argv[1].split(",") for d in p["optional-dependencies"][e]), sep="\n")' "$extras" > requirements.txt \
  && /opt/venv/bin/pip install -c constraints.txt -r requirements.txt \
  && rm -rf /opt/venv/lib/python3*/site-packages/torch/test /opt/venv/lib/python3*/site-packages/torch/bin/test_*

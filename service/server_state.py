@@ -41,6 +41,7 @@ from service.fault_injection import FaultInjector
 from service.metrics import Metrics
 from service.response_cache import ResponseCache
 from service.settings import Settings
+from service.tracing import RequestTracer
 
 log = logging.getLogger("ddpm.server")
 RECOVERING = "recovering from a failed iteration (self-test pending)"
@@ -71,6 +72,7 @@ class ServerState:
         self.engine: Engine | None = None
         self.facts: ModelFacts | None = None
         self.cache = ResponseCache(int(settings.response_cache_mb * 2**20))
+        self.tracer: RequestTracer | None = None  # the app's (DDPM_OTLP_TRACES_ENDPOINT) unless one is set here (the tests')
         self.metrics.watch_cache(lambda: self.cache.size_bytes)
         self.in_flight = InFlightRequests()  # identical requests share a job while its images are made
         self.precision = "fp32"  # the U-Net's concrete precision once loaded (DDPM_PRECISION resolved)

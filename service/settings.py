@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     cors_allow_origins: str = Field(
         "", description="origins a browser app may call this API from, comma-separated (http://localhost:5173), or *; empty: none"
     )
+    otlp_traces_endpoint: str | None = Field(
+        None, description="OTLP/HTTP endpoint to send a span per request to (http://collector:4318/v1/traces; the [otel] extra); "
+        "unset: no spans (the access log still carries a traceparent's trace_id)"
+    )
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     max_connections: int = Field(
         1024, ge=1, description="open connections (and requests in progress) before new requests get 503 (uvicorn limit_concurrency)"
@@ -212,6 +216,13 @@ class Settings(BaseSettings):
         from service.api.cors import parse_origins
 
         return ",".join(parse_origins(value))
+
+    @field_validator("otlp_traces_endpoint")
+    @classmethod
+    def _an_http_url(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith(("http://", "https://")) and len(value) > len("https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL (OTLP over HTTP: http://collector:4318/v1/traces)")
+        return value or None
 
     @field_validator("root_path")
     @classmethod

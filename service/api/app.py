@@ -27,6 +27,7 @@ from service.api.routes import generate, model, openai_images, operations
 from service.api.strict_json import finite_jsonable
 from service.server_state import ServerState
 from service.settings import Settings, get_settings
+from service.tracing import request_tracer
 
 FORM = "multipart/form-data"
 FORM_PATHS = ("/v1/images/edits", "/v1/images/variations")  # OpenAI's uploads; every other POST takes JSON
@@ -44,6 +45,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 def create_app(settings: Settings | None = None, state: ServerState | None = None) -> FastAPI:
     settings = settings or get_settings()
     state = state or ServerState(settings)
+    tracer = state.tracer or request_tracer(settings.otlp_traces_endpoint)  # ValueError: the [otel] extra is missing
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,6 +55,8 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         yield
         if owned:
             state.shutdown()
+        if tracer is not None:
+            tracer.flush()
 
     app = FastAPI(title="ddpm-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.server = state
@@ -69,6 +73,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         trust_forwarded_for=settings.trust_forwarded_for,
         observe=state.metrics.on_response,
         error_body=error_body_for,
+        tracer=tracer,
     )
     allow_cross_origin(app, parse_origins(settings.cors_allow_origins))
     app.add_middleware(AbsoluteFormMiddleware)  # added last: outermost (everything sees the path, not http://host/path)

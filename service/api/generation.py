@@ -271,10 +271,12 @@ def job_for(
                 state.engine.stream_progress(handle.job)  # type: ignore[union-attr]  # prepare() checked it
             state.metrics.on_cache_lookup("shared")
             request.state.log_fields["cache"] = "shared"
+            request.state.job = handle.job
             return handle, True
         state.metrics.on_cache_lookup("miss")
         request.state.log_fields["cache"] = "miss"
     handle = submit(state, key, request, sched, stream, previews)
+    request.state.job = handle.job  # its phases are the request's span's children (service/tracing.py)
     if state.cache.enabled:  # identical requests may share it, a retry within the grace too; its images are kept
         handle.grace_s = state.settings.retry_grace_s
         state.in_flight.add(key, handle)

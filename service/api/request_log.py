@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import outcome_of
 from service.api.trace_context import parse_traceparent
+from service.tracing import RequestTracer
 
 log = logging.getLogger("ddpm.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -126,8 +127,10 @@ class RequestContextMiddleware:
         trust_forwarded_for: bool = False,
         observe: ResponseObserver | None = None,
         error_body: Callable[[str, int, str], dict[str, Any]] | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.app = app
+        self.tracer = tracer
         # the body of an error this middleware answers itself, by path (OpenAI's shape under /v1/)
         self.error_body = error_body or (lambda path, status, detail: {"detail": detail})
         self.body_limit = max_body_bytes if callable(max_body_bytes) else lambda: max_body_bytes  # may follow the loaded model
@@ -149,7 +152,7 @@ class RequestContextMiddleware:
         trace = parse_traceparent(headers.get(b"traceparent", b"").decode("latin-1"))  # the access line joins the caller's trace
         trace_fields = {} if trace is None else trace.log_fields()
         client = client_key(scope, self.trust_forwarded_for)
-        state.update(request_id=request_id, client=client, log_fields=dict(trace_fields), arrived=start)
+        state.update(request_id=request_id, client=client, log_fields=dict(trace_fields), arrived=start, trace=trace)
         id_header = (b"x-request-id", request_id.encode())
         nosniff = (b"x-content-type-options", b"nosniff")  # a body is what its Content-Type says (no HTML sniffed from a PNG or JSON)
         status = {"code": 0}
@@ -226,6 +229,8 @@ class RequestContextMiddleware:
                 log.error("response observer failed", exc_info=exc)
         if path in QUIET_PATHS:
             return
+        if self.tracer is not None:
+            self._trace(scope, state, request_id, code, outcome)
         fields = {
             "request_id": request_id,
             "method": scope.get("method"),
@@ -238,3 +243,12 @@ class RequestContextMiddleware:
             **state.get("log_fields", {}),
         }
         log.info("request", extra={"fields": fields})
+
+    def _trace(self, scope: Scope, state: dict[str, Any], request_id: str, code: int, outcome: str) -> None:
+        assert self.tracer is not None
+        fields = {"request_id": request_id, **state.get("log_fields", {})}
+        try:
+            self.tracer.record(scope.get("method", ""), scope.get("path", ""), code, outcome, state["arrived"], fields,
+                               parent=state.get("trace"), job=state.get("job"))  # fmt: skip
+        except Exception as exc:  # a span is never worth a request: said, and the answer stands
+            log.error("recording the request's span failed", exc_info=exc)

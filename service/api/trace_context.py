@@ -1,7 +1,8 @@
 """W3C Trace Context's ``traceparent`` header (https://www.w3.org/TR/trace-context/ §3.2): the trace a request
 belongs to, as a load balancer, a service mesh (Envoy, Istio, Linkerd) or a traced client sends it. The access log
 carries its ``trace_id`` and the caller's span (``parent_id``), so this server's lines join the rest of a trace in
-Loki, Tempo or Jaeger. This server starts no spans of its own and does not change the header.
+Loki, Tempo or Jaeger; with ``DDPM_OTLP_TRACES_ENDPOINT`` the request's own span is that span's child
+(``service/tracing.py``). The header itself is not changed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f
 class TraceParent:
     trace_id: str  # the whole trace's
     parent_id: str  # the caller's span
+    flags: int = 1  # trace-flags: bit 0 "sampled" (the caller records this trace)
 
     def log_fields(self) -> dict[str, object]:
         return {"trace_id": self.trace_id, "parent_id": self.parent_id}
@@ -30,7 +32,7 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
     match = _TRACEPARENT.fullmatch(value.strip())
     if match is None:
         return None
-    version, trace_id, parent_id, _flags, rest = match.groups()
+    version, trace_id, parent_id, flags, rest = match.groups()
     if version == "ff" or (version == "00" and rest) or set(trace_id) == {"0"} or set(parent_id) == {"0"}:
         return None
-    return TraceParent(trace_id, parent_id)
+    return TraceParent(trace_id, parent_id, int(flags, 16))

@@ -1,0 +1,103 @@
+"""Request spans to an OpenTelemetry collector: ``DDPM_OTLP_TRACES_ENDPOINT`` (OTLP over HTTP, as vLLM's
+``--otlp-traces-endpoint`` and TGI's), with the ``[otel]`` extra (opentelemetry-sdk and its OTLP/HTTP exporter).
+
+One server span per request other than the probes and the scrapes (``POST /generate``: method, path, status, the
+request id and the access line's fields), child of the caller's span where a valid ``traceparent`` came with it (its
+sampled flag honoured), and for a generation request three children made from the engine's own clock: ``queue``
+(arrival to the job's first iteration), ``denoise`` (to its last) and ``answer`` (encoding and writing). They are
+recorded when the request ends, with the times it had, so nothing on the request's path waits on tracing; the SDK's
+batch processor exports them from its own thread (``OTEL_BSP_*``; the other ``OTEL_*`` variables, the service name,
+headers, sampler and resource attributes among them, as the SDK reads them). Unset: no span, nothing imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger("ddpm.server")
+FLUSH_TIMEOUT_MS = 2000  # at shutdown: what is left is sent within this, or dropped (a collector that is down)
+SPAN_FIELDS = ("seed", "batch_size", "steps", "sampler", "first_image", "cache", "user", "api")  # from the access line
+
+
+class RequestTracer:
+    """Spans of finished requests, from the times the request context measured (``time.monotonic``)."""
+
+    def __init__(self, provider: Any) -> None:
+        from opentelemetry import trace
+
+        self.provider = provider
+        self.tracer = provider.get_tracer("ddpm-serve")
+        self._trace = trace
+
+    def record(self, method: str, path: str, status: int, outcome: str, arrived: float, fields: dict[str, Any],
+               parent: Any = None, job: Any = None) -> None:  # fmt: skip
+        """The request's span (arrived until now) and, where ``job`` made its images, its phases as children."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        now_ns, now = time.time_ns(), time.monotonic()
+
+        def wall(t: float) -> int:
+            return now_ns - int((now - t) * 1e9)
+
+        attributes = {"http.request.method": method, "url.path": path, "http.response.status_code": status, "ddpm.outcome": outcome}
+        attributes |= {f"ddpm.{k}": v for k, v in fields.items() if (k in SPAN_FIELDS or k == "request_id") and v is not None}
+        span = self.tracer.start_span(f"{method} {path}", context=_remote(parent), kind=SpanKind.SERVER, attributes=attributes,
+                                      start_time=wall(arrived))  # fmt: skip
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        for name, start, end in _phases(job, arrived, now):
+            self.tracer.start_span(name, context=self._trace.set_span_in_context(span), start_time=wall(start)).end(end_time=wall(end))
+        span.end(end_time=now_ns)
+
+    def flush(self) -> None:
+        """Send what is left (bounded: a collector that is down costs the shutdown FLUSH_TIMEOUT_MS at most)."""
+        self.provider.force_flush(FLUSH_TIMEOUT_MS)
+
+
+def _remote(parent: Any) -> Any:
+    """The caller's span (a parsed ``traceparent``) as the context to start under; None: a new trace."""
+    if parent is None:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    caller = SpanContext(int(parent.trace_id, 16), int(parent.parent_id, 16), is_remote=True, trace_flags=TraceFlags(parent.flags))
+    return trace.set_span_in_context(NonRecordingSpan(caller))
+
+
+def _phases(job: Any, arrived: float, now: float) -> list[tuple[str, float, float]]:
+    """queue, denoise, answer: the job's clock within this request's (a shared job may have begun before it)."""
+    if job is None or job.first_admitted is None or job.finished is None:
+        return []
+    started = min(max(job.first_admitted, arrived), now)
+    finished = min(max(job.finished, started), now)
+    return [("queue", arrived, started), ("denoise", started, finished), ("answer", finished, now)]
+
+
+def request_tracer(endpoint: str | None, exporter: Any = None) -> RequestTracer | None:
+    """The tracer ``endpoint`` asks for (None: tracing off); ValueError where the ``[otel]`` extra is missing.
+    ``exporter``: another span exporter than OTLP over HTTP (the tests' in-memory one)."""
+    if endpoint is None and exporter is None:
+        return None
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise ValueError(
+            f"DDPM_OTLP_TRACES_ENDPOINT is set but OpenTelemetry is not installed ({exc.name}): pip install 'ddpm-serve[otel]'"
+        ) from None
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "ddpm-serve"})
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # flushed by the server's shutdown, bounded
+    if exporter is None:
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        log.info("traces: a span per request to %s (OTLP over HTTP)", endpoint)
+    else:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return RequestTracer(provider)
