@@ -128,6 +128,9 @@ def test_the_cpu_image_holds_only_what_serving_needs(image: dict[str, object]) -
     absent = ("triton", "mlxtend", "scipy", "matplotlib", "pandas", "sklearn", "pip")
     probe = f"import importlib.util as u; print([m for m in {absent!r} if u.find_spec(m)])"
     assert podman("run", "--rm", IMAGE, "python", "-c", probe).stdout.strip() == "[]"
+    # what serving can be asked to do without a rebuild: DDPM_OTLP_TRACES_ENDPOINT's exporter (the [otel] extra)
+    present = "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.http.trace_exporter; print('ok')"
+    assert podman("run", "--rm", IMAGE, "python", "-c", present).stdout.strip() == "ok"
     user = podman("image", "inspect", IMAGE, "--format", "{{.Config.User}} {{json .Config.Healthcheck.Test}}").stdout
     assert user.startswith("10001:10001") and "service.health_probe" in user  # Docker format keeps the HEALTHCHECK
 
