@@ -353,6 +353,12 @@ def test_a_server_started_under_nohup_keeps_serving_through_a_hangup(model_1000:
         s.stop()
 
 
+def inheriting(setup: str) -> list[str]:
+    """A ServerProcess prefix that runs ``setup`` (Python, ``signal`` imported) and then execs the server: what a process
+    inherits across exec (an ignored signal, a blocked one)."""
+    return [sys.executable, "-c", f"import os, signal, sys\n{setup}\nos.execv(sys.argv[1], sys.argv[1:])"]
+
+
 def test_a_server_started_with_sigint_ignored_keeps_serving_through_a_ctrl_c(model_1000: Path) -> None:
     """A shell script's ``ddpm serve &`` starts with SIGINT ignored (bash does that to a background command when job
     control is off), so that the Ctrl-C meant for the script's foreground command, which the terminal sends to the
@@ -360,9 +366,7 @@ def test_a_server_started_with_sigint_ignored_keeps_serving_through_a_ctrl_c(mod
     on it (measured). Ignored from the start, it stays ignored, as Python leaves it; SIGTERM still stops the server."""
     script = 'python3 -c "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)" & wait'
     assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.strip() == "True"  # the premise
-    ignoring = [sys.executable, "-c", "import os, signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-                "os.execv(sys.argv[1], sys.argv[1:])"]  # fmt: skip
-    s = ServerProcess(model_1000, prefix=ignoring)
+    s = ServerProcess(model_1000, prefix=inheriting("signal.signal(signal.SIGINT, signal.SIG_IGN)"))
     try:
         s.wait_ready()
         s.proc.send_signal(signal.SIGINT)
@@ -378,9 +382,7 @@ def test_a_server_started_with_sigterm_blocked_still_drains_on_it(model_1000: Pa
     """The signal mask is inherited across exec: started by a parent that blocked SIGTERM, ``ddpm serve`` ignored it
     (still serving 5 s after it, measured), so ``docker stop`` would end in SIGKILL. The stop signals are unblocked at
     start."""
-    blocked = [sys.executable, "-c", "import os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-               "os.execv(sys.argv[1], sys.argv[1:])"]  # fmt: skip
-    s = ServerProcess(model_1000, prefix=blocked)
+    s = ServerProcess(model_1000, prefix=inheriting("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})"))
     try:
         s.wait_ready()
         s.proc.send_signal(signal.SIGTERM)
