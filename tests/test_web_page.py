@@ -43,7 +43,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     profile = tmp_path_factory.mktemp("chromium-profile")
     for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=900,700",
-                 f"--user-data-dir={profile}"]:  # fmt: skip
+                 f"--user-data-dir={profile}",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]:  # no host but this one: an air-gapped network  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -338,3 +339,18 @@ def test_a_page_of_another_origin_calls_the_api_where_cors_allows_it(server: Ser
     finally:
         allowed.stop()
         page.shutdown()
+
+
+def test_the_interactive_docs_render_without_the_internet(server: ServerProcess, browser: object) -> None:
+    """/docs and /redoc on a network that reaches no other host (the browser resolves none but 127.0.0.1, as on an
+    air-gapped cluster or our own machines): FastAPI's own pages loaded Swagger UI and ReDoc from cdn.jsdelivr.net and
+    stayed blank; the replica serves fastapi-offline's copy now."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/docs")  # type: ignore[attr-defined]
+    paths = WebDriverWait(d, 20).until(lambda d: {e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")})
+    assert {"/generate", "/generate/stream", "/v1/images/generations", "/schedule"} <= paths, paths
+    d.get(server.url + "/redoc")  # type: ignore[attr-defined]
+    WebDriverWait(d, 20).until(lambda d: "POST /generate/stream" in d.find_element(By.TAG_NAME, "body").text.replace("\n", " "))

@@ -13,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from ddpm import __version__
@@ -31,6 +32,8 @@ from service.tracing import request_tracer
 
 FORM = "multipart/form-data"
 FORM_PATHS = ("/v1/images/edits", "/v1/images/variations")  # OpenAI's uploads; every other POST takes JSON
+# FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from fastapi-offline's copy (/static-offline-docs/), not from a
+# CDN: on a network without the internet (an air-gapped cluster, our own machines) FastAPI's own /docs was a blank page
 DESCRIPTION = "DDPM (Ho et al. 2020) image generation with step-level batching. Image k of seed s depends on (model, s, k, steps) only."
 
 
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         if tracer is not None:
             tracer.flush()
 
-    app = FastAPI(title="ddpm-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPIOffline(title="ddpm-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)  # docs: no CDN (above)
     app.state.server = state
     app.state.api_token = load_token(settings)  # a bad token file fails here, at startup (later, a warning: auth.py)
     _document_access(app, token_required=app.state.api_token is not None, metrics_token=settings.metrics_require_token)
