@@ -140,3 +140,22 @@ def test_ddpm_serve_sends_its_spans_over_otlp_http(tiny: Path, collector: str) -
     assert server.trace_id.hex() == TRACE_ID and server.parent_span_id.hex() == CALLER
     assert all(by_name[p].parent_span_id == server.span_id for p in ("queue", "denoise", "answer"))
     assert "traces: a span per request to " + collector in output
+
+
+def test_a_collector_that_is_down_costs_no_answer_and_a_bounded_stop(tiny: Path) -> None:
+    """Spans to a port nothing listens on: the requests are answered as without tracing (the SDK's exporter retries in
+    its own thread and logs its failures), and SIGTERM's exit waits at most the 2 s flush bound for them (8.5 s before:
+    the SDK's flush ignores its timeout and waits for the exporter's retries)."""
+    import signal
+
+    s = ServerProcess(tiny, DDPM_OTLP_TRACES_ENDPOINT="http://127.0.0.1:9/v1/traces", DDPM_COMPILE="off")
+    try:
+        s.wait_ready()
+        for seed in range(3):
+            assert httpx.post(s.url + "/generate", json={"seed": seed, "steps": 2}, timeout=30).status_code == 200
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+        assert time.monotonic() - start < 5.0, s.output()[-1500:]
+    finally:
+        s.stop()
