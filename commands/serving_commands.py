@@ -391,6 +391,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # X-Forwarded-For is the project's policy (service.api.request_log.client_key), not uvicorn's
         limit_concurrency=settings.max_connections,
         http=hardened_protocol(settings.request_read_timeout_s, state.metrics.on_connection_deadline),
+        timeout_keep_alive=settings.keep_alive_s,  # the idle kept-alive connection's; a new one's is the header deadline
         # by the time uvicorn shuts down, the drain has answered every job: this bounds only idle sockets
         timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
     )

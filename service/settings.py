@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     request_read_timeout_s: float = Field(
         10.0, gt=0, description="a connection must deliver a request's headers, and then its body, within this many seconds (408)"
     )
+    keep_alive_s: float = Field(
+        5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this (uvicorn's timeout_keep_alive); behind a "
+        "balancer that keeps connections to the replicas, above its own idle timeout (an ALB's 60 s: 65), else a request it sends "
+        "on a connection the replica is closing fails (502)"
+    )
     fault_every_n_iterations: int = Field(0, ge=0, description="testing only: every Nth model call raises (0: never)")
     fault_rate: float = Field(0.0, ge=0, le=1, description="testing only: probability that each listed stage raises")
     fault_stages: str = Field(

@@ -391,6 +391,27 @@ def test_a_server_started_with_sigterm_blocked_still_drains_on_it(model_1000: Pa
         s.stop()
 
 
+def test_an_idle_kept_alive_connection_lasts_the_keep_alive_not_the_header_deadline(model_1000: Path) -> None:
+    """DDPM_KEEP_ALIVE_S (uvicorn's timeout_keep_alive, 5 s unless set): behind a balancer that keeps connections to the
+    replicas (an ALB: 60 s idle), the replica must close an idle one later than the balancer does, else a request sent
+    on a connection the replica is closing fails. The header deadline (here 0.5 s) is a new request's, not the idle
+    connection's."""
+    s = ServerProcess(model_1000, DDPM_KEEP_ALIVE_S="2", DDPM_REQUEST_READ_TIMEOUT_S="0.5")
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    try:
+        s.wait_ready()
+        for pause in (0.0, 1.2):  # the second after idling past the header deadline, within the keep-alive
+            time.sleep(pause)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+        start = time.monotonic()
+        assert conn.sock is not None and conn.sock.recv(1) == b""  # one connection for both; closed once idle 2 s
+        assert 1.5 < time.monotonic() - start < 3.5
+    finally:
+        conn.close()
+        s.stop()
+
+
 def test_the_docs_behind_a_proxys_prefix_fetch_the_schema_through_it(model_1000: Path, tmp_path: Path) -> None:
     """Behind ``location /ddpm/ { proxy_pass http://replica/; }`` the interactive docs (/ddpm/docs) fetched /openapi.json
     from the proxy's root: a 404 there, an empty page. ``DDPM_ROOT_PATH=/ddpm`` names the prefix (uvicorn's root path):
