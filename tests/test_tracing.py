@@ -156,6 +156,6 @@ def test_a_collector_that_is_down_costs_no_answer_and_a_bounded_stop(tiny: Path)
         start = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(30) == 0
-        assert time.monotonic() - start < 5.0, s.output()[-1500:]
+        assert time.monotonic() - start < 6.0, s.output()[-1500:]  # the old code: 7.0 s here, 8.5 s by hand
     finally:
         s.stop()
