@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from service.api.trace_context import parse_traceparent
 from service.client_proxy import environment_proxy
 from service.client_tls import speaks_tls, tls_failure
 from service.token_file import token_lines
@@ -329,6 +330,10 @@ class AsyncClient:
         self.limits = _Limits(max_response_bytes, max_events)
         self.on_retry = on_retry
         self._headers = {"Authorization": f"Bearer {t}"} if (t := _token(token)) else {}
+        if parse_traceparent(traceparent := os.environ.get("TRACEPARENT", "").strip()) is not None:
+            # the trace this process runs in, as OpenTelemetry's environment carrier names it (a traced CI job, a script
+            # under otel-cli): the server's access line and span join it
+            self._headers["traceparent"] = traceparent
         self._follows_file = token is None and bool(os.environ.get("DDPM_API_TOKEN_FILE"))  # re-read after a 401
         self._transport, self._verify = transport, verify
         self.proxy = environment_proxy(url) if transport is None else None

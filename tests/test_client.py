@@ -425,3 +425,15 @@ def test_the_proxy_the_environment_names(environ: dict[str, str], url: str, prox
 
     found = environment_proxy(url, environ)
     assert (None if found is None else str(found)) == proxy
+
+
+def test_the_client_joins_the_trace_its_environment_names(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRACEPARENT (OpenTelemetry's environment carrier: a traced CI job, a script under otel-cli) goes with every
+    request as its traceparent, so the server's access line (and span) join that trace; one that is not valid is not sent."""
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    monkeypatch.setenv("TRACEPARENT", f"00-{trace}-b7ad6b7169203331-01")
+    with Client(server.url, token=TOKEN) as client:
+        client.generate(seed=41, n=1, steps=2)
+    server.wait_output(lambda out: f'"trace_id": "{trace}", "parent_id": "b7ad6b7169203331"' in out)
+    monkeypatch.setenv("TRACEPARENT", f"00-{trace.upper()}-b7ad6b7169203331-01")  # upper-case hex: invalid (W3C 3.2.2)
+    assert "traceparent" not in AsyncClient(server.url, token=TOKEN, _persistent=False)._headers
