@@ -88,21 +88,15 @@ class ServedCertificate:
         self._identity = self._files()
         self._refused: tuple[object, object] | None = None
         self.context = _new_context(cert_file, key_file)
-        self.reloads = 0
-        self._thread: threading.Thread | None = None
-        self._read_expiry()
+        self.subject, self.not_after = certificate_summary(cert_file)  # read again with each pair loaded
 
     def expiry(self) -> float:
         """The end of the served certificate's validity (Unix time; NaN where it cannot be read), at each scrape."""
-        return self._expiry
-
-    def _read_expiry(self) -> None:
-        not_after = certificate_summary(self.cert_file)[1]
-        self._expiry = not_after.timestamp() if not_after is not None else float("nan")
+        return self.not_after.timestamp() if self.not_after is not None else float("nan")
 
     def describe(self) -> str:
         """One line for the log: what clients are shown, until when; expired said plainly."""
-        subject, not_after = certificate_summary(self.cert_file)
+        subject, not_after = self.subject, self.not_after
         line = f"TLS on: certificate {self.cert_file}" + (f" for {subject}" if subject else "")
         if not_after is not None:
             line += f", valid until {not_after:%Y-%m-%d %H:%M} UTC"
@@ -126,8 +120,7 @@ class ServedCertificate:
             log.warning("%s; the certificate loaded before stays in use until the two files load together", exc)
             return False
         self._identity, self._refused = identity, None
-        self.reloads += 1
-        self._read_expiry()
+        self.subject, self.not_after = certificate_summary(self.cert_file)
         log.info("%s (changed: new connections get it)", self.describe())
         return True
 
@@ -142,8 +135,7 @@ class ServedCertificate:
                 except Exception:  # never the end of the following: the next look tries again
                     log.exception("following the TLS files failed")
 
-        self._thread = threading.Thread(target=look, name="ddpm-tls-files", daemon=True)
-        self._thread.start()
+        threading.Thread(target=look, name="ddpm-tls-files", daemon=True).start()
 
 
 def served_certificate(cert_file: Path | None, key_file: Path | None) -> ServedCertificate | None:
