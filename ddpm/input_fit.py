@@ -43,12 +43,9 @@ def fitted_png(data: bytes, shape: tuple[int, int, int], mask: bool = False) -> 
         raise ValueError(f"not an image Pillow reads ({type(exc).__name__}: {exc})") from exc
     if mask:
         alpha = transparency(image)
-        mode = "L" if alpha is None else "LA"
-        if alpha is not None:
-            image = image.convert("L")
+        image = image.convert("L")
+        if alpha is not None:  # LA: the hole kept as the file marked it
             image.putalpha(Image.fromarray(alpha))
-        else:
-            image = image.convert(mode)
         resample = Image.Resampling.NEAREST
     else:
         image = image.convert("L" if channels == 1 else "RGB")
