@@ -20,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger("ddpm.server")
 FLUSH_TIMEOUT_MS = 2000  # at shutdown: what is left is sent within this, or dropped (a collector that is down)
-SPAN_FIELDS = ("seed", "batch_size", "steps", "sampler", "first_image", "cache", "user", "api")  # from the access line
+SPAN_FIELDS = ("request_id", "seed", "batch_size", "steps", "sampler", "first_image", "cache", "user", "api")  # the access line's
 
 
 class RequestTracer:
@@ -44,7 +44,7 @@ class RequestTracer:
             return now_ns - int((now - t) * 1e9)
 
         attributes = {"http.request.method": method, "url.path": path, "http.response.status_code": status, "ddpm.outcome": outcome}
-        attributes |= {f"ddpm.{k}": v for k, v in fields.items() if (k in SPAN_FIELDS or k == "request_id") and v is not None}
+        attributes |= {f"ddpm.{k}": v for k, v in fields.items() if k in SPAN_FIELDS and v is not None}
         span = self.tracer.start_span(f"{method} {path}", context=_remote(parent), kind=SpanKind.SERVER, attributes=attributes,
                                       start_time=wall(arrived))  # fmt: skip
         if status >= 500:
