@@ -225,9 +225,12 @@ class Settings(BaseSettings):
     @field_validator("otlp_traces_endpoint")
     @classmethod
     def _an_http_url(cls, value: str | None) -> str | None:
-        if value is not None and not (value.startswith(("http://", "https://")) and len(value) > len("https://")):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value or "")
+        if value is not None and not (parts.scheme in ("http", "https") and parts.hostname):
             raise ValueError(f"{value!r} is not an http:// or https:// URL (OTLP over HTTP: http://collector:4318/v1/traces)")
-        return value or None
+        return value
 
     @field_validator("root_path")
     @classmethod

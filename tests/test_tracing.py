@@ -88,6 +88,17 @@ def test_without_the_extra_the_setting_is_refused_naming_it(monkeypatch: pytest.
     assert request_tracer(None) is None  # off: nothing imported, nothing asked
 
 
+@pytest.mark.parametrize("endpoint", ["http:///v1/traces", "http://:4318/v1/traces", "ftp://collector/v1/traces", "collector:4318", ""])
+def test_an_endpoint_that_is_no_http_url_is_refused(endpoint: str) -> None:
+    """A URL without a host (a value templated empty), another scheme: refused at start (the check compared lengths
+    before: a host-less URL passed it, a one-letter host did not)."""
+    from service.settings import Settings
+
+    with pytest.raises(ValueError, match="is not an http:// or https:// URL"):
+        Settings(otlp_traces_endpoint=endpoint)
+    assert Settings(otlp_traces_endpoint="http://c/v1/traces").otlp_traces_endpoint == "http://c/v1/traces"
+
+
 class _Collector(http.server.BaseHTTPRequestHandler):
     received: ClassVar[list[bytes]] = []
 
