@@ -4,23 +4,31 @@ compile or train for minutes to hours, and a bad name or folder found at the end
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 
-def writable_output(command: str, flag: str, text: str | None, arrays: bool) -> Path | None:
+def writable_output(command: str, flag: str, text: str | None, arrays: bool, folders: bool = False) -> Path | None:
     """``text`` as a path: a name whose image format Pillow writes (or ``.npy`` where ``arrays``), its folder made;
-    otherwise ``SystemExit`` with one line naming the flag."""
+    otherwise ``SystemExit`` with one line naming the flag (and where ``folders``, that a folder ends in a slash)."""
     if text is None:
         return None
     from ddpm.grid import file_format
 
     path = Path(text)
     if file_format(path.suffix) is None and not (arrays and path.suffix == ".npy"):
-        raise SystemExit(f"{command}: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...)")
+        folder = f"; a folder of one PNG per image: {text.rstrip('.')}/" if folders else ""
+        raise SystemExit(f"{command}: {flag} {text}: not an image file name (.png{', .npy' if arrays else ''}, .jpg, ...){folder}")
     _probe(command, flag, text, path.parent)
     _not_a_directory(command, flag, text, path)
     return path
+
+
+def folder_output(text: str) -> bool:
+    """``-o`` names a folder (``ddpm generate``'s one PNG per image): a name ending in a slash, or a folder that is there
+    and has no file name's suffix (a folder named grid.png is refused as ``writable_output`` says)."""
+    return text.endswith(("/", os.sep)) or (Path(text).is_dir() and not Path(text).suffix)
 
 
 def writable_directory(command: str, flag: str, text: str) -> Path:

@@ -4,6 +4,7 @@ and compile-cache (the server's own background compile, written to a directory).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import logging
@@ -66,7 +67,8 @@ def add_generate_parser(sub: Any) -> None:
     from commands.model_commands import add_edit_args
     from ddpm.names import SAMPLERS, SPACINGS
 
-    text = "ask a running server for images (service.client): -o grid.png or -o images.npy, with a progress bar"
+    text = ("ask a running server for images (service.client): -o grid.png, -o images.npy, or -o folder/ (one PNG per "
+            "image, resumable), with a progress bar")
     p = sub.add_parser("generate", help=text, description=text, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--url", default=from_environment("DDPM_URL", "http://127.0.0.1:8000"),
                    help="the server, http:// or https:// (a private CA's certificate: SSL_CERT_FILE=ca.pem) (default: $DDPM_URL or local)")
@@ -91,7 +93,11 @@ def add_generate_parser(sub: Any) -> None:
                         "its Retry-After) where the server cannot meet it; each part of a larger -n has its own "
                         "(default: none)")  # fmt: skip
     p.add_argument("-o", "--output", default="grid.png",
-                   help=".png (.jpg, .webp, ...): a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]; checked before the request")
+                   help=".png (.jpg, .webp, ...): a grid of the images; .npy: (N, C, H, W) float32 in [0, 1]; a folder (a name "
+                        "ending in /, or one there): image k as NNNNNN.png, each part written as it arrives, and the same "
+                        "command again asks only for the images not there; checked before the request")  # fmt: skip
+    p.add_argument("--parallel", type=POSITIVE, default=1,
+                   help="-o folder/: requests in flight at once (several replicas behind a balancer: one each, or more)")
     p.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
     p.add_argument("--retries", type=NON_NEGATIVE, default=5,
                    help="retries of a 503 / 429 (after the server's Retry-After) or a refused connection (0.5, 1, 2 ... s apart)")
@@ -213,10 +219,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """The token comes from DDPM_API_TOKEN or DDPM_API_TOKEN_FILE (never a flag: a command line is public)."""
     from tqdm import tqdm
 
-    from commands.output_path import writable_output, written
+    from commands.output_path import folder_output, writable_output, written
     from service.client import Client, ClientError, ServerError, Unreachable
 
-    output = writable_output("ddpm generate", "-o", args.output, arrays=True)  # before the server does the work
+    if folder_output(args.output):
+        return _generate_folder(args)
+    output = writable_output("ddpm generate", "-o", args.output, arrays=True, folders=True)  # before the server does the work
     assert output is not None
     # its total comes with the first progress event (image-steps: the server's chain); a request that fails stays unfilled
     bar = None if args.quiet else tqdm(total=None, unit="image-step", desc="queued", dynamic_ncols=True)
@@ -236,15 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
 
-    clip = None if args.clip is None else args.clip == "on"
-    from ddpm.names import parse_class_labels
-
-    chain = {"first_image": args.first_image, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
-             "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),
-             "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
-             "jump_n_sample": args.jump_n_sample, "priority": args.priority, "deadline_s": args.deadline}  # fmt: skip
-    if args.resize and args.init_image is None:
-        raise SystemExit("ddpm generate: --resize needs --init-image")
+    chain = _request_fields(args)
     inputs = _input_files(args)  # read once, before the server is asked: a file that cannot be read is said at once
     try:
         with Client(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
@@ -270,6 +270,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     meta = {k: result.meta.get(k) for k in ("model", "seed", "first_image", "batch_size", "sampler", "steps", "precision", "cached",
                                             "class_labels", "guidance_scale", "priority", "deadline_s")}  # fmt: skip
     print(json.dumps({"output": str(output), **meta}))
+    return 0
+
+
+def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's fields from the command's flags (None: the server's default)."""
+    from ddpm.names import parse_class_labels
+
+    if args.resize and args.init_image is None:
+        raise SystemExit("ddpm generate: --resize needs --init-image")
+    clip = None if args.clip is None else args.clip == "on"
+    return {"first_image": args.first_image, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
+            "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),
+            "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
+            "jump_n_sample": args.jump_n_sample, "priority": args.priority, "deadline_s": args.deadline}  # fmt: skip
+
+
+def _generate_folder(args: argparse.Namespace) -> int:
+    """-o folder/: service.generation_folder, its progress in image-steps and images written; a Ctrl-C says what is there."""
+    from tqdm import tqdm
+
+    from service.client import AsyncClient, ClientError, ServerError, Unreachable
+    from service.generation_folder import FolderRefused, GenerationFolder, fill
+
+    if args.ncols is not None:
+        raise SystemExit("ddpm generate: --ncols is a grid's: -o names a folder")
+    chain, inputs = _request_fields(args), _input_files(args)
+    first = chain.pop("first_image") or 0
+    try:
+        folder = GenerationFolder.open(args.output)
+        folder.request_chain(args.seed, {**chain, **{field: path for field, _, path, _ in inputs}})  # before the server is asked
+    except FolderRefused as exc:
+        raise SystemExit(f"ddpm generate: -o {exc}") from exc
+    bar = None if args.quiet else tqdm(total=None, unit="image-step", desc="queued", dynamic_ncols=True)
+
+    def on_event(name: str, data: dict[str, Any]) -> None:
+        if bar is None:
+            return
+        if name == "progress":
+            bar.total = data["total"]
+            bar.update(data["steps_done"] - bar.n)
+        elif name == "written":
+            bar.set_description(f"{data['images']}/{data['of']} images")
+
+    def on_retry(why: str, n: int, seconds: float) -> None:
+        if bar is not None:
+            tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
+
+    async def run() -> Any:
+        async with AsyncClient(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
+            info = await client.info()
+            chain.update(_input_fields(inputs, _served_shape(info) if args.resize else None))
+            size = _images_per_request(info, args.parallel)
+            return await fill(client, folder, args.seed, args.n, first=first, parallel=args.parallel, per_request=size,
+                              on_event=on_event, info=info, **chain)  # fmt: skip
+
+    try:
+        result = asyncio.run(run())
+    except KeyboardInterrupt:
+        there = args.n - len(folder.missing(first, args.n))
+        exit_at_once(f"\nddpm generate: interrupted: {there} of {args.n} images are in {args.output}; the same command "
+                     "asks for the rest", code=130)  # fmt: skip
+    except (FolderRefused, OSError) as exc:  # another model's answer; a write that failed (a full disk: the space left)
+        there = args.n - len(folder.missing(first, args.n))
+        said = exc if isinstance(exc, FolderRefused) else f"{args.output}: {exc}"
+        raise SystemExit(f"ddpm generate: -o {said} ({there} of {args.n} images are in {args.output})") from exc
+    except (ServerError, Unreachable, ClientError) as exc:
+        there = args.n - len(folder.missing(first, args.n))
+        said = (f"the server answered {exc.status}: {exc.detail}" if isinstance(exc, ServerError)
+                else str(exc) if isinstance(exc, Unreachable) else f"{args.url}: {exc}")  # fmt: skip
+        raise SystemExit(f"ddpm generate: {said} ({there} of {args.n} images are in {args.output}; the same command asks "
+                         "for the rest)") from exc  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    chain_made = {k: result.meta.get(k) for k in ("model", "seed", "sampler", "steps", "precision")}
+    print(json.dumps({"output": str(folder.path), "images": args.n, "written": result.written, "already_there": result.already_there,
+                      "requests": result.requests, **chain_made}))  # fmt: skip
     return 0
 
 
@@ -303,15 +380,17 @@ def _input_fields(files: list[tuple[str, str, str, bytes]], shape: tuple[int, in
             for field, flag, path, data in files}  # fmt: skip
 
 
-def _images_per_request(info: dict[str, Any]) -> int | None:
+def _images_per_request(info: dict[str, Any], parallel: int = 1) -> int | None:
     """The most images one request may hold on this server (GET /info's limits): its per-request bound, or the
-    queue or a client's quota where those are smaller (a larger request is refused however idle the server)."""
+    queue or a client's quota where those are smaller (a larger request is refused however idle the server); with
+    ``parallel`` requests in flight, the queue's and the quota's share of each (at least 1)."""
     from service.settings_check import ADMISSION_BOUNDS
 
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
-    names = {name for unit, per_request, bound, _ in ADMISSION_BOUNDS if unit == "images" for name in (per_request, bound)}
-    bounds = [limits.get(k) for k in names]
-    return min((b for b in bounds if isinstance(b, int) and b > 0), default=None)
+    shares = {name: 1 if name == per_request else parallel
+              for unit, per_request, bound, _ in ADMISSION_BOUNDS if unit == "images" for name in (per_request, bound)}  # fmt: skip
+    bounds = [max(1, b // shares[k]) for k in shares if isinstance(b := limits.get(k), int) and b > 0]
+    return min(bounds, default=None)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:

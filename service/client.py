@@ -37,96 +37,37 @@ import base64
 import binascii
 import concurrent.futures
 import html
-import io
 import json
 import os
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 
 from service.api.trace_context import parse_traceparent
 from service.client_proxy import environment_proxy
+from service.client_results import BadAnswer, CallTimeout, ClientError, EventHandler, Generation, ServerError, Unreachable
 from service.client_tls import speaks_tls, tls_failure
 from service.token_file import token_lines
+
+if TYPE_CHECKING:
+    from service.generation_folder import FolderResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 900.0  # above the server's default request deadline (600 s) plus a queue wait
 DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20  # 64 RGB 256x256 PNGs in base64 are ~20 MB
 DEFAULT_MAX_EVENTS = 100_000  # a stream sends at most ~10 progress events a second
-EventHandler = Callable[[str, dict[str, Any]], None]
 RetryHandler = Callable[[str, int, float], None]  # (why, which retry from 1, seconds until it): before each wait
 RETRY_STATUSES = (429, 502, 503)  # 502: a gateway's "no replica reachable", a refused connection seen through a proxy
 T = TypeVar("T")
-
-
-class ClientError(RuntimeError):
-    """Anything a call can fail with. ``status`` is the HTTP status where the server gave one."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ServerError(ClientError):
-    """The server answered with an error status (or a stream's error event) and this ``detail``."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"{status}: {detail}", status)
-        self.detail = detail
-
-
-class BadAnswer(ClientError):
-    """The server answered something this client cannot use (malformed, incomplete or too large)."""
-
-
-class CallTimeout(ClientError):
-    """The call's deadline (``timeout_s``) passed before a full answer."""
-
-
-class Unreachable(ClientError):
-    """No connection to the server (refused, reset, name not resolved), after the retries."""
-
-
-@dataclass
-class Generation:
-    """A finished request: one PNG per image (k = 0..n-1) and the server's description of the chain."""
-
-    pngs: list[bytes]
-    meta: dict[str, Any] = field(default_factory=dict)  # seed, steps, sampler, eta, timestep_spacing, model, precision, cached, timings
-
-    def array(self) -> np.ndarray:
-        """(N, C, H, W) float32 in [0, 1]: the PNGs' 8-bit pixels / 255."""
-        return (self.pixels().astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
-
-    def pixels(self) -> np.ndarray:
-        """(N, H, W, C) uint8: the PNGs' pixels."""
-        from PIL import Image
-
-        images = [np.asarray(Image.open(io.BytesIO(png))) for png in self.pngs]
-        return np.stack([im if im.ndim == 3 else im[..., None] for im in images])
-
-    def save(self, path: str | Path, ncols: int | None = None) -> Path:
-        """``.npy``: the array; otherwise a grid of the images, in the format the name says where Pillow knows
-        it (.png, .jpg, .webp, ...), else PNG."""
-        from ddpm.atomic_file import write_npy, write_picture  # whole or not at all, the file there before kept otherwise
-
-        path = Path(path)
-        if path.suffix == ".npy":
-            write_npy(path, self.array())
-            return path
-        from ddpm.grid import file_format, tile
-
-        write_picture(path, tile(self.pixels(), ncols), file_format(path.suffix) or "PNG")  # the PNGs' own pixels, no torch
-        return path
+__all__ = ["AsyncClient", "BadAnswer", "CallTimeout", "Client", "ClientError", "EventHandler", "Generation", "ServerError",
+           "Unreachable"]  # fmt: skip
 
 
 def _whole_progress(on_event: EventHandler, start: int, count: int, n: int) -> EventHandler:
@@ -397,6 +338,27 @@ class AsyncClient:
             parts.append(part)
         return _joined(parts, first, n)
 
+    async def generate_folder(
+        self,
+        folder: str | Path,
+        seed: int = 0,
+        n: int = 1,
+        *,
+        parallel: int = 1,
+        per_request: int | None = None,
+        on_event: EventHandler | None = None,
+        http: httpx.AsyncClient | None = None,
+        **chain: Any,
+    ) -> FolderResult:
+        """Images k = first_image..first_image+n-1 of ``seed`` as ``folder/NNNNNN.png`` (``service.generation_folder``):
+        only those not there yet, in parts of at most ``per_request`` images, ``parallel`` requests at a time, each
+        part written as it arrives; ``FolderRefused`` where the folder holds another chain's, model's or precision's."""
+        from service.generation_folder import GenerationFolder, fill
+
+        first = chain.pop("first_image", None) or 0
+        return await fill(self, GenerationFolder.open(folder), seed, n, first=first, parallel=parallel, per_request=per_request,
+                          on_event=on_event, http=http, **chain)  # fmt: skip
+
     async def _call(
         self, http: httpx.AsyncClient | None, method: str, path: str, body: dict[str, Any] | None, on_event: EventHandler | None
     ) -> Any:
@@ -438,7 +400,7 @@ class AsyncClient:
         direct = self._transport is None and self.proxy is None
         dropped = not isinstance(exc, httpx.ConnectError)  # accepted, then closed unanswered (reset, or before the body)
         if attempt == 0 and direct and dropped and await speaks_tls(self.url):
-            return f"{self.url} speaks TLS (it closed a plain HTTP request unanswered): try https://{self.url[len('http://'):]}"
+            return f"{self.url} speaks TLS (it closed a plain HTTP request unanswered): try https://{self.url[len('http://') :]}"
         return None
 
     def _route(self) -> str:
@@ -529,6 +491,10 @@ class Client:
     ) -> Generation:
         """As :meth:`AsyncClient.generate`."""
         return self._run(lambda http: self._async.generate(seed, n, on_event=on_event, http=http, per_request=per_request, **chain))
+
+    def generate_folder(self, folder: str | Path, seed: int = 0, n: int = 1, **options: Any) -> FolderResult:
+        """As :meth:`AsyncClient.generate_folder`."""
+        return self._run(lambda http: self._async.generate_folder(folder, seed, n, http=http, **options))
 
     def _run(self, call: Callable[[httpx.AsyncClient], Awaitable[T]]) -> T:
         async def once() -> T:

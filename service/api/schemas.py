@@ -186,7 +186,11 @@ class ChainAnswer(BaseModel):
     sampler: str
     eta: float
     timestep_spacing: str
+    clip_denoised: bool = Field(..., description="Whether each step's predicted x0 was clipped to [-1, 1].")
     model: str
+    fingerprint: str = Field(
+        ..., description="The served model's fingerprint (GET /info: model.fingerprint): which weights and schedule made the images."
+    )
     precision: str = Field(..., description="The U-Net's precision (fp32, bf16, fp16): part of what image k depends on.")
     cached: bool = Field(False, description="Answered from the response cache (the same images, no U-Net call).")
     class_labels: list[str] | None = Field(None, description="The class name of each image (a class-conditional request).")
