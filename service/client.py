@@ -137,6 +137,7 @@ def _error_detail(status: int, body: bytes) -> ServerError:
     except ValueError:
         data = None
     detail: object = None
+    errors = data.get("errors") if isinstance(data, dict) else None
     if isinstance(data, dict):
         detail = data.get("detail")
         if detail is None and isinstance(data.get("error"), dict):
@@ -144,7 +145,7 @@ def _error_detail(status: int, body: bytes) -> ServerError:
     if detail is None:
         text = body.decode("utf-8", "replace").strip()
         detail = _html_title(text) or text[:500] or "(no message)"
-    return ServerError(status, str(detail))
+    return ServerError(status, str(detail), [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else None)
 
 
 def _html_title(text: str) -> str | None:
@@ -324,19 +325,29 @@ class AsyncClient:
         k of a seed is the same whichever request asks for it); ``on_event``'s progress counts the whole."""
         if per_request is not None and per_request < 1:
             raise ValueError(f"per_request must be >= 1, got {per_request}")
-        if per_request is None or n <= per_request:
+        if per_request is None:
             body = request_body(seed, n, **chain)
             path = "/generate" if on_event is None else "/generate/stream"
             return await self._call(http, "POST", path, body, on_event)
         first, labels = chain.pop("first_image", None) or 0, chain.pop("class_label", None)
         parts: list[Generation] = []
-        for start in range(0, n, per_request):
+        start = 0
+        while start < n:
             count = min(per_request, n - start)
             part_labels = labels[start : start + count] if isinstance(labels, list) else labels  # one per image: this part's
-            hear = None if on_event is None else _whole_progress(on_event, start, count, n)
-            part = await self.generate(seed, count, on_event=hear, http=http, first_image=first + start, class_label=part_labels, **chain)
+            hear = None if on_event is None or count == n else _whole_progress(on_event, start, count, n)
+            try:
+                part = await self.generate(seed, count, on_event=hear or on_event, http=http, first_image=first + start,
+                                           class_label=part_labels, **chain)  # fmt: skip
+            except ServerError as exc:
+                fit = exc.images_within_cost()
+                if fit is None or fit >= count:
+                    raise
+                per_request = fit  # the chain costs more U-Net calls a request than the server allows: fewer images each
+                continue
             parts.append(part)
-        return _joined(parts, first, n)
+            start += count
+        return parts[0] if len(parts) == 1 else _joined(parts, first, n)
 
     async def generate_folder(
         self,

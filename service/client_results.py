@@ -24,11 +24,20 @@ class ClientError(RuntimeError):
 
 
 class ServerError(ClientError):
-    """The server answered with an error status (or a stream's error event) and this ``detail``."""
+    """The server answered with an error status (or a stream's error event) and this ``detail``; ``errors``: a 422's
+    structured list (each ``{type, loc, msg, input}``, and ``ctx`` where it has numbers to act on)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"{status}: {detail}", status)
-        self.detail = detail
+        self.detail, self.errors = detail, errors or []
+
+    def images_within_cost(self) -> int | None:
+        """A request refused for its U-Net calls (DDPM_MAX_CALLS_PER_REQUEST): how many of its images one request may
+        hold (at least 1; None for any other refusal, or where even one image costs more than the bound)."""
+        ctx = self.errors[0].get("ctx") if self.status == 422 and len(self.errors) == 1 else None
+        if not isinstance(ctx, dict) or not all(isinstance(ctx.get(k), int) and ctx[k] > 0 for k in ("bound", "calls_per_image")):
+            return None
+        return ctx["bound"] // ctx["calls_per_image"] or None
 
 
 class BadAnswer(ClientError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from service.client_results import BadAnswer, ClientError, EventHandler, Generation
+from service.client_results import BadAnswer, ClientError, EventHandler, Generation, ServerError
 
 if TYPE_CHECKING:
     import httpx
@@ -256,7 +256,15 @@ async def fill(client: Server, folder: GenerationFolder, seed: int, n: int, *, f
         while queue:
             start, count = queue.pop(0)
             hear = progress.of_part(start, count)
-            part = await client.generate(seed, count, first_image=start, on_event=hear, http=http, **chain)
+            try:
+                part = await client.generate(seed, count, first_image=start, on_event=hear, http=http, **chain)
+            except ServerError as exc:
+                fit = exc.images_within_cost()
+                if fit is None or fit >= count:
+                    raise
+                # the chain costs more U-Net calls a request than the server allows: every part left cut to what fits
+                queue[:] = parts_of(sorted(k for s, c in [(start, count), *queue] for k in range(s, s + c)), fit)
+                continue
             folder.accept(part, start, count, label)
             result.written, result.requests = result.written + count, result.requests + 1
             progress.part_written(start, count)

@@ -250,3 +250,30 @@ def test_a_full_disk_keeps_the_images_written_and_says_the_space_left(server: Se
     named = run_command(["generate", "--url", server.url, "-n", "1", "-o", str(tmp_path / "grid.png")])
     assert named.code == 1
     assert named.stderr.strip() == f"ddpm generate: -o {tmp_path}/grid.png: a folder is there; name a file in it, or another file"
+
+
+def test_parts_over_the_servers_call_bound_are_asked_for_smaller(model: Path, tmp_path: Path) -> None:
+    """A chain whose parts cost more U-Net calls than DDPM_MAX_CALLS_PER_REQUEST (a long or guided chain at 64 images:
+    the command failed at its first part, and nothing on the client's side could make the parts smaller): the 422 says
+    how many calls an image costs (its ``ctx``), and the command asks for the rest in parts that fit."""
+    s = ServerProcess(model, DDPM_MAX_IMAGES_PER_REQUEST="5", DDPM_MAX_CALLS_PER_REQUEST="12", DDPM_COMPILE="off",
+                      DDPM_PRECISION="fp32")  # fmt: skip  # 4 calls an image: 3 images a request
+    try:
+        s.wait_ready()
+        assert httpx.get(s.url + "/info").json()["limits"]["max_calls_per_request"] == 12
+        refused = httpx.post(s.url + "/generate", json={"seed": 1, "batch_size": 5, **CHAIN}, timeout=60)
+        assert refused.status_code == 422 and refused.json()["errors"][0]["ctx"] == {"cost": 20, "bound": 12, "calls_per_image": 4}
+        whole = generate(s, "--seed", "1", "-n", "8", *FLAGS, "-o", str(tmp_path / "x.npy"))
+        assert whole.returncode == 0, whole.stderr
+        assert json.loads(whole.stdout)["batch_size"] == 8 and "32/32" in whole.stderr  # one bar over 3 parts
+        folder = generate(s, "--seed", "1", "-n", "8", *FLAGS, "--parallel", "2", "-o", f"{tmp_path}/set/", "--quiet")
+        assert folder.returncode == 0, folder.stderr
+        assert json.loads(folder.stdout)["requests"] == 3  # (0-2), (3-5), (6-7) after the two refused parts of 5
+        direct = [httpx.post(s.url + "/generate", json={"seed": 1, "batch_size": 2, "first_image": k, **CHAIN}, timeout=60).json()
+                  for k in range(0, 8, 2)]  # fmt: skip
+        assert [(tmp_path / "set" / image_name(k)).read_bytes() for k in range(8)] == [
+            base64.b64decode(png) for answer in direct for png in answer["images"]]  # fmt: skip
+        too_long = generate(s, "--seed", "1", "-n", "2", "--steps", "13", "-o", str(tmp_path / "y.npy"), "--quiet")
+        assert too_long.returncode == 1 and "(2 images x 13 calls each); the bound is 12" in too_long.stderr  # one image is over
+    finally:
+        s.stop()

@@ -129,9 +129,11 @@ def engine_error(state: ServerState, error: EngineError) -> ApiError:
     return ApiError(500, str(error))
 
 
-def field_error(field: str, message: str, value: object, where: str = "body") -> RequestValidationError:
-    """A 422 naming one request field (answered by the app's validation handler)."""
-    return RequestValidationError([{"type": "value_error", "loc": (where, field), "msg": message, "input": value}])
+def field_error(field: str, message: str, value: object, where: str = "body", ctx: dict[str, Any] | None = None) -> RequestValidationError:
+    """A 422 naming one request field (answered by the app's validation handler); ``ctx``: numbers a client can act on,
+    in the error's ``ctx`` (pydantic's place for them)."""
+    error = {"type": "value_error", "loc": (where, field), "msg": message, "input": value}
+    return RequestValidationError([{**error, "ctx": ctx} if ctx else error])
 
 
 # --- OpenAI's error shape, {"error": {"message", "type", "param", "code"}}, under /v1/ --------------------

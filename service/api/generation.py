@@ -87,7 +87,8 @@ def prepare(
     if cost > bound:  # known on arrival: refused before it holds a row (RePaint's resampling multiplies the calls)
         state.metrics.on_refused("cost")
         raise field_error(n_field, f"this request costs {cost} U-Net row-calls ({n} images x {spec.unet_calls} calls each"
-                          f"{' x 2 (guided)' if w else ''}); the bound is {bound} (DDPM_MAX_CALLS_PER_REQUEST)", n)  # fmt: skip
+                          f"{' x 2 (guided)' if w else ''}); the bound is {bound} (DDPM_MAX_CALLS_PER_REQUEST)", n,
+                          ctx={"cost": cost, "bound": bound, "calls_per_image": cost // n})  # a client asks for fewer at once  # fmt: skip
     never = never_admitted(state, n, cost)
     if never is not None:  # a 429 or 503 would be retried for ever: it could not run on an idle server either
         state.metrics.on_refused("size")

@@ -295,6 +295,10 @@ class Limits(BaseModel):
     max_images_per_request: int
     max_queue: int = Field(..., description="Images waiting before new requests get 503")
     max_images_per_client: int
+    max_calls_per_request: int = Field(
+        ..., description="U-Net row-calls one request may cost (images x calls per image, x2 guided); more gets 422 naming its cost"
+    )
+    max_calls_per_client: int = Field(..., description="U-Net row-calls one client may have queued or running; more gets 429")
     request_timeout_s: float
     max_body_bytes: int = Field(..., description="Larger request bodies get 413 (DDPM_MAX_BODY_BYTES, or room for max_input_bytes twice)")
     max_input_bytes: int = Field(..., description="Bytes of one input image or mask (PNG, JPEG, WebP or .npy), before base64")

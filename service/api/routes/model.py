@@ -121,6 +121,8 @@ def server_info(state: ServerState) -> InfoResponse:
             max_images_per_request=s.max_images_per_request,
             max_queue=s.max_queue,
             max_images_per_client=s.max_images_per_client,
+            max_calls_per_request=s.max_calls_per_request,
+            max_calls_per_client=s.max_calls_per_client,
             request_timeout_s=s.request_timeout_s,
             max_body_bytes=state.max_body_bytes(),
             max_input_bytes=state.max_input_bytes(),
