@@ -143,11 +143,15 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] | None = None):  # type: ignore[no-untyped-def]
+def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] | None = None,  # type: ignore[no-untyped-def]
+                  plan: Callable[[Any, dict[str, Any]], list[tuple[int, int]]] | None = None,
+                  on_batch: Callable[[int, Any], None] | None = None):  # fmt: skip
     """The offline sampler behind ``ddpm sample`` and ``ddpm eval`` (``ddpm generate`` asks a server): images
     k = 0..n-1 of seed args.seed, each batch one ``ImageRequest`` run through the engine's own iteration
     (``ddpm.offline_sampler``), with a progress bar over U-Net calls. ``check`` (the images' labels, or None) says
-    why the command cannot use them, before the sampling."""
+    why the command cannot use them, before the sampling. ``plan(model, made)``: the batches to run, (first k, count)
+    each of at most --batch-size, given what the images are (``made``: an answer's chain fields, as a server would
+    say them); ``on_batch(k, images)``: each batch's images as they are made, none kept (the images returned: None)."""
     _require_model(args.model)
     import torch
     from tqdm import tqdm
@@ -187,7 +191,9 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
     steps = chain.steps
     edit_input = None if init is None else EditInput.of(init, mask)
     out = []
-    batches = range(0, args.n, args.batch_size)
+    batches = [(args.first_image + f, min(args.batch_size, args.n - f)) for f in range(0, args.n, args.batch_size)]
+    if plan is not None:
+        batches = plan(model, _made(args, model, device, chain, w, edit_input))
     # auto: compile only when the run is long enough to repay the one-time compilation (~10-60 s on CPU)
     setting = "off" if args.compile == "auto" and steps * len(batches) < AUTO_COMPILE_MIN_ITERATIONS else args.compile
     fast = hot_path(model.eps_model, model.module, device, setting, precision=args.precision)
@@ -196,16 +202,15 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
         print(f"U-Net in {fast.precision} (--precision {args.precision})", file=sys.stderr)
     bar = tqdm(total=len(batches) * chain.unet_calls, desc="sample", disable=args.quiet, unit="step", dynamic_ncols=True)
     with torch.inference_mode():
-        for first in batches:
-            count = min(args.batch_size, args.n - first)
+        for k0, count in batches:  # k0: the seed's image index of this batch's first image
             # compiled: a short last batch is padded to the batch size (its seeds repeated, the extra rows
             # dropped) so it runs the batch's graphs instead of compiling one for its own size (~15 s)
             rows = args.batch_size if fast.compiled and len(batches) > 1 else count
-            k0 = args.first_image + first  # the seed's image index of this batch's first image
             keys = image_seeds(args.seed, count, first=k0)
             seeds = seeds_to_tensor([keys[r % count] for r in range(rows)], device)  # a padded row repeats a key
             # this batch's images as one request (the object the server's engine gets), its labels from the run's
-            batch_labels = None if labels is None else tuple(labels[first : first + count])
+            at = k0 - args.first_image
+            batch_labels = None if labels is None else tuple(labels[at : at + count])
             asked = ImageRequest(args.seed, count, chain, batch_labels, w, edit_input, k0)
             run = sample_requests(fast.eps_model, model.schedule, model.variance_type, [(asked, r % count) for r in range(rows)], seeds,
                                   model.image_shape, device=device, step_fn=fast.step_fn, num_classes=model.num_classes)  # fmt: skip
@@ -214,9 +219,32 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
                 bar.update(1)
                 x = step.x
             assert x is not None
-            out.append(x[:count].float().cpu())
+            if on_batch is not None:
+                on_batch(k0, x[:count].float().cpu())
+            else:
+                out.append(x[:count].float().cpu())
     bar.close()
-    return torch.cat(out), model
+    return (torch.cat(out) if out else None), model
+
+
+def _made(args: argparse.Namespace, model: Any, device: Any, chain: Any, w: float, edit_input: Any) -> dict[str, Any]:
+    """What the run's images are, as a server's answer says it (``service.api.generation.chain_fields``): the model's
+    fingerprint, the precision and the chain; a folder records it (``service.generation_folder``)."""
+    from ddpm import __version__
+    from ddpm.model_facts import model_fingerprint, weights_sha256
+    from ddpm.precision import resolve_precision
+
+    try:
+        precision = resolve_precision(args.precision, device)
+    except ValueError as exc:
+        raise SystemExit(f"ddpm: --precision: {exc}") from exc
+    sha = weights_sha256(model.path) if model.path is not None else ""
+    return {"seed": args.seed, "fingerprint": model_fingerprint(model, sha, __version__), "precision": precision,
+            "sampler": chain.sampler, "steps": chain.steps, "eta": chain.eta, "timestep_spacing": chain.spacing,
+            "clip_denoised": chain.clip, "guidance_scale": w, "strength": chain.strength,
+            "jump_length": chain.jump_length if chain.repaint else None,
+            "jump_n_sample": chain.jump_n_sample if chain.repaint else None,
+            "input_sha256": None if edit_input is None else edit_input.sha256, "model": model.name}  # fmt: skip
 
 
 def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type: ignore[no-untyped-def]
@@ -263,10 +291,13 @@ def refuse_non_finite(command: str, images: Any, first_image: int, consequence: 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from commands.output_path import folder_output
     from ddpm.atomic_file import write_npy
     from ddpm.grid import make_grid
 
-    path = writable_output("ddpm", "-o", args.output, arrays=True)
+    if folder_output(args.output):
+        return _sample_folder(args)
+    path = writable_output("ddpm", "-o", args.output, arrays=True, folders=True)
     assert path is not None
     images, _ = sample_images(args)
     refuse_non_finite("sample", images, args.first_image, f"nothing written to {path}")  # was a black square in a PNG, NaN in an array
@@ -275,6 +306,65 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         written("ddpm", "-o", path, lambda: write_grid(path, make_grid(images, ncols=args.ncols)))
     print(f"wrote {len(images)} images to {path}", file=sys.stderr)
+    return 0
+
+
+def _sample_folder(args: argparse.Namespace) -> int:
+    """-o folder/: image k as NNNNNN.png, each batch written as it is made, only the images not there yet, the chain of
+    the folder's record for every flag left out (``service.generation_folder``: a folder ``ddpm generate`` filled too)."""
+    from commands.process_exit import exit_at_once
+    from ddpm.grid import image_pngs
+    from ddpm.names import parse_class_labels
+    from service.client_results import Generation
+    from service.generation_folder import FolderRefused, GenerationFolder, parts_of
+
+    if args.ncols is not None:
+        raise SystemExit("ddpm sample: --ncols is a grid's: -o names a folder")
+    asked = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "timestep_spacing": args.spacing,
+             "clip_denoised": None if args.clip is None else args.clip == "on", "class_label": parse_class_labels(args.class_label),
+             "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
+             "jump_n_sample": args.jump_n_sample, "image": args.init_image}  # fmt: skip
+    try:
+        folder = GenerationFolder.open(args.output)
+        chain = folder.request_chain(args.seed, asked)
+    except FolderRefused as exc:
+        raise SystemExit(f"ddpm sample: -o {exc}") from exc
+    args.sampler, args.steps, args.eta, args.spacing = chain["sampler"], chain["steps"], chain["eta"], chain["timestep_spacing"]
+    args.clip = None if chain["clip_denoised"] is None else ("on" if chain["clip_denoised"] else "off")
+    args.class_label = None if chain["class_label"] is None else str(chain["class_label"])
+    args.guidance_scale, args.strength = chain["guidance_scale"], chain["strength"]
+    args.jump_length, args.jump_n_sample = chain["jump_length"], chain["jump_n_sample"]
+    made: dict[str, Any] = {}
+    counts = {"already_there": 0, "written": 0}
+
+    def plan(model: Any, what: dict[str, Any]) -> list[tuple[int, int]]:
+        made.update(what)
+        try:
+            folder.check_model(what["fingerprint"], what["precision"], f"this command's is {json.dumps(what['model'])}")
+        except FolderRefused as exc:
+            raise SystemExit(f"ddpm sample: -o {exc}") from exc
+        missing = folder.missing(args.first_image, args.n)
+        counts["already_there"] = args.n - len(missing)
+        return parts_of(missing, args.batch_size)
+
+    def on_batch(k: int, images: Any) -> None:
+        refuse_non_finite("sample", images, k, f"nothing of them written ({there()} of {args.n} images are in {args.output})")
+        folder.accept(Generation(image_pngs(images), {**made, "first_image": k}), k, len(images), chain["class_label"])
+        counts["written"] += len(images)
+
+    def there() -> int:
+        return args.n - len(folder.missing(args.first_image, args.n))
+
+    try:
+        sample_images(args, plan=plan, on_batch=on_batch)
+    except KeyboardInterrupt:
+        exit_at_once(f"\nddpm sample: interrupted: {there()} of {args.n} images are in {args.output}; the same command makes the rest",
+                     code=130)  # fmt: skip
+    except (FolderRefused, OSError) as exc:
+        said = exc if isinstance(exc, FolderRefused) else f"{args.output}: {exc}"
+        raise SystemExit(f"ddpm sample: -o {said} ({there()} of {args.n} images are in {args.output})") from exc
+    print(json.dumps({"output": str(folder.path), "images": args.n, **counts,
+                      **{k: made.get(k) for k in ("model", "seed", "sampler", "steps", "precision")}}))  # fmt: skip
     return 0
 
 
@@ -553,9 +643,12 @@ def add_model_commands(sub: Any) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)
 
-    s = subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png or -o images.npy")
+    s = subcommand(sub, "sample", "sample images by Algorithm 2; -o grid.png, -o images.npy or -o folder/ (one PNG per image, resumable)")
     _add_sampling_args(s)
-    s.add_argument("-o", "--output", default="samples.png", help=".png writes a grid; .npy the float array (N, C, H, W) in [0, 1]")
+    s.add_argument("-o", "--output", default="samples.png",
+                   help=".png writes a grid; .npy the float array (N, C, H, W) in [0, 1]; a folder (a name ending in /, or one "
+                        "there): image k as NNNNNN.png, each batch written as it is made, and the same command again makes only "
+                        "the images not there (the folder's chain for every flag left out; ddpm generate fills them too)")  # fmt: skip
     s.add_argument("--ncols", type=POSITIVE, default=None, help="grid columns (default: about the square root of n)")
     s.set_defaults(func=cmd_sample)
 

@@ -138,11 +138,13 @@ class GenerationFolder:
 
     def check_server(self, info: dict[str, Any]) -> None:
         """FolderRefused before any work where the server serves another model or precision than the folder's."""
-        if self.record is None:
-            return
         model = info.get("model") if isinstance(info.get("model"), dict) else {}
-        served = {"fingerprint": model.get("fingerprint"), "precision": info.get("precision")}
-        self._same(served, f"the server serves model {_shown(model.get('name'))}")
+        self.check_model(model.get("fingerprint"), info.get("precision"), f"the server serves model {_shown(model.get('name'))}")
+
+    def check_model(self, fingerprint: object, precision: object, whose: str) -> None:
+        """FolderRefused where the folder's images came from another model (fingerprint) or precision than ``whose``."""
+        if self.record is not None:
+            self._same({"fingerprint": fingerprint, "precision": precision}, whose)
 
     def accept(self, part: Generation, first: int, count: int, class_label: object = None) -> None:
         """The part's images written, once its answer is checked against the folder's record (made from it and the

@@ -17,6 +17,7 @@ from itertools import count
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from service.client import Client
@@ -277,3 +278,37 @@ def test_parts_over_the_servers_call_bound_are_asked_for_smaller(model: Path, tm
         assert too_long.returncode == 1 and "(2 images x 13 calls each); the bound is 12" in too_long.stderr  # one image is over
     finally:
         s.stop()
+
+
+def test_ddpm_sample_fills_the_same_folder_offline(server: ServerProcess, model: Path, tmp_path: Path) -> None:
+    """A folder begun by ``ddpm generate`` and finished by ``ddpm sample`` with no chain flags (the record's chain, not
+    ddpm sample's own default of the full chain): the server's images, byte for byte (offline = served, alone and at
+    the same batch); another precision is refused before any sampling, and a folder made offline is resumed offline."""
+    from tests.command_in_process import run_command
+
+    out = tmp_path / "set"
+    assert generate(server, "--seed", "4", "-n", "5", *FLAGS, "-o", f"{out}/", "--quiet").returncode == 0
+    finished = run_command(["sample", "--model", str(model), "--seed", "4", "-n", "10", "--batch-size", "5", "--precision", "fp32",
+                            "--compile", "off", "-o", str(out), "--quiet"])  # fmt: skip
+    assert finished.code == 0, finished.stderr
+    said = json.loads(finished.stdout)
+    assert (said["already_there"], said["written"], said["sampler"], said["steps"]) == (5, 5, "dpmsolver++", 4)
+    assert [(out / image_name(k)).read_bytes() for k in range(10)] == served_pngs(server, 4, 0, 10)
+    other = run_command(["sample", "--model", str(model), "--seed", "4", "-n", "12", "--precision", "bf16", "-o", str(out), "--quiet"])
+    assert other.code == 1 and other.stderr.strip() == (
+        f'ddpm sample: -o {out} holds the images of model "tiny"; this command\'s is "tiny": precision "fp32" there, "bf16" '
+        "here (a fleet that must give the same images pins DDPM_PRECISION and serves one model): nothing of it written")  # fmt: skip
+    assert len(list(out.glob("*.png"))) == 10
+    offline = tmp_path / "offline"
+    argv = ["sample", "--model", str(model), "--seed", "4", "--sampler", "ddim", "--steps", "3", "--eta", "0.5", "--precision", "fp32",
+            "--compile", "off", "--batch-size", "4", "-o", f"{offline}/", "--quiet"]  # fmt: skip
+    assert run_command([*argv, "-n", "3"]).code == 0
+    resumed = run_command([*argv[:3], "--seed", "4", "--precision", "fp32", "-n", "6", "-o", str(offline), "--quiet"])
+    assert resumed.code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["written"] == 3 and json.loads(resumed.stdout)["sampler"] == "ddim"
+    whole = run_command([*argv, "-n", "6", "-o", str(tmp_path / "whole.npy")])
+    assert whole.code == 0
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(offline / image_name(k))) for k in range(6)]
+    assert np.array_equal(np.stack(pixels), np.round(np.load(tmp_path / "whole.npy")[:, 0] * 255))
