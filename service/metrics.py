@@ -189,6 +189,12 @@ class Metrics(EngineObserver):
             "absent without TLS): a renewal that never reached the file shows here before clients refuse it",
             ["file"], registry=r,
         )  # fmt: skip
+        self.trace_spans = Counter(
+            "ddpm_trace_spans",
+            "Request spans sent to the collector (DDPM_OTLP_TRACES_ENDPOINT), by result: exported, or dropped (the collector "
+            "did not take them after the exporter's retries; the log says when that begins and ends)",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.open_connections = Gauge(
             "ddpm_http_connections", "Open client connections (DDPM_MAX_CONNECTIONS bounds them; probes and /metrics are exempt)",
             registry=r,
@@ -214,6 +220,9 @@ class Metrics(EngineObserver):
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         self.open_connections.set_function(lambda: float(open_connections()))
+
+    def on_spans_exported(self, exported: bool, spans: int) -> None:
+        self.trace_spans.labels(result="exported" if exported else "dropped").inc(spans)
 
     def watch_certificate(self, file: str, expiry: Callable[[], float]) -> None:
         self.tls_expiry.labels(file=file).set_function(expiry)

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("ddpm.server")
@@ -82,15 +83,20 @@ def _phases(job: Any, arrived: float, now: float) -> list[tuple[str, float, floa
     return [("queue", arrived, started), ("denoise", started, finished), ("answer", finished, now)]
 
 
-def request_tracer(endpoint: str | None, exporter: Any = None) -> RequestTracer | None:
+def request_tracer(endpoint: str | None, exporter: Any = None, on_result: Callable[[bool, int], None] | None = None,
+                   ) -> RequestTracer | None:  # fmt: skip
     """The tracer ``endpoint`` asks for (None: tracing off); ValueError where the ``[otel]`` extra is missing.
-    ``exporter``: another span exporter than OTLP over HTTP (the tests' in-memory one)."""
+    ``exporter``: another span exporter than OTLP over HTTP (the tests' in-memory one). Either is watched
+    (``service.trace_export_watch``): a collector that stops taking spans is said once, and ``on_result(exported,
+    spans)`` counts each batch."""
     if endpoint is None and exporter is None:
         return None
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        from service.trace_export_watch import WatchedExporter
 
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -101,8 +107,8 @@ def request_tracer(endpoint: str | None, exporter: Any = None) -> RequestTracer 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "ddpm-serve"})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # flushed by the server's shutdown, bounded
     if exporter is None:
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        provider.add_span_processor(BatchSpanProcessor(WatchedExporter(OTLPSpanExporter(endpoint=endpoint), str(endpoint), on_result)))
         log.info("traces: a span per request to %s (OTLP over HTTP)", endpoint)
     else:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider.add_span_processor(SimpleSpanProcessor(WatchedExporter(exporter, endpoint or type(exporter).__name__, on_result)))
     return RequestTracer(provider)

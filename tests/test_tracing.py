@@ -16,6 +16,7 @@ from typing import ClassVar
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="the [otel] extra")
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -170,3 +171,89 @@ def test_a_collector_that_is_down_costs_no_answer_and_a_bounded_stop(tiny: Path)
         assert time.monotonic() - start < 6.0, s.output()[-1500:]  # the old code: 7.0 s here, 8.5 s by hand
     finally:
         s.stop()
+
+
+class _Flaky:
+    """A span exporter that fails its first ``failures`` batches as the SDK's OTLP one does (a warning on its logger per
+    try, then FAILURE), then takes them."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.taken = failures, 0
+
+    def export(self, spans: object) -> object:
+        import logging
+
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        if self.failures > 0:
+            self.failures -= 1
+            logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter").warning(
+                "Transient error HTTPConnectionPool(host='c', port=4318): Max retries exceeded\nwith url: /v1/traces")
+            return SpanExportResult.FAILURE
+        self.taken += len(spans)  # type: ignore[arg-type]
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def test_a_collector_that_stops_taking_spans_is_said_once_and_its_return_too(caplog: pytest.LogCaptureFixture) -> None:
+    """Three batches refused, then taken: one warning with the exporter's reason, one line when the collector takes spans
+    again with the count dropped meanwhile, none of the SDK exporter's own lines (four a batch before, ~1,300 an hour
+    while requests came), and each span counted by result."""
+    import logging
+
+    from service.metrics import Metrics
+    from tests.prometheus_text import sample_value
+
+    metrics, flaky = Metrics(), _Flaky(failures=3)
+    tracer = request_tracer(None, exporter=flaky, on_result=metrics.on_spans_exported)
+    assert tracer is not None
+    with caplog.at_level(logging.INFO):
+        for _ in range(5):
+            tracer.record("GET", "/schedule", 200, "ok", time.monotonic(), {})
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("WARNING", "traces: the collector at _Flaky takes no spans (Transient error HTTPConnectionPool(host='c', port=4318): Max "
+                    "retries exceeded with url: /v1/traces): they are dropped until it does"),
+        ("INFO", "traces: the collector at _Flaky takes spans again; 3 spans were dropped meanwhile"),
+    ]  # fmt: skip
+    exposition = generate_latest(metrics.registry).decode()
+    assert sample_value(exposition, 'ddpm_trace_spans_total{result="dropped"}') == 3
+    assert sample_value(exposition, 'ddpm_trace_spans_total{result="exported"}') == 2 == flaky.taken
+
+
+def test_ddpm_serve_says_a_collector_down_once_and_up_once(tiny: Path) -> None:
+    """End to end through the SDK's OTLP/HTTP exporter (a 1 s timeout a batch): the collector's port closed for a while,
+    then a collector on it."""
+    from tests.server_process import free_port
+
+    port = free_port()
+    s = ServerProcess(tiny, DDPM_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{port}/v1/traces", OTEL_BSP_SCHEDULE_DELAY="100",
+                      OTEL_EXPORTER_OTLP_TRACES_TIMEOUT="1", DDPM_COMPILE="off")  # fmt: skip
+    httpd = None
+    try:
+        s.wait_ready()
+        end = time.monotonic() + 20
+        while s.metric('ddpm_trace_spans_total{result="dropped"}') < 3:  # batches refused, several
+            assert time.monotonic() < end, s.output()[-2000:]
+            httpx.get(s.url + "/schedule")
+            time.sleep(0.2)
+        _Collector.received = []
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Collector)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        while s.metric('ddpm_trace_spans_total{result="exported"}') < 1:
+            assert time.monotonic() < end + 20, s.output()[-2000:]
+            httpx.get(s.url + "/schedule")
+            time.sleep(0.2)
+        output = s.wait_output(lambda out: "takes spans again" in out)
+    finally:
+        s.stop()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+    assert output.count(f"traces: the collector at http://127.0.0.1:{port}/v1/traces takes no spans (Transient error ") == 1
+    assert output.count("takes spans again; ") == 1 and '"logger": "opentelemetry.exporter' not in output  # its 4 lines a batch

@@ -48,7 +48,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 def create_app(settings: Settings | None = None, state: ServerState | None = None) -> FastAPI:
     settings = settings or get_settings()
     state = state or ServerState(settings)
-    tracer = state.tracer or request_tracer(settings.otlp_traces_endpoint)  # ValueError: the [otel] extra is missing
+    tracer = state.tracer or request_tracer(settings.otlp_traces_endpoint, on_result=state.metrics.on_spans_exported)  # ValueError: no otel
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
