@@ -578,8 +578,8 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
 def _add_folder_args(p: argparse.ArgumentParser) -> None:
     """How a folder given as --data is read (ddpm/data.py): its non-square and its transparent images."""
     p.add_argument("--fit", choices=FITS, default="stretch",
-                   help="a folder's non-square images: stretched to the square size, or their middle square cropped "
-                        "(default: stretch)")  # fmt: skip
+                   help="a folder's non-square images: stretched to the square size, their middle square cropped, or padded "
+                        "to a square with bars of --background (black without it), whole (default: stretch)")  # fmt: skip
     p.add_argument("--background", type=colour, default=None, metavar="COLOUR",
                    help="a folder's transparent pixels flattened onto this colour (white, #808080; default: the colours stored "
                         "under them, as they are)")  # fmt: skip

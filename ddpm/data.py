@@ -130,7 +130,7 @@ class FolderNotes:
         return tuple(line for count, line in (
             (self.colour, f"{self.colour} {of} are in colour: made grey for --channels 1 (--channels 3 keeps their colours)"),
             (self.not_square, f"{self.not_square} {of} are not square: stretched to {self.size}x{self.size}, their aspect ratio "
-                              "lost (--fit crop keeps it, cropping their middle square)"),
+                              "lost (--fit crop keeps it, cropping their middle square; --fit pad, bars of --background)"),
             (self.transparent, f"{self.transparent} {of} have transparent pixels: the colours stored under them, which a viewer "
                                "does not show, are learned as they are (--background COLOUR flattens them onto one)"),
         ) if count)  # fmt: skip
@@ -162,7 +162,8 @@ def _eight_bit(im: Image.Image, channels: int, size: int, fit: str = "stretch", 
     """One image as uint8 (size, size) grey or (size, size, 3) RGB. A 16-bit grey image is scaled to 8 bits
     (Pillow's ``convert("L")`` clips it at 255: a 16-bit PNG became white); other deep modes are refused.
     ``background`` (a colour Pillow names: "white", "#808080"): transparent pixels flattened onto it (alpha
-    compositing), not the colours stored under them; ``fit`` "crop": a non-square image's middle square only."""
+    compositing), not the colours stored under them; ``fit`` "crop": a non-square image's middle square only; "pad": the
+    whole image in the middle of a square of ``background`` (black where none is named), as a letterbox."""
     alpha = transparency(im) if background is not None else None  # read before the mode changes
     if deep_grey(im):
         levels = grey_levels(im)  # the uploads' rule: v / 257
@@ -177,6 +178,11 @@ def _eight_bit(im: Image.Image, channels: int, size: int, fit: str = "stretch", 
         im = Image.composite(im, flat, Image.fromarray(alpha))
     if fit == "crop" and im.size[0] != im.size[1]:
         im = middle(im, size, size)
+    elif fit == "pad" and im.size[0] != im.size[1]:
+        side = max(im.size)
+        square = Image.new(im.mode, (side, side), ImageColor.getcolor(str(background or "black"), im.mode))
+        square.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
+        im = square
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im)

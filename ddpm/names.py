@@ -38,7 +38,7 @@ SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
 DEFAULT_SPACING = "trailing"
 
 # ``ddpm train --fit`` (ddpm/data.py): a folder's non-square image stretched to the square size, or its middle square cropped
-FITS: tuple[str, ...] = ("stretch", "crop")
+FITS: tuple[str, ...] = ("stretch", "crop", "pad")
 
 
 def is_colour(text: str) -> bool:

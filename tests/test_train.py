@@ -293,7 +293,7 @@ def test_what_reading_a_folder_changes_is_said_and_on_the_card(tmp_path: Path, c
     assert notes == (
         "1 of 4 images are in colour: made grey for --channels 1 (--channels 3 keeps their colours)",
         "1 of 4 images are not square: stretched to 8x8, their aspect ratio lost (--fit crop keeps it, cropping their middle "
-        "square)",
+        "square; --fit pad, bars of --background)",
         "1 of 4 images have transparent pixels: the colours stored under them, which a viewer does not show, are learned as "
         "they are (--background COLOUR flattens them onto one)",
     )
@@ -327,6 +327,16 @@ def test_fit_crop_keeps_the_middle_square_and_background_flattens_transparent_pi
     assert np.array_equal(np.round((cropped.images[0, 0].numpy() + 1) * 127.5), pixels[:, 2:8]) and cropped.notes == ()
     stretched = load_labelled(str(wide), 1, 6)
     assert not np.array_equal(np.round((stretched.images[0, 0].numpy() + 1) * 127.5), pixels[:, 2:8]) and len(stretched.notes) == 1
+    # --fit pad: the whole 6x10 image in the middle of a 10x10 square, bars of --background (black without it)
+    tall = tmp_path / "tall"
+    tall.mkdir()
+    Image.fromarray(np.ascontiguousarray(pixels.T)).save(tall / "a.png")
+    padded = load_labelled(str(tall), 1, 10, fit="pad")
+    assert padded.notes == ()
+    levels_of = np.round((padded.images[0, 0].numpy() + 1) * 127.5)
+    assert np.array_equal(levels_of[:, 2:8], pixels.T) and (levels_of[:, :2] == 0).all() and (levels_of[:, 8:] == 0).all()
+    white = np.round((load_labelled(str(wide), 3, 10, fit="pad", background="white").images[0].numpy() + 1) * 127.5)
+    assert (white[:, :2, :] == 255).all() and (white[:, 8:, :] == 255).all() and np.array_equal(white[0, 2:8, :], pixels)
 
     cut = tmp_path / "cut"
     cut.mkdir()
