@@ -17,6 +17,9 @@ Solvers (lambda = log(alpha / sigma), h = lambda_t - lambda_s, x0 the clipped da
   process and take k ODE steps back down to ts[i];
 - spacings: trailing, Karras sigmas (rho 7), uniform logSNR, DDIM's quadratic, each rounded to integer t, and
   GITS's timesteps searched for this model (Chen et al. 2024; no gain either: BENCHMARKS.md, stop 73).
+- UniPC (Zhao et al. 2023), UniP-p predictor with the UniC corrector, as diffusers' ``UniPCMultistepScheduler``
+  (bh2, data prediction): better than DPM-Solver++(2M) in every paired cell at 3-10 calls (BENCHMARKS.md, stop 75); it
+  needs p x0 registers a row, where the fused step has one.
 """
 
 from __future__ import annotations
@@ -175,6 +178,57 @@ class Solvers:
             x = out
         return x
 
+    def unipc(self, x: torch.Tensor, ts: np.ndarray, order: int = 2, corrector: bool = True) -> torch.Tensor:
+        """UniPC (Zhao et al., NeurIPS 2023), data prediction, B(h) = e^-h - 1 ("bh2"), as diffusers'
+        ``UniPCMultistepScheduler``: UniP-``order`` predicts the next state from the last ``order`` x0's; UniC corrects
+        the state a call was made at with that call's own x0 (no extra call), at the order of the step that made it.
+        Warm-up and the step to clean data at lower order; the last call's x0 is the image."""
+        hist: list[tuple[torch.Tensor, float]] = []  # (x0, lambda) of the calls made, newest first
+        last: tuple[torch.Tensor, int, int] | None = None  # the state the previous step started from, its t, its order
+        for i, s in enumerate(ts):
+            m = self.x0(x, s)
+            if corrector and last is not None:
+                x = self._uni(last[0], last[1], int(s), hist, last[2], m_t=m)
+            if i + 1 == len(ts):
+                return m
+            hist = [(m, float(self.lam[s])), *hist][:order]
+            this_order = min(order, len(hist))
+            last = (x, int(s), this_order)
+            x = self._uni(x, int(s), int(ts[i + 1]), hist, this_order)
+        return x
+
+    def _uni(self, x: torch.Tensor, s0: int, t: int, hist: list[tuple[torch.Tensor, float]], order: int,
+             m_t: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """UniP (``m_t`` None) or UniC (``m_t``: the x0 of the call made at t) from s0 to t, over ``hist`` (x0 at s0 first)."""
+        lam, alpha, sigma = self.lam, self.alpha, self.sigma
+        m0, l0 = hist[0]
+        h = lam[t] - l0
+        hh = -h
+        h_phi_1 = math.expm1(hh)
+        b_h = math.expm1(hh)
+        rks, d1s = [], []
+        for k in range(1, order):
+            mi, li = hist[k]
+            rk = (li - l0) / h
+            rks.append(rk)
+            d1s.append((mi - m0) / rk)
+        rks.append(1.0)
+        r_rows, b_vals, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+        for k in range(1, order + 1):
+            r_rows.append([r ** (k - 1) for r in rks])
+            b_vals.append(h_phi_k * factorial / b_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        out = sigma[t] / sigma[s0] * x - alpha[t] * h_phi_1 * m0
+        if m_t is None:  # UniP
+            if not d1s:
+                return out
+            rhos = [0.5] if order == 2 else np.linalg.solve(np.array(r_rows)[:-1, :-1], np.array(b_vals)[:-1])
+            return out - alpha[t] * b_h * sum(r * d for r, d in zip(rhos, d1s, strict=True))
+        rhos_c = [0.5] if order == 1 else np.linalg.solve(np.array(r_rows), np.array(b_vals))
+        corr = sum(r * d for r, d in zip(rhos_c[:-1], d1s, strict=True)) if d1s else 0.0
+        return out - alpha[t] * b_h * (corr + rhos_c[-1] * (m_t - m0))
+
     def ddpm(self, x: torch.Tensor, ts: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         """Algorithm 2 over the respaced chain (the posterior of Eq. 7 with respaced betas)."""
         for i, s in enumerate(ts):
@@ -224,6 +278,13 @@ def experiments() -> dict[str, tuple[int, Experiment]]:
         "sde2m-restart-8": (8, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=True, restarts=((5, 499, 2),))),  # the sampler's plan
         "sde2m-restart-lower-8": (8, lambda m, x, g: m.dpm(x, m.trailing(6), g, sde=True, restarts=((5, 332, 2),))),
         "sde2m-restart-k1-8": (8, lambda m, x, g: m.dpm(x, m.trailing(7), g, sde=True, restarts=((6, 285, 1),))),
+        # UniPC (stop 75): the predictor-corrector the issue named, at 4-8 calls
+        **{f"unipc2-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n)), n)) for n in (4, 5, 6, 8, 10)},
+        **{f"unipc3-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n), order=3), n))
+           for n in (3, 4, 5, 6, 8, 10)},
+        **{f"unip2-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n), corrector=False), n)) for n in (4, 6)},
+        "ode2m-trailing-5": (5, lambda m, x, g: m.dpm(x, m.trailing(5), g, sde=False)),
+        "ode2m-trailing-3": (3, lambda m, x, g: m.dpm(x, m.trailing(3), g, sde=False)),
     }
 
 
