@@ -152,6 +152,9 @@ class GenerationFolder:
         if len(part.pngs) != count or part.meta.get("first_image", first) != first:
             raise BadAnswer(f"asked for images {first}..{first + count - 1}, the answer holds {len(part.pngs)} from "
                             f"{part.meta.get('first_image')}")  # fmt: skip
+        for i, png in enumerate(part.pngs):  # a file that is there is never asked for again: it must be a whole image
+            if (problem := _not_a_png(png)) is not None:
+                raise BadAnswer(f"image {first + i} of the answer is not a whole PNG ({problem}): nothing of the answer written")
         if self.record is None:
             self.record = self._created(part, class_label)
         self._same({k: part.meta.get(k) for k in IDENTITY}, f"an answer for images {first}.. came from model "
@@ -189,6 +192,20 @@ class GenerationFolder:
         finally:
             tmp.unlink(missing_ok=True)
         return record
+
+
+def _not_a_png(data: bytes) -> str | None:
+    """Why ``data`` is not a whole PNG (Pillow reads its every chunk and checks their CRCs), or None."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            image.verify()
+    except Exception as exc:  # Pillow's errors are of many classes (SyntaxError, OSError, UnidentifiedImageError)
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @dataclass

@@ -222,6 +222,22 @@ def test_a_record_written_meanwhile_by_another_command_is_the_one_kept(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == [image_name(0), RECORD_NAME]
 
 
+def test_an_answer_whose_png_is_cut_short_writes_nothing(server: ServerProcess, tmp_path: Path) -> None:
+    """A PNG cut short on the way (a proxy that truncated a body and kept its length, a disk's bit flip in a cache): an
+    image written would be there for good, never asked for again; it is refused whole instead."""
+    from service.client import BadAnswer, Generation
+
+    png = served_pngs(server, 0, 0, 1)[0]
+    meta = {**httpx.post(server.url + "/generate", json={"seed": 0, "batch_size": 1, **CHAIN}, timeout=60).json(), "images": None}
+    folder = GenerationFolder.open(tmp_path)
+    for broken in (png[:-20], png[:40] + bytes([png[40] ^ 1]) + png[41:]):  # its end cut; one bit of a chunk flipped (its CRC)
+        with pytest.raises(BadAnswer, match="image 0 of the answer is not a whole PNG"):
+            folder.accept(Generation([png, broken][1:], meta), 0, 1)
+    assert list(tmp_path.glob("*.png")) == []
+    folder.accept(Generation([png], meta), 0, 1)
+    assert (tmp_path / image_name(0)).read_bytes() == png
+
+
 def test_a_full_disk_keeps_the_images_written_and_says_the_space_left(server: ServerProcess, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The disk fills up at the second part: the first part's images stay whole, no temporary file is left, and the
