@@ -23,18 +23,29 @@ SDK_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
 
 
 class _LatestReason(logging.Filter):
-    """Keeps the SDK exporter's records out of the log, remembering the latest warning's message: the reason of a failure
-    ("Transient error ... Max retries exceeded ... Connection refused"), not the batch's summary ("Failed to export spans
-    batch due to timeout, max retries or shutdown.", which says no more than the failure itself)."""
+    """Keeps the SDK exporter's records out of the log, remembering what the latest batch's said: its last warning (the
+    cause: "Transient error ... Max retries exceeded ... Connection refused"), else its error (with a short timeout
+    there is no retry to warn of, only "Failed to export span batch due to timeout, max retries or shutdown.")."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.latest: str | None = None
+        self.warning: str | None = None
+        self.error: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        message = " ".join(record.getMessage().split())[:300]
         if record.levelno == logging.WARNING:
-            self.latest = " ".join(record.getMessage().split())[:300]
+            self.warning = message
+        elif record.levelno > logging.WARNING:
+            self.error = message
         return False
+
+    def forget(self) -> None:
+        self.warning = self.error = None
+
+    @property
+    def latest(self) -> str | None:
+        return self.warning or self.error
 
 
 REASON = _LatestReason()  # one for the process: a logger's filters stop at the first that refuses a record
@@ -52,6 +63,7 @@ class WatchedExporter(SpanExporter):
         self.dropped_since = 0  # spans dropped since the collector stopped taking them
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        REASON.forget()  # one batch at a time: the SDK's batch processor exports from its one thread
         result = self.exporter.export(spans)
         exported = result is SpanExportResult.SUCCESS
         if self.on_result is not None:

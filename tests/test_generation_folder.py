@@ -209,15 +209,21 @@ def test_a_ctrl_c_leaves_whole_images_and_the_same_command_makes_the_rest(server
 def test_a_record_written_meanwhile_by_another_command_is_the_one_kept(tmp_path: Path) -> None:
     """Two commands starting one folder at once: the record is created once (no overwrite), and the second checks its
     answers against the first's record."""
+    import io
+
+    from PIL import Image
+
     from service.client import Generation
 
     folder, late = GenerationFolder.open(tmp_path), GenerationFolder.open(tmp_path)
     meta = {"seed": 1, "fingerprint": "f", "precision": "fp32", "sampler": "ddim", "steps": 4, "eta": 0.0, "timestep_spacing": "trailing",
             "clip_denoised": True, "guidance_scale": 0.0, "strength": 1.0, "jump_length": None, "jump_n_sample": None,
             "input_sha256": None, "model": "m"}  # fmt: skip
-    folder.accept(Generation([b"a"], meta), 0, 1)
+    png = io.BytesIO()
+    Image.new("L", (2, 2)).save(png, format="PNG")
+    folder.accept(Generation([png.getvalue()], meta), 0, 1)
     with pytest.raises(FolderRefused, match='precision "fp32" there, "bf16" here'):
-        late.accept(Generation([b"b"], {**meta, "precision": "bf16"}), 1, 1)
+        late.accept(Generation([png.getvalue()], {**meta, "precision": "bf16"}), 1, 1)
     assert json.loads((tmp_path / RECORD_NAME).read_text(encoding="utf-8"))["precision"] == "fp32"
     assert sorted(p.name for p in tmp_path.iterdir()) == [image_name(0), RECORD_NAME]
 
