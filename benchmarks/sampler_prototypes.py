@@ -282,6 +282,8 @@ def experiments() -> dict[str, tuple[int, Experiment]]:
         **{f"unipc2-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n)), n)) for n in (4, 5, 6, 8, 10)},
         **{f"unipc3-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n), order=3), n))
            for n in (3, 4, 5, 6, 8, 10)},
+        **{f"unipc1-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n), order=1), n))
+           for n in (4, 5, 6, 8, 10)},
         **{f"unip2-trailing-{n}": (n, functools.partial(lambda n, m, x, g: m.unipc(x, m.trailing(n), corrector=False), n)) for n in (4, 6)},
         "ode2m-trailing-5": (5, lambda m, x, g: m.dpm(x, m.trailing(5), g, sde=False)),
         "ode2m-trailing-3": (3, lambda m, x, g: m.dpm(x, m.trailing(3), g, sde=False)),
