@@ -258,7 +258,11 @@ class ErrorResponse(BaseModel):
 
 class ValidationErrorResponse(BaseModel):
     detail: str = Field(..., description="One line naming each bad field, e.g. 'batch_size: Input should be greater than or equal to 1'")
-    errors: list[dict[str, Any]] = Field(..., description="pydantic's structured errors (type, loc, msg, input)")
+    errors: list[dict[str, Any]] = Field(
+        ...,
+        description="pydantic's structured errors (type, loc, msg, input; ctx where the error has numbers to act on: a request "
+        "over DDPM_MAX_CALLS_PER_REQUEST has {cost, bound, calls_per_image})",
+    )
 
 
 class ModelDescription(BaseModel):
