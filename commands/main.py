@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from commands.address_space import address_space_limit, limit_said, small_address_space_warning
 from commands.inductor_cache_dir import refuse_an_inductor_cache_that_cannot_be_made
 from commands.inherited_signals import unblock_stop_signals
 from commands.model_commands import add_model_commands
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     refuse_a_removed_working_directory(args.command)
+    if args.command != "generate" and (warning := small_address_space_warning(args.command)):  # the client loads no torch
+        print(warning, file=sys.stderr, flush=True)
     if getattr(args, "compiles", True):  # not the client's, nor compile-cache's (a folder of its own)
         refuse_an_inductor_cache_that_cannot_be_made(args.command)
     try:
@@ -54,14 +57,19 @@ def run(args: argparse.Namespace) -> int:
         if not out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if limit_said():  # not the machine's memory: the address space the process may reserve
+            raise SystemExit(f"ddpm {args.command}: out of memory ({first}) under {limit_said()}: raise it (ulimit -v "
+                             "unlimited), or bound the memory used with a cgroup (docker run --memory) instead") from exc  # fmt: skip
         hint = " (a smaller --batch-size)" if hasattr(args, "batch_size") else ""
         raise SystemExit(f"ddpm {args.command}: out of memory ({first}): ask for less at once{hint} or use a larger machine") from exc
 
 
 def out_of_memory(exc: BaseException) -> bool:
     """An allocation that failed: numpy's (a MemoryError), torch's on the CPU (a RuntimeError from its allocator) or on a
-    GPU (torch.OutOfMemoryError), told apart without importing torch."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
+    GPU (torch.OutOfMemoryError), told apart without importing torch; under an address-space limit, oneDNN's "could not
+    create a primitive" too (its scratch memory refused: commands/address_space.py)."""
+    primitive = "could not create a primitive" in str(exc) and address_space_limit() is not None
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc) or primitive
 
 
 if __name__ == "__main__":

@@ -124,3 +124,31 @@ def test_a_file_size_limit_is_named_where_a_write_ran_into_it(tmp_path: Path, mo
     assert resumable(tmp_path, None).endswith("raise the file-size limit (ulimit -f) or free space and start again")
     monkeypatch.setattr(free_space, "file_size_limit", lambda: None)
     assert resumable(tmp_path, "step 10").endswith("whole: free space and run the same command to resume from it")
+
+
+def test_an_address_space_limit_is_said_before_torch_loads_and_in_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``ulimit -v`` 600 MB glibc aborted while torch loaded (exit 127, no word from us), and at 700 and 900 MB a
+    convolution ended in "RuntimeError: could not create a primitive" as a traceback (measured: commands/address_space.py).
+    A command that loads torch now says the limit first; a failure under it is one line naming it; the client does not
+    warn (it loads no torch)."""
+    from commands import address_space
+    from commands.main import out_of_memory
+
+    argv = [sys.executable, "-m", "commands.main", "sample", "-n", "1", "--steps", "1", "--quiet", "-o", "/proc/x/grid.png"]
+    for limit in (600 * 2**20, 900 * 2**20):
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda limit=limit: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))  # fmt: skip
+        first = done.stderr.splitlines()[0] if done.stderr else ""
+        assert first.startswith(f"ddpm sample: the address-space limit (ulimit -v) of {limit >> 20} MiB is small for torch"), done.stderr
+        assert "Traceback" not in done.stderr and done.returncode != 0, done.stderr
+    client = [sys.executable, "-m", "commands.main", "generate", "--url", "http://127.0.0.1:9", "--retries", "0", "-o", "/proc/x/y.png"]
+    done = subprocess.run(client, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (600 * 2**20, 600 * 2**20)))  # fmt: skip
+    assert "address-space limit" not in done.stderr and done.returncode == 1, done.stderr
+    monkeypatch.setattr(address_space, "address_space_limit", lambda: 900 * 2**20)
+    import commands.main as main_module
+
+    monkeypatch.setattr(main_module, "address_space_limit", lambda: 900 * 2**20)
+    assert out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN's refused scratch memory, under a limit
+    monkeypatch.setattr(main_module, "address_space_limit", lambda: None)
+    assert not out_of_memory(RuntimeError("could not create a primitive"))  # without one: not called memory
