@@ -10,13 +10,18 @@ a limit names it: a memory cgroup (``docker run --memory``, a pod's limit) bound
 
 from __future__ import annotations
 
-import resource
+try:
+    import resource
+except ImportError:  # not a POSIX system (Windows): no such limit, and the client's commands must still load
+    resource = None  # type: ignore[assignment]
 
 SMALL_BYTES = 2 * 2**30  # below this, loading torch and running a U-Net may fail (measured above)
 
 
 def address_space_limit() -> int | None:
     """The soft RLIMIT_AS in bytes, None where there is none."""
+    if resource is None:
+        return None
     try:
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     except (OSError, ValueError):
