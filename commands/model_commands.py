@@ -193,7 +193,8 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
     out = []
     batches = [(args.first_image + f, min(args.batch_size, args.n - f)) for f in range(0, args.n, args.batch_size)]
     if plan is not None:
-        batches = plan(model, _made(args, model, device, chain, w, edit_input))
+        asked = ImageRequest(args.seed, args.n, chain, None, w, edit_input, args.first_image)
+        batches = plan(model, _made(args, model, device, asked))
     # auto: compile only when the run is long enough to repay the one-time compilation (~10-60 s on CPU)
     setting = "off" if args.compile == "auto" and steps * len(batches) < AUTO_COMPILE_MIN_ITERATIONS else args.compile
     fast = hot_path(model.eps_model, model.module, device, setting, precision=args.precision)
@@ -227,9 +228,9 @@ def sample_images(args: argparse.Namespace, check: Callable[[Any], str | None] |
     return (torch.cat(out) if out else None), model
 
 
-def _made(args: argparse.Namespace, model: Any, device: Any, chain: Any, w: float, edit_input: Any) -> dict[str, Any]:
+def _made(args: argparse.Namespace, model: Any, device: Any, asked: Any) -> dict[str, Any]:
     """What the run's images are, as a server's answer says it (``service.api.generation.chain_fields``): the model's
-    fingerprint, the precision and the chain; a folder records it (``service.generation_folder``)."""
+    fingerprint, the precision and the chain (``ImageRequest.echoed``); a folder records it (``service.generation_folder``)."""
     from ddpm import __version__
     from ddpm.model_facts import model_fingerprint, weights_sha256
     from ddpm.precision import resolve_precision
@@ -239,12 +240,7 @@ def _made(args: argparse.Namespace, model: Any, device: Any, chain: Any, w: floa
     except ValueError as exc:
         raise SystemExit(f"ddpm: --precision: {exc}") from exc
     sha = weights_sha256(model.path) if model.path is not None else ""
-    return {"seed": args.seed, "fingerprint": model_fingerprint(model, sha, __version__), "precision": precision,
-            "sampler": chain.sampler, "steps": chain.steps, "eta": chain.eta, "timestep_spacing": chain.spacing,
-            "clip_denoised": chain.clip, "guidance_scale": w, "strength": chain.strength,
-            "jump_length": chain.jump_length if chain.repaint else None,
-            "jump_n_sample": chain.jump_n_sample if chain.repaint else None,
-            "input_sha256": None if edit_input is None else edit_input.sha256, "model": model.name}  # fmt: skip
+    return {**asked.echoed(), "fingerprint": model_fingerprint(model, sha, __version__), "precision": precision, "model": model.name}
 
 
 def _edit_inputs(args: argparse.Namespace, shape: tuple[int, int, int]):  # type: ignore[no-untyped-def]
@@ -309,21 +305,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def chain_request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The chain's flags as the request's fields (POST /generate's names; None: the default), for ``ddpm generate``'s
+    requests and for a folder's record (``service.generation_folder``)."""
+    from ddpm.names import parse_class_labels
+
+    clip = None if args.clip is None else args.clip == "on"
+    return {"steps": args.steps, "sampler": args.sampler, "eta": args.eta, "timestep_spacing": args.spacing, "clip_denoised": clip,
+            "class_label": parse_class_labels(args.class_label), "guidance_scale": args.guidance_scale, "strength": args.strength,
+            "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}  # fmt: skip
+
+
 def _sample_folder(args: argparse.Namespace) -> int:
     """-o folder/: image k as NNNNNN.png, each batch written as it is made, only the images not there yet, the chain of
     the folder's record for every flag left out (``service.generation_folder``: a folder ``ddpm generate`` filled too)."""
     from commands.process_exit import exit_at_once
     from ddpm.grid import image_pngs
-    from ddpm.names import parse_class_labels
     from service.client_results import Generation
     from service.generation_folder import FolderRefused, GenerationFolder, parts_of
 
     if args.ncols is not None:
         raise SystemExit("ddpm sample: --ncols is a grid's: -o names a folder")
-    asked = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "timestep_spacing": args.spacing,
-             "clip_denoised": None if args.clip is None else args.clip == "on", "class_label": parse_class_labels(args.class_label),
-             "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
-             "jump_n_sample": args.jump_n_sample, "image": args.init_image}  # fmt: skip
+    asked = {**chain_request_fields(args), "image": args.init_image}
     try:
         folder = GenerationFolder.open(args.output)
         chain = folder.request_chain(args.seed, asked)

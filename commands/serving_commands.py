@@ -275,15 +275,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The request's fields from the command's flags (None: the server's default)."""
-    from ddpm.names import parse_class_labels
+    from commands.model_commands import chain_request_fields
 
     if args.resize and args.init_image is None:
         raise SystemExit("ddpm generate: --resize needs --init-image")
-    clip = None if args.clip is None else args.clip == "on"
-    return {"first_image": args.first_image, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
-            "timestep_spacing": args.spacing, "clip_denoised": clip, "class_label": parse_class_labels(args.class_label),
-            "guidance_scale": args.guidance_scale, "strength": args.strength, "jump_length": args.jump_length,
-            "jump_n_sample": args.jump_n_sample, "priority": args.priority, "deadline_s": args.deadline}  # fmt: skip
+    return {"first_image": args.first_image, **chain_request_fields(args), "priority": args.priority, "deadline_s": args.deadline}
 
 
 def _generate_folder(args: argparse.Namespace) -> int:

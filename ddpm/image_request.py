@@ -66,6 +66,25 @@ class ImageRequest:
         """What the request costs the U-Net: images x row-calls per image."""
         return self.n * self.row_calls
 
+    def echoed(self) -> dict[str, object]:
+        """What image k depends on besides the model and precision, as every answer says it (the server's
+        ``chain_fields``, ``ddpm sample``'s folders): seed, the range's first image and the chain."""
+        spec = self.chain
+        return {
+            "seed": self.seed,
+            "first_image": self.first,
+            "steps": spec.steps,
+            "sampler": spec.sampler,
+            "eta": spec.eta,
+            "timestep_spacing": spec.spacing,
+            "clip_denoised": spec.clip,
+            "guidance_scale": self.guidance_scale,
+            "strength": spec.strength,
+            "jump_length": spec.jump_length if spec.repaint else None,
+            "jump_n_sample": spec.jump_n_sample if spec.repaint else None,
+            "input_sha256": None if self.edit is None else self.edit.sha256,
+        }
+
     def check_inputs(self, shape: tuple[int, ...]) -> None:
         """The inputs the chain needs, of the model's image shape (ValueError otherwise)."""
         edit = self.edit

@@ -388,26 +388,13 @@ def _encode_now(state: ServerState, encode: Callable[[], object]) -> object:
 
 def chain_fields(state: ServerState, key: ImageKey, cached: bool) -> dict[str, object]:
     """What every generation answer (ours and OpenAI's dialect) says of the chain that made its images."""
-    asked = key.request
-    spec = asked.chain
     return {
-        "seed": asked.seed,
-        "first_image": asked.first,
-        "steps": spec.steps,
-        "sampler": spec.sampler,
-        "eta": spec.eta,
-        "timestep_spacing": spec.spacing,
-        "clip_denoised": spec.clip,
+        **key.request.echoed(),
         "model": state.model.name if state.model else "",
         "fingerprint": key.model_fingerprint,
         "precision": state.precision,
         "cached": cached,
         "class_labels": class_names(state, key),
-        "guidance_scale": asked.guidance_scale,
-        "strength": spec.strength,
-        "jump_length": spec.jump_length if spec.repaint else None,
-        "jump_n_sample": spec.jump_n_sample if spec.repaint else None,
-        "input_sha256": None if asked.edit is None else asked.edit.sha256,
     }
 
 
