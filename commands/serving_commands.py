@@ -240,9 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.total = data["total"]
             bar.update(data["steps_done"] - bar.n)
 
-    def on_retry(why: str, n: int, seconds: float) -> None:  # said, not silent: 5 retries of a refused connection wait 15.5 s
-        if bar is not None:
-            tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
+    on_retry = _retries_said(bar, args.retries)  # said, not silent: 5 retries of a refused connection wait 15.5 s
 
     chain = _request_fields(args)
     inputs = _input_files(args)  # read once, before the server is asked: a file that cannot be read is said at once
@@ -309,9 +307,7 @@ def _generate_folder(args: argparse.Namespace) -> int:
         elif name == "written":
             bar.set_description(f"{data['images']}/{data['of']} images")
 
-    def on_retry(why: str, n: int, seconds: float) -> None:
-        if bar is not None:
-            tqdm.write(f"ddpm generate: {why}; retry {n} of {args.retries} in {seconds:g} s", file=sys.stderr)
+    on_retry = _retries_said(bar, args.retries)
 
     async def run() -> Any:
         async with AsyncClient(args.url, max_retries=args.retries, timeout_s=args.timeout, on_retry=on_retry) as client:
@@ -344,6 +340,17 @@ def _generate_folder(args: argparse.Namespace) -> int:
     print(json.dumps({"output": str(folder.path), "images": args.n, "written": result.written, "already_there": result.already_there,
                       "requests": result.requests, **chain_made}))  # fmt: skip
     return 0
+
+
+def _retries_said(bar: Any, retries: int) -> Any:
+    """``on_retry`` for the client: each retry a line above the progress bar (none with --quiet)."""
+    from tqdm import tqdm
+
+    def said(why: str, n: int, seconds: float) -> None:
+        if bar is not None:
+            tqdm.write(f"ddpm generate: {why}; retry {n} of {retries} in {seconds:g} s", file=sys.stderr)
+
+    return said
 
 
 def _served_shape(info: dict[str, Any] | None) -> tuple[int, int, int]:
